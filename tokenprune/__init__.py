@@ -1,0 +1,24 @@
+"""tokenprune: token merging and pruning for timm Vision Transformers.
+
+    model = timm.create_model("vit_base_patch16_224", pretrained=True)
+    tokenprune.patch(model, r=16)          # ToMe merging, 16 tokens fewer per block
+"""
+
+from .api import ReductionPlan, patch, plan, source, unpatch
+from .flops import FlopReport, flops
+from .merge import TokenState
+from .methods import METHODS, ToMeConfig
+
+__all__ = [
+    "METHODS",
+    "FlopReport",
+    "ReductionPlan",
+    "ToMeConfig",
+    "TokenState",
+    "flops",
+    "patch",
+    "plan",
+    "source",
+    "unpatch",
+]
+__version__ = "0.1.0"

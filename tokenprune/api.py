@@ -1,0 +1,117 @@
+"""The public entry points: patch a model in place, undo it, and read what it did."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from .merge import source_matrix
+from .methods import METHODS, MethodConfig
+from .patch import vit
+
+
+def patch(model: nn.Module, method: str | MethodConfig = "tome", **options: Any) -> nn.Module:
+    """Make ``model`` reduce tokens, in place, and return it.
+
+    ``method`` is a registered name (``tokenprune.METHODS``) with its options as keywords, e.g.
+    ``patch(model, r=16)``, or a config object, e.g. ``patch(model, ToMeConfig(r=(16, -1)))``.
+    On a model already patched with the same method, the keywords update its options (e.g. a
+    new ``r``) and keep the others. All settings live on the model and its blocks: patched
+    models never share state.
+    """
+    vit.check_supported(model)
+    current = getattr(model, "tokenprune_config", None)
+    if isinstance(method, str):
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; registered methods: {sorted(METHODS)}")
+        config_class = METHODS[method]
+        names = {f.name for f in dataclasses.fields(config_class)}
+        if unknown := sorted(set(options) - names):
+            raise TypeError(f"method {method!r} has no option {', '.join(unknown)}; its options: {sorted(names)}")
+        if type(current) is config_class:
+            config = dataclasses.replace(current, **options)
+        else:
+            try:
+                config = config_class(**options)
+            except TypeError as error:
+                raise TypeError(f"method {method!r}: {error}") from None
+    else:
+        if options:
+            raise TypeError("give options either inside the config object or as keywords with a method name, not both")
+        config = method
+    reducers = config.reducers(model)
+    if current is not None and type(current) is not type(config):
+        vit.remove(model)
+    vit.apply(model, config, reducers)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore the model's original classes and behaviour exactly, in place, and return it."""
+    if getattr(model, "tokenprune_config", None) is None:
+        raise ValueError("the model is not patched by tokenprune")
+    vit.remove(model)
+    return model
+
+
+def source(model: nn.Module) -> Tensor:
+    """[B, T_out, T_in] 0/1 map from the last forward's output tokens to its input tokens (the
+    prefix tokens included), as ToMe's ``source``. Needs ``trace_source=True``."""
+    traced = getattr(model, "_tokenprune_source", None)
+    if traced is None:
+        raise RuntimeError("no source map: patch the model with trace_source=True and run a forward first")
+    source_index, num_tokens = traced
+    return source_matrix(source_index, num_tokens)
+
+
+@dataclass(frozen=True)
+class ReductionPlan:
+    """Token counts of a (patched or plain) model for one input size.
+
+    tokens[i] is the token count entering block i; removed[i] is how many block i removes
+    (the effective r, after capping)."""
+
+    tokens: tuple[int, ...]
+    removed: tuple[int, ...]
+
+    @property
+    def output_tokens(self) -> int:
+        return self.tokens[-1] - self.removed[-1]
+
+    def tokens_after(self, block: int) -> int:
+        return self.tokens[block] - self.removed[block]
+
+
+def input_tokens(model: nn.Module, input_size: int | tuple[int, ...]) -> int:
+    """Tokens entering the first block for an image of ``input_size`` ((H, W), (C, H, W) or an int)."""
+    if isinstance(input_size, int):
+        height = width = input_size
+    else:
+        height, width = input_size[-2:]
+    if getattr(model, "dynamic_img_size", False):
+        grid = model.patch_embed.dynamic_feat_size((height, width))
+    else:
+        expected = tuple(model.patch_embed.img_size)
+        if (height, width) != expected:
+            raise ValueError(
+                f"the model takes {expected[0]}x{expected[1]} images, not {height}x{width}; "
+                "create it with dynamic_img_size=True for other sizes"
+            )
+        grid = model.patch_embed.grid_size
+    return model.num_prefix_tokens + grid[0] * grid[1]
+
+
+def plan(model: nn.Module, input_size: int | tuple[int, ...]) -> ReductionPlan:
+    """The per-block token counts the model will use for ``input_size`` (effective schedule)."""
+    count = input_tokens(model, input_size)
+    tokens, removed = [], []
+    for block in model.blocks:
+        reducer = getattr(block, "reducer", None)
+        gone = reducer.num_removed(count) if reducer is not None else 0
+        tokens.append(count)
+        removed.append(gone)
+        count -= gone
+    return ReductionPlan(tuple(tokens), tuple(removed))

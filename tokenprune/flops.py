@@ -1,0 +1,81 @@
+"""FLOPs of a reduced ViT from its per-block token counts.
+
+Counts what ``torch.utils.flop_counter.FlopCounterMode`` counts (matmuls, convolutions and
+attention, 2 FLOPs per multiply-add), so the two agree; norms, activations and the merge's
+gathers/scatters are left out. Papers' "GFLOPs" for ViTs are usually multiply-adds: half of
+these figures (ViT-B/16 at 224²: 35.1 GFLOPs here, "17.6 GFLOPs" in the DeiT/ToMe papers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .api import input_tokens, plan
+
+
+@dataclass(frozen=True)
+class FlopReport:
+    """FLOPs of one forward pass: ``per_block`` (attention, MLP and the matching step of each
+    block) plus ``embed_and_head`` (patch embedding, pooling and classifier)."""
+
+    per_block: tuple[int, ...]
+    embed_and_head: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.per_block) + self.embed_and_head
+
+    @property
+    def gflops(self) -> float:
+        return self.total / 1e9
+
+
+def _linear(tokens: int, layer: nn.Module) -> int:
+    return 2 * tokens * layer.in_features * layer.out_features
+
+
+def _block_flops(block: nn.Module, tokens: int, removed: int, num_protected: int) -> int:
+    attn = block.attn
+    flops = _linear(tokens, attn.qkv) + _linear(tokens, attn.proj)
+    flops += 4 * tokens * tokens * attn.attn_dim  # q·kᵀ and attn·v
+    if attn.gate is not None:
+        flops += _linear(tokens, attn.gate)
+    kept = tokens - removed  # the MLP runs after the merge
+    flops += _linear(kept, block.mlp.fc1) + _linear(kept, block.mlp.fc2)
+    if removed:  # bipartite matching scores every A token against every B token
+        mergeable = tokens - num_protected
+        flops += 2 * (mergeable // 2) * (mergeable - mergeable // 2) * attn.head_dim
+    return flops
+
+
+def _head_flops(model: nn.Module, tokens: int) -> int:
+    flops = 0
+    pool = model.attn_pool
+    if pool is not None:
+        pooled = tokens if model.pool_include_prefix else tokens - model.num_prefix_tokens
+        latent, dim = pool.latent_len, pool.q.in_features
+        flops += _linear(latent, pool.q) + _linear(pooled, pool.kv) + _linear(latent, pool.proj)
+        flops += 4 * latent * pooled * dim
+        if pool.mlp is not None:
+            flops += _linear(latent, pool.mlp.fc1) + _linear(latent, pool.mlp.fc2)
+    for head in (model.head, getattr(model, "head_dist", None)):
+        if isinstance(head, nn.Linear):
+            flops += _linear(1, head)
+    return flops
+
+
+def flops(model: nn.Module, input_size: int | tuple[int, ...], batch_size: int = 1) -> FlopReport:
+    """FLOPs of ``model`` (patched or not) on ``batch_size`` images of ``input_size``."""
+    reduction = plan(model, input_size)
+    protected = model.num_prefix_tokens
+    per_block = tuple(
+        batch_size * _block_flops(block, tokens, removed, protected)
+        for block, tokens, removed in zip(model.blocks, reduction.tokens, reduction.removed)
+    )
+    embed = model.patch_embed.proj
+    patches = input_tokens(model, input_size) - protected
+    embed_flops = 2 * patches * embed.out_channels * embed.in_channels * embed.kernel_size[0] * embed.kernel_size[1]
+    fixed = batch_size * (embed_flops + _head_flops(model, reduction.output_tokens))
+    return FlopReport(per_block, fixed)

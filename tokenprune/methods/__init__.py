@@ -1,0 +1,28 @@
+"""Reduction methods: each is a config dataclass that builds one reducer per block."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from torch import nn
+
+from ..patch.vit import TokenReducer
+from .tome import BipartiteMerge, ToMeConfig
+
+
+class MethodConfig(Protocol):
+    """What a method config provides to :func:`tokenprune.patch`."""
+
+    prop_attn: bool
+    trace_source: bool
+
+    def reducers(self, model: nn.Module) -> list[TokenReducer | None]:
+        """One reducer per block (``None`` where the block keeps all its tokens)."""
+        ...
+
+
+METHODS: dict[str, type] = {
+    "tome": ToMeConfig,
+}
+
+__all__ = ["METHODS", "MethodConfig", "ToMeConfig", "BipartiteMerge"]

@@ -1,0 +1,58 @@
+"""ToMe: Token Merging (Bolya et al., "Token Merging: Your ViT but Faster", ICLR 2023)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from ..merge import TokenState, bipartite_soft_matching, max_bipartite_r, merge_state
+from ..schedule import RSchedule, resolve_r
+
+
+@dataclass(frozen=True)
+class BipartiteMerge:
+    """One block's ToMe step: merge ``r`` tokens by bipartite soft matching.
+
+    ``r`` is capped at half of the mergeable tokens (ToMe's limit); the cap depends on the
+    token count, which is static per input shape, so the step stays compile-friendly.
+    """
+
+    r: int
+    num_protected: int
+
+    def num_removed(self, num_tokens: int) -> int:
+        return min(self.r, max_bipartite_r(num_tokens, self.num_protected))
+
+    def __call__(self, state: TokenState, metric: Tensor) -> TokenState:
+        r = self.num_removed(state.num_tokens)
+        if r == 0:
+            return state
+        dest = bipartite_soft_matching(metric, r, self.num_protected)
+        return merge_state(state, dest, state.num_tokens - r)
+
+
+@dataclass(frozen=True)
+class ToMeConfig:
+    """Merge ``r`` tokens per block by bipartite soft matching on the attention keys.
+
+    Args:
+        r: tokens removed per block: an int, ``(r, inflection)`` (ToMe's linear schedule;
+            ``(r, -1)`` is the paper's "decreasing schedule") or a per-block list. Each block
+            removes at most half of its mergeable tokens; read the effective counts back with
+            ``tokenprune.plan(model, input_size)``.
+        prop_attn: proportional attention (add log(size) to the attention logits, ToMe Eq. 1).
+            Keep it on for models trained without ToMe; ToMe turns it off for MAE models.
+        trace_source: record which input patches each output token covers, readable after a
+            forward with ``tokenprune.source(model)``. For visualisation; costs one gather per
+            block and stores the map on the model.
+    """
+
+    r: RSchedule
+    prop_attn: bool = True
+    trace_source: bool = False
+
+    def reducers(self, model: nn.Module) -> list[BipartiteMerge | None]:
+        counts = resolve_r(self.r, len(model.blocks))
+        protected = model.num_prefix_tokens
+        return [BipartiteMerge(n, protected) if n > 0 else None for n in counts]

@@ -1,0 +1,321 @@
+"""Patch for timm's ``VisionTransformer`` family: a block that reduces tokens between attention
+and MLP, and a model class whose forward threads a :class:`TokenState` through the blocks.
+
+Nothing here keeps per-forward state on modules: every block owns a fixed ``reducer`` (its r is
+a plain int) and the sizes travel with the tokens, so patched models compile with
+``torch.compile(fullgraph=True)``. The only exception is source tracing, a visualisation aid,
+which stores the last forward's map on the model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ..merge import TokenState, start_state
+
+
+class TokenReducer(Protocol):
+    """One block's reduction step, run between its attention and its MLP."""
+
+    def __call__(self, state: TokenState, metric: Tensor) -> TokenState: ...
+
+    def num_removed(self, num_tokens: int) -> int:
+        """How many tokens the step removes from ``num_tokens`` (for plans and FLOPs)."""
+        ...
+
+
+# Models whose forward path (embedding, blocks, norm, head) tokenprune reproduces exactly.
+SUPPORTED_MODELS: tuple[type[nn.Module], ...] = (VisionTransformer, VisionTransformerDistilled)
+SUPPORTED_FAMILIES = (
+    "timm VisionTransformer / VisionTransformerDistilled with standard Block + Attention: "
+    "ViT (class token, avg or map pooling), DeiT (incl. distilled), DeiT3, DINOv2, "
+    "register-token (*_reg*) and qk-norm variants"
+)
+
+
+def attend(
+    attn: Attention,
+    x: Tensor,
+    bias: Tensor | None,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    need_metric: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """timm ``Attention.forward`` plus an additive key bias, also returning the merge metric.
+
+    The bias carries proportional attention (ToMe Eq. 1: softmax(qkᵀ/√d + log s)) into fused
+    SDPA, so the fast kernel is kept. The metric is the keys (after ``k_norm``) averaged over
+    heads, ToMe's choice. Mirrors timm 1.0's op order exactly, so r=0 is bit-identical.
+    """
+    batch, num_tokens, _ = x.shape
+    gate = attn.gate(x).sigmoid() if attn.gate is not None else None
+    qkv = attn.qkv(x).reshape(batch, num_tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if bias is not None:
+        attn_mask = bias  # merged tokens never carry a user mask: reduce_model refuses that case
+    if attn.fused_attn:
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=attn.attn_drop.p if attn.training else 0.0, is_causal=is_causal
+        )
+    else:
+        weights = (q * attn.scale) @ k.transpose(-2, -1)
+        if is_causal:
+            causal = weights.new_full((num_tokens, num_tokens), float("-inf")).triu_(1)
+            weights = weights + causal
+        elif attn_mask is not None:
+            weights = weights.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else weights + attn_mask
+        out = attn.attn_drop(weights.softmax(dim=-1)) @ v
+    out = attn.norm(out.transpose(1, 2).reshape(batch, num_tokens, attn.attn_dim))
+    if gate is not None:
+        out = out * gate
+    out = attn.proj_drop(attn.proj(out))
+    return out, (k.mean(dim=1) if need_metric else None)
+
+
+def size_bias(size: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """log(size) as an additive key bias of shape [B, 1, 1, T] (proportional attention)."""
+    if size is None:
+        return None
+    return size.log().to(dtype).squeeze(-1)[:, None, None, :]
+
+
+class ReducingBlock(Block):
+    """timm ``Block`` that runs ``self.reducer`` between attention and MLP (ToMe Fig. 1).
+
+    Keeps everything the timm block does: LayerScale (``ls1``/``ls2``), drop-path, q/k-norm,
+    fused attention. ``reducer`` is ``None`` for blocks that do not reduce.
+    """
+
+    reducer: TokenReducer | None
+    prop_attn: bool
+
+    def forward(  # type: ignore[override]
+        self, state: TokenState, attn_mask: Tensor | None = None, is_causal: bool = False
+    ) -> TokenState:
+        x = state.x
+        bias = size_bias(state.size, x.dtype) if self.prop_attn else None
+        attn_out, metric = attend(
+            self.attn, self.norm1(x), bias, attn_mask, is_causal, need_metric=self.reducer is not None
+        )
+        x = x + self.drop_path1(self.ls1(attn_out))
+        state = state._replace(x=x)
+        if self.reducer is not None:
+            state = self.reducer(state, metric)
+        x = state.x
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return state._replace(x=x)
+
+
+def _pool_by_size(model: VisionTransformer) -> bool:
+    """Whether the head pools over tokens, so merged tokens must count by their size."""
+    return model.attn_pool is not None or model.global_pool in ("avg", "avgmax")
+
+
+class ReducingViT:
+    """Mixin placed in front of the model's own class (``VisionTransformer`` or a subclass).
+
+    ``forward_features`` keeps timm's contract and returns the reduced tokens; ``forward`` also
+    threads their sizes into the head so that average and attention pooling weigh each merged
+    token by the number of patches it covers.
+    """
+
+    tokenprune_config: Any
+    blocks: nn.Sequential
+
+    def forward_tokens(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> TokenState:
+        """Embed, run the reducing blocks and the final norm; returns tokens with sizes/sources."""
+        trace_source = self.tokenprune_config.trace_source
+        state = self._run_blocks(x, attn_mask, is_causal, trace_source)
+        if trace_source:
+            self._tokenprune_source = (state.source_index, state.num_tokens)
+        return state
+
+    def _run_blocks(
+        self,
+        x: Tensor,
+        attn_mask: Tensor | None,
+        is_causal: bool,
+        trace_source: bool,
+        on_block: Callable[[int, TokenState], None] | None = None,
+        num_blocks: int | None = None,
+    ) -> TokenState:
+        if (attn_mask is not None or is_causal) and any(b.reducer is not None for b in self.blocks):
+            raise ValueError(
+                "attn_mask/is_causal refer to the input token positions and cannot follow merged tokens; "
+                "call tokenprune.unpatch(model) for masked attention"
+            )
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        x = self.norm_pre(x)
+        state = start_state(x, trace_source)
+        for i, block in enumerate(self.blocks):
+            if num_blocks is not None and i == num_blocks:
+                break
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                state = checkpoint(block, state, attn_mask, is_causal, use_reentrant=False)
+            else:
+                state = block(state, attn_mask, is_causal)
+            if on_block is not None:
+                on_block(i, state)
+        return state._replace(x=self.norm(state.x))
+
+    def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        return self.forward_tokens(x, attn_mask, is_causal).x
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False, size: Tensor | None = None) -> Tensor:
+        """timm's head; pass the tokens' ``size`` (from :meth:`forward_tokens`) when the model
+        pools over tokens, so the pooling counts each merged token by the patches it covers."""
+        if size is None:
+            if _pool_by_size(self) and any(b.reducer is not None for b in self.blocks):
+                raise ValueError(
+                    f"this model pools by {'map' if self.attn_pool is not None else self.global_pool!r} and merges "
+                    "tokens: the pooling needs the token sizes. Use model(x), or "
+                    "state = model.forward_tokens(x); model.forward_head(state.x, size=state.size)"
+                )
+            return super().forward_head(x, pre_logits=pre_logits)  # type: ignore[misc]
+        return self._forward_head_sized(x, size, pre_logits)
+
+    def _forward_head_sized(self, x: Tensor, size: Tensor | None, pre_logits: bool) -> Tensor:
+        if size is None or not _pool_by_size(self):
+            return super().forward_head(x, pre_logits=pre_logits)  # type: ignore[misc]
+        if not self.pool_include_prefix:
+            x, size = x[:, self.num_prefix_tokens :], size[:, self.num_prefix_tokens :]
+        if self.attn_pool is not None:
+            bias = size_bias(size, x.dtype) if self.tokenprune_config.prop_attn else None
+            x = self.attn_pool(x, attn_mask=bias)
+        else:
+            weights = (size / size.sum(dim=1, keepdim=True)).to(x.dtype)
+            mean = (x * weights).sum(dim=1)
+            x = mean if self.global_pool == "avg" else 0.5 * (x.amax(dim=1) + mean)
+        x = self.head_drop(self.fc_norm(x))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        state = self.forward_tokens(x, attn_mask, is_causal)
+        return self._forward_head_sized(state.x, state.size, pre_logits=False)
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+        attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+    ) -> Any:
+        """timm's ``forward_intermediates`` on the full token grid: merged tokens are unmerged
+        (each patch gets the feature of the token that absorbed it), so NCHW maps and dense heads
+        work unchanged on a reduced model."""
+        from timm.models._features import feature_take_indices
+
+        from ..merge import unmerge
+
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        batch, _, height, width = x.shape
+        intermediates: list[Tensor] = []
+
+        def keep(i: int, state: TokenState) -> None:
+            if i in take_indices:
+                y = unmerge(state.x, state.source_index)
+                intermediates.append(self.norm(y) if norm else y)
+
+        state = self._run_blocks(
+            x, attn_mask, is_causal, trace_source=True, on_block=keep, num_blocks=max_index + 1 if stop_early else None
+        )
+        p = self.num_prefix_tokens
+        prefix_tokens = [y[:, :p] for y in intermediates] if p else None
+        intermediates = [y[:, p:] for y in intermediates]
+        if output_fmt == "NCHW":
+            grid_h, grid_w = self.patch_embed.dynamic_feat_size((height, width))
+            intermediates = [y.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        final = unmerge(state.x, state.source_index)
+        if output_dict:
+            result: dict[str, Any] = {"image_intermediates": intermediates}
+            if prefix_tokens is not None and return_prefix_tokens:
+                result["image_intermediates_prefix"] = prefix_tokens
+            if not intermediates_only:
+                result["image_features"] = final
+            return result
+        if return_prefix_tokens and prefix_tokens is not None:
+            intermediates = list(zip(intermediates, prefix_tokens))
+        return intermediates if intermediates_only else (final, intermediates)
+
+
+_PATCHED_CLASSES: dict[type, type] = {}
+
+
+def patched_class(model_class: type) -> type:
+    """The reducing subclass of ``model_class``, created once per class (stable for isinstance,
+    pickling by reference and torch.compile guards)."""
+    if model_class not in _PATCHED_CLASSES:
+        _PATCHED_CLASSES[model_class] = type(f"Reducing{model_class.__name__}", (ReducingViT, model_class), {})
+    return _PATCHED_CLASSES[model_class]
+
+
+def original_class(model: nn.Module) -> type:
+    """The class the model had before patching."""
+    cls = type(model)
+    return cls.__mro__[2] if issubclass(cls, ReducingViT) else cls
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise a TypeError naming the first module tokenprune cannot patch exactly."""
+    model_class = original_class(model)
+    if model_class not in SUPPORTED_MODELS:
+        raise TypeError(
+            f"tokenprune cannot patch {model_class.__module__}.{model_class.__name__}; supported: {SUPPORTED_FAMILIES}"
+        )
+    for i, block in enumerate(model.blocks):
+        if type(block) not in (Block, ReducingBlock):
+            raise TypeError(
+                f"tokenprune cannot patch blocks[{i}] of type {type(block).__name__} (only timm's standard Block); "
+                f"supported: {SUPPORTED_FAMILIES}"
+            )
+        if type(block.attn) is not Attention:
+            raise TypeError(
+                f"tokenprune cannot patch blocks[{i}].attn of type {type(block.attn).__name__} "
+                f"(only timm's standard Attention); supported: {SUPPORTED_FAMILIES}"
+            )
+    if len(model.blocks) == 0:
+        raise ValueError("the model has no transformer blocks: there is nothing to patch")
+
+
+def apply(model: nn.Module, config: Any, reducers: list[TokenReducer | None]) -> None:
+    """Swap the classes in place and give every block its reducer; idempotent."""
+    model.__class__ = patched_class(original_class(model))
+    model.tokenprune_config = config
+    for block, reducer in zip(model.blocks, reducers):
+        block.__class__ = ReducingBlock
+        block.reducer = reducer
+        block.prop_attn = config.prop_attn
+
+
+def remove(model: nn.Module) -> None:
+    """Undo :func:`apply` exactly: original classes, no added attributes."""
+    model.__class__ = original_class(model)
+    _drop_attributes(model, ("tokenprune_config", "_tokenprune_source"))
+    for block in model.blocks:
+        block.__class__ = Block
+        _drop_attributes(block, ("reducer", "prop_attn"))
+
+
+def _drop_attributes(module: nn.Module, names: tuple[str, ...]) -> None:
+    for name in names:
+        if hasattr(module, name):
+            delattr(module, name)

@@ -1,0 +1,49 @@
+"""Per-layer reduction schedules: how many tokens each block removes (ToMe Sec. 4.1, "r")."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from typing import Union
+
+RSchedule = Union[int, tuple[int, float], list[int]]
+"""``r`` as ToMe accepts it: a constant int; a tuple ``(r, inflection)`` for a linear ramp that
+keeps the total r·depth (inflection -1 = ToMe's "decreasing schedule", +1 increasing, 0
+constant); or an explicit per-block list (shorter lists are padded with zeros)."""
+
+
+def _check_count(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{what} must be a non-negative int, got {value!r} ({type(value).__name__})")
+    if value < 0:
+        raise ValueError(f"{what} must be a non-negative int, got {value}")
+    return int(value)
+
+
+def resolve_r(r: RSchedule, depth: int) -> tuple[int, ...]:
+    """Expand ``r`` into one requested count per block (before capping to what each block can
+    merge, which depends on the token count and happens in the block)."""
+    if isinstance(r, tuple):
+        if len(r) != 2:
+            raise TypeError(f"a tuple r must be (r, inflection), got {r!r}; give a per-block schedule as a list")
+        base, inflection = r
+        base = _check_count(base, "r")
+        if isinstance(inflection, bool) or not isinstance(inflection, numbers.Real):
+            raise TypeError(f"the inflection of (r, inflection) must be a number in [-1, 1], got {inflection!r}")
+        if not -1.0 <= inflection <= 1.0:
+            raise ValueError(f"the inflection of (r, inflection) must be in [-1, 1], got {inflection}")
+        # Linear ramp from r·(1 - inflection) to r·(1 + inflection); truncation as in ToMe so the
+        # same schedule gives the same per-layer counts.
+        first = int(base * (1.0 - inflection))
+        last = 2 * base - first
+        step = (last - first) / (depth - 1) if depth > 1 else 0.0
+        return tuple(int(first + step * i) for i in range(depth))
+    if isinstance(r, Sequence) and not isinstance(r, str):
+        counts = [_check_count(v, f"r[{i}]") for i, v in enumerate(r)]
+        if len(counts) > depth:
+            raise ValueError(
+                f"the r schedule has {len(counts)} entries but the model has {depth} blocks; "
+                f"give at most one entry per block"
+            )
+        return tuple(counts) + (0,) * (depth - len(counts))
+    return (_check_count(r, "r"),) * depth
