@@ -1,0 +1,29 @@
+"""A patched model with a fixed schedule compiles as one graph (no per-forward Python state)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokenprune
+from tests.test_patch import FAMILIES, image, make
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fullgraph_capture(family: str) -> None:
+    # backend="eager" runs Dynamo's capture (where graph breaks would raise) without codegen.
+    torch._dynamo.reset()
+    model = tokenprune.patch(make(family), r=(8, -1))
+    with torch.no_grad():
+        expected = model(image())
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(image()), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_inductor_matches_eager() -> None:
+    torch._dynamo.reset()
+    model = tokenprune.patch(make("registers", depth=2), r=16)
+    with torch.no_grad():
+        expected = model(image())
+        compiled = torch.compile(model, fullgraph=True)
+        torch.testing.assert_close(compiled(image()), expected, atol=1e-4, rtol=1e-4)

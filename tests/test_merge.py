@@ -1,0 +1,125 @@
+"""The merge primitives against brute-force loops written from their definitions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenprune.merge import (
+    TokenState,
+    bipartite_soft_matching,
+    max_bipartite_r,
+    merge_state,
+    merge_wavg,
+    source_matrix,
+    start_state,
+    unmerge,
+)
+
+
+def brute_force_dest(metric: torch.Tensor, r: int, p: int) -> torch.Tensor:
+    """ToMe's matching by loops: A = even positions, B = odd, prefix excluded; the r A tokens
+    with the best cosine to any B token merge into it; order prefix, unmerged A, B."""
+    dest = torch.empty(metric.shape[:2], dtype=torch.long)
+    for n, tokens in enumerate(metric):
+        t = tokens.shape[0]
+        a = [i for i in range(p, t) if i % 2 == 0]
+        b = [i for i in range(p, t) if i % 2 == 1]
+        unit = tokens / tokens.norm(dim=-1, keepdim=True)
+        best = {}
+        for i in a:
+            sims = [float(unit[i] @ unit[j]) for j in b]
+            k = max(range(len(b)), key=lambda j: (sims[j], -j))  # first maximum
+            best[i] = (sims[k], k)
+        ranked = sorted(a, key=lambda i: (-best[i][0], i))
+        merged = set(ranked[:r])
+        unmerged = [i for i in a if i not in merged]
+        for i in range(p):
+            dest[n, i] = i
+        for rank, i in enumerate(unmerged):
+            dest[n, i] = p + rank
+        for k, j in enumerate(b):
+            dest[n, j] = p + len(unmerged) + k
+        for i in merged:
+            dest[n, i] = p + len(unmerged) + best[i][1]
+    return dest
+
+
+@pytest.mark.parametrize("t,p", [(3, 0), (3, 1), (8, 0), (9, 1), (12, 2), (21, 5), (50, 1)])
+def test_matching_equals_brute_force(t: int, p: int) -> None:
+    torch.manual_seed(t * 10 + p)
+    metric = torch.randn(3, t, 6)
+    for r in range(max_bipartite_r(t, p) + 1):
+        assert torch.equal(bipartite_soft_matching(metric, r, p), brute_force_dest(metric, r, p)), r
+
+
+def test_ties_break_to_lowest_index() -> None:
+    # Every token identical: all scores tie, so the first A tokens merge into the first B token.
+    metric = torch.ones(1, 9, 4)
+    dest = bipartite_soft_matching(metric, 2, 1)
+    assert torch.equal(dest, brute_force_dest(metric, 2, 1))
+    # prefix 0 stays; A = 2,4,6,8 (2 and 4 merge into B[0] = token 1); B = 1,3,5,7
+    assert dest.tolist() == [[0, 3, 3, 4, 3, 5, 1, 6, 2]]
+
+
+def test_matching_is_a_valid_assignment() -> None:
+    torch.manual_seed(0)
+    metric = torch.randn(4, 197, 32)
+    dest = bipartite_soft_matching(metric, 40, 1)
+    assert dest.min() == 0 and dest.max() == 197 - 40 - 1
+    for row in dest:  # every output slot receives at least one token
+        assert torch.equal(row.unique(), torch.arange(157))
+    assert (dest[:, 0] == 0).all()
+
+
+def test_r_above_cap_is_rejected() -> None:
+    with pytest.raises(ValueError, match="outside"):
+        bipartite_soft_matching(torch.randn(1, 10, 4), 5, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_merge_wavg_equals_loop(dtype: torch.dtype) -> None:
+    torch.manual_seed(1)
+    x = torch.randn(2, 11, 5).to(dtype)
+    size = torch.randint(1, 4, (2, 11, 1)).float()
+    dest = bipartite_soft_matching(torch.randn(2, 11, 3), 4, 1)
+    merged, new_size = merge_wavg(x, size, dest, 7)
+    assert merged.dtype == dtype and new_size.dtype == torch.float32
+    for n in range(2):
+        for o in range(7):
+            members = (dest[n] == o).nonzero().flatten()
+            s = size[n, members]
+            expected = (x[n, members].float() * s).sum(0) / s.sum()
+            torch.testing.assert_close(merged[n, o].float(), expected, atol=1e-2 if dtype != torch.float32 else 1e-6, rtol=1e-2)
+            assert new_size[n, o, 0] == s.sum()
+
+
+def test_state_bookkeeping_through_several_merges() -> None:
+    torch.manual_seed(2)
+    state = start_state(torch.randn(2, 30, 8), trace_source=True)
+    for r in (6, 5, 4):
+        dest = bipartite_soft_matching(state.x, r, 2)
+        state = merge_state(state, dest, state.num_tokens - r)
+    assert state.num_tokens == 15
+    assert torch.equal(state.size.sum(dim=1), torch.full((2, 1), 30.0))
+    source = source_matrix(state.source_index, state.num_tokens)
+    assert torch.equal(source.sum(dim=-1).float(), state.size[..., 0])  # sizes = patches covered
+    assert torch.equal(source.sum(dim=1), torch.ones(2, 30, dtype=source.dtype))  # each input once
+    assert torch.equal(state.source_index[:, :2], torch.tensor([[0, 1], [0, 1]]))  # prefix kept
+
+
+def test_unmerge_of_merged_constant_regions_is_exact() -> None:
+    # A = positions 0,2,4,6 and B = 1,3,5,7; the first three A tokens have an identical B partner
+    # (cosine 1), the last does not. Merging r=3 averages identical tokens, so unmerging gives
+    # every input token its own value back, bit for bit.
+    torch.manual_seed(3)
+    v = torch.randn(5, 16)
+    x = torch.stack([v[0], v[0], v[1], v[1], v[2], v[2], v[3], v[4]])[None]
+    state = merge_state(start_state(x, trace_source=True), bipartite_soft_matching(x, 3, 0), 5)
+    assert state.size.flatten().tolist() == [1.0, 2.0, 2.0, 2.0, 1.0]
+    assert torch.equal(unmerge(state.x, state.source_index), x)
+
+
+def test_sizes_default_to_ones() -> None:
+    state = TokenState(torch.randn(2, 5, 3))
+    assert state.size is None and torch.equal(state.sizes(), torch.ones(2, 5, 1))

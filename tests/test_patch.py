@@ -1,0 +1,247 @@
+"""Patching timm ViT families: exactness at r=0, merge invariants at r>0, the API contract."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import tokenprune
+from tokenprune.merge import unmerge
+
+# One small model per supported family (random init, seeded): what differs is the token layout
+# (prefix tokens), the pooling and the block internals (LayerScale, qk-norm).
+FAMILIES = {
+    "vit_cls": ("vit_tiny_patch16_224", {}),
+    "vit_avg_no_cls": ("vit_tiny_patch16_224", {"class_token": False, "global_pool": "avg"}),
+    "vit_map": ("vit_tiny_patch16_224", {"class_token": False, "global_pool": "map"}),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", {}),
+    "deit3_layerscale": ("deit3_small_patch16_224", {"depth": 4}),
+    "dinov2_layerscale": ("vit_small_patch14_dinov2", {"img_size": 224, "depth": 4}),
+    "registers": ("vit_small_patch14_reg4_dinov2", {"img_size": 224, "depth": 4}),
+    "qk_norm": ("vit_tiny_patch16_224", {"qk_norm": True, "depth": 4}),
+    "avgmax_with_prefix": ("vit_tiny_patch16_224", {"global_pool": "avgmax", "reg_tokens": 2, "depth": 4}),
+}
+
+
+def make(family: str, **extra) -> nn.Module:
+    name, kwargs = FAMILIES[family]
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10, **{**kwargs, **extra}).eval()
+    # LayerScale starts near zero at init (1e-5), which would hide errors in the block; give it
+    # real-looking values.
+    for module in model.modules():
+        if hasattr(module, "gamma") and isinstance(module.gamma, nn.Parameter):
+            module.gamma.data.uniform_(0.5, 1.5)
+    return model
+
+
+def image(batch: int = 2, size: int = 224) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_r0_is_bit_identical_and_unpatch_restores(family: str) -> None:
+    model = make(family)
+    x = image()
+    with torch.no_grad():
+        expected = model(x)
+        tokenprune.patch(model, r=0)
+        assert torch.equal(model(x), expected)
+        tokenprune.patch(model, r=8)
+        assert not torch.allclose(model(x), expected)
+        tokenprune.unpatch(model)
+        assert torch.equal(model(x), expected)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merging_invariants(family: str) -> None:
+    model = make(family)
+    prefix = model.num_prefix_tokens
+    tokenprune.patch(model, r=(12, -1), trace_source=True)
+    with torch.no_grad():
+        state = model.forward_tokens(image())
+        logits = model(image())
+    reduction = tokenprune.plan(model, 224)
+    assert state.num_tokens == reduction.output_tokens < reduction.tokens[0]
+    assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+    # sizes count every input token exactly once
+    assert torch.equal(state.size.sum(dim=1), torch.full((2, 1), float(reduction.tokens[0])))
+    source = tokenprune.source(model)
+    assert source.shape == (2, state.num_tokens, reduction.tokens[0])
+    assert torch.equal(source.sum(dim=-1).float(), state.size[..., 0])
+    assert torch.equal(source.sum(dim=1), torch.ones_like(source.sum(dim=1)))
+    # prefix tokens (class, distillation, registers) are never merged and stay first
+    eye = torch.eye(prefix, reduction.tokens[0], dtype=source.dtype)
+    assert torch.equal(source[:, :prefix], eye.expand(2, -1, -1))
+
+
+@pytest.mark.parametrize("family", ["vit_avg_no_cls", "vit_map", "avgmax_with_prefix"])
+def test_pooling_weighs_tokens_by_size(family: str) -> None:
+    """Size-weighted pooling of merged tokens = plain pooling of the unmerged token grid."""
+    model = make(family)
+    tokenprune.patch(model, r=8, trace_source=True)
+    with torch.no_grad():
+        state = model.forward_tokens(image())
+        pooled = model.forward_head(state.x, size=state.size)
+        full = unmerge(state.x, model._tokenprune_source[0])
+        plain = timm.models.VisionTransformer.forward_head(model, full) if family != "vit_map" else None
+    if plain is not None:
+        torch.testing.assert_close(pooled, plain, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="needs the token sizes"):
+        model.forward_head(state.x)
+
+
+def test_map_pooling_uses_proportional_attention() -> None:
+    model = make("vit_map")
+    tokenprune.patch(model, r=8, trace_source=True)
+    with torch.no_grad():
+        state = model.forward_tokens(image())
+        full = unmerge(state.x, model._tokenprune_source[0])
+        # attention over the unmerged grid = attention over merged tokens with log(size) bias
+        expected = model.head(model.fc_norm(model.attn_pool(full)))
+        torch.testing.assert_close(model.forward_head(state.x, size=state.size), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_repatch_updates_options_and_models_share_nothing() -> None:
+    a, b = make("vit_cls"), make("vit_cls")
+    tokenprune.patch(a, r=8, prop_attn=False)
+    tokenprune.patch(b, r=4)
+    tokenprune.patch(a, r=12)
+    assert a.tokenprune_config == tokenprune.ToMeConfig(r=12, prop_attn=False)
+    assert b.tokenprune_config == tokenprune.ToMeConfig(r=4)
+    assert tokenprune.plan(a, 224).removed == (12,) * 12
+    assert tokenprune.plan(b, 224).removed == (4,) * 12
+    tokenprune.patch(b, tokenprune.ToMeConfig(r=[3, 2]))
+    assert tokenprune.plan(b, 224).removed == (3, 2) + (0,) * 10
+
+
+def test_unpatch_leaves_no_trace() -> None:
+    model = make("deit_distilled")
+    before_model, before_blocks = dict(vars(model)), [dict(vars(blk)) for blk in model.blocks]
+    classes = [type(m) for m in model.modules()]
+    state = copy.deepcopy(model.state_dict())
+    tokenprune.patch(model, r=8, trace_source=True)
+    with torch.no_grad():
+        model(image())
+    tokenprune.unpatch(model)
+    assert [type(m) for m in model.modules()] == classes
+    assert vars(model).keys() == before_model.keys()
+    assert [vars(blk).keys() for blk in model.blocks] == [d.keys() for d in before_blocks]
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="not patched"):
+        tokenprune.unpatch(model)
+
+
+def test_r_is_capped_and_readable() -> None:
+    model = make("vit_cls")
+    tokenprune.patch(model, r=500)
+    reduction = tokenprune.plan(model, 224)
+    assert reduction.removed[0] == 98  # half of the 196 mergeable tokens
+    assert all(t - r >= 1 for t, r in zip(reduction.tokens, reduction.removed))
+    with torch.no_grad():
+        assert model.forward_tokens(image()).num_tokens == reduction.output_tokens
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_dtypes_and_batch_sizes(dtype: torch.dtype, batch: int) -> None:
+    model = make("dinov2_layerscale")
+    x = image(batch)
+    with torch.no_grad():
+        expected = model(x)
+        tokenprune.patch(model, r=16)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            logits = model(x)
+        single = model(x[:1])
+    assert logits.shape == (batch, 10) and torch.isfinite(logits).all()
+    cos = torch.nn.functional.cosine_similarity(logits.float(), expected, dim=-1)
+    assert (cos > 0.9).all()
+    # batch elements are reduced independently
+    torch.testing.assert_close(single, model(x)[:1] if batch > 1 else single, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_and_manual_attention_agree() -> None:
+    model = make("deit3_layerscale")
+    tokenprune.patch(model, r=12)
+    manual = copy.deepcopy(model)
+    for module in manual.modules():
+        if isinstance(module, timm.layers.Attention):
+            module.fused_attn = False
+    with torch.no_grad():
+        torch.testing.assert_close(model(image()), manual(image()), atol=1e-4, rtol=1e-4)
+
+
+def test_dynamic_image_size() -> None:
+    model = make("dinov2_layerscale", dynamic_img_size=True)
+    tokenprune.patch(model, r=8)
+    with torch.no_grad():
+        for size in (224, 280, 168):
+            assert model(image(1, size)).shape == (1, 10)
+            grid = (size // 14) ** 2
+            assert tokenprune.plan(model, size).tokens[0] == grid + 1
+    fixed = tokenprune.patch(make("vit_cls"), r=8)
+    with pytest.raises(ValueError, match="dynamic_img_size=True"):
+        tokenprune.plan(fixed, 256)
+
+
+@pytest.mark.parametrize("family", ["vit_cls", "registers", "vit_map", "deit_distilled"])
+@pytest.mark.parametrize("r", [0, 8, (8, -1)])
+def test_flops_agree_with_flop_counter(family: str, r) -> None:
+    model = make(family).requires_grad_(False)
+    tokenprune.patch(model, r=r)
+    with FlopCounterMode(display=False) as counter:
+        model(image())
+    assert tokenprune.flops(model, 224, batch_size=2).total == counter.get_total_flops()
+
+
+def test_forward_intermediates_on_full_grid() -> None:
+    model = make("registers")
+    with torch.no_grad():
+        final0, inter0 = model.forward_intermediates(image(), indices=[0, 3])
+        tokenprune.patch(model, r=16)
+        final, inter = model.forward_intermediates(image(), indices=[0, 3], return_prefix_tokens=True)
+    assert final.shape == final0.shape
+    assert [f.shape for f, _ in inter] == [f.shape for f in inter0] == [(2, 384, 16, 16)] * 2
+    assert [p.shape for _, p in inter] == [(2, 5, 384)] * 2
+    # block 0 merges 16 pairs after its attention: only the ≤ 32 patches in those pairs change
+    changed = (inter[0][0] - inter0[0]).abs().amax(dim=1) > 1e-4
+    assert 0 < changed.sum(dim=(1, 2)).max() <= 32
+    assert torch.isfinite(final).all()
+
+
+def test_attention_mask_with_merging_is_refused() -> None:
+    model = tokenprune.patch(make("vit_cls"), r=4)
+    with pytest.raises(ValueError, match="attn_mask"):
+        model(image(), attn_mask=torch.ones(197, 197, dtype=torch.bool))
+
+
+def test_unsupported_models_name_the_module() -> None:
+    with pytest.raises(TypeError, match="Eva"):
+        tokenprune.patch(timm.create_model("eva02_tiny_patch14_224"), r=4)
+    with pytest.raises(TypeError, match="SwinTransformer"):
+        tokenprune.patch(timm.create_model("swin_tiny_patch4_window7_224"), r=4)
+    custom = timm.create_model("vit_tiny_patch16_224", block_fn=timm.models.vision_transformer.ResPostBlock)
+    with pytest.raises(TypeError, match=r"blocks\[0\] of type ResPostBlock"):
+        tokenprune.patch(custom, r=4)
+    with pytest.raises(ValueError, match="no transformer blocks"):
+        tokenprune.patch(timm.create_model("vit_tiny_patch16_224", depth=0), r=4)
+
+
+def test_bad_options() -> None:
+    model = make("vit_cls")
+    with pytest.raises(ValueError, match="unknown method 'tomee'"):
+        tokenprune.patch(model, "tomee", r=4)
+    with pytest.raises(TypeError, match="has no option rr"):
+        tokenprune.patch(model, rr=4)
+    with pytest.raises(TypeError, match="missing 1 required"):
+        tokenprune.patch(model)
+    with pytest.raises(ValueError, match="non-negative"):
+        tokenprune.patch(model, r=-3)
+    with pytest.raises(ValueError, match="13 entries"):
+        tokenprune.patch(model, r=[1] * 13)
+    assert not hasattr(model, "tokenprune_config")  # a failed patch leaves the model untouched

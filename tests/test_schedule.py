@@ -1,0 +1,42 @@
+"""r schedules: the forms ToMe accepts, and clear errors for the rest."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokenprune.schedule import resolve_r
+
+
+def test_constant() -> None:
+    assert resolve_r(16, 12) == (16,) * 12
+
+
+def test_decreasing_schedule_matches_linear_ramp() -> None:
+    # (r, -1): from 2r down to 0 in a straight line, truncated to ints (ToMe's parse_r).
+    expected = tuple(int(32 - 32 / 11 * i) for i in range(12))
+    assert resolve_r((16, -1), 12) == expected == (32, 29, 26, 23, 20, 17, 14, 11, 8, 5, 2, 0)
+    assert resolve_r((16, 1.0), 12) == tuple(int(0 + 32 / 11 * i) for i in range(12))
+    assert resolve_r((16, 0), 12) == (16,) * 12
+
+
+def test_per_block_list_is_padded() -> None:
+    assert resolve_r([4, 3, 2], 5) == (4, 3, 2, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "r,error,match",
+    [
+        (-1, ValueError, "non-negative"),
+        (2.5, TypeError, "non-negative int"),
+        (True, TypeError, "non-negative int"),
+        ([1, 2, 3, 4], ValueError, "4 entries but the model has 3 blocks"),
+        ([1, -2], ValueError, r"r\[1\]"),
+        ((16, -2), ValueError, r"\[-1, 1\]"),
+        ((16, "x"), TypeError, "inflection"),
+        ((1, 2, 3), TypeError, "give a per-block schedule as a list"),
+        ("16", TypeError, "non-negative int"),
+    ],
+)
+def test_bad_schedules(r, error, match) -> None:
+    with pytest.raises(error, match=match):
+        resolve_r(r, 3)

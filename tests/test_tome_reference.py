@@ -1,0 +1,38 @@
+"""tokenprune's ToMe equals published ToMe (an independent reference) on the models it supports."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import tokenprune
+from tokenprune.schedule import resolve_r
+from tests.tome_reference import tome_reference_forward
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch16_224", "vit_base_patch16_224", "deit_small_patch16_224"])
+@pytest.mark.parametrize("r,prop_attn", [(8, True), (16, True), ((16, -1), True), (13, False)])
+def test_matches_published_tome(name: str, r, prop_attn: bool) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=1000).eval()
+    x = torch.randn(2, 3, 224, 224)
+    expected = tome_reference_forward(model, x, list(resolve_r(r, len(model.blocks))), prop_attn)
+    tokenprune.patch(model, r=r, prop_attn=prop_attn)
+    with torch.no_grad():
+        logits = model(x)
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+
+
+def test_distilled_deit_keeps_its_distillation_token() -> None:
+    """Published ToMe moves DeiT's distillation token out of position 1 after the first merge
+    (its head then reads a patch token) and can merge it later. tokenprune keeps all prefix
+    tokens first and unmerged: position 1 still holds the distillation token, alone."""
+    torch.manual_seed(0)
+    model = timm.create_model("deit_small_distilled_patch16_224").eval()
+    tokenprune.patch(model, r=16, trace_source=True)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 224, 224))
+    source = tokenprune.source(model)
+    assert torch.equal(source[:, :2, :2], torch.eye(2, dtype=source.dtype).expand(2, 2, 2))
+    assert torch.equal(source[:, :2].sum(-1), torch.ones(2, 2, dtype=source.dtype))
