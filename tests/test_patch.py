@@ -137,6 +137,15 @@ def test_unpatch_leaves_no_trace() -> None:
         tokenprune.unpatch(model)
 
 
+def test_patched_model_pickles(tmp_path) -> None:
+    model = tokenprune.patch(make("deit_distilled"), r=8)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(image()), model(image()))
+    assert loaded.tokenprune_config == model.tokenprune_config
+
+
 def test_r_is_capped_and_readable() -> None:
     model = make("vit_cls")
     tokenprune.patch(model, r=500)

@@ -32,8 +32,6 @@ class TokenReducer(Protocol):
         ...
 
 
-# Models whose forward path (embedding, blocks, norm, head) tokenprune reproduces exactly.
-SUPPORTED_MODELS: tuple[type[nn.Module], ...] = (VisionTransformer, VisionTransformerDistilled)
 SUPPORTED_FAMILIES = (
     "timm VisionTransformer / VisionTransformerDistilled with standard Block + Attention: "
     "ViT (class token, avg or map pooling), DeiT (incl. distilled), DeiT3, DINOv2, "
@@ -257,27 +255,31 @@ class ReducingViT:
         return intermediates if intermediates_only else (final, intermediates)
 
 
-_PATCHED_CLASSES: dict[type, type] = {}
+class ReducingVisionTransformer(ReducingViT, VisionTransformer):
+    """timm ``VisionTransformer`` with token reduction."""
 
 
-def patched_class(model_class: type) -> type:
-    """The reducing subclass of ``model_class``, created once per class (stable for isinstance,
-    pickling by reference and torch.compile guards)."""
-    if model_class not in _PATCHED_CLASSES:
-        _PATCHED_CLASSES[model_class] = type(f"Reducing{model_class.__name__}", (ReducingViT, model_class), {})
-    return _PATCHED_CLASSES[model_class]
+class ReducingVisionTransformerDistilled(ReducingViT, VisionTransformerDistilled):
+    """timm DeiT ``VisionTransformerDistilled`` with token reduction."""
+
+
+# Original class → its reducing subclass. Static classes, so patched models pickle by reference.
+PATCHED_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
+    VisionTransformer: ReducingVisionTransformer,
+    VisionTransformerDistilled: ReducingVisionTransformerDistilled,
+}
+_ORIGINAL_CLASSES = {patched: original for original, patched in PATCHED_CLASSES.items()}
 
 
 def original_class(model: nn.Module) -> type:
     """The class the model had before patching."""
-    cls = type(model)
-    return cls.__mro__[2] if issubclass(cls, ReducingViT) else cls
+    return _ORIGINAL_CLASSES.get(type(model), type(model))
 
 
 def check_supported(model: nn.Module) -> None:
     """Raise a TypeError naming the first module tokenprune cannot patch exactly."""
     model_class = original_class(model)
-    if model_class not in SUPPORTED_MODELS:
+    if model_class not in PATCHED_CLASSES:
         raise TypeError(
             f"tokenprune cannot patch {model_class.__module__}.{model_class.__name__}; supported: {SUPPORTED_FAMILIES}"
         )
@@ -298,7 +300,7 @@ def check_supported(model: nn.Module) -> None:
 
 def apply(model: nn.Module, config: Any, reducers: list[TokenReducer | None]) -> None:
     """Swap the classes in place and give every block its reducer; idempotent."""
-    model.__class__ = patched_class(original_class(model))
+    model.__class__ = PATCHED_CLASSES[original_class(model)]
     model.tokenprune_config = config
     for block, reducer in zip(model.blocks, reducers):
         block.__class__ = ReducingBlock
