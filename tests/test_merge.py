@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels import merge_wavg_reference as merge_wavg
 from tokenprune.merge import (
     TokenState,
     bipartite_soft_matching,
     max_bipartite_r,
     merge_state,
-    merge_wavg,
     source_matrix,
     start_state,
     unmerge,

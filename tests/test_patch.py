@@ -253,4 +253,8 @@ def test_bad_options() -> None:
         tokenprune.patch(model, r=-3)
     with pytest.raises(ValueError, match="13 entries"):
         tokenprune.patch(model, r=[1] * 13)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        tokenprune.patch(model, r=4, backend="cuda")
+    with pytest.raises(TypeError, match="prop_attn must be True or False"):
+        tokenprune.patch(model, r=4, prop_attn="yes")
     assert not hasattr(model, "tokenprune_config")  # a failed patch leaves the model untouched

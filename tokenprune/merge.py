@@ -4,6 +4,7 @@ Every merging method in tokenprune is expressed the same way: a *matching* step 
 ``dest`` ([B, T] int64), the index that each of the T current tokens moves to among the
 ``T_out`` tokens of the next layer; one *merge* step then averages the tokens that share a
 destination, weighted by their sizes (ToMe, Bolya et al. 2023, Sec. 3: x* = Σ s·x / Σ s).
+The two hot steps (best match, weighted merge) are in ``kernels/``, Triton + PyTorch reference.
 Source tracing, unmerging for dense outputs and FLOP accounting all follow from ``dest``.
 """
 
@@ -13,6 +14,8 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from kernels import best_match, merge_wavg
 
 
 class TokenState(NamedTuple):
@@ -48,27 +51,10 @@ def start_state(x: Tensor, trace_source: bool) -> TokenState:
     return TokenState(x, None, source_index)
 
 
-def merge_wavg(x: Tensor, size: Tensor, dest: Tensor, num_out: int) -> tuple[Tensor, Tensor]:
-    """Size-weighted average of the tokens sharing a destination (ToMe Eq. "x ← Σ s·x / Σ s").
-
-    Args:
-        x: [B, T, C] tokens. size: [B, T, 1] float32 sizes. dest: [B, T] int64 in [0, num_out).
-    Returns:
-        ([B, num_out, C] merged tokens in x's dtype, [B, num_out, 1] float32 summed sizes).
-
-    Accumulates in float32 so that bf16/fp16 models lose no precision in the average.
-    """
-    batch, _, channels = x.shape
-    weighted = x.float() * size
-    merged = weighted.new_zeros(batch, num_out, channels)
-    merged.scatter_add_(1, dest.unsqueeze(-1).expand(-1, -1, channels), weighted)
-    new_size = size.new_zeros(batch, num_out, 1).scatter_add_(1, dest.unsqueeze(-1), size)
-    return (merged / new_size).to(x.dtype), new_size
-
-
-def merge_state(state: TokenState, dest: Tensor, num_out: int) -> TokenState:
-    """Apply one matching (``dest``) to every field of the state."""
-    x, size = merge_wavg(state.x, state.sizes(), dest, num_out)
+def merge_state(state: TokenState, dest: Tensor, num_out: int, backend: str = "auto") -> TokenState:
+    """Apply one matching (``dest``) to every field of the state: tokens become size-weighted
+    averages (ToMe: x ← Σ s·x / Σ s, :func:`kernels.merge_wavg`), sizes add up, sources follow."""
+    x, size = merge_wavg(state.x, state.sizes(), dest, num_out, backend)
     source_index = state.source_index
     if source_index is not None:
         source_index = dest.gather(1, source_index)
@@ -92,7 +78,7 @@ def max_bipartite_r(num_tokens: int, num_protected: int) -> int:
     return max(num_tokens - num_protected, 0) // 2
 
 
-def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int) -> Tensor:
+def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int, backend: str = "auto") -> Tensor:
     """ToMe's bipartite soft matching (Bolya et al. 2023, Sec. 3.2), returned as ``dest``.
 
     1. Alternate the tokens into sets A (even positions) and B (odd positions).
@@ -109,6 +95,7 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int) -> Tenso
     Args:
         metric: [B, T, D] matching features. r: tokens to remove, ≤ max_bipartite_r(T, P).
         num_protected: P, the count of leading tokens that must survive unchanged.
+        backend: where step 2-3 runs, see :func:`kernels.best_match`.
     Returns:
         dest: [B, T] int64, the index of each token in the merged sequence of T - r tokens.
     """
@@ -119,13 +106,14 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int) -> Tenso
     device = metric.device
     # A/B parity follows the absolute position, as in ToMe, so prefix tokens do not shift it.
     a_start, b_start = p % 2, 1 - p % 2
-    body = metric[:, p:]
+    # Similarities in float32 whatever the model's dtype: bf16 would round distinct
+    # similarities into ties and change which tokens merge.
+    body = metric[:, p:].float()
     body = body / body.norm(dim=-1, keepdim=True)
     a, b = body[:, a_start::2], body[:, b_start::2]
     num_a, num_b = a.shape[1], b.shape[1]
 
-    scores = a @ b.transpose(-1, -2)
-    best_score, best_b = scores.max(dim=-1)
+    best_score, best_b = best_match(a, b, backend)
     order = best_score.argsort(dim=-1, descending=True, stable=True)
     is_src = torch.zeros(batch, num_a, dtype=torch.bool, device=device)
     is_src.scatter_(1, order[:, :r], True)

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from kernels import BACKENDS
+
 from ..merge import TokenState, bipartite_soft_matching, max_bipartite_r, merge_state
 from ..schedule import RSchedule, resolve_r
 
@@ -20,6 +22,7 @@ class BipartiteMerge:
 
     r: int
     num_protected: int
+    backend: str = "auto"
 
     def num_removed(self, num_tokens: int) -> int:
         return min(self.r, max_bipartite_r(num_tokens, self.num_protected))
@@ -28,8 +31,8 @@ class BipartiteMerge:
         r = self.num_removed(state.num_tokens)
         if r == 0:
             return state
-        dest = bipartite_soft_matching(metric, r, self.num_protected)
-        return merge_state(state, dest, state.num_tokens - r)
+        dest = bipartite_soft_matching(metric, r, self.num_protected, self.backend)
+        return merge_state(state, dest, state.num_tokens - r, self.backend)
 
 
 @dataclass(frozen=True)
@@ -46,13 +49,23 @@ class ToMeConfig:
         trace_source: record which input patches each output token covers, readable after a
             forward with ``tokenprune.source(model)``. For visualisation; costs one gather per
             block and stores the map on the model.
+        backend: where matching and merging run: "auto" (Triton kernels for CUDA tensors when
+            triton imports, PyTorch otherwise), "triton" or "torch" to force one.
     """
 
     r: RSchedule
     prop_attn: bool = True
     trace_source: bool = False
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        for name in ("prop_attn", "trace_source"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     def reducers(self, model: nn.Module) -> list[BipartiteMerge | None]:
         counts = resolve_r(self.r, len(model.blocks))
         protected = model.num_prefix_tokens
-        return [BipartiteMerge(n, protected) if n > 0 else None for n in counts]
+        return [BipartiteMerge(n, protected, self.backend) if n > 0 else None for n in counts]

@@ -1,0 +1,38 @@
+"""Triton kernels for tokenprune's two hot spots, each next to its pure-PyTorch reference.
+
+* :mod:`kernels.match` — ``best_match(a, b)``: ToMe's "most similar B token for every A token"
+  (``(a @ b.T).max(-1)``) fused into one kernel that never writes the [Na, Nb] score matrix.
+* :mod:`kernels.merge` — ``merge_wavg_triton(x, size, dest, num_out)``: the size-weighted merge
+  of ``tokenprune.merge.merge_wavg``, deterministic (no atomics), with a gather backward.
+
+``best_match`` and ``merge_wavg`` take ``backend="auto" | "triton" | "torch"``: "auto" runs
+Triton on CUDA tensors when triton imports and the reference otherwise; "triton" forces the
+kernel (on CPU only under ``TRITON_INTERPRET=1``, which is how the tests run it).
+
+Why there is no unmerge kernel: unmerging (restoring one token per input token for dense
+outputs) is ``x.gather(1, source_index)`` in torch (:func:`tokenprune.merge.unmerge`). That is
+already a single memory-bound kernel: it reads one C-wide row of x per input token and writes
+the [B, T_in, C] output once, with no reduction and no arithmetic. A Triton version would do
+exactly the same memory traffic, so it could not be faster; it would only add code to keep
+correct.
+"""
+
+from __future__ import annotations
+
+from kernels._triton import BACKENDS, HAS_TRITON, INTERPRET, triton_usable, use_triton
+from kernels.match import best_match, best_match_reference, best_match_triton
+from kernels.merge import merge_wavg, merge_wavg_reference, merge_wavg_triton
+
+__all__ = [
+    "BACKENDS",
+    "HAS_TRITON",
+    "INTERPRET",
+    "best_match",
+    "best_match_reference",
+    "best_match_triton",
+    "merge_wavg",
+    "merge_wavg_reference",
+    "merge_wavg_triton",
+    "triton_usable",
+    "use_triton",
+]

@@ -1,0 +1,89 @@
+"""Whether the Triton kernels can run on given tensors.
+
+Triton is an optional dependency (``pip install tokenprune[triton]``), so every kernel module
+imports it through here and keeps a pure-PyTorch reference that works without it.
+"""
+
+from __future__ import annotations
+
+import os
+
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the references still work; only the *_triton entry points need it
+    triton = None
+    tl = None
+
+HAS_TRITON: bool = triton is not None
+
+
+def _interpreting() -> bool:
+    # triton.jit decides at decoration time (module import) whether a kernel is compiled or
+    # interpreted, so this must be read at the same moment, not per call.
+    if not HAS_TRITON:
+        return False
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET") == "1"  # triton < 3.4 had no knobs module
+
+
+INTERPRET: bool = _interpreting()
+
+
+def triton_usable(*tensors: Tensor) -> bool:
+    """True when the kernels can run on ``tensors``: compiled on CUDA, or (for CPU testing)
+    in the Triton interpreter, which takes CPU tensors when ``TRITON_INTERPRET=1`` was set
+    before triton was imported."""
+    if not HAS_TRITON:
+        return False
+    if all(t.is_cuda for t in tensors):
+        return True  # compiled; the interpreter also accepts CUDA tensors (it copies them)
+    return INTERPRET and all(t.device.type == "cpu" for t in tensors)
+
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def use_triton(backend: str, *tensors: Tensor) -> bool:
+    """The dispatch rule of every op: ``"auto"`` takes Triton for CUDA tensors when triton
+    imports and the PyTorch reference otherwise (also on CPU under the interpreter, which is
+    for testing the kernels, not for running models); ``"triton"`` and ``"torch"`` force one."""
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        check_device(*tensors)
+        return True
+    if backend == "auto":
+        return HAS_TRITON and all(t.is_cuda for t in tensors)
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two ≥ n (≥ 1); Triton block shapes must be powers of two."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def block_size(n: int, lo: int, hi: int) -> int:
+    """A power-of-two block covering ``n`` if possible, clamped to [lo, hi]. ``lo`` is 16 for
+    ``tl.dot`` operands, whose every dimension must be at least 16."""
+    return max(lo, min(hi, next_power_of_2(n)))
+
+
+def require_triton() -> None:
+    """Raise a helpful error when a *_triton entry point is called without triton."""
+    if not HAS_TRITON:
+        raise ImportError("triton is not installed: pip install 'tokenprune[triton]'")
+
+
+def check_device(*tensors: Tensor) -> None:
+    """Raise unless the kernels can run on ``tensors`` (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    require_triton()
+    if not triton_usable(*tensors):
+        raise RuntimeError(
+            "Triton kernels need CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before "
+            f"triton is imported; got devices {sorted({str(t.device) for t in tensors})}"
+        )

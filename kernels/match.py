@@ -1,0 +1,181 @@
+"""Best bipartite match: for every A token, its most similar B token (ToMe's matching step).
+
+``bipartite_soft_matching`` builds the full ``[B, Na, Nb]`` cosine matrix ``a @ b.T`` only to
+reduce it with ``max(dim=-1)``. For video ViTs (T = 1569 tokens, Na ≈ Nb ≈ 784) that matrix is
+written to and read back from global memory once per layer. The kernel here fuses the matmul
+with the row-wise max/argmax: each program keeps a tile of A rows, streams the B rows through
+``tl.dot`` tile by tile and keeps a running (max, argmax) in registers, so the score matrix is
+never materialised; global traffic is the inputs plus ``[B, Na]`` outputs.
+
+Semantics are those of ``torch.max(a.float() @ b.float().transpose(-1, -2), dim=-1)``:
+scores in float32, ties resolved to the lowest B index.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kernels._triton import HAS_TRITON, block_size, check_device, tl, triton, use_triton
+
+__all__ = ["best_match", "best_match_reference", "best_match_triton"]
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def best_match_reference(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Pure-PyTorch best match: the definition the kernel is tested against.
+
+    Args:
+        a: [B, Na, D] L2-normalised rows (any strides). b: [B, Nb, D] likewise, Nb ≥ 1.
+    Returns:
+        (best_score [B, Na] float32, best_index [B, Na] int64): the max of ``a[i] · b[j]`` over
+        j and its argmax, ties → the lowest j (``torch.max`` semantics).
+
+    Scores are computed in float32 whatever the input dtype: a bf16 score matrix would round
+    distinct similarities to equal values and turn them into artificial ties.
+    """
+    scores = a.float() @ b.float().transpose(-1, -2)
+    best_score, best_index = scores.max(dim=-1)
+    return best_score, best_index
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _best_match_kernel(
+        a_ptr,
+        b_ptr,
+        score_ptr,
+        index_ptr,
+        num_a,
+        num_b,
+        dim,
+        stride_a_batch,
+        stride_a_row,
+        stride_a_dim,
+        stride_b_batch,
+        stride_b_row,
+        stride_b_dim,
+        stride_out_batch,
+        BLOCK_A: tl.constexpr,
+        BLOCK_B: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        # Grid: (batch, A tiles). Each program owns BLOCK_A rows of A and scans all of B.
+        batch = tl.program_id(0).to(tl.int64)  # int64: batch * stride may exceed 2**31
+        rows_a = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
+        valid_a = rows_a < num_a
+        offs_d = tl.arange(0, BLOCK_D)
+        a_base = a_ptr + batch * stride_a_batch
+        b_base = b_ptr + batch * stride_b_batch
+
+        best_score = tl.full([BLOCK_A], float("-inf"), tl.float32)
+        best_index = tl.zeros([BLOCK_A], tl.int32)
+        for b_start in range(0, num_b, BLOCK_B):
+            rows_b = b_start + tl.arange(0, BLOCK_B)
+            valid_b = rows_b < num_b
+            scores = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
+            # D is looped rather than held whole so any width fits in registers; the A tile is
+            # re-read per B tile, but from L1/L2, and the dot dominates.
+            for d_start in range(0, dim, BLOCK_D):
+                cols = d_start + offs_d
+                valid_d = cols < dim
+                a_tile = tl.load(
+                    a_base + rows_a[:, None] * stride_a_row + cols[None, :] * stride_a_dim,
+                    mask=valid_a[:, None] & valid_d[None, :],
+                    other=0.0,
+                )
+                # B is loaded already transposed ([D, B]) through its strides: no copy of b.T.
+                b_tile = tl.load(
+                    b_base + cols[:, None] * stride_b_dim + rows_b[None, :] * stride_b_row,
+                    mask=valid_d[:, None] & valid_b[None, :],
+                    other=0.0,
+                )
+                # Upcast before the dot: products of fp16/bf16 values are exact in fp32, so this
+                # matches the float32 reference up to summation order. "ieee" forbids TF32,
+                # whose 10-bit mantissa would reorder near-equal similarities on GPU. (It also
+                # sidesteps the interpreter, whose dot would misread bf16 storage as uint16.)
+                scores = tl.dot(a_tile.to(tl.float32), b_tile.to(tl.float32), scores, input_precision="ieee")
+            # Padding columns must never win the max.
+            scores = tl.where(valid_b[None, :], scores, float("-inf"))
+            tile_score = tl.max(scores, axis=1)
+            # Lowest column attaining the tile max (torch.max's tie rule within the tile) ...
+            tile_index = tl.min(tl.where(scores == tile_score[:, None], rows_b[None, :], num_b), axis=1)
+            # ... and a strict ">" across tiles, which are visited in increasing B order, keeps
+            # the earliest tile on ties: overall, the lowest index attaining the max.
+            better = tile_score > best_score
+            best_score = tl.where(better, tile_score, best_score)
+            best_index = tl.where(better, tile_index, best_index)
+
+        out_offsets = batch * stride_out_batch + rows_a
+        tl.store(score_ptr + out_offsets, best_score, mask=valid_a)
+        tl.store(index_ptr + out_offsets, best_index.to(tl.int64), mask=valid_a)
+
+
+def _check_inputs(a: Tensor, b: Tensor) -> None:
+    if a.ndim != 3 or b.ndim != 3:
+        raise ValueError(f"expected [B, N, D] inputs, got a{tuple(a.shape)} and b{tuple(b.shape)}")
+    if a.shape[0] != b.shape[0] or a.shape[2] != b.shape[2]:
+        raise ValueError(f"batch/feature sizes differ: a{tuple(a.shape)} vs b{tuple(b.shape)}")
+    if b.shape[1] == 0:
+        raise ValueError("b has no rows: there is no best match (torch.max fails likewise)")
+    if a.dtype not in _SUPPORTED_DTYPES or b.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"unsupported dtypes {a.dtype}, {b.dtype}; expected float32/float16/bfloat16")
+    if a.device != b.device:
+        raise ValueError(f"a is on {a.device} but b is on {b.device}")
+
+
+def best_match_triton(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Triton best match; same contract as :func:`best_match_reference`.
+
+    ``a`` and ``b`` may be strided views (e.g. ``body[:, 1::2]``): their strides are passed to
+    the kernel, nothing is copied. fp32/fp16/bf16 inputs, accumulated in fp32. The outputs
+    carry no gradient: ToMe uses them only to rank and pair tokens.
+
+    NaN inputs (e.g. a zero vector normalised to NaN) are not handled like ``torch.max``, which
+    propagates the NaN; here NaN scores are simply never selected as a new maximum.
+    """
+    _check_inputs(a, b)
+    check_device(a, b)
+    batch, num_a, dim = a.shape
+    num_b = b.shape[1]
+    best_score = torch.empty(batch, num_a, device=a.device, dtype=torch.float32)
+    best_index = torch.empty(batch, num_a, device=a.device, dtype=torch.int64)
+    if batch == 0 or num_a == 0:
+        return best_score, best_index
+    if dim == 0:  # an empty dot product: every score is 0, the first B row wins
+        return best_score.zero_(), best_index.zero_()
+
+    # 64×64 score tiles with 64-wide D chunks: 16 KiB of fp32 accumulator per program, which
+    # fits in registers with 4 warps; smaller problems shrink the tiles (≥ 16 for tl.dot).
+    block_a = block_size(num_a, 16, 64)
+    block_b = block_size(num_b, 16, 64)
+    block_d = block_size(dim, 16, 64)
+    grid = (batch, triton.cdiv(num_a, block_a))
+    _best_match_kernel[grid](
+        a,
+        b,
+        best_score,
+        best_index,
+        num_a,
+        num_b,
+        dim,
+        *a.stride(),
+        *b.stride(),
+        best_score.stride(0),
+        BLOCK_A=block_a,
+        BLOCK_B=block_b,
+        BLOCK_D=block_d,
+        num_warps=4,
+    )
+    return best_score, best_index
+
+
+def best_match(a: Tensor, b: Tensor, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """Best match of every row of ``a`` among the rows of ``b`` (see
+    :func:`best_match_reference`), on the backend chosen by ``use_triton`` ("auto": Triton for
+    CUDA tensors when triton imports). Dtypes outside fp32/fp16/bf16 take the reference."""
+    if a.dtype in _SUPPORTED_DTYPES and b.dtype in _SUPPORTED_DTYPES and use_triton(backend, a, b):
+        return best_match_triton(a, b)
+    return best_match_reference(a, b)

@@ -1,0 +1,211 @@
+"""Size-weighted token merge (ToMe's x ← Σ s·x / Σ s) without atomics.
+
+The reference (:func:`merge_wavg_reference`) uses ``scatter_add_``, which on CUDA adds with
+atomics in whatever order threads arrive: the result can change in the last bits from run to
+run. In the kernel
+each output token is produced by exactly one program that sums its members itself, in input
+order, in float32; the inverse of ``dest`` (which inputs go to which output) is built once per
+call with a stable sort. Same input → same bits, on every run.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kernels._triton import HAS_TRITON, block_size, check_device, tl, triton, use_triton
+
+__all__ = ["merge_wavg", "merge_wavg_reference", "merge_wavg_triton"]
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def merge_wavg_reference(x: Tensor, size: Tensor, dest: Tensor, num_out: int) -> tuple[Tensor, Tensor]:
+    """Size-weighted average of the tokens sharing a destination (ToMe: x ← Σ s·x / Σ s).
+
+    Args:
+        x: [B, T, C] tokens. size: [B, T, 1] float32 sizes. dest: [B, T] int64 in [0, num_out).
+    Returns:
+        ([B, num_out, C] merged tokens in x's dtype, [B, num_out, 1] float32 summed sizes).
+
+    Accumulates in float32 so that bf16/fp16 models lose no precision in the average.
+    """
+    batch, _, channels = x.shape
+    weighted = x.float() * size
+    merged = weighted.new_zeros(batch, num_out, channels)
+    merged.scatter_add_(1, dest.unsqueeze(-1).expand(-1, -1, channels), weighted)
+    new_size = size.new_zeros(batch, num_out, 1).scatter_add_(1, dest.unsqueeze(-1), size)
+    return (merged / new_size).to(x.dtype), new_size
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _merge_wavg_kernel(
+        x_ptr,
+        size_ptr,
+        order_ptr,
+        start_ptr,
+        out_ptr,
+        new_size_ptr,
+        channels,
+        stride_x_batch,
+        stride_x_token,
+        stride_x_channel,
+        stride_size_batch,
+        stride_size_token,
+        stride_order_batch,
+        stride_start_batch,
+        stride_out_batch,
+        stride_out_token,
+        stride_new_size_batch,
+        BLOCK_C: tl.constexpr,
+    ):
+        # Grid: (batch, output token, channel block). One program owns one output slice, so no
+        # two programs ever write the same address and no atomics are needed.
+        batch = tl.program_id(0).to(tl.int64)  # int64: batch * stride may exceed 2**31
+        out_token = tl.program_id(1).to(tl.int64)
+        channel_block = tl.program_id(2)
+        cols = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)
+        valid_c = cols < channels
+
+        # Members of this output are order[start[o]:start[o+1]], sorted by input index.
+        start_row = start_ptr + batch * stride_start_batch + out_token
+        first = tl.load(start_row)
+        last = tl.load(start_row + 1)
+        x_base = x_ptr + batch * stride_x_batch
+        size_base = size_ptr + batch * stride_size_batch
+        order_base = order_ptr + batch * stride_order_batch
+
+        acc = tl.zeros([BLOCK_C], tl.float32)
+        total = tl.zeros([], tl.float32)
+        # A fixed, sequential summation order is what makes the result bit-reproducible.
+        for member in range(first, last):
+            token = tl.load(order_base + member)
+            weight = tl.load(size_base + token * stride_size_token)
+            row = tl.load(x_base + token * stride_x_token + cols * stride_x_channel, mask=valid_c, other=0.0)
+            acc += row.to(tl.float32) * weight
+            total += weight
+
+        # An output with no members gets 0 / 0 = NaN, as in the scatter_add reference.
+        merged = acc / total
+        out_offsets = batch * stride_out_batch + out_token * stride_out_token + cols
+        tl.store(out_ptr + out_offsets, merged.to(out_ptr.dtype.element_ty), mask=valid_c)
+        # Every channel block computes the same total; only the first one writes it.
+        tl.store(new_size_ptr + batch * stride_new_size_batch + out_token, total, mask=channel_block == 0)
+
+
+def _check_inputs(x: Tensor, size: Tensor, dest: Tensor, num_out: int) -> None:
+    if x.ndim != 3:
+        raise ValueError(f"x must be [B, T, C], got {tuple(x.shape)}")
+    batch, tokens, _ = x.shape
+    if size.shape != (batch, tokens, 1):
+        raise ValueError(f"size must be [B, T, 1] = {(batch, tokens, 1)}, got {tuple(size.shape)}")
+    if dest.shape != (batch, tokens):
+        raise ValueError(f"dest must be [B, T] = {(batch, tokens)}, got {tuple(dest.shape)}")
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"unsupported x dtype {x.dtype}; expected float32/float16/bfloat16")
+    if size.dtype != torch.float32:
+        raise TypeError(f"size must be float32 (token counts), got {size.dtype}")
+    if dest.dtype != torch.int64:
+        raise TypeError(f"dest must be int64, got {dest.dtype}")
+    if num_out < 0:
+        raise ValueError(f"num_out must be ≥ 0, got {num_out}")
+
+
+def _merge_wavg_forward(x: Tensor, size: Tensor, dest: Tensor, num_out: int) -> tuple[Tensor, Tensor]:
+    batch, tokens, channels = x.shape
+    merged = torch.empty(batch, num_out, channels, device=x.device, dtype=x.dtype)
+    new_size = torch.empty(batch, num_out, 1, device=x.device, dtype=torch.float32)
+    if batch == 0 or num_out == 0:
+        return merged, new_size
+
+    # Inverse map, once per call, with deterministic torch ops: a *stable* sort groups the
+    # inputs by destination and keeps them in input order inside each group; binary search on
+    # the sorted destinations gives each group's [start, end). Values of dest outside
+    # [0, num_out) fall outside every group and are ignored (the reference would fail on them).
+    sorted_dest, order = torch.sort(dest, dim=1, stable=True)
+    bounds = torch.arange(num_out + 1, device=x.device).expand(batch, -1).contiguous()
+    start = torch.searchsorted(sorted_dest, bounds)
+
+    # One channel block covers C ≤ 1024 (every ViT width up to ViT-L), so each member row is a
+    # single contiguous load; wider models use several blocks.
+    block_c = block_size(channels, 16, 1024)
+    grid = (batch, num_out, triton.cdiv(channels, block_c))
+    _merge_wavg_kernel[grid](
+        x,
+        size,
+        order,
+        start,
+        merged,
+        new_size,
+        channels,
+        *x.stride(),
+        size.stride(0),
+        size.stride(1),
+        order.stride(0),
+        start.stride(0),
+        merged.stride(0),
+        merged.stride(1),
+        new_size.stride(0),
+        BLOCK_C=block_c,
+        num_warps=4 if block_c <= 256 else 8,
+    )
+    return merged, new_size
+
+
+class _MergeWAvg(torch.autograd.Function):
+    """Triton forward; the backward is a gather (see :meth:`backward`)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, size: Tensor, dest: Tensor, num_out: int) -> tuple[Tensor, Tensor]:
+        merged, new_size = _merge_wavg_forward(x, size, dest, num_out)
+        ctx.save_for_backward(size, dest, new_size)
+        # Sizes are token counts: nothing upstream is trained through them.
+        ctx.mark_non_differentiable(new_size)
+        return merged, new_size
+
+    @staticmethod
+    def backward(ctx, grad_merged: Tensor, _grad_new_size: Tensor | None):
+        """∂merged[o]/∂x[t] = size[t] / new_size[o] for o = dest[t], and 0 for every other o:
+        each input receives exactly one output row, scaled. So the backward is
+        ``grad_x[t] = grad_merged[dest[t]] * size[t] / new_size[dest[t]]``: a ``gather`` — one
+        memory-bound kernel that reads one grad row per input token and writes grad_x once —
+        times a [B, T, 1] coefficient. Unlike the forward it has no reduction, hence no
+        ordering or atomics question, and a Triton version would move the same bytes (it could
+        only fold the final elementwise multiply into the gather, which torch.compile does)."""
+        size, dest, new_size = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            channels = grad_merged.shape[-1]
+            coef = size / new_size.gather(1, dest.unsqueeze(-1))  # [B, T, 1] float32, tiny
+            rows = grad_merged.gather(1, dest.unsqueeze(-1).expand(-1, -1, channels))
+            grad_x = (rows.float() * coef).to(grad_merged.dtype)
+        return grad_x, None, None, None
+
+
+def merge_wavg_triton(x: Tensor, size: Tensor, dest: Tensor, num_out: int) -> tuple[Tensor, Tensor]:
+    """Deterministic Triton version of :func:`merge_wavg_reference` (same contract).
+
+    Args:
+        x: [B, T, C] fp32/fp16/bf16 tokens (any strides). size: [B, T, 1] float32 sizes.
+        dest: [B, T] int64 in [0, num_out). num_out: number of output tokens.
+    Returns:
+        ([B, num_out, C] size-weighted averages in x's dtype, [B, num_out, 1] float32 sizes).
+
+    Accumulates in float32, each output's members summed in input order (bitwise
+    reproducible). Differentiable in ``x``; ``size`` gets no gradient and ``new_size`` is
+    marked non-differentiable (sizes are counts).
+    """
+    _check_inputs(x, size, dest, num_out)
+    check_device(x, size, dest)
+    return _MergeWAvg.apply(x, size, dest, num_out)
+
+
+def merge_wavg(x: Tensor, size: Tensor, dest: Tensor, num_out: int, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """Size-weighted merge (see :func:`merge_wavg_reference`) on the backend chosen by
+    ``use_triton`` ("auto": Triton for CUDA tensors when triton imports). Dtypes outside
+    fp32/fp16/bf16 take the reference."""
+    if x.dtype in _SUPPORTED_DTYPES and size.dtype == torch.float32 and use_triton(backend, x, size, dest):
+        return merge_wavg_triton(x, size, dest, num_out)
+    return merge_wavg_reference(x, size, dest, num_out)

@@ -1,0 +1,341 @@
+"""The Triton kernels (kernels/) against their PyTorch references.
+
+Runs on CPU in the Triton interpreter (``TRITON_INTERPRET=1``, set by ``make test`` before
+anything imports triton) or unchanged on a CUDA device. The interpreter runs every program of
+the grid in Python, so shapes are chosen to cover the edge cases (odd/even T, T=3, ragged
+tiles, D not a power of two, several D chunks and channel blocks, strided views, ties, r at its
+cap, the 1569-token video case) with few programs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import kernels
+from kernels import (
+    best_match,
+    best_match_reference,
+    best_match_triton,
+    merge_wavg,
+    merge_wavg_reference,
+    merge_wavg_triton,
+)
+from tokenprune.merge import bipartite_soft_matching, max_bipartite_r
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+# The interpreter is chosen when triton is imported (kernels/ imported it above), so ask kernels.
+DEVICE = "cpu" if kernels.INTERPRET else "cuda"
+
+pytestmark = [
+    pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed"),
+    pytest.mark.skipif(
+        HAS_TRITON and not kernels.INTERPRET and not torch.cuda.is_available(),
+        reason="needs a CUDA device, or TRITON_INTERPRET=1 (set before triton is imported) to run "
+        "the kernels on CPU in the Triton interpreter",
+    ),
+]
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# Tolerances for outputs stored in the input dtype. bf16 allows one ulp (2**-7 relative at
+# worst): the Triton *interpreter* casts fp32 → bf16 by truncation where torch (and compiled
+# Triton on GPU) round to nearest even. fp16 casts round to nearest in both.
+MERGE_TOL = {
+    torch.float32: dict(atol=1e-6, rtol=1e-5),
+    torch.float16: dict(atol=1e-5, rtol=1e-3),
+    torch.bfloat16: dict(atol=1e-5, rtol=2**-7),
+}
+SCORE_ATOL = 1e-5  # fp32 accumulation in both; only the summation order differs
+NEAR_TIE = 1e-5  # reference top-2 gap below which the two argmaxes may legitimately differ
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32_matmul():
+    """The references' fp32 matmul must be IEEE fp32 on GPU too, not TF32 (which another test
+    or user code may have enabled): it is the definition the kernels are held to."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(previous)
+
+
+def split_ab(metric: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ToMe's A/B sets exactly as bipartite_soft_matching forms them: strided views."""
+    body = metric[:, p:]
+    body = body / body.norm(dim=-1, keepdim=True)
+    a_start, b_start = p % 2, 1 - p % 2
+    return body[:, a_start::2], body[:, b_start::2]
+
+
+def assert_best_match(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Kernel vs reference: scores within SCORE_ATOL; indices equal except on near ties, where
+    the kernel's pick must still be (within tolerance) a maximum."""
+    score, index = best_match_triton(a, b)
+    ref_score, ref_index = best_match_reference(a, b)
+    assert score.dtype == torch.float32 and index.dtype == torch.int64
+    assert score.shape == index.shape == a.shape[:2]
+    torch.testing.assert_close(score, ref_score, atol=SCORE_ATOL, rtol=0)
+
+    full = a.float() @ b.float().transpose(-1, -2)
+    if b.shape[1] >= 2:
+        top2 = full.topk(2, dim=-1).values
+        near_tie = (top2[..., 0] - top2[..., 1]) < NEAR_TIE
+    else:
+        near_tie = torch.zeros_like(index, dtype=torch.bool)
+    mismatch = (index != ref_index) & ~near_tie
+    assert not mismatch.any(), f"{int(mismatch.sum())} argmax mismatches away from ties"
+    picked = full.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    assert (ref_score - picked).max() <= NEAR_TIE
+
+
+# ---------------------------------------------------------------------------------- best_match
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "batch,tokens,dim,p",
+    [
+        (1, 3, 8, 1),  # T=3: one A and one B token; every tile dimension is padding
+        (3, 18, 48, 1),  # even T, D not a power of two, batch 3
+        (3, 17, 72, 0),  # odd T, no prefix (A starts at 0)
+        (2, 161, 200, 1),  # Na = Nb = 80: two ragged 64-row tiles; D = 200: four D chunks
+    ],
+)
+def test_best_match_matches_reference(batch: int, tokens: int, dim: int, p: int, dtype: torch.dtype) -> None:
+    torch.manual_seed(tokens * dim + batch)
+    metric = torch.randn(batch, tokens, dim, device=DEVICE).to(dtype)
+    a, b = split_ab(metric, p)
+    if a.shape[1] > 1:  # (a single-row view counts as contiguous)
+        assert not a.is_contiguous() and not b.is_contiguous()  # strides go to the kernel as is
+    assert_best_match(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_best_match_video_tokens(dtype: torch.dtype) -> None:
+    # 1 class token + 8×14×14 patches (a video ViT): Na = Nb = 784, 13 × 13 tiles.
+    torch.manual_seed(1569)
+    metric = torch.randn(1, 1569, 64, device=DEVICE).to(dtype)
+    assert_best_match(*split_ab(metric, 1))
+
+
+def test_best_match_feature_strided_layout() -> None:
+    # Features stored [B, D, T] and viewed as [B, T, D]: the feature stride is not 1.
+    torch.manual_seed(0)
+    metric = torch.randn(2, 40, 51, device=DEVICE).transpose(1, 2)
+    a, b = split_ab(metric, 1)
+    assert a.stride(-1) != 1
+    assert_best_match(a, b)
+
+
+def test_best_match_exact_ties_pick_lowest_index() -> None:
+    # Entries k/8 with |k| ≤ 4: every product and partial sum is exact in fp32 whatever the
+    # summation order, so equal rows give bitwise-equal scores in every implementation and the
+    # tie rule alone decides. Nb = 100 puts copies in both 64-row tiles of B.
+    torch.manual_seed(0)
+    batch, num_a, num_b, dim = 2, 70, 100, 24
+    b = torch.randint(-4, 5, (batch, num_b, dim), device=DEVICE).float() / 8
+    b[:, 9] = b[:, 3]  # duplicate inside the first tile
+    b[:, 80] = b[:, 3]  # ... and in the second tile
+    b[:, 90] = b[:, 70]  # duplicate within the second tile only
+    a = torch.randint(-4, 5, (batch, num_a, dim), device=DEVICE).float() / 8
+    a[:, 0], a[:, 1], a[:, 69] = b[:, 3], b[:, 70], b[:, 90]
+    a[:, 2] = 0.0  # all scores 0: a tie across all 100 columns → index 0
+
+    score, index = best_match_triton(a, b)
+    ref_score, ref_index = best_match_reference(a, b)
+    assert torch.equal(score, ref_score)
+    assert torch.equal(index, ref_index)
+    assert index[:, 0].tolist() == [3] * batch
+    assert index[:, 1].tolist() == [70] * batch and index[:, 69].tolist() == [70] * batch
+    assert index[:, 2].tolist() == [0] * batch
+    # The tie rule in full: the kernel's index is the first column attaining the row max.
+    full = a @ b.transpose(-1, -2)
+    first_max = (full == full.max(dim=-1, keepdim=True).values).int().argmax(dim=-1)
+    assert torch.equal(index, first_max)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_best_match_duplicate_tokens(dtype: torch.dtype) -> None:
+    # Padding / flat background: many bitwise-identical tokens, normalised as ToMe does. Rows
+    # equal to the repeated token tie exactly across all its copies in B; both sides must pick
+    # the first copy, so indices are compared with no near-tie allowance.
+    torch.manual_seed(1)
+    metric = torch.randn(2, 101, 40, device=DEVICE).to(dtype)
+    metric[:, 30:] = metric[:, 30:31]  # tokens 30..100 are all the same
+    a, b = split_ab(metric, 1)
+    score, index = best_match_triton(a, b)
+    ref_score, ref_index = best_match_reference(a, b)
+    torch.testing.assert_close(score, ref_score, atol=SCORE_ATOL, rtol=0)
+    # B row j is token 2j+1, A row i is token 2i+2: A rows ≥ 14 are copies of the repeated
+    # token, and B row 15 (token 31) is its first copy in B.
+    assert (index[:, 14:] == 15).all()
+    # Every row whose best match is the repeated token (copies included) is an exact tie.
+    exact_tie = ref_index == 15
+    assert torch.equal(index[exact_tie], ref_index[exact_tie])
+    assert_best_match(a, b)
+
+
+def test_best_match_dispatch_and_validation() -> None:
+    torch.manual_seed(2)
+    a, b = split_ab(torch.randn(1, 21, 16, device=DEVICE), 1)
+    for got, want in zip(best_match(a, b, backend="triton"), best_match_triton(a, b)):
+        assert torch.equal(got, want)
+    for got, want in zip(best_match(a, b, backend="torch"), best_match_reference(a, b)):
+        assert torch.equal(got, want)
+    # auto: Triton only for CUDA tensors
+    auto = best_match_triton(a, b) if a.is_cuda else best_match_reference(a, b)
+    for got, want in zip(best_match(a, b), auto):
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        best_match(a, b, backend="cuda")
+    # float64 is outside the kernel's dtypes: best_match falls back to the reference.
+    a64, b64 = a.double(), b.double()
+    for got, want in zip(best_match(a64, b64, backend="triton"), best_match_reference(a64, b64)):
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError):
+        best_match_triton(a, b[:, :0])
+    empty_score, empty_index = best_match_triton(a[:, :0], b)
+    assert empty_score.shape == empty_index.shape == (1, 0)
+
+
+# ---------------------------------------------------------------------------------- merge_wavg
+
+
+def tome_inputs(
+    batch: int, tokens: int, channels: int, p: int, dtype: torch.dtype, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Tokens, sizes as left by earlier merges (1..5), and ToMe's dest at the maximum r."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, tokens, channels, generator=gen).to(DEVICE, dtype)
+    size = torch.randint(1, 6, (batch, tokens, 1), generator=gen).float().to(DEVICE)
+    r = max_bipartite_r(tokens, p)
+    dest = bipartite_soft_matching(x.float(), r, p)
+    return x, size, dest, tokens - r
+
+
+def assert_merge(x: torch.Tensor, size: torch.Tensor, dest: torch.Tensor, num_out: int) -> None:
+    """Forward vs reference, then the gradient w.r.t. x vs autograd through the reference."""
+    tol = MERGE_TOL[x.dtype]
+    x_kernel = x.detach().clone().requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    merged, new_size = merge_wavg_triton(x_kernel, size, dest, num_out)
+    ref_merged, ref_size = merge_wavg_reference(x_ref, size, dest, num_out)
+    assert merged.dtype == x.dtype and new_size.dtype == torch.float32
+    assert merged.shape == ref_merged.shape and new_size.shape == ref_size.shape
+    torch.testing.assert_close(merged, ref_merged, equal_nan=True, **tol)
+    torch.testing.assert_close(new_size, ref_size, atol=0, rtol=0)  # sums of small integers: exact
+
+    grad = torch.randn(merged.shape, generator=torch.Generator().manual_seed(7)).to(x.device, x.dtype)
+    (grad_x,) = torch.autograd.grad(merged, x_kernel, grad)
+    (ref_grad_x,) = torch.autograd.grad(ref_merged, x_ref, grad)
+    assert grad_x.dtype == x.dtype
+    torch.testing.assert_close(grad_x, ref_grad_x, **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "batch,tokens,channels,p",
+    [
+        (1, 3, 8, 1),  # T=3, r=1: one pair merges; C below the 16-wide block
+        (3, 16, 48, 1),  # even T, C not a power of two
+        (3, 17, 72, 0),  # odd T, no prefix
+        (2, 9, 1100, 1),  # C > 1024: two channel blocks, the second ragged
+    ],
+)
+def test_merge_matches_reference(batch: int, tokens: int, channels: int, p: int, dtype: torch.dtype) -> None:
+    assert_merge(*tome_inputs(batch, tokens, channels, p, dtype, seed=tokens * channels))
+
+
+def test_merge_video_tokens() -> None:
+    # T = 1569 at r = 784 (the cap): 785 outputs, most of them pairs.
+    assert_merge(*tome_inputs(1, 1569, 64, 1, torch.bfloat16, seed=0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_merge_arbitrary_groups_strided(dtype: torch.dtype) -> None:
+    # Not a bipartite matching: uneven groups (one output takes 20 tokens), members scattered,
+    # and x / size are non-contiguous views.
+    gen = torch.Generator().manual_seed(3)
+    batch, tokens, channels, num_out = 2, 40, 24, 7
+    base = torch.randn(batch, tokens, 2 * channels, generator=gen).to(DEVICE, dtype)
+    x = base[..., ::2]
+    size = torch.randint(1, 4, (batch, tokens, 2), generator=gen).float().to(DEVICE)[..., 1:]
+    assert not x.is_contiguous() and not size.is_contiguous()
+    # Every output at least once, output 0 twenty more times, the rest at random.
+    extra = torch.randint(0, num_out, (13,), generator=gen)
+    dest = torch.cat([torch.arange(num_out), torch.zeros(20, dtype=torch.long), extra])
+    dest = torch.stack([dest[torch.randperm(tokens, generator=gen)] for _ in range(batch)]).to(DEVICE)
+    assert_merge(x, size, dest, num_out)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's 0/0
+def test_merge_output_without_members_is_nan_like_reference() -> None:
+    x, size, dest, num_out = tome_inputs(2, 11, 16, 1, torch.float32, seed=4)
+    merged, new_size = merge_wavg_triton(x, size, dest, num_out + 2)
+    ref_merged, ref_size = merge_wavg_reference(x, size, dest, num_out + 2)
+    assert merged[:, num_out:].isnan().all() and (new_size[:, num_out:] == 0).all()
+    torch.testing.assert_close(merged, ref_merged, equal_nan=True)
+    torch.testing.assert_close(new_size, ref_size)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_merge_is_deterministic(dtype: torch.dtype) -> None:
+    x, size, dest, num_out = tome_inputs(2, 41, 96, 1, dtype, seed=5)
+    x.requires_grad_(True)
+    grad = torch.randn(2, num_out, 96, generator=torch.Generator().manual_seed(6)).to(DEVICE, dtype)
+    runs = []
+    for _ in range(2):
+        merged, new_size = merge_wavg_triton(x, size, dest, num_out)
+        (grad_x,) = torch.autograd.grad(merged, x, grad)
+        runs.append((merged, new_size, grad_x))
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+def test_merge_sizes_get_no_gradient() -> None:
+    x, size, dest, num_out = tome_inputs(1, 9, 16, 1, torch.float32, seed=8)
+    x.requires_grad_(True)
+    size.requires_grad_(True)
+    merged, new_size = merge_wavg_triton(x, size, dest, num_out)
+    assert merged.requires_grad and not new_size.requires_grad
+    grad_x, grad_size = torch.autograd.grad(merged.sum(), (x, size), allow_unused=True)
+    assert grad_x is not None and grad_size is None
+
+
+def test_merge_dispatch_and_validation() -> None:
+    x, size, dest, num_out = tome_inputs(1, 13, 16, 1, torch.float32, seed=9)
+    for got, want in zip(merge_wavg(x, size, dest, num_out, "triton"), merge_wavg_triton(x, size, dest, num_out)):
+        assert torch.equal(got, want)
+    for got, want in zip(merge_wavg(x, size, dest, num_out, "torch"), merge_wavg_reference(x, size, dest, num_out)):
+        assert torch.equal(got, want)
+    # float64 is outside the kernel's dtypes: merge_wavg falls back to the reference.
+    x64 = x.double()
+    fallback = merge_wavg(x64, size, dest, num_out, "triton")
+    for got, want in zip(fallback, merge_wavg_reference(x64, size, dest, num_out)):
+        assert torch.equal(got, want)
+    with pytest.raises(TypeError):
+        merge_wavg_triton(x, size.half(), dest, num_out)
+    with pytest.raises(ValueError):
+        merge_wavg_triton(x, size, dest[:, :-1], num_out)
+
+
+# ------------------------------------------------------------------------------ whole model
+
+
+@pytest.mark.parametrize("family", ["registers", "deit_distilled"])
+def test_patched_model_same_on_both_backends(family: str) -> None:
+    from tests.test_patch import image, make
+
+    import tokenprune
+
+    model = make(family, depth=4).to(DEVICE)
+    x = image().to(DEVICE)
+    with torch.no_grad():
+        tokenprune.patch(model, r=16, backend="torch", trace_source=True)
+        expected, expected_source = model(x), tokenprune.source(model)
+        tokenprune.patch(model, backend="triton")
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+        assert torch.equal(tokenprune.source(model), expected_source)
