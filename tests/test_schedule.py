@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tokenprune.schedule import resolve_r
+from tokenprune.schedule import format_schedule, parse_schedule, resolve_r
 
 
 def test_constant() -> None:
@@ -40,3 +40,12 @@ def test_per_block_list_is_padded() -> None:
 def test_bad_schedules(r, error, match) -> None:
     with pytest.raises(error, match=match):
         resolve_r(r, 3)
+
+
+def test_command_line_schedules_round_trip() -> None:
+    for text, value in [("16", 16), ("16,-1", (16, -1)), ("16, 0.5", (16, 0.5)), ("8,8,4", [8, 8, 4])]:
+        assert parse_schedule(text) == value
+        assert parse_schedule(format_schedule(value).strip("()[]")) == value
+    for bad in ("", "a", "1.5", "16,x"):
+        with pytest.raises(ValueError, match="r must be"):
+            parse_schedule(bad)

@@ -47,3 +47,27 @@ def resolve_r(r: RSchedule, depth: int) -> tuple[int, ...]:
             )
         return tuple(counts) + (0,) * (depth - len(counts))
     return (_check_count(r, "r"),) * depth
+
+
+def parse_schedule(text: str) -> RSchedule:
+    """Parse a command-line schedule: ``"16"`` → 16, ``"16,-1"`` → (16, -1), ``"8,8,4,4"`` →
+    [8, 8, 4, 4] (three or more entries: per block)."""
+    parts = [part.strip() for part in text.split(",")]
+    try:
+        if len(parts) == 1:
+            return int(parts[0])
+        if len(parts) == 2:
+            inflection = float(parts[1])
+            return (int(parts[0]), int(inflection) if inflection.is_integer() else inflection)
+        return [int(part) for part in parts]
+    except ValueError:
+        raise ValueError(f"r must be an int (16), r,inflection (16,-1) or a per-block list (8,8,4), got {text!r}") from None
+
+
+def format_schedule(r: RSchedule) -> str:
+    """The inverse of :func:`parse_schedule`, for labels: 16, (16,-1), [8,8,4]."""
+    if isinstance(r, tuple):
+        return "(" + ",".join(f"{v:g}" for v in r) + ")"
+    if isinstance(r, list):
+        return "[" + ",".join(str(v) for v in r) + "]"
+    return str(r)

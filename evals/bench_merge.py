@@ -1,0 +1,139 @@
+"""The merge step alone: ToMe's matching + size-weighted merge, PyTorch vs Triton.
+
+For a whole-model setting (ViT-B/16 at 224², the ToMe benchmark) the step is timed at every
+block's real token count and r (from ``tokenprune.plan``), summed over the blocks, and set
+against the patched model's own forward time measured in the same run: the share of the
+model's time that token merging costs. A video-sized step (1,568 tokens) is timed alone.
+
+    python -m evals.bench_merge [--batch-size 256] [--dtype bfloat16] [--r 16]
+
+Triton runs only on a GPU; on CPU the table has the PyTorch rows alone. Timing as in
+``evals.bench``: warm-up, device synchronisation, median of runs, inputs made beforehand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+
+import tokenprune
+from evals.bench import DTYPES, RESULTS_DIR, autocast, environment, measure_interleaved, write_atomic
+from kernels import HAS_TRITON
+from tokenprune.merge import TokenState, bipartite_soft_matching, merge_state
+from tokenprune.schedule import format_schedule, parse_schedule
+
+
+def merge_step(x: torch.Tensor, metric: torch.Tensor, r: int, protected: int, backend: str) -> Callable[[Any], Any]:
+    """One block's ToMe step on fixed inputs, as a callable for the timer."""
+    state = TokenState(x, torch.ones(*x.shape[:2], 1, device=x.device))
+
+    def step(_: Any) -> TokenState:
+        dest = bipartite_soft_matching(metric, r, protected, backend)
+        return merge_state(state, dest, x.shape[1] - r, backend)
+
+    return step
+
+
+def step_inputs(batch: int, tokens: int, channels: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(batch, tokens, channels, generator=generator).to(device, dtype)
+    metric = torch.randn(batch, tokens, head_dim, generator=generator).to(device, dtype)
+    return x, metric
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m evals.bench_merge", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="vit_base_patch16_224")
+    parser.add_argument("--r", type=parse_schedule, default=16)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--video-batch-size", type=int)
+    parser.add_argument("--dtype", choices=sorted(DTYPES))
+    parser.add_argument("--device")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_gpu = device.type == "cuda"
+    batch = args.batch_size or (256 if on_gpu else 16)
+    video_batch = args.video_batch_size or (32 if on_gpu else 2)
+    dtype = DTYPES[args.dtype or ("bfloat16" if on_gpu else "float32")]
+    backends = ["torch", "triton"] if on_gpu and HAS_TRITON else ["torch"]
+
+    torch.manual_seed(0)
+    model = timm.create_model(args.model, pretrained=False).eval().to(device)
+    img_size = tuple(model.patch_embed.img_size)
+    channels, head_dim = model.embed_dim, model.blocks[0].attn.head_dim
+    protected = model.num_prefix_tokens
+    images = torch.randn(batch, 3, *img_size, generator=torch.Generator().manual_seed(0)).to(device)
+
+    rows: list[dict[str, Any]] = []
+    for backend in backends:
+        patched = tokenprune.patch(copy.deepcopy(model), r=args.r, backend=backend)
+        reduction = tokenprune.plan(patched, img_size)
+        steps = []
+        for tokens, removed in zip(reduction.tokens, reduction.removed):
+            if removed:
+                x, metric = step_inputs(batch, tokens, channels, head_dim, dtype, device)
+                steps.append(merge_step(x, metric, removed, protected, backend))
+        # The model and all its steps are timed round-robin in one loop: same conditions.
+        timings = measure_interleaved([patched, *steps], images, warmup=args.warmup, runs=args.runs, dtype=dtype)
+        model_s = timings[0]["median_s"]
+        merge_s = sum(t["median_s"] for t in timings[1:])
+        rows.append(
+            {
+                "setting": f"{args.model} r={format_schedule(args.r)}, batch {batch}",
+                "backend": backend,
+                "merge_ms_per_forward": merge_s * 1e3,
+                "model_ms_per_forward": model_s * 1e3,
+                "merge_share_pct": 100 * merge_s / model_s,
+                "blocks_merging": len(steps),
+            }
+        )
+        # Video-sized step: 8 tubelet frames × 14 × 14 = 1568 tokens, no class token.
+        video_r = 65
+        x, metric = step_inputs(video_batch, 1568, channels, head_dim, dtype, device)
+        (video,) = measure_interleaved(
+            [merge_step(x, metric, video_r, 0, backend)], x, warmup=args.warmup, runs=args.runs
+        )
+        rows.append(
+            {
+                "setting": f"one video step: 1568 tokens, r={video_r}, batch {video_batch}",
+                "backend": backend,
+                "merge_ms_per_forward": video["median_s"] * 1e3,
+                "model_ms_per_forward": None,
+                "merge_share_pct": None,
+                "blocks_merging": 1,
+            }
+        )
+
+    env = environment(device)
+    header = f"match + merge step, {dtype}, {env['device_name']}; median of {args.runs} runs after {args.warmup} warm-up"
+    lines = ["| setting | backend | merge ms | model ms | merge share |", "| :--- | :--- | ---: | ---: | ---: |"]
+    for row in rows:
+        model_ms = "-" if row["model_ms_per_forward"] is None else f"{row['model_ms_per_forward']:.2f}"
+        share = "-" if row["merge_share_pct"] is None else f"{row['merge_share_pct']:.1f} %"
+        lines.append(f"| {row['setting']} | {row['backend']} | {row['merge_ms_per_forward']:.3f} | {model_ms} | {share} |")
+    table = "\n".join(lines)
+    out = args.out or RESULTS_DIR / f"bench_merge_{device.type}.json"
+    config = {"model": args.model, "r": args.r, "batch_size": batch, "video_batch_size": video_batch,
+              "dtype": args.dtype or str(dtype).removeprefix("torch."), "warmup": args.warmup, "runs": args.runs}
+    document = {"config": config, "environment": env, "rows": rows}
+    write_atomic(out, json.dumps(document, indent=2, default=str) + "\n")
+    write_atomic(out.with_suffix(".md"), f"{header}\n\n{table}\n")
+    print(header)
+    print(table)
+    print(f"wrote {out}")
+    return document
+
+
+if __name__ == "__main__":
+    main()
