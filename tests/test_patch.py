@@ -196,6 +196,8 @@ def test_dynamic_image_size() -> None:
     fixed = tokenprune.patch(make("vit_cls"), r=8)
     with pytest.raises(ValueError, match="dynamic_img_size=True"):
         tokenprune.plan(fixed, 256)
+    with pytest.raises(ValueError, match="takes 224x224 images, got 256x256"):
+        fixed(image(1, 256))
 
 
 @pytest.mark.parametrize("family", ["vit_cls", "registers", "vit_map", "deit_distilled"])

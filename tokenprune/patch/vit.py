@@ -151,6 +151,12 @@ class ReducingViT:
                 "attn_mask/is_causal refer to the input token positions and cannot follow merged tokens; "
                 "call tokenprune.unpatch(model) for masked attention"
             )
+        expected = self.patch_embed.img_size
+        if not self.dynamic_img_size and self.patch_embed.strict_img_size and tuple(x.shape[-2:]) != tuple(expected):
+            raise ValueError(
+                f"the model takes {expected[0]}x{expected[1]} images, got {x.shape[-2]}x{x.shape[-1]}; "
+                "create it with dynamic_img_size=True to vary the input size (tokenprune keeps no state between calls)"
+            )
         x = self.patch_embed(x)
         x = self._pos_embed(x)
         x = self.patch_drop(x)
