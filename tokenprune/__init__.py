@@ -7,11 +7,12 @@
 from .api import ReductionPlan, patch, plan, source, unpatch
 from .flops import FlopReport, flops
 from .merge import TokenState
-from .methods import METHODS, ToMeConfig
+from .methods import METHODS, LocalGlobalConfig, ToMeConfig
 
 __all__ = [
     "METHODS",
     "FlopReport",
+    "LocalGlobalConfig",
     "ReductionPlan",
     "ToMeConfig",
     "TokenState",

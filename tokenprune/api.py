@@ -85,8 +85,8 @@ class ReductionPlan:
         return self.tokens[block] - self.removed[block]
 
 
-def input_tokens(model: nn.Module, input_size: int | tuple[int, ...]) -> int:
-    """Tokens entering the first block for an image of ``input_size`` ((H, W), (C, H, W) or an int)."""
+def patch_grid(model: nn.Module, input_size: int | tuple[int, ...]) -> tuple[int, int]:
+    """(rows, cols) of patches for an image of ``input_size`` ((H, W), (C, H, W) or an int)."""
     if isinstance(input_size, int):
         height = width = input_size
     else:
@@ -101,16 +101,28 @@ def input_tokens(model: nn.Module, input_size: int | tuple[int, ...]) -> int:
                 "create it with dynamic_img_size=True for other sizes"
             )
         grid = model.patch_embed.grid_size
-    return model.num_prefix_tokens + grid[0] * grid[1]
+    return (int(grid[0]), int(grid[1]))
+
+
+def input_tokens(model: nn.Module, input_size: int | tuple[int, ...]) -> int:
+    """Tokens entering the first block for an image of ``input_size``."""
+    rows, cols = patch_grid(model, input_size)
+    return model.num_prefix_tokens + rows * cols
 
 
 def plan(model: nn.Module, input_size: int | tuple[int, ...]) -> ReductionPlan:
     """The per-block token counts the model will use for ``input_size`` (effective schedule)."""
+    grid = patch_grid(model, input_size)
     count = input_tokens(model, input_size)
     tokens, removed = [], []
-    for block in model.blocks:
+    for i, block in enumerate(model.blocks):
         reducer = getattr(block, "reducer", None)
-        gone = reducer.num_removed(count) if reducer is not None else 0
+        gone = reducer.num_removed(count, grid) if reducer is not None else 0
+        if gone is None:
+            raise ValueError(
+                f"block {i} reduces by a data-dependent count (adaptive/threshold option), so the plan depends "
+                "on the images; use the fixed-count options for a static plan and FLOPs"
+            )
         tokens.append(count)
         removed.append(gone)
         count -= gone

@@ -36,7 +36,7 @@ def _linear(tokens: int, layer: nn.Module) -> int:
     return 2 * tokens * layer.in_features * layer.out_features
 
 
-def _block_flops(block: nn.Module, tokens: int, removed: int, num_protected: int) -> int:
+def _block_flops(block: nn.Module, tokens: int, removed: int) -> int:
     attn = block.attn
     flops = _linear(tokens, attn.qkv) + _linear(tokens, attn.proj)
     flops += 4 * tokens * tokens * attn.attn_dim  # q·kᵀ and attn·v
@@ -44,9 +44,9 @@ def _block_flops(block: nn.Module, tokens: int, removed: int, num_protected: int
         flops += _linear(tokens, attn.gate)
     kept = tokens - removed  # the MLP runs after the merge
     flops += _linear(kept, block.mlp.fc1) + _linear(kept, block.mlp.fc2)
-    if removed:  # bipartite matching scores every A token against every B token
-        mergeable = tokens - num_protected
-        flops += 2 * (mergeable // 2) * (mergeable - mergeable // 2) * attn.head_dim
+    reducer = getattr(block, "reducer", None)
+    if reducer is not None:
+        flops += reducer.matching_flops(tokens, attn.head_dim)
     return flops
 
 
@@ -71,7 +71,7 @@ def flops(model: nn.Module, input_size: int | tuple[int, ...], batch_size: int =
     reduction = plan(model, input_size)
     protected = model.num_prefix_tokens
     per_block = tuple(
-        batch_size * _block_flops(block, tokens, removed, protected)
+        batch_size * _block_flops(block, tokens, removed)
         for block, tokens, removed in zip(model.blocks, reduction.tokens, reduction.removed)
     )
     embed = model.patch_embed.proj

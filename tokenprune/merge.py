@@ -26,11 +26,16 @@ class TokenState(NamedTuple):
         first merge (all ones), so an unreduced model runs the exact ops of the unpatched one.
     source_index: [B, T_in] int64, for every input token the index of the current token that
         holds it; ``None`` unless source tracing is on.
+    pos: [B, T, 2] float32 (row, col) centroid of the patches each token covers, in patch units
+        (prefix tokens: 0); ``None`` unless a method uses positions.
+    grid: (rows, cols) of the input patch grid, a static shape.
     """
 
     x: Tensor
     size: Tensor | None = None
     source_index: Tensor | None = None
+    pos: Tensor | None = None
+    grid: tuple[int, int] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -43,22 +48,41 @@ class TokenState(NamedTuple):
         return self.x.new_ones(self.x.shape[0], self.x.shape[1], 1, dtype=torch.float32)
 
 
-def start_state(x: Tensor, trace_source: bool) -> TokenState:
+def grid_positions(grid: tuple[int, int], num_prefix: int, device: torch.device) -> Tensor:
+    """[P + rows·cols, 2] (row, col) of every input token in raster order; prefix tokens at 0."""
+    rows, cols = grid
+    r = torch.arange(rows, device=device, dtype=torch.float32).repeat_interleave(cols)
+    c = torch.arange(cols, device=device, dtype=torch.float32).repeat(rows)
+    return torch.cat([torch.zeros(num_prefix, 2, device=device), torch.stack([r, c], dim=-1)])
+
+
+def start_state(
+    x: Tensor, trace_source: bool, grid: tuple[int, int] | None = None, track_positions: bool = False
+) -> TokenState:
     """The state entering the first block: every token has size 1 and is its own source."""
-    source_index = None
-    if trace_source:
-        source_index = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
-    return TokenState(x, None, source_index)
+    batch, num_tokens, _ = x.shape
+    source_index = torch.arange(num_tokens, device=x.device).expand(batch, -1) if trace_source else None
+    pos = None
+    if track_positions:
+        if grid is None:
+            raise ValueError("positions need the patch grid")
+        pos = grid_positions(grid, num_tokens - grid[0] * grid[1], x.device).expand(batch, -1, -1)
+    return TokenState(x, None, source_index, pos, grid)
 
 
 def merge_state(state: TokenState, dest: Tensor, num_out: int, backend: str = "auto") -> TokenState:
     """Apply one matching (``dest``) to every field of the state: tokens become size-weighted
-    averages (ToMe: x ← Σ s·x / Σ s, :func:`kernels.merge_wavg`), sizes add up, sources follow."""
-    x, size = merge_wavg(state.x, state.sizes(), dest, num_out, backend)
+    averages (ToMe: x ← Σ s·x / Σ s, :func:`kernels.merge_wavg`), sizes add up, sources follow,
+    positions become size-weighted centroids."""
+    sizes = state.sizes()
+    x, size = merge_wavg(state.x, sizes, dest, num_out, backend)
     source_index = state.source_index
     if source_index is not None:
         source_index = dest.gather(1, source_index)
-    return TokenState(x, size, source_index)
+    pos = state.pos
+    if pos is not None:
+        pos, _ = merge_wavg(pos, sizes, dest, num_out, backend)
+    return TokenState(x, size, source_index, pos, state.grid)
 
 
 def unmerge(x: Tensor, source_index: Tensor) -> Tensor:
@@ -78,6 +102,12 @@ def max_bipartite_r(num_tokens: int, num_protected: int) -> int:
     return max(num_tokens - num_protected, 0) // 2
 
 
+def bipartite_matching_flops(num_tokens: int, num_protected: int, dim: int) -> int:
+    """FLOPs of scoring every A token against every B token (the a @ bᵀ of the matching)."""
+    mergeable = num_tokens - num_protected
+    return 2 * (mergeable // 2) * (mergeable - mergeable // 2) * dim
+
+
 def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int, backend: str = "auto") -> Tensor:
     """ToMe's bipartite soft matching (Bolya et al. 2023, Sec. 3.2), returned as ``dest``.
 
@@ -95,37 +125,71 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int, backend:
     Args:
         metric: [B, T, D] matching features. r: tokens to remove, ≤ max_bipartite_r(T, P).
         num_protected: P, the count of leading tokens that must survive unchanged.
-        backend: where step 2-3 runs, see :func:`kernels.best_match`.
+        backend: where steps 2-3 run, see :func:`kernels.best_match`.
     Returns:
         dest: [B, T] int64, the index of each token in the merged sequence of T - r tokens.
     """
-    batch, num_tokens, _ = metric.shape
+    best_score, best_b = bipartite_best_match(metric, num_protected, backend=backend)
+    return bipartite_dest(best_score, best_b, r, metric.shape[1], num_protected)
+
+
+def bipartite_split(num_tokens: int, num_protected: int) -> tuple[slice, slice]:
+    """Positions of sets A and B among the tokens after the prefix. A/B parity follows the
+    absolute position, as in ToMe, so the prefix does not shift it."""
+    a_start = num_protected % 2
+    return slice(a_start, None, 2), slice(1 - a_start, None, 2)
+
+
+def bipartite_best_match(
+    metric: Tensor,
+    num_protected: int,
+    pos: Tensor | None = None,
+    pos_weight: float = 0.0,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Steps 1-3 of :func:`bipartite_soft_matching`: each A token's best B partner and score.
+
+    With ``pos`` ([B, T, 2] centroids, scaled so the grid diagonal is 1) and ``pos_weight`` λ,
+    a pair's score is cos(a, b) − λ·‖pos_a − pos_b‖: far-apart tokens need to be more similar
+    to merge (λ = 0 is ToMe). Returns ([B, Na] float32 scores, [B, Na] int64 B indices).
+    """
     p = num_protected
-    if not 0 <= r <= max_bipartite_r(num_tokens, p):
-        raise ValueError(f"r={r} is outside [0, {max_bipartite_r(num_tokens, p)}] for {num_tokens} tokens")
-    device = metric.device
-    # A/B parity follows the absolute position, as in ToMe, so prefix tokens do not shift it.
-    a_start, b_start = p % 2, 1 - p % 2
+    a_part, b_part = bipartite_split(metric.shape[1], p)
     # Similarities in float32 whatever the model's dtype: bf16 would round distinct
     # similarities into ties and change which tokens merge.
     body = metric[:, p:].float()
     body = body / body.norm(dim=-1, keepdim=True)
-    a, b = body[:, a_start::2], body[:, b_start::2]
-    num_a, num_b = a.shape[1], b.shape[1]
+    a, b = body[:, a_part], body[:, b_part]
+    if pos is None or pos_weight == 0.0:
+        return best_match(a, b, backend)
+    body_pos = pos[:, p:]
+    # Exact elementwise distances: torch.cdist would take a matmul shortcut that loses precision.
+    distance = (body_pos[:, a_part, None] - body_pos[:, None, b_part]).norm(dim=-1)
+    return (a @ b.transpose(-1, -2) - pos_weight * distance).max(dim=-1)
 
-    best_score, best_b = best_match(a, b, backend)
+
+def bipartite_dest(best_score: Tensor, best_b: Tensor, r: int, num_tokens: int, num_protected: int) -> Tensor:
+    """Step 4 of :func:`bipartite_soft_matching`: merge the r best-scoring A tokens into their
+    B partners; returns ``dest`` ([B, num_tokens] int64)."""
+    p, device = num_protected, best_score.device
+    if not 0 <= r <= max_bipartite_r(num_tokens, p):
+        raise ValueError(f"r={r} is outside [0, {max_bipartite_r(num_tokens, p)}] for {num_tokens} tokens")
+    batch, num_a = best_score.shape
+    a_part, b_part = bipartite_split(num_tokens, p)
+    num_b = num_tokens - p - num_a
+
     order = best_score.argsort(dim=-1, descending=True, stable=True)
     is_src = torch.zeros(batch, num_a, dtype=torch.bool, device=device)
     is_src.scatter_(1, order[:, :r], True)
 
-    num_unmerged = num_a - r
-    b_base = p + num_unmerged
+    b_base = p + num_a - r
     unmerged_rank = (~is_src).cumsum(dim=1) - 1
     dest_a = torch.where(is_src, b_base + best_b, p + unmerged_rank)
     dest_b = (b_base + torch.arange(num_b, device=device)).expand(batch, -1)
 
     dest = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
     dest[:, :p] = torch.arange(p, device=device)
-    dest[:, p + a_start :: 2] = dest_a
-    dest[:, p + b_start :: 2] = dest_b
+    body = dest[:, p:]
+    body[:, a_part] = dest_a
+    body[:, b_part] = dest_b
     return dest

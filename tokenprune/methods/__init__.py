@@ -7,6 +7,7 @@ from typing import Protocol
 from torch import nn
 
 from ..patch.vit import TokenReducer
+from .local_global import LocalGlobalConfig, PositionalBipartiteMerge, WindowMerge
 from .tome import BipartiteMerge, ToMeConfig
 
 
@@ -15,6 +16,7 @@ class MethodConfig(Protocol):
 
     prop_attn: bool
     trace_source: bool
+    track_positions: bool  # whether reducers need token centroids (TokenState.pos)
 
     def reducers(self, model: nn.Module) -> list[TokenReducer | None]:
         """One reducer per block (``None`` where the block keeps all its tokens)."""
@@ -23,6 +25,15 @@ class MethodConfig(Protocol):
 
 METHODS: dict[str, type] = {
     "tome": ToMeConfig,
+    "local_global": LocalGlobalConfig,
 }
 
-__all__ = ["METHODS", "MethodConfig", "ToMeConfig", "BipartiteMerge"]
+__all__ = [
+    "METHODS",
+    "BipartiteMerge",
+    "LocalGlobalConfig",
+    "MethodConfig",
+    "PositionalBipartiteMerge",
+    "ToMeConfig",
+    "WindowMerge",
+]

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from kernels import BACKENDS
 
-from ..merge import TokenState, bipartite_soft_matching, max_bipartite_r, merge_state
+from ..merge import TokenState, bipartite_matching_flops, bipartite_soft_matching, max_bipartite_r, merge_state
 from ..schedule import RSchedule, resolve_r
 
 
@@ -24,8 +24,11 @@ class BipartiteMerge:
     num_protected: int
     backend: str = "auto"
 
-    def num_removed(self, num_tokens: int) -> int:
+    def num_removed(self, num_tokens: int, grid: tuple[int, int] | None = None) -> int:
         return min(self.r, max_bipartite_r(num_tokens, self.num_protected))
+
+    def matching_flops(self, num_tokens: int, dim: int) -> int:
+        return bipartite_matching_flops(num_tokens, self.num_protected, dim) if self.num_removed(num_tokens) else 0
 
     def __call__(self, state: TokenState, metric: Tensor) -> TokenState:
         r = self.num_removed(state.num_tokens)
@@ -64,6 +67,8 @@ class ToMeConfig:
         for name in ("prop_attn", "trace_source"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    track_positions = False  # ToMe matches on features alone
 
     def reducers(self, model: nn.Module) -> list[BipartiteMerge | None]:
         counts = resolve_r(self.r, len(model.blocks))

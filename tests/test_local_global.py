@@ -1,0 +1,223 @@
+"""Two-stage locality-aware merging: window stage, positional global stage, unmerge."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import tokenprune
+from tokenprune.merge import merge_state, start_state, unmerge
+from tokenprune.methods.local_global import PositionalBipartiteMerge, WindowMerge, window_dest, window_scores
+from tests.test_patch import image, make
+
+
+def tiled(grid: tuple[int, int], window: int, values: torch.Tensor) -> torch.Tensor:
+    """[1, rows·cols, D] tokens where every window×window window holds copies of one row of
+    ``values`` (one per window, raster order of windows) — constant regions."""
+    rows, cols = grid
+    r = torch.arange(rows).repeat_interleave(cols) // window
+    c = torch.arange(cols).repeat(rows) // window
+    return values[(r * (cols // window) + c).clamp(max=len(values) - 1)][None]
+
+
+def test_window_scores_are_mean_pairwise_cosine() -> None:
+    torch.manual_seed(0)
+    metric = torch.randn(2, 6 * 4, 5)
+    scores = window_scores(metric, (6, 4), 2)
+    unit = metric / metric.norm(dim=-1, keepdim=True)
+    grid = unit.reshape(2, 6, 4, 5)
+    for n in range(2):
+        for w in range(6):
+            wr, wc = divmod(w, 2)
+            members = grid[n, 2 * wr : 2 * wr + 2, 2 * wc : 2 * wc + 2].reshape(4, 5)
+            gram = members @ members.T
+            expected = (gram.sum() - gram.diagonal().sum()) / 12
+            torch.testing.assert_close(scores[n, w], expected)
+
+
+def test_identical_windows_merge_and_distinct_ones_do_not() -> None:
+    torch.manual_seed(1)
+    grid = (4, 6)
+    x = torch.randn(1, 24, 8)
+    # windows 1 and 4 (of 2×3) are constant; every other token is random
+    constant = tiled(grid, 2, torch.randn(6, 8))
+    window_of = (torch.arange(4).repeat_interleave(6) // 2) * 3 + torch.arange(6).repeat(4) // 2
+    x[0, (window_of == 1) | (window_of == 4)] = constant[0, (window_of == 1) | (window_of == 4)]
+    merge = WindowMerge(window=2, ratio=None, threshold=0.999, num_protected=0)
+    state = merge(start_state(x, trace_source=True, grid=grid), x)
+    assert state.num_tokens == 24 - 2 * 3
+    merged_windows = state.source_index[0].reshape(4, 6)
+    assert (merged_windows[0:2, 2:4] == merged_windows[0, 2]).all()  # window 1 → one token
+    assert (merged_windows[2:4, 2:4] == merged_windows[2, 2]).all()  # window 4 → one token
+    assert state.size.flatten().tolist().count(4.0) == 2
+    assert torch.equal(unmerge(state.x, state.source_index), x)  # constant regions exact
+
+
+def test_window_dest_keeps_order_and_prefix() -> None:
+    merged = torch.tensor([[False, True, False, False]])  # 2×2 windows on a 4×4 grid
+    dest, num_out = window_dest(merged, 1, (4, 4), 2, num_protected=2)
+    assert num_out == 2 + 16 - 3
+    assert dest[0, :2].tolist() == [0, 1]
+    body = dest[0, 2:].reshape(4, 4)
+    assert (body[0:2, 2:4] == body[0, 2]).all()
+    assert body.flatten().unique().numel() == 13 and torch.equal(body.flatten().unique(), torch.arange(2, 15))
+    assert (body.flatten()[:2] < body[0, 2]).all() and body[0, 2] < body[1, 0]  # raster order kept
+
+
+@pytest.mark.parametrize("grid", [(5, 7), (6, 4), (3, 3)])
+def test_non_square_grids_sizes_and_centroids(grid: tuple[int, int]) -> None:
+    torch.manual_seed(2)
+    rows, cols = grid
+    x = torch.randn(3, 1 + rows * cols, 16)
+    state = start_state(x, trace_source=True, grid=grid, track_positions=True)
+    state = WindowMerge(2, 0.5, None, 1)(state, x)
+    state = PositionalBipartiteMerge(4, 0.5, False, 1)(state, state.x)
+    assert torch.equal(state.size.sum(dim=1), torch.full((3, 1), float(1 + rows * cols)))
+    # centroid of each token = mean (row, col) of the patches it covers
+    r = torch.arange(rows).repeat_interleave(cols).float()
+    c = torch.arange(cols).repeat(rows).float()
+    coords = torch.cat([torch.zeros(1, 2), torch.stack([r, c], -1)])
+    for n in range(3):
+        for t in range(state.num_tokens):
+            members = (state.source_index[n] == t).nonzero().flatten()
+            torch.testing.assert_close(state.pos[n, t], coords[members].mean(0))
+    assert (state.source_index[:, 0] == 0).all()  # class token alone and first
+    assert (state.size[:, 0] == 1).all()
+
+
+def test_threshold_counts_are_equal_across_the_batch() -> None:
+    torch.manual_seed(3)
+    grid = (4, 4)
+    x = torch.randn(2, 16, 8)
+    x[0] = tiled(grid, 2, torch.randn(4, 8))[0]  # image 0: 4 constant windows; image 1: none
+    x[1, :2] = x[1, 4:6] = x[1, 0]  # image 1: window 0 constant
+    state = WindowMerge(2, None, 0.999, 0)(start_state(x, False, grid), x)
+    assert state.num_tokens == 16 - 3  # the smaller count (1) for both images
+
+
+@pytest.mark.parametrize("family", ["vit_cls", "registers", "vit_avg_no_cls"])
+def test_identity_settings_are_exact(family: str) -> None:
+    model = make(family)
+    with torch.no_grad():
+        expected = model(image())
+        tokenprune.patch(model, "local_global", local_ratio=0.0, r=0)
+        assert torch.equal(model(image()), expected)
+        tokenprune.patch(model, "local_global", local_threshold=1.0, r=0)
+        assert torch.equal(model(image()), expected)
+
+
+@pytest.mark.parametrize("family", ["vit_cls", "registers", "vit_map", "deit_distilled"])
+@pytest.mark.parametrize("pos_weight", [0.0, 1.0])
+def test_two_stage_model_bookkeeping(family: str, pos_weight: float) -> None:
+    model = make(family)
+    tokenprune.patch(
+        model, "local_global", local_block=1, local_ratio=0.25, r=6, pos_weight=pos_weight, trace_source=True
+    )
+    with torch.no_grad():
+        state = model.forward_tokens(image())
+        logits = model(image())
+        dense = model.forward_features(image(), unmerge=True)
+    reduction = tokenprune.plan(model, 224)
+    rows, cols = model.patch_embed.grid_size
+    windows = (rows // 2) * (cols // 2)  # 14×14 grid → 49 windows (a border row/column left out)
+    assert reduction.removed[:3] == (0, round(0.25 * windows) * 3, 6)
+    assert state.num_tokens == reduction.output_tokens
+    assert torch.isfinite(logits).all()
+    assert dense.shape == (2, reduction.tokens[0], model.embed_dim)
+    torch.testing.assert_close(dense, unmerge(state.x, state.source_index))
+    source = tokenprune.source(model)
+    prefix = model.num_prefix_tokens
+    assert torch.equal(source[:, :prefix], torch.eye(prefix, reduction.tokens[0], dtype=source.dtype).expand(2, -1, -1))
+
+
+def test_positional_penalty_prefers_near_partners() -> None:
+    # Two equally similar B partners, one adjacent and one far: the penalty picks the near one.
+    torch.manual_seed(4)
+    grid = (1, 8)
+    v = torch.randn(8)
+    x = torch.randn(1, 8, 8)
+    x[0, 6] = v  # A token (even position) at col 6
+    x[0, 1] = v  # far B partner (col 1)
+    x[0, 7] = v  # near B partner (col 7)
+    state = start_state(x, trace_source=True, grid=grid, track_positions=True)
+    plain = PositionalBipartiteMerge(1, 0.0, False, 0)(state, x)
+    near = PositionalBipartiteMerge(1, 1.0, False, 0)(state, x)
+    assert plain.source_index[0, 6] == plain.source_index[0, 1]  # ties → lowest B index: far
+    assert near.source_index[0, 6] == near.source_index[0, 7]
+
+
+def test_adaptive_counts_are_data_dependent() -> None:
+    model = tokenprune.patch(make("vit_cls"), "local_global", local_threshold=0.5, r=16, adaptive=True)
+    with torch.no_grad():
+        assert torch.isfinite(model(image())).all()
+    with pytest.raises(ValueError, match="data-dependent"):
+        tokenprune.plan(model, 224)
+
+
+def test_bad_options() -> None:
+    model = make("vit_cls")
+    with pytest.raises(ValueError, match="local_block"):
+        tokenprune.patch(model, "local_global", local_block=12)
+    with pytest.raises(ValueError, match="11 entries but the model has 10 blocks"):
+        tokenprune.patch(model, "local_global", local_block=1, r=[4] * 11)  # one entry per block after 1
+    tokenprune.patch(model, "local_global", local_block=1, r=(8, -1))
+    assert tokenprune.plan(model, 224).removed[2] == 16  # the ramp starts at stage 2's first block
+    with pytest.raises(ValueError, match="local_ratio"):
+        tokenprune.patch(model, "local_global", local_ratio=1.5)
+    with pytest.raises(ValueError, match="window"):
+        tokenprune.patch(model, "local_global", window=1)
+
+
+def test_compiles_fullgraph() -> None:
+    torch._dynamo.reset()
+    model = tokenprune.patch(make("registers"), "local_global", local_ratio=0.25, r=6, pos_weight=0.5)
+    with torch.no_grad():
+        expected = model(image())
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(image()), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_flops_agree_with_flop_counter() -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = tokenprune.patch(make("registers").requires_grad_(False), "local_global", r=6, pos_weight=1.0)
+    with FlopCounterMode(display=False) as counter:
+        model(image())
+    assert tokenprune.flops(model, 224, batch_size=2).total == counter.get_total_flops()
+
+
+def test_dynamic_image_size() -> None:
+    model = tokenprune.patch(make("dinov2_layerscale", dynamic_img_size=True), "local_global", r=4, pos_weight=0.5)
+    with torch.no_grad():
+        for size in (224, 182):  # 16×16 and 13×13 grids (odd: a border row/column stays out of windows)
+            assert model(torch.randn(1, 3, size, size)).shape == (1, 10)
+
+
+def test_merge_map_paints_groups_and_outlines() -> None:
+    from tokenprune.visualize import merge_map
+
+    image = torch.zeros(3, 4, 4)
+    image[0, :, :2] = 1.0  # left half red, right half black
+    # 2×2 grid of 2×2-pixel patches; the two left patches merged into token 1
+    source_index = torch.tensor([0, 1, 2, 1, 3])
+    picture = merge_map(image, source_index, (2, 2), boundary=(0, 0, 255))
+    pixels = torch.from_numpy(np.array(picture)).long()
+    assert pixels[0, 0].tolist() == [255, 0, 0]  # inside the merged red group
+    assert pixels[3, 1].tolist() == [0, 0, 255]  # boundary to the right neighbour group
+    assert pixels[0, 3].tolist() == [0, 0, 255] or pixels[1, 3].tolist() == [0, 0, 255]
+    with pytest.raises(ValueError, match="whole number"):
+        merge_map(torch.zeros(3, 5, 4), source_index, (2, 2))
+
+
+def test_dense_fidelity_measures() -> None:
+    from evals.dense_fidelity import interpolate, pearson, top_region_iou
+
+    a = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    assert pearson(a, 2 * a + 1).item() == pytest.approx(1.0)
+    assert pearson(a, -a).item() == pytest.approx(-1.0)
+    assert top_region_iou(a, torch.tensor([[4.0, 3.0, 2.0, 1.0]]), 0.5).item() == 0.0
+    assert top_region_iou(a, a, 0.5).item() == 1.0
+    curve = [{"gflops": 8.0, "cosine": 0.9}, {"gflops": 10.0, "cosine": 1.0}]
+    assert interpolate(curve, 9.0, "cosine") == pytest.approx(0.95)
+    assert interpolate(curve, 11.0, "cosine") is None

@@ -1,0 +1,48 @@
+"""Pictures of what merged: every group of patches that became one token, painted with the
+group's mean colour, with its boundary drawn (as in ToMe's Fig. 4)."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+__all__ = ["merge_groups", "merge_map"]
+
+
+def merge_groups(source_index: Tensor, grid: tuple[int, int]) -> Tensor:
+    """[rows, cols] id of the output token holding each patch, from one image's [T_in] source
+    index (the prefix tokens, which come first, are dropped)."""
+    rows, cols = grid
+    return source_index[source_index.numel() - rows * cols :].reshape(rows, cols)
+
+
+def merge_map(image: Tensor, source_index: Tensor, grid: tuple[int, int], boundary: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
+    """Paint each merged group of patches with its mean colour and outline it.
+
+    Args:
+        image: [3, H, W] float RGB in [0, 1] (un-normalised), H and W multiples of the grid.
+        source_index: [T_in] int64 for this image (``TokenState.source_index[i]``, or from
+            ``model._tokenprune_source`` after a traced forward).
+        grid: (rows, cols) of patches.
+        boundary: RGB colour of the group outlines.
+    """
+    rows, cols = grid
+    channels, height, width = image.shape
+    if height % rows or width % cols:
+        raise ValueError(f"image {height}x{width} is not a whole number of {rows}x{cols} patches")
+    groups = merge_groups(source_index.cpu(), grid)
+    patch_colour = image.reshape(channels, rows, height // rows, cols, width // cols).mean(dim=(2, 4))
+    patch_colour = patch_colour.flatten(1).T  # [patches, 3]
+    ids = groups.flatten()
+    count = torch.zeros(int(ids.max()) + 1).index_add_(0, ids, torch.ones(ids.numel()))
+    group_colour = torch.zeros(count.numel(), channels).index_add_(0, ids, patch_colour) / count.clamp(min=1)[:, None]
+    pixel_groups = groups.repeat_interleave(height // rows, 0).repeat_interleave(width // cols, 1)
+    painted = group_colour[pixel_groups].permute(2, 0, 1)  # [3, H, W]
+    # A pixel is on a boundary when its right or lower neighbour belongs to another group.
+    edge = torch.zeros(height, width, dtype=torch.bool)
+    edge[:, :-1] |= pixel_groups[:, :-1] != pixel_groups[:, 1:]
+    edge[:-1, :] |= pixel_groups[:-1, :] != pixel_groups[1:, :]
+    painted[:, edge] = torch.tensor(boundary, dtype=painted.dtype)[:, None] / 255
+    array = (painted.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(array)
