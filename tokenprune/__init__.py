@@ -7,10 +7,12 @@
 from .api import ReductionPlan, patch, plan, source, unpatch
 from .flops import FlopReport, flops
 from .merge import TokenState
-from .methods import METHODS, LocalGlobalConfig, ToMeConfig
+from .methods import METHODS, AttentionDropConfig, DynamicViTConfig, LocalGlobalConfig, ToMeConfig
 
 __all__ = [
     "METHODS",
+    "AttentionDropConfig",
+    "DynamicViTConfig",
     "FlopReport",
     "LocalGlobalConfig",
     "ReductionPlan",

@@ -13,17 +13,20 @@ from .methods import METHODS, MethodConfig
 from .patch import vit
 
 
-def patch(model: nn.Module, method: str | MethodConfig = "tome", **options: Any) -> nn.Module:
+def patch(model: nn.Module, method: str | MethodConfig | None = None, **options: Any) -> nn.Module:
     """Make ``model`` reduce tokens, in place, and return it.
 
     ``method`` is a registered name (``tokenprune.METHODS``) with its options as keywords, e.g.
     ``patch(model, r=16)``, or a config object, e.g. ``patch(model, ToMeConfig(r=(16, -1)))``.
-    On a model already patched with the same method, the keywords update its options (e.g. a
-    new ``r``) and keep the others. All settings live on the model and its blocks: patched
-    models never share state.
+    Without a method: the model's current method if it is patched, else "tome". On a model
+    already patched with the same method, the keywords update its options (e.g. a new ``r``)
+    and keep the others. All settings live on the model and its blocks: patched models never
+    share state.
     """
     vit.check_supported(model)
     current = getattr(model, "tokenprune_config", None)
+    if method is None:
+        method = next((name for name, cls in METHODS.items() if type(current) is cls), "tome")
     if isinstance(method, str):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; registered methods: {sorted(METHODS)}")

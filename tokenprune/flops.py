@@ -38,15 +38,17 @@ def _linear(tokens: int, layer: nn.Module) -> int:
 
 def _block_flops(block: nn.Module, tokens: int, removed: int) -> int:
     attn = block.attn
-    flops = _linear(tokens, attn.qkv) + _linear(tokens, attn.proj)
-    flops += 4 * tokens * tokens * attn.attn_dim  # q·kᵀ and attn·v
-    if attn.gate is not None:
-        flops += _linear(tokens, attn.gate)
-    kept = tokens - removed  # the MLP runs after the merge
-    flops += _linear(kept, block.mlp.fc1) + _linear(kept, block.mlp.fc2)
     reducer = getattr(block, "reducer", None)
+    kept = tokens - removed
+    # Merging runs between attention and MLP; pruning predictors run before attention.
+    attended = kept if reducer is not None and reducer.before_attention else tokens
+    flops = _linear(attended, attn.qkv) + _linear(attended, attn.proj)
+    flops += 4 * attended * attended * attn.attn_dim  # q·kᵀ and attn·v
+    if attn.gate is not None:
+        flops += _linear(attended, attn.gate)
+    flops += _linear(kept, block.mlp.fc1) + _linear(kept, block.mlp.fc2)
     if reducer is not None:
-        flops += reducer.matching_flops(tokens, attn.head_dim)
+        flops += reducer.matching_flops(tokens, attn)
     return flops
 
 

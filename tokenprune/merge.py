@@ -26,9 +26,13 @@ class TokenState(NamedTuple):
         first merge (all ones), so an unreduced model runs the exact ops of the unpatched one.
     source_index: [B, T_in] int64, for every input token the index of the current token that
         holds it; ``None`` unless source tracing is on.
+        Dropped input tokens (pruning methods) have -1.
     pos: [B, T, 2] float32 (row, col) centroid of the patches each token covers, in patch units
         (prefix tokens: 0); ``None`` unless a method uses positions.
     grid: (rows, cols) of the input patch grid, a static shape.
+    keep: [B, T, 1] 0/1 mask of the tokens still in play while *training* a pruning method
+        (DynamicViT keeps every token in place and masks attention); ``None`` otherwise.
+    decisions: the keep masks of every pruning stage so far ([B, T, 1] each), for the losses.
     """
 
     x: Tensor
@@ -36,6 +40,8 @@ class TokenState(NamedTuple):
     source_index: Tensor | None = None
     pos: Tensor | None = None
     grid: tuple[int, int] | None = None
+    keep: Tensor | None = None
+    decisions: tuple[Tensor, ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -82,19 +88,68 @@ def merge_state(state: TokenState, dest: Tensor, num_out: int, backend: str = "a
     pos = state.pos
     if pos is not None:
         pos, _ = merge_wavg(pos, sizes, dest, num_out, backend)
-    return TokenState(x, size, source_index, pos, state.grid)
+    return state._replace(x=x, size=size, source_index=source_index, pos=pos)
+
+
+def drop_tokens(state: TokenState, keep_index: Tensor) -> TokenState:
+    """Keep only the tokens at ``keep_index`` ([B, K] int64, ascending), in that order: the
+    inference path of pruning methods. Sizes, positions and sources follow; the sources of
+    dropped tokens become -1."""
+    def take(t: Tensor) -> Tensor:
+        return t.gather(1, keep_index.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+
+    source_index = state.source_index
+    if source_index is not None:
+        dest = torch.full(state.x.shape[:2], -1, dtype=torch.long, device=keep_index.device)
+        dest.scatter_(1, keep_index, torch.arange(keep_index.shape[1], device=keep_index.device).expand_as(keep_index))
+        source_index = torch.where(source_index >= 0, dest.gather(1, source_index.clamp(min=0)), -1)
+    return state._replace(
+        x=take(state.x),
+        size=None if state.size is None else take(state.size),
+        source_index=source_index,
+        pos=None if state.pos is None else take(state.pos),
+    )
+
+
+def keep_top_tokens(
+    state: TokenState, scores: Tensor, num_keep: int, num_protected: int, fuse_weights: Tensor | None = None
+) -> TokenState:
+    """Keep the prefix tokens and the ``num_keep`` highest-scoring other tokens, in their original
+    order (the inference path of DynamicViT and EViT).
+
+    scores: [B, T - P] for the non-prefix tokens. With ``fuse_weights`` ([B, T - P]), the dropped
+    tokens are not lost but fused into one extra last token, their ``fuse_weights``-weighted
+    average (EViT's inattentive-token fusion), whose size is their total size.
+    """
+    p = num_protected
+    batch, num_tokens = state.x.shape[:2]
+    top = scores.topk(num_keep, dim=1, sorted=False).indices.sort(dim=1).values + p
+    prefix = torch.arange(p, device=top.device).expand(batch, -1)
+    keep_index = torch.cat([prefix, top], dim=1)
+    if fuse_weights is None or num_keep == num_tokens - p:
+        return drop_tokens(state, keep_index)
+    # Kept tokens go to their slots, every dropped token to one extra slot at the end.
+    num_out = p + num_keep + 1
+    dest = torch.full((batch, num_tokens), num_out - 1, dtype=torch.long, device=top.device)
+    dest.scatter_(1, keep_index, torch.arange(p + num_keep, device=top.device).expand(batch, -1))
+    merged = merge_state(state, dest, num_out, backend="torch")
+    dropped = (dest[:, p:] == num_out - 1).unsqueeze(-1)
+    weights = fuse_weights.unsqueeze(-1) * dropped
+    fused = (state.x[:, p:].float() * weights).sum(1) / weights.sum(1).clamp(min=1e-12)
+    return merged._replace(x=torch.cat([merged.x[:, :-1], fused.unsqueeze(1).to(state.x.dtype)], dim=1))
 
 
 def unmerge(x: Tensor, source_index: Tensor) -> Tensor:
     """Restore one token per input token: input token i receives the feature of the token that
-    absorbed it. [B, T, C] × [B, T_in] → [B, T_in, C]."""
-    return x.gather(1, source_index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    absorbed it (zeros for tokens a pruning method dropped). [B, T, C] × [B, T_in] → [B, T_in, C]."""
+    full = x.gather(1, source_index.clamp(min=0).unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    return full.masked_fill(source_index.unsqueeze(-1) < 0, 0.0)
 
 
 def source_matrix(source_index: Tensor, num_tokens: int) -> Tensor:
     """Dense [B, T, T_in] 0/1 map from current tokens to the input tokens they cover (ToMe's
-    ``source``)."""
-    return torch.nn.functional.one_hot(source_index, num_tokens).transpose(1, 2)
+    ``source``); dropped input tokens have an all-zero column."""
+    return torch.nn.functional.one_hot(source_index + 1, num_tokens + 1)[..., 1:].transpose(1, 2)
 
 
 def max_bipartite_r(num_tokens: int, num_protected: int) -> int:

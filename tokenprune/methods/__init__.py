@@ -7,6 +7,8 @@ from typing import Protocol
 from torch import nn
 
 from ..patch.vit import TokenReducer
+from .dynamicvit import DynamicViTConfig, DynamicViTLoss, TokenPredictor
+from .evit import AttentionDrop, AttentionDropConfig
 from .local_global import LocalGlobalConfig, PositionalBipartiteMerge, WindowMerge
 from .tome import BipartiteMerge, ToMeConfig
 
@@ -26,10 +28,17 @@ class MethodConfig(Protocol):
 METHODS: dict[str, type] = {
     "tome": ToMeConfig,
     "local_global": LocalGlobalConfig,
+    "dynamicvit": DynamicViTConfig,
+    "evit": AttentionDropConfig,
 }
 
 __all__ = [
     "METHODS",
+    "AttentionDrop",
+    "AttentionDropConfig",
+    "DynamicViTConfig",
+    "DynamicViTLoss",
+    "TokenPredictor",
     "BipartiteMerge",
     "LocalGlobalConfig",
     "MethodConfig",

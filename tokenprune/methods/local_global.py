@@ -81,6 +81,8 @@ class WindowMerge:
     threshold: float | None
     num_protected: int
     backend: str = "auto"
+    before_attention = False
+    metric = "keys"
 
     def windows(self, num_tokens: int, grid: tuple[int, int]) -> int:
         if num_tokens != self.num_protected + grid[0] * grid[1]:
@@ -94,7 +96,7 @@ class WindowMerge:
             return None  # decided by the data
         return round(self.ratio * self.windows(num_tokens, grid)) * (self.window**2 - 1)
 
-    def matching_flops(self, num_tokens: int, dim: int) -> int:
+    def matching_flops(self, num_tokens: int, attn: nn.Module) -> int:
         return 0  # window scores are sums of unit vectors: no matmul
 
     def __call__(self, state: TokenState, metric: Tensor) -> TokenState:
@@ -126,16 +128,18 @@ class PositionalBipartiteMerge:
     adaptive: bool
     num_protected: int
     backend: str = "auto"
+    before_attention = False
+    metric = "keys"
 
     def num_removed(self, num_tokens: int, grid: tuple[int, int]) -> int | None:
         if self.adaptive:
             return None
         return min(self.r, max_bipartite_r(num_tokens, self.num_protected))
 
-    def matching_flops(self, num_tokens: int, dim: int) -> int:
+    def matching_flops(self, num_tokens: int, attn: nn.Module) -> int:
         if min(self.r, max_bipartite_r(num_tokens, self.num_protected)) == 0:
             return 0
-        return bipartite_matching_flops(num_tokens, self.num_protected, dim)
+        return bipartite_matching_flops(num_tokens, self.num_protected, attn.head_dim)
 
     def __call__(self, state: TokenState, metric: Tensor) -> TokenState:
         cap = min(self.r, max_bipartite_r(state.num_tokens, self.num_protected))

@@ -24,17 +24,23 @@ from ..merge import unmerge as unmerge_tokens
 
 
 class TokenReducer(Protocol):
-    """One block's reduction step, run between its attention and its MLP."""
+    """One block's reduction step: between its attention and its MLP (merging methods), or
+    before its attention (``before_attention``, pruning predictors). ``metric`` names what the
+    step reads from the block's attention: "keys" (keys averaged over heads, ToMe's metric),
+    "cls_attention" (the class token's attention to every token, averaged over heads) or None."""
 
-    def __call__(self, state: TokenState, metric: Tensor) -> TokenState: ...
+    before_attention: bool
+    metric: str | None
+
+    def __call__(self, state: TokenState, metric: Tensor | None) -> TokenState: ...
 
     def num_removed(self, num_tokens: int, grid: tuple[int, int]) -> int | None:
         """How many tokens the step removes from ``num_tokens`` on a ``grid`` of patches (for
         plans and FLOPs); ``None`` when the data decides (adaptive counts)."""
         ...
 
-    def matching_flops(self, num_tokens: int, dim: int) -> int:
-        """Matmul FLOPs the step spends deciding what to merge (for :func:`tokenprune.flops`)."""
+    def matching_flops(self, num_tokens: int, attn: Attention) -> int:
+        """Matmul FLOPs the step spends deciding what to reduce (for :func:`tokenprune.flops`)."""
         ...
 
 
@@ -51,13 +57,15 @@ def attend(
     bias: Tensor | None,
     attn_mask: Tensor | None = None,
     is_causal: bool = False,
-    need_metric: bool = False,
+    metric: str | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """timm ``Attention.forward`` plus an additive key bias, also returning the merge metric.
+    """timm ``Attention.forward`` plus an additive bias, also returning a reduction metric.
 
-    The bias carries proportional attention (ToMe Eq. 1: softmax(qkᵀ/√d + log s)) into fused
-    SDPA, so the fast kernel is kept. The metric is the keys (after ``k_norm``) averaged over
-    heads, ToMe's choice. Mirrors timm 1.0's op order exactly, so r=0 is bit-identical.
+    The bias carries proportional attention (ToMe Eq. 1: softmax(qkᵀ/√d + log s)) or a
+    training keep mask into fused SDPA, so the fast kernel is kept. ``metric`` "keys" returns
+    the keys (after ``k_norm``) averaged over heads, ToMe's choice; "cls_attention" the class
+    token's attention weights averaged over heads (EViT), [B, T]. Mirrors timm 1.0's op order
+    exactly, so an unreduced model is bit-identical.
     """
     batch, num_tokens, _ = x.shape
     gate = attn.gate(x).sigmoid() if attn.gate is not None else None
@@ -82,7 +90,14 @@ def attend(
     if gate is not None:
         out = out * gate
     out = attn.proj_drop(attn.proj(out))
-    return out, (k.mean(dim=1) if need_metric else None)
+    if metric == "keys":
+        return out, k.mean(dim=1)
+    if metric == "cls_attention":
+        logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias[..., :1, :]
+        return out, logits.softmax(dim=-1).mean(dim=1)[:, 0]
+    return out, None
 
 
 def size_bias(size: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -90,6 +105,20 @@ def size_bias(size: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     if size is None:
         return None
     return size.log().to(dtype).squeeze(-1)[:, None, None, :]
+
+
+# A masked-out key keeps exp(log ε) ≈ 1e-9 of its weight, so the output equals attention over the
+# kept keys to ~T·1e-9, while log(ε + (1-ε)·keep) still passes DynamicViT's gradient to the mask:
+# ∂out/∂keep_j = ∂out/∂bias_j · (1-ε)/ε = (e_j / Z)(v_j - out), as for a multiplicative mask.
+KEEP_EPS = 1e-9
+
+
+def keep_bias(keep: Tensor, dtype: torch.dtype) -> Tensor:
+    """[B, 1, T, T] attention bias that masks out dropped keys except for each token itself
+    (DynamicViT Eq. 7: a dropped token still attends to itself)."""
+    key_bias = torch.log(KEEP_EPS + (1.0 - KEEP_EPS) * keep.squeeze(-1).float())[:, None, None, :]
+    eye = torch.eye(keep.shape[1], dtype=torch.bool, device=keep.device)
+    return key_bias.masked_fill(eye, 0.0).to(dtype)
 
 
 class ReducingBlock(Block):
@@ -105,15 +134,22 @@ class ReducingBlock(Block):
     def forward(  # type: ignore[override]
         self, state: TokenState, attn_mask: Tensor | None = None, is_causal: bool = False
     ) -> TokenState:
+        reducer = self.reducer
+        if reducer is not None and reducer.before_attention:
+            state = reducer(state, None)
+            reducer = None
         x = state.x
-        bias = size_bias(state.size, x.dtype) if self.prop_attn else None
+        if state.keep is not None:
+            bias = keep_bias(state.keep, x.dtype)
+        else:
+            bias = size_bias(state.size, x.dtype) if self.prop_attn else None
         attn_out, metric = attend(
-            self.attn, self.norm1(x), bias, attn_mask, is_causal, need_metric=self.reducer is not None
+            self.attn, self.norm1(x), bias, attn_mask, is_causal, reducer.metric if reducer is not None else None
         )
         x = x + self.drop_path1(self.ls1(attn_out))
         state = state._replace(x=x)
-        if self.reducer is not None:
-            state = self.reducer(state, metric)
+        if reducer is not None:
+            state = reducer(state, metric)
         x = state.x
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return state._replace(x=x)

@@ -1,0 +1,217 @@
+"""Learned (DynamicViT) and training-free (EViT-style) token dropping."""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import tokenprune
+from tokenprune.merge import TokenState
+from tokenprune.methods.dynamicvit import (
+    DynamicViTLoss,
+    DynamicViTOutput,
+    TokenPredictor,
+    default_stages,
+    forward_train,
+    predictors,
+    save_predictors,
+)
+from tokenprune.patch.vit import attend, keep_bias
+from tests.test_patch import image, make
+
+
+def test_default_stages_scale_with_depth() -> None:
+    assert default_stages(12) == (3, 6, 9)
+    assert default_stages(24) == (6, 12, 18)
+    assert default_stages(4) == (1, 2, 3)
+
+
+@pytest.mark.parametrize("family", ["vit_cls", "registers", "vit_avg_no_cls", "deit3_layerscale"])
+def test_inference_keeps_the_schedule_and_prefix(family: str) -> None:
+    model = make(family)
+    tokenprune.patch(model, "dynamicvit", keep_ratio=0.7, trace_source=True)
+    with torch.no_grad():
+        state = model.forward_tokens(image())
+        assert torch.isfinite(model(image())).all()
+    rows, cols = model.patch_embed.grid_size
+    prefix = model.num_prefix_tokens
+    reduction = tokenprune.plan(model, 224)
+    stages = default_stages(len(model.blocks))
+    for s, block in enumerate(stages, 1):
+        assert reduction.tokens_after(block) == prefix + int(rows * cols * 0.7**s)
+    assert state.num_tokens == reduction.output_tokens
+    source = tokenprune.source(model)
+    assert torch.equal(source[:, :prefix, :prefix], torch.eye(prefix, dtype=source.dtype).expand(2, -1, -1))
+    assert (source.sum(dim=1) <= 1).all()  # every input token held at most once (dropped: none)
+
+
+def test_training_masks_are_cumulative_and_counted() -> None:
+    torch.manual_seed(0)
+    model = tokenprune.patch(make("vit_cls"), "dynamicvit").train()
+    output = forward_train(model, image())
+    assert len(output.decisions) == 3
+    previous = torch.ones_like(output.decisions[0])
+    for decision in output.decisions:
+        assert set(decision.unique().tolist()) <= {0.0, 1.0}
+        assert (decision <= previous).all()  # once dropped, always dropped
+        previous = decision
+    assert output.tokens.shape == (2, 196, model.embed_dim)  # tokens stay in place while training
+
+
+def test_masked_attention_equals_attention_over_kept_tokens() -> None:
+    torch.manual_seed(1)
+    block = make("deit3_layerscale").blocks[0]
+    x = torch.randn(2, 11, block.attn.qkv.in_features)
+    keep = torch.ones(2, 11, 1)
+    keep[0, [2, 5, 6]] = 0
+    keep[1, [1, 9]] = 0
+    masked, _ = attend(block.attn, x, keep_bias(keep, x.dtype))
+    for n in range(2):
+        kept = keep[n, :, 0].bool()
+        alone, _ = attend(block.attn, x[n : n + 1, kept], None)
+        torch.testing.assert_close(masked[n, kept], alone[0], atol=1e-5, rtol=1e-5)
+        # a dropped token's query sees the kept keys and itself (DynamicViT's policy matrix)
+        for t in (~kept).nonzero().flatten().tolist():
+            visible = kept.clone()
+            visible[t] = True
+            with_self, _ = attend(block.attn, x[n : n + 1, visible], None)
+            position = visible[:t].sum()
+            torch.testing.assert_close(masked[n, t], with_self[0, position], atol=1e-5, rtol=1e-5)
+
+
+def test_training_equals_inference_when_every_token_is_kept() -> None:
+    model = make("vit_cls")
+    with torch.no_grad():
+        expected = model(image())
+    tokenprune.patch(model, "dynamicvit", keep_ratio=1.0)
+    for predictor in predictors(model).values():  # bias the predictors to always say "keep"
+        predictor.out_conv[4].bias.data = torch.tensor([100.0, -100.0])
+    with torch.no_grad():
+        inference = model.eval()(image())
+        for predictor in predictors(model).values():
+            predictor.train()
+        training = forward_train(model, image()).logits
+    torch.testing.assert_close(inference, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(training, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_reach_the_predictors_through_masked_attention() -> None:
+    torch.manual_seed(2)
+    model = tokenprune.patch(make("vit_cls"), "dynamicvit").train()
+    model.requires_grad_(False)
+    for predictor in predictors(model).values():
+        predictor.requires_grad_(True)
+    output = forward_train(model, image())
+    output.logits.sum().backward()  # no ratio term: gradient only through the masks
+    for name, predictor in predictors(model).items():
+        grad = predictor.out_conv[4].weight.grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+
+
+def test_keep_bias_gradient_matches_multiplicative_mask() -> None:
+    """d out / d keep of the bias form = that of DynamicViT's multiplicative mask, dropped keys too."""
+    torch.manual_seed(3)
+    q, k, v = torch.randn(3, 1, 2, 6, 4).unbind(0)
+    keep = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0]).reshape(1, 6, 1).requires_grad_(True)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep_bias(keep, q.dtype))
+    (grad_bias,) = torch.autograd.grad(out.square().sum(), keep)
+
+    keep2 = keep.detach().clone().requires_grad_(True)
+    logits = (q @ k.transpose(-2, -1)) / 2.0
+    policy = keep2.reshape(1, 1, 1, 6) + (1 - keep2.reshape(1, 1, 1, 6)) * torch.eye(6)
+    weights = logits.exp() * policy
+    out2 = (weights / weights.sum(-1, keepdim=True)) @ v
+    (grad_mult,) = torch.autograd.grad(out2.square().sum(), keep2)
+    torch.testing.assert_close(out, out2, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grad_bias, grad_mult, atol=1e-4, rtol=1e-3)
+
+
+def test_loss_terms_against_hand_computation() -> None:
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    teacher = torch.tensor([[1.0, 1.0], [0.0, 2.0]])
+    decisions = (torch.tensor([[[1.0], [1.0], [0.0], [0.0]], [[1.0], [0.0], [0.0], [0.0]]]),)
+    tokens = torch.tensor([[[1.0], [2.0], [3.0], [4.0]], [[1.0], [1.0], [1.0], [1.0]]])
+    teacher_tokens = torch.zeros_like(tokens)
+    terms = DynamicViTLoss(keep_ratio=0.5)(DynamicViTOutput(logits, tokens, decisions), torch.tensor([0, 1]), teacher, teacher_tokens)
+    ce = (-torch.log_softmax(logits, -1)[0, 0] - torch.log_softmax(logits, -1)[1, 1]) / 2
+    ratio = ((0.5 - 0.5) ** 2 + (0.25 - 0.5) ** 2) / 2
+    p_t, log_s = torch.softmax(teacher, -1), torch.log_softmax(logits, -1)
+    kl = (p_t * (p_t.log() - log_s)).sum() / 2
+    token = (1.0**2 + 2.0**2 + 1.0**2) / 3  # the kept tokens: (0,0), (0,1), (1,0)
+    torch.testing.assert_close(terms["cls"], ce)
+    torch.testing.assert_close(terms["ratio"], torch.tensor(ratio))
+    torch.testing.assert_close(terms["distill"], kl)
+    torch.testing.assert_close(terms["token"], torch.tensor(token))
+    torch.testing.assert_close(terms["loss"], ce + 2.0 * ratio + 0.5 * kl + 0.5 * token)
+
+
+def test_predictor_checkpoint_round_trip(tmp_path) -> None:
+    pytest.importorskip("safetensors")
+    model = tokenprune.patch(make("vit_cls"), "dynamicvit")
+    for p in predictors(model).parameters():
+        p.data.normal_()
+    save_predictors(model, tmp_path / "predictors.safetensors")
+    other = tokenprune.patch(make("vit_cls"), "dynamicvit", predictor=str(tmp_path / "predictors.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(other(image()), model(image()))
+    # re-patching with a new keep ratio keeps the (trained) predictor weights
+    tokenprune.patch(other, keep_ratio=0.5)
+    assert torch.equal(predictors(other)["3"].out_conv[4].weight, predictors(model)["3"].out_conv[4].weight)
+    with pytest.raises(ValueError, match="do not fit"):
+        tokenprune.patch(make("vit_cls"), "dynamicvit", stages=(2, 4), predictor=str(tmp_path / "predictors.safetensors"))
+    tokenprune.unpatch(other)
+    assert "blocks.3.reducer.in_conv.1.weight" not in other.state_dict()
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_attention_drop_keeps_most_attended_and_fuses(fuse: bool) -> None:
+    model = tokenprune.patch(make("vit_cls"), "evit", keep_ratio=0.7, fuse=fuse, trace_source=True)
+    with torch.no_grad():
+        state = model.forward_tokens(image())
+    reduction = tokenprune.plan(model, 224)
+    assert state.num_tokens == reduction.output_tokens == 1 + int(196 * 0.7**3) + fuse
+    source = tokenprune.source(model)
+    if fuse:  # nothing lost: every input token is in exactly one output token
+        assert torch.equal(source.sum(dim=1), torch.ones_like(source.sum(dim=1)))
+        assert torch.equal(state.size.sum(dim=1), torch.full((2, 1), 197.0))
+
+
+def test_attention_scores_pick_the_attended_tokens() -> None:
+    from tokenprune.methods.evit import AttentionDrop
+
+    x = torch.randn(1, 6, 4)
+    cls_attention = torch.tensor([[0.5, 0.1, 0.3, 0.05, 0.02, 0.03]])
+    step = AttentionDrop(keep_fraction=0.4, fuse=False, score="attention", num_protected=1)
+    state = step(TokenState(x, grid=(1, 5)), cls_attention)
+    assert torch.equal(state.x, x[:, [0, 1, 2]])  # class token, then the two most attended, in order
+
+
+@pytest.mark.parametrize("method", ["dynamicvit", "evit"])
+def test_flops_agree_with_flop_counter(method: str) -> None:
+    model = tokenprune.patch(make("registers").requires_grad_(False), method)
+    with FlopCounterMode(display=False) as counter:
+        model(image())
+    assert tokenprune.flops(model, 224, batch_size=2).total == counter.get_total_flops()
+
+
+def test_compiles_fullgraph_in_inference() -> None:
+    torch._dynamo.reset()
+    model = tokenprune.patch(make("registers"), "dynamicvit")
+    with torch.no_grad():
+        expected = model(image())
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(image()), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_options() -> None:
+    with pytest.raises(ValueError, match="keep_ratio"):
+        tokenprune.patch(make("vit_cls"), "dynamicvit", keep_ratio=0.0)
+    with pytest.raises(ValueError, match="stages"):
+        tokenprune.patch(make("vit_cls"), "dynamicvit", stages=(6, 3))
+    with pytest.raises(ValueError, match="needs a class token"):
+        tokenprune.patch(make("vit_avg_no_cls"), "evit")
+    with pytest.raises(ValueError, match="score"):
+        tokenprune.patch(make("vit_cls"), "evit", score="entropy")

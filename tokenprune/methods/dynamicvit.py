@@ -1,0 +1,227 @@
+"""DynamicViT: learned token dropping (Rao et al., "DynamicViT: Efficient Vision Transformers
+with Dynamic Token Sparsification", NeurIPS 2021).
+
+A light prediction module before a few blocks scores every patch token; training keeps all
+tokens in place and masks the dropped ones out of attention with straight-through Gumbel-softmax
+decisions (Sec. 3.3), inference keeps the top-scoring tokens (Sec. 3.4). Stage s keeps ρ^s of
+the input patch tokens; prefix tokens are always kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..merge import TokenState, keep_top_tokens
+
+
+def default_stages(depth: int) -> tuple[int, ...]:
+    """Blocks before which predictors run: DeiT's (3, 6, 9) for 12 blocks, scaled for others."""
+    return tuple(sorted({max(1, round(depth * k / 4)) for k in (1, 2, 3)}))
+
+
+def kept_count(grid: tuple[int, int], keep_fraction: float) -> int:
+    """Patch tokens kept at a stage: ⌊ρ^s · patches⌋, at least one (DynamicViT rounds down)."""
+    return max(1, int(grid[0] * grid[1] * keep_fraction))
+
+
+class TokenPredictor(nn.Module):
+    """DynamicViT's prediction module (Sec. 3.2): local and global features → keep/drop.
+
+    z = GELU(Linear(LN(x))); z_local = z[:, :C/2] per token, z_global = mean of z[:, C/2:] over
+    the tokens still kept; π = LogSoftmax(MLP([z_local, z_global])) (Eq. 3-5): [B, N, 2], π[..., 0]
+    the log-probability of keeping the token.
+    """
+
+    before_attention = True
+    metric = None
+
+    def __init__(self, dim: int, keep_fraction: float, num_protected: int) -> None:
+        super().__init__()
+        self.keep_fraction = keep_fraction  # ρ^s: of the input patch tokens, how many stay
+        self.num_protected = num_protected
+        self.in_conv = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU())
+        self.out_conv = nn.Sequential(
+            nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, dim // 4), nn.GELU(), nn.Linear(dim // 4, 2)
+        )
+
+    def log_probs(self, x: Tensor, keep: Tensor) -> Tensor:
+        """[B, N, 2] log-probabilities (keep, drop) of the non-prefix tokens ``x`` ([B, N, C]),
+        ``keep`` ([B, N, 1]) the tokens still in play."""
+        z = self.in_conv(x)
+        local, global_ = z.chunk(2, dim=-1)
+        global_ = (global_ * keep).sum(dim=1, keepdim=True) / keep.sum(dim=1, keepdim=True)
+        return F.log_softmax(self.out_conv(torch.cat([local, global_.expand_as(local)], dim=-1)), dim=-1)
+
+    def num_removed(self, num_tokens: int, grid: tuple[int, int]) -> int:
+        return num_tokens - self.num_protected - kept_count(grid, self.keep_fraction)
+
+    def matching_flops(self, num_tokens: int, attn: nn.Module) -> int:
+        patches = num_tokens - self.num_protected
+        linears = [self.in_conv[1], self.out_conv[0], self.out_conv[2], self.out_conv[4]]
+        return sum(2 * patches * layer.in_features * layer.out_features for layer in linears)
+
+    def forward(self, state: TokenState, metric: Tensor | None = None) -> TokenState:
+        p = self.num_protected
+        x = state.x[:, p:]
+        if not self.training:
+            keep = torch.ones_like(x[..., :1])
+            scores = self.log_probs(x, keep)[..., 0]
+            return keep_top_tokens(state, scores, kept_count(state.grid, self.keep_fraction), p)
+        previous = state.keep[:, p:] if state.keep is not None else torch.ones_like(x[..., :1])
+        log_probs = self.log_probs(x, previous)
+        # Straight-through Gumbel-softmax: hard 0/1 forward, soft gradient; once dropped,
+        # a token stays dropped (Eq. 6: D ← D ⊙ D̂).
+        decision = F.gumbel_softmax(log_probs, hard=True)[..., :1] * previous
+        keep = torch.cat([torch.ones_like(state.x[:, :p, :1]), decision], dim=1)
+        return state._replace(keep=keep, decisions=state.decisions + (decision,))
+
+
+@dataclass(frozen=True)
+class DynamicViTConfig:
+    """Learned token dropping with DynamicViT prediction modules.
+
+    Args:
+        keep_ratio: ρ; before stage s the model keeps ρ^s of the input patch tokens (0.7).
+        stages: blocks before which predictors run (default: DeiT's 3, 6, 9, scaled to the
+            depth).
+        predictor: a safetensors file of trained predictor weights (from
+            ``evals/train_dynamicvit.py`` or :func:`save_predictors`) to load into the model.
+        trace_source: as in :class:`ToMeConfig` (dropped patches map to no token).
+
+    Re-patching with another ``keep_ratio`` keeps the predictors' weights.
+    """
+
+    keep_ratio: float = 0.7
+    stages: tuple[int, ...] | None = None
+    predictor: str | None = None
+    trace_source: bool = False
+    prop_attn = False  # tokens are dropped, never merged: sizes stay 1
+    track_positions = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
+        if self.stages is not None:
+            object.__setattr__(self, "stages", tuple(self.stages))
+
+    def stage_blocks(self, depth: int) -> tuple[int, ...]:
+        stages = self.stages if self.stages is not None else default_stages(depth)
+        if not stages or any(not 0 < s < depth for s in stages) or list(stages) != sorted(set(stages)):
+            raise ValueError(f"stages must be increasing block indices in [1, {depth - 1}], got {stages}")
+        return stages
+
+    def reducers(self, model: nn.Module) -> list[TokenPredictor | None]:
+        depth = len(model.blocks)
+        reducers: list[TokenPredictor | None] = [None] * depth
+        reference = next(model.parameters())
+        for stage, block in enumerate(self.stage_blocks(depth), 1):
+            existing = getattr(model.blocks[block], "reducer", None)
+            predictor = existing if isinstance(existing, TokenPredictor) else None
+            if predictor is None:
+                predictor = TokenPredictor(model.embed_dim, 0.0, model.num_prefix_tokens)
+                predictor.to(device=reference.device, dtype=reference.dtype).train(model.training)
+            predictor.keep_fraction = self.keep_ratio**stage
+            reducers[block] = predictor
+        if self.predictor is not None:
+            load_predictors_into(reducers, self.predictor)
+        return reducers
+
+
+def predictors(model: nn.Module) -> nn.ModuleDict:
+    """The model's prediction modules by block index (a view: training these trains the model's)."""
+    return nn.ModuleDict(
+        {str(i): block.reducer for i, block in enumerate(model.blocks) if isinstance(getattr(block, "reducer", None), TokenPredictor)}
+    )
+
+
+def save_predictors(model: nn.Module, path: str | Path) -> None:
+    """Write the predictor weights (only) to a safetensors file."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in predictors(model).state_dict().items()}
+    save_file(state, str(path), metadata={"format": "tokenprune.dynamicvit", "blocks": ",".join(predictors(model).keys())})
+
+
+def load_predictors_into(reducers: list[TokenPredictor | None], path: str | Path) -> None:
+    from safetensors.torch import load_file
+
+    modules = nn.ModuleDict({str(i): r for i, r in enumerate(reducers) if r is not None})
+    state = load_file(str(path))
+    missing, unexpected = modules.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"predictor weights in {path} do not fit the model's stages {list(modules.keys())}: "
+            f"missing {missing}, unexpected {unexpected}"
+        )
+
+
+class DynamicViTOutput(NamedTuple):
+    """What training needs from one forward: logits, the final patch tokens (after the final
+    norm) and every stage's keep decisions ([B, N, 1] each)."""
+
+    logits: Tensor
+    tokens: Tensor
+    decisions: tuple[Tensor, ...]
+
+
+def forward_train(model: nn.Module, x: Tensor) -> DynamicViTOutput:
+    """A training forward of a DynamicViT-patched model (call ``model.train()`` first)."""
+    state = model.forward_tokens(x)
+    logits = model._forward_head_sized(state.x, state.keep, pre_logits=False)
+    return DynamicViTOutput(logits, state.x[:, model.num_prefix_tokens :], state.decisions)
+
+
+class DynamicViTLoss(nn.Module):
+    """DynamicViT's objective (Sec. 3.5): cross-entropy + keep-ratio MSE to the targets ρ^s +
+    KL distillation from the unpruned teacher's logits + distillation of the kept tokens.
+
+    L = w_cls·CE(y, ŷ) + w_ratio·(1/S)Σ_s (mean(D_s) − ρ^s)² + w_kl·KL(teacher ‖ student)
+        + w_token·MSE(kept student tokens, teacher tokens)
+
+    Defaults are DynamicViT's (ratio 2.0, KL 0.5, token 0.5).
+    """
+
+    def __init__(
+        self,
+        keep_ratio: float = 0.7,
+        cls_weight: float = 1.0,
+        ratio_weight: float = 2.0,
+        distill_weight: float = 0.5,
+        token_weight: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.keep_ratio = keep_ratio
+        self.cls_weight, self.ratio_weight = cls_weight, ratio_weight
+        self.distill_weight, self.token_weight = distill_weight, token_weight
+
+    def forward(
+        self, output: DynamicViTOutput, labels: Tensor, teacher_logits: Tensor, teacher_tokens: Tensor
+    ) -> dict[str, Tensor]:
+        cls = F.cross_entropy(output.logits, labels)
+        ratio = sum(
+            ((d.squeeze(-1).mean(dim=1) - self.keep_ratio ** (s + 1)) ** 2).mean() for s, d in enumerate(output.decisions)
+        ) / max(len(output.decisions), 1)
+        distill = F.kl_div(
+            F.log_softmax(output.logits, dim=-1), F.log_softmax(teacher_logits, dim=-1), reduction="batchmean", log_target=True
+        )
+        kept = output.decisions[-1].squeeze(-1) > 0.5 if output.decisions else torch.ones_like(output.tokens[..., 0], dtype=torch.bool)
+        token = F.mse_loss(output.tokens[kept], teacher_tokens[kept]) if kept.any() else output.tokens.sum() * 0
+        total = self.cls_weight * cls + self.ratio_weight * ratio + self.distill_weight * distill + self.token_weight * token
+        return {"loss": total, "cls": cls, "ratio": ratio, "distill": distill, "token": token}
+
+
+__all__ = [
+    "DynamicViTConfig",
+    "DynamicViTLoss",
+    "DynamicViTOutput",
+    "TokenPredictor",
+    "forward_train",
+    "predictors",
+    "save_predictors",
+]

@@ -1,0 +1,105 @@
+"""Training-free token dropping by class-token attention (after EViT: Liang et al., "Not All
+Patches are What You Need", ICLR 2022).
+
+Between attention and MLP of a few blocks, keep the patch tokens the class token attends to
+most (averaged over heads) and optionally fuse the others into one token, their
+attention-weighted average (EViT's inattentive-token fusion). Same schedule as DynamicViT:
+stage s keeps ρ^s of the input patch tokens. ``score="random"`` keeps random tokens instead,
+the baseline that learned and attention-based dropping must beat.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..merge import TokenState, keep_top_tokens
+from .dynamicvit import default_stages, kept_count
+
+SCORES = ("attention", "random")
+
+
+@dataclass(frozen=True)
+class AttentionDrop:
+    """One block's step: keep the ``keep_fraction`` (of input patches) most attended tokens."""
+
+    keep_fraction: float
+    fuse: bool
+    score: str
+    num_protected: int
+    before_attention = False
+
+    @property
+    def metric(self) -> str | None:
+        return "cls_attention" if self.score == "attention" else None
+
+    def num_kept(self, num_tokens: int, grid: tuple[int, int]) -> int:
+        # A fused token from an earlier stage counts among the candidates.
+        return min(kept_count(grid, self.keep_fraction), num_tokens - self.num_protected)
+
+    def num_removed(self, num_tokens: int, grid: tuple[int, int]) -> int:
+        kept = self.num_kept(num_tokens, grid)
+        dropped = num_tokens - self.num_protected - kept
+        return dropped - 1 if self.fuse and dropped > 0 else dropped
+
+    def matching_flops(self, num_tokens: int, attn: nn.Module) -> int:
+        # the class token's row of q·kᵀ, recomputed because fused SDPA does not return weights
+        return 2 * num_tokens * attn.attn_dim if self.score == "attention" else 0
+
+    def __call__(self, state: TokenState, cls_attention: Tensor | None) -> TokenState:
+        p = self.num_protected
+        kept = self.num_kept(state.num_tokens, state.grid)
+        if kept == state.num_tokens - p:
+            return state
+        if self.score == "attention":
+            scores = cls_attention[:, p:]
+        else:
+            scores = torch.rand(state.x.shape[:2], device=state.x.device)[:, p:]
+        weights = scores if self.fuse else None
+        return keep_top_tokens(state, scores, kept, p, fuse_weights=weights)
+
+
+@dataclass(frozen=True)
+class AttentionDropConfig:
+    """Drop the tokens the class token attends to least, with no training.
+
+    Args:
+        keep_ratio: ρ; stage s keeps ρ^s of the input patch tokens (0.7).
+        stages: blocks (0-based) whose attention decides, pruning before their MLP (default:
+            DeiT's 3, 6, 9 scaled to the depth).
+        fuse: fuse the dropped tokens into one extra token (EViT); False drops them.
+        score: "attention" (class-token attention) or "random" (a baseline).
+        prop_attn: proportional attention for the fused token (off, as in EViT: a fused token
+            of many patches would otherwise draw attention the model never learned to give).
+        trace_source: as in :class:`ToMeConfig`.
+    """
+
+    keep_ratio: float = 0.7
+    stages: tuple[int, ...] | None = None
+    fuse: bool = True
+    score: str = "attention"
+    prop_attn: bool = False
+    trace_source: bool = False
+    track_positions = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
+        if self.stages is not None:
+            object.__setattr__(self, "stages", tuple(self.stages))
+
+    def reducers(self, model: nn.Module) -> list[AttentionDrop | None]:
+        depth = len(model.blocks)
+        if self.score == "attention" and model.cls_token is None:
+            raise ValueError("score='attention' needs a class token; use score='random' or another method")
+        stages = self.stages if self.stages is not None else default_stages(depth)
+        if not stages or any(not 0 <= s < depth for s in stages) or list(stages) != sorted(set(stages)):
+            raise ValueError(f"stages must be increasing block indices in [0, {depth - 1}], got {stages}")
+        reducers: list[AttentionDrop | None] = [None] * depth
+        for stage, block in enumerate(stages, 1):
+            reducers[block] = AttentionDrop(self.keep_ratio**stage, self.fuse, self.score, model.num_prefix_tokens)
+        return reducers
