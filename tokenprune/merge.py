@@ -47,6 +47,12 @@ class TokenState(NamedTuple):
     def num_tokens(self) -> int:
         return self.x.shape[1]
 
+    @property
+    def pool_weights(self) -> Tensor | None:
+        """How much each token counts when the head pools: its keep mask while a pruning method
+        trains (dropped tokens are still present), else its size (None: all count once)."""
+        return self.keep if self.keep is not None else self.size
+
     def sizes(self) -> Tensor:
         """Token sizes, materialising the implicit all-ones size."""
         if self.size is not None:

@@ -173,7 +173,7 @@ class DynamicViTOutput(NamedTuple):
 def forward_train(model: nn.Module, x: Tensor) -> DynamicViTOutput:
     """A training forward of a DynamicViT-patched model (call ``model.train()`` first)."""
     state = model.forward_tokens(x)
-    logits = model._forward_head_sized(state.x, state.keep, pre_logits=False)
+    logits = model._forward_head_sized(state.x, state.pool_weights, pre_logits=False)
     return DynamicViTOutput(logits, state.x[:, model.num_prefix_tokens :], state.decisions)
 
 

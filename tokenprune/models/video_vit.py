@@ -283,7 +283,7 @@ class VideoVisionTransformer(nn.Module):
         self.patch_drop = nn.Identity()
         self.norm_pre = nn.Identity()
 
-        dpr = [rate.item() for rate in torch.linspace(0, drop_path_rate, depth)]
+        dpr = [drop_path_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]  # linspace
         self.blocks = nn.Sequential(
             *[
                 Block(
@@ -298,7 +298,6 @@ class VideoVisionTransformer(nn.Module):
                     drop_path=dpr[i],
                     norm_layer=norm_layer,
                     act_layer=nn.GELU,
-                    depth=i,
                 )
                 for i in range(depth)
             ]

@@ -1,5 +1,6 @@
-"""Patch for timm's ``VisionTransformer`` family: a block that reduces tokens between attention
-and MLP, and a model class whose forward threads a :class:`TokenState` through the blocks.
+"""Patch for timm's ``VisionTransformer`` family: a block that runs a reducer (between attention
+and MLP for merging, before attention for learned pruning), and a model class whose forward
+threads a :class:`TokenState` through the blocks.
 
 Nothing here keeps per-forward state on modules: every block owns a fixed ``reducer`` (its r is
 a plain int) and the sizes travel with the tokens, so patched models compile with
@@ -261,7 +262,7 @@ class ReducingViT:
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         state = self.forward_tokens(x, attn_mask, is_causal)
-        return self._forward_head_sized(state.x, state.size, pre_logits=False)
+        return self._forward_head_sized(state.x, state.pool_weights, pre_logits=False)
 
     def forward_intermediates(
         self,

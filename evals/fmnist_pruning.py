@@ -1,0 +1,131 @@
+"""Token dropping vs merging on real labelled data: Fashion-MNIST, the project's own small ViT.
+
+On the full 10,000-image test split, top-1 against GFLOPs for the unreduced model, learned
+dropping (DynamicViT predictors), attention-based dropping (EViT-style, with and without fusing
+the dropped tokens), random dropping, and ToMe at the same GFLOPs as DynamicViT. The backbone
+and predictors were trained by ``evals/train_dynamicvit.py`` (the commands and logs are in
+``evals/checkpoints/``).
+
+    python -m evals.fmnist_pruning --data /tmp/fmnist [--keep-ratio 0.7 0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch.utils.data import DataLoader
+
+import tokenprune
+from evals.bench import write_atomic
+from evals.fashion_mnist import FashionMNIST
+from evals.train_dynamicvit import create_model, load_weights
+from tokenprune.schedule import format_schedule
+
+HERE = Path(__file__).resolve().parent
+CHECKPOINTS = HERE / "checkpoints"
+RESULTS = HERE / "results"
+
+
+@torch.no_grad()
+def top1(model: torch.nn.Module, loader: DataLoader, seed: int = 0) -> float:
+    torch.manual_seed(seed)  # random dropping draws from the global generator
+    model.eval()
+    correct = seen = 0
+    for images, labels in loader:
+        correct += int((model(images).argmax(-1) == labels).sum())
+        seen += len(labels)
+    return 100.0 * correct / seen
+
+
+def nearest_tome_r(model: torch.nn.Module, img_size: int, target_gflops: float) -> int:
+    """The constant ToMe r whose GFLOPs come closest to ``target_gflops``."""
+    best = None
+    for r in range(0, 30):
+        tokenprune.patch(model, "tome", r=r)
+        gap = abs(tokenprune.flops(model, img_size).gflops - target_gflops)
+        if best is None or gap < best[0]:
+            best = (gap, r)
+    return best[1]
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(prog="python -m evals.fmnist_pruning", description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="Fashion-MNIST idx folder (see evals/fashion_mnist.py)")
+    parser.add_argument("--backbone", type=Path, default=CHECKPOINTS / "fmnist_vit.safetensors")
+    parser.add_argument("--predictor", type=Path, default=CHECKPOINTS / "fmnist_vit_dynamicvit.safetensors")
+    parser.add_argument("--keep-ratio", type=float, nargs="+", default=[0.7])
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    loader = DataLoader(FashionMNIST(args.data, "test"), batch_size=500)
+    model = create_model("fmnist_vit")
+    load_weights(model, args.backbone)
+    img_size = model.patch_embed.img_size[0]
+
+    def row(label: str, method: str, **options: Any) -> dict[str, Any]:
+        if method == "none":
+            tokenprune.patch(model, "tome", r=0)  # bit-identical to the unpatched model
+        else:
+            tokenprune.patch(model, method, **options)
+        result = {
+            "method": label,
+            "gflops": tokenprune.flops(model, img_size).gflops,
+            "output_tokens": tokenprune.plan(model, img_size).output_tokens,
+            "top1": top1(model, loader),
+        }
+        print(f"{label:42s} {result['gflops']:.4f} GFLOPs  {result['output_tokens']:3d} tokens  top-1 {result['top1']:.2f}")
+        return result
+
+    rows = [row("unreduced", "none")]
+    for rho in args.keep_ratio:
+        learned = row(f"learned dropping (DynamicViT) ρ={rho}", "dynamicvit", keep_ratio=rho, predictor=str(args.predictor))
+        rows.append(learned)
+        rows.append(row(f"attention dropping (EViT, fused) ρ={rho}", "evit", keep_ratio=rho, fuse=True))
+        rows.append(row(f"attention dropping (no fusion) ρ={rho}", "evit", keep_ratio=rho, fuse=False))
+        rows.append(row(f"random dropping ρ={rho}", "evit", keep_ratio=rho, fuse=False, score="random"))
+        tokenprune.unpatch(model)
+        r = nearest_tome_r(model, img_size, learned["gflops"])
+        rows.append(row(f"ToMe r={format_schedule(r)} (matched GFLOPs)", "tome", r=r))
+        tokenprune.unpatch(model)
+    for entry in rows:
+        entry["delta_vs_unreduced"] = entry["top1"] - rows[0]["top1"]
+
+    lines = ["| method | GFLOPs | tokens out | top-1 % | Δ vs unreduced |", "| :--- | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['method']} | {r['gflops']:.4f} | {r['output_tokens']} | {r['top1']:.2f} | {r['delta_vs_unreduced']:+.2f} |" for r in rows]
+    header = ("Fashion-MNIST test split (10,000 images), the project's ViT (6 blocks, width 96, 4×4 patches, "
+              "trained here by evals/train_dynamicvit.py), CPU")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    record = {"setup": header, "versions": {"torch": torch.__version__, "timm": timm.__version__,
+                                           "python": platform.python_version()}, "rows": rows}
+    write_atomic(args.out_dir / "fmnist_pruning.json", json.dumps(record, indent=2) + "\n")
+    write_atomic(args.out_dir / "fmnist_pruning.md", header + "\n\n" + "\n".join(lines) + "\n")
+    plot(rows, args.out_dir / "fmnist_pruning.png")
+    return rows
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        ax.scatter(r["gflops"] * 1e3, r["top1"], s=40)
+        ax.annotate(r["method"], (r["gflops"] * 1e3, r["top1"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    ax.set_xlabel("MFLOPs per image (2 per multiply-add)")
+    ax.set_ylabel("top-1 % (Fashion-MNIST test)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""One-epoch smoke runs of the training script on a tiny ImageFolder, and checkpoint reuse."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import tokenprune
+from evals import train_dynamicvit
+from tokenprune.methods.dynamicvit import predictors
+
+pytest.importorskip("safetensors")
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("folder")
+    rng = np.random.default_rng(0)
+    for split in ("train", "validation"):
+        for label, colour in (("dark", 40), ("light", 200)):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for i in range(4):
+                pixels = np.clip(rng.normal(colour, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+COMMON = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--num-classes", "2", "--batch-size", "4",
+          "--workers", "0", "--warmup-steps", "1"]
+
+
+def test_backbone_then_predictors_then_resume(image_folder: Path, tmp_path: Path) -> None:
+    backbone = tmp_path / "backbone"
+    summary = train_dynamicvit.main(["--data", str(image_folder), *COMMON, "--method", "none", "--epochs", "1", "--out", str(backbone)])
+    assert summary["val_images"] == 8 and 0 <= summary["val_top1"] <= 100
+    assert (backbone / "model.safetensors").is_file()
+
+    run = tmp_path / "dvit"
+    args = ["--data", str(image_folder), *COMMON, "--checkpoint", str(backbone / "model.safetensors"), "--out", str(run)]
+    train_dynamicvit.main([*args, "--epochs", "1"])
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [entry["epoch"] for entry in log] == [0]
+    assert {"train_loss", "train_cls", "train_ratio", "train_distill", "train_token"} <= set(log[0])
+
+    # the backbone stayed frozen: only the predictors were written, and they load into a patched model
+    model = train_dynamicvit.create_model("vit_tiny_patch16_224", num_classes=2, img_size=32)
+    train_dynamicvit.load_weights(model, backbone / "model.safetensors")
+    tokenprune.patch(model, "dynamicvit", predictor=str(run / "predictors.safetensors"))
+    assert len(predictors(model)) == 3
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 2)
+
+    train_dynamicvit.main([*args, "--epochs", "2", "--resume"])  # continues at epoch 1
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [entry["epoch"] for entry in log] == [0, 1]
+
+
+def test_bad_checkpoint_names_the_keys(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"unexpected.weight": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
+    model = train_dynamicvit.create_model("vit_tiny_patch16_224", num_classes=2, img_size=32)
+    with pytest.raises(ValueError, match="unexpected.weight"):
+        train_dynamicvit.load_weights(model, tmp_path / "bad.safetensors")
