@@ -1,0 +1,363 @@
+"""The video ViT (VideoMAE layout) and its VideoMAE checkpoint loader: shapes, token order, the
+sin-cos table, Hugging Face / original-format conversion equivalence, strict-load errors and
+learned position-embedding resizing. CPU only, small sizes."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from tokenprune.models import (
+    VideoVisionTransformer,
+    load_videomae,
+    resize_pos_embed,
+    sincos_pos_embed,
+    video_vit_base_patch16_224,
+    video_vit_large_patch16_224,
+    video_vit_small_patch16_224,
+    videomae_config_from_transformers,
+)
+
+
+def small(**kwargs) -> VideoVisionTransformer:
+    torch.manual_seed(0)
+    return video_vit_small_patch16_224(**{"num_frames": 8, "img_size": 64, "depth": 2, **kwargs}).eval()
+
+
+def clip(batch: int = 2, frames: int = 8, size: int = 64) -> torch.Tensor:
+    return torch.randn(batch, 3, frames, size, size, generator=torch.Generator().manual_seed(1))
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@pytest.mark.parametrize("size", [64, 112])
+def test_shapes(size):
+    model = small(img_size=size)
+    grid = (4, size // 16, size // 16)
+    assert model.patch_embed.grid_size == grid and model.grid_size == grid
+    assert model.num_frames == 8 and model.tubelet_size == 2
+    num_tokens = math.prod(grid)
+    assert model.patch_embed.num_patches == num_tokens
+    x = clip(size=size)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        assert features.shape == (2, num_tokens, 384)
+        assert model.forward_head(features, pre_logits=True).shape == (2, 384)
+        assert model.forward_head(features).shape == (2, 400)
+        assert model(x).shape == (2, 400)
+
+
+def test_timm_attributes():
+    model = small()
+    assert model.attn_pool is None and model.global_pool == "avg" and not model.pool_include_prefix
+    assert model.num_prefix_tokens == 0 and model.cls_token is None
+    assert isinstance(model.patch_drop, nn.Identity) and isinstance(model.norm_pre, nn.Identity)
+    assert isinstance(model.norm, nn.Identity) and isinstance(model.fc_norm, nn.LayerNorm)
+    assert model.grad_checkpointing is False and model.dynamic_img_size is False
+    assert model.patch_embed.img_size == (64, 64) and model.patch_embed.strict_img_size
+    assert model.patch_embed.dynamic_feat_size((64, 32)) == (4, 2)
+    assert model.patch_embed.dynamic_feat_size((16, 64, 32)) == (8, 4, 2)
+    assert "pos_embed" not in model.state_dict()  # sin-cos: a non-persistent buffer
+    # VideoMAE fine-tuning ('token' pooling = no mean pooling): final norm, no fc_norm
+    token = small(global_pool="token")
+    assert isinstance(token.fc_norm, nn.Identity) and isinstance(token.norm, nn.LayerNorm)
+
+
+def test_named_configs():
+    for factory, (dim, depth, heads) in (
+        (video_vit_small_patch16_224, (384, 12, 6)),
+        (video_vit_base_patch16_224, (768, 12, 12)),
+        (video_vit_large_patch16_224, (1024, 24, 16)),
+    ):
+        with torch.device("meta"):
+            model = factory()
+        assert (model.embed_dim, len(model.blocks), model.blocks[0].attn.num_heads) == (dim, depth, heads)
+        assert model.patch_embed.grid_size == (8, 14, 14) and model.num_classes == 400
+        assert model.patch_embed.proj.kernel_size == (2, 16, 16)
+
+
+def test_wrong_clip_size_raises():
+    model = small()
+    with pytest.raises(ValueError, match="8 frames of 64x64"):
+        model(clip(frames=4))
+    with pytest.raises(ValueError, match=r"\[B, C, T, H, W\]"):
+        model(torch.randn(1, 3, 64, 64))
+
+
+@pytest.mark.parametrize("pos_embed", ["sincos", "learned"])
+def test_dynamic_clip_size(pos_embed):
+    model = small(dynamic_img_size=True, pos_embed=pos_embed)
+    with torch.no_grad():
+        assert model.forward_features(clip(frames=4, size=96)).shape == (2, 2 * 6 * 6, 384)
+        # the model's own size gives exactly the fixed-size model's output
+        fixed = small(pos_embed=pos_embed)
+        fixed.load_state_dict(model.state_dict())
+        x = clip()
+        torch.testing.assert_close(model(x), fixed(x), rtol=0, atol=0)
+
+
+def test_token_order_is_t_h_w():
+    model = small()
+    embed = model.patch_embed
+    nn.init.zeros_(embed.proj.bias)
+    frames, rows, cols = embed.grid_size
+    with torch.no_grad():
+        x = clip(batch=1)
+        tokens = embed(x)
+        conv = embed.proj(x)  # [1, C, T', H', W']
+        for t in range(frames):
+            for h in range(rows):
+                for w in range(cols):
+                    torch.testing.assert_close(tokens[0, t * rows * cols + h * cols + w], conv[0, :, t, h, w])
+        # one non-zero tubelet lights exactly the token at t·H'W' + h·W' + w
+        t, h, w = 2, 1, 3
+        x = torch.zeros(1, 3, 8, 64, 64)
+        x[:, :, 2 * t : 2 * t + 2, 16 * h : 16 * h + 16, 16 * w : 16 * w + 16] = 1.0
+        lit = embed(x).abs().sum(-1)[0].nonzero().flatten().tolist()
+    assert lit == [t * rows * cols + h * cols + w]
+
+
+def test_sincos_matches_videomae_formula():
+    num_positions, dim = 64, 384
+    # VideoMAE's code, written out: angle = p / 10000^(2·(j//2)/d); sin on even j, cos on odd j
+    expected = torch.tensor(
+        [
+            [
+                (math.sin if j % 2 == 0 else math.cos)(p / math.pow(10000, 2 * (j // 2) / dim))
+                for j in range(dim)
+            ]
+            for p in range(num_positions)
+        ],
+        dtype=torch.float64,
+    ).float()[None]
+    table = sincos_pos_embed(num_positions, dim)
+    torch.testing.assert_close(table, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(small().pos_embed, expected, rtol=0, atol=1e-6)
+    modeling = pytest.importorskip("transformers.models.videomae.modeling_videomae")
+    if hasattr(modeling, "get_sinusoid_encoding_table"):
+        torch.testing.assert_close(table, modeling.get_sinusoid_encoding_table(num_positions, dim), rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def hf_model(use_mean_pooling: bool = True):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.VideoMAEConfig(
+        image_size=64,
+        patch_size=16,
+        num_frames=8,
+        tubelet_size=2,
+        hidden_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=384,
+        num_labels=7,
+        use_mean_pooling=use_mean_pooling,
+    )
+    torch.manual_seed(0)
+    model = transformers.VideoMAEForVideoClassification(config).eval()
+    # The init zeroes biases and sets norms to 1, which would hide a misplaced bias or norm.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                param.copy_(torch.randn_like(param) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
+        model.classifier.weight.mul_(20)
+    return model
+
+
+def hf_logits(model, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(pixel_values=x.permute(0, 2, 1, 3, 4)).logits  # HF clips are [B, T, C, H, W]
+
+
+def ours_from_hf(hf) -> VideoVisionTransformer:
+    torch.manual_seed(1)
+    return VideoVisionTransformer(**videomae_config_from_transformers(hf.config)).eval()
+
+
+def to_original_names(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The original VideoMAE repo's names for a HF state dict (written independently of the loader)."""
+    out = {}
+    for key, value in hf_state.items():
+        key = key.removeprefix("videomae.")
+        if m := re.match(r"encoder\.layer\.(\d+)\.(.*)", key):
+            i, rest = m.groups()
+            if rest.startswith("attention.attention."):
+                continue  # fused below
+            rest = (
+                rest.replace("layernorm_before", "norm1")
+                .replace("layernorm_after", "norm2")
+                .replace("attention.output.dense", "attn.proj")
+                .replace("intermediate.dense", "mlp.fc1")
+                .replace("output.dense", "mlp.fc2")
+            )
+            out[f"blocks.{i}.{rest}"] = value
+            continue
+        key = key.replace("embeddings.patch_embeddings.projection", "patch_embed.proj")
+        key = key.replace("classifier", "head").replace("layernorm", "norm")
+        out[key] = value
+    layers = {int(m.group(1)) for k in hf_state if (m := re.search(r"layer\.(\d+)\.", k))}
+    for i in layers:
+        p = f"videomae.encoder.layer.{i}.attention.attention."
+        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([hf_state[p + n + ".weight"] for n in ("query", "key", "value")])
+        out[f"blocks.{i}.attn.q_bias"] = hf_state[p + "query.bias"]
+        out[f"blocks.{i}.attn.v_bias"] = hf_state[p + "value.bias"]
+    return out
+
+
+@pytest.mark.parametrize("use_mean_pooling", [True, False])
+def test_transformers_save_pretrained_matches(tmp_path, use_mean_pooling):
+    hf = hf_model(use_mean_pooling)
+    hf.save_pretrained(tmp_path)
+    model = ours_from_hf(hf)
+    result = load_videomae(model, tmp_path)
+    assert result.format == "transformers" and not result.missing_keys and not result.unexpected_keys
+    x = clip()
+    reference = hf_logits(hf, x)
+    with torch.no_grad():
+        logits = model(x)
+    assert reference.abs().max() > 1.0  # logits of a real size, so the tolerance means something
+    assert (logits - reference).abs().max() < 1e-4
+    # VideoMAE has no key bias: the fused bias is (q, 0, v)
+    dim = model.embed_dim
+    assert torch.count_nonzero(model.blocks[0].attn.qkv.bias[dim : 2 * dim]) == 0
+
+
+def test_transformers_files_and_old_bias_names(tmp_path):
+    hf = hf_model()
+    state = hf.state_dict()
+    # hub checkpoints (transformers < 5) name the biases q_bias / v_bias
+    old = {
+        k.replace("attention.attention.query.bias", "attention.attention.q_bias").replace(
+            "attention.attention.value.bias", "attention.attention.v_bias"
+        ): v
+        for k, v in state.items()
+    }
+    assert any(k.endswith("q_bias") for k in old)
+    torch.save(old, tmp_path / "pytorch_model.bin")
+    x = clip()
+    reference = hf_logits(hf, x)
+    for source in (tmp_path / "pytorch_model.bin", str(tmp_path), old):
+        model = ours_from_hf(hf)
+        load_videomae(model, source)
+        with torch.no_grad():
+            assert (model(x) - reference).abs().max() < 1e-4
+
+
+def test_original_pth_round_trip(tmp_path):
+    hf = hf_model()
+    original = to_original_names(hf.state_dict())
+    x = clip()
+    reference = hf_logits(hf, x)
+    for wrapper in ("model", "module"):
+        path = tmp_path / f"checkpoint_{wrapper}.pth"
+        # VideoMAE's training checkpoints carry the run's argparse.Namespace next to the weights
+        torch.save({wrapper: original, "epoch": 3, "args": argparse.Namespace(lr=1e-3)}, path)
+        model = ours_from_hf(hf)
+        assert load_videomae(model, path).format == "original"
+        with torch.no_grad():
+            assert (model(x) - reference).abs().max() < 1e-4
+    # and back: our weights under original names load into a fresh model exactly
+    ours = model.state_dict()
+    resaved = {}
+    for key, value in ours.items():
+        if key.endswith("attn.qkv.bias"):
+            q, _, v = value.chunk(3)
+            resaved[key.replace("qkv.bias", "q_bias")], resaved[key.replace("qkv.bias", "v_bias")] = q, v
+        else:
+            resaved[key] = value
+    fresh = ours_from_hf(hf)
+    load_videomae(fresh, resaved)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+def test_strict_load_names_missing_and_unexpected_keys():
+    hf = hf_model()
+    original = to_original_names(hf.state_dict())
+    del original["blocks.1.norm2.weight"]
+    original["blocks.0.attn.extra"] = torch.zeros(1)
+    model = ours_from_hf(hf)
+    with pytest.raises(ValueError) as error:
+        load_videomae(model, original)
+    message = str(error.value)
+    assert "missing keys (1): blocks.1.norm2.weight" in message
+    assert "unexpected keys (1): blocks.0.attn.extra" in message
+    # HF names are reported after mapping, in the model's names
+    state = hf.state_dict()
+    del state["videomae.encoder.layer.2.intermediate.dense.bias"], state["classifier.weight"]
+    with pytest.raises(ValueError, match=r"missing keys \(2\): blocks\.2\.mlp\.fc1\.bias, head\.weight"):
+        load_videomae(ours_from_hf(hf), state)
+    # a lone q bias: the fused bias is missing and the stray part is named
+    partial = to_original_names(hf.state_dict())
+    del partial["blocks.2.attn.v_bias"]
+    with pytest.raises(ValueError, match=r"missing keys \(1\): blocks\.2\.attn\.qkv\.bias\n"
+                       r"unexpected keys \(1\): blocks\.2\.attn\.q_bias"):
+        load_videomae(model, partial)
+    result = load_videomae(model, original, strict=False)
+    assert result.missing_keys == ["blocks.1.norm2.weight"] and result.unexpected_keys == ["blocks.0.attn.extra"]
+    with pytest.raises(ValueError, match="cannot tell the checkpoint format"):
+        load_videomae(model, {"foo.weight": torch.zeros(1)})
+
+
+def test_shape_mismatch_raises():
+    hf = hf_model()
+    state = hf.state_dict()
+    model = VideoVisionTransformer(**{**videomae_config_from_transformers(hf.config), "num_classes": 5})
+    with pytest.raises(ValueError, match=r"head\.weight: checkpoint \(7, 96\) vs model \(5, 96\)"):
+        load_videomae(model, state)
+
+
+# ----------------------------------------------------------------------------- learned pos-embed
+
+
+def test_learned_pos_embed_resized_on_load():
+    source = small(num_frames=4, pos_embed="learned", num_classes=3)
+    assert source.pos_embed.shape == (1, 2 * 4 * 4, 384)
+    state = source.state_dict()
+    # 8 frames: 4 temporal positions; inferred grid (2, 4, 4) from the model's spatial grid
+    target = small(num_frames=8, pos_embed="learned", num_classes=3)
+    load_videomae(target, state)
+    assert target.pos_embed.shape == (1, 4 * 4 * 4, 384)
+    expected = resize_pos_embed(state["pos_embed"], (4, 4, 4), (2, 4, 4))
+    torch.testing.assert_close(target.pos_embed.data, expected)
+    # linear in time, align_corners=False: the outer frames copy the source's, the inner blend
+    grid = target.pos_embed.data.reshape(4, 16, 384)
+    old = state["pos_embed"].reshape(2, 16, 384)
+    torch.testing.assert_close(grid[0], old[0])
+    torch.testing.assert_close(grid[3], old[1])
+    torch.testing.assert_close(grid[1], 0.75 * old[0] + 0.25 * old[1])
+    with torch.no_grad():
+        assert target(clip()).shape == (2, 3)
+
+
+def test_pos_embed_resize_space_and_time():
+    pos = torch.randn(1, 2 * 4 * 4, 8)
+    assert resize_pos_embed(pos, (2, 4, 4), (2, 4, 4)) is pos
+    out = resize_pos_embed(pos, (3, 6, 5), (2, 4, 4))
+    assert out.shape == (1, 3 * 6 * 5, 8)
+    # a grid that cannot be inferred needs pos_embed_grid
+    source = small(num_frames=4, img_size=32, pos_embed="learned")  # (2, 2, 2): 8 entries
+    target = small(num_frames=6, img_size=64, pos_embed="learned")  # (3, 4, 4)
+    state = source.state_dict()
+    with pytest.raises(ValueError, match="pos_embed_grid"):
+        load_videomae(target, state)
+    load_videomae(target, state, pos_embed_grid=(2, 2, 2))
+    assert target.pos_embed.shape == (1, 48, 384)
+
+
+def test_sincos_model_ignores_stored_table_but_not_learned_one():
+    model = small(num_classes=3)
+    state = dict(model.state_dict())
+    state["pos_embed"] = sincos_pos_embed(64, 384)  # someone saved the fixed table: dropped
+    load_videomae(model, state)
+    state["pos_embed"] = torch.randn(1, 64, 384)  # a learned one cannot go into a sin-cos model
+    with pytest.raises(ValueError, match="unexpected keys \\(1\\): pos_embed"):
+        load_videomae(model, state)
