@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._options import check_common_options
 from ..merge import TokenState, keep_top_tokens
 
 
@@ -105,6 +106,7 @@ class DynamicViTConfig:
     track_positions = False
 
     def __post_init__(self) -> None:
+        check_common_options(self)
         if not 0.0 < self.keep_ratio <= 1.0:
             raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
         if self.stages is not None:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..merge import TokenState, keep_top_tokens
+from ._options import check_common_options
 from .dynamicvit import default_stages, kept_count
 
 SCORES = ("attention", "random")
@@ -85,6 +86,7 @@ class AttentionDropConfig:
     track_positions = False
 
     def __post_init__(self) -> None:
+        check_common_options(self)
         if not 0.0 < self.keep_ratio <= 1.0:
             raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
         if self.score not in SCORES:

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from kernels import BACKENDS
-
 from ..merge import (
     TokenState,
     bipartite_best_match,
@@ -26,6 +24,7 @@ from ..merge import (
     merge_state,
 )
 from ..schedule import RSchedule, resolve_r
+from ._options import check_common_options
 
 
 def window_scores(metric: Tensor, grid: tuple[int, int], window: int) -> Tensor:
@@ -198,8 +197,7 @@ class LocalGlobalConfig:
     backend: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        check_common_options(self)
         if self.window < 2:
             raise ValueError(f"window must be at least 2, got {self.window}")
         if self.local_threshold is not None and not -1.0 <= self.local_threshold <= 1.0:

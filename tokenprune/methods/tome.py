@@ -6,10 +6,9 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from kernels import BACKENDS
-
 from ..merge import TokenState, bipartite_matching_flops, bipartite_soft_matching, max_bipartite_r, merge_state
 from ..schedule import RSchedule, resolve_r
+from ._options import check_common_options
 
 
 @dataclass(frozen=True)
@@ -65,11 +64,7 @@ class ToMeConfig:
     backend: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        for name in ("prop_attn", "trace_source"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        check_common_options(self)
 
     track_positions = False  # ToMe matches on features alone
 
