@@ -411,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--r", type=parse_schedule, help="the method's r: 16, r,inflection (16,-1) or a per-block list (8,8,4)"
     )
+    group.add_argument("--keep-ratio", type=float, help="the pruning methods' ρ (dynamicvit, evit)")
+    group.add_argument("--predictor", help="trained DynamicViT predictor weights (safetensors), for --method dynamicvit")
     group.add_argument(
         "--option",
         action="append",
@@ -447,10 +449,12 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
         if key in options:
             raise SystemExit(f"--option {key} given twice")
         options[key] = value
-    if args.r is not None:
-        if "r" in options:
-            raise SystemExit("give r either as --r or as --option r=..., not both")
-        options["r"] = args.r
+    for key in ("r", "keep_ratio", "predictor"):
+        value = getattr(args, key)
+        if value is not None:
+            if key in options:
+                raise SystemExit(f"give {key} either as --{key.replace('_', '-')} or as --option {key}=..., not both")
+            options[key] = value
     if args.method == "none" and options:
         raise SystemExit(f"--method none takes no options, got {sorted(options)}")
     return options
