@@ -129,7 +129,7 @@ def test_parse_option_and_method_options() -> None:
     with pytest.raises(SystemExit, match="takes no options"):
         imagenet.main(["--model", "vit_tiny_patch16_224", "--r", "8"])
     args = imagenet.build_parser().parse_args(
-        ["--method", "dynamicvit", "--keep-ratio", "0.5", "--predictor", "p.safetensors", "--option", "stages=(2, 4)"]
+        ["--model", "m", "--method", "dynamicvit", "--keep-ratio", "0.5", "--predictor", "p.safetensors", "--option", "stages=(2, 4)"]
     )
     assert imagenet._method_options(args) == {"keep_ratio": 0.5, "predictor": "p.safetensors", "stages": (2, 4)}
 
