@@ -7,15 +7,25 @@
 from .api import ReductionPlan, patch, plan, source, unpatch
 from .flops import FlopReport, flops
 from .merge import TokenState
-from .methods import METHODS, AttentionDropConfig, DynamicViTConfig, LocalGlobalConfig, ToMeConfig
+from .methods import (
+    METHODS,
+    AttentionDropConfig,
+    BackgroundMergeConfig,
+    DynamicViTConfig,
+    LocalGlobalConfig,
+    TemporalMergeConfig,
+    ToMeConfig,
+)
 
 __all__ = [
     "METHODS",
     "AttentionDropConfig",
+    "BackgroundMergeConfig",
     "DynamicViTConfig",
     "FlopReport",
     "LocalGlobalConfig",
     "ReductionPlan",
+    "TemporalMergeConfig",
     "ToMeConfig",
     "TokenState",
     "flops",

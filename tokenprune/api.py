@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,7 +11,11 @@ from torch import Tensor, nn
 
 from .merge import source_matrix
 from .methods import METHODS, MethodConfig
-from .patch import vit
+from .patch import video, vit
+
+# Methods whose reducers work on any token grid (they read features and, for the video methods,
+# (frame, row, col) centroids); the others assume a 2-D patch grid or a class token.
+_VIDEO_METHODS = ("tome", "temporal", "background")
 
 
 def patch(model: nn.Module, method: str | MethodConfig | None = None, **options: Any) -> nn.Module:
@@ -45,6 +50,13 @@ def patch(model: nn.Module, method: str | MethodConfig | None = None, **options:
         if options:
             raise TypeError("give options either inside the config object or as keywords with a method name, not both")
         config = method
+    if video.is_video_model(model):
+        allowed = tuple(METHODS[name] for name in _VIDEO_METHODS)
+        if not isinstance(config, allowed):
+            raise TypeError(
+                f"{type(config).__name__} does not support the video ViT (it assumes a 2-D patch grid or a class "
+                f"token); video methods: {list(_VIDEO_METHODS)}"
+            )
     reducers = config.reducers(model)
     if current is not None and type(current) is not type(config):
         vit.remove(model)
@@ -88,8 +100,12 @@ class ReductionPlan:
         return self.tokens[block] - self.removed[block]
 
 
-def patch_grid(model: nn.Module, input_size: int | tuple[int, ...]) -> tuple[int, int]:
-    """(rows, cols) of patches for an image of ``input_size`` ((H, W), (C, H, W) or an int)."""
+def patch_grid(model: nn.Module, input_size: int | tuple[int, ...]) -> tuple[int, ...]:
+    """The token grid for an input of ``input_size``: (rows, cols) for an image ((H, W),
+    (C, H, W) or an int); (frames, rows, cols) for a video model, whose ``input_size`` is
+    (T, H, W), (C, T, H, W), (H, W) or an int (then T is the model's ``num_frames``)."""
+    if video.is_video_model(model):
+        return _video_grid(model, input_size)
     if isinstance(input_size, int):
         height = width = input_size
     else:
@@ -107,10 +123,27 @@ def patch_grid(model: nn.Module, input_size: int | tuple[int, ...]) -> tuple[int
     return (int(grid[0]), int(grid[1]))
 
 
+def _video_grid(model: nn.Module, input_size: int | tuple[int, ...]) -> tuple[int, int, int]:
+    embed = model.patch_embed
+    if isinstance(input_size, int):
+        frames, height, width = embed.num_frames, input_size, input_size
+    elif len(input_size) == 2:
+        frames, (height, width) = embed.num_frames, input_size
+    else:
+        frames, height, width = input_size[-3:]
+    if not getattr(model, "dynamic_img_size", False) and (frames, height, width) != (embed.num_frames, *embed.img_size):
+        raise ValueError(
+            f"the model takes {embed.num_frames} frames of {embed.img_size[0]}x{embed.img_size[1]}, not {frames} "
+            f"frames of {height}x{width}; create it with dynamic_img_size=True for other clip sizes"
+        )
+    t, h, w = embed.dynamic_feat_size((frames, height, width))
+    return (int(t), int(h), int(w))
+
+
 def input_tokens(model: nn.Module, input_size: int | tuple[int, ...]) -> int:
-    """Tokens entering the first block for an image of ``input_size``."""
-    rows, cols = patch_grid(model, input_size)
-    return model.num_prefix_tokens + rows * cols
+    """Tokens entering the first block for an input of ``input_size`` (prefix + patches, or
+    prefix + T'·H'·W' tubelets for video)."""
+    return model.num_prefix_tokens + math.prod(patch_grid(model, input_size))
 
 
 def plan(model: nn.Module, input_size: int | tuple[int, ...]) -> ReductionPlan:

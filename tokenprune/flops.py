@@ -8,6 +8,7 @@ these figures (ViT-B/16 at 224²: 35.1 GFLOPs here, "17.6 GFLOPs" in the DeiT/To
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from torch import nn
@@ -69,7 +70,7 @@ def _head_flops(model: nn.Module, tokens: int) -> int:
 
 
 def flops(model: nn.Module, input_size: int | tuple[int, ...], batch_size: int = 1) -> FlopReport:
-    """FLOPs of ``model`` (patched or not) on ``batch_size`` images of ``input_size``."""
+    """FLOPs of ``model`` (patched or not) on ``batch_size`` images (or clips) of ``input_size``."""
     reduction = plan(model, input_size)
     protected = model.num_prefix_tokens
     per_block = tuple(
@@ -78,6 +79,7 @@ def flops(model: nn.Module, input_size: int | tuple[int, ...], batch_size: int =
     )
     embed = model.patch_embed.proj
     patches = input_tokens(model, input_size) - protected
-    embed_flops = 2 * patches * embed.out_channels * embed.in_channels * embed.kernel_size[0] * embed.kernel_size[1]
+    # Conv2d (images) or Conv3d (video tubelets): every kernel dimension counts.
+    embed_flops = 2 * patches * embed.out_channels * embed.in_channels * math.prod(embed.kernel_size)
     fixed = batch_size * (embed_flops + _head_flops(model, reduction.output_tokens))
     return FlopReport(per_block, fixed)

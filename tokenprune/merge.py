@@ -10,6 +10,7 @@ Source tracing, unmerging for dense outputs and FLOP accounting all follow from 
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -27,9 +28,11 @@ class TokenState(NamedTuple):
     source_index: [B, T_in] int64, for every input token the index of the current token that
         holds it; ``None`` unless source tracing is on.
         Dropped input tokens (pruning methods) have -1.
-    pos: [B, T, 2] float32 (row, col) centroid of the patches each token covers, in patch units
-        (prefix tokens: 0); ``None`` unless a method uses positions.
-    grid: (rows, cols) of the input patch grid, a static shape.
+    pos: [B, T, len(grid)] float32 centroid of the patches each token covers, in patch units:
+        (row, col) for images, (frame, row, col) for video (prefix tokens: 0); ``None`` unless a
+        method uses positions.
+    grid: the input patch grid, a static shape: (rows, cols) for images, (frames, rows, cols)
+        for video (frames = clip frames / tubelet).
     keep: [B, T, 1] 0/1 mask of the tokens still in play while *training* a pruning method
         (DynamicViT keeps every token in place and masks attention); ``None`` otherwise.
     decisions: the keep masks of every pruning stage so far ([B, T, 1] each), for the losses.
@@ -39,7 +42,7 @@ class TokenState(NamedTuple):
     size: Tensor | None = None
     source_index: Tensor | None = None
     pos: Tensor | None = None
-    grid: tuple[int, int] | None = None
+    grid: tuple[int, ...] | None = None
     keep: Tensor | None = None
     decisions: tuple[Tensor, ...] = ()
 
@@ -60,16 +63,16 @@ class TokenState(NamedTuple):
         return self.x.new_ones(self.x.shape[0], self.x.shape[1], 1, dtype=torch.float32)
 
 
-def grid_positions(grid: tuple[int, int], num_prefix: int, device: torch.device) -> Tensor:
-    """[P + rows·cols, 2] (row, col) of every input token in raster order; prefix tokens at 0."""
-    rows, cols = grid
-    r = torch.arange(rows, device=device, dtype=torch.float32).repeat_interleave(cols)
-    c = torch.arange(cols, device=device, dtype=torch.float32).repeat(rows)
-    return torch.cat([torch.zeros(num_prefix, 2, device=device), torch.stack([r, c], dim=-1)])
+def grid_positions(grid: tuple[int, ...], num_prefix: int, device: torch.device) -> Tensor:
+    """[P + prod(grid), len(grid)] grid coordinates of every input token in raster order ((row,
+    col) for an image grid, (frame, row, col) for a video grid); prefix tokens at 0."""
+    axes = [torch.arange(n, device=device, dtype=torch.float32) for n in grid]
+    coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(grid))
+    return torch.cat([torch.zeros(num_prefix, len(grid), device=device), coords])
 
 
 def start_state(
-    x: Tensor, trace_source: bool, grid: tuple[int, int] | None = None, track_positions: bool = False
+    x: Tensor, trace_source: bool, grid: tuple[int, ...] | None = None, track_positions: bool = False
 ) -> TokenState:
     """The state entering the first block: every token has size 1 and is its own source."""
     batch, num_tokens, _ = x.shape
@@ -78,7 +81,7 @@ def start_state(
     if track_positions:
         if grid is None:
             raise ValueError("positions need the patch grid")
-        pos = grid_positions(grid, num_tokens - grid[0] * grid[1], x.device).expand(batch, -1, -1)
+        pos = grid_positions(grid, num_tokens - math.prod(grid), x.device).expand(batch, -1, -1)
     return TokenState(x, None, source_index, pos, grid)
 
 

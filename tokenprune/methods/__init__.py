@@ -10,6 +10,7 @@ from ..patch.vit import TokenReducer
 from .dynamicvit import DynamicViTConfig, DynamicViTLoss, TokenPredictor
 from .evit import AttentionDrop, AttentionDropConfig
 from .local_global import LocalGlobalConfig, PositionalBipartiteMerge, WindowMerge
+from .temporal import BackgroundMerge, BackgroundMergeConfig, TemporalMerge, TemporalMergeConfig
 from .tome import BipartiteMerge, ToMeConfig
 
 
@@ -30,12 +31,16 @@ METHODS: dict[str, type] = {
     "local_global": LocalGlobalConfig,
     "dynamicvit": DynamicViTConfig,
     "evit": AttentionDropConfig,
+    "temporal": TemporalMergeConfig,
+    "background": BackgroundMergeConfig,
 }
 
 __all__ = [
     "METHODS",
     "AttentionDrop",
     "AttentionDropConfig",
+    "BackgroundMerge",
+    "BackgroundMergeConfig",
     "DynamicViTConfig",
     "DynamicViTLoss",
     "TokenPredictor",
@@ -43,6 +48,8 @@ __all__ = [
     "LocalGlobalConfig",
     "MethodConfig",
     "PositionalBipartiteMerge",
+    "TemporalMerge",
+    "TemporalMergeConfig",
     "ToMeConfig",
     "WindowMerge",
 ]

@@ -28,15 +28,18 @@ class TokenReducer(Protocol):
     """One block's reduction step: between its attention and its MLP (merging methods), or
     before its attention (``before_attention``, pruning predictors). ``metric`` names what the
     step reads from the block's attention: "keys" (keys averaged over heads, ToMe's metric),
-    "cls_attention" (the class token's attention to every token, averaged over heads) or None."""
+    "cls_attention" (the class token's attention to every token, averaged over heads),
+    "attention_received" (a pair: the keys as for "keys", and the attention each token receives,
+    averaged over heads and queries, [B, T]) or None."""
 
     before_attention: bool
     metric: str | None
 
     def __call__(self, state: TokenState, metric: Tensor | None) -> TokenState: ...
 
-    def num_removed(self, num_tokens: int, grid: tuple[int, int]) -> int | None:
-        """How many tokens the step removes from ``num_tokens`` on a ``grid`` of patches (for
+    def num_removed(self, num_tokens: int, grid: tuple[int, ...]) -> int | None:
+        """How many tokens the step removes from ``num_tokens`` on a ``grid`` of patches
+        ((rows, cols) for images, (frames, rows, cols) for video; for
         plans and FLOPs); ``None`` when the data decides (adaptive counts)."""
         ...
 
@@ -48,7 +51,7 @@ class TokenReducer(Protocol):
 SUPPORTED_FAMILIES = (
     "timm VisionTransformer / VisionTransformerDistilled with standard Block + Attention: "
     "ViT (class token, avg or map pooling), DeiT (incl. distilled), DeiT3, DINOv2, "
-    "register-token (*_reg*) and qk-norm variants"
+    "register-token (*_reg*) and qk-norm variants; tokenprune.models.VideoVisionTransformer (VideoMAE video ViT)"
 )
 
 
@@ -98,6 +101,11 @@ def attend(
         if bias is not None:
             logits = logits + bias[..., :1, :]
         return out, logits.softmax(dim=-1).mean(dim=1)[:, 0]
+    if metric == "attention_received":
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias
+        return out, (k.mean(dim=1), logits.softmax(dim=-1).mean(dim=(1, 2)))
     return out, None
 
 
@@ -204,7 +212,7 @@ class ReducingViT:
                 f"the model takes {expected[0]}x{expected[1]} images, got {x.shape[-2]}x{x.shape[-1]}; "
                 "create it with dynamic_img_size=True to vary the input size (tokenprune keeps no state between calls)"
             )
-        grid = tuple(self.patch_embed.dynamic_feat_size(x.shape[-2:]))
+        grid = self._token_grid(x)
         x = self.patch_embed(x)
         x = self._pos_embed(x)
         x = self.patch_drop(x)
@@ -220,6 +228,10 @@ class ReducingViT:
             if on_block is not None:
                 on_block(i, state)
         return state._replace(x=self.norm(state.x))
+
+    def _token_grid(self, x: Tensor) -> tuple[int, ...]:
+        """The static patch grid of the input: (rows, cols) for images."""
+        return tuple(int(n) for n in self.patch_embed.dynamic_feat_size(x.shape[-2:]))
 
     def forward_features(
         self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False, unmerge: bool = False

@@ -1,0 +1,329 @@
+"""Kinetics-400 evaluation of a (token-reduced) video ViT.
+
+    python -m evals.kinetics --data /data/k400/val --checkpoint videomae-base-finetuned-kinetics \\
+        --model video_vit_base_patch16_224 --method tome --r 64
+    python -m evals.kinetics --labels-file val.csv --data /data/k400 --single-view ...
+
+**Data.** ``--data DIR`` with one sub-folder per class (classes = sorted folder names), or
+``--labels-file CSV`` with ``path,label`` rows (optional header; label an int or a class name
+from ``--classes FILE``, one name per line, line order = index; relative paths resolve against
+``--data``, else the CSV's folder). Videos are decoded with PyAV (every frame, RGB).
+
+**Protocol.** VideoMAE's Kinetics test protocol by default: 16 frames with a stride of 4 (a
+64-frame span), the short side resized to 224, ``--clips 5`` temporal clips evenly spaced over
+the video × ``--crops 3`` spatial 224² crops along the long side (left/top, centre,
+right/bottom); the logits of the 15 views are averaged. ``--single-view``: one centre clip,
+one centre crop. Frames past the end of a short video repeat the last frame (as VideoMAE);
+videos with fewer frames than one clip span are listed as ``too_short`` (and still evaluated).
+Undecodable videos are listed as ``failed``, counted, and scored as wrong in ``top1_all``.
+
+**Output.** top-1 / top-5 over the decoded videos, JSON in ``evals/results/`` (atomic write),
+GFLOPs per view from ``tokenprune.flops``, and model-only throughput on random clips, measured
+apart from decoding (``evals.bench.measure_throughput``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+import tokenprune
+from evals.bench import measure_throughput, write_atomic
+from tokenprune.schedule import parse_schedule
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg")
+MEAN = (0.485, 0.456, 0.406)  # VideoMAE normalises with the ImageNet statistics
+STD = (0.229, 0.224, 0.225)
+
+Samples = list[tuple[str, int]]
+
+
+# ------------------------------------------------------------------------------------- data
+
+
+def samples_from_folder(root: Path) -> tuple[Samples, list[str]]:
+    """One sub-folder per class (sorted names = class indices); videos found recursively."""
+    if not root.is_dir():
+        raise SystemExit(f"--data {root} is not a folder")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    samples = [
+        (str(path), label)
+        for label, name in enumerate(classes)
+        for path in sorted((root / name).rglob("*"))
+        if path.suffix.lower() in VIDEO_EXTENSIONS
+    ]
+    return samples, classes
+
+
+def samples_from_csv(csv_path: Path, root: Path | None = None, classes: Sequence[str] = ()) -> Samples:
+    """``path,label`` rows; a first row whose label is neither an int nor a known class is a header."""
+    index = {name: i for i, name in enumerate(classes)}
+    base = root if root is not None else csv_path.parent
+    samples: Samples = []
+    with open(csv_path, newline="") as handle:
+        for row_number, row in enumerate(csv.reader(handle)):
+            if not row or not row[0].strip():
+                continue
+            if len(row) < 2:
+                raise SystemExit(f"{csv_path}:{row_number + 1}: expected 'path,label', got {row!r}")
+            path, label = row[0].strip(), row[1].strip()
+            if label in index:
+                value = index[label]
+            else:
+                try:
+                    value = int(label)
+                except ValueError:
+                    if row_number == 0:
+                        continue  # header
+                    raise SystemExit(f"{csv_path}:{row_number + 1}: label {label!r} is not an int or a known class")
+            full = Path(path) if Path(path).is_absolute() else base / path
+            samples.append((str(full), value))
+    return samples
+
+
+def decode_video(path: str) -> np.ndarray:
+    """Every frame of the first video stream as uint8 RGB, [T, H, W, 3]. Raises on failure."""
+    import av
+
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+    if not frames:
+        raise ValueError("no frames decoded")
+    return np.stack(frames)
+
+
+def clip_indices(num_video_frames: int, num_frames: int, stride: int, num_clips: int) -> list[list[int]]:
+    """Frame indices of ``num_clips`` clips of ``num_frames`` frames ``stride`` apart, their start
+    points evenly spaced from the first to the last possible start (VideoMAE's test sampling; one
+    clip: the centre). Indices past the end repeat the last frame."""
+    span = num_frames * stride
+    room = max(num_video_frames - span, 0)
+    if num_clips == 1:
+        starts = [room // 2]
+    else:
+        starts = [int(i * room / (num_clips - 1)) for i in range(num_clips)]
+    last = num_video_frames - 1
+    return [[min(start + k * stride, last) for k in range(num_frames)] for start in starts]
+
+
+def crop_offsets(length: int, crop: int, num_crops: int) -> list[int]:
+    """Offsets of ``num_crops`` crops along one axis: centre for one, else evenly from 0 to the end."""
+    room = max(length - crop, 0)
+    if num_crops == 1:
+        return [room // 2]
+    return [int(round(i * room / (num_crops - 1))) for i in range(num_crops)]
+
+
+def make_views(
+    frames: np.ndarray, num_frames: int, stride: int, num_clips: int, num_crops: int, size: int
+) -> Tensor:
+    """[clips·crops, 3, num_frames, size, size] normalised float views of a decoded video:
+    short side resized to ``size`` (bilinear, antialiased), crops along the long side."""
+    views = []
+    for indices in clip_indices(len(frames), num_frames, stride, num_clips):
+        clip = torch.from_numpy(frames[indices]).permute(0, 3, 1, 2).float()  # [T, 3, H, W]
+        height, width = clip.shape[-2:]
+        scale = size / min(height, width)
+        new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
+        clip = F.interpolate(clip, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+        clip = (clip / 255.0 - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+        along_height = new_h > new_w
+        for offset in crop_offsets(max(new_h, new_w), size, num_crops):
+            if along_height:
+                view = clip[:, :, offset : offset + size, (new_w - size) // 2 : (new_w - size) // 2 + size]
+            else:
+                view = clip[:, :, (new_h - size) // 2 : (new_h - size) // 2 + size, offset : offset + size]
+            views.append(view.permute(1, 0, 2, 3))  # [3, T, size, size]
+    return torch.stack(views)
+
+
+class Item(NamedTuple):
+    views: Tensor | None  # [V, 3, T, S, S], None when the video could not be decoded
+    label: int
+    index: int
+    num_frames: int  # decoded frames (0 when failed)
+    error: str | None
+
+
+class VideoDataset(Dataset):
+    def __init__(self, samples: Samples, num_frames: int, stride: int, clips: int, crops: int, size: int) -> None:
+        self.samples, self.num_frames, self.stride = samples, num_frames, stride
+        self.clips, self.crops, self.size = clips, crops, size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Item:
+        path, label = self.samples[index]
+        try:
+            frames = decode_video(path)
+            views = make_views(frames, self.num_frames, self.stride, self.clips, self.crops, self.size)
+        except Exception as error:  # noqa: BLE001 - every unreadable video is reported, none stops the run
+            return Item(None, label, index, 0, f"{type(error).__name__}: {error}")
+        return Item(views, label, index, len(frames), None)
+
+
+def collate(items: Sequence[Item]) -> list[Item]:
+    return list(items)
+
+
+# ------------------------------------------------------------------------------------- model
+
+
+def build_model(args: argparse.Namespace) -> torch.nn.Module:
+    from tokenprune import models
+
+    factory = getattr(models, args.model, None)
+    if factory is None or not args.model.startswith("video_vit_"):
+        raise SystemExit(f"unknown --model {args.model!r}; choose one of the video_vit_* factories in tokenprune.models")
+    model = factory(num_frames=args.num_frames, img_size=args.img_size, num_classes=args.num_classes)
+    if args.checkpoint:
+        models.load_videomae(model, args.checkpoint)
+    if args.method != "none":
+        options = dict(args.option)
+        if args.r is not None:
+            options["r"] = args.r
+        tokenprune.patch(model, args.method, **options)
+    return model.eval()
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--option needs key=value, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device, views_per_batch: int, span: int,
+             progress: bool = True) -> dict[str, Any]:
+    """Top-1/top-5 over decodable videos (view logits averaged); failed/too-short lists."""
+    correct1 = correct5 = seen = 0
+    failed: list[dict[str, Any]] = []
+    too_short: list[dict[str, Any]] = []
+    dataset = loader.dataset
+    bar = tqdm(total=len(dataset), desc="videos", unit="video", disable=not progress, file=sys.stderr)
+    with torch.inference_mode():
+        for items in loader:
+            for item in items:
+                path = dataset.samples[item.index][0]
+                if item.views is None:
+                    failed.append({"path": path, "error": item.error})
+                    continue
+                if item.num_frames < span:
+                    too_short.append({"path": path, "frames": item.num_frames})
+                logits = torch.cat([model(chunk.to(device)) for chunk in item.views.split(views_per_batch)])
+                mean = logits.float().mean(dim=0)
+                top = mean.topk(min(5, mean.numel())).indices.tolist()
+                correct1 += int(top[0] == item.label)
+                correct5 += int(item.label in top)
+                seen += 1
+            bar.update(len(items))
+            bar.set_postfix(top1=f"{100 * correct1 / max(seen, 1):.1f}")
+    bar.close()
+    total = len(dataset)
+    return {
+        "videos": total,
+        "evaluated": seen,
+        "top1": 100 * correct1 / seen if seen else None,
+        "top5": 100 * correct5 / seen if seen else None,
+        "top1_all": 100 * correct1 / total if total else None,
+        "num_failed": len(failed),
+        "failed": failed,
+        "num_too_short": len(too_short),
+        "too_short": too_short,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tokenprune import METHODS
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, help="folder per class, or the root for --labels-file")
+    parser.add_argument("--labels-file", type=Path, help="CSV of path,label rows")
+    parser.add_argument("--classes", type=Path, help="class names, one per line (label names in the CSV)")
+    parser.add_argument("--limit", type=int, help="only the first N videos")
+    parser.add_argument("--workers", type=int, default=4, help="DataLoader decoding workers (default 4)")
+    parser.add_argument("--model", default="video_vit_base_patch16_224")
+    parser.add_argument("--checkpoint", help="VideoMAE checkpoint (file or save_pretrained folder)")
+    parser.add_argument("--num-classes", type=int, default=400)
+    parser.add_argument("--num-frames", type=int, default=16)
+    parser.add_argument("--stride", type=int, default=4, help="frame sampling stride (default 4)")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--clips", type=int, default=5, help="temporal clips per video (default 5)")
+    parser.add_argument("--crops", type=int, default=3, help="spatial crops per clip (default 3)")
+    parser.add_argument("--single-view", action="store_true", help="one centre clip × one centre crop")
+    parser.add_argument("--method", default="none", choices=["none", *sorted(METHODS)])
+    parser.add_argument("--r", type=parse_schedule, help="the method's r")
+    parser.add_argument("--option", type=parse_option, action="append", default=[], help="method option key=value")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--views-per-batch", type=int, default=15, help="views per forward (default 15)")
+    parser.add_argument("--throughput-batch", type=int, default=8, help="clips per timed forward (0: skip)")
+    parser.add_argument("--runs", type=int, default=10, help="timed throughput passes")
+    parser.add_argument("--output", type=Path, help="JSON path (default evals/results/kinetics_<model>_<method>.json)")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    if args.single_view:
+        args.clips = args.crops = 1
+    classes = Path(args.classes).read_text().split("\n") if args.classes else []
+    classes = [c.strip() for c in classes if c.strip()]
+    if args.labels_file:
+        samples = samples_from_csv(args.labels_file, args.data, classes)
+    elif args.data:
+        samples, classes = samples_from_folder(args.data)
+    else:
+        raise SystemExit("give --data (a folder per class) or --labels-file")
+    if args.limit:
+        samples = samples[: args.limit]
+    device = torch.device(args.device)
+    model = build_model(args).to(device)
+    dataset = VideoDataset(samples, args.num_frames, args.stride, args.clips, args.crops, args.img_size)
+    loader = DataLoader(dataset, batch_size=1, num_workers=args.workers, collate_fn=collate)
+    result: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": args.model,
+        "checkpoint": args.checkpoint,
+        "method": args.method,
+        "options": {**dict(args.option), **({"r": args.r} if args.r is not None else {})},
+        "protocol": {"frames": args.num_frames, "stride": args.stride, "size": args.img_size, "clips": args.clips,
+                     "crops": args.crops, "views_averaged": "logits"},
+        "gflops_per_view": tokenprune.flops(model, (args.num_frames, args.img_size, args.img_size)).gflops,
+    }
+    result.update(evaluate(model, loader, device, args.views_per_batch, args.num_frames * args.stride,
+                           progress=not args.no_progress))
+    if args.throughput_batch > 0:
+        clips = torch.randn(args.throughput_batch, 3, args.num_frames, args.img_size, args.img_size, device=device)
+        timing = measure_throughput(model, clips, warmup=2, runs=args.runs)
+        result["throughput"] = {"clips_per_s": timing["images_per_s"], "median_s": timing["median_s"],
+                                "batch": args.throughput_batch, "device": str(device)}
+    output = args.output or Path("evals/results") / f"kinetics_{args.model}_{args.method}.json"
+    write_atomic(output, json.dumps(result, indent=2, default=str) + "\n")
+    top1 = result["top1"]
+    print(f"top-1 {top1 if top1 is None else f'{top1:.2f}'} on {result['evaluated']}/{result['videos']} videos "
+          f"({result['num_failed']} failed, {result['num_too_short']} too short) → {output}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

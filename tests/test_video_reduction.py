@@ -1,0 +1,235 @@
+"""Token reduction on the video ViT: joint space-time ToMe, temporal merging, background merging."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import tokenprune
+from tokenprune.merge import grid_positions, source_matrix
+from tokenprune.models import VideoVisionTransformer, video_vit_small_patch16_224
+from tokenprune.patch.vit import attend
+
+FRAMES, SIZE = 8, 64
+GRID = (FRAMES // 2, SIZE // 16, SIZE // 16)  # (T', H', W') = (4, 4, 4)
+NUM_TOKENS = GRID[0] * GRID[1] * GRID[2]
+
+VARIANTS = {
+    "tome": dict(r=6),
+    "temporal": dict(r=6, window=1),
+    "background": dict(early_blocks=1, early_r=16, r=4),
+}
+IDENTITY = {
+    "tome": dict(r=0),
+    "temporal": dict(r=0),
+    "background": dict(early_r=0, r=0),
+}
+
+
+def make_model(depth: int = 3, seed: int = 0, **kwargs) -> VideoVisionTransformer:
+    torch.manual_seed(seed)
+    model = video_vit_small_patch16_224(num_frames=FRAMES, img_size=SIZE, depth=depth, num_classes=10, **kwargs)
+    return model.eval().requires_grad_(False)
+
+
+def make_clip(batch: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, FRAMES, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def clip() -> torch.Tensor:
+    return make_clip()
+
+
+@pytest.mark.parametrize("method", sorted(IDENTITY))
+def test_zero_reduction_is_bit_identical(method, clip):
+    model = make_model()
+    reference = model(clip)
+    tokenprune.patch(model, method, **IDENTITY[method])
+    assert torch.equal(model(clip), reference)
+    state = model.forward_tokens(clip)
+    assert state.grid == GRID and state.num_tokens == NUM_TOKENS
+    tokenprune.unpatch(model)
+    assert type(model) is VideoVisionTransformer
+    assert torch.equal(model(clip), reference)
+
+
+@pytest.mark.parametrize("method", sorted(VARIANTS))
+def test_sizes_and_sources(method, clip):
+    model = make_model()
+    tokenprune.patch(model, method, trace_source=True, **VARIANTS[method])
+    state = model.forward_tokens(clip)
+    plan = tokenprune.plan(model, (FRAMES, SIZE, SIZE))
+    assert state.num_tokens == plan.output_tokens < NUM_TOKENS
+    sizes = state.size[..., 0]
+    assert torch.equal(sizes.sum(dim=1), torch.full((clip.shape[0],), float(NUM_TOKENS)))
+    # every input token lies in exactly one output token, every output token covers ≥ 1 input token
+    source = tokenprune.source(model)
+    assert source.shape == (clip.shape[0], state.num_tokens, NUM_TOKENS)
+    assert torch.equal(source.sum(dim=1), torch.ones(clip.shape[0], NUM_TOKENS, dtype=source.dtype))
+    assert torch.equal(source.sum(dim=2).float(), sizes)
+    assert model(clip).shape == (clip.shape[0], 10)
+
+
+@pytest.mark.parametrize("method", sorted(VARIANTS))
+def test_plan_matches_actual_token_counts(method, clip):
+    model = make_model(depth=4)
+    tokenprune.patch(model, method, **VARIANTS[method])
+    plan = tokenprune.plan(model, (FRAMES, SIZE, SIZE))
+    counts: list[int] = []
+    model._run_blocks(clip, None, False, False, on_block=lambda i, s: counts.append(s.num_tokens))
+    assert counts == [plan.tokens_after(i) for i in range(4)]
+    assert plan.tokens[0] == tokenprune.api.input_tokens(model, (FRAMES, SIZE, SIZE)) == NUM_TOKENS
+
+
+@pytest.mark.parametrize("method", [None, *sorted(VARIANTS)])
+def test_flops_match_flop_counter(method, clip):
+    model = make_model()
+    if method is not None:
+        tokenprune.patch(model, method, **VARIANTS[method])
+    with FlopCounterMode(display=False) as counter:
+        model(clip)
+    assert tokenprune.flops(model, (FRAMES, SIZE, SIZE), batch_size=clip.shape[0]).total == counter.get_total_flops()
+
+
+def test_input_size_forms_and_conv3d_embed_flops():
+    model = make_model(depth=1)
+    for size in (SIZE, (SIZE, SIZE), (FRAMES, SIZE, SIZE), (3, FRAMES, SIZE, SIZE)):
+        assert tokenprune.api.patch_grid(model, size) == GRID
+    with pytest.raises(ValueError, match="frames"):
+        tokenprune.api.patch_grid(model, (FRAMES * 2, SIZE, SIZE))
+    embed = tokenprune.flops(model, SIZE).embed_and_head - 2 * 384 * 10
+    assert embed == 2 * NUM_TOKENS * 384 * 3 * 2 * 16 * 16  # tubelet 2×16×16 Conv3d
+    dynamic = make_model(depth=1, dynamic_img_size=True)
+    assert tokenprune.api.patch_grid(dynamic, (16, 32, 48)) == (8, 2, 3)
+    assert tokenprune.plan(dynamic, (16, 32, 48)).tokens == (48,)
+
+
+def test_dynamic_clip_size_runs_with_3d_grid():
+    model = make_model(dynamic_img_size=True)
+    tokenprune.patch(model, "temporal", r=[4])
+    clip = torch.randn(1, 3, 4, 48, 32)
+    state = model.forward_tokens(clip)
+    assert state.grid == (2, 3, 2)
+    assert state.num_tokens == tokenprune.plan(model, (4, 48, 32)).output_tokens
+
+
+def test_temporal_merges_only_neighbouring_frames_within_window(clip):
+    window = 1
+    model = make_model(depth=2)
+    tokenprune.patch(model, "temporal", r=[20], window=window, trace_source=True)
+    state = model.forward_tokens(clip)
+    coords = grid_positions(GRID, 0, clip.device)  # (frame, row, col) of every input token
+    source = source_matrix(state.source_index, state.num_tokens).bool()
+    merged = 0
+    for b in range(clip.shape[0]):
+        representatives = []
+        for members in source[b]:
+            index = members.nonzero()[:, 0]
+            frames = coords[index, 0]
+            if len(index) == 1:
+                representatives.append(int(index[0]))
+                continue
+            merged += len(index) - 1
+            odd = index[frames % 2 == 1]
+            assert len(odd) == 1, "exactly one destination (odd-frame) token per merged group"
+            anchor = coords[odd[0]]
+            for member in index[frames % 2 == 0]:
+                assert (coords[member, 0] - anchor[0]).abs() == 1, "merged across non-adjacent frames"
+                assert (coords[member, 1:] - anchor[1:]).abs().max() <= window, "merged outside the window"
+            representatives.append(int(odd[0]))
+        assert representatives == sorted(representatives), "tokens must keep their (frame, row, col) order"
+    assert merged == 20 * clip.shape[0]
+    # centroids are the size-weighted means of the covered input positions
+    expected = source.float() @ coords / source.sum(-1, keepdim=True)
+    torch.testing.assert_close(state.pos, expected)
+
+
+def test_temporal_multi_block_stays_local(clip):
+    blocks, window = 4, 1
+    model = make_model(depth=blocks)
+    tokenprune.patch(model, "temporal", r=6, window=window, trace_source=True)
+    state = model.forward_tokens(clip)
+    assert state.num_tokens == NUM_TOKENS - 6 * blocks
+    coords = grid_positions(GRID, 0, clip.device)
+    source = source_matrix(state.source_index, state.num_tokens).bool()
+    for b in range(clip.shape[0]):
+        for members in source[b]:
+            span = coords[members.nonzero()[:, 0]]
+            extent = span.amax(0) - span.amin(0)
+            # each merge joins tokens whose centroids are ≤ 1.5 frames / ≤ window patches apart
+            assert extent[0] <= 1.5 * blocks and extent[1:].max() <= 2 * window * blocks
+
+
+def test_temporal_window_zero_and_missing_partners(clip):
+    model = make_model(depth=1)
+    # window 0, one block: only same-position tokens of the neighbouring frame can merge, and
+    # all 32 even-frame tokens have one, so r=32 (the cap) merges all of them.
+    tokenprune.patch(model, "temporal", r=32, window=0, trace_source=True)
+    model(clip)
+    source = tokenprune.source(model).bool()
+    assert (source.sum(-1) - 1).sum() == 32 * clip.shape[0]
+    coords = grid_positions(GRID, 0, clip.device)
+    for group in source.flatten(0, 1):
+        members = coords[group.nonzero()[:, 0]]
+        assert (members[:, 1:] == members[0, 1:]).all(), "window 0 merges the same spatial position only"
+    # a single tubelet frame has no neighbouring frame: refuse rather than merge outside the rule
+    dynamic = make_model(depth=1, dynamic_img_size=True)
+    tokenprune.patch(dynamic, "temporal", r=2)
+    with pytest.raises(ValueError, match="fewer than"):
+        dynamic(torch.randn(1, 3, 2, SIZE, SIZE))
+
+
+def test_background_merges_least_attended_tokens(clip):
+    model = make_model(depth=1)
+    tokenprune.patch(model, "background", early_blocks=1, early_r=10, r=0, trace_source=True)
+    block = model.blocks[0]
+    x = model._pos_embed(model.patch_embed(clip))
+    _, (keys, received) = attend(block.attn, block.norm1(x), None, metric="attention_received")
+    torch.testing.assert_close(received.sum(-1), torch.ones(clip.shape[0]))
+    state = model.forward_tokens(clip)
+    source = tokenprune.source(model)
+    assert state.num_tokens == NUM_TOKENS - 10
+    least = received.argsort(dim=-1)[:, :10]
+    for b in range(clip.shape[0]):
+        owner = source[b].argmax(0)  # output token of every input token
+        members = source[b].sum(-1)
+        # each least-attended token shares its output token with another (its partner)
+        assert all(members[owner[i]] >= 2 for i in least[b].tolist())
+        assert members.sum() == NUM_TOKENS
+
+
+@pytest.mark.parametrize("method", sorted(VARIANTS))
+def test_compile_fullgraph(method, clip):
+    model = make_model(depth=2)
+    tokenprune.patch(model, method, **VARIANTS[method])
+    eager = model(clip)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(clip), eager)
+
+
+def test_unsupported_methods_and_intermediates_raise_clearly(clip):
+    model = make_model(depth=1)
+    with pytest.raises(TypeError, match="video"):
+        tokenprune.patch(model, "local_global")
+    assert type(model) is VideoVisionTransformer
+    tokenprune.patch(model, r=2)
+    with pytest.raises(NotImplementedError, match="video"):
+        model.forward_intermediates(clip)
+    full = model.forward_features(clip, unmerge=True)
+    assert full.shape == (clip.shape[0], NUM_TOKENS, 384)
+
+
+def test_temporal_needs_video_model():
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", depth=1, num_classes=0)
+    with pytest.raises(TypeError, match="video"):
+        tokenprune.patch(model, "temporal", r=2)
+
+
+def test_image_grid_positions_unchanged():
+    pos = grid_positions((2, 3), 1, torch.device("cpu"))
+    expected = torch.tensor([[0, 0], [0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]], dtype=torch.float32)
+    assert torch.equal(pos, expected)

@@ -1,0 +1,235 @@
+"""Video token merging: across neighbouring frames (``"temporal"``) and early merging of the
+least-attended tokens (``"background"``), for :class:`tokenprune.models.VideoVisionTransformer`.
+
+Both express their matching as ``dest`` and use the size-weighted :func:`~tokenprune.merge.merge_state`
+like every other method, so sizes, proportional attention, size-weighted pooling and source
+maps work as for images. Both keep the surviving tokens in their order (a merged token takes
+the place of the token it merged into), so tokens stay in (frame, row, col) order.
+
+Joint space-time ToMe over all tokens (the ToMe paper's video setting) needs no new code: it is
+``method="tome"`` on the video model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..merge import TokenState, max_bipartite_r, merge_state
+from ..schedule import RSchedule, resolve_r
+from ._options import check_common_options
+from .tome import BipartiteMerge
+
+# Centroid tolerances: merged centroids are size-weighted means computed in float32.
+_EPS = 1e-4
+
+
+def ordered_dest(is_src: Tensor, partner: Tensor, num_protected: int) -> Tensor:
+    """``dest`` that removes the tokens flagged in ``is_src`` ([B, N] bool over the tokens after
+    the prefix) into their ``partner`` ([B, N] int64 body index, read where ``is_src``; a partner
+    must not itself be a source) and keeps every other token in its order."""
+    p = num_protected
+    batch, device = is_src.shape[0], is_src.device
+    slot = (~is_src).cumsum(dim=1) - 1 + p
+    body = torch.where(is_src, slot.gather(1, partner), slot)
+    prefix = torch.arange(p, device=device).expand(batch, -1)
+    return torch.cat([prefix, body], dim=1)
+
+
+def _not_compiling() -> bool:
+    return not torch.compiler.is_compiling()
+
+
+def temporal_scores(metric: Tensor, pos: Tensor, window: float, max_frame_gap: float = 1.5) -> Tensor:
+    """[B, N, N] cosine similarity of the tokens' ``metric`` ([B, N, D], no prefix), −inf except
+    from an A token (its centroid frame rounds to an even frame) to a B token (odd frame) whose
+    centroid frame is at most ``max_frame_gap`` away and whose spatial centroid is within
+    ``window`` patches in both row and column. ``pos`` [B, N, 3] are (frame, row, col) centroids."""
+    unit = metric.float()
+    unit = unit / unit.norm(dim=-1, keepdim=True)
+    scores = unit @ unit.transpose(-1, -2)
+    frame = pos[..., 0]
+    is_a = torch.remainder(torch.floor(frame + 0.5), 2) == 0
+    gap = (frame[:, :, None] - frame[:, None, :]).abs()
+    spatial = (pos[:, :, None, 1:] - pos[:, None, :, 1:]).abs().amax(dim=-1)
+    allowed = is_a[:, :, None] & ~is_a[:, None, :] & (gap <= max_frame_gap + _EPS) & (spatial <= window + _EPS)
+    return scores.masked_fill(~allowed, float("-inf"))
+
+
+@dataclass(frozen=True)
+class TemporalMerge:
+    """One block's temporal step: every token whose centroid frame is even (set A) may merge into
+    its most similar token of a neighbouring odd frame (set B) within ``window`` patches; the
+    ``r`` best pairs merge (several A tokens may join one B token, as in ToMe). B tokens are only
+    destinations, so every token has at most one merge partner and ``dest`` is valid.
+
+    The count is static (compile-friendly); if a clip has fewer than ``r`` A tokens with any
+    valid partner the step raises (in eager mode) instead of merging outside the window.
+    """
+
+    r: int
+    window: int
+    num_protected: int
+    backend: str = "auto"
+    before_attention = False
+    metric = "keys"
+
+    def num_removed(self, num_tokens: int, grid: tuple[int, ...] | None = None) -> int:
+        if grid is not None and len(grid) != 3:
+            raise ValueError(f"temporal merging needs a video token grid (frames, rows, cols), got {grid}")
+        return min(self.r, max_bipartite_r(num_tokens, self.num_protected))
+
+    def matching_flops(self, num_tokens: int, attn: nn.Module) -> int:
+        n = num_tokens - self.num_protected
+        return 2 * n * n * attn.head_dim if self.num_removed(num_tokens) else 0
+
+    def __call__(self, state: TokenState, metric: Tensor) -> TokenState:
+        r = self.num_removed(state.num_tokens, state.grid)
+        if r == 0:
+            return state
+        if state.pos is None:
+            raise ValueError("temporal merging needs token positions (track_positions)")
+        p = self.num_protected
+        scores = temporal_scores(metric[:, p:], state.pos[:, p:], self.window)
+        best_score, best_b = scores.max(dim=-1)
+        order = best_score.argsort(dim=-1, descending=True, stable=True)[:, :r]
+        if _not_compiling() and bool(best_score.gather(1, order).isneginf().any()):
+            raise ValueError(
+                f"temporal merging: fewer than r={r} tokens have a partner in a neighbouring frame within "
+                f"{self.window} patches; lower r for this block"
+            )
+        is_src = torch.zeros_like(best_score, dtype=torch.bool).scatter_(1, order, True)
+        dest = ordered_dest(is_src, best_b, p)
+        return merge_state(state, dest, state.num_tokens - r, self.backend)
+
+
+@dataclass(frozen=True)
+class BackgroundMerge:
+    """One block's early step: the ``r`` tokens that receive the least attention per patch
+    (attention from all tokens, averaged over heads and queries, divided by the token's size)
+    merge into their most similar (cosine of the keys) remaining token."""
+
+    r: int
+    num_protected: int
+    backend: str = "auto"
+    before_attention = False
+    metric = "attention_received"
+
+    def num_removed(self, num_tokens: int, grid: tuple[int, ...] | None = None) -> int:
+        return min(self.r, max(num_tokens - self.num_protected - 1, 0))
+
+    def matching_flops(self, num_tokens: int, attn: nn.Module) -> int:
+        r = self.num_removed(num_tokens)
+        if r == 0:
+            return 0
+        n = num_tokens - self.num_protected
+        # the attention map for the importance (q·kᵀ over all heads) + sources × all tokens
+        return 2 * num_tokens * num_tokens * attn.attn_dim + 2 * r * n * attn.head_dim
+
+    def __call__(self, state: TokenState, metric: tuple[Tensor, Tensor]) -> TokenState:
+        r = self.num_removed(state.num_tokens)
+        if r == 0:
+            return state
+        p = self.num_protected
+        keys, received = metric
+        importance = received[:, p:].float()
+        if state.size is not None:
+            importance = importance / state.size[:, p:, 0]
+        src = importance.argsort(dim=-1, stable=True)[:, :r]
+        is_src = torch.zeros_like(importance, dtype=torch.bool).scatter_(1, src, True)
+        unit = keys[:, p:].float()
+        unit = unit / unit.norm(dim=-1, keepdim=True)
+        a = unit.gather(1, src.unsqueeze(-1).expand(-1, -1, unit.shape[-1]))
+        scores = (a @ unit.transpose(-1, -2)).masked_fill(is_src[:, None, :], float("-inf"))
+        partner = src.new_zeros(importance.shape).scatter_(1, src, scores.argmax(dim=-1))
+        dest = ordered_dest(is_src, partner, p)
+        return merge_state(state, dest, state.num_tokens - r, self.backend)
+
+
+@dataclass(frozen=True)
+class TemporalMergeConfig:
+    """Merge static content across neighbouring frames of a video ViT.
+
+    In each block with a non-zero count, tokens are matched only against tokens of the
+    neighbouring frame (centroid frames of opposite parity, at most 1.5 frames apart) within
+    ``window`` patches in row and column, by cosine similarity of the attention keys, and the
+    ``r`` most similar pairs merge (size-weighted). Static background collapses across time
+    while moving content, which changes between frames, is kept. Every token carries its
+    (frame, row, col) centroid; ``tokenprune.source(model)`` shows which frames a token spans.
+
+    Args:
+        r: temporal merges per block: an int, ``(r, inflection)`` or a per-block list (0 or
+            missing entries: the block keeps its tokens). Capped like ToMe at half the tokens.
+            Only even-frame tokens merge (into odd-frame ones), so the total over all blocks
+            should stay below about half the tokens (ViT-B, 16×224²: 784); a block that
+            finds fewer than r valid pairs raises instead of breaking the frame/window rule.
+        window: spatial search radius in patches (default 1: the 3×3 neighbourhood).
+        prop_attn, trace_source, backend: as in :class:`~tokenprune.ToMeConfig`.
+    """
+
+    r: RSchedule = 32
+    window: int = 1
+    prop_attn: bool = True
+    trace_source: bool = False
+    backend: str = "auto"
+
+    track_positions = True
+
+    def __post_init__(self) -> None:
+        check_common_options(self)
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
+            raise ValueError(f"window must be a non-negative int (patches), got {self.window!r}")
+
+    def reducers(self, model: nn.Module) -> list[TemporalMerge | None]:
+        grid = getattr(model.patch_embed, "grid_size", ())
+        if len(grid) != 3:
+            raise TypeError("method 'temporal' needs a video model with a (frames, rows, cols) token grid")
+        counts = resolve_r(self.r, len(model.blocks))
+        p = model.num_prefix_tokens
+        return [TemporalMerge(n, self.window, p, self.backend) if n > 0 else None for n in counts]
+
+
+@dataclass(frozen=True)
+class BackgroundMergeConfig:
+    """Merge unimportant (background) tokens aggressively early, then merge like ToMe.
+
+    In the first ``early_blocks`` blocks, the ``early_r`` tokens that receive the least
+    attention per patch merge into their most similar remaining token; every later block runs
+    ToMe's bipartite merging with ``r``.
+
+    Args:
+        early_blocks: how many leading blocks merge by importance (default 2).
+        early_r: tokens merged per early block (default 256: about a third of the 1568 tokens
+            of a 16-frame 224² clip over the two blocks).
+        r: ToMe merges per later block: an int, ``(r, inflection)`` over the later blocks or a
+            per-later-block list.
+        prop_attn, trace_source, backend: as in :class:`~tokenprune.ToMeConfig`.
+    """
+
+    early_blocks: int = 2
+    early_r: int = 256
+    r: RSchedule = 48
+    prop_attn: bool = True
+    trace_source: bool = False
+    backend: str = "auto"
+
+    track_positions = False
+
+    def __post_init__(self) -> None:
+        check_common_options(self)
+        for name in ("early_blocks", "early_r"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+
+    def reducers(self, model: nn.Module) -> list[BackgroundMerge | BipartiteMerge | None]:
+        depth = len(model.blocks)
+        if self.early_blocks > depth:
+            raise ValueError(f"early_blocks={self.early_blocks} exceeds the model's {depth} blocks")
+        p = model.num_prefix_tokens
+        early = [BackgroundMerge(self.early_r, p, self.backend) if self.early_r > 0 else None] * self.early_blocks
+        later = [BipartiteMerge(n, p, self.backend) if n > 0 else None for n in resolve_r(self.r, depth - self.early_blocks)]
+        return early + later
+

@@ -1,0 +1,42 @@
+"""Patch for tokenprune's video ViT (:class:`tokenprune.models.VideoVisionTransformer`, VideoMAE's
+joint space-time model): the same reducing blocks and token state as the image ViT, with a 3-D
+token grid (frames, rows, cols) so that positions, plans and FLOPs follow the tubelets.
+
+Importing this module registers the class in :data:`tokenprune.patch.vit.PATCHED_CLASSES`
+(``tokenprune.api`` imports it, so ``tokenprune.patch(video_model, ...)`` just works).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from ..models.video_vit import VideoVisionTransformer
+from . import vit
+from .vit import ReducingViT
+
+
+class ReducingVideoVisionTransformer(ReducingViT, VideoVisionTransformer):
+    """:class:`VideoVisionTransformer` with token reduction. ``TokenState.grid`` is
+    (T', H', W') and token positions are (frame, row, col) centroids in token-grid units."""
+
+    def _token_grid(self, x: Tensor) -> tuple[int, ...]:
+        if x.ndim != 5:
+            raise ValueError(f"expected a clip [B, C, T, H, W], got shape {tuple(x.shape)}")
+        return tuple(int(n) for n in self.patch_embed.dynamic_feat_size(tuple(x.shape[-3:])))
+
+    def forward_intermediates(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(
+            "forward_intermediates is not implemented for the video ViT; use "
+            "model.forward_features(clip, unmerge=True) for the full [B, T'·H'·W', C] token grid"
+        )
+
+
+def is_video_model(model: object) -> bool:
+    """Whether ``model`` is (or was, before patching) a video ViT with a 3-D token grid."""
+    return isinstance(model, VideoVisionTransformer)
+
+
+vit.PATCHED_CLASSES[VideoVisionTransformer] = ReducingVideoVisionTransformer
+vit._ORIGINAL_CLASSES[ReducingVideoVisionTransformer] = VideoVisionTransformer
