@@ -58,41 +58,61 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(prog="python -m evals.fmnist_pruning", description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="Fashion-MNIST idx folder (see evals/fashion_mnist.py)")
     parser.add_argument("--backbone", type=Path, default=CHECKPOINTS / "fmnist_vit.safetensors")
-    parser.add_argument("--predictor", type=Path, default=CHECKPOINTS / "fmnist_vit_dynamicvit.safetensors")
+    parser.add_argument(
+        "--dynamicvit",
+        type=Path,
+        default=CHECKPOINTS / "fmnist_vit_dynamicvit.safetensors",
+        help="DynamicViT weights: predictors only (backbone frozen) or a whole fine-tuned model",
+    )
     parser.add_argument("--keep-ratio", type=float, nargs="+", default=[0.7])
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
     loader = DataLoader(FashionMNIST(args.data, "test"), batch_size=500)
-    model = create_model("fmnist_vit")
-    load_weights(model, args.backbone)
-    img_size = model.patch_embed.img_size[0]
 
-    def row(label: str, method: str, **options: Any) -> dict[str, Any]:
-        if method == "none":
-            tokenprune.patch(model, "tome", r=0)  # bit-identical to the unpatched model
-        else:
-            tokenprune.patch(model, method, **options)
+    def backbone() -> torch.nn.Module:
+        model = create_model("fmnist_vit")
+        load_weights(model, args.backbone)
+        return model
+
+    img_size = backbone().patch_embed.img_size[0]
+
+    def measure(label: str, model: torch.nn.Module) -> dict[str, Any]:
         result = {
             "method": label,
             "gflops": tokenprune.flops(model, img_size).gflops,
             "output_tokens": tokenprune.plan(model, img_size).output_tokens,
             "top1": top1(model, loader),
         }
-        print(f"{label:42s} {result['gflops']:.4f} GFLOPs  {result['output_tokens']:3d} tokens  top-1 {result['top1']:.2f}")
+        print(f"{label:44s} {result['gflops']:.4f} GFLOPs  {result['output_tokens']:3d} tokens  top-1 {result['top1']:.2f}")
         return result
 
-    rows = [row("unreduced", "none")]
+    def row(label: str, method: str, **options: Any) -> dict[str, Any]:
+        return measure(label, tokenprune.patch(backbone(), method, **options))
+
+    def dynamicvit_row(rho: float) -> dict[str, Any]:
+        from safetensors import safe_open
+
+        with safe_open(str(args.dynamicvit), "pt") as handle:
+            whole_model = "patch_embed.proj.weight" in handle.keys()
+        if whole_model:  # DynamicViT's recipe: backbone fine-tuned together with the predictors
+            model = tokenprune.patch(create_model("fmnist_vit"), "dynamicvit", keep_ratio=rho)
+            load_weights(model, args.dynamicvit)
+            label = f"learned dropping (DynamicViT, fine-tuned) ρ={rho}"
+        else:
+            model = tokenprune.patch(backbone(), "dynamicvit", keep_ratio=rho, predictor=str(args.dynamicvit))
+            label = f"learned dropping (DynamicViT, frozen) ρ={rho}"
+        return measure(label, model)
+
+    rows = [row("unreduced", "tome", r=0)]  # r=0 is bit-identical to the unpatched model
     for rho in args.keep_ratio:
-        learned = row(f"learned dropping (DynamicViT) ρ={rho}", "dynamicvit", keep_ratio=rho, predictor=str(args.predictor))
+        learned = dynamicvit_row(rho)
         rows.append(learned)
         rows.append(row(f"attention dropping (EViT, fused) ρ={rho}", "evit", keep_ratio=rho, fuse=True))
         rows.append(row(f"attention dropping (no fusion) ρ={rho}", "evit", keep_ratio=rho, fuse=False))
         rows.append(row(f"random dropping ρ={rho}", "evit", keep_ratio=rho, fuse=False, score="random"))
-        tokenprune.unpatch(model)
-        r = nearest_tome_r(model, img_size, learned["gflops"])
+        r = nearest_tome_r(backbone(), img_size, learned["gflops"])
         rows.append(row(f"ToMe r={format_schedule(r)} (matched GFLOPs)", "tome", r=r))
-        tokenprune.unpatch(model)
     for entry in rows:
         entry["delta_vs_unreduced"] = entry["top1"] - rows[0]["top1"]
 

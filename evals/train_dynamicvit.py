@@ -12,7 +12,8 @@
 
 DynamicViT (Sec. 3.5): the student is the backbone patched with prediction modules; the teacher
 is the same backbone unpatched (frozen); the loss is :class:`DynamicViTLoss`. Each epoch writes
-``predictors.safetensors`` (or ``model.safetensors`` with ``--method none``), ``train_state.pt``
+``predictors.safetensors``, ``model.safetensors`` (the whole model, with ``--method none`` or
+``--train-backbone``), ``train_state.pt``
 (optimizer, schedule, epoch: ``--resume``) and a line of ``train_log.jsonl``. Load trained
 predictors with ``tokenprune.patch(model, "dynamicvit", predictor=PATH)``.
 """
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     state_path = args.out / "train_state.pt"
     if args.resume and state_path.is_file():
         saved = torch.load(state_path, map_location=device, weights_only=True)
-        if args.method == "none":
+        if args.method == "none" or args.train_backbone:
             load_weights(model, args.out / "model.safetensors")
         else:
             tokenprune.patch(model, predictor=str(args.out / "predictors.safetensors"))
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             step += 1
             for name, value in terms.items():
                 totals[name] = totals.get(name, 0.0) + float(value.detach())
-            bar.set_postfix(loss=f"{float(terms['loss']):.3f}")
+            bar.set_postfix(loss=f"{float(terms['loss'].detach()):.3f}")
         correct, seen = evaluate(model, val_loader, device, dtype)
         summary = {
             "epoch": epoch,
@@ -238,11 +239,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "epoch_s": time.perf_counter() - started,
         }
         if rank == 0:
-            if args.method == "none":
+            if args.method == "none" or args.train_backbone:
+                # the whole model (with its predictors, if any): load into a patched model
                 from safetensors.torch import save_file
 
                 save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(args.out / "model.safetensors"))
-            else:
+            if args.method == "dynamicvit":
                 save_predictors(model, args.out / "predictors.safetensors")
             torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch, "step": step}, state_path)
             with open(args.out / "train_log.jsonl", "a") as log:
