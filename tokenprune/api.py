@@ -13,10 +13,6 @@ from .merge import source_matrix
 from .methods import METHODS, MethodConfig
 from .patch import video, vit
 
-# Methods whose reducers work on any token grid (they read features and, for the video methods,
-# (frame, row, col) centroids); the others assume a 2-D patch grid or a class token.
-_VIDEO_METHODS = ("tome", "temporal", "background")
-
 
 def patch(model: nn.Module, method: str | MethodConfig | None = None, **options: Any) -> nn.Module:
     """Make ``model`` reduce tokens, in place, and return it.
@@ -50,13 +46,12 @@ def patch(model: nn.Module, method: str | MethodConfig | None = None, **options:
         if options:
             raise TypeError("give options either inside the config object or as keywords with a method name, not both")
         config = method
-    if video.is_video_model(model):
-        allowed = tuple(METHODS[name] for name in _VIDEO_METHODS)
-        if not isinstance(config, allowed):
-            raise TypeError(
-                f"{type(config).__name__} does not support the video ViT (it assumes a 2-D patch grid or a class "
-                f"token); video methods: {list(_VIDEO_METHODS)}"
-            )
+    if video.is_video_model(model) and not getattr(config, "supports_video", False):
+        video_methods = [name for name, cls in METHODS.items() if getattr(cls, "supports_video", False)]
+        raise TypeError(
+            f"{type(config).__name__} does not support the video ViT (it assumes a 2-D patch grid or a class "
+            f"token); video methods: {video_methods}"
+        )
     reducers = config.reducers(model)
     if current is not None and type(current) is not type(config):
         vit.remove(model)

@@ -12,7 +12,7 @@ keeps the total r·depth (inflection -1 = ToMe's "decreasing schedule", +1 incre
 constant); or an explicit per-block list (shorter lists are padded with zeros)."""
 
 
-def _check_count(value: object, what: str) -> int:
+def check_count(value: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{what} must be a non-negative int, got {value!r} ({type(value).__name__})")
     if value < 0:
@@ -27,7 +27,7 @@ def resolve_r(r: RSchedule, depth: int) -> tuple[int, ...]:
         if len(r) != 2:
             raise TypeError(f"a tuple r must be (r, inflection), got {r!r}; give a per-block schedule as a list")
         base, inflection = r
-        base = _check_count(base, "r")
+        base = check_count(base, "r")
         if isinstance(inflection, bool) or not isinstance(inflection, numbers.Real):
             raise TypeError(f"the inflection of (r, inflection) must be a number in [-1, 1], got {inflection!r}")
         if not -1.0 <= inflection <= 1.0:
@@ -39,14 +39,14 @@ def resolve_r(r: RSchedule, depth: int) -> tuple[int, ...]:
         step = (last - first) / (depth - 1) if depth > 1 else 0.0
         return tuple(int(first + step * i) for i in range(depth))
     if isinstance(r, Sequence) and not isinstance(r, str):
-        counts = [_check_count(v, f"r[{i}]") for i, v in enumerate(r)]
+        counts = [check_count(v, f"r[{i}]") for i, v in enumerate(r)]
         if len(counts) > depth:
             raise ValueError(
                 f"the r schedule has {len(counts)} entries but the model has {depth} blocks; "
                 f"give at most one entry per block"
             )
         return tuple(counts) + (0,) * (depth - len(counts))
-    return (_check_count(r, "r"),) * depth
+    return (check_count(r, "r"),) * depth
 
 
 def parse_schedule(text: str) -> RSchedule:

@@ -20,6 +20,7 @@ class MethodConfig(Protocol):
     prop_attn: bool
     trace_source: bool
     track_positions: bool  # whether reducers need token centroids (TokenState.pos)
+    supports_video: bool  # whether it works on a (frames, rows, cols) token grid (default False)
 
     def reducers(self, model: nn.Module) -> list[TokenReducer | None]:
         """One reducer per block (``None`` where the block keeps all its tokens)."""

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..merge import TokenState, max_bipartite_r, merge_state
-from ..schedule import RSchedule, resolve_r
+from ..schedule import RSchedule, check_count, resolve_r
 from ._options import check_common_options
 from .tome import BipartiteMerge
 
@@ -176,11 +176,11 @@ class TemporalMergeConfig:
     backend: str = "auto"
 
     track_positions = True
+    supports_video = True
 
     def __post_init__(self) -> None:
         check_common_options(self)
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
-            raise ValueError(f"window must be a non-negative int (patches), got {self.window!r}")
+        check_count(self.window, "window (patches)")
 
     def reducers(self, model: nn.Module) -> list[TemporalMerge | None]:
         grid = getattr(model.patch_embed, "grid_size", ())
@@ -216,13 +216,12 @@ class BackgroundMergeConfig:
     backend: str = "auto"
 
     track_positions = False
+    supports_video = True
 
     def __post_init__(self) -> None:
         check_common_options(self)
         for name in ("early_blocks", "early_r"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+            check_count(getattr(self, name), name)
 
     def reducers(self, model: nn.Module) -> list[BackgroundMerge | BipartiteMerge | None]:
         depth = len(model.blocks)

@@ -67,6 +67,7 @@ class ToMeConfig:
         check_common_options(self)
 
     track_positions = False  # ToMe matches on features alone
+    supports_video = True  # joint space-time merging (ToMe's video setting)
 
     def reducers(self, model: nn.Module) -> list[BipartiteMerge | None]:
         counts = resolve_r(self.r, len(model.blocks))
