@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 import tokenprune
 from tokenprune.merge import TokenState
@@ -20,7 +19,7 @@ from tokenprune.methods.dynamicvit import (
     save_predictors,
 )
 from tokenprune.patch.vit import attend, keep_bias
-from tests.test_patch import image, make
+from tests.test_patch import counted_flops, image, make
 
 
 def test_default_stages_scale_with_depth() -> None:
@@ -192,9 +191,7 @@ def test_attention_scores_pick_the_attended_tokens() -> None:
 @pytest.mark.parametrize("method", ["dynamicvit", "evit"])
 def test_flops_agree_with_flop_counter(method: str) -> None:
     model = tokenprune.patch(make("registers").requires_grad_(False), method)
-    with FlopCounterMode(display=False) as counter:
-        model(image())
-    assert tokenprune.flops(model, 224, batch_size=2).total == counter.get_total_flops()
+    assert tokenprune.flops(model, 224, batch_size=2).total == counted_flops(model, image())
 
 
 def test_compiles_fullgraph_in_inference() -> None:

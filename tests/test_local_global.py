@@ -9,7 +9,7 @@ import torch
 import tokenprune
 from tokenprune.merge import merge_state, start_state, unmerge
 from tokenprune.methods.local_global import PositionalBipartiteMerge, WindowMerge, window_dest, window_scores
-from tests.test_patch import image, make
+from tests.test_patch import counted_flops, image, make
 
 
 def tiled(grid: tuple[int, int], window: int, values: torch.Tensor) -> torch.Tensor:
@@ -179,12 +179,8 @@ def test_compiles_fullgraph() -> None:
 
 
 def test_flops_agree_with_flop_counter() -> None:
-    from torch.utils.flop_counter import FlopCounterMode
-
     model = tokenprune.patch(make("registers").requires_grad_(False), "local_global", r=6, pos_weight=1.0)
-    with FlopCounterMode(display=False) as counter:
-        model(image())
-    assert tokenprune.flops(model, 224, batch_size=2).total == counter.get_total_flops()
+    assert tokenprune.flops(model, 224, batch_size=2).total == counted_flops(model, image())
 
 
 def test_dynamic_image_size() -> None:
