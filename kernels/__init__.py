@@ -2,10 +2,13 @@
 
 * :mod:`kernels.match` — ``best_match(a, b)``: ToMe's "most similar B token for every A token"
   (``(a @ b.T).max(-1)``) fused into one kernel that never writes the [Na, Nb] score matrix.
+* :mod:`kernels.attention` — ``attention(q, k, v, key_bias, scale)``: flash attention with
+  ToMe's proportional-attention bias (log of the token sizes) built in, tiled to the (short)
+  length of merged sequences; the reference is PyTorch SDPA with the bias as a mask.
 * :mod:`kernels.merge` — ``merge_wavg_triton(x, size, dest, num_out)``: the size-weighted merge
   of ``tokenprune.merge.merge_wavg``, deterministic (no atomics), with a gather backward.
 
-``best_match`` and ``merge_wavg`` take ``backend="auto" | "triton" | "torch"``: "auto" runs
+``attention``, ``best_match`` and ``merge_wavg`` take ``backend="auto" | "triton" | "torch"``: "auto" runs
 Triton on CUDA tensors when triton imports and the reference otherwise; "triton" forces the
 kernel (on CPU only under ``TRITON_INTERPRET=1``, which is how the tests run it).
 
@@ -19,12 +22,16 @@ correct.
 
 from __future__ import annotations
 
+from kernels.attention import attention, attention_reference, attention_triton
 from kernels._triton import BACKENDS, HAS_TRITON, INTERPRET, triton_usable, use_triton
 from kernels.match import best_match, best_match_reference, best_match_triton
 from kernels.merge import merge_wavg, merge_wavg_reference, merge_wavg_triton
 
 __all__ = [
     "BACKENDS",
+    "attention",
+    "attention_reference",
+    "attention_triton",
     "HAS_TRITON",
     "INTERPRET",
     "best_match",

@@ -20,6 +20,8 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from kernels import attention
+
 from ..merge import TokenState, start_state
 from ..merge import unmerge as unmerge_tokens
 
@@ -62,26 +64,38 @@ def attend(
     attn_mask: Tensor | None = None,
     is_causal: bool = False,
     metric: str | None = None,
+    *,
+    key_bias: Tensor | None = None,
+    backend: str | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """timm ``Attention.forward`` plus an additive bias, also returning a reduction metric.
 
-    The bias carries proportional attention (ToMe Eq. 1: softmax(qkᵀ/√d + log s)) or a
-    training keep mask into fused SDPA, so the fast kernel is kept. ``metric`` "keys" returns
-    the keys (after ``k_norm``) averaged over heads, ToMe's choice; "cls_attention" the class
-    token's attention weights averaged over heads (EViT), [B, T]. Mirrors timm 1.0's op order
-    exactly, so an unreduced model is bit-identical.
+    Two kinds of bias: ``bias``, any additive [B, 1|H, T, T] mask (DynamicViT's training keep
+    mask), and ``key_bias``, one [B, T] float32 value per key (proportional attention, ToMe
+    Eq. 1: softmax(qkᵀ/√d + log s) with ``key_bias = log s``). With ``backend`` set (the
+    tokens have been merged), fused attention runs :func:`kernels.attention`, which takes the
+    key bias without a T×T mask and tiles short sequences tightly; with ``backend=None`` it is
+    timm's SDPA call. ``metric`` "keys" returns the keys (after ``k_norm``) averaged over heads,
+    ToMe's choice; "cls_attention" the class token's attention weights averaged over heads
+    (EViT), [B, T]. Mirrors timm 1.0's op order exactly, so an unreduced model is bit-identical.
     """
     batch, num_tokens, _ = x.shape
     gate = attn.gate(x).sigmoid() if attn.gate is not None else None
     qkv = attn.qkv(x).reshape(batch, num_tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
+    dropout = attn.attn_drop.p if attn.training else 0.0
+    use_kernel = (
+        attn.fused_attn and backend is not None and bias is None and attn_mask is None and not is_causal and dropout == 0.0
+    )
+    if bias is None and key_bias is not None:
+        bias = key_bias[:, None, None, :].to(x.dtype)  # the same bias as a mask, for the other paths
     if bias is not None:
         attn_mask = bias  # merged tokens never carry a user mask: reduce_model refuses that case
-    if attn.fused_attn:
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=attn.attn_drop.p if attn.training else 0.0, is_causal=is_causal
-        )
+    if use_kernel:
+        out = attention(q, k, v, key_bias, attn.scale, backend)
+    elif attn.fused_attn:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal)
     else:
         weights = (q * attn.scale) @ k.transpose(-2, -1)
         if is_causal:
@@ -139,6 +153,7 @@ class ReducingBlock(Block):
 
     reducer: TokenReducer | None
     prop_attn: bool
+    backend: str  # where attention over merged tokens runs (kernels.attention)
 
     def forward(  # type: ignore[override]
         self, state: TokenState, attn_mask: Tensor | None = None, is_causal: bool = False
@@ -148,12 +163,19 @@ class ReducingBlock(Block):
             state = reducer(state, None)
             reducer = None
         x = state.x
-        if state.keep is not None:
-            bias = keep_bias(state.keep, x.dtype)
-        else:
-            bias = size_bias(state.size, x.dtype) if self.prop_attn else None
+        bias = keep_bias(state.keep, x.dtype) if state.keep is not None else None
+        merged = state.size is not None
+        key_bias = state.size.log().squeeze(-1) if merged and self.prop_attn else None
         attn_out, metric = attend(
-            self.attn, self.norm1(x), bias, attn_mask, is_causal, reducer.metric if reducer is not None else None
+            self.attn,
+            self.norm1(x),
+            bias,
+            attn_mask,
+            is_causal,
+            reducer.metric if reducer is not None else None,
+            key_bias=key_bias,
+            # Merged tokens: attention on the kernel built for them. Unmerged: timm's exact call.
+            backend=self.backend if merged else None,
         )
         x = x + self.drop_path1(self.ls1(attn_out))
         state = state._replace(x=x)
@@ -378,6 +400,7 @@ def apply(model: nn.Module, config: Any, reducers: list[TokenReducer | None]) ->
         block.__class__ = ReducingBlock
         block.reducer = reducer
         block.prop_attn = config.prop_attn
+        block.backend = getattr(config, "backend", "auto")
 
 
 def remove(model: nn.Module) -> None:
@@ -386,7 +409,7 @@ def remove(model: nn.Module) -> None:
     _drop_attributes(model, ("tokenprune_config", "_tokenprune_source"))
     for block in model.blocks:
         block.__class__ = Block
-        _drop_attributes(block, ("reducer", "prop_attn"))
+        _drop_attributes(block, ("reducer", "prop_attn", "backend"))
 
 
 def _drop_attributes(module: nn.Module, names: tuple[str, ...]) -> None:

@@ -1,0 +1,242 @@
+"""Attention over merged tokens: softmax(q·kᵀ·scale + log s) v, with the size bias built in.
+
+Proportional attention (ToMe, Bolya et al. 2023, Eq. 1) adds ``log s_j`` — the log of how many
+patches key token j stands for — to every attention logit. Library fused kernels take it only
+as a generic ``attn_mask``: flash attention refuses one, and the kernels that accept one read a
+mask tensor broadcast to [B, H, T, T]. On an H100 (bf16, ViT-B shapes, measured in
+``evals/results/``) that makes attention about 3× slower than without the bias, more than
+merging saves. Library kernels also tile the sequence in blocks of 128 rows, so a block with 21
+merged tokens costs as much as one with 128.
+
+The kernel here is flash attention (online softmax, nothing of size T×T in memory) with
+the bias as one [B, T] vector read per key tile, and tiles sized to the sequence (16 to 64):
+short merged sequences cost what they compute. It writes the output directly in the
+[B, T, H, D] layout that the attention's output projection reads, so the usual
+``transpose(1, 2).reshape`` after attention is free.
+
+Inference only: the Triton path has no backward; when gradients are needed
+:func:`attention` takes the reference (PyTorch SDPA, which is differentiable).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kernels._triton import HAS_TRITON, block_size, check_device, next_power_of_2, tl, triton, use_triton
+
+__all__ = ["attention", "attention_reference", "attention_triton"]
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# "auto" takes the kernel for half precision only: fp32 would need IEEE dots (no TF32), where
+# the library kernels are as good.
+_AUTO_DTYPES = (torch.float16, torch.bfloat16)
+# Without a bias, cuDNN's fused attention beats this kernel from about 100 tokens up (H100,
+# bf16, B=256, 12 heads × 64: 63 vs 102 µs at 101 tokens, 58 vs 46 µs at 53, 57 vs 26 µs at
+# 21); with the bias this kernel wins at every length (275 vs 489 µs at 197 tokens).
+_AUTO_MAX_TOKENS_WITHOUT_BIAS = 64
+
+
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor | None, scale: float) -> Tensor:
+    """softmax(q kᵀ · scale + key_bias) v through PyTorch SDPA: the definition the kernel is
+    tested against, and the path that supports autograd.
+
+    Args:
+        q, k, v: [B, H, T, D] (any strides). key_bias: [B, T] float32 added to the logits of
+            every query for key j (proportional attention: log of the token sizes), or None.
+        scale: logit scale, usually D ** -0.5.
+    Returns:
+        [B, H, T, D] in q's dtype.
+    """
+    mask = None if key_bias is None else key_bias[:, None, None, :].to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _attention_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        bias_ptr,
+        out_ptr,
+        num_heads,
+        num_tokens,
+        head_dim,
+        qk_scale,
+        stride_q_batch,
+        stride_q_head,
+        stride_q_token,
+        stride_q_dim,
+        stride_k_batch,
+        stride_k_head,
+        stride_k_token,
+        stride_k_dim,
+        stride_v_batch,
+        stride_v_head,
+        stride_v_token,
+        stride_v_dim,
+        stride_bias_batch,
+        stride_out_batch,
+        stride_out_head,
+        stride_out_token,
+        HAS_BIAS: tl.constexpr,
+        EXACT_DOTS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        # Grid: (query tiles, batch × heads). Each program owns BLOCK_M queries of one head and
+        # streams every key/value tile through an online softmax (exp2 domain: logits are
+        # pre-multiplied by log2(e), so exp2 gives the same weights with a cheaper instruction).
+        LOG2E: tl.constexpr = 1.4426950408889634
+        batch_head = tl.program_id(1)
+        batch = (batch_head // num_heads).to(tl.int64)  # int64: batch * stride may exceed 2**31
+        head = (batch_head % num_heads).to(tl.int64)
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        valid_m = rows < num_tokens
+        dims = tl.arange(0, BLOCK_D)
+        valid_d = dims < head_dim
+
+        q_base = q_ptr + batch * stride_q_batch + head * stride_q_head
+        k_base = k_ptr + batch * stride_k_batch + head * stride_k_head
+        v_base = v_ptr + batch * stride_v_batch + head * stride_v_head
+        q = tl.load(
+            q_base + rows[:, None] * stride_q_token + dims[None, :] * stride_q_dim,
+            mask=valid_m[:, None] & valid_d[None, :],
+            other=0.0,
+        )
+
+        row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        row_sum = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start in range(0, num_tokens, BLOCK_N):
+            keys = start + tl.arange(0, BLOCK_N)
+            valid_n = keys < num_tokens
+            # K is loaded already transposed ([D, N]) through its strides: no copy of kᵀ.
+            k_t = tl.load(
+                k_base + keys[None, :] * stride_k_token + dims[:, None] * stride_k_dim,
+                mask=valid_d[:, None] & valid_n[None, :],
+                other=0.0,
+            )
+            if EXACT_DOTS:  # fp32 inputs (and the CPU interpreter): IEEE fp32, never TF32
+                logits = tl.dot(q.to(tl.float32), k_t.to(tl.float32), input_precision="ieee")
+            else:  # fp16/bf16 operands on the tensor cores, fp32 accumulation
+                logits = tl.dot(q, k_t)
+            logits = logits * qk_scale
+            if HAS_BIAS:
+                bias = tl.load(bias_ptr + batch * stride_bias_batch + keys, mask=valid_n, other=0.0)
+                logits += bias[None, :] * LOG2E
+            logits = tl.where(valid_n[None, :], logits, float("-inf"))
+
+            new_max = tl.maximum(row_max, tl.max(logits, axis=1))
+            weights = tl.math.exp2(logits - new_max[:, None])
+            rescale = tl.math.exp2(row_max - new_max)  # 0 on the first tile (row_max = -inf)
+            row_sum = row_sum * rescale + tl.sum(weights, axis=1)
+            v = tl.load(
+                v_base + keys[:, None] * stride_v_token + dims[None, :] * stride_v_dim,
+                mask=valid_n[:, None] & valid_d[None, :],
+                other=0.0,
+            )
+            acc = acc * rescale[:, None]
+            if EXACT_DOTS:
+                acc = tl.dot(weights, v.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(weights.to(v.dtype), v, acc)
+            row_max = new_max
+
+        out = acc / row_sum[:, None]
+        out_base = out_ptr + batch * stride_out_batch + head * stride_out_head
+        tl.store(
+            out_base + rows[:, None] * stride_out_token + dims[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=valid_m[:, None] & valid_d[None, :],
+        )
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor | None) -> None:
+    if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must be [B, H, T, D] of one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not q.dtype == k.dtype == v.dtype or q.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"q, k, v must share one of float32/float16/bfloat16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if key_bias is not None:
+        batch, _, tokens, _ = q.shape
+        if key_bias.shape != (batch, tokens):
+            raise ValueError(f"key_bias must be [B, T] = {(batch, tokens)}, got {tuple(key_bias.shape)}")
+        if key_bias.dtype != torch.float32:
+            raise TypeError(f"key_bias must be float32 (log sizes), got {key_bias.dtype}")
+
+
+def attention_triton(q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor | None, scale: float) -> Tensor:
+    """Triton attention with a per-key bias; same contract as :func:`attention_reference`.
+
+    q, k, v may be strided views (e.g. the unbound ``qkv`` projection): strides go to the
+    kernel, nothing is copied. The result is a [B, H, T, D] view of a [B, T, H, D] tensor, so
+    ``out.transpose(1, 2).reshape(B, T, H * D)`` needs no copy. No autograd.
+    """
+    _check_inputs(q, k, v, key_bias)
+    check_device(q, k, v, *(() if key_bias is None else (key_bias,)))
+    batch, heads, tokens, dim = q.shape
+    out = torch.empty(batch, tokens, heads, dim, device=q.device, dtype=q.dtype)
+    if out.numel() == 0:
+        return out.transpose(1, 2)
+    if key_bias is not None and key_bias.stride(1) != 1:
+        key_bias = key_bias.contiguous()
+
+    # Tiles sized to the sequence: a 21-token block runs 32×32 tiles, not 128×128.
+    block_m = block_size(tokens, 16, 64)
+    block_n = block_size(tokens, 16, 64)
+    block_d = max(16, next_power_of_2(dim))
+    exact = q.dtype == torch.float32 or not q.is_cuda  # the interpreter mis-reads half dots
+    grid = (triton.cdiv(tokens, block_m), batch * heads)
+    _attention_kernel[grid](
+        q,
+        k,
+        v,
+        q if key_bias is None else key_bias,  # a placeholder pointer when there is no bias
+        out,
+        heads,
+        tokens,
+        dim,
+        scale * math.log2(math.e),
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        0 if key_bias is None else key_bias.stride(0),
+        out.stride(0),
+        out.stride(2),
+        out.stride(1),
+        HAS_BIAS=key_bias is not None,
+        EXACT_DOTS=exact,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        num_warps=4,
+        num_stages=2,
+    )
+    return out.transpose(1, 2)
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor | None, scale: float, backend: str = "auto"
+) -> Tensor:
+    """softmax(q kᵀ · scale + key_bias) v (see :func:`attention_reference`) on the backend
+    chosen by ``use_triton``. "auto" takes the kernel for fp16/bf16 CUDA tensors that need no
+    gradient, and SDPA otherwise (fp32, CPU, training, and sequences over 64 tokens without
+    a bias, where the library kernels are faster). Under ``torch.compile`` it is always SDPA."""
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if torch.compiler.is_compiling():
+        # torch.compile (2.11) fails to trace this kernel's launch (the match and merge kernels
+        # trace fine); compiled models take SDPA, which Inductor handles itself.
+        return attention_reference(q, k, v, key_bias, scale)
+    if backend == "auto" and key_bias is None and q.shape[2] > _AUTO_MAX_TOKENS_WITHOUT_BIAS:
+        return attention_reference(q, k, v, key_bias, scale)
+    dtypes = _AUTO_DTYPES if backend == "auto" else _SUPPORTED_DTYPES
+    tensors = (q, k, v) if key_bias is None else (q, k, v, key_bias)
+    if not needs_grad and q.dtype in dtypes and use_triton(backend, *tensors):
+        return attention_triton(q, k, v, key_bias, scale)
+    return attention_reference(q, k, v, key_bias, scale)
