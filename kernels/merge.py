@@ -4,7 +4,8 @@ The reference (:func:`merge_wavg_reference`) uses ``scatter_add_``, which on CUD
 atomics in whatever order threads arrive: the result can change in the last bits from run to
 run. In the kernel
 each output token is produced by exactly one program that sums its members itself, in input
-order, in float32; the inverse of ``dest`` (which inputs go to which output) is built once per
+order, in float32 (a program owns a tile of output tokens and walks their member lists
+side by side); the inverse of ``dest`` (which inputs go to which output) is built once per
 call with a stable sort. Same input → same bits, on every run.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels._triton import HAS_TRITON, block_size, check_device, tl, triton, use_triton
+from kernels._triton import HAS_TRITON, INTERPRET, check_device, tl, triton, use_triton
 
 __all__ = ["merge_wavg", "merge_wavg_reference", "merge_wavg_triton"]
 
@@ -38,8 +39,27 @@ def merge_wavg_reference(x: Tensor, size: Tensor, dest: Tensor, num_out: int) ->
     return (merged / new_size).to(x.dtype), new_size
 
 
+def _merge_configs() -> list:
+    """Tile shapes to choose from, per (num_out, channels): one output row of ≤ 1024 channels
+    per program (many tiny programs, wide loads) up to 16 rows × 256 channels. Which wins
+    depends on the GPU and the shape, so Triton times them on the first call of each shape.
+    The interpreter (CPU tests) takes one small tile that still spans several tiles and
+    channel blocks on the tests' shapes."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_T": 4, "BLOCK_C": 64}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK_T": 1, "BLOCK_C": 1024}, num_warps=8),
+        triton.Config({"BLOCK_T": 4, "BLOCK_C": 256}, num_warps=4),
+        triton.Config({"BLOCK_T": 8, "BLOCK_C": 256}, num_warps=4),
+        triton.Config({"BLOCK_T": 16, "BLOCK_C": 256}, num_warps=4),
+        triton.Config({"BLOCK_T": 4, "BLOCK_C": 1024}, num_warps=8),
+    ]
+
+
 if HAS_TRITON:
 
+    # Every output element is written, so re-running a config while tuning is harmless.
+    @triton.autotune(configs=_merge_configs(), key=["num_out", "channels"])
     @triton.jit
     def _merge_wavg_kernel(
         x_ptr,
@@ -48,6 +68,7 @@ if HAS_TRITON:
         start_ptr,
         out_ptr,
         new_size_ptr,
+        num_out,
         channels,
         stride_x_batch,
         stride_x_token,
@@ -59,40 +80,50 @@ if HAS_TRITON:
         stride_out_batch,
         stride_out_token,
         stride_new_size_batch,
+        BLOCK_T: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
-        # Grid: (batch, output token, channel block). One program owns one output slice, so no
-        # two programs ever write the same address and no atomics are needed.
+        # Grid: (batch, output-token tiles, channel blocks). One program owns a BLOCK_T × BLOCK_C
+        # tile of the output, so no two programs ever write the same address (no atomics), and
+        # every load is a [BLOCK_T, BLOCK_C] tile rather than one row.
         batch = tl.program_id(0).to(tl.int64)  # int64: batch * stride may exceed 2**31
-        out_token = tl.program_id(1).to(tl.int64)
+        out_tokens = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+        valid_t = out_tokens < num_out
         channel_block = tl.program_id(2)
         cols = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)
         valid_c = cols < channels
 
-        # Members of this output are order[start[o]:start[o+1]], sorted by input index.
-        start_row = start_ptr + batch * stride_start_batch + out_token
-        first = tl.load(start_row)
-        last = tl.load(start_row + 1)
+        # Members of output o are order[start[o]:start[o+1]], sorted by input index.
+        start_row = start_ptr + batch * stride_start_batch + out_tokens
+        first = tl.load(start_row, mask=valid_t, other=0)
+        count = tl.load(start_row + 1, mask=valid_t, other=0) - first
         x_base = x_ptr + batch * stride_x_batch
         size_base = size_ptr + batch * stride_size_batch
         order_base = order_ptr + batch * stride_order_batch
 
-        acc = tl.zeros([BLOCK_C], tl.float32)
-        total = tl.zeros([], tl.float32)
-        # A fixed, sequential summation order is what makes the result bit-reproducible.
-        for member in range(first, last):
-            token = tl.load(order_base + member)
-            weight = tl.load(size_base + token * stride_size_token)
-            row = tl.load(x_base + token * stride_x_token + cols * stride_x_channel, mask=valid_c, other=0.0)
-            acc += row.to(tl.float32) * weight
+        acc = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
+        total = tl.zeros([BLOCK_T], tl.float32)
+        # Member m of every output in the tile at once. Each output still sums its own members
+        # sequentially in input order: a fixed order, hence bit-reproducible results.
+        for member in range(0, tl.max(count, axis=0)):
+            present = member < count
+            token = tl.load(order_base + first + member, mask=present, other=0)
+            weight = tl.load(size_base + token * stride_size_token, mask=present, other=0.0)
+            rows = tl.load(
+                x_base + token[:, None] * stride_x_token + cols[None, :] * stride_x_channel,
+                mask=present[:, None] & valid_c[None, :],
+                other=0.0,
+            )
+            acc += rows.to(tl.float32) * weight[:, None]
             total += weight
 
-        # An output with no members gets 0 / 0 = NaN, as in the scatter_add reference.
-        merged = acc / total
-        out_offsets = batch * stride_out_batch + out_token * stride_out_token + cols
-        tl.store(out_ptr + out_offsets, merged.to(out_ptr.dtype.element_ty), mask=valid_c)
-        # Every channel block computes the same total; only the first one writes it.
-        tl.store(new_size_ptr + batch * stride_new_size_batch + out_token, total, mask=channel_block == 0)
+        # An output with no members gets 0 / 0 = NaN, as in the scatter_add reference; the
+        # tile's padding rows (never stored) divide by 1 instead.
+        merged = acc / tl.where(valid_t, total, 1.0)[:, None]
+        out_offsets = batch * stride_out_batch + out_tokens[:, None] * stride_out_token + cols[None, :]
+        tl.store(out_ptr + out_offsets, merged.to(out_ptr.dtype.element_ty), mask=valid_t[:, None] & valid_c[None, :])
+        # Every channel block computes the same totals; only the first one writes them.
+        tl.store(new_size_ptr + batch * stride_new_size_batch + out_tokens, total, mask=valid_t & (channel_block == 0))
 
 
 def _check_inputs(x: Tensor, size: Tensor, dest: Tensor, num_out: int) -> None:
@@ -128,10 +159,9 @@ def _merge_wavg_forward(x: Tensor, size: Tensor, dest: Tensor, num_out: int) -> 
     bounds = torch.arange(num_out + 1, device=x.device).expand(batch, -1).contiguous()
     start = torch.searchsorted(sorted_dest, bounds)
 
-    # One channel block covers C ≤ 1024 (every ViT width up to ViT-L), so each member row is a
-    # single contiguous load; wider models use several blocks.
-    block_c = block_size(channels, 16, 1024)
-    grid = (batch, num_out, triton.cdiv(channels, block_c))
+    def grid(meta: dict) -> tuple[int, int, int]:
+        return (batch, triton.cdiv(num_out, meta["BLOCK_T"]), triton.cdiv(channels, meta["BLOCK_C"]))
+
     _merge_wavg_kernel[grid](
         x,
         size,
@@ -139,6 +169,7 @@ def _merge_wavg_forward(x: Tensor, size: Tensor, dest: Tensor, num_out: int) -> 
         start,
         merged,
         new_size,
+        num_out,
         channels,
         *x.stride(),
         size.stride(0),
@@ -148,8 +179,6 @@ def _merge_wavg_forward(x: Tensor, size: Tensor, dest: Tensor, num_out: int) -> 
         merged.stride(0),
         merged.stride(1),
         new_size.stride(0),
-        BLOCK_C=block_c,
-        num_warps=4 if block_c <= 256 else 8,
     )
     return merged, new_size
 
