@@ -309,13 +309,16 @@ def test_merge_dispatch_and_validation() -> None:
     x, size, dest, num_out = tome_inputs(1, 13, 16, 1, torch.float32, seed=9)
     for got, want in zip(merge_wavg(x, size, dest, num_out, "triton"), merge_wavg_triton(x, size, dest, num_out)):
         assert torch.equal(got, want)
+    # The reference's scatter_add uses atomics on CUDA, so two calls may differ in the last bit:
+    # compare to rounding, not bits.
     for got, want in zip(merge_wavg(x, size, dest, num_out, "torch"), merge_wavg_reference(x, size, dest, num_out)):
-        assert torch.equal(got, want)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
     # float64 is outside the kernel's dtypes: merge_wavg falls back to the reference.
     x64 = x.double()
     fallback = merge_wavg(x64, size, dest, num_out, "triton")
     for got, want in zip(fallback, merge_wavg_reference(x64, size, dest, num_out)):
-        assert torch.equal(got, want)
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)  # float32 sums, atomics on CUDA
     with pytest.raises(TypeError):
         merge_wavg_triton(x, size.half(), dest, num_out)
     with pytest.raises(ValueError):
@@ -339,3 +342,79 @@ def test_patched_model_same_on_both_backends(family: str) -> None:
         tokenprune.patch(model, backend="triton")
         torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
         assert torch.equal(tokenprune.source(model), expected_source)
+
+
+# ------------------------------------------------------------------------------ attention
+
+ATTENTION_TOL = {  # relative to the output's scale; half precision rounds p and v to 8-11 bits
+    torch.float32: 1e-5,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1.5e-2,
+}
+
+
+def qkv_views(batch: int, heads: int, tokens: int, dim: int, dtype: torch.dtype, seed: int = 0):
+    """q, k, v as the attention layer makes them: strided views of one [B, T, 3, H, D] tensor."""
+    generator = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(batch, tokens, 3, heads, dim, generator=generator).to(DEVICE, dtype)
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def log_sizes(batch: int, tokens: int, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(1, 9, (batch, tokens), generator=generator).float().log().to(DEVICE)
+
+
+def assert_attention(q, k, v, key_bias, scale: float) -> None:
+    out = kernels.attention_triton(q, k, v, key_bias, scale)
+    # The reference in float64 on the same (rounded) inputs: the definition, free of its own rounding.
+    ref = kernels.attention_reference(q.double(), k.double(), v.double(), None if key_bias is None else key_bias.double(), scale)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    error = (out.double() - ref).norm() / ref.norm()
+    assert error < ATTENTION_TOL[q.dtype], f"relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "batch,heads,tokens,dim",
+    [(2, 3, 3, 64), (1, 2, 17, 64), (2, 1, 64, 32), (1, 2, 101, 48), (1, 1, 197, 64), (3, 2, 21, 80)],
+)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_attention_matches_reference(batch, heads, tokens, dim, dtype, with_bias) -> None:
+    q, k, v = qkv_views(batch, heads, tokens, dim, dtype)
+    assert_attention(q, k, v, log_sizes(batch, tokens) if with_bias else None, dim**-0.5)
+
+
+def test_attention_video_tokens() -> None:
+    q, k, v = qkv_views(1, 1, 1569, 64, torch.float16)
+    assert_attention(q, k, v, log_sizes(1, 1569), 0.125)
+
+
+def test_attention_bias_is_proportional_attention() -> None:
+    """Attending to one token of size s equals attending to s identical copies of it (ToMe's
+    motivation for log s): the kernel on merged tokens vs the reference on the expanded ones."""
+    q, k, v = qkv_views(1, 2, 5, 32, torch.float32, seed=3)
+    sizes = torch.tensor([[1, 3, 1, 2, 4]], device=DEVICE)
+    merged = kernels.attention_triton(q, k, v, sizes.float().log(), 32**-0.5)
+    copies = torch.repeat_interleave(torch.arange(5, device=DEVICE), sizes[0])
+    expanded = kernels.attention_reference(q, k[:, :, copies], v[:, :, copies], None, 32**-0.5)
+    torch.testing.assert_close(merged, expanded, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_output_layout_and_dispatch() -> None:
+    q, k, v = qkv_views(2, 3, 9, 16, torch.bfloat16)
+    out = kernels.attention_triton(q, k, v, None, 0.25)
+    # [B, H, T, D] view of a [B, T, H, D] tensor: the output projection's reshape is free.
+    assert out.transpose(1, 2).is_contiguous()
+    assert torch.equal(kernels.attention(q, k, v, None, 0.25, "triton"), out)
+    torch.testing.assert_close(
+        kernels.attention(q, k, v, None, 0.25, "torch"), kernels.attention_reference(q, k, v, None, 0.25)
+    )
+    # Gradients need the differentiable reference, whatever the backend.
+    qg = q.detach().float().requires_grad_(True)
+    kernels.attention(qg, k.float(), v.float(), None, 0.25, "triton").sum().backward()
+    assert qg.grad is not None
+    with pytest.raises(ValueError, match="key_bias must be"):
+        kernels.attention_triton(q, k, v, torch.zeros(2, 8, device=DEVICE), 0.25)
+    with pytest.raises(TypeError, match="float32"):
+        kernels.attention_triton(q, k, v, torch.zeros(2, 9, device=DEVICE, dtype=torch.bfloat16), 0.25)
