@@ -175,3 +175,14 @@ def test_merge_step_bench(tmp_path: Path) -> None:
     assert model_row["blocks_merging"] == 12 and 0 < model_row["merge_share_pct"] < 100
     assert video_row["merge_ms_per_forward"] > 0
     assert out.with_suffix(".md").read_text().count("| torch |") == 2
+
+
+def test_bench_attention_needs_a_gpu() -> None:
+    import torch
+
+    from evals import bench_attention
+
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU: the benchmark would run")
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        bench_attention.main(["--tokens", "21"])
