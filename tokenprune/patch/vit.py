@@ -88,7 +88,7 @@ def attend(
     use_kernel = (
         attn.fused_attn and backend is not None and bias is None and attn_mask is None and not is_causal and dropout == 0.0
     )
-    if bias is None and key_bias is not None:
+    if bias is None and key_bias is not None and not (use_kernel and metric in (None, "keys")):
         bias = key_bias[:, None, None, :].to(x.dtype)  # the same bias as a mask, for the other paths
     if bias is not None:
         attn_mask = bias  # merged tokens never carry a user mask: reduce_model refuses that case
