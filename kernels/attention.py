@@ -188,11 +188,10 @@ def attention_triton(q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor | None, s
         key_bias = key_bias.contiguous()
 
     # Tiles sized to the sequence: a 21-token block runs 32×32 tiles, not 128×128.
-    block_m = block_size(tokens, 16, 64)
-    block_n = block_size(tokens, 16, 64)
+    block = block_size(tokens, 16, 64)  # queries and keys alike
     block_d = max(16, next_power_of_2(dim))
     exact = q.dtype == torch.float32 or not q.is_cuda  # the interpreter mis-reads half dots
-    grid = (triton.cdiv(tokens, block_m), batch * heads)
+    grid = (triton.cdiv(tokens, block), batch * heads)
     _attention_kernel[grid](
         q,
         k,
@@ -212,8 +211,8 @@ def attention_triton(q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor | None, s
         out.stride(1),
         HAS_BIAS=key_bias is not None,
         EXACT_DOTS=exact,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
+        BLOCK_M=block,
+        BLOCK_N=block,
         BLOCK_D=block_d,
         num_warps=4,
         num_stages=2,
