@@ -1,395 +1,163 @@
-"""Throughput benchmark: an unpatched timm ViT against ToMe at several ``r``.
+"""Throughput sweep: models × methods × settings or budgets × batch sizes × compile on/off.
 
-Run it with no arguments (``python -m evals.bench``); it needs no network and no weights.
+Run it with no arguments (``python -m evals.bench``, or ``make bench``) for the headline
+comparison — the unpatched timm ViT against ToMe at r = 8, 13, 16 and (16, −1) — or sweep::
 
-What it measures, per row (one model configuration):
+    python -m evals.bench --model vit_base_patch16_224 --model deit_small_patch16_224 \\
+        --method tome --method local_global --method evit \\
+        --budget 0.75 --budget 0.5 --budget 2x --batch-size 1 --batch-size 256 --compile both
 
-* **images/s** — batch size over the median of ``--runs`` timed forward passes of one batch,
-  after ``--warmup`` untimed passes (first calls pay for allocator growth, kernel selection
-  and, with ``--compile``, compilation). Only model time is timed: the input batch is created
-  on the device beforehand, every pass runs under ``torch.inference_mode()``, and on a GPU the
-  device is synchronised before and after each pass so the clock sees the kernels, not their
-  launch. The rows are timed round-robin (each round times every row once), so a slow spell
-  of the machine hits all rows alike; the median, not the mean, so a stray hiccup does not
-  move the figure. CPU figures are only meaningful on an otherwise idle machine: the JSON
-  records the load average before and after.
-* **speedup** — images/s over that of the unpatched model with fused attention, measured in
-  the same run on the same machine.
-* **GFLOPs/img** — from :func:`tokenprune.flops` (2 FLOPs per multiply-add; halve for the
-  "GFLOPs" that ViT papers quote) and **out tokens** from :func:`tokenprune.plan`.
-* **agreement** — mean cosine similarity of the logits and top-1 agreement (%) with the
-  unpatched fused model on the benchmark batch, from one extra untimed forward. Weights are
-  random (``pretrained=False``) and so are the inputs, so this measures how far merging moves
-  the outputs, not accuracy.
+It needs no network and no weights (random weights, ``pretrained=False``; speed does not
+depend on them). Per row (one configuration):
 
-Rows: the baseline and ToMe at each ``r``, all with fused attention (SDPA, timm's default,
-which tokenprune keeps); then, unless ``--no-manual``, the baseline and ToMe at the middle ``r``
-with manual (non-fused) attention, to show what keeping the fused kernel is worth. Every row
-uses a deep copy of the same randomly initialised baseline, so all rows share weights.
+* **samples/s** — batch size over the median of ``--runs`` timed passes after ``--warmup``
+  untimed ones, model time only (``evals.harness``: CUDA events on a GPU, inputs already on
+  the device). The rows of one group (same model, batch size and compile mode) are timed
+  round-robin, so a slow spell of the machine hits them alike. **speedup** is over the
+  unpatched model with fused attention of the same group, measured in the same run.
+* **GFLOPs/sample** from :func:`tokenprune.flops` (2 FLOPs per multiply-add; halve for the
+  "GFLOPs" ViT papers quote), its **fraction** of the unreduced model's, the **output
+  tokens** from :func:`tokenprune.plan`, and on CUDA the **peak memory** of one pass.
+* **agreement** — mean cosine of the logits and top-1 agreement (%) with the unpatched
+  model on the benchmark batch, from one extra untimed forward (which also compiles). With
+  random weights this measures how far the reduction moves the outputs, not accuracy: for
+  accuracy, run ``evals.imagenet`` and join the two with ``evals.pareto``.
 
-Defaults depend on the device: on CPU ``vit_small_patch16_224``, batch 8, float32 (under a
-minute on an idle 2-core machine); on CUDA ``vit_base_patch16_224``, batch 256, bfloat16
-autocast. The thread count is left at PyTorch's default and recorded. Results go to
-``evals/results/bench_<device>.json`` (written atomically) and a markdown copy of the table.
+**Settings.** ``--r`` values apply to the merging methods, ``--keep-ratio`` to the dropping
+methods, ``--budget`` to every method (:mod:`evals.settings`: ``0.5`` = the weakest setting
+with at most half the GFLOPs, ``2x`` = the weakest measured to run at least twice as fast),
+so methods are compared at equal cost. ``--option [METHOD.]KEY=VALUE`` sets any other option.
+``--backend`` gives one row per backend for methods that have one.
+
+Unless ``--no-manual``, each group ends with the baseline and the first method's middle
+setting under manual (non-fused) attention, to show what keeping the fused kernel is worth.
+
+Outputs, written atomically: ``evals/results/bench_<device>.json`` (configuration, versions,
+device, every row with its raw times), ``.csv`` (one line per row), ``.md`` (the table) and
+``.png`` (speedup against GFLOPs fraction per method, with the line where speed would follow
+FLOPs exactly).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
+import csv
+import dataclasses
 import datetime
-import importlib.metadata
+import io
 import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
-import torch.nn.functional as F
-from timm.layers import Attention
 from torch import Tensor, nn
-from tqdm import tqdm
 
 import tokenprune
+from evals import settings
+from evals.harness import (
+    DTYPES,
+    RESULTS_DIR,
+    agreement,
+    autocast,
+    create_model,
+    environment,
+    example_input,
+    input_size,
+    measure_interleaved,
+    peak_memory_mib,
+    set_fused_attn,
+    write_atomic,
+)
+from evals.settings import Budget, Setting, describe_setting
 from kernels import BACKENDS
-from tokenprune.schedule import RSchedule, format_schedule, parse_schedule
 
-__all__ = [
-    "DEFAULTS",
-    "Row",
-    "main",
-    "measure_interleaved",
-    "measure_throughput",
-    "set_fused_attn",
-]
+__all__ = ["DEFAULTS", "Row", "build_parser", "main"]
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-# Per device kind. CPU: sized to finish in about 45 s on an idle 2-core machine (7 rows ×
-# 24 passes of ~0.1-0.4 s). CUDA: the setting ToMe reports (ViT-B/16, large batch, half precision).
+# Per device kind. CPU: sized to finish in about a minute on an idle 2-core machine. CUDA: the
+# setting ToMe reports (ViT-B/16, large batch, half precision).
 DEFAULTS: dict[str, dict[str, Any]] = {
     "cpu": {
-        "model": "vit_small_patch16_224",
-        "batch_size": 8,
+        "model": ["vit_small_patch16_224"],
+        "batch_size": [8],
         "dtype": "float32",
-        "r": [8, 13, 16, (16, -1)],
         "backend": ["auto"],  # the PyTorch merge: Triton kernels need a GPU
         "warmup": 3,
         "runs": 20,
     },
     "cuda": {
-        "model": "vit_base_patch16_224",
-        "batch_size": 256,
+        "model": ["vit_base_patch16_224"],
+        "batch_size": [256],
         "dtype": "bfloat16",
-        "r": [8, 13, 16, (16, -1)],
         "backend": ["torch", "triton"],  # the merge step in PyTorch vs the Triton kernels
         "warmup": 10,
         "runs": 30,
     },
 }
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# A speedup budget is searched with short eager timings (bisection: about 7 of them per row).
+SEARCH_TIMING = {"cpu": {"warmup": 1, "runs": 5}, "cuda": {"warmup": 5, "runs": 10}}
 
 
 @dataclass
 class Row:
-    """One benchmarked configuration; serialised as one JSON record."""
+    """One benchmarked configuration; serialised as one JSON record and one CSV line."""
 
     model: str
-    method: str  # "baseline" or "tome"
-    r: int | list[float] | None  # None for the baseline; a schedule tuple becomes a list in JSON
-    label: str  # "baseline", "tome r=16", "tome r=(16,-1)"
+    input_size: list[int]  # (H, W), or (T, H, W) for a video model
+    batch_size: int
+    dtype: str
+    compile: bool
+    method: str  # "none" for the unpatched model
+    setting: str  # the method's options as describe_setting writes them ("" for none)
+    options: dict[str, Any]
+    budget: str | None  # the budget the setting was searched for, else None
     attention: str  # "fused" (SDPA) or "manual"
-    backend: str | None  # where ToMe's match/merge ran: "auto", "torch" or "triton"; None for the baseline
-    images_per_s: float
+    backend: str | None  # where match/merge ran, for methods that have the option
+    samples_per_s: float
     median_s: float
     times_s: list[float]
-    speedup: float  # images/s over the fused baseline's, same run
-    gflops_per_image: float
+    speedup: float  # over the fused unpatched model of the same group, same run
+    gflops: float  # per sample
+    gflops_fraction: float  # of the unpatched model's
     output_tokens: int
     tokens_per_block: list[int]
+    peak_memory_mib: float | None  # CUDA only
     logits_cosine: float
     top1_agreement_pct: float
 
 
 # ---------------------------------------------------------------------------------------------
-# Reusable pieces
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work, so host timers measure it (no-op on CPU)."""
-    if device.type != "cpu":
-        # torch.cuda / torch.mps / torch.xpu all expose synchronize().
-        getattr(torch, device.type).synchronize()
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
-    """Autocast to ``dtype``, or nothing for float32/None (full precision, no cast overhead)."""
-    if dtype is None or dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def measure_throughput(
-    model: Callable[[Tensor], Any],
-    inputs: Tensor,
-    *,
-    warmup: int,
-    runs: int,
-    dtype: torch.dtype | None = None,
-) -> dict[str, Any]:
-    """Time ``model(inputs)``: ``warmup`` untimed passes, then the median of ``runs`` timed ones.
-
-    ``inputs`` must already be on the model's device, so that only model time is measured.
-    ``dtype`` other than float32 runs the passes under autocast. Returns ``median_s`` (seconds
-    per batch), ``images_per_s`` (batch size / median) and ``times`` (every timed pass, s).
-    """
-    return measure_interleaved([model], inputs, warmup=warmup, runs=runs, dtype=dtype)[0]
-
-
-def measure_interleaved(
-    models: Sequence[Callable[[Tensor], Any]],
-    inputs: Tensor,
-    *,
-    warmup: int,
-    runs: int,
-    dtype: torch.dtype | None = None,
-    progress: bool = False,
-) -> list[dict[str, Any]]:
-    """:func:`measure_throughput` for several models at once, timed round-robin.
-
-    Every model gets its ``warmup`` passes first; then each of the ``runs`` rounds times every
-    model once, in an order rotated from round to round. A slow spell of the machine (another
-    process, clock or thermal changes) thus hits all models alike instead of whichever one
-    happened to be timed then, and speedups between them stay fair. One dict per model.
-    """
-    if runs < 1:
-        raise ValueError(f"runs must be at least 1, got {runs}")
-    if warmup < 0:
-        raise ValueError(f"warmup must be at least 0, got {warmup}")
-    device = inputs.device
-    times: list[list[float]] = [[] for _ in models]
-    rounds = tqdm(range(runs), desc="timing", unit="round", disable=not progress, file=sys.stderr)
-    with torch.inference_mode(), autocast(device, dtype):
-        for model in models:
-            for _ in range(warmup):
-                model(inputs)
-        for round_index in rounds:
-            shift = round_index % len(models)
-            for i in [*range(shift, len(models)), *range(shift)]:
-                # Synchronising before starting the clock keeps earlier queued work out of this pass.
-                synchronize(device)
-                start = time.perf_counter()
-                models[i](inputs)
-                synchronize(device)
-                times[i].append(time.perf_counter() - start)
-    results = []
-    for model_times in times:
-        median = statistics.median(model_times)
-        results.append({"median_s": median, "images_per_s": inputs.shape[0] / median, "times": model_times})
-    return results
-
-
-def set_fused_attn(model: nn.Module, fused: bool) -> nn.Module:
-    """Switch every timm ``Attention`` of ``model`` between fused SDPA and the manual
-    softmax(qkᵀ)v path, in place (tokenprune's patched attention honours the same flag)."""
-    found = False
-    for module in model.modules():
-        if isinstance(module, Attention):
-            module.fused_attn = fused
-            found = True
-    if not found:
-        raise ValueError("the model has no timm.layers.Attention module to switch")
-    return model
-
-
-def agreement(logits: Tensor, reference: Tensor) -> tuple[float, float]:
-    """(mean cosine similarity, top-1 agreement in %) of ``logits`` against ``reference``."""
-    # float64 so that identical logits give a cosine of 1 up to rounding of the last bit.
-    a, b = logits.double(), reference.double()
-    cosine = F.cosine_similarity(a, b, dim=-1).mean().item()
-    top1 = (a.argmax(dim=-1) == b.argmax(dim=-1)).double().mean().item() * 100.0
-    return cosine, top1
-
-
-# ---------------------------------------------------------------------------------------------
-# Environment
-
-
-def _package_version(name: str) -> str | None:
-    # Metadata only: importing triton just for its version would be slow and can fail on CPU.
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() or None
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    """What the figures depend on besides the config: versions, hardware, threads, load."""
-    env: dict[str, Any] = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "triton": _package_version("triton"),
-        "tokenprune": tokenprune.__version__,
-        "git_commit": _git_commit(),
-        "platform": platform.platform(),
-        "device": str(device),
-        "cpu": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "torch_num_threads": torch.get_num_threads(),
-        "torch_num_interop_threads": torch.get_num_interop_threads(),
-    }
-    if device.type == "cuda":
-        env["device_name"] = torch.cuda.get_device_name(device)
-        env["cuda"] = torch.version.cuda
-        env["cudnn"] = torch.backends.cudnn.version()
-    else:
-        env["device_name"] = env["cpu"]
-    return env
-
-
-# ---------------------------------------------------------------------------------------------
-# Output
-
-
-COLUMNS = (
-    ("model", "model", "<"),
-    ("method", "label", "<"),
-    ("attention", "attention", "<"),
-    ("merge", "backend", "<"),
-    ("images/s", "images_per_s", ">"),
-    ("speedup", "speedup", ">"),
-    ("GFLOPs/img", "gflops_per_image", ">"),
-    ("out tokens", "output_tokens", ">"),
-    ("logit cos", "logits_cosine", ">"),
-    ("top-1 agr %", "top1_agreement_pct", ">"),
-)
-
-
-def _cells(row: Row) -> list[str]:
-    return [
-        row.model,
-        row.label,
-        row.attention,
-        row.backend or "-",
-        f"{row.images_per_s:.1f}",
-        f"{row.speedup:.2f}x",
-        f"{row.gflops_per_image:.2f}",
-        str(row.output_tokens),
-        f"{row.logits_cosine:.4f}",
-        f"{row.top1_agreement_pct:.1f}",
-    ]
-
-
-def format_table(rows: Sequence[Row]) -> str:
-    """Plain fixed-width table."""
-    cells = [_cells(row) for row in rows]
-    headers = [name for name, _, _ in COLUMNS]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
-
-    def line(values: Sequence[str]) -> str:
-        return "  ".join(f"{v:{align}{w}}" for v, w, (_, _, align) in zip(values, widths, COLUMNS)).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(headers), rule, *(line(c) for c in cells)])
-
-
-def format_markdown(rows: Sequence[Row]) -> str:
-    headers = [name for name, _, _ in COLUMNS]
-    aligns = ["---:" if align == ">" else ":---" for _, _, align in COLUMNS]
-    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(aligns) + " |"]
-    lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder and ``os.replace``: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        # mkstemp creates the file 0600; give it the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-# ---------------------------------------------------------------------------------------------
-# The benchmark
+# Command line
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m evals.bench",
-        description="Throughput of an unpatched timm ViT vs tokenprune ToMe at several r (random weights, offline).",
+        description="Throughput of timm ViTs, unpatched vs tokenprune methods, over models, settings or budgets, "
+        "batch sizes and compile modes (random weights, offline).",
     )
     add = parser.add_argument
-    add("--model", help="timm model name (default: vit_small_patch16_224 on CPU, vit_base_patch16_224 on CUDA)")
-    add("--batch-size", type=int, help="images per forward (default: 8 on CPU, 256 on CUDA)")
-    add(
-        "--r",
-        action="append",
-        type=parse_schedule,
-        metavar="R",
-        help="ToMe r, repeatable: 16, or r,inflection such as 16,-1 (default: 8 13 16 16,-1)",
-    )
-    add(
-        "--backend",
-        action="append",
-        choices=BACKENDS,
-        help="ToMe merge backend, repeatable: one row per r and backend (default: auto on CPU, torch and triton on CUDA)",
-    )
+    add("--model", action="append", help="timm (or tokenprune video) model, repeatable (default: "
+        "vit_small_patch16_224 on CPU, vit_base_patch16_224 on CUDA)")  # fmt: skip
     add("--img-size", type=int, help="input resolution (default: the model's)")
-    add(
-        "--dtype",
-        choices=sorted(DTYPES),
-        help="float32, or autocast to bfloat16/float16 (default: float32 on CPU, bfloat16 on CUDA)",
-    )
+    add("--batch-size", action="append", type=int, help="samples per forward, repeatable (default: 8 on CPU, 256 on CUDA)")
+    settings.add_arguments(parser)
+    add("--backend", action="append", choices=BACKENDS,
+        help="match/merge backend, repeatable: one row per backend (default: auto on CPU, torch and triton on CUDA)")  # fmt: skip
+    add("--dtype", choices=sorted(DTYPES), help="float32, or autocast to bfloat16/float16 (default: float32 on CPU, bfloat16 on CUDA)")
+    add("--compile", choices=["off", "on", "both"], default="off", help="torch.compile every model: off (default), on, or both")
     add("--device", help="torch device (default: cuda if available, else cpu)")
     add("--runs", type=int, help="timed passes per row; the median is reported (default: 20 on CPU, 30 on CUDA)")
     add("--warmup", type=int, help="untimed passes per row before timing (default: 3 on CPU, 10 on CUDA)")
     add("--no-manual", action="store_true", help="skip the manual (non-fused) attention rows")
-    add("--compile", action="store_true", help="wrap every model in torch.compile")
     add("--seed", type=int, default=0, help="seed for the random weights and inputs")
-    add("--out", type=Path, help="JSON path (default: evals/results/bench_<device>.json)")
-    add("--markdown", type=Path, help="markdown table path (default: the JSON path with .md)")
+    add("--out", type=Path, help="JSON path (default: evals/results/bench_<device>.json); .csv, .md, .png beside it")
+    add("--no-plot", action="store_true", help="do not write the PNG")
     add("--quiet", action="store_true", help="no progress lines")
     return parser
 
@@ -404,41 +172,267 @@ def _resolve_config(args: argparse.Namespace) -> dict[str, Any]:
 
     config = {
         "device": device,
-        "model": pick("model"),
-        "batch_size": pick("batch_size"),
+        "models": pick("model"),
         "img_size": args.img_size,
+        "batch_sizes": list(dict.fromkeys(pick("batch_size"))),
         "dtype": pick("dtype"),
-        "r": list(pick("r")),
-        "backend": list(pick("backend")),
+        "settings": settings.settings_from_args(args),
+        "backends": list(dict.fromkeys(pick("backend"))),
+        "compile": {"off": [False], "on": [True], "both": [False, True]}[args.compile],
         "warmup": pick("warmup"),
         "runs": pick("runs"),
         "manual": not args.no_manual,
-        "compile": args.compile,
         "seed": args.seed,
     }
-    if config["batch_size"] < 1 or config["runs"] < 1 or config["warmup"] < 0:
+    if min(config["batch_sizes"]) < 1 or config["runs"] < 1 or config["warmup"] < 0:
         raise SystemExit("--batch-size and --runs must be at least 1, --warmup at least 0")
-    if not config["r"]:
-        raise SystemExit("give at least one --r")
     out = args.out or RESULTS_DIR / f"bench_{device.type}.json"
-    config["out"] = out
-    config["markdown"] = args.markdown or out.with_suffix(".md")
+    config["paths"] = {suffix: out.with_suffix(f".{suffix}") for suffix in ("json", "csv", "md", "png")}
     return config
 
 
-def _create_model(name: str, img_size: int | None, device: torch.device, seed: int) -> nn.Module:
-    kwargs: dict[str, Any] = {} if img_size is None else {"img_size": img_size}
-    torch.manual_seed(seed)  # the same random weights on every run
-    # pretrained=False: never touch the network; the throughput does not depend on the weights.
-    return timm.create_model(name, pretrained=False, **kwargs).eval().to(device)
+# ---------------------------------------------------------------------------------------------
+# One group: a model at one batch size and compile mode
+
+
+def _has_backend(method: str) -> bool:
+    return any(f.name == "backend" for f in dataclasses.fields(tokenprune.METHODS[method]))
+
+
+def _speedup_timer(
+    baseline: nn.Module, inputs: Tensor, dtype: torch.dtype, device: torch.device
+) -> Callable[[nn.Module], float]:
+    timing = SEARCH_TIMING.get(device.type, SEARCH_TIMING["cpu"])
+
+    def speedup_of(candidate: nn.Module) -> float:
+        base, reduced = measure_interleaved([baseline, candidate], inputs, dtype=dtype, **timing)
+        return reduced["images_per_s"] / base["images_per_s"]
+
+    return speedup_of
+
+
+def _group_rows(
+    cfg: dict[str, Any],
+    name: str,
+    baseline: nn.Module,
+    batch_size: int,
+    compiled: bool,
+    progress: Callable[[str], None],
+) -> list[Row]:
+    device: torch.device = cfg["device"]
+    dtype = DTYPES[cfg["dtype"]]
+    size = input_size(baseline)
+    inputs = example_input(baseline, batch_size, device, cfg["seed"])
+    unreduced_flops = tokenprune.flops(baseline, size).total
+
+    # (setting, attention, backend) per row: the fused baseline first (the reference).
+    plan: list[tuple[Setting, str, str | None]] = [(Setting("none", {}), "fused", None)]
+    for setting in cfg["settings"]:
+        backends = cfg["backends"] if _has_backend(setting.method) else [None]
+        plan += [(setting, "fused", backend) for backend in backends]
+    if cfg["manual"] and cfg["settings"]:
+        first = [s for s in cfg["settings"] if s.method == cfg["settings"][0].method]
+        plan += [(Setting("none", {}), "manual", None), (first[(len(first) - 1) // 2], "manual", plan[1][2])]
+
+    reference: Tensor | None = None
+    prepared: list[dict[str, Any]] = []
+    runners: list[Callable[[Tensor], Any]] = []
+    searched: dict[tuple[str, str, Budget], dict[str, Any]] = {}
+    for index, (setting, attention, backend) in enumerate(plan, 1):
+        options = setting.options
+        if setting.budget is not None:
+            key = (setting.method, repr(sorted(options.items())), setting.budget)
+            if key not in searched:
+                progress(f"  searching {setting.method} for {setting.budget}")
+                timer = _speedup_timer(baseline, inputs, dtype, device) if setting.budget.kind == "speedup" else None
+                searched[key] = settings.resolve(setting, baseline, size, timer)
+            options = searched[key]
+        label = describe_setting(setting.method, options) or "unpatched"
+        progress(f"[{index}/{len(plan)}] {setting.method} {label} ({attention} attention, backend {backend})")
+        model = copy.deepcopy(baseline)
+        set_fused_attn(model, attention == "fused")
+        if setting.method != "none":
+            backend_option = {} if backend is None else {"backend": backend}
+            try:
+                tokenprune.patch(model, setting.method, **options, **backend_option)
+            except (TypeError, ValueError) as error:
+                raise SystemExit(f"{setting.method} {label}: {error}") from None
+        reduction = tokenprune.plan(model, size)
+        runner: Callable[[Tensor], Any] = torch.compile(model) if compiled else model
+        try:
+            with torch.inference_mode(), autocast(device, dtype):
+                logits = runner(inputs).float()  # compiles, under torch.compile
+        except ValueError as error:  # a setting the data cannot satisfy, e.g. temporal r too large
+            raise SystemExit(f"{name} {setting.method} {label}: {error}") from None
+        reference = logits if reference is None else reference
+        cosine, top1 = agreement(logits, reference)
+        flops = tokenprune.flops(model, size).total
+        runners.append(runner)
+        prepared.append(
+            {
+                "model": name,
+                "input_size": list(size),
+                "batch_size": batch_size,
+                "dtype": cfg["dtype"],
+                "compile": compiled,
+                "method": setting.method,
+                "setting": describe_setting(setting.method, options),
+                "options": _jsonable(options),
+                "budget": None if setting.budget is None else setting.budget.label,
+                "attention": attention,
+                "backend": backend,
+                "gflops": flops / 1e9,
+                "gflops_fraction": flops / unreduced_flops,
+                "output_tokens": reduction.output_tokens,
+                "tokens_per_block": list(reduction.tokens),
+                "peak_memory_mib": peak_memory_mib(runner, inputs, dtype),
+                "logits_cosine": cosine,
+                "top1_agreement_pct": top1,
+            }
+        )
+
+    progress(f"timing {len(runners)} models round-robin: {cfg['warmup']} warm-up passes each, {cfg['runs']} rounds")
+    timings = measure_interleaved(runners, inputs, warmup=cfg["warmup"], runs=cfg["runs"], dtype=dtype, progress=cfg["progress"])
+    base = timings[0]["images_per_s"]
+    return [
+        Row(
+            **fields,
+            samples_per_s=timing["images_per_s"],
+            median_s=timing["median_s"],
+            times_s=timing["times"],
+            speedup=timing["images_per_s"] / base,
+        )
+        for fields, timing in zip(prepared, timings)
+    ]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+# (header, field or function of the row, alignment). Columns whose value is the same on every
+# row move to the table's caption, so a one-model run does not repeat the model on each line.
+COLUMNS: list[tuple[str, Callable[[Row], str], str]] = [
+    ("model", lambda row: row.model, "<"),
+    ("input", lambda row: "x".join(map(str, row.input_size)), "<"),
+    ("batch", lambda row: str(row.batch_size), ">"),
+    ("dtype", lambda row: row.dtype, "<"),
+    ("compile", lambda row: "on" if row.compile else "off", "<"),
+    ("method", lambda row: row.method, "<"),
+    ("setting", lambda row: row.setting or "-", "<"),
+    ("budget", lambda row: row.budget or "-", "<"),
+    ("attention", lambda row: row.attention, "<"),
+    ("backend", lambda row: row.backend or "-", "<"),
+    ("samples/s", lambda row: f"{row.samples_per_s:.1f}", ">"),
+    ("speedup", lambda row: f"{row.speedup:.2f}x", ">"),
+    ("GFLOPs", lambda row: f"{row.gflops:.2f}", ">"),
+    ("FLOPs ratio", lambda row: f"{1 / row.gflops_fraction:.2f}x", ">"),
+    ("out tokens", lambda row: str(row.output_tokens), ">"),
+    ("peak MiB", lambda row: "-" if row.peak_memory_mib is None else f"{row.peak_memory_mib:.0f}", ">"),
+    ("logit cos", lambda row: f"{row.logits_cosine:.4f}", ">"),
+    ("top-1 agr %", lambda row: f"{row.top1_agreement_pct:.1f}", ">"),
+]
+# Always shown, even when constant: the figures the table is for.
+MEASURES = {"samples/s", "speedup", "GFLOPs", "FLOPs ratio", "out tokens", "logit cos", "top-1 agr %", "method", "setting"}
+
+
+def _table(rows: Sequence[Row]) -> tuple[str, list[str], list[list[str]], list[str]]:
+    """(caption of the constant columns, headers, cells, alignments) for the varying ones."""
+    cells = [[cell(row) for _, cell, _ in COLUMNS] for row in rows]
+    keep = [i for i, (name, _, _) in enumerate(COLUMNS) if name in MEASURES or len({c[i] for c in cells}) > 1]
+    constant = [i for i in range(len(COLUMNS)) if i not in keep and cells and cells[0][i] != "-"]
+    caption = ", ".join(f"{COLUMNS[i][0]} {cells[0][i]}" for i in constant)
+    return caption, [COLUMNS[i][0] for i in keep], [[c[i] for i in keep] for c in cells], [COLUMNS[i][2] for i in keep]
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """Plain fixed-width table, for the terminal."""
+    caption, headers, cells, aligns = _table(rows)
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(f"{v:{a}{w}}" for v, w, a in zip(values, widths, aligns)).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([caption, line(headers), rule, *(line(c) for c in cells)])
+
+
+def format_markdown(rows: Sequence[Row]) -> str:
+    caption, headers, cells, aligns = _table(rows)
+    lines = [f"{caption}\n", "| " + " | ".join(headers) + " |"]
+    lines.append("| " + " | ".join("---:" if a == ">" else ":---" for a in aligns) + " |")
+    lines += ["| " + " | ".join(c) + " |" for c in cells]
+    return "\n".join(lines) + "\n"
+
+
+def format_csv(rows: Sequence[Row]) -> str:
+    """One line per row, every field; lists and dicts as JSON."""
+    buffer = io.StringIO()
+    fields = [f.name for f in dataclasses.fields(Row)]
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        record = asdict(row)
+        writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in record.items()})
+    return buffer.getvalue()
+
+
+def plot_png(rows: Sequence[Row], title: str) -> bytes:
+    """Speedup against FLOPs reduction, one series per (model, batch, compile, method,
+    backend), fused attention only, with the ideal (speed follows FLOPs) as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: render to a buffer
+    import matplotlib.pyplot as plt
+
+    fused = [row for row in rows if row.attention == "fused"]
+    figure, axes = plt.subplots(figsize=(7, 5), dpi=120)
+    top = max(1 / row.gflops_fraction for row in fused)
+    axes.plot([1, top], [1, top], "--", color="grey", linewidth=1, label="speed ∝ 1/FLOPs")
+    series: dict[tuple[Any, ...], list[Row]] = {}
+    for row in fused:
+        if row.method == "none":
+            continue
+        series.setdefault((row.model, row.batch_size, row.compile, row.method, row.backend), []).append(row)
+    varying = [len({key[i] for key in series}) > 1 for i in range(5)]
+    for key, members in series.items():
+        members.sort(key=lambda row: row.gflops_fraction, reverse=True)
+        parts = [
+            ("compiled" if value else "eager") if i == 2 else f"batch {value}" if i == 1 else str(value)
+            for i, value in enumerate(key)
+            if varying[i] and value is not None
+        ]
+        label = " ".join(parts) or key[3]
+        axes.plot([1.0] + [1 / r.gflops_fraction for r in members], [1.0] + [r.speedup for r in members], "o-", label=label)
+    axes.set_xlabel("FLOPs reduction (unreduced GFLOPs / GFLOPs)")
+    axes.set_ylabel("speedup (measured throughput / unpatched)")
+    axes.set_title(title, fontsize=9)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run the benchmark, print the table, write JSON and markdown; returns the JSON document."""
+    """Run the sweep, print the table, write JSON, CSV, markdown and PNG; returns the JSON document."""
     args = build_parser().parse_args(argv)
     cfg = _resolve_config(args)
+    cfg["progress"] = not args.quiet
     device: torch.device = cfg["device"]
-    dtype = DTYPES[cfg["dtype"]]
     started = time.perf_counter()
     # Other processes competing for the cores slow every row (on CPU, badly: oversubscribed
     # OpenMP threads); the load average before and after tells readers whether that happened.
@@ -448,75 +442,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if not args.quiet:
             print(message, file=sys.stderr, flush=True)
 
-    baseline = _create_model(cfg["model"], cfg["img_size"], device, cfg["seed"])
-    img_size: tuple[int, int] = tuple(baseline.patch_embed.img_size)  # type: ignore[assignment]
-    generator = torch.Generator(device="cpu").manual_seed(cfg["seed"])
-    # Built on the host with a seeded generator (same batch on every device), moved once: the
-    # timed passes never include the copy.
-    inputs = torch.randn(cfg["batch_size"], 3, *img_size, generator=generator).to(device)
-
-    # (method, r, attention, backend) per row, fused rows first. The manual-attention ToMe row
-    # uses the middle r of the list (13 with the defaults) and the first backend.
-    rs: list[RSchedule] = cfg["r"]
-    backends: list[str] = cfg["backend"]
-    plan_rows: list[tuple[str, RSchedule | None, str, str | None]] = [("baseline", None, "fused", None)]
-    plan_rows += [("tome", r, "fused", backend) for r in rs for backend in backends]
-    if cfg["manual"]:
-        plan_rows += [("baseline", None, "manual", None), ("tome", rs[(len(rs) - 1) // 2], "manual", backends[0])]
-
-    # Build every row's model and take its agreement from its own untimed forward (which also
-    # serves as a first warm-up pass, and compiles under --compile). A fresh deep copy per row:
-    # identical weights, and no row's patching or compiled graph leaks into another.
-    reference: Tensor | None = None
-    prepared: list[dict[str, Any]] = []
-    runners: list[Callable[[Tensor], Tensor]] = []
-    for index, (method, r, attention, backend) in enumerate(plan_rows, 1):
-        label = "baseline" if r is None else f"tome r={format_schedule(r)}"
-        progress(f"[{index}/{len(plan_rows)}] preparing {label} ({attention} attention)")
-        model = copy.deepcopy(baseline)
-        set_fused_attn(model, attention == "fused")
-        if r is not None:
-            tokenprune.patch(model, r=r, backend=backend)
-        reduction = tokenprune.plan(model, img_size)
-        runner: Callable[[Tensor], Tensor] = torch.compile(model) if cfg["compile"] else model
-        with torch.inference_mode(), autocast(device, dtype):
-            logits = runner(inputs).float()
-        if reference is None:
-            reference = logits  # the first row is the fused baseline
-        cosine, top1 = agreement(logits, reference)
-        runners.append(runner)
-        prepared.append(
-            {
-                "model": cfg["model"],
-                "method": method,
-                "r": list(r) if isinstance(r, tuple) else r,
-                "label": label,
-                "attention": attention,
-                "backend": backend,
-                "gflops_per_image": tokenprune.flops(model, img_size, batch_size=1).total / 1e9,
-                "output_tokens": reduction.output_tokens,
-                "tokens_per_block": list(reduction.tokens),
-                "logits_cosine": cosine,
-                "top1_agreement_pct": top1,
-            }
-        )
-
-    progress(f"timing {len(runners)} models round-robin: {cfg['warmup']} warm-up passes each, {cfg['runs']} rounds")
-    timings = measure_interleaved(
-        runners, inputs, warmup=cfg["warmup"], runs=cfg["runs"], dtype=dtype, progress=not args.quiet
-    )
-    baseline_ips = timings[0]["images_per_s"]
-    rows = [
-        Row(
-            **fields,
-            images_per_s=timing["images_per_s"],
-            median_s=timing["median_s"],
-            times_s=timing["times"],
-            speedup=timing["images_per_s"] / baseline_ips,
-        )
-        for fields, timing in zip(prepared, timings)
-    ]
-    del runners
+    rows: list[Row] = []
+    for name in cfg["models"]:
+        baseline = create_model(name, cfg["img_size"], device, cfg["seed"])
+        for batch_size in cfg["batch_sizes"]:
+            for compiled in cfg["compile"]:
+                progress(f"== {name}, batch {batch_size}, compile {'on' if compiled else 'off'}")
+                rows += _group_rows(cfg, name, baseline, batch_size, compiled, progress)
+                if compiled:
+                    torch._dynamo.reset()  # free the compiled graphs before the next group
+        del baseline
 
     env = environment(device)
     warnings: list[str] = []
@@ -531,35 +466,44 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "threads of ours): other processes competed for the cores, so these CPU timings are "
                 "unreliable; rerun on an idle machine"
             )
-    wall = time.perf_counter() - started
+    config = {
+        **{k: v for k, v in cfg.items() if k not in ("device", "paths", "settings", "progress", "compile")},
+        "device": str(device),
+        "compile": args.compile,
+        "settings": [
+            {"method": s.method, "options": _jsonable(s.options), "budget": None if s.budget is None else str(s.budget)}
+            for s in cfg["settings"]
+        ],
+        "command": " ".join(["python -m evals.bench", *(argv if argv is not None else sys.argv[1:])]),
+        "inputs": "torch.randn with --seed; weights random (pretrained=False)",
+        "timing": "median of runs after warmup; inference_mode; CUDA events on GPU, else host clock "
+        "between device synchronisations; rows of a group timed round-robin",
+    }
     document: dict[str, Any] = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "config": {
-            **{k: v for k, v in cfg.items() if k not in ("device", "out", "markdown", "r")},
-            "device": str(device),
-            "r": [list(r) if isinstance(r, tuple) else r for r in rs],
-            "img_size": list(img_size),
-            "input_tokens": tokenprune.plan(baseline, img_size).tokens[0],
-            "inputs": "torch.randn with --seed; weights random (pretrained=False)",
-            "timing": "median of runs after warmup; inference_mode; device synchronised around each run",
-        },
+        "config": config,
         "environment": env,
-        "wall_time_s": wall,
+        "wall_time_s": time.perf_counter() - started,
         "warnings": warnings,
         "rows": [asdict(row) for row in rows],
     }
+    paths = cfg["paths"]
     # allow_nan=False: a NaN (e.g. a zero-logit cosine) should fail loudly, not write invalid JSON.
-    write_atomic(cfg["out"], json.dumps(document, indent=2, allow_nan=False) + "\n")
+    write_atomic(paths["json"], json.dumps(document, indent=2, allow_nan=False) + "\n")
+    write_atomic(paths["csv"], format_csv(rows))
     header = (
-        f"{cfg['model']} @ {img_size[0]}x{img_size[1]}, batch {cfg['batch_size']}, {cfg['dtype']}, "
-        f"{env['device_name']}, {env['torch_num_threads']} threads"
-        f"{', torch.compile' if cfg['compile'] else ''}; median of {cfg['runs']} runs after {cfg['warmup']} warm-up"
+        f"{env['device_name']}, {env['torch_num_threads']} threads, torch {env['torch']}, timm {env['timm']}; "
+        f"median of {cfg['runs']} runs after {cfg['warmup']} warm-up; `{config['command']}`"
     )
     notes = "".join(f"\n**Warning:** {warning}\n" for warning in warnings)
-    write_atomic(cfg["markdown"], f"{header}\n\n{format_markdown(rows)}{notes}")
+    write_atomic(paths["md"], f"{header}\n\n{format_markdown(rows)}{notes}")
+    written = [paths["json"], paths["csv"], paths["md"]]
+    if not args.no_plot:
+        write_atomic(paths["png"], plot_png(rows, f"{env['device_name']}, {cfg['dtype']}"))
+        written.append(paths["png"])
     print(header)
     print(format_table(rows))
-    print(f"wall time {wall:.1f} s; wrote {cfg['out']} and {cfg['markdown']}")
+    print(f"wall time {document['wall_time_s']:.1f} s; wrote {', '.join(map(str, written))}")
     for warning in warnings:
         print(f"WARNING: {warning}")
     return document

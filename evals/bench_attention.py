@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from evals.bench import DTYPES, RESULTS_DIR, environment, write_atomic
+from evals.harness import DTYPES, RESULTS_DIR, environment, write_atomic
 from kernels import attention_reference, attention_triton
 
 TOKENS = (197, 181, 165, 149, 133, 117, 101, 85, 69, 53, 37, 21)

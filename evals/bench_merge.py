@@ -8,7 +8,7 @@ model's time that token merging costs. A video-sized step (1,568 tokens) is time
     python -m evals.bench_merge [--batch-size 256] [--dtype bfloat16] [--r 16]
 
 Triton runs only on a GPU; on CPU the table has the PyTorch rows alone. Timing as in
-``evals.bench``: warm-up, device synchronisation, median of runs, inputs made beforehand.
+``evals.harness``: warm-up, device synchronisation, median of runs, inputs made beforehand.
 """
 
 from __future__ import annotations
@@ -24,7 +24,13 @@ import timm
 import torch
 
 import tokenprune
-from evals.bench import DTYPES, RESULTS_DIR, autocast, environment, measure_interleaved, write_atomic
+from evals.harness import (
+    DTYPES,
+    RESULTS_DIR,
+    environment,
+    measure_interleaved,
+    write_atomic,
+)
 from kernels import HAS_TRITON
 from tokenprune.merge import TokenState, bipartite_soft_matching, merge_state
 from tokenprune.schedule import format_schedule, parse_schedule
@@ -49,8 +55,6 @@ def merge_step(
             dest = bipartite_soft_matching(metric, r, protected, backend)
             merged = merge_state(state, dest, x.shape[1] - r, backend)
         return merged
-
-    return step
 
     return step
 

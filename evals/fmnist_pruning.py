@@ -22,8 +22,8 @@ import torch
 from torch.utils.data import DataLoader
 
 import tokenprune
-from evals.bench import write_atomic
 from evals.fashion_mnist import FashionMNIST
+from evals.harness import write_atomic
 from evals.train_dynamicvit import create_model, load_weights
 from tokenprune.schedule import format_schedule
 

@@ -29,7 +29,7 @@ on ``torch.topk``'s ordering (ties count against the label), and ImageNet-ReaL w
 
 **Timing.** ``eval_wall_time_s`` is end to end (data loading, decoding, transfer, model).
 ``throughput`` is model-only: after the eval, one batch of the evaluation images already on
-the device is timed with :func:`evals.bench.measure_throughput` (warm-up passes, device
+the device is timed with :func:`evals.harness.measure_throughput` (warm-up passes, device
 synchronised around each pass, median). ``gflops_per_image`` comes from
 :func:`tokenprune.flops` (2 FLOPs per multiply-add) for ViTs that tokenprune supports, else
 null.
@@ -68,8 +68,16 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 import tokenprune
-from evals.bench import DTYPES, RESULTS_DIR, autocast, environment, measure_throughput, write_atomic
+from evals.harness import (
+    DTYPES,
+    RESULTS_DIR,
+    autocast,
+    environment,
+    measure_throughput,
+    write_atomic,
+)
 from evals.metrics import real_correct, topk_correct
+from evals.settings import Budget, Setting, describe_setting, parse_budget, resolve
 from tokenprune.schedule import parse_schedule
 
 __all__ = [
@@ -312,6 +320,13 @@ def _floats(text: str) -> tuple[float, ...]:
     return values
 
 
+def _gflops_budget(text: str) -> Budget:
+    budget = parse_budget(text)
+    if budget.kind != "gflops":
+        raise argparse.ArgumentTypeError("an eval takes a GFLOPs fraction (0.5 or 50%); speedups are for evals.bench")
+    return budget
+
+
 def _gflops(model: nn.Module, input_size: tuple[int, ...]) -> tuple[float | None, list[int] | None, str | None]:
     """(GFLOPs per image, tokens entering each block, why not) from tokenprune's counter."""
     from tokenprune.patch.vit import check_supported
@@ -412,6 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--r", type=parse_schedule, help="the method's r: 16, r,inflection (16,-1) or a per-block list (8,8,4)"
     )
     group.add_argument("--keep-ratio", type=float, help="the pruning methods' ρ (dynamicvit, evit)")
+    group.add_argument(
+        "--budget",
+        type=_gflops_budget,
+        help="set the method's r or keep ratio to the weakest with at most this fraction of the GFLOPs "
+        "(0.5 or 50%%; as evals.bench --budget, so the two join in evals.pareto)",
+    )
     group.add_argument("--predictor", help="trained DynamicViT predictor weights (safetensors), for --method dynamicvit")
     group.add_argument(
         "--option",
@@ -580,6 +601,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         input_size = tuple(data_config["input_size"])
 
         gflops_unreduced, _, _ = _gflops(model, input_size)
+        if args.budget is not None:
+            if args.method == "none":
+                raise SystemExit("--budget needs a --method")
+            options = resolve(Setting(args.method, options, args.budget), model, input_size[1:])
         if args.method != "none":
             tokenprune.patch(model, args.method, **options)
         gflops, tokens, gflops_note = _gflops(model, input_size)
@@ -721,6 +746,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "num_classes": num_classes,
                 "method": args.method,
                 "options": _jsonable(options),
+                "setting": describe_setting(args.method, options),
                 "data_config": _jsonable(data_config),
             },
             "data": {

@@ -19,7 +19,7 @@ Undecodable videos are listed as ``failed``, counted, and scored as wrong in ``t
 
 **Output.** top-1 / top-5 over the decoded videos, JSON in ``evals/results/`` (atomic write),
 GFLOPs per view from ``tokenprune.flops``, and model-only throughput on random clips, measured
-apart from decoding (``evals.bench.measure_throughput``).
+apart from decoding (``evals.harness.measure_throughput``).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import tokenprune
-from evals.bench import measure_throughput, write_atomic
+from evals.harness import measure_throughput, write_atomic
 from tokenprune.schedule import parse_schedule
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg")

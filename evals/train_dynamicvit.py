@@ -38,8 +38,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 import tokenprune
-from evals.bench import DTYPES, autocast
-from tokenprune.methods.dynamicvit import DynamicViTLoss, forward_train, predictors, save_predictors
+from evals.harness import DTYPES, autocast
+from tokenprune.methods.dynamicvit import (
+    DynamicViTLoss,
+    forward_train,
+    predictors,
+    save_predictors,
+)
 
 # The small ViT the project trains on Fashion-MNIST: 28² grey images, 4×4 patches (49 tokens +
 # class token), 6 blocks of width 96 — 0.7 M parameters, a 2.7 MB checkpoint.

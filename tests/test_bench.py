@@ -1,11 +1,14 @@
-"""evals.bench: run the benchmark in-process on a tiny model and check what it writes.
+"""evals.bench (the sweep), evals.settings (budgets), evals.harness (timing) and evals.pareto.
 
 Nothing here asserts measured speed (CPU timings on a shared machine are noise); only the
-structure of the results, the figures derived from tokenprune (FLOPs, plan) and agreement.
+structure of the results, the figures derived from tokenprune (FLOPs, plan), agreement, and
+the budget search against an exhaustive scan of the same FLOP counts.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -13,153 +16,338 @@ from typing import Any
 import pytest
 import timm
 import torch
+from PIL import Image
 
 import tokenprune
-from evals import bench
+from evals import bench, harness, pareto, settings
 
 MODEL = "vit_tiny_patch16_224"
 IMG_SIZE = 64  # 4x4 patches + class token = 17 tokens: fast on 2 cores
-R_VALUES = (1, 2)
 ROW_FIELDS = {
-    "model",
-    "method",
-    "r",
-    "label",
-    "attention",
-    "backend",
-    "images_per_s",
-    "median_s",
-    "times_s",
-    "speedup",
-    "gflops_per_image",
-    "output_tokens",
-    "tokens_per_block",
-    "logits_cosine",
-    "top1_agreement_pct",
-}
+    "model", "input_size", "batch_size", "dtype", "compile", "method", "setting", "options", "budget",
+    "attention", "backend", "samples_per_s", "median_s", "times_s", "speedup", "gflops", "gflops_fraction",
+    "output_tokens", "tokens_per_block", "peak_memory_mib", "logits_cosine", "top1_agreement_pct",
+}  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
-    out = tmp_path_factory.mktemp("bench") / "bench.json"
-    argv = [
-        "--model", MODEL,
-        "--img-size", str(IMG_SIZE),
-        "--batch-size", "2",
-        "--warmup", "1",
-        "--runs", "2",
-        "--device", "cpu",
-        "--out", str(out),
-        "--quiet",
-    ]  # fmt: skip
-    for r in R_VALUES:
-        argv += ["--r", str(r)]
-    # One thread: the run is tiny, and two OpenMP threads fighting other processes (e.g. a
+def _main(argv: list[str]) -> dict[str, Any]:
+    # One thread: the runs are tiny, and two OpenMP threads fighting other processes (e.g. a
     # parallel test run) for 2 cores make every small op wait a scheduler slice.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        returned = bench.main(argv)
+        return bench.main(argv)
     finally:
         torch.set_num_threads(threads)
-    return returned, out
+
+
+COMMON = ["--img-size", str(IMG_SIZE), "--warmup", "1", "--runs", "2", "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+    """Two models × two batch sizes × ToMe at r=1, 2 and EViT at ρ=0.7 and a 60 % GFLOPs budget."""
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    argv = [
+        "--model", MODEL, "--model", "deit_tiny_patch16_224", "--batch-size", "2", "--batch-size", "3",
+        "--method", "tome", "--method", "evit", "--r", "1", "--r", "2", "--keep-ratio", "0.7", "--budget", "0.6",
+        "--out", str(out), *COMMON,
+    ]  # fmt: skip
+    return _main(argv), out
 
 
 def _rows(run: tuple[dict[str, Any], Path]) -> list[dict[str, Any]]:
     return json.loads(run[1].read_text())["rows"]
 
 
-def test_json_is_valid_and_complete(run: tuple[dict[str, Any], Path]) -> None:
+def test_outputs_are_valid_and_complete(run: tuple[dict[str, Any], Path]) -> None:
     returned, out = run
     document = json.loads(out.read_text())
     assert document == json.loads(json.dumps(returned))  # the file holds what main returned
-    assert document["config"]["model"] == MODEL
-    assert document["config"]["img_size"] == [IMG_SIZE, IMG_SIZE]
-    assert document["config"]["r"] == list(R_VALUES)
     env = document["environment"]
-    for key in ("torch", "timm", "triton", "device_name", "torch_num_threads"):
+    for key in ("torch", "timm", "triton", "device_name", "torch_num_threads", "timer", "git_commit"):
         assert key in env
-    assert env["torch_num_threads"] == 1  # recorded as it was during the run (see the fixture)
-    assert set(env["loadavg_1_5_15min"]) == {"start", "end"}
-    assert isinstance(document["warnings"], list)  # e.g. a busy machine; never asserted empty
-    # The atomic write leaves no temp file behind.
-    assert sorted(p.name for p in out.parent.iterdir()) == ["bench.json", "bench.md"]
+    assert env["torch_num_threads"] == 1 and env["timer"] == "perf_counter"
+    assert document["config"]["command"].startswith("python -m evals.bench --model")
+    # The atomic writes leave no temp file behind.
+    assert sorted(p.name for p in out.parent.iterdir()) == ["bench.csv", "bench.json", "bench.md", "bench.png"]
 
     rows = document["rows"]
-    assert [(row["label"], row["attention"]) for row in rows] == [
-        ("baseline", "fused"),
-        ("tome r=1", "fused"),
-        ("tome r=2", "fused"),
-        ("baseline", "manual"),
-        ("tome r=1", "manual"),  # the middle r of (1, 2)
-    ]
-    assert [row["backend"] for row in rows] == [None, "auto", "auto", None, "auto"]
     for row in rows:
         assert set(row) == ROW_FIELDS
-        assert row["model"] == MODEL
-        assert len(row["times_s"]) == 2
-        assert row["images_per_s"] > 0 and row["median_s"] > 0
+        assert len(row["times_s"]) == 2 and row["samples_per_s"] > 0
+        assert row["samples_per_s"] == pytest.approx(row["batch_size"] / row["median_s"])
+        assert row["peak_memory_mib"] is None  # CPU: no allocator statistics
+    # Per group (model, batch): unpatched, tome r=1, r=2, budget, evit 0.7, budget, then the
+    # manual-attention unpatched model and the first method's middle setting (r=2).
+    group = [(r["method"], r["setting"] if r["budget"] is None else r["budget"], r["attention"]) for r in rows[:8]]
+    assert group == [
+        ("none", "", "fused"), ("tome", "r=1", "fused"), ("tome", "r=2", "fused"), ("tome", "60% GFLOPs", "fused"),
+        ("evit", "keep_ratio=0.7", "fused"), ("evit", "60% GFLOPs", "fused"),
+        ("none", "", "manual"), ("tome", "r=2", "manual"),
+    ]  # fmt: skip
+    assert [(r["model"], r["batch_size"]) for r in rows[::8]] == [
+        (MODEL, 2), (MODEL, 3), ("deit_tiny_patch16_224", 2), ("deit_tiny_patch16_224", 3)
+    ]
+    assert len(rows) == 32
+    assert {r["backend"] for r in rows if r["method"] == "tome"} == {"auto"}
+    assert {r["backend"] for r in rows if r["method"] != "tome"} == {None}  # evit has no backend option
 
 
-def test_markdown_table(run: tuple[dict[str, Any], Path]) -> None:
+def test_csv_matches_json(run: tuple[dict[str, Any], Path]) -> None:
+    rows = _rows(run)
+    lines = list(csv.DictReader(io.StringIO(run[1].with_suffix(".csv").read_text())))
+    assert len(lines) == len(rows)
+    for line, row in zip(lines, rows):
+        assert set(line) == ROW_FIELDS
+        assert float(line["samples_per_s"]) == pytest.approx(row["samples_per_s"])
+        assert json.loads(line["tokens_per_block"]) == row["tokens_per_block"]
+        assert json.loads(line["options"]) == row["options"] and line["setting"] == row["setting"]
+
+
+def test_markdown_and_png(run: tuple[dict[str, Any], Path]) -> None:
     text = run[1].with_suffix(".md").read_text()
     table = [line for line in text.splitlines() if line.startswith("|")]
     assert len(table) == 2 + len(_rows(run))  # header, alignment, one line per row
-    assert "tome r=2" in text
+    assert "| model |" in table[0] and "| batch |" in table[0]  # they vary, so they are columns
+    assert "dtype float32" in text and "| dtype |" not in table[0]  # constant: in the caption
+    with Image.open(run[1].with_suffix(".png")) as image:
+        image.verify()
+        assert image.format == "PNG" and image.size[0] > 400
 
 
-def test_speedup_is_relative_to_fused_baseline(run: tuple[dict[str, Any], Path]) -> None:
+def test_speedup_is_relative_to_own_group(run: tuple[dict[str, Any], Path]) -> None:
     rows = _rows(run)
-    assert rows[0]["speedup"] == 1.0
-    for row in rows:
-        assert row["speedup"] == pytest.approx(row["images_per_s"] / rows[0]["images_per_s"])
+    for start in range(0, len(rows), 8):
+        group = rows[start : start + 8]
+        assert group[0]["speedup"] == 1.0
+        for row in group:
+            assert row["speedup"] == pytest.approx(row["samples_per_s"] / group[0]["samples_per_s"])
 
 
-def test_flops_and_tokens_follow_tokenprune(run: tuple[dict[str, Any], Path]) -> None:
-    fused = [row for row in _rows(run) if row["attention"] == "fused"]
-    gflops = [row["gflops_per_image"] for row in fused]
-    assert gflops == sorted(gflops, reverse=True) and len(set(gflops)) == len(gflops)  # strictly decreasing
-
-    model = timm.create_model(MODEL, pretrained=False, img_size=IMG_SIZE)
-    assert fused[0]["output_tokens"] == tokenprune.plan(model, IMG_SIZE).output_tokens == 17
-    assert fused[0]["gflops_per_image"] == pytest.approx(tokenprune.flops(model, IMG_SIZE).total / 1e9)
-    for row in fused[1:]:
-        tokenprune.patch(model, r=row["r"])
+def test_flops_tokens_and_budget_follow_tokenprune(run: tuple[dict[str, Any], Path]) -> None:
+    for row in _rows(run)[:6]:
+        model = timm.create_model(row["model"], pretrained=False, img_size=IMG_SIZE)
+        unreduced = tokenprune.flops(model, IMG_SIZE).total
+        if row["method"] != "none":
+            tokenprune.patch(model, row["method"], **row["options"])
         reduction = tokenprune.plan(model, IMG_SIZE)
         assert row["output_tokens"] == reduction.output_tokens
         assert row["tokens_per_block"] == list(reduction.tokens)
-        assert row["gflops_per_image"] == pytest.approx(tokenprune.flops(model, IMG_SIZE).total / 1e9)
+        assert row["gflops"] == pytest.approx(tokenprune.flops(model, IMG_SIZE).total / 1e9)
+        assert row["gflops_fraction"] == pytest.approx(row["gflops"] * 1e9 / unreduced)
+        if row["budget"] is not None:
+            assert row["gflops_fraction"] <= 0.6
+    budget_row = _rows(run)[3]
+    assert budget_row["options"]["r"] > 0 and budget_row["setting"] == f"r={budget_row['options']['r']}"
 
 
 def test_agreement(run: tuple[dict[str, Any], Path]) -> None:
-    rows = _rows(run)
-    baseline, manual_baseline = rows[0], rows[3]
-    assert baseline["logits_cosine"] == pytest.approx(1.0, abs=1e-9)
-    assert baseline["top1_agreement_pct"] == 100.0
-    # Manual attention computes the same function as SDPA, up to rounding.
-    assert manual_baseline["logits_cosine"] == pytest.approx(1.0, abs=1e-4)
-    for row in rows:
-        if row["method"] == "tome":
-            assert -1.0 <= row["logits_cosine"] <= 1.0 + 1e-9
-            assert 0.0 <= row["top1_agreement_pct"] <= 100.0
+    rows = _rows(run)[:8]
+    assert rows[0]["logits_cosine"] == pytest.approx(1.0, abs=1e-9) and rows[0]["top1_agreement_pct"] == 100.0
+    assert rows[6]["logits_cosine"] == pytest.approx(1.0, abs=1e-4)  # manual attention = SDPA up to rounding
     # The manual-attention ToMe row merges the same tokens as its fused twin.
-    assert rows[4]["logits_cosine"] == pytest.approx(rows[1]["logits_cosine"], abs=1e-4)
+    assert rows[7]["logits_cosine"] == pytest.approx(rows[2]["logits_cosine"], abs=1e-4)
+
+
+def test_compile_both_wraps_each_model_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """--compile both: an eager and a compiled group, the compiled one through torch.compile
+    (replaced here by a recorder: compiling on 2 CPU cores takes minutes; test_compile.py
+    checks that patched models compile)."""
+    compiled: list[torch.nn.Module] = []
+
+    def fake_compile(model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
+        compiled.append(model)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    document = _main(["--model", MODEL, "--batch-size", "1", "--r", "2", "--compile", "both", "--no-manual",
+                      "--out", str(tmp_path / "b.json"), "--no-plot", *COMMON])  # fmt: skip
+    assert [(row["compile"], row["method"]) for row in document["rows"]] == [
+        (False, "none"), (False, "tome"), (True, "none"), (True, "tome")
+    ]
+    assert len(compiled) == 2 and getattr(compiled[1], "tokenprune_config", None) is not None
+    assert not (tmp_path / "b.png").exists()
+
+
+def test_video_model(tmp_path: Path) -> None:
+    document = _main(["--model", "video_vit_small_patch16_224", "--batch-size", "1", "--r", "4", "--no-manual",
+                      "--method", "temporal", "--img-size", "64", "--warmup", "0", "--runs", "1",
+                      "--out", str(tmp_path / "v.json"), "--no-plot", "--quiet"])  # fmt: skip
+    base, temporal = document["rows"]
+    with pytest.raises(SystemExit, match="fewer than r=16 tokens have a partner"):  # the data cannot meet r
+        _main(["--model", "video_vit_small_patch16_224", "--batch-size", "1", "--r", "16", "--no-manual",
+               "--method", "temporal", "--img-size", "32", "--out", str(tmp_path / "w.json"), "--no-plot", *COMMON])  # fmt: skip
+    assert base["input_size"] == [16, 64, 64] and base["output_tokens"] == 8 * 4 * 4
+    assert temporal["method"] == "temporal" and temporal["gflops"] < base["gflops"]
+
+
+def test_bad_requests_are_explained(tmp_path: Path) -> None:
+    out = ["--out", str(tmp_path / "x.json"), "--no-plot", *COMMON, "--model", MODEL]
+    with pytest.raises(SystemExit, match="cannot reach 0.01 GFLOPs"):
+        _main(["--budget", "0.01", "--method", "evit", "--option", "stages=(11,)", *out])
+    with pytest.raises(SystemExit, match="no option 'window'"):
+        _main(["--option", "window=3", *out])
+    with pytest.raises(SystemExit, match="give tome's r with --r"):
+        _main(["--option", "tome.r=3", *out])
+    with pytest.raises(SystemExit):
+        _main(["--budget", "1.5", *out])  # neither a fraction nor a speedup (argparse error)
+
+
+# ---------------------------------------------------------------------------------------------
+# evals.settings: the budget search
+
+
+@pytest.mark.parametrize(("method", "target"), [("tome", 0.7), ("tome", 0.35), ("local_global", 0.6), ("evit", 0.5), ("dynamicvit", 0.8)])
+def test_budget_is_the_weakest_setting_that_meets_it(method: str, target: float) -> None:
+    """Against an exhaustive scan: the chosen setting meets the budget, one step weaker does not."""
+    model = timm.create_model(MODEL, pretrained=False, img_size=96)
+    size = (96, 96)
+    unreduced = tokenprune.flops(model, size).total
+    knob = settings.KNOBS[method]
+    candidates = list(knob.settings(model, size))
+
+    def fraction(value: Any) -> float:
+        patched = tokenprune.patch(timm.create_model(MODEL, pretrained=False, img_size=96), method, **{knob.option: value})
+        return tokenprune.flops(patched, size).total / unreduced
+
+    chosen = settings.setting_for_budget(model, method, {}, settings.Budget("gflops", target), size)[knob.option]
+    index = candidates.index(chosen)
+    assert fraction(chosen) <= target
+    assert index > 0 and fraction(candidates[index - 1]) > target
+    assert getattr(model, "tokenprune_config", None) is None  # the given model is left unpatched
+
+
+def test_speedup_budget_uses_the_timer() -> None:
+    """A speedup budget bisects on what the timer returns; here a deterministic stand-in that
+    reports the FLOPs reduction as the speedup."""
+    model = timm.create_model(MODEL, pretrained=False, img_size=96)
+    unreduced = tokenprune.flops(model, 96).total
+    calls: list[int] = []
+
+    def speedup_of(patched: torch.nn.Module) -> float:
+        calls.append(patched.tokenprune_config.r)
+        return unreduced / tokenprune.flops(patched, 96).total
+
+    r = settings.setting_for_budget(model, "tome", {}, settings.Budget("speedup", 2.0), (96, 96), speedup_of)["r"]
+    assert speedup_of(tokenprune.patch(timm.create_model(MODEL, img_size=96), r=r)) >= 2.0
+    assert speedup_of(tokenprune.patch(timm.create_model(MODEL, img_size=96), r=r - 1)) < 2.0
+    assert len(calls) <= 2 + 7  # a bisection over 19 settings, not a scan (plus the two checks above)
+
+
+def test_bisect_weakest() -> None:
+    for count in range(1, 12):
+        for first in range(count + 1):
+            calls: list[int] = []
+
+            def meets(i: int) -> bool:
+                calls.append(i)
+                return i >= first
+
+            assert settings.bisect_weakest(meets, count) == (first if first < count else None)
+            assert len(calls) <= count.bit_length() + 1
+    assert settings.bisect_weakest(lambda i: True, 0) is None
+
+
+def test_parse_budget_and_describe_setting() -> None:
+    assert settings.parse_budget("0.5") == settings.Budget("gflops", 0.5)
+    assert settings.parse_budget("75%") == settings.Budget("gflops", 0.75)
+    assert settings.parse_budget("2.5x") == settings.Budget("speedup", 2.5)
+    for bad in ("0", "1", "150%", "1x", "0.5x", "fast"):
+        with pytest.raises(Exception, match="budget"):
+            settings.parse_budget(bad)
+    assert settings.describe_setting("none", {}) == ""
+    assert settings.describe_setting("tome", {"prop_attn": False, "r": (16, -1)}) == "r=(16,-1), prop_attn=False"
+    assert settings.describe_setting("evit", {"score": "random", "keep_ratio": 0.5}) == "keep_ratio=0.5, score='random'"
+
+
+def test_every_method_has_a_knob() -> None:
+    assert set(settings.KNOBS) == set(tokenprune.METHODS)
+    for method, knob in settings.KNOBS.items():
+        assert knob.option in {f for f in tokenprune.METHODS[method].__dataclass_fields__}
+
+
+# ---------------------------------------------------------------------------------------------
+# evals.harness
 
 
 def test_measure_interleaved() -> None:
     layers = [torch.nn.Linear(4, 4), torch.nn.Linear(4, 8)]
-    results = bench.measure_interleaved(layers, torch.randn(2, 4), warmup=0, runs=3)
+    results = harness.measure_interleaved(layers, torch.randn(2, 4), warmup=0, runs=3)
     assert [len(result["times"]) for result in results] == [3, 3]
 
 
 def test_measure_throughput() -> None:
     layer = torch.nn.Linear(4, 4)
-    result = bench.measure_throughput(layer, torch.randn(3, 4), warmup=1, runs=5)
+    result = harness.measure_throughput(layer, torch.randn(3, 4), warmup=1, runs=5)
     assert len(result["times"]) == 5
     assert result["median_s"] == sorted(result["times"])[2]
     assert result["images_per_s"] == pytest.approx(3 / result["median_s"])
     with pytest.raises(ValueError):
-        bench.measure_throughput(layer, torch.randn(3, 4), warmup=0, runs=0)
+        harness.measure_throughput(layer, torch.randn(3, 4), warmup=0, runs=0)
+
+
+def test_write_atomic_text_and_bytes(tmp_path: Path) -> None:
+    harness.write_atomic(tmp_path / "a" / "t.txt", "text")
+    harness.write_atomic(tmp_path / "a" / "b.bin", b"\x00\x01")
+    assert (tmp_path / "a" / "t.txt").read_text() == "text" and (tmp_path / "a" / "b.bin").read_bytes() == b"\x00\x01"
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["b.bin", "t.txt"]
+
+
+# ---------------------------------------------------------------------------------------------
+# evals.pareto
+
+
+def _point(method: str, setting: str, gflops: float, speed: float | None, quality: float | None) -> pareto.Point:
+    return pareto.Point("m", (224, 224), method, setting, gflops, speed=speed, quality=quality, metric="q")
+
+
+def test_pareto_front_hand_made() -> None:
+    points = [
+        _point("none", "", 10, 100, 0.99),
+        _point("a", "r=1", 8, 150, 0.98),
+        _point("a", "r=2", 6, 200, 0.95),
+        _point("b", "x", 7, 140, 0.97),  # slower and worse than a r=1: dominated
+        _point("b", "y", 5, 200, 0.96),  # as fast as a r=2 and better: dominates it
+    ]
+    front = {(p.method, p.setting) for p in pareto.pareto_front(points, "speed")}
+    assert front == {("none", ""), ("a", "r=1"), ("b", "y")}
+    front = {(p.method, p.setting) for p in pareto.pareto_front(points, "gflops")}
+    assert front == {("none", ""), ("a", "r=1"), ("b", "x"), ("b", "y")}
+
+
+def test_pareto_joins_bench_and_fidelity(run: tuple[dict[str, Any], Path], tmp_path: Path) -> None:
+    """The bench run above plus a fidelity-format file: points join on (model, size, setting),
+    speed is the batch-3 row, and a setting the bench never ran is reported, not dropped."""
+    rows = [r for r in _rows(run) if r["model"] == MODEL and r["batch_size"] == 3 and r["attention"] == "fused"]
+    quality = {
+        "model_name": MODEL,
+        "input_size": [IMG_SIZE, IMG_SIZE],
+        "rows": [
+            {"method": r["method"], "setting": r["setting"], "gflops": r["gflops"], "cosine_mean": 1.0 - 0.01 * i}
+            for i, r in enumerate(rows)
+        ]
+        + [{"method": "tome", "setting": "r=5", "gflops": 0.1, "cosine_mean": 0.5}],
+    }
+    quality_path = tmp_path / "fidelity.json"
+    quality_path.write_text(json.dumps(quality))
+    result = pareto.main([str(run[1]), str(quality_path), "--out", str(tmp_path / "p.png")])
+    joined = {(p.method, p.setting): p for p in result["points"]}
+    assert len(joined) == len({(r["method"], r["setting"]) for r in rows})
+    for r in rows:
+        assert joined[(r["method"], r["setting"])].speed in {
+            x["samples_per_s"] for x in rows if (x["method"], x["setting"]) == (r["method"], r["setting"])
+        }
+    assert [(p.method, p.setting) for p in result["missing"]] == [("tome", "r=5")]
+    assert "1 quality point(s) had no benchmark row" in (tmp_path / "p.md").read_text()
+    with Image.open(tmp_path / "p.png") as image:
+        assert image.format == "PNG"
+    with pytest.raises(SystemExit, match="no quality results"):
+        pareto.main([str(run[1]), "--out", str(tmp_path / "q.png")])
+
+
+# ---------------------------------------------------------------------------------------------
+# The step and attention benchmarks
 
 
 def test_merge_step_bench(tmp_path: Path) -> None:
@@ -169,7 +357,7 @@ def test_merge_step_bench(tmp_path: Path) -> None:
     document = bench_merge.main(
         ["--model", "vit_tiny_patch16_224", "--r", "8", "--batch-size", "2", "--video-batch-size", "1",
          "--warmup", "0", "--runs", "1", "--out", str(out)]
-    )
+    )  # fmt: skip
     assert json.loads(out.read_text()) == json.loads(json.dumps(document, default=str))
     model_row, video_row = document["rows"][:2]
     assert model_row["blocks_merging"] == 12 and 0 < model_row["merge_share_pct"] < 100
@@ -178,8 +366,6 @@ def test_merge_step_bench(tmp_path: Path) -> None:
 
 
 def test_bench_attention_needs_a_gpu() -> None:
-    import torch
-
     from evals import bench_attention
 
     if torch.cuda.is_available():

@@ -24,6 +24,7 @@ import timm
 import torch
 from torch import nn
 
+import tokenprune
 from evals import imagenet
 from evals.metrics import class_ranks, real_correct, topk_correct
 
@@ -271,12 +272,12 @@ def test_vit_tome_run(photos, tmp_path: Path) -> None:
         "--batch-size", "10", "--workers", "0", "--bench-warmup", "0", "--bench-runs", "1",
     ]  # fmt: skip
     docs = {}
-    for method in ("none", "tome"):
-        out = tmp_path / f"{method}.json"
-        extra = ["--r", "8"] if method == "tome" else []
-        docs[method] = run(*common, "--method", method, *extra, "--out", str(out))
-        assert json.loads(out.read_text()) == docs[method]  # valid JSON, the document returned
-    none, tome = docs["none"], docs["tome"]
+    runs = {"none": ["--method", "none"], "tome": ["--method", "tome", "--r", "8"], "budget": ["--method", "tome", "--budget", "0.5"]}
+    for name, extra in runs.items():
+        out = tmp_path / f"{name}.json"
+        docs[name] = run(*common, *extra, "--out", str(out))
+        assert json.loads(out.read_text()) == docs[name]  # valid JSON, the document returned
+    none, tome, budget = docs["none"], docs["tome"], docs["budget"]
     for doc in (none, tome):
         assert doc["counts"] == {"images": 20, "evaluated": 20, "unreadable": 0}
         assert 0 <= doc["top1"]["correct"] <= doc["top5"]["correct"] <= 20
@@ -284,6 +285,13 @@ def test_vit_tome_run(photos, tmp_path: Path) -> None:
         assert doc["eval_wall_time_s"] > 0 and doc["environment"]["torch"] == torch.__version__
         assert any("random" in w for w in doc["warnings"])
     assert tome["model"]["options"] == {"r": 8} and tome["config"]["method"] == "tome"
+    assert none["model"]["setting"] == "" and tome["model"]["setting"] == "r=8"
+    # The budget picked the weakest r with at most half the GFLOPs: r-1 has more.
+    r = budget["model"]["options"]["r"]
+    assert budget["model"]["setting"] == f"r={r}"
+    assert budget["gflops_per_image"] <= 0.5 * none["gflops_per_image"]
+    weaker = tokenprune.patch(timm.create_model("vit_tiny_patch16_224"), r=r - 1)
+    assert tokenprune.flops(weaker, 224).gflops > 0.5 * none["gflops_per_image"]
     assert tome["gflops_per_image"] < none["gflops_per_image"] == none["gflops_per_image_unreduced"]
     assert tome["gflops_per_image_unreduced"] == pytest.approx(none["gflops_per_image"])
     assert none["tokens_per_block"] == [197] * 12

@@ -1,0 +1,307 @@
+"""What every eval and benchmark shares: timing, memory, the environment, atomic output.
+
+Timing rules (all benchmarks follow them): inputs are made on the device beforehand, so only
+model time is measured; untimed warm-up passes first (allocator growth, kernel selection,
+compilation); every pass under ``torch.inference_mode()``; the median of the timed passes, so
+a stray hiccup does not move the figure. On CUDA each pass is timed by CUDA events recorded
+around it (device time from its first kernel to its last, including the gaps where the GPU
+waited for the host), after a synchronisation that empties the queue; elsewhere by the host
+clock between two synchronisations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from torch import Tensor, nn
+from tqdm import tqdm
+
+import tokenprune
+from tokenprune import models as video_models
+from tokenprune.patch.video import is_video_model
+
+__all__ = [
+    "DTYPES",
+    "RESULTS_DIR",
+    "agreement",
+    "autocast",
+    "create_model",
+    "environment",
+    "example_input",
+    "measure_interleaved",
+    "measure_throughput",
+    "peak_memory_mib",
+    "set_fused_attn",
+    "synchronize",
+    "write_atomic",
+]
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# tokenprune's video ViTs are not in timm's registry; benchmarks and evals take them by name too.
+VIDEO_MODELS: dict[str, Callable[..., nn.Module]] = {
+    name: getattr(video_models, name)
+    for name in ("video_vit_small_patch16_224", "video_vit_base_patch16_224", "video_vit_large_patch16_224")
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and inputs
+
+
+def create_model(name: str, img_size: int | None, device: torch.device, seed: int) -> nn.Module:
+    """A randomly initialised timm model (or tokenprune video ViT) in eval mode on ``device``.
+
+    ``pretrained=False`` always: benchmarks never touch the network, and throughput does not
+    depend on the weights. Seeded, so every run and every row gets the same weights."""
+    kwargs: dict[str, Any] = {} if img_size is None else {"img_size": img_size}
+    torch.manual_seed(seed)
+    if name in VIDEO_MODELS:
+        model = VIDEO_MODELS[name](**kwargs)
+    else:
+        try:
+            model = timm.create_model(name, pretrained=False, **kwargs)
+        except RuntimeError as error:  # timm's "Unknown model"
+            raise SystemExit(f"{error}; tokenprune's video models: {sorted(VIDEO_MODELS)}") from None
+    return model.eval().to(device)
+
+
+def input_size(model: nn.Module) -> tuple[int, ...]:
+    """(H, W) for an image model, (T, H, W) for a video model, from its patch embedding."""
+    embed = model.patch_embed
+    size = tuple(int(s) for s in embed.img_size)
+    return (int(embed.num_frames), *size) if is_video_model(model) else size
+
+
+def example_input(model: nn.Module, batch_size: int, device: torch.device, seed: int) -> Tensor:
+    """A seeded random batch of the model's input shape ([B, 3, H, W], or [B, 3, T, H, W] for
+    video), made on the host (the same batch on every device) and moved once."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(batch_size, 3, *input_size(model), generator=generator).to(device)
+
+
+def set_fused_attn(model: nn.Module, fused: bool) -> nn.Module:
+    """Switch every timm ``Attention`` of ``model`` between fused SDPA and the manual
+    softmax(qkᵀ)v path, in place (tokenprune's patched attention honours the same flag)."""
+    found = False
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.fused_attn = fused
+            found = True
+    if not found:
+        raise ValueError("the model has no timm.layers.Attention module to switch")
+    return model
+
+
+def agreement(logits: Tensor, reference: Tensor) -> tuple[float, float]:
+    """(mean cosine similarity, top-1 agreement in %) of ``logits`` against ``reference``."""
+    # float64 so that identical logits give a cosine of 1 up to rounding of the last bit.
+    a, b = logits.double(), reference.double()
+    cosine = F.cosine_similarity(a, b, dim=-1).mean().item()
+    top1 = (a.argmax(dim=-1) == b.argmax(dim=-1)).double().mean().item() * 100.0
+    return cosine, top1
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing and memory
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so host timers measure it (no-op on CPU)."""
+    if device.type != "cpu":
+        # torch.cuda / torch.mps / torch.xpu all expose synchronize().
+        getattr(torch, device.type).synchronize()
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
+    """Autocast to ``dtype``, or nothing for float32/None (full precision, no cast overhead)."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _timed_pass(model: Callable[[Tensor], Any], inputs: Tensor) -> float:
+    """Seconds one ``model(inputs)`` takes: CUDA events on CUDA, the host clock elsewhere."""
+    device = inputs.device
+    # Synchronising first keeps earlier queued work out of this pass.
+    synchronize(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        model(inputs)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0
+    start_s = time.perf_counter()
+    model(inputs)
+    synchronize(device)
+    return time.perf_counter() - start_s
+
+
+def timer_name(device: torch.device) -> str:
+    return "cuda_events" if device.type == "cuda" else "perf_counter"
+
+
+def measure_throughput(
+    model: Callable[[Tensor], Any],
+    inputs: Tensor,
+    *,
+    warmup: int,
+    runs: int,
+    dtype: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """Time ``model(inputs)``: ``warmup`` untimed passes, then the median of ``runs`` timed ones.
+
+    ``inputs`` must already be on the model's device, so that only model time is measured.
+    ``dtype`` other than float32 runs the passes under autocast. Returns ``median_s`` (seconds
+    per batch), ``images_per_s`` (batch size / median) and ``times`` (every timed pass, s).
+    """
+    return measure_interleaved([model], inputs, warmup=warmup, runs=runs, dtype=dtype)[0]
+
+
+def measure_interleaved(
+    models: Sequence[Callable[[Tensor], Any]],
+    inputs: Tensor,
+    *,
+    warmup: int,
+    runs: int,
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """:func:`measure_throughput` for several models at once, timed round-robin.
+
+    Every model gets its ``warmup`` passes first; then each of the ``runs`` rounds times every
+    model once, in an order rotated from round to round. A slow spell of the machine (another
+    process, clock or thermal changes) thus hits all models alike instead of whichever one
+    happened to be timed then, and speedups between them stay fair. One dict per model.
+    """
+    if runs < 1:
+        raise ValueError(f"runs must be at least 1, got {runs}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be at least 0, got {warmup}")
+    times: list[list[float]] = [[] for _ in models]
+    rounds = tqdm(range(runs), desc="timing", unit="round", disable=not progress, file=sys.stderr)
+    with torch.inference_mode(), autocast(inputs.device, dtype):
+        for model in models:
+            for _ in range(warmup):
+                model(inputs)
+        for round_index in rounds:
+            shift = round_index % len(models)
+            for i in [*range(shift, len(models)), *range(shift)]:
+                times[i].append(_timed_pass(models[i], inputs))
+    results = []
+    for model_times in times:
+        median = statistics.median(model_times)
+        results.append({"median_s": median, "images_per_s": inputs.shape[0] / median, "times": model_times})
+    return results
+
+
+def peak_memory_mib(model: Callable[[Tensor], Any], inputs: Tensor, dtype: torch.dtype | None = None) -> float | None:
+    """Peak device memory allocated during one inference pass, in MiB (weights and inputs
+    included, as a user's process would hold them); ``None`` off CUDA, where PyTorch keeps
+    no allocator statistics."""
+    device = inputs.device
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    with torch.inference_mode(), autocast(device, dtype):
+        model(inputs)
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment
+
+
+def _package_version(name: str) -> str | None:
+    # Metadata only: importing triton just for its version would be slow and can fail on CPU.
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What the figures depend on besides the config: versions, hardware, threads."""
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "triton": _package_version("triton"),
+        "tokenprune": tokenprune.__version__,
+        "git_commit": _git_commit(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_num_threads": torch.get_num_threads(),
+        "torch_num_interop_threads": torch.get_num_interop_threads(),
+        "timer": timer_name(device),
+    }
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+        env["cudnn"] = torch.backends.cudnn.version()
+    else:
+        env["device_name"] = env["cpu"]
+    return env
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def write_atomic(path: Path, text: str | bytes) -> None:
+    """Write via a temp file in the same folder and ``os.replace``: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as handle:
+            handle.write(text)
+        # mkstemp creates the file 0600; give it the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

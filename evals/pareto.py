@@ -1,0 +1,252 @@
+"""Quality against speed: join benchmark and eval results, plot the Pareto front.
+
+    python -m evals.pareto evals/results/bench_cpu.json evals/results/fidelity_dinov2.json \\
+        --out evals/results/pareto_cpu.png
+
+Speed comes from ``evals.bench`` JSON: per (model, input size, method, setting), the fused-
+attention row with the highest throughput among those matching ``--batch-size`` and
+``--compile`` (default: the largest batch size, eager). Quality comes from the eval scripts'
+JSON: ``evals.imagenet`` (top-1 %), ``evals.fidelity`` (embedding cosine to the unreduced
+model). Points join on the setting's name (:func:`evals.settings.describe_setting`), which
+every script writes the same way. With ``--x gflops`` no benchmark is needed: quality is
+plotted against the GFLOPs the eval files record.
+
+A point is on the **Pareto front** when no other point (any method) is at least as fast and
+at least as good, and strictly better in one. Quality points without a matching benchmark
+row are never dropped silently: they are listed and counted. Writes the PNG and a markdown
+table of the joined points beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from evals.harness import write_atomic
+
+__all__ = ["Point", "join", "main", "pareto_front", "quality_points", "speed_points"]
+
+
+@dataclass(frozen=True)
+class Point:
+    """One method setting on one model: its cost, speed and quality (None where unknown)."""
+
+    model: str
+    input_size: tuple[int, ...]
+    method: str  # "none" for the unreduced model
+    setting: str
+    gflops: float
+    speed: float | None = None  # samples/s
+    speedup: float | None = None  # over the unreduced model of the same benchmark group
+    quality: float | None = None
+    metric: str | None = None  # what quality measures, e.g. "top-1 %"
+
+    @property
+    def key(self) -> tuple[str, tuple[int, ...], str, str]:
+        return (self.model, self.input_size, self.method, self.setting)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading results
+
+
+def speed_points(document: dict[str, Any], batch_size: int | None = None, compiled: bool = False) -> list[Point]:
+    """The fastest fused row per setting of an ``evals.bench`` document (largest batch size
+    unless ``batch_size`` is given; eager unless ``compiled``)."""
+    rows = [row for row in document["rows"] if row["attention"] == "fused" and row["compile"] == compiled]
+    if not rows:
+        return []
+    batch = batch_size if batch_size is not None else max(row["batch_size"] for row in rows)
+    best: dict[tuple[Any, ...], Point] = {}
+    for row in rows:
+        if row["batch_size"] != batch:
+            continue
+        point = Point(
+            row["model"], tuple(row["input_size"]), row["method"], row["setting"], row["gflops"],
+            speed=row["samples_per_s"], speedup=row["speedup"],
+        )  # fmt: skip
+        if point.key not in best or point.speed > best[point.key].speed:  # type: ignore[operator]
+            best[point.key] = point
+    return list(best.values())
+
+
+def _imagenet_points(document: dict[str, Any]) -> list[Point]:
+    model = document["model"]
+    top1 = document["top1"]
+    if top1 is None or top1["pct"] is None or document["gflops_per_image"] is None:
+        return []
+    size = tuple(document["model"]["data_config"]["input_size"][1:])
+    return [
+        Point(model["name"], size, model["method"], model["setting"], document["gflops_per_image"],
+              quality=top1["pct"], metric="ImageNet top-1 %")
+    ]  # fmt: skip
+
+
+def _fidelity_points(document: dict[str, Any]) -> list[Point]:
+    return [
+        Point(document["model_name"], tuple(document["input_size"]), row["method"], row["setting"], row["gflops"],
+              quality=row["cosine_mean"], metric="embedding cosine to unreduced")
+        for row in document["rows"]
+    ]  # fmt: skip
+
+
+def quality_points(document: dict[str, Any]) -> list[Point]:
+    """Quality points of an eval script's JSON (``evals.imagenet`` or ``evals.fidelity``)."""
+    if "top1" in document and "model" in document:
+        return _imagenet_points(document)
+    if "rows" in document and "model_name" in document:
+        return _fidelity_points(document)
+    raise ValueError("not an evals.imagenet or evals.fidelity result (no 'top1' or fidelity 'rows')")
+
+
+def is_bench(document: dict[str, Any]) -> bool:
+    rows = document.get("rows")
+    return bool(rows) and isinstance(rows, list) and "samples_per_s" in rows[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Joining and the front
+
+
+def join(speed: Sequence[Point], quality: Sequence[Point]) -> tuple[list[Point], list[Point]]:
+    """(quality points with their speed filled in, quality points no benchmark row matches)."""
+    by_key = {point.key: point for point in speed}
+    joined, missing = [], []
+    for point in quality:
+        match = by_key.get(point.key)
+        if match is None:
+            missing.append(point)
+        else:
+            joined.append(replace(point, speed=match.speed, speedup=match.speedup))
+    return joined, missing
+
+
+def pareto_front(points: Sequence[Point], x: str) -> list[Point]:
+    """The points no other point dominates on (``x``, quality), ``x`` being "speed" or
+    "gflops" (for GFLOPs, fewer is better)."""
+
+    def cost(point: Point) -> float:
+        return point.gflops if x == "gflops" else -point.speed  # type: ignore[operator]
+
+    def dominates(a: Point, b: Point) -> bool:
+        return cost(a) <= cost(b) and a.quality >= b.quality and (cost(a) < cost(b) or a.quality > b.quality)  # type: ignore[operator]
+
+    return [p for p in points if not any(dominates(q, p) for q in points if q is not p)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def plot_png(points: Sequence[Point], front: Sequence[Point], x: str, title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def xval(point: Point) -> float:
+        return point.gflops if x == "gflops" else point.speed  # type: ignore[return-value]
+
+    figure, axes = plt.subplots(figsize=(7, 5), dpi=120)
+    methods = sorted({p.method for p in points}, key=lambda m: (m != "none", m))
+    for method in methods:
+        members = sorted((p for p in points if p.method == method), key=xval)
+        style = {"marker": "*", "markersize": 14, "linestyle": "none"} if method == "none" else {"marker": "o"}
+        axes.plot([xval(p) for p in members], [p.quality for p in members], label=method if method != "none" else "unreduced", **style)
+        for point in members:
+            if point.setting:
+                axes.annotate(point.setting, (xval(point), point.quality), fontsize=6, alpha=0.7,
+                              xytext=(3, 3), textcoords="offset points")  # fmt: skip
+    ordered = sorted(front, key=xval)
+    axes.step([xval(p) for p in ordered], [p.quality for p in ordered], where="post" if x == "gflops" else "pre",
+              color="black", alpha=0.3, linewidth=4, label="Pareto front")  # fmt: skip
+    axes.set_xlabel("GFLOPs per sample (fewer is cheaper)" if x == "gflops" else "throughput (samples/s)")
+    metrics = sorted({p.metric for p in points if p.metric})
+    axes.set_ylabel(" / ".join(metrics) or "quality")
+    axes.set_title(title, fontsize=9)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def format_markdown(points: Sequence[Point], front: Sequence[Point], missing: Sequence[Point]) -> str:
+    lines = [
+        "| model | method | setting | GFLOPs | samples/s | speedup | quality | metric | Pareto |",
+        "| :--- | :--- | :--- | ---: | ---: | ---: | ---: | :--- | :---: |",
+    ]
+    on_front = {p.key for p in front}
+    for p in sorted(points, key=lambda p: (p.model, p.method != "none", p.method, -p.gflops)):
+        speed = "-" if p.speed is None else f"{p.speed:.1f}"
+        speedup = "-" if p.speedup is None else f"{p.speedup:.2f}x"
+        lines.append(
+            f"| {p.model} | {p.method} | {p.setting or '-'} | {p.gflops:.2f} | {speed} | {speedup} | "
+            f"{p.quality:.4f} | {p.metric} | {'yes' if p.key in on_front else ''} |"
+        )
+    if missing:
+        lines.append(f"\n{len(missing)} quality point(s) had no benchmark row and are not plotted:")
+        lines += [f"- {p.model} {p.method} {p.setting or '(unreduced)'}" for p in missing]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        prog="python -m evals.pareto",
+        description="Join evals.bench speed with evals.imagenet / evals.fidelity quality; plot the Pareto front.",
+    )
+    parser.add_argument("results", nargs="+", type=Path, help="JSON files from evals.bench, evals.imagenet, evals.fidelity")
+    parser.add_argument("--x", choices=["speed", "gflops"], default="speed", help="x axis: measured speed (default) or GFLOPs")
+    parser.add_argument("--batch-size", type=int, help="benchmark rows of this batch size (default: the largest)")
+    parser.add_argument("--compiled", action="store_true", help="use the benchmark's torch.compile rows")
+    parser.add_argument("--title", help="plot title (default: the benchmark's device)")
+    parser.add_argument("--out", type=Path, required=True, help="PNG path; the markdown table goes beside it (.md)")
+    args = parser.parse_args(argv)
+
+    speed: list[Point] = []
+    quality: list[Point] = []
+    devices = []
+    for path in args.results:
+        try:
+            document = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise SystemExit(f"{path}: cannot read JSON ({error})") from None
+        if is_bench(document):
+            speed += speed_points(document, args.batch_size, args.compiled)
+            devices.append(document["environment"]["device_name"])
+        else:
+            try:
+                quality += quality_points(document)
+            except (KeyError, ValueError) as error:
+                raise SystemExit(f"{path}: {error}") from None
+    if not quality:
+        raise SystemExit("no quality results: give at least one evals.imagenet or evals.fidelity JSON")
+    if args.x == "speed":
+        if not speed:
+            raise SystemExit("--x speed needs an evals.bench JSON (or use --x gflops)")
+        points, missing = join(speed, quality)
+        for point in missing:
+            print(f"warning: no benchmark row for {point.model} {point.method} {point.setting!r}", file=sys.stderr)
+        if not points:
+            raise SystemExit("no quality point matches a benchmark row: run both with the same model, input size and settings")
+    else:
+        points, missing = list(quality), []
+    front = pareto_front(points, args.x)
+    title = args.title or ", ".join(sorted(set(devices))) or "GFLOPs"
+    write_atomic(args.out, plot_png(points, front, args.x, title))
+    table = format_markdown(points, front, missing)
+    write_atomic(args.out.with_suffix(".md"), table)
+    print(table)
+    return {"points": points, "front": front, "missing": missing}
+
+
+if __name__ == "__main__":
+    main()

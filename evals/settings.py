@@ -1,0 +1,307 @@
+"""What a method runs at: its options, given directly or found for a budget.
+
+Shared by the benchmark and the eval scripts, so that a setting has one name everywhere
+(:func:`describe_setting`, the key that joins speed and quality results) and the same command
+line (:func:`add_arguments`, :func:`settings_from_args`).
+
+**Budgets** compare methods at equal cost. A method's strength is one option, its **knob**: ``r`` for the merging methods, ``keep_ratio``
+for the dropping methods. Its settings are listed from the weakest (no reduction) to the
+strongest, one step apart (one token of ``r``, 0.01 of ``keep_ratio``). A budget is
+
+* a **GFLOPs fraction** (``0.5``, or ``50%``): the weakest setting whose GFLOPs per image are
+  at most that fraction of the unreduced model's, from :func:`tokenprune.flops` — exact and
+  deterministic, so every script that searches the same budget picks the same setting;
+* a **speedup** (``2x``): the weakest setting whose measured throughput is at least that
+  multiple of the unreduced model's, timed on the machine at hand.
+
+Either cost falls as the knob turns (FLOPs exactly, time up to noise), so the search is a
+bisection: the setting it returns meets the budget and the one a step weaker does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+import tokenprune
+from tokenprune.api import input_tokens
+from tokenprune.schedule import RSchedule, format_schedule, parse_schedule
+
+__all__ = [
+    "DEFAULT_SETTINGS",
+    "KNOBS",
+    "Budget",
+    "Knob",
+    "Setting",
+    "add_arguments",
+    "bisect_weakest",
+    "describe_setting",
+    "parse_budget",
+    "resolve",
+    "setting_for_budget",
+    "settings_from_args",
+]
+
+
+@dataclass(frozen=True)
+class Knob:
+    """The option that sets a method's strength, and its settings, weakest first."""
+
+    option: str
+    settings: Callable[[nn.Module, tuple[int, ...]], Sequence[Any]]
+
+
+def _r_settings(model: nn.Module, size: tuple[int, ...]) -> Sequence[int]:
+    # r beyond half the patch tokens merges nothing more (ToMe caps r at half the tokens).
+    patches = input_tokens(model, size) - model.num_prefix_tokens
+    return range(0, patches // 2 + 1)
+
+
+def _keep_ratio_settings(model: nn.Module, size: tuple[int, ...]) -> Sequence[float]:
+    return [round(1.0 - step / 100, 2) for step in range(100)]  # 1.00, 0.99, ..., 0.01
+
+
+R_KNOB = Knob("r", _r_settings)
+KEEP_RATIO_KNOB = Knob("keep_ratio", _keep_ratio_settings)
+
+# One entry per registered method (tokenprune.METHODS); a test keeps the two in step.
+KNOBS: dict[str, Knob] = {
+    "tome": R_KNOB,
+    "local_global": R_KNOB,  # stage 2's r, with stage 1 as configured
+    "temporal": R_KNOB,
+    "background": R_KNOB,  # the later blocks' r, with the early background merging as configured
+    "dynamicvit": KEEP_RATIO_KNOB,
+    "evit": KEEP_RATIO_KNOB,
+}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A cost target: ``kind`` "gflops" (``value`` = fraction of the unreduced GFLOPs) or
+    "speedup" (``value`` = throughput multiple of the unreduced model)."""
+
+    kind: str
+    value: float
+
+    def __str__(self) -> str:
+        return f"{self.value:g}x" if self.kind == "speedup" else f"{self.value:g} GFLOPs"
+
+    @property
+    def label(self) -> str:
+        return f"{self.value:g}x speed" if self.kind == "speedup" else f"{self.value:.0%} GFLOPs"
+
+
+def parse_budget(text: str) -> Budget:
+    """``0.5`` or ``50%`` → half the GFLOPs; ``2x`` → twice the throughput."""
+    spec = text.strip().lower()
+    try:
+        if spec.endswith("x"):
+            value = float(spec[:-1])
+            if value <= 1.0:
+                raise ValueError
+            return Budget("speedup", value)
+        value = float(spec[:-1]) / 100 if spec.endswith("%") else float(spec)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"budget {text!r}: give a GFLOPs fraction in (0, 1) such as 0.5 or 50%, or a speedup above 1 such as 2x"
+        ) from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"budget {text!r}: a GFLOPs fraction must be in (0, 1), e.g. 0.5 or 50%")
+    return Budget("gflops", value)
+
+
+def bisect_weakest(meets: Callable[[int], bool], count: int) -> int | None:
+    """The smallest index in ``range(count)`` for which ``meets`` holds, for a ``meets`` that is
+    false and then true along the range; ``None`` if it never holds. log2(count) calls."""
+    if count < 1 or not meets(count - 1):
+        return None
+    low, high = 0, count - 1  # invariant: meets(high); every index below low fails
+    while low < high:
+        middle = (low + high) // 2
+        if meets(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return high
+
+
+def setting_for_budget(
+    model: nn.Module,
+    method: str,
+    options: dict[str, Any],
+    budget: Budget,
+    size: tuple[int, ...],
+    speedup_of: Callable[[nn.Module], float] | None = None,
+) -> dict[str, Any]:
+    """``options`` with ``method``'s knob set to the weakest setting that meets ``budget``.
+
+    ``model`` is an unpatched model (left unpatched); ``size`` its input size, (H, W) or
+    (T, H, W). A speedup budget needs ``speedup_of``, which times a patched copy against the
+    unreduced model and returns the ratio. Raises ``ValueError`` when the method's strongest
+    setting still misses the budget, naming what it reaches."""
+    if method not in KNOBS:
+        raise ValueError(f"method {method!r} has no budget knob; knobs exist for {sorted(KNOBS)}")
+    knob = KNOBS[method]
+    if knob.option in options:
+        raise ValueError(f"{method}: give either a budget or {knob.option}, not both")
+    settings = list(knob.settings(model, size))
+    candidate = _copy_unpatched(model)
+    unreduced = tokenprune.flops(model, size).total
+
+    def patched(index: int) -> nn.Module:
+        return tokenprune.patch(candidate, method, **{**options, knob.option: settings[index]})
+
+    def gflops_fraction(index: int) -> float:
+        return tokenprune.flops(patched(index), size).total / unreduced
+
+    if budget.kind == "gflops":
+        meets: Callable[[int], bool] = lambda index: gflops_fraction(index) <= budget.value  # noqa: E731
+    elif speedup_of is None:
+        raise ValueError("a speedup budget needs a timer (speedup_of)")
+    else:
+        meets = lambda index: speedup_of(patched(index)) >= budget.value  # noqa: E731
+    try:
+        index = bisect_weakest(meets, len(settings))
+    except (TypeError, ValueError) as error:  # e.g. a data-dependent option plan() cannot count
+        raise ValueError(f"{method}: cannot search a budget with these options: {error}") from None
+    if index is None:
+        strongest = settings[-1]
+        reached = f"{gflops_fraction(len(settings) - 1):.1%} of the GFLOPs"
+        if budget.kind == "speedup":
+            reached = f"{speedup_of(patched(len(settings) - 1)):.2f}x"  # type: ignore[misc]
+        raise ValueError(
+            f"{method} cannot reach {budget}: its strongest setting ({knob.option}={strongest}) reaches {reached}; "
+            "give a smaller budget or options that let it reduce more"
+        )
+    return {**options, knob.option: settings[index]}
+
+
+def _copy_unpatched(model: nn.Module) -> nn.Module:
+    if getattr(model, "tokenprune_config", None) is not None:
+        raise ValueError("pass the unpatched model: the budget is relative to its GFLOPs and speed")
+    return copy.deepcopy(model)
+
+
+def describe_setting(method: str, options: dict[str, Any]) -> str:
+    """A short, canonical label of a method's options, e.g. ``"r=16"`` or ``"keep_ratio=0.7,
+    stages=(3, 6, 9)"``: the knob first, then the other options sorted by name. Scripts use it
+    as the key that joins one method setting's results across files."""
+    if method == "none":
+        return ""
+    knob = KNOBS[method].option if method in KNOBS else None
+    names = sorted(options, key=lambda name: (name != knob, name))
+    return ", ".join(f"{name}={_format(name, options[name])}" for name in names)
+
+
+def _format(name: str, value: Any) -> str:
+    if name == "r" and isinstance(value, (int, tuple, list)):
+        return format_schedule(value)  # 16, (16,-1), [8,8,4]
+    if dataclasses.is_dataclass(value):
+        return type(value).__name__
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One reduction to run: a method with its options, to be completed by a budget search
+    when ``budget`` is set; method "none" is the unpatched model."""
+
+    method: str
+    options: dict[str, Any]
+    budget: Budget | None = None
+
+
+# A method's settings when neither its knob's values nor a budget are given.
+DEFAULT_SETTINGS: dict[str, list[Any]] = {"r": [8, 13, 16, (16, -1)], "keep_ratio": [0.9, 0.7, 0.5]}
+
+
+def _option(text: str) -> tuple[str | None, str, Any]:
+    """``[METHOD.]KEY=VALUE`` → (method or None, key, value read as a Python literal)."""
+    target, sep, value = text.partition("=")
+    method, dot, key = target.strip().rpartition(".")
+    if not sep or not key.isidentifier() or (dot and method not in tokenprune.METHODS):
+        raise argparse.ArgumentTypeError(
+            f"expected KEY=VALUE or METHOD.KEY=VALUE (METHOD in {sorted(tokenprune.METHODS)}), got {text!r}"
+        )
+    try:
+        parsed = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+        parsed = value.strip()  # a plain string, e.g. score=random
+    return (method or None), key, parsed
+
+
+def _schedule(text: str) -> RSchedule:
+    try:
+        return parse_schedule(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def add_arguments(parser: argparse.ArgumentParser, default_method: str = "tome") -> None:
+    """``--method``, ``--r``, ``--keep-ratio``, ``--budget`` and ``--option``, all repeatable."""
+    add = parser.add_argument
+    add("--method", action="append", choices=sorted(tokenprune.METHODS), help=f"method, repeatable (default: {default_method})")
+    add("--r", action="append", type=_schedule, metavar="R",
+        help="r for the merging methods, repeatable: 16, 16,-1 or a per-block list (default: 8 13 16 16,-1)")  # fmt: skip
+    add("--keep-ratio", action="append", type=float, metavar="RHO",
+        help="keep ratio for the dropping methods, repeatable (default: 0.9 0.7 0.5)")  # fmt: skip
+    add("--budget", action="append", type=parse_budget,
+        help="a cost every method is set to meet, repeatable: a GFLOPs fraction (0.5 or 50%%) or a speedup (2x)")  # fmt: skip
+    add("--option", action="append", default=[], type=_option, metavar="[METHOD.]KEY=VALUE",
+        help="another method option, repeatable; without METHOD. it applies to every method that has it")  # fmt: skip
+    parser.set_defaults(default_method=default_method)
+
+
+def settings_from_args(args: argparse.Namespace) -> list[Setting]:
+    """Every method's settings, in order: its knob's values, then the budgets. A method with
+    neither gets :data:`DEFAULT_SETTINGS` for its knob."""
+    methods = list(dict.fromkeys(args.method or [args.default_method]))
+    options: dict[str, dict[str, Any]] = {method: {} for method in methods}
+    for target, key, value in args.option:
+        if target and target not in methods:
+            raise SystemExit(f"--option {target}.{key}: {target} is not among the methods {methods}")
+        targets = [target] if target else methods
+        takers = [m for m in targets if key in {f.name for f in dataclasses.fields(tokenprune.METHODS[m])}]
+        if not takers:
+            raise SystemExit(f"--option {key}: no option {key!r} in method(s) {targets}")
+        for method in takers:
+            options[method][key] = value
+    values_of = {"r": args.r, "keep_ratio": args.keep_ratio}
+    settings = []
+    for method in methods:
+        knob = KNOBS[method].option
+        if knob in options[method]:
+            raise SystemExit(f"give {method}'s {knob} with --{knob.replace('_', '-')}, not --option")
+        values = values_of[knob]
+        if values is None and not args.budget:
+            values = DEFAULT_SETTINGS[knob]
+        settings += [Setting(method, {knob: value, **options[method]}) for value in values or []]
+        settings += [Setting(method, dict(options[method]), budget) for budget in args.budget or []]
+    return settings
+
+
+def resolve(
+    setting: Setting,
+    model: nn.Module,
+    size: tuple[int, ...],
+    speedup_of: Callable[[nn.Module], float] | None = None,
+) -> dict[str, Any]:
+    """The options to patch ``model`` with: ``setting``'s, with the knob searched for its
+    budget if it has one. Errors become ``SystemExit`` with the reason."""
+    if setting.budget is None:
+        return dict(setting.options)
+    try:
+        return setting_for_budget(model, setting.method, setting.options, setting.budget, size, speedup_of)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
