@@ -38,7 +38,7 @@ from evals.assets import (
     imagenet_photos,
     load_image,
 )
-from evals.bench import write_atomic
+from evals.harness import write_atomic
 from tokenprune.schedule import format_schedule
 from tokenprune.visualize import merge_map
 
