@@ -810,5 +810,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
-if __name__ == "__main__":
+
+def cli() -> None:
+    """The console script: ``main`` returns its results to Python callers, which
+    ``sys.exit`` would print and turn into exit status 1."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

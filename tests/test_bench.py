@@ -372,3 +372,18 @@ def test_bench_attention_needs_a_gpu() -> None:
         pytest.skip("has a GPU: the benchmark would run")
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         bench_attention.main(["--tokens", "21"])
+
+
+def test_console_scripts_exit_cleanly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every tokenprune-* script in pyproject.toml returns None: console scripts end with
+    sys.exit(value), and a returned results dict would exit with status 1."""
+    import importlib
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) >= {"tokenprune-bench", "tokenprune-eval", "tokenprune-pareto"}
+    for target in scripts.values():
+        module_name, function = target.split(":")
+        module = importlib.import_module(module_name)
+        monkeypatch.setattr(module, "main", lambda argv=None: {"results": 1})
+        assert getattr(module, function)() is None
