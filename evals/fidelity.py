@@ -50,7 +50,10 @@ def measure(setting_list: Sequence[settings.Setting], img_size: int = 224) -> li
             raise SystemExit("fidelity takes GFLOPs budgets (0.5 or 50%); speedups are measured by evals.bench")
         if getattr(model, "tokenprune_config", None) is not None:
             tokenprune.unpatch(model)  # budgets are searched on the unpatched model
-        options = settings.resolve(setting, model, size)
+        try:
+            options = settings.resolve(setting, model, size)
+        except settings.BudgetUnreachable as error:
+            raise SystemExit(str(error)) from None
         if setting.method != "none":
             tokenprune.patch(model, setting.method, **options)
         cosine = torch.nn.functional.cosine_similarity(model(photos), expected)

@@ -77,7 +77,14 @@ from evals.harness import (
     write_atomic,
 )
 from evals.metrics import real_correct, topk_correct
-from evals.settings import Budget, Setting, describe_setting, parse_budget, resolve
+from evals.settings import (
+    Budget,
+    BudgetUnreachable,
+    Setting,
+    describe_setting,
+    parse_budget,
+    resolve,
+)
 from tokenprune.schedule import parse_schedule
 
 __all__ = [
@@ -604,7 +611,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if args.budget is not None:
             if args.method == "none":
                 raise SystemExit("--budget needs a --method")
-            options = resolve(Setting(args.method, options, args.budget), model, input_size[1:])
+            try:
+                options = resolve(Setting(args.method, options, args.budget), model, input_size[1:])
+            except BudgetUnreachable as error:
+                raise SystemExit(str(error)) from None
         if args.method != "none":
             tokenprune.patch(model, args.method, **options)
         gflops, tokens, gflops_note = _gflops(model, input_size)

@@ -4,9 +4,10 @@ Shared by the benchmark and the eval scripts, so that a setting has one name eve
 (:func:`describe_setting`, the key that joins speed and quality results) and the same command
 line (:func:`add_arguments`, :func:`settings_from_args`).
 
-**Budgets** compare methods at equal cost. A method's strength is one option, its **knob**: ``r`` for the merging methods, ``keep_ratio``
-for the dropping methods. Its settings are listed from the weakest (no reduction) to the
-strongest, one step apart (one token of ``r``, 0.01 of ``keep_ratio``). A budget is
+**Budgets** compare methods at equal cost. A method's strength is one option, its **knob**:
+``r`` for the merging methods, ``keep_ratio`` for the dropping methods, ``early_r`` for video
+background merging. Its settings are listed from the weakest (no reduction) to the strongest,
+one step apart (one token of ``r``, 0.01 of ``keep_ratio``). A budget is
 
 * a **GFLOPs fraction** (``0.5``, or ``50%``): the weakest setting whose GFLOPs per image are
   at most that fraction of the unreduced model's, from :func:`tokenprune.flops` — exact and
@@ -38,6 +39,7 @@ __all__ = [
     "DEFAULT_SETTINGS",
     "KNOBS",
     "Budget",
+    "BudgetUnreachable",
     "Knob",
     "Setting",
     "add_arguments",
@@ -48,6 +50,10 @@ __all__ = [
     "setting_for_budget",
     "settings_from_args",
 ]
+
+
+class BudgetUnreachable(ValueError):
+    """A method's strongest setting still misses the budget."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +82,8 @@ KNOBS: dict[str, Knob] = {
     "tome": R_KNOB,
     "local_global": R_KNOB,  # stage 2's r, with stage 1 as configured
     "temporal": R_KNOB,
-    "background": R_KNOB,  # the later blocks' r, with the early background merging as configured
+    # Background merging's defining step is the early one; its later ToMe r stays as given (48).
+    "background": Knob("early_r", _r_settings),
     "dynamicvit": KEEP_RATIO_KNOB,
     "evit": KEEP_RATIO_KNOB,
 }
@@ -144,8 +151,8 @@ def setting_for_budget(
 
     ``model`` is an unpatched model (left unpatched); ``size`` its input size, (H, W) or
     (T, H, W). A speedup budget needs ``speedup_of``, which times a patched copy against the
-    unreduced model and returns the ratio. Raises ``ValueError`` when the method's strongest
-    setting still misses the budget, naming what it reaches."""
+    unreduced model and returns the ratio. Raises :class:`BudgetUnreachable` when the method's
+    strongest setting still misses the budget, naming what it reaches."""
     if method not in KNOBS:
         raise ValueError(f"method {method!r} has no budget knob; knobs exist for {sorted(KNOBS)}")
     knob = KNOBS[method]
@@ -176,7 +183,7 @@ def setting_for_budget(
         reached = f"{gflops_fraction(len(settings) - 1):.1%} of the GFLOPs"
         if budget.kind == "speedup":
             reached = f"{speedup_of(patched(len(settings) - 1)):.2f}x"  # type: ignore[misc]
-        raise ValueError(
+        raise BudgetUnreachable(
             f"{method} cannot reach {budget}: its strongest setting ({knob.option}={strongest}) reaches {reached}; "
             "give a smaller budget or options that let it reduce more"
         )
@@ -223,7 +230,11 @@ class Setting:
 
 
 # A method's settings when neither its knob's values nor a budget are given.
-DEFAULT_SETTINGS: dict[str, list[Any]] = {"r": [8, 13, 16, (16, -1)], "keep_ratio": [0.9, 0.7, 0.5]}
+DEFAULT_SETTINGS: dict[str, list[Any]] = {
+    "r": [8, 13, 16, (16, -1)],
+    "keep_ratio": [0.9, 0.7, 0.5],
+    "early_r": [128, 256, 384],
+}
 
 
 def _option(text: str) -> tuple[str | None, str, Any]:
@@ -256,6 +267,8 @@ def add_arguments(parser: argparse.ArgumentParser, default_method: str = "tome")
         help="r for the merging methods, repeatable: 16, 16,-1 or a per-block list (default: 8 13 16 16,-1)")  # fmt: skip
     add("--keep-ratio", action="append", type=float, metavar="RHO",
         help="keep ratio for the dropping methods, repeatable (default: 0.9 0.7 0.5)")  # fmt: skip
+    add("--early-r", action="append", type=int, metavar="N",
+        help="early merges per block for background merging, repeatable (default: 128 256 384)")  # fmt: skip
     add("--budget", action="append", type=parse_budget,
         help="a cost every method is set to meet, repeatable: a GFLOPs fraction (0.5 or 50%%) or a speedup (2x)")  # fmt: skip
     add("--option", action="append", default=[], type=_option, metavar="[METHOD.]KEY=VALUE",
@@ -277,7 +290,7 @@ def settings_from_args(args: argparse.Namespace) -> list[Setting]:
             raise SystemExit(f"--option {key}: no option {key!r} in method(s) {targets}")
         for method in takers:
             options[method][key] = value
-    values_of = {"r": args.r, "keep_ratio": args.keep_ratio}
+    values_of = {"r": args.r, "keep_ratio": args.keep_ratio, "early_r": args.early_r}
     settings = []
     for method in methods:
         knob = KNOBS[method].option
@@ -298,10 +311,13 @@ def resolve(
     speedup_of: Callable[[nn.Module], float] | None = None,
 ) -> dict[str, Any]:
     """The options to patch ``model`` with: ``setting``'s, with the knob searched for its
-    budget if it has one. Errors become ``SystemExit`` with the reason."""
+    budget if it has one. :class:`BudgetUnreachable` propagates (a sweep skips that row and
+    says so); other errors become ``SystemExit`` with the reason."""
     if setting.budget is None:
         return dict(setting.options)
     try:
         return setting_for_budget(model, setting.method, setting.options, setting.budget, size, speedup_of)
+    except BudgetUnreachable:
+        raise
     except ValueError as error:
         raise SystemExit(str(error)) from None

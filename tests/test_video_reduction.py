@@ -179,6 +179,17 @@ def test_temporal_window_zero_and_missing_partners(clip):
         dynamic(torch.randn(1, 3, 2, SIZE, SIZE))
 
 
+def test_temporal_total_capped_at_even_frame_tokens(clip):
+    """Only even-frame tokens merge, one per merge: plan caps the total at their count (32 of
+    64 here), so FLOPs and budgets never promise a merge the frame rule forbids; the forward
+    then does exactly what plan says."""
+    model = make_model(depth=4)
+    tokenprune.patch(model, "temporal", r=16, window=3)
+    reduction = tokenprune.plan(model, SIZE)
+    assert reduction.removed == (16, 16, 0, 0)  # 32 even-frame tokens in all, not 4 × 16
+    assert model.forward_tokens(clip).num_tokens == reduction.output_tokens == NUM_TOKENS - 32
+
+
 def test_background_merges_least_attended_tokens(clip):
     model = make_model(depth=1)
     tokenprune.patch(model, "background", early_blocks=1, early_r=10, r=0, trace_source=True)

