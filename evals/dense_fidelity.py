@@ -54,6 +54,8 @@ TWO_STAGE = [
     tokenprune.LocalGlobalConfig(local_block=2, local_ratio=1 / 8, r=(16, -1)),
     tokenprune.LocalGlobalConfig(local_block=1, local_ratio=1 / 16, r=(14, -1)),
     tokenprune.LocalGlobalConfig(local_block=2, local_ratio=1 / 16, r=16, pos_weight=1.0),
+    # Aggressive budgets (about 6.7-8.3 GFLOPs): windows after block 1, constant r, small λ.
+    *(tokenprune.LocalGlobalConfig(local_block=1, local_ratio=1 / 8, r=r, pos_weight=0.25) for r in (14, 17, 19, 22)),
 ]
 MEASURES = ("cosine", "saliency_corr", "top10_iou")
 

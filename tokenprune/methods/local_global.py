@@ -169,6 +169,14 @@ class LocalGlobalConfig:
     after a few blocks of context (block 3) beat earlier or larger window stages, which
     collapse windows whose features are not yet redundant.
 
+    Below about 8.5 GFLOPs that setting falls behind ToMe on the embedding: blocks before
+    ``local_block`` keep every token, so later blocks must merge more each, and a block's
+    merges cost more embedding cosine per GFLOP saved in blocks 1-3 than in 4-5 (about 2×),
+    a window merge more than a pair merge at the same block, and the loss compounds within
+    a block. Spreading the merging as ToMe does — 1/8 of the windows after block 1, then a
+    constant ``r`` with a small ``pos_weight`` (0.125-0.25) — wins down to about 7.6 GFLOPs
+    (``evals/results/dense_fidelity.md``).
+
     Args:
         local_block: the block after whose attention stage 1 merges windows (0-based; default
             3). Blocks before it keep all tokens.
