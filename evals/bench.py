@@ -339,7 +339,7 @@ COLUMNS: list[tuple[str, Callable[[Row], str], str]] = [
     ("budget", lambda row: row.budget or "-", "<"),
     ("attention", lambda row: row.attention, "<"),
     ("backend", lambda row: row.backend or "-", "<"),
-    ("samples/s", lambda row: f"{row.samples_per_s:.1f}", ">"),
+    ("samples/s", lambda row: f"{row.samples_per_s:.1f}" if row.samples_per_s >= 10 else f"{row.samples_per_s:.3f}", ">"),
     ("speedup", lambda row: f"{row.speedup:.2f}x", ">"),
     ("GFLOPs", lambda row: f"{row.gflops:.2f}", ">"),
     ("FLOPs ratio", lambda row: f"{1 / row.gflops_fraction:.2f}x", ">"),

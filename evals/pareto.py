@@ -221,7 +221,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             raise SystemExit(f"{path}: cannot read JSON ({error})") from None
         if is_bench(document):
             speed += speed_points(document, args.batch_size, args.compiled)
-            devices.append(document["environment"]["device_name"])
+            batch = args.batch_size or max(row["batch_size"] for row in document["rows"])
+            devices.append(f"{document['environment']['device_name']}, batch {batch}, {document['config']['dtype']}"
+                           f"{', compiled' if args.compiled else ''}")  # fmt: skip
         else:
             try:
                 quality += quality_points(document)
