@@ -228,20 +228,24 @@ def _group_rows(
     inputs = example_input(baseline, batch_size, device, cfg["seed"])
     unreduced_flops = tokenprune.flops(baseline, size).total
 
+    def backends(method: str) -> list[str | None]:
+        return cfg["backends"] if _has_backend(method) else [None]
+
     # (setting, attention, backend) per row: the fused baseline first (the reference).
-    plan: list[tuple[Setting, str, str | None]] = [(Setting("none", {}), "fused", None)]
+    rows_planned: list[tuple[Setting, str, str | None]] = [(Setting("none", {}), "fused", None)]
     for setting in cfg["settings"]:
-        backends = cfg["backends"] if _has_backend(setting.method) else [None]
-        plan += [(setting, "fused", backend) for backend in backends]
+        rows_planned += [(setting, "fused", backend) for backend in backends(setting.method)]
     if cfg["manual"] and cfg["settings"]:
-        first = [s for s in cfg["settings"] if s.method == cfg["settings"][0].method]
-        plan += [(Setting("none", {}), "manual", None), (first[(len(first) - 1) // 2], "manual", plan[1][2])]
+        method = cfg["settings"][0].method
+        first = [s for s in cfg["settings"] if s.method == method]
+        middle = first[(len(first) - 1) // 2]
+        rows_planned += [(Setting("none", {}), "manual", None), (middle, "manual", backends(method)[0])]
 
     reference: Tensor | None = None
     prepared: list[dict[str, Any]] = []
     runners: list[Callable[[Tensor], Any]] = []
     searched: dict[tuple[str, str, Budget], dict[str, Any] | None] = {}
-    for index, (setting, attention, backend) in enumerate(plan, 1):
+    for index, (setting, attention, backend) in enumerate(rows_planned, 1):
         options = setting.options
         if setting.budget is not None:
             key = (setting.method, repr(sorted(options.items())), setting.budget)
@@ -257,7 +261,7 @@ def _group_rows(
                 continue
             options = searched[key]
         label = describe_setting(setting.method, options) or "unpatched"
-        progress(f"[{index}/{len(plan)}] {setting.method} {label} ({attention} attention, backend {backend})")
+        progress(f"[{index}/{len(rows_planned)}] {setting.method} {label} ({attention} attention, backend {backend})")
         model = copy.deepcopy(baseline)
         set_fused_attn(model, attention == "fused")
         if setting.method != "none":

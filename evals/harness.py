@@ -43,6 +43,7 @@ __all__ = [
     "create_model",
     "environment",
     "example_input",
+    "input_size",
     "measure_interleaved",
     "measure_throughput",
     "peak_memory_mib",

@@ -97,12 +97,13 @@ class Budget:
     kind: str
     value: float
 
-    def __str__(self) -> str:
-        return f"{self.value:g}x" if self.kind == "speedup" else f"{self.value:g} GFLOPs"
-
     @property
     def label(self) -> str:
-        return f"{self.value:g}x speed" if self.kind == "speedup" else f"{self.value:.0%} GFLOPs"
+        """``"50% GFLOPs"`` or ``"2x speed"``: how results and messages name the budget."""
+        return f"{self.value:g}x speed" if self.kind == "speedup" else f"{self.value * 100:g}% GFLOPs"
+
+    def __str__(self) -> str:
+        return self.label
 
 
 def parse_budget(text: str) -> Budget:

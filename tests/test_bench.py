@@ -179,14 +179,14 @@ def test_video_model(tmp_path: Path) -> None:
     document = _main(["--model", "video_vit_small_patch16_224", "--batch-size", "1", "--budget", "0.3", "--no-manual",
                       "--method", "temporal", "--img-size", "32", "--out", str(tmp_path / "w.json"), "--no-plot", *COMMON])  # fmt: skip
     assert [row["method"] for row in document["rows"]] == ["none"]
-    assert any("row skipped: temporal cannot reach 0.3 GFLOPs" in w for w in document["warnings"])
+    assert any("row skipped: temporal cannot reach 30% GFLOPs" in w for w in document["warnings"])
 
 
 def test_bad_requests_are_explained(tmp_path: Path) -> None:
     out = ["--out", str(tmp_path / "x.json"), "--no-plot", *COMMON, "--model", MODEL]
     document = _main(["--budget", "0.01", "--method", "evit", "--option", "stages=(11,)", "--no-manual", *out])
     assert [row["method"] for row in document["rows"]] == ["none"]  # skipped, and said so:
-    assert any("evit cannot reach 0.01 GFLOPs: its strongest setting (keep_ratio=0.01)" in w for w in document["warnings"])
+    assert any("evit cannot reach 1% GFLOPs: its strongest setting (keep_ratio=0.01)" in w for w in document["warnings"])
     with pytest.raises(SystemExit, match="no option 'window'"):
         _main(["--option", "window=3", *out])
     with pytest.raises(SystemExit, match="give tome's r with --r"):

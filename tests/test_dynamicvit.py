@@ -12,7 +12,6 @@ from tokenprune.merge import TokenState
 from tokenprune.methods.dynamicvit import (
     DynamicViTLoss,
     DynamicViTOutput,
-    TokenPredictor,
     default_stages,
     forward_train,
     predictors,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tokenprune
-from tokenprune.merge import merge_state, start_state, unmerge
+from tokenprune.merge import start_state, unmerge
 from tokenprune.methods.local_global import PositionalBipartiteMerge, WindowMerge, window_dest, window_scores
 from tests.test_patch import counted_flops, image, make
 

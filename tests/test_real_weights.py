@@ -84,4 +84,4 @@ def test_video_fidelity_script(tmp_path) -> None:
         assert row["gflops"] <= float(budget.split("%")[0]) / 100 * rows[0]["gflops"] + 0.01
         assert -1.0 <= row["cosine_min"] <= row["cosine_mean"] <= 1.0
     assert [r["method"] for r in rows if "unreachable" in r] == ["temporal"]
-    assert "Not reachable: temporal cannot reach 0.2 GFLOPs" in out.with_suffix(".md").read_text()
+    assert "Not reachable: temporal cannot reach 20% GFLOPs" in out.with_suffix(".md").read_text()
