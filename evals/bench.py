@@ -25,8 +25,9 @@ depend on them). Per row (one configuration):
 
 **Settings.** ``--r`` values apply to the merging methods, ``--keep-ratio`` to the dropping
 methods, ``--budget`` to every method (:mod:`evals.settings`: ``0.5`` = the weakest setting
-with at most half the GFLOPs, ``2x`` = the weakest measured to run at least twice as fast),
-so methods are compared at equal cost. ``--option [METHOD.]KEY=VALUE`` sets any other option.
+with at most half the GFLOPs, ``2x`` = the weakest measured to run at least twice as fast,
+timed eagerly at the group's batch size and dtype with short runs), so methods are compared
+at equal cost. ``--option [METHOD.]KEY=VALUE`` sets any other option.
 ``--backend`` gives one row per backend for methods that have one.
 
 Unless ``--no-manual``, each group ends with the baseline and the first method's middle
