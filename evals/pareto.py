@@ -79,9 +79,11 @@ def speed_points(document: dict[str, Any], batch_size: int | None = None, compil
 def _imagenet_points(document: dict[str, Any]) -> list[Point]:
     model = document["model"]
     top1 = document["top1"]
-    if top1 is None or top1["pct"] is None or document["gflops_per_image"] is None:
-        return []
-    size = tuple(document["model"]["data_config"]["input_size"][1:])
+    if top1 is None or top1["pct"] is None:
+        raise ValueError("the eval has no top-1 (no image was evaluated)")
+    if document["gflops_per_image"] is None:
+        raise ValueError(f"no GFLOPs for {model['name']}: {document.get('gflops_note')}")
+    size = tuple(model["data_config"]["input_size"][1:])
     return [
         Point(model["name"], size, model["method"], model["setting"], document["gflops_per_image"],
               quality=top1["pct"], metric="ImageNet top-1 %")

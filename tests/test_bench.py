@@ -388,3 +388,21 @@ def test_console_scripts_exit_cleanly(monkeypatch: pytest.MonkeyPatch) -> None:
         module = importlib.import_module(module_name)
         monkeypatch.setattr(module, "main", lambda argv=None: {"results": 1})
         assert getattr(module, function)() is None
+
+
+def test_pareto_reads_imagenet_results_and_refuses_incomplete_ones() -> None:
+    document = {
+        "model": {"name": "vit_tiny_patch16_224", "method": "tome", "setting": "r=8",
+                  "data_config": {"input_size": [3, 224, 224]}},
+        "top1": {"correct": 10, "pct": 50.0},
+        "gflops_per_image": 1.2,
+        "gflops_note": None,
+    }  # fmt: skip
+    (point,) = pareto.quality_points(document)
+    assert point.key == ("vit_tiny_patch16_224", (224, 224), "tome", "r=8") and point.quality == 50.0
+    with pytest.raises(ValueError, match="no GFLOPs for vit_tiny_patch16_224: not a ViT"):
+        pareto.quality_points({**document, "gflops_per_image": None, "gflops_note": "not a ViT"})
+    with pytest.raises(ValueError, match="no top-1"):
+        pareto.quality_points({**document, "top1": None})
+    with pytest.raises(ValueError, match="not an evals.imagenet or evals.fidelity result"):
+        pareto.quality_points({"something": 1})
