@@ -190,6 +190,24 @@ def test_temporal_total_capped_at_even_frame_tokens(clip):
     assert model.forward_tokens(clip).num_tokens == reduction.output_tokens == NUM_TOKENS - 32
 
 
+def test_temporal_joint_after_merges_jointly_once_even_frames_are_used(clip):
+    """joint_after: blocks whose count the even-frame tokens left can still cover merge
+    temporally; later ones merge jointly (ToMe), so the total is no longer capped at half."""
+    from tokenprune.methods import BipartiteMerge, TemporalMerge
+
+    model = make_model(depth=4)
+    tokenprune.patch(model, "temporal", r=16, window=3, joint_after=True, trace_source=True)
+    kinds = [type(block.reducer) for block in model.blocks]
+    assert kinds == [TemporalMerge, TemporalMerge, BipartiteMerge, BipartiteMerge]
+    reduction = tokenprune.plan(model, SIZE)
+    assert reduction.removed == (16, 16, 16, 8)  # ToMe's own cap (half the tokens) in the last block
+    state = model.forward_tokens(clip)
+    assert state.num_tokens == reduction.output_tokens == NUM_TOKENS - 56
+    assert (tokenprune.source(model).sum(-1) == state.size[..., 0]).all()
+    tokenprune.patch(model, "temporal", r=16, window=3, joint_after=False)
+    assert tokenprune.plan(model, SIZE).removed == (16, 16, 0, 0)
+
+
 def test_background_merges_least_attended_tokens(clip):
     model = make_model(depth=1)
     tokenprune.patch(model, "background", early_blocks=1, early_r=10, pool=1, r=0, trace_source=True)

@@ -190,11 +190,16 @@ class TemporalMergeConfig:
             the effective counts. A block that finds fewer valid pairs than its count (a
             partner drifted out of the window) raises instead of breaking the frame/window rule.
         window: spatial search radius in patches (default 1: the 3×3 neighbourhood).
+        joint_after: once a block's count exceeds the even-frame tokens left to merge, merge
+            jointly over all tokens like ToMe from that block on, instead of stopping at the cap:
+            static content collapses across time first, and the budget is not limited to half
+            the tokens.
         prop_attn, trace_source, backend: as in :class:`~tokenprune.ToMeConfig`.
     """
 
     r: RSchedule = 32
     window: int = 1
+    joint_after: bool = False
     prop_attn: bool = True
     trace_source: bool = False
     backend: str = "auto"
@@ -206,13 +211,24 @@ class TemporalMergeConfig:
         check_common_options(self)
         check_count(self.window, "window (patches)")
 
-    def reducers(self, model: nn.Module) -> list[TemporalMerge | None]:
+    def reducers(self, model: nn.Module) -> list[TemporalMerge | BipartiteMerge | None]:
         grid = getattr(model.patch_embed, "grid_size", ())
         if len(grid) != 3:
             raise TypeError("method 'temporal' needs a video model with a (frames, rows, cols) token grid")
         counts = resolve_r(self.r, len(model.blocks))
         p = model.num_prefix_tokens
-        return [TemporalMerge(n, self.window, p, self.backend) if n > 0 else None for n in counts]
+        frames, rows, cols = grid
+        left = (frames + 1) // 2 * rows * cols  # even-frame tokens: all that temporal steps can merge
+        reducers: list[TemporalMerge | BipartiteMerge | None] = []
+        for n in counts:
+            if n == 0:
+                reducers.append(None)
+            elif self.joint_after and n > left:
+                reducers.append(BipartiteMerge(n, p, self.backend))
+            else:
+                reducers.append(TemporalMerge(n, self.window, p, self.backend))
+                left -= n
+        return reducers
 
 
 @dataclass(frozen=True)
