@@ -523,7 +523,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return document
 
 
-
 def cli() -> None:
     """The console script: ``main`` returns its results to Python callers, which
     ``sys.exit`` would print and turn into exit status 1."""

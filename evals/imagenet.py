@@ -820,7 +820,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
-
 def cli() -> None:
     """The console script: ``main`` returns its results to Python callers, which
     ``sys.exit`` would print and turn into exit status 1."""

@@ -252,7 +252,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return {"points": points, "front": front, "missing": missing}
 
 
-
 def cli() -> None:
     """The console script: ``main`` returns its results to Python callers, which
     ``sys.exit`` would print and turn into exit status 1."""

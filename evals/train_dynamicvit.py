@@ -260,7 +260,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return summary
 
 
-
 def cli() -> None:
     """The console script: ``main`` returns its results to Python callers, which
     ``sys.exit`` would print and turn into exit status 1."""
