@@ -179,6 +179,26 @@ def test_temporal_window_zero_and_missing_partners(clip):
         dynamic(torch.randn(1, 3, 2, SIZE, SIZE))
 
 
+def test_temporal_scores_against_broadcast_reference():
+    """The masked scores on fractional (merged) centroids equal a direct broadcast of the rule:
+    A (even frame) → B (odd frame), ≤ 1.5 frames apart, ≤ window patches in row and column."""
+    from tokenprune.methods.temporal import temporal_scores
+
+    generator = torch.Generator().manual_seed(3)
+    metric = torch.randn(2, 40, 8, generator=generator)
+    pos = torch.rand(2, 40, 3, generator=generator) * torch.tensor([6.0, 5.0, 5.0])
+    unit = torch.nn.functional.normalize(metric, dim=-1)
+    expected = unit @ unit.transpose(-1, -2)
+    is_a = torch.floor(pos[..., 0] + 0.5) % 2 == 0
+    for b in range(2):
+        for i in range(40):
+            for j in range(40):
+                d = (pos[b, i] - pos[b, j]).abs()
+                if not (is_a[b, i] and not is_a[b, j] and d[0] <= 1.5 + 1e-6 and d[1:].max() <= 2 + 1e-6):
+                    expected[b, i, j] = float("-inf")
+    torch.testing.assert_close(temporal_scores(metric, pos, 2), expected)
+
+
 def test_temporal_total_capped_at_even_frame_tokens(clip):
     """Only even-frame tokens merge, one per merge: plan caps the total at their count (32 of
     64 here), so FLOPs and budgets never promise a merge the frame rule forbids; the forward
