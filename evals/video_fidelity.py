@@ -83,13 +83,13 @@ def measure(
     for setting in [settings.Setting("none", {}), *setting_list]:
         if setting.budget is not None and setting.budget.kind != "gflops":
             raise SystemExit("video fidelity takes GFLOPs budgets (0.5 or 50%); speedups are measured by evals.bench")
-        tokenprune.unpatch(model)  # budgets are searched on the unpatched model
+        if getattr(model, "tokenprune_config", None) is not None:
+            tokenprune.unpatch(model)  # budgets are searched on the unpatched model
         try:
             options = settings.resolve(setting, model, size)
         except settings.BudgetUnreachable as error:
             print(f"skipped: {error}", file=sys.stderr)
             rows.append({"method": setting.method, "budget": setting.budget.label, "unreachable": str(error)})
-            tokenprune.patch(model, r=0)
             continue
         if setting.method == "none":
             tokenprune.patch(model, r=0)
