@@ -69,9 +69,11 @@ from evals.harness import (
     create_model,
     environment,
     example_input,
+    figure_png,
     input_size,
     measure_interleaved,
     peak_memory_mib,
+    pyplot,
     set_fused_attn,
     write_atomic,
 )
@@ -289,10 +291,8 @@ def _group_rows(
                 "batch_size": batch_size,
                 "dtype": cfg["dtype"],
                 "compile": compiled,
-                "method": setting.method,
-                "setting": describe_setting(setting.method, options),
+                **settings.identity(setting, options),
                 "options": _jsonable(options),
-                "budget": None if setting.budget is None else setting.budget.label,
                 "attention": attention,
                 "backend": backend,
                 "gflops": flops / 1e9,
@@ -401,11 +401,7 @@ def format_csv(rows: Sequence[Row]) -> str:
 def plot_png(rows: Sequence[Row], title: str) -> bytes:
     """Speedup against FLOPs reduction, one series per (model, batch, compile, method,
     backend), fused attention only, with the ideal (speed follows FLOPs) as a dashed line."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display: render to a buffer
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fused = [row for row in rows if row.attention == "fused"]
     figure, axes = plt.subplots(figsize=(7, 5), dpi=120)
     top = max(1 / row.gflops_fraction for row in fused)
@@ -430,11 +426,7 @@ def plot_png(rows: Sequence[Row], title: str) -> bytes:
     axes.set_title(title, fontsize=9)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
-    buffer = io.BytesIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    return buffer.getvalue()
+    return figure_png(figure)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,22 +46,14 @@ def measure(setting_list: Sequence[settings.Setting], img_size: int = 224) -> li
     expected = model(photos)
     rows = []
     for setting in [settings.Setting("none", {}), *setting_list]:
-        if setting.budget is not None and setting.budget.kind != "gflops":
-            raise SystemExit("fidelity takes GFLOPs budgets (0.5 or 50%); speedups are measured by evals.bench")
-        if getattr(model, "tokenprune_config", None) is not None:
-            tokenprune.unpatch(model)  # budgets are searched on the unpatched model
         try:
-            options = settings.resolve(setting, model, size)
+            options = settings.apply(setting, model, size)
         except settings.BudgetUnreachable as error:
             raise SystemExit(str(error)) from None
-        if setting.method != "none":
-            tokenprune.patch(model, setting.method, **options)
         cosine = torch.nn.functional.cosine_similarity(model(photos), expected)
         rows.append(
             {
-                "method": setting.method,
-                "setting": settings.describe_setting(setting.method, options),
-                "budget": None if setting.budget is None else setting.budget.label,
+                **settings.identity(setting, options),
                 "cosine_mean": round(cosine.mean().item(), 5),
                 "cosine_min": round(cosine.min().item(), 5),
                 "output_tokens": tokenprune.plan(model, size).output_tokens,

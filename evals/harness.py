@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import io
 import os
 import platform
 import statistics
@@ -43,10 +44,12 @@ __all__ = [
     "create_model",
     "environment",
     "example_input",
+    "figure_png",
     "input_size",
     "measure_interleaved",
     "measure_throughput",
     "peak_memory_mib",
+    "pyplot",
     "set_fused_attn",
     "synchronize",
     "write_atomic",
@@ -288,6 +291,27 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------
 # Output
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend: figures render to files, never to a display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def figure_png(figure: Any) -> bytes:
+    """The figure laid out and rendered as PNG bytes (for :func:`write_atomic`), then closed."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
 
 
 def write_atomic(path: Path, text: str | bytes) -> None:

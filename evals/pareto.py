@@ -20,7 +20,6 @@ table of the joined points beside it.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 from collections.abc import Sequence
@@ -28,7 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from evals.harness import write_atomic
+from evals.harness import figure_png, pyplot, write_atomic
 
 __all__ = ["Point", "join", "main", "pareto_front", "quality_points", "speed_points"]
 
@@ -147,11 +146,7 @@ def pareto_front(points: Sequence[Point], x: str) -> list[Point]:
 
 
 def plot_png(points: Sequence[Point], front: Sequence[Point], x: str, title: str) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     def xval(point: Point) -> float:
         return point.gflops if x == "gflops" else point.speed  # type: ignore[return-value]
 
@@ -174,11 +169,7 @@ def plot_png(points: Sequence[Point], front: Sequence[Point], x: str, title: str
     axes.set_title(title, fontsize=9)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
-    buffer = io.BytesIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    return buffer.getvalue()
+    return figure_png(figure)
 
 
 def format_markdown(points: Sequence[Point], front: Sequence[Point], missing: Sequence[Point]) -> str:

@@ -43,8 +43,10 @@ __all__ = [
     "Knob",
     "Setting",
     "add_arguments",
+    "apply",
     "bisect_weakest",
     "describe_setting",
+    "identity",
     "parse_budget",
     "resolve",
     "setting_for_budget",
@@ -172,7 +174,7 @@ def setting_for_budget(
     if budget.kind == "gflops":
         meets: Callable[[int], bool] = lambda index: gflops_fraction(index) <= budget.value  # noqa: E731
     elif speedup_of is None:
-        raise ValueError("a speedup budget needs a timer (speedup_of)")
+        raise ValueError(f"a {budget} budget is timed by evals.bench; here give a GFLOPs budget (0.5 or 50%)")
     else:
         meets = lambda index: speedup_of(patched(index)) >= budget.value  # noqa: E731
     try:
@@ -322,3 +324,24 @@ def resolve(
         raise
     except ValueError as error:
         raise SystemExit(str(error)) from None
+
+
+def apply(setting: Setting, model: nn.Module, size: tuple[int, ...]) -> dict[str, Any]:
+    """Patch ``model`` for ``setting`` (undoing any earlier patch first, since budgets are
+    searched on the unpatched model) and return the options it used; method "none" leaves
+    the model unpatched. A GFLOPs budget only: speed budgets need :mod:`evals.bench`'s timer."""
+    if getattr(model, "tokenprune_config", None) is not None:
+        tokenprune.unpatch(model)
+    options = resolve(setting, model, size)
+    if setting.method != "none":
+        tokenprune.patch(model, setting.method, **options)
+    return options
+
+
+def identity(setting: Setting, options: dict[str, Any]) -> dict[str, Any]:
+    """The fields that name a result row: method, setting (:func:`describe_setting`), budget."""
+    return {
+        "method": setting.method,
+        "setting": describe_setting(setting.method, options),
+        "budget": None if setting.budget is None else setting.budget.label,
+    }

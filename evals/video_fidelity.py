@@ -81,20 +81,14 @@ def measure(
     expected_embedding, expected_tokens = outputs()
     rows = []
     for setting in [settings.Setting("none", {}), *setting_list]:
-        if setting.budget is not None and setting.budget.kind != "gflops":
-            raise SystemExit("video fidelity takes GFLOPs budgets (0.5 or 50%); speedups are measured by evals.bench")
-        if getattr(model, "tokenprune_config", None) is not None:
-            tokenprune.unpatch(model)  # budgets are searched on the unpatched model
         try:
-            options = settings.resolve(setting, model, size)
+            options = settings.apply(setting, model, size)
         except settings.BudgetUnreachable as error:
             print(f"skipped: {error}", file=sys.stderr)
             rows.append({"method": setting.method, "budget": setting.budget.label, "unreachable": str(error)})
             continue
         if setting.method == "none":
-            tokenprune.patch(model, r=0)
-        else:
-            tokenprune.patch(model, setting.method, **options)
+            tokenprune.patch(model, r=0)  # to unmerge, as the reference
         try:
             embedding, tokens = outputs()
         except ValueError as error:  # e.g. temporal r larger than the clip's pairs allow
@@ -103,9 +97,7 @@ def measure(
         token_cosine = F.cosine_similarity(tokens, expected_tokens, dim=-1).mean(dim=1)  # per clip
         rows.append(
             {
-                "method": setting.method,
-                "setting": settings.describe_setting(setting.method, options),
-                "budget": None if setting.budget is None else setting.budget.label,
+                **settings.identity(setting, options),
                 "cosine_mean": round(cosine.mean().item(), 5),
                 "cosine_min": round(cosine.min().item(), 5),
                 "token_cosine_mean": round(token_cosine.mean().item(), 5),
