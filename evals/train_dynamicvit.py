@@ -11,7 +11,9 @@
         --checkpoint runs/fmnist_vit/model.safetensors --epochs 2 --out runs/fmnist_dvit
 
 DynamicViT (Sec. 3.5): the student is the backbone patched with prediction modules; the teacher
-is the same backbone unpatched (frozen); the loss is :class:`DynamicViTLoss`. Each epoch writes
+is the same backbone unpatched (frozen); the loss is :class:`DynamicViTLoss`. With
+``--train-backbone`` the backbone trains too, at ``--backbone-lr-scale`` (0.01) of the predictors'
+learning rate, as in DynamicViT (Sec. 4.1). Each epoch writes
 ``predictors.safetensors``, ``model.safetensors`` (the whole model, with ``--method none`` or
 ``--train-backbone``), ``train_state.pt``
 (optimizer, schedule, epoch: ``--resume``) and a line of ``train_log.jsonl``. Load trained
@@ -103,6 +105,24 @@ def build_datasets(args: argparse.Namespace, model: nn.Module) -> tuple[Dataset,
     return train, val
 
 
+def parameter_groups(model: nn.Module, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups, each with the ``lr_scale`` applied to the schedule.
+
+    DynamicViT (Sec. 4.1) trains the prediction modules at the base learning rate and the
+    backbone at 0.01× of it: the backbone only adapts to the sparser tokens, it must not
+    forget what the teacher knows.
+    """
+    if args.method == "none":
+        return [{"params": list(model.parameters()), "lr_scale": 1.0}]
+    predictor_params = list(predictors(model).parameters())
+    groups = [{"params": predictor_params, "lr_scale": 1.0}]
+    if args.train_backbone:
+        own = {id(p) for p in predictor_params}
+        backbone = [p for p in model.parameters() if id(p) not in own]
+        groups.append({"params": backbone, "lr_scale": args.backbone_lr_scale})
+    return groups
+
+
 def cosine_lr(step: int, total: int, warmup: int, base: float) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
@@ -141,6 +161,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add("--keep-ratio", type=float, default=0.7)
     add("--stages", type=int, nargs="+", help="blocks before which predictors run (default: DeiT's 3, 6, 9 scaled)")
     add("--train-backbone", action="store_true", help="also fine-tune the backbone (DynamicViT trains all)")
+    add("--backbone-lr-scale", type=float, default=0.01,
+        help="with --train-backbone: the backbone's learning rate as a fraction of --lr (DynamicViT: 0.01)")
     add("--epochs", type=int, default=30)
     add("--batch-size", type=int, default=128)
     add("--lr", type=float, default=1e-3)
@@ -154,6 +176,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add("--out", type=Path, required=True)
     add("--resume", action="store_true", help="continue from OUT/train_state.pt")
     args = parser.parse_args(argv)
+    if not args.backbone_lr_scale >= 0:
+        parser.error(f"--backbone-lr-scale must be ≥ 0, got {args.backbone_lr_scale}")
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
@@ -172,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tokenprune.patch(model, "dynamicvit", keep_ratio=args.keep_ratio, stages=tuple(args.stages) if args.stages else None)
         model.requires_grad_(args.train_backbone)
         predictors(model).requires_grad_(True)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    param_groups = parameter_groups(model, args)
     criterion = DynamicViTLoss(args.keep_ratio)
 
     train_set, val_set = build_datasets(args, model)
@@ -189,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runner: nn.Module = model
     if distributed:
         runner = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, weight_decay=args.weight_decay)
     args.out.mkdir(parents=True, exist_ok=True)
     start_epoch, step = 0, 0
     state_path = args.out / "train_state.pt"
@@ -217,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 break
             images, labels = images.to(device), labels.to(device)
             for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(step, total_steps, args.warmup_steps, args.lr)
+                group["lr"] = group["lr_scale"] * cosine_lr(step, total_steps, args.warmup_steps, args.lr)
             with autocast(device, dtype):
                 if teacher is None:
                     terms = {"loss": F.cross_entropy(runner(images), labels, label_smoothing=args.label_smoothing)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -68,3 +69,17 @@ def test_bad_checkpoint_names_the_keys(tmp_path: Path) -> None:
     model = train_dynamicvit.create_model("vit_tiny_patch16_224", num_classes=2, img_size=32)
     with pytest.raises(ValueError, match="unexpected.weight"):
         train_dynamicvit.load_weights(model, tmp_path / "bad.safetensors")
+
+
+def test_backbone_trains_at_a_fraction_of_the_predictor_rate() -> None:
+    """DynamicViT's recipe: predictors at the base rate, the backbone at 0.01× (each parameter once)."""
+    model = tokenprune.patch(train_dynamicvit.create_model("fmnist_vit"), "dynamicvit")
+    args = argparse.Namespace(method="dynamicvit", train_backbone=True, backbone_lr_scale=0.01)
+    groups = train_dynamicvit.parameter_groups(model, args)
+    assert [g["lr_scale"] for g in groups] == [1.0, 0.01]
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in predictors(model).parameters()}
+    everything = [id(p) for g in groups for p in g["params"]]
+    assert sorted(everything) == sorted(id(p) for p in model.parameters())
+
+    args.train_backbone = False  # frozen backbone: only the predictors reach the optimizer
+    assert [len(g["params"]) for g in train_dynamicvit.parameter_groups(model, args)] == [len(groups[0]["params"])]
