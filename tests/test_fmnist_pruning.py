@@ -1,0 +1,77 @@
+"""The Fashion-MNIST evidence pipeline end to end on a tiny synthetic idx folder: the reader,
+then ``evals.fmnist_pruning`` with a backbone and a DynamicViT checkpoint saved here."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tokenprune
+from evals import fmnist_pruning, train_dynamicvit
+from evals.fashion_mnist import FashionMNIST
+
+pytest.importorskip("safetensors")
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module")
+def idx_folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fmnist")
+    rng = np.random.default_rng(0)
+    for prefix, count in (("train", 12), ("t10k", 20)):
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (count, 28, 28)))
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.arange(count) % 10)
+    return root
+
+
+def test_reader_matches_the_idx_bytes(idx_folder: Path) -> None:
+    data = FashionMNIST(idx_folder, "test")
+    assert len(data) == 20
+    image, label = data[13]
+    assert image.shape == (1, 28, 28) and label == 3
+    with gzip.open(idx_folder / "t10k-images-idx3-ubyte.gz") as handle:
+        raw = np.frombuffer(handle.read(), dtype=np.uint8, offset=16).reshape(20, 28, 28)
+    expected = (torch.from_numpy(raw[13].astype(np.float32)) / 255 - 0.2860) / 0.3530
+    torch.testing.assert_close(image[0], expected)
+    with pytest.raises(FileNotFoundError, match="fashion_mnist"):
+        FashionMNIST(idx_folder / "missing", "test")
+
+
+def test_pruning_table_end_to_end(idx_folder: Path, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    backbone = train_dynamicvit.create_model("fmnist_vit")
+    save_file(backbone.state_dict(), str(tmp_path / "backbone.safetensors"))
+    learned = tokenprune.patch(train_dynamicvit.create_model("fmnist_vit"), "dynamicvit")
+    save_file(learned.state_dict(), str(tmp_path / "dynamicvit.safetensors"))  # whole fine-tuned model
+
+    rows = fmnist_pruning.main([
+        "--data", str(idx_folder), "--backbone", str(tmp_path / "backbone.safetensors"),
+        "--dynamicvit", str(tmp_path / "dynamicvit.safetensors"), "--random-draws", "3", "--out-dir", str(tmp_path),
+    ])
+    methods = [r["method"] for r in rows]
+    assert methods[0] == "unreduced" and any(m.startswith("learned dropping (DynamicViT, fine-tuned)") for m in methods)
+    random_row = next(r for r in rows if r["method"].startswith("random dropping"))
+    assert len(random_row["top1_draws"]) == 3
+    assert random_row["top1"] == pytest.approx(sum(random_row["top1_draws"]) / 3)
+    assert all(0 <= r["top1"] <= 100 and r["gflops"] <= rows[0]["gflops"] + 1e-12 for r in rows)
+    # the unreduced row is the plain backbone's accuracy on the 20 images
+    with torch.no_grad():
+        images = torch.stack([FashionMNIST(idx_folder, "test")[i][0] for i in range(20)])
+        expected = 100.0 * (backbone.eval()(images).argmax(-1) == torch.arange(20) % 10).float().mean().item()
+    assert rows[0]["top1"] == pytest.approx(expected)
+    saved = json.loads((tmp_path / "fmnist_pruning.json").read_text())
+    assert [r["method"] for r in saved["rows"]] == methods
+    assert (tmp_path / "fmnist_pruning.md").read_text().count("\n| ") == len(rows) + 2  # header, rule, rows
+    assert (tmp_path / "fmnist_pruning.png").stat().st_size > 0
