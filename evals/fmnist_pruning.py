@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 import tokenprune
 from evals.fashion_mnist import FashionMNIST
-from evals.harness import write_atomic
+from evals.harness import figure_png, pyplot, write_atomic
 from evals.train_dynamicvit import create_model, load_weights
 from tokenprune.schedule import format_schedule
 
@@ -80,9 +80,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     img_size = backbone().patch_embed.img_size[0]
 
-    def measure(label: str, model: torch.nn.Module, accuracy: float | None = None) -> dict[str, Any]:
+    def measure(label: str, family: str, model: torch.nn.Module, accuracy: float | None = None) -> dict[str, Any]:
         result = {
             "method": label,
+            "family": family,
             "gflops": tokenprune.flops(model, img_size).gflops,
             "output_tokens": tokenprune.plan(model, img_size).output_tokens,
             "top1": top1(model, loader) if accuracy is None else accuracy,
@@ -90,8 +91,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         print(f"{label:44s} {result['gflops']:.4f} GFLOPs  {result['output_tokens']:3d} tokens  top-1 {result['top1']:.2f}")
         return result
 
-    def row(label: str, method: str, **options: Any) -> dict[str, Any]:
-        return measure(label, tokenprune.patch(backbone(), method, **options))
+    def row(label: str, family: str, method: str, **options: Any) -> dict[str, Any]:
+        return measure(label, family, tokenprune.patch(backbone(), method, **options))
 
     def dynamicvit_row(rho: float) -> dict[str, Any]:
         from safetensors import safe_open
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         else:
             model = tokenprune.patch(backbone(), "dynamicvit", keep_ratio=rho, predictor=str(args.dynamicvit))
             label = f"learned dropping (DynamicViT, frozen) ρ={rho}"
-        return measure(label, model)
+        return measure(label, "learned dropping (DynamicViT)", model)
 
     def random_row(rho: float) -> dict[str, Any]:
         """Random dropping is a draw: its mean over ``--random-draws`` seeds, with the range, so
@@ -113,19 +114,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         model = tokenprune.patch(backbone(), "evit", keep_ratio=rho, fuse=False, score="random")
         draws = [top1(model, loader, seed=seed) for seed in range(args.random_draws)]
         label = f"random dropping ρ={rho} (mean of {len(draws)} draws, {min(draws):.2f}–{max(draws):.2f})"
-        result = measure(label, model, accuracy=sum(draws) / len(draws))
+        result = measure(label, "random dropping", model, accuracy=sum(draws) / len(draws))
         result["top1_draws"] = draws
         return result
 
-    rows = [row("unreduced", "tome", r=0)]  # r=0 is bit-identical to the unpatched model
+    rows = [row("unreduced", "unreduced", "tome", r=0)]  # r=0 is bit-identical to the unpatched model
     for rho in args.keep_ratio:
         learned = dynamicvit_row(rho)
         rows.append(learned)
-        rows.append(row(f"attention dropping (EViT, fused) ρ={rho}", "evit", keep_ratio=rho, fuse=True))
-        rows.append(row(f"attention dropping (no fusion) ρ={rho}", "evit", keep_ratio=rho, fuse=False))
+        for fused, name in ((True, "attention dropping (EViT, fused)"), (False, "attention dropping (no fusion)")):
+            rows.append(row(f"{name} ρ={rho}", name, "evit", keep_ratio=rho, fuse=fused))
         rows.append(random_row(rho))
         r = nearest_tome_r(backbone(), img_size, learned["gflops"])
-        rows.append(row(f"ToMe r={format_schedule(r)} (matched GFLOPs)", "tome", r=r))
+        rows.append(row(f"ToMe r={format_schedule(r)} (matched GFLOPs)", "ToMe (matched GFLOPs)", "tome", r=r))
     for entry in rows:
         entry["delta_vs_unreduced"] = entry["top1"] - rows[0]["top1"]
 
@@ -143,21 +144,25 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Top-1 against MFLOPs, one line per method across the keep ratios; random dropping with
+    the range of its draws as error bars."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        ax.scatter(r["gflops"] * 1e3, r["top1"], s=40)
-        ax.annotate(r["method"], (r["gflops"] * 1e3, r["top1"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    families = list(dict.fromkeys(r["family"] for r in rows))
+    for family, marker in zip(families, "*osD^vP"):
+        points = sorted((r for r in rows if r["family"] == family), key=lambda r: r["gflops"])
+        x = [r["gflops"] * 1e3 for r in points]
+        y = [r["top1"] for r in points]
+        if family == "random dropping":
+            spread = [[r["top1"] - min(r["top1_draws"]) for r in points], [max(r["top1_draws"]) - r["top1"] for r in points]]
+            ax.errorbar(x, y, yerr=spread, marker=marker, capsize=3, label=family + " (range of draws)")
+        else:
+            ax.plot(x, y, marker=marker, markersize=9 if marker == "*" else 6, label=family)
     ax.set_xlabel("MFLOPs per image (2 per multiply-add)")
     ax.set_ylabel("top-1 % (Fashion-MNIST test)")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    ax.legend(fontsize=8, loc="lower right")
+    write_atomic(path, figure_png(fig))
 
 
 if __name__ == "__main__":
