@@ -14,7 +14,7 @@
 DynamicViT (Sec. 3.5): the student is the backbone patched with prediction modules; the teacher
 is the same backbone unpatched (frozen); the loss is :class:`DynamicViTLoss`. With
 ``--train-backbone`` the backbone trains too, at ``--backbone-lr-scale`` (0.01) of the predictors'
-learning rate, as in DynamicViT (Sec. 4.1). Each epoch writes
+learning rate, as in DynamicViT's training recipe. Each epoch writes
 ``predictors.safetensors``, ``model.safetensors`` (the whole model, with ``--method none`` or
 ``--train-backbone``), ``train_state.pt``
 (optimizer, schedule, epoch: ``--resume``) and a line of ``train_log.jsonl``. Load trained
@@ -109,7 +109,7 @@ def build_datasets(args: argparse.Namespace, model: nn.Module) -> tuple[Dataset,
 def parameter_groups(model: nn.Module, args: argparse.Namespace) -> list[dict[str, Any]]:
     """The optimizer's parameter groups, each with the ``lr_scale`` applied to the schedule.
 
-    DynamicViT (Sec. 4.1) trains the prediction modules at the base learning rate and the
+    DynamicViT's recipe trains the prediction modules at the base learning rate and the
     backbone at 0.01× of it: the backbone only adapts to the sparser tokens, it must not
     forget what the teacher knows.
     """
