@@ -147,6 +147,7 @@ def pareto_front(points: Sequence[Point], x: str) -> list[Point]:
 
 def plot_png(points: Sequence[Point], front: Sequence[Point], x: str, title: str) -> bytes:
     plt = pyplot()
+
     def xval(point: Point) -> float:
         return point.gflops if x == "gflops" else point.speed  # type: ignore[return-value]
 
