@@ -13,7 +13,8 @@ we measure, against the unreduced model:
 ToMe runs at many r, with its constant schedule and with its decreasing one (``(r, -1)``), to
 trace two curves of each measure against GFLOPs. Every two-stage setting is compared with the
 better of the two curves interpolated at exactly its GFLOPs ("ToMe at matched GFLOPs"), measure
-by measure. Writes ``evals/results/dense_fidelity.{json,md,png}`` and ``merge_maps.png`` (which
+by measure, and with a control: ToMe removing the same count at every block (pairs where the
+windows were), which separates what the windows do from what the schedule does. Writes ``evals/results/dense_fidelity.{json,md,png}`` and ``merge_maps.png`` (which
 patches merged, for one photo, under both methods at matched GFLOPs).
 
     python -m evals.dense_fidelity
@@ -209,7 +210,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for config in TWO_STAGE:
         ours = evaluator.score(config)
         matched = {m: best_tome(tome, ours["gflops"], m) for m in MEASURES}
-        rows.append({"two_stage": describe(config), **ours, "tome_at_same_gflops": matched})
+        # Control: ToMe removing the same count at every block, i.e. pairs where the windows were.
+        removed = list(tokenprune.plan(evaluator.model, evaluator.img_size).removed)
+        control = {"r": removed, **evaluator.score(tokenprune.ToMeConfig(r=removed))}
+        rows.append({"two_stage": describe(config), **ours, "tome_at_same_gflops": matched, "same_schedule_tome": control})
 
     lines = [
         "| two-stage setting | GFLOPs | cosine (ToMe) | saliency corr (ToMe) | top-10% IoU (ToMe) |",
@@ -219,6 +223,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cells = [f"{row[m]:.4f} ({row['tome_at_same_gflops'][m]:.4f})" if row["tome_at_same_gflops"][m] is not None
                  else f"{row[m]:.4f} (-)" for m in MEASURES]
         lines.append(f"| {row['two_stage']} | {row['gflops']:.2f} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Control: ToMe with each two-stage setting's per-block counts (pairs where the windows were, the same GFLOPs):",
+        "",
+        "| two-stage setting | ToMe r per block | cosine (two-stage) | saliency corr (two-stage) | top-10% IoU (two-stage) |",
+        "| :--- | :--- | ---: | ---: | ---: |",
+    ]
+    lines += [f"| {row['two_stage']} | {format_schedule(row['same_schedule_tome']['r'])} | "
+              + " | ".join(f"{row['same_schedule_tome'][m]:.4f} ({row[m]:.4f})" for m in MEASURES) + " |" for row in rows]
     lines += ["", "ToMe curves:", "", "| r | GFLOPs | cosine | saliency corr | top-10% IoU |", "| :--- | ---: | ---: | ---: | ---: |"]
     lines += [f"| {p['r']} | {p['gflops']:.2f} | {p['cosine']:.4f} | {p['saliency_corr']:.4f} | {p['top10_iou']:.4f} |"
               for p in sorted((p for curve in tome.values() for p in curve), key=lambda p: -p["gflops"])]
