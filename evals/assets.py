@@ -309,7 +309,6 @@ def photo_views(path: str | Path, img_size: int = 224, crop_fraction: float = 0.
     set, so a fidelity measure averaged over the views of a few photos is far less noisy
     than over the photos alone."""
     from PIL import Image
-
     from torchvision.transforms.v2.functional import five_crop
 
     full = load_image(path, img_size)

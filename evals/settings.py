@@ -93,8 +93,9 @@ def _keep_ratio_settings(model: nn.Module, size: tuple[int, ...]) -> Sequence[fl
 # Where two-stage merging puts its window stage, and the shape of its later r, for a GFLOPs
 # budget: (lowest GFLOPs fraction, local_block, inflection of r). The tighter the budget, the
 # earlier the window stage, so that no later block has to merge too much. Measured with
-# ``python -m evals.dense_fidelity`` (DINOv2 ViT-S/14, 12 blocks): the settings that kept the
-# embedding and the saliency map closest to the unreduced model at each budget.
+# ``python -m evals.dense_fidelity`` (DINOv2 ViT-S/14, 12 blocks): of the two-stage settings
+# tried, those that kept the embedding and the saliency map closest to the unreduced model at
+# each budget (``evals/results/dense_fidelity.md``).
 LOCAL_GLOBAL_PLACEMENT = ((0.70, 3, -0.5), (0.62, 2, -0.5), (0.54, 1, -0.5), (0.50, 0, -0.5), (0.0, 0, -1))
 
 
