@@ -217,3 +217,17 @@ def test_dense_fidelity_measures() -> None:
     curve = [{"gflops": 8.0, "cosine": 0.9}, {"gflops": 10.0, "cosine": 1.0}]
     assert interpolate(curve, 9.0, "cosine") == pytest.approx(0.95)
     assert interpolate(curve, 11.0, "cosine") is None
+
+
+def test_dense_fidelity_compares_with_the_better_tome_schedule() -> None:
+    from evals.dense_fidelity import best_tome, describe
+
+    curves = {
+        "constant": [{"gflops": 6.0, "cosine": 0.97}, {"gflops": 8.0, "cosine": 0.99}],
+        "decreasing": [{"gflops": 4.0, "cosine": 0.95}, {"gflops": 7.0, "cosine": 0.97}],
+    }
+    assert best_tome(curves, 7.0, "cosine") == pytest.approx(0.98)  # constant wins here
+    assert best_tome(curves, 5.0, "cosine") == pytest.approx(0.95 + 0.02 / 3)  # only the decreasing curve reaches
+    assert best_tome(curves, 9.0, "cosine") is None
+    assert describe(tokenprune.LocalGlobalConfig()) == "block 3, windows 1/16, r=16"
+    assert describe(tokenprune.LocalGlobalConfig(local_block=0, r=(18, -1), pos_weight=1.0)) == "block 0, windows 1/16, r=(18,-1), λ=1"
