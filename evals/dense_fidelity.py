@@ -14,8 +14,9 @@ ToMe runs at many r, with its constant schedule and with its decreasing one (``(
 trace two curves of each measure against GFLOPs. Every two-stage setting is compared with the
 better of the two curves interpolated at exactly its GFLOPs ("ToMe at matched GFLOPs"), measure
 by measure, and with a control: ToMe removing the same count at every block (pairs where the
-windows were), which separates what the windows do from what the schedule does. Writes ``evals/results/dense_fidelity.{json,md,png}`` and ``merge_maps.png`` (which
-patches merged, for one photo, under both methods at matched GFLOPs).
+windows were), which separates what the windows do from what the schedule does. Writes
+``evals/results/dense_fidelity.{json,md,png}`` and ``merge_maps.png`` (which patches merged, for
+one photo, under both methods at matched GFLOPs).
 
     python -m evals.dense_fidelity
 """
@@ -144,8 +145,11 @@ def best_tome(curves: dict[str, list[dict[str, float]]], gflops: float, measure:
 
 
 def describe(config: tokenprune.LocalGlobalConfig) -> str:
-    ratio = config.local_ratio.as_integer_ratio() if config.local_ratio else (0, 1)
-    windows = f"{ratio[0]}/{ratio[1]}" if ratio[1] <= 64 else f"{config.local_ratio:g}"
+    if config.local_threshold is not None:
+        windows = f"cos ≥ {config.local_threshold:g}"
+    else:
+        ratio = config.local_ratio.as_integer_ratio()
+        windows = f"{ratio[0]}/{ratio[1]}" if ratio[1] <= 64 else f"{config.local_ratio:g}"
     text = f"block {config.local_block}, windows {windows}, r={format_schedule(config.r)}"
     return text + (f", λ={config.pos_weight:g}" if config.pos_weight else "")
 

@@ -231,3 +231,4 @@ def test_dense_fidelity_compares_with_the_better_tome_schedule() -> None:
     assert best_tome(curves, 9.0, "cosine") is None
     assert describe(tokenprune.LocalGlobalConfig()) == "block 3, windows 1/16, r=16"
     assert describe(tokenprune.LocalGlobalConfig(local_block=0, r=(18, -1), pos_weight=1.0)) == "block 0, windows 1/16, r=(18,-1), λ=1"
+    assert describe(tokenprune.LocalGlobalConfig(local_threshold=0.9, r=8)) == "block 3, windows cos ≥ 0.9, r=8"
