@@ -13,8 +13,12 @@ we measure, against the unreduced model:
 ToMe runs at many r, with its constant schedule and with its decreasing one (``(r, -1)``), to
 trace two curves of each measure against GFLOPs. Every two-stage setting is compared with the
 better of the two curves interpolated at exactly its GFLOPs ("ToMe at matched GFLOPs"), measure
-by measure, and with a control: ToMe removing the same count at every block (pairs where the
-windows were), which separates what the windows do from what the schedule does. Writes
+by measure. The difference is also taken image by image (each image's ToMe measure interpolated
+the same way) and given with a 95 % bootstrap interval that resamples photos, since the seven
+views of one photo are not independent: an interval above zero is a win, below zero a loss, and
+across zero a tie that these 20 photos cannot settle. A control, ToMe removing the same count at
+every block (pairs where the windows were), separates what the windows do from what the schedule
+does. Writes
 ``evals/results/dense_fidelity.{json,md,png}`` and ``merge_maps.png`` (which patches merged, for
 one photo, under both methods at matched GFLOPs).
 
@@ -27,7 +31,7 @@ import argparse
 import json
 import platform
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence, TypeVar
 
 import timm
 import torch
@@ -71,6 +75,7 @@ TWO_STAGE = [
     LG(local_block=0, r=(18, -1)),
 ]
 MEASURES = ("cosine", "saliency_corr", "top10_iou")
+Value = TypeVar("Value", float, torch.Tensor)
 
 
 class Evaluator:
@@ -98,16 +103,28 @@ class Evaluator:
             saliencies.append(saliency.flatten(1))
         return torch.cat(embeddings), torch.cat(saliencies)
 
-    def score(self, config: Any) -> dict[str, float]:
+    def measure(self, config: Any) -> tuple[float, torch.Tensor]:
+        """GFLOPs of ``config`` and its [images, MEASURES] measures against the unreduced model."""
         tokenprune.patch(self.model, config)
         embedding, saliency = self._outputs()
-        gflops = tokenprune.flops(self.model, self.img_size).gflops
-        return {
-            "gflops": gflops,
-            "cosine": torch.nn.functional.cosine_similarity(embedding, self.embedding).mean().item(),
-            "saliency_corr": pearson(saliency, self.saliency).mean().item(),
-            "top10_iou": top_region_iou(saliency, self.saliency, 0.10).mean().item(),
-        }
+        per_image = torch.stack(
+            [
+                torch.nn.functional.cosine_similarity(embedding, self.embedding),
+                pearson(saliency, self.saliency),
+                top_region_iou(saliency, self.saliency, 0.10),
+            ],
+            dim=1,
+        )
+        return tokenprune.flops(self.model, self.img_size).gflops, per_image
+
+    def score(self, config: Any) -> dict[str, float]:
+        """GFLOPs and the mean of each measure over the images."""
+        gflops, per_image = self.measure(config)
+        return {"gflops": gflops, **summary(per_image)}
+
+
+def summary(per_image: torch.Tensor) -> dict[str, float]:
+    return dict(zip(MEASURES, per_image.mean(0).tolist()))
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -127,21 +144,41 @@ def top_region_iou(a: torch.Tensor, b: torch.Tensor, fraction: float) -> torch.T
     return (ta & tb).sum(1) / (ta | tb).sum(1)
 
 
-def interpolate(curve: list[dict[str, float]], gflops: float, measure: str) -> float | None:
-    """The measure of the ToMe curve at ``gflops`` (linear between the neighbouring points);
-    None outside the curve."""
-    points = sorted((p["gflops"], p[measure]) for p in curve)
-    for (g0, m0), (g1, m1) in zip(points, points[1:]):
+def interpolate(curve: Sequence[tuple[float, Value]], gflops: float) -> Value | None:
+    """A curve of (GFLOPs, value) points read at ``gflops``, linear between the neighbouring
+    points; values may be numbers or tensors (one entry per image). None outside the curve."""
+    points = sorted(curve, key=lambda point: point[0])
+    for (g0, v0), (g1, v1) in zip(points, points[1:]):
         if g0 <= gflops <= g1:
-            return m0 if g1 == g0 else m0 + (m1 - m0) * (gflops - g0) / (g1 - g0)
+            return v0 if g1 == g0 else v0 + (v1 - v0) * ((gflops - g0) / (g1 - g0))
     return None
 
 
-def best_tome(curves: dict[str, list[dict[str, float]]], gflops: float, measure: str) -> float | None:
-    """The better of ToMe's schedules at ``gflops`` for ``measure`` (each curve interpolated);
-    None when no curve reaches that far."""
-    values = [v for curve in curves.values() if (v := interpolate(curve, gflops, measure)) is not None]
-    return max(values, default=None)
+def best_tome(curves: dict[str, Sequence[tuple[float, torch.Tensor]]], gflops: float) -> torch.Tensor | None:
+    """ToMe at ``gflops``, [images, MEASURES]: for each measure, the schedule whose curve has the
+    better mean there, interpolated image by image. None when no curve reaches that far."""
+    readings = [v for curve in curves.values() if (v := interpolate(curve, gflops)) is not None]
+    if not readings:
+        return None
+    stacked = torch.stack(readings)  # [curves, images, MEASURES]
+    better = stacked.mean(dim=1).argmax(dim=0)  # per measure
+    return stacked[better, :, torch.arange(stacked.shape[-1])].T
+
+
+def paired_difference(ours: torch.Tensor, reference: torch.Tensor, views_per_photo: int, draws: int = 2000) -> dict[str, float]:
+    """Mean of ``ours − reference`` ([images] in photo order) with its 95 % percentile-bootstrap
+    interval, resampling whole photos (their views are correlated, so images would understate
+    the spread). Seeded, so a rerun gives the same interval."""
+    per_photo = (ours - reference).reshape(-1, views_per_photo).mean(dim=1)
+    generator = torch.Generator().manual_seed(0)
+    draws_index = torch.randint(0, len(per_photo), (draws, len(per_photo)), generator=generator)
+    means = per_photo[draws_index].mean(dim=1)
+    low, high = means.quantile(torch.tensor([0.025, 0.975], dtype=means.dtype)).tolist()
+    return {"mean": per_photo.mean().item(), "low": low, "high": high}
+
+
+def verdict(difference: dict[str, float]) -> str:
+    return "win" if difference["low"] > 0 else "loss" if difference["high"] < 0 else "tie"
 
 
 def describe(config: tokenprune.LocalGlobalConfig) -> str:
@@ -206,18 +243,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
 
     evaluator = Evaluator()
-    tome = {
-        schedule: [{"r": format_schedule(r), **evaluator.score(tokenprune.ToMeConfig(r=r))} for r in values]
-        for schedule, values in TOME_SCHEDULES.items()
-    }
+    tome_runs = {schedule: [(r, *evaluator.measure(tokenprune.ToMeConfig(r=r))) for r in values]
+                 for schedule, values in TOME_SCHEDULES.items()}
+    tome = {schedule: [{"r": format_schedule(r), "gflops": gflops, **summary(per_image)} for r, gflops, per_image in runs]
+            for schedule, runs in tome_runs.items()}
+    tome_curves = {schedule: [(gflops, per_image) for _, gflops, per_image in runs] for schedule, runs in tome_runs.items()}
     rows = []
     for config in TWO_STAGE:
-        ours = evaluator.score(config)
-        matched = {m: best_tome(tome, ours["gflops"], m) for m in MEASURES}
+        gflops, per_image = evaluator.measure(config)
+        reference = best_tome(tome_curves, gflops)
+        matched = dict.fromkeys(MEASURES) if reference is None else summary(reference)
+        difference = {} if reference is None else {
+            m: paired_difference(per_image[:, i], reference[:, i], evaluator.views_per_photo) for i, m in enumerate(MEASURES)
+        }
         # Control: ToMe removing the same count at every block, i.e. pairs where the windows were.
         removed = list(tokenprune.plan(evaluator.model, evaluator.img_size).removed)
         control = {"r": removed, **evaluator.score(tokenprune.ToMeConfig(r=removed))}
-        rows.append({"two_stage": describe(config), **ours, "tome_at_same_gflops": matched, "same_schedule_tome": control})
+        rows.append({"two_stage": describe(config), "gflops": gflops, **summary(per_image), "tome_at_same_gflops": matched,
+                     "difference": difference, "same_schedule_tome": control})
 
     lines = [
         "| two-stage setting | GFLOPs | cosine (ToMe) | saliency corr (ToMe) | top-10% IoU (ToMe) |",
@@ -226,6 +269,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for row in rows:
         cells = [f"{row[m]:.4f} ({row['tome_at_same_gflops'][m]:.4f})" if row["tome_at_same_gflops"][m] is not None
                  else f"{row[m]:.4f} (-)" for m in MEASURES]
+        lines.append(f"| {row['two_stage']} | {row['gflops']:.2f} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Two-stage minus ToMe, image by image, mean with its 95 % bootstrap interval over the 20 photos "
+        "(win: above zero; loss: below; tie: the interval holds zero):",
+        "",
+        "| two-stage setting | GFLOPs | Δ cosine | Δ saliency corr | Δ top-10% IoU |",
+        "| :--- | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        cells = [f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] {verdict(d)}" if (d := row["difference"].get(m)) else "-"
+                 for m in MEASURES]
         lines.append(f"| {row['two_stage']} | {row['gflops']:.2f} | " + " | ".join(cells) + " |")
     lines += [
         "",

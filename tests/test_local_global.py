@@ -214,21 +214,42 @@ def test_dense_fidelity_measures() -> None:
     assert pearson(a, -a).item() == pytest.approx(-1.0)
     assert top_region_iou(a, torch.tensor([[4.0, 3.0, 2.0, 1.0]]), 0.5).item() == 0.0
     assert top_region_iou(a, a, 0.5).item() == 1.0
-    curve = [{"gflops": 8.0, "cosine": 0.9}, {"gflops": 10.0, "cosine": 1.0}]
-    assert interpolate(curve, 9.0, "cosine") == pytest.approx(0.95)
-    assert interpolate(curve, 11.0, "cosine") is None
+    curve = [(10.0, 1.0), (8.0, 0.9)]
+    assert interpolate(curve, 9.0) == pytest.approx(0.95)
+    assert interpolate(curve, 11.0) is None
+    per_image = interpolate([(8.0, torch.tensor([0.9, 0.5])), (10.0, torch.tensor([1.0, 0.7]))], 9.5)
+    assert per_image.tolist() == pytest.approx([0.975, 0.65])
 
 
 def test_dense_fidelity_compares_with_the_better_tome_schedule() -> None:
     from evals.dense_fidelity import best_tome, describe
 
+    # Two images, two measures: the constant schedule is better in the first measure at 7
+    # GFLOPs, the decreasing one in the second; each measure takes its better curve whole.
     curves = {
-        "constant": [{"gflops": 6.0, "cosine": 0.97}, {"gflops": 8.0, "cosine": 0.99}],
-        "decreasing": [{"gflops": 4.0, "cosine": 0.95}, {"gflops": 7.0, "cosine": 0.97}],
+        "constant": [(6.0, torch.tensor([[0.97, 0.5], [0.97, 0.5]])), (8.0, torch.tensor([[0.99, 0.5], [0.99, 0.5]]))],
+        "decreasing": [(4.0, torch.tensor([[0.95, 0.6], [0.95, 0.8]])), (7.0, torch.tensor([[0.97, 0.6], [0.97, 0.8]]))],
     }
-    assert best_tome(curves, 7.0, "cosine") == pytest.approx(0.98)  # constant wins here
-    assert best_tome(curves, 5.0, "cosine") == pytest.approx(0.95 + 0.02 / 3)  # only the decreasing curve reaches
-    assert best_tome(curves, 9.0, "cosine") is None
+    torch.testing.assert_close(best_tome(curves, 7.0), torch.tensor([[0.98, 0.6], [0.98, 0.8]]))
+    only_decreasing = best_tome(curves, 5.0)  # the constant curve does not reach 5 GFLOPs
+    assert only_decreasing[:, 0].tolist() == pytest.approx([0.95 + 0.02 / 3] * 2)
+    assert best_tome(curves, 9.0) is None
     assert describe(tokenprune.LocalGlobalConfig()) == "block 3, windows 1/16, r=16"
     assert describe(tokenprune.LocalGlobalConfig(local_block=0, r=(18, -1), pos_weight=1.0)) == "block 0, windows 1/16, r=(18,-1), λ=1"
     assert describe(tokenprune.LocalGlobalConfig(local_threshold=0.9, r=8)) == "block 3, windows cos ≥ 0.9, r=8"
+
+
+def test_paired_difference_resamples_photos() -> None:
+    from evals.dense_fidelity import paired_difference, verdict
+
+    # 4 photos × 3 views. The views of a photo move together, so the interval must reflect 4
+    # photo means (spread 0.02), not 12 images.
+    photo_shift = torch.tensor([0.01, 0.03, 0.02, 0.04]).repeat_interleave(3)
+    difference = paired_difference(photo_shift + 1.0, torch.ones(12), views_per_photo=3)
+    assert difference["mean"] == pytest.approx(0.025)
+    assert 0.01 <= difference["low"] < 0.025 < difference["high"] <= 0.04
+    assert verdict(difference) == "win"
+    assert verdict(paired_difference(torch.ones(12) - photo_shift, torch.ones(12), 3)) == "loss"
+    tie = paired_difference(torch.tensor([0.02, -0.03, 0.01, -0.01]).repeat_interleave(3), torch.zeros(12), 3)
+    assert tie["low"] < 0 < tie["high"] and verdict(tie) == "tie"
+    assert paired_difference(photo_shift, torch.zeros(12), 3) == paired_difference(photo_shift, torch.zeros(12), 3)

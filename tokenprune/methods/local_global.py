@@ -166,22 +166,23 @@ class LocalGlobalConfig:
     Defaults are the best setting measured by ``python -m evals.dense_fidelity`` (DINOv2
     ViT-S/14, 140 views of real photos) at about 80 % of the GFLOPs: merging a few windows
     (1/16) after a few blocks of context (block 3) keeps the embedding and the dense saliency
-    map closer to the unreduced model than ToMe at the same GFLOPs, with either of ToMe's
-    schedules (``evals/results/dense_fidelity.md``).
+    map measurably closer to the unreduced model than ToMe at the same GFLOPs, with either of
+    ToMe's schedules (95 % bootstrap intervals over photos; ``evals/results/dense_fidelity.md``).
 
     The tighter the budget, the earlier the window stage belongs: blocks before it keep every
     token, so later blocks must merge more each. Measured: block 3 down to ~70 % of the
     GFLOPs, then blocks 2 and 1 with a gently decreasing ``r=(r, -0.5)``, block 0 from ~52 %
     and ``(r, -1)`` under 50 % (``evals.settings.LOCAL_GLOBAL_PLACEMENT`` places it so for
-    budget searches). Between ~55 and ~67 % the best of these matches ToMe's saliency map but
-    trails its constant schedule by up to 0.0015 in embedding cosine: not because of the
-    windows (at the same per-block counts, windows keep the embedding closer than ToMe's
-    pairs), but because no block before the window stage merges.
+    budget searches). Below ~67 % these tie with ToMe within what 20 photos can resolve (a
+    decreasing ``(r, -1)`` after block 1 loses embedding cosine): not because of the windows
+    (at the same per-block counts, windows keep the embedding closer than ToMe's pairs), but
+    because no block before the window stage merges.
 
     ``pos_weight`` is off by default: on DINOv2 it lowered the top-10 % saliency IoU at every
     λ tried (0.25 to 4; λ = 1 at the default setting: 0.866 against 0.886) and the embedding
-    cosine from λ = 1 up, since a nearer partner is a less similar one. ``local_threshold`` makes the count follow the images: on real photos
-    it merged far more in some than in others and lost to a fixed ratio at equal mean GFLOPs.
+    cosine from λ = 1 up, since a nearer partner is a less similar one. ``local_threshold``
+    makes the count follow the images: on real photos it merged far more in some than in
+    others and lost to a fixed ratio at equal mean GFLOPs.
 
     Args:
         local_block: the block after whose attention stage 1 merges windows (0-based; default
