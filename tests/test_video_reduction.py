@@ -238,7 +238,8 @@ def test_background_merges_least_attended_tokens(clip):
     state = model.forward_tokens(clip)
     source = tokenprune.source(model)
     assert state.num_tokens == NUM_TOKENS - 10
-    least = received.argsort(dim=-1)[:, :10]
+    odd = torch.arange(NUM_TOKENS) % 2 == 1  # sources come from the even positions
+    least = received.masked_fill(odd, float("inf")).argsort(dim=-1)[:, :10]
     for b in range(clip.shape[0]):
         owner = source[b].argmax(0)  # output token of every input token
         members = source[b].sum(-1)
@@ -247,10 +248,51 @@ def test_background_merges_least_attended_tokens(clip):
         assert members.sum() == NUM_TOKENS
 
 
+def test_background_merges_at_most_the_even_position_tokens(clip):
+    """Sources come from the even positions only: a block removes at most half its tokens
+    (rounded up), and the plan, the FLOP count and the forward agree on it."""
+    model = make_model(depth=2)
+    tokenprune.patch(model, "background", early_blocks=2, early_r=50, r=0, trace_source=True)
+    assert tokenprune.plan(model, SIZE).removed == (32, 16)  # 64 tokens: 32 even; then 32: 16
+    state = model.forward_tokens(clip)
+    assert state.num_tokens == NUM_TOKENS - 48
+    assert (tokenprune.source(model).sum(-1) == state.size[..., 0]).all()
+
+
+def test_background_sharpness_merges_the_broadest_attenders(clip):
+    """importance="sharpness" (vid-TLDR): a token's importance is the negative entropy of its
+    own attention row, averaged over heads, computed here from the block's q and k directly;
+    the 10 even-position tokens with the flattest attention merge."""
+    model = make_model(depth=1)
+    tokenprune.patch(model, "background", early_blocks=1, early_r=10, pool=1, r=0, importance="sharpness", trace_source=True)
+    block = model.blocks[0]
+    tokens = block.norm1(model._pos_embed(model.patch_embed(clip)))
+    attn = block.attn
+    q, k, _ = attn.qkv(tokens).reshape(*tokens.shape[:2], 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    sharpness = (weights * weights.log()).sum(dim=-1).mean(dim=1)
+    _, (keys, importance) = attend(attn, tokens, None, metric="attention_sharpness")
+    torch.testing.assert_close(importance, sharpness)
+    torch.testing.assert_close(keys, k.mean(dim=1))
+    assert (sharpness <= 0).all() and (sharpness >= -torch.log(torch.tensor(float(NUM_TOKENS))) - 1e-5).all()
+    state = model.forward_tokens(clip)
+    source = tokenprune.source(model)
+    assert state.num_tokens == NUM_TOKENS - 10
+    for b in range(clip.shape[0]):
+        flattest = torch.zeros(NUM_TOKENS, dtype=torch.bool)
+        flattest[sharpness[b].masked_fill(torch.arange(NUM_TOKENS) % 2 == 1, float("inf")).argsort()[:10]] = True
+        # every output token holds exactly one of the other tokens: the flattest 10 all merged,
+        # each into a token outside their group, and no other token moved
+        assert (source[b][:, ~flattest].sum(-1) == 1).all()
+        assert source[b][:, flattest].sum() == 10
+    with pytest.raises(ValueError, match="importance"):
+        tokenprune.BackgroundMergeConfig(importance="entropy")
+
+
 def test_background_pool_lets_similarity_choose_among_unimportant_tokens(clip):
-    """pool=3: of the 18 least-attended tokens, the 6 most similar to a token outside those 18
-    merge into it (computed here from the block's own keys and attention); the other 12
-    unimportant tokens stay. pool=1 (default) is the plain least-attended rule."""
+    """pool=3: of the 18 least-attended even-position tokens, the 6 most similar to a token
+    outside those 18 merge into it (computed here from the block's own keys and attention); the
+    other 12 unimportant tokens stay. pool=1 (default) is the plain least-attended rule."""
     model = make_model(depth=1)
     tokenprune.patch(model, "background", early_blocks=1, early_r=6, pool=3, r=0, trace_source=True)
     block = model.blocks[0]
@@ -258,8 +300,10 @@ def test_background_pool_lets_similarity_choose_among_unimportant_tokens(clip):
     _, (keys, received) = attend(block.attn, block.norm1(x), None, metric="attention_received")
     model(clip)
     source = tokenprune.source(model)
+    odd = torch.arange(NUM_TOKENS) % 2 == 1
     for b in range(clip.shape[0]):
-        pool = received[b].argsort()[:18]
+        pool = received[b].masked_fill(odd, float("inf")).argsort()[:18]
+        assert (pool % 2 == 0).all()
         unit = torch.nn.functional.normalize(keys[b].float(), dim=-1)
         outside = torch.ones(NUM_TOKENS, dtype=torch.bool)
         outside[pool] = False

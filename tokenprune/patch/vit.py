@@ -32,7 +32,8 @@ class TokenReducer(Protocol):
     step reads from the block's attention: "keys" (keys averaged over heads, ToMe's metric),
     "cls_attention" (the class token's attention to every token, averaged over heads),
     "attention_received" (a pair: the keys as for "keys", and the attention each token receives,
-    averaged over heads and queries, [B, T]) or None."""
+    averaged over heads and queries, [B, T]), "attention_sharpness" (a pair: the keys, and each
+    token's negative attention entropy Σ_j a_ij log a_ij averaged over heads, [B, T]) or None."""
 
     before_attention: bool
     metric: str | None
@@ -77,7 +78,8 @@ def attend(
     key bias without a T×T mask and tiles short sequences tightly; with ``backend=None`` it is
     timm's SDPA call. ``metric`` "keys" returns the keys (after ``k_norm``) averaged over heads,
     ToMe's choice; "cls_attention" the class token's attention weights averaged over heads
-    (EViT), [B, T]. Mirrors timm 1.0's op order exactly, so an unreduced model is bit-identical.
+    (EViT), [B, T]; "attention_received" and "attention_sharpness" the keys plus a per-token
+    importance from the full attention map (see :class:`TokenReducer`). Mirrors timm 1.0's op order exactly, so an unreduced model is bit-identical.
     """
     batch, num_tokens, _ = x.shape
     gate = attn.gate(x).sigmoid() if attn.gate is not None else None
@@ -115,11 +117,14 @@ def attend(
         if bias is not None:
             logits = logits + bias[..., :1, :]
         return out, logits.softmax(dim=-1).mean(dim=1)[:, 0]
-    if metric == "attention_received":
+    if metric in ("attention_received", "attention_sharpness"):
         logits = (q * attn.scale) @ k.transpose(-2, -1)
         if bias is not None:
             logits = logits + bias
-        return out, (k.mean(dim=1), logits.softmax(dim=-1).mean(dim=(1, 2)))
+        weights = logits.float().softmax(dim=-1)
+        if metric == "attention_received":
+            return out, (k.mean(dim=1), weights.mean(dim=(1, 2)))
+        return out, (k.mean(dim=1), torch.special.xlogy(weights, weights).sum(dim=-1).mean(dim=1))
     return out, None
 
 
