@@ -1,5 +1,5 @@
 """Video token merging: across neighbouring frames (``"temporal"``) and early merging of the
-least-attended tokens (``"background"``), for :class:`tokenprune.models.VideoVisionTransformer`.
+unimportant tokens (``"background"``), for :class:`tokenprune.models.VideoVisionTransformer`.
 
 Both express their matching as ``dest`` and use the size-weighted :func:`~tokenprune.merge.merge_state`
 like every other method, so sizes, proportional attention, size-weighted pooling and source
@@ -251,18 +251,24 @@ class TemporalMergeConfig:
 class BackgroundMergeConfig:
     """Merge unimportant (background) tokens aggressively early, then merge like ToMe.
 
-    In the first ``early_blocks`` blocks, the ``early_r`` least important tokens merge into
-    their most similar remaining token; every later block runs ToMe's bipartite merging with ``r``.
+    In the first ``early_blocks`` blocks, ``early_r`` of the least important tokens (sources
+    from the even positions, see :class:`BackgroundMerge`) merge into their most similar
+    remaining token; every later block runs ToMe's bipartite merging with ``r``.
+
+    What importance buys, measured on real footage with DINOv2 inflated to video
+    (``evals.video_fidelity``, 6 clips, 50 % GFLOPs): the more it restricts the sources, the
+    further the clip embedding moves from the unreduced model (cosine 0.9906 with pool 1, 0.9977
+    with 1.5, 0.9987 with 2, 0.9989 with 4, where the pool holds every even token and
+    similarity alone decides): on this model, attention is a weak guide to what a clip can
+    lose. With the pool that large, the importance map is computed but unused.
 
     Args:
         early_blocks: how many leading blocks merge by importance (default 2).
         early_r: tokens merged per early block (default 256: about a third of the 1568 tokens
             of a 16-frame 224² clip over the two blocks).
-        pool: the early merges choose among the ``pool · early_r`` least-attended tokens (at
-            most half the tokens) those closest to a token outside the pool; 1 merges exactly
-            the ``early_r`` least attended. Default 4: on real footage (``evals.video_fidelity``)
-            letting similarity choose kept the clip embedding several times closer to the
-            unreduced model than pool 1 at the same GFLOPs.
+        pool: the early merges choose among the ``pool · early_r`` least important
+            even-position tokens (at most all of them) those closest to a token outside the
+            pool; 1 merges exactly the ``early_r`` least important. Default 4 (see above).
         importance: "received" (default), the attention a token receives from all tokens per
             patch it covers; or "sharpness", vid-TLDR's negative entropy of the token's own
             attention (a token that attends to everything alike is background).
