@@ -30,8 +30,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import timm
 import torch
@@ -161,8 +162,8 @@ def best_tome(curves: dict[str, Sequence[tuple[float, torch.Tensor]]], gflops: f
     if not readings:
         return None
     stacked = torch.stack(readings)  # [curves, images, MEASURES]
-    better = stacked.mean(dim=1).argmax(dim=0)  # per measure
-    return stacked[better, :, torch.arange(stacked.shape[-1])].T
+    better = stacked.mean(dim=1).argmax(dim=0)  # the better curve for each measure
+    return torch.stack([stacked[curve, :, m] for m, curve in enumerate(better.tolist())], dim=1)
 
 
 def paired_difference(ours: torch.Tensor, reference: torch.Tensor, views_per_photo: int, draws: int = 2000) -> dict[str, float]:
