@@ -87,16 +87,19 @@ def attend(
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     dropout = attn.attn_drop.p if attn.training else 0.0
+    # A metric read from the whole attention map takes the map from the attention itself:
+    # one q·kᵀ and softmax, multiplied with v, costs less than a fused call plus a second map.
+    full_map = metric in ("attention_received", "attention_sharpness")
     use_kernel = (
         attn.fused_attn and backend is not None and bias is None and attn_mask is None and not is_causal and dropout == 0.0
-    )
+    ) and not full_map
     if bias is None and key_bias is not None and not (use_kernel and metric in (None, "keys")):
         bias = key_bias[:, None, None, :].to(x.dtype)  # the same bias as a mask, for the other paths
     if bias is not None:
         attn_mask = bias  # merged tokens never carry a user mask: reduce_model refuses that case
     if use_kernel:
         out = attention(q, k, v, key_bias, attn.scale, backend)
-    elif attn.fused_attn:
+    elif attn.fused_attn and not full_map:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal)
     else:
         weights = (q * attn.scale) @ k.transpose(-2, -1)
@@ -105,7 +108,8 @@ def attend(
             weights = weights + causal
         elif attn_mask is not None:
             weights = weights.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else weights + attn_mask
-        out = attn.attn_drop(weights.softmax(dim=-1)) @ v
+        probs = weights.float().softmax(dim=-1) if full_map else weights.softmax(dim=-1)
+        out = attn.attn_drop(probs.to(v.dtype)) @ v
     out = attn.norm(out.transpose(1, 2).reshape(batch, num_tokens, attn.attn_dim))
     if gate is not None:
         out = out * gate
@@ -117,14 +121,10 @@ def attend(
         if bias is not None:
             logits = logits + bias[..., :1, :]
         return out, logits.softmax(dim=-1).mean(dim=1)[:, 0]
-    if metric in ("attention_received", "attention_sharpness"):
-        logits = (q * attn.scale) @ k.transpose(-2, -1)
-        if bias is not None:
-            logits = logits + bias
-        weights = logits.float().softmax(dim=-1)
-        if metric == "attention_received":
-            return out, (k.mean(dim=1), weights.mean(dim=(1, 2)))
-        return out, (k.mean(dim=1), torch.special.xlogy(weights, weights).sum(dim=-1).mean(dim=1))
+    if metric == "attention_received":
+        return out, (k.mean(dim=1), probs.mean(dim=(1, 2)))
+    if metric == "attention_sharpness":
+        return out, (k.mean(dim=1), torch.special.xlogy(probs, probs).sum(dim=-1).mean(dim=1))
     return out, None
 
 
