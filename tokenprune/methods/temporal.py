@@ -135,9 +135,10 @@ class BackgroundMerge:
     merges into similar background. (Taking the least important tokens of all positions as
     sources leaves only important tokens as destinations and pulls background into the
     foreground: on ``evals.video_fidelity``, 6 clips, ``early_r=392`` in both, that kept the
-    clip embedding at a cosine of 0.9924, against 0.9989 with this split.) With ``pool`` 1 the ``r`` least
-    important even tokens merge whatever their match; a larger pool lets similarity choose
-    among the unimportant tokens, as ToMe's ranking does among all."""
+    clip embedding at a cosine of 0.9924, against 0.9989 with this split.)
+
+    With ``pool`` 1 the ``r`` least important even tokens merge whatever their match; a larger
+    pool lets similarity choose among the unimportant tokens, as ToMe's ranking does among all."""
 
     r: int
     num_protected: int

@@ -79,7 +79,8 @@ def attend(
     timm's SDPA call. ``metric`` "keys" returns the keys (after ``k_norm``) averaged over heads,
     ToMe's choice; "cls_attention" the class token's attention weights averaged over heads
     (EViT), [B, T]; "attention_received" and "attention_sharpness" the keys plus a per-token
-    importance from the full attention map (see :class:`TokenReducer`). Mirrors timm 1.0's op order exactly, so an unreduced model is bit-identical.
+    importance from the full attention map (see :class:`TokenReducer`). Mirrors timm 1.0's op
+    order exactly, so an unreduced model is bit-identical.
     """
     batch, num_tokens, _ = x.shape
     gate = attn.gate(x).sigmoid() if attn.gate is not None else None
@@ -87,19 +88,18 @@ def attend(
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     dropout = attn.attn_drop.p if attn.training else 0.0
-    # A metric read from the whole attention map takes the map from the attention itself:
-    # one q·kᵀ and softmax, multiplied with v, costs less than a fused call plus a second map.
+    # A metric read from the whole attention map takes the map from the attention itself: one
+    # q·kᵀ and softmax, multiplied with v, instead of a fused call plus a second q·kᵀ for the map.
     full_map = metric in ("attention_received", "attention_sharpness")
-    use_kernel = (
-        attn.fused_attn and backend is not None and bias is None and attn_mask is None and not is_causal and dropout == 0.0
-    ) and not full_map
+    fused = attn.fused_attn and not full_map
+    use_kernel = fused and backend is not None and bias is None and attn_mask is None and not is_causal and dropout == 0.0
     if bias is None and key_bias is not None and not (use_kernel and metric in (None, "keys")):
         bias = key_bias[:, None, None, :].to(x.dtype)  # the same bias as a mask, for the other paths
     if bias is not None:
         attn_mask = bias  # merged tokens never carry a user mask: reduce_model refuses that case
     if use_kernel:
         out = attention(q, k, v, key_bias, attn.scale, backend)
-    elif attn.fused_attn and not full_map:
+    elif fused:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal)
     else:
         weights = (q * attn.scale) @ k.transpose(-2, -1)
