@@ -259,6 +259,20 @@ def test_background_merges_at_most_the_even_position_tokens(clip):
     assert (tokenprune.source(model).sum(-1) == state.size[..., 0]).all()
 
 
+def test_background_without_importance_is_the_widest_pool(clip):
+    """importance="none" ranks nothing: every even token is a candidate, which is what a pool
+    covering all even tokens does with an importance (same merges, same output), without the
+    explicit attention map."""
+    model = make_model(depth=3)
+    tokenprune.patch(model, "background", early_blocks=2, early_r=12, r=4, importance="received", pool=100, trace_source=True)
+    expected, expected_source = model(clip), tokenprune.source(model)
+    tokenprune.patch(model, "background", early_blocks=2, early_r=12, r=4, importance="none", trace_source=True)
+    assert model.blocks[0].reducer.metric == "keys"
+    torch.testing.assert_close(model(clip), expected)
+    assert torch.equal(tokenprune.source(model), expected_source)
+    assert tokenprune.flops(model, (FRAMES, SIZE, SIZE), batch_size=clip.shape[0]).total == counted_flops(model, clip)
+
+
 def test_background_sharpness_merges_the_broadest_attenders(clip):
     """importance="sharpness" (vid-TLDR): a token's importance is the negative entropy of its
     own attention row, averaged over heads, computed here from the block's q and k directly;

@@ -120,8 +120,9 @@ class TemporalMerge:
 # a token receives from all tokens, averaged over heads and queries, divided by its size) or
 # attention_sharpness (vid-TLDR, Choi et al., CVPR 2024, Eq. 4–5: the negative entropy
 # Σ_j a_ij log a_ij of the token's own attention row, averaged over heads; background tokens
-# attend broadly, foreground tokens sharply).
-IMPORTANCE_METRICS = {"received": "attention_received", "sharpness": "attention_sharpness"}
+# attend broadly, foreground tokens sharply). "none" reads the keys alone: every even token is
+# a candidate and the block keeps its fused attention.
+IMPORTANCE_METRICS = {"received": "attention_received", "sharpness": "attention_sharpness", "none": "keys"}
 
 
 @dataclass(frozen=True)
@@ -152,8 +153,11 @@ class BackgroundMerge:
         return min(self.r, (n + 1) // 2, max(n - 1, 0))  # one source per even position, one destination left
 
     def pool_size(self, num_tokens: int) -> int:
+        even = (num_tokens - self.num_protected + 1) // 2
+        if self.metric == "keys":
+            return even  # no importance to rank by: every even token is a candidate
         r = self.num_removed(num_tokens)
-        return max(r, min(round(self.pool * r), (num_tokens - self.num_protected + 1) // 2))
+        return max(r, min(round(self.pool * r), even))
 
     def matching_flops(self, num_tokens: int, attn: nn.Module) -> int:
         if self.num_removed(num_tokens) == 0:
@@ -162,19 +166,22 @@ class BackgroundMerge:
         # candidates × all tokens; the importance comes with the block's own attention map
         return 2 * self.pool_size(num_tokens) * n * attn.head_dim
 
-    def __call__(self, state: TokenState, metric: tuple[Tensor, Tensor]) -> TokenState:
+    def __call__(self, state: TokenState, metric: Tensor | tuple[Tensor, Tensor]) -> TokenState:
         r = self.num_removed(state.num_tokens)
         if r == 0:
             return state
         p = self.num_protected
-        keys, importance = metric
-        importance = importance[:, p:].float()
-        if self.metric == "attention_received" and state.size is not None:
-            importance = importance / state.size[:, p:, 0]  # per patch: a merged token receives for all of them
-        odd = torch.arange(importance.shape[1], device=importance.device) % 2 == 1
-        candidates = importance.masked_fill(odd, float("inf")).argsort(dim=-1, stable=True)
-        candidates = candidates[:, : self.pool_size(state.num_tokens)]
-        in_pool = torch.zeros_like(importance, dtype=torch.bool).scatter_(1, candidates, True)
+        keys, importance = (metric, None) if self.metric == "keys" else metric
+        odd = torch.arange(state.num_tokens - p, device=keys.device) % 2 == 1
+        if importance is None:
+            rank = odd.float().expand(keys.shape[0], -1)  # the even tokens first, in order
+        else:
+            rank = importance[:, p:].float()
+            if self.metric == "attention_received" and state.size is not None:
+                rank = rank / state.size[:, p:, 0]  # per patch: a merged token receives for all of them
+            rank = rank.masked_fill(odd, float("inf"))
+        candidates = rank.argsort(dim=-1, stable=True)[:, : self.pool_size(state.num_tokens)]
+        in_pool = torch.zeros_like(rank, dtype=torch.bool).scatter_(1, candidates, True)
         unit = keys[:, p:].float()
         unit = unit / unit.norm(dim=-1, keepdim=True)
         a = unit.gather(1, candidates.unsqueeze(-1).expand(-1, -1, unit.shape[-1]))
@@ -183,7 +190,7 @@ class BackgroundMerge:
         chosen = best.argsort(dim=-1, descending=True, stable=True)[:, :r]  # the r best-matched candidates
         src = candidates.gather(1, chosen)
         is_src = torch.zeros_like(in_pool).scatter_(1, src, True)
-        partner = src.new_zeros(importance.shape).scatter_(1, src, best_partner.gather(1, chosen))
+        partner = src.new_zeros(rank.shape).scatter_(1, src, best_partner.gather(1, chosen))
         dest = ordered_dest(is_src, partner, p)
         return merge_state(state, dest, state.num_tokens - r, self.backend)
 
@@ -271,8 +278,10 @@ class BackgroundMergeConfig:
             even-position tokens (at most all of them) those closest to a token outside the
             pool; 1 merges exactly the ``early_r`` least important. Default 4 (see above).
         importance: "received" (default), the attention a token receives from all tokens per
-            patch it covers; or "sharpness", vid-TLDR's negative entropy of the token's own
-            attention (a token that attends to everything alike is background).
+            patch it covers; "sharpness", vid-TLDR's negative entropy of the token's own
+            attention (a token that attends to everything alike is background); or "none",
+            similarity alone among all even tokens (``pool`` is then unused), which skips the
+            explicit attention map that the other two need.
         r: ToMe merges per later block: an int, ``(r, inflection)`` over the later blocks or a
             per-later-block list.
         prop_attn, trace_source, backend: as in :class:`~tokenprune.ToMeConfig`.
