@@ -268,7 +268,9 @@ class BackgroundMergeConfig:
     further the clip embedding moves from the unreduced model (cosine 0.9908 with pool 1, 0.9976
     with 1.5, 0.9987 with 2, 0.9988 with 4, where the pool holds every even token and
     similarity alone decides): on this model, attention is a weak guide to what a clip can
-    lose.
+    lose. ``importance="none"`` gives the same merges as that widest pool without computing
+    the attention map: as fast as joint ToMe at equal GFLOPs on CPU
+    (``evals/results/bench_video_background_none_cpu.md``).
 
     Args:
         early_blocks: how many leading blocks merge by importance (default 2).
