@@ -118,7 +118,7 @@ class TemporalMerge:
 
 # Where BackgroundMerge reads a token's importance: attention_received per patch (the attention
 # a token receives from all tokens, averaged over heads and queries, divided by its size) or
-# attention_sharpness (vid-TLDR, Choi et al., CVPR 2024, Eq. 4–5: the negative entropy
+# attention_sharpness (vid-TLDR, Choi et al., CVPR 2024, Eq. 5: the negative entropy
 # Σ_j a_ij log a_ij of the token's own attention row, averaged over heads; background tokens
 # attend broadly, foreground tokens sharply). "none" reads the keys alone: every even token is
 # a candidate and the block keeps its fused attention.
