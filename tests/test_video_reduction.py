@@ -306,7 +306,7 @@ def test_background_sharpness_merges_the_broadest_attenders(clip):
 def test_background_pool_lets_similarity_choose_among_unimportant_tokens(clip):
     """pool=3: of the 18 least-attended even-position tokens, the 6 most similar to a token
     outside those 18 merge into it (computed here from the block's own keys and attention); the
-    other 12 unimportant tokens stay. pool=1 (default) is the plain least-attended rule."""
+    other 12 unimportant tokens stay. pool=1 is the plain least-attended rule."""
     model = make_model(depth=1)
     tokenprune.patch(model, "background", early_blocks=1, early_r=6, pool=3, r=0, trace_source=True)
     block = model.blocks[0]
