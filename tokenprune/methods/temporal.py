@@ -171,17 +171,19 @@ class BackgroundMerge:
         if r == 0:
             return state
         p = self.num_protected
-        keys, importance = (metric, None) if self.metric == "keys" else metric
-        odd = torch.arange(state.num_tokens - p, device=keys.device) % 2 == 1
-        if importance is None:
-            rank = odd.float().expand(keys.shape[0], -1)  # the even tokens first, in order
+        batch, n = state.x.shape[0], state.num_tokens - p
+        if self.metric == "keys":  # no importance: every even token is a candidate
+            keys = metric
+            candidates = torch.arange(0, n, 2, device=keys.device).expand(batch, -1)
         else:
-            rank = importance[:, p:].float()
+            keys, importance = metric
+            importance = importance[:, p:].float()
             if self.metric == "attention_received" and state.size is not None:
-                rank = rank / state.size[:, p:, 0]  # per patch: a merged token receives for all of them
-            rank = rank.masked_fill(odd, float("inf"))
-        candidates = rank.argsort(dim=-1, stable=True)[:, : self.pool_size(state.num_tokens)]
-        in_pool = torch.zeros_like(rank, dtype=torch.bool).scatter_(1, candidates, True)
+                importance = importance / state.size[:, p:, 0]  # per patch: a merged token receives for all of them
+            odd = torch.arange(n, device=keys.device) % 2 == 1
+            candidates = importance.masked_fill(odd, float("inf")).argsort(dim=-1, stable=True)
+            candidates = candidates[:, : self.pool_size(state.num_tokens)]
+        in_pool = torch.zeros(batch, n, dtype=torch.bool, device=keys.device).scatter_(1, candidates, True)
         unit = keys[:, p:].float()
         unit = unit / unit.norm(dim=-1, keepdim=True)
         a = unit.gather(1, candidates.unsqueeze(-1).expand(-1, -1, unit.shape[-1]))
@@ -190,7 +192,7 @@ class BackgroundMerge:
         chosen = best.argsort(dim=-1, descending=True, stable=True)[:, :r]  # the r best-matched candidates
         src = candidates.gather(1, chosen)
         is_src = torch.zeros_like(in_pool).scatter_(1, src, True)
-        partner = src.new_zeros(rank.shape).scatter_(1, src, best_partner.gather(1, chosen))
+        partner = src.new_zeros(batch, n).scatter_(1, src, best_partner.gather(1, chosen))
         dest = ordered_dest(is_src, partner, p)
         return merge_state(state, dest, state.num_tokens - r, self.backend)
 
