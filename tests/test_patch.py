@@ -106,6 +106,55 @@ def test_map_pooling_uses_proportional_attention() -> None:
         torch.testing.assert_close(model.forward_head(state.x, size=state.size), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("prop_attn", [True, False])
+def test_map_pooling_is_sized_with_or_without_proportional_attention(prop_attn: bool) -> None:
+    """ToMe pools by size even when the blocks run without proportional attention."""
+    model = make("vit_map")
+    tokenprune.patch(model, tokenprune.ToMeConfig(r=8, prop_attn=prop_attn, trace_source=True))
+    with torch.no_grad():
+        state = model.forward_tokens(image())
+        expected = model.head(model.fc_norm(model.attn_pool(unmerge(state.x, model._tokenprune_source[0]))))
+        torch.testing.assert_close(model(image()), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["vit_avg_no_cls", "vit_map"])
+def test_pooling_with_a_keep_mask_ignores_dropped_tokens(family: str) -> None:
+    """0/1 pool weights (DynamicViT's training mask): pooling = plain pooling of the kept tokens."""
+    model = make(family)
+    tokenprune.patch(model, tokenprune.ToMeConfig(r=8, prop_attn=False))  # as DynamicViT: no size bias
+    x = torch.randn(2, 20, model.embed_dim, generator=torch.Generator().manual_seed(2))
+    keep = torch.ones(2, 20, 1)
+    keep[:, 5:12] = 0.0
+    kept = torch.cat([x[:, :5], x[:, 12:]], dim=1)
+    with torch.no_grad():
+        pooled = model.forward_head(x, size=keep)
+        expected = model.forward_head(kept, size=torch.ones(2, 13, 1))
+    torch.testing.assert_close(pooled, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("method", "options"), [("evit", {"keep_ratio": 0.7, "fuse": False}), ("tome", {"r": 8})])
+def test_forward_head_takes_the_pool_weights_of_any_method(method: str, options: dict) -> None:
+    """The documented two-step call equals model(x), also for pruning, whose weights are None."""
+    model = make("avgmax_with_prefix")
+    tokenprune.patch(model, method, **options)
+    with torch.no_grad():
+        state = model.forward_tokens(image())
+        torch.testing.assert_close(model.forward_head(state.x, size=state.pool_weights), model(image()))
+        with pytest.raises(ValueError, match="size=state.pool_weights"):
+            model.forward_head(state.x)
+
+
+def test_a_forward_without_tracing_leaves_no_stale_source_map() -> None:
+    model = make("vit_cls")
+    tokenprune.patch(model, r=8, trace_source=True)
+    with torch.no_grad():
+        model(image())
+        assert tokenprune.source(model).shape[:2] == (2, 197 - 8 * 12)
+        model.forward_tokens(image(), trace_source=False)
+    with pytest.raises(RuntimeError, match="no source map"):
+        tokenprune.source(model)
+
+
 def test_repatch_updates_options_and_models_share_nothing() -> None:
     a, b = make("vit_cls"), make("vit_cls")
     tokenprune.patch(a, r=8, prop_attn=False)

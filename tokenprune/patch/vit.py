@@ -191,6 +191,10 @@ class ReducingBlock(Block):
         return state._replace(x=x)
 
 
+# forward_head's default ``size``: distinguishes "not passed" from an explicit None.
+_NOT_GIVEN: Any = object()
+
+
 def _pool_by_size(model: VisionTransformer) -> bool:
     """Whether the head pools over tokens, so merged tokens must count by their size."""
     return model.attn_pool is not None or model.global_pool in ("avg", "avgmax")
@@ -215,8 +219,8 @@ class ReducingViT:
         if trace_source is None:
             trace_source = self.tokenprune_config.trace_source
         state = self._run_blocks(x, attn_mask, is_causal, trace_source)
-        if self.tokenprune_config.trace_source:
-            self._tokenprune_source = (state.source_index, state.num_tokens)
+        if self.tokenprune_config.trace_source:  # the last forward's map, or none if it did not trace
+            self._tokenprune_source = (state.source_index, state.num_tokens) if trace_source else None
         return state
 
     def _run_blocks(
@@ -271,17 +275,19 @@ class ReducingViT:
         state = self.forward_tokens(x, attn_mask, is_causal, trace_source=True)
         return unmerge_tokens(state.x, state.source_index)
 
-    def forward_head(self, x: Tensor, pre_logits: bool = False, size: Tensor | None = None) -> Tensor:
-        """timm's head; pass the tokens' ``size`` (from :meth:`forward_tokens`) when the model
-        pools over tokens, so the pooling counts each merged token by the patches it covers."""
-        if size is None:
+    def forward_head(self, x: Tensor, pre_logits: bool = False, size: Tensor | None = _NOT_GIVEN) -> Tensor:
+        """timm's head; pass the tokens' weights (``state.pool_weights`` from
+        :meth:`forward_tokens`) when the model pools over tokens, so the pooling counts each merged
+        token by the patches it covers. ``size=None`` says every token counts once (what
+        ``pool_weights`` is after pruning without merging)."""
+        if size is _NOT_GIVEN:
             if _pool_by_size(self) and any(b.reducer is not None for b in self.blocks):
                 raise ValueError(
-                    f"this model pools by {'map' if self.attn_pool is not None else self.global_pool!r} and merges "
+                    f"this model pools by {'map' if self.attn_pool is not None else self.global_pool!r} and reduces "
                     "tokens: the pooling needs the token sizes. Use model(x), or "
-                    "state = model.forward_tokens(x); model.forward_head(state.x, size=state.size)"
+                    "state = model.forward_tokens(x); model.forward_head(state.x, size=state.pool_weights)"
                 )
-            return super().forward_head(x, pre_logits=pre_logits)  # type: ignore[misc]
+            size = None
         return self._forward_head_sized(x, size, pre_logits)
 
     def _forward_head_sized(self, x: Tensor, size: Tensor | None, pre_logits: bool) -> Tensor:
@@ -290,11 +296,14 @@ class ReducingViT:
         if not self.pool_include_prefix:
             x, size = x[:, self.num_prefix_tokens :], size[:, self.num_prefix_tokens :]
         if self.attn_pool is not None:
-            bias = size_bias(size, x.dtype) if self.tokenprune_config.prop_attn else None
+            # Always weighted, like the average below (ToMe pools by size even without
+            # proportional attention in the blocks). log(ε + w) is log(size) for merged tokens
+            # and, for a training keep mask, masks dropped tokens with a finite gradient (KEEP_EPS).
+            bias = torch.log(KEEP_EPS + size.float()).to(x.dtype).squeeze(-1)[:, None, None, :]
             x = self.attn_pool(x, attn_mask=bias)
         else:
-            weights = (size / size.sum(dim=1, keepdim=True)).to(x.dtype)
-            mean = (x * weights).sum(dim=1)
+            # In float32 like timm's mean: bf16 weights would round each to ~3 digits.
+            mean = (x.float() * (size / size.sum(dim=1, keepdim=True))).sum(dim=1).to(x.dtype)
             x = mean if self.global_pool == "avg" else 0.5 * (x.amax(dim=1) + mean)
         x = self.head_drop(self.fc_norm(x))
         return x if pre_logits else self.head(x)
