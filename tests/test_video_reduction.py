@@ -179,9 +179,31 @@ def test_temporal_window_zero_and_missing_partners(clip):
         dynamic(torch.randn(1, 3, 2, SIZE, SIZE))
 
 
+def test_temporal_step_outside_the_window_raises_or_when_compiled_takes_the_best_outside(monkeypatch):
+    """Token 1 (frame 0) has no odd-frame token within the window: eager raises; a compiled
+    model, which cannot raise on data, merges it into its most similar odd-frame token."""
+    from tokenprune.merge import TokenState
+    from tokenprune.methods.temporal import TemporalMerge
+
+    pos = torch.tensor([[[0.0, 0, 0], [0, 0, 5], [1, 0, 0], [1, 0, 9]]])
+    metric = torch.tensor([[[1.0, 0, 0], [0, 1, 0], [1, 0.1, 0], [0.1, 1, 0]]])
+    x = torch.arange(12.0).reshape(1, 4, 3)
+    state = TokenState(x, pos=pos)
+    step = TemporalMerge(r=2, window=1, num_protected=0, backend="torch")
+    with pytest.raises(ValueError, match="fewer than r=2"):
+        step(state, metric)
+    assert TemporalMerge(r=1, window=1, num_protected=0, backend="torch")(state, metric).num_tokens == 3
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    merged = step(state, metric)
+    # 0 joins 2 (inside the window), 1 joins 3 (outside, its best match): B tokens stay in order
+    torch.testing.assert_close(merged.x, torch.stack([(x[0, 0] + x[0, 2]) / 2, (x[0, 1] + x[0, 3]) / 2])[None])
+    torch.testing.assert_close(merged.size, torch.full((1, 2, 1), 2.0))
+
+
 def test_temporal_scores_against_broadcast_reference():
     """The masked scores on fractional (merged) centroids equal a direct broadcast of the rule:
-    A (even frame) → B (odd frame), ≤ 1.5 frames apart, ≤ window patches in row and column."""
+    A (even frame) → B (odd frame), ≤ 1.5 frames apart, ≤ window patches in row and column;
+    A → B pairs outside rank below all of those (cosine − 4), other pairs are impossible."""
     from tokenprune.methods.temporal import temporal_scores
 
     generator = torch.Generator().manual_seed(3)
@@ -194,8 +216,10 @@ def test_temporal_scores_against_broadcast_reference():
         for i in range(40):
             for j in range(40):
                 d = (pos[b, i] - pos[b, j]).abs()
-                if not (is_a[b, i] and not is_a[b, j] and d[0] <= 1.5 + 1e-6 and d[1:].max() <= 2 + 1e-6):
+                if not (is_a[b, i] and not is_a[b, j]):
                     expected[b, i, j] = float("-inf")
+                elif not (d[0] <= 1.5 + 1e-6 and d[1:].max() <= 2 + 1e-6):
+                    expected[b, i, j] -= 4.0
     torch.testing.assert_close(temporal_scores(metric, pos, 2), expected)
 
 
@@ -208,6 +232,8 @@ def test_temporal_total_capped_at_even_frame_tokens(clip):
     reduction = tokenprune.plan(model, SIZE)
     assert reduction.removed == (16, 16, 0, 0)  # 32 even-frame tokens in all, not 4 × 16
     assert model.forward_tokens(clip).num_tokens == reduction.output_tokens == NUM_TOKENS - 32
+    # Capped blocks skip the matching too: FLOPs count none for them.
+    assert tokenprune.flops(model, (FRAMES, SIZE, SIZE), batch_size=clip.shape[0]).total == counted_flops(model, clip)
 
 
 def test_temporal_joint_after_merges_jointly_once_even_frames_are_used(clip):
@@ -226,6 +252,12 @@ def test_temporal_joint_after_merges_jointly_once_even_frames_are_used(clip):
     assert (tokenprune.source(model).sum(-1) == state.size[..., 0]).all()
     tokenprune.patch(model, "temporal", r=16, window=3, joint_after=False)
     assert tokenprune.plan(model, SIZE).removed == (16, 16, 0, 0)
+    # Once joint, later blocks stay joint even when their count would fit the even-frame
+    # tokens left: those were merged by the joint step, so a temporal step would find none.
+    tokenprune.patch(model, "temporal", r=[20, 8, 10, 4], window=3, joint_after=True)
+    assert [type(block.reducer) for block in model.blocks] == [TemporalMerge, TemporalMerge, BipartiteMerge, BipartiteMerge]
+    assert tokenprune.plan(model, SIZE).removed == (20, 8, 10, 4)
+    assert model.forward_tokens(clip).num_tokens == NUM_TOKENS - 42
 
 
 def test_background_merges_least_attended_tokens(clip):

@@ -49,7 +49,7 @@ def _block_flops(block: nn.Module, tokens: int, removed: int) -> int:
         flops += _linear(attended, attn.gate)
     flops += _linear(kept, block.mlp.fc1) + _linear(kept, block.mlp.fc2)
     if reducer is not None:
-        flops += reducer.matching_flops(tokens, attn)
+        flops += reducer.matching_flops(tokens, removed, attn)
     return flops
 
 

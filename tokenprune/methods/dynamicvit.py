@@ -62,7 +62,7 @@ class TokenPredictor(nn.Module):
     def num_removed(self, num_tokens: int, grid: tuple[int, int]) -> int:
         return num_tokens - self.num_protected - kept_count(grid, self.keep_fraction)
 
-    def matching_flops(self, num_tokens: int, attn: nn.Module) -> int:
+    def matching_flops(self, num_tokens: int, removed: int, attn: nn.Module) -> int:
         patches = num_tokens - self.num_protected
         linears = [self.in_conv[1], self.out_conv[0], self.out_conv[2], self.out_conv[4]]
         return sum(2 * patches * layer.in_features * layer.out_features for layer in linears)

@@ -45,7 +45,7 @@ class AttentionDrop:
         dropped = num_tokens - self.num_protected - kept
         return dropped - 1 if self.fuse and dropped > 0 else dropped
 
-    def matching_flops(self, num_tokens: int, attn: nn.Module) -> int:
+    def matching_flops(self, num_tokens: int, removed: int, attn: nn.Module) -> int:
         # the class token's row of q·kᵀ, recomputed because fused SDPA does not return weights
         return 2 * num_tokens * attn.attn_dim if self.score == "attention" else 0
 

@@ -95,7 +95,7 @@ class WindowMerge:
             return None  # decided by the data
         return round(self.ratio * self.windows(num_tokens, grid)) * (self.window**2 - 1)
 
-    def matching_flops(self, num_tokens: int, attn: nn.Module) -> int:
+    def matching_flops(self, num_tokens: int, removed: int, attn: nn.Module) -> int:
         return 0  # window scores are sums of unit vectors: no matmul
 
     def __call__(self, state: TokenState, metric: Tensor) -> TokenState:
@@ -135,10 +135,8 @@ class PositionalBipartiteMerge:
             return None
         return min(self.r, max_bipartite_r(num_tokens, self.num_protected))
 
-    def matching_flops(self, num_tokens: int, attn: nn.Module) -> int:
-        if min(self.r, max_bipartite_r(num_tokens, self.num_protected)) == 0:
-            return 0
-        return bipartite_matching_flops(num_tokens, self.num_protected, attn.head_dim)
+    def matching_flops(self, num_tokens: int, removed: int, attn: nn.Module) -> int:
+        return bipartite_matching_flops(num_tokens, self.num_protected, attn.head_dim) if removed else 0
 
     def __call__(self, state: TokenState, metric: Tensor) -> TokenState:
         cap = min(self.r, max_bipartite_r(state.num_tokens, self.num_protected))

@@ -24,6 +24,10 @@ from .tome import BipartiteMerge
 
 # Centroid tolerances: merged centroids are size-weighted means computed in float32.
 _EPS = 1e-4
+# What an A → B pair outside the frame gap or window loses from its cosine: enough to rank it
+# below every pair inside (cosines are at least −1), so it is picked only when too few pairs
+# inside remain.
+_OUTSIDE_PENALTY = 4.0
 
 
 def ordered_dest(is_src: Tensor, partner: Tensor, num_protected: int) -> Tensor:
@@ -38,15 +42,13 @@ def ordered_dest(is_src: Tensor, partner: Tensor, num_protected: int) -> Tensor:
     return torch.cat([prefix, body], dim=1)
 
 
-def _not_compiling() -> bool:
-    return not torch.compiler.is_compiling()
-
-
 def temporal_scores(metric: Tensor, pos: Tensor, window: float, max_frame_gap: float = 1.5) -> Tensor:
-    """[B, N, N] cosine similarity of the tokens' ``metric`` ([B, N, D], no prefix), −inf except
-    from an A token (its centroid frame rounds to an even frame) to a B token (odd frame) whose
-    centroid frame is at most ``max_frame_gap`` away and whose spatial centroid is within
-    ``window`` patches in both row and column. ``pos`` [B, N, 3] are (frame, row, col) centroids."""
+    """[B, N, N] cosine similarity of the tokens' ``metric`` ([B, N, D], no prefix) from an A
+    token (its centroid frame rounds to an even frame) to a B token (odd frame) whose centroid
+    frame is at most ``max_frame_gap`` away and whose spatial centroid is within ``window``
+    patches in both row and column; the cosine minus ``_OUTSIDE_PENALTY`` (below −1) for the
+    other A → B pairs; −inf for every pair that is not A → B. ``pos`` [B, N, 3] are (frame,
+    row, col) centroids."""
     unit = metric.float()
     unit = unit / unit.norm(dim=-1, keepdim=True)
     scores = unit @ unit.transpose(-1, -2)
@@ -55,8 +57,9 @@ def temporal_scores(metric: Tensor, pos: Tensor, window: float, max_frame_gap: f
     # at 1,568 tokens the broadcast differences cost a quarter of a block's time on a CPU.
     gap = torch.cdist(pos[..., :1], pos[..., :1], p=1)
     spatial = torch.cdist(pos[..., 1:], pos[..., 1:], p=float("inf"))
-    allowed = is_a[:, :, None] & ~is_a[:, None, :] & (gap <= max_frame_gap + _EPS) & (spatial <= window + _EPS)
-    return scores.masked_fill(~allowed, float("-inf"))
+    near = (gap <= max_frame_gap + _EPS) & (spatial <= window + _EPS)
+    a_to_b = is_a[:, :, None] & ~is_a[:, None, :]
+    return torch.where(near, scores, scores - _OUTSIDE_PENALTY).masked_fill(~a_to_b, float("-inf"))
 
 
 @dataclass(frozen=True)
@@ -66,8 +69,11 @@ class TemporalMerge:
     ``r`` best pairs merge (several A tokens may join one B token, as in ToMe). B tokens are only
     destinations, so every token has at most one merge partner and ``dest`` is valid.
 
-    The count is static (compile-friendly); if a clip has fewer than ``r`` A tokens with any
-    valid partner the step raises (in eager mode) instead of merging outside the window.
+    The count is static (compile-friendly); if a clip has fewer than ``r`` A tokens with a
+    partner inside the frame gap and window, the step raises instead of breaking the rule. A
+    compiled model cannot raise on data: it then merges the missing ones into their most similar
+    B token outside the window (a clip without any B token, a single tubelet frame, is not
+    supported there).
     """
 
     r: int
@@ -92,9 +98,9 @@ class TemporalMerge:
             cap = min(cap, max(even_frame_tokens - merged_so_far, 0))
         return min(self.r, cap)
 
-    def matching_flops(self, num_tokens: int, attn: nn.Module) -> int:
+    def matching_flops(self, num_tokens: int, removed: int, attn: nn.Module) -> int:
         n = num_tokens - self.num_protected
-        return 2 * n * n * attn.head_dim if self.num_removed(num_tokens) else 0
+        return 2 * n * n * attn.head_dim if removed else 0
 
     def __call__(self, state: TokenState, metric: Tensor) -> TokenState:
         r = self.num_removed(state.num_tokens, state.grid)
@@ -106,7 +112,7 @@ class TemporalMerge:
         scores = temporal_scores(metric[:, p:], state.pos[:, p:], self.window)
         best_score, best_b = scores.max(dim=-1)
         order = best_score.argsort(dim=-1, descending=True, stable=True)[:, :r]
-        if _not_compiling() and bool(best_score.gather(1, order).isneginf().any()):
+        if not torch.compiler.is_compiling() and bool((best_score.gather(1, order) < -1.0 - _EPS).any()):
             raise ValueError(
                 f"temporal merging: fewer than r={r} tokens have a partner in a neighbouring frame within "
                 f"{self.window} patches; lower r for this block"
@@ -159,8 +165,8 @@ class BackgroundMerge:
         r = self.num_removed(num_tokens)
         return max(r, min(round(self.pool * r), even))
 
-    def matching_flops(self, num_tokens: int, attn: nn.Module) -> int:
-        if self.num_removed(num_tokens) == 0:
+    def matching_flops(self, num_tokens: int, removed: int, attn: nn.Module) -> int:
+        if removed == 0:
             return 0
         n = num_tokens - self.num_protected
         # candidates × all tokens; the importance comes with the block's own attention map
@@ -246,10 +252,12 @@ class TemporalMergeConfig:
         frames, rows, cols = grid
         left = (frames + 1) // 2 * rows * cols  # even-frame tokens: all that temporal steps can merge
         reducers: list[TemporalMerge | BipartiteMerge | None] = []
+        joint = False  # once joint, stay joint: a temporal step after a joint one finds its pairs gone
         for n in counts:
+            joint = joint or (self.joint_after and n > left)
             if n == 0:
                 reducers.append(None)
-            elif self.joint_after and n > left:
+            elif joint:
                 reducers.append(BipartiteMerge(n, p, self.backend))
             else:
                 reducers.append(TemporalMerge(n, self.window, p, self.backend))

@@ -28,9 +28,8 @@ class BipartiteMerge:
     def num_removed(self, num_tokens: int, grid: tuple[int, int] | None = None) -> int:
         return min(self.r, max_bipartite_r(num_tokens, self.num_protected))
 
-    def matching_flops(self, num_tokens: int, attn: nn.Module) -> int:
-        removes = self.num_removed(num_tokens)
-        return bipartite_matching_flops(num_tokens, self.num_protected, attn.head_dim) if removes else 0
+    def matching_flops(self, num_tokens: int, removed: int, attn: nn.Module) -> int:
+        return bipartite_matching_flops(num_tokens, self.num_protected, attn.head_dim) if removed else 0
 
     def __call__(self, state: TokenState, metric: Tensor) -> TokenState:
         r = self.num_removed(state.num_tokens)

@@ -46,8 +46,9 @@ class TokenReducer(Protocol):
         plans and FLOPs); ``None`` when the data decides (adaptive counts)."""
         ...
 
-    def matching_flops(self, num_tokens: int, attn: Attention) -> int:
-        """Matmul FLOPs the step spends deciding what to reduce (for :func:`tokenprune.flops`)."""
+    def matching_flops(self, num_tokens: int, removed: int, attn: Attention) -> int:
+        """Matmul FLOPs the step spends deciding what to reduce from ``num_tokens``, given that it
+        removes ``removed`` (:func:`tokenprune.plan`'s count; for :func:`tokenprune.flops`)."""
         ...
 
 
