@@ -25,6 +25,7 @@ def test_default_stages_scale_with_depth() -> None:
     assert default_stages(12) == (3, 6, 9)
     assert default_stages(24) == (6, 12, 18)
     assert default_stages(4) == (1, 2, 3)
+    assert default_stages(2) == (1,)  # never a block the model lacks
 
 
 @pytest.mark.parametrize("family", ["vit_cls", "registers", "vit_avg_no_cls", "deit3_layerscale"])

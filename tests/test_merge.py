@@ -120,6 +120,15 @@ def test_unmerge_of_merged_constant_regions_is_exact() -> None:
     assert torch.equal(unmerge(state.x, state.source_index), x)
 
 
+def test_merging_after_dropping_keeps_dropped_sources_dropped() -> None:
+    from tokenprune.merge import drop_tokens
+
+    state = start_state(torch.randn(1, 6, 4), trace_source=True)
+    state = drop_tokens(state, torch.tensor([[0, 2, 3, 5]]))  # inputs 1 and 4 dropped
+    state = merge_state(state, torch.tensor([[0, 1, 1, 2]]), 3)  # kept 2 and 3 merge
+    assert state.source_index.tolist() == [[0, -1, 1, 1, -1, 2]]
+
+
 def test_sizes_default_to_ones() -> None:
     state = TokenState(torch.randn(2, 5, 3))
     assert state.size is None and torch.equal(state.sizes(), torch.ones(2, 5, 1))

@@ -1,7 +1,8 @@
 """FLOPs of a reduced ViT from its per-block token counts.
 
 Counts what ``torch.utils.flop_counter.FlopCounterMode`` counts (matmuls, convolutions and
-attention, 2 FLOPs per multiply-add), so the two agree; norms, activations and the merge's
+attention, 2 FLOPs per multiply-add), so the two agree on the PyTorch path (``backend="torch"``,
+or a CPU; the counter cannot see inside Triton kernels); norms, activations and the merge's
 gathers/scatters are left out. Papers' "GFLOPs" for ViTs are usually multiply-adds: half of
 these figures (ViT-B/16 at 224²: 35.1 GFLOPs here, "17.6 GFLOPs" in the DeiT/ToMe papers).
 """

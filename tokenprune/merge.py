@@ -92,8 +92,8 @@ def merge_state(state: TokenState, dest: Tensor, num_out: int, backend: str = "a
     sizes = state.sizes()
     x, size = merge_wavg(state.x, sizes, dest, num_out, backend)
     source_index = state.source_index
-    if source_index is not None:
-        source_index = dest.gather(1, source_index)
+    if source_index is not None:  # input tokens dropped earlier (-1) stay dropped
+        source_index = torch.where(source_index >= 0, dest.gather(1, source_index.clamp(min=0)), -1)
     pos = state.pos
     if pos is not None:
         pos, _ = merge_wavg(pos, sizes, dest, num_out, backend)
@@ -127,8 +127,10 @@ def keep_top_tokens(
     order (the inference path of DynamicViT and EViT).
 
     scores: [B, T - P] for the non-prefix tokens. With ``fuse_weights`` ([B, T - P]), the dropped
-    tokens are not lost but fused into one extra last token, their ``fuse_weights``-weighted
-    average (EViT's inattentive-token fusion), whose size is their total size.
+    tokens are not lost but fused into one extra last token, whose size is their total size
+    (EViT's inattentive-token fusion). EViT's token is the attention-weighted *sum*, whose
+    scale a model learns while fine-tuning with it; with no training, this one is the
+    normalised weighted *average*, on the scale of the tokens it replaces.
     """
     p = num_protected
     batch, num_tokens = state.x.shape[:2]
@@ -141,6 +143,8 @@ def keep_top_tokens(
     num_out = p + num_keep + 1
     dest = torch.full((batch, num_tokens), num_out - 1, dtype=torch.long, device=top.device)
     dest.scatter_(1, keep_index, torch.arange(p + num_keep, device=top.device).expand(batch, -1))
+    # merge_state carries sizes, sources and positions (its size-weighted x for the fused slot
+    # is replaced below); "torch": this gather/scatter is not the hot path the kernel is for.
     merged = merge_state(state, dest, num_out, backend="torch")
     dropped = (dest[:, p:] == num_out - 1).unsqueeze(-1)
     weights = fuse_weights.unsqueeze(-1) * dropped
@@ -197,7 +201,7 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int, backend:
     return bipartite_dest(best_score, best_b, r, metric.shape[1], num_protected)
 
 
-def bipartite_split(num_tokens: int, num_protected: int) -> tuple[slice, slice]:
+def bipartite_split(num_protected: int) -> tuple[slice, slice]:
     """Positions of sets A and B among the tokens after the prefix. A/B parity follows the
     absolute position, as in ToMe, so the prefix does not shift it."""
     a_start = num_protected % 2
@@ -218,7 +222,7 @@ def bipartite_best_match(
     to merge (λ = 0 is ToMe). Returns ([B, Na] float32 scores, [B, Na] int64 B indices).
     """
     p = num_protected
-    a_part, b_part = bipartite_split(metric.shape[1], p)
+    a_part, b_part = bipartite_split(p)
     # Similarities in float32 whatever the model's dtype: bf16 would round distinct
     # similarities into ties and change which tokens merge.
     body = metric[:, p:].float()
@@ -239,7 +243,7 @@ def bipartite_dest(best_score: Tensor, best_b: Tensor, r: int, num_tokens: int, 
     if not 0 <= r <= max_bipartite_r(num_tokens, p):
         raise ValueError(f"r={r} is outside [0, {max_bipartite_r(num_tokens, p)}] for {num_tokens} tokens")
     batch, num_a = best_score.shape
-    a_part, b_part = bipartite_split(num_tokens, p)
+    a_part, b_part = bipartite_split(p)
     num_b = num_tokens - p - num_a
 
     order = best_score.argsort(dim=-1, descending=True, stable=True)

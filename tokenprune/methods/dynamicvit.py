@@ -22,8 +22,9 @@ from ..merge import TokenState, keep_top_tokens
 
 
 def default_stages(depth: int) -> tuple[int, ...]:
-    """Blocks before which predictors run: DeiT's (3, 6, 9) for 12 blocks, scaled for others."""
-    return tuple(sorted({max(1, round(depth * k / 4)) for k in (1, 2, 3)}))
+    """Blocks before which predictors run: DeiT's (3, 6, 9) for 12 blocks, scaled for others
+    (within blocks 1 … depth − 1)."""
+    return tuple(sorted({min(depth - 1, max(1, round(depth * k / 4))) for k in (1, 2, 3)}))
 
 
 def kept_count(grid: tuple[int, int], keep_fraction: float) -> int:

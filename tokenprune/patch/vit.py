@@ -4,8 +4,9 @@ threads a :class:`TokenState` through the blocks.
 
 Nothing here keeps per-forward state on modules: every block owns a fixed ``reducer`` (its r is
 a plain int) and the sizes travel with the tokens, so patched models compile with
-``torch.compile(fullgraph=True)``. The only exception is source tracing, a visualisation aid,
-which stores the last forward's map on the model.
+``torch.compile(fullgraph=True)``; the exceptions are the data-dependent counts of
+``local_global`` (``local_threshold``, ``adaptive``: the count is read on the host). Source
+tracing, a visualisation aid, stores the last forward's map on the model.
 """
 
 from __future__ import annotations
