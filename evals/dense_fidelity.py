@@ -18,7 +18,9 @@ the same way) and given with a 95 % bootstrap interval that resamples photos, si
 views of one photo are not independent: an interval above zero is a win, below zero a loss, and
 across zero a tie that these 20 photos cannot settle. A control, ToMe removing the same count at
 every block (pairs where the windows were), separates what the windows do from what the schedule
-does. Writes
+does. ALGM's adaptive stage-2 count (:data:`ADAPTIVE`) gives every image its own GFLOPs: those
+settings run one image per forward and are compared with ToMe at their *mean* GFLOPs, the same
+budget spent differently. Writes
 ``evals/results/dense_fidelity.{json,md,png}`` and ``merge_maps.png`` (which patches merged, for
 one photo, under both methods at matched GFLOPs).
 
@@ -28,6 +30,7 @@ one photo, under both methods at matched GFLOPs).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 from collections.abc import Sequence
@@ -76,6 +79,13 @@ TWO_STAGE = [
     LG(local_block=0, r=(16, -1)),
     LG(local_block=0, r=(18, -1)),
 ]
+# ALGM's adaptive stage 2 (merge the A tokens whose best score exceeds mean + std; r is the cap)
+# at three window-stage blocks, spanning the budgets of TWO_STAGE.
+ADAPTIVE = [
+    LG(local_block=3, r=40, adaptive=True),
+    LG(local_block=1, r=40, adaptive=True),
+    LG(local_block=0, r=60, adaptive=True),
+]
 MEASURES = ("cosine", "saliency_corr", "top10_iou")
 Value = TypeVar("Value", float, torch.Tensor)
 
@@ -118,6 +128,43 @@ class Evaluator:
             dim=1,
         )
         return tokenprune.flops(self.model, self.img_size).gflops, per_image
+
+    @torch.no_grad()
+    def measure_per_image(self, config: tokenprune.LocalGlobalConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """[images] GFLOPs and [images, MEASURES] measures of a config whose counts follow the
+        data (``adaptive``): one image per forward, so each image gets its own counts rather
+        than its batch's smallest; its GFLOPs are those of the same config with the counts it
+        used fixed."""
+        tokenprune.patch(self.model, config)
+        counts: list[int] = []
+        hooks = [block.register_forward_hook(lambda _, __, state: counts.append(state.num_tokens)) for block in self.model.blocks]
+        try:
+            per_image, used = [], []
+            for image in self.photos.split(1):
+                counts.clear()
+                features = self.model.forward_features(image, unmerge=True)
+                saliency = self.decoder(features[:, self.model.num_prefix_tokens :], self.grid).flatten(1)
+                index = len(per_image)
+                per_image.append(
+                    torch.cat(
+                        [
+                            torch.nn.functional.cosine_similarity(self.model.forward_head(features), self.embedding[index : index + 1]),
+                            pearson(saliency, self.saliency[index : index + 1]),
+                            top_region_iou(saliency, self.saliency[index : index + 1], 0.10),
+                        ]
+                    )
+                )
+                used.append(tuple(counts))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        entering = self.model.patch_embed.num_patches + self.model.num_prefix_tokens
+        gflops = {}
+        for tokens in set(used):
+            removed = [before - after for before, after in zip((entering, *tokens), tokens)]
+            fixed = dataclasses.replace(config, r=removed[config.local_block + 1 :], adaptive=False)
+            gflops[tokens] = tokenprune.flops(tokenprune.patch(self.model, fixed), self.img_size).gflops
+        return torch.tensor([gflops[tokens] for tokens in used]), torch.stack(per_image)
 
     def score(self, config: Any) -> dict[str, float]:
         """GFLOPs and the mean of each measure over the images."""
@@ -174,6 +221,7 @@ def describe(config: tokenprune.LocalGlobalConfig) -> str:
         ratio = config.local_ratio.as_integer_ratio()
         windows = f"{ratio[0]}/{ratio[1]}" if ratio[1] <= 64 else f"{config.local_ratio:g}"
     text = f"block {config.local_block}, windows {windows}, r={format_schedule(config.r)}"
+    text += ", adaptive" if config.adaptive else ""
     return text + (f", λ={config.pos_weight:g}" if config.pos_weight else "")
 
 
@@ -241,6 +289,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         control = {"r": removed, **evaluator.score(tokenprune.ToMeConfig(r=removed))}
         rows.append({"two_stage": describe(config), "gflops": gflops, **summary(per_image), "tome_at_same_gflops": matched,
                      "difference": difference, "same_schedule_tome": control})
+    adaptive = []
+    for config in ADAPTIVE:
+        gflops, per_image = evaluator.measure_per_image(config)
+        reference = best_tome(tome_curves, gflops.mean().item())
+        difference = {} if reference is None else {
+            m: paired_difference(per_image[:, i], reference[:, i], evaluator.views_per_photo) for i, m in enumerate(MEASURES)
+        }
+        adaptive.append({"two_stage": describe(config), "gflops_mean": gflops.mean().item(), "gflops_min": gflops.min().item(),
+                         "gflops_max": gflops.max().item(), **summary(per_image), "difference": difference,
+                         "tome_at_same_mean_gflops": dict.fromkeys(MEASURES) if reference is None else summary(reference)})
 
     lines = [
         "| two-stage setting | GFLOPs | cosine (ToMe) | saliency corr (ToMe) | top-10% IoU (ToMe) |",
@@ -264,6 +322,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         lines.append(f"| {row['two_stage']} | {row['gflops']:.2f} | " + " | ".join(cells) + " |")
     lines += [
         "",
+        "Adaptive stage-2 counts (ALGM's rule: the A tokens whose best score exceeds mean + std, at most r), one "
+        "image per forward so that each image spends its own GFLOPs; minus ToMe at the same *mean* GFLOPs, "
+        "image by image, with the 95 % interval over photos:",
+        "",
+        "| two-stage setting | GFLOPs mean [min, max] | Δ cosine | Δ saliency corr | Δ top-10% IoU |",
+        "| :--- | ---: | ---: | ---: | ---: |",
+    ]
+    for row in adaptive:
+        cells = [f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] {verdict(d)}" if (d := row["difference"].get(m)) else "-"
+                 for m in MEASURES]
+        lines.append(f"| {row['two_stage']} | {row['gflops_mean']:.2f} [{row['gflops_min']:.2f}, {row['gflops_max']:.2f}] | "
+                     + " | ".join(cells) + " |")
+    lines += [
+        "",
         "Control: ToMe with each two-stage setting's per-block counts (pairs where the windows were, the same GFLOPs):",
         "",
         "| two-stage setting | ToMe r per block | cosine (two-stage) | saliency corr (two-stage) | top-10% IoU (two-stage) |",
@@ -285,6 +357,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()},
         "tome": tome,
         "two_stage": rows,
+        "adaptive": adaptive,
     }
     write_atomic(args.out_dir / "dense_fidelity.json", json.dumps(document, indent=2) + "\n")
     write_atomic(args.out_dir / "dense_fidelity.md", f"{header}\n\n{table}\n")

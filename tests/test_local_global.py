@@ -237,3 +237,34 @@ def test_dense_fidelity_compares_with_the_better_tome_schedule() -> None:
     assert describe(tokenprune.LocalGlobalConfig()) == "block 3, windows 1/16, r=16"
     assert describe(tokenprune.LocalGlobalConfig(local_block=0, r=(18, -1), pos_weight=1.0)) == "block 0, windows 1/16, r=(18,-1), λ=1"
     assert describe(tokenprune.LocalGlobalConfig(local_threshold=0.9, r=8)) == "block 3, windows cos ≥ 0.9, r=8"
+    assert describe(tokenprune.LocalGlobalConfig(r=40, adaptive=True)) == "block 3, windows 1/16, r=40, adaptive"
+
+
+def test_dense_fidelity_per_image_measures_follow_each_images_counts() -> None:
+    """``measure_per_image`` (one image per forward) agrees with the batched ``measure`` on a
+    fixed-count config, and with adaptive counts gives each image the GFLOPs of the counts it used."""
+    from evals.dense_fidelity import Evaluator
+
+    evaluator = object.__new__(Evaluator)  # a tiny model and decoder instead of the real ones
+    evaluator.model, evaluator.img_size, evaluator.chunk = make("vit_cls", depth=4), 224, 2
+    evaluator.grid = tuple(evaluator.model.patch_embed.grid_size)
+    evaluator.decoder = lambda patches, grid: patches.mean(-1).reshape(-1, *grid)
+    evaluator.photos = torch.cat([image(2), image(2, 224).flip(-1)])
+    tokenprune.patch(evaluator.model, r=0)
+    evaluator.embedding, evaluator.saliency = evaluator._outputs()
+
+    fixed = tokenprune.LocalGlobalConfig(local_block=0, r=20)
+    gflops, batched = evaluator.measure(fixed)
+    per_image_gflops, per_image = evaluator.measure_per_image(fixed)
+    assert per_image_gflops.tolist() == pytest.approx([gflops] * 4)
+    torch.testing.assert_close(per_image, batched, atol=1e-5, rtol=1e-5)
+
+    adaptive = tokenprune.LocalGlobalConfig(local_block=0, r=40, adaptive=True)
+    per_image_gflops, _ = evaluator.measure_per_image(adaptive)
+    for i, g in enumerate(per_image_gflops.tolist()):
+        tokenprune.patch(evaluator.model, adaptive)
+        tokens: list[int] = []
+        evaluator.model._run_blocks(evaluator.photos[i : i + 1], None, False, False, on_block=lambda _, s: tokens.append(s.num_tokens))
+        removed = [a - b for a, b in zip((197, *tokens), tokens)]
+        fixed = tokenprune.LocalGlobalConfig(local_block=0, r=removed[1:])
+        assert g == pytest.approx(tokenprune.flops(tokenprune.patch(evaluator.model, fixed), 224).gflops)

@@ -180,7 +180,9 @@ class LocalGlobalConfig:
     λ tried (0.25 to 4; λ = 1 at the default setting: 0.866 against 0.886) and the embedding
     cosine from λ = 1 up, since a nearer partner is a less similar one. ``local_threshold``
     makes the count follow the images: on real photos it merged far more in some than in
-    others and lost to a fixed ratio at equal mean GFLOPs.
+    others and lost to a fixed ratio at equal mean GFLOPs. So did ``adaptive`` stage-2 counts
+    (``evals.dense_fidelity``: a smaller win than the fixed count after block 3, a tie after
+    block 1, a loss after block 0, against ToMe at the same mean GFLOPs).
 
     Args:
         local_block: the block after whose attention stage 1 merges windows (0-based; default
