@@ -173,6 +173,8 @@ def _resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, name)
         return defaults[name] if value is None else value
 
+    if any(key == "backend" for _, key, _ in args.option):
+        raise SystemExit("give the backend with --backend (repeatable: one row per backend), not --option backend=…")
     config = {
         "device": device,
         "models": pick("model"),
@@ -249,14 +251,15 @@ def _group_rows(
     runners: list[Callable[[Tensor], Any]] = []
     searched: dict[tuple[str, str, Budget], dict[str, Any] | None] = {}
     for index, (setting, attention, backend) in enumerate(rows_planned, 1):
-        options = setting.options
+        # The backend is one of the options, so a speed budget is searched on the backend it runs.
+        options = setting.options if backend is None else {**setting.options, "backend": backend}
         if setting.budget is not None:
             key = (setting.method, repr(sorted(options.items())), setting.budget)
             if key not in searched:
                 progress(f"  searching {setting.method} for {setting.budget}")
                 timer = _speedup_timer(baseline, inputs, dtype, device) if setting.budget.kind == "speedup" else None
                 try:
-                    searched[key] = settings.resolve(setting, baseline, size, timer)
+                    searched[key] = settings.resolve(Setting(setting.method, options, setting.budget), baseline, size, timer)
                 except settings.BudgetUnreachable as error:
                     searched[key] = None
                     warnings.append(f"{name}, batch {batch_size}: row skipped: {error}")
@@ -268,9 +271,8 @@ def _group_rows(
         model = copy.deepcopy(baseline)
         set_fused_attn(model, attention == "fused")
         if setting.method != "none":
-            backend_option = {} if backend is None else {"backend": backend}
             try:
-                tokenprune.patch(model, setting.method, **options, **backend_option)
+                tokenprune.patch(model, setting.method, **options)
             except (TypeError, ValueError) as error:
                 raise SystemExit(f"{setting.method} {label}: {error}") from None
         reduction = tokenprune.plan(model, size)
@@ -292,14 +294,14 @@ def _group_rows(
                 "dtype": cfg["dtype"],
                 "compile": compiled,
                 **settings.identity(setting, options),
-                "options": _jsonable(options),
+                "options": _jsonable({k: v for k, v in options.items() if k != "backend"}),
                 "attention": attention,
                 "backend": backend,
                 "gflops": flops / 1e9,
                 "gflops_fraction": flops / unreduced_flops,
                 "output_tokens": reduction.output_tokens,
                 "tokens_per_block": list(reduction.tokens),
-                "peak_memory_mib": peak_memory_mib(runner, inputs, dtype),
+                "peak_memory_mib": peak_memory_mib(model, runner, inputs, dtype),
                 "logits_cosine": cosine,
                 "top1_agreement_pct": top1,
             }

@@ -216,19 +216,27 @@ def measure_interleaved(
     return results
 
 
-def peak_memory_mib(model: Callable[[Tensor], Any], inputs: Tensor, dtype: torch.dtype | None = None) -> float | None:
-    """Peak device memory allocated during one inference pass, in MiB (weights and inputs
-    included, as a user's process would hold them); ``None`` off CUDA, where PyTorch keeps
-    no allocator statistics."""
+def peak_memory_mib(
+    model: nn.Module, runner: Callable[[Tensor], Any], inputs: Tensor, dtype: torch.dtype | None = None
+) -> float | None:
+    """Peak device memory of one inference pass of ``runner`` (``model``, or it compiled), in
+    MiB: what the pass allocates at its peak, plus this model's weights and the inputs, as a
+    process holding only this model would see it (other models alive on the device, such as
+    a benchmark's other rows, are not counted). ``None`` off CUDA, where PyTorch keeps no
+    allocator statistics."""
     device = inputs.device
     if device.type != "cuda":
         return None
     synchronize(device)
+    before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     with torch.inference_mode(), autocast(device, dtype):
-        model(inputs)
+        runner(inputs)
     synchronize(device)
-    return torch.cuda.max_memory_allocated(device) / 2**20
+    working = torch.cuda.max_memory_allocated(device) - before
+    tensors = [*model.parameters(), *model.buffers(), inputs]
+    held = sum(t.numel() * t.element_size() for t in tensors if t.device == device)
+    return (working + held) / 2**20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,8 +327,9 @@ def write_atomic(path: Path, text: str | bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as handle:
-            handle.write(text)
+        data = text if isinstance(text, bytes) else text.encode("utf-8")  # results hold Δ, ×, ²
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
         # mkstemp creates the file 0600; give it the permissions a plain open() would.
         umask = os.umask(0)
         os.umask(umask)

@@ -253,7 +253,9 @@ def describe_setting(method: str, options: dict[str, Any]) -> str:
     if method == "none":
         return ""
     knob = KNOBS[method].option if method in KNOBS else None
-    names = sorted(options, key=lambda name: (name != knob, name))
+    # The backend changes where the work runs, not what the setting computes: results of one
+    # setting on different backends join under one name (bench reports the backend apart).
+    names = sorted((name for name in options if name != "backend"), key=lambda name: (name != knob, name))
     return ", ".join(f"{name}={_format(name, options[name])}" for name in names)
 
 
@@ -341,6 +343,13 @@ def settings_from_args(args: argparse.Namespace) -> list[Setting]:
         for method in takers:
             options[method][key] = value
     values_of = {"r": args.r, "keep_ratio": args.keep_ratio, "early_r": args.early_r}
+    for knob, values in values_of.items():
+        takers = [m for m in tokenprune.METHODS if KNOBS[m].option == knob]
+        if values is not None and not set(takers) & set(methods):
+            raise SystemExit(
+                f"--{knob.replace('_', '-')} sets the strength of {', '.join(takers)}, and none of the methods "
+                f"{methods} takes it; give their own knob, or another option with --option METHOD.{knob}=VALUE"
+            )
     settings = []
     for method in methods:
         knob = KNOBS[method].option

@@ -193,6 +193,22 @@ def test_bad_requests_are_explained(tmp_path: Path) -> None:
         _main(["--option", "tome.r=3", *out])
     with pytest.raises(SystemExit):
         _main(["--budget", "1.5", *out])  # neither a fraction nor a speedup (argparse error)
+    with pytest.raises(SystemExit, match="with --backend"):
+        _main(["--option", "backend=torch", *out])
+    with pytest.raises(SystemExit, match="--r sets the strength of .*none of the methods \\['evit'\\]"):
+        _main(["--method", "evit", "--r", "16", *out])
+    with pytest.raises(SystemExit, match="--keep-ratio"):
+        _main(["--method", "background", "--keep-ratio", "0.5", *out])
+
+
+def test_budget_rows_are_searched_on_their_own_backend(tmp_path: Path) -> None:
+    """Each backend's row searches its budget with that backend; both carry one setting name."""
+    out = ["--out", str(tmp_path / "x.json"), "--no-plot", *COMMON, "--model", MODEL]
+    document = _main(["--budget", "0.6", "--backend", "torch", "--backend", "auto", "--no-manual", *out])
+    rows = [row for row in document["rows"] if row["method"] == "tome"]
+    assert [row["backend"] for row in rows] == ["torch", "auto"]
+    assert rows[0]["setting"] == rows[1]["setting"] and "backend" not in rows[0]["setting"]
+    assert all("backend" not in row["options"] for row in rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,6 +298,7 @@ def test_parse_budget_and_describe_setting() -> None:
     assert settings.describe_setting("none", {}) == ""
     assert settings.describe_setting("tome", {"prop_attn": False, "r": (16, -1)}) == "r=(16,-1), prop_attn=False"
     assert settings.describe_setting("evit", {"score": "random", "keep_ratio": 0.5}) == "keep_ratio=0.5, score='random'"
+    assert settings.describe_setting("tome", {"r": 8, "backend": "torch"}) == "r=8"  # where it ran is not what it is
 
 
 def test_every_method_has_a_knob() -> None:
@@ -314,7 +331,9 @@ def test_write_atomic_text_and_bytes(tmp_path: Path) -> None:
     harness.write_atomic(tmp_path / "a" / "t.txt", "text")
     harness.write_atomic(tmp_path / "a" / "b.bin", b"\x00\x01")
     assert (tmp_path / "a" / "t.txt").read_text() == "text" and (tmp_path / "a" / "b.bin").read_bytes() == b"\x00\x01"
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["b.bin", "t.txt"]
+    harness.write_atomic(tmp_path / "a" / "u.md", "Δ 2×")  # UTF-8 whatever the locale
+    assert (tmp_path / "a" / "u.md").read_bytes() == "Δ 2×".encode()
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["b.bin", "t.txt", "u.md"]  # no temp files left
 
 
 # ---------------------------------------------------------------------------------------------
