@@ -43,7 +43,6 @@ files all-gathered. Only rank 0 writes the JSON (atomically) and prints.
 from __future__ import annotations
 
 import argparse
-import ast
 import csv
 import datetime
 import json
@@ -51,23 +50,22 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import timm
 import timm.data
 import torch
-import torch.distributed as dist
 from PIL import Image
 from timm.data.readers.img_extensions import get_img_extensions
 from timm.utils.misc import natural_key
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import tokenprune
+from evals.distributed import ShardSampler, setup
 from evals.harness import (
     DTYPES,
     RESULTS_DIR,
@@ -83,13 +81,13 @@ from evals.settings import (
     Setting,
     describe_setting,
     parse_budget,
+    parse_option,
     resolve,
 )
 from tokenprune.schedule import parse_schedule
 
 __all__ = [
     "EvalDataset",
-    "ShardSampler",
     "build_parser",
     "collate",
     "load_checkpoint",
@@ -237,23 +235,6 @@ def collate(items: Sequence[Item]) -> Batch:
     return Batch(images, labels, [item.index for item in good], failures)
 
 
-class ShardSampler(Sampler[int]):
-    """Indices ``rank, rank + world, rank + 2·world, ...`` of ``range(size)``: every index on
-    exactly one rank, no padding or dropping (unlike ``DistributedSampler``), so the last
-    ranks may get one image fewer and counts summed over ranks are exact."""
-
-    def __init__(self, size: int, rank: int = 0, world_size: int = 1) -> None:
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
-        self.size, self.rank, self.world_size = size, rank, world_size
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.size, self.world_size))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.size, self.world_size))
-
-
 # ---------------------------------------------------------------------------------------------
 # Model
 
@@ -302,19 +283,6 @@ def load_checkpoint(model: nn.Module, path: Path) -> None:
     if mismatched:
         raise SystemExit(f"{path}: shape mismatch (checkpoint vs model): {_name_keys(mismatched)}")
     model.load_state_dict(state, strict=True)
-
-
-def parse_option(text: str) -> tuple[str, Any]:
-    """``key=value`` with the value read as a Python literal (``16``, ``(16, -1)``, ``True``,
-    ``None``, ``0.5``); anything that is not a literal stays a string (``backend=torch``)."""
-    key, sep, value = text.partition("=")
-    key = key.strip()
-    if not sep or not key.isidentifier():
-        raise argparse.ArgumentTypeError(f"expected key=value with a Python identifier as key, got {text!r}")
-    try:
-        return key, ast.literal_eval(value.strip())
-    except (ValueError, SyntaxError):
-        return key, value.strip()
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -502,49 +470,6 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    owned: bool = False  # whether this run initialised (and must destroy) the process group
-
-    def all_sum(self, values: list[int], device: torch.device) -> list[int]:
-        if self.world_size == 1:
-            return values
-        tensor = torch.tensor(values, dtype=torch.int64, device=device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return [int(v) for v in tensor.tolist()]
-
-    def gather(self, obj: Any) -> list[Any]:
-        if self.world_size == 1:
-            return [obj]
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-
-def _setup(args: argparse.Namespace) -> tuple[torch.device, Dist]:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")), Dist()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if args.device:
-        device = torch.device(args.device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    owned = False
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        owned = True
-    if dist.get_world_size() != world_size:
-        raise SystemExit(f"WORLD_SIZE={world_size} but the process group has {dist.get_world_size()} ranks")
-    return device, Dist(dist.get_rank(), world_size, owned)
-
-
 def _load_real_labels(spec: str) -> dict[str, list[int]]:
     if spec == "timm":
         path = Path(timm.data.__file__).parent / "_info" / "imagenet_real_labels.json"
@@ -569,8 +494,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
-    device, ddp = _setup(args)
-    lead = ddp.rank == 0
+    device, ddp = setup(args.device)
+    lead = ddp.lead
     warnings: list[str] = []
 
     def warn(message: str) -> None:
@@ -816,8 +741,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             print(f"wrote {out}")
         return document
     finally:
-        if ddp.owned and dist.is_initialized():
-            dist.destroy_process_group()
+        ddp.close()
 
 
 def cli() -> None:

@@ -4,22 +4,32 @@
         --model video_vit_base_patch16_224 --method tome --r 64
     python -m evals.kinetics --labels-file val.csv --data /data/k400 --single-view ...
 
-**Data.** ``--data DIR`` with one sub-folder per class (classes = sorted folder names), or
-``--labels-file CSV`` with ``path,label`` rows (optional header; label an int or a class name
-from ``--classes FILE``, one name per line, line order = index; relative paths resolve against
-``--data``, else the CSV's folder). Videos are decoded with PyAV (every frame, RGB).
+**Data.** ``--data DIR`` with one sub-folder per class, or ``--labels-file CSV`` with
+``path,label`` rows (optional header; relative paths resolve against ``--data``, else the CSV's
+folder). ``--classes FILE`` (one name per line, line order = index; e.g. OpenCV's
+``action_recongnition_kinetics.txt`` for Kinetics-400) names the classes: folder names and CSV
+labels are looked up in it, and a name it lacks is an error. Without it, folders are indexed
+in sorted order (a warning says so when their count is not the model's class count) and CSV
+labels must be ints. Labels outside the model's classes are an error. Videos are decoded with
+PyAV (every frame, RGB).
 
 **Protocol.** VideoMAE's Kinetics test protocol by default: 16 frames with a stride of 4 (a
 64-frame span), the short side resized to 224, ``--clips 5`` temporal clips evenly spaced over
 the video × ``--crops 3`` spatial 224² crops along the long side (left/top, centre,
-right/bottom); the logits of the 15 views are averaged. ``--single-view``: one centre clip,
-one centre crop. Frames past the end of a short video repeat the last frame (as VideoMAE);
-videos with fewer frames than one clip span are listed as ``too_short`` (and still evaluated).
+right/bottom); the softmax probabilities of the 15 views are averaged, as VideoMAE's test
+script does (``--average logits`` averages logits instead). ``--single-view``: one centre
+clip, one centre crop. Frames past the end of a short video repeat the last frame (as
+VideoMAE); videos that need such repeats are listed as ``too_short`` (and still evaluated).
 Undecodable videos are listed as ``failed``, counted, and scored as wrong in ``top1_all``.
 
-**Output.** top-1 / top-5 over the decoded videos, JSON in ``evals/results/`` (atomic write),
-GFLOPs per view from ``tokenprune.flops``, and model-only throughput on random clips, measured
-apart from decoding (``evals.harness.measure_throughput``).
+**Several GPUs** (``torchrun --nproc_per_node N -m evals.kinetics ...``): each rank evaluates
+its shard of the videos (each video on exactly one rank), counts are summed and lists
+gathered, rank 0 writes (:mod:`evals.distributed`).
+
+**Output.** top-1 / top-5 over the decoded videos (:func:`evals.metrics.topk_correct`'s rule
+for ties), JSON in ``evals/results/`` (atomic write) with the environment, GFLOPs per view
+from ``tokenprune.flops``, and model-only throughput on random clips, measured apart from
+decoding (``evals.harness.measure_throughput``).
 """
 
 from __future__ import annotations
@@ -41,7 +51,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import tokenprune
-from evals.harness import measure_throughput, write_atomic
+from evals.distributed import Dist, ShardSampler, setup
+from evals.harness import RESULTS_DIR, environment, measure_throughput, write_atomic
+from evals.metrics import topk_correct
+from evals.settings import describe_setting, parse_option
 from tokenprune.schedule import parse_schedule
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg")
@@ -54,18 +67,26 @@ Samples = list[tuple[str, int]]
 # ------------------------------------------------------------------------------------- data
 
 
-def samples_from_folder(root: Path) -> tuple[Samples, list[str]]:
-    """One sub-folder per class (sorted names = class indices); videos found recursively."""
+def samples_from_folder(root: Path, classes: Sequence[str] = ()) -> tuple[Samples, list[str]]:
+    """One sub-folder per class, videos found recursively. The label of a folder is its name's
+    index in ``classes``; without ``classes``, in the sorted folder names (returned)."""
     if not root.is_dir():
         raise SystemExit(f"--data {root} is not a folder")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    folders = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if classes:
+        index = {name: i for i, name in enumerate(classes)}
+        unknown = [name for name in folders if name not in index]
+        if unknown:
+            raise SystemExit(f"class folders not in --classes: {unknown[:10]}{' …' if len(unknown) > 10 else ''}")
+    else:
+        classes, index = folders, {name: i for i, name in enumerate(folders)}
     samples = [
-        (str(path), label)
-        for label, name in enumerate(classes)
+        (str(path), index[name])
+        for name in folders
         for path in sorted((root / name).rglob("*"))
         if path.suffix.lower() in VIDEO_EXTENSIONS
     ]
-    return samples, classes
+    return samples, list(classes)
 
 
 def samples_from_csv(csv_path: Path, root: Path | None = None, classes: Sequence[str] = ()) -> Samples:
@@ -105,6 +126,11 @@ def decode_video(path: str) -> np.ndarray:
     if not frames:
         raise ValueError("no frames decoded")
     return np.stack(frames)
+
+
+def frames_needed(num_frames: int, stride: int) -> int:
+    """Frames a clip covers without repeating one: first to last sampled frame."""
+    return (num_frames - 1) * stride + 1
 
 
 def clip_indices(num_video_frames: int, num_frames: int, stride: int, num_clips: int) -> list[list[int]]:
@@ -185,7 +211,23 @@ def collate(items: Sequence[Item]) -> list[Item]:
 # ------------------------------------------------------------------------------------- model
 
 
-def build_model(args: argparse.Namespace) -> torch.nn.Module:
+def method_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options to patch with: ``--option key=value`` pairs and ``--r``."""
+    options: dict[str, Any] = {}
+    for key, value in args.option:
+        if key in options:
+            raise SystemExit(f"--option {key} given twice")
+        options[key] = value
+    if args.r is not None:
+        if "r" in options:
+            raise SystemExit("give r either as --r or as --option r=..., not both")
+        options["r"] = args.r
+    if args.method == "none" and options:
+        raise SystemExit(f"--method none takes no options, got {sorted(options)}")
+    return options
+
+
+def build_model(args: argparse.Namespace, options: dict[str, Any]) -> torch.nn.Module:
     from tokenprune import models
 
     factory = getattr(models, args.model, None)
@@ -195,31 +237,32 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
     if args.checkpoint:
         models.load_videomae(model, args.checkpoint)
     if args.method != "none":
-        options = dict(args.option)
-        if args.r is not None:
-            options["r"] = args.r
-        tokenprune.patch(model, args.method, **options)
+        try:
+            tokenprune.patch(model, args.method, **options)
+        except (TypeError, ValueError) as error:
+            raise SystemExit(f"{args.method}: {error}") from None
     return model.eval()
 
 
-def parse_option(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"--option needs key=value, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
+class Tally(NamedTuple):
+    """One rank's results: counts, and the videos that failed or were too short."""
+
+    correct: dict[int, int]
+    evaluated: int
+    failed: list[dict[str, Any]]
+    too_short: list[dict[str, Any]]
 
 
-def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device, views_per_batch: int, span: int,
-             progress: bool = True) -> dict[str, Any]:
-    """Top-1/top-5 over decodable videos (view logits averaged); failed/too-short lists."""
-    correct1 = correct5 = seen = 0
+def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device, views_per_batch: int, needed: int,
+             average: str = "probabilities", ks: Sequence[int] = (1, 5), progress: bool = True) -> Tally:
+    """Top-k counts over the decodable videos of ``loader`` (the views' softmax probabilities,
+    or logits, averaged per video); failed and too-short videos listed."""
+    correct = dict.fromkeys(ks, 0)
+    evaluated = 0
     failed: list[dict[str, Any]] = []
     too_short: list[dict[str, Any]] = []
     dataset = loader.dataset
-    bar = tqdm(total=len(dataset), desc="videos", unit="video", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=len(loader), desc="videos", unit="video", disable=not progress, file=sys.stderr)
     with torch.inference_mode():
         for items in loader:
             for item in items:
@@ -227,29 +270,18 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device, v
                 if item.views is None:
                     failed.append({"path": path, "error": item.error})
                     continue
-                if item.num_frames < span:
+                if item.num_frames < needed:
                     too_short.append({"path": path, "frames": item.num_frames})
-                logits = torch.cat([model(chunk.to(device)) for chunk in item.views.split(views_per_batch)])
-                mean = logits.float().mean(dim=0)
-                top = mean.topk(min(5, mean.numel())).indices.tolist()
-                correct1 += int(top[0] == item.label)
-                correct5 += int(item.label in top)
-                seen += 1
+                logits = torch.cat([model(chunk.to(device)) for chunk in item.views.split(views_per_batch)]).float()
+                scores = logits.softmax(dim=-1) if average == "probabilities" else logits
+                hits = topk_correct(scores.mean(dim=0, keepdim=True), torch.tensor([item.label], device=device), ks)
+                for k, count in hits.items():
+                    correct[k] += count
+                evaluated += 1
             bar.update(len(items))
-            bar.set_postfix(top1=f"{100 * correct1 / max(seen, 1):.1f}")
+            bar.set_postfix(top1=f"{100 * correct[ks[0]] / max(evaluated, 1):.1f}")
     bar.close()
-    total = len(dataset)
-    return {
-        "videos": total,
-        "evaluated": seen,
-        "top1": 100 * correct1 / seen if seen else None,
-        "top5": 100 * correct5 / seen if seen else None,
-        "top1_all": 100 * correct1 / total if total else None,
-        "num_failed": len(failed),
-        "failed": failed,
-        "num_too_short": len(too_short),
-        "too_short": too_short,
-    }
+    return Tally(correct, evaluated, failed, too_short)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -258,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="folder per class, or the root for --labels-file")
     parser.add_argument("--labels-file", type=Path, help="CSV of path,label rows")
-    parser.add_argument("--classes", type=Path, help="class names, one per line (label names in the CSV)")
+    parser.add_argument("--classes", type=Path, help="class names, one per line, line order = index")
     parser.add_argument("--limit", type=int, help="only the first N videos")
     parser.add_argument("--workers", type=int, default=4, help="DataLoader decoding workers (default 4)")
     parser.add_argument("--model", default="video_vit_base_patch16_224")
@@ -270,58 +302,124 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clips", type=int, default=5, help="temporal clips per video (default 5)")
     parser.add_argument("--crops", type=int, default=3, help="spatial crops per clip (default 3)")
     parser.add_argument("--single-view", action="store_true", help="one centre clip × one centre crop")
+    parser.add_argument("--average", choices=["probabilities", "logits"], default="probabilities",
+                        help="what is averaged over a video's views (default: softmax probabilities, as VideoMAE)")
     parser.add_argument("--method", default="none", choices=["none", *sorted(METHODS)])
     parser.add_argument("--r", type=parse_schedule, help="the method's r")
-    parser.add_argument("--option", type=parse_option, action="append", default=[], help="method option key=value")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--option", type=parse_option, action="append", default=[],
+                        help="method option key=value (a Python literal: prop_attn=False, r=(16,-1)), repeatable")
+    parser.add_argument("--device", help="torch device (default: cuda if available — cuda:LOCAL_RANK under torchrun — else cpu)")
     parser.add_argument("--views-per-batch", type=int, default=15, help="views per forward (default 15)")
     parser.add_argument("--throughput-batch", type=int, default=8, help="clips per timed forward (0: skip)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed throughput passes (default 2)")
     parser.add_argument("--runs", type=int, default=10, help="timed throughput passes")
+    parser.add_argument("--seed", type=int, default=0, help="seed before creating the model (random weights are the same on every rank)")
     parser.add_argument("--output", type=Path, help="JSON path (default evals/results/kinetics_<model>_<method>.json)")
     parser.add_argument("--no-progress", action="store_true")
     return parser
+
+
+def read_classes(path: Path | None) -> list[str]:
+    if path is None:
+        return []
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.single_view:
         args.clips = args.crops = 1
-    classes = Path(args.classes).read_text().split("\n") if args.classes else []
-    classes = [c.strip() for c in classes if c.strip()]
+    if args.limit is not None and args.limit < 0 or args.workers < 0:
+        raise SystemExit("--limit and --workers must be at least 0")
+    options = method_options(args)
+    classes = read_classes(args.classes)
+    warnings: list[str] = []
     if args.labels_file:
         samples = samples_from_csv(args.labels_file, args.data, classes)
     elif args.data:
-        samples, classes = samples_from_folder(args.data)
+        samples, folder_classes = samples_from_folder(args.data, classes)
+        if not classes and len(folder_classes) != args.num_classes:
+            warnings.append(
+                f"{args.data} has {len(folder_classes)} class folders but the model has {args.num_classes} classes: "
+                "labels are indices of the sorted folder names and match the model's classes only if every class "
+                "is present (give --classes otherwise)"
+            )
     else:
         raise SystemExit("give --data (a folder per class) or --labels-file")
-    if args.limit:
+    if args.limit is not None:
         samples = samples[: args.limit]
-    device = torch.device(args.device)
-    model = build_model(args).to(device)
+    bad_labels = sorted({label for _, label in samples if not 0 <= label < args.num_classes})
+    if bad_labels:
+        raise SystemExit(f"labels {bad_labels[:10]} are outside the model's {args.num_classes} classes")
+    ks = tuple(k for k in (1, 5) if k <= args.num_classes)
+
+    device, ddp = setup(args.device)
+    try:
+        return _run(args, options, samples, ks, warnings, device, ddp)
+    finally:
+        ddp.close()
+
+
+def _run(args: argparse.Namespace, options: dict[str, Any], samples: Samples, ks: tuple[int, ...],
+         warnings: list[str], device: torch.device, ddp: Dist) -> dict[str, Any]:
+    torch.manual_seed(args.seed)
+    model = build_model(args, options).to(device)
     dataset = VideoDataset(samples, args.num_frames, args.stride, args.clips, args.crops, args.img_size)
-    loader = DataLoader(dataset, batch_size=1, num_workers=args.workers, collate_fn=collate)
+    loader = DataLoader(dataset, batch_size=1, sampler=ShardSampler(len(dataset), ddp.rank, ddp.world_size),
+                        num_workers=args.workers, collate_fn=collate)
+    tally = evaluate(model, loader, device, args.views_per_batch, frames_needed(args.num_frames, args.stride),
+                     args.average, ks, progress=ddp.lead and not args.no_progress)
+    totals = ddp.all_sum([tally.evaluated, *tally.correct.values()], device)
+    evaluated, correct = totals[0], dict(zip(ks, totals[1:]))
+    failed = sorted((f for part in ddp.gather(tally.failed) for f in part), key=lambda f: f["path"])
+    too_short = sorted((f for part in ddp.gather(tally.too_short) for f in part), key=lambda f: f["path"])
+    if evaluated + len(failed) != len(samples):
+        raise RuntimeError(f"count mismatch: {evaluated} evaluated + {len(failed)} failed != {len(samples)} videos")
+    if failed:
+        warnings.append(f"{len(failed)} of {len(samples)} videos could not be decoded (listed under failed); "
+                        f"top1/top5 are over the {evaluated} decoded, top1_all counts the failed as wrong")
+
+    def pct(k: int, total: int) -> float | None:
+        return 100 * correct[k] / total if k in correct and total else None
+
     result: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": args.model,
         "checkpoint": args.checkpoint,
         "method": args.method,
-        "options": {**dict(args.option), **({"r": args.r} if args.r is not None else {})},
+        "options": options,
+        "setting": describe_setting(args.method, options),
         "protocol": {"frames": args.num_frames, "stride": args.stride, "size": args.img_size, "clips": args.clips,
-                     "crops": args.crops, "views_averaged": "logits"},
+                     "crops": args.crops, "views_averaged": args.average},
         "gflops_per_view": tokenprune.flops(model, (args.num_frames, args.img_size, args.img_size)).gflops,
+        "world_size": ddp.world_size,
+        "videos": len(samples),
+        "evaluated": evaluated,
+        "top1": pct(1, evaluated),
+        "top5": pct(5, evaluated),
+        "top1_all": pct(1, len(samples)),
+        "num_failed": len(failed),
+        "failed": failed,
+        "num_too_short": len(too_short),
+        "too_short": too_short,
+        "warnings": warnings,
     }
-    result.update(evaluate(model, loader, device, args.views_per_batch, args.num_frames * args.stride,
-                           progress=not args.no_progress))
     if args.throughput_batch > 0:
         clips = torch.randn(args.throughput_batch, 3, args.num_frames, args.img_size, args.img_size, device=device)
-        timing = measure_throughput(model, clips, warmup=2, runs=args.runs)
+        timing = measure_throughput(model, clips, warmup=args.warmup, runs=args.runs)
         result["throughput"] = {"clips_per_s": timing["images_per_s"], "median_s": timing["median_s"],
-                                "batch": args.throughput_batch, "device": str(device)}
-    output = args.output or Path("evals/results") / f"kinetics_{args.model}_{args.method}.json"
-    write_atomic(output, json.dumps(result, indent=2, default=str) + "\n")
-    top1 = result["top1"]
-    print(f"top-1 {top1 if top1 is None else f'{top1:.2f}'} on {result['evaluated']}/{result['videos']} videos "
-          f"({result['num_failed']} failed, {result['num_too_short']} too short) → {output}")
+                                "batch": args.throughput_batch, "warmup": args.warmup, "runs": args.runs,
+                                "what": "model only (rank 0): random clips on the device, median of timed passes",
+                                "clips_per_s_per_rank": ddp.gather(timing["images_per_s"])}
+    result["environment"] = environment(device)
+    output = args.output or RESULTS_DIR / f"kinetics_{args.model}_{args.method}.json"
+    if ddp.lead:
+        for message in warnings:
+            print(f"WARNING: {message}", file=sys.stderr)
+        write_atomic(output, json.dumps(result, indent=2, default=str) + "\n")
+        top1 = result["top1"]
+        print(f"top-1 {top1 if top1 is None else f'{top1:.2f}'} on {evaluated}/{len(samples)} videos "
+              f"({len(failed)} failed, {len(too_short)} too short) → {output}")
     return result
 
 

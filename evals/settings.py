@@ -304,6 +304,19 @@ def _option(text: str) -> tuple[str | None, str, Any]:
     return (method or None), key, parsed
 
 
+def parse_option(text: str) -> tuple[str, Any]:
+    """``key=value`` with the value read as a Python literal (``16``, ``(16, -1)``, ``True``,
+    ``None``, ``0.5``); anything that is not a literal stays a string (``backend=torch``)."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected key=value with a Python identifier as key, got {text!r}")
+    try:
+        return key, ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+        return key, value.strip()
+
+
 def _schedule(text: str) -> RSchedule:
     try:
         return parse_schedule(text)

