@@ -111,13 +111,30 @@ Samples = list[tuple[str, int]]  # (image path, label)
 
 def samples_from_folder(root: Path, split: str, class_map: str = "") -> tuple[Samples, dict[str, int], Path]:
     """Images and labels of a class-per-folder tree, found and ordered by timm's own dataset
-    (``timm.data.create_dataset``); returns (samples, class_to_idx, the folder used)."""
+    (``timm.data.create_dataset``); returns (samples, class_to_idx, the folder used).
+
+    timm leaves out the images of folders that ``class_map`` does not name; those are not
+    dropped silently here: the run stops and names the folders (a partial map is easily a
+    typo)."""
     if not root.is_dir():
         raise SystemExit(f"--data {root} is not a folder")
     dataset = timm.data.create_dataset("", root=str(root), split=split, class_map=class_map)
     reader = dataset.reader
     samples = [(str(path), int(target)) for path, target in reader.samples]
-    return samples, dict(reader.class_to_idx), Path(reader.root)
+    class_to_idx = dict(reader.class_to_idx)
+    if class_map:
+        extensions = get_img_extensions()
+        unmapped: dict[str, int] = {}
+        for path in Path(reader.root).rglob("*"):
+            if path.suffix.lower() in extensions and path.parent.name not in class_to_idx:
+                unmapped[path.parent.name] = unmapped.get(path.parent.name, 0) + 1
+        if unmapped:
+            names = sorted(unmapped)
+            raise SystemExit(
+                f"{sum(unmapped.values())} images are in folders that --class-map does not name "
+                f"({', '.join(names[:10])}{' …' if len(names) > 10 else ''}): add them to the map or move them out of {reader.root}"
+            )
+    return samples, class_to_idx, Path(reader.root)
 
 
 def samples_from_csv(csv_path: Path, root: Path | None = None) -> Samples:

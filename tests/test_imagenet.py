@@ -406,3 +406,9 @@ def test_image_folder_layout_class_map_and_real(photos, lite0_checkpoint: Path, 
     )  # fmt: skip
     assert any("class folders but the model has 1000 classes" in w for w in doc["warnings"])
     assert len(imagenet._load_real_labels("timm")) == 50000
+    # A folder the class map does not name would be dropped by timm's reader: stop and say so.
+    stray = tmp_path / "val" / "not_a_wnid"
+    stray.mkdir()
+    shutil.copyfile(copied[0][0], stray / "extra.JPEG")
+    with pytest.raises(SystemExit, match="1 images are in folders that --class-map does not name \\(not_a_wnid\\)"):
+        imagenet.samples_from_folder(tmp_path, "val", str(synsets_file))
