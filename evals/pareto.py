@@ -90,10 +90,13 @@ def _imagenet_points(document: dict[str, Any]) -> list[Point]:
 
 
 def _fidelity_points(document: dict[str, Any]) -> list[Point]:
+    """Rows of ``evals.fidelity`` or ``evals.video_fidelity``; a budget a method could not reach
+    has no measurement and no point."""
     return [
         Point(document["model_name"], tuple(document["input_size"]), row["method"], row["setting"], row["gflops"],
               quality=row["cosine_mean"], metric="embedding cosine to unreduced")
         for row in document["rows"]
+        if "unreachable" not in row
     ]  # fmt: skip
 
 
@@ -214,7 +217,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         except (OSError, json.JSONDecodeError) as error:
             raise SystemExit(f"{path}: cannot read JSON ({error})") from None
         if is_bench(document):
-            speed += speed_points(document, args.batch_size, args.compiled)
+            found = speed_points(document, args.batch_size, args.compiled)
+            if not found:
+                raise SystemExit(
+                    f"{path}: no fused-attention row{' at batch ' + str(args.batch_size) if args.batch_size else ''}"
+                    f"{' compiled' if args.compiled else ' without compile'}: choose --batch-size/--compiled "
+                    "among the benchmark's groups"
+                )
+            clash = {point.key for point in found} & {point.key for point in speed}
+            if clash:
+                raise SystemExit(f"{path}: repeats settings of an earlier benchmark file ({sorted(clash)[0]}): "
+                                 "give one benchmark per model and setting (e.g. one device)")
+            speed += found
             batch = args.batch_size or max(row["batch_size"] for row in document["rows"])
             devices.append(f"{document['environment']['device_name']}, batch {batch}, {document['config']['dtype']}"
                            f"{', compiled' if args.compiled else ''}")  # fmt: skip

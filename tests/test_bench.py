@@ -369,7 +369,8 @@ def test_pareto_joins_bench_and_fidelity(run: tuple[dict[str, Any], Path], tmp_p
             {"method": r["method"], "setting": r["setting"], "gflops": r["gflops"], "cosine_mean": 1.0 - 0.01 * i}
             for i, r in enumerate(rows)
         ]
-        + [{"method": "tome", "setting": "r=5", "gflops": 0.1, "cosine_mean": 0.5}],
+        + [{"method": "tome", "setting": "r=5", "gflops": 0.1, "cosine_mean": 0.5},
+           {"method": "evit", "budget": "1% GFLOPs", "unreachable": "evit cannot reach 1% GFLOPs"}],
     }
     quality_path = tmp_path / "fidelity.json"
     quality_path.write_text(json.dumps(quality))
@@ -386,6 +387,10 @@ def test_pareto_joins_bench_and_fidelity(run: tuple[dict[str, Any], Path], tmp_p
         assert image.format == "PNG"
     with pytest.raises(SystemExit, match="no quality results"):
         pareto.main([str(run[1]), "--out", str(tmp_path / "q.png")])
+    with pytest.raises(SystemExit, match="no fused-attention row at batch 7"):
+        pareto.main([str(run[1]), str(quality_path), "--batch-size", "7", "--out", str(tmp_path / "q.png")])
+    with pytest.raises(SystemExit, match="repeats settings of an earlier benchmark file"):
+        pareto.main([str(run[1]), str(run[1]), str(quality_path), "--out", str(tmp_path / "q.png")])
 
 
 # ---------------------------------------------------------------------------------------------
