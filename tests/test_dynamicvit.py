@@ -186,6 +186,28 @@ def test_attention_scores_pick_the_attended_tokens() -> None:
     step = AttentionDrop(keep_fraction=0.4, fuse=False, score="attention", num_protected=1)
     state = step(TokenState(x, grid=(1, 5)), cls_attention)
     assert torch.equal(state.x, x[:, [0, 1, 2]])  # class token, then the two most attended, in order
+    # Fused: the three dropped tokens become one extra token, their attention-weighted average
+    # (normalised, unlike EViT's trained sum), of size 3.
+    fused = AttentionDrop(keep_fraction=0.4, fuse=True, score="attention", num_protected=1)(TokenState(x, grid=(1, 5)), cls_attention)
+    weights = torch.tensor([0.05, 0.02, 0.03])
+    expected = (weights[:, None] * x[0, [3, 4, 5]]).sum(0) / weights.sum()
+    torch.testing.assert_close(fused.x, torch.cat([x[:, [0, 1, 2]], expected[None, None]], dim=1))
+    assert fused.size[0, :, 0].tolist() == [1.0, 1.0, 1.0, 3.0]
+
+
+def test_inference_keeps_the_tokens_the_predictor_scores_highest() -> None:
+    """Each stage keeps the k patch tokens with the highest predicted keep log-probability (k
+    from the schedule), the class token first, the rest in their order."""
+    model = tokenprune.patch(make("vit_cls"), "dynamicvit", keep_ratio=0.7)
+    predictor = model.blocks[3].reducer.eval()
+    torch.manual_seed(4)
+    x = torch.randn(2, 197, model.embed_dim)
+    with torch.no_grad():
+        state = predictor(TokenState(x, grid=(14, 14)))
+        scores = predictor.log_probs(x[:, 1:], torch.ones(2, 196, 1))[..., 0]
+    kept = scores.topk(int(196 * 0.7), dim=1).indices.sort(dim=1).values + 1
+    for n in range(2):
+        torch.testing.assert_close(state.x[n], x[n, [0, *kept[n].tolist()]])
 
 
 @pytest.mark.parametrize("method", ["dynamicvit", "evit"])

@@ -194,16 +194,24 @@ def test_merge_map_paints_groups_and_outlines() -> None:
     from tokenprune.visualize import merge_map
 
     image = torch.zeros(3, 4, 4)
-    image[0, :, :2] = 1.0  # left half red, right half black
-    # 2×2 grid of 2×2-pixel patches; the two left patches merged into token 1
+    image[0, :2, :2] = 1.0  # top-left patch red, bottom-left patch green, right half black
+    image[1, 2:, :2] = 1.0
+    # 2×2 grid of 2×2-pixel patches (after a class token); the two left patches merged into token 1
     source_index = torch.tensor([0, 1, 2, 1, 3])
     picture = merge_map(image, source_index, (2, 2), boundary=(0, 0, 255))
     pixels = torch.from_numpy(np.array(picture)).long()
-    assert pixels[0, 0].tolist() == [255, 0, 0]  # inside the merged red group
-    assert pixels[3, 1].tolist() == [0, 0, 255]  # boundary to the right neighbour group
-    assert pixels[0, 3].tolist() == [0, 0, 255] or pixels[1, 3].tolist() == [0, 0, 255]
+    assert pixels[0, 0].tolist() == pixels[2, 0].tolist() == [128, 128, 0]  # both painted the group's mean
+    assert pixels[1, 0].tolist() == [128, 128, 0]  # no outline between patches of one group
+    assert pixels[3, 1].tolist() == [0, 0, 255]  # outline against the right neighbour group
+    assert pixels[1, 3].tolist() == [0, 0, 255]  # between the two right-hand groups
+    assert pixels[0, 2].tolist() == [0, 0, 0]  # inside a single black patch
     with pytest.raises(ValueError, match="whole number"):
         merge_map(torch.zeros(3, 5, 4), source_index, (2, 2))
+    # Pruning methods mark dropped patches -1: painted flat, outlined like a group.
+    pruned = merge_map(image, torch.tensor([0, -1, 2, 1, -1]), (2, 2), boundary=(0, 0, 255), dropped=(9, 9, 9))
+    pixels = torch.from_numpy(np.array(pruned)).long()
+    assert pixels[0, 0].tolist() == [9, 9, 9] and pixels[3, 2].tolist() == [9, 9, 9]
+    assert pixels[2, 0].tolist() == [0, 255, 0]  # the kept green patch, its own group
 
 
 def test_dense_fidelity_measures() -> None:

@@ -1,5 +1,6 @@
 """Pictures of what merged: every group of patches that became one token, painted with the
-group's mean colour, with its boundary drawn (as in ToMe's Fig. 4)."""
+group's mean colour, with its boundary drawn (as in ToMe's Fig. 4); patches a pruning method
+dropped are painted one flat colour."""
 
 from __future__ import annotations
 
@@ -17,26 +18,34 @@ def merge_groups(source_index: Tensor, grid: tuple[int, int]) -> Tensor:
     return source_index[source_index.numel() - rows * cols :].reshape(rows, cols)
 
 
-def merge_map(image: Tensor, source_index: Tensor, grid: tuple[int, int], boundary: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
+def merge_map(
+    image: Tensor,
+    source_index: Tensor,
+    grid: tuple[int, int],
+    boundary: tuple[int, int, int] = (0, 0, 0),
+    dropped: tuple[int, int, int] = (255, 255, 255),
+) -> Image.Image:
     """Paint each merged group of patches with its mean colour and outline it.
 
     Args:
         image: [3, H, W] float RGB in [0, 1] (un-normalised), H and W multiples of the grid.
         source_index: [T_in] int64 for this image (``TokenState.source_index[i]``, or from
-            ``model._tokenprune_source`` after a traced forward).
+            ``model._tokenprune_source`` after a traced forward); -1 marks a dropped patch.
         grid: (rows, cols) of patches.
         boundary: RGB colour of the group outlines.
+        dropped: RGB colour of the patches a pruning method dropped.
     """
     rows, cols = grid
     channels, height, width = image.shape
     if height % rows or width % cols:
         raise ValueError(f"image {height}x{width} is not a whole number of {rows}x{cols} patches")
-    groups = merge_groups(source_index.cpu(), grid)
+    groups = merge_groups(source_index.cpu(), grid) + 1  # 0: dropped
     patch_colour = image.reshape(channels, rows, height // rows, cols, width // cols).mean(dim=(2, 4))
     patch_colour = patch_colour.flatten(1).T  # [patches, 3]
     ids = groups.flatten()
     count = torch.zeros(int(ids.max()) + 1).index_add_(0, ids, torch.ones(ids.numel()))
     group_colour = torch.zeros(count.numel(), channels).index_add_(0, ids, patch_colour) / count.clamp(min=1)[:, None]
+    group_colour[0] = torch.tensor(dropped, dtype=group_colour.dtype) / 255
     pixel_groups = groups.repeat_interleave(height // rows, 0).repeat_interleave(width // cols, 1)
     painted = group_colour[pixel_groups].permute(2, 0, 1)  # [3, H, W]
     # A pixel is on a boundary when its right or lower neighbour belongs to another group.
