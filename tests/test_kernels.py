@@ -401,6 +401,38 @@ def test_attention_bias_is_proportional_attention() -> None:
     torch.testing.assert_close(merged, expanded, atol=1e-5, rtol=1e-5)
 
 
+def test_attention_auto_takes_the_kernel_where_it_is_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+    """backend="auto" (every patched block's default) on a device where Triton runs: the kernel
+    for fp16/bf16 without gradients, with the size bias at any length and without it up to 64
+    tokens; SDPA for fp32, for gradients and for longer unbiased sequences."""
+    import importlib
+
+    module = importlib.import_module("kernels.attention")
+    calls: list[int] = []
+
+    def kernel(q, k, v, key_bias, scale):
+        calls.append(q.shape[2])
+        return module.attention_reference(q, k, v, key_bias, scale)
+
+    monkeypatch.setattr(module, "use_triton", lambda backend, *tensors: backend != "torch")
+    monkeypatch.setattr(module, "attention_triton", kernel)
+
+    def takes_kernel(tokens: int, dtype: torch.dtype, bias: bool, grad: bool = False, backend: str = "auto") -> bool:
+        q, k, v = (torch.randn(1, 2, tokens, 8, dtype=dtype, requires_grad=grad) for _ in range(3))
+        calls.clear()
+        module.attention(q, k, v, torch.zeros(1, tokens) if bias else None, 0.3, backend)
+        return calls == [tokens]
+
+    assert takes_kernel(197, torch.bfloat16, bias=True)
+    assert takes_kernel(197, torch.float16, bias=True)
+    assert takes_kernel(64, torch.bfloat16, bias=False)
+    assert not takes_kernel(65, torch.bfloat16, bias=False)
+    assert not takes_kernel(197, torch.float32, bias=True)
+    assert not takes_kernel(197, torch.bfloat16, bias=True, grad=True)
+    assert takes_kernel(197, torch.float32, bias=True, backend="triton")  # forced: any supported dtype
+    assert not takes_kernel(197, torch.bfloat16, bias=True, backend="torch")
+
+
 def test_attention_output_layout_and_dispatch() -> None:
     q, k, v = qkv_views(2, 3, 9, 16, torch.bfloat16)
     out = kernels.attention_triton(q, k, v, None, 0.25)
@@ -410,10 +442,12 @@ def test_attention_output_layout_and_dispatch() -> None:
     torch.testing.assert_close(
         kernels.attention(q, k, v, None, 0.25, "torch"), kernels.attention_reference(q, k, v, None, 0.25)
     )
-    # Gradients need the differentiable reference, whatever the backend.
+    # Gradients need the differentiable reference, whatever the backend: SDPA's gradient.
     qg = q.detach().float().requires_grad_(True)
     kernels.attention(qg, k.float(), v.float(), None, 0.25, "triton").sum().backward()
-    assert qg.grad is not None
+    expected = q.detach().float().requires_grad_(True)
+    torch.nn.functional.scaled_dot_product_attention(expected, k.float(), v.float(), scale=0.25).sum().backward()
+    torch.testing.assert_close(qg.grad, expected.grad)
     with pytest.raises(ValueError, match="key_bias must be"):
         kernels.attention_triton(q, k, v, torch.zeros(2, 8, device=DEVICE), 0.25)
     with pytest.raises(TypeError, match="float32"):
