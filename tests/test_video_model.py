@@ -353,6 +353,28 @@ def test_pos_embed_resize_space_and_time():
     assert target.pos_embed.shape == (1, 48, 384)
 
 
+def test_pos_embed_resize_is_linear_in_time_and_timms_resize_in_space():
+    """A separable table a[t] + b[h, w] resizes to interp(a)[t'] + timm_resize(b)[h', w']: the
+    time step is 1-D linear interpolation, the space step timm's image resize, frame by frame."""
+    from timm.layers import resample_abs_pos_embed
+
+    a, b = torch.randn(2, 8), torch.randn(4 * 3, 8)  # (T, H, W) = (2, 4, 3): not square
+    pos = (a[:, None, :] + b[None, :, :]).reshape(1, 2 * 4 * 3, 8)
+    out = resize_pos_embed(pos, (3, 6, 5), (2, 4, 3)).reshape(3, 6 * 5, 8)
+    a_new = torch.nn.functional.interpolate(a.T[None], size=3, mode="linear", align_corners=False)[0].T
+    b_new = resample_abs_pos_embed(b[None], new_size=[6, 5], old_size=[4, 3], num_prefix_tokens=0)[0]
+    torch.testing.assert_close(out, a_new[:, None, :] + b_new[None, :, :], atol=1e-5, rtol=1e-5)
+    # Loading at another resolution, same frames: the stored grid is inferred and each frame
+    # resized like timm resizes an image ViT's table.
+    source = small(num_frames=4, img_size=64, pos_embed="learned")  # (2, 4, 4)
+    target = small(num_frames=4, img_size=96, pos_embed="learned")  # (2, 6, 6)
+    state = source.state_dict()
+    load_videomae(target, state)
+    frames = state["pos_embed"].reshape(2, 16, -1)
+    expected = torch.cat([resample_abs_pos_embed(f[None], new_size=[6, 6], old_size=[4, 4], num_prefix_tokens=0) for f in frames], 1)
+    torch.testing.assert_close(target.pos_embed.data, expected)
+
+
 def test_sincos_model_ignores_stored_table_but_not_learned_one():
     model = small(num_classes=3)
     state = dict(model.state_dict())
