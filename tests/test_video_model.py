@@ -279,6 +279,49 @@ def test_original_pth_round_trip(tmp_path):
         torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
 
 
+def test_sharded_ddp_and_pretraining_layouts(tmp_path):
+    """The other layouts checkpoints come in: a sharded save_pretrained folder, DDP's 'module.'
+    prefix, and a pre-training checkpoint whose encoder sits under 'encoder.'."""
+    hf = hf_model()
+    x = clip()
+    reference = hf_logits(hf, x)
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    original = to_original_names(hf.state_dict())
+    ddp = {f"module.{k}": v for k, v in original.items()}
+    pretraining = {k if k.startswith(("head.", "fc_norm.")) else f"encoder.{k}": v for k, v in original.items()}
+    pretraining["decoder.norm.weight"] = torch.ones(3)  # the decoder is not ours: reported, not loaded
+    for source, unexpected in ((tmp_path / "sharded", []), (ddp, []), (pretraining, ["decoder.norm.weight"])):
+        model = ours_from_hf(hf)
+        result = load_videomae(model, source, strict=False)
+        assert not result.missing_keys and result.unexpected_keys == unexpected
+        with torch.no_grad():
+            assert (model(x) - reference).abs().max() < 1e-4
+
+
+def test_layerscale_gammas_load_into_ls():
+    """VideoMAE's LayerScale (``gamma_1``/``gamma_2``, from init_values) loads into timm's
+    ``ls1``/``ls2``: a model saved under the original names reloads exactly."""
+    source = small(init_values=0.1, num_classes=3)
+    with torch.no_grad():
+        for block in source.blocks:
+            block.ls1.gamma.uniform_(0.5, 1.5)
+            block.ls2.gamma.uniform_(0.5, 1.5)
+    renamed = {}
+    for key, value in source.state_dict().items():
+        key = key.replace("ls1.gamma", "gamma_1").replace("ls2.gamma", "gamma_2")
+        if key.endswith("attn.qkv.bias"):
+            q, _, v = value.chunk(3)
+            renamed[key.replace("qkv.bias", "q_bias")], renamed[key.replace("qkv.bias", "v_bias")] = q, v
+        else:
+            renamed[key] = value
+    assert any(k.endswith("gamma_1") for k in renamed)
+    target = video_vit_small_patch16_224(num_frames=8, img_size=64, depth=2, init_values=0.1, num_classes=3).eval()
+    load_videomae(target, renamed)
+    with torch.no_grad():
+        torch.testing.assert_close(target(clip()), source(clip()), rtol=0, atol=0)
+
+
 def test_strict_load_names_missing_and_unexpected_keys():
     hf = hf_model()
     original = to_original_names(hf.state_dict())
