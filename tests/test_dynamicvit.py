@@ -47,6 +47,18 @@ def test_inference_keeps_the_schedule_and_prefix(family: str) -> None:
     assert (source.sum(dim=1) <= 1).all()  # every input token held at most once (dropped: none)
 
 
+def test_predictor_of_an_image_with_every_token_dropped_stays_finite() -> None:
+    """While training, a few-patch image can lose all its tokens; the next predictor's global
+    feature (the mean over kept tokens) is then zero, not 0/0."""
+    predictor = tokenprune.patch(make("vit_cls"), "dynamicvit").blocks[3].reducer
+    x = torch.randn(2, 5, predictor.in_conv[1].in_features)
+    keep = torch.ones(2, 5, 1)
+    keep[1] = 0.0
+    log_probs = predictor.log_probs(x, keep)
+    assert torch.isfinite(log_probs).all()
+    torch.testing.assert_close(log_probs[0], predictor.log_probs(x[:1], keep[:1])[0])
+
+
 def test_training_masks_are_cumulative_and_counted() -> None:
     torch.manual_seed(0)
     model = tokenprune.patch(make("vit_cls"), "dynamicvit").train()

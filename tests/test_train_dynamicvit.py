@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,7 @@ def test_backbone_then_predictors_then_resume(image_folder: Path, tmp_path: Path
     assert {"train_loss", "train_cls", "train_ratio", "train_distill", "train_token"} <= set(log[0])
 
     # the backbone stayed frozen: only the predictors were written, and they load into a patched model
+    assert (run / "predictors.safetensors").is_file() and not (run / "model.safetensors").exists()
     model = train_dynamicvit.create_model("vit_tiny_patch16_224", num_classes=2, img_size=32)
     train_dynamicvit.load_weights(model, backbone / "model.safetensors")
     tokenprune.patch(model, "dynamicvit", predictor=str(run / "predictors.safetensors"))
@@ -57,9 +59,27 @@ def test_backbone_then_predictors_then_resume(image_folder: Path, tmp_path: Path
     with torch.no_grad():
         assert model(torch.randn(1, 3, 32, 32)).shape == (1, 2)
 
-    train_dynamicvit.main([*args, "--epochs", "2", "--resume"])  # continues at epoch 1
+    # Resume at learning rate 0: epoch 1 must start from epoch 0's predictors (reloaded, not
+    # freshly initialised) and leave them as they were; the step count carries on.
+    from safetensors.torch import load_file
+
+    after_epoch_0 = load_file(str(run / "predictors.safetensors"))
+    train_dynamicvit.main([*args, "--epochs", "2", "--resume", "--lr", "0"])  # continues at epoch 1
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert [entry["epoch"] for entry in log] == [0, 1]
+    assert log[1]["steps"] == 2 * log[0]["steps"] > 0
+    assert all(math.isfinite(entry["train_loss"]) for entry in log)  # 4 patches: all can be dropped
+    after_epoch_1 = load_file(str(run / "predictors.safetensors"))
+    assert after_epoch_1.keys() == after_epoch_0.keys()
+    assert all(torch.equal(after_epoch_1[k], after_epoch_0[k]) for k in after_epoch_0)
+
+
+def test_cosine_lr_warms_up_linearly_then_follows_the_cosine() -> None:
+    lr = [train_dynamicvit.cosine_lr(step, total=10, warmup=2, base=1.0) for step in range(11)]
+    assert lr[:2] == [0.5, 1.0]
+    for step in range(2, 11):
+        assert lr[step] == pytest.approx(0.5 * (1 + math.cos(math.pi * (step - 2) / 8)))
+    assert lr[10] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_bad_checkpoint_names_the_keys(tmp_path: Path) -> None:

@@ -57,7 +57,9 @@ class TokenPredictor(nn.Module):
         ``keep`` ([B, N, 1]) the tokens still in play."""
         z = self.in_conv(x)
         local, global_ = z.chunk(2, dim=-1)
-        global_ = (global_ * keep).sum(dim=1, keepdim=True) / keep.sum(dim=1, keepdim=True)
+        # Mean over the kept tokens; an image whose tokens were all dropped (a few-patch model
+        # can draw that while training) gets a zero global feature instead of 0/0 = NaN.
+        global_ = (global_ * keep).sum(dim=1, keepdim=True) / keep.sum(dim=1, keepdim=True).clamp(min=1.0)
         return F.log_softmax(self.out_conv(torch.cat([local, global_.expand_as(local)], dim=-1)), dim=-1)
 
     def num_removed(self, num_tokens: int, grid: tuple[int, int]) -> int:
