@@ -175,6 +175,11 @@ def test_video_model(tmp_path: Path) -> None:
                       "--method", "temporal", "--img-size", "64", "--warmup", "0", "--runs", "1",
                       "--out", str(tmp_path / "v.json"), "--no-plot", "--quiet"])  # fmt: skip
     base, temporal = document["rows"]
+    model = tokenprune.patch(tokenprune.models.video_vit_small_patch16_224(img_size=64), "temporal", r=4)
+    size = (16, 64, 64)
+    assert (base["method"], temporal["method"], temporal["setting"]) == ("none", "temporal", "r=4")
+    assert temporal["gflops"] == pytest.approx(tokenprune.flops(model, size).gflops) and temporal["gflops"] < base["gflops"]
+    assert temporal["output_tokens"] == tokenprune.plan(model, size).output_tokens < base["output_tokens"]
     # Only even-frame tokens can merge (half of them): a budget below that skips the row and says so.
     document = _main(["--model", "video_vit_small_patch16_224", "--batch-size", "1", "--budget", "0.3", "--no-manual",
                       "--method", "temporal", "--img-size", "32", "--out", str(tmp_path / "w.json"), "--no-plot", *COMMON])  # fmt: skip
