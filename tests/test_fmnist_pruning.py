@@ -3,6 +3,8 @@ then ``evals.fmnist_pruning`` with a backbone and a DynamicViT checkpoint saved 
 
 from __future__ import annotations
 
+import copy
+
 import gzip
 import json
 from pathlib import Path
@@ -71,6 +73,26 @@ def test_pruning_table_end_to_end(idx_folder: Path, tmp_path: Path) -> None:
         images = torch.stack([FashionMNIST(idx_folder, "test")[i][0] for i in range(20)])
         expected = 100.0 * (backbone.eval()(images).argmax(-1) == torch.arange(20) % 10).float().mean().item()
     assert rows[0]["top1"] == pytest.approx(expected)
+    # The EViT and ToMe rows: a directly patched backbone's accuracy; ToMe's r is the one whose
+    # GFLOPs come closest to the learned row's (no r from 0 to 29 closer).
+    learned_row = next(r for r in rows if r["method"].startswith("learned dropping"))
+    checked = 0
+    for row in rows:
+        if row["method"].startswith("attention dropping (EViT"):
+            model = tokenprune.patch(copy.deepcopy(backbone), "evit", keep_ratio=0.7, fuse=True)
+        elif row["method"].startswith("ToMe"):
+            r = int(row["method"].split("r=")[1].split()[0])
+            gaps = [abs(tokenprune.flops(tokenprune.patch(copy.deepcopy(backbone), r=k), 28).gflops - learned_row["gflops"])
+                    for k in range(30)]
+            assert gaps[r] == min(gaps)
+            model = tokenprune.patch(copy.deepcopy(backbone), r=r)
+        else:
+            continue
+        with torch.no_grad():
+            accuracy = 100.0 * (model.eval()(images).argmax(-1) == torch.arange(20) % 10).float().mean().item()
+        assert row["top1"] == pytest.approx(accuracy), row["method"]
+        checked += 1
+    assert checked == 2
     saved = json.loads((tmp_path / "fmnist_pruning.json").read_text())
     assert [r["method"] for r in saved["rows"]] == methods
     assert (tmp_path / "fmnist_pruning.md").read_text().count("\n| ") == len(rows) + 2  # header, rule, rows
