@@ -12,13 +12,16 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -259,6 +262,35 @@ def test_efficientnet_lite0_on_real_photos(photos, lite0_checkpoint: Path, tmp_p
     assert doc["model"]["data_config"]["mean"] == [0.5] * 3 and doc["model"]["data_config"]["std"] == [0.5] * 3
     assert doc["gflops_per_image"] is None and doc["throughput"] is None  # not a ViT; --no-bench
     assert doc["unreadable_files"] == [] and doc["warnings"] == []
+    # The counts, recomputed without the script: PIL resize (shorter side to size / crop_pct,
+    # bicubic), centre crop, (x − 0.5) / 0.5, timm's model with the same weights, top-k.
+    from PIL import Image
+
+    config = doc["model"]["data_config"]
+    assert config["interpolation"] == "bicubic" and config["crop_mode"] == "center"
+    size, scale = config["input_size"][1], int(math.floor(config["input_size"][1] / config["crop_pct"]))
+    batch, labels = [], []
+    for path, label in sorted(_photo_labels(folder)):
+        image = Image.open(path).convert("RGB")
+        width, height = image.size
+        short, long = min(width, height), max(width, height)
+        resized = (scale, int(scale * long / short)) if width == short else (int(scale * long / short), scale)
+        image = image.resize(resized, Image.BICUBIC)
+        left, top = int(round((image.width - size) / 2.0)), int(round((image.height - size) / 2.0))
+        pixels = torch.from_numpy(np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.float32))
+        batch.append((pixels.permute(2, 0, 1) / 255 - 0.5) / 0.5)
+        labels.append(label)
+    model = timm.create_model("efficientnet_lite0", pretrained=False)
+    model.load_state_dict(lite0_state_dict())
+    with torch.no_grad():
+        top5 = model.eval()(torch.stack(batch)).topk(5, dim=1).indices
+    truth = torch.tensor(labels)[:, None]
+    assert (top5[:, :1] == truth).sum().item() == doc["top1"]["correct"]
+    assert (top5 == truth).any(dim=1).sum().item() == doc["top5"]["correct"]
+
+
+def _photo_labels(folder: Path) -> list[tuple[Path, int]]:
+    return [(path, int(re.fullmatch(PHOTO_REGEX, path.name).group(1))) for path in folder.iterdir()]
 
 
 # ---------------------------------------------------------------------------------------------
