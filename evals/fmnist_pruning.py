@@ -2,9 +2,10 @@
 
 On the full 10,000-image test split, top-1 against GFLOPs for the unreduced model, learned
 dropping (DynamicViT predictors), attention-based dropping (EViT-style, with and without fusing
-the dropped tokens), random dropping, and ToMe at the same GFLOPs as DynamicViT. The backbone
-and predictors were trained by ``evals/train_dynamicvit.py`` (the commands and logs are in
-``evals/checkpoints/``).
+the dropped tokens), random dropping, and ToMe at the same GFLOPs as DynamicViT. Each reduced
+row is also compared with that ToMe row image by image: the difference in top-1 with its 95 %
+bootstrap interval over the test images (:mod:`evals.stats`). The backbone and predictors were
+trained by ``evals/train_dynamicvit.py`` (the commands and logs are in ``evals/checkpoints/``).
 
     python -m evals.fmnist_pruning --data /tmp/fmnist [--keep-ratio 0.7 0.5]
 """
@@ -24,6 +25,7 @@ from torch.utils.data import DataLoader
 import tokenprune
 from evals.fashion_mnist import FashionMNIST
 from evals.harness import figure_png, pyplot, write_atomic
+from evals.stats import paired_difference, verdict
 from evals.train_dynamicvit import create_model, load_weights
 from tokenprune.schedule import format_schedule
 
@@ -33,14 +35,11 @@ RESULTS = HERE / "results"
 
 
 @torch.no_grad()
-def top1(model: torch.nn.Module, loader: DataLoader, seed: int = 0) -> float:
+def correct(model: torch.nn.Module, loader: DataLoader, seed: int = 0) -> torch.Tensor:
+    """Per test image, in loader order: 1.0 if the top-1 prediction is right, else 0.0."""
     torch.manual_seed(seed)  # random dropping draws from the global generator
     model.eval()
-    correct = seen = 0
-    for images, labels in loader:
-        correct += int((model(images).argmax(-1) == labels).sum())
-        seen += len(labels)
-    return 100.0 * correct / seen
+    return torch.cat([(model(images).argmax(-1) == labels).double() for images, labels in loader])
 
 
 def nearest_tome_r(model: torch.nn.Module, img_size: int, target_gflops: float) -> int:
@@ -80,13 +79,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     img_size = backbone().patch_embed.img_size[0]
 
-    def measure(label: str, family: str, model: torch.nn.Module, accuracy: float | None = None) -> dict[str, Any]:
+    per_image: dict[str, torch.Tensor] = {}  # method → 100 × correct, for the paired comparisons
+
+    def measure(label: str, family: str, model: torch.nn.Module, hits: torch.Tensor | None = None) -> dict[str, Any]:
+        per_image[label] = 100.0 * (correct(model, loader) if hits is None else hits)
         result = {
             "method": label,
             "family": family,
             "gflops": tokenprune.flops(model, img_size).gflops,
             "output_tokens": tokenprune.plan(model, img_size).output_tokens,
-            "top1": top1(model, loader) if accuracy is None else accuracy,
+            "top1": per_image[label].mean().item(),
         }
         print(f"{label:44s} {result['gflops']:.4f} GFLOPs  {result['output_tokens']:3d} tokens  top-1 {result['top1']:.2f}")
         return result
@@ -112,28 +114,44 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         """Random dropping is a draw: its mean over ``--random-draws`` seeds, with the range, so
         that a method 'beats random' only by more than the draw-to-draw spread."""
         model = tokenprune.patch(backbone(), "evit", keep_ratio=rho, fuse=False, score="random")
-        draws = [top1(model, loader, seed=seed) for seed in range(args.random_draws)]
+        hits = torch.stack([correct(model, loader, seed=seed) for seed in range(args.random_draws)])
+        draws = (100.0 * hits.mean(dim=1)).tolist()
         label = f"random dropping ρ={rho} (mean of {len(draws)} draws, {min(draws):.2f}–{max(draws):.2f})"
-        result = measure(label, "random dropping", model, accuracy=sum(draws) / len(draws))
+        result = measure(label, "random dropping", model, hits=hits.mean(dim=0))
         result["top1_draws"] = draws
         return result
 
     rows = [row("unreduced", "unreduced", "tome", r=0)]  # r=0 is bit-identical to the unpatched model
     for rho in args.keep_ratio:
         learned = dynamicvit_row(rho)
-        rows.append(learned)
+        group = [learned]
         for fused, name in ((True, "attention dropping (EViT, fused)"), (False, "attention dropping (no fusion)")):
-            rows.append(row(f"{name} ρ={rho}", name, "evit", keep_ratio=rho, fuse=fused))
-        rows.append(random_row(rho))
+            group.append(row(f"{name} ρ={rho}", name, "evit", keep_ratio=rho, fuse=fused))
+        group.append(random_row(rho))
         r = nearest_tome_r(backbone(), img_size, learned["gflops"])
-        rows.append(row(f"ToMe r={format_schedule(r)} (matched GFLOPs)", "ToMe (matched GFLOPs)", "tome", r=r))
+        tome = row(f"ToMe r={format_schedule(r)} (matched GFLOPs)", "ToMe (matched GFLOPs)", "tome", r=r)
+        for entry in group:  # image by image against ToMe: is the gap more than these images' noise?
+            entry["vs_tome"] = paired_difference(per_image[entry["method"]], per_image[tome["method"]])
+            entry["vs_tome"]["verdict"] = verdict(entry["vs_tome"])
+        rows += [*group, tome]
     for entry in rows:
         entry["delta_vs_unreduced"] = entry["top1"] - rows[0]["top1"]
 
-    lines = ["| method | GFLOPs | tokens out | top-1 % | Δ vs unreduced |", "| :--- | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {r['method']} | {r['gflops']:.4f} | {r['output_tokens']} | {r['top1']:.2f} | {r['delta_vs_unreduced']:+.2f} |" for r in rows]
+    def versus(entry: dict[str, Any]) -> str:
+        if "vs_tome" not in entry:
+            return ""
+        d = entry["vs_tome"]
+        return f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] {d['verdict']}"
+
+    lines = ["| method | GFLOPs | tokens out | top-1 % | Δ vs unreduced | Δ vs matched ToMe [95 % interval] |",
+             "| :--- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    lines += [
+        f"| {r['method']} | {r['gflops']:.4f} | {r['output_tokens']} | {r['top1']:.2f} | {r['delta_vs_unreduced']:+.2f} | {versus(r)} |"
+        for r in rows
+    ]
     header = ("Fashion-MNIST test split (10,000 images), the project's ViT (6 blocks, width 96, 4×4 patches, "
-              "trained here by evals/train_dynamicvit.py), CPU")
+              "trained here by evals/train_dynamicvit.py), CPU. Δ vs matched ToMe: top-1 points, paired image by "
+              "image, 95 % bootstrap interval; win/loss when it excludes 0, else tie")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     record = {"setup": header, "versions": {"torch": torch.__version__, "timm": timm.__version__,
                                            "python": platform.python_version()}, "rows": rows}

@@ -14,34 +14,39 @@
 DynamicViT (Sec. 3.5): the student is the backbone patched with prediction modules; the teacher
 is the same backbone unpatched (frozen); the loss is :class:`DynamicViTLoss`. With
 ``--train-backbone`` the backbone trains too, at ``--backbone-lr-scale`` (0.01) of the predictors'
-learning rate, as in DynamicViT's training recipe. Each epoch writes
-``predictors.safetensors``, ``model.safetensors`` (the whole model, with ``--method none`` or
-``--train-backbone``), ``train_state.pt``
-(optimizer, schedule, epoch: ``--resume``) and a line of ``train_log.jsonl``. Load trained
-predictors with ``tokenprune.patch(model, "dynamicvit", predictor=PATH)``.
+learning rate, as in DynamicViT's training recipe.
+
+Each epoch writes, each file atomically and ``train_state.pt`` last (so it only ever names an
+epoch whose weights are on disk): ``predictors.safetensors``, ``model.safetensors`` (the whole
+model, with ``--method none`` or ``--train-backbone``), ``train_state.pt`` (optimizer, loss
+scaler, every rank's random state, schedule position, and the run's configuration) and a line
+of ``train_log.jsonl``. ``--resume`` continues from it and refuses a configuration that would
+train something else (another backbone, method, stages, ...). Load trained predictors with
+``tokenprune.patch(model, "dynamicvit", predictor=PATH)``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import io
 import json
 import math
-import os
+import random
 import time
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 import tokenprune
-from evals.harness import DTYPES, autocast
+from evals.distributed import Dist, ShardSampler, setup
+from evals.harness import DTYPES, autocast, write_atomic
 from tokenprune.methods.dynamicvit import (
     DynamicViTLoss,
     forward_train,
@@ -64,12 +69,22 @@ MODELS: dict[str, dict[str, Any]] = {
     },
 }
 
+# What a resumed run must share with the run it continues: anything else trains another model.
+# (Schedule and optimizer settings may change: a larger --epochs extends the cosine.)
+RUN_IDENTITY = (
+    "model", "pretrained", "checkpoint", "num_classes", "img_size", "method", "keep_ratio", "stages", "train_backbone",
+    "seed",
+)  # fmt: skip
+
 
 def create_model(
     name: str, pretrained: bool = False, num_classes: int | None = None, img_size: int | None = None
 ) -> nn.Module:
     """A timm model by name, or one of the project's own configurations (:data:`MODELS`)."""
     if name in MODELS:
+        given = [flag for flag, value in (("pretrained", pretrained), ("num_classes", num_classes), ("img_size", img_size)) if value]
+        if given:
+            raise ValueError(f"{name} is a fixed configuration (no pretrained weights, its own size): drop {', '.join(given)}")
         kwargs = dict(MODELS[name])
         return timm.create_model(kwargs.pop("model_name"), pretrained=False, **kwargs)
     kwargs = {k: v for k, v in (("num_classes", num_classes), ("img_size", img_size)) if v is not None}
@@ -130,9 +145,33 @@ def cosine_lr(step: int, total: int, warmup: int, base: float) -> float:
     return 0.5 * base * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+class TrainStep(nn.Module):
+    """One training step's forward, images and labels → loss terms (``"loss"`` the total).
+
+    Everything with gradients happens inside this module's ``forward`` so that, wrapped in
+    ``DistributedDataParallel``, its backward is synchronised across ranks. The teacher
+    (DynamicViT's frozen, unpatched backbone) sits inside too: DDP starts every rank from
+    rank 0's weights, teacher included.
+    """
+
+    def __init__(self, model: nn.Module, teacher: nn.Module | None, criterion: DynamicViTLoss, label_smoothing: float) -> None:
+        super().__init__()
+        self.model, self.teacher, self.criterion = model, teacher, criterion
+        self.label_smoothing = label_smoothing
+
+    def forward(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        if self.teacher is None:
+            return {"loss": F.cross_entropy(self.model(images), labels, label_smoothing=self.label_smoothing)}
+        with torch.no_grad():
+            teacher_tokens = self.teacher.forward_features(images)
+            teacher_logits = self.teacher.forward_head(teacher_tokens)
+        output = forward_train(self.model, images)
+        return self.criterion(output, labels, teacher_logits, teacher_tokens[:, self.model.num_prefix_tokens :])
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dtype: torch.dtype) -> tuple[int, int]:
-    """(correct, seen) top-1 over the loader, summed over processes."""
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dtype: torch.dtype, world: Dist) -> tuple[int, int]:
+    """(correct, seen) top-1 over the loader, summed over ranks (each image on one rank)."""
     model.eval()
     correct = seen = 0
     for images, labels in loader:
@@ -141,14 +180,90 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dtype: 
             logits = model(images)
         correct += int((logits.argmax(-1) == labels).sum())
         seen += len(labels)
-    if dist.is_initialized():
-        counts = torch.tensor([correct, seen], device=device)
-        dist.all_reduce(counts)
-        correct, seen = counts.tolist()
+    correct, seen = world.all_sum([correct, seen], device)
     return correct, seen
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def check_ranks_agree(model: nn.Module, world: Dist) -> None:
+    """Stop if the ranks' trainable weights differ: with gradients averaged by DDP they stay
+    bit-identical, so a difference means a step ran outside the synchronised module."""
+    if world.world_size == 1:
+        return
+    sums = [float(p.detach().double().sum()) for p in model.parameters() if p.requires_grad]
+    if any(other != sums for other in world.gather(sums)):
+        raise RuntimeError("the ranks' weights diverged: gradients were not synchronised across processes")
+
+
+def random_state(device: torch.device) -> dict[str, Any]:
+    """This process's random generators (data order, augmentation, Gumbel noise, dropout)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_random_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_checkpoint(out: Path, model: nn.Module, args: argparse.Namespace, state: dict[str, Any]) -> None:
+    """The epoch's weights, then ``train_state.pt`` (which marks the epoch complete), each atomically."""
+    if args.method == "none" or args.train_backbone:
+        # the whole model (with its predictors, if any): load into a patched model
+        from safetensors.torch import save
+
+        write_atomic(out / "model.safetensors", save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
+    if args.method == "dynamicvit":
+        save_predictors(model, out / "predictors.safetensors")
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_atomic(out / "train_state.pt", buffer.getvalue())
+
+
+def run_identity(args: argparse.Namespace) -> dict[str, Any]:
+    return {key: getattr(args, key) for key in RUN_IDENTITY}
+
+
+def load_train_state(args: argparse.Namespace) -> dict[str, Any]:
+    """``--out``'s last complete epoch, refused (before anything is built) if it trained another
+    configuration than the command line's."""
+    saved = torch.load(args.out / "train_state.pt", map_location="cpu", weights_only=True)
+    changed = {key: (saved["identity"][key], getattr(args, key)) for key in RUN_IDENTITY if saved["identity"][key] != getattr(args, key)}
+    if changed:
+        raise SystemExit(
+            f"--resume: {args.out} trained another configuration; (saved, given): {changed}. "
+            "Pass the original arguments, or another --out to start afresh."
+        )
+    return saved
+
+
+def resume(
+    saved: dict[str, Any], model: nn.Module, args: argparse.Namespace, optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler, device: torch.device, world: Dist,
+) -> tuple[int, int]:  # fmt: skip
+    """Reload the saved epoch into ``model``, ``optimizer``, ``scaler`` and the random generators;
+    (next epoch, step). The command line's learning rates and weight decay win over the saved
+    ones: the schedule is computed from them at every step."""
+    if args.method == "none" or args.train_backbone:
+        load_weights(model, args.out / "model.safetensors")
+    else:  # the frozen backbone comes from --checkpoint / --pretrained, the same as saved
+        tokenprune.patch(model, predictor=str(args.out / "predictors.safetensors"))
+    fresh = [(group["lr_scale"], group["weight_decay"]) for group in optimizer.param_groups]
+    optimizer.load_state_dict(saved["optimizer"])
+    for group, (lr_scale, weight_decay) in zip(optimizer.param_groups, fresh):
+        group["lr_scale"], group["weight_decay"] = lr_scale, weight_decay
+    scaler.load_state_dict(saved["scaler"])
+    if len(saved["random"]) == world.world_size:
+        set_random_state(saved["random"][world.rank], device)
+    elif world.lead:
+        print(f"--resume: saved with {len(saved['random'])} processes, now {world.world_size}: random streams restart")
+    return saved["epoch"] + 1, saved["step"]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m evals.train_dynamicvit", description=__doc__.splitlines()[0])
     add = parser.add_argument
     add("--data", required=True, help="ImageFolder root (train/ and validation/), or the Fashion-MNIST idx folder")
@@ -165,67 +280,67 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add("--backbone-lr-scale", type=float, default=0.01,
         help="with --train-backbone: the backbone's learning rate as a fraction of --lr (DynamicViT: 0.01)")
     add("--epochs", type=int, default=30)
-    add("--batch-size", type=int, default=128)
+    add("--batch-size", type=int, default=128, help="per process")
     add("--lr", type=float, default=1e-3)
     add("--weight-decay", type=float, default=0.05)
     add("--warmup-steps", type=int, default=200)
-    add("--label-smoothing", type=float, default=0.1)
-    add("--dtype", choices=sorted(DTYPES), default="float32", help="autocast dtype (AMP)")
+    add("--label-smoothing", type=float, default=0.1, help="on the cross-entropy term (both methods)")
+    add("--dtype", choices=sorted(DTYPES), default="float32", help="autocast dtype (AMP; float16 with loss scaling)")
+    add("--device", help="torch device (default: cuda if available — cuda:LOCAL_RANK under torchrun — else cpu)")
     add("--workers", type=int, default=2)
     add("--max-steps", type=int, help="stop each epoch after this many steps (smoke tests)")
     add("--seed", type=int, default=0)
     add("--out", type=Path, required=True)
-    add("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    add("--resume", action="store_true", help="continue from OUT/train_state.pt (same model, method and stages)")
     args = parser.parse_args(argv)
     if not args.backbone_lr_scale >= 0:
         parser.error(f"--backbone-lr-scale must be ≥ 0, got {args.backbone_lr_scale}")
+    if args.stages is not None:
+        args.stages = tuple(args.stages)
+    if args.resume and not (args.out / "train_state.pt").is_file():
+        parser.error(f"--resume: no {args.out / 'train_state.pt'} (drop --resume to start a new run there)")
+    return args
 
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if distributed else 0
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    saved = load_train_state(args) if args.resume else None
+    device, world = setup(args.device)
     dtype = DTYPES[args.dtype]
-    torch.manual_seed(args.seed + rank)
 
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = create_model(args.model, args.pretrained, args.num_classes, args.img_size).to(device)
     if args.checkpoint:
         load_weights(model, args.checkpoint)
     teacher = None
     if args.method == "dynamicvit":
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
-        tokenprune.patch(model, "dynamicvit", keep_ratio=args.keep_ratio, stages=tuple(args.stages) if args.stages else None)
+        tokenprune.patch(model, "dynamicvit", keep_ratio=args.keep_ratio, stages=args.stages)
         model.requires_grad_(args.train_backbone)
         predictors(model).requires_grad_(True)
-    param_groups = parameter_groups(model, args)
-    criterion = DynamicViTLoss(args.keep_ratio)
+    criterion = DynamicViTLoss(args.keep_ratio, label_smoothing=args.label_smoothing)
+    step_module: nn.Module = TrainStep(model, teacher, criterion, args.label_smoothing)
+    if world.world_size > 1:
+        step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
+    # each rank its own augmentation (timm's crops draw from Python's generator) and Gumbel noise
+    torch.manual_seed(args.seed + world.rank)
+    random.seed(args.seed + world.rank)
 
     train_set, val_set = build_datasets(args, model)
-    train_sampler = DistributedSampler(train_set, seed=args.seed) if distributed else None
-    val_sampler = DistributedSampler(val_set, shuffle=False, drop_last=False) if distributed else None
+    train_sampler = DistributedSampler(train_set, world.world_size, world.rank, seed=args.seed) if world.world_size > 1 else None
     train_loader = DataLoader(
         train_set, args.batch_size, shuffle=train_sampler is None, sampler=train_sampler,
         num_workers=args.workers, drop_last=True, persistent_workers=args.workers > 0,
-    )
-    val_loader = DataLoader(val_set, 256, sampler=val_sampler, num_workers=args.workers)
+    )  # fmt: skip
+    val_loader = DataLoader(val_set, 256, sampler=ShardSampler(len(val_set), world.rank, world.world_size), num_workers=args.workers)
     steps_per_epoch = min(len(train_loader), args.max_steps or len(train_loader))
     total_steps = args.epochs * steps_per_epoch
 
-    runner: nn.Module = model
-    if distributed:
-        runner = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, args), lr=args.lr, weight_decay=args.weight_decay)
+    # float16 gradients underflow without loss scaling; bfloat16 and float32 need none.
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     args.out.mkdir(parents=True, exist_ok=True)
-    start_epoch, step = 0, 0
-    state_path = args.out / "train_state.pt"
-    if args.resume and state_path.is_file():
-        saved = torch.load(state_path, map_location=device, weights_only=True)
-        if args.method == "none" or args.train_backbone:
-            load_weights(model, args.out / "model.safetensors")
-        else:
-            tokenprune.patch(model, predictor=str(args.out / "predictors.safetensors"))
-        optimizer.load_state_dict(saved["optimizer"])
-        start_epoch, step = saved["epoch"] + 1, saved["step"]
+    start_epoch, step = resume(saved, model, args, optimizer, scaler, device, world) if saved else (0, 0)
 
     summary: dict[str, Any] = {}
     for epoch in range(start_epoch, args.epochs):
@@ -236,7 +351,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             model.eval()  # frozen backbone: no dropout/drop-path; the predictors train
             predictors(model).train()
         started, totals = time.perf_counter(), {}
-        bar = tqdm(train_loader, total=steps_per_epoch, desc=f"epoch {epoch}", disable=rank != 0)
+        bar = tqdm(train_loader, total=steps_per_epoch, desc=f"epoch {epoch}", disable=not world.lead)
         for i, (images, labels) in enumerate(bar):
             if i == steps_per_epoch:
                 break
@@ -244,44 +359,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for group in optimizer.param_groups:
                 group["lr"] = group["lr_scale"] * cosine_lr(step, total_steps, args.warmup_steps, args.lr)
             with autocast(device, dtype):
-                if teacher is None:
-                    terms = {"loss": F.cross_entropy(runner(images), labels, label_smoothing=args.label_smoothing)}
-                else:
-                    with torch.no_grad():
-                        teacher_tokens = teacher.forward_features(images)
-                        teacher_logits = teacher.forward_head(teacher_tokens)
-                    output = forward_train(model, images)
-                    terms = criterion(output, labels, teacher_logits, teacher_tokens[:, model.num_prefix_tokens :])
+                terms = step_module(images, labels)
             optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            optimizer.step()
+            scaler.scale(terms["loss"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
             step += 1
             for name, value in terms.items():
                 totals[name] = totals.get(name, 0.0) + float(value.detach())
             bar.set_postfix(loss=f"{float(terms['loss'].detach()):.3f}")
-        correct, seen = evaluate(model, val_loader, device, dtype)
+        correct, seen = evaluate(model, val_loader, device, dtype, world)
         summary = {
             "epoch": epoch,
             "steps": step,
-            **{f"train_{k}": v / steps_per_epoch for k, v in totals.items()},
+            **{f"train_{k}": v / steps_per_epoch for k, v in totals.items()},  # rank 0's batches
             "val_top1": 100.0 * correct / seen,
             "val_images": seen,
             "epoch_s": time.perf_counter() - started,
         }
-        if rank == 0:
-            if args.method == "none" or args.train_backbone:
-                # the whole model (with its predictors, if any): load into a patched model
-                from safetensors.torch import save_file
-
-                save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(args.out / "model.safetensors"))
-            if args.method == "dynamicvit":
-                save_predictors(model, args.out / "predictors.safetensors")
-            torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch, "step": step}, state_path)
+        check_ranks_agree(model, world)
+        # every rank's generators: a resumed run draws the same data order, augmentation and noise
+        # (exactly with --workers 0; persistent workers reseed from them)
+        randoms = world.gather(random_state(device))
+        if world.lead:
+            state = {
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "random": randoms,
+                "epoch": epoch, "step": step, "total_steps": total_steps, "identity": run_identity(args),
+            }  # fmt: skip
+            save_checkpoint(args.out, model, args, state)
             with open(args.out / "train_log.jsonl", "a") as log:
                 log.write(json.dumps({**summary, "args": {k: str(v) for k, v in vars(args).items()}}) + "\n")
             print(json.dumps(summary))
-    if distributed:
-        dist.destroy_process_group()
+    world.close()
     return summary
 
 

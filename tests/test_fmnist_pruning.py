@@ -97,3 +97,13 @@ def test_pruning_table_end_to_end(idx_folder: Path, tmp_path: Path) -> None:
     assert [r["method"] for r in saved["rows"]] == methods
     assert (tmp_path / "fmnist_pruning.md").read_text().count("\n| ") == len(rows) + 2  # header, rule, rows
     assert (tmp_path / "fmnist_pruning.png").stat().st_size > 0
+    # each reduced row against the matched ToMe row, image by image: the mean paired difference
+    # is the difference of the accuracies, and its interval holds it
+    tome_row = next(r for r in rows if r["method"].startswith("ToMe"))
+    compared = [r for r in rows if "vs_tome" in r]
+    assert len(compared) == 4 and tome_row not in compared and rows[0] not in compared
+    for row in compared:
+        d = row["vs_tome"]
+        assert d["mean"] == pytest.approx(row["top1"] - tome_row["top1"])
+        assert d["low"] <= d["mean"] <= d["high"]
+        assert d["verdict"] == ("win" if d["low"] > 0 else "loss" if d["high"] < 0 else "tie")

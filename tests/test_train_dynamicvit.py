@@ -1,10 +1,13 @@
-"""One-epoch smoke runs of the training script on a tiny ImageFolder, and checkpoint reuse."""
+"""Short runs of the training script on a tiny ImageFolder: checkpoints, resuming, AMP, DDP."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +17,9 @@ from PIL import Image
 
 import tokenprune
 from evals import train_dynamicvit
-from tokenprune.methods.dynamicvit import predictors
+from tokenprune.methods.dynamicvit import DynamicViTLoss, DynamicViTOutput, predictors
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytest.importorskip("safetensors")
 
@@ -37,21 +42,26 @@ COMMON = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--num-classes"
           "--workers", "0", "--warmup-steps", "1"]
 
 
-def test_backbone_then_predictors_then_resume(image_folder: Path, tmp_path: Path) -> None:
+def _log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_backbone_then_predictors(image_folder: Path, tmp_path: Path) -> None:
     backbone = tmp_path / "backbone"
     summary = train_dynamicvit.main(["--data", str(image_folder), *COMMON, "--method", "none", "--epochs", "1", "--out", str(backbone)])
     assert summary["val_images"] == 8 and 0 <= summary["val_top1"] <= 100
     assert (backbone / "model.safetensors").is_file()
 
     run = tmp_path / "dvit"
-    args = ["--data", str(image_folder), *COMMON, "--checkpoint", str(backbone / "model.safetensors"), "--out", str(run)]
-    train_dynamicvit.main([*args, "--epochs", "1"])
-    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    train_dynamicvit.main(["--data", str(image_folder), *COMMON, "--checkpoint", str(backbone / "model.safetensors"), "--out", str(run), "--epochs", "1"])
+    log = _log(run)
     assert [entry["epoch"] for entry in log] == [0]
     assert {"train_loss", "train_cls", "train_ratio", "train_distill", "train_token"} <= set(log[0])
+    assert math.isfinite(log[0]["train_loss"])  # 4 patches: a draw can drop them all
 
     # the backbone stayed frozen: only the predictors were written, and they load into a patched model
     assert (run / "predictors.safetensors").is_file() and not (run / "model.safetensors").exists()
+    assert not list(run.glob(".*.tmp"))  # atomic writes leave no temporaries
     model = train_dynamicvit.create_model("vit_tiny_patch16_224", num_classes=2, img_size=32)
     train_dynamicvit.load_weights(model, backbone / "model.safetensors")
     tokenprune.patch(model, "dynamicvit", predictor=str(run / "predictors.safetensors"))
@@ -59,19 +69,84 @@ def test_backbone_then_predictors_then_resume(image_folder: Path, tmp_path: Path
     with torch.no_grad():
         assert model(torch.randn(1, 3, 32, 32)).shape == (1, 2)
 
-    # Resume at learning rate 0: epoch 1 must start from epoch 0's predictors (reloaded, not
-    # freshly initialised) and leave them as they were; the step count carries on.
+
+@pytest.mark.parametrize("train_backbone", [False, True])
+def test_resume_continues_bit_identically(image_folder: Path, tmp_path: Path, train_backbone: bool) -> None:
+    """Two epochs in one run == one epoch, stop, --resume for the second: the same weights to the
+    bit. That needs the weights, the optimizer's moments, the step and every random generator
+    (data order, augmentation, Gumbel noise) back as they were. The schedule stays in warm-up so
+    that it does not depend on --epochs."""
     from safetensors.torch import load_file
 
-    after_epoch_0 = load_file(str(run / "predictors.safetensors"))
-    train_dynamicvit.main([*args, "--epochs", "2", "--resume", "--lr", "0"])  # continues at epoch 1
-    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
-    assert [entry["epoch"] for entry in log] == [0, 1]
-    assert log[1]["steps"] == 2 * log[0]["steps"] > 0
-    assert all(math.isfinite(entry["train_loss"]) for entry in log)  # 4 patches: all can be dropped
-    after_epoch_1 = load_file(str(run / "predictors.safetensors"))
-    assert after_epoch_1.keys() == after_epoch_0.keys()
-    assert all(torch.equal(after_epoch_1[k], after_epoch_0[k]) for k in after_epoch_0)
+    args = ["--data", str(image_folder), *COMMON, "--warmup-steps", "100", "--lr", "0.01"]
+    args += ["--train-backbone"] if train_backbone else []
+    weights = "model.safetensors" if train_backbone else "predictors.safetensors"
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    train_dynamicvit.main([*args, "--epochs", "2", "--out", str(straight)])
+    train_dynamicvit.main([*args, "--epochs", "1", "--out", str(stopped)])
+    after_one = load_file(str(stopped / weights))
+    train_dynamicvit.main([*args, "--epochs", "2", "--out", str(stopped), "--resume"])
+
+    assert [entry["epoch"] for entry in _log(stopped)] == [0, 1]
+    assert _log(stopped)[1]["steps"] == _log(straight)[1]["steps"] == 2 * _log(stopped)[0]["steps"] > 0
+    expected, resumed = load_file(str(straight / weights)), load_file(str(stopped / weights))
+    assert resumed.keys() == expected.keys()
+    assert all(torch.equal(resumed[k], expected[k]) for k in expected)
+    assert not all(torch.equal(resumed[k], after_one[k]) for k in expected)  # the second epoch trained
+
+
+def test_resume_refuses_another_configuration(image_folder: Path, tmp_path: Path) -> None:
+    args = ["--data", str(image_folder), *COMMON, "--max-steps", "1", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit):  # nothing to resume yet: argparse's error, not a fresh start
+        train_dynamicvit.main([*args, "--resume"])
+    train_dynamicvit.main([*args, "--epochs", "1"])
+    with pytest.raises(SystemExit, match=r"keep_ratio.*\(0\.7, 0\.5\)"):
+        train_dynamicvit.main([*args, "--epochs", "2", "--resume", "--keep-ratio", "0.5"])
+    # the frozen backbone is not in the run's files: resuming without its --checkpoint would
+    # train the predictors on another backbone
+    with pytest.raises(SystemExit, match="checkpoint"):
+        train_dynamicvit.main([*args, "--epochs", "2", "--resume", "--checkpoint", str(tmp_path / "other.safetensors")])
+
+
+def test_float16_trains_with_loss_scaling(image_folder: Path, tmp_path: Path) -> None:
+    train_dynamicvit.main(["--data", str(image_folder), *COMMON, "--max-steps", "1", "--epochs", "1", "--dtype", "float16", "--out", str(tmp_path)])
+    state = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    assert state["scaler"]["scale"] > 1  # the scaler ran (a disabled one saves no state)
+    assert math.isfinite(_log(tmp_path)[0]["train_loss"])
+
+
+def test_label_smoothing_reaches_the_dynamicvit_loss() -> None:
+    logits = torch.tensor([[4.0, 0.0], [0.0, 1.0]])
+    labels = torch.tensor([0, 1])
+    output = DynamicViTOutput(logits, torch.zeros(2, 1, 3), [])
+    for smoothing in (0.0, 0.1):
+        loss = DynamicViTLoss(label_smoothing=smoothing)(output, labels, logits, torch.zeros(2, 1, 3))
+        log_p = torch.log_softmax(logits, dim=-1)
+        expected = -((1 - smoothing) * log_p.gather(1, labels[:, None]).squeeze(1) + smoothing * log_p.mean(-1)).mean()
+        assert loss["cls"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_two_processes_train_in_sync(tmp_path: Path) -> None:
+    """torchrun with two CPU processes (gloo): each rank its own batches, one set of weights
+    (the script stops if the ranks' weights differ), and every validation image counted once
+    over an uneven split (5 images)."""
+    rng = np.random.default_rng(1)
+    for split, count in (("train", 4), ("validation", 5)):
+        for label in ("a", "b"):
+            folder = tmp_path / "data" / split / label
+            folder.mkdir(parents=True)
+            for i in range(count if label == "a" else count - (split == "validation") * 3):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "evals.train_dynamicvit", "--data", str(tmp_path / "data"), *COMMON, "--lr", "0.01",
+               "--epochs", "1", "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    log = _log(out)
+    assert len(log) == 1 and log[0]["val_images"] == 7  # 5 + 2, no padding to an even split
+    assert log[0]["steps"] == 1  # 8 training images, 2 ranks × batch 4
 
 
 def test_cosine_lr_warms_up_linearly_then_follows_the_cosine() -> None:

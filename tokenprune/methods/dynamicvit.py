@@ -9,6 +9,7 @@ the input patch tokens; prefix tokens are always kept.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -146,11 +147,16 @@ def predictors(model: nn.Module) -> nn.ModuleDict:
 
 
 def save_predictors(model: nn.Module, path: str | Path) -> None:
-    """Write the predictor weights (only) to a safetensors file."""
-    from safetensors.torch import save_file
+    """Write the predictor weights (only) to a safetensors file, atomically: a run stopped
+    mid-write leaves the previous file, never half of one."""
+    from safetensors.torch import save
 
+    path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in predictors(model).state_dict().items()}
-    save_file(state, str(path), metadata={"format": "tokenprune.dynamicvit", "blocks": ",".join(predictors(model).keys())})
+    data = save(state, metadata={"format": "tokenprune.dynamicvit", "blocks": ",".join(predictors(model).keys())})
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def load_predictors_into(reducers: list[TokenPredictor | None], path: str | Path) -> None:
@@ -186,10 +192,11 @@ class DynamicViTLoss(nn.Module):
     """DynamicViT's objective (Sec. 3.5): cross-entropy + keep-ratio MSE to the targets ρ^s +
     KL distillation from the unpruned teacher's logits + distillation of the kept tokens.
 
-    L = w_cls·CE(y, ŷ) + w_ratio·(1/S)Σ_s (mean(D_s) − ρ^s)² + w_kl·KL(teacher ‖ student)
+    L = w_cls·CE_ε(y, ŷ) + w_ratio·(1/S)Σ_s (mean(D_s) − ρ^s)² + w_kl·KL(teacher ‖ student)
         + w_token·MSE(kept student tokens, teacher tokens)
 
-    Defaults are DynamicViT's (ratio 2.0, KL 0.5, token 0.5).
+    Defaults are DynamicViT's (ratio 2.0, KL 0.5, token 0.5); ``label_smoothing`` ε applies to
+    the cross-entropy term only (DeiT's recipe, which DynamicViT trains with, uses 0.1).
     """
 
     def __init__(
@@ -199,16 +206,18 @@ class DynamicViTLoss(nn.Module):
         ratio_weight: float = 2.0,
         distill_weight: float = 0.5,
         token_weight: float = 0.5,
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         self.keep_ratio = keep_ratio
+        self.label_smoothing = label_smoothing
         self.cls_weight, self.ratio_weight = cls_weight, ratio_weight
         self.distill_weight, self.token_weight = distill_weight, token_weight
 
     def forward(
         self, output: DynamicViTOutput, labels: Tensor, teacher_logits: Tensor, teacher_tokens: Tensor
     ) -> dict[str, Tensor]:
-        cls = F.cross_entropy(output.logits, labels)
+        cls = F.cross_entropy(output.logits, labels, label_smoothing=self.label_smoothing)
         ratio = sum(
             ((d.squeeze(-1).mean(dim=1) - self.keep_ratio ** (s + 1)) ** 2).mean() for s, d in enumerate(output.decisions)
         ) / max(len(output.decisions), 1)
