@@ -59,9 +59,14 @@ def merge_step(
     return step
 
 
-def step_inputs(batch: int, tokens: int, channels: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+def step_inputs(
+    batch: int, tokens: int, channels: int, head_dim: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's inputs in the dtypes it meets inside the model under autocast: the residual
+    stream ``x`` stays in the weights' float32 (adding a bfloat16 branch output to it promotes),
+    the metric — keys from a linear layer — comes in the autocast ``dtype``."""
     generator = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(batch, tokens, channels, generator=generator).to(device, dtype)
+    x = torch.randn(batch, tokens, channels, generator=generator).to(device, torch.float32)
     metric = torch.randn(batch, tokens, head_dim, generator=generator).to(device, dtype)
     return x, metric
 

@@ -417,6 +417,33 @@ def test_merge_step_bench(tmp_path: Path) -> None:
     assert out.with_suffix(".md").read_text().count("| torch |") == 2
 
 
+def test_merge_step_bench_feeds_the_dtypes_the_model_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under bfloat16 autocast, the merge step inside a patched ViT gets a float32 residual
+    stream and a bfloat16 metric; the step benchmark's inputs must be the same."""
+    from evals import bench_merge
+    from tokenprune.methods import tome
+
+    seen = []
+    real_match, real_merge = tome.bipartite_soft_matching, tome.merge_state
+
+    def match(metric, *args):
+        seen.append(("metric", metric.dtype))
+        return real_match(metric, *args)
+
+    def merge(state, *args):
+        seen.append(("x", state.x.dtype))
+        return real_merge(state, *args)
+
+    monkeypatch.setattr(tome, "bipartite_soft_matching", match)
+    monkeypatch.setattr(tome, "merge_state", merge)
+    model = tokenprune.patch(timm.create_model("vit_tiny_patch16_224", img_size=64).eval(), r=2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(1, 3, 64, 64))
+    x, metric = bench_merge.step_inputs(1, 17, 192, 64, torch.bfloat16, torch.device("cpu"))
+    assert set(seen) == {("x", x.dtype), ("metric", metric.dtype)}
+    assert (x.dtype, metric.dtype) == (torch.float32, torch.bfloat16)
+
+
 def test_bench_attention_needs_a_gpu() -> None:
     from evals import bench_attention
 
