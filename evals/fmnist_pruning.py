@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 import tokenprune
 from evals.fashion_mnist import FashionMNIST
 from evals.harness import figure_png, pyplot, write_atomic
-from evals.stats import paired_difference, verdict
+from evals.stats import format_difference, paired_difference, verdict
 from evals.train_dynamicvit import create_model, load_weights
 from tokenprune.schedule import format_schedule
 
@@ -137,16 +137,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for entry in rows:
         entry["delta_vs_unreduced"] = entry["top1"] - rows[0]["top1"]
 
-    def versus(entry: dict[str, Any]) -> str:
-        if "vs_tome" not in entry:
-            return ""
-        d = entry["vs_tome"]
-        return f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] {d['verdict']}"
-
     lines = ["| method | GFLOPs | tokens out | top-1 % | Δ vs unreduced | Δ vs matched ToMe [95 % interval] |",
              "| :--- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     lines += [
-        f"| {r['method']} | {r['gflops']:.4f} | {r['output_tokens']} | {r['top1']:.2f} | {r['delta_vs_unreduced']:+.2f} | {versus(r)} |"
+        f"| {r['method']} | {r['gflops']:.4f} | {r['output_tokens']} | {r['top1']:.2f} | {r['delta_vs_unreduced']:+.2f} | {format_difference(r['vs_tome'], digits=2) if 'vs_tome' in r else ''} |"
         for r in rows
     ]
     header = ("Fashion-MNIST test split (10,000 images), the project's ViT (6 blocks, width 96, 4×4 patches, "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["paired_difference", "verdict"]
+__all__ = ["format_difference", "paired_difference", "verdict"]
 
 
 def paired_difference(ours: torch.Tensor, reference: torch.Tensor, group_size: int = 1, draws: int = 2000) -> dict[str, float]:
@@ -34,3 +34,11 @@ def paired_difference(ours: torch.Tensor, reference: torch.Tensor, group_size: i
 def verdict(difference: dict[str, float]) -> str:
     """"win", "loss" or "tie" for a :func:`paired_difference`."""
     return "win" if difference["low"] > 0 else "loss" if difference["high"] < 0 else "tie"
+
+
+def format_difference(difference: dict[str, float] | None, digits: int = 4) -> str:
+    """A table cell: ``+0.0012 [-0.0003, +0.0027] tie``; "-" where there was nothing to compare."""
+    if not difference:
+        return "-"
+    d = difference
+    return f"{d['mean']:+.{digits}f} [{d['low']:+.{digits}f}, {d['high']:+.{digits}f}] {verdict(d)}"

