@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ]
     header = ("Fashion-MNIST test split (10,000 images), the project's ViT (6 blocks, width 96, 4×4 patches, "
               "trained here by evals/train_dynamicvit.py), CPU. Δ vs matched ToMe: top-1 points, paired image by "
-              "image, 95 % bootstrap interval; win/loss when it excludes 0, else tie")
+              "image, 95 % bootstrap interval over the images; win/loss when it excludes 0, else tie (random dropping: "
+              "each image's hits averaged over the draws, so its interval leaves out the draw-to-draw spread)")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     record = {"setup": header, "versions": {"torch": torch.__version__, "timm": timm.__version__,
                                            "python": platform.python_version()}, "rows": rows}

@@ -19,7 +19,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,6 +33,7 @@ from tqdm import tqdm
 
 import tokenprune
 from tokenprune import models as video_models
+from tokenprune._io import write_atomic
 from tokenprune.patch.video import is_video_model
 
 __all__ = [
@@ -320,22 +320,3 @@ def figure_png(figure: Any) -> bytes:
     figure.savefig(buffer, format="png")
     plt.close(figure)
     return buffer.getvalue()
-
-
-def write_atomic(path: Path, text: str | bytes) -> None:
-    """Write via a temp file in the same folder and ``os.replace``: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        data = text if isinstance(text, bytes) else text.encode("utf-8")  # results hold Δ, ×, ²
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        # mkstemp creates the file 0600; give it the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

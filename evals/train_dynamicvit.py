@@ -19,9 +19,11 @@ learning rate, as in DynamicViT's training recipe.
 Each epoch writes, each file atomically and ``train_state.pt`` last (so it only ever names an
 epoch whose weights are on disk): ``predictors.safetensors``, ``model.safetensors`` (the whole
 model, with ``--method none`` or ``--train-backbone``), ``train_state.pt`` (optimizer, loss
-scaler, every rank's random state, schedule position, and the run's configuration) and a line
-of ``train_log.jsonl``. ``--resume`` continues from it and refuses a configuration that would
-train something else (another backbone, method, stages, ...). Load trained predictors with
+scaler, epoch, and the run's configuration) and a line of ``train_log.jsonl``. Every epoch
+draws its randomness (data order, augmentation, Gumbel noise) from seeds fixed by
+``--seed``, the epoch and the rank, so ``--resume`` continues exactly as an uninterrupted run
+would; it refuses a configuration that would train something else (another backbone, method,
+stages, data set, ...). Load trained predictors with
 ``tokenprune.patch(model, "dynamicvit", predictor=PATH)``.
 """
 
@@ -39,7 +41,6 @@ from typing import Any
 
 import timm
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
@@ -72,8 +73,8 @@ MODELS: dict[str, dict[str, Any]] = {
 # What a resumed run must share with the run it continues: anything else trains another model.
 # (Schedule and optimizer settings may change: a larger --epochs extends the cosine.)
 RUN_IDENTITY = (
-    "model", "pretrained", "checkpoint", "num_classes", "img_size", "method", "keep_ratio", "stages", "train_backbone",
-    "seed",
+    "dataset", "model", "pretrained", "checkpoint", "num_classes", "img_size", "method", "keep_ratio", "stages",
+    "train_backbone", "seed",
 )  # fmt: skip
 
 
@@ -150,18 +151,24 @@ class TrainStep(nn.Module):
 
     Everything with gradients happens inside this module's ``forward`` so that, wrapped in
     ``DistributedDataParallel``, its backward is synchronised across ranks. The teacher
-    (DynamicViT's frozen, unpatched backbone) sits inside too: DDP starts every rank from
-    rank 0's weights, teacher included.
+    (DynamicViT's frozen, unpatched backbone; None to train the plain model with ``criterion``
+    a cross-entropy) sits inside too: DDP starts every rank from rank 0's weights, teacher
+    included.
     """
 
-    def __init__(self, model: nn.Module, teacher: nn.Module | None, criterion: DynamicViTLoss, label_smoothing: float) -> None:
+    def __init__(self, model: nn.Module, teacher: nn.Module | None, criterion: nn.Module) -> None:
         super().__init__()
         self.model, self.teacher, self.criterion = model, teacher, criterion
-        self.label_smoothing = label_smoothing
+
+    def train(self, mode: bool = True) -> TrainStep:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # the teacher never trains: no dropout, no drop-path
+        return self
 
     def forward(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
         if self.teacher is None:
-            return {"loss": F.cross_entropy(self.model(images), labels, label_smoothing=self.label_smoothing)}
+            return {"loss": self.criterion(self.model(images), labels)}
         with torch.no_grad():
             teacher_tokens = self.teacher.forward_features(images)
             teacher_logits = self.teacher.forward_head(teacher_tokens)
@@ -194,19 +201,13 @@ def check_ranks_agree(model: nn.Module, world: Dist) -> None:
         raise RuntimeError("the ranks' weights diverged: gradients were not synchronised across processes")
 
 
-def random_state(device: torch.device) -> dict[str, Any]:
-    """This process's random generators (data order, augmentation, Gumbel noise, dropout)."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_random_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Seed everything an epoch draws (data order, augmentation — timm's crops use Python's
+    generator —, Gumbel noise, dropout) from (seed, epoch, rank) alone: a resumed run draws what
+    an uninterrupted one would, and each rank draws its own."""
+    epoch_seed = (seed * 1_000_003 + epoch) * 1_009 + rank
+    torch.manual_seed(epoch_seed)  # CPU and every CUDA device
+    random.seed(epoch_seed)
 
 
 def save_checkpoint(out: Path, model: nn.Module, args: argparse.Namespace, state: dict[str, Any]) -> None:
@@ -224,29 +225,38 @@ def save_checkpoint(out: Path, model: nn.Module, args: argparse.Namespace, state
 
 
 def run_identity(args: argparse.Namespace) -> dict[str, Any]:
-    return {key: getattr(args, key) for key in RUN_IDENTITY}
+    identity = {key: getattr(args, key) for key in RUN_IDENTITY}
+    if identity["checkpoint"] is not None:  # one file, however the path is spelled
+        identity["checkpoint"] = str(Path(identity["checkpoint"]).resolve())
+    return identity
 
 
 def load_train_state(args: argparse.Namespace) -> dict[str, Any]:
     """``--out``'s last complete epoch, refused (before anything is built) if it trained another
-    configuration than the command line's."""
-    saved = torch.load(args.out / "train_state.pt", map_location="cpu", weights_only=True)
-    changed = {key: (saved["identity"][key], getattr(args, key)) for key in RUN_IDENTITY if saved["identity"][key] != getattr(args, key)}
+    configuration than the command line's or has nothing left to train."""
+    path = args.out / "train_state.pt"
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if not {"identity", "optimizer", "scaler", "epoch"} <= saved.keys():
+        raise SystemExit(f"--resume: {path} was written by an older version of this script; start afresh in another --out")
+    given = run_identity(args)
+    changed = {key: (saved["identity"].get(key, "<not saved>"), given[key]) for key in RUN_IDENTITY if saved["identity"].get(key, "<not saved>") != given[key]}
     if changed:
         raise SystemExit(
             f"--resume: {args.out} trained another configuration; (saved, given): {changed}. "
             "Pass the original arguments, or another --out to start afresh."
         )
+    if saved["epoch"] + 1 >= args.epochs:
+        raise SystemExit(f"--resume: {args.out} has trained {saved['epoch'] + 1} epochs already; pass a larger --epochs")
     return saved
 
 
 def resume(
     saved: dict[str, Any], model: nn.Module, args: argparse.Namespace, optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler, device: torch.device, world: Dist,
-) -> tuple[int, int]:  # fmt: skip
-    """Reload the saved epoch into ``model``, ``optimizer``, ``scaler`` and the random generators;
-    (next epoch, step). The command line's learning rates and weight decay win over the saved
-    ones: the schedule is computed from them at every step."""
+    scaler: torch.amp.GradScaler,
+) -> int:  # fmt: skip
+    """Reload the saved epoch into ``model``, ``optimizer`` and ``scaler``; the next epoch. The
+    command line's learning rates and weight decay win over the saved ones: the schedule is
+    computed from them at every step."""
     if args.method == "none" or args.train_backbone:
         load_weights(model, args.out / "model.safetensors")
     else:  # the frozen backbone comes from --checkpoint / --pretrained, the same as saved
@@ -255,12 +265,9 @@ def resume(
     optimizer.load_state_dict(saved["optimizer"])
     for group, (lr_scale, weight_decay) in zip(optimizer.param_groups, fresh):
         group["lr_scale"], group["weight_decay"] = lr_scale, weight_decay
-    scaler.load_state_dict(saved["scaler"])
-    if len(saved["random"]) == world.world_size:
-        set_random_state(saved["random"][world.rank], device)
-    elif world.lead:
-        print(f"--resume: saved with {len(saved['random'])} processes, now {world.world_size}: random streams restart")
-    return saved["epoch"] + 1, saved["step"]
+    if saved["scaler"]:  # empty when the saved run did not use float16
+        scaler.load_state_dict(saved["scaler"])
+    return saved["epoch"] + 1
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -318,19 +325,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tokenprune.patch(model, "dynamicvit", keep_ratio=args.keep_ratio, stages=args.stages)
         model.requires_grad_(args.train_backbone)
         predictors(model).requires_grad_(True)
-    criterion = DynamicViTLoss(args.keep_ratio, label_smoothing=args.label_smoothing)
-    step_module: nn.Module = TrainStep(model, teacher, criterion, args.label_smoothing)
+    if teacher is None:
+        criterion: nn.Module = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    else:
+        criterion = DynamicViTLoss(args.keep_ratio, label_smoothing=args.label_smoothing)
+    step_module: nn.Module = TrainStep(model, teacher, criterion)
     if world.world_size > 1:
         step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
-    # each rank its own augmentation (timm's crops draw from Python's generator) and Gumbel noise
-    torch.manual_seed(args.seed + world.rank)
-    random.seed(args.seed + world.rank)
 
     train_set, val_set = build_datasets(args, model)
     train_sampler = DistributedSampler(train_set, world.world_size, world.rank, seed=args.seed) if world.world_size > 1 else None
+    # Workers start afresh each epoch (not persistent): their seeds then come from the epoch's.
     train_loader = DataLoader(
         train_set, args.batch_size, shuffle=train_sampler is None, sampler=train_sampler,
-        num_workers=args.workers, drop_last=True, persistent_workers=args.workers > 0,
+        num_workers=args.workers, drop_last=True,
     )  # fmt: skip
     val_loader = DataLoader(val_set, 256, sampler=ShardSampler(len(val_set), world.rank, world.world_size), num_workers=args.workers)
     steps_per_epoch = min(len(train_loader), args.max_steps or len(train_loader))
@@ -340,10 +348,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # float16 gradients underflow without loss scaling; bfloat16 and float32 need none.
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     args.out.mkdir(parents=True, exist_ok=True)
-    start_epoch, step = resume(saved, model, args, optimizer, scaler, device, world) if saved else (0, 0)
+    start_epoch = resume(saved, model, args, optimizer, scaler) if saved else 0
+    step = start_epoch * steps_per_epoch  # the schedule's position, even if the batch size or world changed
 
     summary: dict[str, Any] = {}
     for epoch in range(start_epoch, args.epochs):
+        seed_epoch(args.seed, epoch, world.rank)
         if train_sampler is not None:
             train_sampler.set_epoch(epoch)
         model.train()
@@ -378,14 +388,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "epoch_s": time.perf_counter() - started,
         }
         check_ranks_agree(model, world)
-        # every rank's generators: a resumed run draws the same data order, augmentation and noise
-        # (exactly with --workers 0; persistent workers reseed from them)
-        randoms = world.gather(random_state(device))
         if world.lead:
-            state = {
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "random": randoms,
-                "epoch": epoch, "step": step, "total_steps": total_steps, "identity": run_identity(args),
-            }  # fmt: skip
+            state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "identity": run_identity(args)}
             save_checkpoint(args.out, model, args, state)
             with open(args.out / "train_log.jsonl", "a") as log:
                 log.write(json.dumps({**summary, "args": {k: str(v) for k, v in vars(args).items()}}) + "\n")

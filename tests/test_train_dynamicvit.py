@@ -70,15 +70,15 @@ def test_backbone_then_predictors(image_folder: Path, tmp_path: Path) -> None:
         assert model(torch.randn(1, 3, 32, 32)).shape == (1, 2)
 
 
-@pytest.mark.parametrize("train_backbone", [False, True])
-def test_resume_continues_bit_identically(image_folder: Path, tmp_path: Path, train_backbone: bool) -> None:
+@pytest.mark.parametrize(("train_backbone", "workers"), [(False, 0), (True, 1)])
+def test_resume_continues_bit_identically(image_folder: Path, tmp_path: Path, train_backbone: bool, workers: int) -> None:
     """Two epochs in one run == one epoch, stop, --resume for the second: the same weights to the
-    bit. That needs the weights, the optimizer's moments, the step and every random generator
-    (data order, augmentation, Gumbel noise) back as they were. The schedule stays in warm-up so
-    that it does not depend on --epochs."""
+    bit. That needs the weights, the optimizer's moments, the step and the same random draws
+    (data order, augmentation in the loader's workers, Gumbel noise) as an uninterrupted run.
+    The schedule stays in warm-up so that it does not depend on --epochs."""
     from safetensors.torch import load_file
 
-    args = ["--data", str(image_folder), *COMMON, "--warmup-steps", "100", "--lr", "0.01"]
+    args = ["--data", str(image_folder), *COMMON, "--warmup-steps", "100", "--lr", "0.01", "--workers", str(workers)]
     args += ["--train-backbone"] if train_backbone else []
     weights = "model.safetensors" if train_backbone else "predictors.safetensors"
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
@@ -95,7 +95,7 @@ def test_resume_continues_bit_identically(image_folder: Path, tmp_path: Path, tr
     assert not all(torch.equal(resumed[k], after_one[k]) for k in expected)  # the second epoch trained
 
 
-def test_resume_refuses_another_configuration(image_folder: Path, tmp_path: Path) -> None:
+def test_resume_refuses_what_it_cannot_continue(image_folder: Path, tmp_path: Path) -> None:
     args = ["--data", str(image_folder), *COMMON, "--max-steps", "1", "--out", str(tmp_path)]
     with pytest.raises(SystemExit):  # nothing to resume yet: argparse's error, not a fresh start
         train_dynamicvit.main([*args, "--resume"])
@@ -106,6 +106,15 @@ def test_resume_refuses_another_configuration(image_folder: Path, tmp_path: Path
     # train the predictors on another backbone
     with pytest.raises(SystemExit, match="checkpoint"):
         train_dynamicvit.main([*args, "--epochs", "2", "--resume", "--checkpoint", str(tmp_path / "other.safetensors")])
+    with pytest.raises(SystemExit, match="trained 1 epochs already; pass a larger --epochs"):
+        train_dynamicvit.main([*args, "--epochs", "1", "--resume"])
+    # switching to float16 on resume starts a fresh loss scale (the saved run had none)
+    train_dynamicvit.main([*args, "--epochs", "2", "--resume", "--dtype", "float16"])
+    assert [entry["epoch"] for entry in _log(tmp_path)] == [0, 1]
+    # a state from before the run's configuration was saved
+    torch.save({"optimizer": {}, "epoch": 0, "step": 1}, tmp_path / "train_state.pt")
+    with pytest.raises(SystemExit, match="older version"):
+        train_dynamicvit.main([*args, "--epochs", "3", "--resume"])
 
 
 def test_float16_trains_with_loss_scaling(image_folder: Path, tmp_path: Path) -> None:

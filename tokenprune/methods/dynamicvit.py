@@ -9,7 +9,6 @@ the input patch tokens; prefix tokens are always kept.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._io import write_atomic
 from ..merge import TokenState, keep_top_tokens
 from ._options import check_common_options
 
@@ -151,12 +151,8 @@ def save_predictors(model: nn.Module, path: str | Path) -> None:
     mid-write leaves the previous file, never half of one."""
     from safetensors.torch import save
 
-    path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in predictors(model).state_dict().items()}
-    data = save(state, metadata={"format": "tokenprune.dynamicvit", "blocks": ",".join(predictors(model).keys())})
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_atomic(path, save(state, metadata={"format": "tokenprune.dynamicvit", "blocks": ",".join(predictors(model).keys())}))
 
 
 def load_predictors_into(reducers: list[TokenPredictor | None], path: str | Path) -> None:
