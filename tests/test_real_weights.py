@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,3 +127,24 @@ def test_fidelity_script(tmp_path, monkeypatch) -> None:
     assert rows[2]["output_tokens"] == tokenprune.plan(model, 112).output_tokens
     points = pareto.quality_points(json.loads(out.read_text()))
     assert [(p.setting, p.quality) for p in points] == [(r["setting"], r["cosine_mean"]) for r in rows]
+
+
+def test_video_comparison_resamples_whole_videos() -> None:
+    """Windows of one video share their content: the interval against ToMe resamples videos,
+    so a method that wins every window of one video and loses every window of the other ties."""
+    from evals.stats import paired_difference
+    from evals.video_fidelity import against_tome, video_clips
+
+    names = [f"a.mp4#{i}" for i in range(5)] + [f"b.avi#{i}" for i in range(5)]
+    differences = torch.tensor([0.10, 0.11, 0.09, 0.10, 0.12, -0.01, -0.012, -0.011, -0.009, -0.01])
+    tome = {"method": "tome", "setting": "r=1", "budget": "50% GFLOPs", "gflops": 1.0,
+            "per_clip": {"cosine": [0.5] * 10, "token_cosine": [0.5] * 10}}  # fmt: skip
+    ours = {**tome, "method": "temporal", "per_clip": {"cosine": (0.5 + differences).tolist(), "token_cosine": [0.5] * 10}}
+    (comparison,) = against_tome([tome, ours], names)
+    measured = torch.tensor(ours["per_clip"]["cosine"]) - 0.5
+    assert comparison["cosine"] == pytest.approx(paired_difference(measured, torch.zeros(10), group_size=5))
+    assert comparison["cosine"]["low"] < 0 < comparison["cosine"]["high"]  # two videos: a tie
+    assert paired_difference(measured, torch.zeros(10))["low"] > 0  # resampling windows would say "win"
+    assert comparison["cosine_by_video"] == pytest.approx({"a.mp4": 0.104, "b.avi": -0.0104}, abs=1e-6)
+    with pytest.raises(SystemExit, match="no video at"):
+        video_clips([Path("missing.avi")], 16, 4, 1, 56)
