@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels._triton import HAS_TRITON, block_size, check_device, next_power_of_2, tl, triton, use_triton
+from kernels._triton import HAS_TRITON, INTERPRET, block_size, check_device, next_power_of_2, tl, triton, use_triton
 
 __all__ = ["attention", "attention_reference", "attention_triton"]
 
@@ -50,6 +50,10 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor | None
         scale: logit scale, usually D ** -0.5.
     Returns:
         [B, H, T, D] in q's dtype.
+
+    SDPA takes the mask in q's dtype, so in half precision the bias is rounded first (bf16:
+    log 3 becomes 1.1016); the kernel adds it in float32. The two differ by that rounding as
+    well as by their own.
     """
     mask = None if key_bias is None else key_bias[:, None, None, :].to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
@@ -90,14 +94,16 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
-        # Grid: (query tiles, batch × heads). Each program owns BLOCK_M queries of one head and
-        # streams every key/value tile through an online softmax (exp2 domain: logits are
-        # pre-multiplied by log2(e), so exp2 gives the same weights with a cheaper instruction).
+        # Grid: (batch × heads, query tiles); batch × heads on axis 0, the only axis not capped
+        # at 65,535 programs (ViT-B at batch 5,462 has more heads than that). Each program owns
+        # BLOCK_M queries of one head and streams every key/value tile through an online softmax
+        # (exp2 domain: logits are pre-multiplied by log2(e), so exp2 gives the same weights
+        # with a cheaper instruction).
         LOG2E: tl.constexpr = 1.4426950408889634
-        batch_head = tl.program_id(1)
+        batch_head = tl.program_id(0)
         batch = (batch_head // num_heads).to(tl.int64)  # int64: batch * stride may exceed 2**31
         head = (batch_head % num_heads).to(tl.int64)
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         valid_m = rows < num_tokens
         dims = tl.arange(0, BLOCK_D)
         valid_d = dims < head_dim
@@ -190,8 +196,8 @@ def attention_triton(q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor | None, s
     # Tiles sized to the sequence: a 21-token block runs 32×32 tiles, not 128×128.
     block = block_size(tokens, 16, 64)  # queries and keys alike
     block_d = max(16, next_power_of_2(dim))
-    exact = q.dtype == torch.float32 or not q.is_cuda  # the interpreter mis-reads half dots
-    grid = (triton.cdiv(tokens, block), batch * heads)
+    exact = q.dtype == torch.float32 or INTERPRET  # the interpreter mis-reads half dots (bf16: badly)
+    grid = (batch * heads, triton.cdiv(tokens, block))
     _attention_kernel[grid](
         q,
         k,

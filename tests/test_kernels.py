@@ -452,3 +452,21 @@ def test_attention_output_layout_and_dispatch() -> None:
         kernels.attention_triton(q, k, v, torch.zeros(2, 8, device=DEVICE), 0.25)
     with pytest.raises(TypeError, match="float32"):
         kernels.attention_triton(q, k, v, torch.zeros(2, 9, device=DEVICE, dtype=torch.bfloat16), 0.25)
+
+
+def test_zero_metric_vectors_match_the_same_on_every_backend() -> None:
+    """A zero key vector has no direction: it scores 0 against every token (F.normalize), not
+    NaN, so torch.max and the kernel (which ranks NaN differently) pick the same partners."""
+    from tokenprune.merge import bipartite_best_match, bipartite_soft_matching
+
+    torch.manual_seed(5)
+    metric = torch.randn(2, 9, 8, device=DEVICE)
+    metric[0, 2] = 0  # an A token (ToMe's parity follows absolute positions: A = 2, 4, 6, 8)
+    metric[1, 3] = 0  # a B token
+    scores, _ = bipartite_best_match(metric, 1, backend="torch")
+    assert torch.isfinite(scores).all()
+    for r in (1, 2, 4):
+        torch_dest = bipartite_soft_matching(metric, r, 1, "torch")
+        assert torch.equal(bipartite_soft_matching(metric, r, 1, "triton"), torch_dest)
+    # the zero A token's score is 0 (cosine with every B token), so it is not merged first
+    assert scores[0, 0].item() == 0.0 and scores[0].max() > 0

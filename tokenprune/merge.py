@@ -14,6 +14,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from kernels import best_match, merge_wavg
@@ -226,7 +227,9 @@ def bipartite_best_match(
     # Similarities in float32 whatever the model's dtype: bf16 would round distinct
     # similarities into ties and change which tokens merge.
     body = metric[:, p:].float()
-    body = body / body.norm(dim=-1, keepdim=True)
+    # F.normalize leaves a zero vector zero (cosine 0 to all) where x / ‖x‖ would give NaN,
+    # which torch.max and the match kernel order differently.
+    body = F.normalize(body, dim=-1)
     a, b = body[:, a_part], body[:, b_part]
     if pos is None or pos_weight == 0.0:
         return best_match(a, b, backend)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..merge import (
@@ -38,7 +39,7 @@ def window_scores(metric: Tensor, grid: tuple[int, int], window: int) -> Tensor:
     rows, cols = grid
     n = window * window
     unit = metric.float()
-    unit = unit / unit.norm(dim=-1, keepdim=True)
+    unit = F.normalize(unit, dim=-1)  # a zero vector stays zero, not NaN
     unit = unit.reshape(unit.shape[0], rows, cols, -1)[:, : rows // window * window, : cols // window * window]
     sums = unit.reshape(unit.shape[0], rows // window, window, cols // window, window, -1).sum(dim=(2, 4))
     return ((sums.square().sum(-1) - n) / (n * (n - 1))).flatten(1)
