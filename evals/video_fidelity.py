@@ -72,6 +72,9 @@ def video_clips(
 ) -> tuple[torch.Tensor, list[str]]:
     """[N, 3, T, size, size] clips, ``clips_per_video`` from each video in order, and a name for
     each (``file#window``)."""
+    repeated = sorted({v.name for v in videos if [w.name for w in videos].count(v.name) > 1})
+    if repeated:  # results are kept per file name
+        raise SystemExit(f"more than one video named {', '.join(repeated)}: give each video once, under its own name")
     clips, names = [], []
     for video in videos:
         if not video.is_file():

@@ -148,3 +148,5 @@ def test_video_comparison_resamples_whole_videos() -> None:
     assert comparison["cosine_by_video"] == pytest.approx({"a.mp4": 0.104, "b.avi": -0.0104}, abs=1e-6)
     with pytest.raises(SystemExit, match="no video at"):
         video_clips([Path("missing.avi")], 16, 4, 1, 56)
+    with pytest.raises(SystemExit, match="more than one video named b.avi"):
+        video_clips([Path("x/b.avi"), Path("y/b.avi")], 16, 4, 1, 56)
