@@ -39,21 +39,19 @@ def merge_wavg_reference(x: Tensor, size: Tensor, dest: Tensor, num_out: int) ->
     return (merged / new_size).to(x.dtype), new_size
 
 
+# Tile shapes (BLOCK_T output rows × BLOCK_C channels, warps) for the GPU to choose from, per
+# (num_out, channels): one row of ≤ 1024 channels per program (many tiny programs, wide loads)
+# up to 16 rows × 256 channels. Which wins depends on the GPU and the shape, so Triton times
+# them on the first call of each shape. The tests run each of them against the reference.
+GPU_TILES = ((1, 1024, 8), (4, 256, 4), (8, 256, 4), (16, 256, 4), (4, 1024, 8))
+# The interpreter (CPU tests) autotunes over one small tile that still spans several tiles
+# and channel blocks on the tests' shapes.
+INTERPRETER_TILE = (4, 64, 4)
+
+
 def _merge_configs() -> list:
-    """Tile shapes to choose from, per (num_out, channels): one output row of ≤ 1024 channels
-    per program (many tiny programs, wide loads) up to 16 rows × 256 channels. Which wins
-    depends on the GPU and the shape, so Triton times them on the first call of each shape.
-    The interpreter (CPU tests) takes one small tile that still spans several tiles and
-    channel blocks on the tests' shapes."""
-    if INTERPRET:
-        return [triton.Config({"BLOCK_T": 4, "BLOCK_C": 64}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_T": 1, "BLOCK_C": 1024}, num_warps=8),
-        triton.Config({"BLOCK_T": 4, "BLOCK_C": 256}, num_warps=4),
-        triton.Config({"BLOCK_T": 8, "BLOCK_C": 256}, num_warps=4),
-        triton.Config({"BLOCK_T": 16, "BLOCK_C": 256}, num_warps=4),
-        triton.Config({"BLOCK_T": 4, "BLOCK_C": 1024}, num_warps=8),
-    ]
+    tiles = [INTERPRETER_TILE] if INTERPRET else GPU_TILES
+    return [triton.Config({"BLOCK_T": t, "BLOCK_C": c}, num_warps=w) for t, c, w in tiles]
 
 
 if HAS_TRITON:
@@ -144,7 +142,10 @@ def _check_inputs(x: Tensor, size: Tensor, dest: Tensor, num_out: int) -> None:
         raise ValueError(f"num_out must be ≥ 0, got {num_out}")
 
 
-def _merge_wavg_forward(x: Tensor, size: Tensor, dest: Tensor, num_out: int) -> tuple[Tensor, Tensor]:
+def _merge_wavg_forward(
+    x: Tensor, size: Tensor, dest: Tensor, num_out: int, tile: tuple[int, int, int] | None = None
+) -> tuple[Tensor, Tensor]:
+    """The kernel's forward; ``tile`` (BLOCK_T, BLOCK_C, warps) bypasses autotuning (tests)."""
     batch, tokens, channels = x.shape
     merged = torch.empty(batch, num_out, channels, device=x.device, dtype=x.dtype)
     new_size = torch.empty(batch, num_out, 1, device=x.device, dtype=torch.float32)
@@ -162,7 +163,11 @@ def _merge_wavg_forward(x: Tensor, size: Tensor, dest: Tensor, num_out: int) -> 
     def grid(meta: dict) -> tuple[int, int, int]:
         return (batch, triton.cdiv(num_out, meta["BLOCK_T"]), triton.cdiv(channels, meta["BLOCK_C"]))
 
-    _merge_wavg_kernel[grid](
+    kernel, meta = _merge_wavg_kernel, {}
+    if tile is not None:
+        kernel = _merge_wavg_kernel.fn  # the jitted function under the autotuner
+        meta = {"BLOCK_T": tile[0], "BLOCK_C": tile[1], "num_warps": tile[2]}
+    kernel[grid](
         x,
         size,
         order,
@@ -179,6 +184,7 @@ def _merge_wavg_forward(x: Tensor, size: Tensor, dest: Tensor, num_out: int) -> 
         merged.stride(0),
         merged.stride(1),
         new_size.stride(0),
+        **meta,
     )
     return merged, new_size
 

@@ -23,6 +23,7 @@ from kernels import (
     merge_wavg_reference,
     merge_wavg_triton,
 )
+from kernels.merge import GPU_TILES
 from tokenprune.merge import bipartite_soft_matching, max_bipartite_r
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -247,6 +248,19 @@ def assert_merge(x: torch.Tensor, size: torch.Tensor, dest: torch.Tensor, num_ou
 )
 def test_merge_matches_reference(batch: int, tokens: int, channels: int, p: int, dtype: torch.dtype) -> None:
     assert_merge(*tome_inputs(batch, tokens, channels, p, dtype, seed=tokens * channels))
+
+
+@pytest.mark.parametrize("tile", GPU_TILES, ids=lambda t: f"{t[0]}x{t[1]}")
+def test_merge_every_gpu_tile_matches_reference(tile: tuple[int, int, int]) -> None:
+    """Autotuning keeps whichever tile is fastest on the GPU at hand, so each must be right:
+    ragged in rows and channels (13 outputs, 1100 channels), every tile against the reference."""
+    from kernels.merge import _merge_wavg_forward
+
+    x, size, dest, num_out = tome_inputs(2, 25, 1100, 1, torch.bfloat16, seed=11)
+    merged, new_size = _merge_wavg_forward(x, size, dest, num_out, tile=tile)
+    ref_merged, ref_size = merge_wavg_reference(x, size, dest, num_out)
+    torch.testing.assert_close(merged, ref_merged, **MERGE_TOL[torch.bfloat16])
+    assert torch.equal(new_size, ref_size)
 
 
 def test_merge_video_tokens() -> None:
