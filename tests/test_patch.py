@@ -24,6 +24,8 @@ FAMILIES = {
     "registers": ("vit_small_patch14_reg4_dinov2", {"img_size": 224, "depth": 4}),
     "qk_norm": ("vit_tiny_patch16_224", {"qk_norm": True, "depth": 4}),
     "avgmax_with_prefix": ("vit_tiny_patch16_224", {"global_pool": "avgmax", "reg_tokens": 2, "depth": 4}),
+    "max_pool": ("vit_tiny_patch16_224", {"global_pool": "max", "depth": 4}),
+    "swiglu_aimv2": ("aimv2_large_patch14_224", {"depth": 2, "embed_dim": 128, "num_heads": 2}),
 }
 
 
@@ -272,12 +274,32 @@ def test_dynamic_image_size() -> None:
         fixed(image(1, 256))
 
 
-@pytest.mark.parametrize("family", ["vit_cls", "registers", "vit_map", "deit_distilled"])
+@pytest.mark.parametrize("family", ["vit_cls", "registers", "vit_map", "deit_distilled", "swiglu_aimv2"])
 @pytest.mark.parametrize("r", [0, 8, (8, -1)])
 def test_flops_agree_with_flop_counter(family: str, r) -> None:
     model = make(family).requires_grad_(False)
     tokenprune.patch(model, r=r)
     assert tokenprune.flops(model, 224, batch_size=2).total == counted_flops(model, image())
+
+
+def test_flops_of_a_head_on_every_token() -> None:
+    """global_pool="": no pooling, the classifier runs on each output token."""
+    model = make("vit_cls", global_pool="", depth=4).requires_grad_(False)
+    tokenprune.patch(model, r=8)
+    assert tokenprune.flops(model, 224, batch_size=2).total == counted_flops(model, image())
+
+
+def test_max_pooling_ignores_tokens_a_training_mask_dropped() -> None:
+    model = tokenprune.patch(make("max_pool"), r=0)
+    tokens = torch.randn(2, 1 + 6, model.embed_dim)
+    keep = torch.tensor([[1.0, 1, 0, 1, 0, 1, 1], [1.0, 0, 1, 1, 1, 0, 0]])[..., None]
+    tokens[keep.expand_as(tokens) == 0] = 100.0  # would win every max if counted
+    with torch.no_grad():
+        got = model.forward_head(tokens, size=keep)
+        kept_max = torch.stack([t[1:][k[1:, 0] > 0].amax(dim=0) for t, k in zip(tokens, keep)])
+        assert torch.equal(got, model.head(model.fc_norm(kept_max)))
+        # plain sizes (every token present): timm's own max pooling
+        assert torch.equal(model.forward_head(tokens, size=torch.ones(2, 7, 1)), model.forward_head(tokens, size=None))
 
 
 def test_forward_intermediates_on_full_grid() -> None:
@@ -350,3 +372,15 @@ def counted_flops(model, x) -> int:
         for m, flag in zip(attentions, fused):
             m.fused_attn = flag
     return counter.get_total_flops()
+
+
+def test_source_map_belongs_to_the_last_forward_and_settings() -> None:
+    model = tokenprune.patch(make("vit_cls", depth=2), r=4, trace_source=True)
+    with torch.no_grad():
+        model(image(1))
+        assert tokenprune.source(model).shape[0] == 1
+        model.forward_intermediates(image(3), indices=[1])  # a forward too: its map replaces the last
+        assert tokenprune.source(model).shape == (3, 197 - 8, 197)
+    tokenprune.patch(model, r=4, trace_source=False)  # the old map would describe other settings
+    with pytest.raises(RuntimeError, match="no source map"):
+        tokenprune.source(model)

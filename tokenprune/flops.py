@@ -1,9 +1,10 @@
 """FLOPs of a reduced ViT from its per-block token counts.
 
 Counts what ``torch.utils.flop_counter.FlopCounterMode`` counts (matmuls, convolutions and
-attention, 2 FLOPs per multiply-add), so the two agree on the PyTorch path (``backend="torch"``,
-or a CPU; the counter cannot see inside Triton kernels); norms, activations and the merge's
-gathers/scatters are left out. Papers' "GFLOPs" for ViTs are usually multiply-adds: half of
+attention, 2 FLOPs per multiply-add), so the two agree on the PyTorch path (``backend="torch"``;
+the counter cannot see inside Triton kernels, and on a CPU it does not count fused SDPA
+attention either: compare under ``sdpa_kernel(SDPBackend.MATH)``); norms, activations and the
+merge's gathers/scatters are left out. Papers' "GFLOPs" for ViTs are usually multiply-adds: half of
 these figures (ViT-B/16 at 224²: 35.1 GFLOPs here, "17.6 GFLOPs" in the DeiT/ToMe papers).
 """
 
@@ -48,7 +49,8 @@ def _block_flops(block: nn.Module, tokens: int, removed: int) -> int:
     flops += 4 * attended * attended * attn.attn_dim  # q·kᵀ and attn·v
     if attn.gate is not None:
         flops += _linear(attended, attn.gate)
-    flops += _linear(kept, block.mlp.fc1) + _linear(kept, block.mlp.fc2)
+    # Every linear layer of the MLP: fc1/fc2, or SwiGLU's fc1_g/fc1_x/fc2.
+    flops += sum(_linear(kept, layer) for layer in block.mlp.modules() if isinstance(layer, nn.Linear))
     if reducer is not None:
         flops += reducer.matching_flops(tokens, removed, attn)
     return flops
@@ -64,9 +66,11 @@ def _head_flops(model: nn.Module, tokens: int) -> int:
         flops += 4 * latent * pooled * dim
         if pool.mlp is not None:
             flops += _linear(latent, pool.mlp.fc1) + _linear(latent, pool.mlp.fc2)
+    # Without pooling (global_pool="") the classifier runs on every output token.
+    classified = tokens if not model.global_pool and pool is None else 1
     for head in (model.head, getattr(model, "head_dist", None)):
         if isinstance(head, nn.Linear):
-            flops += _linear(1, head)
+            flops += _linear(classified, head)
     return flops
 
 

@@ -202,6 +202,12 @@ def _pool_by_size(model: VisionTransformer) -> bool:
     return model.attn_pool is not None or model.global_pool in ("avg", "avgmax")
 
 
+def _pool_by_weight(model: VisionTransformer) -> bool:
+    """Whether the head's pooling must see the tokens' weights: sizes (above), or a training
+    keep mask, whose dropped tokens (weight 0) must not win a max pooling either."""
+    return _pool_by_size(model) or model.global_pool == "max"
+
+
 class ReducingViT:
     """Mixin placed in front of the model's own class (``VisionTransformer`` or a subclass).
 
@@ -271,7 +277,8 @@ class ReducingViT:
     ) -> Tensor:
         """timm's features: the reduced tokens, or with ``unmerge=True`` the full token grid
         [B, prefix + H·W, C] for dense heads, each patch carrying the feature of the token that
-        absorbed it (then any pooling head works on it unchanged)."""
+        absorbed it (every position counts once there: pool it with
+        ``forward_head(tokens, size=None)``)."""
         if not unmerge:
             return self.forward_tokens(x, attn_mask, is_causal).x
         state = self.forward_tokens(x, attn_mask, is_causal, trace_source=True)
@@ -293,7 +300,7 @@ class ReducingViT:
         return self._forward_head_sized(x, size, pre_logits)
 
     def _forward_head_sized(self, x: Tensor, size: Tensor | None, pre_logits: bool) -> Tensor:
-        if size is None or not _pool_by_size(self):
+        if size is None or not _pool_by_weight(self):
             return super().forward_head(x, pre_logits=pre_logits)  # type: ignore[misc]
         if not self.pool_include_prefix:
             x, size = x[:, self.num_prefix_tokens :], size[:, self.num_prefix_tokens :]
@@ -305,8 +312,11 @@ class ReducingViT:
             x = self.attn_pool(x, attn_mask=bias)
         else:
             # In float32 like timm's mean: bf16 weights would round each to ~3 digits.
-            mean = (x.float() * (size / size.sum(dim=1, keepdim=True))).sum(dim=1).to(x.dtype)
-            x = mean if self.global_pool == "avg" else 0.5 * (x.amax(dim=1) + mean)
+            weights = size.float()
+            mean = (x.float() * (weights / weights.sum(dim=1, keepdim=True))).sum(dim=1).to(x.dtype)
+            # The max is over the tokens present: weight 0 is a token a training mask dropped.
+            peak = x.masked_fill(weights == 0, float("-inf")).amax(dim=1)
+            x = {"avg": mean, "max": peak, "avgmax": 0.5 * (peak + mean)}[self.global_pool]
         x = self.head_drop(self.fc_norm(x))
         return x if pre_logits else self.head(x)
 
@@ -346,6 +356,8 @@ class ReducingViT:
         state = self._run_blocks(
             x, attn_mask, is_causal, trace_source=True, on_block=keep, num_blocks=max_index + 1 if stop_early else None
         )
+        if self.tokenprune_config.trace_source:  # like forward_tokens: the map of the last forward
+            self._tokenprune_source = (state.source_index, state.num_tokens)
         p = self.num_prefix_tokens
         prefix_tokens = [y[:, :p] for y in intermediates] if p else None
         intermediates = [y[:, p:] for y in intermediates]
@@ -412,6 +424,7 @@ def apply(model: nn.Module, config: Any, reducers: list[TokenReducer | None]) ->
     """Swap the classes in place and give every block its reducer; idempotent."""
     model.__class__ = PATCHED_CLASSES[original_class(model)]
     model.tokenprune_config = config
+    _drop_attributes(model, ("_tokenprune_source",))  # a map from the old settings would mislead
     for block, reducer in zip(model.blocks, reducers):
         block.__class__ = ReducingBlock
         block.reducer = reducer
