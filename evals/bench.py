@@ -78,7 +78,7 @@ from evals.harness import (
     write_atomic,
 )
 from evals.settings import Budget, Setting, describe_setting
-from kernels import BACKENDS
+from kernels import BACKENDS, use_triton
 
 __all__ = ["DEFAULTS", "Row", "build_parser", "main"]
 
@@ -120,7 +120,8 @@ class Row:
     options: dict[str, Any]
     budget: str | None  # the budget the setting was searched for, else None
     attention: str  # "fused" (SDPA) or "manual"
-    backend: str | None  # where match/merge ran, for methods that have the option
+    backend: str | None  # the match/merge backend option (auto, triton, torch), for methods that have it
+    backend_used: str | None  # what that option ran here: "triton" or "torch"
     samples_per_s: float
     median_s: float
     times_s: list[float]
@@ -297,6 +298,7 @@ def _group_rows(
                 "options": _jsonable({k: v for k, v in options.items() if k != "backend"}),
                 "attention": attention,
                 "backend": backend,
+                "backend_used": None if backend is None else ("triton" if use_triton(backend, inputs) else "torch"),
                 "gflops": flops / 1e9,
                 "gflops_fraction": flops / unreduced_flops,
                 "output_tokens": reduction.output_tokens,
@@ -310,7 +312,7 @@ def _group_rows(
     progress(f"timing {len(runners)} models round-robin: {cfg['warmup']} warm-up passes each, {cfg['runs']} rounds")
     timings = measure_interleaved(runners, inputs, warmup=cfg["warmup"], runs=cfg["runs"], dtype=dtype, progress=cfg["progress"])
     base = timings[0]["images_per_s"]
-    return [
+    rows = [
         Row(
             **fields,
             samples_per_s=timing["images_per_s"],
@@ -320,6 +322,15 @@ def _group_rows(
         )
         for fields, timing in zip(prepared, timings)
     ]
+    # A speed budget is searched with short eager timings; the row's speedup is this run's own.
+    for row in rows:
+        target = next((s.budget for s in cfg["settings"] if s.budget is not None and s.budget.label == row.budget), None)
+        if target is not None and target.kind == "speedup" and row.speedup < target.value:
+            warnings.append(
+                f"{name}, batch {batch_size}{', compiled' if compiled else ''}: {row.method} {row.setting} was searched "
+                f"for {target.label} but measured {row.speedup:.2f}x in the timed run: the budget is not met"
+            )
+    return rows
 
 
 def _jsonable(value: Any) -> Any:
@@ -345,7 +356,8 @@ COLUMNS: list[tuple[str, Callable[[Row], str], str]] = [
     ("setting", lambda row: row.setting or "-", "<"),
     ("budget", lambda row: row.budget or "-", "<"),
     ("attention", lambda row: row.attention, "<"),
-    ("backend", lambda row: row.backend or "-", "<"),
+    # "auto" with what it ran, e.g. "auto (triton)" on a GPU
+    ("backend", lambda row: "-" if row.backend is None else row.backend + (f" ({row.backend_used})" if row.backend == "auto" else ""), "<"),
     ("samples/s", lambda row: f"{row.samples_per_s:.1f}" if row.samples_per_s >= 10 else f"{row.samples_per_s:.3f}", ">"),
     ("speedup", lambda row: f"{row.speedup:.2f}x", ">"),
     ("GFLOPs", lambda row: f"{row.gflops:.2f}", ">"),

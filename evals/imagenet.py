@@ -545,7 +545,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "mean": args.mean,
             "std": args.std,
         }
-        data_config = timm.data.resolve_data_config({k: v for k, v in overrides.items() if v is not None}, model=model)
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        patch_embed = getattr(model, "patch_embed", None)
+        if args.img_size is None and patch_embed is not None and not getattr(patch_embed, "dynamic_img_size", False):
+            # A ViT built at another size (--model-arg img_size=384) takes only that size, which its
+            # pretrained config (the data config's default) may not name.
+            overrides["input_size"] = (patch_embed.proj.in_channels, *patch_embed.img_size)
+        data_config = timm.data.resolve_data_config(overrides, model=model)
         transform = timm.data.create_transform(**data_config, is_training=False)
         input_size = tuple(data_config["input_size"])
 

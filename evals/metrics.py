@@ -70,7 +70,10 @@ def real_correct(
 
     ``real_labels[i]`` is the list of acceptable classes of row ``i`` (empty or None: the image
     has no ReaL label and is left out, as in timm). A row is correct at ``k`` when any
-    acceptable class is within its top ``k`` (same tie rule as :func:`topk_correct`).
+    acceptable class is within its top ``k``: its rank counts the *other* classes scoring at
+    least as high as its best acceptable class (ties with another acceptable class are no
+    miss: either prediction is right; ties with a wrong class count against it, as in
+    :func:`topk_correct`).
     Returns ``({k: correct}, number of rows with a ReaL label)``.
     """
     logits, ks = _prepare(logits, ks)
@@ -85,7 +88,9 @@ def real_correct(
         classes = torch.as_tensor(list(accepted), dtype=torch.long, device=logits.device)
         if classes.min() < 0 or classes.max() >= logits.shape[1]:
             raise ValueError(f"ReaL labels {list(accepted)} out of range for {logits.shape[1]} classes")
-        best = int(class_ranks(row.expand(len(classes), -1), classes).min().item())
+        accepted_mask = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
+        accepted_mask[classes] = True
+        rank = int(((row >= row[classes].max()) & ~accepted_mask).sum().item())
         for k in ks:
-            correct[k] += best < k
+            correct[k] += rank < k
     return correct, counted

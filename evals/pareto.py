@@ -7,8 +7,9 @@ Speed comes from ``evals.bench`` JSON: per (model, input size, method, setting),
 attention row with the highest throughput among those matching ``--batch-size`` and
 ``--compile`` (default: the largest batch size, eager). Quality comes from the eval scripts'
 JSON: ``evals.imagenet`` (top-1 %), ``evals.fidelity`` (embedding cosine to the unreduced
-model). Points join on the setting's name (:func:`evals.settings.describe_setting`), which
-every script writes the same way. With ``--x gflops`` no benchmark is needed: quality is
+model); one kind per plot, since top-1 % and a cosine cannot share an axis or a front.
+Points join on the setting's name (:func:`evals.settings.describe_setting`), which every
+script writes the same way. With ``--x gflops`` no benchmark is needed: quality is
 plotted against the GFLOPs the eval files record.
 
 A point is on the **Pareto front** when no other point (any method) is at least as fast and
@@ -239,6 +240,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 raise SystemExit(f"{path}: {error}") from None
     if not quality:
         raise SystemExit("no quality results: give at least one evals.imagenet or evals.fidelity JSON")
+    metrics = sorted({point.metric for point in quality})
+    if len(metrics) > 1:  # one axis, one front: top-1 % and a cosine cannot share them
+        raise SystemExit(f"the quality results measure different things ({', '.join(metrics)}): plot each kind separately")
     if args.x == "speed":
         if not speed:
             raise SystemExit("--x speed needs an evals.bench JSON (or use --x gflops)")

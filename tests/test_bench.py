@@ -25,7 +25,7 @@ MODEL = "vit_tiny_patch16_224"
 IMG_SIZE = 64  # 4x4 patches + class token = 17 tokens: fast on 2 cores
 ROW_FIELDS = {
     "model", "input_size", "batch_size", "dtype", "compile", "method", "setting", "options", "budget",
-    "attention", "backend", "samples_per_s", "median_s", "times_s", "speedup", "gflops", "gflops_fraction",
+    "attention", "backend", "backend_used", "samples_per_s", "median_s", "times_s", "speedup", "gflops", "gflops_fraction",
     "output_tokens", "tokens_per_block", "peak_memory_mib", "logits_cosine", "top1_agreement_pct",
 }  # fmt: skip
 
@@ -92,6 +92,8 @@ def test_outputs_are_valid_and_complete(run: tuple[dict[str, Any], Path]) -> Non
     assert len(rows) == 32
     assert {r["backend"] for r in rows if r["method"] == "tome"} == {"auto"}
     assert {r["backend"] for r in rows if r["method"] != "tome"} == {None}  # evit has no backend option
+    # what "auto" ran: the PyTorch path for CPU tensors
+    assert {r["backend_used"] for r in rows if r["method"] == "tome"} == {"torch"}
 
 
 def test_csv_matches_json(run: tuple[dict[str, Any], Path]) -> None:
@@ -279,6 +281,17 @@ def test_speedup_budget_uses_the_timer() -> None:
     assert len(calls) <= 2 + 7  # a bisection over 19 settings, not a scan (plus the two checks above)
 
 
+def test_a_speed_budget_the_timed_run_misses_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The search's short timings can promise more than the row's own timing delivers: a search
+    timer that calls every setting 9× fast picks r=0, which the timed run measures near 1×."""
+    monkeypatch.setattr(bench, "_speedup_timer", lambda *args: (lambda candidate: 9.0))
+    document = _main(["--model", MODEL, "--batch-size", "2", "--method", "tome", "--budget", "2x", "--no-manual",
+                      "--out", str(tmp_path / "b.json"), *COMMON])  # fmt: skip
+    (row,) = [r for r in document["rows"] if r["method"] == "tome"]
+    assert row["setting"] == "r=0" and row["budget"] == "2x speed" and row["speedup"] < 2.0
+    assert any("searched for 2x speed but measured" in w and "not met" in w for w in document["warnings"])
+
+
 def test_bisect_weakest() -> None:
     for count in range(1, 12):
         for first in range(count + 1):
@@ -396,6 +409,13 @@ def test_pareto_joins_bench_and_fidelity(run: tuple[dict[str, Any], Path], tmp_p
         pareto.main([str(run[1]), str(quality_path), "--batch-size", "7", "--out", str(tmp_path / "q.png")])
     with pytest.raises(SystemExit, match="repeats settings of an earlier benchmark file"):
         pareto.main([str(run[1]), str(run[1]), str(quality_path), "--out", str(tmp_path / "q.png")])
+    # top-1 % and a cosine on one axis would let 81 "beat" 1.0
+    imagenet_like = {"model": {"name": "vit_tiny_patch16_224", "method": "none", "setting": "",
+                               "data_config": {"input_size": [3, 32, 32]}},
+                     "top1": {"pct": 81.0}, "gflops_per_image": 0.1}  # fmt: skip
+    (tmp_path / "imagenet.json").write_text(json.dumps(imagenet_like))
+    with pytest.raises(SystemExit, match="measure different things"):
+        pareto.main([str(run[1]), str(quality_path), str(tmp_path / "imagenet.json"), "--out", str(tmp_path / "q.png")])
 
 
 # ---------------------------------------------------------------------------------------------

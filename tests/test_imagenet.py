@@ -99,6 +99,10 @@ def test_real_correct() -> None:
     assert counted == 2 and hits == {1: 1, 2: 1, 3: 2}
     with pytest.raises(ValueError, match="out of range"):
         real_correct(logits, [[3], None, None], ks=(1,))
+    # A tie between two acceptable classes is right whichever wins; a tie with a wrong class
+    # counts against the label, as in topk_correct.
+    tied = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    assert real_correct(tied, [[0, 1], [0]], ks=(1, 2)) == ({1: 1, 2: 2}, 2)
 
 
 @pytest.mark.parametrize("size", [0, 1, 19, 20])
@@ -329,6 +333,9 @@ def test_vit_tome_run(photos, tmp_path: Path) -> None:
     assert tome["gflops_per_image_unreduced"] == pytest.approx(none["gflops_per_image"])
     assert none["tokens_per_block"] == [197] * 12
     assert tome["tokens_per_block"] == [197 - 8 * i for i in range(12)]
+    # A ViT built at another size is fed that size (its pretrained config still says 224).
+    small = run(*common, "--model-arg", "img_size=64", "--method", "none", "--out", str(tmp_path / "small.json"))
+    assert small["tokens_per_block"] == [1 + 4 * 4] * 12 and small["counts"]["evaluated"] == 20
 
 
 # ---------------------------------------------------------------------------------------------
