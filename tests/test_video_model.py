@@ -396,6 +396,19 @@ def test_pos_embed_resize_space_and_time():
     assert target.pos_embed.shape == (1, 48, 384)
 
 
+def test_pos_embed_grid_is_asked_for_when_two_readings_fit():
+    """A 16-frame 112² table (8·7·7 = 392 entries) loaded for 16 frames at 224² (8×14×14) could
+    also be 2 frames of 14×14: the loader must not guess (VideoMAE would keep the frames)."""
+    from tokenprune.models.videomae import _infer_grid
+
+    with pytest.raises(ValueError, match=r"could be \(8, 7, 7\) or \(2, 14, 14\).*pos_embed_grid"):
+        _infer_grid(392, (8, 14, 14))
+    assert _infer_grid(8 * 7 * 7, (8, 16, 16)) == (8, 7, 7)  # only the same frame count fits
+    assert _infer_grid(4 * 14 * 14, (8, 14, 14)) == (4, 14, 14)  # only the same frame size fits
+    with pytest.raises(ValueError, match="fits neither"):
+        _infer_grid(30, (8, 14, 14))
+
+
 def test_pos_embed_resize_is_linear_in_time_and_timms_resize_in_space():
     """A separable table a[t] + b[h, w] resizes to interp(a)[t'] + timm_resize(b)[h', w']: the
     time step is 1-D linear interpolation, the space step timm's image resize, frame by frame."""

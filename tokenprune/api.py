@@ -52,6 +52,11 @@ def patch(model: nn.Module, method: str | MethodConfig | None = None, **options:
             f"{type(config).__name__} does not support the video ViT (it assumes a 2-D patch grid or a class "
             f"token); video methods: {video_methods}"
         )
+    if video.is_video_model(model) and model.global_pool == "token" and model.num_prefix_tokens == 0:
+        raise TypeError(
+            "this video ViT classifies its first token (global_pool='token') but has no class token to "
+            "protect: merging would move that token. Use global_pool='avg' (VideoMAE's mean pooling)"
+        )
     reducers = config.reducers(model)
     if current is not None and type(current) is not type(config):
         vit.remove(model)

@@ -225,16 +225,24 @@ def _map_original(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _infer_grid(num_positions: int, model_grid: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The (T, H, W) grid of a stored position embedding: the model's frame count with a square
+    frame (VideoMAE fine-tunes other resolutions at the same clip length), or the model's frame
+    size with another frame count. When both readings fit and differ, the caller must say."""
     frames, height, width = model_grid
-    if num_positions % (height * width) == 0:
-        return num_positions // (height * width), height, width
+    readings = []
     if num_positions % frames == 0:
         side = round((num_positions // frames) ** 0.5)
         if side * side * frames == num_positions:
-            return frames, side, side
+            readings.append((frames, side, side))
+    if num_positions % (height * width) == 0:
+        readings.append((num_positions // (height * width), height, width))
+    readings = list(dict.fromkeys(readings))
+    if len(readings) == 1:
+        return readings[0]
+    found = f"could be {' or '.join(map(str, readings))}" if readings else "fits neither"
     raise ValueError(
-        f"cannot infer the (T, H, W) grid of a {num_positions}-entry position embedding for a model with grid "
-        f"{model_grid}; pass pos_embed_grid=(T, H, W)"
+        f"a {num_positions}-entry position embedding {found} (T, H, W) for a model with grid {model_grid}; "
+        "pass pos_embed_grid=(T, H, W)"
     )
 
 
