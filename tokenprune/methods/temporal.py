@@ -241,7 +241,8 @@ class TemporalMergeConfig:
         joint_after: once a block's count exceeds the even-frame tokens left to merge, merge
             jointly over all tokens like ToMe from that block on, instead of stopping at the cap:
             static content collapses across time first, and the budget is not limited to half
-            the tokens.
+            the tokens. Decided once, on the model's own clip size: a shorter clip through a
+            ``dynamic_img_size`` model stops at its smaller cap instead.
         prop_attn, trace_source, backend: as in :class:`~tokenprune.ToMeConfig`.
     """
 

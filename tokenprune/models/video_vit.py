@@ -74,6 +74,9 @@ def resize_pos_embed(
     frame's spatial map bicubically with antialiasing, exactly as timm's
     ``resample_abs_pos_embed`` does for image ViTs (so a frames-only or a spatial-only change is
     the textbook 1-D / timm 2-D resize). Interpolation runs in float32; the dtype is kept.
+    VideoMAE's own scripts resize a learned table with plain bicubic (no antialiasing): the two
+    differ, most when shrinking; VideoMAE's released models use the fixed sin-cos table, which
+    the loader recomputes for the new grid instead of resizing.
     """
     old_t, old_h, old_w = old_grid
     new_t, new_h, new_w = new_grid
