@@ -43,19 +43,9 @@ def ordered_dest(is_src: Tensor, partner: Tensor, num_protected: int) -> Tensor:
     return torch.cat([prefix, body], dim=1)
 
 
-def temporal_sources(pos: Tensor, size: Tensor | None) -> Tensor:
-    """[B, N] set A of a temporal step: the tokens of even frames not merged yet (size 1, so
-    their centroid frame is exact; ``size`` None: nothing merged yet). Everything else,
-    odd-frame tokens and every merged token, is B: a merged token whose centroid drifted
-    towards an even frame stays a destination, so exactly one A token leaves per merge and the
-    plan's cap holds."""
-    even = torch.remainder(torch.round(pos[..., 0]), 2) == 0
-    return even if size is None else even & (size[..., 0] == 1)
-
-
-def temporal_scores(metric: Tensor, pos: Tensor, is_a: Tensor, window: float, max_frame_gap: float = 1.5) -> Tensor:
+def temporal_scores(metric: Tensor, pos: Tensor, window: float, max_frame_gap: float = 1.5) -> Tensor:
     """[B, N, N] cosine similarity of the tokens' ``metric`` ([B, N, D], no prefix) from an A
-    token (``is_a``, [B, N] bool; see :func:`temporal_sources`) to a B token whose centroid
+    token (its centroid frame rounds to an even frame) to a B token (odd frame) whose centroid
     frame is at most ``max_frame_gap`` away and whose spatial centroid is within ``window``
     patches in both row and column; the cosine minus ``_OUTSIDE_PENALTY`` (below −1) for the
     other A → B pairs; −inf for every pair that is not A → B. ``pos`` [B, N, 3] are (frame,
@@ -63,6 +53,7 @@ def temporal_scores(metric: Tensor, pos: Tensor, is_a: Tensor, window: float, ma
     unit = metric.float()
     unit = F.normalize(unit, dim=-1)  # a zero vector stays zero, not NaN
     scores = unit @ unit.transpose(-1, -2)
+    is_a = torch.remainder(torch.floor(pos[..., 0] + 0.5), 2) == 0
     # cdist builds each [B, N, N] distance in one pass (|Δframe|, then max(|Δrow|, |Δcol|)):
     # at 1,568 tokens the broadcast differences cost a quarter of a block's time on a CPU.
     gap = torch.cdist(pos[..., :1], pos[..., :1], p=1)
@@ -74,16 +65,16 @@ def temporal_scores(metric: Tensor, pos: Tensor, is_a: Tensor, window: float, ma
 
 @dataclass(frozen=True)
 class TemporalMerge:
-    """One block's temporal step: every even-frame token not merged yet (set A) may merge into
-    its most similar token of a neighbouring frame (set B: odd-frame and merged tokens) within
-    ``window`` patches; the ``r`` best pairs merge (several A tokens may join one B token, as in
-    ToMe). B tokens are only destinations, so every token has at most one merge partner and
-    ``dest`` is valid.
+    """One block's temporal step: every token whose centroid frame is even (set A) may merge into
+    its most similar token of a neighbouring odd frame (set B) within ``window`` patches; the
+    ``r`` best pairs merge (several A tokens may join one B token, as in ToMe). B tokens are only
+    destinations, so every token has at most one merge partner and ``dest`` is valid.
 
     The count is static (compile-friendly); if a clip has fewer than ``r`` A tokens with a
-    partner inside the frame gap and window (B tokens whose centroids drifted away on both
-    sides), the step raises instead of breaking the rule. A compiled model cannot raise on
-    data: it then merges the missing ones into their most similar B token outside the window.
+    partner inside the frame gap and window, the step raises instead of breaking the rule. A
+    compiled model cannot raise on data: it then merges the missing ones into their most similar
+    B token outside the window (a clip without any B token, a single tubelet frame, is not
+    supported there).
     """
 
     r: int
@@ -98,10 +89,12 @@ class TemporalMerge:
         if grid is not None:
             if len(grid) != 3:
                 raise ValueError(f"temporal merging needs a video token grid (frames, rows, cols), got {grid}")
-            # Only A tokens (even-frame tokens not merged yet, see temporal_sources) are removed,
-            # one per merge, so exactly the even-frame tokens of the input minus those already
-            # merged remain to merge. Capping here keeps plan/flops — and budgets searched on
-            # them — to what the data allows.
+            # Only A tokens (even frames) are ever removed, one per merge, so at most the
+            # even-frame tokens of the input minus those already merged remain to merge (an
+            # estimate: a merged token whose centroid drifts to an even frame joins A and can
+            # merge on, which keeps static content collapsing across more frames, and the same
+            # drift can leave an A token without a partner in the window, which raises). Capping
+            # here keeps plan/flops — and budgets searched on them — to what the data allows.
             frames, rows, cols = grid
             if frames < 2 and self.r > 0:  # static: plan, flops and compiled models all see it
                 raise ValueError(
@@ -124,8 +117,7 @@ class TemporalMerge:
         if state.pos is None:
             raise ValueError("temporal merging needs token positions (track_positions)")
         p = self.num_protected
-        is_a = temporal_sources(state.pos[:, p:], None if state.size is None else state.size[:, p:])
-        scores = temporal_scores(metric[:, p:], state.pos[:, p:], is_a, self.window)
+        scores = temporal_scores(metric[:, p:], state.pos[:, p:], self.window)
         best_score, best_b = scores.max(dim=-1)
         order = best_score.argsort(dim=-1, descending=True, stable=True)[:, :r]
         if not torch.compiler.is_compiling() and bool((best_score.gather(1, order) < -1.0 - _EPS).any()):
