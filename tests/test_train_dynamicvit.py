@@ -187,3 +187,9 @@ def test_backbone_trains_at_a_fraction_of_the_predictor_rate() -> None:
 
     args.train_backbone = False  # frozen backbone: only the predictors reach the optimizer
     assert [len(g["params"]) for g in train_dynamicvit.parameter_groups(model, args)] == [len(groups[0]["params"])]
+
+
+def test_fixed_configurations_refuse_arguments_they_would_ignore() -> None:
+    with pytest.raises(ValueError, match="drop num_classes, img_size"):
+        train_dynamicvit.create_model("fmnist_vit", num_classes=3, img_size=32)
+    assert train_dynamicvit.create_model("fmnist_vit").num_classes == 10
