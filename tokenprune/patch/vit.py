@@ -311,12 +311,15 @@ class ReducingViT:
             bias = torch.log(KEEP_EPS + size.float()).to(x.dtype).squeeze(-1)[:, None, None, :]
             x = self.attn_pool(x, attn_mask=bias)
         else:
-            # In float32 like timm's mean: bf16 weights would round each to ~3 digits.
             weights = size.float()
-            mean = (x.float() * (weights / weights.sum(dim=1, keepdim=True))).sum(dim=1).to(x.dtype)
-            # The max is over the tokens present: weight 0 is a token a training mask dropped.
-            peak = x.masked_fill(weights == 0, float("-inf")).amax(dim=1)
-            x = {"avg": mean, "max": peak, "avgmax": 0.5 * (peak + mean)}[self.global_pool]
+            pooled = []
+            if self.global_pool in ("avg", "avgmax"):
+                # In float32 like timm's mean: bf16 weights would round each to ~3 digits.
+                pooled.append((x.float() * (weights / weights.sum(dim=1, keepdim=True))).sum(dim=1).to(x.dtype))
+            if self.global_pool in ("max", "avgmax"):
+                # Over the tokens present: weight 0 is a token a training keep mask dropped.
+                pooled.append(x.masked_fill(weights == 0, float("-inf")).amax(dim=1))
+            x = pooled[0] if len(pooled) == 1 else 0.5 * (pooled[1] + pooled[0])
         x = self.head_drop(self.fc_norm(x))
         return x if pre_logits else self.head(x)
 
