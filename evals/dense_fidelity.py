@@ -14,7 +14,7 @@ ToMe runs at many r, with its constant schedule and with its decreasing one (``(
 trace two curves of each measure against GFLOPs. Every two-stage setting is compared with the
 better of the two curves interpolated at exactly its GFLOPs ("ToMe at matched GFLOPs"), measure
 by measure. The difference is also taken image by image (each image's ToMe measure interpolated
-the same way) and given with a 95 % bootstrap interval that resamples photos, since the seven
+the same way) and given with a 95 % Student-t interval over the 20 photo means, since the seven
 views of one photo are not independent: an interval above zero is a win, below zero a loss, and
 across zero a tie that these 20 photos cannot settle. A control, ToMe removing the same count at
 every block (pairs where the windows were), separates what the windows do from what the schedule
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tome_curves = {schedule: [(gflops, per_image) for _, gflops, per_image in runs] for schedule, runs in tome_runs.items()}
 
     def against(per_image: torch.Tensor, reference: torch.Tensor | None) -> dict[str, Any]:
-        """Per measure, two-stage minus ToMe image by image (the views of a photo resampled together)."""
+        """Per measure, two-stage minus ToMe image by image (the views of a photo form one group)."""
         if reference is None:
             return {}
         return {m: paired_difference(per_image[:, i], reference[:, i], evaluator.views_per_photo) for i, m in enumerate(MEASURES)}
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         lines.append(f"| {row['two_stage']} | {row['gflops']:.2f} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Two-stage minus ToMe, image by image, mean with its 95 % bootstrap interval over the 20 photos "
+        "Two-stage minus ToMe, image by image, mean with its 95 % t interval over the 20 photo means "
         "(win: above zero; loss: below; tie: the interval holds zero):",
         "",
         "| two-stage setting | GFLOPs | Δ cosine | Δ saliency corr | Δ top-10% IoU |",

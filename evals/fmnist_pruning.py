@@ -4,7 +4,7 @@ On the full 10,000-image test split, top-1 against GFLOPs for the unreduced mode
 dropping (DynamicViT predictors), attention-based dropping (EViT-style, with and without fusing
 the dropped tokens), random dropping, and ToMe at the same GFLOPs as DynamicViT. Each reduced
 row is also compared with that ToMe row image by image: the difference in top-1 with its 95 %
-bootstrap interval over the test images (:mod:`evals.stats`). The backbone and predictors were
+t interval over the test images (:mod:`evals.stats`). The backbone and predictors were
 trained by ``evals/train_dynamicvit.py`` (the commands and logs are in ``evals/checkpoints/``).
 
     python -m evals.fmnist_pruning --data /tmp/fmnist [--keep-ratio 0.7 0.5]
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ]
     header = ("Fashion-MNIST test split (10,000 images), the project's ViT (6 blocks, width 96, 4×4 patches, "
               "trained here by evals/train_dynamicvit.py), CPU. Δ vs matched ToMe: top-1 points, paired image by "
-              "image, 95 % bootstrap interval over the images; win/loss when it excludes 0, else tie (random dropping: "
+              "image, 95 % t interval over the images; win/loss when it excludes 0, else tie (random dropping: "
               "each image's hits averaged over the draws, so its interval leaves out the draw-to-draw spread)")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     record = {"setup": header, "versions": {"torch": torch.__version__, "timm": timm.__version__,

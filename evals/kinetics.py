@@ -90,7 +90,9 @@ def samples_from_folder(root: Path, classes: Sequence[str] = ()) -> tuple[Sample
 
 
 def samples_from_csv(csv_path: Path, root: Path | None = None, classes: Sequence[str] = ()) -> Samples:
-    """``path,label`` rows; a first row whose label is neither an int nor a known class is a header."""
+    """``path,label`` rows; a first row that names no video file (e.g. ``path,label``) and whose
+    label is neither an int nor a known class is a header. Any other bad label stops the run:
+    a typo in the first row must not drop that video silently."""
     index = {name: i for i, name in enumerate(classes)}
     base = root if root is not None else csv_path.parent
     samples: Samples = []
@@ -107,7 +109,7 @@ def samples_from_csv(csv_path: Path, root: Path | None = None, classes: Sequence
                 try:
                     value = int(label)
                 except ValueError:
-                    if row_number == 0:
+                    if row_number == 0 and Path(path).suffix.lower() not in VIDEO_EXTENSIONS:
                         continue  # header
                     raise SystemExit(f"{csv_path}:{row_number + 1}: label {label!r} is not an int or a known class")
             full = Path(path) if Path(path).is_absolute() else base / path
@@ -135,8 +137,11 @@ def frames_needed(num_frames: int, stride: int) -> int:
 
 def clip_indices(num_video_frames: int, num_frames: int, stride: int, num_clips: int) -> list[list[int]]:
     """Frame indices of ``num_clips`` clips of ``num_frames`` frames ``stride`` apart, their start
-    points evenly spaced from the first to the last possible start (VideoMAE's test sampling; one
-    clip: the centre). Indices past the end repeat the last frame."""
+    points evenly spaced from frame 0 to frame N − num_frames·stride (one clip: the centre).
+    Indices past the end repeat the last frame. VideoMAE's test sampling spaces the windows over
+    the stride-subsampled frame list instead, so its starts are multiples of ``stride``: the two
+    differ by less than ``stride`` frames per start (250 frames, 5 clips: 0, 46, 93, 139, 186
+    here; 0, 44, 92, 140, 188 there)."""
     span = num_frames * stride
     room = max(num_video_frames - span, 0)
     if num_clips == 1:

@@ -16,8 +16,9 @@ unreduced model on the same clips:
   per-frame head would read, where the embedding's mean forgives a lot;
 * mean and worst clip of each, output tokens and GFLOPs;
 * against joint ToMe at the same budget, clip by clip: the mean difference with a 95 %
-  bootstrap interval that resamples whole videos (windows of one video share their content,
-  so resampling windows would overstate the certainty; :mod:`evals.stats`: win, loss or tie),
+  Student-t interval over the video means (windows of one video share their content, so
+  counting windows as independent would overstate the certainty; :mod:`evals.stats`: win,
+  loss or tie),
   and the mean difference per video, which shows whether a difference holds across footage.
 
     python -m evals.video_fidelity [--budget 0.75 --budget 0.5] [--method tome --method temporal ...]
@@ -137,7 +138,7 @@ def measure(
 
 def against_tome(rows: Sequence[dict[str, Any]], clip_names: Sequence[str]) -> list[dict[str, Any]]:
     """Every other method's budget row minus joint ToMe's row at the same budget, clip by clip:
-    per measure, :func:`~evals.stats.paired_difference` resampling whole videos (``clip_names``
+    per measure, :func:`~evals.stats.paired_difference` over the video means (``clip_names``
     come in runs of equally many windows per video) and the mean per video."""
     tome = {r["budget"]: r for r in rows if r["method"] == "tome" and r["budget"] and "unreachable" not in r}
     videos = [name.rsplit("#", 1)[0] for name in clip_names]
@@ -176,8 +177,8 @@ def format_markdown(rows: Sequence[dict[str, Any]], comparisons: Sequence[dict[s
         videos = " / ".join(comparisons[0]["cosine_by_video"])
         lines += [
             "",
-            "Minus joint ToMe at the same budget, clip by clip: mean [95 % bootstrap interval, resampling whole "
-            "videos] and the verdict (win: above zero, loss: below, tie: holds zero); then the mean per video.",
+            "Minus joint ToMe at the same budget, clip by clip: mean [95 % t interval over the per-video "
+            "means] and the verdict (win: above zero, loss: below, tie: holds zero); then the mean per video.",
             "",
             f"| budget | method | GFLOPs (ToMe) | Δ embedding cos | Δ token cos | Δ embedding cos by video ({videos}) "
             "| Δ token cos by video |",

@@ -70,6 +70,10 @@ def test_csv_and_folder_samples(tmp_path):
     csv.write_text("path,label\nbiking/bikes.mp4,phoning\nphoning/carphone_pristine.mp4,0\n")
     rows = kinetics.samples_from_csv(csv, tmp_path / "data", classes=["biking", "phoning"])
     assert rows == [(str(tmp_path / "data/biking/bikes.mp4"), 1), (str(tmp_path / "data/phoning/carphone_pristine.mp4"), 0)]
+    # a typo in the first row's label is an error, not a header that swallows the video
+    csv.write_text("biking/bikes.mp4,bikng\nphoning/carphone_pristine.mp4,0\n")
+    with pytest.raises(SystemExit, match="val.csv:1: label 'bikng' is not an int or a known class"):
+        kinetics.samples_from_csv(csv, tmp_path / "data", classes=["biking", "phoning"])
 
 
 def test_end_to_end_with_corrupt_file(tmp_path):

@@ -129,8 +129,8 @@ def test_fidelity_script(tmp_path, monkeypatch) -> None:
     assert [(p.setting, p.quality) for p in points] == [(r["setting"], r["cosine_mean"]) for r in rows]
 
 
-def test_video_comparison_resamples_whole_videos() -> None:
-    """Windows of one video share their content: the interval against ToMe resamples videos,
+def test_video_comparison_groups_windows_by_video() -> None:
+    """Windows of one video share their content: the interval against ToMe is over videos,
     so a method that wins every window of one video and loses every window of the other ties."""
     from evals.stats import paired_difference
     from evals.video_fidelity import against_tome, video_clips
@@ -144,7 +144,7 @@ def test_video_comparison_resamples_whole_videos() -> None:
     measured = torch.tensor(ours["per_clip"]["cosine"]) - 0.5
     assert comparison["cosine"] == pytest.approx(paired_difference(measured, torch.zeros(10), group_size=5))
     assert comparison["cosine"]["low"] < 0 < comparison["cosine"]["high"]  # two videos: a tie
-    assert paired_difference(measured, torch.zeros(10))["low"] > 0  # resampling windows would say "win"
+    assert paired_difference(measured, torch.zeros(10))["low"] > 0  # windows as independent would say "win"
     assert comparison["cosine_by_video"] == pytest.approx({"a.mp4": 0.104, "b.avi": -0.0104}, abs=1e-6)
     with pytest.raises(SystemExit, match="no video at"):
         video_clips([Path("missing.avi")], 16, 4, 1, 56)

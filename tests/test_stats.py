@@ -1,4 +1,4 @@
-"""evals.stats: paired differences with a bootstrap interval, on hand-built inputs."""
+"""evals.stats: paired differences with a Student-t interval over groups, on hand-built inputs."""
 
 import pytest
 import torch
@@ -6,22 +6,36 @@ import torch
 from evals.stats import paired_difference, verdict
 
 
-def test_paired_difference_resamples_groups() -> None:
+def test_paired_difference_treats_groups_as_the_units() -> None:
     # 4 photos × 3 views. The views of a photo move together, so the interval must reflect 4
-    # photo means (spread 0.02), not 12 images.
+    # photo means, not 12 images: mean ± t(0.975, 3) · sd / √4 of the photo means.
     photo_shift = torch.tensor([0.01, 0.03, 0.02, 0.04]).repeat_interleave(3)
     difference = paired_difference(photo_shift + 1.0, torch.ones(12), group_size=3)
+    means = torch.tensor([0.01, 0.03, 0.02, 0.04], dtype=torch.float64)
+    half = 3.182446305284263 * means.std().item() / 2  # t(0.975, 3): a printed table's 3.182
     assert difference["mean"] == pytest.approx(0.025)
-    assert 0.01 <= difference["low"] < 0.025 < difference["high"] <= 0.04
+    assert difference["low"] == pytest.approx(0.025 - half) and difference["high"] == pytest.approx(0.025 + half)
     assert verdict(difference) == "win"
     assert verdict(paired_difference(torch.ones(12) - photo_shift, torch.ones(12), 3)) == "loss"
     tie = paired_difference(torch.tensor([0.02, -0.03, 0.01, -0.01]).repeat_interleave(3), torch.zeros(12), 3)
     assert tie["low"] < 0 < tie["high"] and verdict(tie) == "tie"
-    assert paired_difference(photo_shift, torch.zeros(12), 3) == paired_difference(photo_shift, torch.zeros(12), 3)
+    # the same inputs taken as 12 independent values would claim a narrower interval
+    ungrouped = paired_difference(photo_shift, torch.zeros(12))
+    assert ungrouped["high"] - ungrouped["low"] < difference["high"] - difference["low"]
+
+
+def test_few_groups_are_not_overconfident() -> None:
+    """With no real difference, 3 groups of normal noise must be called win or loss about 5 % of
+    the time (a percentile bootstrap over the 3 means did so about 26 % of the time)."""
+    generator = torch.Generator().manual_seed(0)
+    calls = [verdict(paired_difference(torch.randn(3, generator=generator), torch.zeros(3))) for _ in range(2000)]
+    rate = sum(call != "tie" for call in calls) / len(calls)
+    assert 0.03 < rate < 0.07
+    one_group = paired_difference(torch.ones(4), torch.zeros(4), group_size=4)
+    assert verdict(one_group) == "tie"  # one group says nothing about the spread
 
 
 def test_paired_difference_of_single_inputs_and_bad_groups() -> None:
-    # Independent inputs (group_size 1): every input is resampled on its own.
     shifts = torch.linspace(0.0, 0.011, 12)
     single = paired_difference(shifts, torch.zeros(12))
     assert single["mean"] == pytest.approx(shifts.mean().item())

@@ -108,8 +108,8 @@ def test_resume_refuses_what_it_cannot_continue(image_folder: Path, tmp_path: Pa
         train_dynamicvit.main([*args, "--epochs", "2", "--resume", "--checkpoint", str(tmp_path / "other.safetensors")])
     with pytest.raises(SystemExit, match="trained 1 epochs already; pass a larger --epochs"):
         train_dynamicvit.main([*args, "--epochs", "1", "--resume"])
-    # switching to float16 on resume starts a fresh loss scale (the saved run had none)
-    train_dynamicvit.main([*args, "--epochs", "2", "--resume", "--dtype", "float16"])
+    # switching to bfloat16 on resume keeps going (the saved run had no loss scale, nor needs one)
+    train_dynamicvit.main([*args, "--epochs", "2", "--resume", "--dtype", "bfloat16"])
     assert [entry["epoch"] for entry in _log(tmp_path)] == [0, 1]
     # a state from before the run's configuration was saved
     torch.save({"optimizer": {}, "epoch": 0, "step": 1}, tmp_path / "train_state.pt")
@@ -118,7 +118,10 @@ def test_resume_refuses_what_it_cannot_continue(image_folder: Path, tmp_path: Pa
 
 
 def test_float16_trains_with_loss_scaling(image_folder: Path, tmp_path: Path) -> None:
-    train_dynamicvit.main(["--data", str(image_folder), *COMMON, "--max-steps", "1", "--epochs", "1", "--dtype", "float16", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):  # DynamicViT's mask gradient underflows in float16
+        train_dynamicvit.main(["--data", str(image_folder), *COMMON, "--dtype", "float16", "--out", str(tmp_path)])
+    train_dynamicvit.main(["--data", str(image_folder), *COMMON, "--method", "none", "--max-steps", "1", "--epochs", "1",
+                           "--dtype", "float16", "--out", str(tmp_path)])  # fmt: skip
     state = torch.load(tmp_path / "train_state.pt", weights_only=True)
     assert state["scaler"]["scale"] > 1  # the scaler ran (a disabled one saves no state)
     assert math.isfinite(_log(tmp_path)[0]["train_loss"])

@@ -7,9 +7,11 @@ from collections.abc import Sequence
 from typing import Union
 
 RSchedule = Union[int, tuple[int, float], list[int]]
-"""``r`` as ToMe accepts it: a constant int; a tuple ``(r, inflection)`` for a linear ramp that
-keeps the total r·depth (inflection -1 = ToMe's "decreasing schedule", +1 increasing, 0
-constant); or an explicit per-block list (shorter lists are padded with zeros)."""
+"""``r`` as ToMe accepts it: a constant int; a tuple ``(r, inflection)`` for a linear ramp around
+r (inflection -1 = ToMe's "decreasing schedule", +1 increasing, 0 constant) whose entries are
+truncated to integers as ToMe's ``parse_r`` does, so the total can fall short of r·depth by up
+to depth − 1 (ViT-B, (16, -1): 187, not 192); or an explicit per-block list (shorter lists are
+padded with zeros)."""
 
 
 def check_count(value: object, what: str) -> int:

@@ -126,15 +126,21 @@ class DynamicViTConfig:
         depth = len(model.blocks)
         reducers: list[TokenPredictor | None] = [None] * depth
         reference = next(model.parameters())
+        created = False
         for stage, block in enumerate(self.stage_blocks(depth), 1):
             existing = getattr(model.blocks[block], "reducer", None)
             predictor = existing if isinstance(existing, TokenPredictor) else None
             if predictor is None:
                 predictor = TokenPredictor(model.embed_dim, 0.0, model.num_prefix_tokens)
                 predictor.to(device=reference.device, dtype=reference.dtype).train(model.training)
+                created = True
             predictor.keep_fraction = self.keep_ratio**stage
             reducers[block] = predictor
-        if self.predictor is not None:
+        # The file is read when it is new to the model (or predictors are): re-patching with
+        # another keep_ratio carries `predictor` over and must not undo training since.
+        current = getattr(model, "tokenprune_config", None)
+        loaded = isinstance(current, DynamicViTConfig) and current.predictor == self.predictor
+        if self.predictor is not None and (created or not loaded):
             load_predictors_into(reducers, self.predictor)
         return reducers
 

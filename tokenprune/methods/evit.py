@@ -59,7 +59,8 @@ class AttentionDrop:
             scores = cls_attention[:, p:]
         else:
             scores = torch.rand(state.x.shape[:2], device=state.x.device)[:, p:]
-        weights = scores if self.fuse else None
+        # Random scores rank the tokens but say nothing about them: fuse those uniformly.
+        weights = None if not self.fuse else scores if self.score == "attention" else torch.ones_like(scores)
         return keep_top_tokens(state, scores, kept, p, fuse_weights=weights)
 
 

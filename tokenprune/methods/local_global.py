@@ -166,7 +166,7 @@ class LocalGlobalConfig:
     ViT-S/14, 140 views of real photos) at about 80 % of the GFLOPs: merging a few windows
     (1/16) after a few blocks of context (block 3) keeps the embedding and the dense saliency
     map measurably closer to the unreduced model than ToMe at the same GFLOPs, with either of
-    ToMe's schedules (95 % bootstrap intervals over photos; ``evals/results/dense_fidelity.md``).
+    ToMe's schedules (95 % t intervals over photos; ``evals/results/dense_fidelity.md``).
 
     The tighter the budget, the earlier the window stage belongs: blocks before it keep every
     token, so later blocks must merge more each. Measured: block 3 down to ~70 % of the

@@ -137,8 +137,10 @@ def size_bias(size: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return size.log().to(dtype).squeeze(-1)[:, None, None, :]
 
 
-# A masked-out key keeps exp(log ε) ≈ 1e-9 of its weight, so the output equals attention over the
-# kept keys to ~T·1e-9, while log(ε + (1-ε)·keep) still passes DynamicViT's gradient to the mask:
+# A masked-out key keeps exp(log ε) ≈ 1e-9 of its weight relative to a kept key of the same logit,
+# so the output equals attention over the kept keys to about 1e-9·exp(gap) per dropped key (gap:
+# how far its logit exceeds the kept ones'; 2e-7 at a gap of 10, 5e-3 at 20), while
+# log(ε + (1-ε)·keep) still passes DynamicViT's gradient to the mask:
 # ∂out/∂keep_j = ∂out/∂bias_j · (1-ε)/ε = (e_j / Z)(v_j - out), as for a multiplicative mask.
 KEEP_EPS = 1e-9
 
