@@ -168,8 +168,16 @@ def test_predictor_checkpoint_round_trip(tmp_path) -> None:
     other = tokenprune.patch(make("vit_cls"), "dynamicvit", predictor=str(tmp_path / "predictors.safetensors"))
     with torch.no_grad():
         torch.testing.assert_close(other(image()), model(image()))
-    # re-patching with a new keep ratio keeps the (trained) predictor weights
+    # re-patching with a new keep ratio keeps the predictor weights, also those trained since
+    # the file was loaded (the file is not read again)
+    with torch.no_grad():
+        predictors(other)["3"].out_conv[4].weight.add_(1.0)
+    tuned = predictors(other)["3"].out_conv[4].weight.clone()
     tokenprune.patch(other, keep_ratio=0.5)
+    assert torch.equal(predictors(other)["3"].out_conv[4].weight, tuned)
+    # naming the file again with another method in between reads it again
+    tokenprune.patch(other, "tome", r=2)
+    tokenprune.patch(other, "dynamicvit", predictor=str(tmp_path / "predictors.safetensors"))
     assert torch.equal(predictors(other)["3"].out_conv[4].weight, predictors(model)["3"].out_conv[4].weight)
     with pytest.raises(ValueError, match="do not fit"):
         tokenprune.patch(make("vit_cls"), "dynamicvit", stages=(2, 4), predictor=str(tmp_path / "predictors.safetensors"))
@@ -205,6 +213,17 @@ def test_attention_scores_pick_the_attended_tokens() -> None:
     expected = (weights[:, None] * x[0, [3, 4, 5]]).sum(0) / weights.sum()
     torch.testing.assert_close(fused.x, torch.cat([x[:, [0, 1, 2]], expected[None, None]], dim=1))
     assert fused.size[0, :, 0].tolist() == [1.0, 1.0, 1.0, 3.0]
+    # Random scores rank the tokens but weigh nothing: the fused token is the plain average.
+    torch.manual_seed(0)
+    randomly = AttentionDrop(keep_fraction=0.4, fuse=True, score="random", num_protected=1)(TokenState(x, grid=(1, 5)), None)
+    kept = [i for i in range(1, 6) if any(torch.equal(x[0, i], t) for t in randomly.x[0, 1:-1])]
+    dropped = [i for i in range(1, 6) if i not in kept]
+    torch.testing.assert_close(randomly.x[0, -1], x[0, dropped].mean(0))
+    # Attention that underflowed to 0 on every dropped token: the size-weighted average, not 0.
+    silent = AttentionDrop(keep_fraction=0.4, fuse=True, score="attention", num_protected=1)(
+        TokenState(x, grid=(1, 5)), torch.tensor([[0.5, 0.1, 0.3, 0.0, 0.0, 0.0]])
+    )
+    torch.testing.assert_close(silent.x[0, -1], x[0, [3, 4, 5]].mean(0))
 
 
 def test_inference_keeps_the_tokens_the_predictor_scores_highest() -> None:
