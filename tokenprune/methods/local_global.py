@@ -172,8 +172,8 @@ class LocalGlobalConfig:
     token, so later blocks must merge more each. Measured: block 3 down to ~70 % of the
     GFLOPs, then blocks 2 and 1 with a gently decreasing ``r=(r, -0.5)``, block 0 from ~52 %
     and ``(r, -1)`` under 50 % (``evals.settings.LOCAL_GLOBAL_PLACEMENT`` places it so for
-    budget searches). Below ~67 % these tie with ToMe within what 20 photos can resolve (a
-    decreasing ``(r, -1)`` after block 1 loses embedding cosine): not because of the windows
+    budget searches). Below ~73 % these tie with ToMe within what 20 photos can resolve: not
+    because of the windows
     (at the same per-block counts, windows keep the embedding closer than ToMe's pairs), but
     because no block before the window stage merges.
 
