@@ -205,6 +205,14 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int, backend:
     return bipartite_dest(best_score, best_b, r, metric.shape[1], num_protected)
 
 
+def unit_vectors(metric: Tensor) -> Tensor:
+    """``metric`` in float32, each vector scaled to length 1, for cosine similarities. Float32
+    whatever the model's dtype: bf16 would round distinct similarities into ties and change
+    which tokens merge. A zero vector stays zero (cosine 0 to all) where x / ‖x‖ would give
+    NaN, which torch.max and the match kernel would order differently."""
+    return F.normalize(metric.float(), dim=-1)
+
+
 def bipartite_split(num_protected: int) -> tuple[slice, slice]:
     """Positions of sets A and B among the tokens after the prefix. A/B parity follows the
     absolute position, as in ToMe, so the prefix does not shift it."""
@@ -227,12 +235,7 @@ def bipartite_best_match(
     """
     p = num_protected
     a_part, b_part = bipartite_split(p)
-    # Similarities in float32 whatever the model's dtype: bf16 would round distinct
-    # similarities into ties and change which tokens merge.
-    body = metric[:, p:].float()
-    # F.normalize leaves a zero vector zero (cosine 0 to all) where x / ‖x‖ would give NaN,
-    # which torch.max and the match kernel order differently.
-    body = F.normalize(body, dim=-1)
+    body = unit_vectors(metric[:, p:])
     a, b = body[:, a_part], body[:, b_part]
     if pos is None or pos_weight == 0.0:
         return best_match(a, b, backend)

@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..merge import (
@@ -23,6 +22,7 @@ from ..merge import (
     bipartite_matching_flops,
     max_bipartite_r,
     merge_state,
+    unit_vectors,
 )
 from ..schedule import RSchedule, resolve_r
 from ._options import check_common_options
@@ -38,8 +38,7 @@ def window_scores(metric: Tensor, grid: tuple[int, int], window: int) -> Tensor:
     """
     rows, cols = grid
     n = window * window
-    unit = metric.float()
-    unit = F.normalize(unit, dim=-1)  # a zero vector stays zero, not NaN
+    unit = unit_vectors(metric)
     unit = unit.reshape(unit.shape[0], rows, cols, -1)[:, : rows // window * window, : cols // window * window]
     sums = unit.reshape(unit.shape[0], rows // window, window, cols // window, window, -1).sum(dim=(2, 4))
     return ((sums.square().sum(-1) - n) / (n * (n - 1))).flatten(1)
@@ -173,9 +172,8 @@ class LocalGlobalConfig:
     GFLOPs, then blocks 2 and 1 with a gently decreasing ``r=(r, -0.5)``, block 0 from ~52 %
     and ``(r, -1)`` under 50 % (``evals.settings.LOCAL_GLOBAL_PLACEMENT`` places it so for
     budget searches). Below ~73 % these tie with ToMe within what 20 photos can resolve: not
-    because of the windows
-    (at the same per-block counts, windows keep the embedding closer than ToMe's pairs), but
-    because no block before the window stage merges.
+    because of the windows (at the same per-block counts, windows keep the embedding closer
+    than ToMe's pairs), but because no block before the window stage merges.
 
     ``pos_weight`` is off by default: on DINOv2 it lowered the top-10 % saliency IoU at every
     λ tried (0.25 to 4; λ = 1 at the default setting: 0.866 against 0.886) and the embedding

@@ -15,10 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..merge import TokenState, max_bipartite_r, merge_state
+from ..merge import TokenState, max_bipartite_r, merge_state, unit_vectors
 from ..schedule import RSchedule, check_count, resolve_r
 from ._options import check_common_options
 from .tome import BipartiteMerge
@@ -50,8 +49,7 @@ def temporal_scores(metric: Tensor, pos: Tensor, window: float, max_frame_gap: f
     patches in both row and column; the cosine minus ``_OUTSIDE_PENALTY`` (below −1) for the
     other A → B pairs; −inf for every pair that is not A → B. ``pos`` [B, N, 3] are (frame,
     row, col) centroids."""
-    unit = metric.float()
-    unit = F.normalize(unit, dim=-1)  # a zero vector stays zero, not NaN
+    unit = unit_vectors(metric)
     scores = unit @ unit.transpose(-1, -2)
     is_a = torch.remainder(torch.floor(pos[..., 0] + 0.5), 2) == 0
     # cdist builds each [B, N, N] distance in one pass (|Δframe|, then max(|Δrow|, |Δcol|)):
@@ -198,8 +196,7 @@ class BackgroundMerge:
             candidates = importance.masked_fill(odd, float("inf")).argsort(dim=-1, stable=True)
             candidates = candidates[:, : self.pool_size(state.num_tokens)]
         in_pool = torch.zeros(batch, n, dtype=torch.bool, device=keys.device).scatter_(1, candidates, True)
-        unit = keys[:, p:].float()
-        unit = F.normalize(unit, dim=-1)  # a zero vector stays zero, not NaN
+        unit = unit_vectors(keys[:, p:])
         a = unit.gather(1, candidates.unsqueeze(-1).expand(-1, -1, unit.shape[-1]))
         scores = (a @ unit.transpose(-1, -2)).masked_fill(in_pool[:, None, :], float("-inf"))
         best, best_partner = scores.max(dim=-1)

@@ -314,14 +314,14 @@ class ReducingViT:
             x = self.attn_pool(x, attn_mask=bias)
         else:
             weights = size.float()
-            pooled = []
-            if self.global_pool in ("avg", "avgmax"):
+            mean = peak = None
+            if self.global_pool != "max":  # avg, avgmax
                 # In float32 like timm's mean: bf16 weights would round each to ~3 digits.
-                pooled.append((x.float() * (weights / weights.sum(dim=1, keepdim=True))).sum(dim=1).to(x.dtype))
-            if self.global_pool in ("max", "avgmax"):
+                mean = (x.float() * (weights / weights.sum(dim=1, keepdim=True))).sum(dim=1).to(x.dtype)
+            if self.global_pool != "avg":  # max, avgmax
                 # Over the tokens present: weight 0 is a token a training keep mask dropped.
-                pooled.append(x.masked_fill(weights == 0, float("-inf")).amax(dim=1))
-            x = pooled[0] if len(pooled) == 1 else 0.5 * (pooled[1] + pooled[0])
+                peak = x.masked_fill(weights == 0, float("-inf")).amax(dim=1)
+            x = mean if peak is None else peak if mean is None else 0.5 * (peak + mean)
         x = self.head_drop(self.fc_norm(x))
         return x if pre_logits else self.head(x)
 
