@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,12 +25,30 @@ BIKES, CARPHONE = CLIPS / "bikes.mp4", CLIPS / "carphone_pristine.mp4"
 from evals import kinetics  # noqa: E402
 
 
+def _every_frame(path: Path) -> np.ndarray:
+    """Reference decoding: every frame, straight from PyAV."""
+    import av
+
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])])
+
+
 def test_decode_real_clips():
-    bikes = kinetics.decode_video(str(BIKES))
-    carphone = kinetics.decode_video(str(CARPHONE))
-    assert bikes.shape == (250, 272, 640, 3) and bikes.dtype.name == "uint8"
-    assert carphone.shape == (120, 144, 176, 3)
-    assert bikes.std() > 10  # real content, not a blank frame
+    bikes = kinetics.decode_clips(str(BIKES), 16, 4, 5)
+    carphone = kinetics.decode_clips(str(CARPHONE), 16, 4, 1)
+    assert bikes.num_video_frames == 250 and carphone.num_video_frames == 120
+    assert len(bikes.clips) == 5 and bikes.clips[0].shape == (16, 272, 640, 3) and bikes.clips[0].dtype.name == "uint8"
+    assert carphone.clips[0].shape == (16, 144, 176, 3)
+    assert bikes.clips[0].std() > 10  # real content, not a blank frame
+
+
+@pytest.mark.parametrize("expected_frames", [None, 0, 100, 400])  # header, counted, too few, too many
+def test_decode_keeps_exactly_the_sampled_frames(expected_frames):
+    every = _every_frame(BIKES)
+    decoded = kinetics.decode_clips(str(BIKES), 8, 3, 4, expected_frames=expected_frames)
+    assert decoded.num_video_frames == len(every)
+    for clip, indices in zip(decoded.clips, kinetics.clip_indices(len(every), 8, 3, 4), strict=True):
+        assert np.array_equal(clip, every[indices])
 
 
 def test_clip_indices_videomae_protocol():
@@ -45,11 +64,10 @@ def test_clip_indices_videomae_protocol():
 
 
 def test_views_shape_and_crops():
-    frames = kinetics.decode_video(str(CARPHONE))
-    views = kinetics.make_views(frames, 8, 2, 2, 3, 64)
+    views = kinetics.make_views(kinetics.decode_clips(str(CARPHONE), 8, 2, 2).clips, 3, 64)
     assert views.shape == (6, 3, 8, 64, 64)
     assert not views[0].equal(views[2])  # left and right crops differ (176 wide → 78 wide after resize)
-    single = kinetics.make_views(frames, 8, 2, 1, 1, 64)
+    single = kinetics.make_views(kinetics.decode_clips(str(CARPHONE), 8, 2, 1).clips, 1, 64)
     assert single.shape == (1, 3, 8, 64, 64)
     assert abs(float(single.mean())) < 3
 
