@@ -49,12 +49,13 @@ class Dist:
         """Rank 0: the one that prints and writes."""
         return self.rank == 0
 
-    def all_sum(self, values: list[int], device: torch.device) -> list[int]:
+    def all_sum(self, values: list[int | float], device: torch.device) -> list[int | float]:
+        """Sums over ranks, kept int where the value is an int (float64: exact to 2^53)."""
         if self.world_size == 1:
             return values
-        tensor = torch.tensor(values, dtype=torch.int64, device=device)
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return [int(v) for v in tensor.tolist()]
+        return [int(v) if isinstance(x, int) else v for x, v in zip(values, tensor.tolist(), strict=True)]
 
     def gather(self, obj: Any) -> list[Any]:
         if self.world_size == 1:
@@ -81,6 +82,10 @@ def setup(device: str | None) -> tuple[torch.device, Dist]:
         chosen = torch.device(device)
         if chosen.type == "cuda" and chosen.index is None:
             chosen = torch.device("cuda", local_rank)
+        elif chosen.type == "cuda" and chosen.index != local_rank:
+            # NCCL refuses two ranks on one GPU; every rank reads the same --device.
+            raise SystemExit(f"--device {device} under torchrun puts every rank on one GPU: give --device cuda "
+                             f"(rank {local_rank} then uses cuda:{local_rank})")
     else:
         chosen = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if chosen.type == "cuda":

