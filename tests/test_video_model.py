@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+import tokenprune
 from tokenprune.models import (
     VideoVisionTransformer,
     load_videomae,
@@ -86,6 +87,11 @@ def test_wrong_clip_size_raises():
     model = small()
     with pytest.raises(ValueError, match="8 frames of 64x64"):
         model(clip(frames=4))
+    with pytest.raises(ValueError, match="8 frames of 64x64"):  # patched: the same clip message
+        tokenprune.patch(small(), r=4)(clip(size=48))
+    dynamic = tokenprune.patch(small(dynamic_img_size=True), r=4)
+    with pytest.raises(ValueError, match="frames 3 is not a multiple of the tubelet/patch size 2"):
+        tokenprune.plan(dynamic, (3, 64, 64))  # as the forward says, not a floored one-frame grid
     with pytest.raises(ValueError, match=r"\[B, C, T, H, W\]"):
         model(torch.randn(1, 3, 64, 64))
 
@@ -436,6 +442,9 @@ def test_sincos_model_ignores_stored_table_but_not_learned_one():
     state = dict(model.state_dict())
     state["pos_embed"] = sincos_pos_embed(64, 384)  # someone saved the fixed table: dropped
     load_videomae(model, state)
+    for dtype in (torch.float16, torch.bfloat16):  # also a half-precision copy of it
+        state["pos_embed"] = sincos_pos_embed(64, 384).to(dtype)
+        load_videomae(model, state)
     state["pos_embed"] = torch.randn(1, 64, 384)  # a learned one cannot go into a sin-cos model
     with pytest.raises(ValueError, match="unexpected keys \\(1\\): pos_embed"):
         load_videomae(model, state)

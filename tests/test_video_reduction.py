@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -181,9 +183,10 @@ def test_temporal_window_zero_and_missing_partners(clip):
         tokenprune.plan(dynamic, (2, SIZE, SIZE))  # the plan says so too, not a reduction the forward refuses
 
 
-def test_temporal_step_outside_the_window_raises_or_when_compiled_takes_the_best_outside(monkeypatch):
-    """Token 1 (frame 0) has no odd-frame token within the window: eager raises; a compiled
-    model, which cannot raise on data, merges it into its most similar odd-frame token."""
+def test_temporal_step_outside_the_window_takes_the_best_outside_and_warns(monkeypatch):
+    """Token 1 (frame 0) has no odd-frame token within the window: it merges into its most
+    similar odd-frame token, eager (with a warning) and compiled (which cannot warn on data)
+    alike."""
     from tokenprune.merge import TokenState
     from tokenprune.methods.temporal import TemporalMerge
 
@@ -192,14 +195,32 @@ def test_temporal_step_outside_the_window_raises_or_when_compiled_takes_the_best
     x = torch.arange(12.0).reshape(1, 4, 3)
     state = TokenState(x, pos=pos)
     step = TemporalMerge(r=2, window=1, num_protected=0, backend="torch")
-    with pytest.raises(ValueError, match="fewer than r=2"):
-        step(state, metric)
-    assert TemporalMerge(r=1, window=1, num_protected=0, backend="torch")(state, metric).num_tokens == 3
+    with pytest.warns(RuntimeWarning, match="1 of the 2 merges of a block had no partner"):
+        eager = step(state, metric)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # r=1: the one merge inside the window, no warning
+        assert TemporalMerge(r=1, window=1, num_protected=0, backend="torch")(state, metric).num_tokens == 3
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     merged = step(state, metric)
     # 0 joins 2 (inside the window), 1 joins 3 (outside, its best match): B tokens stay in order
     torch.testing.assert_close(merged.x, torch.stack([(x[0, 0] + x[0, 2]) / 2, (x[0, 1] + x[0, 3]) / 2])[None])
     torch.testing.assert_close(merged.size, torch.full((1, 2, 1), 2.0))
+    torch.testing.assert_close(eager.x, merged.x)
+
+
+def test_temporal_drift_does_not_stop_a_planned_schedule():
+    """window=0 over an odd number of tubelet frames: B tokens absorbing the next frame drift to
+    a .5 frame, turn A, and strand the A tokens behind them. Every block the plan allows runs
+    (warning for the merges taken outside) and leaves the planned token counts."""
+    model = make_model(depth=4, dynamic_img_size=True)
+    tokenprune.patch(model, "temporal", r=7, window=0)
+    clip = torch.randn(1, 3, 6, 48, 80, generator=torch.Generator().manual_seed(5))  # 3 × 3 × 5 tokens
+    planned = tokenprune.plan(model, tuple(clip.shape[2:]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        state = model.forward_tokens(clip)
+    assert state.x.shape[1] == planned.tokens[-1] - planned.removed[-1]
+    assert any("had no partner" in str(w.message) for w in caught)
 
 
 def test_temporal_scores_against_broadcast_reference():

@@ -12,6 +12,7 @@ Joint space-time ToMe over all tokens (the ToMe paper's video setting) needs no 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -68,11 +69,14 @@ class TemporalMerge:
     ``r`` best pairs merge (several A tokens may join one B token, as in ToMe). B tokens are only
     destinations, so every token has at most one merge partner and ``dest`` is valid.
 
-    The count is static (compile-friendly); if a clip has fewer than ``r`` A tokens with a
-    partner inside the frame gap and window, the step raises instead of breaking the rule. A
-    compiled model cannot raise on data: it then merges the missing ones into their most similar
-    B token outside the window (a clip without any B token, a single tubelet frame, is not
-    supported there).
+    The count is static (compile-friendly, rectangular batches), and the plan's cap on it is an
+    estimate (see :meth:`num_removed`): when a merged B token's centroid drifts to an even frame
+    it turns A, and an A token whose only partners drifted has none left inside the window
+    (with ``window=0`` or an odd number of tubelet frames this happens within a few blocks). A
+    clip with fewer than ``r`` A tokens with a partner inside the frame gap and window merges
+    the missing ones into their most similar B token outside it, eager and compiled alike, and
+    an eager forward warns (``RuntimeWarning``) with the count: lower ``r`` or widen ``window``
+    to keep every merge inside. A clip without any B token (a single tubelet frame) is refused.
     """
 
     r: int
@@ -91,8 +95,9 @@ class TemporalMerge:
             # even-frame tokens of the input minus those already merged remain to merge (an
             # estimate: a merged token whose centroid drifts to an even frame joins A and can
             # merge on, which keeps static content collapsing across more frames, and the same
-            # drift can leave an A token without a partner in the window, which raises). Capping
-            # here keeps plan/flops — and budgets searched on them — to what the data allows.
+            # drift can leave an A token without a partner in the window: see the class
+            # docstring). Capping here keeps plan/flops — and budgets searched on them — to what
+            # the data allows.
             frames, rows, cols = grid
             if frames < 2 and self.r > 0:  # static: plan, flops and compiled models all see it
                 raise ValueError(
@@ -118,11 +123,17 @@ class TemporalMerge:
         scores = temporal_scores(metric[:, p:], state.pos[:, p:], self.window)
         best_score, best_b = scores.max(dim=-1)
         order = best_score.argsort(dim=-1, descending=True, stable=True)[:, :r]
-        if not torch.compiler.is_compiling() and bool((best_score.gather(1, order) < -1.0 - _EPS).any()):
-            raise ValueError(
-                f"temporal merging: fewer than r={r} tokens have a partner in a neighbouring frame within "
-                f"{self.window} patches; lower r for this block"
-            )
+        if not torch.compiler.is_compiling():
+            outside = int((best_score.gather(1, order) < -1.0 - _EPS).sum().item())
+            if outside:
+                warnings.warn(
+                    f"temporal merging: {outside} of the {r * best_score.shape[0]} merges of a block had no partner in a "
+                    f"neighbouring frame within {self.window} patches and took their most similar odd-frame token "
+                    "outside the window (merged tokens' centroids drifted); lower r or widen the window to keep "
+                    "every merge inside",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         is_src = torch.zeros_like(best_score, dtype=torch.bool).scatter_(1, order, True)
         dest = ordered_dest(is_src, best_b, p)
         return merge_state(state, dest, state.num_tokens - r, self.backend)

@@ -248,7 +248,9 @@ class ReducingViT:
                 "call tokenprune.unpatch(model) for masked attention"
             )
         expected = self.patch_embed.img_size
-        if not self.dynamic_img_size and self.patch_embed.strict_img_size and tuple(x.shape[-2:]) != tuple(expected):
+        # (A clip, [B, C, T, H, W], is checked by the video patch embedding, which names frames too.)
+        if (x.ndim == 4 and not self.dynamic_img_size and self.patch_embed.strict_img_size
+                and tuple(x.shape[-2:]) != tuple(expected)):
             raise ValueError(
                 f"the model takes {expected[0]}x{expected[1]} images, got {x.shape[-2]}x{x.shape[-1]}; "
                 "create it with dynamic_img_size=True to vary the input size (tokenprune keeps no state between calls)"
