@@ -118,9 +118,7 @@ def test_resume_refuses_what_it_cannot_continue(image_folder: Path, tmp_path: Pa
 
 
 def test_float16_trains_with_loss_scaling(image_folder: Path, tmp_path: Path) -> None:
-    with pytest.raises(SystemExit):  # DynamicViT's mask gradient underflows in float16
-        train_dynamicvit.main(["--data", str(image_folder), *COMMON, "--dtype", "float16", "--out", str(tmp_path)])
-    train_dynamicvit.main(["--data", str(image_folder), *COMMON, "--method", "none", "--max-steps", "1", "--epochs", "1",
+    train_dynamicvit.main(["--data", str(image_folder), *COMMON, "--max-steps", "1", "--epochs", "1",
                            "--dtype", "float16", "--out", str(tmp_path)])  # fmt: skip
     state = torch.load(tmp_path / "train_state.pt", weights_only=True)
     assert state["scaler"]["scale"] > 1  # the scaler ran (a disabled one saves no state)

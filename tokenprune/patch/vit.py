@@ -93,7 +93,11 @@ def attend(
     # A metric read from the whole attention map takes the map from the attention itself: one
     # q·kᵀ and softmax, multiplied with v, instead of a fused call plus a second q·kᵀ for the map.
     full_map = metric in ("attention_received", "attention_sharpness")
-    fused = attn.fused_attn and not full_map
+    # A dropped key keeps ~1e-9 of its weight (KEEP_EPS), below float16's range, so float16
+    # attention would round the keep mask's gradient to zero: masked float16 attention takes its
+    # softmax in float32 instead (as DynamicViT's own masked softmax does).
+    float32_softmax = full_map or (bias is not None and q.dtype == torch.float16)
+    fused = attn.fused_attn and not float32_softmax
     use_kernel = fused and backend is not None and bias is None and attn_mask is None and not is_causal and dropout == 0.0
     if bias is None and key_bias is not None and not (use_kernel and metric in (None, "keys")):
         bias = key_bias[:, None, None, :].to(x.dtype)  # the same bias as a mask, for the other paths
@@ -110,7 +114,7 @@ def attend(
             weights = weights + causal
         elif attn_mask is not None:
             weights = weights.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else weights + attn_mask
-        probs = weights.float().softmax(dim=-1) if full_map else weights.softmax(dim=-1)
+        probs = weights.float().softmax(dim=-1) if float32_softmax else weights.softmax(dim=-1)
         out = attn.attn_drop(probs.to(v.dtype)) @ v
     out = attn.norm(out.transpose(1, 2).reshape(batch, num_tokens, attn.attn_dim))
     if gate is not None:
@@ -172,7 +176,9 @@ class ReducingBlock(Block):
             state = reducer(state, None)
             reducer = None
         x = state.x
-        bias = keep_bias(state.keep, x.dtype) if state.keep is not None else None
+        bias = None
+        if state.keep is not None:  # float32 for a float16 stream: the mask's gradient does not fit float16
+            bias = keep_bias(state.keep, torch.float32 if x.dtype == torch.float16 else x.dtype)
         merged = state.size is not None
         key_bias = state.size.log().squeeze(-1) if merged and self.prop_attn else None
         attn_out, metric = attend(
