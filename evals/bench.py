@@ -371,6 +371,13 @@ COLUMNS: list[tuple[str, Callable[[Row], str], str]] = [
 MEASURES = {"samples/s", "speedup", "GFLOPs", "FLOPs ratio", "out tokens", "logit cos", "top-1 agr %", "method", "setting"}
 
 
+# What a "compile on" row's backend column does not say.
+COMPILED_ATTENTION_NOTE = (
+    "Compiled rows: the backend column is the match/merge backend; attention over merged tokens runs "
+    "PyTorch's SDPA under torch.compile (the Triton attention kernel is not traced)."
+)
+
+
 def _table(rows: Sequence[Row]) -> tuple[str, list[str], list[list[str]], list[str]]:
     """(caption of the constant columns, headers, cells, alignments) for the varying ones."""
     cells = [[cell(row) for _, cell, _ in COLUMNS] for row in rows]
@@ -516,6 +523,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"median of {cfg['runs']} runs after {cfg['warmup']} warm-up; `{config['command']}`"
     )
     notes = "".join(f"\n**Warning:** {warning}\n" for warning in warnings)
+    if True in cfg["compile"]:
+        notes += f"\n{COMPILED_ATTENTION_NOTE}\n"
     write_atomic(paths["md"], f"{header}\n\n{format_markdown(rows)}{notes}")
     written = [paths["json"], paths["csv"], paths["md"]]
     if not args.no_plot:

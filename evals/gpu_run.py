@@ -1,36 +1,44 @@
 """Every GPU figure the project owes, in one command that fits the device tool's 10-minute call.
 
-    PYTHONPATH=. TRITON_INTERPRET=0 python -m evals.gpu_run --out "$OUT"   # on the lent GPU
-    python -m evals.gpu_run --dry-run                                      # the steps, anywhere
+    TOKENPRUNE_GIT_COMMIT=<sha> PYTHONPATH=. python -m evals.gpu_run --out "$OUT" --budget-s 540
+    python -m evals.gpu_run --dry-run                  # the steps and their time limits, anywhere
 
-GPUs are lent rarely and briefly, so the steps are fixed here rather than retyped each time:
-the kernel tests on CUDA; the merge step alone; ViT-B/16 at batch 256, torch against Triton
-merging, the r values of ToMe's table (the kernels' throughput targets); the DINOv2 ViT-S/14
-budget sweep and its Pareto plot against the committed fidelity (the headline plot); the video
-ViT-B sweep; a torch.compile pair. Each step has its own time limit, cut to what is left of
-``--budget-s``, so one slow step cannot take the rest with it. The scripts write into
-``evals/results/`` as usual; ``--out`` receives ``gpu_run.log`` (each step's command, output,
-exit status and seconds) and ``results.tar.gz`` (what the run wrote there), which the device
-tool copies back.
+GPUs are lent rarely and briefly, so the steps are fixed here rather than retyped each time, the
+headline figures first: ViT-B/16 at batch 256, torch against Triton merging, the r values of
+ToMe's table (the kernels' targets); the merge step alone; the DINOv2 ViT-S/14 budget sweep;
+the video ViT-B sweep; the kernel tests on CUDA; a torch.compile pair.
+
+**Time.** ``--budget-s`` is what the steps may use together; give the device call's limit
+minus ~40 s (start-up and copying back). Each step may use what is left after reserving the
+minimum of every later one (``min_s``), up to its own ``max_s``; a step that would get less
+than its minimum is skipped and logged. **Nothing is lost to a cut:** after every step (and on
+SIGTERM) what the steps wrote to ``evals/results/`` is copied to ``$OUT/evals/results/``, and
+``$OUT/gpu_run.log`` holds each step's command, output, exit status and seconds, after a
+pre-check of the machine (versions, optional packages, a C compiler, one Triton launch).
+Without a working Triton the benches measure the PyTorch backend alone; without matplotlib
+they skip their PNGs; without pytest the kernel tests are skipped.
+
+**Afterwards** (on any machine, no GPU needed): copy ``$OUT/evals/results/*`` into
+``evals/results/`` and run the Pareto plot that :data:`AFTERWARDS` names.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import importlib.util
 import os
+import shutil
+import signal
 import subprocess
 import sys
-import tarfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TextIO
 
-import torch
-
-from evals.harness import RESULTS_DIR
-
-REPO = RESULTS_DIR.parents[1]
-RESULTS = RESULTS_DIR.relative_to(REPO)  # the steps run in the repository root
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = Path("evals/results")  # relative: the steps run in the repository root
 
 
 @dataclass(frozen=True)
@@ -38,101 +46,219 @@ class Step:
     name: str
     module: str  # run as ``python -m module *args``
     args: tuple[str, ...]
-    limit_s: int
+    min_s: int  # less than this left for it: skipped (kept for the later steps)
+    max_s: int  # its limit when time is plentiful
+    needs: str | None = None  # a module it cannot run without
 
 
 STEPS: tuple[Step, ...] = (
-    Step("kernel tests on CUDA", "pytest", ("-q", "-p", "no:cacheprovider", "tests/test_kernels.py"), 130),
-    Step("merge step alone, torch vs Triton", "evals.bench_merge", (), 60),
     Step(
         "ViT-B/16, batch 256, bfloat16: unpatched vs ToMe with torch and Triton merging",
         "evals.bench",
-        ("--model", "vit_base_patch16_224", "--r", "8", "--r", "13", "--r", "16", "--r", "16,-1", "--quiet"),
-        100,
-    ),
+        ("--model", "vit_base_patch16_224", "--r", "8", "--r", "13", "--r", "16", "--r", "16,-1",
+         "--out", f"{RESULTS}/bench_vitb_cuda.json"),
+        60, 150,
+    ),  # fmt: skip
+    Step("merge step alone, torch vs Triton", "evals.bench_merge", (), 30, 60),
     Step(
         "DINOv2 ViT-S/14 at the fidelity budgets (for the Pareto plot)",
         "evals.bench",
         ("--model", "vit_small_patch14_dinov2", "--img-size", "224", "--method", "tome", "--method", "local_global",
          "--method", "evit", "--budget", "0.9", "--budget", "0.8", "--budget", "0.7", "--budget", "0.6",
-         "--budget", "0.5", "--backend", "auto", "--no-manual", "--quiet", "--out", f"{RESULTS}/bench_dinov2_cuda.json"),
-        100,
+         "--budget", "0.5", "--backend", "auto", "--no-manual", "--out", f"{RESULTS}/bench_dinov2_cuda.json"),
+        60, 150,
     ),  # fmt: skip
-    Step(
-        "Pareto: DINOv2 speed on this GPU against the committed embedding fidelity",
-        "evals.pareto",
-        (f"{RESULTS}/bench_dinov2_cuda.json", f"{RESULTS}/fidelity_dinov2_budgets.json", "--out", f"{RESULTS}/pareto_dinov2_cuda.png"),
-        20,
-    ),
     Step(
         "video ViT-B, 16 frames at 224: joint ToMe, temporal and background merging",
         "evals.bench",
         ("--model", "video_vit_base_patch16_224", "--batch-size", "16", "--method", "tome", "--method", "temporal",
          "--method", "background", "--budget", "0.75", "--budget", "0.5", "--backend", "auto", "--no-manual",
-         "--quiet", "--out", f"{RESULTS}/bench_video_cuda.json"),
-        80,
+         "--out", f"{RESULTS}/bench_video_cuda.json"),
+        50, 120,
     ),  # fmt: skip
     Step(
-        "torch.compile: ViT-B/16 unpatched and ToMe r=16, compiled and not",
+        "kernel tests on CUDA",
+        "pytest",
+        ("-q", "-p", "no:cacheprovider", "tests/test_kernels.py", "--junitxml", f"{RESULTS}/test_kernels_cuda.xml"),
+        60, 150, needs="pytest",
+    ),  # fmt: skip
+    Step(
+        "torch.compile: ViT-B/16 unpatched and ToMe r=16, both compiled",
         "evals.bench",
-        ("--model", "vit_base_patch16_224", "--r", "16", "--backend", "triton", "--compile", "both", "--no-manual",
-         "--quiet", "--out", f"{RESULTS}/bench_compile_cuda.json"),
-        70,
+        ("--model", "vit_base_patch16_224", "--r", "16", "--backend", "triton", "--compile", "on", "--no-manual",
+         "--out", f"{RESULTS}/bench_compile_cuda.json"),
+        90, 200,
     ),  # fmt: skip
 )
+
+# Run where the results were copied back: the DINOv2 speed against the committed fidelity.
+AFTERWARDS = (
+    "evals.pareto",
+    (f"{RESULTS}/bench_dinov2_cuda.json", f"{RESULTS}/fidelity_dinov2_budgets.json",
+     "--out", f"{RESULTS}/pareto_dinov2_cuda.png"),
+)  # fmt: skip
+
+OPTIONAL_MODULES = ("pytest", "matplotlib", "scipy", "tqdm", "safetensors", "einops", "timm", "triton")
+
+# One Triton launch against the PyTorch reference: does this machine compile and run kernels?
+TRITON_SMOKE = """
+import torch
+from kernels.merge import merge_wavg_reference, merge_wavg_triton
+x = torch.randn(2, 9, 40, device="cuda")
+size = torch.ones(2, 9, 1, device="cuda")
+dest = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 3, 3]] * 2, device="cuda")
+got, ref = merge_wavg_triton(x, size, dest, 4), merge_wavg_reference(x, size, dest, 4)
+torch.testing.assert_close(got, ref)
+print("triton ok")
+"""
 
 
 def command(step: Step) -> list[str]:
     return [sys.executable, "-m", step.module, *step.args]
 
 
+def limits(steps: tuple[Step, ...], left: float) -> list[float]:
+    """Each step's limit with ``left`` seconds for all: what remains after reserving every later
+    step's minimum, at most its own maximum (the first steps, the headline ones, come first)."""
+    out = []
+    for i, step in enumerate(steps):
+        reserved = sum(later.min_s for later in steps[i + 1 :])
+        out.append(min(step.max_s, left - reserved))
+    return out
+
+
+def adapted(step: Step, triton_ok: bool, have_matplotlib: bool) -> Step:
+    """The step as this machine can run it: PyTorch merging alone without a working Triton, no
+    PNG without matplotlib."""
+    if step.module != "evals.bench":
+        return step
+    args = list(step.args)
+    if not triton_ok:
+        while "--backend" in args:
+            at = args.index("--backend")
+            del args[at : at + 2]
+        args += ["--backend", "torch"]
+    if not have_matplotlib:
+        args.append("--no-plot")
+    return replace(step, args=tuple(args))
+
+
+def sync_results(out: Path, since: float) -> list[str]:
+    """Copy what the steps wrote to evals/results (files newer than ``since``) under ``out``."""
+    copied = []
+    target = out / RESULTS
+    for path in sorted((REPO / RESULTS).iterdir()):
+        if path.is_file() and path.stat().st_mtime >= since and not path.name.startswith("."):
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target / path.name)
+            copied.append(path.name)
+    return copied
+
+
+def precheck(log: TextIO, env: dict[str, str]) -> tuple[bool, bool]:
+    """Log the machine; return (Triton launches a kernel, matplotlib is installed)."""
+    import torch
+
+    present = {name: importlib.util.find_spec(name) is not None for name in OPTIONAL_MODULES}
+    versions = {}
+    for name in ("torch", "triton", "timm", "torchvision", "numpy"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    log.write(
+        f"== pre-check\ndevice: {torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}\n"
+        f"versions: {versions}\nmodules present: {present}\n"
+        f"C compiler: {shutil.which('cc') or shutil.which('gcc') or 'none'}\n"
+        f"git commit: {env.get('TOKENPRUNE_GIT_COMMIT', 'unknown (set TOKENPRUNE_GIT_COMMIT)')}\n"
+    )
+    log.flush()
+    triton_ok = False
+    if present["triton"]:
+        try:
+            smoke = subprocess.run([sys.executable, "-c", TRITON_SMOKE], cwd=REPO, env=env, capture_output=True,
+                                   text=True, timeout=90)
+            triton_ok = smoke.returncode == 0
+            log.write(smoke.stdout + smoke.stderr[-3000:])
+        except subprocess.TimeoutExpired:
+            log.write("triton smoke test: no answer in 90 s\n")
+    log.write(f"== Triton kernels {'run' if triton_ok else 'do NOT run: the benches measure PyTorch merging only'}\n\n")
+    log.flush()
+    return triton_ok, present["matplotlib"]
+
+
+class Stopped(Exception):
+    """SIGTERM: the device call is ending."""
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise Stopped
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m evals.gpu_run", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, help="folder for gpu_run.log and results.tar.gz (the device tool's $OUT)")
-    parser.add_argument("--budget-s", type=float, default=560, help="seconds for all steps together (default 560)")
+    parser.add_argument("--out", type=Path, help="folder for gpu_run.log and the results (the device tool's $OUT)")
+    parser.add_argument("--budget-s", type=float, default=540,
+                        help="seconds for all steps together: the device call's limit minus ~40 (default 540)")
     parser.add_argument("--dry-run", action="store_true", help="print the steps and their limits, run nothing")
     args = parser.parse_args(argv)
     if args.dry_run:
-        for step in STEPS:
-            print(f"[{step.limit_s:4d} s] {step.name}\n         python -m {step.module} {' '.join(step.args)}")
+        for step, limit in zip(STEPS, limits(STEPS, args.budget_s)):
+            print(f"[up to {limit:3.0f} s, at least {step.min_s:3d}] {step.name}\n         python -m {step.module} {' '.join(step.args)}")
+        print(f"afterwards, anywhere: python -m {AFTERWARDS[0]} {' '.join(AFTERWARDS[1])}")
         return 0
     if args.out is None:
         parser.error("--out is required unless --dry-run")
+    import torch
+
     if not torch.cuda.is_available():
         raise SystemExit("evals.gpu_run measures GPU figures and files them as *_cuda: it needs a CUDA GPU")
 
+    started, wall_start = time.monotonic(), time.time()
     args.out.mkdir(parents=True, exist_ok=True)
     # Compiled kernels, never the interpreter: its timings would be meaningless.
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONUNBUFFERED": "1"}
-    started, wall_start = time.monotonic(), time.time()
     failures = 0
-    with open(args.out / "gpu_run.log", "w") as log:
-        for step in STEPS:
+    previous = signal.signal(signal.SIGTERM, _stop)
+    log = open(args.out / "gpu_run.log", "w")
+    try:
+        triton_ok, have_matplotlib = precheck(log, env)
+        steps = tuple(adapted(step, triton_ok, have_matplotlib) for step in STEPS)
+        for i, step in enumerate(steps):
             left = args.budget_s - (time.monotonic() - started)
-            limit = min(step.limit_s, left)
+            limit = limits(steps[i:], left)[0]
             header = f"== {step.name}\n$ python -m {step.module} {' '.join(step.args)}"
-            if left < 5:
-                log.write(f"{header}\n== skipped: {left:.0f} s of the budget left\n\n")
+            if step.needs and importlib.util.find_spec(step.needs) is None:
+                log.write(f"{header}\n== skipped: {step.needs} is not installed\n\n")
+                failures += 1
+                continue
+            if limit < step.min_s:
+                log.write(f"{header}\n== skipped: {limit:.0f} s for it, under its {step.min_s} s minimum\n\n")
                 failures += 1
                 continue
             log.write(f"{header}\n")
             log.flush()
             begun = time.monotonic()
             try:
-                result = subprocess.run(command(step), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=limit)
+                result = subprocess.run(command(step), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                        timeout=limit)
                 status = f"exit {result.returncode}"
                 failures += result.returncode != 0
             except subprocess.TimeoutExpired:
                 status = f"stopped at its {limit:.0f} s limit"
                 failures += 1
-            log.write(f"== {status} after {time.monotonic() - begun:.0f} s\n\n")
+            copied = sync_results(args.out, wall_start)
+            log.write(f"== {status} after {time.monotonic() - begun:.0f} s; results so far: {', '.join(copied) or 'none'}\n\n")
             log.flush()
             print(f"{step.name}: {status}", flush=True)
-    # What the steps wrote; results older than this run stay out.
-    with tarfile.open(args.out / "results.tar.gz", "w:gz") as tar:
-        for path in sorted(RESULTS_DIR.iterdir()):
-            if path.is_file() and path.stat().st_mtime >= wall_start:
-                tar.add(path, arcname=str(path.relative_to(REPO)))
+        log.write(f"== afterwards, anywhere: python -m {AFTERWARDS[0]} {' '.join(AFTERWARDS[1])}\n")
+    except Stopped:
+        log.write(f"\n== stopped by SIGTERM after {time.monotonic() - started:.0f} s\n")
+        failures += 1
+    finally:
+        sync_results(args.out, wall_start)
+        log.close()
+        signal.signal(signal.SIGTERM, previous)
     return 1 if failures else 0
 
 

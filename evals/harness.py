@@ -260,14 +260,16 @@ def _cpu_name() -> str:
 
 
 def _git_commit() -> str | None:
+    """HEAD's hash, or ``TOKENPRUNE_GIT_COMMIT`` where the code runs outside its checkout (a copy
+    of the working tree on a lent GPU machine has no ``.git``)."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
         )
     except (OSError, subprocess.SubprocessError):
-        return None
+        return os.environ.get("TOKENPRUNE_GIT_COMMIT")
     if out.returncode != 0:
-        return None
+        return os.environ.get("TOKENPRUNE_GIT_COMMIT")
     return out.stdout.strip() or None
 
 

@@ -255,9 +255,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         points, missing = list(quality), []
     front = pareto_front(points, args.x)
     title = args.title or ", ".join(sorted(set(devices))) or "GFLOPs"
-    write_atomic(args.out, plot_png(points, front, args.x, title))
     table = format_markdown(points, front, missing)
-    write_atomic(args.out.with_suffix(".md"), table)
+    write_atomic(args.out.with_suffix(".md"), table)  # first: the table needs no matplotlib
+    write_atomic(args.out, plot_png(points, front, args.x, title))
     print(table)
     return {"points": points, "front": front, "missing": missing}
 
