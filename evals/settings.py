@@ -6,7 +6,8 @@ line (:func:`add_arguments`, :func:`settings_from_args`).
 
 **Budgets** compare methods at equal cost. A method's strength is one option, its **knob**:
 ``r`` for the merging methods, ``keep_ratio`` for the dropping methods, ``early_r`` for video
-background merging. Its settings are listed from the weakest (no reduction) to the strongest,
+background merging. Its settings are listed from the weakest (r=0 or ρ=1; two-stage merging's
+first setting already merges its windows) to the strongest,
 one step apart (one token of ``r``, 0.01 of ``keep_ratio``). Two-stage merging
 (``local_global``) also moves its window stage with the budget, earlier for tighter budgets
 (:data:`LOCAL_GLOBAL_PLACEMENT`), unless ``local_block`` is given. A budget is

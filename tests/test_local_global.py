@@ -159,7 +159,7 @@ def test_bad_options() -> None:
     model = make("vit_cls")
     with pytest.raises(ValueError, match="local_block"):
         tokenprune.patch(model, "local_global", local_block=12)
-    with pytest.raises(ValueError, match="11 entries but the model has 10 blocks"):
+    with pytest.raises(ValueError, match="11 entries but after local_block=1 come 10 blocks"):
         tokenprune.patch(model, "local_global", local_block=1, r=[4] * 11)  # one entry per block after 1
     tokenprune.patch(model, "local_global", local_block=1, r=(8, -1))
     assert tokenprune.plan(model, 224).removed[2] == 16  # the ramp starts at stage 2's first block
@@ -167,6 +167,9 @@ def test_bad_options() -> None:
         tokenprune.patch(model, "local_global", local_ratio=1.5)
     with pytest.raises(ValueError, match="window"):
         tokenprune.patch(model, "local_global", window=1)
+    dropping = tokenprune.patch(make("vit_cls", patch_drop_rate=0.25), "local_global").train()
+    with pytest.raises(ValueError, match="patch dropout"):
+        dropping(image())
 
 
 def test_compiles_fullgraph() -> None:

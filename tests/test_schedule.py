@@ -17,6 +17,7 @@ def test_decreasing_schedule_matches_linear_ramp() -> None:
     assert resolve_r((16, -1), 12) == expected == (32, 29, 26, 23, 20, 17, 14, 11, 8, 5, 2, 0)
     assert resolve_r((16, 1.0), 12) == tuple(int(0 + 32 / 11 * i) for i in range(12))
     assert resolve_r((16, 0), 12) == (16,) * 12
+    assert resolve_r((3, -1), 1) == resolve_r((3, 1), 1) == (3,)  # one block: the ramp's middle, keeping the total
 
 
 def test_per_block_list_is_padded() -> None:

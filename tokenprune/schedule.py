@@ -22,9 +22,10 @@ def check_count(value: object, what: str) -> int:
     return int(value)
 
 
-def resolve_r(r: RSchedule, depth: int) -> tuple[int, ...]:
+def resolve_r(r: RSchedule, depth: int, blocks: str = "the model has") -> tuple[int, ...]:
     """Expand ``r`` into one requested count per block (before capping to what each block can
-    merge, which depends on the token count and happens in the block)."""
+    merge, which depends on the token count and happens in the block). ``blocks`` names the
+    blocks in errors (``"the model has"``, or e.g. ``"after local_block=2 come"``)."""
     if isinstance(r, tuple):
         if len(r) != 2:
             raise TypeError(f"a tuple r must be (r, inflection), got {r!r}; give a per-block schedule as a list")
@@ -36,15 +37,17 @@ def resolve_r(r: RSchedule, depth: int) -> tuple[int, ...]:
             raise ValueError(f"the inflection of (r, inflection) must be in [-1, 1], got {inflection}")
         # Linear ramp from r·(1 - inflection) to r·(1 + inflection); truncation as in ToMe so the
         # same schedule gives the same per-layer counts.
+        if depth == 1:  # a ramp over one block is its middle (ToMe's formula divides by zero)
+            return (base,)
         first = int(base * (1.0 - inflection))
         last = 2 * base - first
-        step = (last - first) / (depth - 1) if depth > 1 else 0.0
+        step = (last - first) / (depth - 1)
         return tuple(int(first + step * i) for i in range(depth))
     if isinstance(r, Sequence) and not isinstance(r, str):
         counts = [check_count(v, f"r[{i}]") for i, v in enumerate(r)]
         if len(counts) > depth:
             raise ValueError(
-                f"the r schedule has {len(counts)} entries but the model has {depth} blocks; "
+                f"the r schedule has {len(counts)} entries but {blocks} {depth} blocks; "
                 f"give at most one entry per block"
             )
         return tuple(counts) + (0,) * (depth - len(counts))

@@ -86,7 +86,8 @@ class WindowMerge:
     def windows(self, num_tokens: int, grid: tuple[int, int]) -> int:
         if num_tokens != self.num_protected + grid[0] * grid[1]:
             raise ValueError(
-                "window merging needs the full patch grid: put the local stage before any other merging"
+                f"window merging needs the full patch grid ({grid[0]}x{grid[1]} patches + {self.num_protected} "
+                f"prefix), got {num_tokens} tokens: timm's patch dropout (patch_drop_rate) is not supported"
             )
         return (grid[0] // self.window) * (grid[1] // self.window)
 
@@ -169,9 +170,10 @@ class LocalGlobalConfig:
 
     The tighter the budget, the earlier the window stage belongs: blocks before it keep every
     token, so later blocks must merge more each. Measured: block 3 down to ~70 % of the
-    GFLOPs, then blocks 2 and 1 with a gently decreasing ``r=(r, -0.5)``, block 0 from ~52 %
+    GFLOPs, then blocks 2 and 1 with a gently decreasing ``r=(r, -0.5)``, block 0 from ~54 %
     and ``(r, -1)`` under 50 % (``evals.settings.LOCAL_GLOBAL_PLACEMENT`` places it so for
-    budget searches). Below ~73 % these tie with ToMe within what 20 photos can resolve: not
+    budget searches; a budget just above a band's floor may get the next band's setting, a few
+    points under the budget). Below ~73 % these tie with ToMe within what 20 photos can resolve: not
     because of the windows (at the same per-block counts, windows keep the embedding closer
     than ToMe's pairs), but because no block before the window stage merges.
 
@@ -190,11 +192,14 @@ class LocalGlobalConfig:
         local_ratio: fraction of the windows merged in stage 1 (a static count; default 1/16).
         local_threshold: when set, replaces ``local_ratio``: merge the windows whose mean
             pairwise cosine is at least this, the count made equal across the batch (the
-            smallest); data-dependent, so ``plan``/``flops`` cannot predict it.
+            smallest, so an image's result depends on its batch); data-dependent, so
+            ``plan``/``flops`` cannot predict it and ``torch.compile(fullgraph=True)`` fails.
         r: stage-2 merges per block, over the blocks after ``local_block``: an int, ToMe's
             ``(r, inflection)`` ramp over those blocks, or a list with one entry per such block.
             With ``adaptive`` it is the per-block cap.
-        adaptive: stage-2 count per block from the data (best scores above mean + std).
+        adaptive: stage-2 count per block from the data (best scores above mean + std, the
+            smallest count of the batch); like ``local_threshold``, batch-dependent and not
+            ``fullgraph``-compilable.
         pos_weight: λ, the positional penalty per grid diagonal of centroid distance (0 = ToMe).
         prop_attn, trace_source, backend: as in :class:`ToMeConfig`.
     """
@@ -229,7 +234,8 @@ class LocalGlobalConfig:
         depth = len(model.blocks)
         if not 0 <= self.local_block < depth:
             raise ValueError(f"local_block must be in [0, {depth - 1}] for a {depth}-block model, got {self.local_block}")
-        counts = (0,) * (self.local_block + 1) + resolve_r(self.r, depth - self.local_block - 1)
+        later = resolve_r(self.r, depth - self.local_block - 1, f"after local_block={self.local_block} come")
+        counts = (0,) * (self.local_block + 1) + later
         protected = model.num_prefix_tokens
         reducers: list[WindowMerge | PositionalBipartiteMerge | None] = [None] * depth
         ratio = None if self.local_threshold is not None else self.local_ratio
