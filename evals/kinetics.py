@@ -11,15 +11,17 @@ folder). ``--classes FILE`` (one name per line, line order = index; e.g. OpenCV'
 labels are looked up in it, and a name it lacks is an error. Without it, folders are indexed
 in sorted order (a warning says so when their count is not the model's class count) and CSV
 labels must be ints. Labels outside the model's classes are an error. Videos are decoded with
-PyAV (RGB; only the sampled frames are kept).
+PyAV (RGB; only the sampled frames are kept; packets the decoder rejects are skipped, and the
+video is listed under ``damaged`` with their count).
 
-**Protocol.** VideoMAE's Kinetics test protocol by default: 16 frames with a stride of 4 (a
-64-frame span), the short side resized to 224, ``--clips 5`` temporal clips evenly spaced over
-the video × ``--crops 3`` spatial 224² crops along the long side (left/top, centre,
-right/bottom); the softmax probabilities of the 15 views are averaged, as VideoMAE's test
-script does (``--average logits`` averages logits instead). ``--single-view``: one centre
-clip, one centre crop. Frames past the end of a short video repeat the last frame (as
-VideoMAE); videos that need such repeats are listed as ``too_short`` (and still evaluated).
+**Protocol.** VideoMAE's Kinetics test protocol by default, index for index and pixel for
+pixel as its test loader (:func:`clip_indices`, :func:`make_views`): 16 frames with a stride of
+4 (a 64-frame span), the short side resized to 224 (bilinear, no antialiasing), ``--clips 5``
+temporal clips evenly spaced over the video × ``--crops 3`` spatial 224² crops along the long
+side (left/top, centre, right/bottom); the softmax probabilities of the 15 views are averaged,
+as VideoMAE's test script does (``--average logits`` averages logits instead).
+``--single-view``: one centre clip, one centre crop. A video shorter than the span repeats its
+last sampled frame (as VideoMAE) and is listed as ``too_short`` (and still evaluated).
 Undecodable videos are listed as ``failed``, counted, and scored as wrong in ``top1_all``.
 
 **Several GPUs** (``torchrun --nproc_per_node N -m evals.kinetics ...``): each rank evaluates
@@ -119,7 +121,22 @@ def samples_from_csv(csv_path: Path, root: Path | None = None, classes: Sequence
 
 class DecodedClips(NamedTuple):
     clips: list[np.ndarray]  # each [num_frames, H, W, 3] uint8 RGB, in clip_indices order
-    num_video_frames: int  # frames in the video's first stream
+    num_video_frames: int  # frames decoded from the video's first stream
+    damaged_packets: int  # packets the decoder rejected (their frames are missing)
+
+
+def _frame_count_estimate(path: str) -> int:
+    """The container's frame count, else duration × frame rate (WebM and Matroska headers have
+    no count); 0 when neither is known. A wrong estimate only costs a second decoding pass."""
+    import av
+
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        if stream.frames > 0:
+            return stream.frames
+        duration = (stream.duration * stream.time_base) if stream.duration else (container.duration or 0) / 1e6
+        rate = stream.average_rate or stream.guessed_rate or 0
+        return int(round(float(duration) * float(rate)))
 
 
 def decode_clips(path: str, num_frames: int, stride: int, num_clips: int,
@@ -127,35 +144,44 @@ def decode_clips(path: str, num_frames: int, stride: int, num_clips: int,
     """The frames that ``clip_indices`` samples from the first video stream, decoded with PyAV.
 
     Only sampled frames are kept, at most clips × frames (80 for the default protocol): a 10 s
-    1080p video at 30 fps holds 0.5 GB in a loader worker rather than 1.9 GB for every frame. Which frames are sampled depends on the video's
-    length, so decoding plans with ``expected_frames`` (default: the count in the container's
-    header; 0: count by decoding once first) and decodes a second time only when the stream turns
-    out longer or shorter than planned and a sampled frame was not kept. Raises on failure."""
+    1080p video at 30 fps holds 0.5 GB in a loader worker rather than 1.9 GB for every frame.
+    Which frames are sampled depends on the video's length, so decoding plans with
+    ``expected_frames`` (default: the header's count, or duration × frame rate; 0: count by
+    decoding once first) and decodes a second time only when the stream turns out longer or
+    shorter than planned and a sampled frame was not kept. Packets the decoder rejects (a
+    damaged file) are skipped and counted, so the rest of the video is still evaluated. Display
+    rotation is ignored, as by VideoMAE's decoder. Raises when no frame decodes."""
     import av
 
-    def decode(wanted: set[int]) -> tuple[dict[int, np.ndarray], int]:
-        kept, count = {}, 0
+    def decode(wanted: set[int]) -> tuple[dict[int, np.ndarray], int, int]:
+        kept, count, damaged = {}, 0, 0
         with av.open(path) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            for count, frame in enumerate(container.decode(stream), start=1):
-                if count - 1 in wanted:
-                    kept[count - 1] = frame.to_ndarray(format="rgb24")
-        return kept, count
+            for packet in container.demux(stream):
+                try:
+                    frames = packet.decode()
+                except av.error.InvalidDataError:
+                    damaged += 1
+                    continue
+                for frame in frames:
+                    if count in wanted:
+                        kept[count] = frame.to_ndarray(format="rgb24")
+                    count += 1
+        return kept, count, damaged
 
     if expected_frames is None:
-        with av.open(path) as container:
-            expected_frames = container.streams.video[0].frames
+        expected_frames = _frame_count_estimate(path)
     if expected_frames <= 0:
         expected_frames = decode(set())[1]
     planned = {i for clip in clip_indices(expected_frames, num_frames, stride, num_clips) for i in clip}
-    kept, count = decode(planned)
+    kept, count, damaged = decode(planned)
     if count == 0:
-        raise ValueError("no frames decoded")
+        raise ValueError("no frames decoded" + (f" ({damaged} damaged packets)" if damaged else ""))
     indices = clip_indices(count, num_frames, stride, num_clips)
     if count != expected_frames and not all(i in kept for clip in indices for i in clip):
-        kept, count = decode({i for clip in indices for i in clip})
-    return DecodedClips([np.stack([kept[i] for i in clip]) for clip in indices], count)
+        kept, count, damaged = decode({i for clip in indices for i in clip})
+    return DecodedClips([np.stack([kept[i] for i in clip]) for clip in indices], count, damaged)
 
 
 def frames_needed(num_frames: int, stride: int) -> int:
@@ -164,49 +190,55 @@ def frames_needed(num_frames: int, stride: int) -> int:
 
 
 def clip_indices(num_video_frames: int, num_frames: int, stride: int, num_clips: int) -> list[list[int]]:
-    """Frame indices of ``num_clips`` clips of ``num_frames`` frames ``stride`` apart, their start
-    points evenly spaced from frame 0 to frame N − num_frames·stride (one clip: the centre).
-    Indices past the end repeat the last frame. VideoMAE's test sampling spaces the windows over
-    the stride-subsampled frame list instead, so its starts are multiples of ``stride``: the two
-    differ by less than ``stride`` frames per start (250 frames, 5 clips: 0, 46, 93, 139, 186
-    here; 0, 44, 92, 140, 188 there)."""
-    span = num_frames * stride
-    room = max(num_video_frames - span, 0)
-    if num_clips == 1:
-        starts = [room // 2]
-    else:
-        starts = [int(i * room / (num_clips - 1)) for i in range(num_clips)]
-    last = num_video_frames - 1
-    return [[min(start + k * stride, last) for k in range(num_frames)] for start in starts]
+    """Frame indices of ``num_clips`` clips of ``num_frames`` frames, as VideoMAE's Kinetics test
+    loader samples them: every ``stride``-th frame of the video (the last of those repeated
+    when there are fewer than ``num_frames``), and clip k starting at int(k · step) in that
+    list, step = (length − num_frames) / (num_clips − 1); one clip is centred. (250 frames,
+    16 × 4, 5 clips: starting at frames 0, 44, 92, 140, 188.)"""
+    sampled = list(range(0, num_video_frames, stride))
+    sampled += sampled[-1:] * max(num_frames - len(sampled), 0)
+    room = len(sampled) - num_frames
+    starts = [room // 2] if num_clips == 1 else [int(k * room / (num_clips - 1)) for k in range(num_clips)]
+    return [sampled[start : start + num_frames] for start in starts]
 
 
 def crop_offsets(length: int, crop: int, num_crops: int) -> list[int]:
-    """Offsets of ``num_crops`` crops along one axis: centre for one, else evenly from 0 to the end."""
+    """Offsets of ``num_crops`` crops along one axis, as VideoMAE's test loader: int(k · step),
+    step = (length − crop) / (num_crops − 1); one crop is centred."""
     room = max(length - crop, 0)
     if num_crops == 1:
         return [room // 2]
-    return [int(round(i * room / (num_crops - 1))) for i in range(num_crops)]
+    return [int(k * room / (num_crops - 1)) for k in range(num_crops)]
 
 
 def make_views(clips: Sequence[np.ndarray], num_crops: int, size: int) -> Tensor:
-    """[clips·crops, 3, T, size, size] normalised float views of decoded clips ([T, H, W, 3]
-    uint8 each): short side resized to ``size`` (bilinear, antialiased), crops along the long side."""
+    """[clips·crops, 3, T, size, size] uint8 views of decoded clips ([T, H, W, 3] uint8 each), as
+    VideoMAE's test loader makes them: the short side resized to ``size`` (bilinear without
+    antialiasing, like its OpenCV resize; the long side truncated to an int), then ``num_crops``
+    crops along the long side. uint8 keeps what loader workers pass on small: normalise on the
+    device with :func:`normalize`."""
     views = []
     for frames in clips:
         clip = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # [T, 3, H, W]
         height, width = clip.shape[-2:]
-        scale = size / min(height, width)
-        new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
-        clip = F.interpolate(clip, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
-        clip = (clip / 255.0 - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+        if height <= width:
+            new_h, new_w = size, max(size, int(size * width / height))
+        else:
+            new_h, new_w = max(size, int(size * height / width)), size
+        clip = F.interpolate(clip, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=False)
+        clip = clip.round_().clamp_(0, 255).to(torch.uint8)
         along_height = new_h > new_w
         for offset in crop_offsets(max(new_h, new_w), size, num_crops):
-            if along_height:
-                view = clip[:, :, offset : offset + size, (new_w - size) // 2 : (new_w - size) // 2 + size]
-            else:
-                view = clip[:, :, (new_h - size) // 2 : (new_h - size) // 2 + size, offset : offset + size]
+            view = clip[:, :, offset : offset + size, :] if along_height else clip[:, :, :, offset : offset + size]
             views.append(view.permute(1, 0, 2, 3))  # [3, T, size, size]
     return torch.stack(views)
+
+
+def normalize(views: Tensor) -> Tensor:
+    """uint8 views → float, normalised with ImageNet's mean and std (VideoMAE's)."""
+    mean = torch.tensor(MEAN, device=views.device).view(3, 1, 1, 1)
+    std = torch.tensor(STD, device=views.device).view(3, 1, 1, 1)
+    return (views.float() / 255.0 - mean) / std
 
 
 class Item(NamedTuple):
@@ -214,6 +246,7 @@ class Item(NamedTuple):
     label: int
     index: int
     num_frames: int  # decoded frames (0 when failed)
+    damaged_packets: int  # packets the decoder rejected (their frames are missing)
     error: str | None
 
 
@@ -231,8 +264,8 @@ class VideoDataset(Dataset):
             decoded = decode_clips(path, self.num_frames, self.stride, self.clips)
             views = make_views(decoded.clips, self.crops, self.size)
         except Exception as error:  # noqa: BLE001 - every unreadable video is reported, none stops the run
-            return Item(None, label, index, 0, f"{type(error).__name__}: {error}")
-        return Item(views, label, index, decoded.num_video_frames, None)
+            return Item(None, label, index, 0, 0, f"{type(error).__name__}: {error}")
+        return Item(views, label, index, decoded.num_video_frames, decoded.damaged_packets, None)
 
 
 def collate(items: Sequence[Item]) -> list[Item]:
@@ -276,22 +309,24 @@ def build_model(args: argparse.Namespace, options: dict[str, Any]) -> torch.nn.M
 
 
 class Tally(NamedTuple):
-    """One rank's results: counts, and the videos that failed or were too short."""
+    """One rank's results: counts, and the videos that failed, were too short or damaged."""
 
-    correct: dict[int, int]
+    correct: dict[int, float]
     evaluated: int
     failed: list[dict[str, Any]]
     too_short: list[dict[str, Any]]
+    damaged: list[dict[str, Any]]
 
 
 def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device, views_per_batch: int, needed: int,
              average: str = "probabilities", ks: Sequence[int] = (1, 5), progress: bool = True) -> Tally:
     """Top-k counts over the decodable videos of ``loader`` (the views' softmax probabilities,
-    or logits, averaged per video); failed and too-short videos listed."""
+    or logits, averaged per video); failed, too-short and damaged videos listed."""
     correct = dict.fromkeys(ks, 0.0)
     evaluated = 0
     failed: list[dict[str, Any]] = []
     too_short: list[dict[str, Any]] = []
+    damaged: list[dict[str, Any]] = []
     dataset = loader.dataset
     bar = tqdm(total=len(loader), desc="videos", unit="video", disable=not progress, file=sys.stderr)
     with torch.inference_mode():
@@ -303,7 +338,10 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device, v
                     continue
                 if item.num_frames < needed:
                     too_short.append({"path": path, "frames": item.num_frames})
-                logits = torch.cat([model(chunk.to(device)) for chunk in item.views.split(views_per_batch)]).float()
+                if item.damaged_packets:
+                    damaged.append({"path": path, "damaged_packets": item.damaged_packets, "frames": item.num_frames})
+                chunks = item.views.split(views_per_batch)
+                logits = torch.cat([model(normalize(chunk.to(device, non_blocking=True))) for chunk in chunks]).float()
                 scores = logits.softmax(dim=-1) if average == "probabilities" else logits
                 hits = topk_correct(scores.mean(dim=0, keepdim=True), torch.tensor([item.label], device=device), ks)
                 for k, count in hits.items():
@@ -312,7 +350,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device, v
             bar.update(len(items))
             bar.set_postfix(top1=f"{100 * correct[ks[0]] / max(evaluated, 1):.1f}")
     bar.close()
-    return Tally(correct, evaluated, failed, too_short)
+    return Tally(correct, evaluated, failed, too_short, damaged)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -362,6 +400,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.clips = args.crops = 1
     if args.limit is not None and args.limit < 0 or args.workers < 0:
         raise SystemExit("--limit and --workers must be at least 0")
+    small = [f"--{name.replace('_', '-')} {getattr(args, name)}"
+             for name in ("num_frames", "stride", "clips", "crops", "img_size", "views_per_batch") if getattr(args, name) < 1]
+    if small:
+        raise SystemExit(f"{', '.join(small)}: must be at least 1")
     options = method_options(args)
     classes = read_classes(args.classes)
     warnings: list[str] = []
@@ -404,11 +446,15 @@ def _run(args: argparse.Namespace, options: dict[str, Any], samples: Samples, ks
     evaluated, correct = totals[0], dict(zip(ks, totals[1:]))
     failed = sorted((f for part in ddp.gather(tally.failed) for f in part), key=lambda f: f["path"])
     too_short = sorted((f for part in ddp.gather(tally.too_short) for f in part), key=lambda f: f["path"])
+    damaged = sorted((f for part in ddp.gather(tally.damaged) for f in part), key=lambda f: f["path"])
     if evaluated + len(failed) != len(samples):
         raise RuntimeError(f"count mismatch: {evaluated} evaluated + {len(failed)} failed != {len(samples)} videos")
     if failed:
         warnings.append(f"{len(failed)} of {len(samples)} videos could not be decoded (listed under failed); "
                         f"top1/top5 are over the {evaluated} decoded, top1_all counts the failed as wrong")
+    if damaged:
+        warnings.append(f"{len(damaged)} videos had damaged packets, skipped (listed under damaged); "
+                        "they were evaluated on the frames that decoded")
 
     def pct(k: int, total: int) -> float | None:
         return 100 * correct[k] / total if k in correct and total else None
@@ -421,7 +467,8 @@ def _run(args: argparse.Namespace, options: dict[str, Any], samples: Samples, ks
         "options": options,
         "setting": describe_setting(args.method, options),
         "protocol": {"frames": args.num_frames, "stride": args.stride, "size": args.img_size, "clips": args.clips,
-                     "crops": args.crops, "views_averaged": args.average},
+                     "crops": args.crops, "views_averaged": args.average,
+                     "resize": "short side bilinear without antialiasing, rounded to uint8 (VideoMAE's test loader)"},
         "gflops_per_view": tokenprune.flops(model, (args.num_frames, args.img_size, args.img_size)).gflops,
         "world_size": ddp.world_size,
         "videos": len(samples),
@@ -433,6 +480,8 @@ def _run(args: argparse.Namespace, options: dict[str, Any], samples: Samples, ks
         "failed": failed,
         "num_too_short": len(too_short),
         "too_short": too_short,
+        "num_damaged": len(damaged),
+        "damaged": damaged,
         "warnings": warnings,
     }
     if args.throughput_batch > 0:

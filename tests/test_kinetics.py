@@ -51,25 +51,74 @@ def test_decode_keeps_exactly_the_sampled_frames(expected_frames):
         assert np.array_equal(clip, every[indices])
 
 
+def _videomae_test_views(frames, num_frames, stride, segments, crops, size):
+    """Reference: VideoMAE's Kinetics test loader (its ``VideoClsDataset`` in test mode),
+    restated with OpenCV: every stride-th frame, the last repeated up to num_frames; the short
+    side resized with cv2's bilinear, the long side int(size·long/short); segment k from
+    int(k·(len − T)/(segments − 1)), crop j from int(j·(long − size)/(crops − 1))."""
+    cv2 = pytest.importorskip("cv2")
+    all_index = list(range(0, len(frames), stride))
+    while len(all_index) < num_frames:
+        all_index.append(all_index[-1])
+    buffer = frames[all_index]
+    height, width = buffer.shape[1:3]
+    if width < height:
+        new_w, new_h = size, int(size * height / width)
+    else:
+        new_h, new_w = size, int(size * width / height)
+    buffer = np.stack([cv2.resize(f, (new_w, new_h), interpolation=cv2.INTER_LINEAR) for f in buffer])
+    views = []
+    for chunk in range(segments):
+        temporal_step = max((buffer.shape[0] - num_frames) / (segments - 1), 0) if segments > 1 else None
+        start = int(chunk * temporal_step) if segments > 1 else (buffer.shape[0] - num_frames) // 2
+        for split in range(crops):
+            spatial_step = (max(new_h, new_w) - size) / (crops - 1) if crops > 1 else None
+            offset = int(split * spatial_step) if crops > 1 else (max(new_h, new_w) - size) // 2
+            clip = buffer[start : start + num_frames]
+            clip = clip[:, offset : offset + size] if new_h >= new_w else clip[:, :, offset : offset + size]
+            views.append(torch.from_numpy(np.ascontiguousarray(clip)).permute(3, 0, 1, 2))
+    return torch.stack(views)
+
+
 def test_clip_indices_videomae_protocol():
     clips = kinetics.clip_indices(250, 16, 4, 5)
-    assert len(clips) == 5 and all(len(c) == 16 for c in clips)
-    assert clips[0] == list(range(0, 64, 4))
-    assert clips[-1][-1] == 249 - 3 and clips[-1][0] == 250 - 64  # last start = frames - span
-    starts = [c[0] for c in clips]
-    assert starts == sorted(starts) and all(b - a in (46, 47) for a, b in zip(starts, starts[1:]))
-    assert kinetics.clip_indices(250, 16, 4, 1) == [list(range(93, 157, 4))]  # centred
-    short = kinetics.clip_indices(40, 16, 4, 2)  # shorter than the 64-frame span: last frame repeats
-    assert short[0] == short[1] and short[0][:10] == list(range(0, 40, 4)) and short[0][10:] == [39] * 6
+    assert [c[0] for c in clips] == [0, 44, 92, 140, 188]  # VideoMAE's starts: multiples of the stride
+    assert all(c == list(range(c[0], c[0] + 64, 4)) for c in clips)
+    assert kinetics.clip_indices(250, 16, 4, 1) == [list(range(92, 156, 4))]  # centred
+    short = kinetics.clip_indices(40, 16, 4, 2)  # shorter than the 64-frame span: the last sample repeats
+    assert short[0] == short[1] == list(range(0, 40, 4)) + [36] * 6
+
+
+def test_views_match_videomae_test_loader():
+    """Frame for frame and pixel for pixel (±1 grey level: OpenCV's fixed-point bilinear),
+    landscape and portrait, 5 × 3 views and a single one."""
+    every = _every_frame(CARPHONE)  # 120 frames of 176 × 144
+    for frames in (every, every.transpose(0, 2, 1, 3).copy()):  # and a portrait version
+        for segments, crops in ((5, 3), (1, 1)):
+            clips = [frames[i] for i in kinetics.clip_indices(len(frames), 8, 4, segments)]
+            ours = kinetics.make_views(clips, crops, 64)
+            reference = _videomae_test_views(frames, 8, 4, segments, crops, 64)
+            assert ours.dtype == torch.uint8 and ours.shape == reference.shape
+            assert (ours.int() - reference.int()).abs().max() <= 1
 
 
 def test_views_shape_and_crops():
     views = kinetics.make_views(kinetics.decode_clips(str(CARPHONE), 8, 2, 2).clips, 3, 64)
     assert views.shape == (6, 3, 8, 64, 64)
     assert not views[0].equal(views[2])  # left and right crops differ (176 wide → 78 wide after resize)
-    single = kinetics.make_views(kinetics.decode_clips(str(CARPHONE), 8, 2, 1).clips, 1, 64)
-    assert single.shape == (1, 3, 8, 64, 64)
+    single = kinetics.normalize(kinetics.make_views(kinetics.decode_clips(str(CARPHONE), 8, 2, 1).clips, 1, 64))
+    assert single.shape == (1, 3, 8, 64, 64) and single.dtype == torch.float32
     assert abs(float(single.mean())) < 3
+
+
+def test_damaged_packets_are_skipped_and_counted(tmp_path):
+    data = bytearray(BIKES.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 3000] = bytes(3000)  # a damaged stretch in the middle of the stream
+    damaged = tmp_path / "damaged.mp4"
+    damaged.write_bytes(bytes(data))
+    decoded = kinetics.decode_clips(str(damaged), 16, 4, 5)
+    assert decoded.damaged_packets > 0 and 200 < decoded.num_video_frames < 250  # the rest still decodes
 
 
 def test_csv_and_folder_samples(tmp_path):
@@ -133,7 +182,7 @@ class _Views(torch.utils.data.Dataset):
         logits = torch.tensor(self.view_logits[index])
         views = torch.zeros(len(logits), 3, 1, 1, logits.shape[1])
         views[:, 0, 0, 0] = logits
-        return kinetics.Item(views, self.samples[index][1], index, 64, None)
+        return kinetics.Item(views, self.samples[index][1], index, 64, 0, None)
 
 
 def test_views_are_averaged_as_probabilities_by_default():
@@ -141,11 +190,11 @@ def test_views_are_averaged_as_probabilities_by_default():
     picks 0 ((10+0+0)/3 > (0+2+2)/3), the mean probability picks 1 (0.41 < 0.59)."""
     dataset = _Views([[[10.0, 0.0], [0.0, 2.0], [0.0, 2.0]]], labels=[1])
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, collate_fn=kinetics.collate)
-    model = lambda views: views[:, 0, 0, 0]  # noqa: E731
+    model = lambda views: (views[:, 0, 0, 0] * kinetics.STD[0] + kinetics.MEAN[0]) * 255  # noqa: E731 - un-normalised
     device = torch.device("cpu")
     by_probability = kinetics.evaluate(model, loader, device, 15, 61, "probabilities", ks=(1,), progress=False)
     by_logit = kinetics.evaluate(model, loader, device, 15, 61, "logits", ks=(1,), progress=False)
-    assert by_probability.correct == {1: 1} and by_logit.correct == {1: 0}
+    assert by_probability.correct[1] == pytest.approx(1) and by_logit.correct[1] == pytest.approx(0)
 
 
 def test_bad_requests_are_explained(tmp_path):
