@@ -6,7 +6,8 @@
 
 **Data.** ``--data DIR`` is an image folder as timm reads it (``timm.data.create_dataset``):
 ``DIR/<class>/*.JPEG``, or ``DIR/val/<class>/...`` (the split folder is found as timm does,
-``--split``). Classes are the leaf folder names sorted with timm's natural sort (the same as
+``--split``), or a ``.tar`` archive of such class folders (read in place, as timm's tar reader
+does). Classes are the leaf folder names sorted with timm's natural sort (the same as
 a plain sort for ImageNet's wnids ``n01440764``..., and numeric order for folders named
 ``0``..``999`` as in ImageNet-V2); ``--class-map FILE`` fixes the mapping explicitly (timm's
 class-map format, e.g. ``timm/data/_info/imagenet_synsets.txt``). Flat folders of labelled
@@ -51,10 +52,11 @@ import json
 import os
 import re
 import sys
+import tarfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import IO, Any, NamedTuple
 
 import timm
 import timm.data
@@ -106,7 +108,8 @@ TOPK = (1, 5)
 BENCH_DEFAULTS = {"cpu": (2, 5), "cuda": (10, 30)}
 _MAX_NAMED_KEYS = 20
 
-Samples = list[tuple[str, int]]  # (image path, label)
+Samples = list[tuple[str, int]]  # (image path, or "ARCHIVE.tar::member", label)
+TAR_MEMBER = "::"  # joins a .tar archive's path and a member's name in a sample
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,23 +117,33 @@ Samples = list[tuple[str, int]]  # (image path, label)
 
 
 def samples_from_folder(root: Path, split: str, class_map: str = "") -> tuple[Samples, dict[str, int], Path]:
-    """Images and labels of a class-per-folder tree, found and ordered by timm's own dataset
-    (``timm.data.create_dataset``); returns (samples, class_to_idx, the folder used).
+    """Images and labels of a class-per-folder tree, or of a ``.tar`` archive holding one,
+    found and ordered by timm's own readers (``timm.data.create_dataset``); returns (samples,
+    class_to_idx, the folder or archive used).
 
     timm leaves out the images of folders that ``class_map`` does not name; those are not
     dropped silently here: the run stops and names the folders (a partial map is easily a
     typo)."""
-    if not root.is_dir():
-        raise SystemExit(f"--data {root} is not a folder")
+    archive = root.is_file() and root.suffix == ".tar"
+    if not root.is_dir() and not archive:
+        raise SystemExit(f"--data {root} is neither a folder nor a .tar archive")
     dataset = timm.data.create_dataset("", root=str(root), split=split, class_map=class_map)
     reader = dataset.reader
-    samples = [(str(path), int(target)) for path, target in reader.samples]
-    class_to_idx = dict(reader.class_to_idx)
+    extensions = get_img_extensions()
+    if archive:
+        if any(child is not None for _, _, child in reader.samples):
+            raise SystemExit(f"{root} holds .tar archives inside: give one archive of class folders, or unpack it")
+        samples = [(f"{root}{TAR_MEMBER}{info.name}", int(t)) for (info, _, _), t in zip(reader.samples, reader.targets)]
+        with tarfile.open(root) as tar:
+            images = [Path(m.name) for m in tar.getmembers() if m.isfile() and Path(m.name).suffix.lower() in extensions]
+    else:
+        samples = [(str(path), int(target)) for path, target in reader.samples]
+        images = [path for path in Path(reader.root).rglob("*") if path.suffix.lower() in extensions]
+    class_to_idx = dict(reader.class_name_to_idx if archive else reader.class_to_idx)
     if class_map:
-        extensions = get_img_extensions()
         unmapped: dict[str, int] = {}
-        for path in Path(reader.root).rglob("*"):
-            if path.suffix.lower() in extensions and path.parent.name not in class_to_idx:
+        for path in images:
+            if path.parent.name not in class_to_idx:
                 unmapped[path.parent.name] = unmapped.get(path.parent.name, 0) + 1
         if unmapped:
             names = sorted(unmapped)
@@ -138,7 +151,7 @@ def samples_from_folder(root: Path, split: str, class_map: str = "") -> tuple[Sa
                 f"{sum(unmapped.values())} images are in folders that --class-map does not name "
                 f"({', '.join(names[:10])}{' …' if len(names) > 10 else ''}): add them to the map or move them out of {reader.root}"
             )
-    return samples, class_to_idx, Path(reader.root)
+    return samples, class_to_idx, root if archive else Path(reader.root)
 
 
 def samples_from_csv(csv_path: Path, root: Path | None = None) -> Samples:
@@ -220,8 +233,8 @@ class Batch(NamedTuple):
     failures: list[tuple[int, str]]  # (dataset index, error) of the unreadable ones
 
 
-def _open_rgb(path: str) -> Image.Image:
-    with Image.open(path) as image:
+def _open_rgb(source: str | IO[bytes]) -> Image.Image:
+    with Image.open(source) as image:
         return image.convert("RGB")  # decodes every pixel, so truncated files fail here
 
 
@@ -233,6 +246,22 @@ class EvalDataset(Dataset):
     def __init__(self, samples: Samples, transform: Any) -> None:
         self.samples = samples
         self.transform = transform
+        # Open archives, per process: a loader worker must not share a parent's file offset.
+        self._archives: dict[str, tarfile.TarFile] = {}
+        self._archives_pid = os.getpid()
+
+    def _source(self, path: str) -> str | IO[bytes]:
+        archive, separator, member = path.partition(TAR_MEMBER)
+        if not separator:
+            return path
+        if self._archives_pid != os.getpid():
+            self._archives, self._archives_pid = {}, os.getpid()
+        if archive not in self._archives:
+            self._archives[archive] = tarfile.open(archive)
+        handle = self._archives[archive].extractfile(member)
+        if handle is None:
+            raise FileNotFoundError(f"{member} is not a file in {archive}")
+        return handle
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -240,7 +269,7 @@ class EvalDataset(Dataset):
     def __getitem__(self, index: int) -> Item:
         path, label = self.samples[index]
         try:
-            image = _open_rgb(path)
+            image = _open_rgb(self._source(path))
         except Exception as error:  # noqa: BLE001 - any decode failure is reported, not raised
             return Item(None, label, index, f"{type(error).__name__}: {error}")
         # The transform runs outside the try: a bug there should fail loudly, not look like a bad file.

@@ -557,3 +557,27 @@ def test_device_index_under_torchrun_refused(monkeypatch) -> None:
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(SystemExit, match="puts every rank on one GPU"):
         setup("cuda:0")
+
+
+@needs_lite0
+def test_tar_archive_of_class_folders(photos, lite0_checkpoint: Path, tmp_path: Path) -> None:
+    """ImageNet val packed as one .tar of wnid folders is read in place, by loader workers too,
+    with the same counts as the folder; a damaged member is counted, not skipped."""
+    import tarfile
+
+    _, copied = photos
+    synsets_file = Path(timm.data.__file__).parent / "_info" / "imagenet_synsets.txt"
+    wnids = synsets_file.read_text().split()
+    with tarfile.open(tmp_path / "val.tar", "w") as tar:
+        for i, (path, label) in enumerate(copied):
+            tar.add(path, arcname=f"{wnids[label]}/ILSVRC2012_val_{i + 1:08d}.JPEG")
+        garbage = tmp_path / "garbage.JPEG"
+        garbage.write_bytes(os.urandom(1024))
+        tar.add(garbage, arcname=f"{wnids[0]}/ILSVRC2012_val_00000999.JPEG")
+    doc = run(
+        "--data", str(tmp_path / "val.tar"), "--class-map", str(synsets_file), *lite0_args(lite0_checkpoint),
+        "--batch-size", "8", "--workers", "2", "--no-bench", "--out", str(tmp_path / "tar.json"),
+    )  # fmt: skip
+    assert doc["counts"] == {"images": 21, "evaluated": 20, "unreadable": 1}
+    assert doc["unreadable_files"][0]["path"].endswith("val.tar::n01440764/ILSVRC2012_val_00000999.JPEG")
+    assert doc["top1"]["correct"] == LITE0_TOP1 and doc["top5"]["correct"] == LITE0_TOP5
