@@ -82,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--repeat", type=int, help="back-to-back steps per timed run (default: 20 on GPU, 1 on CPU)")
+    parser.add_argument("--backend", action="append", choices=["torch", "triton"],
+                        help="repeatable (default: torch and triton on CUDA with triton installed, else torch)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
 
@@ -90,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     batch = args.batch_size or (256 if on_gpu else 16)
     video_batch = args.video_batch_size or (32 if on_gpu else 2)
     dtype = DTYPES[args.dtype or ("bfloat16" if on_gpu else "float32")]
-    backends = ["torch", "triton"] if on_gpu and HAS_TRITON else ["torch"]
+    backends = args.backend or (["torch", "triton"] if on_gpu and HAS_TRITON else ["torch"])
     repeat = args.repeat or (20 if on_gpu else 1)
 
     torch.manual_seed(0)

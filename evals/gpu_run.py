@@ -130,7 +130,7 @@ def limits(steps: tuple[Step, ...], left: float) -> list[float]:
 def adapted(step: Step, triton_ok: bool, have_matplotlib: bool) -> Step:
     """The step as this machine can run it: PyTorch merging alone without a working Triton, no
     PNG without matplotlib."""
-    if step.module != "evals.bench":
+    if step.module not in ("evals.bench", "evals.bench_merge"):
         return step
     args = list(step.args)
     if not triton_ok:
@@ -138,7 +138,7 @@ def adapted(step: Step, triton_ok: bool, have_matplotlib: bool) -> Step:
             at = args.index("--backend")
             del args[at : at + 2]
         args += ["--backend", "torch"]
-    if not have_matplotlib:
+    if not have_matplotlib and step.module == "evals.bench":
         args.append("--no-plot")
     return replace(step, args=tuple(args))
 
@@ -223,15 +223,17 @@ def main(argv: list[str] | None = None) -> int:
     log = open(args.out / "gpu_run.log", "w")
     try:
         triton_ok, have_matplotlib = precheck(log, env)
-        steps = tuple(adapted(step, triton_ok, have_matplotlib) for step in STEPS)
+        steps = []
+        for step in STEPS:  # skipped first, so that no time is kept for them
+            if step.needs and importlib.util.find_spec(step.needs) is None:
+                log.write(f"== {step.name}\n== skipped: {step.needs} is not installed\n\n")
+                failures += 1
+            else:
+                steps.append(adapted(step, triton_ok, have_matplotlib))
         for i, step in enumerate(steps):
             left = args.budget_s - (time.monotonic() - started)
-            limit = limits(steps[i:], left)[0]
+            limit = limits(tuple(steps[i:]), left)[0]
             header = f"== {step.name}\n$ python -m {step.module} {' '.join(step.args)}"
-            if step.needs and importlib.util.find_spec(step.needs) is None:
-                log.write(f"{header}\n== skipped: {step.needs} is not installed\n\n")
-                failures += 1
-                continue
             if limit < step.min_s:
                 log.write(f"{header}\n== skipped: {limit:.0f} s for it, under its {step.min_s} s minimum\n\n")
                 failures += 1

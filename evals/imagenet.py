@@ -544,7 +544,12 @@ def _load_real_labels(spec: str) -> dict[str, list[int]]:
     return {f"ILSVRC2012_val_{i + 1:08d}.JPEG": labels for i, labels in enumerate(lists)}
 
 
-def _pct(correct: int, total: int) -> float | None:
+def _count(value: float) -> str:
+    """An expected count: whole when it is (ties make halves, thirds...)."""
+    return str(int(value)) if float(value).is_integer() else f"{value:.2f}"
+
+
+def _pct(correct: float, total: int) -> float | None:
     return 100.0 * correct / total if total else None
 
 
@@ -813,12 +818,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             top5 = document["top5"]
             summary = [
                 f"{args.model} {args.method}{' ' + json.dumps(document['model']['options']) if options else ''}: "
-                f"top-1 {correct[1]:g}/{evaluated} ({_pct(correct[1], evaluated) or 0:.2f} %)",
+                f"top-1 {_count(correct[1])}/{evaluated} ({_pct(correct[1], evaluated) or 0:.2f} %)",
             ]
             if top5 is not None:
-                summary.append(f"top-5 {top5['correct']:g}/{evaluated} ({top5['pct'] or 0:.2f} %)")
+                summary.append(f"top-5 {_count(top5['correct'])}/{evaluated} ({top5['pct'] or 0:.2f} %)")
             if document["real"] is not None:
-                summary.append(f"ReaL top-1 {real_hits[1]:g}/{real_counted}")
+                summary.append(f"ReaL top-1 {_count(real_hits[1])}/{real_counted}")
             summary.append(f"unreadable {unreadable}")
             if throughput is not None:
                 summary.append(f"model-only {throughput['images_per_s']:.1f} img/s (batch {throughput['batch_size']})")

@@ -11,8 +11,9 @@ folder). ``--classes FILE`` (one name per line, line order = index; e.g. OpenCV'
 labels are looked up in it, and a name it lacks is an error. Without it, folders are indexed
 in sorted order (a warning says so when their count is not the model's class count) and CSV
 labels must be ints. Labels outside the model's classes are an error. Videos are decoded with
-PyAV (RGB; only the sampled frames are kept; packets the decoder rejects are skipped, and the
-video is listed under ``damaged`` with their count).
+PyAV (RGB; only the sampled frames are kept). A video whose packets the decoder rejects, or
+that decodes to under 95 % of the frames its container announces, is listed under ``damaged``
+and evaluated on the frames that decoded.
 
 **Protocol.** VideoMAE's Kinetics test protocol by default, index for index and pixel for
 pixel as its test loader (:func:`clip_indices`, :func:`make_views`): 16 frames with a stride of
@@ -20,8 +21,9 @@ pixel as its test loader (:func:`clip_indices`, :func:`make_views`): 16 frames w
 temporal clips evenly spaced over the video × ``--crops 3`` spatial 224² crops along the long
 side (left/top, centre, right/bottom); the softmax probabilities of the 15 views are averaged,
 as VideoMAE's test script does (``--average logits`` averages logits instead).
-``--single-view``: one centre clip, one centre crop. A video shorter than the span repeats its
-last sampled frame (as VideoMAE) and is listed as ``too_short`` (and still evaluated).
+``--single-view``: one centre clip, one centre crop. A video of fewer than (frames − 1) ×
+stride + 1 frames (61) repeats its last sampled frame (as VideoMAE) and is listed as
+``too_short`` (and still evaluated).
 Undecodable videos are listed as ``failed``, counted, and scored as wrong in ``top1_all``.
 
 **Several GPUs** (``torchrun --nproc_per_node N -m evals.kinetics ...``): each rank evaluates
@@ -64,6 +66,9 @@ MEAN = (0.485, 0.456, 0.406)  # VideoMAE normalises with the ImageNet statistics
 STD = (0.229, 0.224, 0.225)
 
 Samples = list[tuple[str, int]]
+# A video decoding to fewer than this share of the frames its container announces is listed as
+# damaged (a truncated file, or data the demuxer skipped without an error).
+SHORTFALL = 0.95
 
 
 # ------------------------------------------------------------------------------------- data
@@ -123,6 +128,7 @@ class DecodedClips(NamedTuple):
     clips: list[np.ndarray]  # each [num_frames, H, W, 3] uint8 RGB, in clip_indices order
     num_video_frames: int  # frames decoded from the video's first stream
     damaged_packets: int  # packets the decoder rejected (their frames are missing)
+    announced_frames: int  # the container's count, or duration × frame rate (0: unknown)
 
 
 def _frame_count_estimate(path: str) -> int:
@@ -149,15 +155,18 @@ def decode_clips(path: str, num_frames: int, stride: int, num_clips: int,
     ``expected_frames`` (default: the header's count, or duration × frame rate; 0: count by
     decoding once first) and decodes a second time only when the stream turns out longer or
     shorter than planned and a sampled frame was not kept. Packets the decoder rejects (a
-    damaged file) are skipped and counted, so the rest of the video is still evaluated. Display
-    rotation is ignored, as by VideoMAE's decoder. Raises when no frame decodes."""
+    damaged file) are skipped and counted, so the rest of the video is still evaluated; damage
+    the demuxer skips silently shows as fewer frames than announced. Display rotation is
+    ignored, as by VideoMAE's decoder. Raises when no frame decodes."""
     import av
 
     def decode(wanted: set[int]) -> tuple[dict[int, np.ndarray], int, int]:
         kept, count, damaged = {}, 0, 0
         with av.open(path) as container:
             stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
+            # Slice threading: frame threading reports a late packet's error at the flush, where
+            # the frames still in its threads are lost, or with many threads not at all.
+            stream.thread_type = "SLICE"
             for packet in container.demux(stream):
                 try:
                     frames = packet.decode()
@@ -170,8 +179,9 @@ def decode_clips(path: str, num_frames: int, stride: int, num_clips: int,
                     count += 1
         return kept, count, damaged
 
+    announced = _frame_count_estimate(path)
     if expected_frames is None:
-        expected_frames = _frame_count_estimate(path)
+        expected_frames = announced
     if expected_frames <= 0:
         expected_frames = decode(set())[1]
     planned = {i for clip in clip_indices(expected_frames, num_frames, stride, num_clips) for i in clip}
@@ -181,7 +191,7 @@ def decode_clips(path: str, num_frames: int, stride: int, num_clips: int,
     indices = clip_indices(count, num_frames, stride, num_clips)
     if count != expected_frames and not all(i in kept for clip in indices for i in clip):
         kept, count, damaged = decode({i for clip in indices for i in clip})
-    return DecodedClips([np.stack([kept[i] for i in clip]) for clip in indices], count, damaged)
+    return DecodedClips([np.stack([kept[i] for i in clip]) for clip in indices], count, damaged, announced)
 
 
 def frames_needed(num_frames: int, stride: int) -> int:
@@ -247,6 +257,7 @@ class Item(NamedTuple):
     index: int
     num_frames: int  # decoded frames (0 when failed)
     damaged_packets: int  # packets the decoder rejected (their frames are missing)
+    announced_frames: int  # what the container announced (0: unknown)
     error: str | None
 
 
@@ -264,8 +275,9 @@ class VideoDataset(Dataset):
             decoded = decode_clips(path, self.num_frames, self.stride, self.clips)
             views = make_views(decoded.clips, self.crops, self.size)
         except Exception as error:  # noqa: BLE001 - every unreadable video is reported, none stops the run
-            return Item(None, label, index, 0, 0, f"{type(error).__name__}: {error}")
-        return Item(views, label, index, decoded.num_video_frames, decoded.damaged_packets, None)
+            return Item(None, label, index, 0, 0, 0, f"{type(error).__name__}: {error}")
+        return Item(views, label, index, decoded.num_video_frames, decoded.damaged_packets,
+                    decoded.announced_frames, None)
 
 
 def collate(items: Sequence[Item]) -> list[Item]:
@@ -338,8 +350,9 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device, v
                     continue
                 if item.num_frames < needed:
                     too_short.append({"path": path, "frames": item.num_frames})
-                if item.damaged_packets:
-                    damaged.append({"path": path, "damaged_packets": item.damaged_packets, "frames": item.num_frames})
+                if item.damaged_packets or item.num_frames < SHORTFALL * item.announced_frames:
+                    damaged.append({"path": path, "damaged_packets": item.damaged_packets, "frames": item.num_frames,
+                                    "announced_frames": item.announced_frames})
                 chunks = item.views.split(views_per_batch)
                 logits = torch.cat([model(normalize(chunk.to(device, non_blocking=True))) for chunk in chunks]).float()
                 scores = logits.softmax(dim=-1) if average == "probabilities" else logits
@@ -453,8 +466,8 @@ def _run(args: argparse.Namespace, options: dict[str, Any], samples: Samples, ks
         warnings.append(f"{len(failed)} of {len(samples)} videos could not be decoded (listed under failed); "
                         f"top1/top5 are over the {evaluated} decoded, top1_all counts the failed as wrong")
     if damaged:
-        warnings.append(f"{len(damaged)} videos had damaged packets, skipped (listed under damaged); "
-                        "they were evaluated on the frames that decoded")
+        warnings.append(f"{len(damaged)} videos had damaged packets or fewer frames than announced (listed under "
+                        "damaged); they were evaluated on the frames that decoded")
 
     def pct(k: int, total: int) -> float | None:
         return 100 * correct[k] / total if k in correct and total else None

@@ -7,7 +7,7 @@ bfloat16 the logit step is 1/16 near 10, so top-1 ties are common: counting them
 would bias a half-precision run low, counting them right would score a dead model (all logits
 equal) 100 %; the expected count is unbiased and does not depend on how ``torch.topk`` happens
 to order equal values (a dead model scores k / classes). NaN logits are treated as -inf: a NaN
-label logit loses to every number.
+label logit loses to every number (and a row that is NaN everywhere is a dead model's tie).
 
 ``k`` larger than the number of classes is an error (as in ``torch.topk``); callers that
 report a fixed set of k for models with few classes should drop the k that do not apply.

@@ -25,6 +25,8 @@ def test_every_bench_step_parses_and_resolves() -> None:
             parsed = bench.build_parser().parse_args([*adapted.args, "--device", "cpu"])
             assert parsed.no_plot and (triton_ok or parsed.backend == ["torch"])
             assert bench._resolve_config(parsed)["settings"], step.name
+    (merge,) = [step for step in gpu_run.STEPS if step.module == "evals.bench_merge"]
+    assert gpu_run.adapted(merge, triton_ok=False, have_matplotlib=False).args[-2:] == ("--backend", "torch")
     outs = [step.args[step.args.index("--out") + 1] for step in bench_steps]
     assert len(set(outs)) == len(outs) and all(out.endswith("_cuda.json") for out in outs)
     assert not any(Path(out).name == "bench_cuda.json" for out in outs)  # the committed H100 run stays
@@ -87,7 +89,7 @@ def test_runner_logs_limits_skips_and_copies_back(tmp_path: Path, monkeypatch: p
         assert log.count("== exit 0 after") == 1
         assert "== stopped at its 2 s limit" in log
         assert "No module named evals.no_such_module" in log and "== exit 1 after" in log
-        assert "== skipped: no_such_module_here is not installed" in log
+        assert "== needs a missing module\n== skipped: no_such_module_here is not installed" in log
         assert "under its 10000 s minimum" in log
         assert copied_after_first_step == [True]
         assert sorted(p.name for p in (tmp_path / "evals/results").iterdir()) == [marker.name]  # nothing older

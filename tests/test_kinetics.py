@@ -119,6 +119,38 @@ def test_damaged_packets_are_skipped_and_counted(tmp_path):
     damaged.write_bytes(bytes(data))
     decoded = kinetics.decode_clips(str(damaged), 16, 4, 5)
     assert decoded.damaged_packets > 0 and 200 < decoded.num_video_frames < 250  # the rest still decodes
+    # Damage at the very end: the frames before it all decode and the rejected packets are
+    # counted (frame threading lost buffered frames at the flush, or reported nothing).
+    packets = _packet_spans(BIKES)
+    data = bytearray(BIKES.read_bytes())
+    for start, size in packets[-4:-1]:
+        data[start : start + size] = bytes(size)
+    damaged.write_bytes(bytes(data))
+    decoded = kinetics.decode_clips(str(damaged), 16, 4, 5)
+    assert decoded.damaged_packets >= 1 and decoded.num_video_frames >= 246
+    # A streamable file (index first) cut in half decodes to fewer frames than it announces,
+    # without any error: the shortfall is what lists it as damaged.
+    import av
+
+    streamable = tmp_path / "faststart.mp4"
+    with av.open(str(BIKES)) as source, av.open(str(streamable), "w", options={"movflags": "faststart"}) as out:
+        stream = out.add_stream_from_template(source.streams.video[0])
+        for packet in source.demux(source.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                out.mux(packet)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(streamable.read_bytes()[: streamable.stat().st_size // 2])
+    short = kinetics.decode_clips(str(cut), 16, 4, 1)
+    assert short.announced_frames == 250 and short.num_video_frames < kinetics.SHORTFALL * 250
+
+
+def _packet_spans(path: Path) -> list[tuple[int, int]]:
+    """(byte offset, size) of every video packet in the file."""
+    import av
+
+    with av.open(str(path)) as container:
+        return [(p.pos, p.size) for p in container.demux(container.streams.video[0]) if p.size and p.pos is not None]
 
 
 def test_csv_and_folder_samples(tmp_path):
@@ -182,7 +214,7 @@ class _Views(torch.utils.data.Dataset):
         logits = torch.tensor(self.view_logits[index])
         views = torch.zeros(len(logits), 3, 1, 1, logits.shape[1])
         views[:, 0, 0, 0] = logits
-        return kinetics.Item(views, self.samples[index][1], index, 64, 0, None)
+        return kinetics.Item(views, self.samples[index][1], index, 64, 0, 64, None)
 
 
 def test_views_are_averaged_as_probabilities_by_default():

@@ -75,7 +75,7 @@ class TemporalMerge:
     (with ``window=0`` or an odd number of tubelet frames this happens within a few blocks). A
     clip with fewer than ``r`` A tokens with a partner inside the frame gap and window merges
     the missing ones into their most similar B token outside it, eager and compiled alike, and
-    an eager forward warns (``RuntimeWarning``) with the count: lower ``r`` or widen ``window``
+    an eager forward warns (``RuntimeWarning``, once per process): lower ``r`` or widen ``window``
     to keep every merge inside. A clip without any B token (a single tubelet frame) is refused.
     """
 
@@ -124,13 +124,12 @@ class TemporalMerge:
         best_score, best_b = scores.max(dim=-1)
         order = best_score.argsort(dim=-1, descending=True, stable=True)[:, :r]
         if not torch.compiler.is_compiling():
-            outside = int((best_score.gather(1, order) < -1.0 - _EPS).sum().item())
-            if outside:
+            if bool((best_score.gather(1, order) < -1.0 - _EPS).any()):
+                # One text for every block and clip, so Python shows it once, not per forward.
                 warnings.warn(
-                    f"temporal merging: {outside} of the {r * best_score.shape[0]} merges of a block had no partner in a "
-                    f"neighbouring frame within {self.window} patches and took their most similar odd-frame token "
-                    "outside the window (merged tokens' centroids drifted); lower r or widen the window to keep "
-                    "every merge inside",
+                    f"temporal merging: some merges had no partner in a neighbouring frame within {self.window} "
+                    "patches and took their most similar odd-frame token outside the window (merged tokens' "
+                    "centroids drifted); lower r or widen the window to keep every merge inside",
                     RuntimeWarning,
                     stacklevel=2,
                 )
