@@ -123,16 +123,15 @@ class TemporalMerge:
         scores = temporal_scores(metric[:, p:], state.pos[:, p:], self.window)
         best_score, best_b = scores.max(dim=-1)
         order = best_score.argsort(dim=-1, descending=True, stable=True)[:, :r]
-        if not torch.compiler.is_compiling():
-            if bool((best_score.gather(1, order) < -1.0 - _EPS).any()):
-                # One text for every block and clip, so Python shows it once, not per forward.
-                warnings.warn(
-                    f"temporal merging: some merges had no partner in a neighbouring frame within {self.window} "
-                    "patches and took their most similar odd-frame token outside the window (merged tokens' "
-                    "centroids drifted); lower r or widen the window to keep every merge inside",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+        if not torch.compiler.is_compiling() and bool((best_score.gather(1, order) < -1.0 - _EPS).any()):
+            # One text for every block and clip, so Python shows it once, not per forward.
+            warnings.warn(
+                f"temporal merging: some merges had no partner in a neighbouring frame within {self.window} "
+                "patches and took their most similar odd-frame token outside the window (merged tokens' "
+                "centroids drifted); lower r or widen the window to keep every merge inside",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         is_src = torch.zeros_like(best_score, dtype=torch.bool).scatter_(1, order, True)
         dest = ordered_dest(is_src, best_b, p)
         return merge_state(state, dest, state.num_tokens - r, self.backend)
