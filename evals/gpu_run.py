@@ -5,8 +5,8 @@
 
 GPUs are lent rarely and briefly, so the steps are fixed here rather than retyped each time, the
 headline figures first: ViT-B/16 at batch 256, torch against Triton merging, the r values of
-ToMe's table (the kernels' targets); the merge step alone; the DINOv2 ViT-S/14 budget sweep;
-the video ViT-B sweep; the kernel tests on CUDA; a torch.compile pair.
+ToMe's table (the kernels' targets); the merge step alone; the kernel tests on CUDA; the
+DINOv2 ViT-S/14 budget sweep; the video ViT-B sweep; a torch.compile pair.
 
 **Time.** ``--budget-s`` is what the steps may use together; give the device call's limit
 minus ~40 s (start-up and copying back). Each step may use what is left after reserving the
@@ -55,11 +55,17 @@ STEPS: tuple[Step, ...] = (
     Step(
         "ViT-B/16, batch 256, bfloat16: unpatched vs ToMe with torch and Triton merging",
         "evals.bench",
-        ("--model", "vit_base_patch16_224", "--r", "8", "--r", "13", "--r", "16", "--r", "16,-1",
+        ("--model", "vit_base_patch16_224", "--r", "8", "--r", "13", "--r", "16", "--r", "16,-1", "--no-manual",
          "--out", f"{RESULTS}/bench_vitb_cuda.json"),
         60, 150,
     ),  # fmt: skip
     Step("merge step alone, torch vs Triton", "evals.bench_merge", (), 30, 60),
+    Step(
+        "kernel tests on CUDA",
+        "pytest",
+        ("-q", "-p", "no:cacheprovider", "tests/test_kernels.py", "--junitxml", f"{RESULTS}/test_kernels_cuda.xml"),
+        60, 150, needs="pytest",
+    ),  # fmt: skip
     Step(
         "DINOv2 ViT-S/14 at the fidelity budgets (for the Pareto plot)",
         "evals.bench",
@@ -75,12 +81,6 @@ STEPS: tuple[Step, ...] = (
          "--method", "background", "--budget", "0.75", "--budget", "0.5", "--backend", "auto", "--no-manual",
          "--out", f"{RESULTS}/bench_video_cuda.json"),
         50, 120,
-    ),  # fmt: skip
-    Step(
-        "kernel tests on CUDA",
-        "pytest",
-        ("-q", "-p", "no:cacheprovider", "tests/test_kernels.py", "--junitxml", f"{RESULTS}/test_kernels_cuda.xml"),
-        60, 150, needs="pytest",
     ),  # fmt: skip
     Step(
         "torch.compile: ViT-B/16 unpatched and ToMe r=16, both compiled",
@@ -118,12 +118,17 @@ def command(step: Step) -> list[str]:
 
 
 def limits(steps: tuple[Step, ...], left: float) -> list[float]:
-    """Each step's limit with ``left`` seconds for all: what remains after reserving every later
-    step's minimum, at most its own maximum (the first steps, the headline ones, come first)."""
+    """Each step's limit with ``left`` seconds for all. The steps whose minimums fit, in order
+    (the headline ones come first), each get what remains after reserving the minimum of every
+    later one that fits, at most their own maximum; a step that does not fit gets 0."""
+    fits, total = [], 0.0
+    for step in steps:
+        fits.append(total + step.min_s <= left)
+        total += step.min_s if fits[-1] else 0.0
     out = []
     for i, step in enumerate(steps):
-        reserved = sum(later.min_s for later in steps[i + 1 :])
-        out.append(min(step.max_s, left - reserved))
+        reserved = sum(later.min_s for later, fit in zip(steps[i + 1 :], fits[i + 1 :]) if fit)
+        out.append(min(step.max_s, left - reserved) if fits[i] else 0.0)
     return out
 
 

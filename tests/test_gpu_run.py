@@ -49,6 +49,9 @@ def test_the_minimums_fit_one_device_call_and_limits_reserve_them() -> None:
     assert tight[0] == gpu_run.STEPS[0].min_s  # tight: only its minimum, the rest stays reserved
     steps = (gpu_run.Step("a", "m", (), 10, 100), gpu_run.Step("b", "m", (), 20, 30))
     assert gpu_run.limits(steps, 50) == [30, 30] and gpu_run.limits(steps[1:], 25) == [25]
+    # a short call: the first steps whose minimums fit run, no time is kept for the rest
+    three = (*steps, gpu_run.Step("c", "m", (), 40, 60))
+    assert gpu_run.limits(three, 45) == [25, 30, 0]
 
 
 def test_refuses_to_run_without_a_gpu(tmp_path: Path) -> None:
