@@ -12,14 +12,15 @@ DINOv2 ViT-S/14 budget sweep; the video ViT-B sweep; a torch.compile pair.
 minus ~40 s (start-up and copying back). Each step may use what is left after reserving the
 minimum of every later one (``min_s``), up to its own ``max_s``; a step that would get less
 than its minimum is skipped and logged. **Nothing is lost to a cut:** after every step (and on
-SIGTERM) what the steps wrote to ``evals/results/`` is copied to ``$OUT/evals/results/``, and
+SIGTERM) what the steps wrote to ``evals/results/`` is packed into ``$OUT/results.tar.gz`` (one
+file: the device tool returns only a few per call), and
 ``$OUT/gpu_run.log`` holds each step's command, output, exit status and seconds, after a
 pre-check of the machine (versions, optional packages, a C compiler, one Triton launch).
 Without a working Triton the benches measure the PyTorch backend alone; without matplotlib
 they skip their PNGs; without pytest the kernel tests are skipped.
 
-**Afterwards** (on any machine, no GPU needed): copy ``$OUT/evals/results/*`` into
-``evals/results/`` and run the Pareto plot that :data:`AFTERWARDS` names.
+**Afterwards** (on any machine, no GPU needed): ``tar xzf results.tar.gz`` in the repository
+root, and run the Pareto plot that :data:`AFTERWARDS` names.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -149,15 +151,17 @@ def adapted(step: Step, triton_ok: bool, have_matplotlib: bool) -> Step:
 
 
 def sync_results(out: Path, since: float) -> list[str]:
-    """Copy what the steps wrote to evals/results (files newer than ``since``) under ``out``."""
-    copied = []
-    target = out / RESULTS
-    for path in sorted((REPO / RESULTS).iterdir()):
-        if path.is_file() and path.stat().st_mtime >= since and not path.name.startswith("."):
-            target.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, target / path.name)
-            copied.append(path.name)
-    return copied
+    """Pack what the steps wrote to evals/results (files newer than ``since``) into
+    ``out/results.tar.gz``, rewritten whole: the device tool returns only a few files per call,
+    so everything travels as one."""
+    names = sorted(path.name for path in (REPO / RESULTS).iterdir()
+                   if path.is_file() and path.stat().st_mtime >= since and not path.name.startswith("."))
+    partial = out / "results.tar.gz.partial"
+    with tarfile.open(partial, "w:gz") as tar:
+        for name in names:
+            tar.add(REPO / RESULTS / name, arcname=str(RESULTS / name))
+    os.replace(partial, out / "results.tar.gz")
+    return names
 
 
 def precheck(log: TextIO, env: dict[str, str]) -> tuple[bool, bool]:

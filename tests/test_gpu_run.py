@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -54,6 +55,11 @@ def test_the_minimums_fit_one_device_call_and_limits_reserve_them() -> None:
     assert gpu_run.limits(three, 45) == [25, 30, 0]
 
 
+def _packed(out: Path) -> list[str]:
+    with tarfile.open(out / "results.tar.gz") as tar:
+        return tar.getnames()
+
+
 def test_refuses_to_run_without_a_gpu(tmp_path: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("has a GPU")
@@ -80,7 +86,7 @@ def test_runner_logs_limits_skips_and_copies_back(tmp_path: Path, monkeypatch: p
         if "--dry-run" in cmd:
             marker.write_text("new\n")
         elif "timeit" in cmd:  # by then the first step's file is already in $OUT
-            copied_after_first_step.append((tmp_path / "evals/results" / marker.name).is_file())
+            copied_after_first_step.append(_packed(tmp_path) == [f"evals/results/{marker.name}"])
         return real_run(cmd, **kwargs)
 
     monkeypatch.setattr(gpu_run.subprocess, "run", run)
@@ -95,7 +101,8 @@ def test_runner_logs_limits_skips_and_copies_back(tmp_path: Path, monkeypatch: p
         assert "== needs a missing module\n== skipped: no_such_module_here is not installed" in log
         assert "under its 10000 s minimum" in log
         assert copied_after_first_step == [True]
-        assert sorted(p.name for p in (tmp_path / "evals/results").iterdir()) == [marker.name]  # nothing older
+        assert _packed(tmp_path) == [f"evals/results/{marker.name}"]  # nothing older than the run
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_run.log", "results.tar.gz"]
     finally:
         marker.unlink(missing_ok=True)
 
@@ -121,7 +128,7 @@ sys.exit(gpu_run.main(["--out", sys.argv[1]]))
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 1
         assert "== stopped by SIGTERM" in (tmp_path / "gpu_run.log").read_text()
-        assert (tmp_path / "evals/results" / marker.name).read_text() == "x"
+        assert _packed(tmp_path) == [f"evals/results/{marker.name}"]
     finally:
         process.kill()
         marker.unlink(missing_ok=True)

@@ -244,6 +244,11 @@ def test_temporal_scores_against_broadcast_reference():
                 elif not (d[0] <= 1.5 + 1e-6 and d[1:].max() <= 2 + 1e-6):
                     expected[b, i, j] -= 4.0
     torch.testing.assert_close(temporal_scores(metric, pos, 2), expected)
+    # the broadcast distances CUDA uses are the CPU's cdist ones
+    from tokenprune.methods.temporal import frame_and_patch_distances
+
+    for by_cdist, by_broadcast in zip(frame_and_patch_distances(pos, True), frame_and_patch_distances(pos, False)):
+        torch.testing.assert_close(by_broadcast, by_cdist)
 
 
 def test_temporal_total_capped_at_even_frame_tokens(clip):
