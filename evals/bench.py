@@ -325,7 +325,8 @@ def _group_rows(
     # A speed budget is searched with short eager timings; the row's speedup is this run's own.
     for row in rows:
         target = next((s.budget for s in cfg["settings"] if s.budget is not None and s.budget.label == row.budget), None)
-        if target is not None and target.kind == "speedup" and row.speedup < target.value:
+        # Manual-attention rows are ToMe's original attention, slower by design: not the searched row.
+        if target is not None and target.kind == "speedup" and row.attention == "fused" and row.speedup < target.value:
             warnings.append(
                 f"{name}, batch {batch_size}{', compiled' if compiled else ''}: {row.method} {row.setting} was searched "
                 f"for {target.label} but measured {row.speedup:.2f}x in the timed run: the budget is not met"
@@ -471,15 +472,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     rows: list[Row] = []
     warnings: list[str] = []
-    for name in cfg["models"]:
-        baseline = create_model(name, cfg["img_size"], device, cfg["seed"])
-        for batch_size in cfg["batch_sizes"]:
-            for compiled in cfg["compile"]:
-                progress(f"== {name}, batch {batch_size}, compile {'on' if compiled else 'off'}")
-                rows += _group_rows(cfg, name, baseline, batch_size, compiled, progress, warnings)
-                if compiled:
-                    torch._dynamo.reset()  # free the compiled graphs before the next group
-        del baseline
+    # Patched models share their forward's code object, so each row's static guards (r, the
+    # attention kind) add a dynamo cache entry: past torch's default limit of 8 a row would run
+    # eagerly under a "compile on" label. Raise the limit for the sweep, and fail past it.
+    compile_limits = {"recompile_limit": 1024, "fail_on_recompile_limit_hit": True}
+    with torch._dynamo.config.patch({k: v for k, v in compile_limits.items() if hasattr(torch._dynamo.config, k)}):
+        for name in cfg["models"]:
+            baseline = create_model(name, cfg["img_size"], device, cfg["seed"])
+            for batch_size in cfg["batch_sizes"]:
+                for compiled in cfg["compile"]:
+                    progress(f"== {name}, batch {batch_size}, compile {'on' if compiled else 'off'}")
+                    rows += _group_rows(cfg, name, baseline, batch_size, compiled, progress, warnings)
+                    if compiled:
+                        torch._dynamo.reset()  # free the compiled graphs before the next group
+            del baseline
 
     env = environment(device)
     if load_at_start is not None:

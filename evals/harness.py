@@ -128,8 +128,10 @@ def agreement(logits: Tensor, reference: Tensor) -> tuple[float, float]:
 
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work, so host timers measure it (no-op on CPU)."""
-    if device.type != "cpu":
-        # torch.cuda / torch.mps / torch.xpu all expose synchronize().
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # that GPU, not the current one (cuda:1 while cuda:0 is current)
+    elif device.type != "cpu":
+        # torch.mps / torch.xpu expose synchronize() too.
         getattr(torch, device.type).synchronize()
 
 
@@ -147,9 +149,11 @@ def _timed_pass(model: Callable[[Tensor], Any], inputs: Tensor) -> float:
     synchronize(device)
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        model(inputs)
-        end.record()
+        # Events record on the current device's stream: make it the inputs' device.
+        with torch.cuda.device(device):
+            start.record()
+            model(inputs)
+            end.record()
         end.synchronize()
         return start.elapsed_time(end) / 1000.0
     start_s = time.perf_counter()

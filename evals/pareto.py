@@ -250,7 +250,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for point in missing:
             print(f"warning: no benchmark row for {point.model} {point.method} {point.setting!r}", file=sys.stderr)
         if not points:
-            raise SystemExit("no quality point matches a benchmark row: run both with the same model, input size and settings")
+            raise SystemExit(
+                "no quality point matches a benchmark row: run both with the same model, input size and settings, "
+                "or plot against --x gflops (evals.video_fidelity's inflated DINOv2 has no evals.bench model)"
+            )
     else:
         points, missing = list(quality), []
     front = pareto_front(points, args.x)

@@ -172,6 +172,22 @@ def test_compile_both_wraps_each_model_once(monkeypatch: pytest.MonkeyPatch, tmp
     assert not (tmp_path / "b.png").exists()
 
 
+def test_compiled_sweep_compiles_every_row(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Patched models share their forward's code, so every row adds a dynamo cache entry: with
+    torch's default limit of 8, rows past the 8th would run eagerly under a "compile on" label.
+    Ten patched rows, compiled by dynamo alone (backend "eager": the graph capture, not the
+    minutes of code generation), give ten patched graphs."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: real_compile(model, backend="eager"))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    r_values = [arg for r in range(1, 11) for arg in ("--r", str(r))]
+    document = _main(["--model", MODEL, "--batch-size", "1", *r_values, "--compile", "on", "--no-manual",
+                      "--out", str(tmp_path / "b.json"), "--no-plot", *COMMON])  # fmt: skip
+    assert len(document["rows"]) == 11 and all(row["compile"] for row in document["rows"])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 11  # the baseline and every patched row
+
+
 def test_video_model(tmp_path: Path) -> None:
     document = _main(["--model", "video_vit_small_patch16_224", "--batch-size", "1", "--r", "4", "--no-manual",
                       "--method", "temporal", "--img-size", "64", "--warmup", "0", "--runs", "1",
