@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="match/merge backend, repeatable: one row per backend (default: auto on CPU, torch and triton on CUDA)")  # fmt: skip
     add("--dtype", choices=sorted(DTYPES), help="float32, or autocast to bfloat16/float16 (default: float32 on CPU, bfloat16 on CUDA)")
     add("--compile", choices=["off", "on", "both"], default="off", help="torch.compile every model: off (default), on, or both")
+    add("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"], default="default",
+        help="torch.compile's mode (reduce-overhead: CUDA graphs, for models that wait on kernel launches)")
     add("--device", help="torch device (default: cuda if available, else cpu)")
     add("--runs", type=int, help="timed passes per row; the median is reported (default: 20 on CPU, 30 on CUDA)")
     add("--warmup", type=int, help="untimed passes per row before timing (default: 3 on CPU, 10 on CUDA)")
@@ -185,6 +187,7 @@ def _resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         "settings": settings.settings_from_args(args),
         "backends": list(dict.fromkeys(pick("backend"))),
         "compile": {"off": [False], "on": [True], "both": [False, True]}[args.compile],
+        "compile_mode": args.compile_mode,
         "warmup": pick("warmup"),
         "runs": pick("runs"),
         "manual": not args.no_manual,
@@ -277,10 +280,12 @@ def _group_rows(
             except (TypeError, ValueError) as error:
                 raise SystemExit(f"{setting.method} {label}: {error}") from None
         reduction = tokenprune.plan(model, size)
-        runner: Callable[[Tensor], Any] = torch.compile(model) if compiled else model
+        mode = None if cfg["compile_mode"] == "default" else cfg["compile_mode"]
+        runner: Callable[[Tensor], Any] = torch.compile(model, mode=mode) if compiled else model
         try:
             with torch.inference_mode(), autocast(device, dtype):
-                logits = runner(inputs).float()  # compiles, under torch.compile
+                # compiles, under torch.compile; a copy, as CUDA graphs reuse their output buffers
+                logits = runner(inputs).float().clone()
         except ValueError as error:  # a setting the data cannot satisfy, e.g. temporal r too large
             raise SystemExit(f"{name} {setting.method} {label}: {error}") from None
         reference = logits if reference is None else reference
@@ -530,7 +535,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     notes = "".join(f"\n**Warning:** {warning}\n" for warning in warnings)
     if True in cfg["compile"]:
-        notes += f"\n{COMPILED_ATTENTION_NOTE}\n"
+        notes += f"\ntorch.compile mode: {cfg['compile_mode']}. {COMPILED_ATTENTION_NOTE}\n"
     write_atomic(paths["md"], f"{header}\n\n{format_markdown(rows)}{notes}")
     written = [paths["json"], paths["csv"], paths["md"]]
     if not args.no_plot:

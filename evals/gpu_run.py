@@ -5,8 +5,9 @@
 
 GPUs are lent rarely and briefly, so the steps are fixed here rather than retyped each time, the
 headline figures first: ViT-B/16 at batch 256, torch against Triton merging, the r values of
-ToMe's table (the kernels' targets); the merge step alone; the kernel tests on CUDA; the
-DINOv2 ViT-S/14 budget sweep; the video ViT-B sweep; a torch.compile pair.
+ToMe's table (the kernels' targets); a profile of r=(16,-1) (is the GPU waiting on the host?);
+the merge step alone; the kernel tests on CUDA; the DINOv2 ViT-S/14 budget sweep; the video
+ViT-B sweep; torch.compile with CUDA graphs.
 
 **Time.** ``--budget-s`` is what the steps may use together; give the device call's limit
 minus ~40 s (start-up and copying back). Each step may use what is left after reserving the
@@ -61,6 +62,13 @@ STEPS: tuple[Step, ...] = (
          "--out", f"{RESULTS}/bench_vitb_cuda.json"),
         60, 150,
     ),  # fmt: skip
+    Step(
+        "profile of ToMe r=(16,-1) on ViT-B: GPU kernel time against wall time, torch and Triton",
+        "evals.bench_profile",
+        ("--model", "vit_base_patch16_224", "--r", "16,-1", "--backend", "torch", "--backend", "triton",
+         "--out", f"{RESULTS}/profile_vitb_r16dec_cuda.json"),
+        30, 60,
+    ),  # fmt: skip
     Step("merge step alone, torch vs Triton", "evals.bench_merge", (), 30, 60),
     Step(
         "kernel tests on CUDA",
@@ -87,10 +95,10 @@ STEPS: tuple[Step, ...] = (
         50, 150,
     ),  # fmt: skip
     Step(
-        "torch.compile: ViT-B/16 unpatched and ToMe r=16, both compiled",
+        "torch.compile with CUDA graphs: ViT-B/16 unpatched and ToMe r=16 and r=(16,-1), all compiled",
         "evals.bench",
-        ("--model", "vit_base_patch16_224", "--r", "16", "--backend", "triton", "--compile", "on", "--no-manual",
-         "--out", f"{RESULTS}/bench_compile_cuda.json"),
+        ("--model", "vit_base_patch16_224", "--r", "16", "--r", "16,-1", "--backend", "triton", "--compile", "on",
+         "--compile-mode", "reduce-overhead", "--no-manual", "--out", f"{RESULTS}/bench_compile_cuda.json"),
         90, 200,
     ),  # fmt: skip
 )
@@ -139,7 +147,7 @@ def limits(steps: tuple[Step, ...], left: float) -> list[float]:
 def adapted(step: Step, triton_ok: bool, have_matplotlib: bool) -> Step:
     """The step as this machine can run it: PyTorch merging alone without a working Triton, no
     PNG without matplotlib."""
-    if step.module not in ("evals.bench", "evals.bench_merge"):
+    if step.module not in ("evals.bench", "evals.bench_merge", "evals.bench_profile"):
         return step
     args = list(step.args)
     if not triton_ok:

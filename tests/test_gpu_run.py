@@ -28,6 +28,12 @@ def test_every_bench_step_parses_and_resolves() -> None:
             assert bench._resolve_config(parsed)["settings"], step.name
     (merge,) = [step for step in gpu_run.STEPS if step.module == "evals.bench_merge"]
     assert gpu_run.adapted(merge, triton_ok=False, have_matplotlib=False).args[-2:] == ("--backend", "torch")
+    from evals import bench_profile
+
+    (profiled,) = [step for step in gpu_run.STEPS if step.module == "evals.bench_profile"]
+    assert bench_profile.build_parser().parse_args(profiled.args).backend == ["torch", "triton"]
+    without_triton = gpu_run.adapted(profiled, triton_ok=False, have_matplotlib=False)
+    assert bench_profile.build_parser().parse_args(without_triton.args).backend == ["torch"]
     outs = [step.args[step.args.index("--out") + 1] for step in bench_steps]
     assert len(set(outs)) == len(outs) and all(out.endswith("_cuda.json") for out in outs)
     assert not any(Path(out).name == "bench_cuda.json" for out in outs)  # the committed H100 run stays

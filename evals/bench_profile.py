@@ -1,0 +1,203 @@
+"""Where a patched model's time goes: host wall time against device kernel time, and by operator.
+
+    python -m evals.bench_profile --model vit_base_patch16_224 --r 16,-1 --backend torch --backend triton
+
+For each backend: the wall time of a forward (host clock between device synchronisations) and,
+on CUDA, the time the GPU spent in kernels during it (``torch.profiler``). A forward whose
+kernel time is well under its wall time leaves the GPU waiting for Python to launch the next
+kernel: launch-bound, where fewer launches (CUDA graphs, fusion) help and faster kernels do
+not. Then the operators with the most self time (device time on CUDA, CPU time elsewhere), per
+forward. Random weights and inputs; batch 256 in bfloat16 on CUDA, 8 in float32 on CPU.
+JSON and markdown in ``evals/results/profile_<device>.{json,md}`` unless ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import tokenprune
+from evals.harness import (
+    DTYPES,
+    RESULTS_DIR,
+    autocast,
+    create_model,
+    environment,
+    example_input,
+    synchronize,
+    write_atomic,
+)
+from evals.settings import describe_setting, parse_option
+from tokenprune.schedule import parse_schedule
+
+
+def _device_time_us(event: Any) -> float:
+    # torch ≥ 2.4 names it "device"; older releases "cuda".
+    return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)))
+
+
+def profile_forward(model: torch.nn.Module, inputs: torch.Tensor, dtype: torch.dtype, warmup: int, runs: int,
+                    top: int) -> dict[str, Any]:
+    """Wall and kernel time per forward (medians / means over ``runs``) and the ``top`` operators."""
+    device = inputs.device
+    on_cuda = device.type == "cuda"
+
+    def forward() -> None:
+        with torch.inference_mode(), autocast(device, dtype):
+            model(inputs)
+
+    for _ in range(warmup):
+        forward()
+    synchronize(device)
+    wall = []
+    for _ in range(runs):
+        synchronize(device)
+        started = time.perf_counter()
+        forward()
+        synchronize(device)
+        wall.append(time.perf_counter() - started)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(runs):
+            forward()
+        synchronize(device)
+    events = prof.key_averages()
+    kernel_ms = sum(_device_time_us(e) for e in events) / runs / 1e3 if on_cuda else None
+    key = _device_time_us if on_cuda else (lambda e: float(e.self_cpu_time_total))
+    ops = [
+        {
+            "op": e.key,
+            "calls_per_forward": e.count / runs,
+            "self_cpu_ms_per_forward": e.self_cpu_time_total / runs / 1e3,
+            "self_device_ms_per_forward": _device_time_us(e) / runs / 1e3 if on_cuda else None,
+        }
+        for e in sorted(events, key=key, reverse=True)[:top]
+    ]
+    wall_ms = statistics.median(wall) * 1e3
+    return {
+        "wall_ms_per_forward": wall_ms,
+        "kernel_ms_per_forward": kernel_ms,
+        "gpu_busy_pct": None if kernel_ms is None else 100.0 * kernel_ms / wall_ms,
+        # Kernels: the events with device time of their own (operators only dispatch them).
+        "kernels_per_forward": sum(e.count for e in events if _device_time_us(e) > 0) / runs if on_cuda else None,
+        "top_ops": ops,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tokenprune import METHODS
+
+    parser = argparse.ArgumentParser(prog="python -m evals.bench_profile", description=__doc__.splitlines()[0])
+    add = parser.add_argument
+    add("--model", default="vit_base_patch16_224")
+    add("--img-size", type=int)
+    add("--method", default="tome", choices=["none", *sorted(METHODS)])
+    add("--r", type=parse_schedule, help="the method's r (default: 16 for tome)")
+    add("--option", type=parse_option, action="append", default=[], help="method option key=value, repeatable")
+    add("--backend", action="append", choices=["torch", "triton", "auto"], help="repeatable (default: auto)")
+    add("--batch-size", type=int, help="default: 256 on CUDA, 8 on CPU")
+    add("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+    add("--device", help="default: cuda if available, else cpu")
+    add("--warmup", type=int, default=5)
+    add("--runs", type=int, default=10)
+    add("--top", type=int, default=20, help="operators listed per backend")
+    add("--seed", type=int, default=0)
+    add("--out", type=Path, help="JSON path (default evals/results/profile_<device>.json; .md beside it)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_cuda = device.type == "cuda"
+    batch = args.batch_size or (256 if on_cuda else 8)
+    dtype = DTYPES[args.dtype or ("bfloat16" if on_cuda else "float32")]
+    if batch < 1 or args.runs < 1 or args.warmup < 0 or args.top < 1:
+        raise SystemExit("--batch-size, --runs and --top must be at least 1, --warmup at least 0")
+    options = dict(args.option)
+    if "backend" in options:
+        raise SystemExit("give the backend with --backend (repeatable), not --option backend=…")
+    if args.r is not None:
+        options["r"] = args.r
+    elif args.method == "tome":
+        options.setdefault("r", 16)
+    if args.method == "none" and options:
+        raise SystemExit(f"--method none takes no options, got {sorted(options)}")
+    baseline = create_model(args.model, args.img_size, device, args.seed)
+    inputs = example_input(baseline, batch, device, args.seed)
+    setting = describe_setting(args.method, options) or "unpatched"
+    results = []
+    for backend in args.backend or ["auto"]:
+        model = baseline
+        if args.method != "none":
+            model = tokenprune.patch(create_model(args.model, args.img_size, device, args.seed), args.method,
+                                     **options, backend=backend)
+        print(f"profiling {args.model} {args.method} {setting}, backend {backend}", file=sys.stderr, flush=True)
+        results.append({"backend": backend, **profile_forward(model, inputs, dtype, args.warmup, args.runs, args.top)})
+    unreduced = profile_forward(baseline, inputs, dtype, args.warmup, args.runs, args.top)
+
+    env = environment(device)
+    document = {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python -m evals.bench_profile", *(argv if argv is not None else sys.argv[1:])]),
+        "model": args.model,
+        "method": args.method,
+        "setting": setting,
+        "batch_size": batch,
+        "dtype": str(dtype).removeprefix("torch."),
+        "runs": args.runs,
+        "warmup": args.warmup,
+        "unreduced": unreduced,
+        "backends": results,
+        "environment": env,
+    }
+    out = args.out or RESULTS_DIR / f"profile_{device.type}.json"
+    write_atomic(out, json.dumps(document, indent=2) + "\n")
+    write_atomic(out.with_suffix(".md"), format_markdown(document))
+    print(format_markdown(document))
+    return document
+
+
+def format_markdown(document: dict[str, Any]) -> str:
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    env = document["environment"]
+    lines = [
+        f"{document['model']} {document['method']} {document['setting']}, batch {document['batch_size']}, "
+        f"{document['dtype']}, {env['device_name']}, torch {env['torch']}; wall: median of {document['runs']} "
+        f"forwards after {document['warmup']} warm-up; `{document['command']}`",
+        "",
+        "| model | wall ms / forward | GPU kernel ms / forward | GPU busy | kernels / forward |",
+        "| :--- | ---: | ---: | ---: | ---: |",
+    ]
+    rows = [("unreduced", document["unreduced"])] + [(f"backend {r['backend']}", r) for r in document["backends"]]
+    for label, row in rows:
+        busy = "-" if row["gpu_busy_pct"] is None else f"{row['gpu_busy_pct']:.0f} %"
+        kernels = "-" if row["kernels_per_forward"] is None else f"{row['kernels_per_forward']:.0f}"
+        lines.append(f"| {label} | {ms(row['wall_ms_per_forward'])} | {ms(row['kernel_ms_per_forward'])} | {busy} "
+                     f"| {kernels} |")
+    for label, row in rows[1:]:
+        lines += ["", f"Top operators, {label} (self time per forward):", "",
+                  "| operator | calls | self CPU ms | self GPU ms |", "| :--- | ---: | ---: | ---: |"]
+        lines += [f"| `{op['op']}` | {op['calls_per_forward']:.0f} | {ms(op['self_cpu_ms_per_forward'])} "
+                  f"| {ms(op['self_device_ms_per_forward'])} |" for op in row["top_ops"]]
+    return "\n".join(lines) + "\n"
+
+
+def cli() -> None:
+    main()
+
+
+if __name__ == "__main__":
+    cli()
