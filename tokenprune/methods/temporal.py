@@ -86,8 +86,10 @@ class TemporalMerge:
     (with ``window=0`` or an odd number of tubelet frames this happens within a few blocks). A
     clip with fewer than ``r`` A tokens with a partner inside the frame gap and window merges
     the missing ones into their most similar B token outside it, eager and compiled alike, and
-    an eager forward warns (``RuntimeWarning``, once per process): lower ``r`` or widen ``window``
-    to keep every merge inside. A clip without any B token (a single tubelet frame) is refused.
+    an eager forward on the CPU warns (``RuntimeWarning``, once per process; on a GPU the check
+    would synchronise the host with every block, so run a few clips on the CPU to see it): lower
+    ``r`` or widen ``window`` to keep every merge inside. A clip without any B token (a single
+    tubelet frame) is refused.
     """
 
     r: int
@@ -134,7 +136,9 @@ class TemporalMerge:
         scores = temporal_scores(metric[:, p:], state.pos[:, p:], self.window)
         best_score, best_b = scores.max(dim=-1)
         order = best_score.argsort(dim=-1, descending=True, stable=True)[:, :r]
-        if not torch.compiler.is_compiling() and bool((best_score.gather(1, order) < -1.0 - _EPS).any()):
+        # Checked where it is free: on a GPU, reading the answer would stall the host every block.
+        check = best_score.device.type == "cpu" and not torch.compiler.is_compiling()
+        if check and bool((best_score.gather(1, order) < -1.0 - _EPS).any()):
             # One text for every block and clip, so Python shows it once, not per forward.
             warnings.warn(
                 f"temporal merging: some merges had no partner in a neighbouring frame within {self.window} "
