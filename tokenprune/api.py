@@ -136,10 +136,7 @@ def _video_grid(model: nn.Module, input_size: int | tuple[int, ...]) -> tuple[in
             f"the model takes {embed.num_frames} frames of {embed.img_size[0]}x{embed.img_size[1]}, not {frames} "
             f"frames of {height}x{width}; create it with dynamic_img_size=True for other clip sizes"
         )
-    for name, size, step in (("frames", frames, embed.tubelet_size), ("height", height, embed.patch_size[0]),
-                             ("width", width, embed.patch_size[1])):
-        if size % step:  # as the forward refuses it, rather than planning for a floored grid
-            raise ValueError(f"input {name} {size} is not a multiple of the tubelet/patch size {step}")
+    embed.check_clip_size(frames, height, width)  # as the forward does, rather than planning a floored grid
     t, h, w = embed.dynamic_feat_size((frames, height, width))
     return (int(t), int(h), int(w))
 

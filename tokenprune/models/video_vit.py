@@ -131,13 +131,7 @@ class VideoPatchEmbed(nn.Module):
         self.patch_size = _pair(patch_size)
         self.num_frames = int(num_frames)
         self.tubelet_size = int(tubelet_size)
-        for name, size, step in (
-            ("frames", self.num_frames, self.tubelet_size),
-            ("height", self.img_size[0], self.patch_size[0]),
-            ("width", self.img_size[1], self.patch_size[1]),
-        ):
-            if size % step:
-                raise ValueError(f"{name} {size} is not a multiple of the tubelet/patch size {step}")
+        self.check_clip_size(self.num_frames, *self.img_size, what="")
         self.grid_size = (
             self.num_frames // self.tubelet_size,
             self.img_size[0] // self.patch_size[0],
@@ -163,6 +157,13 @@ class VideoPatchEmbed(nn.Module):
     def feat_ratio(self, as_scalar: bool = True) -> int | tuple[int, int]:
         return max(self.patch_size) if as_scalar else self.patch_size
 
+    def check_clip_size(self, frames: int, height: int, width: int, what: str = "input ") -> None:
+        """Raise unless frames, height and width are multiples of the tubelet and patch size."""
+        for name, size, step in (("frames", frames, self.tubelet_size), ("height", height, self.patch_size[0]),
+                                 ("width", width, self.patch_size[1])):
+            if size % step:
+                raise ValueError(f"{what}{name} {size} is not a multiple of the tubelet/patch size {step}")
+
     def dynamic_feat_size(self, size: tuple[int, ...]) -> tuple[int, ...]:
         """Token grid for an input size: (H, W) → (H', W') as in timm; (T, H, W) → (T', H', W')."""
         if len(size) == 2:
@@ -183,10 +184,7 @@ class VideoPatchEmbed(nn.Module):
                 f"the model takes {self.num_frames} frames of {self.img_size[0]}x{self.img_size[1]}, got "
                 f"{frames} frames of {height}x{width}; create it with dynamic_img_size=True to vary the clip size"
             )
-        for name, size, step in (("frames", frames, self.tubelet_size), ("height", height, self.patch_size[0]),
-                                 ("width", width, self.patch_size[1])):
-            if size % step:
-                raise ValueError(f"input {name} {size} is not a multiple of the tubelet/patch size {step}")
+        self.check_clip_size(frames, height, width)
         x = self.proj(x)
         pattern = "b c t h w -> b (t h w) c" if self.flatten else "b c t h w -> b t h w c"
         return self.norm(rearrange(x, pattern))
