@@ -37,7 +37,7 @@ from evals.harness import (
     synchronize,
     write_atomic,
 )
-from evals.settings import describe_setting, parse_option
+from evals.settings import describe_setting, method_options, parse_option
 from tokenprune.schedule import parse_schedule
 
 
@@ -124,15 +124,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     dtype = DTYPES[args.dtype or ("bfloat16" if on_cuda else "float32")]
     if batch < 1 or args.runs < 1 or args.warmup < 0 or args.top < 1:
         raise SystemExit("--batch-size, --runs and --top must be at least 1, --warmup at least 0")
-    options = dict(args.option)
+    options = method_options(args.method, args.option, r=args.r)
     if "backend" in options:
         raise SystemExit("give the backend with --backend (repeatable), not --option backend=…")
-    if args.r is not None:
-        options["r"] = args.r
-    elif args.method == "tome":
+    if args.method == "tome":
         options.setdefault("r", 16)
-    if args.method == "none" and options:
-        raise SystemExit(f"--method none takes no options, got {sorted(options)}")
     baseline = create_model(args.model, args.img_size, device, args.seed)
     inputs = example_input(baseline, batch, device, args.seed)
     setting = describe_setting(args.method, options) or "unpatched"

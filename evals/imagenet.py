@@ -84,6 +84,7 @@ from evals.settings import (
     BudgetUnreachable,
     Setting,
     describe_setting,
+    method_options,
     parse_budget,
     parse_option,
     resolve,
@@ -503,23 +504,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _method_options(args: argparse.Namespace) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    for key, value in args.option:
-        if key in options:
-            raise SystemExit(f"--option {key} given twice")
-        options[key] = value
-    for key in ("r", "keep_ratio", "predictor"):
-        value = getattr(args, key)
-        if value is not None:
-            if key in options:
-                raise SystemExit(f"give {key} either as --{key.replace('_', '-')} or as --option {key}=..., not both")
-            options[key] = value
-    if args.method == "none" and options:
-        raise SystemExit(f"--method none takes no options, got {sorted(options)}")
-    return options
-
-
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
@@ -559,7 +543,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     if args.batch_size < 1 or args.workers < 0 or (args.limit is not None and args.limit < 0):
         raise SystemExit("--batch-size must be at least 1, --workers and --limit at least 0")
-    options = _method_options(args)
+    options = method_options(args.method, args.option, r=args.r, keep_ratio=args.keep_ratio, predictor=args.predictor)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]

@@ -58,7 +58,7 @@ import tokenprune
 from evals.distributed import Dist, ShardSampler, setup
 from evals.harness import RESULTS_DIR, environment, measure_throughput, write_atomic
 from evals.metrics import topk_correct
-from evals.settings import describe_setting, parse_option
+from evals.settings import describe_setting, method_options, parse_option
 from tokenprune.schedule import parse_schedule
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg")
@@ -287,22 +287,6 @@ def collate(items: Sequence[Item]) -> list[Item]:
 # ------------------------------------------------------------------------------------- model
 
 
-def method_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The options to patch with: ``--option key=value`` pairs and ``--r``."""
-    options: dict[str, Any] = {}
-    for key, value in args.option:
-        if key in options:
-            raise SystemExit(f"--option {key} given twice")
-        options[key] = value
-    if args.r is not None:
-        if "r" in options:
-            raise SystemExit("give r either as --r or as --option r=..., not both")
-        options["r"] = args.r
-    if args.method == "none" and options:
-        raise SystemExit(f"--method none takes no options, got {sorted(options)}")
-    return options
-
-
 def build_model(args: argparse.Namespace, options: dict[str, Any]) -> torch.nn.Module:
     from tokenprune import models
 
@@ -417,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
              for name in ("num_frames", "stride", "clips", "crops", "img_size", "views_per_batch") if getattr(args, name) < 1]
     if small:
         raise SystemExit(f"{', '.join(small)}: must be at least 1")
-    options = method_options(args)
+    options = method_options(args.method, args.option, r=args.r)
     classes = read_classes(args.classes)
     warnings: list[str] = []
     if args.labels_file:

@@ -50,6 +50,7 @@ __all__ = [
     "bisect_weakest",
     "describe_setting",
     "identity",
+    "method_options",
     "parse_budget",
     "resolve",
     "setting_for_budget",
@@ -316,6 +317,25 @@ def parse_option(text: str) -> tuple[str, Any]:
         return key, ast.literal_eval(value.strip())
     except (ValueError, SyntaxError):
         return key, value.strip()
+
+
+def method_options(method: str, pairs: Sequence[tuple[str, Any]], **flags: Any) -> dict[str, Any]:
+    """One method's options from a script's command line: its ``--option key=value`` ``pairs``
+    and its own flags (``r=args.r``...; None: not given). A key given twice, or both ways, and
+    options for ``method="none"`` are errors."""
+    options: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in options:
+            raise SystemExit(f"--option {key} given twice")
+        options[key] = value
+    for key, value in flags.items():
+        if value is not None:
+            if key in options:
+                raise SystemExit(f"give {key} either as --{key.replace('_', '-')} or as --option {key}=..., not both")
+            options[key] = value
+    if method == "none" and options:
+        raise SystemExit(f"--method none takes no options, got {sorted(options)}")
+    return options
 
 
 def _schedule(text: str) -> RSchedule:

