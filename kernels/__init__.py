@@ -5,10 +5,13 @@
 * :mod:`kernels.attention` — ``attention(q, k, v, key_bias, scale)``: flash attention with
   ToMe's proportional-attention bias (log of the token sizes) built in, tiled to the (short)
   length of merged sequences; the reference is PyTorch SDPA with the bias as a mask.
+* :mod:`kernels.bipartite` — ``bipartite_dest(best_score, best_b, r, ...)``: ToMe's merge
+  assignment (the r best-scoring A tokens go to their partners, the rest keep their order) in
+  one launch, where PyTorch needs a stable argsort and about fifteen small kernels.
 * :mod:`kernels.merge` — ``merge_wavg_triton(x, size, dest, num_out)``: the size-weighted merge
   of ``tokenprune.merge.merge_wavg``, deterministic (no atomics), with a gather backward.
 
-``attention``, ``best_match`` and ``merge_wavg`` take ``backend="auto" | "triton" | "torch"``: "auto" runs
+``attention``, ``best_match``, ``bipartite_dest`` and ``merge_wavg`` take ``backend="auto" | "triton" | "torch"``: "auto" runs
 Triton on CUDA tensors when triton imports and the reference otherwise; "triton" forces the
 kernel (on CPU only under ``TRITON_INTERPRET=1``, which is how the tests run it).
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 from kernels.attention import attention, attention_reference, attention_triton
 from kernels._triton import BACKENDS, HAS_TRITON, INTERPRET, triton_usable, use_triton
+from kernels.bipartite import bipartite_dest, bipartite_dest_reference, bipartite_dest_triton
 from kernels.match import best_match, best_match_reference, best_match_triton
 from kernels.merge import merge_wavg, merge_wavg_reference, merge_wavg_triton
 
@@ -37,6 +41,9 @@ __all__ = [
     "best_match",
     "best_match_reference",
     "best_match_triton",
+    "bipartite_dest",
+    "bipartite_dest_reference",
+    "bipartite_dest_triton",
     "merge_wavg",
     "merge_wavg_reference",
     "merge_wavg_triton",

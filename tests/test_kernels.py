@@ -202,6 +202,78 @@ def test_best_match_dispatch_and_validation() -> None:
     assert empty_score.shape == empty_index.shape == (1, 0)
 
 
+# ------------------------------------------------------------------------------ bipartite_dest
+
+
+def assignment_inputs(batch: int, num_a: int, num_b: int, seed: int, levels: int | None = None):
+    """Best scores and B partners; ``levels`` draws scores from that many values (many ties)."""
+    gen = torch.Generator().manual_seed(seed)
+    if levels is None:
+        score = torch.rand(batch, num_a, generator=gen) * 2 - 1
+    else:
+        score = torch.randint(0, levels, (batch, num_a), generator=gen).float() / levels
+    best_b = torch.randint(0, max(num_b, 1), (batch, num_a), generator=gen)
+    return score.to(DEVICE), best_b.to(DEVICE)
+
+
+def a_tokens(tokens: int, p: int) -> int:
+    return len(range(tokens)[p:][p % 2 :: 2])
+
+
+@pytest.mark.parametrize(
+    "batch,tokens,p",
+    [
+        (1, 3, 1),  # T=3: one A, one B
+        (3, 18, 1),  # even T, class token
+        (2, 17, 0),  # odd T, no prefix: A starts at 0
+        (2, 22, 5),  # odd prefix (registers): A starts one later
+        (2, 197, 1),  # ViT-B/16 at 224²
+        (2, 1569, 1),  # video: Na = 784 needs several rank chunks
+    ],
+)
+def test_bipartite_dest_matches_reference(batch: int, tokens: int, p: int) -> None:
+    num_a = a_tokens(tokens, p)
+    num_b = tokens - p - num_a
+    for levels in (None, 3):  # distinct scores, then mostly ties (lowest A index first)
+        score, best_b = assignment_inputs(batch, num_a, num_b, seed=tokens + p, levels=levels)
+        cap = kernels.bipartite.max_bipartite_r(tokens, p)
+        for r in sorted({0, 1, cap // 2, cap}):
+            got = kernels.bipartite_dest_triton(score, best_b, r, tokens, p)
+            want = kernels.bipartite_dest_reference(score, best_b, r, tokens, p)
+            assert torch.equal(got, want), (levels, r)
+
+
+def test_bipartite_dest_nan_and_infinite_scores_rank_like_a_stable_sort() -> None:
+    """torch's descending stable sort puts NaN first (ties among NaN by index), then +inf, …,
+    -inf; the kernel counts the same order without sorting."""
+    score = torch.tensor([[0.5, float("nan"), float("inf"), -float("inf"), float("nan"), 0.5, -float("inf"), 0.2]])
+    best_b = torch.arange(8).flip(0).unsqueeze(0)
+    score, best_b = score.to(DEVICE), best_b.to(DEVICE)
+    for r in range(9):
+        got = kernels.bipartite_dest_triton(score, best_b, r, 17, 1)
+        assert torch.equal(got, kernels.bipartite_dest_reference(score, best_b, r, 17, 1)), r
+
+
+def test_bipartite_dest_strided_scores_and_dispatch() -> None:
+    score, best_b = assignment_inputs(4, 24, 24, seed=3)
+    strided_score, strided_b = score.t().contiguous().t(), best_b[:, None].expand(-1, 2, -1)[:, 1]
+    assert not strided_score.is_contiguous()
+    want = kernels.bipartite_dest_reference(score, best_b, 10, 49, 1)
+    assert torch.equal(kernels.bipartite_dest_triton(strided_score, strided_b, 10, 49, 1), want)
+    assert torch.equal(kernels.bipartite_dest(score, best_b, 10, 49, 1, backend="triton"), want)
+    assert torch.equal(kernels.bipartite_dest(score.double(), best_b, 10, 49, 1, backend="triton"), want)
+    with pytest.raises(ValueError, match="r=25 is outside"):
+        kernels.bipartite_dest(score, best_b, 25, 49, 1)
+    with pytest.raises(ValueError, match="24 A tokens do not fit 52 tokens"):
+        kernels.bipartite_dest(score, best_b, 1, 52, 1)
+    with pytest.raises(TypeError, match="int64"):
+        kernels.bipartite_dest(score, best_b.int(), 1, 49, 1)
+    with pytest.raises(TypeError, match="float32"):
+        kernels.bipartite_dest_triton(score.half(), best_b, 1, 49, 1)
+    empty = kernels.bipartite_dest_triton(score[:0], best_b[:0], 1, 49, 1)
+    assert empty.shape == (0, 49)
+
+
 # ---------------------------------------------------------------------------------- merge_wavg
 
 

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels import best_match, merge_wavg
+from kernels import best_match, bipartite_dest, merge_wavg
+from kernels.bipartite import bipartite_split, max_bipartite_r  # noqa: F401 (max_bipartite_r: part of this module's API)
 
 
 class TokenState(NamedTuple):
@@ -169,11 +170,6 @@ def source_matrix(source_index: Tensor, num_tokens: int) -> Tensor:
     return torch.nn.functional.one_hot(source_index + 1, num_tokens + 1)[..., 1:].transpose(1, 2)
 
 
-def max_bipartite_r(num_tokens: int, num_protected: int) -> int:
-    """ToMe merges at most half of the mergeable tokens per layer (one side of the bipartition)."""
-    return max(num_tokens - num_protected, 0) // 2
-
-
 def bipartite_matching_flops(num_tokens: int, num_protected: int, dim: int) -> int:
     """FLOPs of scoring every A token against every B token (the a @ bᵀ of the matching)."""
     mergeable = num_tokens - num_protected
@@ -197,12 +193,12 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int, backend:
     Args:
         metric: [B, T, D] matching features. r: tokens to remove, ≤ max_bipartite_r(T, P).
         num_protected: P, the count of leading tokens that must survive unchanged.
-        backend: where steps 2-3 run, see :func:`kernels.best_match`.
+        backend: where steps 2-4 run, see :func:`kernels.best_match` and :func:`kernels.bipartite_dest`.
     Returns:
         dest: [B, T] int64, the index of each token in the merged sequence of T - r tokens.
     """
     best_score, best_b = bipartite_best_match(metric, num_protected, backend=backend)
-    return bipartite_dest(best_score, best_b, r, metric.shape[1], num_protected)
+    return bipartite_dest(best_score, best_b, r, metric.shape[1], num_protected, backend)
 
 
 def unit_vectors(metric: Tensor) -> Tensor:
@@ -211,13 +207,6 @@ def unit_vectors(metric: Tensor) -> Tensor:
     which tokens merge. A zero vector stays zero (cosine 0 to all) where x / ‖x‖ would give
     NaN, which torch.max and the match kernel would order differently."""
     return F.normalize(metric.float(), dim=-1)
-
-
-def bipartite_split(num_protected: int) -> tuple[slice, slice]:
-    """Positions of sets A and B among the tokens after the prefix. A/B parity follows the
-    absolute position, as in ToMe, so the prefix does not shift it."""
-    a_start = num_protected % 2
-    return slice(a_start, None, 2), slice(1 - a_start, None, 2)
 
 
 def bipartite_best_match(
@@ -243,30 +232,3 @@ def bipartite_best_match(
     # Exact elementwise distances: torch.cdist would take a matmul shortcut that loses precision.
     distance = (body_pos[:, a_part, None] - body_pos[:, None, b_part]).norm(dim=-1)
     return (a @ b.transpose(-1, -2) - pos_weight * distance).max(dim=-1)
-
-
-def bipartite_dest(best_score: Tensor, best_b: Tensor, r: int, num_tokens: int, num_protected: int) -> Tensor:
-    """Step 4 of :func:`bipartite_soft_matching`: merge the r best-scoring A tokens into their
-    B partners; returns ``dest`` ([B, num_tokens] int64)."""
-    p, device = num_protected, best_score.device
-    if not 0 <= r <= max_bipartite_r(num_tokens, p):
-        raise ValueError(f"r={r} is outside [0, {max_bipartite_r(num_tokens, p)}] for {num_tokens} tokens")
-    batch, num_a = best_score.shape
-    a_part, b_part = bipartite_split(p)
-    num_b = num_tokens - p - num_a
-
-    order = best_score.argsort(dim=-1, descending=True, stable=True)
-    is_src = torch.zeros(batch, num_a, dtype=torch.bool, device=device)
-    is_src.scatter_(1, order[:, :r], True)
-
-    b_base = p + num_a - r
-    unmerged_rank = (~is_src).cumsum(dim=1) - 1
-    dest_a = torch.where(is_src, b_base + best_b, p + unmerged_rank)
-    dest_b = (b_base + torch.arange(num_b, device=device)).expand(batch, -1)
-
-    dest = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
-    dest[:, :p] = torch.arange(p, device=device)
-    body = dest[:, p:]
-    body[:, a_part] = dest_a
-    body[:, b_part] = dest_b
-    return dest

@@ -154,7 +154,7 @@ class PositionalBipartiteMerge:
             r = min(cap, int((best_score > threshold).sum(dim=1).min()))
             if r == 0:
                 return state
-        dest = bipartite_dest(best_score, best_b, r, state.num_tokens, self.num_protected)
+        dest = bipartite_dest(best_score, best_b, r, state.num_tokens, self.num_protected, self.backend)
         return merge_state(state, dest, state.num_tokens - r, self.backend)
 
 
