@@ -1,19 +1,26 @@
-"""Best bipartite match: for every A token, its most similar B token (ToMe's matching step).
+"""Best bipartite match: for every A token, its most similar B token by cosine (ToMe's matching).
 
-``bipartite_soft_matching`` builds the full ``[B, Na, Nb]`` cosine matrix ``a @ b.T`` only to
-reduce it with ``max(dim=-1)``. For video ViTs (T = 1569 tokens, Na ≈ Nb ≈ 784) that matrix is
-written to and read back from global memory once per layer. The kernel here fuses the matmul
-with the row-wise max/argmax: each program keeps a tile of A rows, streams the B rows through
-``tl.dot`` tile by tile and keeps a running (max, argmax) in registers, so the score matrix is
-never materialised; global traffic is the inputs plus ``[B, Na]`` outputs.
+``bipartite_soft_matching`` normalises the metric, builds the full ``[B, Na, Nb]`` cosine
+matrix ``a @ b.T`` and reduces it with ``max(dim=-1)``: four or five kernels, and for video
+ViTs (T = 1569 tokens, Na ≈ Nb ≈ 784) a score matrix written to and read back from global
+memory once per layer. The kernel here fuses all of it: each program keeps a tile of A rows,
+streams the B rows through ``tl.dot`` tile by tile, divides by the row norms it accumulates
+on the way and keeps a running (max, argmax) in registers, so neither the normalised metric
+nor the score matrix is materialised; global traffic is the raw inputs plus ``[B, Na]``
+outputs, and a block's match is one launch.
 
-Semantics are those of ``torch.max(a.float() @ b.float().transpose(-1, -2), dim=-1)``:
-scores in float32, ties resolved to the lowest B index.
+Semantics are those of ``torch.max(normalize(a.float()) @ normalize(b.float()).T, dim=-1)``
+(``F.normalize``: x / max(‖x‖, 1e-12), so a zero vector scores 0 against everything): scores
+in float32, ties resolved to the lowest B index. The kernel divides the dot product by the
+norms instead of normalising first, which rounds differently in the last bits: near-ties
+(gaps of ~1e-7) may resolve differently than in the reference, exact ties (duplicate tokens)
+do not.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from kernels._triton import HAS_TRITON, block_size, check_device, tl, triton, use_triton
@@ -27,15 +34,16 @@ def best_match_reference(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """Pure-PyTorch best match: the definition the kernel is tested against.
 
     Args:
-        a: [B, Na, D] L2-normalised rows (any strides). b: [B, Nb, D] likewise, Nb ≥ 1.
+        a: [B, Na, D] rows (any strides, any scale). b: [B, Nb, D] likewise, Nb ≥ 1.
     Returns:
-        (best_score [B, Na] float32, best_index [B, Na] int64): the max of ``a[i] · b[j]`` over
-        j and its argmax, ties → the lowest j (``torch.max`` semantics).
+        (best_score [B, Na] float32, best_index [B, Na] int64): the max over j of the cosine
+        similarity of ``a[i]`` and ``b[j]`` and its argmax, ties → the lowest j (``torch.max``
+        semantics). A zero row has cosine 0 to every row (``F.normalize``'s convention).
 
     Scores are computed in float32 whatever the input dtype: a bf16 score matrix would round
     distinct similarities to equal values and turn them into artificial ties.
     """
-    scores = a.float() @ b.float().transpose(-1, -2)
+    scores = F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).transpose(-1, -2)
     best_score, best_index = scores.max(dim=-1)
     return best_score, best_index
 
@@ -63,6 +71,7 @@ if HAS_TRITON:
         BLOCK_D: tl.constexpr,
     ):
         # Grid: (batch, A tiles). Each program owns BLOCK_A rows of A and scans all of B.
+        EPS: tl.constexpr = 1e-12  # F.normalize's
         batch = tl.program_id(0).to(tl.int64)  # int64: batch * stride may exceed 2**31
         rows_a = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
         valid_a = rows_a < num_a
@@ -70,12 +79,25 @@ if HAS_TRITON:
         a_base = a_ptr + batch * stride_a_batch
         b_base = b_ptr + batch * stride_b_batch
 
+        # 1 / max(‖a‖, eps) per A row (F.normalize's denominator), from one pass over D.
+        sum_sq_a = tl.zeros([BLOCK_A], tl.float32)
+        for d_start in range(0, dim, BLOCK_D):
+            cols = d_start + offs_d
+            a_tile = tl.load(
+                a_base + rows_a[:, None] * stride_a_row + cols[None, :] * stride_a_dim,
+                mask=valid_a[:, None] & (cols < dim)[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            sum_sq_a += tl.sum(a_tile * a_tile, axis=1)
+        inv_norm_a = 1.0 / tl.maximum(tl.sqrt(sum_sq_a), EPS)
+
         best_score = tl.full([BLOCK_A], float("-inf"), tl.float32)
         best_index = tl.zeros([BLOCK_A], tl.int32)
         for b_start in range(0, num_b, BLOCK_B):
             rows_b = b_start + tl.arange(0, BLOCK_B)
             valid_b = rows_b < num_b
             scores = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
+            sum_sq_b = tl.zeros([BLOCK_B], tl.float32)
             # D is looped rather than held whole so any width fits in registers; the A tile is
             # re-read per B tile, but from L1/L2, and the dot dominates.
             for d_start in range(0, dim, BLOCK_D):
@@ -96,7 +118,11 @@ if HAS_TRITON:
                 # matches the float32 reference up to summation order. "ieee" forbids TF32,
                 # whose 10-bit mantissa would reorder near-equal similarities on GPU. (It also
                 # sidesteps the interpreter, whose dot would misread bf16 storage as uint16.)
-                scores = tl.dot(a_tile.to(tl.float32), b_tile.to(tl.float32), scores, input_precision="ieee")
+                b_tile = b_tile.to(tl.float32)
+                scores = tl.dot(a_tile.to(tl.float32), b_tile, scores, input_precision="ieee")
+                sum_sq_b += tl.sum(b_tile * b_tile, axis=0)
+            inv_norm_b = 1.0 / tl.maximum(tl.sqrt(sum_sq_b), EPS)
+            scores = scores * inv_norm_a[:, None] * inv_norm_b[None, :]
             # Padding columns must never win the max.
             scores = tl.where(valid_b[None, :], scores, float("-inf"))
             tile_score = tl.max(scores, axis=1)
@@ -130,11 +156,11 @@ def best_match_triton(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """Triton best match; same contract as :func:`best_match_reference`.
 
     ``a`` and ``b`` may be strided views (e.g. ``body[:, 1::2]``): their strides are passed to
-    the kernel, nothing is copied. fp32/fp16/bf16 inputs, accumulated in fp32. The outputs
-    carry no gradient: ToMe uses them only to rank and pair tokens.
+    the kernel, nothing is copied or normalised beforehand. fp32/fp16/bf16 inputs, accumulated
+    in fp32. The outputs carry no gradient: ToMe uses them only to rank and pair tokens.
 
-    NaN inputs (e.g. a zero vector normalised to NaN) are not handled like ``torch.max``, which
-    propagates the NaN; here NaN scores are simply never selected as a new maximum.
+    NaN inputs are not handled like ``torch.max``, which propagates the NaN; here NaN scores
+    are simply never selected as a new maximum.
     """
     _check_inputs(a, b)
     check_device(a, b)
@@ -173,7 +199,7 @@ def best_match_triton(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def best_match(a: Tensor, b: Tensor, backend: str = "auto") -> tuple[Tensor, Tensor]:
-    """Best match of every row of ``a`` among the rows of ``b`` (see
+    """Most similar row of ``b`` (cosine) for every row of ``a`` (see
     :func:`best_match_reference`), on the backend chosen by ``use_triton`` ("auto": Triton for
     CUDA tensors when triton imports). Dtypes outside fp32/fp16/bf16 take the reference."""
     if a.dtype in _SUPPORTED_DTYPES and b.dtype in _SUPPORTED_DTYPES and use_triton(backend, a, b):

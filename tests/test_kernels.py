@@ -80,7 +80,8 @@ def assert_best_match(a: torch.Tensor, b: torch.Tensor) -> None:
     assert score.shape == index.shape == a.shape[:2]
     torch.testing.assert_close(score, ref_score, atol=SCORE_ATOL, rtol=0)
 
-    full = a.float() @ b.float().transpose(-1, -2)
+    unit = torch.nn.functional.normalize
+    full = unit(a.float(), dim=-1) @ unit(b.float(), dim=-1).transpose(-1, -2)  # every cosine
     if b.shape[1] >= 2:
         top2 = full.topk(2, dim=-1).values
         near_tie = (top2[..., 0] - top2[..., 1]) < NEAR_TIE
@@ -147,13 +148,16 @@ def test_best_match_exact_ties_pick_lowest_index() -> None:
 
     score, index = best_match_triton(a, b)
     ref_score, ref_index = best_match_reference(a, b)
-    assert torch.equal(score, ref_score)
+    # Scores differ in the last bits (the kernel divides by the norms, the reference normalises
+    # first), but duplicate rows get bitwise-equal scores within each, so ties stay ties.
+    torch.testing.assert_close(score, ref_score, atol=SCORE_ATOL, rtol=0)
     assert torch.equal(index, ref_index)
     assert index[:, 0].tolist() == [3] * batch
     assert index[:, 1].tolist() == [70] * batch and index[:, 69].tolist() == [70] * batch
     assert index[:, 2].tolist() == [0] * batch
     # The tie rule in full: the kernel's index is the first column attaining the row max.
-    full = a @ b.transpose(-1, -2)
+    unit = torch.nn.functional.normalize
+    full = unit(a, dim=-1) @ unit(b, dim=-1).transpose(-1, -2)
     first_max = (full == full.max(dim=-1, keepdim=True).values).int().argmax(dim=-1)
     assert torch.equal(index, first_max)
 
@@ -177,6 +181,23 @@ def test_best_match_duplicate_tokens(dtype: torch.dtype) -> None:
     exact_tie = ref_index == 15
     assert torch.equal(index[exact_tie], ref_index[exact_tie])
     assert_best_match(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_best_match_normalises_raw_rows(dtype: torch.dtype) -> None:
+    """Rows of any length (keys straight from the model), zero rows included: the kernel
+    divides by the norms it accumulates, the reference normalises first (F.normalize)."""
+    torch.manual_seed(11)
+    metric = torch.randn(2, 41, 72) * torch.rand(2, 41, 1) * 30
+    metric[0, 3] = 0  # a zero A row (A: tokens 1, 3, 5, …): cosine 0 to every B row
+    metric[1, 4] = 0  # a zero B row (B: tokens 2, 4, 6, …)
+    metric = metric.to(DEVICE, dtype)
+    a, b = metric[:, 1::2], metric[:, 2::2]
+    score, index = best_match_triton(a, b)
+    ref_score, ref_index = best_match_reference(a, b)
+    torch.testing.assert_close(score, ref_score, atol=SCORE_ATOL, rtol=0)
+    assert torch.equal(index, ref_index)  # random directions: no near ties here
+    assert score[0, 1].item() == 0.0 and ref_score[0, 1].item() == 0.0  # the zero A row
 
 
 def test_best_match_dispatch_and_validation() -> None:
