@@ -66,11 +66,13 @@ if HAS_TRITON:
         x_ptr,
         size_ptr,
         order_ptr,
-        start_ptr,
+        sorted_dest_ptr,
         out_ptr,
         new_size_ptr,
+        num_tokens,
         num_out,
         num_out_bucket,  # autotuning key only
+        search_steps,
         channels,
         stride_x_batch,
         stride_x_token,
@@ -78,7 +80,7 @@ if HAS_TRITON:
         stride_size_batch,
         stride_size_token,
         stride_order_batch,
-        stride_start_batch,
+        stride_sorted_batch,
         stride_out_batch,
         stride_out_token,
         stride_new_size_batch,
@@ -95,10 +97,24 @@ if HAS_TRITON:
         cols = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)
         valid_c = cols < channels
 
-        # Members of output o are order[start[o]:start[o+1]], sorted by input index.
-        start_row = start_ptr + batch * stride_start_batch + out_tokens
-        first = tl.load(start_row, mask=valid_t, other=0)
-        count = tl.load(start_row + 1, mask=valid_t, other=0) - first
+        # Members of output o are order[first:last], the run of o in the sorted destinations,
+        # in input order (a stable sort). Both ends by binary search (lower bounds of o and
+        # o + 1), so no [B, num_out + 1] table of run starts is built and read back.
+        sorted_row = sorted_dest_ptr + batch * stride_sorted_batch
+        first = tl.zeros([BLOCK_T], tl.int64)
+        last = tl.zeros([BLOCK_T], tl.int64)
+        first_hi = tl.full([BLOCK_T], num_tokens, tl.int64)
+        last_hi = tl.full([BLOCK_T], num_tokens, tl.int64)
+        for _ in range(search_steps):  # ceil(log2(T + 1)) halvings close every interval
+            mid = (first + first_hi) // 2
+            below = tl.load(sorted_row + mid, mask=mid < first_hi, other=num_out) < out_tokens
+            first = tl.where(below, mid + 1, first)
+            first_hi = tl.where(below, first_hi, mid)
+            mid = (last + last_hi) // 2
+            below = tl.load(sorted_row + mid, mask=mid < last_hi, other=num_out) <= out_tokens
+            last = tl.where(below, mid + 1, last)
+            last_hi = tl.where(below, last_hi, mid)
+        count = tl.where(valid_t, last - first, 0)
         x_base = x_ptr + batch * stride_x_batch
         size_base = size_ptr + batch * stride_size_batch
         order_base = order_ptr + batch * stride_order_batch
@@ -156,13 +172,12 @@ def _merge_wavg_forward(
     if batch == 0 or num_out == 0:
         return merged, new_size
 
-    # Inverse map, once per call, with deterministic torch ops: a *stable* sort groups the
-    # inputs by destination and keeps them in input order inside each group; binary search on
-    # the sorted destinations gives each group's [start, end). Values of dest outside
-    # [0, num_out) fall outside every group and are ignored (the reference would fail on them).
+    # Inverse map, once per call, with a deterministic torch op: a *stable* sort groups the
+    # inputs by destination and keeps them in input order inside each group; the kernel finds
+    # each group's [first, last) by binary search on the sorted destinations. Values of dest
+    # outside [0, num_out) fall outside every group and are ignored (the reference would fail
+    # on them).
     sorted_dest, order = torch.sort(dest, dim=1, stable=True)
-    bounds = torch.arange(num_out + 1, device=x.device).expand(batch, -1).contiguous()
-    start = torch.searchsorted(sorted_dest, bounds)
 
     def grid(meta: dict) -> tuple[int, int, int]:
         return (batch, triton.cdiv(num_out, meta["BLOCK_T"]), triton.cdiv(channels, meta["BLOCK_C"]))
@@ -175,17 +190,19 @@ def _merge_wavg_forward(
         x,
         size,
         order,
-        start,
+        sorted_dest,
         merged,
         new_size,
+        tokens,
         num_out,
         triton.next_power_of_2(num_out),
+        tokens.bit_length(),  # = ceil(log2(tokens + 1))
         channels,
         *x.stride(),
         size.stride(0),
         size.stride(1),
         order.stride(0),
-        start.stride(0),
+        sorted_dest.stride(0),
         merged.stride(0),
         merged.stride(1),
         new_size.stride(0),

@@ -379,7 +379,19 @@ def test_merge_arbitrary_groups_strided(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's 0/0
-def test_merge_output_without_members_is_nan_like_reference() -> None:
+@pytest.mark.parametrize("tokens,num_out,target", [(1, 1, 0), (2, 1, 0), (9, 5, 4), (9, 5, 0), (16, 3, 2)])
+def test_merge_group_bounds_at_the_ends(tokens: int, num_out: int, target: int) -> None:
+    """The kernel finds each output's members by binary search on the sorted destinations:
+    a single token, every token in the first or in the last output (the others empty: NaN,
+    as in the reference), powers of two."""
+    gen = torch.Generator().manual_seed(tokens)
+    x = torch.randn(2, tokens, 8, generator=gen).to(DEVICE)
+    size = torch.randint(1, 4, (2, tokens, 1), generator=gen).float().to(DEVICE)
+    dest = torch.full((2, tokens), target, device=DEVICE)
+    assert_merge(x, size, dest, num_out)
+
+
+
     x, size, dest, num_out = tome_inputs(2, 11, 16, 1, torch.float32, seed=4)
     merged, new_size = merge_wavg_triton(x, size, dest, num_out + 2)
     ref_merged, ref_size = merge_wavg_reference(x, size, dest, num_out + 2)
