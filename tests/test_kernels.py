@@ -589,3 +589,50 @@ def test_zero_metric_vectors_match_the_same_on_every_backend() -> None:
         assert torch.equal(bipartite_soft_matching(metric, r, 1, "triton"), torch_dest)
     # the zero A token's score is 0 (cosine with every B token), so it is not merged first
     assert scores[0, 0].item() == 0.0 and scores[0].max() > 0
+
+
+def test_tome_step_on_the_triton_path_is_three_launches_and_a_sort(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the Triton path exists for: a block's ToMe step (match, assignment, merge) launches
+    its three kernels and one stable sort; every other PyTorch op it dispatches only allocates.
+    The kernels are replaced by recorders (the interpreter would add its own copies), and the
+    PyTorch ops are counted below the dispatcher, where views and allocations are told apart."""
+    import collections
+
+    import kernels.bipartite
+    import kernels.match
+    import kernels.merge
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tokenprune.merge import TokenState, merge_state
+
+    launches: collections.Counter[str] = collections.Counter()
+
+    class Recorder:
+        def __init__(self, name: str) -> None:
+            self.name = name
+            self.fn = self  # the merge launcher reaches under the autotuner for fixed tiles
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.update([self.name])
+
+    monkeypatch.setattr(kernels.match, "_best_match_kernel", Recorder("match"))
+    monkeypatch.setattr(kernels.bipartite, "_bipartite_dest_kernel", Recorder("assignment"))
+    monkeypatch.setattr(kernels.merge, "_merge_wavg_kernel", Recorder("merge"))
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: collections.Counter[str] = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if torch.Tag.view_copy not in func.tags and not func.is_view:
+                self.ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    metric = torch.randn(2, 197, 64, device=DEVICE).bfloat16()
+    state = TokenState(torch.randn(2, 197, 96, device=DEVICE), torch.ones(2, 197, 1, device=DEVICE))
+    with CountOps() as counter:
+        dest = bipartite_soft_matching(metric, 16, 1, "triton")
+        merge_state(state, dest, 197 - 16, "triton")
+    assert launches == {"match": 1, "assignment": 1, "merge": 1}
+    assert set(counter.ops) == {"empty", "sort"} and counter.ops["sort"] == 1, dict(counter.ops)
