@@ -42,8 +42,9 @@ def merge_step(
     """One block's ToMe step on fixed inputs, run ``repeat`` times back to back, as a callable
     for the timer (divide its time by ``repeat``).
 
-    The step is ~10 small kernels of tens of µs each. Timed alone between two device
-    synchronisations, the host's launch latency is all the clock sees; repeats amortise the
+    The step is ~30 small kernels on the torch path (3 kernels and a sort on the Triton
+    path), each of tens of µs at most. Timed alone between two device synchronisations, the
+    host's launch latency is all the clock sees; repeats amortise the
     synchronisation. On a fast GPU the step is still bound by the host launching its kernels
     (seen on an H100: more time per step than the profiler's device time), whereas inside a
     model those launches are queued while the large matmuls run. So on a GPU this figure is
