@@ -167,9 +167,14 @@ def bipartite_dest_triton(best_score: Tensor, best_b: Tensor, r: int, num_tokens
     check_device(best_score, best_b)
     if best_score.dtype != torch.float32:
         raise TypeError(f"best_score must be float32 (the match step's scores), got {best_score.dtype}")
+    if best_score.shape[1] > MAX_A_TOKENS:
+        raise ValueError(f"{best_score.shape[1]} A tokens exceed the kernel's {MAX_A_TOKENS}; use bipartite_dest_reference")
+    return _launch(best_score, best_b, r, num_tokens, num_protected)
+
+
+def _launch(best_score: Tensor, best_b: Tensor, r: int, num_tokens: int, num_protected: int) -> Tensor:
+    """The kernel on inputs already checked (the per-block path checks them once)."""
     batch, num_a = best_score.shape
-    if num_a > MAX_A_TOKENS:
-        raise ValueError(f"{num_a} A tokens exceed the kernel's {MAX_A_TOKENS}; use bipartite_dest_reference")
     dest = torch.empty(batch, num_tokens, dtype=torch.int64, device=best_score.device)
     if batch == 0 or num_tokens == 0:
         return dest
@@ -207,7 +212,7 @@ def bipartite_dest(
     if (
         best_score.dtype == torch.float32
         and best_score.shape[1] <= MAX_A_TOKENS
-        and use_triton(backend, best_score, best_b)
+        and use_triton(backend, best_score, best_b)  # ("triton": raises unless the device can run it)
     ):
-        return bipartite_dest_triton(best_score, best_b, r, num_tokens, num_protected)
+        return _launch(best_score, best_b, r, num_tokens, num_protected)
     return bipartite_dest_reference(best_score, best_b, r, num_tokens, num_protected)

@@ -224,9 +224,10 @@ def bipartite_best_match(
     """
     p = num_protected
     a_part, b_part = bipartite_split(p)
+    body = metric[:, p:]
     if pos is None or pos_weight == 0.0:  # cosine similarity, normalised inside best_match
-        return best_match(metric[:, p:][:, a_part], metric[:, p:][:, b_part], backend)
-    body = unit_vectors(metric[:, p:])
+        return best_match(body[:, a_part], body[:, b_part], backend)
+    body = unit_vectors(body)
     a, b = body[:, a_part], body[:, b_part]
     body_pos = pos[:, p:]
     # Exact elementwise distances: torch.cdist would take a matmul shortcut that loses precision.

@@ -134,13 +134,6 @@ def attend(
     return out, None
 
 
-def size_bias(size: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """log(size) as an additive key bias of shape [B, 1, 1, T] (proportional attention)."""
-    if size is None:
-        return None
-    return size.log().to(dtype).squeeze(-1)[:, None, None, :]
-
-
 # A masked-out key keeps exp(log ε) ≈ 1e-9 of its weight relative to a kept key of the same logit,
 # so the output equals attention over the kept keys to about 1e-9·exp(gap) per dropped key (gap:
 # how far its logit exceeds the kept ones'; 2e-7 at a gap of 10, 5e-3 at 20), while
