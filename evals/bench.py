@@ -253,17 +253,17 @@ def _group_rows(
     reference: Tensor | None = None
     prepared: list[dict[str, Any]] = []
     runners: list[Callable[[Tensor], Any]] = []
-    searched: dict[tuple[str, str, Budget], dict[str, Any] | None] = {}
+    searched: dict[tuple[str, str, Budget, float | None], dict[str, Any] | None] = {}
     for index, (setting, attention, backend) in enumerate(rows_planned, 1):
         # The backend is one of the options, so a speed budget is searched on the backend it runs.
         options = setting.options if backend is None else {**setting.options, "backend": backend}
         if setting.budget is not None:
-            key = (setting.method, repr(sorted(options.items())), setting.budget)
+            key = (setting.method, repr(sorted(options.items())), setting.budget, setting.inflection)
             if key not in searched:
                 progress(f"  searching {setting.method} for {setting.budget}")
                 timer = _speedup_timer(baseline, inputs, dtype, device) if setting.budget.kind == "speedup" else None
                 try:
-                    searched[key] = settings.resolve(Setting(setting.method, options, setting.budget), baseline, size, timer)
+                    searched[key] = settings.resolve(Setting(setting.method, options, setting.budget, setting.inflection), baseline, size, timer)
                 except settings.BudgetUnreachable as error:
                     searched[key] = None
                     warnings.append(f"{name}, batch {batch_size}: row skipped: {error}")

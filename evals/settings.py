@@ -20,6 +20,11 @@ one step apart (one token of ``r``, 0.01 of ``keep_ratio``). Two-stage merging
 
 Either cost falls as the knob turns (FLOPs exactly, time up to noise), so the search is a
 bisection: the setting it returns meets the budget and the one a step weaker does not.
+
+For the methods whose knob is ``r`` the search can keep a **schedule shape**: with an
+``inflection`` it searches ``r`` of ToMe's linear schedule ``(r, inflection)`` (``-1``: the
+paper's decreasing schedule) instead of a constant ``r``, so that methods can be compared at
+equal GFLOPs and with equally front-loaded merging.
 """
 
 from __future__ import annotations
@@ -74,8 +79,16 @@ class Knob:
     settings: Callable[[nn.Module, tuple[int, ...]], Sequence[Any]]
     ladder: Callable[[nn.Module, tuple[int, ...], dict[str, Any]], list[dict[str, Any]] | None] | None = None
 
-    def steps(self, model: nn.Module, size: tuple[int, ...], options: dict[str, Any]) -> list[dict[str, Any]]:
-        """The options each setting of a budget search sets, weakest first."""
+    def steps(
+        self, model: nn.Module, size: tuple[int, ...], options: dict[str, Any], inflection: float | None = None
+    ) -> list[dict[str, Any]]:
+        """The options each setting of a budget search sets, weakest first; with an
+        ``inflection`` (knob ``r`` only) each step is the schedule ``(r, inflection)``, and a
+        ladder, which places its own schedule, is not used."""
+        if inflection is not None:
+            if self.option != "r":
+                raise ValueError(f"an inflection shapes an r schedule, and this method's budget knob is {self.option}")
+            return [{"r": (value, inflection)} for value in self.settings(model, size)]
         steps = self.ladder(model, size, options) if self.ladder is not None else None
         if steps is None:
             steps = [{self.option: value} for value in self.settings(model, size)]
@@ -195,8 +208,10 @@ def setting_for_budget(
     budget: Budget,
     size: tuple[int, ...],
     speedup_of: Callable[[nn.Module], float] | None = None,
+    inflection: float | None = None,
 ) -> dict[str, Any]:
-    """``options`` with ``method``'s knob set to the weakest setting that meets ``budget``.
+    """``options`` with ``method``'s knob set to the weakest setting that meets ``budget``
+    (for knob ``r`` with an ``inflection``: the weakest schedule ``(r, inflection)``).
 
     ``model`` is an unpatched model (left unpatched); ``size`` its input size, (H, W) or
     (T, H, W). A speedup budget needs ``speedup_of``, which times a patched copy against the
@@ -208,7 +223,7 @@ def setting_for_budget(
     if knob.option in options:
         raise ValueError(f"{method}: give either a budget or {knob.option}, not both")
     try:
-        steps = knob.steps(model, size, options)
+        steps = knob.steps(model, size, options, inflection)
     except (TypeError, ValueError) as error:  # e.g. a data-dependent option plan() cannot count
         raise ValueError(f"{method}: cannot search a budget with these options: {error}") from None
     candidate = _copy_unpatched(model)
@@ -281,13 +296,14 @@ class Setting:
     method: str
     options: dict[str, Any]
     budget: Budget | None = None
+    inflection: float | None = None  # search r of (r, inflection) for the budget (knob r only)
 
 
 # A method's settings when neither its knob's values nor a budget are given.
 DEFAULT_SETTINGS: dict[str, list[Any]] = {
     "r": [8, 13, 16, (16, -1)],
     "keep_ratio": [0.9, 0.7, 0.5],
-    "early_r": [128, 256, 384],
+    "early_r": [64, 128, 192],
 }
 
 
@@ -346,7 +362,8 @@ def _schedule(text: str) -> RSchedule:
 
 
 def add_arguments(parser: argparse.ArgumentParser, default_method: str = "tome") -> None:
-    """``--method``, ``--r``, ``--keep-ratio``, ``--budget`` and ``--option``, all repeatable."""
+    """``--method``, ``--r``, ``--keep-ratio``, ``--budget`` and ``--option``, all repeatable, and
+    ``--inflection``."""
     add = parser.add_argument
     add("--method", action="append", choices=sorted(tokenprune.METHODS), help=f"method, repeatable (default: {default_method})")
     add("--r", action="append", type=_schedule, metavar="R",
@@ -354,9 +371,12 @@ def add_arguments(parser: argparse.ArgumentParser, default_method: str = "tome")
     add("--keep-ratio", action="append", type=float, metavar="RHO",
         help="keep ratio for the dropping methods, repeatable (default: 0.9 0.7 0.5)")  # fmt: skip
     add("--early-r", action="append", type=int, metavar="N",
-        help="early merges per block for background merging, repeatable (default: 128 256 384)")  # fmt: skip
+        help="early merges per block for background merging, repeatable (default: 64 128 192)")  # fmt: skip
     add("--budget", action="append", type=parse_budget,
         help="a cost every method is set to meet, repeatable: a GFLOPs fraction (0.5 or 50%%) or a speedup (2x)")  # fmt: skip
+    add("--inflection", type=float, metavar="X",
+        help="with --budget, the methods whose knob is r search r of the schedule (r, X) instead of a constant r "
+             "(X in [-1, 1]; -1: ToMe's decreasing schedule); the other methods' searches are unchanged")  # fmt: skip
     add("--option", action="append", default=[], type=_option, metavar="[METHOD.]KEY=VALUE",
         help="another method option, repeatable; without METHOD. it applies to every method that has it")  # fmt: skip
     parser.set_defaults(default_method=default_method)
@@ -384,6 +404,12 @@ def settings_from_args(args: argparse.Namespace) -> list[Setting]:
                 f"--{knob.replace('_', '-')} sets the strength of {', '.join(takers)}, and none of the methods "
                 f"{methods} takes it; give their own knob, or another option with --option METHOD.{knob}=VALUE"
             )
+    inflection = getattr(args, "inflection", None)
+    if inflection is not None:
+        if not args.budget:
+            raise SystemExit("--inflection shapes the r that a budget search finds: give --budget too")
+        if not -1.0 <= inflection <= 1.0:
+            raise SystemExit(f"--inflection must be in [-1, 1] (-1: decreasing, 0: constant), got {inflection}")
     settings = []
     for method in methods:
         knob = KNOBS[method].option
@@ -393,7 +419,8 @@ def settings_from_args(args: argparse.Namespace) -> list[Setting]:
         if values is None and not args.budget:
             values = DEFAULT_SETTINGS[knob]
         settings += [Setting(method, {knob: value, **options[method]}) for value in values or []]
-        settings += [Setting(method, dict(options[method]), budget) for budget in args.budget or []]
+        shape = inflection if knob == "r" else None
+        settings += [Setting(method, dict(options[method]), budget, shape) for budget in args.budget or []]
     return settings
 
 
@@ -409,7 +436,9 @@ def resolve(
     if setting.budget is None:
         return dict(setting.options)
     try:
-        return setting_for_budget(model, setting.method, setting.options, setting.budget, size, speedup_of)
+        return setting_for_budget(
+            model, setting.method, setting.options, setting.budget, size, speedup_of, setting.inflection
+        )
     except BudgetUnreachable:
         raise
     except ValueError as error:

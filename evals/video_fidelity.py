@@ -25,6 +25,8 @@ unreduced model on the same clips:
     # the opencv-doc clips: apt-get download opencv-doc, then
     #   dpkg-deb --fsys-tarfile opencv-doc_*.deb | tar -x ./usr/share/doc/opencv-doc/examples/data/vtest.avi
     python -m evals.video_fidelity --video usr/share/doc/opencv-doc/examples/data/vtest.avi ...
+    # ToMe and temporal merging searched with the decreasing schedule (r, -1):
+    python -m evals.video_fidelity --budget 0.5 --inflection -1 --out evals/results/video_fidelity_decreasing.json
 
 Writes ``evals/results/video_fidelity.{json,md}``. Throughput at the same budgets comes from
 ``python -m evals.bench --model video_vit_base_patch16_224 --batch-size 1 --method ... --budget ...``.
@@ -55,7 +57,7 @@ from evals.stats import format_difference, paired_difference
 
 VIDEOS = ("bikes.mp4", "carphone_pristine.mp4", "bigbuckbunny.mp4")
 DEFAULT_METHODS = ["tome", "temporal", "background"]
-DEFAULT_BUDGETS = ["0.75", "0.6", "0.5"]
+DEFAULT_BUDGETS = ["0.75", "0.6", "0.5", "0.45"]
 MEASURES = ("cosine", "token_cosine")  # per clip, as in each row's "per_clip"
 
 

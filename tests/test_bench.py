@@ -7,6 +7,7 @@ the budget search against an exhaustive scan of the same FLOP counts.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
@@ -198,9 +199,11 @@ def test_video_model(tmp_path: Path) -> None:
     assert (base["method"], temporal["method"], temporal["setting"]) == ("none", "temporal", "r=4")
     assert temporal["gflops"] == pytest.approx(tokenprune.flops(model, size).gflops) and temporal["gflops"] < base["gflops"]
     assert temporal["output_tokens"] == tokenprune.plan(model, size).output_tokens < base["output_tokens"]
-    # Only even-frame tokens can merge (half of them): a budget below that skips the row and says so.
+    # Without joint_after only even-frame tokens can merge (half of them): a budget below that
+    # skips the row and says so.
     document = _main(["--model", "video_vit_small_patch16_224", "--batch-size", "1", "--budget", "0.3", "--no-manual",
-                      "--method", "temporal", "--img-size", "32", "--out", str(tmp_path / "w.json"), "--no-plot", *COMMON])  # fmt: skip
+                      "--method", "temporal", "--option", "joint_after=False", "--img-size", "32",
+                      "--out", str(tmp_path / "w.json"), "--no-plot", *COMMON])  # fmt: skip
     assert [row["method"] for row in document["rows"]] == ["none"]
     assert any("row skipped: temporal cannot reach 30% GFLOPs" in w for w in document["warnings"])
 
@@ -278,6 +281,38 @@ def test_local_global_budget_places_the_window_stage() -> None:
     assert fixed == [{"r": r} for r in settings.KNOBS["local_global"].settings(model, size)]
     chosen = settings.setting_for_budget(model, "local_global", {"local_block": 2}, settings.Budget("gflops", 0.6), size)
     assert chosen["local_block"] == 2 and isinstance(chosen["r"], int)
+
+
+@pytest.mark.parametrize(("method", "inflection"), [("tome", -1.0), ("tome", -0.5), ("local_global", -1.0)])
+def test_budget_with_an_inflection_searches_the_schedule(method: str, inflection: float) -> None:
+    """With an inflection, a budget picks the weakest (r, inflection) that meets it (one r
+    weaker does not), whatever the method's own ladder would place."""
+    model = timm.create_model(MODEL, pretrained=False, img_size=96)
+    size = (96, 96)
+    unreduced = tokenprune.flops(model, size).total
+
+    def fraction(r: int) -> float:
+        patched = tokenprune.patch(timm.create_model(MODEL, img_size=96), method, r=(r, inflection))
+        return tokenprune.flops(patched, size).total / unreduced
+
+    chosen = settings.setting_for_budget(model, method, {}, settings.Budget("gflops", 0.6), size, inflection=inflection)
+    assert set(chosen) == {"r"}
+    r, shape = chosen["r"]
+    assert shape == inflection and fraction(r) <= 0.6 < fraction(r - 1)
+    with pytest.raises(ValueError, match="knob is keep_ratio"):
+        settings.setting_for_budget(model, "evit", {}, settings.Budget("gflops", 0.6), size, inflection=-1.0)
+
+
+def test_inflection_on_the_command_line() -> None:
+    """--inflection shapes the budget searches of the r-knob methods only, and needs a budget."""
+    parser = argparse.ArgumentParser()
+    settings.add_arguments(parser)
+    parsed = settings.settings_from_args(parser.parse_args(["--method", "tome", "--method", "evit", "--budget", "0.5", "--inflection", "-1"]))
+    assert [(s.method, s.inflection) for s in parsed] == [("tome", -1.0), ("evit", None)]
+    with pytest.raises(SystemExit, match="give --budget too"):
+        settings.settings_from_args(parser.parse_args(["--r", "8", "--inflection", "-1"]))
+    with pytest.raises(SystemExit, match="must be in \\[-1, 1\\]"):
+        settings.settings_from_args(parser.parse_args(["--budget", "0.5", "--inflection", "2"]))
 
 
 def test_speedup_budget_uses_the_timer() -> None:

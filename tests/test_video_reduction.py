@@ -17,16 +17,22 @@ FRAMES, SIZE = 8, 64
 GRID = (FRAMES // 2, SIZE // 16, SIZE // 16)  # (T', H', W') = (4, 4, 4)
 NUM_TOKENS = GRID[0] * GRID[1] * GRID[2]
 
-VARIANTS = {
-    "tome": dict(r=6),
-    "temporal": dict(r=6, window=1),
-    "background": dict(early_blocks=1, early_r=16, r=4),
+VARIANTS = {  # name: (method, options)
+    "tome": ("tome", dict(r=6)),
+    "temporal": ("temporal", dict(r=6, window=1)),
+    "background": ("background", dict(early_blocks=1, early_r=16, r=4)),
+    "background_received": ("background", dict(early_blocks=1, early_r=16, r=4, importance="received")),
 }
 IDENTITY = {
     "tome": dict(r=0),
     "temporal": dict(r=0),
     "background": dict(early_r=0, r=0),
 }
+
+
+def patch_variant(model: VideoVisionTransformer, variant: str, **extra) -> VideoVisionTransformer:
+    method, options = VARIANTS[variant]
+    return tokenprune.patch(model, method, **options, **extra)
 
 
 def make_model(depth: int = 3, seed: int = 0, **kwargs) -> VideoVisionTransformer:
@@ -57,10 +63,10 @@ def test_zero_reduction_is_bit_identical(method, clip):
     assert torch.equal(model(clip), reference)
 
 
-@pytest.mark.parametrize("method", sorted(VARIANTS))
-def test_sizes_and_sources(method, clip):
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_sizes_and_sources(variant, clip):
     model = make_model()
-    tokenprune.patch(model, method, trace_source=True, **VARIANTS[method])
+    patch_variant(model, variant, trace_source=True)
     state = model.forward_tokens(clip)
     plan = tokenprune.plan(model, (FRAMES, SIZE, SIZE))
     assert state.num_tokens == plan.output_tokens < NUM_TOKENS
@@ -74,10 +80,10 @@ def test_sizes_and_sources(method, clip):
     assert model(clip).shape == (clip.shape[0], 10)
 
 
-@pytest.mark.parametrize("method", sorted(VARIANTS))
-def test_plan_matches_actual_token_counts(method, clip):
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_plan_matches_actual_token_counts(variant, clip):
     model = make_model(depth=4)
-    tokenprune.patch(model, method, **VARIANTS[method])
+    patch_variant(model, variant)
     plan = tokenprune.plan(model, (FRAMES, SIZE, SIZE))
     counts: list[int] = []
     model._run_blocks(clip, None, False, False, on_block=lambda i, s: counts.append(s.num_tokens))
@@ -85,11 +91,11 @@ def test_plan_matches_actual_token_counts(method, clip):
     assert plan.tokens[0] == tokenprune.api.input_tokens(model, (FRAMES, SIZE, SIZE)) == NUM_TOKENS
 
 
-@pytest.mark.parametrize("method", [None, *sorted(VARIANTS)])
-def test_flops_match_flop_counter(method, clip):
+@pytest.mark.parametrize("variant", [None, *sorted(VARIANTS)])
+def test_flops_match_flop_counter(variant, clip):
     model = make_model()
-    if method is not None:
-        tokenprune.patch(model, method, **VARIANTS[method])
+    if variant is not None:
+        patch_variant(model, variant)
     assert tokenprune.flops(model, (FRAMES, SIZE, SIZE), batch_size=clip.shape[0]).total == counted_flops(model, clip)
 
 
@@ -256,7 +262,7 @@ def test_temporal_total_capped_at_even_frame_tokens(clip):
     64 here), so FLOPs and budgets never promise a merge the frame rule forbids; the forward
     then does exactly what plan says."""
     model = make_model(depth=4)
-    tokenprune.patch(model, "temporal", r=16, window=3)
+    tokenprune.patch(model, "temporal", r=16, window=3, joint_after=False)
     reduction = tokenprune.plan(model, SIZE)
     assert reduction.removed == (16, 16, 0, 0)  # 32 even-frame tokens in all, not 4 × 16
     assert model.forward_tokens(clip).num_tokens == reduction.output_tokens == NUM_TOKENS - 32
@@ -288,9 +294,19 @@ def test_temporal_joint_after_merges_jointly_once_even_frames_are_used(clip):
     assert model.forward_tokens(clip).num_tokens == NUM_TOKENS - 42
 
 
+@pytest.mark.parametrize(("depth", "early_blocks"), [(1, 1), (3, 1), (12, 6), (14, 6)])
+def test_background_merges_early_in_half_the_blocks_up_to_six(depth, early_blocks):
+    model = make_model(depth=depth)
+    tokenprune.patch(model, "background", early_r=4, r=0)
+    tokens = tokenprune.plan(model, (FRAMES, SIZE, SIZE)).tokens
+    assert tokens == tuple(NUM_TOKENS - 4 * min(block, early_blocks) for block in range(depth))
+    with pytest.raises(ValueError, match=f"early_blocks={depth + 1} exceeds the model's {depth} blocks"):
+        tokenprune.patch(make_model(depth=depth), "background", early_blocks=depth + 1)
+
+
 def test_background_merges_least_attended_tokens(clip):
     model = make_model(depth=1)
-    tokenprune.patch(model, "background", early_blocks=1, early_r=10, pool=1, r=0, trace_source=True)
+    tokenprune.patch(model, "background", early_blocks=1, early_r=10, pool=1, r=0, importance="received", trace_source=True)
     block = model.blocks[0]
     x = model._pos_embed(model.patch_embed(clip))
     _, (keys, received) = attend(block.attn, block.norm1(x), None, metric="attention_received")
@@ -368,7 +384,7 @@ def test_background_pool_lets_similarity_choose_among_unimportant_tokens(clip):
     outside those 18 merge into it (computed here from the block's own keys and attention); the
     other 12 unimportant tokens stay. pool=1 is the plain least-attended rule."""
     model = make_model(depth=1)
-    tokenprune.patch(model, "background", early_blocks=1, early_r=6, pool=3, r=0, trace_source=True)
+    tokenprune.patch(model, "background", early_blocks=1, early_r=6, pool=3, r=0, importance="received", trace_source=True)
     block = model.blocks[0]
     x = model._pos_embed(model.patch_embed(clip))
     _, (keys, received) = attend(block.attn, block.norm1(x), None, metric="attention_received")
@@ -395,10 +411,10 @@ def test_background_pool_lets_similarity_choose_among_unimportant_tokens(clip):
         tokenprune.BackgroundMergeConfig(pool=0.5)
 
 
-@pytest.mark.parametrize("method", sorted(VARIANTS))
-def test_compile_fullgraph(method, clip):
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_compile_fullgraph(variant, clip):
     model = make_model(depth=2)
-    tokenprune.patch(model, method, **VARIANTS[method])
+    patch_variant(model, variant)
     eager = model(clip)
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(clip), eager)

@@ -243,6 +243,15 @@ class TemporalMergeConfig:
     while moving content, which changes between frames, is kept. Every token carries its
     (frame, row, col) centroid; ``tokenprune.source(model)`` shows which frames a token spans.
 
+    The defaults rest on ``evals.video_fidelity`` (DINOv2 ViT-S/14 inflated to video, 24 clips
+    of six real videos, 50 % GFLOPs; ``evals/results/video_fidelity.md``). Without
+    ``joint_after`` all merging happens in the first blocks, capped at the even-frame tokens,
+    and the 3×3 window of ``window=1`` forces merges between different things where the camera
+    moves or cuts (clip embedding −0.0009 against joint ToMe, −0.0052 on the video with cuts).
+    With ``window=2`` and ``joint_after`` the embedding is a little closer to the unreduced
+    model's than joint ToMe's on every video (+0.0001, 95 % interval [+0.0001, +0.0002]), and
+    the unmerged token features tie with it.
+
     Args:
         r: temporal merges per block: an int, ``(r, inflection)`` or a per-block list (0 or
             missing entries: the block keeps its tokens). Capped like ToMe at half the tokens,
@@ -250,18 +259,18 @@ class TemporalMergeConfig:
             blocks is capped at the even-frame tokens (ViT-B, 16×224²: 784); ``plan`` shows
             the effective counts. A block that finds fewer valid pairs than its count (a
             partner drifted out of the window) raises instead of breaking the frame/window rule.
-        window: spatial search radius in patches (default 1: the 3×3 neighbourhood).
+        window: spatial search radius in patches (default 2: the 5×5 neighbourhood; see above).
         joint_after: once a block's count exceeds the even-frame tokens left to merge, merge
-            jointly over all tokens like ToMe from that block on, instead of stopping at the cap:
-            static content collapses across time first, and the budget is not limited to half
-            the tokens. Decided once, on the model's own clip size: a shorter clip through a
-            ``dynamic_img_size`` model stops at its smaller cap instead.
+            jointly over all tokens like ToMe from that block on (default), instead of stopping
+            at the cap: static content collapses across time first, and the budget is not
+            limited to half the tokens. Decided once, on the model's own clip size: a shorter
+            clip through a ``dynamic_img_size`` model stops at its smaller cap instead.
         prop_attn, trace_source, backend: as in :class:`~tokenprune.ToMeConfig`.
     """
 
     r: RSchedule = 32
-    window: int = 1
-    joint_after: bool = False
+    window: int = 2
+    joint_after: bool = True
     prop_attn: bool = True
     trace_source: bool = False
     backend: str = "auto"
@@ -297,42 +306,51 @@ class TemporalMergeConfig:
 
 @dataclass(frozen=True)
 class BackgroundMergeConfig:
-    """Merge unimportant (background) tokens aggressively early, then merge like ToMe.
+    """Merge the redundant (background) tokens aggressively in the early blocks, then merge
+    like ToMe.
 
-    In the first ``early_blocks`` blocks, ``early_r`` of the least important tokens (sources
-    from the even positions, see :class:`BackgroundMerge`) merge into their most similar
-    remaining token; every later block runs ToMe's bipartite merging with ``r``.
+    In each of the first ``early_blocks`` blocks, ``early_r`` tokens from the even positions
+    (see :class:`BackgroundMerge`) merge into their most similar remaining token, keeping the
+    token order; every later block runs ToMe's bipartite merging with ``r``. Which even tokens
+    may merge is decided by ``importance``: by default ("none") similarity alone chooses among
+    all of them, so what merges is what repeats (static background, across space and time).
 
-    What importance buys, measured on real footage with DINOv2 inflated to video
-    (``evals.video_fidelity``, 6 clips, 50 % GFLOPs): the more it restricts the sources, the
-    further the clip embedding moves from the unreduced model (cosine 0.9908 with pool 1, 0.9976
-    with 1.5, 0.9987 with 2, 0.9988 with 4, where the pool holds every even token and
-    similarity alone decides): on this model, attention is a weak guide to what a clip can
-    lose. ``importance="none"`` gives the same merges as that widest pool without computing
-    the attention map: as fast as joint ToMe at equal GFLOPs on CPU
-    (``evals/results/bench_video_background_none_cpu.md``).
+    Measured on real footage with DINOv2 inflated to video (``evals.video_fidelity``, 24 clips
+    of six videos; ``evals/results/video_fidelity.md``), the defaults keep the unmerged token
+    features closer to the unreduced model than joint ToMe at the same GFLOPs: at 50 % the
+    token cosine loses 0.0018 where ToMe's loses 0.0038 (+0.0021, 95 % interval [+0.0005,
+    +0.0036]), at 45 % 0.0026 against 0.0090, with the clip embedding tied or ahead. Against
+    ToMe's decreasing schedule, which also front-loads its merging, the margin is smaller but
+    holds on every video (+0.0004 at 50 %; ``video_fidelity_decreasing.md``). Spreading the
+    early merging over six blocks is what earns it: two blocks at the same GFLOPs tied with
+    ToMe. Attention importance does not help on this model: the more it restricts the
+    sources, the further the clip embedding moves (6 clips, 50 %: cosine 0.9908 with pool 1,
+    0.9976 with 1.5, 0.9988 with 4, where similarity chooses among all even tokens), and
+    reading it costs the early blocks their fused attention.
 
     Args:
-        early_blocks: how many leading blocks merge by importance (default 2).
-        early_r: tokens merged per early block (default 256: about a third of the 1568 tokens
-            of a 16-frame 224² clip over the two blocks).
-        pool: the early merges choose among the ``pool · early_r`` least important
-            even-position tokens (at most all of them) those closest to a token outside the
-            pool; 1 merges exactly the ``early_r`` least important. Default 4 (see above).
-        importance: "received" (default), the attention a token receives from all tokens per
-            patch it covers; "sharpness", vid-TLDR's negative entropy of the token's own
-            attention (a token that attends to everything alike is background); or "none",
-            similarity alone among all even tokens (``pool`` is then unused), which skips the
-            explicit attention map that the other two need.
+        early_blocks: how many leading blocks merge early (default ``None``: 6, or half the
+            blocks of a model with fewer than 12).
+        early_r: tokens merged per early block (default 128: with the default ``r``, about
+            half the GFLOPs of a 16-frame 224² clip on ViT-B).
+        pool: with an importance, the early merges choose among the ``pool · early_r`` least
+            important even-position tokens (at most all of them) those closest to a token
+            outside the pool; 1 merges exactly the ``early_r`` least important. Default 4.
+        importance: "none" (default), similarity alone among all even tokens (``pool`` is
+            unused), which keeps the fused attention; "received", the attention a token
+            receives from all tokens per patch it covers; or "sharpness", vid-TLDR's negative
+            entropy of the token's own attention (a token that attends to everything alike is
+            background). The last two read the attention map, computed explicitly in the early
+            blocks.
         r: ToMe merges per later block: an int, ``(r, inflection)`` over the later blocks or a
             per-later-block list.
         prop_attn, trace_source, backend: as in :class:`~tokenprune.ToMeConfig`.
     """
 
-    early_blocks: int = 2
-    early_r: int = 256
+    early_blocks: int | None = None
+    early_r: int = 128
     pool: float = 4.0
-    importance: str = "received"
+    importance: str = "none"
     r: RSchedule = 48
     prop_attn: bool = True
     trace_source: bool = False
@@ -343,8 +361,9 @@ class BackgroundMergeConfig:
 
     def __post_init__(self) -> None:
         check_common_options(self)
-        for name in ("early_blocks", "early_r"):
-            check_count(getattr(self, name), name)
+        if self.early_blocks is not None:
+            check_count(self.early_blocks, "early_blocks")
+        check_count(self.early_r, "early_r")
         if not self.pool >= 1.0:
             raise ValueError(f"pool is a multiple of early_r, at least 1, got {self.pool}")
         if self.importance not in IMPORTANCE_METRICS:
@@ -352,11 +371,12 @@ class BackgroundMergeConfig:
 
     def reducers(self, model: nn.Module) -> list[BackgroundMerge | BipartiteMerge | None]:
         depth = len(model.blocks)
-        if self.early_blocks > depth:
-            raise ValueError(f"early_blocks={self.early_blocks} exceeds the model's {depth} blocks")
+        early_blocks = self.early_blocks if self.early_blocks is not None else max(1, min(6, depth // 2))
+        if early_blocks > depth:
+            raise ValueError(f"early_blocks={early_blocks} exceeds the model's {depth} blocks")
         p = model.num_prefix_tokens
         metric = IMPORTANCE_METRICS[self.importance]
-        early = [BackgroundMerge(self.early_r, p, self.backend, self.pool, metric) if self.early_r > 0 else None] * self.early_blocks
-        later = [BipartiteMerge(n, p, self.backend) if n > 0 else None for n in resolve_r(self.r, depth - self.early_blocks)]
+        early = [BackgroundMerge(self.early_r, p, self.backend, self.pool, metric) if self.early_r > 0 else None] * early_blocks
+        later = [BipartiteMerge(n, p, self.backend) if n > 0 else None for n in resolve_r(self.r, depth - early_blocks)]
         return early + later
 
