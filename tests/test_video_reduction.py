@@ -229,32 +229,39 @@ def test_temporal_drift_does_not_stop_a_planned_schedule():
     assert any("had no partner" in str(w.message) for w in caught)
 
 
-def test_temporal_scores_against_broadcast_reference():
-    """The masked scores on fractional (merged) centroids equal a direct broadcast of the rule:
-    A (even frame) → B (odd frame), ≤ 1.5 frames apart, ≤ window patches in row and column;
-    A → B pairs outside rank below all of those (cosine − 4), other pairs are impossible."""
-    from tokenprune.methods.temporal import temporal_scores
+@pytest.mark.parametrize("positions", ["fractional", "grid"])
+def test_temporal_best_match_against_the_rule_pair_by_pair(positions):
+    """Each A token's best partner equals a pair-by-pair reading of the rule, on fractional
+    (merged) centroids and on the grid, where distances fall exactly on the limits: A (even
+    frame) → B (odd frame), ≤ 1.5 frames apart, ≤ window patches in row and column; A → B pairs
+    outside rank below all of those (cosine − 4); B tokens score −inf. The CPU's cdist and
+    the broadcast that CUDA uses agree on which pairs are too far."""
+    from tokenprune.methods.temporal import far_pairs, temporal_best_match
 
     generator = torch.Generator().manual_seed(3)
-    metric = torch.randn(2, 40, 8, generator=generator)
-    pos = torch.rand(2, 40, 3, generator=generator) * torch.tensor([6.0, 5.0, 5.0])
+    if positions == "grid":
+        pos = grid_positions((4, 5, 5), 0, torch.device("cpu")).expand(2, -1, -1)
+    else:
+        pos = torch.rand(2, 40, 3, generator=generator) * torch.tensor([6.0, 5.0, 5.0])
+    n = pos.shape[1]
+    metric = torch.randn(2, n, 8, generator=generator)
     unit = torch.nn.functional.normalize(metric, dim=-1)
     expected = unit @ unit.transpose(-1, -2)
     is_a = torch.floor(pos[..., 0] + 0.5) % 2 == 0
     for b in range(2):
-        for i in range(40):
-            for j in range(40):
+        for i in range(n):
+            for j in range(n):
                 d = (pos[b, i] - pos[b, j]).abs()
                 if not (is_a[b, i] and not is_a[b, j]):
                     expected[b, i, j] = float("-inf")
                 elif not (d[0] <= 1.5 + 1e-6 and d[1:].max() <= 2 + 1e-6):
                     expected[b, i, j] -= 4.0
-    torch.testing.assert_close(temporal_scores(metric, pos, 2), expected)
-    # the broadcast distances CUDA uses are the CPU's cdist ones
-    from tokenprune.methods.temporal import frame_and_patch_distances
-
-    for by_cdist, by_broadcast in zip(frame_and_patch_distances(pos, True), frame_and_patch_distances(pos, False)):
-        torch.testing.assert_close(by_broadcast, by_cdist)
+    best_score, best_b = temporal_best_match(metric, pos, 2)
+    expected_score, expected_b = expected.max(dim=-1)
+    torch.testing.assert_close(best_score, expected_score)
+    assert torch.equal(best_b[is_a], expected_b[is_a])
+    assert (best_score[is_a] > -1.0 - 1e-6).any() and (best_score[is_a] < -3.0).any() == (positions == "fractional")
+    assert torch.equal(far_pairs(pos, 2, use_cdist=True), far_pairs(pos, 2, use_cdist=False))
 
 
 def test_temporal_total_capped_at_even_frame_tokens(clip):

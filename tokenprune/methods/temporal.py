@@ -43,34 +43,45 @@ def ordered_dest(is_src: Tensor, partner: Tensor, num_protected: int) -> Tensor:
     return torch.cat([prefix, body], dim=1)
 
 
-def frame_and_patch_distances(pos: Tensor, use_cdist: bool) -> tuple[Tensor, Tensor]:
-    """[B, N, N] |Δframe| and max(|Δrow|, |Δcol|) between the (frame, row, col) centroids, by
-    ``torch.cdist`` (faster on CPU) or by broadcasting (on CUDA)."""
-    if use_cdist:
-        # cdist builds each distance in one pass: at 1,568 tokens the broadcast differences
-        # cost a quarter of a block's time on a CPU.
-        return torch.cdist(pos[..., :1], pos[..., :1], p=1), torch.cdist(pos[..., 1:], pos[..., 1:], p=float("inf"))
+def far_pairs(pos: Tensor, window: float, max_frame_gap: float = 1.5, use_cdist: bool | None = None) -> Tensor:
+    """[B, N, N] in ``pos``'s dtype: 1 for the token pairs whose (frame, row, col) centroids
+    ``pos`` [B, N, 3] are more than ``max_frame_gap`` frames or more than ``window`` patches in
+    row or column apart, 0 for the others; by ``torch.cdist`` (``use_cdist``; by default on
+    the CPU) or by broadcasting. Floating point, so that it scales a penalty without a cast."""
+    limits = pos.new_tensor([max_frame_gap, window, window]) + _EPS
+    if use_cdist if use_cdist is not None else pos.device.type == "cpu":
+        # One Chebyshev distance over coordinates scaled by their limits is one pass over the
+        # pairs, where an absolute difference, a comparison and a conjunction per axis are
+        # nine: at 1,568 tokens those passes cost a CPU more than the similarity matmul.
+        scaled = pos / limits
+        return torch.cdist(scaled, scaled, p=float("inf")).gt_(1.0)  # in place: stays floating point
     # PyTorch's CUDA cdist for p ≠ 2 runs one thread block per output cell (ATen's
     # DistanceKernel.cu), 39 M blocks for 16 clips of 1,568 tokens: the likely cause of temporal
     # merging measuring 0.03× of the unpatched model on an H200. Broadcasting is elementwise.
-    delta = [(pos[..., None, :, axis] - pos[..., :, None, axis]).abs() for axis in range(3)]
-    return delta[0], torch.maximum(delta[1], delta[2])
+    far = None
+    for axis in range(3):
+        beyond = (pos[..., None, :, axis] - pos[..., :, None, axis]).abs() > limits[axis]
+        far = beyond if far is None else far | beyond
+    return far.to(pos.dtype)
 
 
-def temporal_scores(metric: Tensor, pos: Tensor, window: float, max_frame_gap: float = 1.5) -> Tensor:
-    """[B, N, N] cosine similarity of the tokens' ``metric`` ([B, N, D], no prefix) from an A
-    token (its centroid frame rounds to an even frame) to a B token (odd frame) whose centroid
-    frame is at most ``max_frame_gap`` away and whose spatial centroid is within ``window``
-    patches in both row and column; the cosine minus ``_OUTSIDE_PENALTY`` (below −1) for the
-    other A → B pairs; −inf for every pair that is not A → B. ``pos`` [B, N, 3] are (frame,
-    row, col) centroids."""
+def temporal_best_match(
+    metric: Tensor, pos: Tensor, window: float, max_frame_gap: float = 1.5
+) -> tuple[Tensor, Tensor]:
+    """Each token's best partner under the temporal rule: ([B, N] score, [B, N] index).
+
+    An A token (centroid frame rounding to an even frame) scores the cosine similarity of the
+    tokens' ``metric`` ([B, N, D], no prefix) with each B token (odd frame) whose centroid frame
+    is at most ``max_frame_gap`` away and whose spatial centroid is within ``window`` patches
+    in both row and column, and that cosine minus ``_OUTSIDE_PENALTY`` (below −1) with the
+    other B tokens; its score is the best of these (the first on a tie). A B token's score is
+    −inf (it is only a destination). ``pos`` [B, N, 3] are (frame, row, col) centroids."""
     unit = unit_vectors(metric)
-    scores = unit @ unit.transpose(-1, -2)
+    scores = unit @ unit.transpose(-1, -2)  # fresh: the rule is applied in place
     is_a = torch.remainder(torch.floor(pos[..., 0] + 0.5), 2) == 0
-    gap, spatial = frame_and_patch_distances(pos, use_cdist=pos.device.type == "cpu")
-    near = (gap <= max_frame_gap + _EPS) & (spatial <= window + _EPS)
-    a_to_b = is_a[:, :, None] & ~is_a[:, None, :]
-    return torch.where(near, scores, scores - _OUTSIDE_PENALTY).masked_fill(~a_to_b, float("-inf"))
+    scores.add_(far_pairs(pos, window, max_frame_gap), alpha=-_OUTSIDE_PENALTY)  # inside pairs add 0: exact
+    best_score, best_b = scores.masked_fill_(is_a[:, None, :], float("-inf")).max(dim=-1)
+    return best_score.masked_fill(~is_a, float("-inf")), best_b
 
 
 @dataclass(frozen=True)
@@ -133,8 +144,7 @@ class TemporalMerge:
         if state.pos is None:
             raise ValueError("temporal merging needs token positions (track_positions)")
         p = self.num_protected
-        scores = temporal_scores(metric[:, p:], state.pos[:, p:], self.window)
-        best_score, best_b = scores.max(dim=-1)
+        best_score, best_b = temporal_best_match(metric[:, p:], state.pos[:, p:], self.window)
         order = best_score.argsort(dim=-1, descending=True, stable=True)[:, :r]
         # Checked where it is free: on a GPU, reading the answer would stall the host every block.
         check = best_score.device.type == "cpu" and not torch.compiler.is_compiling()
