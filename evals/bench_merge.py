@@ -3,7 +3,9 @@
 For a whole-model setting (ViT-B/16 at 224², the ToMe benchmark) the step is timed at every
 block's real token count and r (from ``tokenprune.plan``), summed over the blocks, and set
 against the patched model's own forward time measured in the same run: the share of the
-model's time that token merging costs. A video-sized step (1,568 tokens) is timed alone.
+model's time that token merging costs. Two video-sized steps (1,568 tokens, 8 tubelet frames
+of 14 × 14) are timed alone: joint ToMe's, and temporal merging's (its match under the frame
+and window rule, then the merge).
 
     python -m evals.bench_merge [--batch-size 256] [--dtype bfloat16] [--r 16]
 
@@ -32,7 +34,8 @@ from evals.harness import (
     write_atomic,
 )
 from kernels import HAS_TRITON
-from tokenprune.merge import TokenState, bipartite_soft_matching, merge_state
+from tokenprune.merge import TokenState, bipartite_soft_matching, grid_positions, merge_state
+from tokenprune.methods.temporal import TemporalMerge
 from tokenprune.schedule import format_schedule, parse_schedule
 
 
@@ -55,6 +58,23 @@ def merge_step(
         for _ in range(repeat):
             dest = bipartite_soft_matching(metric, r, protected, backend)
             merged = merge_state(state, dest, x.shape[1] - r, backend)
+        return merged
+
+    return step
+
+
+def temporal_step(
+    x: torch.Tensor, metric: torch.Tensor, grid: tuple[int, int, int], r: int, backend: str, repeat: int
+) -> Callable[[Any], Any]:
+    """One block's temporal merging step (window 2) on fixed inputs on the ``grid`` (the first
+    temporal block), run ``repeat`` times back to back, as :func:`merge_step`."""
+    pos = grid_positions(grid, 0, x.device).expand(x.shape[0], -1, -1)
+    state = TokenState(x, torch.ones(*x.shape[:2], 1, device=x.device), pos=pos, grid=grid)
+    merge = TemporalMerge(r, window=2, num_protected=0, backend=backend)
+
+    def step(_: Any) -> TokenState:
+        for _ in range(repeat):
+            merged = merge(state, metric)
         return merged
 
     return step
@@ -126,22 +146,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "blocks_merging": len(steps),
             }
         )
-        # Video-sized step: 8 tubelet frames × 14 × 14 = 1568 tokens, no class token.
-        video_r = 65
+        # Video-sized steps: 8 tubelet frames × 14 × 14 = 1568 tokens, no class token.
+        video_r, grid = 65, (8, 14, 14)
         x, metric = step_inputs(video_batch, 1568, channels, head_dim, dtype, device)
-        (video,) = measure_interleaved(
-            [merge_step(x, metric, video_r, 0, backend, repeat)], x, warmup=args.warmup, runs=args.runs
-        )
-        rows.append(
-            {
-                "setting": f"one video step: 1568 tokens, r={video_r}, batch {video_batch}",
-                "backend": backend,
-                "merge_ms_per_forward": video["median_s"] / repeat * 1e3,
-                "model_ms_per_forward": None,
-                "merge_share_pct": None,
-                "blocks_merging": 1,
-            }
-        )
+        joint, temporal = measure_interleaved(
+            [merge_step(x, metric, video_r, 0, backend, repeat), temporal_step(x, metric, grid, video_r, backend, repeat)],
+            x, warmup=args.warmup, runs=args.runs,
+        )  # fmt: skip
+        for name, timing in (("one video step", joint), ("one temporal video step", temporal)):
+            rows.append(
+                {
+                    "setting": f"{name}: 1568 tokens, r={video_r}, batch {video_batch}",
+                    "backend": backend,
+                    "merge_ms_per_forward": timing["median_s"] / repeat * 1e3,
+                    "model_ms_per_forward": None,
+                    "merge_share_pct": None,
+                    "blocks_merging": 1,
+                }
+            )
 
     env = environment(device)
     header = f"match + merge step, {dtype}, {env['device_name']}; median of {args.runs} runs after {args.warmup} warm-up"

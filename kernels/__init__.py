@@ -10,8 +10,12 @@
   one launch, where PyTorch needs a stable argsort and about fifteen small kernels.
 * :mod:`kernels.merge` — ``merge_wavg_triton(x, size, dest, num_out)``: the size-weighted merge
   of ``tokenprune.merge.merge_wavg``, deterministic (no atomics), with a gather backward.
+* :mod:`kernels.temporal_match` — ``temporal_best_match(metric, pos, window)``: video temporal
+  merging's match (even-frame tokens to odd-frame tokens within a frame gap and a spatial
+  window), the rule evaluated from the centroids inside a ``best_match``-style kernel instead of
+  on an [N, N] score matrix.
 
-``attention``, ``best_match``, ``bipartite_dest`` and ``merge_wavg`` take ``backend="auto" | "triton" | "torch"``: "auto" runs
+``attention``, ``best_match``, ``bipartite_dest``, ``merge_wavg`` and ``temporal_best_match`` take ``backend="auto" | "triton" | "torch"``: "auto" runs
 Triton on CUDA tensors when triton imports and the reference otherwise; "triton" forces the
 kernel (on CPU only under ``TRITON_INTERPRET=1``, which is how the tests run it).
 
@@ -30,6 +34,7 @@ from kernels._triton import BACKENDS, HAS_TRITON, INTERPRET, triton_usable, use_
 from kernels.bipartite import bipartite_dest, bipartite_dest_reference, bipartite_dest_triton
 from kernels.match import best_match, best_match_reference, best_match_triton
 from kernels.merge import merge_wavg, merge_wavg_reference, merge_wavg_triton
+from kernels.temporal_match import temporal_best_match, temporal_best_match_reference, temporal_best_match_triton
 
 __all__ = [
     "BACKENDS",
@@ -47,6 +52,9 @@ __all__ = [
     "merge_wavg",
     "merge_wavg_reference",
     "merge_wavg_triton",
+    "temporal_best_match",
+    "temporal_best_match_reference",
+    "temporal_best_match_triton",
     "triton_usable",
     "use_triton",
 ]

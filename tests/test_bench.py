@@ -482,10 +482,11 @@ def test_merge_step_bench(tmp_path: Path) -> None:
          "--warmup", "0", "--runs", "1", "--out", str(out)]
     )  # fmt: skip
     assert json.loads(out.read_text()) == json.loads(json.dumps(document, default=str))
-    model_row, video_row = document["rows"][:2]
+    model_row, video_row, temporal_row = document["rows"]
     assert model_row["blocks_merging"] == 12 and 0 < model_row["merge_share_pct"] < 100
-    assert video_row["merge_ms_per_forward"] > 0
-    assert out.with_suffix(".md").read_text().count("| torch |") == 2
+    assert video_row["merge_ms_per_forward"] > 0 and temporal_row["merge_ms_per_forward"] > 0
+    assert temporal_row["setting"].startswith("one temporal video step: 1568 tokens")
+    assert out.with_suffix(".md").read_text().count("| torch |") == 3
 
 
 def test_merge_step_bench_feeds_the_dtypes_the_model_does(monkeypatch: pytest.MonkeyPatch) -> None:

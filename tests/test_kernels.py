@@ -223,6 +223,123 @@ def test_best_match_dispatch_and_validation() -> None:
     assert empty_score.shape == empty_index.shape == (1, 0)
 
 
+# -------------------------------------------------------------------------- temporal_best_match
+
+
+def video_positions(batch: int, grid: tuple[int, int, int], merged: bool, seed: int = 0) -> torch.Tensor:
+    """[B, T·H·W, 3] (frame, row, col) centroids in token order: on the grid, or ``merged``:
+    jittered as merged tokens' centroids drift (some across the frame parity, some out of the
+    window of every partner)."""
+    from tokenprune.merge import grid_positions
+
+    pos = grid_positions(grid, 0, torch.device("cpu")).expand(batch, -1, -1).clone()
+    if merged:
+        generator = torch.Generator().manual_seed(seed)
+        pos += (torch.rand(pos.shape, generator=generator) - 0.5) * torch.tensor([1.4, 3.0, 3.0])
+    return pos.to(DEVICE)
+
+
+def rule_scores(metric: torch.Tensor, pos: torch.Tensor, window: float) -> torch.Tensor:
+    """Every A → B score the rule allows (cosine, or cosine − 4 outside), −inf elsewhere: what
+    the reference reduces, to tell near ties from real mismatches."""
+    from kernels.temporal_match import far_pairs
+
+    unit = torch.nn.functional.normalize(metric.float(), dim=-1)
+    is_a = torch.remainder(torch.floor(pos[..., 0] + 0.5), 2) == 0
+    scores = unit @ unit.transpose(-1, -2) - 4.0 * far_pairs(pos.float(), window)
+    return scores.masked_fill(is_a[:, None, :] | ~is_a[:, :, None], float("-inf"))
+
+
+def assert_temporal_match(metric: torch.Tensor, pos: torch.Tensor, window: float) -> None:
+    score, index = kernels.temporal_best_match_triton(metric, pos, window)
+    ref_score, ref_index = kernels.temporal_best_match_reference(metric, pos, window)
+    assert score.dtype == torch.float32 and index.dtype == torch.int64 and score.shape == metric.shape[:2]
+    torch.testing.assert_close(score, ref_score, atol=SCORE_ATOL, rtol=0)
+    is_a = torch.isfinite(ref_score)
+    assert is_a.any() and not is_a.all()
+    assert torch.equal(index[~is_a], ref_index[~is_a])  # B tokens: index 0 in both
+    top2 = rule_scores(metric, pos, window).topk(2, dim=-1).values
+    near_tie = (top2[..., 0] - top2[..., 1]) < NEAR_TIE
+    mismatch = (index != ref_index) & is_a & ~near_tie
+    assert not mismatch.any(), f"{int(mismatch.sum())} argmax mismatches away from ties"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "batch,grid,dim,window,merged",
+    [
+        (1, (2, 1, 2), 8, 1, False),  # 4 tokens: every tile dimension is padding
+        (2, (3, 3, 5), 40, 1, False),  # 45 tokens, an odd number of frames, D not a power of two
+        (2, (4, 5, 5), 72, 2, True),  # 100 tokens: two ragged tiles, drifted centroids, two D chunks
+        (1, (6, 4, 4), 24, 0, True),  # window 0: most A tokens have no partner inside
+    ],
+)
+def test_temporal_match_matches_reference(batch, grid, dim, window, merged, dtype) -> None:
+    torch.manual_seed(dim + window)
+    tokens = grid[0] * grid[1] * grid[2]
+    metric = (torch.randn(batch, tokens, dim) * torch.rand(batch, tokens, 1) * 10).to(DEVICE, dtype)
+    assert_temporal_match(metric, video_positions(batch, grid, merged), window)
+
+
+def test_temporal_match_video_tokens() -> None:
+    # 8 × 14 × 14 tubelets of a 16-frame clip (25 × 25 tiles, half of them skipped), the keys
+    # a strided view of a wider tensor: it goes to the kernel as is.
+    torch.manual_seed(1568)
+    metric = torch.randn(1, 1568, 80, device=DEVICE)[..., 8:72]
+    assert not metric.is_contiguous()
+    assert_temporal_match(metric, video_positions(1, (8, 14, 14), merged=True), 2)
+
+
+def test_temporal_match_exact_ties_and_the_outside_fallback() -> None:
+    """Copies of one token in both neighbouring frames tie exactly: the lowest index wins. An A
+    token with every partner out of the window takes its most similar B token outside,
+    penalised by 4; with no B token at all, it has no partner (−inf, index 0)."""
+    grid = (4, 3, 3)  # frames 0 and 2 are A, 1 and 3 are B; 9 tokens per frame
+    metric = (torch.randint(-4, 5, (1, 36, 16)).float() / 8).to(DEVICE)
+    metric[:, [10, 19, 28]] = metric[:, 4:5].clone()  # token 4 (frame 0) has copies in frames 1, 2, 3
+    pos = video_positions(1, grid, merged=False)
+    score, index = kernels.temporal_best_match_triton(metric, pos, 1)
+    ref_score, ref_index = kernels.temporal_best_match_reference(metric, pos, 1)
+    torch.testing.assert_close(score, ref_score, atol=SCORE_ATOL, rtol=0)
+    assert torch.equal(index, ref_index)
+    assert index[0, 4] == 10 and index[0, 19] == 10  # frame 2's copy also sees frame 1's first
+    assert score[0, 4] == pytest.approx(1.0, abs=1e-6)
+
+    far = pos.clone()
+    far[:, 9:18, 1:] += 10.0  # frame 1 moved out of every window
+    far[:, 27:, 1:] += 10.0  # and frame 3
+    score, index = kernels.temporal_best_match_triton(metric, far, 1)
+    ref_score, ref_index = kernels.temporal_best_match_reference(metric, far, 1)
+    torch.testing.assert_close(score, ref_score, atol=SCORE_ATOL, rtol=0)
+    assert torch.equal(index, ref_index)
+    assert (score[0, :9] < -3.0 + 1e-6).all() and index[0, 4] == 10
+
+    no_b = pos[:, :9]  # frame 0 alone
+    score, index = kernels.temporal_best_match_triton(metric[:, :9], no_b, 1)
+    assert torch.isneginf(score).all() and (index == 0).all()
+
+
+def test_temporal_match_dispatch_and_validation() -> None:
+    torch.manual_seed(3)
+    metric = torch.randn(2, 45, 24, device=DEVICE)
+    pos = video_positions(2, (5, 3, 3), merged=True)
+    for got, want in zip(kernels.temporal_best_match(metric, pos, 1, backend="triton"), kernels.temporal_best_match_triton(metric, pos, 1)):
+        assert torch.equal(got, want)
+    for got, want in zip(kernels.temporal_best_match(metric, pos, 1, backend="torch"), kernels.temporal_best_match_reference(metric, pos, 1)):
+        assert torch.equal(got, want)
+    auto = kernels.temporal_best_match_triton if metric.is_cuda else kernels.temporal_best_match_reference
+    for got, want in zip(kernels.temporal_best_match(metric, pos, 1), auto(metric, pos, 1)):
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="different tokens"):
+        kernels.temporal_best_match_triton(metric, pos[:, 1:], 1)
+    with pytest.raises(ValueError, match="pos \\[B, N, 3\\]"):
+        kernels.temporal_best_match_triton(metric, pos[..., :2], 1)
+    with pytest.raises(TypeError, match="floating point"):
+        kernels.temporal_best_match_triton(metric, pos.long(), 1)
+    with pytest.raises(ValueError, match="non-negative"):
+        kernels.temporal_best_match_triton(metric, pos, -1)
+
+
 # ------------------------------------------------------------------------------ bipartite_dest
 
 
@@ -460,6 +577,24 @@ def test_patched_model_same_on_both_backends(family: str) -> None:
         expected, expected_source = model(x), tokenprune.source(model)
         tokenprune.patch(model, backend="triton")
         torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+        assert torch.equal(tokenprune.source(model), expected_source)
+
+
+@pytest.mark.parametrize("method,options", [("temporal", dict(r=10, window=1)), ("temporal", dict(r=[20, 20, 8], window=2))])
+def test_patched_video_model_same_on_both_backends(method: str, options: dict) -> None:
+    """Temporal merging (its match kernel, then the merge kernel; joint ToMe once the even
+    frames are used up, in the second case) gives the torch path's tokens and outputs."""
+    from tests.test_video_reduction import make_clip, make_model
+
+    import tokenprune
+
+    model = make_model().to(DEVICE)
+    clip = make_clip().to(DEVICE)
+    with torch.no_grad():
+        tokenprune.patch(model, method, backend="torch", trace_source=True, **options)
+        expected, expected_source = model(clip), tokenprune.source(model)
+        tokenprune.patch(model, method, backend="triton", trace_source=True, **options)
+        torch.testing.assert_close(model(clip), expected, atol=1e-5, rtol=1e-5)
         assert torch.equal(tokenprune.source(model), expected_source)
 
 

@@ -236,7 +236,8 @@ def test_temporal_best_match_against_the_rule_pair_by_pair(positions):
     frame) → B (odd frame), ≤ 1.5 frames apart, ≤ window patches in row and column; A → B pairs
     outside rank below all of those (cosine − 4); B tokens score −inf. The CPU's cdist and
     the broadcast that CUDA uses agree on which pairs are too far."""
-    from tokenprune.methods.temporal import far_pairs, temporal_best_match
+    from kernels.temporal_match import far_pairs
+    from kernels.temporal_match import temporal_best_match_reference as temporal_best_match
 
     generator = torch.Generator().manual_seed(3)
     if positions == "grid":

@@ -18,17 +18,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from kernels.temporal_match import CENTROID_TOLERANCE, temporal_best_match
+
 from ..merge import TokenState, max_bipartite_r, merge_state, unit_vectors
 from ..schedule import RSchedule, check_count, resolve_r
 from ._options import check_common_options
 from .tome import BipartiteMerge
-
-# Centroid tolerances: merged centroids are size-weighted means computed in float32.
-_EPS = 1e-4
-# What an A → B pair outside the frame gap or window loses from its cosine: enough to rank it
-# below every pair inside (cosines are at least −1), so it is picked only when too few pairs
-# inside remain.
-_OUTSIDE_PENALTY = 4.0
 
 
 def ordered_dest(is_src: Tensor, partner: Tensor, num_protected: int) -> Tensor:
@@ -41,47 +36,6 @@ def ordered_dest(is_src: Tensor, partner: Tensor, num_protected: int) -> Tensor:
     body = torch.where(is_src, slot.gather(1, partner), slot)
     prefix = torch.arange(p, device=device).expand(batch, -1)
     return torch.cat([prefix, body], dim=1)
-
-
-def far_pairs(pos: Tensor, window: float, max_frame_gap: float = 1.5, use_cdist: bool | None = None) -> Tensor:
-    """[B, N, N] in ``pos``'s dtype: 1 for the token pairs whose (frame, row, col) centroids
-    ``pos`` [B, N, 3] are more than ``max_frame_gap`` frames or more than ``window`` patches in
-    row or column apart, 0 for the others; by ``torch.cdist`` (``use_cdist``; by default on
-    the CPU) or by broadcasting. Floating point, so that it scales a penalty without a cast."""
-    limits = pos.new_tensor([max_frame_gap, window, window]) + _EPS
-    if use_cdist if use_cdist is not None else pos.device.type == "cpu":
-        # One Chebyshev distance over coordinates scaled by their limits is one pass over the
-        # pairs, where an absolute difference, a comparison and a conjunction per axis are
-        # nine: at 1,568 tokens those passes cost a CPU more than the similarity matmul.
-        scaled = pos / limits
-        return torch.cdist(scaled, scaled, p=float("inf")).gt_(1.0)  # in place: stays floating point
-    # PyTorch's CUDA cdist for p ≠ 2 runs one thread block per output cell (ATen's
-    # DistanceKernel.cu), 39 M blocks for 16 clips of 1,568 tokens: the likely cause of temporal
-    # merging measuring 0.03× of the unpatched model on an H200. Broadcasting is elementwise.
-    far = None
-    for axis in range(3):
-        beyond = (pos[..., None, :, axis] - pos[..., :, None, axis]).abs() > limits[axis]
-        far = beyond if far is None else far | beyond
-    return far.to(pos.dtype)
-
-
-def temporal_best_match(
-    metric: Tensor, pos: Tensor, window: float, max_frame_gap: float = 1.5
-) -> tuple[Tensor, Tensor]:
-    """Each token's best partner under the temporal rule: ([B, N] score, [B, N] index).
-
-    An A token (centroid frame rounding to an even frame) scores the cosine similarity of the
-    tokens' ``metric`` ([B, N, D], no prefix) with each B token (odd frame) whose centroid frame
-    is at most ``max_frame_gap`` away and whose spatial centroid is within ``window`` patches
-    in both row and column, and that cosine minus ``_OUTSIDE_PENALTY`` (below −1) with the
-    other B tokens; its score is the best of these (the first on a tie). A B token's score is
-    −inf (it is only a destination). ``pos`` [B, N, 3] are (frame, row, col) centroids."""
-    unit = unit_vectors(metric)
-    scores = unit @ unit.transpose(-1, -2)  # fresh: the rule is applied in place
-    is_a = torch.remainder(torch.floor(pos[..., 0] + 0.5), 2) == 0
-    scores.add_(far_pairs(pos, window, max_frame_gap), alpha=-_OUTSIDE_PENALTY)  # inside pairs add 0: exact
-    best_score, best_b = scores.masked_fill_(is_a[:, None, :], float("-inf")).max(dim=-1)
-    return best_score.masked_fill(~is_a, float("-inf")), best_b
 
 
 @dataclass(frozen=True)
@@ -144,11 +98,11 @@ class TemporalMerge:
         if state.pos is None:
             raise ValueError("temporal merging needs token positions (track_positions)")
         p = self.num_protected
-        best_score, best_b = temporal_best_match(metric[:, p:], state.pos[:, p:], self.window)
+        best_score, best_b = temporal_best_match(metric[:, p:], state.pos[:, p:], self.window, backend=self.backend)
         order = best_score.argsort(dim=-1, descending=True, stable=True)[:, :r]
         # Checked where it is free: on a GPU, reading the answer would stall the host every block.
         check = best_score.device.type == "cpu" and not torch.compiler.is_compiling()
-        if check and bool((best_score.gather(1, order) < -1.0 - _EPS).any()):
+        if check and bool((best_score.gather(1, order) < -1.0 - CENTROID_TOLERANCE).any()):
             # One text for every block and clip, so Python shows it once, not per forward.
             warnings.warn(
                 f"temporal merging: some merges had no partner in a neighbouring frame within {self.window} "
