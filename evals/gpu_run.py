@@ -90,7 +90,8 @@ STEPS: tuple[Step, ...] = (
         # batch 32: at 16 the merged models were likely bound by the host on the H200 (ToMe: 1.07× at
         # 75 % and at 50 % of the GFLOPs alike)
         ("--model", "video_vit_base_patch16_224", "--batch-size", "32", "--method", "tome", "--method", "temporal",
-         "--method", "background", "--budget", "0.75", "--budget", "0.5", "--backend", "auto", "--no-manual",
+         "--method", "background", "--budget", "0.75", "--budget", "0.5", "--budget", "0.45", "--backend", "auto",
+         "--no-manual",
          "--warmup", "5", "--runs", "15", "--out", f"{RESULTS}/bench_video_cuda.json"),
         50, 150,
     ),  # fmt: skip
