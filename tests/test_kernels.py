@@ -580,10 +580,14 @@ def test_patched_model_same_on_both_backends(family: str) -> None:
         assert torch.equal(tokenprune.source(model), expected_source)
 
 
-@pytest.mark.parametrize("method,options", [("temporal", dict(r=10, window=1)), ("temporal", dict(r=[20, 20, 8], window=2))])
+@pytest.mark.parametrize(
+    "method,options",
+    [("temporal", dict(r=10, window=1)), ("temporal", dict(r=[20, 20, 8], window=2)), ("background", dict(early_blocks=2, early_r=12, r=4))],
+)
 def test_patched_video_model_same_on_both_backends(method: str, options: dict) -> None:
     """Temporal merging (its match kernel, then the merge kernel; joint ToMe once the even
-    frames are used up, in the second case) gives the torch path's tokens and outputs."""
+    frames are used up, in the second case) and background merging (ToMe's match kernel on the
+    even and odd tokens, in place) give the torch path's tokens and outputs."""
     from tests.test_video_reduction import make_clip, make_model
 
     import tokenprune

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from kernels import best_match
 from kernels.temporal_match import CENTROID_TOLERANCE, temporal_best_match
 
 from ..merge import TokenState, max_bipartite_r, merge_state, unit_vectors
@@ -153,9 +154,8 @@ class BackgroundMerge:
         return min(self.r, (n + 1) // 2, max(n - 1, 0))  # one source per even position, one destination left
 
     def pool_size(self, num_tokens: int) -> int:
+        """With an importance: how many of the least important even tokens are candidates."""
         even = (num_tokens - self.num_protected + 1) // 2
-        if self.metric == "keys":
-            return even  # no importance to rank by: every even token is a candidate
         r = self.num_removed(num_tokens)
         return max(r, min(round(self.pool * r), even))
 
@@ -163,6 +163,8 @@ class BackgroundMerge:
         if removed == 0:
             return 0
         n = num_tokens - self.num_protected
+        if self.metric == "keys":  # even tokens × odd tokens
+            return 2 * ((n + 1) // 2) * (n // 2) * attn.head_dim
         # candidates × all tokens; the importance comes with the block's own attention map
         return 2 * self.pool_size(num_tokens) * n * attn.head_dim
 
@@ -172,9 +174,13 @@ class BackgroundMerge:
             return state
         p = self.num_protected
         batch, n = state.x.shape[0], state.num_tokens - p
-        if self.metric == "keys":  # no importance: every even token is a candidate
-            keys = metric
-            candidates = torch.arange(0, n, 2, device=keys.device).expand(batch, -1)
+        if self.metric == "keys":
+            # No importance: every even token is a candidate and every odd one a destination,
+            # which is ToMe's bipartite match (on its Triton kernel for CUDA tensors).
+            body = metric[:, p:]
+            best, best_odd = best_match(body[:, 0::2], body[:, 1::2], self.backend)
+            candidates = torch.arange(0, n, 2, device=body.device).expand(batch, -1)
+            best_partner = 2 * best_odd + 1
         else:
             keys, importance = metric
             importance = importance[:, p:].float()
@@ -183,14 +189,14 @@ class BackgroundMerge:
             odd = torch.arange(n, device=keys.device) % 2 == 1
             candidates = importance.masked_fill(odd, float("inf")).argsort(dim=-1, stable=True)
             candidates = candidates[:, : self.pool_size(state.num_tokens)]
-        in_pool = torch.zeros(batch, n, dtype=torch.bool, device=keys.device).scatter_(1, candidates, True)
-        unit = unit_vectors(keys[:, p:])
-        a = unit.gather(1, candidates.unsqueeze(-1).expand(-1, -1, unit.shape[-1]))
-        scores = (a @ unit.transpose(-1, -2)).masked_fill(in_pool[:, None, :], float("-inf"))
-        best, best_partner = scores.max(dim=-1)
+            in_pool = torch.zeros(batch, n, dtype=torch.bool, device=keys.device).scatter_(1, candidates, True)
+            unit = unit_vectors(keys[:, p:])
+            a = unit.gather(1, candidates.unsqueeze(-1).expand(-1, -1, unit.shape[-1]))
+            scores = (a @ unit.transpose(-1, -2)).masked_fill(in_pool[:, None, :], float("-inf"))
+            best, best_partner = scores.max(dim=-1)
         chosen = best.argsort(dim=-1, descending=True, stable=True)[:, :r]  # the r best-matched candidates
         src = candidates.gather(1, chosen)
-        is_src = torch.zeros_like(in_pool).scatter_(1, src, True)
+        is_src = torch.zeros(batch, n, dtype=torch.bool, device=src.device).scatter_(1, src, True)
         partner = src.new_zeros(batch, n).scatter_(1, src, best_partner.gather(1, chosen))
         dest = ordered_dest(is_src, partner, p)
         return merge_state(state, dest, state.num_tokens - r, self.backend)
