@@ -288,10 +288,10 @@ class BackgroundMergeConfig:
     Measured on real footage with DINOv2 inflated to video (``evals.video_fidelity``, 24 clips
     of six videos; ``evals/results/video_fidelity.md``), the defaults keep the unmerged token
     features closer to the unreduced model than joint ToMe at the same GFLOPs: at 50 % the
-    token cosine loses 0.0018 where ToMe's loses 0.0038 (+0.0021, 95 % interval [+0.0005,
-    +0.0036]), at 45 % 0.0026 against 0.0090, with the clip embedding tied or ahead. Against
+    token cosine loses 0.0017 where ToMe's loses 0.0038 (+0.0021, 95 % interval [+0.0005,
+    +0.0037]), at 45 % 0.0026 against 0.0090, with the clip embedding tied or ahead. Against
     ToMe's decreasing schedule, which also front-loads its merging, the margin is smaller but
-    holds on every video (+0.0004 at 50 %; ``video_fidelity_decreasing.md``). Spreading the
+    holds on every video (+0.0005 at 50 %; ``video_fidelity_decreasing.md``). Spreading the
     early merging over six blocks is what earns it: two blocks at the same GFLOPs tied with
     ToMe. Attention importance does not help on this model: the more it restricts the
     sources, the further the clip embedding moves (6 clips, 50 %: cosine 0.9908 with pool 1,
