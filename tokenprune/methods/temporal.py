@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from kernels import best_match
-from kernels.temporal_match import CENTROID_TOLERANCE, temporal_best_match
+from kernels.temporal_match import OUTSIDE_PENALTY, temporal_best_match
 
 from ..merge import TokenState, max_bipartite_r, merge_state, unit_vectors
 from ..schedule import RSchedule, check_count, resolve_r
@@ -103,7 +103,8 @@ class TemporalMerge:
         order = best_score.argsort(dim=-1, descending=True, stable=True)[:, :r]
         # Checked where it is free: on a GPU, reading the answer would stall the host every block.
         check = best_score.device.type == "cpu" and not torch.compiler.is_compiling()
-        if check and bool((best_score.gather(1, order) < -1.0 - CENTROID_TOLERANCE).any()):
+        # A pair inside scores its cosine (≥ −1), one outside its cosine − OUTSIDE_PENALTY (≤ −3).
+        if check and bool((best_score.gather(1, order) < -1.0 - (OUTSIDE_PENALTY - 2.0) / 2).any()):
             # One text for every block and clip, so Python shows it once, not per forward.
             warnings.warn(
                 f"temporal merging: some merges had no partner in a neighbouring frame within {self.window} "
