@@ -137,18 +137,24 @@ def measure(
     return rows
 
 
+def _paired_with(row: dict[str, Any]) -> tuple[str, str]:
+    """What a row is compared with ToMe at: its budget, or (given without one) its setting."""
+    return ("budget", row["budget"]) if row["budget"] else ("setting", row["setting"])
+
+
 def against_tome(rows: Sequence[dict[str, Any]], clip_names: Sequence[str]) -> list[dict[str, Any]]:
-    """Every other method's budget row minus joint ToMe's row at the same budget, clip by clip:
-    per measure, :func:`~evals.stats.paired_difference` over the video means (``clip_names``
-    come in runs of equally many windows per video) and the mean per video."""
-    tome = {r["budget"]: r for r in rows if r["method"] == "tome" and r["budget"] and "unreachable" not in r}
+    """Every other method's row minus joint ToMe's row at the same budget (or, for rows given
+    a setting rather than a budget, with the same setting, e.g. one ``--r`` schedule for both),
+    clip by clip: per measure, :func:`~evals.stats.paired_difference` over the video means
+    (``clip_names`` come in runs of equally many windows per video) and the mean per video."""
+    tome = {_paired_with(r): r for r in rows if r["method"] == "tome" and "unreachable" not in r}
     videos = [name.rsplit("#", 1)[0] for name in clip_names]
     windows = len(clip_names) // len(set(videos))
     comparisons = []
     for row in rows:
-        if row["method"] == "tome" or row["budget"] not in tome or "unreachable" in row:
+        if row["method"] in ("tome", "none") or "unreachable" in row or _paired_with(row) not in tome:
             continue
-        reference = tome[row["budget"]]
+        reference = tome[_paired_with(row)]
         entry = {key: row[key] for key in ("method", "setting", "budget", "gflops")} | {"tome_gflops": reference["gflops"]}
         for name in MEASURES:
             ours, theirs = torch.tensor(row["per_clip"][name]), torch.tensor(reference["per_clip"][name])
@@ -178,7 +184,7 @@ def format_markdown(rows: Sequence[dict[str, Any]], comparisons: Sequence[dict[s
         videos = " / ".join(comparisons[0]["cosine_by_video"])
         lines += [
             "",
-            "Minus joint ToMe at the same budget, clip by clip: mean [95 % t interval over the per-video "
+            "Minus joint ToMe at the same budget (or the same setting), clip by clip: mean [95 % t interval over the per-video "
             "means] and the verdict (win: above zero, loss: below, tie: holds zero); then the mean per video.",
             "",
             f"| budget | method | GFLOPs (ToMe) | Δ embedding cos | Δ token cos | Δ embedding cos by video ({videos}) "
@@ -188,7 +194,7 @@ def format_markdown(rows: Sequence[dict[str, Any]], comparisons: Sequence[dict[s
         for c in comparisons:
             cells = [format_difference(c[m]) for m in MEASURES]
             cells += [" / ".join(f"{v:+.4f}" for v in c[f"{m}_by_video"].values()) for m in MEASURES]
-            lines.append(f"| {c['budget']} | {c['method']} | {c['gflops']:.1f} ({c['tome_gflops']:.1f}) | " + " | ".join(cells) + " |")
+            lines.append(f"| {c['budget'] or c['setting']} | {c['method']} | {c['gflops']:.1f} ({c['tome_gflops']:.1f}) | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -148,6 +148,11 @@ def test_video_comparison_groups_windows_by_video() -> None:
     assert comparison["cosine"]["low"] < 0 < comparison["cosine"]["high"]  # two videos: a tie
     assert paired_difference(measured, torch.zeros(10))["low"] > 0  # windows as independent would say "win"
     assert comparison["cosine_by_video"] == pytest.approx({"a.mp4": 0.104, "b.avi": -0.0104}, abs=1e-6)
+    # Rows given a setting rather than a budget pair with ToMe's row of the same setting.
+    by_setting = [{**row, "budget": None, "setting": setting} for row in (tome, ours) for setting in ("r=[4,2]", "r=1")]
+    paired = against_tome(by_setting, names)
+    assert [(c["setting"], c["budget"]) for c in paired] == [("r=[4,2]", None), ("r=1", None)]
+    assert paired[0]["cosine"] == comparison["cosine"]
     with pytest.raises(SystemExit, match="no video at"):
         video_clips([Path("missing.avi")], 16, 4, 1, 56)
     with pytest.raises(SystemExit, match="more than one video named b.avi"):
