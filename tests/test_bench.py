@@ -283,6 +283,26 @@ def test_local_global_budget_places_the_window_stage() -> None:
     assert chosen["local_block"] == 2 and isinstance(chosen["r"], int)
 
 
+def test_temporal_budget_searches_background_merging_schedule_shape() -> None:
+    """Temporal merging's budget turns the early r of a front-loaded per-block list (background
+    merging's early blocks and later r): the weakest such list that meets the budget, one step
+    weaker does not; an inflection gives the linear schedule instead."""
+    model = tokenprune.models.video_vit_small_patch16_224(num_frames=8, img_size=64, depth=12)
+    size = (8, 64, 64)
+    unreduced = tokenprune.flops(model, size).total
+
+    def fraction(r: Any) -> float:
+        patched = tokenprune.patch(tokenprune.models.video_vit_small_patch16_224(num_frames=8, img_size=64, depth=12), "temporal", r=r)
+        return tokenprune.flops(patched, size).total / unreduced
+
+    chosen = settings.setting_for_budget(model, "temporal", {}, settings.Budget("gflops", 0.5), size)["r"]
+    early = chosen[0]
+    assert chosen == [early] * 6 + [tokenprune.BackgroundMergeConfig.r] * 6
+    assert fraction(chosen) <= 0.5 < fraction([early - 1] * 6 + chosen[6:])
+    shaped = settings.setting_for_budget(model, "temporal", {}, settings.Budget("gflops", 0.5), size, inflection=-1.0)
+    assert isinstance(shaped["r"], tuple) and shaped["r"][1] == -1.0
+
+
 @pytest.mark.parametrize(("method", "inflection"), [("tome", -1.0), ("tome", -0.5), ("local_global", -1.0)])
 def test_budget_with_an_inflection_searches_the_schedule(method: str, inflection: float) -> None:
     """With an inflection, a budget picks the weakest (r, inflection) that meets it (one r

@@ -27,6 +27,12 @@ from ._options import check_common_options
 from .tome import BipartiteMerge
 
 
+def default_early_blocks(depth: int) -> int:
+    """How many leading blocks merge early by default: 6, or half the blocks of a model with
+    fewer than 12 (at least 1)."""
+    return max(1, min(6, depth // 2))
+
+
 def ordered_dest(is_src: Tensor, partner: Tensor, num_protected: int) -> Tensor:
     """``dest`` that removes the tokens flagged in ``is_src`` ([B, N] bool over the tokens after
     the prefix) into their ``partner`` ([B, N] int64 body index, read where ``is_src``; a partner
@@ -342,7 +348,7 @@ class BackgroundMergeConfig:
 
     def reducers(self, model: nn.Module) -> list[BackgroundMerge | BipartiteMerge | None]:
         depth = len(model.blocks)
-        early_blocks = self.early_blocks if self.early_blocks is not None else max(1, min(6, depth // 2))
+        early_blocks = self.early_blocks if self.early_blocks is not None else default_early_blocks(depth)
         if early_blocks > depth:
             raise ValueError(f"early_blocks={early_blocks} exceeds the model's {depth} blocks")
         p = model.num_prefix_tokens
