@@ -10,7 +10,9 @@ background merging. Its settings are listed from the weakest (r=0 or ρ=1; two-s
 first setting already merges its windows) to the strongest,
 one step apart (one token of ``r``, 0.01 of ``keep_ratio``). Two-stage merging
 (``local_global``) also moves its window stage with the budget, earlier for tighter budgets
-(:data:`LOCAL_GLOBAL_PLACEMENT`), unless ``local_block`` is given. A budget is
+(:data:`LOCAL_GLOBAL_PLACEMENT`), unless ``local_block`` is given; temporal merging turns the
+early r of background merging's front-loaded schedule (a per-block list: heavy early blocks,
+then background merging's later r), as background merging turns its ``early_r``. A budget is
 
 * a **GFLOPs fraction** (``0.5``, or ``50%``): the weakest setting whose GFLOPs per image are
   at most that fraction of the unreduced model's, from :func:`tokenprune.flops` — exact and
