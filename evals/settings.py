@@ -142,10 +142,10 @@ def _temporal_ladder(model: nn.Module, size: tuple[int, ...], options: dict[str,
     """Budget steps for ``temporal``: background merging's shape of schedule as a per-block r,
     ``[x] * early + [later] * rest`` (its early blocks and later r,
     :class:`tokenprune.BackgroundMergeConfig`), x turning. Measured with
-    ``python -m evals.video_fidelity`` (24 real clips, ``video_fidelity_front_loaded.md``): at
-    50 and 45 % of the GFLOPs it kept the token features closer than a constant r (+0.0024 and
-    +0.0067 against joint ToMe's constant r, where a constant r tied it). ``None`` (a constant
-    r) for a model too shallow to split."""
+    ``python -m evals.video_fidelity`` (24 real clips, ``evals/results/video_fidelity.md``): at
+    50 and 45 % of the GFLOPs it keeps the token features closer than joint ToMe's constant r
+    (+0.0024 and +0.0067), which temporal merging at a constant r only tied. ``None`` (a
+    constant r) for a model too shallow to split."""
     depth = len(model.blocks)
     if depth < 2:
         return None
