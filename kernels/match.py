@@ -51,6 +51,68 @@ def best_match_reference(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
 if HAS_TRITON:
 
     @triton.jit
+    def inverse_row_norms(base, rows, valid_rows, dim, stride_row, stride_dim, BLOCK_D: tl.constexpr):
+        """1 / max(‖x‖, 1e-12) (F.normalize's denominator) of a tile of rows, one pass over D."""
+        offs_d = tl.arange(0, BLOCK_D)
+        sum_sq = tl.zeros_like(rows).to(tl.float32)
+        for d_start in range(0, dim, BLOCK_D):
+            cols = d_start + offs_d
+            tile = tl.load(
+                base + rows[:, None] * stride_row + cols[None, :] * stride_dim,
+                mask=valid_rows[:, None] & (cols < dim)[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            sum_sq += tl.sum(tile * tile, axis=1)
+        return 1.0 / tl.maximum(tl.sqrt(sum_sq), 1e-12)
+
+    @triton.jit
+    def cosine_tile(
+        a_base, rows_a, valid_a, stride_a_row, stride_a_dim, inv_norm_a,
+        b_base, rows_b, valid_b, stride_b_row, stride_b_dim, dim,
+        BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        """[BLOCK_A, BLOCK_B] fp32 cosines of a tile of A rows (their inverse norms given) with
+        a tile of B rows, whose norms are accumulated beside the dot."""
+        offs_d = tl.arange(0, BLOCK_D)
+        scores = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
+        sum_sq_b = tl.zeros([BLOCK_B], tl.float32)
+        # D is looped rather than held whole so any width fits in registers; the A tile is
+        # re-read per B tile, but from L1/L2, and the dot dominates.
+        for d_start in range(0, dim, BLOCK_D):
+            cols = d_start + offs_d
+            valid_d = cols < dim
+            a_tile = tl.load(
+                a_base + rows_a[:, None] * stride_a_row + cols[None, :] * stride_a_dim,
+                mask=valid_a[:, None] & valid_d[None, :],
+                other=0.0,
+            )
+            # B is loaded already transposed ([D, B]) through its strides: no copy of b.T.
+            b_tile = tl.load(
+                b_base + cols[:, None] * stride_b_dim + rows_b[None, :] * stride_b_row,
+                mask=valid_d[:, None] & valid_b[None, :],
+                other=0.0,
+            )
+            # Upcast before the dot: products of fp16/bf16 values are exact in fp32, so this
+            # matches the float32 reference up to summation order. "ieee" forbids TF32,
+            # whose 10-bit mantissa would reorder near-equal similarities on GPU. (It also
+            # sidesteps the interpreter, whose dot would misread bf16 storage as uint16.)
+            b_tile = b_tile.to(tl.float32)
+            scores = tl.dot(a_tile.to(tl.float32), b_tile, scores, input_precision="ieee")
+            sum_sq_b += tl.sum(b_tile * b_tile, axis=0)
+        inv_norm_b = 1.0 / tl.maximum(tl.sqrt(sum_sq_b), 1e-12)
+        return scores * inv_norm_a[:, None] * inv_norm_b[None, :]
+
+    @triton.jit
+    def keep_best(scores, cols, num_cols, best_score, best_index):
+        """The running (max, argmax) over column tiles visited in increasing order, ties to the
+        lowest column (torch.max's rule): within the tile the lowest column attaining its max,
+        across tiles a strict ">", which keeps the earliest tile."""
+        tile_score = tl.max(scores, axis=1)
+        tile_index = tl.min(tl.where(scores == tile_score[:, None], cols[None, :], num_cols), axis=1)
+        better = tile_score > best_score
+        return tl.where(better, tile_score, best_score), tl.where(better, tile_index, best_index)
+
+    @triton.jit
     def _best_match_kernel(
         a_ptr,
         b_ptr,
@@ -71,68 +133,25 @@ if HAS_TRITON:
         BLOCK_D: tl.constexpr,
     ):
         # Grid: (batch, A tiles). Each program owns BLOCK_A rows of A and scans all of B.
-        EPS: tl.constexpr = 1e-12  # F.normalize's
         batch = tl.program_id(0).to(tl.int64)  # int64: batch * stride may exceed 2**31
         rows_a = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
         valid_a = rows_a < num_a
-        offs_d = tl.arange(0, BLOCK_D)
         a_base = a_ptr + batch * stride_a_batch
         b_base = b_ptr + batch * stride_b_batch
-
-        # 1 / max(‖a‖, eps) per A row (F.normalize's denominator), from one pass over D.
-        sum_sq_a = tl.zeros([BLOCK_A], tl.float32)
-        for d_start in range(0, dim, BLOCK_D):
-            cols = d_start + offs_d
-            a_tile = tl.load(
-                a_base + rows_a[:, None] * stride_a_row + cols[None, :] * stride_a_dim,
-                mask=valid_a[:, None] & (cols < dim)[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            sum_sq_a += tl.sum(a_tile * a_tile, axis=1)
-        inv_norm_a = 1.0 / tl.maximum(tl.sqrt(sum_sq_a), EPS)
+        inv_norm_a = inverse_row_norms(a_base, rows_a, valid_a, dim, stride_a_row, stride_a_dim, BLOCK_D)
 
         best_score = tl.full([BLOCK_A], float("-inf"), tl.float32)
         best_index = tl.zeros([BLOCK_A], tl.int32)
         for b_start in range(0, num_b, BLOCK_B):
             rows_b = b_start + tl.arange(0, BLOCK_B)
             valid_b = rows_b < num_b
-            scores = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
-            sum_sq_b = tl.zeros([BLOCK_B], tl.float32)
-            # D is looped rather than held whole so any width fits in registers; the A tile is
-            # re-read per B tile, but from L1/L2, and the dot dominates.
-            for d_start in range(0, dim, BLOCK_D):
-                cols = d_start + offs_d
-                valid_d = cols < dim
-                a_tile = tl.load(
-                    a_base + rows_a[:, None] * stride_a_row + cols[None, :] * stride_a_dim,
-                    mask=valid_a[:, None] & valid_d[None, :],
-                    other=0.0,
-                )
-                # B is loaded already transposed ([D, B]) through its strides: no copy of b.T.
-                b_tile = tl.load(
-                    b_base + cols[:, None] * stride_b_dim + rows_b[None, :] * stride_b_row,
-                    mask=valid_d[:, None] & valid_b[None, :],
-                    other=0.0,
-                )
-                # Upcast before the dot: products of fp16/bf16 values are exact in fp32, so this
-                # matches the float32 reference up to summation order. "ieee" forbids TF32,
-                # whose 10-bit mantissa would reorder near-equal similarities on GPU. (It also
-                # sidesteps the interpreter, whose dot would misread bf16 storage as uint16.)
-                b_tile = b_tile.to(tl.float32)
-                scores = tl.dot(a_tile.to(tl.float32), b_tile, scores, input_precision="ieee")
-                sum_sq_b += tl.sum(b_tile * b_tile, axis=0)
-            inv_norm_b = 1.0 / tl.maximum(tl.sqrt(sum_sq_b), EPS)
-            scores = scores * inv_norm_a[:, None] * inv_norm_b[None, :]
-            # Padding columns must never win the max.
-            scores = tl.where(valid_b[None, :], scores, float("-inf"))
-            tile_score = tl.max(scores, axis=1)
-            # Lowest column attaining the tile max (torch.max's tie rule within the tile) ...
-            tile_index = tl.min(tl.where(scores == tile_score[:, None], rows_b[None, :], num_b), axis=1)
-            # ... and a strict ">" across tiles, which are visited in increasing B order, keeps
-            # the earliest tile on ties: overall, the lowest index attaining the max.
-            better = tile_score > best_score
-            best_score = tl.where(better, tile_score, best_score)
-            best_index = tl.where(better, tile_index, best_index)
+            scores = cosine_tile(
+                a_base, rows_a, valid_a, stride_a_row, stride_a_dim, inv_norm_a,
+                b_base, rows_b, valid_b, stride_b_row, stride_b_dim, dim,
+                BLOCK_A, BLOCK_B, BLOCK_D,
+            )  # fmt: skip
+            scores = tl.where(valid_b[None, :], scores, float("-inf"))  # padding never wins
+            best_score, best_index = keep_best(scores, rows_b, num_b, best_score, best_index)
 
         out_offsets = batch * stride_out_batch + rows_a
         tl.store(score_ptr + out_offsets, best_score, mask=valid_a)

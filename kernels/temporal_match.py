@@ -25,6 +25,9 @@ from torch import Tensor
 
 from kernels._triton import HAS_TRITON, block_size, check_device, tl, triton, use_triton
 
+if HAS_TRITON:
+    from kernels.match import cosine_tile, inverse_row_norms, keep_best
+
 __all__ = [
     "CENTROID_TOLERANCE",
     "OUTSIDE_PENALTY",
@@ -128,11 +131,9 @@ if HAS_TRITON:
     ):
         # Grid: (batch, row tiles). Each program owns BLOCK_A tokens as rows and scans all
         # tokens as columns.
-        EPS: tl.constexpr = 1e-12  # F.normalize's
         batch = tl.program_id(0).to(tl.int64)  # int64: batch * stride may exceed 2**31
         rows = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
         valid_rows = rows < num_tokens
-        offs_d = tl.arange(0, BLOCK_D)
         x_base = x_ptr + batch * stride_x_batch
         pos_base = pos_ptr + batch * stride_pos_batch
 
@@ -145,16 +146,7 @@ if HAS_TRITON:
         best_score = tl.full([BLOCK_A], float("-inf"), tl.float32)
         best_index = tl.zeros([BLOCK_A], tl.int32)
         if tl.max(is_a.to(tl.int32), axis=0) > 0:  # a tile of B tokens only matches nothing
-            sum_sq_a = tl.zeros([BLOCK_A], tl.float32)
-            for d_start in range(0, dim, BLOCK_D):
-                cols_d = d_start + offs_d
-                a_tile = tl.load(
-                    x_base + rows[:, None] * stride_x_row + cols_d[None, :] * stride_x_dim,
-                    mask=valid_rows[:, None] & (cols_d < dim)[None, :],
-                    other=0.0,
-                ).to(tl.float32)
-                sum_sq_a += tl.sum(a_tile * a_tile, axis=1)
-            inv_norm_a = 1.0 / tl.maximum(tl.sqrt(sum_sq_a), EPS)
+            inv_norm_a = inverse_row_norms(x_base, rows, valid_rows, dim, stride_x_row, stride_x_dim, BLOCK_D)
 
             for b_start in range(0, num_tokens, BLOCK_B):
                 cols = b_start + tl.arange(0, BLOCK_B)
@@ -165,39 +157,18 @@ if HAS_TRITON:
                 if tl.max(is_b.to(tl.int32), axis=0) > 0:  # a tile of A tokens offers no partner
                     row_b = tl.load(col_pos + stride_pos_axis, mask=valid_cols, other=0.0)
                     col_b = tl.load(col_pos + 2 * stride_pos_axis, mask=valid_cols, other=0.0)
-                    scores = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
-                    sum_sq_b = tl.zeros([BLOCK_B], tl.float32)
-                    for d_start in range(0, dim, BLOCK_D):
-                        cols_d = d_start + offs_d
-                        valid_d = cols_d < dim
-                        a_tile = tl.load(
-                            x_base + rows[:, None] * stride_x_row + cols_d[None, :] * stride_x_dim,
-                            mask=valid_rows[:, None] & valid_d[None, :],
-                            other=0.0,
-                        )
-                        b_tile = tl.load(  # loaded transposed ([D, B]) through the strides
-                            x_base + cols_d[:, None] * stride_x_dim + cols[None, :] * stride_x_row,
-                            mask=valid_d[:, None] & valid_cols[None, :],
-                            other=0.0,
-                        ).to(tl.float32)
-                        # fp32 "ieee" dot as in kernels.match: exact products, no TF32 reordering
-                        scores = tl.dot(a_tile.to(tl.float32), b_tile, scores, input_precision="ieee")
-                        sum_sq_b += tl.sum(b_tile * b_tile, axis=0)
-                    inv_norm_b = 1.0 / tl.maximum(tl.sqrt(sum_sq_b), EPS)
-                    scores = scores * inv_norm_a[:, None] * inv_norm_b[None, :]
+                    scores = cosine_tile(
+                        x_base, rows, valid_rows, stride_x_row, stride_x_dim, inv_norm_a,
+                        x_base, cols, valid_cols, stride_x_row, stride_x_dim, dim,
+                        BLOCK_A, BLOCK_B, BLOCK_D,
+                    )  # fmt: skip
                     far = (tl.abs(frame_a[:, None] - frame_b[None, :]) > limit_frame) | (
                         (tl.abs(row_a[:, None] - row_b[None, :]) > limit_space)
                         | (tl.abs(col_a[:, None] - col_b[None, :]) > limit_space)
                     )
                     scores = tl.where(far, scores - PENALTY, scores)
                     scores = tl.where(is_b[None, :], scores, float("-inf"))  # A tokens and padding never win
-                    tile_score = tl.max(scores, axis=1)
-                    # lowest column attaining the tile max, and ">" across tiles visited in
-                    # increasing order: overall the lowest index attaining the max
-                    tile_index = tl.min(tl.where(scores == tile_score[:, None], cols[None, :], num_tokens), axis=1)
-                    better = tile_score > best_score
-                    best_score = tl.where(better, tile_score, best_score)
-                    best_index = tl.where(better, tile_index, best_index)
+                    best_score, best_index = keep_best(scores, cols, num_tokens, best_score, best_index)
 
         best_score = tl.where(is_a, best_score, float("-inf"))
         best_index = tl.where(is_a, best_index, 0)
