@@ -27,7 +27,6 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -35,6 +34,7 @@ import tokenprune
 from tokenprune import models as video_models
 from tokenprune._io import write_atomic
 from tokenprune.patch.video import is_video_model
+from tokenprune.patch.vit import QKV_PROJECTIONS
 
 __all__ = [
     "DTYPES",
@@ -101,15 +101,16 @@ def example_input(model: nn.Module, batch_size: int, device: torch.device, seed:
 
 
 def set_fused_attn(model: nn.Module, fused: bool) -> nn.Module:
-    """Switch every timm ``Attention`` of ``model`` between fused SDPA and the manual
+    """Switch every block attention of ``model`` (timm ``Attention``, Eva's ``EvaAttention`` and
+    ``AttentionRope``: the classes tokenprune patches) between fused SDPA and the manual
     softmax(qkᵀ)v path, in place (tokenprune's patched attention honours the same flag)."""
     found = False
     for module in model.modules():
-        if isinstance(module, Attention):
+        if isinstance(module, tuple(QKV_PROJECTIONS)):
             module.fused_attn = fused
             found = True
     if not found:
-        raise ValueError("the model has no timm.layers.Attention module to switch")
+        raise ValueError(f"the model has no attention module to switch (one of {[c.__name__ for c in QKV_PROJECTIONS]})")
     return model
 
 

@@ -495,6 +495,18 @@ def test_merge_arbitrary_groups_strided(dtype: torch.dtype) -> None:
     assert_merge(x, size, dest, num_out)
 
 
+def test_merge_weight_zero_members_count_nowhere() -> None:
+    """Zero sizes (how RoPE rows of patches a pruning method dropped join a token,
+    tokenprune.merge.mean_over_sources) add nothing, as long as each output keeps a member."""
+    gen = torch.Generator().manual_seed(4)
+    batch, tokens, channels, num_out = 2, 30, 16, 6
+    x = torch.randn(batch, tokens, channels, generator=gen).to(DEVICE)
+    size = (torch.rand(batch, tokens, 1, generator=gen) > 0.4).float()
+    size[:, :num_out] = 1.0
+    dest = torch.cat([torch.arange(num_out).expand(batch, -1), torch.randint(0, num_out, (batch, tokens - num_out), generator=gen)], 1)
+    assert_merge(x, size.to(DEVICE), dest.to(DEVICE), num_out)
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's 0/0
 @pytest.mark.parametrize("tokens,num_out,target", [(1, 1, 0), (2, 1, 0), (9, 5, 4), (9, 5, 0), (16, 3, 2)])
 def test_merge_group_bounds_at_the_ends(tokens: int, num_out: int, target: int) -> None:
@@ -564,13 +576,13 @@ def test_merge_dispatch_and_validation() -> None:
 # ------------------------------------------------------------------------------ whole model
 
 
-@pytest.mark.parametrize("family", ["registers", "deit_distilled"])
+@pytest.mark.parametrize("family", ["registers", "deit_distilled", "dinov3_rope_registers"])
 def test_patched_model_same_on_both_backends(family: str) -> None:
     from tests.test_patch import image, make
 
     import tokenprune
 
-    model = make(family, depth=4).to(DEVICE)
+    model = make(family, depth=2).to(DEVICE)
     x = image().to(DEVICE)
     with torch.no_grad():
         tokenprune.patch(model, r=16, backend="torch", trace_source=True)

@@ -26,6 +26,13 @@ FAMILIES = {
     "avgmax_with_prefix": ("vit_tiny_patch16_224", {"global_pool": "avgmax", "reg_tokens": 2, "depth": 4}),
     "max_pool": ("vit_tiny_patch16_224", {"global_pool": "max", "depth": 4}),
     "swiglu_aimv2": ("aimv2_large_patch14_224", {"depth": 2, "embed_dim": 128, "num_heads": 2}),
+    # timm Eva: RoPE (cat, DINOv3's, per-block "mixed"), gamma LayerScale, post-norm, GQA.
+    "eva02_rope": ("eva02_tiny_patch14_224", {"depth": 4}),
+    "dinov3_rope_registers": ("vit_small_patch16_dinov3", {"depth": 4}),
+    "rope_mixed": ("vit_small_patch16_rope_mixed_224", {"depth": 4}),
+    "pe_map_rope": ("vit_pe_core_tiny_patch16_384", {"img_size": 224, "depth": 4}),
+    "eva_post_norm": ("eva02_enormous_patch14_clip_224", {"depth": 2, "embed_dim": 128, "num_heads": 2}),
+    "rope_gqa": ("vit_small_patch16_rope_224", {"depth": 4, "num_kv_heads": 2, "qkv_fused": False}),
 }
 
 
@@ -34,10 +41,10 @@ def make(family: str, **extra) -> nn.Module:
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=10, **{**kwargs, **extra}).eval()
     # LayerScale starts near zero at init (1e-5), which would hide errors in the block; give it
-    # real-looking values.
-    for module in model.modules():
-        if hasattr(module, "gamma") and isinstance(module.gamma, nn.Parameter):
-            module.gamma.data.uniform_(0.5, 1.5)
+    # real-looking values (timm's LayerScale.gamma, Eva's gamma_1/gamma_2).
+    for name, param in model.named_parameters():
+        if name.rsplit(".", 1)[-1] in ("gamma", "gamma_1", "gamma_2"):
+            param.data.uniform_(0.5, 1.5)
     return model
 
 
@@ -274,7 +281,9 @@ def test_dynamic_image_size() -> None:
         fixed(image(1, 256))
 
 
-@pytest.mark.parametrize("family", ["vit_cls", "registers", "vit_map", "deit_distilled", "swiglu_aimv2"])
+@pytest.mark.parametrize(
+    "family", ["vit_cls", "registers", "vit_map", "deit_distilled", "swiglu_aimv2", "eva02_rope", "pe_map_rope", "rope_gqa"]
+)
 @pytest.mark.parametrize("r", [0, 8, (8, -1)])
 def test_flops_agree_with_flop_counter(family: str, r) -> None:
     model = make(family).requires_grad_(False)
@@ -324,8 +333,8 @@ def test_attention_mask_with_merging_is_refused() -> None:
 
 
 def test_unsupported_models_name_the_module() -> None:
-    with pytest.raises(TypeError, match="Eva"):
-        tokenprune.patch(timm.create_model("eva02_tiny_patch14_224"), r=4)
+    with pytest.raises(TypeError, match="Beit"):  # relative position bias: a T×T table merging cannot follow
+        tokenprune.patch(timm.create_model("beit_base_patch16_224", depth=2), r=4)
     with pytest.raises(TypeError, match="SwinTransformer"):
         tokenprune.patch(timm.create_model("swin_tiny_patch4_window7_224"), r=4)
     custom = timm.create_model("vit_tiny_patch16_224", block_fn=timm.models.vision_transformer.ResPostBlock)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .api import input_tokens, plan
+from .patch.vit import pool_includes_prefix
 
 
 @dataclass(frozen=True)
@@ -45,10 +46,9 @@ def _block_flops(block: nn.Module, tokens: int, removed: int) -> int:
     kept = tokens - removed
     # Merging runs between attention and MLP; pruning predictors run before attention.
     attended = kept if reducer is not None and reducer.before_attention else tokens
-    flops = _linear(attended, attn.qkv) + _linear(attended, attn.proj)
-    flops += 4 * attended * attended * attn.attn_dim  # q·kᵀ and attn·v
-    if attn.gate is not None:
-        flops += _linear(attended, attn.gate)
+    # Every linear layer of the attention: qkv (or q/k/v), proj, and the gate if it has one.
+    flops = sum(_linear(attended, layer) for layer in attn.modules() if isinstance(layer, nn.Linear))
+    flops += 4 * attended * attended * attn.num_heads * attn.head_dim  # q·kᵀ and attn·v
     # Every linear layer of the MLP: fc1/fc2, or SwiGLU's fc1_g/fc1_x/fc2.
     flops += sum(_linear(kept, layer) for layer in block.mlp.modules() if isinstance(layer, nn.Linear))
     if reducer is not None:
@@ -60,7 +60,7 @@ def _head_flops(model: nn.Module, tokens: int) -> int:
     flops = 0
     pool = model.attn_pool
     if pool is not None:
-        pooled = tokens if model.pool_include_prefix else tokens - model.num_prefix_tokens
+        pooled = tokens if pool_includes_prefix(model) else tokens - model.num_prefix_tokens
         latent, dim = pool.latent_len, pool.q.in_features
         flops += _linear(latent, pool.q) + _linear(pooled, pool.kv) + _linear(latent, pool.proj)
         flops += 4 * latent * pooled * dim

@@ -102,6 +102,41 @@ def merge_state(state: TokenState, dest: Tensor, num_out: int, backend: str = "a
     return state._replace(x=x, size=size, source_index=source_index, pos=pos)
 
 
+def mean_over_sources(values: Tensor, state: TokenState, num_prefix: int, backend: str = "auto") -> Tensor:
+    """Per-patch values averaged over the patches each current token covers: how a rotary
+    position embedding (RoPE) follows merged tokens.
+
+    A merged token is the size-weighted average of its patches (ToMe), which in a ViT with
+    absolute position embeddings averages their position embeddings too. With RoPE, the
+    position is a rotation of q and k instead; averaging the patches' rotations (their sin/cos
+    rows) makes the merged token's attention logit q·R̄k the mean of its patches' logits q·R_ik,
+    since the logit is linear in the rotation. (The mean rotation is not a rotation: spread-out
+    patches damp the high frequencies, i.e. the fine position of a large token.)
+
+    Args:
+        values: [N, D], [H, N, D] or [B, H, N, D] rows of the N input patches (no prefix tokens).
+        state: the current tokens; needs ``source_index``. num_prefix: P prefix tokens.
+    Returns:
+        ``values`` itself while no token has been merged or dropped; else [B, 1 | H, T - P, D].
+    """
+    num_patches = values.shape[-2]
+    if state.size is None and state.num_tokens == num_prefix + num_patches:
+        return values  # nothing merged or dropped: every token still sits at its patch
+    if state.source_index is None:
+        raise ValueError("averaging over sources needs source tracing (start_state(trace_source=True))")
+    batch, num_out = state.x.shape[0], state.num_tokens - num_prefix
+    sources = state.source_index[:, num_prefix:] - num_prefix  # patch → current token - P; < 0: dropped
+    # A dropped patch joins any token with weight 0: it counts nowhere (every token keeps ≥ 1 patch).
+    weights = (sources >= 0).float().unsqueeze(-1)
+    heads, dim = (values.shape[-3] if values.ndim > 2 else 1), values.shape[-1]
+    if values.ndim == 4:
+        rows = values.movedim(-2, 1).reshape(batch, num_patches, heads * dim)
+    else:
+        rows = values.movedim(-2, 0).reshape(num_patches, heads * dim).expand(batch, -1, -1)
+    mean, _ = merge_wavg(rows, weights, sources.clamp(min=0), num_out, backend)
+    return mean.reshape(batch, num_out, heads, dim).transpose(1, 2)
+
+
 def drop_tokens(state: TokenState, keep_index: Tensor) -> TokenState:
     """Keep only the tokens at ``keep_index`` ([B, K] int64, ascending), in that order: the
     inference path of pruning methods. Sizes, positions and sources follow; the sources of

@@ -48,7 +48,7 @@ class AttentionDrop:
 
     def matching_flops(self, num_tokens: int, removed: int, attn: nn.Module) -> int:
         # the class token's row of q·kᵀ, recomputed because fused SDPA does not return weights
-        return 2 * num_tokens * attn.attn_dim if self.score == "attention" else 0
+        return 2 * num_tokens * attn.num_heads * attn.head_dim if self.score == "attention" else 0
 
     def __call__(self, state: TokenState, cls_attention: Tensor | None) -> TokenState:
         p = self.num_protected

@@ -1,6 +1,9 @@
 """Patch for timm's ``VisionTransformer`` family: a block that runs a reducer (between attention
 and MLP for merging, before attention for learned pruning), and a model class whose forward
-threads a :class:`TokenState` through the blocks.
+threads a :class:`TokenState` through the blocks. The attention step, the block and the model
+forward are shared with the other families, which register their classes here
+(:data:`QKV_PROJECTIONS`, :data:`PATCHED_BLOCKS`, :data:`PATCHED_CLASSES`; ``patch/eva.py``,
+``patch/video.py``).
 
 Nothing here keeps per-forward state on modules: every block owns a fixed ``reducer`` (its r is
 a plain int) and the sizes travel with the tokens, so patched models compile with
@@ -15,7 +18,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention
+from timm.layers import Attention, apply_rot_embed_cat
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
@@ -23,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kernels import attention
 
-from ..merge import TokenState, start_state
+from ..merge import TokenState, mean_over_sources, start_state
 from ..merge import unmerge as unmerge_tokens
 
 
@@ -56,8 +59,30 @@ class TokenReducer(Protocol):
 SUPPORTED_FAMILIES = (
     "timm VisionTransformer / VisionTransformerDistilled with standard Block + Attention: "
     "ViT (class token, avg or map pooling), DeiT (incl. distilled), DeiT3, DINOv2, "
-    "register-token (*_reg*) and qk-norm variants; tokenprune.models.VideoVisionTransformer (VideoMAE video ViT)"
+    "register-token (*_reg*) and qk-norm variants; timm Eva with EvaBlock / EvaBlockPostNorm and "
+    "EvaAttention / AttentionRope: EVA, EVA-02, DINOv3, Perception Encoder, RoPE-ViT (RoPE, GQA); "
+    "tokenprune.models.VideoVisionTransformer (VideoMAE video ViT)"
 )
+
+QKVProjection = Callable[[Any, Tensor], tuple[Tensor, Tensor, Tensor]]
+
+
+def _timm_qkv(attn: Attention, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    batch, num_tokens, _ = x.shape
+    qkv = attn.qkv(x).reshape(batch, num_tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    return qkv.unbind(0)
+
+
+# Attention class → how it projects tokens to q, k, v ([B, heads, T, head_dim] each, before q/k
+# norm and RoPE); everything after that is shared by :func:`attend`. A registry, so that a
+# family's module adds its attention classes (``patch/eva.py``) and anything else is refused.
+QKV_PROJECTIONS: dict[type[nn.Module], QKVProjection] = {Attention: _timm_qkv}
+
+
+def _rotate(attn: nn.Module, t: Tensor, rope: Tensor) -> Tensor:
+    """RoPE on the non-prefix tokens, as timm's RoPE attentions apply it."""
+    p, half = attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
+    return torch.cat([t[:, :, :p, :], apply_rot_embed_cat(t[:, :, p:, :], rope, half=half)], dim=2)
 
 
 def attend(
@@ -70,8 +95,9 @@ def attend(
     *,
     key_bias: Tensor | None = None,
     backend: str | None = None,
+    rope: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """timm ``Attention.forward`` plus an additive bias, also returning a reduction metric.
+    """timm's attention forward plus an additive bias, also returning a reduction metric.
 
     Two kinds of bias: ``bias``, any additive [B, 1|H, T, T] mask (DynamicViT's training keep
     mask), and ``key_bias``, one [B, T] float32 value per key (proportional attention, ToMe
@@ -81,14 +107,21 @@ def attend(
     timm's SDPA call. ``metric`` "keys" returns the keys (after ``k_norm``) averaged over heads,
     ToMe's choice; "cls_attention" the class token's attention weights averaged over heads
     (EViT), [B, T]; "attention_received" and "attention_sharpness" the keys plus a per-token
-    importance from the full attention map (see :class:`TokenReducer`). Mirrors timm 1.0's op
-    order exactly, so an unreduced model is bit-identical.
+    importance from the full attention map (see :class:`TokenReducer`). Keys are read before
+    RoPE (``rope``, [B, 1|heads, T - prefix, D] or timm's [T - prefix, D]): similarity of
+    content, not of position. Works for every class in :data:`QKV_PROJECTIONS` and mirrors
+    timm 1.0's op order exactly, so an unreduced model is bit-identical.
     """
     batch, num_tokens, _ = x.shape
     gate = attn.gate(x).sigmoid() if attn.gate is not None else None
-    qkv = attn.qkv(x).reshape(batch, num_tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
+    q, k, v = QKV_PROJECTIONS[type(attn)](attn, x)
     q, k = attn.q_norm(q), attn.k_norm(k)
+    keys = k
+    if rope is not None:
+        q, k = _rotate(attn, q, rope).type_as(v), _rotate(attn, k, rope).type_as(v)
+    kv_groups = getattr(attn, "num_kv_groups", 1)  # grouped-query attention: expand after RoPE, as timm does
+    if kv_groups > 1:
+        k, v = k.repeat_interleave(kv_groups, dim=1), v.repeat_interleave(kv_groups, dim=1)
     dropout = attn.attn_drop.p if attn.training else 0.0
     # A metric read from the whole attention map takes the map from the attention itself: one
     # q·kᵀ and softmax, multiplied with v, instead of a fused call plus a second q·kᵀ for the map.
@@ -116,21 +149,21 @@ def attend(
             weights = weights.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else weights + attn_mask
         probs = weights.float().softmax(dim=-1) if float32_softmax else weights.softmax(dim=-1)
         out = attn.attn_drop(probs.to(v.dtype)) @ v
-    out = attn.norm(out.transpose(1, 2).reshape(batch, num_tokens, attn.attn_dim))
+    out = attn.norm(out.transpose(1, 2).reshape(batch, num_tokens, -1))
     if gate is not None:
         out = out * gate
     out = attn.proj_drop(attn.proj(out))
     if metric == "keys":
-        return out, k.mean(dim=1)
+        return out, keys.mean(dim=1)
     if metric == "cls_attention":
         logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)
         if bias is not None:
             logits = logits + bias[..., :1, :]
         return out, logits.softmax(dim=-1).mean(dim=1)[:, 0]
     if metric == "attention_received":
-        return out, (k.mean(dim=1), probs.mean(dim=(1, 2)))
+        return out, (keys.mean(dim=1), probs.mean(dim=(1, 2)))
     if metric == "attention_sharpness":
-        return out, (k.mean(dim=1), torch.special.xlogy(probs, probs).sum(dim=-1).mean(dim=1))
+        return out, (keys.mean(dim=1), torch.special.xlogy(probs, probs).sum(dim=-1).mean(dim=1))
     return out, None
 
 
@@ -150,24 +183,31 @@ def keep_bias(keep: Tensor, dtype: torch.dtype) -> Tensor:
     return key_bias.masked_fill(eye, 0.0).to(dtype)
 
 
-class ReducingBlock(Block):
-    """timm ``Block`` that runs ``self.reducer`` between attention and MLP (ToMe Fig. 1).
-
-    Keeps everything the timm block does: LayerScale (``ls1``/``ls2``), drop-path, q/k-norm,
-    fused attention. ``reducer`` is ``None`` for blocks that do not reduce.
+class ReducingBlockMixin:
+    """A transformer block that runs ``self.reducer`` between attention and MLP (ToMe Fig. 1),
+    placed in front of the block's own class. The residual steps are the block family's
+    (:meth:`_attention_input`, :meth:`_add_attention`, :meth:`_add_mlp`), so everything the timm
+    block does is kept: LayerScale, drop-path, q/k-norm, fused attention, RoPE.
+    ``reducer`` is ``None`` for blocks that do not reduce.
     """
 
+    attn: nn.Module
     reducer: TokenReducer | None
     prop_attn: bool
     backend: str  # where attention over merged tokens runs (kernels.attention)
 
     def forward(  # type: ignore[override]
-        self, state: TokenState, attn_mask: Tensor | None = None, is_causal: bool = False
+        self, state: TokenState, attn_mask: Tensor | None = None, is_causal: bool = False, rope: Tensor | None = None
     ) -> TokenState:
+        """One block on the current tokens; ``rope`` is the rotary embedding of the *input
+        patches* (timm's, [N, D] or [heads, N, D]), given to the current tokens here, after
+        any pre-attention reduction."""
         reducer = self.reducer
         if reducer is not None and reducer.before_attention:
             state = reducer(state, None)
             reducer = None
+        if rope is not None:  # the patches' rotary embedding → the current tokens'
+            rope = mean_over_sources(rope, state, self.attn.num_prefix_tokens, self.backend)
         x = state.x
         bias = None
         if state.keep is not None:  # float32 for a float16 stream: the mask's gradient does not fit float16
@@ -176,7 +216,7 @@ class ReducingBlock(Block):
         key_bias = state.size.log().squeeze(-1) if merged and self.prop_attn else None
         attn_out, metric = attend(
             self.attn,
-            self.norm1(x),
+            self._attention_input(x),
             bias,
             attn_mask,
             is_causal,
@@ -184,14 +224,38 @@ class ReducingBlock(Block):
             key_bias=key_bias,
             # Merged tokens: attention on the kernel built for them. Unmerged: timm's exact call.
             backend=self.backend if merged else None,
+            rope=rope,
         )
-        x = x + self.drop_path1(self.ls1(attn_out))
-        state = state._replace(x=x)
+        state = state._replace(x=self._add_attention(x, attn_out))
         if reducer is not None:
             state = reducer(state, metric)
-        x = state.x
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return state._replace(x=x)
+        return state._replace(x=self._add_mlp(state.x))
+
+    def _attention_input(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _add_attention(self, x: Tensor, attn_out: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _add_mlp(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class ReducingBlock(ReducingBlockMixin, Block):
+    """timm ``Block`` (pre-norm, LayerScale ``ls1``/``ls2``) with token reduction."""
+
+    def _attention_input(self, x: Tensor) -> Tensor:
+        return self.norm1(x)
+
+    def _add_attention(self, x: Tensor, attn_out: Tensor) -> Tensor:
+        return x + self.drop_path1(self.ls1(attn_out))
+
+    def _add_mlp(self, x: Tensor) -> Tensor:
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+# Original block class → its reducing subclass; families register theirs (patch/eva.py).
+PATCHED_BLOCKS: dict[type[nn.Module], type[nn.Module]] = {Block: ReducingBlock}
 
 
 # forward_head's default ``size``: distinguishes "not passed" from an explicit None.
@@ -201,6 +265,15 @@ _NOT_GIVEN: Any = object()
 def _pool_by_size(model: VisionTransformer) -> bool:
     """Whether the head pools over tokens, so merged tokens must count by their size."""
     return model.attn_pool is not None or model.global_pool in ("avg", "avgmax")
+
+
+def pool_includes_prefix(model: nn.Module) -> bool:
+    """Whether the head's pooling reads the prefix tokens too: timm ``VisionTransformer``'s
+    ``pool_include_prefix``; Eva (no such option) pools attention over every token and averages
+    over the patches alone."""
+    if hasattr(model, "pool_include_prefix"):
+        return model.pool_include_prefix
+    return model.attn_pool is not None
 
 
 def _pool_by_weight(model: VisionTransformer) -> bool:
@@ -255,21 +328,31 @@ class ReducingViT:
                 "create it with dynamic_img_size=True to vary the input size (tokenprune keeps no state between calls)"
             )
         grid = self._token_grid(x)
-        x = self.patch_embed(x)
-        x = self._pos_embed(x)
-        x = self.patch_drop(x)
-        x = self.norm_pre(x)
-        state = start_state(x, trace_source, grid, self.tokenprune_config.track_positions)
+        x, rope = self._embed(x)
+        # Each block gives RoPE to its tokens from their sources (mean_over_sources): trace them.
+        state = start_state(x, trace_source or rope is not None, grid, self.tokenprune_config.track_positions)
         for i, block in enumerate(self.blocks):
             if num_blocks is not None and i == num_blocks:
                 break
+            block_rope = rope[i] if rope is not None and self._rope_per_block else rope
             if self.grad_checkpointing and torch.is_grad_enabled():
-                state = checkpoint(block, state, attn_mask, is_causal, use_reentrant=False)
+                state = checkpoint(block, state, attn_mask, is_causal, block_rope, use_reentrant=False)
             else:
-                state = block(state, attn_mask, is_causal)
+                state = block(state, attn_mask, is_causal, block_rope)
             if on_block is not None:
                 on_block(i, state)
         return state._replace(x=self.norm(state.x))
+
+    def _embed(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Patch embedding, position embedding and pre-norm: the tokens entering the first
+        block, and the rotary embedding of the input patches (None: the model has no RoPE)."""
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        return self.norm_pre(x), None
+
+    # Whether the rotary embedding differs per block (timm's "mixed" RoPE: [depth, ...]).
+    _rope_per_block = False
 
     def _token_grid(self, x: Tensor) -> tuple[int, ...]:
         """The static patch grid of the input: (rows, cols) for images."""
@@ -305,7 +388,7 @@ class ReducingViT:
     def _forward_head_sized(self, x: Tensor, size: Tensor | None, pre_logits: bool) -> Tensor:
         if size is None or not _pool_by_weight(self):
             return super().forward_head(x, pre_logits=pre_logits)  # type: ignore[misc]
-        if not self.pool_include_prefix:
+        if not pool_includes_prefix(self):
             x, size = x[:, self.num_prefix_tokens :], size[:, self.num_prefix_tokens :]
         if self.attn_pool is not None:
             # Always weighted, like the average below (ToMe pools by size even without
@@ -404,6 +487,10 @@ def original_class(model: nn.Module) -> type:
     return _ORIGINAL_CLASSES.get(type(model), type(model))
 
 
+def _original_block_class(block: nn.Module) -> type:
+    return next((original for original, patched in PATCHED_BLOCKS.items() if type(block) is patched), type(block))
+
+
 def check_supported(model: nn.Module) -> None:
     """Raise a TypeError naming the first module tokenprune cannot patch exactly."""
     model_class = original_class(model)
@@ -412,15 +499,16 @@ def check_supported(model: nn.Module) -> None:
             f"tokenprune cannot patch {model_class.__module__}.{model_class.__name__}; supported: {SUPPORTED_FAMILIES}"
         )
     for i, block in enumerate(model.blocks):
-        if type(block) not in (Block, ReducingBlock):
+        if _original_block_class(block) not in PATCHED_BLOCKS:
             raise TypeError(
-                f"tokenprune cannot patch blocks[{i}] of type {type(block).__name__} (only timm's standard Block); "
-                f"supported: {SUPPORTED_FAMILIES}"
+                f"tokenprune cannot patch blocks[{i}] of type {type(block).__name__} "
+                f"(blocks it can: {', '.join(sorted(c.__name__ for c in PATCHED_BLOCKS))}); supported: {SUPPORTED_FAMILIES}"
             )
-        if type(block.attn) is not Attention:
+        if type(block.attn) not in QKV_PROJECTIONS:
             raise TypeError(
                 f"tokenprune cannot patch blocks[{i}].attn of type {type(block.attn).__name__} "
-                f"(only timm's standard Attention); supported: {SUPPORTED_FAMILIES}"
+                f"(attentions it can: {', '.join(sorted(c.__name__ for c in QKV_PROJECTIONS))}); "
+                f"supported: {SUPPORTED_FAMILIES}"
             )
     if len(model.blocks) == 0:
         raise ValueError("the model has no transformer blocks: there is nothing to patch")
@@ -432,7 +520,7 @@ def apply(model: nn.Module, config: Any, reducers: list[TokenReducer | None]) ->
     model.tokenprune_config = config
     _drop_attributes(model, ("_tokenprune_source",))  # a map from the old settings would mislead
     for block, reducer in zip(model.blocks, reducers):
-        block.__class__ = ReducingBlock
+        block.__class__ = PATCHED_BLOCKS[_original_block_class(block)]
         block.reducer = reducer
         block.prop_attn = config.prop_attn
         block.backend = getattr(config, "backend", "auto")
@@ -443,7 +531,7 @@ def remove(model: nn.Module) -> None:
     model.__class__ = original_class(model)
     _drop_attributes(model, ("tokenprune_config", "_tokenprune_source"))
     for block in model.blocks:
-        block.__class__ = Block
+        block.__class__ = _original_block_class(block)
         _drop_attributes(block, ("reducer", "prop_attn", "backend"))
 
 
