@@ -14,7 +14,6 @@ from tokenprune.merge import drop_tokens, mean_over_sources, merge_state, source
 from tokenprune.schedule import resolve_r
 
 
-@torch.no_grad()
 def eva_tome_reference(model, x: torch.Tensor, r_per_block: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Output tokens and sizes of an unpatched timm Eva with one class token, run as published
     ToMe would run it, RoPE following the merged tokens.
@@ -53,7 +52,8 @@ def eva_tome_reference(model, x: torch.Tensor, r_per_block: list[int]) -> tuple[
 def test_matches_the_reference_with_rope(family: str, r) -> None:
     model = make(family)
     x = image()
-    tokens, size = eva_tome_reference(model, x, list(resolve_r(r, len(model.blocks))))
+    with torch.no_grad():
+        tokens, size = eva_tome_reference(model, x, list(resolve_r(r, len(model.blocks))))
     tokenprune.patch(model, r=r, backend="torch")
     with torch.no_grad():
         state = model.forward_tokens(x)
@@ -64,6 +64,25 @@ def test_matches_the_reference_with_rope(family: str, r) -> None:
     if model.global_pool == "avg":  # the size-weighted mean over the patch tokens, then timm's head
         pooled = (tokens[:, 1:] * size[:, 1:]).sum(1) / size[:, 1:].sum(1)
         torch.testing.assert_close(logits, model.head(model.fc_norm(pooled)), atol=1e-4, rtol=1e-4)
+
+
+def test_gradients_match_the_reference_through_merged_rope() -> None:
+    """Training through merging: every parameter's gradient, the learned per-block RoPE
+    frequencies of "mixed" RoPE included (they reach the loss through the averaged rows)."""
+    model = make("rope_mixed")
+    x = image()
+    tokens, _ = eva_tome_reference(model, x, [8] * len(model.blocks))
+    tokens.square().mean().backward()
+    expected = {name: p.grad for name, p in model.named_parameters()}  # None: the head (not in the loss)
+    model.zero_grad(set_to_none=True)
+    tokenprune.patch(model, r=8, backend="torch")
+    model.forward_tokens(x).x.square().mean().backward()
+    assert expected["rope.freqs"].abs().sum() > 0
+    for name, p in model.named_parameters():
+        if expected[name] is None:
+            assert p.grad is None, name
+        else:
+            torch.testing.assert_close(p.grad, expected[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_blocks_before_the_first_merge_are_bit_identical() -> None:
