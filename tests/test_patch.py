@@ -33,6 +33,7 @@ FAMILIES = {
     "pe_map_rope": ("vit_pe_core_tiny_patch16_384", {"img_size": 224, "depth": 4}),
     "eva_post_norm": ("eva02_enormous_patch14_clip_224", {"depth": 2, "embed_dim": 128, "num_heads": 2}),
     "rope_gqa": ("vit_small_patch16_rope_224", {"depth": 4, "num_kv_heads": 2, "qkv_fused": False}),
+    "hybrid_cnn_stem": ("vit_tiny_r_s16_p8_224", {"depth": 4}),  # ResNet stem, then a ViT
 }
 
 
@@ -282,8 +283,10 @@ def test_dynamic_image_size() -> None:
 
 
 @pytest.mark.parametrize(
-    "family", ["vit_cls", "registers", "vit_map", "deit_distilled", "swiglu_aimv2", "eva02_rope", "pe_map_rope", "rope_gqa"]
-)
+    "family",
+    ["vit_cls", "registers", "vit_map", "deit_distilled", "swiglu_aimv2", "eva02_rope", "pe_map_rope", "rope_gqa",
+     "hybrid_cnn_stem"],
+)  # fmt: skip
 @pytest.mark.parametrize("r", [0, 8, (8, -1)])
 def test_flops_agree_with_flop_counter(family: str, r) -> None:
     model = make(family).requires_grad_(False)

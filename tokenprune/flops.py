@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .api import input_tokens, plan
@@ -82,9 +83,25 @@ def flops(model: nn.Module, input_size: int | tuple[int, ...], batch_size: int =
         batch_size * _block_flops(block, tokens, removed)
         for block, tokens, removed in zip(model.blocks, reduction.tokens, reduction.removed)
     )
-    embed = model.patch_embed.proj
     patches = input_tokens(model, input_size) - protected
-    # Conv2d (images) or Conv3d (video tubelets): every kernel dimension counts.
-    embed_flops = 2 * patches * embed.out_channels * embed.in_channels * math.prod(embed.kernel_size)
-    fixed = batch_size * (embed_flops + _head_flops(model, reduction.output_tokens))
+    fixed = batch_size * (_embed_flops(model, input_size, patches) + _head_flops(model, reduction.output_tokens))
     return FlopReport(per_block, fixed)
+
+
+def _embed_flops(model: nn.Module, input_size: int | tuple[int, ...], patches: int) -> int:
+    embed = model.patch_embed
+    if isinstance(embed.proj, (nn.Conv2d, nn.Conv3d)) and getattr(embed, "backbone", None) is None:
+        # One patchifying convolution, Conv2d (images) or Conv3d (video tubelets): every kernel
+        # dimension counts.
+        proj = embed.proj
+        return 2 * patches * proj.out_channels * proj.in_channels * math.prod(proj.kernel_size)
+    # A convolutional stem (hybrid ViTs: a ResNet, ViTamin's MbConv stages): counted as
+    # FlopCounterMode counts it, on one image of the input size.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size[-2:])
+    weight = next(embed.parameters())
+    image = torch.zeros(1, 3, *size, device=weight.device, dtype=weight.dtype)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        embed(image)
+    return counter.get_total_flops()
