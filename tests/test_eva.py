@@ -164,7 +164,13 @@ def test_dynamic_image_size_takes_the_rope_of_each_size(family: str) -> None:
 
 
 def test_patch_dropout_while_training_is_refused() -> None:
-    model = tokenprune.patch(make("eva02_rope", patch_drop_rate=0.25), r=4).train()
+    model = make("eva02_rope", patch_drop_rate=0.25).train()
+    torch.manual_seed(0)
+    expected = model(image(1))
+    tokenprune.patch(model, r=0)  # nothing reduced: timm's patch dropout and its batched RoPE as they are
+    torch.manual_seed(0)
+    assert torch.equal(model(image(1)), expected)
+    tokenprune.patch(model, r=4)
     with pytest.raises(ValueError, match="patch_drop_rate=0"):
         model(image(1))
     model.eval()  # timm's patch dropout is off in eval: a reduced model runs

@@ -88,12 +88,12 @@ class ReducingEva(ReducingViT, Eva):
         return bool(getattr(self, "rope_mixed", False))
 
     def _embed(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        if self.patch_drop is not None and self.training:
-            # Patch dropout removes tokens at random before the first block, under a grid and
-            # source map that still count them.
+        if self.patch_drop is not None and self.training and any(b.reducer is not None for b in self.blocks):
+            # Patch dropout removes tokens at random before the first block, under the patch grid
+            # that plans, windows and keep counts are computed on.
             raise ValueError(
-                "patch dropout (patch_drop_rate > 0) is not supported while training a reduced Eva; "
-                "create the model with patch_drop_rate=0"
+                "patch dropout (patch_drop_rate > 0) is not supported while training an Eva that reduces "
+                "tokens; create the model with patch_drop_rate=0"
             )
         x = self.patch_embed(x)
         x, rope = self._pos_embed(x)
