@@ -34,6 +34,12 @@ FAMILIES = {
     "eva_post_norm": ("eva02_enormous_patch14_clip_224", {"depth": 2, "embed_dim": 128, "num_heads": 2}),
     "rope_gqa": ("vit_small_patch16_rope_224", {"depth": 4, "num_kv_heads": 2, "qkv_fused": False}),
     "hybrid_cnn_stem": ("vit_tiny_r_s16_p8_224", {"depth": 4}),  # ResNet stem, then a ViT
+    # timm Beit: relative position bias, per block or shared; gamma LayerScale.
+    "beit_relpos": ("beit_base_patch16_224", {"depth": 3, "embed_dim": 192, "num_heads": 3}),
+    "beit_shared_relpos": (
+        "beitv2_base_patch16_224",
+        {"depth": 3, "embed_dim": 192, "num_heads": 3, "use_rel_pos_bias": False, "use_shared_rel_pos_bias": True},
+    ),
 }
 
 
@@ -41,11 +47,14 @@ def make(family: str, **extra) -> nn.Module:
     name, kwargs = FAMILIES[family]
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=10, **{**kwargs, **extra}).eval()
-    # LayerScale starts near zero at init (1e-5), which would hide errors in the block; give it
-    # real-looking values (timm's LayerScale.gamma, Eva's gamma_1/gamma_2).
+    # LayerScale starts near zero at init (1e-5) and BEiT's relative position bias at ~0.02,
+    # which would hide errors in the block; give them real-looking values (timm's
+    # LayerScale.gamma, Eva's and BEiT's gamma_1/gamma_2).
     for name, param in model.named_parameters():
         if name.rsplit(".", 1)[-1] in ("gamma", "gamma_1", "gamma_2"):
             param.data.uniform_(0.5, 1.5)
+        elif name.endswith("relative_position_bias_table"):
+            param.data.normal_(0.0, 1.0)
     return model
 
 
@@ -285,7 +294,7 @@ def test_dynamic_image_size() -> None:
 @pytest.mark.parametrize(
     "family",
     ["vit_cls", "registers", "vit_map", "deit_distilled", "swiglu_aimv2", "eva02_rope", "pe_map_rope", "rope_gqa",
-     "hybrid_cnn_stem"],
+     "hybrid_cnn_stem", "beit_relpos", "beit_shared_relpos"],
 )  # fmt: skip
 @pytest.mark.parametrize("r", [0, 8, (8, -1)])
 def test_flops_agree_with_flop_counter(family: str, r) -> None:
@@ -336,8 +345,8 @@ def test_attention_mask_with_merging_is_refused() -> None:
 
 
 def test_unsupported_models_name_the_module() -> None:
-    with pytest.raises(TypeError, match="Beit"):  # relative position bias: a T×T table merging cannot follow
-        tokenprune.patch(timm.create_model("beit_base_patch16_224", depth=2), r=4)
+    with pytest.raises(TypeError, match="VisionTransformerRelPos"):
+        tokenprune.patch(timm.create_model("vit_relpos_small_patch16_224", depth=2), r=4)
     with pytest.raises(TypeError, match="SwinTransformer"):
         tokenprune.patch(timm.create_model("swin_tiny_patch4_window7_224"), r=4)
     custom = timm.create_model("vit_tiny_patch16_224", block_fn=timm.models.vision_transformer.ResPostBlock)

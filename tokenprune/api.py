@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .merge import source_matrix
 from .methods import METHODS, MethodConfig
-from .patch import eva, video, vit  # noqa: F401 (importing eva registers its model family)
+from .patch import beit, eva, video, vit  # noqa: F401 (importing beit and eva registers their families)
 
 
 def patch(model: nn.Module, method: str | MethodConfig | None = None, **options: Any) -> nn.Module:

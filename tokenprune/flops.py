@@ -17,13 +17,14 @@ import torch
 from torch import nn
 
 from .api import input_tokens, plan
-from .patch.vit import pool_includes_prefix
+from .patch.vit import head_dim, pool_includes_prefix
 
 
 @dataclass(frozen=True)
 class FlopReport:
     """FLOPs of one forward pass: ``per_block`` (attention, MLP and the matching step of each
-    block) plus ``embed_and_head`` (patch embedding, pooling and classifier)."""
+    block, and BEiT's relative position bias between merged tokens) plus ``embed_and_head``
+    (patch embedding or convolutional stem, pooling and classifier)."""
 
     per_block: tuple[int, ...]
     embed_and_head: int
@@ -41,25 +42,28 @@ def _linear(tokens: int, layer: nn.Module) -> int:
     return 2 * tokens * layer.in_features * layer.out_features
 
 
-def _block_flops(block: nn.Module, tokens: int, removed: int) -> int:
+def _block_flops(block: nn.Module, tokens: int, removed: int, num_inputs: int, shared_bias: bool) -> int:
     attn = block.attn
     reducer = getattr(block, "reducer", None)
     kept = tokens - removed
     # Merging runs between attention and MLP; pruning predictors run before attention.
     attended = kept if reducer is not None and reducer.before_attention else tokens
+    position_flops = getattr(block, "position_flops", None)  # BEiT: its bias between merged tokens
     # Every linear layer of the attention: qkv (or q/k/v), proj, and the gate if it has one.
     flops = sum(_linear(attended, layer) for layer in attn.modules() if isinstance(layer, nn.Linear))
-    flops += 4 * attended * attended * attn.num_heads * attn.head_dim  # q·kᵀ and attn·v
+    flops += 4 * attended * attended * attn.num_heads * head_dim(attn)  # q·kᵀ and attn·v
     # Every linear layer of the MLP: fc1/fc2, or SwiGLU's fc1_g/fc1_x/fc2.
     flops += sum(_linear(kept, layer) for layer in block.mlp.modules() if isinstance(layer, nn.Linear))
     if reducer is not None:
         flops += reducer.matching_flops(tokens, removed, attn)
+    if position_flops is not None:
+        flops += position_flops(attended, num_inputs, shared_bias)
     return flops
 
 
 def _head_flops(model: nn.Module, tokens: int) -> int:
     flops = 0
-    pool = model.attn_pool
+    pool = getattr(model, "attn_pool", None)  # (BEiT has none)
     if pool is not None:
         pooled = tokens if pool_includes_prefix(model) else tokens - model.num_prefix_tokens
         latent, dim = pool.latent_len, pool.q.in_features
@@ -79,8 +83,9 @@ def flops(model: nn.Module, input_size: int | tuple[int, ...], batch_size: int =
     """FLOPs of ``model`` (patched or not) on ``batch_size`` images (or clips) of ``input_size``."""
     reduction = plan(model, input_size)
     protected = model.num_prefix_tokens
+    shared_bias = getattr(model, "rel_pos_bias", None) is not None  # BEiT's bias shared by all blocks
     per_block = tuple(
-        batch_size * _block_flops(block, tokens, removed)
+        batch_size * _block_flops(block, tokens, removed, reduction.tokens[0], shared_bias)
         for block, tokens, removed in zip(model.blocks, reduction.tokens, reduction.removed)
     )
     patches = input_tokens(model, input_size) - protected

@@ -137,6 +137,33 @@ def mean_over_sources(values: Tensor, state: TokenState, num_prefix: int, backen
     return mean.reshape(batch, num_out, heads, dim).transpose(1, 2)
 
 
+def mean_over_source_pairs(bias: Tensor, state: TokenState) -> Tensor:
+    """An attention bias between input tokens averaged over the pairs of input tokens that two
+    current tokens cover: how a relative position bias (BEiT) follows merged tokens.
+
+    The bias is added to the logits, so the merged pair's logit gets the mean of its members'
+    biases, bias(a, b) = mean over i in a, j in b of bias(i, j), as the logit of averaged tokens
+    averages their position terms (:func:`mean_over_sources` does the same for RoPE).
+
+    Args:
+        bias: [H, N, N] or [1 | B, H, N, N] over the N input tokens (prefix tokens included).
+        state: the current tokens; needs ``source_index``.
+    Returns:
+        ``bias`` itself while no token has been merged or dropped; else [B, H, T, T].
+    """
+    num_inputs = bias.shape[-1]
+    if state.size is None and state.num_tokens == num_inputs:
+        return bias
+    if state.source_index is None:
+        raise ValueError("averaging over sources needs source tracing (start_state(trace_source=True))")
+    # W [B, 1, T, N]: row t spreads token t's weight evenly over the input tokens it covers.
+    # W · bias · Wᵀ as two matmuls (BLAS / tensor cores, deterministic) rather than two scatter
+    # merges over the [H, N, N] table: on a 2-core CPU ~20 % faster at ViT-B size.
+    member = source_matrix(state.source_index, state.num_tokens).to(bias.dtype)
+    w = (member / member.sum(-1, keepdim=True)).unsqueeze(1)
+    return w @ bias @ w.transpose(-1, -2)
+
+
 def drop_tokens(state: TokenState, keep_index: Tensor) -> TokenState:
     """Keep only the tokens at ``keep_index`` ([B, K] int64, ascending), in that order: the
     inference path of pruning methods. Sizes, positions and sources follow; the sources of

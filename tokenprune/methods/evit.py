@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..merge import TokenState, keep_top_tokens
+from ..patch.vit import head_dim
 from ._options import check_common_options
 from .dynamicvit import default_stages, kept_count
 
@@ -48,7 +49,7 @@ class AttentionDrop:
 
     def matching_flops(self, num_tokens: int, removed: int, attn: nn.Module) -> int:
         # the class token's row of q·kᵀ, recomputed because fused SDPA does not return weights
-        return 2 * num_tokens * attn.num_heads * attn.head_dim if self.score == "attention" else 0
+        return 2 * num_tokens * attn.num_heads * head_dim(attn) if self.score == "attention" else 0
 
     def __call__(self, state: TokenState, cls_attention: Tensor | None) -> TokenState:
         p = self.num_protected

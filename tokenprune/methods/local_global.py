@@ -25,6 +25,7 @@ from ..merge import (
     unit_vectors,
 )
 from ..schedule import RSchedule, resolve_r
+from ..patch.vit import head_dim
 from ._options import check_common_options
 
 
@@ -137,7 +138,7 @@ class PositionalBipartiteMerge:
         return min(self.r, max_bipartite_r(num_tokens, self.num_protected))
 
     def matching_flops(self, num_tokens: int, removed: int, attn: nn.Module) -> int:
-        return bipartite_matching_flops(num_tokens, self.num_protected, attn.head_dim) if removed else 0
+        return bipartite_matching_flops(num_tokens, self.num_protected, head_dim(attn)) if removed else 0
 
     def __call__(self, state: TokenState, metric: Tensor) -> TokenState:
         cap = min(self.r, max_bipartite_r(state.num_tokens, self.num_protected))

@@ -23,6 +23,7 @@ from kernels.temporal_match import OUTSIDE_PENALTY, temporal_best_match
 
 from ..merge import TokenState, max_bipartite_r, merge_state, unit_vectors
 from ..schedule import RSchedule, check_count, resolve_r
+from ..patch.vit import head_dim
 from ._options import check_common_options
 from .tome import BipartiteMerge
 
@@ -96,7 +97,7 @@ class TemporalMerge:
 
     def matching_flops(self, num_tokens: int, removed: int, attn: nn.Module) -> int:
         n = num_tokens - self.num_protected
-        return 2 * n * n * attn.head_dim if removed else 0
+        return 2 * n * n * head_dim(attn) if removed else 0
 
     def __call__(self, state: TokenState, metric: Tensor) -> TokenState:
         r = self.num_removed(state.num_tokens, state.grid)
@@ -171,9 +172,9 @@ class BackgroundMerge:
             return 0
         n = num_tokens - self.num_protected
         if self.metric == "keys":  # even tokens × odd tokens
-            return 2 * ((n + 1) // 2) * (n // 2) * attn.head_dim
+            return 2 * ((n + 1) // 2) * (n // 2) * head_dim(attn)
         # candidates × all tokens; the importance comes with the block's own attention map
-        return 2 * self.pool_size(num_tokens) * n * attn.head_dim
+        return 2 * self.pool_size(num_tokens) * n * head_dim(attn)
 
     def __call__(self, state: TokenState, metric: Tensor | tuple[Tensor, Tensor]) -> TokenState:
         r = self.num_removed(state.num_tokens)

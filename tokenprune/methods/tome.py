@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from ..merge import TokenState, bipartite_matching_flops, bipartite_soft_matching, max_bipartite_r, merge_state
 from ..schedule import RSchedule, resolve_r
+from ..patch.vit import head_dim
 from ._options import check_common_options
 
 
@@ -29,7 +30,7 @@ class BipartiteMerge:
         return min(self.r, max_bipartite_r(num_tokens, self.num_protected))
 
     def matching_flops(self, num_tokens: int, removed: int, attn: nn.Module) -> int:
-        return bipartite_matching_flops(num_tokens, self.num_protected, attn.head_dim) if removed else 0
+        return bipartite_matching_flops(num_tokens, self.num_protected, head_dim(attn)) if removed else 0
 
     def __call__(self, state: TokenState, metric: Tensor) -> TokenState:
         r = self.num_removed(state.num_tokens)

@@ -17,6 +17,7 @@ from timm.layers import AttentionRope
 from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 from torch import Tensor
 
+from ..merge import TokenState, mean_over_sources
 from . import vit
 from .vit import ReducingBlockMixin, ReducingViT
 
@@ -53,7 +54,17 @@ def _rope_attention_qkv(attn: AttentionRope, x: Tensor) -> tuple[Tensor, Tensor,
     return q, k, v
 
 
-class ReducingEvaBlock(ReducingBlockMixin, EvaBlock):
+class _EvaRope:
+    """Eva blocks get the rotary embedding of the input patches as ``position``; a merged
+    token rotates by the mean of its patches' rotations."""
+
+    def _rope(self, state: TokenState, position: Tensor | None) -> Tensor | None:
+        if position is None:
+            return None
+        return mean_over_sources(position, state, self.attn.num_prefix_tokens, self.backend)
+
+
+class ReducingEvaBlock(_EvaRope, ReducingBlockMixin, EvaBlock):
     """timm ``EvaBlock`` (pre-norm, optional ``gamma_1``/``gamma_2`` LayerScale) with token reduction."""
 
     def _attention_input(self, x: Tensor) -> Tensor:
@@ -67,7 +78,7 @@ class ReducingEvaBlock(ReducingBlockMixin, EvaBlock):
         return x + self.drop_path2(out if self.gamma_2 is None else self.gamma_2 * out)
 
 
-class ReducingEvaBlockPostNorm(ReducingBlockMixin, EvaBlockPostNorm):
+class ReducingEvaBlockPostNorm(_EvaRope, ReducingBlockMixin, EvaBlockPostNorm):
     """timm ``EvaBlockPostNorm`` (norm after attention and MLP, EVA-02 enormous) with token reduction."""
 
     def _attention_input(self, x: Tensor) -> Tensor:
@@ -84,8 +95,12 @@ class ReducingEva(ReducingViT, Eva):
     """timm ``Eva`` with token reduction; its rotary embedding follows the merged tokens."""
 
     @property
-    def _rope_per_block(self) -> bool:  # type: ignore[override]
+    def _position_per_block(self) -> bool:  # type: ignore[override]
         return bool(getattr(self, "rope_mixed", False))
+
+    @property
+    def _positions_follow_sources(self) -> bool:  # type: ignore[override]
+        return self.rope is not None
 
     def _embed(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         if self.patch_drop is not None and self.training and any(b.reducer is not None for b in self.blocks):

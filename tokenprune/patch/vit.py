@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kernels import attention
 
-from ..merge import TokenState, mean_over_sources, start_state
+from ..merge import TokenState, start_state
 from ..merge import unmerge as unmerge_tokens
 
 
@@ -61,6 +61,7 @@ SUPPORTED_FAMILIES = (
     "ViT (class token, avg or map pooling), DeiT (incl. distilled), DeiT3, DINOv2, "
     "register-token (*_reg*) and qk-norm variants; timm Eva with EvaBlock / EvaBlockPostNorm and "
     "EvaAttention / AttentionRope: EVA, EVA-02, DINOv3, Perception Encoder, RoPE-ViT (RoPE, GQA); "
+    "timm Beit: BEiT, BEiT v2 (relative position bias); "
     "tokenprune.models.VideoVisionTransformer (VideoMAE video ViT)"
 )
 
@@ -77,6 +78,12 @@ def _timm_qkv(attn: Attention, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 # norm and RoPE); everything after that is shared by :func:`attend`. A registry, so that a
 # family's module adds its attention classes (``patch/eva.py``) and anything else is refused.
 QKV_PROJECTIONS: dict[type[nn.Module], QKVProjection] = {Attention: _timm_qkv}
+
+
+def head_dim(attn: nn.Module) -> int:
+    """Per-head width of q and k: timm's ``head_dim``, or from the qkv projection (BEiT's
+    attention keeps no ``head_dim``)."""
+    return getattr(attn, "head_dim", None) or attn.qkv.out_features // (3 * attn.num_heads)
 
 
 def _rotate(attn: nn.Module, t: Tensor, rope: Tensor) -> Tensor:
@@ -96,11 +103,13 @@ def attend(
     key_bias: Tensor | None = None,
     backend: str | None = None,
     rope: Tensor | None = None,
+    position_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """timm's attention forward plus an additive bias, also returning a reduction metric.
 
-    Two kinds of bias: ``bias``, any additive [B, 1|H, T, T] mask (DynamicViT's training keep
-    mask), and ``key_bias``, one [B, T] float32 value per key (proportional attention, ToMe
+    Three kinds of bias: ``bias``, an additive [B, 1|H, T, T] mask (DynamicViT's training keep
+    mask), ``position_bias``, the model's own [1|B, H, T, T] (BEiT's relative position bias),
+    and ``key_bias``, one [B, T] float32 value per key (proportional attention, ToMe
     Eq. 1: softmax(qkᵀ/√d + log s) with ``key_bias = log s``). With ``backend`` set (the
     tokens have been merged), fused attention runs :func:`kernels.attention`, which takes the
     key bias without a T×T mask and tiles short sequences tightly; with ``backend=None`` it is
@@ -113,9 +122,11 @@ def attend(
     timm 1.0's op order exactly, so an unreduced model is bit-identical.
     """
     batch, num_tokens, _ = x.shape
-    gate = attn.gate(x).sigmoid() if attn.gate is not None else None
+    gate_proj = getattr(attn, "gate", None)  # (BEiT's attention has no gate, q/k-norm or output norm)
+    gate = gate_proj(x).sigmoid() if gate_proj is not None else None
     q, k, v = QKV_PROJECTIONS[type(attn)](attn, x)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
     keys = k
     if rope is not None:
         q, k = _rotate(attn, q, rope).type_as(v), _rotate(attn, k, rope).type_as(v)
@@ -131,9 +142,12 @@ def attend(
     # softmax in float32 instead (as DynamicViT's own masked softmax does).
     float32_softmax = full_map or (bias is not None and q.dtype == torch.float16)
     fused = attn.fused_attn and not float32_softmax
+    if position_bias is not None:
+        bias = position_bias if bias is None else bias + position_bias
     use_kernel = fused and backend is not None and bias is None and attn_mask is None and not is_causal and dropout == 0.0
-    if bias is None and key_bias is not None and not (use_kernel and metric in (None, "keys")):
-        bias = key_bias[:, None, None, :].to(x.dtype)  # the same bias as a mask, for the other paths
+    if key_bias is not None and not (use_kernel and metric in (None, "keys")):
+        key_mask = key_bias[:, None, None, :].to(x.dtype)  # the same bias as a mask, for the other paths
+        bias = key_mask if bias is None else bias + key_mask
     if bias is not None:
         attn_mask = bias  # merged tokens never carry a user mask: reduce_model refuses that case
     if use_kernel:
@@ -149,7 +163,9 @@ def attend(
             weights = weights.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else weights + attn_mask
         probs = weights.float().softmax(dim=-1) if float32_softmax else weights.softmax(dim=-1)
         out = attn.attn_drop(probs.to(v.dtype)) @ v
-    out = attn.norm(out.transpose(1, 2).reshape(batch, num_tokens, -1))
+    out = out.transpose(1, 2).reshape(batch, num_tokens, -1)
+    if hasattr(attn, "norm"):
+        out = attn.norm(out)
     if gate is not None:
         out = out * gate
     out = attn.proj_drop(attn.proj(out))
@@ -197,17 +213,17 @@ class ReducingBlockMixin:
     backend: str  # where attention over merged tokens runs (kernels.attention)
 
     def forward(  # type: ignore[override]
-        self, state: TokenState, attn_mask: Tensor | None = None, is_causal: bool = False, rope: Tensor | None = None
+        self, state: TokenState, attn_mask: Tensor | None = None, is_causal: bool = False, position: Tensor | None = None
     ) -> TokenState:
-        """One block on the current tokens; ``rope`` is the rotary embedding of the *input
-        patches* (timm's, [N, D] or [heads, N, D]), given to the current tokens here, after
-        any pre-attention reduction."""
+        """One block on the current tokens. ``position`` is what the model hands every block
+        about the *input* tokens' positions (Eva: the rotary embedding of the patches; BEiT: the
+        shared relative position bias; None for absolute position embeddings, which travel
+        inside the tokens); the block gives it to the current tokens after any pre-attention
+        reduction (:meth:`_rope`, :meth:`_position_bias`)."""
         reducer = self.reducer
         if reducer is not None and reducer.before_attention:
             state = reducer(state, None)
             reducer = None
-        if rope is not None:  # the patches' rotary embedding → the current tokens'
-            rope = mean_over_sources(rope, state, self.attn.num_prefix_tokens, self.backend)
         x = state.x
         bias = None
         if state.keep is not None:  # float32 for a float16 stream: the mask's gradient does not fit float16
@@ -224,12 +240,21 @@ class ReducingBlockMixin:
             key_bias=key_bias,
             # Merged tokens: attention on the kernel built for them. Unmerged: timm's exact call.
             backend=self.backend if merged else None,
-            rope=rope,
+            rope=self._rope(state, position),
+            position_bias=self._position_bias(state, position),
         )
         state = state._replace(x=self._add_attention(x, attn_out))
         if reducer is not None:
             state = reducer(state, metric)
         return state._replace(x=self._add_mlp(state.x))
+
+    def _rope(self, state: TokenState, position: Tensor | None) -> Tensor | None:
+        """The rotary embedding of the current tokens (None: the block has no RoPE)."""
+        return None
+
+    def _position_bias(self, state: TokenState, position: Tensor | None) -> Tensor | None:
+        """An additive attention bias between the current tokens, [1|B, H, T, T] (None: none)."""
+        return None
 
     def _attention_input(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -264,7 +289,7 @@ _NOT_GIVEN: Any = object()
 
 def _pool_by_size(model: VisionTransformer) -> bool:
     """Whether the head pools over tokens, so merged tokens must count by their size."""
-    return model.attn_pool is not None or model.global_pool in ("avg", "avgmax")
+    return getattr(model, "attn_pool", None) is not None or model.global_pool in ("avg", "avgmax")
 
 
 def pool_includes_prefix(model: nn.Module) -> bool:
@@ -273,7 +298,7 @@ def pool_includes_prefix(model: nn.Module) -> bool:
     over the patches alone."""
     if hasattr(model, "pool_include_prefix"):
         return model.pool_include_prefix
-    return model.attn_pool is not None
+    return getattr(model, "attn_pool", None) is not None
 
 
 def _pool_by_weight(model: VisionTransformer) -> bool:
@@ -321,38 +346,42 @@ class ReducingViT:
             )
         expected = self.patch_embed.img_size
         # (A clip, [B, C, T, H, W], is checked by the video patch embedding, which names frames too.)
-        if (x.ndim == 4 and not self.dynamic_img_size and self.patch_embed.strict_img_size
+        if (x.ndim == 4 and not getattr(self, "dynamic_img_size", False) and self.patch_embed.strict_img_size
                 and tuple(x.shape[-2:]) != tuple(expected)):
             raise ValueError(
                 f"the model takes {expected[0]}x{expected[1]} images, got {x.shape[-2]}x{x.shape[-1]}; "
                 "create it with dynamic_img_size=True to vary the input size (tokenprune keeps no state between calls)"
             )
         grid = self._token_grid(x)
-        x, rope = self._embed(x)
-        # Each block gives RoPE to its tokens from their sources (mean_over_sources): trace them.
-        state = start_state(x, trace_source or rope is not None, grid, self.tokenprune_config.track_positions)
+        x, position = self._embed(x)
+        # Blocks give positions (RoPE, relative bias) to merged tokens from their sources: trace them.
+        trace_source = trace_source or self._positions_follow_sources
+        state = start_state(x, trace_source, grid, self.tokenprune_config.track_positions)
         for i, block in enumerate(self.blocks):
             if num_blocks is not None and i == num_blocks:
                 break
-            block_rope = rope[i] if rope is not None and self._rope_per_block else rope
+            block_position = position[i] if position is not None and self._position_per_block else position
             if self.grad_checkpointing and torch.is_grad_enabled():
-                state = checkpoint(block, state, attn_mask, is_causal, block_rope, use_reentrant=False)
+                state = checkpoint(block, state, attn_mask, is_causal, block_position, use_reentrant=False)
             else:
-                state = block(state, attn_mask, is_causal, block_rope)
+                state = block(state, attn_mask, is_causal, block_position)
             if on_block is not None:
                 on_block(i, state)
         return state._replace(x=self.norm(state.x))
 
     def _embed(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """Patch embedding, position embedding and pre-norm: the tokens entering the first
-        block, and the rotary embedding of the input patches (None: the model has no RoPE)."""
+        block, and what every block is told about the input tokens' positions (the blocks'
+        ``position``; None here: absolute position embeddings travel inside the tokens)."""
         x = self.patch_embed(x)
         x = self._pos_embed(x)
         x = self.patch_drop(x)
         return self.norm_pre(x), None
 
-    # Whether the rotary embedding differs per block (timm's "mixed" RoPE: [depth, ...]).
-    _rope_per_block = False
+    # Whether ``position`` holds one entry per block (timm's "mixed" RoPE: [depth, ...]).
+    _position_per_block = False
+    # Whether the blocks read positions from the tokens' sources (RoPE, relative bias).
+    _positions_follow_sources = False
 
     def _token_grid(self, x: Tensor) -> tuple[int, ...]:
         """The static patch grid of the input: (rows, cols) for images."""
@@ -377,8 +406,9 @@ class ReducingViT:
         ``pool_weights`` is after pruning without merging)."""
         if size is _NOT_GIVEN:
             if _pool_by_size(self) and any(b.reducer is not None for b in self.blocks):
+                pooling = "map" if getattr(self, "attn_pool", None) is not None else repr(self.global_pool)
                 raise ValueError(
-                    f"this model pools by {'map' if self.attn_pool is not None else self.global_pool!r} and reduces "
+                    f"this model pools by {pooling} and reduces "
                     "tokens: the pooling needs the token sizes. Use model(x), or "
                     "state = model.forward_tokens(x); model.forward_head(state.x, size=state.pool_weights)"
                 )
@@ -390,7 +420,7 @@ class ReducingViT:
             return super().forward_head(x, pre_logits=pre_logits)  # type: ignore[misc]
         if not pool_includes_prefix(self):
             x, size = x[:, self.num_prefix_tokens :], size[:, self.num_prefix_tokens :]
-        if self.attn_pool is not None:
+        if getattr(self, "attn_pool", None) is not None:
             # Always weighted, like the average below (ToMe pools by size even without
             # proportional attention in the blocks). log(ε + w) is log(size) for merged tokens
             # and, for a training keep mask, masks dropped tokens with a finite gradient (KEEP_EPS).

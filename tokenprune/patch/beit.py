@@ -1,0 +1,71 @@
+"""Patch for timm's ``Beit`` (BEiT, BEiT v2): relative position bias, per block or shared.
+
+The bias is a table over pairs of input tokens, added to the attention logits; between merged
+tokens it is the mean over the pairs of input tokens they cover
+(:func:`tokenprune.merge.mean_over_source_pairs`), just as merging averages the tokens.
+
+Importing this module registers the classes in :mod:`tokenprune.patch.vit`'s registries
+(``tokenprune.api`` imports it, so ``tokenprune.patch(beit_model, ...)`` just works).
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.models.beit import Attention as BeitAttention
+from timm.models.beit import Beit
+from timm.models.beit import Block as BeitBlock
+from torch import Tensor
+
+from ..merge import TokenState, mean_over_source_pairs
+from . import vit
+from .eva import _eva_qkv
+from .vit import ReducingBlockMixin, ReducingViT
+
+
+class ReducingBeitBlock(ReducingBlockMixin, BeitBlock):
+    """timm BEiT ``Block`` (pre-norm, ``gamma_1``/``gamma_2`` LayerScale, relative position
+    bias) with token reduction."""
+
+    def _position_bias(self, state: TokenState, position: Tensor | None) -> Tensor | None:
+        # timm's sum (the block's own table, then the model's shared bias), then over merged pairs
+        bias = self.attn._get_rel_pos_bias() if self.attn.relative_position_bias_table is not None else None
+        if position is not None:
+            bias = position if bias is None else bias + position
+        return None if bias is None else mean_over_source_pairs(bias, state)
+
+    def position_flops(self, tokens: int, num_inputs: int, shared_bias: bool) -> int:
+        """Matmul FLOPs of the bias between ``tokens`` merged tokens (W·bias·Wᵀ over the
+        ``num_inputs`` input tokens); for :func:`tokenprune.flops`."""
+        if tokens == num_inputs or (self.attn.relative_position_bias_table is None and not shared_bias):
+            return 0
+        return 2 * self.attn.num_heads * tokens * num_inputs * (num_inputs + tokens)
+
+    def _attention_input(self, x: Tensor) -> Tensor:
+        return self.norm1(x)
+
+    def _add_attention(self, x: Tensor, attn_out: Tensor) -> Tensor:
+        return x + self.drop_path1(attn_out if self.gamma_1 is None else self.gamma_1 * attn_out)
+
+    def _add_mlp(self, x: Tensor) -> Tensor:
+        out = self.mlp(self.norm2(x))
+        return x + self.drop_path2(out if self.gamma_2 is None else self.gamma_2 * out)
+
+
+class ReducingBeit(ReducingViT, Beit):
+    """timm ``Beit`` with token reduction; its relative position bias follows the merged tokens."""
+
+    _positions_follow_sources = True
+
+    def _embed(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        x = self.patch_embed(x)
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        x = self.pos_drop(x)
+        return x, self.rel_pos_bias() if self.rel_pos_bias is not None else None
+
+
+vit.QKV_PROJECTIONS[BeitAttention] = _eva_qkv  # the same fused qkv with a q/v bias as EVA's
+vit.PATCHED_BLOCKS[BeitBlock] = ReducingBeitBlock
+vit.PATCHED_CLASSES[Beit] = ReducingBeit
+vit._ORIGINAL_CLASSES[ReducingBeit] = Beit
