@@ -7,7 +7,8 @@ GPUs are lent rarely and briefly, so the steps are fixed here rather than retype
 headline figures first: ViT-B/16 at batch 256, torch against Triton merging, the r values of
 ToMe's table (the kernels' targets); a profile of r=(16,-1) (is the GPU waiting on the host?);
 the merge step alone; the kernel tests on CUDA; the DINOv2 ViT-S/14 budget sweep; the video
-ViT-B sweep; torch.compile with CUDA graphs; RoPE models (timm Eva: DINOv3, EVA-02).
+ViT-B sweep; torch.compile with CUDA graphs; RoPE and relative-position models (DINOv3,
+EVA-02, BEiT v2).
 
 **Time.** ``--budget-s`` is what the steps may use together; give the device call's limit
 minus ~40 s (start-up and copying back). Each step may use what is left after reserving the
@@ -103,11 +104,12 @@ STEPS: tuple[Step, ...] = (
         90, 200,
     ),  # fmt: skip
     Step(
-        "RoPE models (timm Eva): DINOv3 ViT-B/16 and EVA-02 B/14, unpatched vs ToMe with torch and Triton merging",
+        "RoPE and relative-position models: DINOv3 ViT-B/16, EVA-02 B/14 and BEiT v2 B/16, unpatched vs ToMe "
+        "with torch and Triton merging",
         "evals.bench",
-        ("--model", "vit_base_patch16_dinov3", "--model", "eva02_base_patch14_224", "--r", "8", "--r", "16",
-         "--r", "16,-1", "--no-manual", "--out", f"{RESULTS}/bench_eva_cuda.json"),
-        40, 100,
+        ("--model", "vit_base_patch16_dinov3", "--model", "eva02_base_patch14_224", "--model", "beitv2_base_patch16_224",
+         "--r", "8", "--r", "16", "--r", "16,-1", "--no-manual", "--out", f"{RESULTS}/bench_eva_beit_cuda.json"),
+        40, 120,
     ),  # fmt: skip
 )
 
