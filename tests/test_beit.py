@@ -109,3 +109,17 @@ def test_other_methods_run_on_beit(method: str, options: dict) -> None:
         logits = model(image())
     assert torch.isfinite(logits).all() and logits.shape == (2, 10)
     assert state.num_tokens == tokenprune.plan(model, 224).output_tokens < 197
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_unreduced_is_bit_identical(dtype: torch.dtype) -> None:
+    """The relative position bias is not a keep mask: half-precision BEiT keeps timm's fused
+    attention (no float32 softmax detour) and so its exact output at r=0."""
+    model = make("beit_relpos").to(dtype)
+    x = image().to(dtype)
+    with torch.no_grad():
+        expected = model(x)
+        tokenprune.patch(model, r=0)
+        assert torch.equal(model(x), expected)
+        tokenprune.patch(model, r=8)
+        assert torch.isfinite(model(x)).all()
