@@ -123,3 +123,33 @@ def test_half_precision_unreduced_is_bit_identical(dtype: torch.dtype) -> None:
         assert torch.equal(model(x), expected)
         tokenprune.patch(model, r=8)
         assert torch.isfinite(model(x)).all()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_both_biases_unreduced_is_bit_identical(fused: bool) -> None:
+    """The block's table and the shared bias: timm's manual path adds them one after the other,
+    its fused call their sum; both are reproduced bit for bit at r=0."""
+    model = make("beit_relpos", use_shared_rel_pos_bias=True)
+    model.rel_pos_bias.relative_position_bias_table.data.normal_(0.0, 1.0)
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = fused
+    with torch.no_grad():
+        expected = model(image())
+        tokenprune.patch(model, r=0)
+        assert torch.equal(model(image()), expected)
+
+
+def test_fusing_a_single_token_changes_nothing() -> None:
+    """EViT leaving out exactly one token keeps it in place (fusing it alone would only move it),
+    so the FLOPs of the bias between tokens are counted exactly (none: nothing merged)."""
+    from tests.test_patch import counted_flops
+
+    model = make("beit_relpos").requires_grad_(False)
+    expected = model.forward_features(image())
+    tokenprune.patch(model, "evit", keep_ratio=195 / 196, stages=(1,))
+    assert tokenprune.plan(model, 224).tokens == (197, 197, 197)
+    with torch.no_grad():
+        state = model.forward_tokens(image())
+    assert state.size is None and torch.equal(state.x, expected)
+    assert tokenprune.flops(model, 224, batch_size=2).total == counted_flops(model, image())

@@ -198,6 +198,8 @@ def keep_top_tokens(
     """
     p = num_protected
     batch, num_tokens = state.x.shape[:2]
+    if fuse_weights is not None and num_keep >= num_tokens - p - 1:
+        return state  # at most one token left out: fusing it alone would only move it to the end
     top = scores.topk(num_keep, dim=1, sorted=False).indices.sort(dim=1).values + p
     prefix = torch.arange(p, device=top.device).expand(batch, -1)
     keep_index = torch.cat([prefix, top], dim=1)

@@ -26,12 +26,16 @@ class ReducingBeitBlock(ReducingBlockMixin, BeitBlock):
     """timm BEiT ``Block`` (pre-norm, ``gamma_1``/``gamma_2`` LayerScale, relative position
     bias) with token reduction."""
 
-    def _position_bias(self, state: TokenState, position: Tensor | None) -> Tensor | None:
-        # timm's sum (the block's own table, then the model's shared bias), then over merged pairs
-        bias = self.attn._get_rel_pos_bias() if self.attn.relative_position_bias_table is not None else None
+    def _position_bias(self, state: TokenState, position: Tensor | None) -> tuple[Tensor, ...]:
+        # timm's terms (the block's own table, then the model's shared bias); between merged
+        # tokens, their sum over merged pairs
+        terms = () if self.attn.relative_position_bias_table is None else (self.attn._get_rel_pos_bias(),)
         if position is not None:
-            bias = position if bias is None else bias + position
-        return None if bias is None else mean_over_source_pairs(bias, state)
+            terms = (*terms, position)
+        num_inputs = terms[0].shape[-1] if terms else 0
+        if not terms or (state.size is None and state.num_tokens == num_inputs):
+            return terms
+        return (mean_over_source_pairs(sum(terms[1:], terms[0]), state),)
 
     def position_flops(self, tokens: int, num_inputs: int, shared_bias: bool) -> int:
         """Matmul FLOPs of the bias between ``tokens`` merged tokens (W·bias·Wᵀ over the

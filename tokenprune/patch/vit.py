@@ -103,12 +103,13 @@ def attend(
     key_bias: Tensor | None = None,
     backend: str | None = None,
     rope: Tensor | None = None,
-    position_bias: Tensor | None = None,
+    position_bias: tuple[Tensor, ...] = (),
 ) -> tuple[Tensor, Tensor | None]:
     """timm's attention forward plus an additive bias, also returning a reduction metric.
 
     Three kinds of bias: ``bias``, an additive [B, 1|H, T, T] mask (DynamicViT's training keep
-    mask), ``position_bias``, the model's own [1|B, H, T, T] (BEiT's relative position bias),
+    mask), ``position_bias``, the model's own terms [1|B, H, T, T] (BEiT's relative position
+    biases: the block's table and the shared one, added in order on the manual path as timm does),
     and ``key_bias``, one [B, T] float32 value per key (proportional attention, ToMe
     Eq. 1: softmax(qkᵀ/√d + log s) with ``key_bias = log s``). With ``backend`` set (the
     tokens have been merged), fused attention runs :func:`kernels.attention`, which takes the
@@ -142,8 +143,11 @@ def attend(
     # softmax in float32 instead (as DynamicViT's own masked softmax does).
     float32_softmax = full_map or (bias is not None and q.dtype == torch.float16)
     fused = attn.fused_attn and not float32_softmax
-    if position_bias is not None:
-        bias = position_bias if bias is None else bias + position_bias
+    position_sum = None
+    for term in position_bias:
+        position_sum = term if position_sum is None else position_sum + term
+    if position_sum is not None:
+        bias = position_sum if bias is None else bias + position_sum
     use_kernel = fused and backend is not None and bias is None and attn_mask is None and not is_causal and dropout == 0.0
     if key_bias is not None and not (use_kernel and metric in (None, "keys")):
         key_mask = key_bias[:, None, None, :].to(x.dtype)  # the same bias as a mask, for the other paths
@@ -159,6 +163,9 @@ def attend(
         if is_causal:
             causal = weights.new_full((num_tokens, num_tokens), float("-inf")).triu_(1)
             weights = weights + causal
+        elif attn_mask is position_sum and len(position_bias) > 1:
+            for term in position_bias:  # timm's manual BEiT: one term after the other (same bits)
+                weights = weights + term
         elif attn_mask is not None:
             weights = weights.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else weights + attn_mask
         probs = weights.float().softmax(dim=-1) if float32_softmax else weights.softmax(dim=-1)
@@ -252,9 +259,9 @@ class ReducingBlockMixin:
         """The rotary embedding of the current tokens (None: the block has no RoPE)."""
         return None
 
-    def _position_bias(self, state: TokenState, position: Tensor | None) -> Tensor | None:
-        """An additive attention bias between the current tokens, [1|B, H, T, T] (None: none)."""
-        return None
+    def _position_bias(self, state: TokenState, position: Tensor | None) -> tuple[Tensor, ...]:
+        """Additive attention biases between the current tokens, [1|B, H, T, T] each (none: ())."""
+        return ()
 
     def _attention_input(self, x: Tensor) -> Tensor:
         raise NotImplementedError
