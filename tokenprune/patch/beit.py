@@ -58,7 +58,10 @@ class ReducingBeitBlock(ReducingBlockMixin, BeitBlock):
 class ReducingBeit(ReducingViT, Beit):
     """timm ``Beit`` with token reduction; its relative position bias follows the merged tokens."""
 
-    _positions_follow_sources = True
+    @property
+    def _positions_follow_sources(self) -> bool:  # type: ignore[override]
+        tables = any(block.attn.relative_position_bias_table is not None for block in self.blocks)
+        return tables or self.rel_pos_bias is not None
 
     def _embed(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         x = self.patch_embed(x)

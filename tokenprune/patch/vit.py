@@ -210,7 +210,8 @@ class ReducingBlockMixin:
     """A transformer block that runs ``self.reducer`` between attention and MLP (ToMe Fig. 1),
     placed in front of the block's own class. The residual steps are the block family's
     (:meth:`_attention_input`, :meth:`_add_attention`, :meth:`_add_mlp`), so everything the timm
-    block does is kept: LayerScale, drop-path, q/k-norm, fused attention, RoPE.
+    block does is kept: LayerScale, drop-path, q/k-norm, fused attention, RoPE, relative
+    position bias.
     ``reducer`` is ``None`` for blocks that do not reduce.
     """
 
@@ -286,7 +287,7 @@ class ReducingBlock(ReducingBlockMixin, Block):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
-# Original block class → its reducing subclass; families register theirs (patch/eva.py).
+# Original block class → its reducing subclass; families register theirs (patch/eva.py, patch/beit.py).
 PATCHED_BLOCKS: dict[type[nn.Module], type[nn.Module]] = {Block: ReducingBlock}
 
 
