@@ -40,6 +40,13 @@ FAMILIES = {
         "beitv2_base_patch16_224",
         {"depth": 3, "embed_dim": 192, "num_heads": 3, "use_rel_pos_bias": False, "use_shared_rel_pos_bias": True},
     ),
+    # timm VisionTransformerRelPos: relative bias from an MLP or a table, per block or shared.
+    "relpos_mlp_cls": ("vit_relpos_medium_patch16_cls_224", {"depth": 2}),
+    "relpos_table": ("vit_relpos_small_patch16_224", {"depth": 2, "rel_pos_type": "bias"}),
+    "relpos_shared_res_post": (
+        "vit_srelpos_small_patch16_224",
+        {"depth": 2, "block_fn": timm.models.vision_transformer_relpos.ResPostRelPosBlock},
+    ),
 }
 
 
@@ -294,7 +301,8 @@ def test_dynamic_image_size() -> None:
 @pytest.mark.parametrize(
     "family",
     ["vit_cls", "registers", "vit_map", "deit_distilled", "swiglu_aimv2", "eva02_rope", "pe_map_rope", "rope_gqa",
-     "hybrid_cnn_stem", "beit_relpos", "beit_shared_relpos"],
+     "rope_mixed", "dinov3_rope_registers", "eva_post_norm", "hybrid_cnn_stem", "beit_relpos", "beit_shared_relpos",
+     "relpos_mlp_cls", "relpos_table", "relpos_shared_res_post"],
 )  # fmt: skip
 @pytest.mark.parametrize("r", [0, 8, (8, -1)])
 def test_flops_agree_with_flop_counter(family: str, r) -> None:
@@ -345,8 +353,8 @@ def test_attention_mask_with_merging_is_refused() -> None:
 
 
 def test_unsupported_models_name_the_module() -> None:
-    with pytest.raises(TypeError, match="VisionTransformerRelPos"):
-        tokenprune.patch(timm.create_model("vit_relpos_small_patch16_224", depth=2), r=4)
+    with pytest.raises(TypeError, match="Cait"):  # class-attention blocks
+        tokenprune.patch(timm.create_model("cait_xxs24_224", depth=2), r=4)
     with pytest.raises(TypeError, match="SwinTransformer"):
         tokenprune.patch(timm.create_model("swin_tiny_patch4_window7_224"), r=4)
     custom = timm.create_model("vit_tiny_patch16_224", block_fn=timm.models.vision_transformer.ResPostBlock)

@@ -15,7 +15,10 @@ import torch
 from torch import Tensor
 
 
-def _match(metric: Tensor, r: int, class_token: bool, distill_token: bool):
+def _match(metric: Tensor, r: int, class_token: bool, distill_token: bool, sort_unmerged: bool | None = None):
+    """ToMe's matching; ``sort_unmerged`` (default: with a class token, as published) keeps the
+    unmerged A tokens in their original order. Published ToMe leaves them in score order without
+    a class token; tokenprune keeps the original order always."""
     protected = int(class_token) + int(distill_token)
     r = min(r, (metric.shape[1] - protected) // 2)
     metric = metric / metric.norm(dim=-1, keepdim=True)
@@ -29,7 +32,7 @@ def _match(metric: Tensor, r: int, class_token: bool, distill_token: bool):
     edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)[..., None]
     unm_idx, src_idx = edge_idx[:, r:], edge_idx[:, :r]
     dst_idx = node_idx[..., None].gather(1, src_idx)
-    if class_token:
+    if class_token if sort_unmerged is None else sort_unmerged:
         unm_idx = unm_idx.sort(dim=1).values
 
     def merge(x: Tensor, mode: str) -> Tensor:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .merge import source_matrix
 from .methods import METHODS, MethodConfig
-from .patch import beit, eva, video, vit  # noqa: F401 (importing beit and eva registers their families)
+from .patch import beit, eva, video, vit, vit_relpos  # noqa: F401 (importing a family's module registers it)
 
 
 def patch(model: nn.Module, method: str | MethodConfig | None = None, **options: Any) -> nn.Module:

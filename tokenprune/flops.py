@@ -48,9 +48,14 @@ def _block_flops(block: nn.Module, tokens: int, removed: int, num_inputs: int, s
     kept = tokens - removed
     # Merging runs between attention and MLP; pruning predictors run before attention.
     attended = kept if reducer is not None and reducer.before_attention else tokens
-    position_flops = getattr(block, "position_flops", None)  # BEiT: its bias between merged tokens
-    # Every linear layer of the attention: qkv (or q/k/v), proj, and the gate if it has one.
-    flops = sum(_linear(attended, layer) for layer in attn.modules() if isinstance(layer, nn.Linear))
+    position_flops = getattr(block, "position_flops", None)  # BEiT, relpos: the bias between merged tokens
+    # Every linear layer of the attention on the tokens: qkv (or q/k/v), proj, and the gate if
+    # it has one (not those of a relative-bias MLP, which runs on coordinates: _bias_mlp_flops).
+    flops = sum(
+        _linear(attended, layer)
+        for name, layer in attn.named_modules()
+        if isinstance(layer, nn.Linear) and not name.startswith("rel_pos.")
+    )
     flops += 4 * attended * attended * attn.num_heads * head_dim(attn)  # q·kᵀ and attn·v
     # Every linear layer of the MLP: fc1/fc2, or SwiGLU's fc1_g/fc1_x/fc2.
     flops += sum(_linear(kept, layer) for layer in block.mlp.modules() if isinstance(layer, nn.Linear))
@@ -59,6 +64,16 @@ def _block_flops(block: nn.Module, tokens: int, removed: int, num_inputs: int, s
     if position_flops is not None:
         flops += position_flops(attended, num_inputs, shared_bias)
     return flops
+
+
+def _bias_mlp_flops(rel_pos: nn.Module | None) -> int:
+    """timm's ``RelPosMlp`` computes its relative position bias with an MLP over the relative
+    coordinates, once per forward whatever the batch or token count."""
+    mlp = getattr(rel_pos, "mlp", None)
+    if mlp is None:
+        return 0
+    rows = rel_pos.rel_coords_log.shape[:-1].numel()
+    return sum(_linear(rows, layer) for layer in mlp.modules() if isinstance(layer, nn.Linear))
 
 
 def _head_flops(model: nn.Module, tokens: int) -> int:
@@ -83,13 +98,15 @@ def flops(model: nn.Module, input_size: int | tuple[int, ...], batch_size: int =
     """FLOPs of ``model`` (patched or not) on ``batch_size`` images (or clips) of ``input_size``."""
     reduction = plan(model, input_size)
     protected = model.num_prefix_tokens
-    shared_bias = getattr(model, "rel_pos_bias", None) is not None  # BEiT's bias shared by all blocks
+    shared_bias = getattr(model, "_shared_position_bias", False)  # a relative bias all blocks share
     per_block = tuple(
         batch_size * _block_flops(block, tokens, removed, reduction.tokens[0], shared_bias)
+        + _bias_mlp_flops(getattr(block.attn, "rel_pos", None))
         for block, tokens, removed in zip(model.blocks, reduction.tokens, reduction.removed)
     )
     patches = input_tokens(model, input_size) - protected
     fixed = batch_size * (_embed_flops(model, input_size, patches) + _head_flops(model, reduction.output_tokens))
+    fixed += _bias_mlp_flops(getattr(model, "shared_rel_pos", None))
     return FlopReport(per_block, fixed)
 
 

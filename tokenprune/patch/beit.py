@@ -63,6 +63,10 @@ class ReducingBeit(ReducingViT, Beit):
         tables = any(block.attn.relative_position_bias_table is not None for block in self.blocks)
         return tables or self.rel_pos_bias is not None
 
+    @property
+    def _shared_position_bias(self) -> bool:
+        return self.rel_pos_bias is not None
+
     def _embed(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         x = self.patch_embed(x)
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)

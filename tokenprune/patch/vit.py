@@ -61,7 +61,7 @@ SUPPORTED_FAMILIES = (
     "ViT (class token, avg or map pooling), DeiT (incl. distilled), DeiT3, DINOv2, "
     "register-token (*_reg*) and qk-norm variants; timm Eva with EvaBlock / EvaBlockPostNorm and "
     "EvaAttention / AttentionRope: EVA, EVA-02, DINOv3, Perception Encoder, RoPE-ViT (RoPE, GQA); "
-    "timm Beit: BEiT, BEiT v2 (relative position bias); "
+    "timm Beit: BEiT, BEiT v2 (relative position bias); timm VisionTransformerRelPos (vit_relpos_*); "
     "tokenprune.models.VideoVisionTransformer (VideoMAE video ViT)"
 )
 
@@ -287,7 +287,7 @@ class ReducingBlock(ReducingBlockMixin, Block):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
-# Original block class → its reducing subclass; families register theirs (patch/eva.py, patch/beit.py).
+# Original block class → its reducing subclass; families register theirs (patch/eva.py, beit.py, ...).
 PATCHED_BLOCKS: dict[type[nn.Module], type[nn.Module]] = {Block: ReducingBlock}
 
 
