@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from timm.models.vision_transformer_relpos import ResPostRelPosBlock
 
 import tokenprune
 from tests.test_patch import image, make
@@ -27,7 +28,7 @@ def relpos_tome_reference(model, x: torch.Tensor, r_per_block: list[int]) -> tup
     batch, num_tokens, _ = x.shape
     size = torch.ones(batch, num_tokens, 1)
     member = torch.eye(num_tokens).expand(batch, -1, -1)
-    post_norm = isinstance(model.blocks[0], timm_relpos().ResPostRelPosBlock)
+    post_norm = isinstance(model.blocks[0], ResPostRelPosBlock)
     for block, r in zip(model.blocks, r_per_block):
         attn = block.attn
         w = (member / member.sum(-1, keepdim=True)).unsqueeze(1)
@@ -51,12 +52,6 @@ def relpos_tome_reference(model, x: torch.Tensor, r_per_block: list[int]) -> tup
             x = x / size
         x = x + (block.norm2(block.mlp(x)) if post_norm else block.ls2(block.mlp(block.norm2(x))))
     return model.norm(x), size
-
-
-def timm_relpos():
-    import timm.models.vision_transformer_relpos as module
-
-    return module
 
 
 @pytest.mark.parametrize("family", ["relpos_mlp_cls", "relpos_table", "relpos_shared_res_post"])

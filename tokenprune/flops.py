@@ -23,8 +23,9 @@ from .patch.vit import head_dim, pool_includes_prefix
 @dataclass(frozen=True)
 class FlopReport:
     """FLOPs of one forward pass: ``per_block`` (attention, MLP and the matching step of each
-    block, and BEiT's relative position bias between merged tokens) plus ``embed_and_head``
-    (patch embedding or convolutional stem, pooling and classifier)."""
+    block, a relative position bias between merged tokens and a relative-bias MLP) plus
+    ``embed_and_head`` (patch embedding or convolutional stem, pooling and classifier, and a
+    relative-bias MLP shared by all blocks)."""
 
     per_block: tuple[int, ...]
     embed_and_head: int
@@ -48,7 +49,6 @@ def _block_flops(block: nn.Module, tokens: int, removed: int, num_inputs: int, s
     kept = tokens - removed
     # Merging runs between attention and MLP; pruning predictors run before attention.
     attended = kept if reducer is not None and reducer.before_attention else tokens
-    position_flops = getattr(block, "position_flops", None)  # BEiT, relpos: the bias between merged tokens
     # Every linear layer of the attention on the tokens: qkv (or q/k/v), proj, and the gate if
     # it has one (not those of a relative-bias MLP, which runs on coordinates: _bias_mlp_flops).
     flops = sum(
@@ -61,6 +61,7 @@ def _block_flops(block: nn.Module, tokens: int, removed: int, num_inputs: int, s
     flops += sum(_linear(kept, layer) for layer in block.mlp.modules() if isinstance(layer, nn.Linear))
     if reducer is not None:
         flops += reducer.matching_flops(tokens, removed, attn)
+    position_flops = getattr(block, "position_flops", None)  # BEiT, relpos: the bias between merged tokens
     if position_flops is not None:
         flops += position_flops(attended, num_inputs, shared_bias)
     return flops
