@@ -34,6 +34,7 @@ FAMILIES = {
     "eva_post_norm": ("eva02_enormous_patch14_clip_224", {"depth": 2, "embed_dim": 128, "num_heads": 2}),
     "rope_gqa": ("vit_small_patch16_rope_224", {"depth": 4, "num_kv_heads": 2, "qkv_fused": False}),
     "hybrid_cnn_stem": ("vit_tiny_r_s16_p8_224", {"depth": 4}),  # ResNet stem, then a ViT
+    "res_post_norm": ("vit_base_patch16_rpn_224", {"depth": 2, "embed_dim": 192, "num_heads": 3}),
     # timm Beit: relative position bias, per block or shared; gamma LayerScale.
     "beit_relpos": ("beit_base_patch16_224", {"depth": 3, "embed_dim": 192, "num_heads": 3}),
     "beit_shared_relpos": (
@@ -302,7 +303,7 @@ def test_dynamic_image_size() -> None:
     "family",
     ["vit_cls", "registers", "vit_map", "deit_distilled", "swiglu_aimv2", "eva02_rope", "pe_map_rope", "rope_gqa",
      "rope_mixed", "dinov3_rope_registers", "eva_post_norm", "hybrid_cnn_stem", "beit_relpos", "beit_shared_relpos",
-     "relpos_mlp_cls", "relpos_table", "relpos_shared_res_post"],
+     "relpos_mlp_cls", "relpos_table", "relpos_shared_res_post", "res_post_norm"],
 )  # fmt: skip
 @pytest.mark.parametrize("r", [0, 8, (8, -1)])
 def test_flops_agree_with_flop_counter(family: str, r) -> None:
@@ -357,8 +358,8 @@ def test_unsupported_models_name_the_module() -> None:
         tokenprune.patch(timm.create_model("cait_xxs24_224", depth=2), r=4)
     with pytest.raises(TypeError, match="SwinTransformer"):
         tokenprune.patch(timm.create_model("swin_tiny_patch4_window7_224"), r=4)
-    custom = timm.create_model("vit_tiny_patch16_224", block_fn=timm.models.vision_transformer.ResPostBlock)
-    with pytest.raises(TypeError, match=r"blocks\[0\] of type ResPostBlock"):
+    custom = timm.create_model("vit_tiny_patch16_224", block_fn=timm.models.vision_transformer.ParallelScalingBlock)
+    with pytest.raises(TypeError, match=r"blocks\[0\] of type ParallelScalingBlock"):
         tokenprune.patch(custom, r=4)
     with pytest.raises(ValueError, match="no transformer blocks"):
         tokenprune.patch(timm.create_model("vit_tiny_patch16_224", depth=0), r=4)

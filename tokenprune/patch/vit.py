@@ -3,7 +3,7 @@ and MLP for merging, before attention for learned pruning), and a model class wh
 threads a :class:`TokenState` through the blocks. The attention step, the block and the model
 forward are shared with the other families, which register their classes here
 (:data:`QKV_PROJECTIONS`, :data:`PATCHED_BLOCKS`, :data:`PATCHED_CLASSES`; ``patch/eva.py``,
-``patch/video.py``).
+``patch/beit.py``, ``patch/vit_relpos.py``, ``patch/video.py``).
 
 Nothing here keeps per-forward state on modules: every block owns a fixed ``reducer`` (its r is
 a plain int) and the sizes travel with the tokens, so patched models compile with
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Attention, apply_rot_embed_cat
 from timm.models.deit import VisionTransformerDistilled
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -57,7 +57,7 @@ class TokenReducer(Protocol):
 
 
 SUPPORTED_FAMILIES = (
-    "timm VisionTransformer / VisionTransformerDistilled with standard Block + Attention: "
+    "timm VisionTransformer / VisionTransformerDistilled with Block or ResPostBlock + Attention: "
     "ViT (class token, avg or map pooling), DeiT (incl. distilled), DeiT3, DINOv2, "
     "register-token (*_reg*) and qk-norm variants; timm Eva with EvaBlock / EvaBlockPostNorm and "
     "EvaAttention / AttentionRope: EVA, EVA-02, DINOv3, Perception Encoder, RoPE-ViT (RoPE, GQA); "
@@ -76,7 +76,7 @@ def _timm_qkv(attn: Attention, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 # Attention class → how it projects tokens to q, k, v ([B, heads, T, head_dim] each, before q/k
 # norm and RoPE); everything after that is shared by :func:`attend`. A registry, so that a
-# family's module adds its attention classes (``patch/eva.py``) and anything else is refused.
+# family's module adds its attention classes (``patch/eva.py``, ...) and anything else is refused.
 QKV_PROJECTIONS: dict[type[nn.Module], QKVProjection] = {Attention: _timm_qkv}
 
 
@@ -224,8 +224,8 @@ class ReducingBlockMixin:
         self, state: TokenState, attn_mask: Tensor | None = None, is_causal: bool = False, position: Tensor | None = None
     ) -> TokenState:
         """One block on the current tokens. ``position`` is what the model hands every block
-        about the *input* tokens' positions (Eva: the rotary embedding of the patches; BEiT: the
-        shared relative position bias; None for absolute position embeddings, which travel
+        about the *input* tokens' positions (Eva: the rotary embedding of the patches; BEiT and
+        vit_relpos: a shared relative position bias; None for absolute position embeddings, which travel
         inside the tokens); the block gives it to the current tokens after any pre-attention
         reduction (:meth:`_rope`, :meth:`_position_bias`)."""
         reducer = self.reducer
@@ -287,8 +287,21 @@ class ReducingBlock(ReducingBlockMixin, Block):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
+class ReducingResPostBlock(ReducingBlockMixin, ResPostBlock):
+    """timm ``ResPostBlock`` (norm after attention and MLP, ``vit_*_rpn``) with token reduction."""
+
+    def _attention_input(self, x: Tensor) -> Tensor:
+        return x
+
+    def _add_attention(self, x: Tensor, attn_out: Tensor) -> Tensor:
+        return x + self.drop_path1(self.norm1(attn_out))
+
+    def _add_mlp(self, x: Tensor) -> Tensor:
+        return x + self.drop_path2(self.norm2(self.mlp(x)))
+
+
 # Original block class → its reducing subclass; families register theirs (patch/eva.py, beit.py, ...).
-PATCHED_BLOCKS: dict[type[nn.Module], type[nn.Module]] = {Block: ReducingBlock}
+PATCHED_BLOCKS: dict[type[nn.Module], type[nn.Module]] = {Block: ReducingBlock, ResPostBlock: ReducingResPostBlock}
 
 
 # forward_head's default ``size``: distinguishes "not passed" from an explicit None.
@@ -525,6 +538,11 @@ def original_class(model: nn.Module) -> type:
     return _ORIGINAL_CLASSES.get(type(model), type(model))
 
 
+def _class_names(classes: Any) -> str:
+    # module-qualified: timm's ViT and BEiT both have a ``Block`` and an ``Attention``
+    return ", ".join(sorted(f"{c.__module__.rsplit('.', 1)[-1]}.{c.__name__}" for c in classes))
+
+
 def _original_block_class(block: nn.Module) -> type:
     return next((original for original, patched in PATCHED_BLOCKS.items() if type(block) is patched), type(block))
 
@@ -540,12 +558,12 @@ def check_supported(model: nn.Module) -> None:
         if _original_block_class(block) not in PATCHED_BLOCKS:
             raise TypeError(
                 f"tokenprune cannot patch blocks[{i}] of type {type(block).__name__} "
-                f"(blocks it can: {', '.join(sorted(c.__name__ for c in PATCHED_BLOCKS))}); supported: {SUPPORTED_FAMILIES}"
+                f"(blocks it can: {_class_names(PATCHED_BLOCKS)}); supported: {SUPPORTED_FAMILIES}"
             )
         if type(block.attn) not in QKV_PROJECTIONS:
             raise TypeError(
                 f"tokenprune cannot patch blocks[{i}].attn of type {type(block.attn).__name__} "
-                f"(attentions it can: {', '.join(sorted(c.__name__ for c in QKV_PROJECTIONS))}); "
+                f"(attentions it can: {_class_names(QKV_PROJECTIONS)}); "
                 f"supported: {SUPPORTED_FAMILIES}"
             )
     if len(model.blocks) == 0:
