@@ -164,6 +164,14 @@ def mean_over_source_pairs(bias: Tensor, state: TokenState) -> Tensor:
     return w @ bias @ w.transpose(-1, -2)
 
 
+def source_pairs_flops(num_heads: int, num_tokens: int, num_inputs: int) -> int:
+    """Matmul FLOPs of :func:`mean_over_source_pairs` for ``num_tokens`` merged tokens of
+    ``num_inputs`` input tokens (W·bias·Wᵀ over ``num_heads`` heads; 0 while nothing merged)."""
+    if num_tokens == num_inputs:
+        return 0
+    return 2 * num_heads * num_tokens * num_inputs * (num_inputs + num_tokens)
+
+
 def drop_tokens(state: TokenState, keep_index: Tensor) -> TokenState:
     """Keep only the tokens at ``keep_index`` ([B, K] int64, ascending), in that order: the
     inference path of pruning methods. Sizes, positions and sources follow; the sources of

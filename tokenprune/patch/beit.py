@@ -16,13 +16,13 @@ from timm.models.beit import Beit
 from timm.models.beit import Block as BeitBlock
 from torch import Tensor
 
-from ..merge import TokenState, mean_over_source_pairs
+from ..merge import TokenState, mean_over_source_pairs, source_pairs_flops
 from . import vit
-from .eva import _eva_qkv
+from .eva import GammaPreNormSteps, _eva_qkv
 from .vit import ReducingBlockMixin, ReducingViT
 
 
-class ReducingBeitBlock(ReducingBlockMixin, BeitBlock):
+class ReducingBeitBlock(GammaPreNormSteps, ReducingBlockMixin, BeitBlock):
     """timm BEiT ``Block`` (pre-norm, ``gamma_1``/``gamma_2`` LayerScale, relative position
     bias) with token reduction."""
 
@@ -38,21 +38,10 @@ class ReducingBeitBlock(ReducingBlockMixin, BeitBlock):
         return (mean_over_source_pairs(sum(terms[1:], terms[0]), state),)
 
     def position_flops(self, tokens: int, num_inputs: int, shared_bias: bool) -> int:
-        """Matmul FLOPs of the bias between ``tokens`` merged tokens (W·bias·Wᵀ over the
-        ``num_inputs`` input tokens); for :func:`tokenprune.flops`."""
-        if tokens == num_inputs or (self.attn.relative_position_bias_table is None and not shared_bias):
+        """FLOPs of the bias between ``tokens`` merged tokens; for :func:`tokenprune.flops`."""
+        if self.attn.relative_position_bias_table is None and not shared_bias:
             return 0
-        return 2 * self.attn.num_heads * tokens * num_inputs * (num_inputs + tokens)
-
-    def _attention_input(self, x: Tensor) -> Tensor:
-        return self.norm1(x)
-
-    def _add_attention(self, x: Tensor, attn_out: Tensor) -> Tensor:
-        return x + self.drop_path1(attn_out if self.gamma_1 is None else self.gamma_1 * attn_out)
-
-    def _add_mlp(self, x: Tensor) -> Tensor:
-        out = self.mlp(self.norm2(x))
-        return x + self.drop_path2(out if self.gamma_2 is None else self.gamma_2 * out)
+        return source_pairs_flops(self.attn.num_heads, tokens, num_inputs)
 
 
 class ReducingBeit(ReducingViT, Beit):

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..merge import TokenState, mean_over_sources
 from . import vit
-from .vit import ReducingBlockMixin, ReducingViT
+from .vit import PostNormSteps, ReducingBlockMixin, ReducingViT
 
 
 def _eva_qkv(attn: EvaAttention, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -64,8 +64,9 @@ class _EvaRope:
         return mean_over_sources(position, state, self.attn.num_prefix_tokens, self.backend)
 
 
-class ReducingEvaBlock(_EvaRope, ReducingBlockMixin, EvaBlock):
-    """timm ``EvaBlock`` (pre-norm, optional ``gamma_1``/``gamma_2`` LayerScale) with token reduction."""
+class GammaPreNormSteps:
+    """Residual steps of a pre-norm block with optional ``gamma_1``/``gamma_2`` LayerScale
+    parameters: Eva's and BEiT's blocks."""
 
     def _attention_input(self, x: Tensor) -> Tensor:
         return self.norm1(x)
@@ -78,17 +79,12 @@ class ReducingEvaBlock(_EvaRope, ReducingBlockMixin, EvaBlock):
         return x + self.drop_path2(out if self.gamma_2 is None else self.gamma_2 * out)
 
 
-class ReducingEvaBlockPostNorm(_EvaRope, ReducingBlockMixin, EvaBlockPostNorm):
+class ReducingEvaBlock(_EvaRope, GammaPreNormSteps, ReducingBlockMixin, EvaBlock):
+    """timm ``EvaBlock`` (pre-norm, optional ``gamma_1``/``gamma_2`` LayerScale) with token reduction."""
+
+
+class ReducingEvaBlockPostNorm(_EvaRope, PostNormSteps, ReducingBlockMixin, EvaBlockPostNorm):
     """timm ``EvaBlockPostNorm`` (norm after attention and MLP, EVA-02 enormous) with token reduction."""
-
-    def _attention_input(self, x: Tensor) -> Tensor:
-        return x
-
-    def _add_attention(self, x: Tensor, attn_out: Tensor) -> Tensor:
-        return x + self.drop_path1(self.norm1(attn_out))
-
-    def _add_mlp(self, x: Tensor) -> Tensor:
-        return x + self.drop_path2(self.norm2(self.mlp(x)))
 
 
 class ReducingEva(ReducingViT, Eva):

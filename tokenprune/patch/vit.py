@@ -264,6 +264,7 @@ class ReducingBlockMixin:
         """Additive attention biases between the current tokens, [1|B, H, T, T] each (none: ())."""
         return ()
 
+    # The residual steps come from a steps class placed before this one (PreNormSteps, ...).
     def _attention_input(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -274,8 +275,9 @@ class ReducingBlockMixin:
         raise NotImplementedError
 
 
-class ReducingBlock(ReducingBlockMixin, Block):
-    """timm ``Block`` (pre-norm, LayerScale ``ls1``/``ls2``) with token reduction."""
+class PreNormSteps:
+    """Residual steps of a pre-norm block with timm LayerScale (``ls1``/``ls2``): timm's
+    ``Block`` and ``RelPosBlock``."""
 
     def _attention_input(self, x: Tensor) -> Tensor:
         return self.norm1(x)
@@ -287,8 +289,9 @@ class ReducingBlock(ReducingBlockMixin, Block):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
-class ReducingResPostBlock(ReducingBlockMixin, ResPostBlock):
-    """timm ``ResPostBlock`` (norm after attention and MLP, ``vit_*_rpn``) with token reduction."""
+class PostNormSteps:
+    """Residual steps of a post-norm block (norm after attention and after the MLP): timm's
+    ``ResPostBlock``, ``ResPostRelPosBlock`` and ``EvaBlockPostNorm``."""
 
     def _attention_input(self, x: Tensor) -> Tensor:
         return x
@@ -298,6 +301,14 @@ class ReducingResPostBlock(ReducingBlockMixin, ResPostBlock):
 
     def _add_mlp(self, x: Tensor) -> Tensor:
         return x + self.drop_path2(self.norm2(self.mlp(x)))
+
+
+class ReducingBlock(PreNormSteps, ReducingBlockMixin, Block):
+    """timm ``Block`` (pre-norm, LayerScale ``ls1``/``ls2``) with token reduction."""
+
+
+class ReducingResPostBlock(PostNormSteps, ReducingBlockMixin, ResPostBlock):
+    """timm ``ResPostBlock`` (norm after attention and MLP, ``vit_*_rpn``) with token reduction."""
 
 
 # Original block class → its reducing subclass; families register theirs (patch/eva.py, beit.py, ...).

@@ -17,9 +17,9 @@ from timm.models.vision_transformer_relpos import (
 )
 from torch import Tensor
 
-from ..merge import TokenState, mean_over_source_pairs
+from ..merge import TokenState, mean_over_source_pairs, source_pairs_flops
 from . import vit
-from .vit import ReducingBlockMixin, ReducingViT, _timm_qkv
+from .vit import PostNormSteps, PreNormSteps, ReducingBlockMixin, ReducingViT, _timm_qkv
 
 
 class _RelPosBias:
@@ -28,44 +28,21 @@ class _RelPosBias:
 
     def _position_bias(self, state: TokenState, position: Tensor | None) -> tuple[Tensor, ...]:
         bias = self.attn.rel_pos.get_bias() if self.attn.rel_pos is not None else position
-        if bias is None:
-            return ()
-        if state.size is None and state.num_tokens == bias.shape[-1]:
-            return (bias,)
-        return (mean_over_source_pairs(bias, state),)
+        return () if bias is None else (mean_over_source_pairs(bias, state),)
 
     def position_flops(self, tokens: int, num_inputs: int, shared_bias: bool) -> int:
-        """Matmul FLOPs of the bias between ``tokens`` merged tokens (W·bias·Wᵀ); for
-        :func:`tokenprune.flops`."""
-        if tokens == num_inputs or (self.attn.rel_pos is None and not shared_bias):
+        """FLOPs of the bias between ``tokens`` merged tokens; for :func:`tokenprune.flops`."""
+        if self.attn.rel_pos is None and not shared_bias:
             return 0
-        return 2 * self.attn.num_heads * tokens * num_inputs * (num_inputs + tokens)
+        return source_pairs_flops(self.attn.num_heads, tokens, num_inputs)
 
 
-class ReducingRelPosBlock(_RelPosBias, ReducingBlockMixin, RelPosBlock):
+class ReducingRelPosBlock(_RelPosBias, PreNormSteps, ReducingBlockMixin, RelPosBlock):
     """timm ``RelPosBlock`` (pre-norm, LayerScale ``ls1``/``ls2``) with token reduction."""
 
-    def _attention_input(self, x: Tensor) -> Tensor:
-        return self.norm1(x)
 
-    def _add_attention(self, x: Tensor, attn_out: Tensor) -> Tensor:
-        return x + self.drop_path1(self.ls1(attn_out))
-
-    def _add_mlp(self, x: Tensor) -> Tensor:
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-
-
-class ReducingResPostRelPosBlock(_RelPosBias, ReducingBlockMixin, ResPostRelPosBlock):
+class ReducingResPostRelPosBlock(_RelPosBias, PostNormSteps, ReducingBlockMixin, ResPostRelPosBlock):
     """timm ``ResPostRelPosBlock`` (norm after attention and MLP) with token reduction."""
-
-    def _attention_input(self, x: Tensor) -> Tensor:
-        return x
-
-    def _add_attention(self, x: Tensor, attn_out: Tensor) -> Tensor:
-        return x + self.drop_path1(self.norm1(attn_out))
-
-    def _add_mlp(self, x: Tensor) -> Tensor:
-        return x + self.drop_path2(self.norm2(self.mlp(x)))
 
 
 class ReducingVisionTransformerRelPos(ReducingViT, VisionTransformerRelPos):
