@@ -160,6 +160,7 @@ KEEP_RATIO_KNOB = Knob("keep_ratio", _keep_ratio_settings)
 # One entry per registered method (tokenprune.METHODS); a test keeps the two in step.
 KNOBS: dict[str, Knob] = {
     "tome": R_KNOB,
+    "pitome": R_KNOB,
     "local_global": Knob("r", _r_settings, _local_global_ladder),  # r, and where stage 1 goes
     "temporal": Knob("r", _r_settings, _temporal_ladder),  # front-loaded, like background merging
     # Background merging's defining step is the early one; its later ToMe r stays as given (48).

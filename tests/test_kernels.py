@@ -576,8 +576,11 @@ def test_merge_dispatch_and_validation() -> None:
 # ------------------------------------------------------------------------------ whole model
 
 
-@pytest.mark.parametrize("family", ["registers", "deit_distilled", "dinov3_rope_registers"])
-def test_patched_model_same_on_both_backends(family: str) -> None:
+@pytest.mark.parametrize(
+    "family,method",
+    [("registers", "tome"), ("deit_distilled", "tome"), ("dinov3_rope_registers", "tome"), ("registers", "pitome")],
+)
+def test_patched_model_same_on_both_backends(family: str, method: str) -> None:
     from tests.test_patch import image, make
 
     import tokenprune
@@ -585,7 +588,7 @@ def test_patched_model_same_on_both_backends(family: str) -> None:
     model = make(family, depth=2).to(DEVICE)
     x = image().to(DEVICE)
     with torch.no_grad():
-        tokenprune.patch(model, r=16, backend="torch", trace_source=True)
+        tokenprune.patch(model, method, r=16, backend="torch", trace_source=True)
         expected, expected_source = model(x), tokenprune.source(model)
         tokenprune.patch(model, backend="triton")
         torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)

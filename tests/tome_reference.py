@@ -58,17 +58,19 @@ def _attention(attn, x: Tensor, size: Tensor | None) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def tome_reference_forward(model, x: Tensor, r_per_block: list[int], prop_attn: bool = True) -> Tensor:
-    """Logits of an unpatched timm ViT run as published ToMe would run it."""
+def tome_reference_forward(model, x: Tensor, r_per_block: list[int], prop_attn: bool = True, match=None) -> Tensor:
+    """Logits of an unpatched timm ViT run as published ToMe would run it. ``match(metric, r,
+    block_index)`` replaces ToMe's matching with another that returns a ``merge(x, mode)`` over
+    the whole sequence (PiToMe's released code runs this same block)."""
     class_token = model.cls_token is not None
     distill_token = getattr(model, "dist_token", None) is not None
     x = model.norm_pre(model._pos_embed(model.patch_embed(x)))
     size = None
-    for block, r in zip(model.blocks, r_per_block):
+    for index, (block, r) in enumerate(zip(model.blocks, r_per_block)):
         attn_out, metric = _attention(block.attn, block.norm1(x), size if prop_attn else None)
         x = x + attn_out
         if r > 0:
-            merge = _match(metric, r, class_token, distill_token)
+            merge = _match(metric, r, class_token, distill_token) if match is None else match(metric, r, index)
             size = torch.ones_like(x[..., :1]) if size is None else size
             x = merge(x * size, "sum")
             size = merge(size, "sum")

@@ -13,6 +13,7 @@ from .methods import (
     BackgroundMergeConfig,
     DynamicViTConfig,
     LocalGlobalConfig,
+    PiToMeConfig,
     TemporalMergeConfig,
     ToMeConfig,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "DynamicViTConfig",
     "FlopReport",
     "LocalGlobalConfig",
+    "PiToMeConfig",
     "ReductionPlan",
     "TemporalMergeConfig",
     "ToMeConfig",

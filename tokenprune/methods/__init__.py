@@ -10,6 +10,7 @@ from ..patch.vit import TokenReducer
 from .dynamicvit import DynamicViTConfig, DynamicViTLoss, TokenPredictor
 from .evit import AttentionDrop, AttentionDropConfig
 from .local_global import LocalGlobalConfig, PositionalBipartiteMerge, WindowMerge
+from .pitome import EnergyMerge, PiToMeConfig
 from .temporal import BackgroundMerge, BackgroundMergeConfig, TemporalMerge, TemporalMergeConfig
 from .tome import BipartiteMerge, ToMeConfig
 
@@ -29,6 +30,7 @@ class MethodConfig(Protocol):
 
 METHODS: dict[str, type] = {
     "tome": ToMeConfig,
+    "pitome": PiToMeConfig,
     "local_global": LocalGlobalConfig,
     "dynamicvit": DynamicViTConfig,
     "evit": AttentionDropConfig,
@@ -44,10 +46,12 @@ __all__ = [
     "BackgroundMergeConfig",
     "DynamicViTConfig",
     "DynamicViTLoss",
+    "EnergyMerge",
     "TokenPredictor",
     "BipartiteMerge",
     "LocalGlobalConfig",
     "MethodConfig",
+    "PiToMeConfig",
     "PositionalBipartiteMerge",
     "TemporalMerge",
     "TemporalMergeConfig",

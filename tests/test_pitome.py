@@ -1,0 +1,143 @@
+"""PiToMe (method="pitome"): energy-protected merging against an independent reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import tokenprune
+from tests.pitome_reference import pitome_match
+from tests.test_patch import counted_flops, image, make
+from tests.tome_reference import tome_reference_forward
+from tokenprune.merge import bipartite_soft_matching
+from tokenprune.methods.pitome import default_margins, energy_matching, energy_scores
+from tokenprune.schedule import resolve_r
+
+
+@pytest.mark.parametrize(
+    "family,extra", [("vit_cls", {}), ("deit_distilled", {}), ("vit_cls", {"reg_tokens": 4})]
+)  # fmt: skip
+@pytest.mark.parametrize(
+    "options", [{"r": 8}, {"r": (16, -1)}, {"r": 13, "prop_attn": False}, {"r": 16, "margin": 0.3, "alpha": 0.5}]
+)  # fmt: skip
+def test_matches_the_reference(family: str, extra: dict, options: dict) -> None:
+    """Logits equal the reference's, whose token order differs (protected tokens in energy
+    order, then the B tokens): the merging is the same, the order does not matter. (The
+    reference raises NearTie on inputs where float rounding could decide a merge.)"""
+    model = make(family, **extra)
+    depth = len(model.blocks)
+    config = tokenprune.PiToMeConfig(**options)
+    margins = config.margins(depth)
+
+    def match(metric, r, block):
+        return pitome_match(metric, r, model.num_prefix_tokens, margins[block], config.alpha)
+
+    expected = tome_reference_forward(model, image(), list(resolve_r(config.r, depth)), config.prop_attn, match)
+    tokenprune.patch(model, config)
+    with torch.no_grad():
+        logits = model(image())
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+    assert not torch.allclose(logits, make(family, **extra)(image()), atol=1e-3)
+
+
+def test_energy_by_its_definition() -> None:
+    unit = torch.nn.functional.normalize(torch.randn(2, 7, 5, dtype=torch.float64), dim=-1)
+    margin, alpha = 0.3, 0.7
+    energy, similarity = energy_scores(unit, margin, alpha)
+    for b in range(2):
+        for i in range(7):
+            terms = []
+            for j in range(7):
+                cos = float(unit[b, i] @ unit[b, j])
+                terms.append(cos - margin if cos >= margin else alpha * (math.exp(cos - margin) - 1))
+                assert similarity[b, i, j].item() == pytest.approx(cos)
+            assert energy[b, i].item() == pytest.approx(sum(terms) / 7)
+
+
+def test_isolated_tokens_are_protected() -> None:
+    """Sixteen near-copies of one direction (background) and four distinct directions, on
+    ToMe's A side: every PiToMe merge happens inside the background and the four keep their
+    own slots, where ToMe at r=8 must merge some of them (8 of its 10 A tokens go)."""
+    generator = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(16, 16, generator=generator))[0]
+    metric = basis[0] + 0.05 * torch.randn(20, 16, generator=generator)
+    isolated = [2, 6, 10, 14]
+    metric[isolated] = basis[1:5]
+    metric = metric.unsqueeze(0)
+    for r in (4, 8):
+        dest = energy_matching(metric, r, num_protected=0, margin=0.5)
+        counts = torch.bincount(dest[0])
+        assert len(counts) == 20 - r and counts.min() == 1  # r tokens gone, every slot used
+        assert all(counts[dest[0, i]] == 1 for i in isolated)
+        assert dest[0, isolated].tolist() == sorted(dest[0, isolated].tolist())  # order kept
+    tome_dest = bipartite_soft_matching(metric, 8, num_protected=0)[0]
+    assert torch.bincount(tome_dest)[tome_dest[isolated]].max() > 1
+
+
+def test_merge_bookkeeping_and_prefix_tokens() -> None:
+    model = tokenprune.patch(make("registers"), "pitome", r=(16, -1), trace_source=True)
+    with torch.no_grad():
+        state = model.forward_tokens(image())
+    p = model.num_prefix_tokens
+    assert state.num_tokens == tokenprune.plan(model, 224).output_tokens
+    assert torch.equal(state.size[:, :p], torch.ones(2, p, 1))
+    assert torch.equal(state.size.sum(1), torch.full((2, 1), 5.0 + 256))
+    counts = torch.nn.functional.one_hot(state.source_index, state.num_tokens).sum(1)
+    assert torch.equal(counts.unsqueeze(-1).float(), state.size)
+    assert torch.equal(state.source_index[:, :p], torch.arange(p).expand(2, -1))
+
+
+def test_video_model_merges_space_time_tokens() -> None:
+    from tests.test_video_reduction import make_clip, make_model
+
+    model = tokenprune.patch(make_model(), "pitome", r=40, trace_source=True)
+    with torch.no_grad():
+        state = model.forward_tokens(make_clip())
+    num_tubelets = state.source_index.shape[1]
+    assert state.num_tokens == tokenprune.plan(model, tuple(make_clip().shape[1:])).output_tokens < num_tubelets
+    assert torch.equal(state.size.sum(1), torch.full((state.x.shape[0], 1), float(num_tubelets)))
+
+
+@pytest.mark.parametrize("family", ["vit_cls", "registers", "eva02_rope", "beit_relpos"])
+@pytest.mark.parametrize("r", [8, (8, -1)])
+def test_flops_agree_with_flop_counter(family: str, r) -> None:
+    model = make(family).requires_grad_(False)
+    tokenprune.patch(model, "pitome", r=r)
+    assert tokenprune.flops(model, 224, batch_size=2).total == counted_flops(model, image())
+
+
+@pytest.mark.parametrize("family", ["registers", "dinov3_rope_registers"])
+def test_fullgraph_capture(family: str) -> None:
+    torch._dynamo.reset()
+    model = tokenprune.patch(make(family), "pitome", r=(8, -1))
+    with torch.no_grad():
+        expected = model(image())
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(image()), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_flow_through_merged_tokens() -> None:
+    """Training with PiToMe: the merge is differentiable (the choice of tokens is not)."""
+    model = tokenprune.patch(make("vit_cls", depth=3), "pitome", r=16).train()
+    model(image()).square().sum().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_margins_and_bad_options() -> None:
+    assert default_margins(4) == pytest.approx((0.9, 0.7, 0.5, 0.3))
+    assert tokenprune.PiToMeConfig(r=4, margin=0.2).margins(3) == (0.2, 0.2, 0.2)
+    model = tokenprune.patch(make("vit_cls", depth=2), "pitome", r=4, margin=[0.8, 0.1])
+    assert [block.reducer.margin for block in model.blocks] == [0.8, 0.1]
+    with pytest.raises(ValueError, match="one per block"):
+        tokenprune.patch(make("vit_cls", depth=2), "pitome", r=4, margin=[0.8, 0.5, 0.1])
+    with pytest.raises(ValueError, match=r"margin must be a cosine similarity in \[-1, 1\]"):
+        tokenprune.PiToMeConfig(r=4, margin=1.5)
+    with pytest.raises(ValueError, match="alpha must be a positive number"):
+        tokenprune.PiToMeConfig(r=4, alpha=0.0)
+    with pytest.raises(ValueError, match="alpha must be a positive number"):
+        tokenprune.PiToMeConfig(r=4, alpha=True)
+    with pytest.raises(TypeError, match="method 'pitome' has no option window"):
+        tokenprune.patch(make("vit_cls", depth=2), "pitome", r=4, window=2)
