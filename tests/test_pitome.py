@@ -141,3 +141,11 @@ def test_margins_and_bad_options() -> None:
         tokenprune.PiToMeConfig(r=4, alpha=True)
     with pytest.raises(TypeError, match="method 'pitome' has no option window"):
         tokenprune.patch(make("vit_cls", depth=2), "pitome", r=4, window=2)
+
+
+def test_dense_fidelity_names_pitome_settings() -> None:
+    from evals.dense_fidelity import COMPARED, describe
+
+    assert describe(tokenprune.PiToMeConfig(r=(16, -1))) == "r=(16,-1)"
+    assert describe(tokenprune.PiToMeConfig(r=8, margin=0.5, alpha=0.5)) == "r=8, margin=0.5, α=0.5"
+    assert all(isinstance(config, tokenprune.PiToMeConfig) for config in COMPARED["pitome"].settings)
