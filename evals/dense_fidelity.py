@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         lines.append(f"| {row['setting']} | {row['gflops']:.2f} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"{label} minus ToMe, image by image, mean with its 95 % t interval over the 20 photo means "
+        f"{label[:1].upper()}{label[1:]} minus ToMe, image by image, mean with its 95 % t interval over the 20 photo means "
         "(win: above zero; loss: below; tie: the interval holds zero):",
         "",
         f"| {label} setting | GFLOPs | Δ cosine | Δ saliency corr | Δ top-10% IoU |",
