@@ -57,7 +57,7 @@ from evals.assets import (
 )
 from evals.harness import figure_png, pyplot, write_atomic
 from evals.stats import format_difference, paired_difference
-from tokenprune.schedule import format_schedule
+from tokenprune.schedule import format_schedule, keep_ratio_r
 from tokenprune.visualize import merge_map
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -91,20 +91,24 @@ ADAPTIVE = [
     LG(local_block=1, r=40, adaptive=True),
     LG(local_block=0, r=60, adaptive=True),
 ]
-# PiToMe at constant and decreasing r, inside the span of both ToMe curves.
-PITOME = [tokenprune.PiToMeConfig(r=r) for r in (8, 12, 14, 16, 18, 20)] + [
-    tokenprune.PiToMeConfig(r=(r, -1)) for r in (12, 16, 18)
-]
+# PiToMe at constant and decreasing r, inside the span of both ToMe curves, and at the per-block
+# keep ratio of its released code (for the 256 patches and 12 blocks of DINOv2 ViT-S/14 at 224).
+PITOME = (
+    [tokenprune.PiToMeConfig(r=r) for r in (8, 12, 14, 16, 18, 20)]
+    + [tokenprune.PiToMeConfig(r=(r, -1)) for r in (12, 16, 18)]
+    + [tokenprune.PiToMeConfig(r=keep_ratio_r(ratio, 256, 12)) for ratio in (0.95, 0.925, 0.9)]
+)
 
 
 @dataclass(frozen=True)
 class Compared:
-    """A method compared with ToMe: how tables name it, its settings, those whose counts follow
-    the data (one image per forward), and the setting drawn in the merge map."""
+    """A method compared with ToMe: how tables name it, its settings, its two-stage settings
+    whose counts follow the data (``adaptive``, one image per forward), and the setting drawn in
+    the merge map."""
 
     label: str
     settings: list[Any]
-    adaptive: list[Any]
+    adaptive: list[tokenprune.LocalGlobalConfig]
     drawn: Any
 
 
@@ -298,7 +302,7 @@ def merge_maps(evaluator: Evaluator, configs: list[tuple[str, Any]], photo: int,
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m evals.dense_fidelity", description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
-    parser.add_argument("--photo", type=int, default=3, help="index of the photo drawn in merge_maps.png")
+    parser.add_argument("--photo", type=int, default=3, help="index of the photo drawn in the merge map")
     parser.add_argument("--method", choices=sorted(COMPARED), default="local_global", help="the method compared with ToMe")
     args = parser.parse_args(argv)
     compared = COMPARED[args.method]

@@ -135,6 +135,10 @@ def test_margins_and_bad_options() -> None:
         tokenprune.patch(make("vit_cls", depth=2), "pitome", r=4, margin=[0.8, 0.5, 0.1])
     with pytest.raises(ValueError, match=r"margin must be a cosine similarity in \[-1, 1\]"):
         tokenprune.PiToMeConfig(r=4, margin=1.5)
+    with pytest.raises(ValueError, match=r"margin must be .* got None"):
+        tokenprune.PiToMeConfig(r=4, margin=[0.5, None])
+    with pytest.raises(ValueError, match=r"r must be in \[1, 2\]"):
+        energy_matching(torch.randn(1, 6, 4), 3, num_protected=1, margin=0.5)
     with pytest.raises(ValueError, match="alpha must be a positive number"):
         tokenprune.PiToMeConfig(r=4, alpha=0.0)
     with pytest.raises(ValueError, match="alpha must be a positive number"):

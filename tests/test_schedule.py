@@ -50,3 +50,18 @@ def test_command_line_schedules_round_trip() -> None:
     for bad in ("", "a", "1.5", "16,x"):
         with pytest.raises(ValueError, match="r must be"):
             parse_schedule(bad)
+
+
+def test_keep_ratio_r_keeps_the_ratio_at_every_block() -> None:
+    from tokenprune.schedule import keep_ratio_r
+
+    counts = keep_ratio_r(0.9, 256, 12)
+    assert counts[:4] == [25, 23, 20, 18]  # 256 → 231 → 208 → 188 → 170
+    tokens = 256
+    for r in counts:  # the most a block can remove while keeping 90 % of what enters it
+        assert tokens - r >= 0.9 * tokens - 1e-9 and tokens - r - 1 < 0.9 * tokens
+        tokens -= r
+    assert keep_ratio_r(1.0, 196, 3) == [0, 0, 0]
+    assert keep_ratio_r(0.5, 8, 4) == [4, 2, 1, 0]
+    with pytest.raises(ValueError, match="keep_ratio must be in"):
+        keep_ratio_r(0.4, 196, 12)

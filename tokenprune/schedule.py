@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 from typing import Union
@@ -52,6 +53,20 @@ def resolve_r(r: RSchedule, depth: int, blocks: str = "the model has") -> tuple[
             )
         return tuple(counts) + (0,) * (depth - len(counts))
     return (check_count(r, "r"),) * depth
+
+
+def keep_ratio_r(keep_ratio: float, num_tokens: int, depth: int) -> list[int]:
+    """A per-block ``r`` that keeps ``keep_ratio`` of the mergeable tokens entering every block,
+    the per-layer ratio of PiToMe's released code: r_l = ⌊N_l − N_l·keep_ratio⌋ and
+    N_{l+1} = N_l − r_l, from ``num_tokens`` mergeable tokens (patches, no prefix) at block 0.
+    E.g. ``keep_ratio_r(0.9, 196, 12)`` for ViT-B/16 at 224."""
+    if not 0.5 <= keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio must be in [0.5, 1] (a block merges at most half its tokens), got {keep_ratio}")
+    counts, tokens = [], check_count(num_tokens, "num_tokens")
+    for _ in range(depth):
+        counts.append(math.floor(tokens - tokens * keep_ratio))
+        tokens -= counts[-1]
+    return counts
 
 
 def parse_schedule(text: str) -> RSchedule:

@@ -4,7 +4,7 @@ with Spectrum-Preserving Token Merging", NeurIPS 2024).
 ToMe's bipartition is by position, so a small object's tokens (unlike anything else in the
 image) can be paired with, and merged into, whatever B token is least unlike them. PiToMe
 first scores each token by its *energy*, how similar it is to all the others (the mean of
-ELU_α(cos − m), the paper's Eq. 4): tokens of a large uniform region (background) have high energy,
+ELU_α(cos − m), the released code's form of the paper's Eq. 4): tokens of a large uniform region (background) have high energy,
 isolated tokens low energy. Only the 2r highest-energy tokens may merge; they are split
 alternately (in energy order) into A and B, and every A token merges into its most similar B
 token. The other tokens are protected and pass through unchanged.
@@ -34,9 +34,9 @@ def energy_scores(unit: Tensor, margin: float, alpha: float) -> tuple[Tensor, Te
     """PiToMe's energy of each token and the cosine similarities it comes from.
 
     E_i = 1/N Σ_j ELU_α(cos(u_i, u_j) − m): a pair more similar than the margin m adds its
-    excess; a less similar pair subtracts at most α (α(e^(cos − m) − 1) > −α), so many weak
-    dissimilarities cannot outweigh a large group of near-duplicates. The sum runs over all N
-    tokens, the token itself included (as the released code does; a constant for every token).
+    excess over m; a less similar pair subtracts, at most α (α(e^(cos − m) − 1) > −α). The sum
+    runs over all N tokens, the token itself included (as the released code does; a constant
+    for every token).
 
     Args:
         unit: [B, N, D] unit vectors (see :func:`tokenprune.merge.unit_vectors`).
@@ -51,8 +51,8 @@ def energy_matching(metric: Tensor, r: int, num_protected: int, margin: float, a
     """PiToMe's matching, returned as ``dest`` (see :mod:`tokenprune.merge`).
 
     1. Score every non-prefix token by :func:`energy_scores` on ``metric``.
-    2. Order tokens by energy, highest first (ties: the lower index first); the first 2r are
-       the merge candidates, the rest are protected.
+    2. Order them by energy, highest first (ties: the lower index first); the first 2r are
+       the merge candidates, the rest pass through unmerged.
     3. Alternate the candidates into A (1st, 3rd, ...) and B (2nd, 4th, ...); each of the r
        A tokens merges into its most similar B token (ties: the higher-energy B token).
 
@@ -60,13 +60,15 @@ def energy_matching(metric: Tensor, r: int, num_protected: int, margin: float, a
 
     Args:
         metric: [B, T, D] matching features (keys averaged over heads). r: tokens to remove,
-            at most half of the T - P mergeable tokens.
-        num_protected: P, the prefix tokens, never merged.
+            1 ≤ r ≤ (T - P) // 2.
+        num_protected: P, the prefix tokens (class, registers), never merged.
     Returns:
         dest: [B, T] int64, each token's index among the T - r merged tokens.
     """
     p = num_protected
     batch, device = metric.shape[0], metric.device
+    if not 1 <= r <= max_bipartite_r(metric.shape[1], p):
+        raise ValueError(f"r must be in [1, {max_bipartite_r(metric.shape[1], p)}] for {metric.shape[1]} tokens with {p} prefix tokens, got {r}")
     energy, similarity = energy_scores(unit_vectors(metric[:, p:]), margin, alpha)
     order = energy.argsort(dim=1, descending=True, stable=True)
     a_index, b_index = order[:, 0 : 2 * r : 2], order[:, 1 : 2 * r : 2]
@@ -146,10 +148,14 @@ class PiToMeConfig:
 
     def __post_init__(self) -> None:
         check_common_options(self)
-        margins = self.margin if isinstance(self.margin, (list, tuple)) else [self.margin]
-        for value in margins:
-            if value is not None and not (_is_real(value) and -1.0 <= value <= 1.0):
-                raise ValueError(f"margin must be a cosine similarity in [-1, 1] (or a list of them), got {value!r}")
+        if self.margin is not None:
+            margins = self.margin if isinstance(self.margin, (list, tuple)) else [self.margin]
+            for value in margins:
+                if not (_is_real(value) and -1.0 <= value <= 1.0):
+                    raise ValueError(
+                        f"margin must be a cosine similarity in [-1, 1], a list of them (one per block) or None "
+                        f"(PiToMe's schedule), got {value!r}"
+                    )
         if not (_is_real(self.alpha) and self.alpha > 0):
             raise ValueError(f"alpha must be a positive number (PiToMe uses 1.0), got {self.alpha!r}")
 
