@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         "vit_small_patch16_224 on CPU, vit_base_patch16_224 on CUDA)")  # fmt: skip
     add("--img-size", type=int, help="input resolution (default: the model's)")
     add("--batch-size", action="append", type=int, help="samples per forward, repeatable (default: 8 on CPU, 256 on CUDA)")
-    settings.add_arguments(parser)
+    settings.add_arguments(parser, timed=True)
     add("--backend", action="append", choices=BACKENDS,
         help="match/merge backend, repeatable: one row per backend (default: auto on CPU, torch and triton on CUDA)")  # fmt: skip
     add("--dtype", choices=sorted(DTYPES), help="float32, or autocast to bfloat16/float16 (default: float32 on CPU, bfloat16 on CUDA)")

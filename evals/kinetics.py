@@ -353,7 +353,9 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device, v
 def build_parser() -> argparse.ArgumentParser:
     from tokenprune import METHODS
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m evals.kinetics", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", type=Path, help="folder per class, or the root for --labels-file")
     parser.add_argument("--labels-file", type=Path, help="CSV of path,label rows")
     parser.add_argument("--classes", type=Path, help="class names, one per line, line order = index")
@@ -370,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--single-view", action="store_true", help="one centre clip × one centre crop")
     parser.add_argument("--average", choices=["probabilities", "logits"], default="probabilities",
                         help="what is averaged over a video's views (default: softmax probabilities, as VideoMAE)")
-    parser.add_argument("--method", default="none", choices=["none", *sorted(METHODS)])
+    video_methods = sorted(name for name, config in METHODS.items() if getattr(config, "supports_video", False))
+    parser.add_argument("--method", default="none", choices=["none", *video_methods])
     parser.add_argument("--r", type=parse_schedule, help="the method's r")
     parser.add_argument("--option", type=parse_option, action="append", default=[],
                         help="method option key=value (a Python literal: prop_attn=False, r=(16,-1)), repeatable")

