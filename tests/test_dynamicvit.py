@@ -286,3 +286,15 @@ def test_bad_options() -> None:
         tokenprune.patch(make("vit_avg_no_cls"), "evit")
     with pytest.raises(ValueError, match="score"):
         tokenprune.patch(make("vit_cls"), "evit", score="entropy")
+
+
+@pytest.mark.parametrize("family", ["vit_cls", "vit_avg_no_cls"])
+def test_keeping_every_token_is_bit_identical_and_costs_nothing(family: str) -> None:
+    """keep_ratio=1.0 at inference leaves the tokens untouched (a gather would make them
+    contiguous and change the pooling's summation order) and skips the predictors."""
+    model = make(family).requires_grad_(False)
+    with torch.no_grad():
+        expected = model(image())
+        tokenprune.patch(model, "dynamicvit", keep_ratio=1.0)
+        assert torch.equal(model(image()), expected)
+    assert tokenprune.flops(model, 224, batch_size=2).total == counted_flops(model, image())

@@ -310,6 +310,9 @@ def test_background_merges_early_in_half_the_blocks_up_to_six(depth, early_block
     assert tokens == tuple(NUM_TOKENS - 4 * min(block, early_blocks) for block in range(depth))
     with pytest.raises(ValueError, match=f"early_blocks={depth + 1} exceeds the model's {depth} blocks"):
         tokenprune.patch(make_model(depth=depth), "background", early_blocks=depth + 1)
+    later = depth - early_blocks
+    with pytest.raises(ValueError, match=f"{later + 1} entries but after early_blocks={early_blocks} come {later} blocks"):
+        tokenprune.patch(make_model(depth=depth), "background", early_blocks=early_blocks, r=[1] * (later + 1))
 
 
 def test_background_merges_least_attended_tokens(clip):

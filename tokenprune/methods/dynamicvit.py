@@ -67,6 +67,8 @@ class TokenPredictor(nn.Module):
         return num_tokens - self.num_protected - kept_count(grid, self.keep_fraction)
 
     def matching_flops(self, num_tokens: int, removed: int, attn: nn.Module) -> int:
+        if removed <= 0:
+            return 0  # the inference forward skips a stage that keeps every token
         patches = num_tokens - self.num_protected
         linears = [self.in_conv[1], self.out_conv[0], self.out_conv[2], self.out_conv[4]]
         return sum(2 * patches * layer.in_features * layer.out_features for layer in linears)
@@ -75,9 +77,11 @@ class TokenPredictor(nn.Module):
         p = self.num_protected
         x = state.x[:, p:]
         if not self.training:
-            keep = torch.ones_like(x[..., :1])
-            scores = self.log_probs(x, keep)[..., 0]
-            return keep_top_tokens(state, scores, kept_count(state.grid, self.keep_fraction), p)
+            kept = kept_count(state.grid, self.keep_fraction)
+            if kept >= state.num_tokens - p:
+                return state  # nothing to drop: the tokens stay as they are, bit for bit
+            scores = self.log_probs(x, torch.ones_like(x[..., :1]))[..., 0]
+            return keep_top_tokens(state, scores, kept, p)
         previous = state.keep[:, p:] if state.keep is not None else torch.ones_like(x[..., :1])
         log_probs = self.log_probs(x, previous)
         # Straight-through Gumbel-softmax: hard 0/1 forward, soft gradient; once dropped,

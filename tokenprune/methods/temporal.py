@@ -239,7 +239,8 @@ class TemporalMergeConfig:
             and since only even-frame tokens merge (into odd-frame ones), the total over all
             blocks is capped at the even-frame tokens (ViT-B, 16×224²: 784); ``plan`` shows
             the effective counts. A block that finds fewer valid pairs than its count (a
-            partner drifted out of the window) raises instead of breaking the frame/window rule.
+            partner drifted out of the window) merges the rest outside the window, and an
+            eager CPU forward warns (see :class:`TemporalMerge`).
         window: spatial search radius in patches (default 2: the 5×5 neighbourhood; see above).
         joint_after: once a block's count exceeds the even-frame tokens left to merge, merge
             jointly over all tokens like ToMe from that block on (default), instead of stopping
@@ -358,6 +359,6 @@ class BackgroundMergeConfig:
         p = model.num_prefix_tokens
         metric = IMPORTANCE_METRICS[self.importance]
         early = [BackgroundMerge(self.early_r, p, self.backend, self.pool, metric) if self.early_r > 0 else None] * early_blocks
-        later = [BipartiteMerge(n, p, self.backend) if n > 0 else None for n in resolve_r(self.r, depth - early_blocks)]
+        later = [BipartiteMerge(n, p, self.backend) if n > 0 else None for n in resolve_r(self.r, depth - early_blocks, f"after early_blocks={early_blocks} come")]
         return early + later
 
