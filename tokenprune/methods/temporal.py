@@ -359,6 +359,7 @@ class BackgroundMergeConfig:
         p = model.num_prefix_tokens
         metric = IMPORTANCE_METRICS[self.importance]
         early = [BackgroundMerge(self.early_r, p, self.backend, self.pool, metric) if self.early_r > 0 else None] * early_blocks
-        later = [BipartiteMerge(n, p, self.backend) if n > 0 else None for n in resolve_r(self.r, depth - early_blocks, f"after early_blocks={early_blocks} come")]
+        later_counts = resolve_r(self.r, depth - early_blocks, f"after early_blocks={early_blocks} come")
+        later = [BipartiteMerge(n, p, self.backend) if n > 0 else None for n in later_counts]
         return early + later
 
