@@ -293,8 +293,9 @@ def test_keeping_every_token_is_bit_identical_and_costs_nothing(family: str) -> 
     """keep_ratio=1.0 at inference leaves the tokens untouched (a gather would make them
     contiguous and change the pooling's summation order) and skips the predictors."""
     model = make(family).requires_grad_(False)
+    unpatched_flops = counted_flops(model, image())
     with torch.no_grad():
         expected = model(image())
         tokenprune.patch(model, "dynamicvit", keep_ratio=1.0)
         assert torch.equal(model(image()), expected)
-    assert tokenprune.flops(model, 224, batch_size=2).total == counted_flops(model, image())
+    assert tokenprune.flops(model, 224, batch_size=2).total == counted_flops(model, image()) == unpatched_flops

@@ -745,6 +745,22 @@ def test_zero_metric_vectors_match_the_same_on_every_backend() -> None:
     assert scores[0, 0].item() == 0.0 and scores[0].max() > 0
 
 
+def test_pitome_merges_on_the_merge_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """backend="triton" reaches PiToMe's merge: one merge launch per merging block."""
+    from tests.test_patch import image, make
+
+    import kernels.merge
+    import tokenprune
+
+    launches = []
+    launcher = kernels.merge.merge_wavg_triton
+    monkeypatch.setattr(kernels.merge, "merge_wavg_triton", lambda *args: launches.append(1) or launcher(*args))
+    model = tokenprune.patch(make("registers", depth=2).to(DEVICE), "pitome", r=16, backend="triton")
+    with torch.no_grad():
+        model(image().to(DEVICE))
+    assert len(launches) == 2
+
+
 def test_tome_step_on_the_triton_path_is_three_launches_and_a_sort(monkeypatch: pytest.MonkeyPatch) -> None:
     """What the Triton path exists for: a block's ToMe step (match, assignment, merge) launches
     its three kernels and one stable sort; every other PyTorch op it dispatches only allocates.

@@ -29,7 +29,8 @@ def test_matches_the_reference(family: str, extra: dict, options: dict) -> None:
     model = make(family, **extra)
     depth = len(model.blocks)
     config = tokenprune.PiToMeConfig(**options)
-    margins = config.margins(depth)
+    margin = options.get("margin")  # the released schedule written out, not read from the config
+    margins = [0.9 - 0.8 * block / depth for block in range(depth)] if margin is None else [margin] * depth
 
     def match(metric, r, block):
         return pitome_match(metric, r, model.num_prefix_tokens, margins[block], config.alpha)
@@ -38,8 +39,34 @@ def test_matches_the_reference(family: str, extra: dict, options: dict) -> None:
     tokenprune.patch(model, config)
     with torch.no_grad():
         logits = model(image())
-    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
     assert not torch.allclose(logits, make(family, **extra)(image()), atol=1e-3)
+
+
+@pytest.mark.parametrize("margin", [0.9, 0.5, 0.1667, -0.2])
+@pytest.mark.parametrize("prefix,r", [(0, 1), (1, 4), (1, 12), (2, 12), (5, 7)])  # 12: the cap of 25 tokens
+def test_each_merge_equals_the_reference(margin: float, prefix: int, r: int) -> None:
+    """One merge on its own, where the logits would not see it (a class-token model's last
+    block): the tokens that ``dest`` sums together are the reference's groups, up to order."""
+    generator = torch.Generator().manual_seed(0)
+    metric = torch.randn(3, prefix + 25, 16, generator=generator)
+    x = torch.randn(3, prefix + 25, 6, dtype=torch.float64, generator=generator)
+    dest = energy_matching(metric, r, prefix, margin, alpha=0.7)
+    ours = x.new_zeros(3, prefix + 25 - r, 6).scatter_add_(1, dest.unsqueeze(-1).expand_as(x), x)
+    expected = pitome_match(metric, r, prefix, margin, alpha=0.7)(x, "sum")
+    assert torch.equal(ours[:, :prefix], expected[:, :prefix])
+
+    def by_first_channel(t: torch.Tensor) -> torch.Tensor:
+        return t.gather(1, t[..., :1].argsort(dim=1).expand_as(t))
+
+    torch.testing.assert_close(by_first_channel(ours), by_first_channel(expected), atol=1e-12, rtol=0)
+
+
+def test_the_released_margin_schedule_reaches_every_block_and_r_is_capped() -> None:
+    model = tokenprune.patch(make("vit_cls"), "pitome", r=16)
+    assert [block.reducer.margin for block in model.blocks] == pytest.approx([0.9 - 0.8 * i / 12 for i in range(12)])
+    with torch.no_grad():  # 16 in each of 11 blocks, then the last block's cap: half of its 20 patches
+        assert model.forward_tokens(image()).num_tokens == 1 + 196 - 16 * 11 - 10
 
 
 def test_energy_by_its_definition() -> None:
@@ -96,7 +123,8 @@ def test_video_model_merges_space_time_tokens() -> None:
     with torch.no_grad():
         state = model.forward_tokens(make_clip())
     num_tubelets = state.source_index.shape[1]
-    assert state.num_tokens == tokenprune.plan(model, tuple(make_clip().shape[1:])).output_tokens < num_tubelets
+    assert num_tubelets == 64  # no prefix token; each of the 3 blocks merges its cap, half
+    assert state.num_tokens == tokenprune.plan(model, tuple(make_clip().shape[1:])).output_tokens == 64 - 32 - 16 - 8
     assert torch.equal(state.size.sum(1), torch.full((state.x.shape[0], 1), float(num_tubelets)))
 
 
@@ -121,6 +149,7 @@ def test_fullgraph_capture(family: str) -> None:
 def test_gradients_flow_through_merged_tokens() -> None:
     """Training with PiToMe: the merge is differentiable (the choice of tokens is not)."""
     model = tokenprune.patch(make("vit_cls", depth=3), "pitome", r=16).train()
+    assert model.forward_tokens(image()).num_tokens == 197 - 3 * 16
     model(image()).square().sum().backward()
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
@@ -153,3 +182,4 @@ def test_dense_fidelity_names_pitome_settings() -> None:
     assert describe(tokenprune.PiToMeConfig(r=(16, -1))) == "r=(16,-1)"
     assert describe(tokenprune.PiToMeConfig(r=8, margin=0.5, alpha=0.5)) == "r=8, margin=0.5, α=0.5"
     assert all(isinstance(config, tokenprune.PiToMeConfig) for config in COMPARED["pitome"].settings)
+    assert [25, 23, 20, 18, 17, 15, 13, 12, 11, 10, 9, 8] in [config.r for config in COMPARED["pitome"].settings]

@@ -63,5 +63,6 @@ def test_keep_ratio_r_keeps_the_ratio_at_every_block() -> None:
         tokens -= r
     assert keep_ratio_r(1.0, 196, 3) == [0, 0, 0]
     assert keep_ratio_r(0.5, 8, 4) == [4, 2, 1, 0]
-    with pytest.raises(ValueError, match="keep_ratio must be in"):
-        keep_ratio_r(0.4, 196, 12)
+    for bad in (0.4, 1.1):
+        with pytest.raises(ValueError, match="keep_ratio must be in"):
+            keep_ratio_r(bad, 196, 12)
