@@ -35,12 +35,23 @@ def test_matches_the_reference(family: str, extra: dict, options: dict) -> None:
     def match(metric, r, block):
         return pitome_match(metric, r, model.num_prefix_tokens, margins[block], config.alpha)
 
-    expected = tome_reference_forward(model, image(), list(resolve_r(config.r, depth)), config.prop_attn, match)
+    counts = list(resolve_r(config.r, depth))
+    expected = tome_reference_forward(model, image(), counts, config.prop_attn, match)
+    expected_tokens, expected_size = tome_reference_forward(model, image(), counts, config.prop_attn, match, tokens=True)
     tokenprune.patch(model, config)
     with torch.no_grad():
         logits = model(image())
+        state = model.forward_tokens(image())
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
     assert not torch.allclose(logits, make(family, **extra)(image()), atol=1e-3)
+    # The logits read the class token, which no merge in the last block reaches: the final
+    # tokens and sizes must match too, as sets (the two orders differ).
+    for b in range(2):
+        ours, reference = torch.cat([state.x[b], state.size[b]], -1), torch.cat([expected_tokens[b], expected_size[b]], -1)
+        distance = torch.cdist(ours, reference, compute_mode="donot_use_mm_for_euclid_dist")  # exact, not |a|²+|b|²-2ab
+        nearest = distance.argmin(dim=1)
+        assert sorted(nearest.tolist()) == list(range(state.num_tokens))  # one to one
+        assert distance.min(dim=1).values.max() < 1e-4
 
 
 @pytest.mark.parametrize("margin", [0.9, 0.5, 0.1667, -0.2])

@@ -58,10 +58,13 @@ def _attention(attn, x: Tensor, size: Tensor | None) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def tome_reference_forward(model, x: Tensor, r_per_block: list[int], prop_attn: bool = True, match=None) -> Tensor:
+def tome_reference_forward(
+    model, x: Tensor, r_per_block: list[int], prop_attn: bool = True, match=None, tokens: bool = False
+) -> Tensor | tuple[Tensor, Tensor]:
     """Logits of an unpatched timm ViT run as published ToMe would run it. ``match(metric, r,
     block_index)`` replaces ToMe's matching with another that returns a ``merge(x, mode)`` over
-    the whole sequence (PiToMe's released code runs this same block)."""
+    the whole sequence (PiToMe's released code runs this same block). ``tokens``: return the
+    final tokens (after the norm) and their sizes instead, in the reference's order."""
     class_token = model.cls_token is not None
     distill_token = getattr(model, "dist_token", None) is not None
     x = model.norm_pre(model._pos_embed(model.patch_embed(x)))
@@ -76,4 +79,6 @@ def tome_reference_forward(model, x: Tensor, r_per_block: list[int], prop_attn: 
             size = merge(size, "sum")
             x = x / size
         x = x + block.mlp(block.norm2(x))
+    if tokens:
+        return model.norm(x), torch.ones_like(x[..., :1]) if size is None else size
     return model.forward_head(model.norm(x))
