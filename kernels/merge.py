@@ -1,6 +1,6 @@
 """Size-weighted token merge (ToMe's x ← Σ s·x / Σ s) without atomics.
 
-The reference (:func:`merge_wavg_reference`) uses ``scatter_add_``, which on CUDA adds with
+The reference (:func:`merge_wavg_reference`) uses ``index_add_``, which on CUDA adds with
 atomics in whatever order threads arrive: the result can change in the last bits from run to
 run. In the kernel
 each output token is produced by exactly one program that sums its members itself, in input
