@@ -557,7 +557,7 @@ def test_merge_dispatch_and_validation() -> None:
     x, size, dest, num_out = tome_inputs(1, 13, 16, 1, torch.float32, seed=9)
     for got, want in zip(merge_wavg(x, size, dest, num_out, "triton"), merge_wavg_triton(x, size, dest, num_out)):
         assert torch.equal(got, want)
-    # The reference's scatter_add uses atomics on CUDA, so two calls may differ in the last bit:
+    # The reference's index_add_ uses atomics on CUDA, so two calls may differ in the last bit:
     # compare to rounding, not bits.
     for got, want in zip(merge_wavg(x, size, dest, num_out, "torch"), merge_wavg_reference(x, size, dest, num_out)):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
