@@ -44,6 +44,7 @@ from torch import nn
 import tokenprune
 from tokenprune.api import input_tokens
 from tokenprune.methods.temporal import BackgroundMergeConfig, default_early_blocks
+from tokenprune.patch.vit import block_prefix_tokens
 from tokenprune.schedule import RSchedule, format_schedule, parse_schedule
 
 __all__ = [
@@ -100,7 +101,7 @@ class Knob:
 
 def _r_settings(model: nn.Module, size: tuple[int, ...]) -> Sequence[int]:
     # r beyond half the patch tokens merges nothing more (ToMe caps r at half the tokens).
-    patches = input_tokens(model, size) - model.num_prefix_tokens
+    patches = input_tokens(model, size) - block_prefix_tokens(model)
     return range(0, patches // 2 + 1)
 
 

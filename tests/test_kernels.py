@@ -745,6 +745,23 @@ def test_zero_metric_vectors_match_the_same_on_every_backend() -> None:
     assert scores[0, 0].item() == 0.0 and scores[0].max() > 0
 
 
+def test_cait_same_on_both_backends() -> None:
+    """CaiT (talking heads, class attention over merged tokens) on the Triton merge."""
+    from tests.test_cait import cait
+    from tests.test_patch import image
+
+    import tokenprune
+
+    model = cait(depth=2).to(DEVICE)
+    x = image().to(DEVICE)
+    with torch.no_grad():
+        tokenprune.patch(model, r=16, backend="torch", trace_source=True)
+        expected, expected_source = model(x), tokenprune.source(model)
+        tokenprune.patch(model, backend="triton")
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+        assert torch.equal(tokenprune.source(model), expected_source)
+
+
 def test_pitome_merges_on_the_merge_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     """backend="triton" reaches PiToMe's merge: one merge launch per merging block."""
     from tests.test_patch import image, make

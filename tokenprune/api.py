@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .merge import source_matrix
 from .methods import METHODS, MethodConfig
-from .patch import beit, eva, video, vit, vit_relpos  # noqa: F401 (importing a family's module registers it)
+from .patch import beit, cait, eva, video, vit, vit_relpos  # noqa: F401 (importing a family's module registers it)
 
 
 def patch(model: nn.Module, method: str | MethodConfig | None = None, **options: Any) -> nn.Module:
@@ -143,8 +143,8 @@ def _video_grid(model: nn.Module, input_size: int | tuple[int, ...]) -> tuple[in
 
 def input_tokens(model: nn.Module, input_size: int | tuple[int, ...]) -> int:
     """Tokens entering the first block for an input of ``input_size`` (prefix + patches, or
-    prefix + T'·H'·W' tubelets for video)."""
-    return model.num_prefix_tokens + math.prod(patch_grid(model, input_size))
+    prefix + T'·H'·W' tubelets for video; CaiT's blocks see the patches alone)."""
+    return vit.block_prefix_tokens(model) + math.prod(patch_grid(model, input_size))
 
 
 def plan(model: nn.Module, input_size: int | tuple[int, ...]) -> ReductionPlan:

@@ -17,15 +17,16 @@ import torch
 from torch import nn
 
 from .api import input_tokens, plan
-from .patch.vit import head_dim, pool_includes_prefix
+from .patch.cait import Cait, class_attention_flops
+from .patch.vit import block_prefix_tokens, head_dim, pool_includes_prefix
 
 
 @dataclass(frozen=True)
 class FlopReport:
     """FLOPs of one forward pass: ``per_block`` (attention, MLP and the matching step of each
     block, a relative position bias between merged tokens and a relative-bias MLP) plus
-    ``embed_and_head`` (patch embedding or convolutional stem, pooling and classifier, and a
-    relative-bias MLP shared by all blocks)."""
+    ``embed_and_head`` (patch embedding or convolutional stem, pooling (CaiT: its
+    class-attention blocks) and classifier, and a relative-bias MLP shared by all blocks)."""
 
     per_block: tuple[int, ...]
     embed_and_head: int
@@ -51,8 +52,9 @@ def _block_flops(block: nn.Module, tokens: int, removed: int, num_inputs: int, s
     attended = kept if reducer is not None and reducer.before_attention else tokens
     # Every linear layer of the attention on the tokens: qkv (or q/k/v), proj, and the gate if
     # it has one (not those of a relative-bias MLP, which runs on coordinates: _bias_mlp_flops).
+    # Talking heads (CaiT's proj_l, proj_w) mix the heads for every pair of tokens.
     flops = sum(
-        _linear(attended, layer)
+        _linear(attended * attended if name in ("proj_l", "proj_w") else attended, layer)
         for name, layer in attn.named_modules()
         if isinstance(layer, nn.Linear) and not name.startswith("rel_pos.")
     )
@@ -78,7 +80,7 @@ def _bias_mlp_flops(rel_pos: nn.Module | None) -> int:
 
 
 def _head_flops(model: nn.Module, tokens: int) -> int:
-    flops = 0
+    flops = class_attention_flops(model, tokens) if isinstance(model, Cait) else 0
     pool = getattr(model, "attn_pool", None)  # (BEiT has none)
     if pool is not None:
         pooled = tokens if pool_includes_prefix(model) else tokens - model.num_prefix_tokens
@@ -98,7 +100,7 @@ def _head_flops(model: nn.Module, tokens: int) -> int:
 def flops(model: nn.Module, input_size: int | tuple[int, ...], batch_size: int = 1) -> FlopReport:
     """FLOPs of ``model`` (patched or not) on ``batch_size`` images (or clips) of ``input_size``."""
     reduction = plan(model, input_size)
-    protected = model.num_prefix_tokens
+    protected = block_prefix_tokens(model)
     shared_bias = getattr(model, "_shared_position_bias", False)  # a relative bias all blocks share
     per_block = tuple(
         batch_size * _block_flops(block, tokens, removed, reduction.tokens[0], shared_bias)
@@ -106,7 +108,9 @@ def flops(model: nn.Module, input_size: int | tuple[int, ...], batch_size: int =
         for block, tokens, removed in zip(model.blocks, reduction.tokens, reduction.removed)
     )
     patches = input_tokens(model, input_size) - protected
-    fixed = batch_size * (_embed_flops(model, input_size, patches) + _head_flops(model, reduction.output_tokens))
+    # the tokens the head reads: those leaving the blocks, plus a class token added after them (CaiT)
+    head_tokens = reduction.output_tokens + model.num_prefix_tokens - protected
+    fixed = batch_size * (_embed_flops(model, input_size, patches) + _head_flops(model, head_tokens))
     fixed += _bias_mlp_flops(getattr(model, "shared_rel_pos", None))
     return FlopReport(per_block, fixed)
 

@@ -24,7 +24,8 @@ from kernels.bipartite import bipartite_split, max_bipartite_r  # noqa: F401 (ma
 class TokenState(NamedTuple):
     """What flows from block to block in a reduced model.
 
-    x: [B, T, C] tokens; the first ``num_prefix_tokens`` are class/distillation/register tokens.
+    x: [B, T, C] tokens; the first ``num_prefix_tokens`` are class/distillation/register tokens
+        (in CaiT's blocks there are none: it adds its class token after them).
     size: [B, T, 1] float32, how many input tokens each token stands for; ``None`` until the
         first merge (all ones), so an unreduced model runs the exact ops of the unpatched one.
     source_index: [B, T_in] int64, for every input token the index of the current token that
@@ -227,6 +228,29 @@ def keep_top_tokens(
     # Weights that all underflowed to 0 (e.g. a half-precision softmax): the size-weighted average.
     fused = torch.where(total > 0, fused, merged.x[:, -1].float())
     return merged._replace(x=torch.cat([merged.x[:, :-1], fused.unsqueeze(1).to(state.x.dtype)], dim=1))
+
+
+def prepend_tokens(state: TokenState, tokens: Tensor) -> TokenState:
+    """Put ``tokens`` ([B, P, C]) in front of the state as new prefix tokens that no block has
+    reduced (CaiT's class token, added after the blocks): size 1, kept, at position 0, each its
+    own input token ahead of the others."""
+    batch, num_new = tokens.shape[:2]
+
+    def ahead(t: Tensor | None, value: float) -> Tensor | None:
+        return None if t is None else torch.cat([t.new_full((batch, num_new, t.shape[-1]), value), t], dim=1)
+
+    source_index = state.source_index
+    if source_index is not None:
+        shifted = torch.where(source_index >= 0, source_index + num_new, -1)
+        own = torch.arange(num_new, device=source_index.device).expand(batch, -1)
+        source_index = torch.cat([own, shifted], dim=1)
+    return state._replace(
+        x=torch.cat([tokens, state.x], dim=1),
+        size=ahead(state.size, 1.0),
+        source_index=source_index,
+        pos=ahead(state.pos, 0.0),
+        keep=ahead(state.keep, 1.0),
+    )
 
 
 def unmerge(x: Tensor, source_index: Tensor) -> Tensor:

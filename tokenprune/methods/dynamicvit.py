@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .._io import write_atomic
 from ..merge import TokenState, keep_top_tokens
+from ..patch.vit import block_prefix_tokens
 from ._options import check_common_options
 
 
@@ -135,7 +136,7 @@ class DynamicViTConfig:
             existing = getattr(model.blocks[block], "reducer", None)
             predictor = existing if isinstance(existing, TokenPredictor) else None
             if predictor is None:
-                predictor = TokenPredictor(model.embed_dim, 0.0, model.num_prefix_tokens)
+                predictor = TokenPredictor(model.embed_dim, 0.0, block_prefix_tokens(model))
                 predictor.to(device=reference.device, dtype=reference.dtype).train(model.training)
                 created = True
             predictor.keep_fraction = self.keep_ratio**stage

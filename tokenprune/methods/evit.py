@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..merge import TokenState, keep_top_tokens
-from ..patch.vit import head_dim
+from ..patch.vit import block_prefix_tokens, head_dim
 from ._options import check_common_options
 from .dynamicvit import default_stages, kept_count
 
@@ -99,12 +99,16 @@ class AttentionDropConfig:
 
     def reducers(self, model: nn.Module) -> list[AttentionDrop | None]:
         depth = len(model.blocks)
-        if self.score == "attention" and model.cls_token is None:
-            raise ValueError("score='attention' needs a class token; use score='random' or another method")
+        protected = block_prefix_tokens(model)
+        if self.score == "attention" and (model.cls_token is None or protected == 0):
+            raise ValueError(
+                "score='attention' needs a class token in the blocks (CaiT adds its own after them); "
+                "use score='random' or another method"
+            )
         stages = self.stages if self.stages is not None else default_stages(depth)
         if not stages or any(not 0 <= s < depth for s in stages) or list(stages) != sorted(set(stages)):
             raise ValueError(f"stages must be increasing block indices in [0, {depth - 1}], got {stages}")
         reducers: list[AttentionDrop | None] = [None] * depth
         for stage, block in enumerate(stages, 1):
-            reducers[block] = AttentionDrop(self.keep_ratio**stage, self.fuse, self.score, model.num_prefix_tokens)
+            reducers[block] = AttentionDrop(self.keep_ratio**stage, self.fuse, self.score, protected)
         return reducers

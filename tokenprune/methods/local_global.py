@@ -25,7 +25,7 @@ from ..merge import (
     unit_vectors,
 )
 from ..schedule import RSchedule, resolve_r
-from ..patch.vit import head_dim
+from ..patch.vit import block_prefix_tokens, head_dim
 from ._options import check_common_options
 
 
@@ -237,7 +237,7 @@ class LocalGlobalConfig:
             raise ValueError(f"local_block must be in [0, {depth - 1}] for a {depth}-block model, got {self.local_block}")
         later = resolve_r(self.r, depth - self.local_block - 1, f"after local_block={self.local_block} come")
         counts = (0,) * (self.local_block + 1) + later
-        protected = model.num_prefix_tokens
+        protected = block_prefix_tokens(model)
         reducers: list[WindowMerge | PositionalBipartiteMerge | None] = [None] * depth
         ratio = None if self.local_threshold is not None else self.local_ratio
         reducers[self.local_block] = WindowMerge(self.window, ratio, self.local_threshold, protected, self.backend)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..merge import TokenState, max_bipartite_r, merge_state, unit_vectors
-from ..patch.vit import head_dim
+from ..patch.vit import block_prefix_tokens, head_dim
 from ..schedule import RSchedule, resolve_r
 from ._options import check_common_options
 
@@ -176,7 +176,7 @@ class PiToMeConfig:
     def reducers(self, model: nn.Module) -> list[EnergyMerge | None]:
         depth = len(model.blocks)
         counts = resolve_r(self.r, depth)
-        protected = model.num_prefix_tokens
+        protected = block_prefix_tokens(model)
         return [
             EnergyMerge(n, protected, m, float(self.alpha), self.backend) if n > 0 else None
             for n, m in zip(counts, self.margins(depth))

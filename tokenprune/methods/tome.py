@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ..merge import TokenState, bipartite_matching_flops, bipartite_soft_matching, max_bipartite_r, merge_state
 from ..schedule import RSchedule, resolve_r
-from ..patch.vit import head_dim
+from ..patch.vit import block_prefix_tokens, head_dim
 from ._options import check_common_options
 
 
@@ -71,5 +71,5 @@ class ToMeConfig:
 
     def reducers(self, model: nn.Module) -> list[BipartiteMerge | None]:
         counts = resolve_r(self.r, len(model.blocks))
-        protected = model.num_prefix_tokens
+        protected = block_prefix_tokens(model)
         return [BipartiteMerge(n, protected, self.backend) if n > 0 else None for n in counts]

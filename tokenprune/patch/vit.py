@@ -2,8 +2,8 @@
 and MLP for merging, before attention for learned pruning), and a model class whose forward
 threads a :class:`TokenState` through the blocks. The attention step, the block and the model
 forward are shared with the other families, which register their classes here
-(:data:`QKV_PROJECTIONS`, :data:`PATCHED_BLOCKS`, :data:`PATCHED_CLASSES`; ``patch/eva.py``,
-``patch/beit.py``, ``patch/vit_relpos.py``, ``patch/video.py``).
+(:data:`QKV_PROJECTIONS`, :data:`PATCHED_BLOCKS`, :data:`PATCHED_CLASSES`, :data:`MODEL_CHECKS`;
+``patch/eva.py``, ``patch/beit.py``, ``patch/vit_relpos.py``, ``patch/cait.py``, ``patch/video.py``).
 
 Nothing here keeps per-forward state on modules: every block owns a fixed ``reducer`` (its r is
 a plain int) and the sizes travel with the tokens, so patched models compile with
@@ -62,6 +62,7 @@ SUPPORTED_FAMILIES = (
     "register-token (*_reg*) and qk-norm variants; timm Eva with EvaBlock / EvaBlockPostNorm and "
     "EvaAttention / AttentionRope: EVA, EVA-02, DINOv3, Perception Encoder, RoPE-ViT (RoPE, GQA); "
     "timm Beit: BEiT, BEiT v2 (relative position bias); timm VisionTransformerRelPos (vit_relpos_*); "
+    "timm Cait (CaiT: talking heads, class attention); "
     "tokenprune.models.VideoVisionTransformer (VideoMAE video ViT)"
 )
 
@@ -104,6 +105,7 @@ def attend(
     backend: str | None = None,
     rope: Tensor | None = None,
     position_bias: tuple[Tensor, ...] = (),
+    key_weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """timm's attention forward plus an additive bias, also returning a reduction metric.
 
@@ -121,6 +123,12 @@ def attend(
     RoPE (``rope``, [B, 1|heads, T - prefix, D] or timm's [T - prefix, D]): similarity of
     content, not of position. Works for every class in :data:`QKV_PROJECTIONS` and mirrors
     timm 1.0's op order exactly, so an unreduced model is bit-identical.
+
+    Talking-heads attention (CaiT: ``proj_l`` mixes the heads' logits before the softmax,
+    ``proj_w`` their weights after it) takes every bias after ``proj_l``, where a mask or
+    log s acts on the softmax directly, and counts ``proj_w``'s bias once per input token a key
+    stands for (``key_weight``, [B, T]: its size, or its keep mask): then a token merged from s
+    identical tokens gets exactly the attention those s tokens got.
     """
     batch, num_tokens, _ = x.shape
     gate_proj = getattr(attn, "gate", None)  # (BEiT's attention has no gate, q/k-norm or output norm)
@@ -135,6 +143,7 @@ def attend(
     if kv_groups > 1:
         k, v = k.repeat_interleave(kv_groups, dim=1), v.repeat_interleave(kv_groups, dim=1)
     dropout = attn.attn_drop.p if attn.training else 0.0
+    talking_heads = hasattr(attn, "proj_l")
     # A metric read from the whole attention map takes the map from the attention itself: one
     # q·kᵀ and softmax, multiplied with v, instead of a fused call plus a second q·kᵀ for the map.
     full_map = metric in ("attention_received", "attention_sharpness")
@@ -142,7 +151,7 @@ def attend(
     # attention would round the keep mask's gradient to zero: masked float16 attention takes its
     # softmax in float32 instead (as DynamicViT's own masked softmax does).
     float32_softmax = full_map or (bias is not None and q.dtype == torch.float16)
-    fused = attn.fused_attn and not float32_softmax
+    fused = getattr(attn, "fused_attn", False) and not float32_softmax and not talking_heads
     position_sum = None
     for term in position_bias:
         position_sum = term if position_sum is None else position_sum + term
@@ -160,6 +169,8 @@ def attend(
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal)
     else:
         weights = (q * attn.scale) @ k.transpose(-2, -1)
+        if talking_heads:
+            weights = attn.proj_l(weights.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         if is_causal:
             causal = weights.new_full((num_tokens, num_tokens), float("-inf")).triu_(1)
             weights = weights + causal
@@ -169,7 +180,10 @@ def attend(
         elif attn_mask is not None:
             weights = weights.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else weights + attn_mask
         probs = weights.float().softmax(dim=-1) if float32_softmax else weights.softmax(dim=-1)
-        out = attn.attn_drop(probs.to(v.dtype)) @ v
+        mixed = probs.to(v.dtype)
+        if talking_heads:
+            mixed = _mix_heads(attn.proj_w, mixed, key_weight)
+        out = attn.attn_drop(mixed) @ v
     out = out.transpose(1, 2).reshape(batch, num_tokens, -1)
     if hasattr(attn, "norm"):
         out = attn.norm(out)
@@ -188,6 +202,15 @@ def attend(
     if metric == "attention_sharpness":
         return out, (keys.mean(dim=1), torch.special.xlogy(probs, probs).sum(dim=-1).mean(dim=1))
     return out, None
+
+
+def _mix_heads(proj_w: nn.Linear, probs: Tensor, key_weight: Tensor | None) -> Tensor:
+    """Talking heads' mixing of attention weights across heads ([B, H, T, T]), its bias
+    counted ``key_weight`` times per key ([B, T]; None: once, timm's own op)."""
+    if key_weight is None or proj_w.bias is None:
+        return proj_w(probs.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    bias = proj_w.bias * key_weight.to(probs.dtype)[:, None, :, None]  # [B, 1, T_keys, H]
+    return (F.linear(probs.permute(0, 2, 3, 1), proj_w.weight) + bias).permute(0, 3, 1, 2)
 
 
 # A masked-out key keeps exp(log ε) ≈ 1e-9 of its weight relative to a kept key of the same logit,
@@ -238,6 +261,8 @@ class ReducingBlockMixin:
             bias = keep_bias(state.keep, torch.float32 if x.dtype == torch.float16 else x.dtype)
         merged = state.size is not None
         key_bias = state.size.log().squeeze(-1) if merged and self.prop_attn else None
+        # How many input tokens each key counts for, where attention mixes heads after the softmax.
+        counted = state.keep if state.keep is not None else state.size if key_bias is not None else None
         attn_out, metric = attend(
             self.attn,
             self._attention_input(x),
@@ -250,6 +275,7 @@ class ReducingBlockMixin:
             backend=self.backend if merged else None,
             rope=self._rope(state, position),
             position_bias=self._position_bias(state, position),
+            key_weight=counted.squeeze(-1) if counted is not None else None,
         )
         state = state._replace(x=self._add_attention(x, attn_out))
         if reducer is not None:
@@ -399,6 +425,11 @@ class ReducingViT:
                 state = block(state, attn_mask, is_causal, block_position)
             if on_block is not None:
                 on_block(i, state)
+        return self._after_blocks(state)
+
+    def _after_blocks(self, state: TokenState) -> TokenState:
+        """What runs between the last block and the head: the final norm (CaiT adds its class
+        token first)."""
         return state._replace(x=self.norm(state.x))
 
     def _embed(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -410,6 +441,8 @@ class ReducingViT:
         x = self.patch_drop(x)
         return self.norm_pre(x), None
 
+    # Whether the prefix tokens run through the blocks (CaiT adds its class token after them).
+    _prefix_in_blocks = True
     # Whether ``position`` holds one entry per block (timm's "mixed" RoPE: [depth, ...]).
     _position_per_block = False
     # Whether the blocks read positions from the tokens' sources (RoPE, relative bias).
@@ -468,7 +501,8 @@ class ReducingViT:
                 # Over the tokens present: weight 0 is a token a training keep mask dropped.
                 peak = x.masked_fill(weights == 0, float("-inf")).amax(dim=1)
             x = mean if peak is None else peak if mean is None else 0.5 * (peak + mean)
-        x = self.head_drop(self.fc_norm(x))
+        fc_norm = getattr(self, "fc_norm", None)  # (CaiT has none)
+        x = self.head_drop(fc_norm(x) if fc_norm is not None else x)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
@@ -509,7 +543,7 @@ class ReducingViT:
         )
         if self.tokenprune_config.trace_source:  # like forward_tokens: the map of the last forward
             self._tokenprune_source = (state.source_index, state.num_tokens)
-        p = self.num_prefix_tokens
+        p = block_prefix_tokens(self)
         prefix_tokens = [y[:, :p] for y in intermediates] if p else None
         intermediates = [y[:, p:] for y in intermediates]
         if output_fmt == "NCHW":
@@ -542,11 +576,21 @@ PATCHED_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
     VisionTransformerDistilled: ReducingVisionTransformerDistilled,
 }
 _ORIGINAL_CLASSES = {patched: original for original, patched in PATCHED_CLASSES.items()}
+# Original class → a check of the modules outside ``blocks`` that its patch runs itself (CaiT's
+# class-attention blocks), raising a TypeError for any it cannot run exactly.
+MODEL_CHECKS: dict[type[nn.Module], Callable[[nn.Module], None]] = {}
 
 
 def original_class(model: nn.Module) -> type:
     """The class the model had before patching."""
     return _ORIGINAL_CLASSES.get(type(model), type(model))
+
+
+def block_prefix_tokens(model: nn.Module) -> int:
+    """How many prefix tokens (class, distillation, registers) the blocks see, ahead of the
+    patches: ``num_prefix_tokens``, except in CaiT, which adds its class token after them."""
+    patched = PATCHED_CLASSES.get(original_class(model))
+    return model.num_prefix_tokens if getattr(patched, "_prefix_in_blocks", True) else 0
 
 
 def _class_names(classes: Any) -> str:
@@ -579,6 +623,9 @@ def check_supported(model: nn.Module) -> None:
             )
     if len(model.blocks) == 0:
         raise ValueError("the model has no transformer blocks: there is nothing to patch")
+    family_check = MODEL_CHECKS.get(model_class)
+    if family_check is not None:
+        family_check(model)
 
 
 def apply(model: nn.Module, config: Any, reducers: list[TokenReducer | None]) -> None:

@@ -1,0 +1,126 @@
+"""Patch for timm's ``Cait`` (CaiT: Touvron et al., "Going deeper with Image Transformers",
+ICCV 2021): self-attention blocks over the patches alone, with talking-heads attention and
+LayerScale, then a few class-attention blocks in which only the class token, added there,
+attends to the patches.
+
+Merging runs in the self-attention blocks, so nothing needs protecting there. Talking heads
+(:func:`tokenprune.patch.vit.attend`) take log s after mixing the logits and count their
+post-softmax bias once per patch a key stands for. The class-attention blocks are CaiT's
+pooling: the class token attends to each merged token with log s added to its logit, always (as
+average and MAP pooling weigh by size whatever ``prop_attn`` says), which equals its attention
+to the unmerged patches when merged tokens are exact copies. The class token then joins the
+tokens in front, so ``forward_features`` keeps timm's [B, 1 + T, C] and the source map covers
+the class token as input token 0.
+
+Importing this module registers the classes in :mod:`tokenprune.patch.vit`'s registries.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.models.cait import Cait, ClassAttn, LayerScaleBlock, LayerScaleBlockClassAttn, TalkingHeadAttn
+from torch import Tensor, nn
+
+from ..merge import TokenState, prepend_tokens
+from . import vit
+from .vit import KEEP_EPS, ReducingBlockMixin, ReducingViT, head_dim
+
+
+class CaitSteps:
+    """Residual steps of CaiT's ``LayerScaleBlock``: pre-norm, ``gamma_1``/``gamma_2``
+    LayerScale, one drop-path for both branches."""
+
+    def _attention_input(self, x: Tensor) -> Tensor:
+        return self.norm1(x)
+
+    def _add_attention(self, x: Tensor, attn_out: Tensor) -> Tensor:
+        return x + self.drop_path(self.gamma_1 * attn_out)
+
+    def _add_mlp(self, x: Tensor) -> Tensor:
+        return x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
+
+
+class ReducingLayerScaleBlock(CaitSteps, ReducingBlockMixin, LayerScaleBlock):
+    """timm CaiT ``LayerScaleBlock`` (talking-heads attention) with token reduction."""
+
+
+def _talking_heads_qkv(attn: TalkingHeadAttn, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    batch, num_tokens, _ = x.shape
+    qkv = attn.qkv(x).reshape(batch, num_tokens, 3, attn.num_heads, head_dim(attn)).permute(2, 0, 3, 1, 4)
+    return qkv.unbind(0)
+
+
+def class_attention(block: LayerScaleBlockClassAttn, x: Tensor, cls: Tensor, weights: Tensor | None) -> Tensor:
+    """One class-attention block: the class token ``cls`` ([B, 1, C]) attends to itself and to
+    the tokens ``x``, each counted ``weights`` times ([B, T, 1]: sizes, or a training keep mask;
+    None: once, timm's own forward)."""
+    if weights is None:
+        return block(x, cls)
+    u = block.norm1(torch.cat((cls, x), dim=1))
+    attn: ClassAttn = block.attn
+    batch, num_tokens, channels = u.shape
+
+    def heads(t: Tensor) -> Tensor:
+        return t.reshape(batch, -1, attn.num_heads, channels // attn.num_heads).transpose(1, 2)
+
+    q, k, v = heads(attn.q(u[:, :1])), heads(attn.k(u)), heads(attn.v(u))
+    # log(ε + w): log s for merged tokens; a dropped token (w = 0) masked with a finite gradient
+    counted = torch.cat([torch.ones_like(weights[:, :1]), weights], dim=1).float()
+    bias = torch.log(KEEP_EPS + counted).to(q.dtype).squeeze(-1)[:, None, None, :]
+    dropout = attn.attn_drop.p if attn.training else 0.0
+    if attn.fused_attn:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+    else:
+        out = attn.attn_drop(((q * attn.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)) @ v
+    out = attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(batch, 1, channels)))
+    cls = cls + block.drop_path(block.gamma_1 * out)
+    return cls + block.drop_path(block.gamma_2 * block.mlp(block.norm2(cls)))
+
+
+def class_attention_flops(model: Cait, tokens: int) -> int:
+    """FLOPs of CaiT's class-attention blocks on ``tokens`` tokens (the class token included),
+    per image; for :func:`tokenprune.flops`."""
+    total = 0
+    for block in model.blocks_token_only or ():
+        attn = block.attn
+        linear_rows = {attn.q: 1, attn.k: tokens, attn.v: tokens, attn.proj: 1}
+        total += sum(2 * rows * layer.in_features * layer.out_features for layer, rows in linear_rows.items())
+        total += 4 * tokens * attn.q.out_features  # the one query's q·kᵀ and attn·v
+        total += sum(2 * layer.in_features * layer.out_features for layer in block.mlp.modules() if isinstance(layer, nn.Linear))
+    return total
+
+
+class ReducingCait(ReducingViT, Cait):
+    """timm ``Cait`` with token reduction in its self-attention blocks; the class-attention
+    blocks pool the merged tokens by size."""
+
+    _prefix_in_blocks = False
+
+    def _embed(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        x = self.patch_embed(x)
+        return self.pos_drop(x + self.pos_embed), None
+
+    def _after_blocks(self, state: TokenState) -> TokenState:
+        if self.blocks_token_only is not None:  # (None after timm's prune_intermediate_layers)
+            cls = self.cls_token.expand(state.x.shape[0], -1, -1)
+            for block in self.blocks_token_only:
+                cls = class_attention(block, state.x, cls, state.pool_weights)
+            state = prepend_tokens(state, cls)
+        return state._replace(x=self.norm(state.x))
+
+
+def _check_class_attention(model: Cait) -> None:
+    for i, block in enumerate(model.blocks_token_only or ()):
+        if type(block) is not LayerScaleBlockClassAttn or type(block.attn) is not ClassAttn:
+            raise TypeError(
+                f"tokenprune cannot patch blocks_token_only[{i}] of type {type(block).__name__} "
+                f"with attention {type(block.attn).__name__}: it runs CaiT's LayerScaleBlockClassAttn with ClassAttn"
+            )
+
+
+vit.QKV_PROJECTIONS[TalkingHeadAttn] = _talking_heads_qkv
+vit.PATCHED_BLOCKS[LayerScaleBlock] = ReducingLayerScaleBlock
+vit.PATCHED_CLASSES[Cait] = ReducingCait
+vit._ORIGINAL_CLASSES[ReducingCait] = Cait
+vit.MODEL_CHECKS[Cait] = _check_class_attention
