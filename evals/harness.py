@@ -87,8 +87,11 @@ def create_model(name: str, img_size: int | None, device: torch.device, seed: in
 
 
 def input_size(model: nn.Module) -> tuple[int, ...]:
-    """(H, W) for an image model, (T, H, W) for a video model, from its patch embedding."""
-    embed = model.patch_embed
+    """(H, W) for an image model, (T, H, W) for a video model, from its patch embedding (a
+    NaFlexVit takes any size: the one its pretrained configuration names)."""
+    embed = getattr(model, "patch_embed", None)
+    if embed is None:
+        return tuple(int(s) for s in model.pretrained_cfg["input_size"][-2:])
     size = tuple(int(s) for s in embed.img_size)
     return (int(embed.num_frames), *size) if is_video_model(model) else size
 

@@ -134,7 +134,7 @@ def test_intermediates_are_patch_grids() -> None:
     ("tome", {"r": 8}),
     ("tome", {"r": (16, -1)}),
     ("pitome", {"r": 8}),
-    ("local_global", {"r": 4}),
+    ("local_global", {"r": 4, "local_block": 1}),
     ("dynamicvit", {"keep_ratio": 0.7, "stages": (1, 2)}),
 ])
 def test_flops_agree_with_flop_counter(method: str, options: dict) -> None:

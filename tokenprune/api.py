@@ -7,11 +7,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from timm.models.naflexvit import NaFlexVit
 from torch import Tensor, nn
 
 from .merge import source_matrix
 from .methods import METHODS, MethodConfig
-from .patch import beit, cait, eva, video, vit, vit_relpos  # noqa: F401 (importing a family's module registers it)
+from .patch import beit, cait, eva, naflexvit, video, vit, vit_relpos  # noqa: F401 (importing a family's module registers it)
 
 
 def patch(model: nn.Module, method: str | MethodConfig | None = None, **options: Any) -> nn.Module:
@@ -110,7 +111,9 @@ def patch_grid(model: nn.Module, input_size: int | tuple[int, ...]) -> tuple[int
         height = width = input_size
     else:
         height, width = input_size[-2:]
-    if getattr(model, "dynamic_img_size", False):
+    if isinstance(model, NaFlexVit):  # any size: it resizes its position embedding to the grid
+        grid = model.embeds.dynamic_feat_size((height, width))
+    elif getattr(model, "dynamic_img_size", False):
         grid = model.patch_embed.dynamic_feat_size((height, width))
     else:
         expected = tuple(model.patch_embed.img_size)

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from timm.models.naflexvit import NaFlexVit
 from torch import nn
 
 from .api import input_tokens, plan
@@ -116,7 +117,9 @@ def flops(model: nn.Module, input_size: int | tuple[int, ...], batch_size: int =
 
 
 def _embed_flops(model: nn.Module, input_size: int | tuple[int, ...], patches: int) -> int:
-    embed = model.patch_embed
+    embed = model.embeds if isinstance(model, NaFlexVit) else model.patch_embed
+    if isinstance(embed.proj, nn.Linear):  # NaFlexVit's linear embedding of flattened patches
+        return _linear(patches, embed.proj)
     if isinstance(embed.proj, (nn.Conv2d, nn.Conv3d)) and getattr(embed, "backbone", None) is None:
         # One patchifying convolution, Conv2d (images) or Conv3d (video tubelets): every kernel
         # dimension counts.

@@ -100,7 +100,9 @@ class AttentionDropConfig:
     def reducers(self, model: nn.Module) -> list[AttentionDrop | None]:
         depth = len(model.blocks)
         protected = block_prefix_tokens(model)
-        if self.score == "attention" and (model.cls_token is None or protected == 0):
+        # (NaFlexVit keeps its class token in its embedding and says so in has_class_token)
+        class_token = getattr(model, "has_class_token", getattr(model, "cls_token", None) is not None)
+        if self.score == "attention" and (not class_token or protected == 0):
             raise ValueError(
                 "score='attention' needs a class token in the blocks (CaiT adds its own after them); "
                 "use score='random' or another method"

@@ -3,7 +3,8 @@ and MLP for merging, before attention for learned pruning), and a model class wh
 threads a :class:`TokenState` through the blocks. The attention step, the block and the model
 forward are shared with the other families, which register their classes here
 (:data:`QKV_PROJECTIONS`, :data:`PATCHED_BLOCKS`, :data:`PATCHED_CLASSES`, :data:`MODEL_CHECKS`;
-``patch/eva.py``, ``patch/beit.py``, ``patch/vit_relpos.py``, ``patch/cait.py``, ``patch/video.py``).
+``patch/eva.py``, ``patch/beit.py``, ``patch/vit_relpos.py``, ``patch/cait.py``, ``patch/naflexvit.py``,
+``patch/video.py``).
 
 Nothing here keeps per-forward state on modules: every block owns a fixed ``reducer`` (its r is
 a plain int) and the sizes travel with the tokens, so patched models compile with
@@ -62,7 +63,7 @@ SUPPORTED_FAMILIES = (
     "register-token (*_reg*) and qk-norm variants; timm Eva with EvaBlock / EvaBlockPostNorm and "
     "EvaAttention / AttentionRope: EVA, EVA-02, DINOv3, Perception Encoder, RoPE-ViT (RoPE, GQA); "
     "timm Beit: BEiT, BEiT v2 (relative position bias); timm VisionTransformerRelPos (vit_relpos_*); "
-    "timm Cait (CaiT: talking heads, class attention); "
+    "timm Cait (CaiT: talking heads, class attention); timm NaFlexVit (SigLIP 2 NaFlex, RADIO) on image batches; "
     "tokenprune.models.VideoVisionTransformer (VideoMAE video ViT)"
 )
 
@@ -402,14 +403,7 @@ class ReducingViT:
                 "attn_mask/is_causal refer to the input token positions and cannot follow merged tokens; "
                 "call tokenprune.unpatch(model) for masked attention"
             )
-        expected = self.patch_embed.img_size
-        # (A clip, [B, C, T, H, W], is checked by the video patch embedding, which names frames too.)
-        if (x.ndim == 4 and not getattr(self, "dynamic_img_size", False) and self.patch_embed.strict_img_size
-                and tuple(x.shape[-2:]) != tuple(expected)):
-            raise ValueError(
-                f"the model takes {expected[0]}x{expected[1]} images, got {x.shape[-2]}x{x.shape[-1]}; "
-                "create it with dynamic_img_size=True to vary the input size (tokenprune keeps no state between calls)"
-            )
+        self._check_input(x)
         grid = self._token_grid(x)
         x, position = self._embed(x)
         # Blocks give positions (RoPE, relative bias) to merged tokens from their sources: trace them.
@@ -431,6 +425,17 @@ class ReducingViT:
         """What runs between the last block and the head: the final norm (CaiT adds its class
         token first)."""
         return state._replace(x=self.norm(state.x))
+
+    def _check_input(self, x: Tensor) -> None:
+        """Raise a clear error for an input the blocks' token grid cannot come from."""
+        expected = self.patch_embed.img_size
+        # (A clip, [B, C, T, H, W], is checked by the video patch embedding, which names frames too.)
+        if (x.ndim == 4 and not getattr(self, "dynamic_img_size", False) and self.patch_embed.strict_img_size
+                and tuple(x.shape[-2:]) != tuple(expected)):
+            raise ValueError(
+                f"the model takes {expected[0]}x{expected[1]} images, got {x.shape[-2]}x{x.shape[-1]}; "
+                "create it with dynamic_img_size=True to vary the input size (tokenprune keeps no state between calls)"
+            )
 
     def _embed(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """Patch embedding, position embedding and pre-norm: the tokens entering the first
@@ -530,7 +535,7 @@ class ReducingViT:
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        batch, _, height, width = x.shape
+        batch = x.shape[0]
         intermediates: list[Tensor] = []
 
         def keep(i: int, state: TokenState) -> None:
@@ -547,7 +552,7 @@ class ReducingViT:
         prefix_tokens = [y[:, :p] for y in intermediates] if p else None
         intermediates = [y[:, p:] for y in intermediates]
         if output_fmt == "NCHW":
-            grid_h, grid_w = self.patch_embed.dynamic_feat_size((height, width))
+            grid_h, grid_w = self._token_grid(x)
             intermediates = [y.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
         final = unmerge_tokens(state.x, state.source_index)
         if output_dict:
