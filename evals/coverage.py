@@ -1,0 +1,177 @@
+"""Which of timm's pretrained ViT architectures tokenprune patches, each checked by running it.
+
+For every architecture with pretrained weights in the given timm modules (random weights here:
+nothing is downloaded), built with few blocks: the unpatched model, the model patched with
+r=0 (must be bit-identical), and patched with ToMe at ``--r`` (must run, keep the output shape,
+stay finite, and leave as many tokens as ``tokenprune.plan`` says). An architecture
+tokenprune does not support is listed with its ``TypeError``; one that fails a check is listed
+with what failed, and the script exits non-zero.
+
+    python -m evals.coverage [--module eva --module naflexvit] [--depth 2] [--r 4]
+
+Writes ``evals/results/coverage.{json,md}`` by default. About 6 minutes on a 2-core CPU for
+the default modules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+from tqdm import tqdm
+
+import tokenprune
+from evals.harness import RESULTS_DIR, environment
+from tokenprune._io import write_atomic
+from tokenprune.patch.vit import block_prefix_tokens, check_supported
+
+MODULES = (
+    "vision_transformer",
+    "vision_transformer_hybrid",
+    "vision_transformer_relpos",
+    "deit",
+    "eva",
+    "beit",
+    "cait",
+    "naflexvit",
+    "vision_transformer_sam",
+)
+# Above this many parameters a model whose builder will not take a smaller depth is not built.
+MAX_FULL_DEPTH_PARAMS = 500_000_000
+
+
+def architectures(module: str) -> list[str]:
+    """timm's architectures in ``module`` with at least one pretrained tag."""
+    return sorted({name.split(".")[0] for name in timm.list_models(module=module, pretrained=True)})
+
+
+def build(name: str, depth: int) -> tuple[nn.Module | None, str]:
+    """The architecture with random weights and ``depth`` blocks, or at full depth when its
+    builder will not take another depth (e.g. a per-block option list) and it is small enough;
+    (None, why) when it cannot be built here."""
+    try:
+        return timm.create_model(name, depth=depth).eval(), f"{depth} blocks"
+    except (TypeError, AssertionError, ValueError) as error:
+        reason = f"{type(error).__name__}: {error}"
+    size = sum(p.numel() for p in timm.create_model(name, device="meta").parameters())
+    if size > MAX_FULL_DEPTH_PARAMS:
+        return None, f"not built: depth={depth} refused ({reason}) and {size / 1e9:.1f}B parameters at full depth"
+    model = timm.create_model(name).eval()
+    return model, f"full depth ({len(model.blocks)} blocks; depth={depth} refused)"
+
+
+@torch.no_grad()
+def check(model: nn.Module, r: int) -> list[str]:
+    """What goes wrong when ``model`` is patched: [] when nothing does."""
+    cfg = model.pretrained_cfg
+    size = tuple(cfg["input_size"][-2:])
+    x = torch.randn(1, cfg["input_size"][0], *size, generator=torch.Generator().manual_seed(0))
+    expected = model(x)
+    problems = []
+    tokenprune.patch(model, r=0)
+    if not torch.equal(model(x), expected):
+        problems.append("r=0 is not bit-identical to the unpatched model")
+    tokenprune.patch(model, r=r)
+    state = model.forward_tokens(x)
+    out = model(x)
+    planned = tokenprune.plan(model, size).output_tokens
+    added_after_blocks = model.num_prefix_tokens - block_prefix_tokens(model)
+    if out.shape != expected.shape:
+        problems.append(f"output shape {tuple(out.shape)}, unpatched {tuple(expected.shape)}")
+    if not torch.isfinite(out).all():
+        problems.append("non-finite output")
+    if state.num_tokens != planned + added_after_blocks:
+        problems.append(f"{state.num_tokens} tokens out, plan says {planned + added_after_blocks}")
+    if planned >= tokenprune.plan(model, size).tokens[0]:
+        problems.append("nothing merged")
+    tokenprune.unpatch(model)
+    return problems
+
+
+def run(modules: list[str], depth: int, r: int, progress: bool = True) -> list[dict[str, Any]]:
+    names = [(module, name) for module in modules for name in architectures(module)]
+    rows = []
+    for module, name in tqdm(names, desc="architectures", disable=not progress):
+        row: dict[str, Any] = {"module": module, "architecture": name}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, built = build(name, depth)
+        row["built"] = built
+        if model is None:
+            row.update(status="not checked", detail=built)
+        else:
+            row["class"] = type(model).__name__
+            try:
+                check_supported(model)
+            except TypeError as error:
+                row.update(status="unsupported", detail=str(error).split("; supported:")[0])
+            else:
+                problems = check(model, r)
+                row.update(status="failed" if problems else "ok", detail="; ".join(problems))
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], env: dict[str, Any], command: str) -> str:
+    counts = Counter(row["status"] for row in rows)
+    per_module: dict[str, Counter] = {}
+    for row in rows:
+        per_module.setdefault(row["module"], Counter())[row["status"]] += 1
+    statuses = ["ok", "failed", "unsupported", "not checked"]
+    lines = [
+        f"timm {env['timm']}, torch {env['torch']}, tokenprune {env['tokenprune']} (commit {env['git_commit']}); "
+        f"`{command}`",
+        "",
+        f"{counts['ok']} of {len(rows)} pretrained architectures patched and checked "
+        "(r=0 bit-identical, ToMe runs with the planned token count, random weights).",
+        "",
+        "| module | " + " | ".join(statuses) + " |",
+        "|---|" + "---:|" * len(statuses),
+    ]
+    for module, counter in per_module.items():
+        lines.append(f"| {module} | " + " | ".join(str(counter[s]) for s in statuses) + " |")
+    others = [row for row in rows if row["status"] != "ok"]
+    if others:
+        lines += ["", "| architecture | status | why |", "|---|---|---|"]
+        lines += [f"| {row['architecture']} | {row['status']} | {row['detail']} |" for row in others]
+    full_depth = [row["architecture"] for row in rows if row.get("built", "").startswith("full depth")]
+    if full_depth:
+        lines += ["", "Built at full depth (their builders refuse another depth): " + ", ".join(full_depth) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m evals.coverage", description=__doc__.splitlines()[0])
+    parser.add_argument("--module", action="append", choices=MODULES,
+                        help=f"timm module, repeatable (default: all of {', '.join(MODULES)})")  # fmt: skip
+    parser.add_argument("--depth", type=int, default=2, help="blocks to build each model with (default 2)")
+    parser.add_argument("--r", type=int, default=4, help="ToMe's r for the reducing check (default 4)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "coverage.json", help="JSON path; .md beside it")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.depth < 1 or args.r < 1:
+        raise SystemExit("--depth and --r must be at least 1")
+    command = "python -m evals.coverage " + " ".join(sys.argv[1:] if argv is None else argv)
+    rows = run(args.module or list(MODULES), args.depth, args.r, progress=not args.quiet)
+    env = environment(torch.device("cpu"))
+    write_atomic(args.out, json.dumps({"environment": env, "command": command, "rows": rows}, indent=1))
+    table = markdown(rows, env, command.strip())
+    write_atomic(args.out.with_suffix(".md"), table)
+    print(table)
+    return 1 if any(row["status"] == "failed" for row in rows) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

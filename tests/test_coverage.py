@@ -1,0 +1,53 @@
+"""evals/coverage.py: the survey of which timm architectures tokenprune patches, on two tiny ones."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from evals import coverage
+
+
+@pytest.fixture
+def two_architectures(monkeypatch: pytest.MonkeyPatch) -> None:
+    listed = {"vision_transformer": ["vit_tiny_patch16_224"], "vision_transformer_sam": ["samvit_base_patch16"]}
+    monkeypatch.setattr(coverage, "architectures", lambda module: listed.get(module, []))
+
+
+def test_survey_checks_what_it_patches_and_names_what_it_cannot(two_architectures, tmp_path) -> None:
+    out = tmp_path / "coverage.json"
+    args = ["--module", "vision_transformer", "--module", "vision_transformer_sam", "--depth", "1", "--out", str(out), "--quiet"]
+    assert coverage.main(args) == 0
+    rows = {row["architecture"]: row for row in json.loads(out.read_text())["rows"]}
+    assert rows["vit_tiny_patch16_224"]["status"] == "ok" and rows["vit_tiny_patch16_224"]["built"] == "1 blocks"
+    assert rows["samvit_base_patch16"]["status"] == "unsupported"
+    assert "VisionTransformerSAM" in rows["samvit_base_patch16"]["detail"]
+    assert "1 of 2 pretrained architectures" in out.with_suffix(".md").read_text()
+
+
+def test_a_failed_check_fails_the_run(two_architectures, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(coverage, "check", lambda model, r: ["r=0 is not bit-identical to the unpatched model"])
+    out = tmp_path / "coverage.json"
+    assert coverage.main(["--module", "vision_transformer", "--depth", "1", "--out", str(out), "--quiet"]) == 1
+    assert "| vit_tiny_patch16_224 | failed | r=0 is not bit-identical" in out.with_suffix(".md").read_text()
+
+
+def test_check_catches_a_patch_that_changes_the_unreduced_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    import timm
+    import torch
+
+    import tokenprune
+
+    model = timm.create_model("vit_tiny_patch16_224", depth=1).eval()
+    assert coverage.check(model, r=4) == []
+    original = tokenprune.patch
+
+    def nudging_patch(model, *args, **kwargs):  # a patch whose r=0 is off by a rounding error
+        patched = original(model, *args, **kwargs)
+        with torch.no_grad():
+            patched.norm.bias.add_(1e-6)
+        return patched
+
+    monkeypatch.setattr(tokenprune, "patch", nudging_patch)
+    assert coverage.check(model, r=4)[0] == "r=0 is not bit-identical to the unpatched model"
