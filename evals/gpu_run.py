@@ -8,7 +8,7 @@ headline figures first: ViT-B/16 at batch 256, torch against Triton merging, the
 ToMe's table (the kernels' targets); a profile of r=(16,-1) (is the GPU waiting on the host?);
 the merge step alone; the kernel tests on CUDA; the DINOv2 ViT-S/14 budget sweep; the video
 ViT-B sweep; torch.compile with CUDA graphs; RoPE and relative-position models (DINOv3,
-EVA-02, BEiT v2).
+EVA-02, BEiT v2); CaiT and SigLIP 2 NaFlex.
 
 **Time.** ``--budget-s`` is what the steps may use together; give the device call's limit
 minus ~40 s (start-up and copying back). Each step may use what is left after reserving the
@@ -110,6 +110,14 @@ STEPS: tuple[Step, ...] = (
         ("--model", "vit_base_patch16_dinov3", "--model", "eva02_base_patch14_224", "--model", "beitv2_base_patch16_224",
          "--r", "8", "--r", "16", "--r", "16,-1", "--no-manual", "--out", f"{RESULTS}/bench_eva_beit_cuda.json"),
         40, 120,
+    ),  # fmt: skip
+    Step(
+        "CaiT-S24 (talking heads, 24 blocks) and SigLIP 2 NaFlex B/16 at 384² (576 patches), unpatched vs ToMe "
+        "at 75 % and 50 % of the GFLOPs (each model's own r)",
+        "evals.bench",
+        ("--model", "cait_s24_224", "--model", "naflexvit_base_patch16_siglip", "--budget", "0.75", "--budget", "0.5",
+         "--no-manual", "--out", f"{RESULTS}/bench_cait_naflex_cuda.json"),
+        30, 90,
     ),  # fmt: skip
 )
 
