@@ -3,13 +3,14 @@
 For every architecture with pretrained weights in the given timm modules (random weights here:
 nothing is downloaded), built with few blocks: the unpatched model, the model patched with
 r=0 (must be bit-identical), and patched with ToMe at ``--r`` (must run, keep the output shape,
-stay finite, and leave as many tokens as ``tokenprune.plan`` says). An architecture
+stay finite, leave as many tokens as ``tokenprune.plan`` says, and cost what
+``tokenprune.flops`` says by torch's FlopCounterMode). An architecture
 tokenprune does not support is listed with its ``TypeError``; one that fails a check is listed
 with what failed, and the script exits non-zero.
 
     python -m evals.coverage [--module eva --module naflexvit] [--depth 2] [--r 4]
 
-Writes ``evals/results/coverage.{json,md}`` by default. About 6 minutes on a 2-core CPU for
+Writes ``evals/results/coverage.{json,md}`` by default. About 7 minutes on a 2-core CPU for
 the default modules.
 """
 
@@ -29,7 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 import tokenprune
-from evals.harness import RESULTS_DIR, environment
+from evals.harness import RESULTS_DIR, counted_flops, environment
 from tokenprune._io import write_atomic
 from tokenprune.patch.vit import block_prefix_tokens, check_supported
 
@@ -92,6 +93,9 @@ def check(model: nn.Module, r: int) -> list[str]:
         problems.append(f"{state.num_tokens} tokens out, plan says {planned + added_after_blocks}")
     if planned >= tokenprune.plan(model, size).tokens[0]:
         problems.append("nothing merged")
+    computed, counted = tokenprune.flops(model, size).total, counted_flops(model, x)
+    if computed != counted:
+        problems.append(f"tokenprune.flops gives {computed / 1e9:.4f} GFLOPs, FlopCounterMode counts {counted / 1e9:.4f}")
     tokenprune.unpatch(model)
     return problems
 
@@ -114,7 +118,10 @@ def run(modules: list[str], depth: int, r: int, progress: bool = True) -> list[d
             except TypeError as error:
                 row.update(status="unsupported", detail=str(error).split("; supported:")[0])
             else:
-                problems = check(model, r)
+                try:
+                    problems = check(model, r)
+                except Exception as error:  # one broken architecture must not cost the survey
+                    problems = [f"{type(error).__name__}: {error}"]
                 row.update(status="failed" if problems else "ok", detail="; ".join(problems))
         rows.append(row)
     return rows
@@ -131,7 +138,7 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any], command: str) -> s
         f"`{command}`",
         "",
         f"{counts['ok']} of {len(rows)} pretrained architectures patched and checked "
-        "(r=0 bit-identical, ToMe runs with the planned token count, random weights).",
+        "(r=0 bit-identical; ToMe runs with the planned token count and FLOPs; random weights).",
         "",
         "| module | " + " | ".join(statuses) + " |",
         "|---|" + "---:|" * len(statuses),

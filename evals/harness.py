@@ -41,6 +41,7 @@ __all__ = [
     "RESULTS_DIR",
     "agreement",
     "autocast",
+    "counted_flops",
     "create_model",
     "environment",
     "example_input",
@@ -83,12 +84,16 @@ def create_model(name: str, img_size: int | None, device: torch.device, seed: in
             model = timm.create_model(name, pretrained=False, **kwargs)
         except RuntimeError as error:  # timm's "Unknown model"
             raise SystemExit(f"{error}; tokenprune's video models: {sorted(VIDEO_MODELS)}") from None
+        if img_size is not None and getattr(model, "patch_embed", None) is None:
+            # A NaFlexVit takes any size: record the one asked for where timm's data config reads it.
+            model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, img_size, img_size)}
     return model.eval().to(device)
 
 
 def input_size(model: nn.Module) -> tuple[int, ...]:
     """(H, W) for an image model, (T, H, W) for a video model, from its patch embedding (a
-    NaFlexVit takes any size: the one its pretrained configuration names)."""
+    NaFlexVit takes any size: the one its pretrained configuration names, or the one
+    :func:`create_model` was asked for)."""
     embed = getattr(model, "patch_embed", None)
     if embed is None:
         return tuple(int(s) for s in model.pretrained_cfg["input_size"][-2:])
@@ -128,6 +133,32 @@ def agreement(logits: Tensor, reference: Tensor) -> tuple[float, float]:
 
 # ---------------------------------------------------------------------------------------------
 # Timing and memory
+
+
+def counted_flops(model: nn.Module, x: Tensor) -> int:
+    """FLOPs of ``model(x)`` as torch's FlopCounterMode counts them: the independent count that
+    :func:`tokenprune.flops` is checked against. Every attention with a ``fused_attn`` flag
+    (blocks and attention pooling) runs its manual path, whose matmuls every torch version
+    counts, whereas whether fused SDPA is counted depends on the version and device (torch 2.14
+    on CPU does not count it); parameters are frozen for the count (the counter's module
+    tracker needs it)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    attentions = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    fused = [m.fused_attn for m in attentions]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for m in attentions:
+            m.fused_attn = False
+        model.requires_grad_(False)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(x)
+    finally:
+        for m, flag in zip(attentions, fused):
+            m.fused_attn = flag
+        for p in trainable:
+            p.requires_grad_(True)
+    return counter.get_total_flops()
 
 
 def synchronize(device: torch.device) -> None:

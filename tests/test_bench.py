@@ -576,3 +576,13 @@ def test_pareto_reads_imagenet_results_and_refuses_incomplete_ones() -> None:
         pareto.quality_points({**document, "top1": None})
     with pytest.raises(ValueError, match="not an evals.imagenet or evals.fidelity result"):
         pareto.quality_points({"something": 1})
+
+
+def test_an_any_size_model_runs_at_the_size_asked_for() -> None:
+    """NaFlexVit has no built-in image size: --img-size is the size the rows are measured at."""
+    from evals.harness import create_model, example_input, input_size
+
+    model = create_model("naflexvit_base_patch16_siglip", 256, torch.device("cpu"), seed=0)
+    assert input_size(model) == (256, 256)
+    assert example_input(model, 2, torch.device("cpu"), seed=0).shape == (2, 3, 256, 256)
+    assert input_size(create_model("naflexvit_base_patch16_siglip", None, torch.device("cpu"), seed=0)) == (384, 384)

@@ -229,3 +229,30 @@ def test_unknown_class_attention_is_refused() -> None:
     model.blocks_token_only[0].attn = torch.nn.Identity()
     with pytest.raises(TypeError, match="blocks_token_only\\[0\\]"):
         tokenprune.patch(model, r=8)
+
+
+def test_float16_class_attention_keeps_the_keep_mask_gradient() -> None:
+    """A dropped token keeps ~1e-9 of its attention weight, below float16's range: the class
+    attention takes its softmax in float32 there, so the gradient that trains DynamicViT's
+    predictors reaches dropped tokens in float16 as in float32."""
+    from tokenprune.patch.cait import class_attention
+
+    block = cait().blocks_token_only[0]
+    x = torch.randn(2, 20, 192, generator=torch.Generator().manual_seed(4))
+    cls = torch.randn(2, 1, 192, generator=torch.Generator().manual_seed(5))
+    dropped = torch.arange(20) % 4 == 1
+    grads = {}
+    for dtype in (torch.float32, torch.float16):
+        keep = (~dropped).to(dtype).expand(2, -1)[..., None].clone().requires_grad_(True)
+        class_attention(block.to(dtype), x.to(dtype), cls.to(dtype), keep).float().sum().backward()
+        grads[dtype] = keep.grad[:, dropped].float()
+    assert grads[torch.float32].abs().sum() > 0
+    torch.testing.assert_close(grads[torch.float16], grads[torch.float32], atol=2e-2, rtol=2e-2)
+
+
+def test_wrong_image_size_names_the_remedy() -> None:
+    model = tokenprune.patch(cait(), r=8)
+    with pytest.raises(ValueError, match=r"takes 224x224 images, got 256x256; create it with img_size=\(256, 256\)"):
+        model(image(1, 256))
+    with pytest.raises(ValueError, match="img_size="):
+        tokenprune.plan(model, 256)

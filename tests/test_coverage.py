@@ -11,19 +11,35 @@ from evals import coverage
 
 @pytest.fixture
 def two_architectures(monkeypatch: pytest.MonkeyPatch) -> None:
-    listed = {"vision_transformer": ["vit_tiny_patch16_224"], "vision_transformer_sam": ["samvit_base_patch16"]}
+    listed = {
+        "vision_transformer": ["vit_tiny_patch16_224"],
+        "cait": ["cait_xxs24_224"],  # its class token joins after the blocks: one more token than planned
+        "vision_transformer_sam": ["samvit_base_patch16"],
+    }
     monkeypatch.setattr(coverage, "architectures", lambda module: listed.get(module, []))
 
 
 def test_survey_checks_what_it_patches_and_names_what_it_cannot(two_architectures, tmp_path) -> None:
     out = tmp_path / "coverage.json"
-    args = ["--module", "vision_transformer", "--module", "vision_transformer_sam", "--depth", "1", "--out", str(out), "--quiet"]
-    assert coverage.main(args) == 0
+    modules = ["--module", "vision_transformer", "--module", "cait", "--module", "vision_transformer_sam"]
+    assert coverage.main([*modules, "--depth", "1", "--out", str(out), "--quiet"]) == 0
     rows = {row["architecture"]: row for row in json.loads(out.read_text())["rows"]}
     assert rows["vit_tiny_patch16_224"]["status"] == "ok" and rows["vit_tiny_patch16_224"]["built"] == "1 blocks"
+    assert rows["cait_xxs24_224"]["status"] == "ok"
     assert rows["samvit_base_patch16"]["status"] == "unsupported"
     assert "VisionTransformerSAM" in rows["samvit_base_patch16"]["detail"]
-    assert "1 of 2 pretrained architectures" in out.with_suffix(".md").read_text()
+    assert "2 of 3 pretrained architectures" in out.with_suffix(".md").read_text()
+
+
+def test_an_architecture_that_raises_is_a_failed_row(two_architectures, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(model, r):
+        raise RuntimeError("shape mismatch in block 0")
+
+    monkeypatch.setattr(coverage, "check", broken)
+    out = tmp_path / "coverage.json"
+    assert coverage.main(["--module", "vision_transformer", "--depth", "1", "--out", str(out), "--quiet"]) == 1
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["status"] == "failed" and row["detail"] == "RuntimeError: shape mismatch in block 0"
 
 
 def test_a_failed_check_fails_the_run(two_architectures, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -23,6 +23,7 @@ FAMILIES = {
     # RoPE: EvaBlocks, the rotary embedding follows merged tokens as in timm's Eva
     "rope_axial": ("naflexvit_base_patch16_gap", {"rope_type": "axial", "pos_embed": "none"}),
     "rope_mixed": ("naflexvit_base_patch16_gap", {"rope_type": "mixed", "pos_embed": "none"}),
+    "pre_norm": ("naflexvit_base_patch16_gap", {"pre_norm": True}),
 }
 WITHOUT_ROPE = [family for family in FAMILIES if not family.startswith("rope")]
 SIZE = (224, 160)  # not square, and not the position embedding's grid
@@ -187,10 +188,36 @@ def test_naflex_inputs_are_refused_clearly() -> None:
     patches = torch.randn(2, 140, 16 * 16 * 3)
     coord = torch.zeros(2, 140, 2, dtype=torch.long)
     valid = torch.ones(2, 140, dtype=torch.bool)
-    with pytest.raises(ValueError, match="image batches"):
-        model({"patches": patches, "patch_coord": coord, "patch_valid": valid})
-    with pytest.raises(ValueError, match="patch_coord/patch_valid"):
-        model(patches, coord, valid)
+    packed = {"patches": patches, "patch_coord": coord, "patch_valid": valid}
+    for call in (lambda: model(packed), lambda: model.forward_intermediates(packed), lambda: model.forward_features(packed)):
+        with pytest.raises(ValueError, match=r"image batch \[B, C, H, W\].*got a dict"):
+            call()
+    for call in (lambda: model(patches, coord, valid), lambda: model.forward_features(patches, coord, valid),
+                 lambda: model.forward_intermediates(images(), patch_coord=coord)):  # fmt: skip
+        with pytest.raises(ValueError, match="patch_coord/patch_valid"):
+            call()
+
+
+def test_timm_signatures_keep_working() -> None:
+    """Calls written for timm's NaFlexVit on image batches: patch_valid=None, attn_mask (which
+    timm's forward ignores for images), unmerged features, a size-weighted head."""
+    model = naflex("gap_registers")
+    x = images()
+    with torch.no_grad():
+        expected = model(x)
+        tokenprune.patch(model, r=0)
+        assert torch.equal(model(x, attn_mask=torch.zeros(1)), expected)
+        assert torch.equal(model.forward_head(model.forward_features(x), patch_valid=None), expected)
+        tokenprune.patch(model, r=8, trace_source=True)
+        state = model.forward_tokens(x)
+        full = model.forward_features(x, unmerge=True)
+        assert full.shape == (2, 4 + 140, 192)
+        # the size-weighted head over merged tokens = the plain head over the unmerged grid
+        torch.testing.assert_close(
+            model.forward_head(state.x, patch_valid=None, size=state.size),
+            timm.models.naflexvit.NaFlexVit.forward_head(model, full),
+            atol=1e-5, rtol=1e-5,
+        )  # fmt: skip
 
 
 def test_patch_dropout_training_is_refused() -> None:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import tokenprune
+from evals.harness import counted_flops  # noqa: F401 (the other test modules import it from here)
 from tokenprune.merge import unmerge
 
 # One small model per supported family (random init, seeded): what differs is the token layout
@@ -380,26 +381,6 @@ def test_bad_options() -> None:
     with pytest.raises(TypeError, match="prop_attn must be True or False"):
         tokenprune.patch(model, r=4, prop_attn="yes")
     assert not hasattr(model, "tokenprune_config")  # a failed patch leaves the model untouched
-
-
-def counted_flops(model, x) -> int:
-    """FLOPs of ``model(x)`` as torch's FlopCounterMode counts them, with every timm attention
-    (blocks and attention pooling) on its manual path: its matmuls are counted by every torch
-    version, whereas whether fused SDPA is counted depends on the version and device (torch
-    2.14 on CPU does not count it)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    attentions = [m for m in model.modules() if hasattr(m, "fused_attn")]
-    fused = [m.fused_attn for m in attentions]
-    for m in attentions:
-        m.fused_attn = False
-    try:
-        with FlopCounterMode(display=False) as counter:
-            model(x)
-    finally:
-        for m, flag in zip(attentions, fused):
-            m.fused_attn = flag
-    return counter.get_total_flops()
 
 
 def test_source_map_belongs_to_the_last_forward_and_settings() -> None:

@@ -7,7 +7,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from timm.models.naflexvit import NaFlexVit
 from torch import Tensor, nn
 
 from .merge import source_matrix
@@ -111,19 +110,7 @@ def patch_grid(model: nn.Module, input_size: int | tuple[int, ...]) -> tuple[int
         height = width = input_size
     else:
         height, width = input_size[-2:]
-    if isinstance(model, NaFlexVit):  # any size: it resizes its position embedding to the grid
-        grid = model.embeds.dynamic_feat_size((height, width))
-    elif getattr(model, "dynamic_img_size", False):
-        grid = model.patch_embed.dynamic_feat_size((height, width))
-    else:
-        expected = tuple(model.patch_embed.img_size)
-        if (height, width) != expected:
-            raise ValueError(
-                f"the model takes {expected[0]}x{expected[1]} images, not {height}x{width}; "
-                "create it with dynamic_img_size=True for other sizes"
-            )
-        grid = model.patch_embed.grid_size
-    return (int(grid[0]), int(grid[1]))
+    return vit.family(model).image_grid(model, height, width)
 
 
 def _video_grid(model: nn.Module, input_size: int | tuple[int, ...]) -> tuple[int, int, int]:

@@ -14,12 +14,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-from timm.models.naflexvit import NaFlexVit
 from torch import nn
 
 from .api import input_tokens, plan
-from .patch.cait import Cait, class_attention_flops
-from .patch.vit import block_prefix_tokens, head_dim, pool_includes_prefix
+from .patch.vit import block_prefix_tokens, family, head_dim, pool_includes_prefix
 
 
 @dataclass(frozen=True)
@@ -81,7 +79,7 @@ def _bias_mlp_flops(rel_pos: nn.Module | None) -> int:
 
 
 def _head_flops(model: nn.Module, tokens: int) -> int:
-    flops = class_attention_flops(model, tokens) if isinstance(model, Cait) else 0
+    flops = family(model).after_blocks_flops(model, tokens)
     pool = getattr(model, "attn_pool", None)  # (BEiT has none)
     if pool is not None:
         pooled = tokens if pool_includes_prefix(model) else tokens - model.num_prefix_tokens
@@ -117,7 +115,7 @@ def flops(model: nn.Module, input_size: int | tuple[int, ...], batch_size: int =
 
 
 def _embed_flops(model: nn.Module, input_size: int | tuple[int, ...], patches: int) -> int:
-    embed = model.embeds if isinstance(model, NaFlexVit) else model.patch_embed
+    embed = family(model).patch_embedding(model)
     if isinstance(embed.proj, nn.Linear):  # NaFlexVit's linear embedding of flattened patches
         return _linear(patches, embed.proj)
     if isinstance(embed.proj, (nn.Conv2d, nn.Conv3d)) and getattr(embed, "backbone", None) is None:

@@ -67,12 +67,17 @@ def class_attention(block: LayerScaleBlockClassAttn, x: Tensor, cls: Tensor, wei
     q, k, v = heads(attn.q(u[:, :1])), heads(attn.k(u)), heads(attn.v(u))
     # log(ε + w): log s for merged tokens; a dropped token (w = 0) masked with a finite gradient
     counted = torch.cat([torch.ones_like(weights[:, :1]), weights], dim=1).float()
-    bias = torch.log(KEEP_EPS + counted).to(q.dtype).squeeze(-1)[:, None, None, :]
+    bias = torch.log(KEEP_EPS + counted).squeeze(-1)[:, None, None, :]
     dropout = attn.attn_drop.p if attn.training else 0.0
-    if attn.fused_attn:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+    # A dropped key keeps ~1e-9 of its weight, below float16's range, where its gradient would
+    # round to zero: float16 takes the softmax in float32, as the blocks' masked attention does.
+    float32_softmax = q.dtype == torch.float16
+    if attn.fused_attn and not float32_softmax:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout)
     else:
-        out = attn.attn_drop(((q * attn.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)) @ v
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        probs = (logits.float() + bias).softmax(dim=-1) if float32_softmax else (logits + bias.to(q.dtype)).softmax(dim=-1)
+        out = attn.attn_drop(probs.to(v.dtype)) @ v
     out = attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(batch, 1, channels)))
     cls = cls + block.drop_path(block.gamma_1 * out)
     return cls + block.drop_path(block.gamma_2 * block.mlp(block.norm2(cls)))
@@ -97,6 +102,19 @@ class ReducingCait(ReducingViT, Cait):
 
     _prefix_in_blocks = False
 
+    @staticmethod
+    def check_modules(model: nn.Module) -> None:
+        for i, block in enumerate(model.blocks_token_only or ()):
+            if type(block) is not LayerScaleBlockClassAttn or type(block.attn) is not ClassAttn:
+                raise TypeError(
+                    f"tokenprune cannot patch blocks_token_only[{i}] of type {type(block).__name__} "
+                    f"with attention {type(block.attn).__name__}: it runs CaiT's LayerScaleBlockClassAttn with ClassAttn"
+                )
+
+    @staticmethod
+    def after_blocks_flops(model: nn.Module, tokens: int) -> int:
+        return class_attention_flops(model, tokens)
+
     def _embed(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         x = self.patch_embed(x)
         return self.pos_drop(x + self.pos_embed), None
@@ -110,17 +128,7 @@ class ReducingCait(ReducingViT, Cait):
         return state._replace(x=self.norm(state.x))
 
 
-def _check_class_attention(model: Cait) -> None:
-    for i, block in enumerate(model.blocks_token_only or ()):
-        if type(block) is not LayerScaleBlockClassAttn or type(block.attn) is not ClassAttn:
-            raise TypeError(
-                f"tokenprune cannot patch blocks_token_only[{i}] of type {type(block).__name__} "
-                f"with attention {type(block.attn).__name__}: it runs CaiT's LayerScaleBlockClassAttn with ClassAttn"
-            )
-
-
 vit.QKV_PROJECTIONS[TalkingHeadAttn] = _talking_heads_qkv
 vit.PATCHED_BLOCKS[LayerScaleBlock] = ReducingLayerScaleBlock
 vit.PATCHED_CLASSES[Cait] = ReducingCait
 vit._ORIGINAL_CLASSES[ReducingCait] = Cait
-vit.MODEL_CHECKS[Cait] = _check_class_attention

@@ -2,7 +2,8 @@
 and MLP for merging, before attention for learned pruning), and a model class whose forward
 threads a :class:`TokenState` through the blocks. The attention step, the block and the model
 forward are shared with the other families, which register their classes here
-(:data:`QKV_PROJECTIONS`, :data:`PATCHED_BLOCKS`, :data:`PATCHED_CLASSES`, :data:`MODEL_CHECKS`;
+(:data:`QKV_PROJECTIONS`, :data:`PATCHED_BLOCKS`, :data:`PATCHED_CLASSES`, and the hooks of the
+family's model class;
 ``patch/eva.py``, ``patch/beit.py``, ``patch/vit_relpos.py``, ``patch/cait.py``, ``patch/naflexvit.py``,
 ``patch/video.py``).
 
@@ -207,7 +208,9 @@ def attend(
 
 def _mix_heads(proj_w: nn.Linear, probs: Tensor, key_weight: Tensor | None) -> Tensor:
     """Talking heads' mixing of attention weights across heads ([B, H, T, T]), its bias
-    counted ``key_weight`` times per key ([B, T]; None: once, timm's own op)."""
+    counted ``key_weight`` times per key ([B, T]; None: once, timm's own op). Under a training
+    keep mask a dropped token's bias counts 0 even on its own row, where it still attends to
+    itself (DynamicViT Eq. 7): its output is never read by a kept token, so it does not matter."""
     if key_weight is None or proj_w.bias is None:
         return proj_w(probs.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
     bias = proj_w.bias * key_weight.to(probs.dtype)[:, None, :, None]  # [B, 1, T_keys, H]
@@ -262,8 +265,11 @@ class ReducingBlockMixin:
             bias = keep_bias(state.keep, torch.float32 if x.dtype == torch.float16 else x.dtype)
         merged = state.size is not None
         key_bias = state.size.log().squeeze(-1) if merged and self.prop_attn else None
-        # How many input tokens each key counts for, where attention mixes heads after the softmax.
-        counted = state.keep if state.keep is not None else state.size if key_bias is not None else None
+        # How many input tokens each key counts for, where attention mixes heads after the softmax
+        # (talking heads): its keep mask while training a pruning method, else its size.
+        counted = state.keep
+        if counted is None and key_bias is not None:
+            counted = state.size
         attn_out, metric = attend(
             self.attn,
             self._attention_input(x),
@@ -398,12 +404,12 @@ class ReducingViT:
         on_block: Callable[[int, TokenState], None] | None = None,
         num_blocks: int | None = None,
     ) -> TokenState:
+        self._check_input(x)
         if (attn_mask is not None or is_causal) and any(b.reducer is not None for b in self.blocks):
             raise ValueError(
                 "attn_mask/is_causal refer to the input token positions and cannot follow merged tokens; "
                 "call tokenprune.unpatch(model) for masked attention"
             )
-        self._check_input(x)
         grid = self._token_grid(x)
         x, position = self._embed(x)
         # Blocks give positions (RoPE, relative bias) to merged tokens from their sources: trace them.
@@ -428,14 +434,39 @@ class ReducingViT:
 
     def _check_input(self, x: Tensor) -> None:
         """Raise a clear error for an input the blocks' token grid cannot come from."""
-        expected = self.patch_embed.img_size
         # (A clip, [B, C, T, H, W], is checked by the video patch embedding, which names frames too.)
-        if (x.ndim == 4 and not getattr(self, "dynamic_img_size", False) and self.patch_embed.strict_img_size
-                and tuple(x.shape[-2:]) != tuple(expected)):
-            raise ValueError(
-                f"the model takes {expected[0]}x{expected[1]} images, got {x.shape[-2]}x{x.shape[-1]}; "
-                "create it with dynamic_img_size=True to vary the input size (tokenprune keeps no state between calls)"
-            )
+        if x.ndim == 4 and not getattr(self, "dynamic_img_size", False) and self.patch_embed.strict_img_size:
+            _check_image_size(self, tuple(x.shape[-2:]))
+
+    # Family hooks that hold for the unpatched model too (plans and FLOPs are asked of either):
+    # called on the family's class, ``family(model).image_grid(model, ...)``.
+
+    @staticmethod
+    def image_grid(model: nn.Module, height: int, width: int) -> tuple[int, int]:
+        """The patch grid of a height × width image, or a ValueError naming the sizes the model
+        takes."""
+        if getattr(model, "dynamic_img_size", False):
+            grid = model.patch_embed.dynamic_feat_size((height, width))
+        else:
+            _check_image_size(model, (height, width))
+            grid = model.patch_embed.grid_size
+        return (int(grid[0]), int(grid[1]))
+
+    @staticmethod
+    def patch_embedding(model: nn.Module) -> nn.Module:
+        """The module that turns the image into patch tokens (for its FLOPs)."""
+        return model.patch_embed
+
+    @staticmethod
+    def check_modules(model: nn.Module) -> None:
+        """Raise a TypeError for a module outside ``blocks`` that the patch runs itself but
+        cannot run exactly (CaiT's class-attention blocks); nothing to check elsewhere."""
+
+    @staticmethod
+    def after_blocks_flops(model: nn.Module, tokens: int) -> int:
+        """FLOPs per image of what runs on the ``tokens`` output tokens between the last block
+        and the pooling (CaiT's class-attention blocks; nothing elsewhere)."""
+        return 0
 
     def _embed(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """Patch embedding, position embedding and pre-norm: the tokens entering the first
@@ -535,7 +566,6 @@ class ReducingViT:
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        batch = x.shape[0]
         intermediates: list[Tensor] = []
 
         def keep(i: int, state: TokenState) -> None:
@@ -553,6 +583,7 @@ class ReducingViT:
         intermediates = [y[:, p:] for y in intermediates]
         if output_fmt == "NCHW":
             grid_h, grid_w = self._token_grid(x)
+            batch = state.x.shape[0]
             intermediates = [y.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
         final = unmerge_tokens(state.x, state.source_index)
         if output_dict:
@@ -581,9 +612,6 @@ PATCHED_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
     VisionTransformerDistilled: ReducingVisionTransformerDistilled,
 }
 _ORIGINAL_CLASSES = {patched: original for original, patched in PATCHED_CLASSES.items()}
-# Original class → a check of the modules outside ``blocks`` that its patch runs itself (CaiT's
-# class-attention blocks), raising a TypeError for any it cannot run exactly.
-MODEL_CHECKS: dict[type[nn.Module], Callable[[nn.Module], None]] = {}
 
 
 def original_class(model: nn.Module) -> type:
@@ -591,11 +619,32 @@ def original_class(model: nn.Module) -> type:
     return _ORIGINAL_CLASSES.get(type(model), type(model))
 
 
+def family(model: nn.Module) -> type[ReducingViT]:
+    """The reducing class of the model's family (patched or not): its hooks say how the family
+    maps image sizes to grids and what it runs besides the blocks."""
+    model_class = original_class(model)
+    if model_class not in PATCHED_CLASSES:
+        raise TypeError(
+            f"tokenprune cannot patch {model_class.__module__}.{model_class.__name__}; supported: {SUPPORTED_FAMILIES}"
+        )
+    return PATCHED_CLASSES[model_class]
+
+
+def _check_image_size(model: nn.Module, size: tuple[int, int]) -> None:
+    expected = tuple(model.patch_embed.img_size)
+    if tuple(size) != expected:
+        # (CaiT and others without dynamic_img_size take one size, set when they are created)
+        remedy = "dynamic_img_size=True" if hasattr(model, "dynamic_img_size") else f"img_size={tuple(size)}"
+        raise ValueError(
+            f"the model takes {expected[0]}x{expected[1]} images, got {size[0]}x{size[1]}; create it with "
+            f"{remedy} for other sizes (tokenprune keeps no state between calls)"
+        )
+
+
 def block_prefix_tokens(model: nn.Module) -> int:
     """How many prefix tokens (class, distillation, registers) the blocks see, ahead of the
     patches: ``num_prefix_tokens``, except in CaiT, which adds its class token after them."""
-    patched = PATCHED_CLASSES.get(original_class(model))
-    return model.num_prefix_tokens if getattr(patched, "_prefix_in_blocks", True) else 0
+    return model.num_prefix_tokens if family(model)._prefix_in_blocks else 0
 
 
 def _class_names(classes: Any) -> str:
@@ -609,11 +658,7 @@ def _original_block_class(block: nn.Module) -> type:
 
 def check_supported(model: nn.Module) -> None:
     """Raise a TypeError naming the first module tokenprune cannot patch exactly."""
-    model_class = original_class(model)
-    if model_class not in PATCHED_CLASSES:
-        raise TypeError(
-            f"tokenprune cannot patch {model_class.__module__}.{model_class.__name__}; supported: {SUPPORTED_FAMILIES}"
-        )
+    known = family(model)  # a family tokenprune knows, or a TypeError naming them
     for i, block in enumerate(model.blocks):
         if _original_block_class(block) not in PATCHED_BLOCKS:
             raise TypeError(
@@ -628,9 +673,7 @@ def check_supported(model: nn.Module) -> None:
             )
     if len(model.blocks) == 0:
         raise ValueError("the model has no transformer blocks: there is nothing to patch")
-    family_check = MODEL_CHECKS.get(model_class)
-    if family_check is not None:
-        family_check(model)
+    known.check_modules(model)
 
 
 def apply(model: nn.Module, config: Any, reducers: list[TokenReducer | None]) -> None:
