@@ -10,7 +10,7 @@ with what failed, and the script exits non-zero.
 
     python -m evals.coverage [--module eva --module naflexvit] [--depth 2] [--r 4]
 
-Writes ``evals/results/coverage.{json,md}`` by default. About 7 minutes on a 2-core CPU for
+Writes ``evals/results/coverage.{json,md}`` by default. About 8 minutes on a 2-core CPU for
 the default modules.
 """
 
