@@ -115,7 +115,7 @@ def run(modules: list[str], depth: int, r: int, progress: bool = True) -> list[d
             row["class"] = type(model).__name__
             try:
                 check_supported(model)
-            except TypeError as error:
+            except (TypeError, ValueError) as error:  # (ValueError: no blocks to patch)
                 row.update(status="unsupported", detail=str(error).split("; supported:")[0])
             else:
                 try:

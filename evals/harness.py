@@ -140,8 +140,9 @@ def counted_flops(model: nn.Module, x: Tensor) -> int:
     :func:`tokenprune.flops` is checked against. Every attention with a ``fused_attn`` flag
     (blocks and attention pooling) runs its manual path, whose matmuls every torch version
     counts, whereas whether fused SDPA is counted depends on the version and device (torch 2.14
-    on CPU does not count it); parameters are frozen for the count (the counter's module
-    tracker needs it)."""
+    on CPU does not count it); parameters are frozen for the count (with trainable ones, torch
+    2.14's module tracker raised "Expected gradient function to be set" inside a NaFlexVit's
+    attention pooling)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     attentions = [m for m in model.modules() if hasattr(m, "fused_attn")]

@@ -256,3 +256,15 @@ def test_wrong_image_size_names_the_remedy() -> None:
         model(image(1, 256))
     with pytest.raises(ValueError, match="img_size="):
         tokenprune.plan(model, 256)
+
+
+def test_intermediates_take_timms_positional_order() -> None:
+    """timm's Cait takes (x, indices, norm, ...): a positional norm=True stays norm=True."""
+    model = cait()
+    x = image()
+    with torch.no_grad():
+        expected_final, expected = model.forward_intermediates(x, [0, 2], True)
+        tokenprune.patch(model, r=0)
+        final, maps = model.forward_intermediates(x, [0, 2], True)
+    assert torch.equal(final, expected_final)
+    assert all(torch.equal(a, b) for a, b in zip(maps, expected))

@@ -176,3 +176,14 @@ def test_patch_dropout_while_training_is_refused() -> None:
     model.eval()  # timm's patch dropout is off in eval: a reduced model runs
     with torch.no_grad():
         assert model(image(1)).shape == (1, 10)
+
+
+def test_intermediates_take_evas_positional_order() -> None:
+    """timm's Eva has attn_mask where ViT has output_dict: positional calls keep their meaning."""
+    model = make("eva02_rope")
+    x = image()
+    with torch.no_grad():
+        expected_final, expected = model.forward_intermediates(x, [1], False, True, False, "NLC", False, None)
+        tokenprune.patch(model, r=0)
+        final, maps = model.forward_intermediates(x, [1], False, True, False, "NLC", False, None)
+    assert torch.equal(final, expected_final) and torch.equal(maps[0], expected[0])

@@ -208,6 +208,9 @@ def test_timm_signatures_keep_working() -> None:
         tokenprune.patch(model, r=0)
         assert torch.equal(model(x, attn_mask=torch.zeros(1)), expected)
         assert torch.equal(model.forward_head(model.forward_features(x), patch_valid=None), expected)
+        # timm's own forward calls forward_head(**{"patches": ..., "patch_valid": ...})
+        features = {"patches": model.forward_features(patches=x), "patch_valid": None}
+        assert torch.equal(model.forward_head(**features), expected)
         tokenprune.patch(model, r=8, trace_source=True)
         state = model.forward_tokens(x)
         full = model.forward_features(x, unmerge=True)

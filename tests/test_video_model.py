@@ -448,3 +448,10 @@ def test_sincos_model_ignores_stored_table_but_not_learned_one():
     state["pos_embed"] = torch.randn(1, 64, 384)  # a learned one cannot go into a sin-cos model
     with pytest.raises(ValueError, match="unexpected keys \\(1\\): pos_embed"):
         load_videomae(model, state)
+
+
+def test_an_image_batch_is_refused_as_not_a_clip() -> None:
+    model = tokenprune.patch(small(), r=4)
+    for size in (64, 32):  # the clip's size or not: the error says a clip is expected
+        with pytest.raises(ValueError, match=r"expected a clip \[B, C, T, H, W\]"):
+            model(torch.randn(1, 3, size, size))

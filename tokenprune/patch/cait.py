@@ -17,6 +17,8 @@ Importing this module registers the classes in :mod:`tokenprune.patch.vit`'s reg
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from timm.models.cait import Cait, ClassAttn, LayerScaleBlock, LayerScaleBlockClassAttn, TalkingHeadAttn
@@ -118,6 +120,23 @@ class ReducingCait(ReducingViT, Cait):
     def _embed(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         x = self.patch_embed(x)
         return self.pos_drop(x + self.pos_embed), None
+
+    def forward_intermediates(  # type: ignore[override]
+        self,
+        x: Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        **more: Any,
+    ) -> Any:
+        """timm Cait's argument order (no ``return_prefix_tokens`` among the positional ones);
+        the shared options (``output_dict``, ...) by keyword."""
+        return super().forward_intermediates(
+            x, indices, norm=norm, stop_early=stop_early, output_fmt=output_fmt,
+            intermediates_only=intermediates_only, **more,
+        )  # fmt: skip
 
     def _after_blocks(self, state: TokenState) -> TokenState:
         if self.blocks_token_only is not None:  # (None after timm's prune_intermediate_layers)

@@ -11,6 +11,8 @@ Importing this module registers the classes in :mod:`tokenprune.patch.vit`'s reg
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from timm.layers import AttentionRope
@@ -97,6 +99,25 @@ class ReducingEva(ReducingViT, Eva):
     @property
     def _positions_follow_sources(self) -> bool:  # type: ignore[override]
         return self.rope is not None
+
+    def forward_intermediates(  # type: ignore[override]
+        self,
+        x: Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+        output_dict: bool = False,
+    ) -> Any:
+        """timm Eva's argument order (``attn_mask`` where ViT has ``output_dict``)."""
+        return super().forward_intermediates(
+            x, indices, return_prefix_tokens, norm, stop_early, output_fmt, intermediates_only,
+            output_dict=output_dict, attn_mask=attn_mask, is_causal=is_causal,
+        )  # fmt: skip
 
     def _embed(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         if self.patch_drop is not None and self.training and any(b.reducer is not None for b in self.blocks):

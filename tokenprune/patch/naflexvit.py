@@ -1,7 +1,8 @@
 """Patch for timm's ``NaFlexVit`` (SigLIP 2 NaFlex, RADIO, the ``naflexvit_*`` models) on image
 batches [B, C, H, W] of any size: its blocks are timm's ``Block`` (or ``EvaBlock`` with RoPE),
-already patched, and its embedding resizes the position embedding to the image's patch grid,
-so what this module adds is the model forward around them.
+already patched, and its embedding resizes the position embedding to the image's patch grid.
+What this module adds: the model forward around the blocks, the family's hooks (any image
+size; the embedding module for FLOPs), and timm's NaFlexVit signatures over ReducingViT's.
 
 NaFlex's packed inputs (a dict, or ``patch_coord``/``patch_valid``: sequences of patches from
 images of different sizes, padded to one length) are refused while the model is patched.
@@ -87,20 +88,23 @@ class ReducingNaFlexVit(ReducingViT, NaFlexVit):
 
     def forward_features(  # type: ignore[override]
         self,
-        x: Tensor,
+        patches: Tensor,
         patch_coord: Tensor | None = None,
         patch_valid: Tensor | None = None,
         attn_mask: Tensor | None = None,
         unmerge: bool = False,
     ) -> Tensor:
+        """The reduced tokens of an image batch (``patches``: [B, C, H, W], timm's name), or
+        with ``unmerge=True`` the full token grid (see :meth:`ReducingViT.forward_features`)."""
         _refuse_packed(patch_coord, patch_valid)
-        return super().forward_features(x, attn_mask, unmerge=unmerge)
+        return super().forward_features(patches, attn_mask, unmerge=unmerge)
 
     def forward_head(  # type: ignore[override]
-        self, x: Tensor, pre_logits: bool = False, patch_valid: Tensor | None = None, size: Tensor | None = _NOT_GIVEN
+        self, patches: Tensor, pre_logits: bool = False, patch_valid: Tensor | None = None, size: Tensor | None = _NOT_GIVEN
     ) -> Tensor:
+        """timm's head on the tokens ``patches``, weighted by ``size`` (see :meth:`ReducingViT.forward_head`)."""
         _refuse_packed(None, patch_valid)
-        return super().forward_head(x, pre_logits=pre_logits, size=size)
+        return super().forward_head(patches, pre_logits=pre_logits, size=size)
 
     def forward_intermediates(  # type: ignore[override]
         self,
@@ -116,6 +120,8 @@ class ReducingNaFlexVit(ReducingViT, NaFlexVit):
         patch_valid: Tensor | None = None,
         attn_mask: Tensor | None = None,
     ) -> Any:
+        """timm's intermediates on the full token grid. With mixed RoPE, ``stop_early`` stops
+        early here (timm's NaFlexVit runs every block there, so its final features differ)."""
         _refuse_packed(patch_coord, patch_valid)
         return super().forward_intermediates(
             x, indices, return_prefix_tokens, norm, stop_early, output_fmt, intermediates_only, output_dict,

@@ -21,9 +21,12 @@ class ReducingVideoVisionTransformer(ReducingViT, VideoVisionTransformer):
     """:class:`VideoVisionTransformer` with token reduction. ``TokenState.grid`` is
     (T', H', W') and token positions are (frame, row, col) centroids in token-grid units."""
 
-    def _token_grid(self, x: Tensor) -> tuple[int, ...]:
+    def _check_input(self, x: Tensor) -> None:
+        # (the clip's frames and size are checked by the video patch embedding)
         if x.ndim != 5:
             raise ValueError(f"expected a clip [B, C, T, H, W], got shape {tuple(x.shape)}")
+
+    def _token_grid(self, x: Tensor) -> tuple[int, ...]:
         return tuple(int(n) for n in self.patch_embed.dynamic_feat_size(tuple(x.shape[-3:])))
 
     def forward_intermediates(self, *args: Any, **kwargs: Any) -> Any:

@@ -433,8 +433,8 @@ class ReducingViT:
         return state._replace(x=self.norm(state.x))
 
     def _check_input(self, x: Tensor) -> None:
-        """Raise a clear error for an input the blocks' token grid cannot come from."""
-        # (A clip, [B, C, T, H, W], is checked by the video patch embedding, which names frames too.)
+        """Raise a clear error for an input the blocks' token grid cannot come from (families
+        override it: video clips, NaFlexVit's any size)."""
         if x.ndim == 4 and not getattr(self, "dynamic_img_size", False) and self.patch_embed.strict_img_size:
             _check_image_size(self, tuple(x.shape[-2:]))
 
