@@ -32,7 +32,7 @@ from tqdm import tqdm
 import tokenprune
 from evals.harness import RESULTS_DIR, counted_flops, environment
 from tokenprune._io import write_atomic
-from tokenprune.patch.vit import block_prefix_tokens, check_supported
+from tokenprune.patch.vit import check_supported
 
 MODULES = (
     "vision_transformer",
@@ -83,15 +83,14 @@ def check(model: nn.Module, r: int) -> list[str]:
     tokenprune.patch(model, r=r)
     state = model.forward_tokens(x)
     out = model(x)
-    planned = tokenprune.plan(model, size).output_tokens
-    added_after_blocks = model.num_prefix_tokens - block_prefix_tokens(model)
+    reduction = tokenprune.plan(model, size)
     if out.shape != expected.shape:
         problems.append(f"output shape {tuple(out.shape)}, unpatched {tuple(expected.shape)}")
     if not torch.isfinite(out).all():
         problems.append("non-finite output")
-    if state.num_tokens != planned + added_after_blocks:
-        problems.append(f"{state.num_tokens} tokens out, plan says {planned + added_after_blocks}")
-    if planned >= tokenprune.plan(model, size).tokens[0]:
+    if state.num_tokens != reduction.head_tokens:
+        problems.append(f"{state.num_tokens} tokens out, plan says {reduction.head_tokens}")
+    if reduction.output_tokens >= reduction.tokens[0]:
         problems.append("nothing merged")
     computed, counted = tokenprune.flops(model, size).total, counted_flops(model, x)
     if computed != counted:

@@ -87,14 +87,22 @@ class ReductionPlan:
     """Token counts of a (patched or plain) model for one input size.
 
     tokens[i] is the token count entering block i; removed[i] is how many block i removes
-    (the effective r, after capping)."""
+    (the effective r, after capping); added_after_blocks counts the prefix tokens that join
+    after the blocks (CaiT's class token)."""
 
     tokens: tuple[int, ...]
     removed: tuple[int, ...]
+    added_after_blocks: int = 0
 
     @property
     def output_tokens(self) -> int:
+        """Tokens leaving the last block."""
         return self.tokens[-1] - self.removed[-1]
+
+    @property
+    def head_tokens(self) -> int:
+        """Tokens reaching the head (``forward_tokens``' count)."""
+        return self.output_tokens + self.added_after_blocks
 
     def tokens_after(self, block: int) -> int:
         return self.tokens[block] - self.removed[block]
@@ -153,4 +161,4 @@ def plan(model: nn.Module, input_size: int | tuple[int, ...]) -> ReductionPlan:
         tokens.append(count)
         removed.append(gone)
         count -= gone
-    return ReductionPlan(tuple(tokens), tuple(removed))
+    return ReductionPlan(tuple(tokens), tuple(removed), model.num_prefix_tokens - vit.block_prefix_tokens(model))

@@ -107,9 +107,7 @@ def flops(model: nn.Module, input_size: int | tuple[int, ...], batch_size: int =
         for block, tokens, removed in zip(model.blocks, reduction.tokens, reduction.removed)
     )
     patches = input_tokens(model, input_size) - protected
-    # the tokens the head reads: those leaving the blocks, plus a class token added after them (CaiT)
-    head_tokens = reduction.output_tokens + model.num_prefix_tokens - protected
-    fixed = batch_size * (_embed_flops(model, input_size, patches) + _head_flops(model, head_tokens))
+    fixed = batch_size * (_embed_flops(model, input_size, patches) + _head_flops(model, reduction.head_tokens))
     fixed += _bias_mlp_flops(getattr(model, "shared_rel_pos", None))
     return FlopReport(per_block, fixed)
 
