@@ -2,7 +2,9 @@
 
 At every token count that ToMe r=16 leaves in ViT-B/16 (and a few more), times one attention
 call with proportional attention (a log-size bias per key) on both, and SDPA without a bias as
-the floor that an unmerged model pays. Needs a CUDA GPU.
+the floor that an unmerged model pays. SDPA takes the bias two ways: as a mask, and folded into
+two extra q/k channels (``kernels.attention_folded``, what training and compiled models run on
+a GPU); both are also timed forward + backward, as in training. Needs a CUDA GPU.
 
     python -m evals.bench_attention [--batch-size 256] [--heads 12] [--head-dim 64]
 
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 
 from evals.harness import DTYPES, RESULTS_DIR, environment, write_atomic
-from kernels import attention_reference, attention_triton
+from kernels import attention_folded, attention_reference, attention_triton
 
 TOKENS = (197, 181, 165, 149, 133, 117, 101, 85, 69, 53, 37, 21)
 
@@ -49,7 +51,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         log_size = torch.randint(1, 9, (args.batch_size, tokens), device="cuda", generator=generator).float().log()
 
         def time_us(fn) -> float:
-            return do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
+            return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+
+        trained = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        upstream = torch.randn_like(q)
+
+        def forward_backward(fn):
+            def step() -> None:
+                fn(*trained, log_size, scale).backward(upstream)
+
+            return step
 
         reference = attention_reference(q.float(), k.float(), v.float(), log_size, scale)
         error = (attention_triton(q, k, v, log_size, scale).float() - reference).norm() / reference.norm()
@@ -59,6 +70,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "sdpa_bias_us": time_us(lambda: attention_reference(q, k, v, log_size, scale)),
             "triton_bias_us": time_us(lambda: attention_triton(q, k, v, log_size, scale)),
             "triton_no_bias_us": time_us(lambda: attention_triton(q, k, v, None, scale)),
+            "sdpa_folded_us": time_us(lambda: attention_folded(q, k, v, log_size, scale)),
+            "sdpa_bias_fwd_bwd_us": time_us(forward_backward(attention_reference)),
+            "sdpa_folded_fwd_bwd_us": time_us(forward_backward(attention_folded)),
             "triton_rel_error_vs_fp32": error.item(),
         }
         rows.append(row)
@@ -70,13 +84,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"{env['device_name']}; median of do_bench"
     )
     lines = [
-        "| tokens | SDPA, no bias (µs) | SDPA + log-size bias (µs) | Triton + bias (µs) | Triton, no bias (µs) | bias speedup |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| tokens | SDPA, no bias (µs) | SDPA + log-size bias (µs) | SDPA, bias folded (µs) | Triton + bias (µs) "
+        "| Triton, no bias (µs) | bias speedup | training: SDPA + bias / folded (µs) |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
         lines.append(
-            f"| {row['tokens']} | {row['sdpa_no_bias_us']:.0f} | {row['sdpa_bias_us']:.0f} | {row['triton_bias_us']:.0f} "
-            f"| {row['triton_no_bias_us']:.0f} | {row['sdpa_bias_us'] / row['triton_bias_us']:.2f}× |"
+            f"| {row['tokens']} | {row['sdpa_no_bias_us']:.0f} | {row['sdpa_bias_us']:.0f} | {row['sdpa_folded_us']:.0f} "
+            f"| {row['triton_bias_us']:.0f} | {row['triton_no_bias_us']:.0f} "
+            f"| {row['sdpa_bias_us'] / row['triton_bias_us']:.2f}× "
+            f"| {row['sdpa_bias_fwd_bwd_us']:.0f} / {row['sdpa_folded_fwd_bwd_us']:.0f} |"
         )
     table = "\n".join(lines)
     document = {"config": {k: str(v) for k, v in vars(args).items()}, "environment": env, "rows": rows}

@@ -6,7 +6,8 @@
 GPUs are lent rarely and briefly, so the steps are fixed here rather than retyped each time, the
 headline figures first: ViT-B/16 at batch 256, torch against Triton merging, the r values of
 ToMe's table (the kernels' targets); a profile of r=(16,-1) (is the GPU waiting on the host?);
-the merge step alone; the kernel tests on CUDA; the DINOv2 ViT-S/14 budget sweep; the video
+the merge step alone; attention with the size bias alone (as a mask, folded into q and k, in
+the Triton kernel); the kernel tests on CUDA; the DINOv2 ViT-S/14 budget sweep; the video
 ViT-B sweep; torch.compile with CUDA graphs; RoPE and relative-position models (DINOv3,
 EVA-02, BEiT v2); CaiT and SigLIP 2 NaFlex.
 
@@ -68,9 +69,16 @@ STEPS: tuple[Step, ...] = (
         "evals.bench_profile",
         ("--model", "vit_base_patch16_224", "--r", "16,-1", "--backend", "torch", "--backend", "triton",
          "--out", f"{RESULTS}/profile_vitb_r16dec_cuda.json"),
-        30, 60,
+        25, 60,
     ),  # fmt: skip
-    Step("merge step alone, torch vs Triton", "evals.bench_merge", (), 30, 60),
+    Step("merge step alone, torch vs Triton", "evals.bench_merge", (), 25, 60),
+    Step(
+        "attention with the size bias alone: SDPA with a mask, SDPA with the bias folded into q/k, Triton; "
+        "forward, and forward + backward",
+        "evals.bench_attention",
+        (),
+        20, 60, needs="triton",
+    ),  # fmt: skip
     Step(
         "kernel tests on CUDA",
         "pytest",
@@ -83,7 +91,7 @@ STEPS: tuple[Step, ...] = (
         ("--model", "vit_small_patch14_dinov2", "--img-size", "224", "--method", "tome", "--method", "local_global",
          "--method", "evit", "--budget", "0.9", "--budget", "0.8", "--budget", "0.7", "--budget", "0.6",
          "--budget", "0.5", "--backend", "auto", "--no-manual", "--out", f"{RESULTS}/bench_dinov2_cuda.json"),
-        60, 150,
+        50, 150,
     ),  # fmt: skip
     Step(
         "video ViT-B, 16 frames at 224: joint ToMe, temporal and background merging",

@@ -5,6 +5,8 @@
 * :mod:`kernels.attention` — ``attention(q, k, v, key_bias, scale)``: flash attention with
   ToMe's proportional-attention bias (log of the token sizes) built in, tiled to the (short)
   length of merged sequences; the reference is PyTorch SDPA with the bias as a mask.
+  ``attention_folded`` is the same through SDPA with the bias folded into q and k, so flash
+  attention runs it where the kernel cannot (gradients, ``torch.compile``).
 * :mod:`kernels.bipartite` — ``bipartite_dest(best_score, best_b, r, ...)``: ToMe's merge
   assignment (the r best-scoring A tokens go to their partners, the rest keep their order) in
   one launch, where PyTorch needs a stable argsort and about fifteen small kernels.
@@ -29,7 +31,7 @@ correct.
 
 from __future__ import annotations
 
-from kernels.attention import attention, attention_reference, attention_triton
+from kernels.attention import attention, attention_folded, attention_reference, attention_triton
 from kernels._triton import BACKENDS, HAS_TRITON, INTERPRET, triton_usable, use_triton
 from kernels.bipartite import bipartite_dest, bipartite_dest_reference, bipartite_dest_triton
 from kernels.match import best_match, best_match_reference, best_match_triton
@@ -39,6 +41,7 @@ from kernels.temporal_match import temporal_best_match, temporal_best_match_refe
 __all__ = [
     "BACKENDS",
     "attention",
+    "attention_folded",
     "attention_reference",
     "attention_triton",
     "HAS_TRITON",

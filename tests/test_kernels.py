@@ -674,6 +674,77 @@ def test_attention_bias_is_proportional_attention() -> None:
     torch.testing.assert_close(merged, expanded, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "batch,heads,tokens,dim",
+    [(2, 3, 3, 64), (1, 2, 17, 64), (1, 2, 101, 48), (1, 1, 197, 64), (3, 2, 21, 80), (2, 2, 9, 6), (1, 2, 12, 33)],
+)
+def test_attention_folded_matches_reference(batch, heads, tokens, dim, dtype) -> None:
+    """The bias folded into two extra q/k channels (any head size: padded to a multiple of 8)."""
+    q, k, v = qkv_views(batch, heads, tokens, dim, dtype)
+    key_bias = log_sizes(batch, tokens)
+    out = kernels.attention_folded(q, k, v, key_bias, dim**-0.5)
+    ref = kernels.attention_reference(q.double(), k.double(), v.double(), key_bias.double(), dim**-0.5)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    error = (out.double() - ref).norm() / ref.norm()
+    assert error < ATTENTION_TOL[q.dtype], f"relative error {error:.2e}"
+
+
+def test_attention_folded_keeps_large_biases_in_half_precision() -> None:
+    """Video-sized tokens (log 1568 / scale ≈ 59) in bfloat16: the hi/lo split keeps the bias to
+    ~16 bits, so the folded result is closer to float64 than the reference's bf16 mask is."""
+    q, k, v = qkv_views(2, 2, 64, 64, torch.bfloat16, seed=4)
+    generator = torch.Generator().manual_seed(5)
+    key_bias = torch.randint(1, 1569, (2, 64), generator=generator).float().log().to(DEVICE)
+    exact = kernels.attention_reference(q.double(), k.double(), v.double(), key_bias.double(), 0.125)
+
+    def error(out: torch.Tensor) -> float:
+        return ((out.double() - exact).norm() / exact.norm()).item()
+
+    folded = error(kernels.attention_folded(q, k, v, key_bias, 0.125))
+    masked = error(kernels.attention_reference(q, k, v, key_bias, 0.125))
+    assert folded < ATTENTION_TOL[torch.bfloat16] and folded < masked, (folded, masked)
+
+
+def test_attention_folded_is_proportional_attention_with_gradients() -> None:
+    """One token of size s attends like s copies of it (as for the kernel), and the folded
+    path's gradients are SDPA's gradients on the mask: the bias channels take no part in them."""
+    q, k, v = (t.detach().requires_grad_(True) for t in qkv_views(1, 2, 5, 32, torch.float32, seed=3))
+    sizes = torch.tensor([[1, 3, 1, 2, 4]], device=DEVICE)
+    out = kernels.attention_folded(q, k, v, sizes.float().log(), 32**-0.5)
+    copies = torch.repeat_interleave(torch.arange(5, device=DEVICE), sizes[0])
+    expanded = kernels.attention_reference(q, k[:, :, copies], v[:, :, copies], None, 32**-0.5)
+    torch.testing.assert_close(out, expanded, atol=1e-5, rtol=1e-5)
+
+    upstream = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), upstream)
+    reference = kernels.attention_reference(q, k, v, sizes.float().log(), 32**-0.5)
+    for got, expected in zip(grads, torch.autograd.grad(reference, (q, k, v), upstream)):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or kernels.INTERPRET, reason="flash attention needs a CUDA GPU")
+def test_attention_with_bias_runs_flash_attention_for_training_and_compile() -> None:
+    """On a GPU in half precision, where the kernel does not run (gradients, torch.compile),
+    attention with the size bias still runs SDPA's flash kernel, which refuses any mask: the
+    calls below fail with "No available kernel" if the bias reached SDPA as a mask."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (t.detach().requires_grad_(True) for t in qkv_views(4, 3, 101, 64, torch.bfloat16))
+    key_bias = log_sizes(4, 101)
+    exact = kernels.attention_reference(q.double(), k.double(), v.double(), key_bias.double(), 0.125)
+    compiled = torch.compile(kernels.attention, fullgraph=True)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        out = kernels.attention(q, k, v, key_bias, 0.125)
+        out.float().square().sum().backward()
+        with torch.no_grad():
+            out_compiled = compiled(q, k, v, key_bias, 0.125)
+    for result in (out, out_compiled):
+        error = (result.double() - exact).norm() / exact.norm()
+        assert error < ATTENTION_TOL[torch.bfloat16], f"relative error {error:.2e}"
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
 def test_attention_auto_takes_the_kernel_where_it_is_faster(monkeypatch: pytest.MonkeyPatch) -> None:
     """backend="auto" (every patched block's default) on a device where Triton runs: the kernel
     for fp16/bf16 without gradients, with the size bias at any length and without it up to 64
@@ -704,6 +775,10 @@ def test_attention_auto_takes_the_kernel_where_it_is_faster(monkeypatch: pytest.
     assert not takes_kernel(197, torch.bfloat16, bias=True, grad=True)
     assert takes_kernel(197, torch.float32, bias=True, backend="triton")  # forced: any supported dtype
     assert not takes_kernel(197, torch.bfloat16, bias=True, backend="torch")
+    q, k, v = (torch.randn(1, 2, 9, 8, dtype=torch.bfloat16) for _ in range(3))
+    calls.clear()
+    module.attention(q, k, v, torch.zeros(1, 9), 0.3, "triton", dropout=0.5)  # no dropout in the kernel
+    assert calls == []
 
 
 def test_attention_output_layout_and_dispatch() -> None:

@@ -159,14 +159,14 @@ def attend(
         position_sum = term if position_sum is None else position_sum + term
     if position_sum is not None:
         bias = position_sum if bias is None else bias + position_sum
-    use_kernel = fused and backend is not None and bias is None and attn_mask is None and not is_causal and dropout == 0.0
+    use_kernel = fused and backend is not None and bias is None and attn_mask is None and not is_causal
     if key_bias is not None and not (use_kernel and metric in (None, "keys")):
         key_mask = key_bias[:, None, None, :].to(x.dtype)  # the same bias as a mask, for the other paths
         bias = key_mask if bias is None else bias + key_mask
     if bias is not None:
         attn_mask = bias  # merged tokens never carry a user mask: reduce_model refuses that case
     if use_kernel:
-        out = attention(q, k, v, key_bias, attn.scale, backend)
+        out = attention(q, k, v, key_bias, attn.scale, backend, dropout)
     elif fused:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal)
     else:
