@@ -43,6 +43,7 @@ MODULES = (
     "beit",
     "cait",
     "naflexvit",
+    "vitamin",  # timm VisionTransformers behind a convolutional stem (HybridEmbed)
     "vision_transformer_sam",
 )
 # Above this many parameters a model whose builder will not take a smaller depth is not built.

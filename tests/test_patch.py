@@ -300,6 +300,45 @@ def test_dynamic_image_size() -> None:
         fixed(image(1, 256))
 
 
+def test_a_patched_model_takes_the_image_sizes_timm_takes() -> None:
+    """ViTamin (a convolutional stem in timm's HybridEmbed, which never checks the size, and no
+    position embedding) runs at any size, and its 336 px checkpoint's pretrained_cfg asks for
+    256 px; a padding patch embedding with strict_img_size=False takes a size that makes the grid
+    its position embedding was made for; anything else takes only img_size, as in timm."""
+    from functools import partial
+
+    from timm.layers import PatchEmbed
+
+    torch.manual_seed(0)
+    # (ViTamin-XL has no position embedding; the small one, built the same way, is quicker to run)
+    vitamin = timm.create_model("vitamin_small_224", depth=2, num_classes=10, pos_embed="none").eval()
+    x = image(1, 256)
+    with torch.no_grad():
+        expected = vitamin(x)
+        tokenprune.patch(vitamin, r=0)
+        assert torch.equal(vitamin(x), expected)
+        tokenprune.patch(vitamin, r=8)
+        plan = tokenprune.plan(vitamin, 256)
+        assert plan.tokens[0] == 16 * 16 and vitamin.forward_tokens(x).num_tokens == plan.head_tokens
+        assert tokenprune.flops(vitamin, 256).total == counted_flops(vitamin, x)
+
+    padded = timm.create_model(
+        "vit_tiny_patch16_224", depth=2, num_classes=10, dynamic_img_pad=True,
+        embed_layer=partial(PatchEmbed, strict_img_size=False),
+    ).eval()  # fmt: skip
+    x = image(1, 220)  # padded to 224: the 14 x 14 grid of the position embedding
+    with torch.no_grad():
+        expected = padded(x)
+        tokenprune.patch(padded, r=0)
+        assert torch.equal(padded(x), expected)
+        assert tokenprune.plan(padded, 220).tokens[0] == 1 + 14 * 14
+        with pytest.raises(ValueError, match="takes 224x224 images, got 256x256; create it with dynamic_img_size=True"):
+            padded(image(1, 256))
+        hybrid = tokenprune.patch(make("hybrid_cnn_stem"), r=8)  # a ResNet stem and a position embedding
+        with pytest.raises(ValueError, match="takes 224x224 images, got 256x256"):
+            hybrid(image(1, 256))
+
+
 @pytest.mark.parametrize(
     "family",
     ["vit_cls", "registers", "vit_map", "deit_distilled", "swiglu_aimv2", "eva02_rope", "pe_map_rope", "rope_gqa",

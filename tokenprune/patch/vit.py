@@ -16,11 +16,11 @@ tracing, a visualisation aid, stores the last forward's map on the model.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, NoReturn, Protocol
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention, apply_rot_embed_cat
+from timm.layers import Attention, HybridEmbed, apply_rot_embed_cat
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
 from torch import Tensor, nn
@@ -435,22 +435,30 @@ class ReducingViT:
     def _check_input(self, x: Tensor) -> None:
         """Raise a clear error for an input the blocks' token grid cannot come from (families
         override it: video clips, NaFlexVit's any size)."""
-        if x.ndim == 4 and not getattr(self, "dynamic_img_size", False) and self.patch_embed.strict_img_size:
-            _check_image_size(self, tuple(x.shape[-2:]))
+        if x.ndim == 4:
+            self.image_grid(self, *x.shape[-2:])
 
     # Family hooks that hold for the unpatched model too (plans and FLOPs are asked of either):
     # called on the family's class, ``family(model).image_grid(model, ...)``.
 
     @staticmethod
     def image_grid(model: nn.Module, height: int, width: int) -> tuple[int, int]:
-        """The patch grid of a height × width image, or a ValueError naming the sizes the model
-        takes."""
-        if getattr(model, "dynamic_img_size", False):
-            grid = model.patch_embed.dynamic_feat_size((height, width))
-        else:
-            _check_image_size(model, (height, width))
-            grid = model.patch_embed.grid_size
-        return (int(grid[0]), int(grid[1]))
+        """The patch grid timm's forward makes of a height × width image, or a ValueError
+        naming the sizes the model takes. timm takes any size when the position embedding
+        follows the grid (``dynamic_img_size``); a size the patch embedding lets through
+        (``strict_img_size=False``; timm's ``HybridEmbed`` never checks) when there is no
+        position embedding (ViTamin) or the grid is the one it was made for; else only
+        ``img_size``."""
+        embed = model.patch_embed
+        if (height, width) == tuple(embed.img_size):
+            return (int(embed.grid_size[0]), int(embed.grid_size[1]))  # (a hybrid's, as measured)
+        grid = tuple(int(n) for n in embed.dynamic_feat_size((height, width)))
+        lets_through = not embed.strict_img_size or isinstance(embed, HybridEmbed)
+        if getattr(model, "dynamic_img_size", False) or (
+            lets_through and (getattr(model, "pos_embed", None) is None or grid == tuple(embed.grid_size))
+        ):
+            return (grid[0], grid[1])
+        _refuse_image_size(model, (height, width))
 
     @staticmethod
     def patch_embedding(model: nn.Module) -> nn.Module:
@@ -486,7 +494,7 @@ class ReducingViT:
 
     def _token_grid(self, x: Tensor) -> tuple[int, ...]:
         """The static patch grid of the input: (rows, cols) for images."""
-        return tuple(int(n) for n in self.patch_embed.dynamic_feat_size(x.shape[-2:]))
+        return self.image_grid(self, *x.shape[-2:])
 
     def forward_features(
         self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False, unmerge: bool = False
@@ -630,15 +638,14 @@ def family(model: nn.Module) -> type[ReducingViT]:
     return PATCHED_CLASSES[model_class]
 
 
-def _check_image_size(model: nn.Module, size: tuple[int, int]) -> None:
+def _refuse_image_size(model: nn.Module, size: tuple[int, int]) -> NoReturn:
     expected = tuple(model.patch_embed.img_size)
-    if tuple(size) != expected:
-        # (CaiT and others without dynamic_img_size take one size, set when they are created)
-        remedy = "dynamic_img_size=True" if hasattr(model, "dynamic_img_size") else f"img_size={tuple(size)}"
-        raise ValueError(
-            f"the model takes {expected[0]}x{expected[1]} images, got {size[0]}x{size[1]}; create it with "
-            f"{remedy} for other sizes (tokenprune keeps no state between calls)"
-        )
+    # (CaiT and others without dynamic_img_size take one size, set when they are created)
+    remedy = "dynamic_img_size=True" if hasattr(model, "dynamic_img_size") else f"img_size={tuple(size)}"
+    raise ValueError(
+        f"the model takes {expected[0]}x{expected[1]} images, got {size[0]}x{size[1]}; create it with "
+        f"{remedy} for other sizes (tokenprune keeps no state between calls)"
+    )
 
 
 def block_prefix_tokens(model: nn.Module) -> int:
