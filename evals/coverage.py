@@ -32,7 +32,7 @@ from tqdm import tqdm
 import tokenprune
 from evals.harness import RESULTS_DIR, counted_flops, environment
 from tokenprune._io import write_atomic
-from tokenprune.patch.vit import check_supported
+from tokenprune.patch.vit import check_supported, reducing_model
 
 MODULES = (
     "vision_transformer",
@@ -44,6 +44,7 @@ MODULES = (
     "cait",
     "naflexvit",
     "vitamin",  # timm VisionTransformers behind a convolutional stem (HybridEmbed)
+    "qwen3_vit",  # Qwen3-VL vision encoders, bare or in a classifier
     "vision_transformer_sam",
 )
 # Above this many parameters a model whose builder will not take a smaller depth is not built.
@@ -67,7 +68,7 @@ def build(name: str, depth: int) -> tuple[nn.Module | None, str]:
     if size > MAX_FULL_DEPTH_PARAMS:
         return None, f"not built: depth={depth} refused ({reason}) and {size / 1e9:.1f}B parameters at full depth"
     model = timm.create_model(name).eval()
-    return model, f"full depth ({len(model.blocks)} blocks; depth={depth} refused)"
+    return model, f"full depth ({len(reducing_model(model).blocks)} blocks; depth={depth} refused)"
 
 
 @torch.no_grad()
@@ -82,7 +83,7 @@ def check(model: nn.Module, r: int) -> list[str]:
     if not torch.equal(model(x), expected):
         problems.append("r=0 is not bit-identical to the unpatched model")
     tokenprune.patch(model, r=r)
-    state = model.forward_tokens(x)
+    state = reducing_model(model).forward_tokens(x)
     out = model(x)
     reduction = tokenprune.plan(model, size)
     if out.shape != expected.shape:
@@ -114,7 +115,7 @@ def run(modules: list[str], depth: int, r: int, progress: bool = True) -> list[d
         else:
             row["class"] = type(model).__name__
             try:
-                check_supported(model)
+                check_supported(reducing_model(model))
             except (TypeError, ValueError) as error:  # (ValueError: no blocks to patch)
                 row.update(status="unsupported", detail=str(error).split("; supported:")[0])
             else:

@@ -9,7 +9,7 @@ ToMe's table (the kernels' targets); a profile of r=(16,-1) (is the GPU waiting 
 the merge step alone; attention with the size bias alone (as a mask, folded into q and k, in
 the Triton kernel); the kernel tests on CUDA; the DINOv2 ViT-S/14 budget sweep; the video
 ViT-B sweep; torch.compile with CUDA graphs; RoPE and relative-position models (DINOv3,
-EVA-02, BEiT v2); CaiT and SigLIP 2 NaFlex.
+EVA-02, BEiT v2); CaiT, SigLIP 2 NaFlex and the Qwen3-VL vision encoder.
 
 **Time.** ``--budget-s`` is what the steps may use together; give the device call's limit
 minus ~40 s (start-up and copying back). Each step may use what is left after reserving the
@@ -120,12 +120,14 @@ STEPS: tuple[Step, ...] = (
         40, 120,
     ),  # fmt: skip
     Step(
-        "CaiT-S24 (talking heads, 24 blocks) and SigLIP 2 NaFlex B/16 at 384² (576 patches), unpatched vs ToMe "
-        "at 75 % and 50 % of the GFLOPs (each model's own r)",
+        "CaiT-S24 (talking heads, 24 blocks), SigLIP 2 NaFlex B/16 at 384² (576 patches) and the Qwen3-VL 88M "
+        "vision encoder at 768² (2,304 patches, its VLM projector), batch 64, unpatched vs ToMe at 75 % and 50 % "
+        "of the GFLOPs (each model's own r)",
         "evals.bench",
-        ("--model", "cait_s24_224", "--model", "naflexvit_base_patch16_siglip", "--budget", "0.75", "--budget", "0.5",
-         "--no-manual", "--out", f"{RESULTS}/bench_cait_naflex_cuda.json"),
-        30, 90,
+        ("--model", "cait_s24_224", "--model", "naflexvit_base_patch16_siglip", "--model", "qwen3_vit_88m_enc",
+         "--batch-size", "64", "--budget", "0.75", "--budget", "0.5", "--no-manual",
+         "--out", f"{RESULTS}/bench_cait_naflex_qwen3_cuda.json"),
+        30, 120,
     ),  # fmt: skip
 )
 

@@ -44,7 +44,7 @@ from torch import nn
 import tokenprune
 from tokenprune.api import input_tokens
 from tokenprune.methods.temporal import BackgroundMergeConfig, default_early_blocks
-from tokenprune.patch.vit import block_prefix_tokens
+from tokenprune.patch.vit import block_prefix_tokens, reducing_model
 from tokenprune.schedule import RSchedule, format_schedule, parse_schedule
 
 __all__ = [
@@ -101,7 +101,7 @@ class Knob:
 
 def _r_settings(model: nn.Module, size: tuple[int, ...]) -> Sequence[int]:
     # r beyond half the patch tokens merges nothing more (ToMe caps r at half the tokens).
-    patches = input_tokens(model, size) - block_prefix_tokens(model)
+    patches = input_tokens(model, size) - block_prefix_tokens(reducing_model(model))
     return range(0, patches // 2 + 1)
 
 
@@ -122,7 +122,7 @@ def _local_global_ladder(model: nn.Module, size: tuple[int, ...], options: dict[
     """Budget steps for ``local_global``: r with the window stage placed by the budget
     (:data:`LOCAL_GLOBAL_PLACEMENT`); ``None`` (search r alone) when ``local_block`` is given
     or the model is too shallow for the table."""
-    depth = len(model.blocks)
+    depth = len(reducing_model(model).blocks)
     if "local_block" in options or depth <= max(block for _, block, _ in LOCAL_GLOBAL_PLACEMENT) + 1:
         return None
     candidate = _copy_unpatched(model)
@@ -147,7 +147,7 @@ def _temporal_ladder(model: nn.Module, size: tuple[int, ...], options: dict[str,
     50 and 45 % of the GFLOPs it keeps the token features closer than joint ToMe's constant r
     (+0.0024 and +0.0067), which temporal merging at a constant r only tied. ``None`` (a
     constant r) for a model too shallow to split."""
-    depth = len(model.blocks)
+    depth = len(reducing_model(model).blocks)
     if depth < 2:
         return None
     early = default_early_blocks(depth)
@@ -279,7 +279,7 @@ def setting_for_budget(
 
 
 def _copy_unpatched(model: nn.Module) -> nn.Module:
-    if getattr(model, "tokenprune_config", None) is not None:
+    if getattr(reducing_model(model), "tokenprune_config", None) is not None:
         raise ValueError("pass the unpatched model: the budget is relative to its GFLOPs and speed")
     return copy.deepcopy(model)
 
@@ -471,7 +471,7 @@ def apply(setting: Setting, model: nn.Module, size: tuple[int, ...]) -> dict[str
     """Patch ``model`` for ``setting`` (undoing any earlier patch first, since budgets are
     searched on the unpatched model) and return the options it used; method "none" leaves
     the model unpatched. A GFLOPs budget only: speed budgets need :mod:`evals.bench`'s timer."""
-    if getattr(model, "tokenprune_config", None) is not None:
+    if getattr(reducing_model(model), "tokenprune_config", None) is not None:
         tokenprune.unpatch(model)
     options = resolve(setting, model, size)
     if setting.method != "none":

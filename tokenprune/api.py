@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .merge import source_matrix
 from .methods import METHODS, MethodConfig
-from .patch import beit, cait, eva, naflexvit, video, vit, vit_relpos  # noqa: F401 (importing a family's module registers it)
+from .patch import beit, cait, eva, naflexvit, qwen3_vit, video, vit, vit_relpos  # noqa: F401 (importing a family's module registers it)
 
 
 def patch(model: nn.Module, method: str | MethodConfig | None = None, **options: Any) -> nn.Module:
@@ -22,8 +22,10 @@ def patch(model: nn.Module, method: str | MethodConfig | None = None, **options:
     Without a method: the model's current method if it is patched, else "tome". On a model
     already patched with the same method, the keywords update its options (e.g. a new ``r``)
     and keep the others. All settings live on the model and its blocks: patched models never
-    share state.
+    share state. A model that wraps a supported one (timm's Qwen3VitClassifier) is patched
+    through it: its own forward runs the patched inner model.
     """
+    outer, model = model, vit.reducing_model(model)
     vit.check_supported(model)
     current = getattr(model, "tokenprune_config", None)
     if method is None:
@@ -57,25 +59,27 @@ def patch(model: nn.Module, method: str | MethodConfig | None = None, **options:
             "this video ViT classifies its first token (global_pool='token') but has no class token to "
             "protect: merging would move that token. Use global_pool='avg' (VideoMAE's mean pooling)"
         )
+    vit.family(model).check_method(model, config)
     reducers = config.reducers(model)
     if current is not None and type(current) is not type(config):
         vit.remove(model)
     vit.apply(model, config, reducers)
-    return model
+    return outer
 
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Restore the model's original classes and behaviour exactly, in place, and return it."""
-    if getattr(model, "tokenprune_config", None) is None:
+    inner = vit.reducing_model(model)
+    if getattr(inner, "tokenprune_config", None) is None:
         raise ValueError("the model is not patched by tokenprune")
-    vit.remove(model)
+    vit.remove(inner)
     return model
 
 
 def source(model: nn.Module) -> Tensor:
     """[B, T_out, T_in] 0/1 map from the last forward's output tokens to its input tokens (the
     prefix tokens included), as ToMe's ``source``. Needs ``trace_source=True``."""
-    traced = getattr(model, "_tokenprune_source", None)
+    traced = getattr(vit.reducing_model(model), "_tokenprune_source", None)
     if traced is None:
         raise RuntimeError("no source map: patch the model with trace_source=True and run a forward first")
     source_index, num_tokens = traced
@@ -112,6 +116,7 @@ def patch_grid(model: nn.Module, input_size: int | tuple[int, ...]) -> tuple[int
     """The token grid for an input of ``input_size``: (rows, cols) for an image ((H, W),
     (C, H, W) or an int); (frames, rows, cols) for a video model, whose ``input_size`` is
     (T, H, W), (C, T, H, W), (H, W) or an int (then T is the model's ``num_frames``)."""
+    model = vit.reducing_model(model)
     if video.is_video_model(model):
         return _video_grid(model, input_size)
     if isinstance(input_size, int):
@@ -142,11 +147,12 @@ def _video_grid(model: nn.Module, input_size: int | tuple[int, ...]) -> tuple[in
 def input_tokens(model: nn.Module, input_size: int | tuple[int, ...]) -> int:
     """Tokens entering the first block for an input of ``input_size`` (prefix + patches, or
     prefix + T'·H'·W' tubelets for video; CaiT's blocks see the patches alone)."""
-    return vit.block_prefix_tokens(model) + math.prod(patch_grid(model, input_size))
+    return vit.block_prefix_tokens(vit.reducing_model(model)) + math.prod(patch_grid(model, input_size))
 
 
 def plan(model: nn.Module, input_size: int | tuple[int, ...]) -> ReductionPlan:
     """The per-block token counts the model will use for ``input_size`` (effective schedule)."""
+    model = vit.reducing_model(model)
     grid = patch_grid(model, input_size)
     count = input_tokens(model, input_size)
     tokens, removed = [], []

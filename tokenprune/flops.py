@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .api import input_tokens, plan
-from .patch.vit import block_prefix_tokens, family, head_dim, pool_includes_prefix
+from .patch.vit import WRAPPERS, block_prefix_tokens, family, head_dim, pool_includes_prefix, reducing_model
 
 
 @dataclass(frozen=True)
@@ -78,8 +78,8 @@ def _bias_mlp_flops(rel_pos: nn.Module | None) -> int:
     return sum(_linear(rows, layer) for layer in mlp.modules() if isinstance(layer, nn.Linear))
 
 
-def _head_flops(model: nn.Module, tokens: int) -> int:
-    flops = family(model).after_blocks_flops(model, tokens)
+def _head_flops(model: nn.Module, tokens: int, patches: int) -> int:
+    flops = family(model).after_blocks_flops(model, tokens, patches)
     pool = getattr(model, "attn_pool", None)  # (BEiT has none)
     if pool is not None:
         pooled = tokens if pool_includes_prefix(model) else tokens - model.num_prefix_tokens
@@ -90,7 +90,7 @@ def _head_flops(model: nn.Module, tokens: int) -> int:
             flops += _linear(latent, pool.mlp.fc1) + _linear(latent, pool.mlp.fc2)
     # Without pooling (global_pool="") the classifier runs on every output token.
     classified = tokens if not model.global_pool and pool is None else 1
-    for head in (model.head, getattr(model, "head_dist", None)):
+    for head in (getattr(model, "head", None), getattr(model, "head_dist", None)):  # (Qwen3's encoder has none)
         if isinstance(head, nn.Linear):
             flops += _linear(classified, head)
     return flops
@@ -98,6 +98,12 @@ def _head_flops(model: nn.Module, tokens: int) -> int:
 
 def flops(model: nn.Module, input_size: int | tuple[int, ...], batch_size: int = 1) -> FlopReport:
     """FLOPs of ``model`` (patched or not) on ``batch_size`` images (or clips) of ``input_size``."""
+    wrapper = WRAPPERS.get(type(model))
+    if wrapper is not None:  # the inner model's FLOPs and the wrapper's own head
+        inner = reducing_model(model)
+        report = flops(inner, input_size, batch_size)
+        patches = input_tokens(inner, input_size) - block_prefix_tokens(inner)
+        return FlopReport(report.per_block, report.embed_and_head + batch_size * wrapper.head_flops(model, patches))
     reduction = plan(model, input_size)
     protected = block_prefix_tokens(model)
     shared_bias = getattr(model, "_shared_position_bias", False)  # a relative bias all blocks share
@@ -107,7 +113,7 @@ def flops(model: nn.Module, input_size: int | tuple[int, ...], batch_size: int =
         for block, tokens, removed in zip(model.blocks, reduction.tokens, reduction.removed)
     )
     patches = input_tokens(model, input_size) - protected
-    fixed = batch_size * (_embed_flops(model, input_size, patches) + _head_flops(model, reduction.head_tokens))
+    fixed = batch_size * (_embed_flops(model, input_size, patches) + _head_flops(model, reduction.head_tokens, patches))
     fixed += _bias_mlp_flops(getattr(model, "shared_rel_pos", None))
     return FlopReport(per_block, fixed)
 

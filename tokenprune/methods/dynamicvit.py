@@ -113,6 +113,7 @@ class DynamicViTConfig:
     trace_source: bool = False
     prop_attn = False  # tokens are dropped, never merged: sizes stay 1
     track_positions = False
+    drops_tokens = True
 
     def __post_init__(self) -> None:
         check_common_options(self)

@@ -87,6 +87,7 @@ class AttentionDropConfig:
     prop_attn: bool = False
     trace_source: bool = False
     track_positions = False
+    drops_tokens = True
 
     def __post_init__(self) -> None:
         check_common_options(self)

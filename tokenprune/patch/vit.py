@@ -2,10 +2,9 @@
 and MLP for merging, before attention for learned pruning), and a model class whose forward
 threads a :class:`TokenState` through the blocks. The attention step, the block and the model
 forward are shared with the other families, which register their classes here
-(:data:`QKV_PROJECTIONS`, :data:`PATCHED_BLOCKS`, :data:`PATCHED_CLASSES`, and the hooks of the
-family's model class;
-``patch/eva.py``, ``patch/beit.py``, ``patch/vit_relpos.py``, ``patch/cait.py``, ``patch/naflexvit.py``,
-``patch/video.py``).
+(:data:`QKV_PROJECTIONS`, :data:`PATCHED_BLOCKS`, :data:`PATCHED_CLASSES`, :data:`WRAPPERS`, and
+the hooks of the family's model class; ``patch/eva.py``, ``patch/beit.py``, ``patch/vit_relpos.py``,
+``patch/cait.py``, ``patch/naflexvit.py``, ``patch/qwen3_vit.py``, ``patch/video.py``).
 
 Nothing here keeps per-forward state on modules: every block owns a fixed ``reducer`` (its r is
 a plain int) and the sizes travel with the tokens, so patched models compile with
@@ -16,6 +15,7 @@ tracing, a visualisation aid, stores the last forward's map on the model.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, NoReturn, Protocol
 
 import torch
@@ -65,6 +65,7 @@ SUPPORTED_FAMILIES = (
     "EvaAttention / AttentionRope: EVA, EVA-02, DINOv3, Perception Encoder, RoPE-ViT (RoPE, GQA); "
     "timm Beit: BEiT, BEiT v2 (relative position bias); timm VisionTransformerRelPos (vit_relpos_*); "
     "timm Cait (CaiT: talking heads, class attention); timm NaFlexVit (SigLIP 2 NaFlex, RADIO) on image batches; "
+    "timm Qwen3VitEncoder / Qwen3VitClassifier (Qwen3-VL vision encoders); "
     "tokenprune.models.VideoVisionTransformer (VideoMAE video ViT)"
 )
 
@@ -471,10 +472,15 @@ class ReducingViT:
         cannot run exactly (CaiT's class-attention blocks); nothing to check elsewhere."""
 
     @staticmethod
-    def after_blocks_flops(model: nn.Module, tokens: int) -> int:
-        """FLOPs per image of what runs on the ``tokens`` output tokens between the last block
-        and the pooling (CaiT's class-attention blocks; nothing elsewhere)."""
+    def after_blocks_flops(model: nn.Module, tokens: int, patches: int) -> int:
+        """FLOPs per image of what runs between the last block and the pooling, on the
+        ``tokens`` output tokens or on the unmerged grid of ``patches`` (CaiT's class-attention
+        blocks, the Qwen3 ViT's projector; nothing elsewhere)."""
         return 0
+
+    @staticmethod
+    def check_method(model: nn.Module, config: Any) -> None:
+        """Raise a TypeError for a method the family cannot run exactly (nothing to check here)."""
 
     def _embed(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """Patch embedding, position embedding and pre-norm: the tokens entering the first
@@ -620,6 +626,25 @@ PATCHED_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
     VisionTransformerDistilled: ReducingVisionTransformerDistilled,
 }
 _ORIGINAL_CLASSES = {patched: original for original, patched in PATCHED_CLASSES.items()}
+
+
+@dataclass(frozen=True)
+class Wrapper:
+    """A model class that holds a supported model and runs its own head on that model's output
+    (timm's Qwen3VitClassifier around its encoder): tokenprune patches the inner model."""
+
+    attribute: str  # where the inner model is
+    head_flops: Callable[[nn.Module, int], int]  # FLOPs per image of the wrapper's own head, given the patches
+
+
+# Wrapper class → where its reducing model is; families register theirs (patch/qwen3_vit.py).
+WRAPPERS: dict[type[nn.Module], Wrapper] = {}
+
+
+def reducing_model(model: nn.Module) -> nn.Module:
+    """The model whose blocks reduce tokens: ``model`` itself, or the one a wrapper holds."""
+    wrapper = WRAPPERS.get(type(model))
+    return model if wrapper is None else getattr(model, wrapper.attribute)
 
 
 def original_class(model: nn.Module) -> type:
