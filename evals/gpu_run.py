@@ -5,7 +5,7 @@
 
 GPUs are lent rarely and briefly, so the steps are fixed here rather than retyped each time, the
 headline figures first: ViT-B/16 at batch 256, torch against Triton merging, the r values of
-ToMe's table (the kernels' targets); a profile of r=(16,-1) (is the GPU waiting on the host?);
+ToMe's table (the kernels' targets), and at batch 1 (latency); a profile of r=(16,-1) (is the GPU waiting on the host?);
 the merge step alone; attention with the size bias alone (as a mask, folded into q and k, in
 the Triton kernel); the kernel tests on CUDA; the DINOv2 ViT-S/14 budget sweep; the video
 ViT-B sweep; torch.compile with CUDA graphs; RoPE and relative-position models (DINOv3,
@@ -58,10 +58,10 @@ class Step:
 
 STEPS: tuple[Step, ...] = (
     Step(
-        "ViT-B/16, batch 256, bfloat16: unpatched vs ToMe with torch and Triton merging",
+        "ViT-B/16, batch 256 and batch 1 (latency), bfloat16: unpatched vs ToMe with torch and Triton merging",
         "evals.bench",
-        ("--model", "vit_base_patch16_224", "--r", "8", "--r", "13", "--r", "16", "--r", "16,-1", "--no-manual",
-         "--out", f"{RESULTS}/bench_vitb_cuda.json"),
+        ("--model", "vit_base_patch16_224", "--r", "8", "--r", "13", "--r", "16", "--r", "16,-1",
+         "--batch-size", "256", "--batch-size", "1", "--no-manual", "--out", f"{RESULTS}/bench_vitb_cuda.json"),
         60, 150,
     ),  # fmt: skip
     Step(
