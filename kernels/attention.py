@@ -73,10 +73,13 @@ def attention_folded(
     With q'_i = [q_i, 1, 1, 0…] and k'_j = [k_j, hi_j, lo_j, 0…], where hi_j + lo_j = b_j / scale,
     scale · q'_i·k'_j = scale · q_i·k_j + b_j: the biased logits, exactly in real arithmetic.
     ``hi`` is b_j / scale rounded to q's dtype and ``lo`` the remainder, so half precision keeps
-    ~16 bits of the bias, where the reference's mask in bf16 keeps 8. The head dimension grows to
-    D + 2 rounded up to a multiple of 8 (flash attention's alignment; v is padded with zeros to
-    match, and the padding sliced off the output): 64 → 72, 12.5 % more attention FLOPs, against
-    the ~3× that a broadcast mask costs SDPA's kernels on a GPU (``bench_attention_cuda.md``).
+    ~16 bits of the bias, where the reference's mask in bf16 keeps 8; a bias of −inf masks its
+    key, as in the reference; a finite bias must stay within q's dtype once divided by ``scale``
+    (float16: |b| · √D < 65504; log sizes are far below). The head dimension grows to D + 2
+    rounded up to a multiple of 8 (flash attention's alignment; v is padded with zeros to match,
+    and the padding sliced off the output): 64 → 72, 12.5 % more attention FLOPs, or up to 1.5×
+    the work where the flash kernel rounds head sizes up to 96; a broadcast mask costs SDPA's
+    kernels ~3× their unbiased time on a GPU (``bench_attention_cuda.md``). Not yet timed on one.
     """
     if key_bias is None:
         return attention_reference(q, k, v, None, scale, dropout)
@@ -85,7 +88,8 @@ def attention_folded(
     padding = -(dim + 2) % 8
     folded = (key_bias.float() / scale)[:, None, :, None].expand(batch, heads, tokens, 1)
     hi = folded.to(q.dtype)
-    lo = (folded - hi.float()).to(q.dtype)
+    # (a key masked with −inf: hi is −inf and the remainder 0, not −inf − (−inf))
+    lo = torch.where(torch.isfinite(hi), folded - hi.float(), 0.0).to(q.dtype)
     zeros = q.new_zeros(batch, heads, tokens, padding)
     q = torch.cat([q, q.new_ones(batch, heads, tokens, 2), zeros], dim=-1)
     k = torch.cat([k, hi, lo, zeros], dim=-1)

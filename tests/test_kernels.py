@@ -723,6 +723,32 @@ def test_attention_folded_is_proportional_attention_with_gradients() -> None:
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attention_folded_gradients_in_half_precision(dtype: torch.dtype) -> None:
+    """The hi/lo split under autograd, where lo is not 0: gradients to q, k, v and the bias
+    against float64 SDPA on the same (rounded) inputs."""
+    q, k, v = (t.detach().requires_grad_(True) for t in qkv_views(2, 2, 24, 32, dtype, seed=6))
+    key_bias = (log_sizes(2, 24) * 3).requires_grad_(True)
+    upstream = torch.randn(q.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE, dtype)
+    got = torch.autograd.grad(kernels.attention_folded(q, k, v, key_bias, 32**-0.5), (q, k, v, key_bias), upstream)
+    exact = [t.detach().double().requires_grad_(True) for t in (q, k, v, key_bias)]
+    reference = kernels.attention_reference(*exact, 32**-0.5)
+    expected = torch.autograd.grad(reference, exact, upstream.double())
+    for name, g, e in zip("qkvb", got, expected):
+        error = (g.double() - e).norm() / e.norm()
+        assert error < 2 * ATTENTION_TOL[dtype], f"{name}: relative error {error:.2e}"
+
+
+def test_attention_folded_masks_keys_with_minus_infinity() -> None:
+    q, k, v = qkv_views(1, 2, 9, 16, torch.bfloat16)
+    key_bias = log_sizes(1, 9)
+    key_bias[0, [2, 5]] = float("-inf")
+    out = kernels.attention_folded(q, k, v, key_bias, 0.25)
+    ref = kernels.attention_reference(q.double(), k.double(), v.double(), key_bias.double(), 0.25)
+    assert torch.isfinite(out).all()
+    assert (out.double() - ref).norm() / ref.norm() < ATTENTION_TOL[torch.bfloat16]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or kernels.INTERPRET, reason="flash attention needs a CUDA GPU")
 def test_attention_with_bias_runs_flash_attention_for_training_and_compile() -> None:
     """On a GPU in half precision, where the kernel does not run (gradients, torch.compile),

@@ -337,6 +337,20 @@ def test_a_patched_model_takes_the_image_sizes_timm_takes() -> None:
         hybrid = tokenprune.patch(make("hybrid_cnn_stem"), r=8)  # a ResNet stem and a position embedding
         with pytest.raises(ValueError, match="takes 224x224 images, got 256x256"):
             hybrid(image(1, 256))
+    # Partial patches: timm's patch embedding refuses them unless it pads, and a convolutional
+    # stem rounds them up where the grid arithmetic rounds down: refused, in plan as in forward.
+    with pytest.raises(ValueError, match=r"multiples of 16x16 \(its convolutional stem's reduction\), got 250x256"):
+        tokenprune.plan(vitamin, (250, 256))
+    with pytest.raises(ValueError, match=r"multiples of 16x16 \(its convolutional stem's reduction\), got 250x250"):
+        vitamin(image(1, 250))
+    unpadded = timm.create_model(
+        "vit_tiny_patch16_224", depth=1, num_classes=10, embed_layer=partial(PatchEmbed, strict_img_size=False)
+    )
+    dynamic = timm.create_model("vit_tiny_patch16_224", depth=1, num_classes=10, dynamic_img_size=True)
+    for model in (unpadded, dynamic):
+        tokenprune.patch(model, r=4)
+        with pytest.raises(ValueError, match=r"multiples of 16x16 \(its patch size\), got 230x230; create it with dynamic_img_pad=True"):
+            tokenprune.plan(model, 230)
 
 
 @pytest.mark.parametrize(

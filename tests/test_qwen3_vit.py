@@ -139,17 +139,21 @@ def test_flops_agree_with_flop_counter(family: str, method: str) -> None:
 
 
 def test_image_sizes_are_the_ones_timm_takes() -> None:
-    """Any size of whole patches whose grid the projector's 2x2 blocks tile; without the
-    projector any size of whole patches."""
+    """Any size of whole patches (the position embedding is resampled to the grid); the VLM
+    projector, where it runs, needs a grid its 2x2 blocks tile, as timm's does."""
     projector = tokenprune.patch(qwen("encoder_projector"), r=8)
     averaged = tokenprune.patch(qwen("encoder_avg"), r=8)
+    odd = images(1, (208, 176))  # a 13 x 11 grid
     with torch.no_grad():
         assert projector(images(1, (160, 288))).shape == (1, 5 * 9, projector.merger.out_features)
-        assert averaged(images(1, (208, 176))).shape == (1, 192)
-        assert tokenprune.plan(averaged, (208, 176)).tokens[0] == 13 * 11
-        with pytest.raises(ValueError, match=r"multiples of 32x32 \(patches of 16x16 in 2x2 blocks"):
-            projector(images(1, (208, 176)))
-        with pytest.raises(ValueError, match="multiples of 16x16 .* got 200x176"):
+        assert averaged(odd).shape == (1, 192)
+        assert projector.forward_features(odd).shape == (1, 13, 11, 192)  # as timm's
+        assert tokenprune.plan(projector, (208, 176)).tokens[0] == 13 * 11
+        with pytest.raises(ValueError, match="projector joins 2x2 blocks .* multiples of 32x32; got a 13x11 patch grid"):
+            projector(odd)
+        with pytest.raises(ValueError, match="got a 13x11 patch grid"):
+            tokenprune.flops(projector, (208, 176))
+        with pytest.raises(ValueError, match="multiples of its 16x16 patches, got 200x176"):
             tokenprune.plan(averaged, (200, 176))
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .api import input_tokens, plan
+from .api import input_tokens, patch_grid, plan
 from .patch.vit import WRAPPERS, block_prefix_tokens, family, head_dim, pool_includes_prefix, reducing_model
 
 
@@ -78,8 +78,8 @@ def _bias_mlp_flops(rel_pos: nn.Module | None) -> int:
     return sum(_linear(rows, layer) for layer in mlp.modules() if isinstance(layer, nn.Linear))
 
 
-def _head_flops(model: nn.Module, tokens: int, patches: int) -> int:
-    flops = family(model).after_blocks_flops(model, tokens, patches)
+def _head_flops(model: nn.Module, tokens: int, grid: tuple[int, ...]) -> int:
+    flops = family(model).after_blocks_flops(model, tokens, grid)
     pool = getattr(model, "attn_pool", None)  # (BEiT has none)
     if pool is not None:
         pooled = tokens if pool_includes_prefix(model) else tokens - model.num_prefix_tokens
@@ -113,7 +113,8 @@ def flops(model: nn.Module, input_size: int | tuple[int, ...], batch_size: int =
         for block, tokens, removed in zip(model.blocks, reduction.tokens, reduction.removed)
     )
     patches = input_tokens(model, input_size) - protected
-    fixed = batch_size * (_embed_flops(model, input_size, patches) + _head_flops(model, reduction.head_tokens, patches))
+    head = _head_flops(model, reduction.head_tokens, patch_grid(model, input_size))
+    fixed = batch_size * (_embed_flops(model, input_size, patches) + head)
     fixed += _bias_mlp_flops(getattr(model, "shared_rel_pos", None))
     return FlopReport(per_block, fixed)
 

@@ -114,7 +114,7 @@ class ReducingCait(ReducingViT, Cait):
                 )
 
     @staticmethod
-    def after_blocks_flops(model: nn.Module, tokens: int, patches: int) -> int:
+    def after_blocks_flops(model: nn.Module, tokens: int, grid: tuple[int, ...]) -> int:
         return class_attention_flops(model, tokens)
 
     def _embed(self, x: Tensor) -> tuple[Tensor, Tensor | None]:

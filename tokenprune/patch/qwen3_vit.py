@@ -20,6 +20,7 @@ Importing this module registers the classes in :mod:`tokenprune.patch.vit`'s reg
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from timm.models.qwen3_vit import Qwen3VitClassifier, Qwen3VitEncoder
@@ -41,29 +42,33 @@ class ReducingQwen3VitEncoder(ReducingViT, Qwen3VitEncoder):
 
     _positions_follow_sources = True  # 2-D RoPE, always
 
-    # timm's outputs: the grid, then the projector or the mean over the grid (the encoder has no
-    # classifier head; its forward_head raises as timm's does).
-    forward = Qwen3VitEncoder.forward
+    # (The encoder has no classifier head: its forward_head raises, as timm's does.)
     forward_head = Qwen3VitEncoder.forward_head
+
+    def forward(self, x: Tensor) -> Tensor:
+        """timm's outputs: the projector's LLM tokens, the mean over the grid, or the grid."""
+        if self.merger is not None:
+            _check_projector_grid(self, self._token_grid(x))
+        return Qwen3VitEncoder.forward(self, x)
 
     @staticmethod
     def image_grid(model: nn.Module, height: int, width: int) -> tuple[int, int]:
-        # Any size timm takes: whole patches, and a grid the projector's k×k blocks tile.
+        # Any size of whole patches, as timm's patch embedding asserts (the position embedding is
+        # resampled to the grid); the projector's blocks are checked where it runs.
         patch_h, patch_w = model.patch_embed.patch_size
-        blocks = model.merge_size if model.merger is not None else 1
-        if height % (patch_h * blocks) or width % (patch_w * blocks):
-            reason = f"patches of {patch_h}x{patch_w}" + (f" in {blocks}x{blocks} blocks (the VLM projector)" if blocks > 1 else "")
+        if height % patch_h or width % patch_w:
             raise ValueError(
-                f"this Qwen3 ViT takes images whose sides are multiples of {patch_h * blocks}x{patch_w * blocks} "
-                f"({reason}), got {height}x{width}"
+                f"this Qwen3 ViT takes images whose sides are multiples of its {patch_h}x{patch_w} patches, "
+                f"got {height}x{width}"
             )
         return (height // patch_h, width // patch_w)
 
     @staticmethod
-    def after_blocks_flops(model: nn.Module, tokens: int, patches: int) -> int:
+    def after_blocks_flops(model: nn.Module, tokens: int, grid: tuple[int, ...]) -> int:
         if model.merger is None:
             return 0
-        llm_tokens = patches // model.merge_size**2  # the projector runs on the unmerged grid
+        _check_projector_grid(model, grid)
+        llm_tokens = math.prod(grid) // model.merge_size**2  # the projector runs on the unmerged grid
         return _linear_flops(llm_tokens, model.merger.fc1) + _linear_flops(llm_tokens, model.merger.fc2)
 
     @staticmethod
@@ -117,6 +122,18 @@ class ReducingQwen3VitEncoder(ReducingViT, Qwen3VitEncoder):
             return {**out, "image_features": grid(out["image_features"])}
         final, intermediates = out
         return grid(final), intermediates
+
+
+def _check_projector_grid(encoder: nn.Module, grid: tuple[int, ...]) -> None:
+    """timm's projector concatenates k×k blocks of patches: the grid must tile into them."""
+    k = encoder.merge_size
+    if grid[0] % k or grid[1] % k:
+        patch_h, patch_w = encoder.patch_embed.patch_size
+        raise ValueError(
+            f"the Qwen3 ViT's VLM projector joins {k}x{k} blocks of patches, so its images' sides must be "
+            f"multiples of {k * patch_h}x{k * patch_w}; got a {grid[0]}x{grid[1]} patch grid "
+            "(forward_features and forward_tokens take it)"
+        )
 
 
 def _classifier_head_flops(model: nn.Module, patches: int) -> int:

@@ -449,15 +449,32 @@ class ReducingViT:
         follows the grid (``dynamic_img_size``); a size the patch embedding lets through
         (``strict_img_size=False``; timm's ``HybridEmbed`` never checks) when there is no
         position embedding (ViTamin) or the grid is the one it was made for; else only
-        ``img_size``."""
+        ``img_size``. Other sizes must be whole patches (of a hybrid's stem: its whole reduction),
+        unless the embedding pads."""
         embed = model.patch_embed
         if (height, width) == tuple(embed.img_size):
             return (int(embed.grid_size[0]), int(embed.grid_size[1]))  # (a hybrid's, as measured)
-        grid = tuple(int(n) for n in embed.dynamic_feat_size((height, width)))
         lets_through = not embed.strict_img_size or isinstance(embed, HybridEmbed)
-        if getattr(model, "dynamic_img_size", False) or (
-            lets_through and (getattr(model, "pos_embed", None) is None or grid == tuple(embed.grid_size))
-        ):
+        if not (getattr(model, "dynamic_img_size", False) or lets_through):
+            _refuse_image_size(model, (height, width))
+        hybrid = isinstance(embed, HybridEmbed)
+        # timm's patch embedding asserts whole patches unless it pads; a convolutional stem rounds
+        # partial strides up, where dynamic_feat_size rounds down: only exact multiples are planned.
+        if embed.dynamic_img_pad:
+            step = embed.feature_ratio if hybrid else (1, 1)
+        else:
+            step = embed.feat_ratio(as_scalar=False)
+        if height % step[0] or width % step[1]:
+            unit = "its convolutional stem's reduction" if hybrid else "its patch size"
+            remedy = "" if hybrid else "; create it with dynamic_img_pad=True for any size"
+            raise ValueError(
+                f"the model takes image sides that are multiples of {step[0]}x{step[1]} ({unit}), got "
+                f"{height}x{width}{remedy}"
+            )
+        grid = tuple(int(n) for n in embed.dynamic_feat_size((height, width)))
+        if getattr(model, "dynamic_img_size", False) or getattr(model, "pos_embed", None) is None:
+            return (grid[0], grid[1])
+        if grid == tuple(embed.grid_size):
             return (grid[0], grid[1])
         _refuse_image_size(model, (height, width))
 
@@ -472,9 +489,9 @@ class ReducingViT:
         cannot run exactly (CaiT's class-attention blocks); nothing to check elsewhere."""
 
     @staticmethod
-    def after_blocks_flops(model: nn.Module, tokens: int, patches: int) -> int:
+    def after_blocks_flops(model: nn.Module, tokens: int, grid: tuple[int, ...]) -> int:
         """FLOPs per image of what runs between the last block and the pooling, on the
-        ``tokens`` output tokens or on the unmerged grid of ``patches`` (CaiT's class-attention
+        ``tokens`` output tokens or on the unmerged patch ``grid`` (CaiT's class-attention
         blocks, the Qwen3 ViT's projector; nothing elsewhere)."""
         return 0
 
