@@ -300,6 +300,33 @@ def test_dynamic_image_size() -> None:
         fixed(image(1, 256))
 
 
+@pytest.mark.parametrize("family", ["vit_cls", "registers", "eva02_rope", "beit_relpos"])
+def test_features_only_backbones_patch_through_their_wrapper(family: str) -> None:
+    """timm's features_only=True backbone (a FeatureGetterNet around the pruned model) for dense
+    heads: patched in one line, its maps on the full grid, the same as the inner model's
+    intermediates; r=0 bit-identical, FLOPs by the counter, unpatch exact."""
+    name, kwargs = FAMILIES[family]
+    torch.manual_seed(0)
+    backbone = timm.create_model(name, features_only=True, out_indices=(1, 2), **kwargs).eval()
+    x = image()
+    with torch.no_grad():
+        expected = backbone(x)
+        assert tokenprune.patch(backbone, r=0) is backbone
+        assert all(map(torch.equal, backbone(x), expected))
+        tokenprune.patch(backbone, r=8, trace_source=True)
+        maps = backbone(x)
+        inner = backbone.model
+        direct = inner.forward_intermediates(x, indices=(1, 2), intermediates_only=True)
+        assert [m.shape for m in maps] == [m.shape for m in expected] and all(map(torch.equal, maps, direct))
+        assert not torch.allclose(maps[1], expected[1])
+        assert tokenprune.source(backbone).shape[1] == tokenprune.plan(backbone, 224).output_tokens
+        assert tokenprune.flops(backbone, 224, batch_size=2).total == counted_flops(backbone, x)
+        tokenprune.unpatch(backbone)
+        assert all(map(torch.equal, backbone(x), expected)) and not hasattr(inner, "tokenprune_config")
+    with pytest.raises(TypeError, match="cannot patch timm.models.resnet.ResNet"):
+        tokenprune.patch(timm.create_model("resnet18", features_only=True, feature_cls="getter"), r=8)
+
+
 def test_a_patched_model_takes_the_image_sizes_timm_takes() -> None:
     """ViTamin (a convolutional stem in timm's HybridEmbed, which never checks the size, and no
     position embedding) runs at any size, and its 336 px checkpoint's pretrained_cfg asks for

@@ -21,6 +21,7 @@ from typing import Any, Callable, NoReturn, Protocol
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention, HybridEmbed, apply_rot_embed_cat
+from timm.models._features import FeatureGetterNet
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
 from torch import Tensor, nn
@@ -655,7 +656,9 @@ class Wrapper:
 
 
 # Wrapper class → where its reducing model is; families register theirs (patch/qwen3_vit.py).
-WRAPPERS: dict[type[nn.Module], Wrapper] = {}
+# timm's ``features_only=True`` backbone of a ViT is a FeatureGetterNet: its forward is the
+# inner model's forward_intermediates (on the unmerged grid here, so dense heads take it as is).
+WRAPPERS: dict[type[nn.Module], Wrapper] = {FeatureGetterNet: Wrapper("model", lambda model, patches: 0)}
 
 
 def reducing_model(model: nn.Module) -> nn.Module:
