@@ -17,7 +17,15 @@ import torch
 from torch import nn
 
 from .api import input_tokens, patch_grid, plan
-from .patch.vit import WRAPPERS, block_prefix_tokens, family, head_dim, pool_includes_prefix, reducing_model
+from .patch.vit import (
+    OWN_ATTENTIONS,
+    WRAPPERS,
+    block_prefix_tokens,
+    family,
+    head_dim,
+    pool_includes_prefix,
+    reducing_model,
+)
 
 
 @dataclass(frozen=True)
@@ -57,7 +65,11 @@ def _block_flops(block: nn.Module, tokens: int, removed: int, num_inputs: int, s
         for name, layer in attn.named_modules()
         if isinstance(layer, nn.Linear) and not name.startswith("rel_pos.")
     )
-    flops += 4 * attended * attended * attn.num_heads * head_dim(attn)  # q·kᵀ and attn·v
+    own = OWN_ATTENTIONS.get(type(attn))  # (differential attention: two maps)
+    if own is not None:
+        flops += own.matmul_flops(attn, attended)
+    else:
+        flops += 4 * attended * attended * attn.num_heads * head_dim(attn)  # q·kᵀ and attn·v
     # Every linear layer of the MLP: fc1/fc2, or SwiGLU's fc1_g/fc1_x/fc2.
     flops += sum(_linear(kept, layer) for layer in block.mlp.modules() if isinstance(layer, nn.Linear))
     if reducer is not None:

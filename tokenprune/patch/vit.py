@@ -85,6 +85,20 @@ def _timm_qkv(attn: Attention, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 QKV_PROJECTIONS: dict[type[nn.Module], QKVProjection] = {Attention: _timm_qkv}
 
 
+@dataclass(frozen=True)
+class OwnAttention:
+    """An attention class that :func:`attend` cannot run (its maps are not softmax(q·kᵀ)·v):
+    its own forward, with :func:`attend`'s signature and results, and the FLOPs of its
+    products between tokens (:func:`attend`'s are 4·T²·heads·head_dim)."""
+
+    forward: Callable[..., tuple[Tensor, Any]]
+    matmul_flops: Callable[[nn.Module, int], int]
+
+
+# Attention class → its own forward; families register theirs (patch/diff_attention.py).
+OWN_ATTENTIONS: dict[type[nn.Module], OwnAttention] = {}
+
+
 def head_dim(attn: nn.Module) -> int:
     """Per-head width of q and k: timm's ``head_dim``, or from the qkv projection (BEiT's
     attention keeps no ``head_dim``)."""
@@ -272,7 +286,8 @@ class ReducingBlockMixin:
         counted = state.keep
         if counted is None and key_bias is not None:
             counted = state.size
-        attn_out, metric = attend(
+        own = OWN_ATTENTIONS.get(type(self.attn))
+        attn_out, metric = (attend if own is None else own.forward)(
             self.attn,
             self._attention_input(x),
             bias,
@@ -717,10 +732,10 @@ def check_supported(model: nn.Module) -> None:
                 f"tokenprune cannot patch blocks[{i}] of type {type(block).__name__} "
                 f"(blocks it can: {_class_names(PATCHED_BLOCKS)}); supported: {SUPPORTED_FAMILIES}"
             )
-        if type(block.attn) not in QKV_PROJECTIONS:
+        if type(block.attn) not in QKV_PROJECTIONS and type(block.attn) not in OWN_ATTENTIONS:
             raise TypeError(
                 f"tokenprune cannot patch blocks[{i}].attn of type {type(block.attn).__name__} "
-                f"(attentions it can: {_class_names(QKV_PROJECTIONS)}); "
+                f"(attentions it can: {_class_names([*QKV_PROJECTIONS, *OWN_ATTENTIONS])}); "
                 f"supported: {SUPPORTED_FAMILIES}"
             )
     if len(model.blocks) == 0:

@@ -1,0 +1,122 @@
+"""Differential attention (timm ``DiffAttention``: ``vit_dlittle_*``, ``vit_dwee_*``) in ViT
+blocks: ToMe against timm's own modules run on the unmerged grid; exactness at r=0 on both of
+timm's paths; FLOPs; the other methods."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import tokenprune
+from tests.test_naflexvit import _protected_match
+from tests.test_patch import counted_flops
+from tokenprune.schedule import resolve_r
+
+SIZE = 128  # an 8 x 8 grid
+
+
+def dwee(fused: bool = True, **extra) -> torch.nn.Module:
+    torch.manual_seed(0)
+    kwargs = {"depth": 3, "num_classes": 10, "img_size": SIZE, **extra}
+    model = timm.create_model("vit_dwee_patch16_reg1_gap_256", **kwargs).eval()
+    for name, param in model.named_parameters():
+        if name.endswith("gamma"):  # LayerScale away from its 1e-5 start
+            param.data.uniform_(0.5, 1.5)
+        if name.rsplit(".", 1)[-1].startswith("lambda_"):  # λ away from its near-constant start
+            param.data.normal_(0.0, 0.5)
+    for block in model.blocks:
+        block.attn.fused_attn = fused
+    return model
+
+
+def images(batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+
+
+@torch.no_grad()
+def grid_reference(model, x: torch.Tensor, r_per_block: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and sizes of the unpatched model with ToMe's matching and proportional attention
+    taken literally: timm's DiffAttention runs on the unmerged token grid, each merged token
+    repeated once per input token it covers (both attention maps see the copies). No log s."""
+    x = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+    batch, num_tokens, _ = x.shape
+    member = torch.eye(num_tokens).expand(batch, -1, -1)  # [B, T, N] merged token × input token
+
+    def on_grid(tokens: torch.Tensor) -> torch.Tensor:
+        return member.transpose(1, 2) @ tokens
+
+    def per_token(full: torch.Tensor) -> torch.Tensor:
+        return (member @ full) / member.sum(-1, keepdim=True)
+
+    for block, r in zip(model.blocks, r_per_block):
+        h = block.norm1(x)
+        x = x + block.ls1(per_token(block.attn(on_grid(h))))
+        if r:
+            attn = block.attn
+            k = attn.qkv(h).chunk(3, dim=2)[1].reshape(batch, x.shape[1], 2 * attn.num_heads, attn.head_dim)
+            merge = _protected_match(attn.k_norm(k.transpose(1, 2)).mean(1), r, model.num_prefix_tokens)
+            total = merge(x * member.sum(-1, keepdim=True))
+            member = merge(member)
+            x = total / member.sum(-1, keepdim=True)
+        x = x + block.ls2(block.mlp(block.norm2(x)))
+    return model.forward_head(model.norm(on_grid(x))), member.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("r", [6, (12, -1)])
+def test_matches_the_grid_reference(fused: bool, r) -> None:
+    model = dwee(fused)
+    x = images()
+    logits, size = grid_reference(model, x, list(resolve_r(r, len(model.blocks))))
+    tokenprune.patch(model, r=r, backend="torch")
+    with torch.no_grad():
+        state = model.forward_tokens(x)
+        out = model(x)
+    assert state.num_tokens == tokenprune.plan(model, SIZE).output_tokens < 1 + 64
+    torch.testing.assert_close(state.size, size)
+    torch.testing.assert_close(out, logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("options", [{"fused": True}, {"fused": False}, {"qk_norm": True}])
+def test_r0_is_bit_identical_and_unpatch_restores(options: dict) -> None:
+    model = dwee(**options)
+    x = images()
+    with torch.no_grad():
+        expected = model(x)
+        tokenprune.patch(model, r=0)
+        assert torch.equal(model(x), expected)
+        tokenprune.patch(model, r=8)
+        assert not torch.allclose(model(x), expected)
+        tokenprune.unpatch(model)
+        assert torch.equal(model(x), expected)
+
+
+@pytest.mark.parametrize("method", ["tome", "pitome", "local_global"])
+def test_flops_agree_with_flop_counter(method: str) -> None:
+    model = dwee().requires_grad_(False)
+    options = {"r": 4, "local_block": 0} if method == "local_global" else {"r": (8, -1)}
+    tokenprune.patch(model, method, **options)
+    assert tokenprune.flops(model, SIZE, batch_size=2).total == counted_flops(model, images())
+
+
+def test_learned_dropping_trains_and_prunes() -> None:
+    """DynamicViT: the keep mask masks both maps while training; tokens leave at inference."""
+    model = tokenprune.patch(dwee(), "dynamicvit", keep_ratio=0.7, stages=(1, 2))
+    model.train()
+    out = model(images())
+    out.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.eval()
+    with torch.no_grad():
+        assert model(images()).shape == (2, 10)
+        assert model.forward_tokens(images()).num_tokens == tokenprune.plan(model, SIZE).output_tokens
+
+
+def test_fullgraph_capture() -> None:
+    model = tokenprune.patch(dwee(), r=(8, -1))
+    x = images()
+    with torch.no_grad():
+        expected = model(x)
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="eager")(x), expected)

@@ -1,0 +1,86 @@
+"""Patch for timm's ``DiffAttention`` (Differential Transformer, Ye et al. 2024) in ViT blocks:
+``vit_dlittle_*``/``vit_dwee_*``.
+
+Differential attention takes the difference of two softmax maps, softmax(q₁k₁ᵀ) − λ·softmax(q₂k₂ᵀ),
+each over half of every head's q/k channels, applied to one v of twice the head width. Merged
+tokens enter both maps alike: proportional attention adds log s to both sets of logits, so a
+token merged from s identical tokens gets exactly their attention in each map, and so in their
+difference. The merge metric is ToMe's, the keys averaged over heads (here over the 2H half-heads).
+
+Importing this module registers the class in :mod:`tokenprune.patch.vit`'s registries.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from timm.layers import maybe_add_mask, resolve_self_attn_mask
+from timm.layers.diff_attention import DiffAttention
+from torch import Tensor
+
+from . import vit
+from .vit import OwnAttention
+
+
+def attend_differential(
+    attn: DiffAttention,
+    x: Tensor,
+    bias: Tensor | None,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    metric: str | None = None,
+    *,
+    key_bias: Tensor | None = None,
+    backend: str | None = None,
+    rope: Tensor | None = None,
+    position_bias: tuple[Tensor, ...] = (),
+    key_weight: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """timm's ``DiffAttention.forward`` (same ops in the same order: r=0 is bit-identical) with
+    the additive ``bias`` (a training keep mask) and ``key_bias`` (log sizes) as an SDPA mask
+    on both maps, returning the keys averaged over half-heads when ``metric`` is "keys". (The
+    Triton attention kernel takes one head width for q, k and v: v is twice as wide here.)"""
+    if metric not in (None, "keys"):
+        raise ValueError(
+            f"differential attention gives the keys metric (ToMe, PiToMe, two-stage merging), not {metric!r}: "
+            "its two attention maps are no single map to read importance from"
+        )
+    batch, num_tokens, channels = x.shape
+    heads, dim = attn.num_heads, attn.head_dim
+    q, k, v = attn.qkv(x).chunk(3, dim=2)
+    q = q.reshape(batch, num_tokens, 2 * heads, dim).transpose(1, 2)
+    k = k.reshape(batch, num_tokens, 2 * heads, dim).transpose(1, 2)
+    v = v.reshape(batch, num_tokens, heads, 2 * dim).transpose(1, 2)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    keys = k
+    lambda_full = attn._compute_lambda().type_as(q)
+    if key_bias is not None:
+        key_mask = key_bias[:, None, None, :].to(x.dtype)
+        bias = key_mask if bias is None else bias + key_mask
+    if bias is not None:
+        attn_mask = bias  # merged tokens never carry a user mask: reduce_model refuses that case
+    if attn.fused_attn:
+        q1, q2 = q.reshape(batch, heads, 2, num_tokens, dim).unbind(2)
+        k1, k2 = k.reshape(batch, heads, 2, num_tokens, dim).unbind(2)
+        dropout = attn.attn_drop_p if attn.training else 0.0
+        out1 = F.scaled_dot_product_attention(q1, k1, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal)
+        out2 = F.scaled_dot_product_attention(q2, k2, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal)
+        out = out1 - lambda_full * out2
+    else:
+        weights = (q * attn.scale) @ k.transpose(-2, -1)
+        weights = maybe_add_mask(weights, resolve_self_attn_mask(num_tokens, weights, attn_mask, is_causal=is_causal))
+        weights = attn.attn_drop(weights.softmax(dim=-1)).view(batch, heads, 2, num_tokens, num_tokens)
+        out = (weights[:, :, 0] - lambda_full * weights[:, :, 1]) @ v
+    out = attn.sub_norm(out) * (1 - attn.lambda_init)
+    out = attn.proj_drop(attn.proj(attn.norm(out.transpose(1, 2).reshape(batch, num_tokens, channels))))
+    return out, keys.mean(dim=1) if metric == "keys" else None
+
+
+def _differential_matmul_flops(attn: DiffAttention, tokens: int) -> int:
+    """As timm's manual path computes it (what tokenprune's FLOPs count for every attention):
+    q·kᵀ over d channels for each of the 2H half-heads (2·T²·d each), then the difference of
+    the two maps times a 2d-wide v per head (4·T²·d): 8·T²·H·d, with d = ``attn.head_dim``. The
+    fused path multiplies each map by v (12·T²·H·d)."""
+    return 8 * tokens * tokens * attn.num_heads * attn.head_dim
+
+
+vit.OWN_ATTENTIONS[DiffAttention] = OwnAttention(attend_differential, _differential_matmul_flops)
