@@ -437,8 +437,16 @@ def test_attention_mask_with_merging_is_refused() -> None:
 def test_unsupported_models_name_the_module() -> None:
     with pytest.raises(TypeError, match="SwinTransformer"):
         tokenprune.patch(timm.create_model("swin_tiny_patch4_window7_224"), r=4)
-    custom = timm.create_model("vit_tiny_patch16_224", block_fn=timm.models.vision_transformer.ParallelScalingBlock)
-    with pytest.raises(TypeError, match=r"blocks\[0\] of type ParallelScalingBlock"):
+    custom = timm.create_model("vit_tiny_patch16_224", block_fn=timm.models.vision_transformer.ParallelThingsBlock)
+    with pytest.raises(TypeError, match=r"blocks\[0\] of type ParallelThingsBlock"):
+        tokenprune.patch(custom, r=4)
+
+    class OtherAttention(timm.layers.Attention):
+        pass
+
+    custom = timm.create_model("vit_tiny_patch16_224", depth=1)
+    custom.blocks[0].attn.__class__ = OtherAttention
+    with pytest.raises(TypeError, match=r"blocks\[0\].attn of type OtherAttention \(attentions it can: .*diff_attention.DiffAttention"):
         tokenprune.patch(custom, r=4)
     with pytest.raises(ValueError, match="no transformer blocks"):
         tokenprune.patch(timm.create_model("vit_tiny_patch16_224", depth=0), r=4)

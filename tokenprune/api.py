@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .merge import source_matrix
 from .methods import METHODS, MethodConfig
-from .patch import beit, cait, diff_attention, eva, naflexvit, qwen3_vit, video, vit, vit_relpos  # noqa: F401 (importing a family's module registers it)
+from .patch import beit, cait, diff_attention, eva, naflexvit, parallel, qwen3_vit, video, vit, vit_relpos  # noqa: F401 (importing a family's module registers it)
 
 
 def patch(model: nn.Module, method: str | MethodConfig | None = None, **options: Any) -> nn.Module:

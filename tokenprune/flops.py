@@ -18,11 +18,13 @@ from torch import nn
 
 from .api import input_tokens, patch_grid, plan
 from .patch.vit import (
+    BLOCK_FLOPS,
     OWN_ATTENTIONS,
     WRAPPERS,
     block_prefix_tokens,
     family,
     head_dim,
+    linear_flops,
     pool_includes_prefix,
     reducing_model,
 )
@@ -47,11 +49,10 @@ class FlopReport:
         return self.total / 1e9
 
 
-def _linear(tokens: int, layer: nn.Module) -> int:
-    return 2 * tokens * layer.in_features * layer.out_features
-
-
 def _block_flops(block: nn.Module, tokens: int, removed: int, num_inputs: int, shared_bias: bool) -> int:
+    own = BLOCK_FLOPS.get(type(block))  # (parallel blocks: attention and MLP in one)
+    if own is not None:
+        return own(block, tokens, removed)
     attn = block.attn
     reducer = getattr(block, "reducer", None)
     kept = tokens - removed
@@ -61,7 +62,7 @@ def _block_flops(block: nn.Module, tokens: int, removed: int, num_inputs: int, s
     # it has one (not those of a relative-bias MLP, which runs on coordinates: _bias_mlp_flops).
     # Talking heads (CaiT's proj_l, proj_w) mix the heads for every pair of tokens.
     flops = sum(
-        _linear(attended * attended if name in ("proj_l", "proj_w") else attended, layer)
+        linear_flops(attended * attended if name in ("proj_l", "proj_w") else attended, layer)
         for name, layer in attn.named_modules()
         if isinstance(layer, nn.Linear) and not name.startswith("rel_pos.")
     )
@@ -71,7 +72,7 @@ def _block_flops(block: nn.Module, tokens: int, removed: int, num_inputs: int, s
     else:
         flops += 4 * attended * attended * attn.num_heads * head_dim(attn)  # q·kᵀ and attn·v
     # Every linear layer of the MLP: fc1/fc2, or SwiGLU's fc1_g/fc1_x/fc2.
-    flops += sum(_linear(kept, layer) for layer in block.mlp.modules() if isinstance(layer, nn.Linear))
+    flops += sum(linear_flops(kept, layer) for layer in block.mlp.modules() if isinstance(layer, nn.Linear))
     if reducer is not None:
         flops += reducer.matching_flops(tokens, removed, attn)
     position_flops = getattr(block, "position_flops", None)  # BEiT, relpos: the bias between merged tokens
@@ -87,7 +88,7 @@ def _bias_mlp_flops(rel_pos: nn.Module | None) -> int:
     if mlp is None:
         return 0
     rows = rel_pos.rel_coords_log.shape[:-1].numel()
-    return sum(_linear(rows, layer) for layer in mlp.modules() if isinstance(layer, nn.Linear))
+    return sum(linear_flops(rows, layer) for layer in mlp.modules() if isinstance(layer, nn.Linear))
 
 
 def _head_flops(model: nn.Module, tokens: int, grid: tuple[int, ...]) -> int:
@@ -96,15 +97,15 @@ def _head_flops(model: nn.Module, tokens: int, grid: tuple[int, ...]) -> int:
     if pool is not None:
         pooled = tokens if pool_includes_prefix(model) else tokens - model.num_prefix_tokens
         latent, dim = pool.latent_len, pool.q.in_features
-        flops += _linear(latent, pool.q) + _linear(pooled, pool.kv) + _linear(latent, pool.proj)
+        flops += linear_flops(latent, pool.q) + linear_flops(pooled, pool.kv) + linear_flops(latent, pool.proj)
         flops += 4 * latent * pooled * dim
         if pool.mlp is not None:
-            flops += _linear(latent, pool.mlp.fc1) + _linear(latent, pool.mlp.fc2)
+            flops += linear_flops(latent, pool.mlp.fc1) + linear_flops(latent, pool.mlp.fc2)
     # Without pooling (global_pool="") the classifier runs on every output token.
     classified = tokens if not model.global_pool and pool is None else 1
     for head in (getattr(model, "head", None), getattr(model, "head_dist", None)):  # (Qwen3's encoder has none)
         if isinstance(head, nn.Linear):
-            flops += _linear(classified, head)
+            flops += linear_flops(classified, head)
     return flops
 
 
@@ -121,7 +122,7 @@ def flops(model: nn.Module, input_size: int | tuple[int, ...], batch_size: int =
     shared_bias = getattr(model, "_shared_position_bias", False)  # a relative bias all blocks share
     per_block = tuple(
         batch_size * _block_flops(block, tokens, removed, reduction.tokens[0], shared_bias)
-        + _bias_mlp_flops(getattr(block.attn, "rel_pos", None))
+        + _bias_mlp_flops(getattr(getattr(block, "attn", None), "rel_pos", None))
         for block, tokens, removed in zip(model.blocks, reduction.tokens, reduction.removed)
     )
     patches = input_tokens(model, input_size) - protected
@@ -134,7 +135,7 @@ def flops(model: nn.Module, input_size: int | tuple[int, ...], batch_size: int =
 def _embed_flops(model: nn.Module, input_size: int | tuple[int, ...], patches: int) -> int:
     embed = family(model).patch_embedding(model)
     if isinstance(embed.proj, nn.Linear):  # NaFlexVit's linear embedding of flattened patches
-        return _linear(patches, embed.proj)
+        return linear_flops(patches, embed.proj)
     if isinstance(embed.proj, (nn.Conv2d, nn.Conv3d)) and getattr(embed, "backbone", None) is None:
         # One patchifying convolution, Conv2d (images) or Conv3d (video tubelets): every kernel
         # dimension counts.

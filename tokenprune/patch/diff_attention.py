@@ -12,13 +12,50 @@ Importing this module registers the class in :mod:`tokenprune.patch.vit`'s regis
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from timm.layers import maybe_add_mask, resolve_self_attn_mask
 from timm.layers.diff_attention import DiffAttention
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import vit
-from .vit import OwnAttention
+from .vit import OwnAttention, sdpa_mask
+
+
+def check_keys_metric(metric: str | None) -> None:
+    if metric not in (None, "keys"):
+        raise ValueError(
+            f"differential attention gives the keys metric (ToMe, PiToMe, two-stage merging), not {metric!r}: "
+            "its two attention maps are no single map to read importance from"
+        )
+
+
+def differential_maps(
+    module: nn.Module, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool
+) -> Tensor:
+    """softmax(q₁k₁ᵀ) v − λ softmax(q₂k₂ᵀ) v, then the sub-norm and (1 − λ_init), in timm's op
+    order on its fused or manual path. q, k: [B, 2H, T, d]; v: [B, H, T, 2d]; ``module`` is
+    timm's DiffAttention or DiffParallelScalingBlock (they keep the same attributes)."""
+    batch, heads, num_tokens, dim = v.shape[0], v.shape[1], v.shape[2], q.shape[-1]
+    if attn_mask is not None and attn_mask.dtype not in (torch.bool, q.dtype):
+        raise ValueError(
+            "a float16 training keep mask needs float32 attention, which differential attention does not "
+            "take: train DynamicViT on this model in bfloat16 or float32"
+        )
+    lambda_full = module._compute_lambda().type_as(q)
+    if module.fused_attn:
+        q1, q2 = q.reshape(batch, heads, 2, num_tokens, dim).unbind(2)
+        k1, k2 = k.reshape(batch, heads, 2, num_tokens, dim).unbind(2)
+        dropout = module.attn_drop_p if module.training else 0.0
+        out1 = F.scaled_dot_product_attention(q1, k1, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal)
+        out2 = F.scaled_dot_product_attention(q2, k2, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal)
+        out = out1 - lambda_full * out2
+    else:
+        weights = (q * module.scale) @ k.transpose(-2, -1)
+        weights = maybe_add_mask(weights, resolve_self_attn_mask(num_tokens, weights, attn_mask, is_causal=is_causal))
+        weights = module.attn_drop(weights.softmax(dim=-1)).view(batch, heads, 2, num_tokens, num_tokens)
+        out = (weights[:, :, 0] - lambda_full * weights[:, :, 1]) @ v
+    return module.sub_norm(out) * (1 - module.lambda_init)
 
 
 def attend_differential(
@@ -39,11 +76,7 @@ def attend_differential(
     the additive ``bias`` (a training keep mask) and ``key_bias`` (log sizes) as an SDPA mask
     on both maps, returning the keys averaged over half-heads when ``metric`` is "keys". (The
     Triton attention kernel takes one head width for q, k and v: v is twice as wide here.)"""
-    if metric not in (None, "keys"):
-        raise ValueError(
-            f"differential attention gives the keys metric (ToMe, PiToMe, two-stage merging), not {metric!r}: "
-            "its two attention maps are no single map to read importance from"
-        )
+    check_keys_metric(metric)
     batch, num_tokens, channels = x.shape
     heads, dim = attn.num_heads, attn.head_dim
     q, k, v = attn.qkv(x).chunk(3, dim=2)
@@ -51,28 +84,9 @@ def attend_differential(
     k = k.reshape(batch, num_tokens, 2 * heads, dim).transpose(1, 2)
     v = v.reshape(batch, num_tokens, heads, 2 * dim).transpose(1, 2)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    keys = k
-    lambda_full = attn._compute_lambda().type_as(q)
-    if key_bias is not None:
-        key_mask = key_bias[:, None, None, :].to(x.dtype)
-        bias = key_mask if bias is None else bias + key_mask
-    if bias is not None:
-        attn_mask = bias  # merged tokens never carry a user mask: reduce_model refuses that case
-    if attn.fused_attn:
-        q1, q2 = q.reshape(batch, heads, 2, num_tokens, dim).unbind(2)
-        k1, k2 = k.reshape(batch, heads, 2, num_tokens, dim).unbind(2)
-        dropout = attn.attn_drop_p if attn.training else 0.0
-        out1 = F.scaled_dot_product_attention(q1, k1, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal)
-        out2 = F.scaled_dot_product_attention(q2, k2, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal)
-        out = out1 - lambda_full * out2
-    else:
-        weights = (q * attn.scale) @ k.transpose(-2, -1)
-        weights = maybe_add_mask(weights, resolve_self_attn_mask(num_tokens, weights, attn_mask, is_causal=is_causal))
-        weights = attn.attn_drop(weights.softmax(dim=-1)).view(batch, heads, 2, num_tokens, num_tokens)
-        out = (weights[:, :, 0] - lambda_full * weights[:, :, 1]) @ v
-    out = attn.sub_norm(out) * (1 - attn.lambda_init)
+    out = differential_maps(attn, q, k, v, sdpa_mask(bias, key_bias, attn_mask, x.dtype), is_causal)
     out = attn.proj_drop(attn.proj(attn.norm(out.transpose(1, 2).reshape(batch, num_tokens, channels))))
-    return out, keys.mean(dim=1) if metric == "keys" else None
+    return out, k.mean(dim=1) if metric == "keys" else None
 
 
 def _differential_matmul_flops(attn: DiffAttention, tokens: int) -> int:

@@ -29,11 +29,7 @@ from torch import Tensor, nn
 from ..merge import TokenState
 from ..merge import unmerge as unmerge_tokens
 from . import vit
-from .vit import ReducingViT, Wrapper
-
-
-def _linear_flops(tokens: int, layer: nn.Module) -> int:
-    return 2 * tokens * layer.in_features * layer.out_features if isinstance(layer, nn.Linear) else 0
+from .vit import ReducingViT, Wrapper, linear_flops
 
 
 class ReducingQwen3VitEncoder(ReducingViT, Qwen3VitEncoder):
@@ -69,7 +65,7 @@ class ReducingQwen3VitEncoder(ReducingViT, Qwen3VitEncoder):
             return 0
         _check_projector_grid(model, grid)
         llm_tokens = math.prod(grid) // model.merge_size**2  # the projector runs on the unmerged grid
-        return _linear_flops(llm_tokens, model.merger.fc1) + _linear_flops(llm_tokens, model.merger.fc2)
+        return linear_flops(llm_tokens, model.merger.fc1) + linear_flops(llm_tokens, model.merger.fc2)
 
     @staticmethod
     def check_method(model: nn.Module, config: Any) -> None:
@@ -141,7 +137,7 @@ def _classifier_head_flops(model: nn.Module, patches: int) -> int:
     token of the encoder: the patches, or the projector's LLM tokens."""
     encoder = model.encoder
     outputs = patches // encoder.merge_size**2 if encoder.merger is not None else patches
-    return _linear_flops(1 if model.global_pool else outputs, model.head)
+    return linear_flops(1 if model.global_pool else outputs, model.head)
 
 
 vit.PATCHED_CLASSES[Qwen3VitEncoder] = ReducingQwen3VitEncoder

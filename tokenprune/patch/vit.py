@@ -4,7 +4,9 @@ threads a :class:`TokenState` through the blocks. The attention step, the block 
 forward are shared with the other families, which register their classes here
 (:data:`QKV_PROJECTIONS`, :data:`PATCHED_BLOCKS`, :data:`PATCHED_CLASSES`, :data:`WRAPPERS`, and
 the hooks of the family's model class; ``patch/eva.py``, ``patch/beit.py``, ``patch/vit_relpos.py``,
-``patch/cait.py``, ``patch/naflexvit.py``, ``patch/qwen3_vit.py``, ``patch/video.py``).
+``patch/cait.py``, ``patch/naflexvit.py``, ``patch/qwen3_vit.py``, ``patch/video.py``; attentions
+and blocks of their own in :data:`OWN_ATTENTIONS` and :data:`BLOCK_FLOPS`: ``patch/diff_attention.py``,
+``patch/parallel.py``).
 
 Nothing here keeps per-forward state on modules: every block owns a fixed ``reducer`` (its r is
 a plain int) and the sizes travel with the tokens, so patched models compile with
@@ -62,7 +64,8 @@ class TokenReducer(Protocol):
 SUPPORTED_FAMILIES = (
     "timm VisionTransformer / VisionTransformerDistilled with Block or ResPostBlock + Attention: "
     "ViT (class token, avg or map pooling), DeiT (incl. distilled), DeiT3, DINOv2, "
-    "register-token (*_reg*) and qk-norm variants; timm Eva with EvaBlock / EvaBlockPostNorm and "
+    "register-token (*_reg*) and qk-norm variants, differential attention (DiffAttention) and parallel blocks "
+    "(ParallelScalingBlock, DiffParallelScalingBlock); timm Eva with EvaBlock / EvaBlockPostNorm and "
     "EvaAttention / AttentionRope: EVA, EVA-02, DINOv3, Perception Encoder, RoPE-ViT (RoPE, GQA); "
     "timm Beit: BEiT, BEiT v2 (relative position bias); timm VisionTransformerRelPos (vit_relpos_*); "
     "timm Cait (CaiT: talking heads, class attention); timm NaFlexVit (SigLIP 2 NaFlex, RADIO) on image batches; "
@@ -97,6 +100,24 @@ class OwnAttention:
 
 # Attention class → its own forward; families register theirs (patch/diff_attention.py).
 OWN_ATTENTIONS: dict[type[nn.Module], OwnAttention] = {}
+
+# Block class (original and reducing) → its FLOPs(block, tokens, removed), for a block whose work
+# does not split into the ``attn`` and ``mlp`` that tokenprune.flops counts (patch/parallel.py).
+BLOCK_FLOPS: dict[type[nn.Module], Callable[[nn.Module, int, int], int]] = {}
+
+
+def linear_flops(tokens: int, layer: nn.Module) -> int:
+    """FLOPs of a linear layer on ``tokens`` tokens (2 per multiply-add); 0 for anything else."""
+    return 2 * tokens * layer.in_features * layer.out_features if isinstance(layer, nn.Linear) else 0
+
+
+def sdpa_mask(bias: Tensor | None, key_bias: Tensor | None, attn_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """One additive SDPA mask from a [B, 1, T, T] ``bias`` and [B, T] ``key_bias`` (either may be
+    None; ``attn_mask`` when both are: merged tokens never carry a user mask)."""
+    if key_bias is not None:
+        key_mask = key_bias[:, None, None, :].to(dtype)
+        bias = key_mask if bias is None else bias + key_mask
+    return attn_mask if bias is None else bias
 
 
 def head_dim(attn: nn.Module) -> int:
@@ -276,11 +297,8 @@ class ReducingBlockMixin:
             state = reducer(state, None)
             reducer = None
         x = state.x
-        bias = None
-        if state.keep is not None:  # float32 for a float16 stream: the mask's gradient does not fit float16
-            bias = keep_bias(state.keep, torch.float32 if x.dtype == torch.float16 else x.dtype)
+        bias, key_bias = self._biases(state)
         merged = state.size is not None
-        key_bias = state.size.log().squeeze(-1) if merged and self.prop_attn else None
         # How many input tokens each key counts for, where attention mixes heads after the softmax
         # (talking heads): its keep mask while training a pruning method, else its size.
         counted = state.keep
@@ -305,6 +323,16 @@ class ReducingBlockMixin:
         if reducer is not None:
             state = reducer(state, metric)
         return state._replace(x=self._add_mlp(state.x))
+
+    def _biases(self, state: TokenState) -> tuple[Tensor | None, Tensor | None]:
+        """The attention biases the tokens call for: a training keep mask as an additive
+        [B, 1, T, T] mask (float32 for a float16 stream: its gradient does not fit float16), and
+        proportional attention's log sizes, [B, T] (None where absent)."""
+        bias = None
+        if state.keep is not None:
+            bias = keep_bias(state.keep, torch.float32 if state.x.dtype == torch.float16 else state.x.dtype)
+        merged = state.size is not None
+        return bias, state.size.log().squeeze(-1) if merged and self.prop_attn else None
 
     def _rope(self, state: TokenState, position: Tensor | None) -> Tensor | None:
         """The rotary embedding of the current tokens (None: the block has no RoPE)."""
@@ -732,9 +760,10 @@ def check_supported(model: nn.Module) -> None:
                 f"tokenprune cannot patch blocks[{i}] of type {type(block).__name__} "
                 f"(blocks it can: {_class_names(PATCHED_BLOCKS)}); supported: {SUPPORTED_FAMILIES}"
             )
-        if type(block.attn) not in QKV_PROJECTIONS and type(block.attn) not in OWN_ATTENTIONS:
+        attn = getattr(block, "attn", None)  # (parallel blocks hold their attention themselves)
+        if attn is not None and type(attn) not in QKV_PROJECTIONS and type(attn) not in OWN_ATTENTIONS:
             raise TypeError(
-                f"tokenprune cannot patch blocks[{i}].attn of type {type(block.attn).__name__} "
+                f"tokenprune cannot patch blocks[{i}].attn of type {type(attn).__name__} "
                 f"(attentions it can: {_class_names([*QKV_PROJECTIONS, *OWN_ATTENTIONS])}); "
                 f"supported: {SUPPORTED_FAMILIES}"
             )

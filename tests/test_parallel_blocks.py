@@ -1,0 +1,132 @@
+"""Parallel ViT blocks (timm ``ParallelScalingBlock``: ``vit_pwee_*``; ``DiffParallelScalingBlock``:
+``vit_dpwee_*``), which reduce after the whole block: ToMe against timm's own blocks run on the
+unmerged grid; exactness at r=0 on both of timm's paths; FLOPs; the other methods."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import tokenprune
+from tests.test_naflexvit import _protected_match
+from tests.test_patch import counted_flops
+from tokenprune.schedule import resolve_r
+
+SIZE = 128  # an 8 x 8 grid
+MODELS = {"parallel": "vit_pwee_patch16_reg1_gap_256", "differential": "vit_dpwee_patch16_reg1_gap_256"}
+
+
+def parallel(kind: str, fused: bool = True, **extra) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = timm.create_model(MODELS[kind], depth=3, num_classes=10, img_size=SIZE, **extra).eval()
+    for name, param in model.named_parameters():
+        if name.endswith("gamma"):  # LayerScale away from its 1e-5 start
+            param.data.uniform_(0.5, 1.5)
+        if name.rsplit(".", 1)[-1].startswith("lambda_"):
+            param.data.normal_(0.0, 0.5)
+    for block in model.blocks:
+        block.fused_attn = fused
+    return model
+
+
+def images(batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+
+
+def block_keys(block, x: torch.Tensor) -> torch.Tensor:
+    """The block's keys averaged over heads (half-heads for differential attention)."""
+    batch, num_tokens, _ = x.shape
+    _, _, k, _ = torch.split(block.in_proj(block.in_norm(x)), block.in_split, dim=-1)
+    heads = block.num_heads * (2 if isinstance(block, timm.models.vision_transformer.DiffParallelScalingBlock) else 1)
+    return block.k_norm(k.reshape(batch, num_tokens, heads, block.head_dim).transpose(1, 2)).mean(1)
+
+
+@torch.no_grad()
+def grid_reference(model, x: torch.Tensor, r_per_block: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and sizes of the unpatched model with ToMe's matching (after each block, on its
+    keys) and proportional attention taken literally: timm's whole block runs on the unmerged
+    token grid, each merged token repeated once per input token it covers. No log s."""
+    x = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+    batch, num_tokens, _ = x.shape
+    member = torch.eye(num_tokens).expand(batch, -1, -1)
+
+    def on_grid(tokens: torch.Tensor) -> torch.Tensor:
+        return member.transpose(1, 2) @ tokens
+
+    for block, r in zip(model.blocks, r_per_block):
+        keys = block_keys(block, x)
+        x = (member @ block(on_grid(x))) / member.sum(-1, keepdim=True)
+        if r:
+            merge = _protected_match(keys, r, model.num_prefix_tokens)
+            total = merge(x * member.sum(-1, keepdim=True))
+            member = merge(member)
+            x = total / member.sum(-1, keepdim=True)
+    return model.forward_head(model.norm(on_grid(x))), member.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("r", [6, (12, -1)])
+def test_matches_the_grid_reference(kind: str, fused: bool, r) -> None:
+    model = parallel(kind, fused)
+    x = images()
+    logits, size = grid_reference(model, x, list(resolve_r(r, len(model.blocks))))
+    tokenprune.patch(model, r=r, backend="torch")
+    with torch.no_grad():
+        state = model.forward_tokens(x)
+        out = model(x)
+    assert state.num_tokens == tokenprune.plan(model, SIZE).output_tokens < 1 + 64
+    torch.testing.assert_close(state.size, size)
+    torch.testing.assert_close(out, logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+@pytest.mark.parametrize("options", [{"fused": True}, {"fused": False}, {"qk_norm": True}])
+def test_r0_is_bit_identical_and_unpatch_restores(kind: str, options: dict) -> None:
+    model = parallel(kind, **options)
+    x = images()
+    with torch.no_grad():
+        expected = model(x)
+        tokenprune.patch(model, r=0)
+        assert torch.equal(model(x), expected)
+        tokenprune.patch(model, r=8)
+        assert not torch.allclose(model(x), expected)
+        tokenprune.unpatch(model)
+        assert torch.equal(model(x), expected)
+    assert all(type(block) in (timm.models.vision_transformer.ParallelScalingBlock,
+                               timm.models.vision_transformer.DiffParallelScalingBlock) for block in model.blocks)  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", MODELS)
+@pytest.mark.parametrize("method", ["tome", "pitome", "local_global", "dynamicvit"])
+def test_flops_agree_with_flop_counter(kind: str, method: str) -> None:
+    model = parallel(kind).requires_grad_(False)
+    options = {
+        "tome": {"r": (8, -1)},
+        "pitome": {"r": (8, -1)},
+        "local_global": {"r": 4, "local_block": 0},
+        "dynamicvit": {"keep_ratio": 0.7, "stages": (1, 2)},
+    }[method]
+    tokenprune.patch(model, method, **options)
+    assert tokenprune.flops(model, SIZE, batch_size=2).total == counted_flops(model, images())
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_learned_dropping_trains_and_prunes(kind: str) -> None:
+    model = tokenprune.patch(parallel(kind), "dynamicvit", keep_ratio=0.7, stages=(1, 2))
+    model.train()
+    model(images()).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.eval()
+    with torch.no_grad():
+        assert model.forward_tokens(images()).num_tokens == tokenprune.plan(model, SIZE).output_tokens
+
+
+def test_fullgraph_capture() -> None:
+    model = tokenprune.patch(parallel("differential"), r=(8, -1))
+    x = images()
+    with torch.no_grad():
+        expected = model(x)
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="eager")(x), expected)
