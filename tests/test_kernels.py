@@ -863,6 +863,23 @@ def test_cait_same_on_both_backends() -> None:
         assert torch.equal(tokenprune.source(model), expected_source)
 
 
+@pytest.mark.parametrize("kind", ["parallel", "differential"])
+def test_parallel_blocks_same_on_both_backends(kind: str) -> None:
+    """Parallel blocks: merged ParallelScalingBlocks take the attention kernel, and both kinds
+    the match and merge kernels."""
+    from tests.test_parallel_blocks import images, parallel
+
+    import tokenprune
+
+    model = parallel(kind).to(DEVICE)
+    x = images().to(DEVICE)
+    with torch.no_grad():
+        tokenprune.patch(model, r=(8, -1), backend="torch")
+        expected = model(x)
+        tokenprune.patch(model, backend="triton")
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_pitome_merges_on_the_merge_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     """backend="triton" reaches PiToMe's merge: one merge launch per merging block."""
     from tests.test_patch import image, make

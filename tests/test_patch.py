@@ -327,6 +327,33 @@ def test_features_only_backbones_patch_through_their_wrapper(family: str) -> Non
         tokenprune.patch(timm.create_model("resnet18", features_only=True, feature_cls="getter"), r=8)
 
 
+def test_features_only_backbones_refuse_holes_and_count_what_runs() -> None:
+    """Dense maps read every patch: methods that drop patches are refused (EViT's fused token
+    holds its patches, so it is not); a backbone that keeps the model's head (prune=False) does
+    not run it; a features_only wrapper around another wrapper (Qwen3's classifier) works."""
+    from timm.models._features import FeatureGetterNet
+
+    backbone = timm.create_model("vit_tiny_patch16_224", features_only=True, out_indices=(1, 2), depth=3)
+    for method, options in (("dynamicvit", {"stages": (1,)}), ("evit", {"stages": (1,), "fuse": False})):
+        with pytest.raises(TypeError, match="drops tokens, but FeatureGetterNet's outputs read every patch position"):
+            tokenprune.patch(backbone, method, **options)
+    tokenprune.patch(backbone, "evit", stages=(1,))
+    x = image(1)
+    with torch.no_grad():
+        assert all((m.abs().sum(dim=1) > 0).all() for m in backbone(x))  # no holes
+    unpruned = FeatureGetterNet(make("vit_cls", depth=3), out_indices=(1, 2), prune=False)
+    tokenprune.patch(unpruned, r=8)
+    assert tokenprune.flops(unpruned, 224).total == counted_flops(unpruned, x)
+    nested = timm.create_model(
+        "qwen3_vit_88m", features_only=True, out_indices=(1,), depth=2, embed_dim=192, num_heads=3, img_size=224
+    )
+    tokenprune.patch(nested, r=4, trace_source=True)
+    with torch.no_grad():
+        assert nested(x)[0].shape == (1, 192, 14, 14)
+    assert tokenprune.flops(nested, 224).total == counted_flops(nested, x)
+    assert tokenprune.source(nested).shape == (1, 196 - 8, 196)
+
+
 def test_a_patched_model_takes_the_image_sizes_timm_takes() -> None:
     """ViTamin (a convolutional stem in timm's HybridEmbed, which never checks the size, and no
     position embedding) runs at any size, and its 336 px checkpoint's pretrained_cfg asks for

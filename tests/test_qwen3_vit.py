@@ -174,10 +174,10 @@ def test_forward_intermediates() -> None:
     assert [t.shape for t in out["image_intermediates"]] == [(2, 16 * 12, 192)] * 2
 
 
-@pytest.mark.parametrize("method", ["dynamicvit", "evit"])
-def test_token_dropping_is_refused(method: str) -> None:
+@pytest.mark.parametrize("method,options", [("dynamicvit", {}), ("evit", {"fuse": False})])
+def test_token_dropping_is_refused(method: str, options: dict) -> None:
     with pytest.raises(TypeError, match="drops tokens, but the Qwen3 ViT's outputs read every patch position"):
-        tokenprune.patch(qwen("classifier"), method)
+        tokenprune.patch(qwen("classifier"), method, **options)
 
 
 def test_fullgraph_capture() -> None:

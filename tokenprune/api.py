@@ -59,8 +59,9 @@ def patch(model: nn.Module, method: str | MethodConfig | None = None, **options:
             "this video ViT classifies its first token (global_pool='token') but has no class token to "
             "protect: merging would move that token. Use global_pool='avg' (VideoMAE's mean pooling)"
         )
-    vit.family(model).check_method(model, config)
+    vit.check_method(outer, config)
     reducers = config.reducers(model)
+    vit.check_reducers(model, config, reducers)
     if current is not None and type(current) is not type(config):
         vit.remove(model)
     vit.apply(model, config, reducers)

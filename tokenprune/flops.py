@@ -111,11 +111,15 @@ def _head_flops(model: nn.Module, tokens: int, grid: tuple[int, ...]) -> int:
 
 def flops(model: nn.Module, input_size: int | tuple[int, ...], batch_size: int = 1) -> FlopReport:
     """FLOPs of ``model`` (patched or not) on ``batch_size`` images (or clips) of ``input_size``."""
+    return _flops(model, input_size, batch_size, with_head=True)
+
+
+def _flops(model: nn.Module, input_size: int | tuple[int, ...], batch_size: int, with_head: bool) -> FlopReport:
     wrapper = WRAPPERS.get(type(model))
-    if wrapper is not None:  # the inner model's FLOPs and the wrapper's own head
-        inner = reducing_model(model)
-        report = flops(inner, input_size, batch_size)
-        patches = input_tokens(inner, input_size) - block_prefix_tokens(inner)
+    if wrapper is not None:  # the inner model's FLOPs (its head if the wrapper runs it) and the wrapper's head
+        inner = getattr(model, wrapper.attribute)
+        report = _flops(inner, input_size, batch_size, with_head=with_head and wrapper.runs_inner_head)
+        patches = input_tokens(inner, input_size) - block_prefix_tokens(reducing_model(inner))
         return FlopReport(report.per_block, report.embed_and_head + batch_size * wrapper.head_flops(model, patches))
     reduction = plan(model, input_size)
     protected = block_prefix_tokens(model)
@@ -126,7 +130,7 @@ def flops(model: nn.Module, input_size: int | tuple[int, ...], batch_size: int =
         for block, tokens, removed in zip(model.blocks, reduction.tokens, reduction.removed)
     )
     patches = input_tokens(model, input_size) - protected
-    head = _head_flops(model, reduction.head_tokens, patch_grid(model, input_size))
+    head = _head_flops(model, reduction.head_tokens, patch_grid(model, input_size)) if with_head else 0
     fixed = batch_size * (_embed_flops(model, input_size, patches) + head)
     fixed += _bias_mlp_flops(getattr(model, "shared_rel_pos", None))
     return FlopReport(per_block, fixed)

@@ -87,7 +87,11 @@ class AttentionDropConfig:
     prop_attn: bool = False
     trace_source: bool = False
     track_positions = False
-    drops_tokens = True
+
+    @property
+    def drops_tokens(self) -> bool:
+        """Whether patches leave without a token holding them (fused: the extra token holds them)."""
+        return not self.fuse
 
     def __post_init__(self) -> None:
         check_common_options(self)

@@ -23,10 +23,18 @@ from .vit import OwnAttention, sdpa_mask
 
 
 def check_keys_metric(metric: str | None) -> None:
+    """(``patch`` refuses such a method first, naming the block: this is the last guard.)"""
     if metric not in (None, "keys"):
+        raise ValueError(f"this attention gives only the keys metric (ToMe, PiToMe, two-stage merging), not {metric!r}")
+
+
+def refuse_float16_keep_mask(bias: Tensor | None, q: Tensor) -> None:
+    """A training keep mask's gradient does not fit float16: :func:`~tokenprune.patch.vit.attend`
+    takes the softmax in float32 for it, which SDPA and these attentions' own paths cannot."""
+    if bias is not None and q.dtype == torch.float16:
         raise ValueError(
-            f"differential attention gives the keys metric (ToMe, PiToMe, two-stage merging), not {metric!r}: "
-            "its two attention maps are no single map to read importance from"
+            "training a token-dropping method in float16 would round its keep mask's gradient to zero in "
+            "differential attention and parallel blocks: train in bfloat16 or float32"
         )
 
 
@@ -37,11 +45,6 @@ def differential_maps(
     order on its fused or manual path. q, k: [B, 2H, T, d]; v: [B, H, T, 2d]; ``module`` is
     timm's DiffAttention or DiffParallelScalingBlock (they keep the same attributes)."""
     batch, heads, num_tokens, dim = v.shape[0], v.shape[1], v.shape[2], q.shape[-1]
-    if attn_mask is not None and attn_mask.dtype not in (torch.bool, q.dtype):
-        raise ValueError(
-            "a float16 training keep mask needs float32 attention, which differential attention does not "
-            "take: train DynamicViT on this model in bfloat16 or float32"
-        )
     lambda_full = module._compute_lambda().type_as(q)
     if module.fused_attn:
         q1, q2 = q.reshape(batch, heads, 2, num_tokens, dim).unbind(2)
@@ -84,7 +87,8 @@ def attend_differential(
     k = k.reshape(batch, num_tokens, 2 * heads, dim).transpose(1, 2)
     v = v.reshape(batch, num_tokens, heads, 2 * dim).transpose(1, 2)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    out = differential_maps(attn, q, k, v, sdpa_mask(bias, key_bias, attn_mask, x.dtype), is_causal)
+    refuse_float16_keep_mask(bias, q)
+    out = differential_maps(attn, q, k, v, sdpa_mask(bias, key_bias, attn_mask, q.dtype), is_causal)
     out = attn.proj_drop(attn.proj(attn.norm(out.transpose(1, 2).reshape(batch, num_tokens, channels))))
     return out, k.mean(dim=1) if metric == "keys" else None
 

@@ -5,7 +5,8 @@ MLP read the same normalised input and their outputs are summed): ``ParallelScal
 There is no point between attention and MLP to merge at, so these blocks reduce after the whole
 block: ToMe's size-weighted merge of the block's output, matched on this block's keys (averaged
 over heads). Proportional attention and training keep masks enter the attention as in the other
-blocks; each block's FLOPs are all on the tokens entering it.
+blocks (merged tokens of a ParallelScalingBlock take :func:`kernels.attention`, as a Block's do);
+each block's FLOPs are all on the tokens entering it.
 
 Importing this module registers the classes in :mod:`tokenprune.patch.vit`'s registries.
 """
@@ -18,14 +19,18 @@ from timm.layers import maybe_add_mask, resolve_self_attn_mask
 from timm.models.vision_transformer import DiffParallelScalingBlock, ParallelScalingBlock
 from torch import Tensor, nn
 
+from kernels import attention
+
 from ..merge import TokenState
 from . import vit
-from .diff_attention import check_keys_metric, differential_maps
+from .diff_attention import check_keys_metric, differential_maps, refuse_float16_keep_mask
 from .vit import ReducingBlockMixin, linear_flops, sdpa_mask
 
 
 class _ReducingParallel(ReducingBlockMixin):
     """The block's forward on a token state: the block, then its reducer on the output."""
+
+    gives_only_keys = True  # (no attention map for methods that read one: patch refuses them)
 
     def forward(  # type: ignore[override]
         self, state: TokenState, attn_mask: Tensor | None = None, is_causal: bool = False, position: Tensor | None = None
@@ -34,11 +39,9 @@ class _ReducingParallel(ReducingBlockMixin):
         if reducer is not None and reducer.before_attention:
             state = reducer(state, None)
             reducer = None
-        metric = reducer.metric if reducer is not None else None
-        check_keys_metric(metric)
+        check_keys_metric(reducer.metric if reducer is not None else None)
         bias, key_bias = self._biases(state)
-        mask = sdpa_mask(bias, key_bias, attn_mask, state.x.dtype)
-        x, keys = self._parallel(state.x, mask, is_causal)
+        x, keys = self._parallel(state.x, bias, key_bias, attn_mask, is_causal)
         state = state._replace(x=x)
         return reducer(state, keys.mean(dim=1)) if reducer is not None else state
 
@@ -49,24 +52,36 @@ class _ReducingParallel(ReducingBlockMixin):
             x_mlp = x_mlp + self.mlp_bias
         return x_mlp, q, k, v
 
-    def _parallel(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool) -> tuple[Tensor, Tensor]:
+    def _parallel(
+        self, x: Tensor, bias: Tensor | None, key_bias: Tensor | None, attn_mask: Tensor | None, is_causal: bool
+    ) -> tuple[Tensor, Tensor]:
+        """The block's output and its keys [B, heads, T, d], with a training keep mask ``bias``
+        and the size bias ``key_bias`` in its attention."""
         raise NotImplementedError
 
 
 class ReducingParallelScalingBlock(_ReducingParallel, ParallelScalingBlock):
     """timm ``ParallelScalingBlock`` with token reduction after the block."""
 
-    def _parallel(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool) -> tuple[Tensor, Tensor]:
-        # timm's ParallelScalingBlock.forward, op for op, with the mask.
+    def _parallel(
+        self, x: Tensor, bias: Tensor | None, key_bias: Tensor | None, attn_mask: Tensor | None, is_causal: bool
+    ) -> tuple[Tensor, Tensor]:
+        # timm's ParallelScalingBlock.forward, op for op, with the masks.
         batch, num_tokens, channels = x.shape
         x_mlp, q, k, v = self._mlp_and_qkv(x)
         q = self.q_norm(q.view(batch, num_tokens, self.num_heads, self.head_dim)).transpose(1, 2)
         k = self.k_norm(k.view(batch, num_tokens, self.num_heads, self.head_dim)).transpose(1, 2)
         v = v.view(batch, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
-        if self.fused_attn:
-            dropout = self.attn_drop.p if self.training else 0.0
+        refuse_float16_keep_mask(bias, q)
+        dropout = self.attn_drop.p if self.training else 0.0
+        if self.fused_attn and key_bias is not None and bias is None and attn_mask is None and not is_causal:
+            # merged tokens: attention with the size bias built in (kernels.attention), as in Block
+            x_attn = attention(q, k, v, key_bias, self.scale, self.backend, dropout)
+        elif self.fused_attn:
+            attn_mask = sdpa_mask(bias, key_bias, attn_mask, q.dtype)
             x_attn = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal)
         else:
+            attn_mask = sdpa_mask(bias, key_bias, attn_mask, q.dtype)
             weights = (q * self.scale) @ k.transpose(-2, -1)
             weights = maybe_add_mask(weights, resolve_self_attn_mask(num_tokens, weights, attn_mask, is_causal=is_causal))
             x_attn = self.attn_drop(weights.softmax(dim=-1)) @ v
@@ -82,14 +97,18 @@ class ReducingParallelScalingBlock(_ReducingParallel, ParallelScalingBlock):
 class ReducingDiffParallelScalingBlock(_ReducingParallel, DiffParallelScalingBlock):
     """timm ``DiffParallelScalingBlock`` (differential attention) with token reduction after the block."""
 
-    def _parallel(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool) -> tuple[Tensor, Tensor]:
-        # timm's DiffParallelScalingBlock.forward, op for op, with the mask.
+    def _parallel(
+        self, x: Tensor, bias: Tensor | None, key_bias: Tensor | None, attn_mask: Tensor | None, is_causal: bool
+    ) -> tuple[Tensor, Tensor]:
+        # timm's DiffParallelScalingBlock.forward, op for op, with the masks.
         batch, num_tokens, channels = x.shape
         x_mlp, q, k, v = self._mlp_and_qkv(x)
         q = q.reshape(batch, num_tokens, 2 * self.num_heads, self.head_dim).transpose(1, 2)
         k = k.reshape(batch, num_tokens, 2 * self.num_heads, self.head_dim).transpose(1, 2)
         v = v.reshape(batch, num_tokens, self.num_heads, 2 * self.head_dim).transpose(1, 2)
         q, k = self.q_norm(q), self.k_norm(k)
+        refuse_float16_keep_mask(bias, q)
+        attn_mask = sdpa_mask(bias, key_bias, attn_mask, q.dtype)
         x_attn = differential_maps(self, q, k, v, attn_mask, is_causal).transpose(1, 2).reshape(batch, num_tokens, channels)
         x_mlp = self.mlp_drop(self.mlp_act(x_mlp))
         y = self.out_proj(torch.cat((x_attn, x_mlp), dim=-1))

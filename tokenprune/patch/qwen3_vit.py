@@ -12,8 +12,8 @@ absorbed it): the projector gets the grid it was trained on, with the LLM's toke
 unchanged, and the mean over the grid is the size-weighted mean of the merged tokens, exactly.
 The speed-up is the blocks'; ``forward_tokens`` returns the merged tokens themselves.
 
-Methods that drop tokens (DynamicViT, EViT) are refused: a dropped patch would reach the grid
-as zeros.
+Methods that drop tokens (DynamicViT, EViT with ``fuse=False``) are refused: a dropped patch
+would reach the grid as zeros.
 
 Importing this module registers the classes in :mod:`tokenprune.patch.vit`'s registries.
 """

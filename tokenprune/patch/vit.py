@@ -691,23 +691,58 @@ _ORIGINAL_CLASSES = {patched: original for original, patched in PATCHED_CLASSES.
 
 @dataclass(frozen=True)
 class Wrapper:
-    """A model class that holds a supported model and runs its own head on that model's output
-    (timm's Qwen3VitClassifier around its encoder): tokenprune patches the inner model."""
+    """A model class that holds a supported model (or another wrapper) and runs its own forward
+    around it (timm's Qwen3VitClassifier around its encoder, a features_only FeatureGetterNet):
+    tokenprune patches the inner model."""
 
     attribute: str  # where the inner model is
     head_flops: Callable[[nn.Module, int], int]  # FLOPs per image of the wrapper's own head, given the patches
+    runs_inner_head: bool = True  # False: its forward stops at the inner model's blocks (features_only)
+    reads_every_patch: bool = False  # its outputs read every patch position: token dropping is refused
 
 
 # Wrapper class → where its reducing model is; families register theirs (patch/qwen3_vit.py).
 # timm's ``features_only=True`` backbone of a ViT is a FeatureGetterNet: its forward is the
 # inner model's forward_intermediates (on the unmerged grid here, so dense heads take it as is).
-WRAPPERS: dict[type[nn.Module], Wrapper] = {FeatureGetterNet: Wrapper("model", lambda model, patches: 0)}
+WRAPPERS: dict[type[nn.Module], Wrapper] = {
+    FeatureGetterNet: Wrapper("model", lambda model, patches: 0, runs_inner_head=False, reads_every_patch=True),
+}
 
 
 def reducing_model(model: nn.Module) -> nn.Module:
-    """The model whose blocks reduce tokens: ``model`` itself, or the one a wrapper holds."""
-    wrapper = WRAPPERS.get(type(model))
-    return model if wrapper is None else getattr(model, wrapper.attribute)
+    """The model whose blocks reduce tokens: ``model`` itself, or the one its wrappers hold."""
+    while (wrapper := WRAPPERS.get(type(model))) is not None:
+        model = getattr(model, wrapper.attribute)
+    return model
+
+
+def check_method(model: nn.Module, config: Any) -> None:
+    """Raise a TypeError for a method that the model (its wrappers, its family, its blocks) cannot
+    run exactly, before anything is patched."""
+    while (wrapper := WRAPPERS.get(type(model))) is not None:
+        if wrapper.reads_every_patch and getattr(config, "drops_tokens", False):
+            raise TypeError(
+                f"{type(config).__name__} drops tokens, but {type(model).__name__}'s outputs read every patch "
+                "position: a dropped patch would reach them as zeros. Use a merging method (tome, pitome, local_global)"
+            )
+        model = getattr(model, wrapper.attribute)
+    family(model).check_method(model, config)
+
+
+def check_reducers(model: nn.Module, config: Any, reducers: list[TokenReducer | None]) -> None:
+    """Raise a TypeError where a reducer would read an attention map from a block that gives
+    only its keys (differential attention, parallel blocks)."""
+    for i, (block, reducer) in enumerate(zip(model.blocks, reducers)):
+        metric = None if reducer is None or reducer.before_attention else reducer.metric
+        gives_only_keys = type(getattr(block, "attn", None)) in OWN_ATTENTIONS or getattr(
+            PATCHED_BLOCKS[_original_block_class(block)], "gives_only_keys", False
+        )
+        if metric not in (None, "keys") and gives_only_keys:
+            raise TypeError(
+                f"{type(config).__name__} reads the attention map ({metric!r}), but blocks[{i}] "
+                f"({_original_block_class(block).__name__}) give their reducer only the keys: use a method that "
+                "matches on keys (tome, pitome, local_global)"
+            )
 
 
 def original_class(model: nn.Module) -> type:
