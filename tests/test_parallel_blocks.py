@@ -142,6 +142,8 @@ def test_a_training_keep_mask_masks_the_dropped_keys(kind: str) -> None:
     torch.testing.assert_close(out[kept], out_changed[kept], atol=1e-5, rtol=1e-5)
 
 
+# timm's RmsNorm (the sub-norm) warns that autocast's bf16 input meets its float32 weight
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
 @pytest.mark.parametrize("kind", MODELS)
 def test_bfloat16_autocast_with_merged_tokens(kind: str) -> None:
     model = tokenprune.patch(parallel(kind), r=(8, -1))
