@@ -57,14 +57,26 @@ def architectures(module: str) -> list[str]:
 
 
 def build(name: str, depth: int) -> tuple[nn.Module | None, str]:
-    """The architecture with random weights and ``depth`` blocks, or at full depth when its
-    builder will not take another depth (e.g. a per-block option list) and it is small enough;
+    """The architecture with random weights and ``depth`` blocks; when its builder gives a
+    per-block list of key/value heads (Sapiens2's grouped-query attention in the middle blocks
+    only), ``depth`` blocks that sample that list; else at full depth, when small enough;
     (None, why) when it cannot be built here."""
     try:
         return timm.create_model(name, depth=depth).eval(), f"{depth} blocks"
     except (TypeError, AssertionError, ValueError) as error:
         reason = f"{type(error).__name__}: {error}"
-    size = sum(p.numel() for p in timm.create_model(name, device="meta").parameters())
+    full = timm.create_model(name, device="meta")
+    kv_heads = [getattr(block.attn, "num_kv_heads", None) for block in full.blocks]
+    if None not in kv_heads:
+        # blocks 0, L/depth, 2L/depth, ...: for 2 of Sapiens2's, block 0 (full attention) and the
+        # middle one (grouped-query attention, in the sizes that have it)
+        sampled = tuple(kv_heads[i * len(kv_heads) // depth] for i in range(depth))
+        try:
+            model = timm.create_model(name, depth=depth, num_kv_heads=sampled).eval()
+            return model, f"{depth} blocks (num_kv_heads={sampled}, sampled from its per-block list)"
+        except (TypeError, AssertionError, ValueError):
+            pass  # another per-block option: full depth below
+    size = sum(p.numel() for p in full.parameters())
     if size > MAX_FULL_DEPTH_PARAMS:
         return None, f"not built: depth={depth} refused ({reason}) and {size / 1e9:.1f}B parameters at full depth"
     model = timm.create_model(name).eval()

@@ -67,3 +67,11 @@ def test_check_catches_a_patch_that_changes_the_unreduced_model(monkeypatch: pyt
 
     monkeypatch.setattr(tokenprune, "patch", nudging_patch)
     assert coverage.check(model, r=4)[0] == "r=0 is not bit-identical to the unpatched model"
+
+
+def test_per_block_kv_heads_are_sampled_to_build_a_few_blocks() -> None:
+    """Sapiens2's builder insists on one key/value head count per block of its full depth: the
+    survey samples that list (block 0, full attention; the middle block, grouped-query)."""
+    model, built = coverage.build("vit_huge_patch16_sapiens2", 2)
+    assert built == "2 blocks (num_kv_heads=(16, 8), sampled from its per-block list)"
+    assert [block.attn.num_kv_heads for block in model.blocks] == [16, 8]
