@@ -14,7 +14,7 @@ short merged sequences cost what they compute. It writes the output directly in 
 [B, T, H, D] layout that the attention's output projection reads, so the usual
 ``transpose(1, 2).reshape`` after attention is free.
 
-Inference only: the Triton path has no backward; when gradients are needed, and under
+The kernel is for inference: it has no backward. When gradients are needed, and under
 ``torch.compile``, :func:`attention` takes PyTorch SDPA. On a GPU in half precision it folds the
 bias into two extra channels of q and k (:func:`attention_folded`), so that SDPA can pick flash
 attention there too, forward and backward.
@@ -33,9 +33,10 @@ from kernels._triton import HAS_TRITON, INTERPRET, block_size, check_device, nex
 __all__ = ["attention", "attention_folded", "attention_reference", "attention_triton"]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
 # "auto" takes the kernel for half precision only: fp32 would need IEEE dots (no TF32), where
 # the library kernels are as good.
-_AUTO_DTYPES = (torch.float16, torch.bfloat16)
+_AUTO_DTYPES = _HALF_DTYPES
 # Without a bias, cuDNN's fused attention beats this kernel from about 100 tokens up (H100,
 # bf16, B=256, 12 heads × 64: 63 vs 102 µs at 101 tokens, 58 vs 46 µs at 53, 57 vs 26 µs at
 # 21); with the bias this kernel wins at every length (275 vs 489 µs at 197 tokens).
@@ -279,8 +280,8 @@ def attention(
     a bias, where the library kernels are faster). Under ``torch.compile``, and with attention
     dropout (training), it is always SDPA.
 
-    SDPA takes the bias folded into q and k (:func:`attention_folded`) where that lets a GPU run
-    flash attention: half precision on CUDA. Elsewhere the bias goes in as a mask: CUDA has no
+    SDPA (the path of ``backend="torch"`` too) takes the bias folded into q and k
+    (:func:`attention_folded`) where that lets a GPU run flash attention: half precision on CUDA. Elsewhere the bias goes in as a mask: CUDA has no
     flash kernel for float32, and on the CPU the mask costs less than the wider heads (2-core
     Xeon, ViT-S shapes at batch 8, float32: 3.2 ms with the mask, 8.0 ms folded)."""
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
@@ -292,6 +293,6 @@ def attention(
         tensors = (q, k, v) if key_bias is None else (q, k, v, key_bias)
         if not (backend == "auto" and long_unbiased) and q.dtype in dtypes and use_triton(backend, *tensors):
             return attention_triton(q, k, v, key_bias, scale)
-    if key_bias is not None and q.is_cuda and q.dtype in _AUTO_DTYPES:
+    if key_bias is not None and q.is_cuda and q.dtype in _HALF_DTYPES:
         return attention_folded(q, k, v, key_bias, scale, dropout)
     return attention_reference(q, k, v, key_bias, scale, dropout)

@@ -48,18 +48,7 @@ def patch(model: nn.Module, method: str | MethodConfig | None = None, **options:
         if options:
             raise TypeError("give options either inside the config object or as keywords with a method name, not both")
         config = method
-    if video.is_video_model(model) and not getattr(config, "supports_video", False):
-        video_methods = [name for name, cls in METHODS.items() if getattr(cls, "supports_video", False)]
-        raise TypeError(
-            f"{type(config).__name__} does not support the video ViT (it assumes a 2-D patch grid or a class "
-            f"token); video methods: {video_methods}"
-        )
-    if video.is_video_model(model) and model.global_pool == "token" and model.num_prefix_tokens == 0:
-        raise TypeError(
-            "this video ViT classifies its first token (global_pool='token') but has no class token to "
-            "protect: merging would move that token. Use global_pool='avg' (VideoMAE's mean pooling)"
-        )
-    vit.check_method(outer, config)
+    vit.check_method_for(outer, config)
     reducers = config.reducers(model)
     vit.check_reducers(model, config, reducers)
     if current is not None and type(current) is not type(config):

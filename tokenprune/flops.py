@@ -19,12 +19,13 @@ from torch import nn
 from .api import input_tokens, patch_grid, plan
 from .patch.vit import (
     BLOCK_FLOPS,
-    OWN_ATTENTIONS,
+    ATTENTION_FORWARDS,
     WRAPPERS,
     block_prefix_tokens,
     family,
     head_dim,
     linear_flops,
+    original_block_class,
     pool_includes_prefix,
     reducing_model,
 )
@@ -50,9 +51,9 @@ class FlopReport:
 
 
 def _block_flops(block: nn.Module, tokens: int, removed: int, num_inputs: int, shared_bias: bool) -> int:
-    own = BLOCK_FLOPS.get(type(block))  # (parallel blocks: attention and MLP in one)
-    if own is not None:
-        return own(block, tokens, removed)
+    block_flops = BLOCK_FLOPS.get(original_block_class(block))  # (parallel blocks: attention and MLP in one)
+    if block_flops is not None:
+        return block_flops(block, tokens, removed)
     attn = block.attn
     reducer = getattr(block, "reducer", None)
     kept = tokens - removed
@@ -66,9 +67,9 @@ def _block_flops(block: nn.Module, tokens: int, removed: int, num_inputs: int, s
         for name, layer in attn.named_modules()
         if isinstance(layer, nn.Linear) and not name.startswith("rel_pos.")
     )
-    own = OWN_ATTENTIONS.get(type(attn))  # (differential attention: two maps)
-    if own is not None:
-        flops += own.matmul_flops(attn, attended)
+    forward = ATTENTION_FORWARDS.get(type(attn))  # (differential attention: two maps)
+    if forward is not None:
+        flops += forward.matmul_flops(attn, attended)
     else:
         flops += 4 * attended * attended * attn.num_heads * head_dim(attn)  # q·kᵀ and attn·v
     # Every linear layer of the MLP: fc1/fc2, or SwiGLU's fc1_g/fc1_x/fc2.

@@ -12,30 +12,24 @@ Importing this module registers the class in :mod:`tokenprune.patch.vit`'s regis
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from timm.layers import maybe_add_mask, resolve_self_attn_mask
 from timm.layers.diff_attention import DiffAttention
 from torch import Tensor, nn
 
 from . import vit
-from .vit import OwnAttention, sdpa_mask
+from .vit import AttentionForward, check_keys_metric, refuse_float16_keep_mask, sdpa_mask
 
 
-def check_keys_metric(metric: str | None) -> None:
-    """(``patch`` refuses such a method first, naming the block: this is the last guard.)"""
-    if metric not in (None, "keys"):
-        raise ValueError(f"this attention gives only the keys metric (ToMe, PiToMe, two-stage merging), not {metric!r}")
-
-
-def refuse_float16_keep_mask(bias: Tensor | None, q: Tensor) -> None:
-    """A training keep mask's gradient does not fit float16: :func:`~tokenprune.patch.vit.attend`
-    takes the softmax in float32 for it, which SDPA and these attentions' own paths cannot."""
-    if bias is not None and q.dtype == torch.float16:
-        raise ValueError(
-            "training a token-dropping method in float16 would round its keep mask's gradient to zero in "
-            "differential attention and parallel blocks: train in bfloat16 or float32"
-        )
+def split_differential_heads(module: nn.Module, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """[B, T, C] projections into timm's differential heads: q, k [B, 2H, T, d] (q/k-normed),
+    v [B, H, T, 2d]. ``module`` is timm's DiffAttention or DiffParallelScalingBlock."""
+    batch, num_tokens, _ = q.shape
+    heads, dim = module.num_heads, module.head_dim
+    q = q.reshape(batch, num_tokens, 2 * heads, dim).transpose(1, 2)
+    k = k.reshape(batch, num_tokens, 2 * heads, dim).transpose(1, 2)
+    v = v.reshape(batch, num_tokens, heads, 2 * dim).transpose(1, 2)
+    return module.q_norm(q), module.k_norm(k), v
 
 
 def differential_maps(
@@ -78,15 +72,13 @@ def attend_differential(
     """timm's ``DiffAttention.forward`` (same ops in the same order: r=0 is bit-identical) with
     the additive ``bias`` (a training keep mask) and ``key_bias`` (log sizes) as an SDPA mask
     on both maps, returning the keys averaged over half-heads when ``metric`` is "keys". (The
-    Triton attention kernel takes one head width for q, k and v: v is twice as wide here.)"""
+    Triton attention kernel takes one head width for q, k and v: v is twice as wide here, so
+    ``backend`` goes unused.)"""
     check_keys_metric(metric)
+    if rope is not None or position_bias:
+        raise ValueError("differential attention has no rotary or relative position terms to take")
     batch, num_tokens, channels = x.shape
-    heads, dim = attn.num_heads, attn.head_dim
-    q, k, v = attn.qkv(x).chunk(3, dim=2)
-    q = q.reshape(batch, num_tokens, 2 * heads, dim).transpose(1, 2)
-    k = k.reshape(batch, num_tokens, 2 * heads, dim).transpose(1, 2)
-    v = v.reshape(batch, num_tokens, heads, 2 * dim).transpose(1, 2)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k, v = split_differential_heads(attn, *attn.qkv(x).chunk(3, dim=2))
     refuse_float16_keep_mask(bias, q)
     out = differential_maps(attn, q, k, v, sdpa_mask(bias, key_bias, attn_mask, q.dtype), is_causal)
     out = attn.proj_drop(attn.proj(attn.norm(out.transpose(1, 2).reshape(batch, num_tokens, channels))))
@@ -101,4 +93,4 @@ def _differential_matmul_flops(attn: DiffAttention, tokens: int) -> int:
     return 8 * tokens * tokens * attn.num_heads * attn.head_dim
 
 
-vit.OWN_ATTENTIONS[DiffAttention] = OwnAttention(attend_differential, _differential_matmul_flops)
+vit.ATTENTION_FORWARDS[DiffAttention] = AttentionForward(attend_differential, _differential_matmul_flops)

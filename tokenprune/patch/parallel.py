@@ -13,6 +13,8 @@ Importing this module registers the classes in :mod:`tokenprune.patch.vit`'s reg
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from timm.layers import maybe_add_mask, resolve_self_attn_mask
@@ -23,12 +25,21 @@ from kernels import attention
 
 from ..merge import TokenState
 from . import vit
-from .diff_attention import check_keys_metric, differential_maps, refuse_float16_keep_mask
-from .vit import ReducingBlockMixin, linear_flops, sdpa_mask
+from .diff_attention import differential_maps, split_differential_heads
+from .vit import (
+    ReducingBlockMixin,
+    check_keys_metric,
+    linear_flops,
+    refuse_float16_keep_mask,
+    sdpa_mask,
+    takes_attention_kernel,
+)
 
 
 class _ReducingParallel(ReducingBlockMixin):
-    """The block's forward on a token state: the block, then its reducer on the output."""
+    """The block's forward on a token state: the block, then its reducer on the output (of
+    :class:`ReducingBlockMixin` it keeps the attributes and the attention biases; its residual
+    steps do not apply)."""
 
     gives_only_keys = True  # (no attention map for methods that read one: patch refuses them)
 
@@ -41,7 +52,8 @@ class _ReducingParallel(ReducingBlockMixin):
             reducer = None
         check_keys_metric(reducer.metric if reducer is not None else None)
         bias, key_bias = self._biases(state)
-        x, keys = self._parallel(state.x, bias, key_bias, attn_mask, is_causal)
+        backend = self.backend if state.size is not None else None  # (set for merged tokens only)
+        x, keys = self._parallel(state.x, bias, key_bias, backend, attn_mask, is_causal)
         state = state._replace(x=x)
         return reducer(state, keys.mean(dim=1)) if reducer is not None else state
 
@@ -53,7 +65,13 @@ class _ReducingParallel(ReducingBlockMixin):
         return x_mlp, q, k, v
 
     def _parallel(
-        self, x: Tensor, bias: Tensor | None, key_bias: Tensor | None, attn_mask: Tensor | None, is_causal: bool
+        self,
+        x: Tensor,
+        bias: Tensor | None,
+        key_bias: Tensor | None,
+        backend: str | None,
+        attn_mask: Tensor | None,
+        is_causal: bool,
     ) -> tuple[Tensor, Tensor]:
         """The block's output and its keys [B, heads, T, d], with a training keep mask ``bias``
         and the size bias ``key_bias`` in its attention."""
@@ -64,7 +82,13 @@ class ReducingParallelScalingBlock(_ReducingParallel, ParallelScalingBlock):
     """timm ``ParallelScalingBlock`` with token reduction after the block."""
 
     def _parallel(
-        self, x: Tensor, bias: Tensor | None, key_bias: Tensor | None, attn_mask: Tensor | None, is_causal: bool
+        self,
+        x: Tensor,
+        bias: Tensor | None,
+        key_bias: Tensor | None,
+        backend: str | None,
+        attn_mask: Tensor | None,
+        is_causal: bool,
     ) -> tuple[Tensor, Tensor]:
         # timm's ParallelScalingBlock.forward, op for op, with the masks.
         batch, num_tokens, channels = x.shape
@@ -74,9 +98,8 @@ class ReducingParallelScalingBlock(_ReducingParallel, ParallelScalingBlock):
         v = v.view(batch, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
         refuse_float16_keep_mask(bias, q)
         dropout = self.attn_drop.p if self.training else 0.0
-        if self.fused_attn and key_bias is not None and bias is None and attn_mask is None and not is_causal:
-            # merged tokens: attention with the size bias built in (kernels.attention), as in Block
-            x_attn = attention(q, k, v, key_bias, self.scale, self.backend, dropout)
+        if takes_attention_kernel(self.fused_attn, backend, bias, attn_mask, is_causal):
+            x_attn = attention(q, k, v, key_bias, self.scale, backend, dropout)  # as a merged Block's
         elif self.fused_attn:
             attn_mask = sdpa_mask(bias, key_bias, attn_mask, q.dtype)
             x_attn = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal)
@@ -98,15 +121,19 @@ class ReducingDiffParallelScalingBlock(_ReducingParallel, DiffParallelScalingBlo
     """timm ``DiffParallelScalingBlock`` (differential attention) with token reduction after the block."""
 
     def _parallel(
-        self, x: Tensor, bias: Tensor | None, key_bias: Tensor | None, attn_mask: Tensor | None, is_causal: bool
+        self,
+        x: Tensor,
+        bias: Tensor | None,
+        key_bias: Tensor | None,
+        backend: str | None,
+        attn_mask: Tensor | None,
+        is_causal: bool,
     ) -> tuple[Tensor, Tensor]:
-        # timm's DiffParallelScalingBlock.forward, op for op, with the masks.
+        # timm's DiffParallelScalingBlock.forward, op for op, with the masks (the kernel takes one
+        # head width for q, k and v: v is twice as wide here, so ``backend`` goes unused).
         batch, num_tokens, channels = x.shape
         x_mlp, q, k, v = self._mlp_and_qkv(x)
-        q = q.reshape(batch, num_tokens, 2 * self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.reshape(batch, num_tokens, 2 * self.num_heads, self.head_dim).transpose(1, 2)
-        v = v.reshape(batch, num_tokens, self.num_heads, 2 * self.head_dim).transpose(1, 2)
-        q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = split_differential_heads(self, q, k, v)
         refuse_float16_keep_mask(bias, q)
         attn_mask = sdpa_mask(bias, key_bias, attn_mask, q.dtype)
         x_attn = differential_maps(self, q, k, v, attn_mask, is_causal).transpose(1, 2).reshape(batch, num_tokens, channels)
@@ -115,11 +142,11 @@ class ReducingDiffParallelScalingBlock(_ReducingParallel, DiffParallelScalingBlo
         return x + self.drop_path(self.ls(y)), k
 
 
-def _parallel_flops(block: nn.Module, tokens: int, removed: int) -> int:
-    """The projections and the products between tokens (as timm's manual path computes them:
-    differential attention subtracts its maps before multiplying by v), on the tokens the block
-    runs on (all that enter it, but after a pruning step that runs first), and the reducer's
-    matching."""
+def _parallel_flops(block: nn.Module, tokens: int, removed: int, matmuls: int) -> int:
+    """The projections and the products between tokens, ``matmuls``·T²·H·d (as timm's manual
+    path computes them: 4, or 8 for differential attention, which subtracts its two maps before
+    multiplying by its twice-as-wide v), on the tokens the block runs on (all that enter it, but
+    after a pruning step that runs first), and the reducer's matching."""
     reducer = getattr(block, "reducer", None)
     attended = tokens - removed if reducer is not None and reducer.before_attention else tokens
     flops = sum(
@@ -127,8 +154,7 @@ def _parallel_flops(block: nn.Module, tokens: int, removed: int) -> int:
         for name, layer in block.named_modules()
         if isinstance(layer, nn.Linear) and not name.startswith("reducer")  # (a predictor counts its own)
     )
-    differential = isinstance(block, DiffParallelScalingBlock)
-    flops += (8 if differential else 4) * attended * attended * block.num_heads * block.head_dim
+    flops += matmuls * attended * attended * block.num_heads * block.head_dim
     if reducer is not None:
         flops += reducer.matching_flops(tokens, removed, block)
     return flops
@@ -136,5 +162,5 @@ def _parallel_flops(block: nn.Module, tokens: int, removed: int) -> int:
 
 vit.PATCHED_BLOCKS[ParallelScalingBlock] = ReducingParallelScalingBlock
 vit.PATCHED_BLOCKS[DiffParallelScalingBlock] = ReducingDiffParallelScalingBlock
-for _cls in (ParallelScalingBlock, DiffParallelScalingBlock, ReducingParallelScalingBlock, ReducingDiffParallelScalingBlock):
-    vit.BLOCK_FLOPS[_cls] = _parallel_flops
+vit.BLOCK_FLOPS[ParallelScalingBlock] = partial(_parallel_flops, matmuls=4)
+vit.BLOCK_FLOPS[DiffParallelScalingBlock] = partial(_parallel_flops, matmuls=8)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..merge import TokenState
 from ..merge import unmerge as unmerge_tokens
 from . import vit
-from .vit import ReducingViT, Wrapper, linear_flops
+from .vit import ReducingViT, Wrapper, linear_flops, refuse_dropping
 
 
 class ReducingQwen3VitEncoder(ReducingViT, Qwen3VitEncoder):
@@ -38,7 +38,8 @@ class ReducingQwen3VitEncoder(ReducingViT, Qwen3VitEncoder):
 
     _positions_follow_sources = True  # 2-D RoPE, always
 
-    # (The encoder has no classifier head: its forward_head raises, as timm's does.)
+    # timm's, or ReducingViT's sized head would shadow it: the encoder has no classifier head,
+    # and its forward_head raises.
     forward_head = Qwen3VitEncoder.forward_head
 
     def forward(self, x: Tensor) -> Tensor:
@@ -69,12 +70,7 @@ class ReducingQwen3VitEncoder(ReducingViT, Qwen3VitEncoder):
 
     @staticmethod
     def check_method(model: nn.Module, config: Any) -> None:
-        if getattr(config, "drops_tokens", False):
-            raise TypeError(
-                f"{type(config).__name__} drops tokens, but the Qwen3 ViT's outputs read every patch "
-                "position (the patch grid, the VLM projector's 2x2 blocks, the mean over the grid): a dropped "
-                "patch would reach them as zeros. Use a merging method (tome, pitome, local_global)"
-            )
+        refuse_dropping(config, "the Qwen3 ViT's outputs (the patch grid, the VLM projector's 2x2 blocks, the mean)")
 
     def _embed(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         return self._pos_embed(self.patch_embed(x))  # tokens [B, H·W, C] and the grid's RoPE
@@ -105,8 +101,9 @@ class ReducingQwen3VitEncoder(ReducingViT, Qwen3VitEncoder):
         """timm's intermediates on the full grid, and its final features as the [B, H, W, C]
         grid (``return_prefix_tokens`` and ``norm`` are unused, as in timm: no prefix, no norm)."""
         out = super().forward_intermediates(
-            x, indices, False, False, stop_early, output_fmt, intermediates_only, output_dict
-        )
+            x, indices, return_prefix_tokens=False, norm=False, stop_early=stop_early, output_fmt=output_fmt,
+            intermediates_only=intermediates_only, output_dict=output_dict,
+        )  # fmt: skip
         if intermediates_only:
             return out
         height, width = self._token_grid(x)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..models.video_vit import VideoVisionTransformer
 from . import vit
@@ -28,6 +28,22 @@ class ReducingVideoVisionTransformer(ReducingViT, VideoVisionTransformer):
 
     def _token_grid(self, x: Tensor) -> tuple[int, ...]:
         return tuple(int(n) for n in self.patch_embed.dynamic_feat_size(tuple(x.shape[-3:])))
+
+    @staticmethod
+    def check_method(model: nn.Module, config: Any) -> None:
+        if not getattr(config, "supports_video", False):
+            from ..methods import METHODS  # (the methods import the patch modules)
+
+            video_methods = [name for name, cls in METHODS.items() if getattr(cls, "supports_video", False)]
+            raise TypeError(
+                f"{type(config).__name__} does not support the video ViT (it assumes a 2-D patch grid or a class "
+                f"token); video methods: {video_methods}"
+            )
+        if model.global_pool == "token" and model.num_prefix_tokens == 0:
+            raise TypeError(
+                "this video ViT classifies its first token (global_pool='token') but has no class token to "
+                "protect: merging would move that token. Use global_pool='avg' (VideoMAE's mean pooling)"
+            )
 
     def forward_intermediates(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError(

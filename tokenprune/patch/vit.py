@@ -5,7 +5,7 @@ forward are shared with the other families, which register their classes here
 (:data:`QKV_PROJECTIONS`, :data:`PATCHED_BLOCKS`, :data:`PATCHED_CLASSES`, :data:`WRAPPERS`, and
 the hooks of the family's model class; ``patch/eva.py``, ``patch/beit.py``, ``patch/vit_relpos.py``,
 ``patch/cait.py``, ``patch/naflexvit.py``, ``patch/qwen3_vit.py``, ``patch/video.py``; attentions
-and blocks of their own in :data:`OWN_ATTENTIONS` and :data:`BLOCK_FLOPS`: ``patch/diff_attention.py``,
+and blocks of their own in :data:`ATTENTION_FORWARDS` and :data:`BLOCK_FLOPS`: ``patch/diff_attention.py``,
 ``patch/parallel.py``).
 
 Nothing here keeps per-forward state on modules: every block owns a fixed ``reducer`` (its r is
@@ -89,21 +89,58 @@ QKV_PROJECTIONS: dict[type[nn.Module], QKVProjection] = {Attention: _timm_qkv}
 
 
 @dataclass(frozen=True)
-class OwnAttention:
+class AttentionForward:
     """An attention class that :func:`attend` cannot run (its maps are not softmax(q·kᵀ)·v):
     its own forward, with :func:`attend`'s signature and results, and the FLOPs of its
-    products between tokens (:func:`attend`'s are 4·T²·heads·head_dim)."""
+    products between tokens (:func:`attend`'s are 4·T²·heads·head_dim). It gives its reducer
+    only the keys (:func:`check_reducers`)."""
 
     forward: Callable[..., tuple[Tensor, Any]]
     matmul_flops: Callable[[nn.Module, int], int]
 
 
 # Attention class → its own forward; families register theirs (patch/diff_attention.py).
-OWN_ATTENTIONS: dict[type[nn.Module], OwnAttention] = {}
+ATTENTION_FORWARDS: dict[type[nn.Module], AttentionForward] = {}
 
-# Block class (original and reducing) → its FLOPs(block, tokens, removed), for a block whose work
-# does not split into the ``attn`` and ``mlp`` that tokenprune.flops counts (patch/parallel.py).
+# Original block class → its FLOPs(block, tokens, removed), for a block whose work does not split
+# into the ``attn`` and ``mlp`` that tokenprune.flops counts (patch/parallel.py).
 BLOCK_FLOPS: dict[type[nn.Module], Callable[[nn.Module, int, int], int]] = {}
+
+
+def takes_attention_kernel(fused: bool, backend: str | None, bias: Tensor | None, attn_mask: Tensor | None, is_causal: bool) -> bool:
+    """Whether attention runs :func:`kernels.attention` (the size bias built in): fused
+    attention over merged tokens (``backend`` is set only for them) with no other mask."""
+    return fused and backend is not None and bias is None and attn_mask is None and not is_causal
+
+
+def check_keys_metric(metric: str | None) -> None:
+    """The last guard in blocks that give their reducer only the keys (``patch`` refuses such
+    methods first, naming the block: :func:`check_reducers`)."""
+    if metric not in (None, "keys"):
+        raise ValueError(
+            f"this block gives only the keys metric, not {metric!r}: use tome, pitome or local_global on it"
+        )
+
+
+def refuse_float16_keep_mask(bias: Tensor | None, q: Tensor) -> None:
+    """A training keep mask's gradient does not fit float16: :func:`attend` takes the softmax in
+    float32 for it, which SDPA and the blocks' own attention paths (differential attention,
+    parallel blocks) cannot."""
+    if bias is not None and q.dtype == torch.float16:
+        raise ValueError(
+            "training a token-dropping method in float16 would round its keep mask's gradient to zero in "
+            "differential attention and parallel blocks: train in bfloat16 or float32"
+        )
+
+
+def refuse_dropping(config: Any, reader: str) -> None:
+    """Raise a TypeError for a method that drops patches where ``reader`` reads every patch
+    position (a dropped patch would reach it as zeros)."""
+    if getattr(config, "drops_tokens", False):
+        raise TypeError(
+            f"{type(config).__name__} drops tokens, but {reader} read every patch position: a dropped patch "
+            "would reach them as zeros. Use a merging method (tome, pitome, local_global)"
+        )
 
 
 def linear_flops(tokens: int, layer: nn.Module) -> int:
@@ -113,7 +150,8 @@ def linear_flops(tokens: int, layer: nn.Module) -> int:
 
 def sdpa_mask(bias: Tensor | None, key_bias: Tensor | None, attn_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """One additive SDPA mask from a [B, 1, T, T] ``bias`` and [B, T] ``key_bias`` (either may be
-    None; ``attn_mask`` when both are: merged tokens never carry a user mask)."""
+    None; ``attn_mask`` when both are: merged tokens never carry a user mask, which
+    :meth:`ReducingViT._run_blocks` refuses)."""
     if key_bias is not None:
         key_mask = key_bias[:, None, None, :].to(dtype)
         bias = key_mask if bias is None else bias + key_mask
@@ -196,12 +234,11 @@ def attend(
         position_sum = term if position_sum is None else position_sum + term
     if position_sum is not None:
         bias = position_sum if bias is None else bias + position_sum
-    use_kernel = fused and backend is not None and bias is None and attn_mask is None and not is_causal
-    if key_bias is not None and not (use_kernel and metric in (None, "keys")):
-        key_mask = key_bias[:, None, None, :].to(x.dtype)  # the same bias as a mask, for the other paths
-        bias = key_mask if bias is None else bias + key_mask
+    use_kernel = takes_attention_kernel(fused, backend, bias, attn_mask, is_causal)
+    if not (use_kernel and metric in (None, "keys")):
+        bias = sdpa_mask(bias, key_bias, None, x.dtype)  # the size bias as a mask, for the other paths
     if bias is not None:
-        attn_mask = bias  # merged tokens never carry a user mask: reduce_model refuses that case
+        attn_mask = bias  # merged tokens never carry a user mask: _run_blocks refuses that case
     if use_kernel:
         out = attention(q, k, v, key_bias, attn.scale, backend, dropout)
     elif fused:
@@ -304,7 +341,7 @@ class ReducingBlockMixin:
         counted = state.keep
         if counted is None and key_bias is not None:
             counted = state.size
-        own = OWN_ATTENTIONS.get(type(self.attn))
+        own = ATTENTION_FORWARDS.get(type(self.attn))
         attn_out, metric = (attend if own is None else own.forward)(
             self.attn,
             self._attention_input(x),
@@ -516,9 +553,8 @@ class ReducingViT:
                 f"{height}x{width}{remedy}"
             )
         grid = tuple(int(n) for n in embed.dynamic_feat_size((height, width)))
-        if getattr(model, "dynamic_img_size", False) or getattr(model, "pos_embed", None) is None:
-            return (grid[0], grid[1])
-        if grid == tuple(embed.grid_size):
+        position_follows = getattr(model, "dynamic_img_size", False) or getattr(model, "pos_embed", None) is None
+        if position_follows or grid == tuple(embed.grid_size):
             return (grid[0], grid[1])
         _refuse_image_size(model, (height, width))
 
@@ -716,15 +752,12 @@ def reducing_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def check_method(model: nn.Module, config: Any) -> None:
-    """Raise a TypeError for a method that the model (its wrappers, its family, its blocks) cannot
-    run exactly, before anything is patched."""
+def check_method_for(model: nn.Module, config: Any) -> None:
+    """Raise a TypeError for a method that the model (its wrappers, its family) cannot run
+    exactly, before anything is patched."""
     while (wrapper := WRAPPERS.get(type(model))) is not None:
-        if wrapper.reads_every_patch and getattr(config, "drops_tokens", False):
-            raise TypeError(
-                f"{type(config).__name__} drops tokens, but {type(model).__name__}'s outputs read every patch "
-                "position: a dropped patch would reach them as zeros. Use a merging method (tome, pitome, local_global)"
-            )
+        if wrapper.reads_every_patch:
+            refuse_dropping(config, f"{type(model).__name__}'s outputs")
         model = getattr(model, wrapper.attribute)
     family(model).check_method(model, config)
 
@@ -734,13 +767,14 @@ def check_reducers(model: nn.Module, config: Any, reducers: list[TokenReducer | 
     only its keys (differential attention, parallel blocks)."""
     for i, (block, reducer) in enumerate(zip(model.blocks, reducers)):
         metric = None if reducer is None or reducer.before_attention else reducer.metric
-        gives_only_keys = type(getattr(block, "attn", None)) in OWN_ATTENTIONS or getattr(
-            PATCHED_BLOCKS[_original_block_class(block)], "gives_only_keys", False
+        # (an attention with its own forward; a block with its own, which says so)
+        gives_only_keys = type(getattr(block, "attn", None)) in ATTENTION_FORWARDS or getattr(
+            PATCHED_BLOCKS[original_block_class(block)], "gives_only_keys", False
         )
         if metric not in (None, "keys") and gives_only_keys:
             raise TypeError(
                 f"{type(config).__name__} reads the attention map ({metric!r}), but blocks[{i}] "
-                f"({_original_block_class(block).__name__}) give their reducer only the keys: use a method that "
+                f"({original_block_class(block).__name__}) give their reducer only the keys: use a method that "
                 "matches on keys (tome, pitome, local_global)"
             )
 
@@ -782,7 +816,7 @@ def _class_names(classes: Any) -> str:
     return ", ".join(sorted(f"{c.__module__.rsplit('.', 1)[-1]}.{c.__name__}" for c in classes))
 
 
-def _original_block_class(block: nn.Module) -> type:
+def original_block_class(block: nn.Module) -> type:
     return next((original for original, patched in PATCHED_BLOCKS.items() if type(block) is patched), type(block))
 
 
@@ -790,16 +824,16 @@ def check_supported(model: nn.Module) -> None:
     """Raise a TypeError naming the first module tokenprune cannot patch exactly."""
     known = family(model)  # a family tokenprune knows, or a TypeError naming them
     for i, block in enumerate(model.blocks):
-        if _original_block_class(block) not in PATCHED_BLOCKS:
+        if original_block_class(block) not in PATCHED_BLOCKS:
             raise TypeError(
                 f"tokenprune cannot patch blocks[{i}] of type {type(block).__name__} "
                 f"(blocks it can: {_class_names(PATCHED_BLOCKS)}); supported: {SUPPORTED_FAMILIES}"
             )
         attn = getattr(block, "attn", None)  # (parallel blocks hold their attention themselves)
-        if attn is not None and type(attn) not in QKV_PROJECTIONS and type(attn) not in OWN_ATTENTIONS:
+        if attn is not None and type(attn) not in QKV_PROJECTIONS and type(attn) not in ATTENTION_FORWARDS:
             raise TypeError(
                 f"tokenprune cannot patch blocks[{i}].attn of type {type(attn).__name__} "
-                f"(attentions it can: {_class_names([*QKV_PROJECTIONS, *OWN_ATTENTIONS])}); "
+                f"(attentions it can: {_class_names([*QKV_PROJECTIONS, *ATTENTION_FORWARDS])}); "
                 f"supported: {SUPPORTED_FAMILIES}"
             )
     if len(model.blocks) == 0:
@@ -813,7 +847,7 @@ def apply(model: nn.Module, config: Any, reducers: list[TokenReducer | None]) ->
     model.tokenprune_config = config
     _drop_attributes(model, ("_tokenprune_source",))  # a map from the old settings would mislead
     for block, reducer in zip(model.blocks, reducers):
-        block.__class__ = PATCHED_BLOCKS[_original_block_class(block)]
+        block.__class__ = PATCHED_BLOCKS[original_block_class(block)]
         block.reducer = reducer
         block.prop_attn = config.prop_attn
         block.backend = getattr(config, "backend", "auto")
@@ -824,7 +858,7 @@ def remove(model: nn.Module) -> None:
     model.__class__ = original_class(model)
     _drop_attributes(model, ("tokenprune_config", "_tokenprune_source"))
     for block in model.blocks:
-        block.__class__ = _original_block_class(block)
+        block.__class__ = original_block_class(block)
         _drop_attributes(block, ("reducer", "prop_attn", "backend"))
 
 
