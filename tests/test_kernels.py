@@ -807,6 +807,41 @@ def test_attention_auto_takes_the_kernel_where_it_is_faster(monkeypatch: pytest.
     assert calls == []
 
 
+def test_attention_folds_the_bias_where_a_gpu_would_run_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the kernel does not run (gradients, dropout, torch.compile), SDPA takes the bias
+    folded into q and k on CUDA in half precision, and as a mask elsewhere (CPU, float32).
+    Checked on CPU with tensors that report CUDA: which function receives the call."""
+    import importlib
+
+    module = importlib.import_module("kernels.attention")
+    calls: list[str] = []
+    monkeypatch.setattr(module, "attention_folded", lambda *args: calls.append("folded"))
+    monkeypatch.setattr(module, "attention_reference", lambda *args: calls.append("mask"))
+    monkeypatch.setattr(module, "attention_triton", lambda *args: calls.append("kernel"))
+    monkeypatch.setattr(module, "use_triton", lambda backend, *tensors: backend != "torch")
+
+    class ReportsCuda(torch.Tensor):
+        @property
+        def is_cuda(self) -> bool:  # type: ignore[override]
+            return True
+
+    def path(dtype: torch.dtype, cuda: bool, grad: bool = False, dropout: float = 0.0, compiling: bool = False) -> str:
+        q, k, v = (torch.randn(1, 2, 9, 8, dtype=dtype, requires_grad=grad) for _ in range(3))
+        if cuda:
+            q = q.as_subclass(ReportsCuda)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+        calls.clear()
+        module.attention(q, k, v, torch.zeros(1, 9), 0.3, "auto", dropout)
+        return calls[0]
+
+    assert path(torch.bfloat16, cuda=True) == "kernel"  # inference: the kernel, as before
+    assert path(torch.bfloat16, cuda=True, grad=True) == "folded"
+    assert path(torch.float16, cuda=True, dropout=0.1) == "folded"
+    assert path(torch.bfloat16, cuda=True, compiling=True) == "folded"
+    assert path(torch.float32, cuda=True, grad=True) == "mask"
+    assert path(torch.bfloat16, cuda=False, grad=True) == "mask"
+
+
 def test_attention_output_layout_and_dispatch() -> None:
     q, k, v = qkv_views(2, 3, 9, 16, torch.bfloat16)
     out = kernels.attention_triton(q, k, v, None, 0.25)
