@@ -22,8 +22,9 @@ def patch(model: nn.Module, method: str | MethodConfig | None = None, **options:
     Without a method: the model's current method if it is patched, else "tome". On a model
     already patched with the same method, the keywords update its options (e.g. a new ``r``)
     and keep the others. All settings live on the model and its blocks: patched models never
-    share state. A model that wraps a supported one (timm's Qwen3VitClassifier) is patched
-    through it: its own forward runs the patched inner model.
+    share state. A model that wraps a supported one (timm's Qwen3VitClassifier, a
+    ``features_only=True`` backbone) is patched through it: its own forward runs the patched
+    inner model, and ``patch`` returns the wrapper.
     """
     outer, model = model, vit.reducing_model(model)
     vit.check_supported(model)

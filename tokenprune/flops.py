@@ -18,8 +18,8 @@ from torch import nn
 
 from .api import input_tokens, patch_grid, plan
 from .patch.vit import (
-    BLOCK_FLOPS,
     ATTENTION_FORWARDS,
+    BLOCK_FLOPS,
     WRAPPERS,
     block_prefix_tokens,
     family,
