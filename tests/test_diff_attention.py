@@ -113,13 +113,12 @@ def test_learned_dropping_trains_and_prunes() -> None:
         assert model.forward_tokens(images()).num_tokens == tokenprune.plan(model, SIZE).output_tokens
 
 
-def test_a_training_keep_mask_masks_the_dropped_keys() -> None:
-    """While training a pruning method, kept tokens must not see the dropped ones: changing the
-    dropped tokens leaves the kept tokens' outputs as they were (to the mask's 1e-9 leak)."""
+def assert_keep_mask_hides_dropped_tokens(model: torch.nn.Module) -> None:
+    """Changing the tokens a training keep mask dropped leaves the kept tokens' outputs of
+    block 0 (which has no predictor of its own) as they were, to the mask's 1e-9 leak."""
     from tokenprune.merge import TokenState
 
-    model = tokenprune.patch(dwee(), "dynamicvit", keep_ratio=0.7, stages=(1, 2))
-    block = model.blocks[0]  # (no predictor of its own)
+    block = model.blocks[0]
     x = torch.randn(2, 9, model.embed_dim, generator=torch.Generator().manual_seed(2))
     keep = torch.ones(2, 9, 1)
     keep[:, 4:7] = 0
@@ -131,18 +130,26 @@ def test_a_training_keep_mask_masks_the_dropped_keys() -> None:
     torch.testing.assert_close(out[kept], out_changed[kept], atol=1e-5, rtol=1e-5)
 
 
-# timm's RmsNorm (the sub-norm) warns that autocast's bf16 input meets its float32 weight
-@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
-def test_bfloat16_autocast_with_merged_tokens() -> None:
-    """Under autocast the residual stream stays float32 while q is bfloat16: the size bias must
-    reach SDPA all the same."""
-    model = tokenprune.patch(dwee(), r=(8, -1))
-    x = images()
+def assert_close_under_bfloat16_autocast(model: torch.nn.Module, x: torch.Tensor) -> None:
     with torch.no_grad():
         expected = model(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(x)
     assert torch.nn.functional.cosine_similarity(out.float(), expected).min() > 0.99
+
+
+def test_a_training_keep_mask_masks_the_dropped_keys() -> None:
+    """While training a pruning method, kept tokens must not see the dropped ones: changing the
+    dropped tokens leaves the kept tokens' outputs as they were (to the mask's 1e-9 leak)."""
+    assert_keep_mask_hides_dropped_tokens(tokenprune.patch(dwee(), "dynamicvit", keep_ratio=0.7, stages=(1, 2)))
+
+
+# timm's RmsNorm (the sub-norm) warns that autocast's bf16 input meets its float32 weight
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
+def test_bfloat16_autocast_with_merged_tokens() -> None:
+    """Under autocast the residual stream stays float32 while q is bfloat16: the size bias must
+    reach SDPA all the same."""
+    assert_close_under_bfloat16_autocast(tokenprune.patch(dwee(), r=(8, -1)), images())
 
 
 def test_fullgraph_capture() -> None:

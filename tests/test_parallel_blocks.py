@@ -9,6 +9,7 @@ import timm
 import torch
 
 import tokenprune
+from tests.test_diff_attention import assert_close_under_bfloat16_autocast, assert_keep_mask_hides_dropped_tokens
 from tests.test_naflexvit import _protected_match
 from tests.test_patch import counted_flops
 from tokenprune.schedule import resolve_r
@@ -127,32 +128,14 @@ def test_learned_dropping_trains_and_prunes(kind: str) -> None:
 def test_a_training_keep_mask_masks_the_dropped_keys(kind: str) -> None:
     """While training a pruning method, kept tokens must not see the dropped ones: changing the
     dropped tokens leaves the kept tokens' outputs as they were (to the mask's 1e-9 leak)."""
-    from tokenprune.merge import TokenState
-
-    model = tokenprune.patch(parallel(kind), "dynamicvit", keep_ratio=0.7, stages=(1, 2))
-    block = model.blocks[0]  # (no predictor of its own)
-    x = torch.randn(2, 9, model.embed_dim, generator=torch.Generator().manual_seed(2))
-    keep = torch.ones(2, 9, 1)
-    keep[:, 4:7] = 0
-    changed = x.clone()
-    changed[:, 4:7] = 10 * torch.randn(2, 3, model.embed_dim, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        out, out_changed = block(TokenState(x=x, keep=keep)).x, block(TokenState(x=changed, keep=keep)).x
-    kept = keep[..., 0].bool()
-    torch.testing.assert_close(out[kept], out_changed[kept], atol=1e-5, rtol=1e-5)
+    assert_keep_mask_hides_dropped_tokens(tokenprune.patch(parallel(kind), "dynamicvit", keep_ratio=0.7, stages=(1, 2)))
 
 
 # timm's RmsNorm (the sub-norm) warns that autocast's bf16 input meets its float32 weight
 @pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
 @pytest.mark.parametrize("kind", MODELS)
 def test_bfloat16_autocast_with_merged_tokens(kind: str) -> None:
-    model = tokenprune.patch(parallel(kind), r=(8, -1))
-    x = images()
-    with torch.no_grad():
-        expected = model(x)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(x)
-    assert torch.nn.functional.cosine_similarity(out.float(), expected).min() > 0.99
+    assert_close_under_bfloat16_autocast(tokenprune.patch(parallel(kind), r=(8, -1)), images())
 
 
 def test_methods_that_read_the_attention_map_are_refused_when_patching() -> None:

@@ -18,7 +18,7 @@ from timm.layers.diff_attention import DiffAttention
 from torch import Tensor, nn
 
 from . import vit
-from .vit import AttentionForward, check_keys_metric, refuse_float16_keep_mask, sdpa_mask
+from .vit import AttentionForward, refuse_float16_keep_mask, sdpa_mask
 
 
 def split_differential_heads(module: nn.Module, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -71,10 +71,10 @@ def attend_differential(
 ) -> tuple[Tensor, Tensor | None]:
     """timm's ``DiffAttention.forward`` (same ops in the same order: r=0 is bit-identical) with
     the additive ``bias`` (a training keep mask) and ``key_bias`` (log sizes) as an SDPA mask
-    on both maps, returning the keys averaged over half-heads when ``metric`` is "keys". (The
+    on both maps, returning the keys averaged over half-heads when ``metric`` is "keys" (``patch``
+    refuses methods that read an attention map here: :func:`~tokenprune.patch.vit.check_reducers`). (The
     Triton attention kernel takes one head width for q, k and v: v is twice as wide here, so
     ``backend`` goes unused.)"""
-    check_keys_metric(metric)
     if rope is not None or position_bias:
         raise ValueError("differential attention has no rotary or relative position terms to take")
     batch, num_tokens, channels = x.shape

@@ -28,7 +28,6 @@ from . import vit
 from .diff_attention import differential_maps, split_differential_heads
 from .vit import (
     ReducingBlockMixin,
-    check_keys_metric,
     linear_flops,
     refuse_float16_keep_mask,
     sdpa_mask,
@@ -50,7 +49,6 @@ class _ReducingParallel(ReducingBlockMixin):
         if reducer is not None and reducer.before_attention:
             state = reducer(state, None)
             reducer = None
-        check_keys_metric(reducer.metric if reducer is not None else None)
         bias, key_bias = self._biases(state)
         backend = self.backend if state.size is not None else None  # (set for merged tokens only)
         x, keys = self._parallel(state.x, bias, key_bias, backend, attn_mask, is_causal)

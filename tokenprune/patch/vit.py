@@ -113,15 +113,6 @@ def takes_attention_kernel(fused: bool, backend: str | None, bias: Tensor | None
     return fused and backend is not None and bias is None and attn_mask is None and not is_causal
 
 
-def check_keys_metric(metric: str | None) -> None:
-    """The last guard in blocks that give their reducer only the keys (``patch`` refuses such
-    methods first, naming the block: :func:`check_reducers`)."""
-    if metric not in (None, "keys"):
-        raise ValueError(
-            f"this block gives only the keys metric, not {metric!r}: use tome, pitome or local_global on it"
-        )
-
-
 def refuse_float16_keep_mask(bias: Tensor | None, q: Tensor) -> None:
     """A training keep mask's gradient does not fit float16: :func:`attend` takes the softmax in
     float32 for it, which SDPA and the blocks' own attention paths (differential attention,
