@@ -4,7 +4,8 @@ For every architecture with pretrained weights in the given timm modules (random
 nothing is downloaded), built with few blocks: the unpatched model, the model patched with
 r=0 (must be bit-identical), and patched with ToMe at ``--r`` (must run, keep the output shape,
 stay finite, leave as many tokens as ``tokenprune.plan`` says, and cost what
-``tokenprune.flops`` says by torch's FlopCounterMode). An architecture
+``tokenprune.flops`` says by torch's FlopCounterMode); SAM, whose blocks need every patch, with
+``merge_unmerge`` at ratio 0 and 0.5 instead. An architecture
 tokenprune does not support is listed with its ``TypeError``; one that fails a check is listed
 with what failed, and the script exits non-zero.
 
@@ -32,7 +33,7 @@ from tqdm import tqdm
 import tokenprune
 from evals.harness import RESULTS_DIR, counted_flops, environment
 from tokenprune._io import write_atomic
-from tokenprune.patch.vit import check_supported, reducing_model
+from tokenprune.patch.vit import check_supported, family, reducing_model
 
 MODULES = (
     "vision_transformer",
@@ -85,32 +86,44 @@ def build(name: str, depth: int) -> tuple[nn.Module | None, str]:
 
 @torch.no_grad()
 def check(model: nn.Module, r: int) -> list[str]:
-    """What goes wrong when ``model`` is patched: [] when nothing does."""
+    """What goes wrong when ``model`` is patched: [] when nothing does. Families whose blocks
+    need every patch (SAM) take ``merge_unmerge`` at ratio 0 and 0.5 instead of ToMe's r."""
     cfg = model.pretrained_cfg
     size = tuple(cfg["input_size"][-2:])
     x = torch.randn(1, cfg["input_size"][0], *size, generator=torch.Generator().manual_seed(0))
     expected = model(x)
+    unmerges = getattr(family(reducing_model(model)), "unmerges_in_blocks", False)
+    method, unreduced, reduced = ("merge_unmerge", {"ratio": 0.0}, {"ratio": 0.5}) if unmerges else ("tome", {"r": 0}, {"r": r})
     problems = []
-    tokenprune.patch(model, r=0)
+    tokenprune.patch(model, method, **unreduced)
     if not torch.equal(model(x), expected):
-        problems.append("r=0 is not bit-identical to the unpatched model")
-    tokenprune.patch(model, r=r)
-    state = reducing_model(model).forward_tokens(x)
+        problems.append(f"{_setting(unreduced)} is not bit-identical to the unpatched model")
+    unreduced_flops = tokenprune.flops(model, size).total
+    tokenprune.patch(model, method, **reduced)
     out = model(x)
     reduction = tokenprune.plan(model, size)
     if out.shape != expected.shape:
         problems.append(f"output shape {tuple(out.shape)}, unpatched {tuple(expected.shape)}")
     if not torch.isfinite(out).all():
         problems.append("non-finite output")
-    if state.num_tokens != reduction.head_tokens:
-        problems.append(f"{state.num_tokens} tokens out, plan says {reduction.head_tokens}")
-    if reduction.output_tokens >= reduction.tokens[0]:
-        problems.append("nothing merged")
     computed, counted = tokenprune.flops(model, size).total, counted_flops(model, x)
+    if unmerges:  # every block gives back the whole grid: the saving is in the blocks' work
+        if computed >= unreduced_flops:
+            problems.append("nothing merged")
+    else:
+        state = reducing_model(model).forward_tokens(x)
+        if state.num_tokens != reduction.head_tokens:
+            problems.append(f"{state.num_tokens} tokens out, plan says {reduction.head_tokens}")
+        if reduction.output_tokens >= reduction.tokens[0]:
+            problems.append("nothing merged")
     if computed != counted:
         problems.append(f"tokenprune.flops gives {computed / 1e9:.4f} GFLOPs, FlopCounterMode counts {counted / 1e9:.4f}")
     tokenprune.unpatch(model)
     return problems
+
+
+def _setting(options: dict[str, Any]) -> str:
+    return ", ".join(f"{key}={value}" for key, value in options.items())
 
 
 def run(modules: list[str], depth: int, r: int, progress: bool = True) -> list[dict[str, Any]]:
@@ -151,7 +164,8 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any], command: str) -> s
         f"`{command}`",
         "",
         f"{counts['ok']} of {len(rows)} pretrained architectures patched and checked "
-        "(r=0 bit-identical; ToMe runs with the planned token count and FLOPs; random weights).",
+        "(r=0 bit-identical; ToMe runs with the planned token count and FLOPs; SAM: merge_unmerge at ratio 0 "
+        "bit-identical, at 0.5 with the counted FLOPs; random weights).",
         "",
         "| module | " + " | ".join(statuses) + " |",
         "|---|" + "---:|" * len(statuses),

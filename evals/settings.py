@@ -109,6 +109,10 @@ def _keep_ratio_settings(model: nn.Module, size: tuple[int, ...]) -> Sequence[fl
     return [round(1.0 - step / 100, 2) for step in range(100)]  # 1.00, 0.99, ..., 0.01
 
 
+def _merge_ratio_settings(model: nn.Module, size: tuple[int, ...]) -> Sequence[float]:
+    return [step / 100 for step in range(51)]  # 0.00, 0.01, ..., 0.50 (bipartite matching's cap)
+
+
 # Where two-stage merging puts its window stage, and the shape of its later r, for a GFLOPs
 # budget: (lowest GFLOPs fraction, local_block, inflection of r). The tighter the budget, the
 # earlier the window stage, so that no later block has to merge too much. Measured with
@@ -168,6 +172,7 @@ KNOBS: dict[str, Knob] = {
     "background": Knob("early_r", _r_settings),
     "dynamicvit": KEEP_RATIO_KNOB,
     "evit": KEEP_RATIO_KNOB,
+    "merge_unmerge": Knob("ratio", _merge_ratio_settings),  # of every attention group's tokens
 }
 
 
@@ -325,6 +330,7 @@ DEFAULT_SETTINGS: dict[str, list[Any]] = {
     "r": [8, 13, 16, (16, -1)],
     "keep_ratio": [0.9, 0.7, 0.5],
     "early_r": [64, 128, 192],
+    "ratio": [0.25, 0.4, 0.5],
 }
 
 
@@ -383,7 +389,7 @@ def _schedule(text: str) -> RSchedule:
 
 
 def add_arguments(parser: argparse.ArgumentParser, default_method: str = "tome", timed: bool = False) -> None:
-    """``--method``, ``--r``, ``--keep-ratio``, ``--budget`` and ``--option``, all repeatable, and
+    """``--method``, ``--r``, ``--keep-ratio``, ``--early-r``, ``--ratio``, ``--budget`` and ``--option``, all repeatable, and
     ``--inflection``. ``timed``: the script times models, so a budget may be a speedup."""
     add = parser.add_argument
     add("--method", action="append", choices=sorted(tokenprune.METHODS), help=f"method, repeatable (default: {default_method})")
@@ -393,6 +399,8 @@ def add_arguments(parser: argparse.ArgumentParser, default_method: str = "tome",
         help="keep ratio for the dropping methods, repeatable (default: 0.9 0.7 0.5)")  # fmt: skip
     add("--early-r", action="append", type=int, metavar="N",
         help="early merges per block for background merging, repeatable (default: 64 128 192)")  # fmt: skip
+    add("--ratio", action="append", type=float, metavar="X",
+        help="fraction of each attention group merged by merge_unmerge (SAM), repeatable (default: 0.25 0.4 0.5)")  # fmt: skip
     add("--budget", action="append", type=parse_budget,
         help="a cost every method is set to meet, repeatable: a GFLOPs fraction (0.5 or 50%%)"
              + (" or a speedup (2x)" if timed else ""))  # fmt: skip
@@ -418,7 +426,7 @@ def settings_from_args(args: argparse.Namespace) -> list[Setting]:
             raise SystemExit(f"--option {key}: no option {key!r} in method(s) {targets}")
         for method in takers:
             options[method][key] = value
-    values_of = {"r": args.r, "keep_ratio": args.keep_ratio, "early_r": args.early_r}
+    values_of = {"r": args.r, "keep_ratio": args.keep_ratio, "early_r": args.early_r, "ratio": args.ratio}
     for knob, values in values_of.items():
         takers = [m for m in tokenprune.METHODS if KNOBS[m].option == knob]
         if values is not None and not set(takers) & set(methods):

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .merge import source_matrix
 from .methods import METHODS, MethodConfig
-from .patch import beit, cait, diff_attention, eva, naflexvit, parallel, qwen3_vit, video, vit, vit_relpos  # noqa: F401 (importing a family's module registers it)
+from .patch import beit, cait, diff_attention, eva, naflexvit, parallel, qwen3_vit, sam, video, vit, vit_relpos  # noqa: F401 (importing a family's module registers it)
 
 
 def patch(model: nn.Module, method: str | MethodConfig | None = None, **options: Any) -> nn.Module:
@@ -158,4 +158,5 @@ def plan(model: nn.Module, input_size: int | tuple[int, ...]) -> ReductionPlan:
         tokens.append(count)
         removed.append(gone)
         count -= gone
-    return ReductionPlan(tuple(tokens), tuple(removed), model.num_prefix_tokens - vit.block_prefix_tokens(model))
+    added = getattr(model, "num_prefix_tokens", 0) - vit.block_prefix_tokens(model)
+    return ReductionPlan(tuple(tokens), tuple(removed), added)

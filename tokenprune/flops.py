@@ -125,11 +125,15 @@ def _flops(model: nn.Module, input_size: int | tuple[int, ...], batch_size: int,
     reduction = plan(model, input_size)
     protected = block_prefix_tokens(model)
     shared_bias = getattr(model, "_shared_position_bias", False)  # a relative bias all blocks share
-    per_block = tuple(
-        batch_size * _block_flops(block, tokens, removed, reduction.tokens[0], shared_bias)
-        + _bias_mlp_flops(getattr(getattr(block, "attn", None), "rel_pos", None))
-        for block, tokens, removed in zip(model.blocks, reduction.tokens, reduction.removed)
-    )
+    on_grid = getattr(family(model), "blocks_flops", None)  # blocks that run on the patch grid (SAM)
+    if on_grid is not None:
+        per_block = tuple(batch_size * flops for flops in on_grid(model, patch_grid(model, input_size)))
+    else:
+        per_block = tuple(
+            batch_size * _block_flops(block, tokens, removed, reduction.tokens[0], shared_bias)
+            + _bias_mlp_flops(getattr(getattr(block, "attn", None), "rel_pos", None))
+            for block, tokens, removed in zip(model.blocks, reduction.tokens, reduction.removed)
+        )
     patches = input_tokens(model, input_size) - protected
     head = _head_flops(model, reduction.head_tokens, patch_grid(model, input_size)) if with_head else 0
     fixed = batch_size * (_embed_flops(model, input_size, patches) + head)

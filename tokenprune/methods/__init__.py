@@ -10,6 +10,7 @@ from ..patch.vit import TokenReducer
 from .dynamicvit import DynamicViTConfig, DynamicViTLoss, TokenPredictor
 from .evit import AttentionDrop, AttentionDropConfig
 from .local_global import LocalGlobalConfig, PositionalBipartiteMerge, WindowMerge
+from .merge_unmerge import GroupMerge, MergeUnmergeConfig
 from .pitome import EnergyMerge, PiToMeConfig
 from .temporal import BackgroundMerge, BackgroundMergeConfig, TemporalMerge, TemporalMergeConfig
 from .tome import BipartiteMerge, ToMeConfig
@@ -37,6 +38,7 @@ METHODS: dict[str, type] = {
     "evit": AttentionDropConfig,
     "temporal": TemporalMergeConfig,
     "background": BackgroundMergeConfig,
+    "merge_unmerge": MergeUnmergeConfig,
 }
 
 __all__ = [
@@ -48,6 +50,8 @@ __all__ = [
     "DynamicViTConfig",
     "DynamicViTLoss",
     "EnergyMerge",
+    "GroupMerge",
+    "MergeUnmergeConfig",
     "TokenPredictor",
     "BipartiteMerge",
     "LocalGlobalConfig",

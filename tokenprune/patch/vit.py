@@ -750,7 +750,22 @@ def check_method_for(model: nn.Module, config: Any) -> None:
         if wrapper.reads_every_patch:
             refuse_dropping(config, f"{type(model).__name__}'s outputs")
         model = getattr(model, wrapper.attribute)
-    family(model).check_method(model, config)
+    known = family(model)
+    # Methods whose blocks unmerge what they merged, for families whose blocks need every patch (SAM).
+    unmerges = getattr(config, "unmerges_in_blocks", False)
+    if unmerges != getattr(known, "unmerges_in_blocks", False):
+        name = original_class(model).__name__
+        if unmerges:
+            raise TypeError(
+                f"{type(config).__name__} merges and unmerges inside every block, for models whose blocks need "
+                f"every patch (SAM); {name} keeps merged tokens from block to block: use tome"
+            )
+        raise TypeError(
+            f"{name}'s blocks need every patch (windowed attention, a neck on the grid), so tokens cannot leave "
+            f"between blocks as {type(config).__name__} removes them; use method='merge_unmerge' "
+            "(e.g. tokenprune.patch(model, 'merge_unmerge', ratio=0.5))"
+        )
+    known.check_method(model, config)
 
 
 def check_reducers(model: nn.Module, config: Any, reducers: list[TokenReducer | None]) -> None:
@@ -799,7 +814,8 @@ def _refuse_image_size(model: nn.Module, size: tuple[int, int]) -> NoReturn:
 def block_prefix_tokens(model: nn.Module) -> int:
     """How many prefix tokens (class, distillation, registers) the blocks see, ahead of the
     patches: ``num_prefix_tokens``, except in CaiT, which adds its class token after them."""
-    return model.num_prefix_tokens if family(model)._prefix_in_blocks else 0
+    prefix = getattr(model, "num_prefix_tokens", 0)  # (SAM has none)
+    return prefix if family(model)._prefix_in_blocks else 0
 
 
 def _class_names(classes: Any) -> str:

@@ -1,0 +1,276 @@
+"""timm's SAM image encoder with merge-attend-unmerge blocks (``merge_unmerge``): each block
+against an independent dense reference (global and windowed, with timm's window padding,
+LayerScale, with and without proportional attention and a merged MLP), the merged relative
+position bias against its definition, exactness at ratio 0, FLOPs against FlopCounterMode,
+gradients, compile capture and clear errors."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from timm.models.vision_transformer_sam import get_decomposed_rel_pos_bias
+
+import tokenprune
+from tests.test_patch import counted_flops
+from tests.tome_reference import _match
+from tokenprune.patch.sam import merged_rel_pos_bias
+
+SMALL = {"depth": 4, "embed_dim": 96, "num_heads": 4, "global_attn_indexes": [1, 3], "neck_chans": 32}
+
+
+def sam(img_size: int = 160, window_size: int = 4, **extra) -> torch.nn.Module:
+    """A small SAM encoder: 10x10 patches in 4x4 windows, so the windows pad the grid."""
+    torch.manual_seed(0)
+    model = timm.create_model("samvit_base_patch16", img_size=img_size, window_size=window_size, **{**SMALL, **extra})
+    # timm starts the relative position tables at zero: give them values, or the bias tests nothing.
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.rel_pos_h.normal_(std=0.5)
+            block.attn.rel_pos_w.normal_(std=0.5)
+    return model.eval()
+
+
+def images(batch: int = 2, size: int = 160) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def block_input(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.patch_embed(x) + model.pos_embed
+
+
+def _groups(block, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """[G, T, C] attention groups of the normed grid (zero-padded windows, or the whole grid)
+    and their padding flags [G, T]."""
+    batch, height, width, _ = h.shape
+    size = block.window_size
+    if size == 0:
+        return h.flatten(1, 2), torch.zeros(batch, height * width, dtype=torch.bool), height, width
+    pad = (0, 0, 0, -width % size, 0, -height % size)
+    flags = F.pad(torch.zeros(batch, height, width, 1), pad, value=1.0)
+    to_windows = "b (nh r) (nw c) ch -> (b nh nw) (r c) ch"
+    return (
+        rearrange(F.pad(h, pad), to_windows, r=size, c=size),
+        rearrange(flags, to_windows, r=size, c=size)[..., 0].bool(),
+        size,
+        size,
+    )
+
+
+def _to_grid(block, groups: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    size = block.window_size
+    if size == 0:
+        return groups.reshape(groups.shape[0], height, width, -1)
+    rows, cols = -(-height // size), -(-width // size)
+    grid = rearrange(groups, "(b nh nw) (r c) ch -> b (nh r) (nw c) ch", nh=rows, nw=cols, r=size, c=size)
+    return grid[:, :height, :width]
+
+
+@torch.no_grad()
+def sam_block_reference(block, x: torch.Tensor, ratio: float, prop_attn: bool = True, mlp: bool = True) -> torch.Tensor:
+    """One SAM block run as ToMe for SD would run it, written unlike tokenprune: published ToMe
+    matching (on the normed tokens, padding flagged in an extra channel) applied to an identity
+    matrix gives a dense token × position membership; merged tokens are the mean of their
+    patches; timm's own relative position bias of every pair of positions (each position asking
+    with its token's query) is averaged over the pairs two tokens cover; softmax attention by
+    hand; updates spread back with the membership's transpose."""
+    attn = block.attn
+    batch, height, width, channels = x.shape
+    tokens, padding, rows, cols = _groups(block, block.norm1(x))
+    num_groups, num_tokens, _ = tokens.shape
+    r = min(math.floor(ratio * num_tokens + 1e-9), num_tokens // 2)
+    merge = _match(torch.cat([tokens, padding[..., None].float()], dim=-1), r, False, False, sort_unmerged=True)
+    member = merge(torch.eye(num_tokens).expand(num_groups, -1, -1).contiguous(), "sum")  # [G, T', T]
+    patches = member * ~padding[:, None, :]
+    size = member.sum(-1)
+    mean_over = member / size[..., None]
+
+    def merged(values: torch.Tensor) -> torch.Tensor:
+        return (patches @ values) / patches.sum(-1, keepdim=True).clamp(min=1)
+
+    heads, dim = attn.num_heads, attn.head_dim
+    q, k, v = attn.qkv(merged(tokens)).reshape(num_groups, -1, 3, heads, dim).permute(2, 0, 3, 1, 4)
+    logits = q @ k.transpose(-1, -2) * attn.scale
+    if attn.use_rel_pos:
+        q_per_position = (member.transpose(1, 2)[:, None] @ q).reshape(num_groups * heads, num_tokens, dim)
+        full = get_decomposed_rel_pos_bias(q_per_position, attn.rel_pos_h, attn.rel_pos_w, (rows, cols), (rows, cols))
+        logits = logits + mean_over[:, None] @ full.view(num_groups, heads, num_tokens, num_tokens) @ mean_over.transpose(1, 2)[:, None]
+    if prop_attn:
+        logits = logits + size.log()[:, None, None, :]
+    out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(num_groups, -1, channels)
+    x = x + block.ls1(_to_grid(block, member.transpose(1, 2) @ attn.proj(out), height, width))
+    if not mlp:
+        return x + block.ls2(block.mlp(block.norm2(x)))
+    h, _, _, _ = _groups(block, block.norm2(x))
+    return x + block.ls2(_to_grid(block, member.transpose(1, 2) @ block.mlp(merged(h)), height, width))
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["windowed_padded", "global"])
+@pytest.mark.parametrize("prop_attn", [True, False])
+@pytest.mark.parametrize("mlp", [True, False])
+@pytest.mark.parametrize("ratio", [0.25, 0.5])
+def test_block_matches_reference(index: int, prop_attn: bool, mlp: bool, ratio: float) -> None:
+    model = sam(init_values=0.5)  # LayerScale: the patch must keep ls1/ls2
+    x = block_input(model, images())
+    expected = sam_block_reference(model.blocks[index], x, ratio, prop_attn, mlp)
+    tokenprune.patch(model, "merge_unmerge", ratio=ratio, prop_attn=prop_attn, mlp=mlp)
+    with torch.no_grad():
+        got = model.blocks[index](x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # and the reference differs from the unmerged block: the test can fail
+        assert (tokenprune.unpatch(model).blocks[index](x) - expected).abs().max() > 1e-2
+
+
+def test_windows_without_padding_match_reference() -> None:
+    model = sam(img_size=128, window_size=4)  # 8x8 patches: whole windows, no padding channel
+    x = block_input(model, images(size=128))
+    expected = sam_block_reference(model.blocks[0], x, 0.5)
+    tokenprune.patch(model, "merge_unmerge", ratio=0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(model.blocks[0](x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_merged_rel_pos_bias_is_the_mean_over_patch_pairs() -> None:
+    attn = sam().blocks[1].attn
+    rows, cols, groups, heads, dim = 5, 3, 2, attn.num_heads, attn.head_dim
+    tokens = rows * cols
+    torch.manual_seed(2)
+    q = torch.randn(groups, heads, tokens, dim)
+    # One-hot shares (every token one patch): timm's bias itself.
+    position = torch.arange(tokens)
+    row_share = F.one_hot(position // cols, rows).float().expand(groups, -1, -1)
+    col_share = F.one_hot(position % cols, cols).float().expand(groups, -1, -1)
+    timm_bias = get_decomposed_rel_pos_bias(q.flatten(0, 1), attn.rel_pos_h, attn.rel_pos_w, (rows, cols), (rows, cols))
+    with torch.no_grad():
+        torch.testing.assert_close(merged_rel_pos_bias(attn, q, row_share, col_share).flatten(0, 1), timm_bias)
+    # Random memberships of 6 merged tokens: the mean of timm's bias over the pairs of patches,
+    # each patch asking with its merged token's query.
+    owner = torch.cat([torch.arange(6), torch.randint(0, 6, (tokens - 6,))])[torch.randperm(tokens)]
+    member = F.one_hot(owner, 6).T.float()  # [6, T]
+    mean_over = member / member.sum(-1, keepdim=True)
+    q_merged = torch.randn(groups, heads, 6, dim)
+    q_per_position = (member.T @ q_merged).flatten(0, 1)
+    full = get_decomposed_rel_pos_bias(q_per_position, attn.rel_pos_h, attn.rel_pos_w, (rows, cols), (rows, cols))
+    expected = mean_over @ full.view(groups, heads, tokens, tokens) @ mean_over.T
+    with torch.no_grad():
+        got = merged_rel_pos_bias(attn, q_merged, (mean_over @ row_share[0]).expand(groups, -1, -1), (mean_over @ col_share[0]).expand(groups, -1, -1))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("windows", [True, False])
+def test_model_matches_blockwise_reference(windows: bool) -> None:
+    model = sam()
+    x = images()
+    with torch.no_grad():
+        grid = block_input(model, x)
+        for block in model.blocks:
+            grid = sam_block_reference(block, grid, 0.5) if windows or block.window_size == 0 else block(grid)
+        expected = model.forward_head(model.neck(grid.permute(0, 3, 1, 2)))
+    tokenprune.patch(model, "merge_unmerge", ratio=0.5, windows=windows)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
+    assert [block.reducer is not None for block in model.blocks] == [windows, True, windows, True]
+
+
+def test_ratio_zero_and_unpatch_are_exact() -> None:
+    model = sam()
+    x = images()
+    with torch.no_grad():
+        expected = model(x)
+        expected_maps = model.forward_intermediates(x, indices=[1, 3], intermediates_only=True)
+    for ratio in (0.0, 0.009):  # less than one token of the 100-token grid: nothing merges
+        tokenprune.patch(model, "merge_unmerge", ratio=ratio)
+        with torch.no_grad():
+            assert torch.equal(model(x), expected)
+    tokenprune.patch(model, "merge_unmerge", ratio=0.5)
+    with torch.no_grad():
+        maps = model.forward_intermediates(x, indices=[1, 3], intermediates_only=True)
+    assert [m.shape for m in maps] == [m.shape for m in expected_maps]  # timm's own, on the grid
+    assert not torch.equal(maps[1], expected_maps[1])
+    tokenprune.unpatch(model)
+    assert type(model).__name__ == "VisionTransformerSAM"
+    assert not any(hasattr(block, "reducer") for block in model.blocks)
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"ratio": 0.5}, {"ratio": 0.3, "mlp": False}, {"ratio": 0.5, "windows": False}],
+    ids=["all", "attention_only", "global_only"],
+)
+@pytest.mark.parametrize("img_size", [160, 128], ids=["padded", "whole_windows"])
+def test_flops_match_flop_counter(options: dict, img_size: int) -> None:
+    model = sam(img_size=img_size)
+    x = images(batch=1, size=img_size)
+    assert tokenprune.flops(model, img_size).total == counted_flops(model, x)
+    patched = tokenprune.patch(copy.deepcopy(model), "merge_unmerge", backend="torch", **options)
+    assert tokenprune.flops(patched, img_size).total == counted_flops(patched, x)
+    assert tokenprune.flops(patched, img_size).total < tokenprune.flops(model, img_size).total
+    assert tokenprune.plan(patched, img_size).tokens == (100 if img_size == 160 else 64,) * 4  # the stream keeps every patch
+
+
+def test_other_image_sizes_and_bad_ones() -> None:
+    model = tokenprune.patch(sam(), "merge_unmerge", ratio=0.5)
+    with torch.no_grad():
+        assert model(images(batch=1, size=224)).shape == (1, 32)  # position embedding resampled, more windows
+    assert tokenprune.plan(model, 224).tokens[0] == 196
+    with pytest.raises(ValueError, match="multiples of 16x16"):
+        tokenprune.flops(model, 200)
+
+
+def test_training_gradients_are_finite_with_padding() -> None:
+    model = tokenprune.patch(sam(), "merge_unmerge", ratio=0.5).train()
+    model(images()).square().sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert model.blocks[0].attn.rel_pos_h.grad.abs().sum() > 0  # the merged bias reaches its tables
+
+
+def test_bfloat16_autocast_runs() -> None:
+    model = tokenprune.patch(sam(), "merge_unmerge", ratio=0.5)
+    x = images()
+    with torch.no_grad():
+        expected = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model(x).float()
+    assert F.cosine_similarity(got.flatten(), expected.flatten(), dim=0) > 0.99
+
+
+def test_triton_backend_matches_torch_backend() -> None:
+    model = sam()
+    x = images()
+    with torch.no_grad():
+        expected = tokenprune.patch(model, "merge_unmerge", ratio=0.5, backend="torch")(x)
+        got = tokenprune.patch(model, "merge_unmerge", ratio=0.5, backend="triton")(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fullgraph_capture() -> None:
+    model = tokenprune.patch(sam(), "merge_unmerge", ratio=0.5)
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="eager")(x), model(x))
+
+
+def test_clear_errors() -> None:
+    with pytest.raises(TypeError, match="merge_unmerge"):
+        tokenprune.patch(sam(), r=8)
+    with pytest.raises(TypeError, match="merge_unmerge"):
+        tokenprune.patch(sam(), "dynamicvit", keep_ratio=0.7)
+    with pytest.raises(TypeError, match="use tome"):
+        tokenprune.patch(timm.create_model("vit_tiny_patch16_224", depth=1), "merge_unmerge", ratio=0.5)
+    for ratio in (0.6, -0.1, True):
+        with pytest.raises(ValueError, match="0 ≤ ratio ≤ 0.5"):
+            tokenprune.MergeUnmergeConfig(ratio=ratio)
+    with pytest.raises(TypeError, match="mlp must be True or False"):
+        tokenprune.MergeUnmergeConfig(ratio=0.5, mlp=1)
+    with pytest.raises(TypeError, match="rotary"):
+        rope = timm.create_model("samvit_base_patch16", img_size=64, use_rel_pos=False, use_rope=True, **SMALL)
+        tokenprune.patch(rope, "merge_unmerge", ratio=0.5)

@@ -1,0 +1,97 @@
+"""Merge, attend, unmerge: token merging inside each block, for models whose blocks need every
+patch in place (ToMe for Stable Diffusion: Bolya & Hoffman, "Token Merging for Fast Stable
+Diffusion", CVPRW 2023, Sec. 3).
+
+ToMe removes tokens for good, so every later block runs on fewer. Where a block needs the whole
+grid again (SAM's windowed attention partitions it; its neck reads every patch), each block
+instead merges its attention input, runs attention (and its MLP) on the merged tokens, and
+copies each merged token's output back to every patch it covers, adding it to that patch's own
+residual stream. The residual stream keeps every patch's identity: a patch that merged differs
+from its partners by what it carried into the block; only the block's update is shared.
+
+Matching is ToMe's bipartite soft matching (alternate tokens, cosine of each A token to its best B
+token, merge the best ``r``) on the block's normalised input, as ToMe for SD does: the keys, ToMe's
+metric, would need the qkv projection of every token, which is what merging saves.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..merge import max_bipartite_r
+from ._options import check_common_options
+
+
+@dataclass(frozen=True)
+class GroupMerge:
+    """One block's merge-attend-unmerge step: in every group of tokens the block attends over
+    (a window, or the whole grid), merge ``ratio`` of them for the attention and, with ``mlp``,
+    for the MLP. The block's tokens leave it unmerged, so it removes none from the stream."""
+
+    ratio: float
+    mlp: bool
+    backend: str = "auto"
+    before_attention = True  # it merges the attention's input
+    metric = None  # it matches on that input, not on anything the attention gives
+
+    def merged_count(self, group_tokens: int) -> int:
+        """How many of a group's tokens merge away (ToMe's r): ``ratio`` of them, floored, at
+        most half (bipartite matching merges each A token into a B token)."""
+        return min(math.floor(self.ratio * group_tokens + 1e-9), max_bipartite_r(group_tokens, 0))
+
+    def num_removed(self, num_tokens: int, grid: tuple[int, ...] | None = None) -> int:
+        return 0  # unmerged before the block ends
+
+    def matching_flops(self, num_tokens: int, removed: int, attn: nn.Module) -> int:
+        return 0  # counted with the rest of the block by its family (patch/sam.py)
+
+
+@dataclass(frozen=True)
+class MergeUnmergeConfig:
+    """Merge ``ratio`` of every attention group's tokens inside each block and unmerge them
+    before the block ends (ToMe for SD); for models whose blocks need the whole patch grid
+    (SAM's image encoder), where tokens cannot leave the stream.
+
+    Args:
+        ratio: fraction of the tokens of every attention group (a window, or the whole grid in
+            a global-attention block) merged away, 0 ≤ ratio ≤ 0.5 (bipartite matching merges
+            at most half).
+        windows: merge in windowed-attention blocks too; False merges only in the
+            global-attention blocks, where attention costs most.
+        mlp: run the MLP on the merged tokens too (its update is unmerged like attention's);
+            False runs it on every patch.
+        prop_attn: proportional attention (add log(size) to the attention logits, ToMe Eq. 1).
+        backend: where matching and merging run: "auto" (Triton kernels for CUDA tensors when
+            triton imports, PyTorch otherwise), "triton" or "torch" to force one.
+    """
+
+    ratio: float
+    windows: bool = True
+    mlp: bool = True
+    prop_attn: bool = True
+    backend: str = "auto"
+
+    trace_source = False  # every block unmerges: no merged token outlives its block
+    track_positions = False
+    supports_video = False
+    drops_tokens = False
+    unmerges_in_blocks = True  # the families that need it (patch/sam.py) take only such methods
+
+    def __post_init__(self) -> None:
+        check_common_options(self)
+        for name in ("windows", "mlp"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.ratio, numbers.Real) or isinstance(self.ratio, bool) or not 0 <= self.ratio <= 0.5:
+            raise ValueError(
+                f"ratio is the fraction of each attention group's tokens merged away, 0 ≤ ratio ≤ 0.5 "
+                f"(bipartite matching merges at most half), got {self.ratio!r}"
+            )
+
+    def reducers(self, model: nn.Module) -> list[GroupMerge | None]:
+        step = GroupMerge(float(self.ratio), self.mlp, self.backend) if self.ratio > 0 else None
+        return [step if self.windows or getattr(block, "window_size", 0) == 0 else None for block in model.blocks]
