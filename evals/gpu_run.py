@@ -62,7 +62,7 @@ STEPS: tuple[Step, ...] = (
         "evals.bench",
         ("--model", "vit_base_patch16_224", "--r", "8", "--r", "13", "--r", "16", "--r", "16,-1",
          "--batch-size", "256", "--batch-size", "1", "--no-manual", "--out", f"{RESULTS}/bench_vitb_cuda.json"),
-        60, 150,
+        60, 130,  # (37 s at batch 256 alone on the H200)
     ),  # fmt: skip
     Step(
         "profile of ToMe r=(16,-1) on ViT-B: GPU kernel time against wall time, torch and Triton",
@@ -128,6 +128,15 @@ STEPS: tuple[Step, ...] = (
          "--batch-size", "64", "--budget", "0.75", "--budget", "0.5", "--no-manual",
          "--out", f"{RESULTS}/bench_cait_naflex_qwen3_cuda.json"),
         30, 120,
+    ),  # fmt: skip
+    Step(
+        "SAM ViT-B image encoder at 1024² (64×64 patches), batch 8: unpatched vs merge_unmerge at ratio 0.25, "
+        "0.4 and 0.5",
+        "evals.bench",
+        ("--model", "samvit_base_patch16", "--img-size", "1024", "--batch-size", "8", "--method", "merge_unmerge",
+         "--ratio", "0.25", "--ratio", "0.4", "--ratio", "0.5", "--no-manual",
+         "--out", f"{RESULTS}/bench_sam_cuda.json"),
+        20, 60,
     ),  # fmt: skip
 )
 

@@ -105,7 +105,8 @@ def sam_block_reference(block, x: torch.Tensor, ratio: float, prop_attn: bool = 
         logits = logits + size.log()[:, None, None, :]
     out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(num_groups, -1, channels)
     x = x + block.ls1(_to_grid(block, member.transpose(1, 2) @ attn.proj(out), height, width))
-    if not mlp:
+    # The MLP runs merged where that is fewer tokens than the patches (padded windows may not be).
+    if not mlp or num_groups // batch * (num_tokens - r) >= height * width:
         return x + block.ls2(block.mlp(block.norm2(x)))
     h, _, _, _ = _groups(block, block.norm2(x))
     return x + block.ls2(_to_grid(block, member.transpose(1, 2) @ block.mlp(merged(h)), height, width))
@@ -125,6 +126,20 @@ def test_block_matches_reference(index: int, prop_attn: bool, mlp: bool, ratio: 
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     with torch.no_grad():  # and the reference differs from the unmerged block: the test can fail
         assert (tokenprune.unpatch(model).blocks[index](x) - expected).abs().max() > 1e-2
+
+
+def test_mlp_runs_merged_only_where_that_is_fewer_tokens() -> None:
+    model = sam()  # 10x10 patches in nine padded 4x4 windows: 144 positions
+    x = block_input(model, images())
+    tokenprune.patch(model, "merge_unmerge", ratio=0.25)  # 9 x 12 = 108 merged tokens > 100 patches
+    calls: list[torch.Size] = []
+    hook = model.blocks[0].mlp.register_forward_hook(lambda module, args, out: calls.append(args[0].shape))
+    with torch.no_grad():
+        model.blocks[0](x)
+        tokenprune.patch(model, ratio=0.5)  # 9 x 8 = 72 < 100
+        model.blocks[0](x)
+    hook.remove()
+    assert [shape[:-1] for shape in calls] == [(2, 100), (18, 8)]
 
 
 def test_windows_without_padding_match_reference() -> None:

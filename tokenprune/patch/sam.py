@@ -18,9 +18,10 @@ two small matmuls instead of the [T, T] average. For unmerged tokens f is one-ho
 timm's bias exactly.
 
 Padding: timm pads the grid to whole windows with zeros after the norm, and the padding joins
-attention as keys. Here the padding matches only other padding (an extra metric channel makes
-padding alike and unlike every patch), and a token's features are the mean of its *patches*
-(padding, zeros, counts in its size but not in its mean), so no patch is diluted by padding.
+attention as keys. Here an extra metric channel makes padding alike (cosine 1) and orthogonal to
+every patch, so padding merges with padding first, and a token's features are the mean of its
+*patches* (padding, zeros, counts in its size but not in its mean): no patch is diluted by
+padding.
 """
 
 from __future__ import annotations
@@ -36,9 +37,8 @@ from torch import Tensor, nn
 
 from kernels import merge_wavg
 
-from ..merge import bipartite_soft_matching, unmerge
+from ..merge import bipartite_matching_flops, bipartite_soft_matching, unmerge
 from . import vit
-from ..merge import bipartite_matching_flops
 from .vit import QKV_PROJECTIONS, ReducingViT, linear_flops
 
 
@@ -117,37 +117,38 @@ class ReducingSamBlock(SamBlock):
     def forward(self, x: Tensor) -> Tensor:
         step = self.reducer
         batch, height, width, channels = x.shape
-        windowed = self.window_size > 0
-        rows, cols = (self.window_size, self.window_size) if windowed else (height, width)
+        size = self.window_size
+        rows, cols = (size, size) if size > 0 else (height, width)
         if step is None or step.merged_count(rows * cols) == 0:
             return super().forward(x)
-        h = self.norm1(x)
-        padding = pad_hw = None
-        if windowed:
-            h, pad_hw = window_partition(h, self.window_size)
-            if pad_hw != (height, width):  # 1 where timm padded the grid to whole windows
-                inside, _ = window_partition(x.new_ones(batch, height, width, 1), self.window_size)
-                padding = 1.0 - inside.reshape(-1, rows * cols, 1)
-        tokens = h.reshape(h.shape[0], rows * cols, channels)
+        padding = None
+        if size > 0 and (height % size or width % size):  # 1 where timm pads the grid to whole windows
+            padding = 1.0 - self._grouped(x.new_ones(batch, height, width, 1))
+        tokens = self._grouped(self.norm1(x))
         groups = _Groups(tokens, padding, step.merged_count(rows * cols), self.backend)
-
         update = groups.unmerge(self._attend(groups.merge(tokens), groups, rows, cols))
-        update = update.view(-1, rows, cols, channels)
-        if windowed:
-            update = window_unpartition(update, self.window_size, (height, width), pad_hw)
-        x = x + self.drop_path1(self.ls1(update))
+        x = x + self.drop_path1(self.ls1(self._on_grid(update, height, width)))
+        groups_per_image = -(-height // rows) * -(-width // cols)
+        if runs_merged_mlp(step, groups_per_image, rows * cols, height * width):
+            update = groups.unmerge(self.mlp(groups.merge(self._grouped(self.norm2(x)))))
+            return x + self.drop_path2(self.ls2(self._on_grid(update, height, width)))
+        flat = x.reshape(batch, height * width, channels)  # timm's MLP step
+        return (flat + self.drop_path2(self.ls2(self.mlp(self.norm2(flat))))).reshape(batch, height, width, channels)
 
-        if not step.mlp:
-            flat = x.reshape(batch, height * width, channels)
-            return (flat + self.drop_path2(self.ls2(self.mlp(self.norm2(flat))))).reshape(batch, height, width, channels)
-        h = self.norm2(x)
-        if windowed:
-            h, _ = window_partition(h, self.window_size)
-        update = groups.unmerge(self.mlp(groups.merge(h.reshape(-1, rows * cols, channels))))
-        update = update.view(-1, rows, cols, channels)
-        if windowed:
-            update = window_unpartition(update, self.window_size, (height, width), pad_hw)
-        return x + self.drop_path2(self.ls2(update))
+    def _grouped(self, grid: Tensor) -> Tensor:
+        """[B, H, W, C] → the block's attention groups [G, T, C]: zero-padded windows as timm
+        makes them, or the whole grid."""
+        if self.window_size > 0:
+            grid, _ = window_partition(grid, self.window_size)
+        return grid.flatten(1, 2)
+
+    def _on_grid(self, groups: Tensor, height: int, width: int) -> Tensor:
+        """The inverse of :meth:`_grouped`, dropping the padding."""
+        size, channels = self.window_size, groups.shape[-1]
+        if size == 0:
+            return groups.view(-1, height, width, channels)
+        padded = (height + -height % size, width + -width % size)
+        return window_unpartition(groups.view(-1, size, size, channels), size, (height, width), padded)
 
     def _attend(self, tokens: Tensor, groups: _Groups, rows: int, cols: int) -> Tensor:
         """SAM's attention over merged tokens [G, T', C]: proportional attention (log size on
@@ -219,6 +220,13 @@ class ReducingSam(VisionTransformerSAM):
     _prefix_in_blocks = True  # (there are no prefix tokens)
 
 
+def runs_merged_mlp(step: Any, groups: int, group_tokens: int, patches: int) -> bool:
+    """Whether the MLP runs on the merged tokens of an image's ``groups`` attention groups: when
+    asked (``mlp``) and they are fewer than its ``patches``, which timm's MLP runs on (merged windows still hold timm's padding: at ratio 0.25,
+    75 % of SAM-B's 4,900 padded window positions at 1024² is 3,675 tokens, against 4,096 patches)."""
+    return step.mlp and groups * (group_tokens - step.merged_count(group_tokens)) < patches
+
+
 def block_flops(block: nn.Module, grid: tuple[int, int]) -> int:
     """Matmul FLOPs per image of a SAM block (patched or not) on a grid of patches, as
     FlopCounterMode counts them on the PyTorch path: linear layers, attention, the relative
@@ -245,7 +253,7 @@ def block_flops(block: nn.Module, grid: tuple[int, int]) -> int:
             flops += groups * 2 * heads * tokens * (rows + cols) * dim
     if merged:
         flops += groups * bipartite_matching_flops(tokens, 0, block.norm1.normalized_shape[0] + padded)
-    mlp_tokens = groups * kept if merged and step.mlp else height * width
+    mlp_tokens = groups * kept if merged and runs_merged_mlp(step, groups, tokens, height * width) else height * width
     return flops + sum(linear_flops(mlp_tokens, layer) for layer in block.mlp.modules() if isinstance(layer, nn.Linear))
 
 
