@@ -62,8 +62,9 @@ class MergeUnmergeConfig:
             at most half).
         windows: merge in windowed-attention blocks too; False merges only in the
             global-attention blocks, where attention costs most.
-        mlp: run the MLP on the merged tokens too (its update is unmerged like attention's);
-            False runs it on every patch.
+        mlp: run the MLP on the merged tokens too (its update is unmerged like attention's),
+            where they are fewer than the patches (SAM's padded windows at a low ratio may not
+            be); False runs it on every patch.
         prop_attn: proportional attention (add log(size) to the attention logits, ToMe Eq. 1).
         backend: where matching and merging run: "auto" (Triton kernels for CUDA tensors when
             triton imports, PyTorch otherwise), "triton" or "torch" to force one.
