@@ -231,6 +231,22 @@ def test_flops_match_flop_counter(options: dict, img_size: int) -> None:
     assert tokenprune.plan(patched, img_size).tokens == (100 if img_size == 160 else 64,) * 4  # the stream keeps every patch
 
 
+def test_features_only_backbone() -> None:
+    """timm's ``features_only=True`` SAM (a FeatureGetterNet over forward_intermediates) patches
+    through its wrapper: maps on the grid, FLOPs as counted (no head)."""
+    torch.manual_seed(0)
+    backbone = timm.create_model("samvit_base_patch16", img_size=160, window_size=4, features_only=True, out_indices=(1, 3), **SMALL).eval()
+    x = images(batch=1)
+    with torch.no_grad():
+        expected = backbone(x)
+    assert tokenprune.patch(backbone, "merge_unmerge", ratio=0.5) is backbone
+    with torch.no_grad():
+        maps = backbone(x)
+    assert [m.shape for m in maps] == [m.shape for m in expected] == [(1, 96, 10, 10)] * 2
+    assert not torch.equal(maps[1], expected[1])
+    assert tokenprune.flops(backbone, 160).total == counted_flops(backbone, x)
+
+
 def test_other_image_sizes_and_bad_ones() -> None:
     model = tokenprune.patch(sam(), "merge_unmerge", ratio=0.5)
     with torch.no_grad():
