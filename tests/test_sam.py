@@ -19,7 +19,7 @@ from timm.models.vision_transformer_sam import get_decomposed_rel_pos_bias
 import tokenprune
 from tests.test_patch import counted_flops
 from tests.tome_reference import _match
-from tokenprune.patch.sam import merged_rel_pos_bias
+from tokenprune.patch.sam import GroupMerge, merged_rel_pos_bias
 
 SMALL = {"depth": 4, "embed_dim": 96, "num_heads": 4, "global_attn_indexes": [1, 3], "neck_chans": 32}
 
@@ -128,6 +128,30 @@ def test_block_matches_reference(index: int, prop_attn: bool, mlp: bool, ratio: 
         assert (tokenprune.unpatch(model).blocks[index](x) - expected).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("grid", [(10, 14), (14, 10), (7, 9)])
+@pytest.mark.parametrize("index", [0, 1], ids=["windowed", "global"])
+def test_block_matches_reference_on_other_grids(grid: tuple[int, int], index: int) -> None:
+    """Grids other than the model's (its global block interpolates its tables), not square,
+    padded differently on each side; batch 3."""
+    model = sam()
+    x = torch.randn(3, *grid, 96, generator=torch.Generator().manual_seed(3))
+    expected = sam_block_reference(model.blocks[index], x, 0.5)
+    tokenprune.patch(model, "merge_unmerge", ratio=0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(model.blocks[index](x), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["windowed", "global"])
+def test_unfused_attention_matches_reference(index: int) -> None:
+    model = sam()
+    model.blocks[index].attn.fused_attn = False  # timm's manual path
+    x = block_input(model, images())
+    expected = sam_block_reference(model.blocks[index], x, 0.5)
+    tokenprune.patch(model, "merge_unmerge", ratio=0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(model.blocks[index](x), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_mlp_runs_merged_only_where_that_is_fewer_tokens() -> None:
     model = sam()  # 10x10 patches in nine padded 4x4 windows: 144 positions
     x = block_input(model, images())
@@ -151,31 +175,26 @@ def test_windows_without_padding_match_reference() -> None:
         torch.testing.assert_close(model.blocks[0](x), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_merged_rel_pos_bias_is_the_mean_over_patch_pairs() -> None:
+@pytest.mark.parametrize("merged", [0, 4, 7])
+def test_merged_rel_pos_bias_is_the_mean_over_position_pairs(merged: int) -> None:
+    """Against timm's bias of every pair of positions (each position asking with its token's
+    query), averaged over the pairs two tokens cover; with nothing merged, timm's bias itself (in
+    the merge's token order)."""
     attn = sam().blocks[1].attn
     rows, cols, groups, heads, dim = 5, 3, 2, attn.num_heads, attn.head_dim
-    tokens = rows * cols
-    torch.manual_seed(2)
-    q = torch.randn(groups, heads, tokens, dim)
-    # One-hot shares (every token one patch): timm's bias itself.
-    position = torch.arange(tokens)
-    row_share = F.one_hot(position // cols, rows).float().expand(groups, -1, -1)
-    col_share = F.one_hot(position % cols, cols).float().expand(groups, -1, -1)
-    timm_bias = get_decomposed_rel_pos_bias(q.flatten(0, 1), attn.rel_pos_h, attn.rel_pos_w, (rows, cols), (rows, cols))
-    with torch.no_grad():
-        torch.testing.assert_close(merged_rel_pos_bias(attn, q, row_share, col_share).flatten(0, 1), timm_bias)
-    # Random memberships of 6 merged tokens: the mean of timm's bias over the pairs of patches,
-    # each patch asking with its merged token's query.
-    owner = torch.cat([torch.arange(6), torch.randint(0, 6, (tokens - 6,))])[torch.randperm(tokens)]
-    member = F.one_hot(owner, 6).T.float()  # [6, T]
+    positions = rows * cols
+    generator = torch.Generator().manual_seed(2)
+    merge = GroupMerge(torch.randn(groups, positions, 8, generator=generator), None, merged, "torch")
+    q = torch.randn(groups, heads, positions - merged, dim, generator=generator)
+    member = F.one_hot(merge.dest, positions - merged).transpose(1, 2).float()  # [G, T', T]
     mean_over = member / member.sum(-1, keepdim=True)
-    q_merged = torch.randn(groups, heads, 6, dim)
-    q_per_position = (member.T @ q_merged).flatten(0, 1)
+    q_per_position = (member.transpose(1, 2)[:, None] @ q).flatten(0, 1)
     full = get_decomposed_rel_pos_bias(q_per_position, attn.rel_pos_h, attn.rel_pos_w, (rows, cols), (rows, cols))
-    expected = mean_over @ full.view(groups, heads, tokens, tokens) @ mean_over.T
+    expected = mean_over[:, None] @ full.view(groups, heads, positions, positions) @ mean_over.transpose(1, 2)[:, None]
     with torch.no_grad():
-        got = merged_rel_pos_bias(attn, q_merged, (mean_over @ row_share[0]).expand(groups, -1, -1), (mean_over @ col_share[0]).expand(groups, -1, -1))
+        got = merged_rel_pos_bias(attn, q, merge, rows, cols)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert expected.abs().max() > 1.0  # the tables are not zero: the bias is there to get wrong
 
 
 @pytest.mark.parametrize("windows", [True, False])
@@ -257,7 +276,7 @@ def test_other_image_sizes_and_bad_ones() -> None:
 
 
 def test_training_gradients_are_finite_with_padding() -> None:
-    model = tokenprune.patch(sam(), "merge_unmerge", ratio=0.5).train()
+    model = tokenprune.patch(sam(drop_path_rate=0.2, attn_drop_rate=0.1, proj_drop_rate=0.1), "merge_unmerge", ratio=0.5).train()
     model(images()).square().sum().backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
@@ -288,6 +307,15 @@ def test_fullgraph_capture() -> None:
     x = images()
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="eager")(x), model(x))
+
+
+def test_default_method_is_merge_unmerge_and_there_is_no_source_map() -> None:
+    model = tokenprune.patch(sam(), ratio=0.5)
+    assert isinstance(model.tokenprune_config, tokenprune.MergeUnmergeConfig)
+    with torch.no_grad():
+        model(images(batch=1))
+    with pytest.raises(RuntimeError, match="no merged token outlives its block"):
+        tokenprune.source(model)
 
 
 def test_clear_errors() -> None:

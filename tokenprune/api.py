@@ -19,7 +19,8 @@ def patch(model: nn.Module, method: str | MethodConfig | None = None, **options:
 
     ``method`` is a registered name (``tokenprune.METHODS``) with its options as keywords, e.g.
     ``patch(model, r=16)``, or a config object, e.g. ``patch(model, ToMeConfig(r=(16, -1)))``.
-    Without a method: the model's current method if it is patched, else "tome". On a model
+    Without a method: the model's current method if it is patched, else "tome" ("merge_unmerge"
+    for SAM, whose blocks need every patch). On a model
     already patched with the same method, the keywords update its options (e.g. a new ``r``)
     and keep the others. All settings live on the model and its blocks: patched models never
     share state. A model that wraps a supported one (timm's Qwen3VitClassifier, a
@@ -29,8 +30,9 @@ def patch(model: nn.Module, method: str | MethodConfig | None = None, **options:
     outer, model = model, vit.reducing_model(model)
     vit.check_supported(model)
     current = getattr(model, "tokenprune_config", None)
-    if method is None:
-        method = next((name for name, cls in METHODS.items() if type(current) is cls), "tome")
+    if method is None:  # (families whose blocks need every patch, SAM, merge and unmerge in each block)
+        default = "merge_unmerge" if getattr(vit.family(model), "unmerges_in_blocks", False) else "tome"
+        method = next((name for name, cls in METHODS.items() if type(current) is cls), default)
     if isinstance(method, str):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; registered methods: {sorted(METHODS)}")
@@ -70,7 +72,10 @@ def unpatch(model: nn.Module) -> nn.Module:
 def source(model: nn.Module) -> Tensor:
     """[B, T_out, T_in] 0/1 map from the last forward's output tokens to its input tokens (the
     prefix tokens included), as ToMe's ``source``. Needs ``trace_source=True``."""
-    traced = getattr(vit.reducing_model(model), "_tokenprune_source", None)
+    inner = vit.reducing_model(model)
+    if getattr(getattr(inner, "tokenprune_config", None), "unmerges_in_blocks", False):
+        raise RuntimeError("no source map: merge_unmerge unmerges inside every block, so no merged token outlives its block")
+    traced = getattr(inner, "_tokenprune_source", None)
     if traced is None:
         raise RuntimeError("no source map: patch the model with trace_source=True and run a forward first")
     source_index, num_tokens = traced

@@ -10,7 +10,7 @@ from ..patch.vit import TokenReducer
 from .dynamicvit import DynamicViTConfig, DynamicViTLoss, TokenPredictor
 from .evit import AttentionDrop, AttentionDropConfig
 from .local_global import LocalGlobalConfig, PositionalBipartiteMerge, WindowMerge
-from .merge_unmerge import GroupMerge, MergeUnmergeConfig
+from .merge_unmerge import MergeUnmergeConfig, MergeUnmergeStep
 from .pitome import EnergyMerge, PiToMeConfig
 from .temporal import BackgroundMerge, BackgroundMergeConfig, TemporalMerge, TemporalMergeConfig
 from .tome import BipartiteMerge, ToMeConfig
@@ -50,8 +50,8 @@ __all__ = [
     "DynamicViTConfig",
     "DynamicViTLoss",
     "EnergyMerge",
-    "GroupMerge",
     "MergeUnmergeConfig",
+    "MergeUnmergeStep",
     "TokenPredictor",
     "BipartiteMerge",
     "LocalGlobalConfig",

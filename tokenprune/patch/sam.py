@@ -8,20 +8,21 @@ timm pads it, or the whole grid), runs attention and MLP on the merged tokens an
 updates. The model's own forward, ``forward_intermediates`` and neck run unchanged, on the grid.
 
 Positions follow the merge as in the other families, by an average over what a token covers.
-SAM adds a decomposed relative position bias (MViTv2) between query i and key j,
-B_ij = q_i·R^h[row_i, row_j] + q_i·R^w[col_i, col_j]. Between merged tokens the patched block
-adds its mean over the pairs of patches they cover (query side with the merged query, which is
-the mean of its patches' queries), which the decomposition makes cheap: with f_i the fraction of
-token i's patches in each row (g_i: in each column),
-    B̄_ij = Σ_k (q_i·Σ_r f_i[r] R^h[r, k]) f_j[k] + (the same over columns),
-two small matmuls instead of the [T, T] average. For unmerged tokens f is one-hot and B̄ is
-timm's bias exactly.
+SAM adds a decomposed relative position bias (MViTv2) between the query at position p and the
+key at position p', B(q, p, p') = q·R^h[row_p, row_p'] + q·R^w[col_p, col_p']. Between merged
+tokens i and j the patched block adds its mean over the pairs of positions they cover, each asking
+with i's query (:func:`merged_rel_pos_bias`): timm's per-position terms (every position asking
+with its token's query), averaged over each query token's positions, times the share of each key
+token's positions in each row and column, one matmul of inner size rows + cols. For unmerged
+tokens it is timm's bias exactly.
 
 Padding: timm pads the grid to whole windows with zeros after the norm, and the padding joins
 attention as keys. Here an extra metric channel makes padding alike (cosine 1) and orthogonal to
-every patch, so padding merges with padding first, and a token's features are the mean of its
-*patches* (padding, zeros, counts in its size but not in its mean): no patch is diluted by
-padding.
+every patch, so padding prefers padding as a partner (bipartite matching alternates A and B:
+where all the padding falls in B, as one padded column of an even-sized window does, it cannot
+merge with itself, and a patch may merge into it). A token's features are the mean of its
+*patches* (padding, zeros, counts in its size but not in its mean), so no patch is diluted by
+padding; sizes and the position average count padding, as timm's attention does.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ from torch import Tensor, nn
 
 from kernels import merge_wavg
 
-from ..merge import bipartite_matching_flops, bipartite_soft_matching, unmerge
 from . import vit
+from ..merge import bipartite_matching_flops, bipartite_soft_matching, unmerge
 from .vit import QKV_PROJECTIONS, ReducingViT, linear_flops
 
 
@@ -52,63 +53,75 @@ def _sam_qkv(attn: SamAttention, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 QKV_PROJECTIONS[SamAttention] = _sam_qkv
 
 
-def merged_rel_pos_bias(attn: SamAttention, q: Tensor, row_share: Tensor, col_share: Tensor) -> Tensor:
+def merged_rel_pos_bias(attn: SamAttention, q: Tensor, merge: GroupMerge, rows: int, cols: int) -> Tensor:
     """SAM's decomposed relative position bias between merged tokens, averaged over the pairs of
-    patches they cover (module docstring).
+    positions they cover, each pair asking with the query token's q (module docstring).
 
     Args:
-        attn: the block's attention (its ``rel_pos_h``/``rel_pos_w`` tables). q: [G, heads, T, D]
-            merged queries. row_share, col_share: [G, T, rows] and [G, T, cols], the fraction of each
-            token's patches in each row and column of the group's grid (one-hot for a single patch).
+        attn: the block's attention (its ``rel_pos_h``/``rel_pos_w`` tables). q: [G, heads, T', D]
+            merged queries. merge: the group's merge of its rows × cols positions into T' tokens.
     Returns:
-        [G, heads, T, T] bias in q's dtype.
+        [G, heads, T', T'] bias in q's dtype.
     """
-    rows, cols = row_share.shape[-1], col_share.shape[-1]
-    table_h = get_rel_pos(rows, rows, attn.rel_pos_h)  # [query row, key row, D]
-    table_w = get_rel_pos(cols, cols, attn.rel_pos_w)
-    row_share, col_share = row_share.to(q.dtype), col_share.to(q.dtype)
-    # Each token's mean row table over its patches, then its query against it: [G, heads, T, rows].
-    rel_h = torch.einsum("gnhd,ghkd->gnhk", q, torch.einsum("ghr,rkd->ghkd", row_share, table_h))
-    rel_w = torch.einsum("gnhd,ghkd->gnhk", q, torch.einsum("ghc,ckd->ghkd", col_share, table_w))
-    return rel_h @ row_share.transpose(-1, -2).unsqueeze(1) + rel_w @ col_share.transpose(-1, -2).unsqueeze(1)
+    groups, heads, num_out, dim = q.shape
+    num_positions = rows * cols
+    # timm's terms at every position, asked with the query of the token holding it: [G, rows, cols, heads, k]
+    q_at = merge.unmerge(q.transpose(1, 2).reshape(groups, num_out, heads * dim)).view(groups, rows, cols, heads, dim)
+    rel_h = torch.einsum("grchd,rkd->grchk", q_at, get_rel_pos(rows, rows, attn.rel_pos_h))
+    rel_w = torch.einsum("grchd,ckd->grchk", q_at, get_rel_pos(cols, cols, attn.rel_pos_w))
+    # each query token: the mean over its positions, [G, T', heads, key row (col)]
+    rel_h = merge.average(rel_h.reshape(groups, num_positions, heads * rows)).view(groups, num_out, heads, rows)
+    rel_w = merge.average(rel_w.reshape(groups, num_positions, heads * cols)).view(groups, num_out, heads, cols)
+    # Each key token: the mean of its positions' terms, the row's plus the column's, i.e. the query
+    # token's terms against the share of the key token's positions in each row and column: one
+    # matmul of inner size rows + cols, written once (timm writes its [T, T] bias once too).
+    position = torch.arange(num_positions, device=q.device)
+    grid_onehot = torch.cat([F.one_hot(position // cols, rows), F.one_hot(position % cols, cols)], dim=-1)
+    key_share = merge.average(grid_onehot.to(q.dtype).expand(groups, -1, -1))  # [G, T', rows + cols]
+    return torch.cat([rel_h, rel_w], dim=-1).transpose(1, 2) @ key_share.transpose(1, 2).unsqueeze(1)
 
 
-class _Groups:
-    """The tokens of one block's attention groups, [G, T, C], with their merge: ``dest`` (each
-    token's merged token), ``size`` (tokens per merged token, padding included) and ``share``
-    (the fraction of each merged token that is patches, not padding: None without padding)."""
+class GroupMerge:
+    """One block's merge of its attention groups' positions [G, T, C] into T' tokens each:
+    ``dest`` (each position's token), ``size`` ([G, T', 1] positions per token, padding included)
+    and ``patch_share`` (the fraction of each token's positions that are patches, not padding;
+    None without padding)."""
 
     def __init__(self, tokens: Tensor, padding: Tensor | None, merged: int, backend: str) -> None:
         metric = tokens if padding is None else torch.cat([tokens, padding.to(tokens.dtype)], dim=-1)
         self.num_out = tokens.shape[1] - merged
         self.dest = bipartite_soft_matching(metric, merged, 0, backend)
         self.backend = backend
-        patches = 1.0 - padding.float() if padding is not None else tokens.new_ones(*tokens.shape[:2], 1, dtype=torch.float32)
-        share, self.size = self.mean(patches)
-        self.share = share if padding is not None else None
+        patches = tokens.new_ones(*tokens.shape[:2], 1, dtype=torch.float32)
+        if padding is not None:
+            patches = patches - padding.float()
+        share, self.size = merge_wavg(patches, torch.ones_like(patches), self.dest, self.num_out, backend)
+        self.patch_share = share if padding is not None else None
 
-    def mean(self, values: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean of ``values`` over every member of each merged token (padding included)."""
+    def average(self, values: Tensor) -> Tensor:
+        """Each token's mean of ``values`` [G, T, C] over its positions (padding included)."""
         ones = values.new_ones(values.shape[0], values.shape[1], 1, dtype=torch.float32)
-        return merge_wavg(values, ones, self.dest, self.num_out, self.backend)
+        return merge_wavg(values, ones, self.dest, self.num_out, self.backend)[0]
 
     def merge(self, tokens: Tensor) -> Tensor:
-        """Each merged token: the mean of its patches' ``tokens`` (padding, zeros, left out)."""
-        mean, _ = self.mean(tokens)
-        if self.share is None:
+        """Each token's features: the mean of its patches' ``tokens`` (padding, zeros, left out)."""
+        mean = self.average(tokens)
+        if self.patch_share is None:
             return mean
-        # Padding is zeros, so the mean over all members is share × the mean over patches. All-padding
-        # tokens (share 0, mean 0) stay 0: the clamp only avoids 0/0.
-        return (mean.float() / self.share.clamp(min=1e-6)).to(tokens.dtype)
+        # Padding is zeros, so the mean over all positions is patch_share × the mean over patches.
+        # All-padding tokens (share 0, mean 0) stay 0: the clamp only avoids 0/0.
+        return (mean.float() / self.patch_share.clamp(min=1e-6)).to(tokens.dtype)
 
     def unmerge(self, merged: Tensor) -> Tensor:
+        """Every position gets its token's row of ``merged`` [G, T', C]."""
         return unmerge(merged, self.dest)
 
 
 class ReducingSamBlock(SamBlock):
     """timm SAM ``Block`` that merges the tokens of each attention group for its attention and
-    MLP and unmerges their updates (``reducer``: a :class:`~tokenprune.methods.merge_unmerge.GroupMerge`
-    or None). LayerScale, drop-path, q/k-norm and the relative position bias are kept."""
+    MLP and unmerges their updates (``reducer``: a
+    :class:`~tokenprune.methods.merge_unmerge.MergeUnmergeStep`, or None). LayerScale, drop-path
+    (per window on attention, as timm), q/k-norm and the relative position bias are kept."""
 
     reducer: Any
     prop_attn: bool
@@ -119,19 +132,20 @@ class ReducingSamBlock(SamBlock):
         batch, height, width, channels = x.shape
         size = self.window_size
         rows, cols = (size, size) if size > 0 else (height, width)
-        if step is None or step.merged_count(rows * cols) == 0:
+        merged = step.merged_count(rows * cols) if step is not None else 0
+        if merged == 0:
             return super().forward(x)
         padding = None
         if size > 0 and (height % size or width % size):  # 1 where timm pads the grid to whole windows
             padding = 1.0 - self._grouped(x.new_ones(batch, height, width, 1))
         tokens = self._grouped(self.norm1(x))
-        groups = _Groups(tokens, padding, step.merged_count(rows * cols), self.backend)
-        update = groups.unmerge(self._attend(groups.merge(tokens), groups, rows, cols))
-        x = x + self.drop_path1(self.ls1(self._on_grid(update, height, width)))
+        merge = GroupMerge(tokens, padding, merged, self.backend)
+        update = self.drop_path1(self.ls1(merge.unmerge(self._attend(merge.merge(tokens), merge, rows, cols))))
+        x = x + self._on_grid(update, height, width)
         groups_per_image = -(-height // rows) * -(-width // cols)
         if runs_merged_mlp(step, groups_per_image, rows * cols, height * width):
-            update = groups.unmerge(self.mlp(groups.merge(self._grouped(self.norm2(x)))))
-            return x + self.drop_path2(self.ls2(self._on_grid(update, height, width)))
+            update = self._on_grid(merge.unmerge(self.mlp(merge.merge(self._grouped(self.norm2(x))))), height, width)
+            return x + self.drop_path2(self.ls2(update))
         flat = x.reshape(batch, height * width, channels)  # timm's MLP step
         return (flat + self.drop_path2(self.ls2(self.mlp(self.norm2(flat))))).reshape(batch, height, width, channels)
 
@@ -150,22 +164,15 @@ class ReducingSamBlock(SamBlock):
         padded = (height + -height % size, width + -width % size)
         return window_unpartition(groups.view(-1, size, size, channels), size, (height, width), padded)
 
-    def _attend(self, tokens: Tensor, groups: _Groups, rows: int, cols: int) -> Tensor:
+    def _attend(self, tokens: Tensor, merge: GroupMerge, rows: int, cols: int) -> Tensor:
         """SAM's attention over merged tokens [G, T', C]: proportional attention (log size on
-        every key) and the relative position bias averaged over the merged patches."""
+        every key) and the relative position bias averaged over the merged positions."""
         attn = self.attn
         num_groups, num_tokens, channels = tokens.shape
         q, k, v = _sam_qkv(attn, tokens)
-        bias = None
-        if attn.use_rel_pos:
-            position = torch.arange(rows * cols, device=tokens.device)
-            row_onehot = F.one_hot(position // cols, rows).float().expand(num_groups, -1, -1)
-            col_onehot = F.one_hot(position % cols, cols).float().expand(num_groups, -1, -1)
-            row_share, _ = groups.mean(row_onehot)
-            col_share, _ = groups.mean(col_onehot)
-            bias = merged_rel_pos_bias(attn, q, row_share, col_share)
+        bias = merged_rel_pos_bias(attn, q, merge, rows, cols) if attn.use_rel_pos else None
         if self.prop_attn:
-            key_bias = groups.size.log().to(q.dtype).view(num_groups, 1, 1, num_tokens)
+            key_bias = merge.size.log().to(q.dtype).view(num_groups, 1, 1, num_tokens)
             bias = key_bias if bias is None else bias + key_bias
         if attn.fused_attn:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if self.training else 0.0)
@@ -217,13 +224,14 @@ class ReducingSam(VisionTransformerSAM):
         return counter.get_total_flops()
 
     patch_embedding = ReducingViT.patch_embedding
-    _prefix_in_blocks = True  # (there are no prefix tokens)
+    _prefix_in_blocks = True  # (SAM has no prefix tokens: block_prefix_tokens counts 0)
 
 
 def runs_merged_mlp(step: Any, groups: int, group_tokens: int, patches: int) -> bool:
     """Whether the MLP runs on the merged tokens of an image's ``groups`` attention groups: when
-    asked (``mlp``) and they are fewer than its ``patches``, which timm's MLP runs on (merged windows still hold timm's padding: at ratio 0.25,
-    75 % of SAM-B's 4,900 padded window positions at 1024² is 3,675 tokens, against 4,096 patches)."""
+    asked (``mlp``) and they are fewer than its ``patches``, which timm's MLP runs on. Merged
+    windows still hold timm's padding: at ratio 0.25, 75 % of SAM-B's 4,900 padded window
+    positions at 1024² is 3,675 tokens, against 4,096 patches; at 0.15, more than the patches."""
     return step.mlp and groups * (group_tokens - step.merged_count(group_tokens)) < patches
 
 
@@ -245,12 +253,10 @@ def block_flops(block: nn.Module, grid: tuple[int, int]) -> int:
     padded = groups * tokens != height * width
     flops = linear_flops(groups * kept, attn.qkv) + linear_flops(groups * kept, attn.proj)
     flops += groups * 4 * kept * kept * heads * dim  # q·kᵀ and attention·v
-    if attn.use_rel_pos:
-        if merged:  # mean tables per token, the queries against them, then the [T', T'] bias
-            flops += groups * 2 * kept * (rows * rows + cols * cols) * dim
-            flops += groups * 2 * heads * kept * (rows + cols) * (dim + kept)
-        else:  # timm: every query against its row's and column's tables
-            flops += groups * 2 * heads * tokens * (rows + cols) * dim
+    if attn.use_rel_pos:  # every position's query against its row's and column's tables (timm's, merged or not)
+        flops += groups * 2 * heads * tokens * (rows + cols) * dim
+        if merged:  # the [T', T'] bias from the query tokens' terms and the key tokens' shares (timm: an add)
+            flops += groups * 2 * heads * kept * kept * (rows + cols)
     if merged:
         flops += groups * bipartite_matching_flops(tokens, 0, block.norm1.normalized_shape[0] + padded)
     mlp_tokens = groups * kept if merged and runs_merged_mlp(step, groups, tokens, height * width) else height * width

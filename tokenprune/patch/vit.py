@@ -70,6 +70,7 @@ SUPPORTED_FAMILIES = (
     "timm Beit: BEiT, BEiT v2 (relative position bias); timm VisionTransformerRelPos (vit_relpos_*); "
     "timm Cait (CaiT: talking heads, class attention); timm NaFlexVit (SigLIP 2 NaFlex, RADIO) on image batches; "
     "timm Qwen3VitEncoder / Qwen3VitClassifier (Qwen3-VL vision encoders); "
+    "timm VisionTransformerSAM (Segment Anything's encoder, with method='merge_unmerge'); "
     "tokenprune.models.VideoVisionTransformer (VideoMAE video ViT)"
 )
 
