@@ -12,7 +12,8 @@ we measure, against the unreduced model:
 
 ToMe runs at many r, with its constant schedule and with its decreasing one (``(r, -1)``), to
 trace two curves of each measure against GFLOPs. Every setting of the compared method
-(``--method``: two-stage ``local_global``, the default, or ``pitome``) is compared with the
+(``--method``: two-stage ``local_global``, the default, ``pitome``, or ``merge_unmerge``, which
+merges inside each block and unmerges before the next) is compared with the
 better of the two curves interpolated at exactly its GFLOPs ("ToMe at matched GFLOPs"), measure
 by measure. The difference is also taken image by image (each image's ToMe measure interpolated
 the same way) and given with a 95 % Student-t interval over the 20 photo means, since the seven
@@ -28,6 +29,7 @@ one photo, under both methods at matched GFLOPs); ``--method pitome`` writes the
 
     python -m evals.dense_fidelity                   # ToMe vs two-stage
     python -m evals.dense_fidelity --method pitome   # ToMe vs PiToMe
+    python -m evals.dense_fidelity --method merge_unmerge  # ToMe vs merge, attend, unmerge
 """
 
 from __future__ import annotations
@@ -99,6 +101,12 @@ PITOME = (
     + [tokenprune.PiToMeConfig(r=keep_ratio_r(ratio, 256, 12)) for ratio in (0.95, 0.925, 0.9)]
 )
 
+# Merge, attend, unmerge in every block (ToMe for SD's scheme): the fraction merged inside each
+# block, with the MLP on the merged tokens (the default) and without.
+MERGE_UNMERGE = [tokenprune.MergeUnmergeConfig(ratio=ratio) for ratio in (0.1, 0.2, 0.3, 0.4, 0.5)] + [
+    tokenprune.MergeUnmergeConfig(ratio=ratio, mlp=False) for ratio in (0.3, 0.5)
+]
+
 
 @dataclass(frozen=True)
 class Compared:
@@ -109,12 +117,13 @@ class Compared:
     label: str
     settings: list[Any]
     adaptive: list[tokenprune.LocalGlobalConfig]
-    drawn: Any
+    drawn: Any  # None: its tokens leave every block unmerged, there is no merge map to draw
 
 
 COMPARED = {
     "local_global": Compared("two-stage", TWO_STAGE, ADAPTIVE, tokenprune.LocalGlobalConfig()),
     "pitome": Compared("PiToMe", PITOME, [], tokenprune.PiToMeConfig(r=16)),
+    "merge_unmerge": Compared("merge-unmerge", MERGE_UNMERGE, [], None),
 }
 MEASURES = ("cosine", "saliency_corr", "top10_iou")
 Value = TypeVar("Value", float, torch.Tensor)
@@ -245,6 +254,8 @@ def best_tome(curves: dict[str, Sequence[tuple[float, torch.Tensor]]], gflops: f
 
 
 def describe(config: Any) -> str:
+    if isinstance(config, tokenprune.MergeUnmergeConfig):
+        return f"ratio={config.ratio:g}" + ("" if config.mlp else ", mlp=False")
     if isinstance(config, tokenprune.PiToMeConfig):
         margin = "" if config.margin is None else f", margin={config.margin}"
         return f"r={format_schedule(config.r)}{margin}" + (f", α={config.alpha:g}" if config.alpha != 1.0 else "")
@@ -328,9 +339,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         reference = best_tome(tome_curves, gflops)
         matched = dict.fromkeys(MEASURES) if reference is None else summary(reference)
         difference = against(per_image, reference)
-        # Control: ToMe removing the same count at every block (two-stage: pairs where the windows were).
+        # Control: ToMe removing the same count at every block (two-stage: pairs where the windows were);
+        # none for a method that removes no token from the stream (merge_unmerge).
         removed = list(tokenprune.plan(evaluator.model, evaluator.img_size).removed)
-        control = {"r": removed, **evaluator.score(tokenprune.ToMeConfig(r=removed))}
+        control = {"r": removed, **evaluator.score(tokenprune.ToMeConfig(r=removed))} if any(removed) else None
         rows.append({"setting": describe(config), "gflops": gflops, **summary(per_image), "tome_at_same_gflops": matched,
                      "difference": difference, "same_schedule_tome": control})
     adaptive = []
@@ -375,15 +387,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cells = [format_difference(row["difference"].get(m)) for m in MEASURES]
         lines.append(f"| {row['setting']} | {row['gflops_mean']:.2f} [{row['gflops_min']:.2f}, {row['gflops_max']:.2f}] | "
                      + " | ".join(cells) + " |")
-    lines += [
-        "",
-        f"Control: ToMe with each {label} setting's per-block counts (the same GFLOPs but for the matching):",
-        "",
-        f"| {label} setting | ToMe r per block | cosine ({label}) | saliency corr ({label}) | top-10% IoU ({label}) |",
-        "| :--- | :--- | ---: | ---: | ---: |",
-    ]
+    controlled = [row for row in rows if row["same_schedule_tome"] is not None]
+    if controlled:
+        lines += [
+            "",
+            f"Control: ToMe with each {label} setting's per-block counts (the same GFLOPs but for the matching):",
+            "",
+            f"| {label} setting | ToMe r per block | cosine ({label}) | saliency corr ({label}) | top-10% IoU ({label}) |",
+            "| :--- | :--- | ---: | ---: | ---: |",
+        ]
     lines += [f"| {row['setting']} | {format_schedule(row['same_schedule_tome']['r'])} | "
-              + " | ".join(f"{row['same_schedule_tome'][m]:.4f} ({row[m]:.4f})" for m in MEASURES) + " |" for row in rows]
+              + " | ".join(f"{row['same_schedule_tome'][m]:.4f} ({row[m]:.4f})" for m in MEASURES) + " |" for row in controlled]
     lines += ["", "ToMe curves:", "", "| r | GFLOPs | cosine | saliency corr | top-10% IoU |", "| :--- | ---: | ---: | ---: | ---: |"]
     lines += [f"| {p['r']} | {p['gflops']:.2f} | {p['cosine']:.4f} | {p['saliency_corr']:.4f} | {p['top10_iou']:.4f} |"
               for p in sorted((p for curve in tome.values() for p in curve), key=lambda p: -p["gflops"])]
@@ -404,6 +418,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_atomic(args.out_dir / f"dense_fidelity{suffix}.json", json.dumps(document, indent=2) + "\n")
     write_atomic(args.out_dir / f"dense_fidelity{suffix}.md", f"{header}\n\n{table}\n")
     plot(tome, rows, label, args.out_dir / f"dense_fidelity{suffix}.png")
+    if compared.drawn is None:
+        print(header)
+        print(table)
+        return document
     # The drawn setting next to the ToMe r closest to it in GFLOPs.
     drawn_gflops = evaluator.score(compared.drawn)["gflops"]
     nearest = min(tome["constant"], key=lambda p: abs(p["gflops"] - drawn_gflops))

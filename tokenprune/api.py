@@ -31,7 +31,7 @@ def patch(model: nn.Module, method: str | MethodConfig | None = None, **options:
     vit.check_supported(model)
     current = getattr(model, "tokenprune_config", None)
     if method is None:  # (families whose blocks need every patch, SAM, merge and unmerge in each block)
-        default = "merge_unmerge" if getattr(vit.family(model), "unmerges_in_blocks", False) else "tome"
+        default = "merge_unmerge" if getattr(vit.family(model), "needs_unmerging", False) else "tome"
         method = next((name for name, cls in METHODS.items() if type(current) is cls), default)
     if isinstance(method, str):
         if method not in METHODS:

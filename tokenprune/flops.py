@@ -59,6 +59,10 @@ def _block_flops(block: nn.Module, tokens: int, removed: int, num_inputs: int, s
     kept = tokens - removed
     # Merging runs between attention and MLP; pruning predictors run before attention.
     attended = kept if reducer is not None and reducer.before_attention else tokens
+    mlp_tokens = kept
+    if getattr(reducer, "unmerges", False):  # merge_unmerge: attention (and MLP) on merged tokens, all given back
+        attended = tokens - reducer.merged_count(tokens - reducer.num_protected)
+        mlp_tokens = attended if reducer.mlp else tokens
     # Every linear layer of the attention on the tokens: qkv (or q/k/v), proj, and the gate if
     # it has one (not those of a relative-bias MLP, which runs on coordinates: _bias_mlp_flops).
     # Talking heads (CaiT's proj_l, proj_w) mix the heads for every pair of tokens.
@@ -73,7 +77,7 @@ def _block_flops(block: nn.Module, tokens: int, removed: int, num_inputs: int, s
     else:
         flops += 4 * attended * attended * attn.num_heads * head_dim(attn)  # q·kᵀ and attn·v
     # Every linear layer of the MLP: fc1/fc2, or SwiGLU's fc1_g/fc1_x/fc2.
-    flops += sum(linear_flops(kept, layer) for layer in block.mlp.modules() if isinstance(layer, nn.Linear))
+    flops += sum(linear_flops(mlp_tokens, layer) for layer in block.mlp.modules() if isinstance(layer, nn.Linear))
     if reducer is not None:
         flops += reducer.matching_flops(tokens, removed, attn)
     position_flops = getattr(block, "position_flops", None)  # BEiT, relpos: the bias between merged tokens

@@ -7,7 +7,8 @@ grid again (SAM's windowed attention partitions it; its neck reads every patch),
 instead merges its attention input, runs attention (and its MLP) on the merged tokens, and
 copies each merged token's output back to every patch it covers, adding it to that patch's own
 residual stream. The residual stream keeps every patch's identity: a patch that merged differs
-from its partners by what it carried into the block; only the block's update is shared.
+from its partners by what it carried into the block; only the block's update is shared. Plain
+timm ViTs take it too (prefix tokens protected), for dense outputs from every block's full grid.
 
 Matching is ToMe's bipartite soft matching (alternate tokens, cosine of each A token to its best B
 token, merge the best ``r``) on the attention's input (the normed tokens, which merging averages;
@@ -27,7 +28,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..merge import max_bipartite_r
+from ..merge import bipartite_matching_flops, max_bipartite_r
+from ..patch.vit import block_prefix_tokens
 from ._options import check_common_options
 
 
@@ -40,33 +42,38 @@ class MergeUnmergeStep:
 
     ratio: float
     mlp: bool
+    num_protected: int = 0  # prefix tokens (class, registers) that never merge
     before_attention = True  # it merges the attention's input
     metric = None  # it matches on that input, not on anything the attention gives
+    unmerges = True  # the block runs it around attention and MLP (patch/vit.py, patch/sam.py)
 
     def merged_count(self, group_tokens: int) -> int:
-        """How many of a group's tokens merge away (ToMe's r): ``ratio`` of them, floored, at
-        most half (bipartite matching merges each A token into a B token)."""
+        """How many of a group's mergeable tokens (prefix tokens aside) merge away (ToMe's r):
+        ``ratio`` of them, floored, at most half (bipartite matching merges each A token into a
+        B token)."""
         return min(math.floor(self.ratio * group_tokens + 1e-9), max_bipartite_r(group_tokens, 0))
 
     def num_removed(self, num_tokens: int, grid: tuple[int, ...] | None = None) -> int:
         return 0  # unmerged before the block ends
 
     def matching_flops(self, num_tokens: int, removed: int, attn: nn.Module) -> int:
-        return 0  # counted with the rest of the block by its family (patch/sam.py)
+        """The matching on the attention input (its channels: the attention's output width)."""
+        merged = self.merged_count(num_tokens - self.num_protected)
+        return bipartite_matching_flops(num_tokens, self.num_protected, attn.proj.out_features) if merged else 0
 
 
 @dataclass(frozen=True)
 class MergeUnmergeConfig:
     """Merge ``ratio`` of every attention group's tokens inside each block and unmerge them
     before the block ends (ToMe for SD); for models whose blocks need the whole patch grid
-    (SAM's image encoder), where tokens cannot leave the stream.
+    (SAM's image encoder), where tokens cannot leave the stream, and plain timm ViTs.
 
     Args:
         ratio: fraction of the tokens of every attention group (a window, or the whole grid in
-            a global-attention block) merged away, 0 ≤ ratio ≤ 0.5 (bipartite matching merges
-            at most half).
-        windows: merge in windowed-attention blocks too; False merges only in the
-            global-attention blocks, where attention costs most.
+            a global-attention block; the patches of a ViT, its prefix tokens aside) merged
+            away, 0 ≤ ratio ≤ 0.5 (bipartite matching merges at most half).
+        windows: merge in SAM's windowed-attention blocks too; False merges only in its
+            global-attention blocks.
         mlp: run the MLP on the merged tokens too (its update is unmerged like attention's),
             where they are fewer than the patches (SAM's padded windows at a low ratio may not
             be); False runs it on every patch.
@@ -85,7 +92,9 @@ class MergeUnmergeConfig:
     track_positions = False
     supports_video = False
     drops_tokens = False
-    unmerges_in_blocks = True  # the families that need it (patch/sam.py) take only such methods
+    # Families say whether they take such methods (takes_unmerging: plain ViTs, SAM) and whether they
+    # take only those (needs_unmerging: SAM); see patch/vit.py's check_method_for.
+    unmerges_in_blocks = True
 
     def __post_init__(self) -> None:
         check_common_options(self)
@@ -99,5 +108,5 @@ class MergeUnmergeConfig:
             )
 
     def reducers(self, model: nn.Module) -> list[MergeUnmergeStep | None]:
-        step = MergeUnmergeStep(float(self.ratio), self.mlp) if self.ratio > 0 else None
+        step = MergeUnmergeStep(float(self.ratio), self.mlp, block_prefix_tokens(model)) if self.ratio > 0 else None
         return [step if self.windows or getattr(block, "window_size", 0) == 0 else None for block in model.blocks]

@@ -187,7 +187,8 @@ class ReducingSam(VisionTransformerSAM):
     """timm ``VisionTransformerSAM`` whose blocks merge and unmerge inside themselves: its own
     forward, ``forward_intermediates`` and neck run unchanged. Holds the family's hooks."""
 
-    unmerges_in_blocks = True  # takes only methods that unmerge before a block ends
+    needs_unmerging = True  # takes only methods that unmerge before a block ends
+    takes_unmerging = True
 
     @staticmethod
     def image_grid(model: nn.Module, height: int, width: int) -> tuple[int, int]:

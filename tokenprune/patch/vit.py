@@ -29,9 +29,9 @@ from timm.models.vision_transformer import Block, ResPostBlock, VisionTransforme
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels import attention
+from kernels import attention, merge_wavg
 
-from ..merge import TokenState, start_state
+from ..merge import TokenState, bipartite_soft_matching, start_state
 from ..merge import unmerge as unmerge_tokens
 
 
@@ -322,6 +322,11 @@ class ReducingBlockMixin:
         inside the tokens); the block gives it to the current tokens after any pre-attention
         reduction (:meth:`_rope`, :meth:`_position_bias`)."""
         reducer = self.reducer
+        if getattr(reducer, "unmerges", False):  # merge_unmerge: the tokens leave the block unmerged
+            x = self._merge_attend_unmerge(state.x, reducer)
+            if x is not None:
+                return state._replace(x=x)
+            reducer = None  # (nothing to merge at this token count)
         if reducer is not None and reducer.before_attention:
             state = reducer(state, None)
             reducer = None
@@ -353,6 +358,33 @@ class ReducingBlockMixin:
             state = reducer(state, metric)
         return state._replace(x=self._add_mlp(state.x))
 
+    def _merge_attend_unmerge(self, x: Tensor, step: Any) -> Tensor | None:
+        """The block with ToMe for SD's merging (:mod:`tokenprune.methods.merge_unmerge`): merge
+        the attention input's tokens (prefix tokens protected), run attention, with proportional
+        attention, and the MLP on the merged tokens, and add their updates to every token they
+        cover. None when the step merges nothing at this token count."""
+        batch, num_tokens, _ = x.shape
+        merged = step.merged_count(num_tokens - step.num_protected)
+        if merged == 0:
+            return None
+        h = self._attention_input(x)
+        dest = bipartite_soft_matching(h, merged, step.num_protected, self.backend)
+        num_out = num_tokens - merged
+        ones = x.new_ones(batch, num_tokens, 1, dtype=torch.float32)
+
+        def merge(tokens: Tensor) -> Tensor:
+            return merge_wavg(tokens, ones, dest, num_out, self.backend)[0]
+
+        _, size = merge_wavg(ones, ones, dest, num_out, self.backend)
+        own = ATTENTION_FORWARDS.get(type(self.attn))
+        attn_out, _ = (attend if own is None else own.forward)(
+            self.attn, merge(h), None, key_bias=size.log().squeeze(-1) if self.prop_attn else None, backend=self.backend
+        )
+        x = self._add_attention(x, unmerge_tokens(attn_out, dest))
+        if not step.mlp:
+            return self._add_mlp(x)
+        return self._add_mlp(x, lambda tokens: unmerge_tokens(self.mlp(merge(tokens)), dest))
+
     def _biases(self, state: TokenState) -> tuple[Tensor | None, Tensor | None]:
         """The attention biases the tokens call for: a training keep mask as an additive
         [B, 1, T, T] mask (float32 for a float16 stream: its gradient does not fit float16), and
@@ -378,7 +410,8 @@ class ReducingBlockMixin:
     def _add_attention(self, x: Tensor, attn_out: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def _add_mlp(self, x: Tensor) -> Tensor:
+    def _add_mlp(self, x: Tensor, mlp: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """x plus the MLP's update (``mlp``: what runs in the MLP's place, default the MLP)."""
         raise NotImplementedError
 
 
@@ -392,8 +425,8 @@ class PreNormSteps:
     def _add_attention(self, x: Tensor, attn_out: Tensor) -> Tensor:
         return x + self.drop_path1(self.ls1(attn_out))
 
-    def _add_mlp(self, x: Tensor) -> Tensor:
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+    def _add_mlp(self, x: Tensor, mlp: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        return x + self.drop_path2(self.ls2((mlp or self.mlp)(self.norm2(x))))
 
 
 class PostNormSteps:
@@ -406,8 +439,8 @@ class PostNormSteps:
     def _add_attention(self, x: Tensor, attn_out: Tensor) -> Tensor:
         return x + self.drop_path1(self.norm1(attn_out))
 
-    def _add_mlp(self, x: Tensor) -> Tensor:
-        return x + self.drop_path2(self.norm2(self.mlp(x)))
+    def _add_mlp(self, x: Tensor, mlp: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        return x + self.drop_path2(self.norm2((mlp or self.mlp)(x)))
 
 
 class ReducingBlock(PreNormSteps, ReducingBlockMixin, Block):
@@ -704,9 +737,24 @@ class ReducingViT:
 class ReducingVisionTransformer(ReducingViT, VisionTransformer):
     """timm ``VisionTransformer`` with token reduction."""
 
+    takes_unmerging = True  # merge_unmerge too (its blocks' positions travel inside the tokens)
+
+    @staticmethod
+    def check_method(model: nn.Module, config: Any) -> None:
+        if getattr(config, "unmerges_in_blocks", False):
+            for i, block in enumerate(model.blocks):
+                if original_block_class(block) not in (Block, ResPostBlock):
+                    raise TypeError(
+                        f"{type(config).__name__} runs in timm's Block and ResPostBlock; blocks[{i}] is a "
+                        f"{original_block_class(block).__name__}: use tome"
+                    )
+
 
 class ReducingVisionTransformerDistilled(ReducingViT, VisionTransformerDistilled):
     """timm DeiT ``VisionTransformerDistilled`` with token reduction."""
+
+    takes_unmerging = True
+    check_method = ReducingVisionTransformer.check_method
 
 
 # Original class → its reducing subclass. Static classes, so patched models pickle by reference.
@@ -752,15 +800,17 @@ def check_method_for(model: nn.Module, config: Any) -> None:
             refuse_dropping(config, f"{type(model).__name__}'s outputs")
         model = getattr(model, wrapper.attribute)
     known = family(model)
-    # Methods whose blocks unmerge what they merged, for families whose blocks need every patch (SAM).
+    # Methods whose blocks unmerge what they merged (merge_unmerge): the only ones for families whose
+    # blocks need every patch (SAM), and taken by plain ViTs; the others' blocks give positions
+    # (RoPE, relative bias, class attention) to the tokens that flow between them.
     unmerges = getattr(config, "unmerges_in_blocks", False)
-    if unmerges != getattr(known, "unmerges_in_blocks", False):
-        name = original_class(model).__name__
-        if unmerges:
-            raise TypeError(
-                f"{type(config).__name__} merges and unmerges inside every block, for models whose blocks need "
-                f"every patch (SAM); {name} keeps merged tokens from block to block: use tome"
-            )
+    name = original_class(model).__name__
+    if unmerges and not getattr(known, "takes_unmerging", False):
+        raise TypeError(
+            f"{type(config).__name__} merges and unmerges inside every block, for SAM and plain timm "
+            f"VisionTransformers; {name} is patched with the methods that keep merged tokens: use tome"
+        )
+    if not unmerges and getattr(known, "needs_unmerging", False):
         raise TypeError(
             f"{name}'s blocks need every patch (windowed attention, a neck on the grid), so tokens cannot leave "
             f"between blocks as {type(config).__name__} removes them; use method='merge_unmerge' "
