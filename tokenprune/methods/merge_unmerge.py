@@ -16,8 +16,11 @@ ToMe for SD matches on the block's input before the norm, with a random 2-D part
 ToMe's metric, would need the qkv projection of every token, which is what merging saves. Unlike
 ToMe for SD, whose ``merge_mlp`` is off by default (it found merging for the MLP hurt Stable
 Diffusion's images), ``mlp`` is on by default: the MLP holds two thirds of a ViT block's
-FLOPs, and without it ratio 0.5 saves 1.26× instead of 1.80× in SAM-B's windowed blocks. How
-much either costs SAM's masks is not measured (no SAM weights ship offline).
+FLOPs (without it ratio 0.5 saves 1.26× instead of 1.80× in SAM-B's windowed blocks), and on
+DINOv2 with real weights merging it too kept dense outputs closer to the unreduced model than
+merging for attention alone at equal GFLOPs (``evals/results/dense_fidelity_merge_unmerge.md``),
+though further than ToMe at every budget: on plain ViTs, ToMe is the better method. What it
+costs SAM's masks is not measured (no SAM weights ship offline).
 """
 
 from __future__ import annotations
