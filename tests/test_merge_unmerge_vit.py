@@ -116,3 +116,20 @@ def test_dense_fidelity_names_merge_unmerge_settings() -> None:
     compared = COMPARED["merge_unmerge"]
     assert compared.drawn is None  # no token outlives its block: no merge map
     assert {config.mlp for config in compared.settings} == {True, False}
+
+
+def test_differential_attention_runs_its_own_forward() -> None:
+    """A ViT of timm Blocks with DiffAttention: its two maps on the merged tokens (through its
+    registered forward), ratio 0 exact, FLOPs as counted."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_dwee_patch16_reg1_gap_256", depth=2, img_size=64).eval()
+    x = images(64)
+    with torch.no_grad():
+        expected = model(x)
+    tokenprune.patch(model, "merge_unmerge", ratio=0.0)
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+    tokenprune.patch(model, ratio=0.5, backend="torch")
+    with torch.no_grad():
+        assert not torch.equal(model(x), expected)
+    assert tokenprune.flops(model, 64).total == counted_flops(model, images(64, batch=1))
