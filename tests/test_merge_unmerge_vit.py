@@ -63,7 +63,7 @@ def test_model_matches_reference(name: str, prop_attn: bool, mlp: bool) -> None:
     model, size = vit(name)
     x = images(size)
     expected = reference_logits(model, x, 0.5, prop_attn, mlp)
-    tokenprune.patch(model, "merge_unmerge", ratio=0.5, prop_attn=prop_attn, mlp=mlp)
+    tokenprune.patch(model, "merge_unmerge", ratio=0.5, prop_attn=prop_attn, merge_mlp=mlp)
     with torch.no_grad():
         got = model(x)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
@@ -93,7 +93,7 @@ def test_ratio_zero_is_exact_and_outputs_keep_every_token(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-@pytest.mark.parametrize("options", [{"ratio": 0.5}, {"ratio": 0.3, "mlp": False}], ids=["all", "attention_only"])
+@pytest.mark.parametrize("options", [{"ratio": 0.5}, {"ratio": 0.3, "merge_mlp": False}], ids=["all", "attention_only"])
 def test_flops_match_flop_counter(name: str, options: dict) -> None:
     model, size = vit(name)
     patched = tokenprune.patch(copy.deepcopy(model), "merge_unmerge", backend="torch", **options)
@@ -112,10 +112,10 @@ def test_refused_where_blocks_give_positions_or_are_not_plain() -> None:
 def test_dense_fidelity_names_merge_unmerge_settings() -> None:
     from evals.dense_fidelity import COMPARED, describe
 
-    assert describe(tokenprune.MergeUnmergeConfig(ratio=0.3, mlp=False)) == "ratio=0.3, mlp=False"
+    assert describe(tokenprune.MergeUnmergeConfig(ratio=0.3, merge_mlp=False)) == "ratio=0.3, merge_mlp=False"
     compared = COMPARED["merge_unmerge"]
     assert compared.drawn is None  # no token outlives its block: no merge map
-    assert {config.mlp for config in compared.settings} == {True, False}
+    assert {config.merge_mlp for config in compared.settings} == {True, False}
 
 
 def test_differential_attention_runs_its_own_forward() -> None:

@@ -19,7 +19,8 @@ from timm.models.vision_transformer_sam import get_decomposed_rel_pos_bias
 import tokenprune
 from tests.test_patch import counted_flops
 from tests.tome_reference import _match
-from tokenprune.patch.sam import GroupMerge, merged_rel_pos_bias
+from tokenprune.merge import BlockMerge
+from tokenprune.patch.sam import merged_rel_pos_bias
 
 SMALL = {"depth": 4, "embed_dim": 96, "num_heads": 4, "global_attn_indexes": [1, 3], "neck_chans": 32}
 
@@ -120,7 +121,7 @@ def test_block_matches_reference(index: int, prop_attn: bool, mlp: bool, ratio: 
     model = sam(init_values=0.5)  # LayerScale: the patch must keep ls1/ls2
     x = block_input(model, images())
     expected = sam_block_reference(model.blocks[index], x, ratio, prop_attn, mlp)
-    tokenprune.patch(model, "merge_unmerge", ratio=ratio, prop_attn=prop_attn, mlp=mlp)
+    tokenprune.patch(model, "merge_unmerge", ratio=ratio, prop_attn=prop_attn, merge_mlp=mlp)
     with torch.no_grad():
         got = model.blocks[index](x)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
@@ -184,15 +185,15 @@ def test_merged_rel_pos_bias_is_the_mean_over_position_pairs(merged: int) -> Non
     rows, cols, groups, heads, dim = 5, 3, 2, attn.num_heads, attn.head_dim
     positions = rows * cols
     generator = torch.Generator().manual_seed(2)
-    merge = GroupMerge(torch.randn(groups, positions, 8, generator=generator), None, merged, "torch")
+    merging = BlockMerge(torch.randn(groups, positions, 8, generator=generator), merged, backend="torch")
     q = torch.randn(groups, heads, positions - merged, dim, generator=generator)
-    member = F.one_hot(merge.dest, positions - merged).transpose(1, 2).float()  # [G, T', T]
+    member = F.one_hot(merging.dest, positions - merged).transpose(1, 2).float()  # [G, T', T]
     mean_over = member / member.sum(-1, keepdim=True)
     q_per_position = (member.transpose(1, 2)[:, None] @ q).flatten(0, 1)
     full = get_decomposed_rel_pos_bias(q_per_position, attn.rel_pos_h, attn.rel_pos_w, (rows, cols), (rows, cols))
     expected = mean_over[:, None] @ full.view(groups, heads, positions, positions) @ mean_over.transpose(1, 2)[:, None]
     with torch.no_grad():
-        got = merged_rel_pos_bias(attn, q, merge, rows, cols)
+        got = merged_rel_pos_bias(attn, q, merging, rows, cols)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert expected.abs().max() > 1.0  # the tables are not zero: the bias is there to get wrong
 
@@ -206,7 +207,7 @@ def test_model_matches_blockwise_reference(windows: bool) -> None:
         for block in model.blocks:
             grid = sam_block_reference(block, grid, 0.5) if windows or block.window_size == 0 else block(grid)
         expected = model.forward_head(model.neck(grid.permute(0, 3, 1, 2)))
-    tokenprune.patch(model, "merge_unmerge", ratio=0.5, windows=windows)
+    tokenprune.patch(model, "merge_unmerge", ratio=0.5, merge_windows=windows)
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
     assert [block.reducer is not None for block in model.blocks] == [windows, True, windows, True]
@@ -236,7 +237,7 @@ def test_ratio_zero_and_unpatch_are_exact() -> None:
 
 @pytest.mark.parametrize(
     "options",
-    [{"ratio": 0.5}, {"ratio": 0.3, "mlp": False}, {"ratio": 0.5, "windows": False}],
+    [{"ratio": 0.5}, {"ratio": 0.3, "merge_mlp": False}, {"ratio": 0.5, "merge_windows": False}],
     ids=["all", "attention_only", "global_only"],
 )
 @pytest.mark.parametrize("img_size", [160, 128], ids=["padded", "whole_windows"])
@@ -323,13 +324,13 @@ def test_clear_errors() -> None:
         tokenprune.patch(sam(), "tome", r=8)
     with pytest.raises(TypeError, match="use method='merge_unmerge'"):
         tokenprune.patch(sam(), "dynamicvit", keep_ratio=0.7)
-    with pytest.raises(TypeError, match="method 'merge_unmerge' has no option r"):  # SAM's default method
+    with pytest.raises(TypeError, match="method 'merge_unmerge' \\(VisionTransformerSAM's when none is named\\) has no option r"):
         tokenprune.patch(sam(), r=8)
     for ratio in (0.6, -0.1, True):
         with pytest.raises(ValueError, match="0 ≤ ratio ≤ 0.5"):
             tokenprune.MergeUnmergeConfig(ratio=ratio)
-    with pytest.raises(TypeError, match="mlp must be True or False"):
-        tokenprune.MergeUnmergeConfig(ratio=0.5, mlp=1)
+    with pytest.raises(TypeError, match="merge_mlp must be True or False"):
+        tokenprune.MergeUnmergeConfig(ratio=0.5, merge_mlp=1)
     with pytest.raises(TypeError, match="rotary"):
         rope = timm.create_model("samvit_base_patch16", img_size=64, use_rel_pos=False, use_rope=True, **SMALL)
         tokenprune.patch(rope, "merge_unmerge", ratio=0.5)

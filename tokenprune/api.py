@@ -19,8 +19,8 @@ def patch(model: nn.Module, method: str | MethodConfig | None = None, **options:
 
     ``method`` is a registered name (``tokenprune.METHODS``) with its options as keywords, e.g.
     ``patch(model, r=16)``, or a config object, e.g. ``patch(model, ToMeConfig(r=(16, -1)))``.
-    Without a method: the model's current method if it is patched, else "tome" ("merge_unmerge"
-    for SAM, whose blocks need every patch). On a model
+    Without a method: the model's current method if it is patched, else its family's default:
+    "tome", or "merge_unmerge" for SAM, whose blocks need every patch. On a model
     already patched with the same method, the keywords update its options (e.g. a new ``r``)
     and keep the others. All settings live on the model and its blocks: patched models never
     share state. A model that wraps a supported one (timm's Qwen3VitClassifier, a
@@ -30,16 +30,17 @@ def patch(model: nn.Module, method: str | MethodConfig | None = None, **options:
     outer, model = model, vit.reducing_model(model)
     vit.check_supported(model)
     current = getattr(model, "tokenprune_config", None)
-    if method is None:  # (families whose blocks need every patch, SAM, merge and unmerge in each block)
-        default = "merge_unmerge" if getattr(vit.family(model), "needs_unmerging", False) else "tome"
-        method = next((name for name, cls in METHODS.items() if type(current) is cls), default)
+    implied = method is None
+    if implied:
+        method = next((name for name, cls in METHODS.items() if type(current) is cls), vit.family(model).default_method)
     if isinstance(method, str):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; registered methods: {sorted(METHODS)}")
         config_class = METHODS[method]
         names = {f.name for f in dataclasses.fields(config_class)}
         if unknown := sorted(set(options) - names):
-            raise TypeError(f"method {method!r} has no option {', '.join(unknown)}; its options: {sorted(names)}")
+            named = f"method {method!r}" + (f" ({vit.original_class(model).__name__}'s when none is named)" if implied else "")
+            raise TypeError(f"{named} has no option {', '.join(unknown)}; its options: {sorted(names)}")
         if type(current) is config_class:
             config = dataclasses.replace(current, **options)
         else:
@@ -73,8 +74,11 @@ def source(model: nn.Module) -> Tensor:
     """[B, T_out, T_in] 0/1 map from the last forward's output tokens to its input tokens (the
     prefix tokens included), as ToMe's ``source``. Needs ``trace_source=True``."""
     inner = vit.reducing_model(model)
-    if getattr(getattr(inner, "tokenprune_config", None), "unmerges_in_blocks", False):
-        raise RuntimeError("no source map: merge_unmerge unmerges inside every block, so no merged token outlives its block")
+    config = getattr(inner, "tokenprune_config", None)
+    if getattr(config, "unmerges_in_blocks", False):
+        raise RuntimeError(
+            f"no source map: {type(config).__name__} unmerges inside every block, so no merged token outlives its block"
+        )
     traced = getattr(inner, "_tokenprune_source", None)
     if traced is None:
         raise RuntimeError("no source map: patch the model with trace_source=True and run a forward first")

@@ -60,9 +60,9 @@ def _block_flops(block: nn.Module, tokens: int, removed: int, num_inputs: int, s
     # Merging runs between attention and MLP; pruning predictors run before attention.
     attended = kept if reducer is not None and reducer.before_attention else tokens
     mlp_tokens = kept
-    if getattr(reducer, "unmerges", False):  # merge_unmerge: attention (and MLP) on merged tokens, all given back
-        attended = tokens - reducer.merged_count(tokens - reducer.num_protected)
-        mlp_tokens = attended if reducer.mlp else tokens
+    if getattr(reducer, "unmerges_in_blocks", False):  # merge_unmerge: attention (and MLP) on merged tokens
+        attended = tokens - reducer.merged_count(tokens)
+        mlp_tokens = attended if reducer.merge_mlp else tokens
     # Every linear layer of the attention on the tokens: qkv (or q/k/v), proj, and the gate if
     # it has one (not those of a relative-bias MLP, which runs on coordinates: _bias_mlp_flops).
     # Talking heads (CaiT's proj_l, proj_w) mix the heads for every pair of tokens.

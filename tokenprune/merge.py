@@ -297,6 +297,54 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int, backend:
     return bipartite_dest(best_score, best_b, r, metric.shape[1], num_protected, backend)
 
 
+class BlockMerge:
+    """The merge inside one block of ToMe for Stable Diffusion's scheme (Bolya & Hoffman 2023;
+    method ``merge_unmerge``): the block's attention input [B, T, C] (per attention group) is
+    matched by :func:`bipartite_soft_matching`, the block runs on the merged tokens
+    (:meth:`merge`), and their updates go back to every token they cover (:meth:`unmerge`).
+
+    ``padding`` ([B, T, 1], 1 where the group is padded with zeros, as SAM's windows are): an
+    extra metric channel makes padding alike (cosine 1) and orthogonal to every real token, and a
+    merged token's features are the mean of its real tokens, so padding never dilutes them.
+
+    Attributes: ``dest`` [B, T] (each token's merged token), ``size`` [B, T', 1] (tokens per
+    merged token, padding included: the keys it stands for), ``real_share`` [B, T', 1] (the
+    fraction of them that is not padding; None without padding).
+    """
+
+    def __init__(
+        self, tokens: Tensor, merged: int, num_protected: int = 0, padding: Tensor | None = None, backend: str = "auto"
+    ) -> None:
+        metric = tokens if padding is None else torch.cat([tokens, padding.to(tokens.dtype)], dim=-1)
+        self.num_out = tokens.shape[1] - merged
+        self.dest = bipartite_soft_matching(metric, merged, num_protected, backend)
+        self.backend = backend
+        real = tokens.new_ones(*tokens.shape[:2], 1, dtype=torch.float32)
+        if padding is not None:
+            real = real - padding.float()
+        share, self.size = merge_wavg(real, torch.ones_like(real), self.dest, self.num_out, backend)
+        self.real_share = share if padding is not None else None
+
+    def average(self, values: Tensor) -> Tensor:
+        """Each merged token's mean of ``values`` [B, T, C] over its tokens (padding included)."""
+        ones = values.new_ones(values.shape[0], values.shape[1], 1, dtype=torch.float32)
+        return merge_wavg(values, ones, self.dest, self.num_out, self.backend)[0]
+
+    def merge(self, tokens: Tensor) -> Tensor:
+        """Each merged token's features: the mean of its real tokens' ``tokens`` (padding, zeros,
+        left out)."""
+        mean = self.average(tokens)
+        if self.real_share is None:
+            return mean
+        # Padding is zeros, so the mean over all tokens is real_share × the mean over real ones.
+        # All-padding tokens (share 0, mean 0) stay 0: the clamp only avoids 0/0.
+        return (mean.float() / self.real_share.clamp(min=1e-6)).to(tokens.dtype)
+
+    def unmerge(self, merged: Tensor) -> Tensor:
+        """Every token gets its merged token's row of ``merged`` [B, T', C]."""
+        return unmerge(merged, self.dest)
+
+
 def unit_vectors(metric: Tensor) -> Tensor:
     """``metric`` in float32, each vector scaled to length 1, for cosine similarities. Float32
     whatever the model's dtype: bf16 would round distinct similarities into ties and change

@@ -14,8 +14,8 @@ Matching is ToMe's bipartite soft matching (alternate tokens, cosine of each A t
 token, merge the best ``r``) on the attention's input (the normed tokens, which merging averages;
 ToMe for SD matches on the block's input before the norm, with a random 2-D partition). The keys,
 ToMe's metric, would need the qkv projection of every token, which is what merging saves. Unlike
-ToMe for SD, whose ``merge_mlp`` is off by default (it found merging for the MLP hurt Stable
-Diffusion's images), ``mlp`` is on by default: the MLP holds two thirds of a ViT block's
+ToMe for SD, whose own ``merge_mlp`` is off by default (it found merging for the MLP hurt Stable
+Diffusion's images), ``merge_mlp`` is on by default: the MLP holds two thirds of a ViT block's
 FLOPs (without it ratio 0.5 saves 1.26× instead of 1.80× in SAM-B's windowed blocks), and on
 DINOv2 with real weights merging it too kept dense outputs closer to the unreduced model than
 merging for attention alone at equal GFLOPs (``evals/results/dense_fidelity_merge_unmerge.md``),
@@ -39,30 +39,33 @@ from ._options import check_common_options
 @dataclass(frozen=True)
 class MergeUnmergeStep:
     """One block's merge-attend-unmerge step: in every group of tokens the block attends over
-    (a window, or the whole grid), merge ``ratio`` of them for the attention and, with ``mlp``,
-    for the MLP. The block's tokens leave it unmerged, so it removes none from the stream. (Where
-    matching and merging run is the block's ``backend``, as for every method.)"""
+    (a window, or the whole grid), merge ``ratio`` of them for the attention and, with
+    ``merge_mlp``, for the MLP. The block's tokens leave it unmerged, so it removes none from the
+    stream. (Where matching and merging run is the block's ``backend``, as for every method.)"""
 
     ratio: float
-    mlp: bool
+    merge_mlp: bool
     num_protected: int = 0  # prefix tokens (class, registers) that never merge
-    before_attention = True  # it merges the attention's input
-    metric = None  # it matches on that input, not on anything the attention gives
-    unmerges = True  # the block runs it around attention and MLP (patch/vit.py, patch/sam.py)
+    unmerges_in_blocks = True  # the block runs it around its attention and MLP (patch/vit.py, patch/sam.py)
+    # (for the checks every reducer goes through: it acts before attention and reads no attention map)
+    before_attention = True
+    metric = None
 
-    def merged_count(self, group_tokens: int) -> int:
-        """How many of a group's mergeable tokens (prefix tokens aside) merge away (ToMe's r):
-        ``ratio`` of them, floored, at most half (bipartite matching merges each A token into a
-        B token)."""
-        return min(math.floor(self.ratio * group_tokens + 1e-9), max_bipartite_r(group_tokens, 0))
+    def merged_count(self, num_tokens: int) -> int:
+        """How many of an attention group's ``num_tokens`` merge away (ToMe's r): ``ratio`` of
+        the mergeable ones (prefix tokens aside), floored, at most half of them (bipartite
+        matching merges each A token into a B token)."""
+        mergeable = num_tokens - self.num_protected
+        return min(math.floor(self.ratio * mergeable + 1e-9), max_bipartite_r(num_tokens, self.num_protected))
 
     def num_removed(self, num_tokens: int, grid: tuple[int, ...] | None = None) -> int:
         return 0  # unmerged before the block ends
 
     def matching_flops(self, num_tokens: int, removed: int, attn: nn.Module) -> int:
         """The matching on the attention input (its channels: the attention's output width)."""
-        merged = self.merged_count(num_tokens - self.num_protected)
-        return bipartite_matching_flops(num_tokens, self.num_protected, attn.proj.out_features) if merged else 0
+        if self.merged_count(num_tokens) == 0:
+            return 0
+        return bipartite_matching_flops(num_tokens, self.num_protected, attn.proj.out_features)
 
 
 @dataclass(frozen=True)
@@ -75,19 +78,19 @@ class MergeUnmergeConfig:
         ratio: fraction of the tokens of every attention group (a window, or the whole grid in
             a global-attention block; the patches of a ViT, its prefix tokens aside) merged
             away, 0 ≤ ratio ≤ 0.5 (bipartite matching merges at most half).
-        windows: merge in SAM's windowed-attention blocks too; False merges only in its
-            global-attention blocks.
-        mlp: run the MLP on the merged tokens too (its update is unmerged like attention's),
-            where they are fewer than the patches (SAM's padded windows at a low ratio may not
-            be); False runs it on every patch.
+        merge_windows: merge in SAM's windowed-attention blocks too; False merges only in its
+            global-attention blocks (no effect elsewhere).
+        merge_mlp: run the MLP on the merged tokens too (its update is unmerged like
+            attention's), where they are fewer than the patches (SAM's padded windows at a low
+            ratio may not be); False runs it on every token.
         prop_attn: proportional attention (add log(size) to the attention logits, ToMe Eq. 1).
         backend: where matching and merging run: "auto" (Triton kernels for CUDA tensors when
             triton imports, PyTorch otherwise), "triton" or "torch" to force one.
     """
 
     ratio: float
-    windows: bool = True
-    mlp: bool = True
+    merge_windows: bool = True
+    merge_mlp: bool = True
     prop_attn: bool = True
     backend: str = "auto"
 
@@ -95,13 +98,11 @@ class MergeUnmergeConfig:
     track_positions = False
     supports_video = False
     drops_tokens = False
-    # Families say whether they take such methods (takes_unmerging: plain ViTs, SAM) and whether they
-    # take only those (needs_unmerging: SAM); see patch/vit.py's check_method_for.
-    unmerges_in_blocks = True
+    unmerges_in_blocks = True  # taken by the families that say so (takes_unmerging: plain ViTs, SAM)
 
     def __post_init__(self) -> None:
         check_common_options(self)
-        for name in ("windows", "mlp"):
+        for name in ("merge_windows", "merge_mlp"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.ratio, numbers.Real) or isinstance(self.ratio, bool) or not 0 <= self.ratio <= 0.5:
@@ -111,5 +112,5 @@ class MergeUnmergeConfig:
             )
 
     def reducers(self, model: nn.Module) -> list[MergeUnmergeStep | None]:
-        step = MergeUnmergeStep(float(self.ratio), self.mlp, block_prefix_tokens(model)) if self.ratio > 0 else None
-        return [step if self.windows or getattr(block, "window_size", 0) == 0 else None for block in model.blocks]
+        step = MergeUnmergeStep(float(self.ratio), self.merge_mlp, block_prefix_tokens(model)) if self.ratio > 0 else None
+        return [step if self.merge_windows or getattr(block, "window_size", 0) == 0 else None for block in model.blocks]

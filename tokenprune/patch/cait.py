@@ -17,7 +17,7 @@ Importing this module registers the classes in :mod:`tokenprune.patch.vit`'s reg
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +39,8 @@ class CaitSteps:
     def _add_attention(self, x: Tensor, attn_out: Tensor) -> Tensor:
         return x + self.drop_path(self.gamma_1 * attn_out)
 
-    def _add_mlp(self, x: Tensor) -> Tensor:
-        return x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
+    def _add_mlp(self, x: Tensor, mlp: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        return x + self.drop_path(self.gamma_2 * (self.mlp if mlp is None else mlp)(self.norm2(x)))
 
 
 class ReducingLayerScaleBlock(CaitSteps, ReducingBlockMixin, LayerScaleBlock):

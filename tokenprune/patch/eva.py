@@ -11,7 +11,7 @@ Importing this module registers the classes in :mod:`tokenprune.patch.vit`'s reg
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -76,8 +76,8 @@ class GammaPreNormSteps:
     def _add_attention(self, x: Tensor, attn_out: Tensor) -> Tensor:
         return x + self.drop_path1(attn_out if self.gamma_1 is None else self.gamma_1 * attn_out)
 
-    def _add_mlp(self, x: Tensor) -> Tensor:
-        out = self.mlp(self.norm2(x))
+    def _add_mlp(self, x: Tensor, mlp: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        out = (self.mlp if mlp is None else mlp)(self.norm2(x))
         return x + self.drop_path2(out if self.gamma_2 is None else self.gamma_2 * out)
 
 

@@ -36,85 +36,41 @@ from timm.models.vision_transformer_sam import Block as SamBlock
 from timm.models.vision_transformer_sam import VisionTransformerSAM, get_rel_pos, window_partition, window_unpartition
 from torch import Tensor, nn
 
-from kernels import merge_wavg
-
 from . import vit
-from ..merge import bipartite_matching_flops, bipartite_soft_matching, unmerge
-from .vit import QKV_PROJECTIONS, ReducingViT, linear_flops
+from ..merge import BlockMerge, bipartite_matching_flops
+from .vit import QKV_PROJECTIONS, ReducingViT, _timm_qkv, linear_flops
 
 
-def _sam_qkv(attn: SamAttention, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """q, k, v of [G, T, C] tokens, [G, heads, T, head_dim] each, q/k-normed as timm does."""
-    groups, tokens, _ = x.shape
-    q, k, v = attn.qkv(x).view(groups, tokens, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-    return attn.q_norm(q), attn.k_norm(k), v
+# SAM's attention projects q, k, v as timm's ViT attention does (q/k-norm after, in ReducingSamBlock._attend).
+QKV_PROJECTIONS[SamAttention] = _timm_qkv
 
 
-QKV_PROJECTIONS[SamAttention] = _sam_qkv
-
-
-def merged_rel_pos_bias(attn: SamAttention, q: Tensor, merge: GroupMerge, rows: int, cols: int) -> Tensor:
+def merged_rel_pos_bias(attn: SamAttention, q: Tensor, merging: BlockMerge, rows: int, cols: int) -> Tensor:
     """SAM's decomposed relative position bias between merged tokens, averaged over the pairs of
     positions they cover, each pair asking with the query token's q (module docstring).
 
     Args:
         attn: the block's attention (its ``rel_pos_h``/``rel_pos_w`` tables). q: [G, heads, T', D]
-            merged queries. merge: the group's merge of its rows × cols positions into T' tokens.
+            merged queries. merging: the group's merge of its rows × cols positions into T' tokens.
     Returns:
         [G, heads, T', T'] bias in q's dtype.
     """
     groups, heads, num_out, dim = q.shape
     num_positions = rows * cols
     # timm's terms at every position, asked with the query of the token holding it: [G, rows, cols, heads, k]
-    q_at = merge.unmerge(q.transpose(1, 2).reshape(groups, num_out, heads * dim)).view(groups, rows, cols, heads, dim)
+    q_at = merging.unmerge(q.transpose(1, 2).reshape(groups, num_out, heads * dim)).view(groups, rows, cols, heads, dim)
     rel_h = torch.einsum("grchd,rkd->grchk", q_at, get_rel_pos(rows, rows, attn.rel_pos_h))
     rel_w = torch.einsum("grchd,ckd->grchk", q_at, get_rel_pos(cols, cols, attn.rel_pos_w))
     # each query token: the mean over its positions, [G, T', heads, key row (col)]
-    rel_h = merge.average(rel_h.reshape(groups, num_positions, heads * rows)).view(groups, num_out, heads, rows)
-    rel_w = merge.average(rel_w.reshape(groups, num_positions, heads * cols)).view(groups, num_out, heads, cols)
+    rel_h = merging.average(rel_h.reshape(groups, num_positions, heads * rows)).view(groups, num_out, heads, rows)
+    rel_w = merging.average(rel_w.reshape(groups, num_positions, heads * cols)).view(groups, num_out, heads, cols)
     # Each key token: the mean of its positions' terms, the row's plus the column's, i.e. the query
     # token's terms against the share of the key token's positions in each row and column: one
     # matmul of inner size rows + cols, written once (timm writes its [T, T] bias once too).
     position = torch.arange(num_positions, device=q.device)
     grid_onehot = torch.cat([F.one_hot(position // cols, rows), F.one_hot(position % cols, cols)], dim=-1)
-    key_share = merge.average(grid_onehot.to(q.dtype).expand(groups, -1, -1))  # [G, T', rows + cols]
+    key_share = merging.average(grid_onehot.to(q.dtype).expand(groups, -1, -1))  # [G, T', rows + cols]
     return torch.cat([rel_h, rel_w], dim=-1).transpose(1, 2) @ key_share.transpose(1, 2).unsqueeze(1)
-
-
-class GroupMerge:
-    """One block's merge of its attention groups' positions [G, T, C] into T' tokens each:
-    ``dest`` (each position's token), ``size`` ([G, T', 1] positions per token, padding included)
-    and ``patch_share`` (the fraction of each token's positions that are patches, not padding;
-    None without padding)."""
-
-    def __init__(self, tokens: Tensor, padding: Tensor | None, merged: int, backend: str) -> None:
-        metric = tokens if padding is None else torch.cat([tokens, padding.to(tokens.dtype)], dim=-1)
-        self.num_out = tokens.shape[1] - merged
-        self.dest = bipartite_soft_matching(metric, merged, 0, backend)
-        self.backend = backend
-        patches = tokens.new_ones(*tokens.shape[:2], 1, dtype=torch.float32)
-        if padding is not None:
-            patches = patches - padding.float()
-        share, self.size = merge_wavg(patches, torch.ones_like(patches), self.dest, self.num_out, backend)
-        self.patch_share = share if padding is not None else None
-
-    def average(self, values: Tensor) -> Tensor:
-        """Each token's mean of ``values`` [G, T, C] over its positions (padding included)."""
-        ones = values.new_ones(values.shape[0], values.shape[1], 1, dtype=torch.float32)
-        return merge_wavg(values, ones, self.dest, self.num_out, self.backend)[0]
-
-    def merge(self, tokens: Tensor) -> Tensor:
-        """Each token's features: the mean of its patches' ``tokens`` (padding, zeros, left out)."""
-        mean = self.average(tokens)
-        if self.patch_share is None:
-            return mean
-        # Padding is zeros, so the mean over all positions is patch_share × the mean over patches.
-        # All-padding tokens (share 0, mean 0) stay 0: the clamp only avoids 0/0.
-        return (mean.float() / self.patch_share.clamp(min=1e-6)).to(tokens.dtype)
-
-    def unmerge(self, merged: Tensor) -> Tensor:
-        """Every position gets its token's row of ``merged`` [G, T', C]."""
-        return unmerge(merged, self.dest)
 
 
 class ReducingSamBlock(SamBlock):
@@ -130,21 +86,19 @@ class ReducingSamBlock(SamBlock):
     def forward(self, x: Tensor) -> Tensor:
         step = self.reducer
         batch, height, width, channels = x.shape
-        size = self.window_size
-        rows, cols = (size, size) if size > 0 else (height, width)
+        rows, cols, groups_per_image = attention_groups(self.window_size, height, width)
         merged = step.merged_count(rows * cols) if step is not None else 0
         if merged == 0:
             return super().forward(x)
         padding = None
-        if size > 0 and (height % size or width % size):  # 1 where timm pads the grid to whole windows
+        if groups_per_image * rows * cols != height * width:  # 1 where timm pads the grid to whole windows
             padding = 1.0 - self._grouped(x.new_ones(batch, height, width, 1))
         tokens = self._grouped(self.norm1(x))
-        merge = GroupMerge(tokens, padding, merged, self.backend)
-        update = self.drop_path1(self.ls1(merge.unmerge(self._attend(merge.merge(tokens), merge, rows, cols))))
+        merging = BlockMerge(tokens, merged, padding=padding, backend=self.backend)
+        update = self.drop_path1(self.ls1(merging.unmerge(self._attend(merging.merge(tokens), merging, rows, cols))))
         x = x + self._on_grid(update, height, width)
-        groups_per_image = -(-height // rows) * -(-width // cols)
         if runs_merged_mlp(step, groups_per_image, rows * cols, height * width):
-            update = self._on_grid(merge.unmerge(self.mlp(merge.merge(self._grouped(self.norm2(x))))), height, width)
+            update = self._on_grid(merging.unmerge(self.mlp(merging.merge(self._grouped(self.norm2(x))))), height, width)
             return x + self.drop_path2(self.ls2(update))
         flat = x.reshape(batch, height * width, channels)  # timm's MLP step
         return (flat + self.drop_path2(self.ls2(self.mlp(self.norm2(flat))))).reshape(batch, height, width, channels)
@@ -158,21 +112,22 @@ class ReducingSamBlock(SamBlock):
 
     def _on_grid(self, groups: Tensor, height: int, width: int) -> Tensor:
         """The inverse of :meth:`_grouped`, dropping the padding."""
-        size, channels = self.window_size, groups.shape[-1]
-        if size == 0:
+        window, channels = self.window_size, groups.shape[-1]
+        if window == 0:
             return groups.view(-1, height, width, channels)
-        padded = (height + -height % size, width + -width % size)
-        return window_unpartition(groups.view(-1, size, size, channels), size, (height, width), padded)
+        padded = (height + -height % window, width + -width % window)
+        return window_unpartition(groups.view(-1, window, window, channels), window, (height, width), padded)
 
-    def _attend(self, tokens: Tensor, merge: GroupMerge, rows: int, cols: int) -> Tensor:
+    def _attend(self, tokens: Tensor, merging: BlockMerge, rows: int, cols: int) -> Tensor:
         """SAM's attention over merged tokens [G, T', C]: proportional attention (log size on
         every key) and the relative position bias averaged over the merged positions."""
         attn = self.attn
         num_groups, num_tokens, channels = tokens.shape
-        q, k, v = _sam_qkv(attn, tokens)
-        bias = merged_rel_pos_bias(attn, q, merge, rows, cols) if attn.use_rel_pos else None
+        q, k, v = _timm_qkv(attn, tokens)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        bias = merged_rel_pos_bias(attn, q, merging, rows, cols) if attn.use_rel_pos else None
         if self.prop_attn:
-            key_bias = merge.size.log().to(q.dtype).view(num_groups, 1, 1, num_tokens)
+            key_bias = merging.size.log().to(q.dtype).view(num_groups, 1, 1, num_tokens)
             bias = key_bias if bias is None else bias + key_bias
         if attn.fused_attn:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if self.training else 0.0)
@@ -187,7 +142,7 @@ class ReducingSam(VisionTransformerSAM):
     """timm ``VisionTransformerSAM`` whose blocks merge and unmerge inside themselves: its own
     forward, ``forward_intermediates`` and neck run unchanged. Holds the family's hooks."""
 
-    needs_unmerging = True  # takes only methods that unmerge before a block ends
+    default_method = "merge_unmerge"
     takes_unmerging = True
 
     @staticmethod
@@ -206,7 +161,13 @@ class ReducingSam(VisionTransformerSAM):
 
     @staticmethod
     def check_method(model: nn.Module, config: Any) -> None:
-        pass
+        """Only methods that unmerge inside every block: the blocks need every patch."""
+        if not getattr(config, "unmerges_in_blocks", False):
+            raise TypeError(
+                "SAM's blocks need every patch (windowed attention, a neck on the grid), so tokens cannot leave "
+                f"between blocks as {type(config).__name__} removes them; use method='merge_unmerge' "
+                "(e.g. tokenprune.patch(model, 'merge_unmerge', ratio=0.5))"
+            )
 
     @staticmethod
     def blocks_flops(model: nn.Module, grid: tuple[int, int]) -> list[int]:
@@ -228,12 +189,21 @@ class ReducingSam(VisionTransformerSAM):
     _prefix_in_blocks = True  # (SAM has no prefix tokens: block_prefix_tokens counts 0)
 
 
+def attention_groups(window: int, height: int, width: int) -> tuple[int, int, int]:
+    """The rows and columns of each group a SAM block attends over on a height × width grid (a
+    window, or the whole grid when ``window`` is 0), and how many groups an image has (the grid
+    padded to whole windows)."""
+    if window == 0:
+        return height, width, 1
+    return window, window, -(-height // window) * -(-width // window)
+
+
 def runs_merged_mlp(step: Any, groups: int, group_tokens: int, patches: int) -> bool:
     """Whether the MLP runs on the merged tokens of an image's ``groups`` attention groups: when
     asked (``mlp``) and they are fewer than its ``patches``, which timm's MLP runs on. Merged
     windows still hold timm's padding: at ratio 0.25, 75 % of SAM-B's 4,900 padded window
     positions at 1024² is 3,675 tokens, against 4,096 patches; at 0.15, more than the patches."""
-    return step.mlp and groups * (group_tokens - step.merged_count(group_tokens)) < patches
+    return step.merge_mlp and groups * (group_tokens - step.merged_count(group_tokens)) < patches
 
 
 def block_flops(block: nn.Module, grid: tuple[int, int]) -> int:
@@ -242,11 +212,7 @@ def block_flops(block: nn.Module, grid: tuple[int, int]) -> int:
     position bias, and the matching (merges and unmerges are gathers and sums, not counted)."""
     attn = block.attn
     height, width = grid
-    if block.window_size > 0:
-        rows = cols = block.window_size
-        groups = -(-height // rows) * -(-width // cols)  # windows, the grid padded to whole ones
-    else:
-        (rows, cols), groups = grid, 1
+    rows, cols, groups = attention_groups(block.window_size, height, width)
     tokens = rows * cols
     step = getattr(block, "reducer", None)
     merged = step.merged_count(tokens) if step is not None else 0

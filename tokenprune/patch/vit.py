@@ -29,9 +29,9 @@ from timm.models.vision_transformer import Block, ResPostBlock, VisionTransforme
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels import attention, merge_wavg
+from kernels import attention
 
-from ..merge import TokenState, bipartite_soft_matching, start_state
+from ..merge import BlockMerge, TokenState, start_state
 from ..merge import unmerge as unmerge_tokens
 
 
@@ -301,7 +301,8 @@ def keep_bias(keep: Tensor, dtype: torch.dtype) -> Tensor:
 
 class ReducingBlockMixin:
     """A transformer block that runs ``self.reducer`` between attention and MLP (ToMe Fig. 1),
-    placed in front of the block's own class. The residual steps are the block family's
+    before attention (pruning predictors) or around both (merge_unmerge, which merges inside the
+    block and gives every token back), placed in front of the block's own class. The residual steps are the block family's
     (:meth:`_attention_input`, :meth:`_add_attention`, :meth:`_add_mlp`), so everything the timm
     block does is kept: LayerScale, drop-path, q/k-norm, fused attention, RoPE, relative
     position bias.
@@ -322,7 +323,7 @@ class ReducingBlockMixin:
         inside the tokens); the block gives it to the current tokens after any pre-attention
         reduction (:meth:`_rope`, :meth:`_position_bias`)."""
         reducer = self.reducer
-        if getattr(reducer, "unmerges", False):  # merge_unmerge: the tokens leave the block unmerged
+        if getattr(reducer, "unmerges_in_blocks", False):  # merge_unmerge: the tokens leave the block unmerged
             x = self._merge_attend_unmerge(state.x, reducer)
             if x is not None:
                 return state._replace(x=x)
@@ -363,27 +364,20 @@ class ReducingBlockMixin:
         the attention input's tokens (prefix tokens protected), run attention, with proportional
         attention, and the MLP on the merged tokens, and add their updates to every token they
         cover. None when the step merges nothing at this token count."""
-        batch, num_tokens, _ = x.shape
-        merged = step.merged_count(num_tokens - step.num_protected)
+        merged = step.merged_count(x.shape[1])
         if merged == 0:
             return None
         h = self._attention_input(x)
-        dest = bipartite_soft_matching(h, merged, step.num_protected, self.backend)
-        num_out = num_tokens - merged
-        ones = x.new_ones(batch, num_tokens, 1, dtype=torch.float32)
-
-        def merge(tokens: Tensor) -> Tensor:
-            return merge_wavg(tokens, ones, dest, num_out, self.backend)[0]
-
-        _, size = merge_wavg(ones, ones, dest, num_out, self.backend)
+        merging = BlockMerge(h, merged, step.num_protected, backend=self.backend)
         own = ATTENTION_FORWARDS.get(type(self.attn))
+        key_bias = merging.size.log().squeeze(-1) if self.prop_attn else None
         attn_out, _ = (attend if own is None else own.forward)(
-            self.attn, merge(h), None, key_bias=size.log().squeeze(-1) if self.prop_attn else None, backend=self.backend
+            self.attn, merging.merge(h), None, key_bias=key_bias, backend=self.backend
         )
-        x = self._add_attention(x, unmerge_tokens(attn_out, dest))
-        if not step.mlp:
+        x = self._add_attention(x, merging.unmerge(attn_out))
+        if not step.merge_mlp:
             return self._add_mlp(x)
-        return self._add_mlp(x, lambda tokens: unmerge_tokens(self.mlp(merge(tokens)), dest))
+        return self._add_mlp(x, lambda tokens: merging.unmerge(self.mlp(merging.merge(tokens))))
 
     def _biases(self, state: TokenState) -> tuple[Tensor | None, Tensor | None]:
         """The attention biases the tokens call for: a training keep mask as an additive
@@ -426,7 +420,7 @@ class PreNormSteps:
         return x + self.drop_path1(self.ls1(attn_out))
 
     def _add_mlp(self, x: Tensor, mlp: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-        return x + self.drop_path2(self.ls2((mlp or self.mlp)(self.norm2(x))))
+        return x + self.drop_path2(self.ls2((self.mlp if mlp is None else mlp)(self.norm2(x))))
 
 
 class PostNormSteps:
@@ -440,7 +434,7 @@ class PostNormSteps:
         return x + self.drop_path1(self.norm1(attn_out))
 
     def _add_mlp(self, x: Tensor, mlp: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-        return x + self.drop_path2(self.norm2((mlp or self.mlp)(x)))
+        return x + self.drop_path2(self.norm2((self.mlp if mlp is None else mlp)(x)))
 
 
 class ReducingBlock(PreNormSteps, ReducingBlockMixin, Block):
@@ -613,6 +607,8 @@ class ReducingViT:
         x = self.patch_drop(x)
         return self.norm_pre(x), None
 
+    # The method ``tokenprune.patch(model, **options)`` applies when none is named.
+    default_method = "tome"
     # Whether the prefix tokens run through the blocks (CaiT adds its class token after them).
     _prefix_in_blocks = True
     # Whether ``position`` holds one entry per block (timm's "mixed" RoPE: [depth, ...]).
@@ -737,7 +733,7 @@ class ReducingViT:
 class ReducingVisionTransformer(ReducingViT, VisionTransformer):
     """timm ``VisionTransformer`` with token reduction."""
 
-    takes_unmerging = True  # merge_unmerge too (its blocks' positions travel inside the tokens)
+    takes_unmerging = True  # merge_unmerge too (positions travel inside the tokens)
 
     @staticmethod
     def check_method(model: nn.Module, config: Any) -> None:
@@ -800,21 +796,13 @@ def check_method_for(model: nn.Module, config: Any) -> None:
             refuse_dropping(config, f"{type(model).__name__}'s outputs")
         model = getattr(model, wrapper.attribute)
     known = family(model)
-    # Methods whose blocks unmerge what they merged (merge_unmerge): the only ones for families whose
-    # blocks need every patch (SAM), and taken by plain ViTs; the others' blocks give positions
-    # (RoPE, relative bias, class attention) to the tokens that flow between them.
-    unmerges = getattr(config, "unmerges_in_blocks", False)
-    name = original_class(model).__name__
-    if unmerges and not getattr(known, "takes_unmerging", False):
+    # Methods that merge and unmerge inside every block (merge_unmerge) run where a family has a
+    # block for them (takes_unmerging: SAM, plain ViTs).
+    if getattr(config, "unmerges_in_blocks", False) and not getattr(known, "takes_unmerging", False):
         raise TypeError(
-            f"{type(config).__name__} merges and unmerges inside every block, for SAM and plain timm "
-            f"VisionTransformers; {name} is patched with the methods that keep merged tokens: use tome"
-        )
-    if not unmerges and getattr(known, "needs_unmerging", False):
-        raise TypeError(
-            f"{name}'s blocks need every patch (windowed attention, a neck on the grid), so tokens cannot leave "
-            f"between blocks as {type(config).__name__} removes them; use method='merge_unmerge' "
-            "(e.g. tokenprune.patch(model, 'merge_unmerge', ratio=0.5))"
+            f"{type(config).__name__} merges and unmerges inside every block, in SAM and in plain timm "
+            f"VisionTransformers; {original_class(model).__name__} is patched with the methods that keep "
+            "merged tokens between blocks: use tome"
         )
     known.check_method(model, config)
 
