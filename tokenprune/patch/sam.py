@@ -130,7 +130,8 @@ class ReducingSamBlock(SamBlock):
             key_bias = merging.size.log().to(q.dtype).view(num_groups, 1, 1, num_tokens)
             bias = key_bias if bias is None else bias + key_bias
         if attn.fused_attn:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if self.training else 0.0)
+            dropout = attn.attn_drop.p if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
         else:  # timm's manual path
             weights = (q * attn.scale) @ k.transpose(-2, -1)
             out = attn.attn_drop((weights if bias is None else weights + bias).softmax(dim=-1)) @ v
@@ -151,13 +152,19 @@ class ReducingSam(VisionTransformerSAM):
         resampled to the grid; windows pad it)."""
         patch = model.patch_embed.patch_size
         if height % patch[0] or width % patch[1]:
-            raise ValueError(f"the model takes image sides that are multiples of {patch[0]}x{patch[1]} (its patch size), got {height}x{width}")
+            raise ValueError(
+                f"the model takes image sides that are multiples of {patch[0]}x{patch[1]} (its patch size), "
+                f"got {height}x{width}"
+            )
         return (height // patch[0], width // patch[1])
 
     @staticmethod
     def check_modules(model: nn.Module) -> None:
         if any(block.attn.rope is not None for block in model.blocks):
-            raise TypeError("tokenprune cannot patch SAM blocks with rotary embeddings (use_rope=True); timm's SAM models use relative position bias")
+            raise TypeError(
+                "tokenprune cannot patch SAM blocks with rotary embeddings (use_rope=True); "
+                "timm's SAM models use relative position bias"
+            )
 
     @staticmethod
     def check_method(model: nn.Module, config: Any) -> None:

@@ -831,7 +831,8 @@ def original_class(model: nn.Module) -> type:
 
 def family(model: nn.Module) -> type[ReducingViT]:
     """The reducing class of the model's family (patched or not): its hooks say how the family
-    maps image sizes to grids and what it runs besides the blocks."""
+    maps image sizes to grids and what it runs besides the blocks. (SAM's keeps timm's forward
+    and is no ReducingViT; it has the same hooks.)"""
     model_class = original_class(model)
     if model_class not in PATCHED_CLASSES:
         raise TypeError(
