@@ -207,7 +207,7 @@ def attention_groups(window: int, height: int, width: int) -> tuple[int, int, in
 
 def runs_merged_mlp(step: Any, groups: int, group_tokens: int, patches: int) -> bool:
     """Whether the MLP runs on the merged tokens of an image's ``groups`` attention groups: when
-    asked (``mlp``) and they are fewer than its ``patches``, which timm's MLP runs on. Merged
+    asked (``merge_mlp``) and they are fewer than its ``patches``, which timm's MLP runs on. Merged
     windows still hold timm's padding: at ratio 0.25, 75 % of SAM-B's 4,900 padded window
     positions at 1024² is 3,675 tokens, against 4,096 patches; at 0.15, more than the patches."""
     return step.merge_mlp and groups * (group_tokens - step.merged_count(group_tokens)) < patches

@@ -324,9 +324,8 @@ class ReducingBlockMixin:
         reduction (:meth:`_rope`, :meth:`_position_bias`)."""
         reducer = self.reducer
         if getattr(reducer, "unmerges_in_blocks", False):  # merge_unmerge: the tokens leave the block unmerged
-            x = self._merge_attend_unmerge(state.x, reducer)
-            if x is not None:
-                return state._replace(x=x)
+            if reducer.merged_count(state.num_tokens):
+                return state._replace(x=self._merge_attend_unmerge(state.x, reducer))
             reducer = None  # (nothing to merge at this token count)
         if reducer is not None and reducer.before_attention:
             state = reducer(state, None)
@@ -359,16 +358,13 @@ class ReducingBlockMixin:
             state = reducer(state, metric)
         return state._replace(x=self._add_mlp(state.x))
 
-    def _merge_attend_unmerge(self, x: Tensor, step: Any) -> Tensor | None:
+    def _merge_attend_unmerge(self, x: Tensor, step: Any) -> Tensor:
         """The block with ToMe for SD's merging (:mod:`tokenprune.methods.merge_unmerge`): merge
         the attention input's tokens (prefix tokens protected), run attention, with proportional
         attention, and the MLP on the merged tokens, and add their updates to every token they
-        cover. None when the step merges nothing at this token count."""
-        merged = step.merged_count(x.shape[1])
-        if merged == 0:
-            return None
+        cover."""
         h = self._attention_input(x)
-        merging = BlockMerge(h, merged, step.num_protected, backend=self.backend)
+        merging = BlockMerge(h, step.merged_count(x.shape[1]), step.num_protected, backend=self.backend)
         own = ATTENTION_FORWARDS.get(type(self.attn))
         key_bias = merging.size.log().squeeze(-1) if self.prop_attn else None
         attn_out, _ = (attend if own is None else own.forward)(
