@@ -23,6 +23,11 @@ depend on them). Per row (one configuration):
   random weights this measures how far the reduction moves the outputs, not accuracy: for
   accuracy, run ``evals.imagenet`` and join the two with ``evals.pareto``.
 
+**Packed inputs.** ``--packed`` times a NaFlexVit on NaFlex's packed sequences (timm's
+collator's dict: one image of the input size, the others of random shapes, each padded to
+that size's patch count) instead of image batches; GFLOPs count every position, padding too,
+as the model computes them.
+
 **Settings.** ``--r`` values apply to the merging methods, ``--keep-ratio`` to the dropping
 methods, ``--budget`` to every method (:mod:`evals.settings`: ``0.5`` = the weakest setting
 with at most half the GFLOPs, ``2x`` = the weakest measured to run at least twice as fast,
@@ -64,6 +69,7 @@ from evals import settings
 from evals.harness import (
     DTYPES,
     RESULTS_DIR,
+    Inputs,
     agreement,
     autocast,
     create_model,
@@ -71,6 +77,7 @@ from evals.harness import (
     example_input,
     figure_png,
     input_size,
+    leading_tensor,
     measure_interleaved,
     peak_memory_mib,
     pyplot,
@@ -112,6 +119,7 @@ class Row:
 
     model: str
     input_size: list[int]  # (H, W), or (T, H, W) for a video model
+    packed_length: int | None  # positions per packed sequence (--packed; the patches of input_size), else None
     batch_size: int
     dtype: str
     compile: bool
@@ -149,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--model", action="append", help="timm (or tokenprune video) model, repeatable (default: "
         "vit_small_patch16_224 on CPU, vit_base_patch16_224 on CUDA)")  # fmt: skip
     add("--img-size", type=int, help="input resolution (default: the model's)")
+    add("--packed", action="store_true", help="NaFlexVit models: time NaFlex's packed sequences (images of random "
+        "shapes padded to the input size's patch count, timm's collator layout) instead of image batches")  # fmt: skip
     add("--batch-size", action="append", type=int, help="samples per forward, repeatable (default: 8 on CPU, 256 on CUDA)")
     settings.add_arguments(parser, timed=True)
     add("--backend", action="append", choices=BACKENDS,
@@ -182,6 +192,7 @@ def _resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         "device": device,
         "models": pick("model"),
         "img_size": args.img_size,
+        "packed": args.packed,
         "batch_sizes": list(dict.fromkeys(pick("batch_size"))),
         "dtype": pick("dtype"),
         "settings": settings.settings_from_args(args),
@@ -209,7 +220,7 @@ def _has_backend(method: str) -> bool:
 
 
 def _speedup_timer(
-    baseline: nn.Module, inputs: Tensor, dtype: torch.dtype, device: torch.device
+    baseline: nn.Module, inputs: Inputs, dtype: torch.dtype, device: torch.device
 ) -> Callable[[nn.Module], float]:
     timing = SEARCH_TIMING.get(device.type, SEARCH_TIMING["cpu"])
 
@@ -234,7 +245,8 @@ def _group_rows(
     device: torch.device = cfg["device"]
     dtype = DTYPES[cfg["dtype"]]
     size = input_size(baseline)
-    inputs = example_input(baseline, batch_size, device, cfg["seed"])
+    inputs = example_input(baseline, batch_size, device, cfg["seed"], packed=cfg["packed"])
+    packed_length = leading_tensor(inputs).shape[1] if cfg["packed"] else None
     unreduced_flops = tokenprune.flops(baseline, size).total
 
     def backends(method: str) -> list[str | None]:
@@ -252,7 +264,7 @@ def _group_rows(
 
     reference: Tensor | None = None
     prepared: list[dict[str, Any]] = []
-    runners: list[Callable[[Tensor], Any]] = []
+    runners: list[Callable[[Inputs], Any]] = []
     searched: dict[tuple[str, str, Budget, float | None], dict[str, Any] | None] = {}
     for index, (setting, attention, backend) in enumerate(rows_planned, 1):
         # The backend is one of the options, so a speed budget is searched on the backend it runs.
@@ -281,7 +293,7 @@ def _group_rows(
                 raise SystemExit(f"{setting.method} {label}: {error}") from None
         reduction = tokenprune.plan(model, size)
         mode = None if cfg["compile_mode"] == "default" else cfg["compile_mode"]
-        runner: Callable[[Tensor], Any] = torch.compile(model, mode=mode) if compiled else model
+        runner: Callable[[Inputs], Any] = torch.compile(model, mode=mode) if compiled else model
         try:
             with torch.inference_mode(), autocast(device, dtype):
                 # compiles, under torch.compile; a copy, as CUDA graphs reuse their output buffers
@@ -296,6 +308,7 @@ def _group_rows(
             {
                 "model": name,
                 "input_size": list(size),
+                "packed_length": packed_length,
                 "batch_size": batch_size,
                 "dtype": cfg["dtype"],
                 "compile": compiled,
@@ -303,7 +316,7 @@ def _group_rows(
                 "options": _jsonable({k: v for k, v in options.items() if k != "backend"}),
                 "attention": attention,
                 "backend": backend,
-                "backend_used": None if backend is None else ("triton" if use_triton(backend, inputs) else "torch"),
+                "backend_used": None if backend is None else ("triton" if use_triton(backend, leading_tensor(inputs)) else "torch"),
                 "gflops": flops / 1e9,
                 "gflops_fraction": flops / unreduced_flops,
                 "output_tokens": reduction.output_tokens,
@@ -354,7 +367,7 @@ def _jsonable(value: Any) -> Any:
 # row move to the table's caption, so a one-model run does not repeat the model on each line.
 COLUMNS: list[tuple[str, Callable[[Row], str], str]] = [
     ("model", lambda row: row.model, "<"),
-    ("input", lambda row: "x".join(map(str, row.input_size)), "<"),
+    ("input", lambda row: f"packed {row.packed_length}" if row.packed_length else "x".join(map(str, row.input_size)), "<"),
     ("batch", lambda row: str(row.batch_size), ">"),
     ("dtype", lambda row: row.dtype, "<"),
     ("compile", lambda row: "on" if row.compile else "off", "<"),

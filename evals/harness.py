@@ -27,6 +27,7 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
+from timm.data.naflex_transforms import patchify_image
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -47,6 +48,7 @@ __all__ = [
     "example_input",
     "figure_png",
     "input_size",
+    "leading_tensor",
     "measure_interleaved",
     "measure_throughput",
     "peak_memory_mib",
@@ -101,11 +103,49 @@ def input_size(model: nn.Module) -> tuple[int, ...]:
     return (int(embed.num_frames), *size) if is_video_model(model) else size
 
 
-def example_input(model: nn.Module, batch_size: int, device: torch.device, seed: int) -> Tensor:
+# What a model is timed on: an image or clip batch, or NaFlex's packed patches (a dict).
+Inputs = Tensor | dict[str, Tensor]
+
+
+def example_input(model: nn.Module, batch_size: int, device: torch.device, seed: int, packed: bool = False) -> Inputs:
     """A seeded random batch of the model's input shape ([B, 3, H, W], or [B, 3, T, H, W] for
-    video), made on the host (the same batch on every device) and moved once."""
+    video), made on the host (the same batch on every device) and moved once.
+
+    ``packed`` (a NaFlexVit): the batch as NaFlex's packed sequences instead, each padded to the
+    patch count N of the model's input size, as timm's NaFlex collator lays them out: the first
+    image of that size (no padding), the others of random shapes covering 25-100 % of N
+    patches at aspect ratios from 1:2 to 2:1."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.randn(batch_size, 3, *input_size(model), generator=generator).to(device)
+    if not packed:
+        return torch.randn(batch_size, 3, *input_size(model), generator=generator).to(device)
+    if not hasattr(model, "embeds"):
+        raise ValueError(f"packed inputs are NaFlexVit's; {type(model).__name__} takes image batches")
+    patch = tuple(int(p) for p in model.embeds.patch_size)
+    grid = [side // step for side, step in zip(input_size(model), patch)]
+    length = grid[0] * grid[1]
+    sequences = []
+    for index in range(batch_size):
+        rows, cols = grid
+        if index:
+            area = length * (0.25 + 0.75 * torch.rand((), generator=generator).item())
+            aspect = 2.0 ** (2.0 * torch.rand((), generator=generator).item() - 1.0)
+            rows = max(1, min(length, round((area * aspect) ** 0.5)))
+            cols = max(1, min(length // rows, round(area / rows)))
+        image = torch.randn(3, rows * patch[0], cols * patch[1], generator=generator)
+        sequences.append(patchify_image(image, patch))
+
+    def padded(t: Tensor) -> Tensor:
+        return torch.cat([t, t.new_zeros(length - t.shape[0], *t.shape[1:])])
+
+    return {
+        name: torch.stack([padded(sequence[i]) for sequence in sequences]).to(device)
+        for i, name in enumerate(("patches", "patch_coord", "patch_valid"))
+    }
+
+
+def leading_tensor(inputs: Inputs) -> Tensor:
+    """The tensor that gives ``inputs``' device and batch size (a pack's patches)."""
+    return inputs["patches"] if isinstance(inputs, dict) else inputs
 
 
 def set_fused_attn(model: nn.Module, fused: bool) -> nn.Module:
@@ -178,9 +218,9 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _timed_pass(model: Callable[[Tensor], Any], inputs: Tensor) -> float:
+def _timed_pass(model: Callable[[Inputs], Any], inputs: Inputs) -> float:
     """Seconds one ``model(inputs)`` takes: CUDA events on CUDA, the host clock elsewhere."""
-    device = inputs.device
+    device = leading_tensor(inputs).device
     # Synchronising first keeps earlier queued work out of this pass.
     synchronize(device)
     if device.type == "cuda":
@@ -203,8 +243,8 @@ def timer_name(device: torch.device) -> str:
 
 
 def measure_throughput(
-    model: Callable[[Tensor], Any],
-    inputs: Tensor,
+    model: Callable[[Inputs], Any],
+    inputs: Inputs,
     *,
     warmup: int,
     runs: int,
@@ -220,8 +260,8 @@ def measure_throughput(
 
 
 def measure_interleaved(
-    models: Sequence[Callable[[Tensor], Any]],
-    inputs: Tensor,
+    models: Sequence[Callable[[Inputs], Any]],
+    inputs: Inputs,
     *,
     warmup: int,
     runs: int,
@@ -241,7 +281,7 @@ def measure_interleaved(
         raise ValueError(f"warmup must be at least 0, got {warmup}")
     times: list[list[float]] = [[] for _ in models]
     rounds = tqdm(range(runs), desc="timing", unit="round", disable=not progress, file=sys.stderr)
-    with torch.inference_mode(), autocast(inputs.device, dtype):
+    with torch.inference_mode(), autocast(leading_tensor(inputs).device, dtype):
         for model in models:
             for _ in range(warmup):
                 model(inputs)
@@ -252,19 +292,19 @@ def measure_interleaved(
     results = []
     for model_times in times:
         median = statistics.median(model_times)
-        results.append({"median_s": median, "images_per_s": inputs.shape[0] / median, "times": model_times})
+        results.append({"median_s": median, "images_per_s": leading_tensor(inputs).shape[0] / median, "times": model_times})
     return results
 
 
 def peak_memory_mib(
-    model: nn.Module, runner: Callable[[Tensor], Any], inputs: Tensor, dtype: torch.dtype | None = None
+    model: nn.Module, runner: Callable[[Inputs], Any], inputs: Inputs, dtype: torch.dtype | None = None
 ) -> float | None:
     """Peak device memory of one inference pass of ``runner`` (``model``, or it compiled), in
     MiB: what the pass allocates at its peak, plus this model's weights and the inputs, as a
     process holding only this model would see it (other models alive on the device, such as
     a benchmark's other rows, are not counted). ``None`` off CUDA, where PyTorch keeps no
     allocator statistics."""
-    device = inputs.device
+    device = leading_tensor(inputs).device
     if device.type != "cuda":
         return None
     synchronize(device)

@@ -19,6 +19,7 @@ from kernels._triton import HAS_TRITON, INTERPRET, check_device, tl, triton, use
 __all__ = ["merge_wavg", "merge_wavg_reference", "merge_wavg_triton"]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TINY = torch.finfo(torch.float32).tiny
 
 
 def merge_wavg_reference(x: Tensor, size: Tensor, dest: Tensor, num_out: int) -> tuple[Tensor, Tensor]:
@@ -29,7 +30,8 @@ def merge_wavg_reference(x: Tensor, size: Tensor, dest: Tensor, num_out: int) ->
     Returns:
         ([B, num_out, C] merged tokens in x's dtype, [B, num_out, 1] float32 summed sizes).
 
-    Accumulates in float32 so that bf16/fp16 models lose no precision in the average.
+    Accumulates in float32 so that bf16/fp16 models lose no precision in the average. An
+    output of total size 0 (only size-0 members: NaFlex padding; or no members) is 0, not 0/0.
     """
     batch, _, channels = x.shape
     weighted = x.float() * size
@@ -38,7 +40,8 @@ def merge_wavg_reference(x: Tensor, size: Tensor, dest: Tensor, num_out: int) ->
     flat = (dest + num_out * torch.arange(batch, device=dest.device).unsqueeze(1)).reshape(-1)
     merged = weighted.new_zeros(batch * num_out, channels).index_add_(0, flat, weighted.reshape(-1, channels))
     new_size = size.new_zeros(batch * num_out, 1).index_add_(0, flat, size.reshape(-1, 1))
-    return (merged / new_size).to(x.dtype).view(batch, num_out, channels), new_size.view(batch, num_out, 1)
+    average = merged / new_size.clamp(min=_TINY)  # sizes are counts: the clamp only turns 0/0 into 0
+    return average.to(x.dtype).view(batch, num_out, channels), new_size.view(batch, num_out, 1)
 
 
 # Tile shapes (BLOCK_T output rows × BLOCK_C channels, warps) for the GPU to choose from, per
@@ -137,9 +140,9 @@ if HAS_TRITON:
             acc += rows.to(tl.float32) * weight[:, None]
             total += weight
 
-        # An output with no members gets 0 / 0 = NaN, as in the scatter_add reference; the
-        # tile's padding rows (never stored) divide by 1 instead.
-        merged = acc / tl.where(valid_t, total, 1.0)[:, None]
+        # An output of total size 0 (no members, or size-0 padding only) gets 0, as in the
+        # reference; the tile's padding rows (never stored) divide by 1 as well.
+        merged = acc / tl.where(valid_t & (total > 0.0), total, 1.0)[:, None]
         out_offsets = batch * stride_out_batch + out_tokens[:, None] * stride_out_token + cols[None, :]
         tl.store(out_ptr + out_offsets, merged.to(out_ptr.dtype.element_ty), mask=valid_t[:, None] & valid_c[None, :])
         # Every channel block computes the same totals; only the first one writes them.
@@ -237,7 +240,7 @@ class _MergeWAvg(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             channels = grad_merged.shape[-1]
-            coef = size / new_size.gather(1, dest.unsqueeze(-1))  # [B, T, 1] float32, tiny
+            coef = size / new_size.gather(1, dest.unsqueeze(-1)).clamp(min=_TINY)  # [B, T, 1] float32, tiny
             rows = grad_merged.gather(1, dest.unsqueeze(-1).expand(-1, -1, channels))
             grad_x = (rows.float() * coef).to(grad_merged.dtype)
         return grad_x, None, None, None

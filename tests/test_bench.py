@@ -25,7 +25,7 @@ from evals import bench, harness, pareto, settings
 MODEL = "vit_tiny_patch16_224"
 IMG_SIZE = 64  # 4x4 patches + class token = 17 tokens: fast on 2 cores
 ROW_FIELDS = {
-    "model", "input_size", "batch_size", "dtype", "compile", "method", "setting", "options", "budget",
+    "model", "input_size", "packed_length", "batch_size", "dtype", "compile", "method", "setting", "options", "budget",
     "attention", "backend", "backend_used", "samples_per_s", "median_s", "times_s", "speedup", "gflops", "gflops_fraction",
     "output_tokens", "tokens_per_block", "peak_memory_mib", "logits_cosine", "top1_agreement_pct",
 }  # fmt: skip
@@ -206,6 +206,29 @@ def test_video_model(tmp_path: Path) -> None:
                       "--out", str(tmp_path / "w.json"), "--no-plot", *COMMON])  # fmt: skip
     assert [row["method"] for row in document["rows"]] == ["none"]
     assert any("row skipped: temporal cannot reach 30% GFLOPs" in w for w in document["warnings"])
+
+
+def test_packed_naflex_sequences(tmp_path: Path) -> None:
+    """--packed: NaFlex's packed sequences, one image of the input size and the others smaller,
+    padded to its patch count; the rows say so and count FLOPs per position."""
+    model = harness.create_model("naflexvit_base_patch16_siglip", 128, torch.device("cpu"), seed=0)
+    packed = harness.example_input(model, 4, torch.device("cpu"), seed=0, packed=True)
+    assert packed["patches"].shape == (4, 64, 16 * 16 * 3) and packed["patch_coord"].shape == (4, 64, 2)
+    real = packed["patch_valid"].sum(1)
+    assert real[0] == 64 and ((real[1:] >= 8) & (real[1:] <= 64)).all() and len(set(real.tolist())) > 1
+    for sequence, count in zip(packed["patch_coord"], real.tolist()):  # rows × cols grids, in raster order
+        rows, cols = (sequence[:count].amax(0) + 1).tolist()
+        assert rows * cols == count and (sequence[count:] == 0).all()
+    with pytest.raises(ValueError, match="packed inputs are NaFlexVit's"):
+        harness.example_input(timm.create_model(MODEL), 2, torch.device("cpu"), seed=0, packed=True)
+    out = tmp_path / "p.json"
+    document = _main(["--model", "naflexvit_base_patch16_siglip", "--packed", "--batch-size", "3", "--r", "4", "--no-manual",
+                      "--out", str(out), "--no-plot", *COMMON])  # fmt: skip
+    base, tome = document["rows"]
+    assert base["packed_length"] == tome["packed_length"] == (IMG_SIZE // 16) ** 2 and document["config"]["packed"]
+    assert tome["output_tokens"] < base["output_tokens"] and tome["gflops"] < base["gflops"]
+    assert base["logits_cosine"] == pytest.approx(1.0) and tome["logits_cosine"] < 1.0
+    assert "packed 16" in out.with_suffix(".md").read_text()
 
 
 def test_bad_requests_are_explained(tmp_path: Path) -> None:

@@ -507,12 +507,11 @@ def test_merge_weight_zero_members_count_nowhere() -> None:
     assert_merge(x, size.to(DEVICE), dest.to(DEVICE), num_out)
 
 
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's 0/0
 @pytest.mark.parametrize("tokens,num_out,target", [(1, 1, 0), (2, 1, 0), (9, 5, 4), (9, 5, 0), (16, 3, 2)])
 def test_merge_group_bounds_at_the_ends(tokens: int, num_out: int, target: int) -> None:
     """The kernel finds each output's members by binary search on the sorted destinations:
-    a single token, every token in the first or in the last output (the others empty: NaN,
-    as in the reference), powers of two."""
+    a single token, every token in the first or in the last output (the others empty: 0, as
+    in the reference), powers of two."""
     gen = torch.Generator().manual_seed(tokens)
     x = torch.randn(2, tokens, 8, generator=gen).to(DEVICE)
     size = torch.randint(1, 4, (2, tokens, 1), generator=gen).float().to(DEVICE)
@@ -524,9 +523,35 @@ def test_merge_group_bounds_at_the_ends(tokens: int, num_out: int, target: int) 
     x, size, dest, num_out = tome_inputs(2, 11, 16, 1, torch.float32, seed=4)
     merged, new_size = merge_wavg_triton(x, size, dest, num_out + 2)
     ref_merged, ref_size = merge_wavg_reference(x, size, dest, num_out + 2)
-    assert merged[:, num_out:].isnan().all() and (new_size[:, num_out:] == 0).all()
-    torch.testing.assert_close(merged, ref_merged, equal_nan=True)
+    assert (merged[:, num_out:] == 0).all() and (new_size[:, num_out:] == 0).all()
+    torch.testing.assert_close(merged, ref_merged)
     torch.testing.assert_close(new_size, ref_size)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_merge_of_size_zero_tokens_is_zero_and_adds_nothing(dtype: torch.dtype) -> None:
+    """Size-0 tokens (NaFlex padding) leave a real token's average unchanged, an output of
+    padding alone is 0 rather than 0/0, and no gradient is NaN: kernel, reference and the
+    definition (the weighted mean over the real members) agree."""
+    gen = torch.Generator().manual_seed(11)
+    batch, tokens, channels, num_out = 2, 14, 24, 5
+    x = torch.randn(batch, tokens, channels, generator=gen).to(DEVICE, dtype)
+    size = torch.randint(1, 4, (batch, tokens, 1), generator=gen).float()
+    size[:, 8:] = 0.0  # the last six tokens are padding
+    dest = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0, 4, 4, 1, 4, 2]).expand(batch, -1)
+    size, dest = size.to(DEVICE), dest.to(DEVICE)
+    assert_merge(x, size, dest, num_out)
+    merged, new_size = merge_wavg_triton(x, size, dest, num_out)
+    assert (merged[:, 4] == 0).all() and (new_size[:, 4] == 0).all()  # padding alone
+    real = size[:, :8]
+    for out in range(4):  # real members only: tokens out and out + 4
+        members = x[:, [out, out + 4]].float()
+        weights = real[:, [out, out + 4]]
+        expected = (members * weights).sum(1) / weights.sum(1)
+        torch.testing.assert_close(merged[:, out].float(), expected, **MERGE_TOL[dtype])
+    x_grad = x.detach().clone().requires_grad_(True)
+    merge_wavg_triton(x_grad, size, dest, num_out)[0].sum().backward()
+    assert x_grad.grad.isfinite().all() and (x_grad.grad[:, 8:] == 0).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -9,6 +9,8 @@ import pytest
 import timm
 import torch
 
+from timm.data.naflex_transforms import patchify_image
+
 import tokenprune
 from tests.test_patch import counted_flops
 from tokenprune.schedule import resolve_r
@@ -26,6 +28,8 @@ FAMILIES = {
     "pre_norm": ("naflexvit_base_patch16_gap", {"pre_norm": True}),
 }
 WITHOUT_ROPE = [family for family in FAMILIES if not family.startswith("rope")]
+# timm's convolutional patch embedding takes image batches only
+PACKABLE = [family for family in WITHOUT_ROPE if family != "conv_embed"]
 SIZE = (224, 160)  # not square, and not the position embedding's grid
 
 
@@ -183,19 +187,173 @@ def test_intermediates_follow_the_image_shape() -> None:
     assert final.shape == (2, model.num_prefix_tokens + 140, 192)
 
 
-def test_naflex_inputs_are_refused_clearly() -> None:
+def pack(images_: list[torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+    """Images of different sizes as NaFlex packs them (timm's patchify and its collator's
+    layout): patches, their (row, col) and validity, padded with zeros to ``length``."""
+    patches, coords, valid = [], [], []
+    for image in images_:
+        p, c, v = patchify_image(image, (16, 16))
+        pad = length - p.shape[0]
+        patches.append(torch.cat([p, p.new_zeros(pad, p.shape[1])]))
+        coords.append(torch.cat([c, c.new_zeros(pad, 2)]))
+        valid.append(torch.cat([v, v.new_zeros(pad)]))
+    return {"patches": torch.stack(patches), "patch_coord": torch.stack(coords), "patch_valid": torch.stack(valid)}
+
+
+def mixed_images() -> list[torch.Tensor]:
+    """A 224×160 image (140 patches: no padding in a pack of 140) and a 96×128 one (48 patches)."""
+    gen = torch.Generator().manual_seed(2)
+    return [torch.randn(3, *SIZE, generator=gen), torch.randn(3, 96, 128, generator=gen)]
+
+
+@torch.no_grad()
+def packed_grid_reference(model, packed: dict, r_per_block: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and sizes of the unpatched NaFlexVit on packed patches with ToMe taken literally:
+    timm's attention on the unmerged sequence with timm's padding mask, each merged token
+    repeated once per position it covers; its pooling head with ``patch_valid``; ToMe's matching
+    with padding as the one rule says (cosine 1 to padding, 0 to patches); merged tokens the
+    mean of their patches, padding left out."""
+    x, _ = model.embeds(packed["patches"], patch_coord=packed["patch_coord"], patch_valid=packed["patch_valid"])
+    x = model.norm_pre(x)
+    batch, num_tokens, _ = x.shape
+    prefix = model.num_prefix_tokens
+    real = torch.cat([torch.ones(batch, prefix, dtype=torch.bool), packed["patch_valid"]], dim=1)
+    key_mask = torch.zeros(batch, 1, 1, num_tokens).masked_fill(~real[:, None, None, :], -math.inf)
+    member = torch.eye(num_tokens).expand(batch, -1, -1)  # [B, T, N] merged token × input position
+    patches = real.float().unsqueeze(-1)  # [B, N, 1]: 1 for a patch, 0 for padding
+
+    def on_grid(tokens: torch.Tensor) -> torch.Tensor:
+        return member.transpose(1, 2) @ tokens
+
+    def per_token(full: torch.Tensor) -> torch.Tensor:
+        return (member @ full) / member.sum(-1, keepdim=True)
+
+    for block, r in zip(model.blocks, r_per_block):
+        h = block.norm1(x)
+        x = x + block.ls1(per_token(block.attn(on_grid(h), attn_mask=key_mask)))
+        if r:
+            size = member @ patches
+            keys = block.attn.qkv(h).reshape(batch, x.shape[1], 3, block.attn.num_heads, -1)[:, :, 1].mean(2)
+            padding = (size == 0).float()
+            merge = _protected_match(torch.cat([keys * (1 - padding), padding], dim=-1), r, prefix)
+            total, member = merge(x * size), merge(member)
+            size = member @ patches
+            x = torch.where(size > 0, total / size, 0.0)
+        x = x + block.ls2(block.mlp(block.norm2(x)))
+    logits = model.forward_head(model.norm(on_grid(x)), patch_valid=packed["patch_valid"])
+    return logits, member @ patches
+
+
+@pytest.mark.parametrize("family", PACKABLE)
+def test_packed_r0_matches_timm(family: str) -> None:
+    """Padding as size-0 tokens masks what timm's mask from patch_valid masks: the same logits
+    (not the same bits: a key bias instead of timm's [B, 1, T, T] mask)."""
+    model = naflex(family)
+    packed = pack(mixed_images(), 150)
+    with torch.no_grad():
+        expected = model(packed)
+        tokenprune.patch(model, r=0)
+        torch.testing.assert_close(model(packed), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(**{"x": packed["patches"], "patch_coord": packed["patch_coord"],
+                                            "patch_valid": packed["patch_valid"]}), expected, atol=1e-5, rtol=1e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize("family", PACKABLE)
+@pytest.mark.parametrize("r", [8, (16, -1)])
+def test_packed_matches_the_grid_reference(family: str, r) -> None:
+    model = naflex(family)
+    packed = pack(mixed_images(), 140)
+    logits, size = packed_grid_reference(model, packed, list(resolve_r(r, len(model.blocks))))
+    tokenprune.patch(model, r=r, backend="torch")
+    with torch.no_grad():
+        state = model.forward_tokens(packed)
+        out = model(packed)
+    assert state.padded and state.num_tokens == tokenprune.plan(model, SIZE).output_tokens
+    torch.testing.assert_close(state.size, size)
+    torch.testing.assert_close(out, logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gap_registers", "siglip_map", "radio_token"])
+def test_padding_merges_first_and_changes_no_patch(family: str) -> None:
+    """The short image of a pack has padding enough for every merge (92 positions, r=8 for 3
+    blocks), so no two of its patches merge and its logits are timm's on it alone; the long
+    one, with no padding, gives up patches as it would alone in an image batch."""
+    model = naflex(family)
+    long, short = mixed_images()
+    packed = pack([long, short], 140)
+    with torch.no_grad():
+        short_alone = model(short[None])
+        tokenprune.patch(model, r=8, trace_source=True)
+        long_alone = model(long[None])
+        state = model.forward_tokens(packed)
+        out = model(packed)
+    torch.testing.assert_close(out[1], short_alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[0], long_alone[0], atol=1e-5, rtol=1e-5)
+    prefix = model.num_prefix_tokens
+    sizes = state.size[1, :, 0]
+    assert set(sizes.tolist()) == {0.0, 1.0} and sizes.sum() == prefix + 48  # patches unmerged, padding gone into any token
+    assert state.size[0, :, 0].sum() == prefix + 140 and state.size[0, :, 0].max() > 1
+    source = tokenprune.source(model)  # [B, T_out, T_in]: every input position in exactly one token
+    assert source.shape == (2, state.num_tokens, prefix + 140) and (source.sum(1) == 1).all()
+    real_tokens = source[1].float() @ torch.cat([torch.ones(prefix), packed["patch_valid"][1].float()])
+    torch.testing.assert_close(real_tokens, sizes)
+
+
+def test_packed_features_and_head_as_in_timm() -> None:
+    """forward_head(**forward_features(packed)) is the forward, merged or unmerged, as in timm;
+    the merged features say which tokens are patches."""
     model = tokenprune.patch(naflex("siglip_map"), r=8)
-    patches = torch.randn(2, 140, 16 * 16 * 3)
-    coord = torch.zeros(2, 140, 2, dtype=torch.long)
-    valid = torch.ones(2, 140, dtype=torch.bool)
-    packed = {"patches": patches, "patch_coord": coord, "patch_valid": valid}
-    for call in (lambda: model(packed), lambda: model.forward_intermediates(packed), lambda: model.forward_features(packed)):
-        with pytest.raises(ValueError, match=r"image batch \[B, C, H, W\].*got a dict"):
-            call()
-    for call in (lambda: model(patches, coord, valid), lambda: model.forward_features(patches, coord, valid),
-                 lambda: model.forward_intermediates(images(), patch_coord=coord)):  # fmt: skip
-        with pytest.raises(ValueError, match="patch_coord/patch_valid"):
-            call()
+    packed = pack(mixed_images(), 150)
+    with torch.no_grad():
+        out = model(packed)
+        features = model.forward_features(packed)
+        full = model.forward_features(packed, unmerge=True)
+        torch.testing.assert_close(model.forward_head(**features), out)
+        torch.testing.assert_close(model.forward_head(**full), out, atol=1e-5, rtol=1e-5)
+    assert torch.equal(features["patch_valid"], features["size"][:, :, 0] > 0)
+    assert full["patches"].shape == (2, 150, 192) and full["patch_valid"] is packed["patch_valid"]
+    with pytest.raises(ValueError, match=r"merged tokens pool by their sizes"):
+        model.forward_head(features["patches"], patch_valid=packed["patch_valid"])
+
+
+def test_packed_triton_backend_matches_torch_backend() -> None:
+    model = naflex("radio_token")
+    packed = pack(mixed_images(), 150)
+    with torch.no_grad():
+        expected = tokenprune.patch(model, r=(16, -1), backend="torch")(packed)
+        got = tokenprune.patch(model, r=(16, -1), backend="triton")(packed)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("prop_attn", [True, False])
+def test_packed_training_has_finite_gradients(prop_attn: bool) -> None:
+    """Padding-only tokens (size 0) neither divide 0 by 0 in the merge nor in its backward."""
+    model = tokenprune.patch(naflex("gap_registers"), r=(16, -1), prop_attn=prop_attn).train()
+    packed = pack(mixed_images(), 150)
+    model(packed).square().mean().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(g.isfinite().all() for g in grads)
+
+
+def test_packed_inputs_are_refused_where_they_cannot_run() -> None:
+    packed = pack(mixed_images(), 150)
+    model = tokenprune.patch(naflex("siglip_map"), "pitome", r=8)
+    with pytest.raises(ValueError, match="PiToMeConfig cannot tell NaFlex's padding.*method='tome'"):
+        model(packed)
+    model = tokenprune.patch(naflex("rope_axial"), r=8)
+    with pytest.raises(ValueError, match="packed inputs of a NaFlexVit with RoPE"):
+        model(packed)
+    model = tokenprune.patch(naflex("siglip_map"), r=8)
+    with pytest.raises(ValueError, match="attn_mask replaces the padding mask"):
+        model({**packed, "attn_mask": torch.zeros(2, 1, 150, 150)})
+    with pytest.raises(ValueError, match="forward_intermediates of packed patches"):
+        model.forward_intermediates(packed)
+    with pytest.raises(ValueError, match="pass patch_coord"):
+        model(images(), patch_valid=packed["patch_valid"])
+    with pytest.raises(ValueError, match="patch_valid must be"):
+        model({**packed, "patch_valid": packed["patch_valid"][:, :10]})
+    with pytest.raises(ValueError, match=r"expected an image batch \[B, C, H, W\].*got shape \(2, 3, 224\)"):
+        model(images()[:, :, :, 0])
 
 
 def test_timm_signatures_keep_working() -> None:

@@ -39,6 +39,10 @@ class TokenState(NamedTuple):
     keep: [B, T, 1] 0/1 mask of the tokens still in play while *training* a pruning method
         (DynamicViT keeps every token in place and masks attention); ``None`` otherwise.
     decisions: the keep masks of every pruning stage so far ([B, T, 1] each), for the losses.
+    padded: whether some tokens are padding, of size 0 (NaFlex's packed sequences: patches of
+        images of different sizes padded to one length). Attention masks them out (with or
+        without proportional attention) and matching merges them first (:func:`padding_metric`);
+        merging a size-0 token changes no real token.
     """
 
     x: Tensor
@@ -48,6 +52,7 @@ class TokenState(NamedTuple):
     grid: tuple[int, ...] | None = None
     keep: Tensor | None = None
     decisions: tuple[Tensor, ...] = ()
+    padded: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -75,17 +80,23 @@ def grid_positions(grid: tuple[int, ...], num_prefix: int, device: torch.device)
 
 
 def start_state(
-    x: Tensor, trace_source: bool, grid: tuple[int, ...] | None = None, track_positions: bool = False
+    x: Tensor,
+    trace_source: bool,
+    grid: tuple[int, ...] | None = None,
+    track_positions: bool = False,
+    valid: Tensor | None = None,
 ) -> TokenState:
-    """The state entering the first block: every token has size 1 and is its own source."""
+    """The state entering the first block: every token has size 1 and is its own source, except
+    padding (``valid``, [B, T] bool, False for padding), which has size 0."""
     batch, num_tokens, _ = x.shape
+    size = None if valid is None else valid.unsqueeze(-1).float()
     source_index = torch.arange(num_tokens, device=x.device).expand(batch, -1) if trace_source else None
     pos = None
     if track_positions:
         if grid is None:
             raise ValueError("positions need the patch grid")
         pos = grid_positions(grid, num_tokens - math.prod(grid), x.device).expand(batch, -1, -1)
-    return TokenState(x, None, source_index, pos, grid)
+    return TokenState(x, size, source_index, pos, grid, padded=valid is not None)
 
 
 def merge_state(state: TokenState, dest: Tensor, num_out: int, backend: str = "auto") -> TokenState:
@@ -297,6 +308,16 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int, backend:
     return bipartite_dest(best_score, best_b, r, metric.shape[1], num_protected, backend)
 
 
+def padding_metric(metric: Tensor, padding: Tensor) -> Tensor:
+    """``metric`` [B, T, D] with one more channel that makes padding tokens (``padding``,
+    [B, T, 1], True/1 for padding) alike, cosine 1, and orthogonal to every real token, cosine 0:
+    bipartite matching then merges padding with padding before any pair of real tokens less
+    similar than identical (a padding token with no padding partner joins a real token, whose
+    average its size 0 leaves unchanged). Real tokens keep their mutual cosines."""
+    padding = padding.to(metric.dtype)
+    return torch.cat([metric * (1 - padding), padding], dim=-1)
+
+
 class BlockMerge:
     """The merge inside one block of ToMe for Stable Diffusion's scheme (Bolya & Hoffman 2023;
     method ``merge_unmerge``): the block's attention input [B, T, C] (per attention group) is
@@ -315,7 +336,7 @@ class BlockMerge:
     def __init__(
         self, tokens: Tensor, merged: int, num_protected: int = 0, padding: Tensor | None = None, backend: str = "auto"
     ) -> None:
-        metric = tokens if padding is None else torch.cat([tokens, padding.to(tokens.dtype)], dim=-1)
+        metric = tokens if padding is None else padding_metric(tokens, padding)
         self.num_out = tokens.shape[1] - merged
         self.dest = bipartite_soft_matching(metric, merged, num_protected, backend)
         self.backend = backend

@@ -24,6 +24,7 @@ class MethodConfig(Protocol):
     track_positions: bool  # whether reducers need token centroids (TokenState.pos)
     supports_video: bool  # whether it works on a (frames, rows, cols) token grid (default False)
     drops_tokens: bool  # whether tokens leave without being merged into others (default False)
+    supports_padding: bool  # whether it merges padding tokens of size 0 (NaFlexVit's packed inputs; default False)
 
     def reducers(self, model: nn.Module) -> list[TokenReducer | None]:
         """One reducer per block (``None`` where the block keeps all its tokens)."""

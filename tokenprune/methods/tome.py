@@ -6,7 +6,14 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from ..merge import TokenState, bipartite_matching_flops, bipartite_soft_matching, max_bipartite_r, merge_state
+from ..merge import (
+    TokenState,
+    bipartite_matching_flops,
+    bipartite_soft_matching,
+    max_bipartite_r,
+    merge_state,
+    padding_metric,
+)
 from ..schedule import RSchedule, resolve_r
 from ..patch.vit import block_prefix_tokens, head_dim
 from ._options import check_common_options
@@ -36,6 +43,8 @@ class BipartiteMerge:
         r = self.num_removed(state.num_tokens)
         if r == 0:
             return state
+        if state.padded:  # padding merges first, with padding (or into any token: its size is 0)
+            metric = padding_metric(metric, state.size == 0)
         dest = bipartite_soft_matching(metric, r, self.num_protected, self.backend)
         return merge_state(state, dest, state.num_tokens - r, self.backend)
 
@@ -68,6 +77,7 @@ class ToMeConfig:
 
     track_positions = False  # ToMe matches on features alone
     supports_video = True  # joint space-time merging (ToMe's video setting)
+    supports_padding = True  # NaFlexVit's packed sequences (TokenState.padded)
 
     def reducers(self, model: nn.Module) -> list[BipartiteMerge | None]:
         counts = resolve_r(self.r, len(model.blocks))

@@ -1,11 +1,18 @@
-"""Patch for timm's ``NaFlexVit`` (SigLIP 2 NaFlex, RADIO, the ``naflexvit_*`` models) on image
-batches [B, C, H, W] of any size: its blocks are timm's ``Block`` (or ``EvaBlock`` with RoPE),
-already patched, and its embedding resizes the position embedding to the image's patch grid.
-What this module adds: the model forward around the blocks, the family's hooks (any image
-size; the embedding module for FLOPs), and timm's NaFlexVit signatures over ReducingViT's.
+"""Patch for timm's ``NaFlexVit`` (SigLIP 2 NaFlex, RADIO, the ``naflexvit_*`` models): its
+blocks are timm's ``Block`` (or ``EvaBlock`` with RoPE), already patched. What this module adds:
+the model forward around the blocks, the family's hooks (any image size; the embedding module
+for FLOPs), and timm's NaFlexVit signatures over ReducingViT's, on both kinds of input:
 
-NaFlex's packed inputs (a dict, or ``patch_coord``/``patch_valid``: sequences of patches from
-images of different sizes, padded to one length) are refused while the model is patched.
+- image batches [B, C, H, W] of any size (the embedding resizes the position embedding);
+- packed sequences, NaFlex's own input (timm's NaFlex collator: a dict of ``patches``
+  [B, N, P·P·C], ``patch_coord`` [B, N, 2] and ``patch_valid`` [B, N], the patches of images of
+  different sizes padded to one length N). The padding enters the blocks as tokens of size 0
+  (:attr:`tokenprune.merge.TokenState.padded`): attention masks it out, with or without
+  proportional attention, as timm's mask from ``patch_valid`` does; ToMe's matching merges it
+  first, with padding, and merging a size-0 token changes no real one; pooling weighs it 0. So
+  every sequence of the pack loses r tokens per block, padding before patches: the longest
+  image gives up patches, a short one mostly padding. ToMe only (the method's
+  ``supports_padding``), and not with RoPE (which no pretrained NaFlexVit uses).
 
 Importing this module registers the class in :mod:`tokenprune.patch.vit`'s registries.
 """
@@ -14,26 +21,42 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from timm.models.naflexvit import NaFlexVit
 from torch import Tensor, nn
 
+from ..merge import unmerge as unmerge_tokens
 from . import vit
 from .vit import _NOT_GIVEN, ReducingViT
 
-_PACKED = (
-    "NaFlex's packed patch sequences (patch_coord/patch_valid) are not supported by a NaFlexVit patched "
-    "by tokenprune: pass image batches [B, C, H, W], or call tokenprune.unpatch(model) for them"
-)
+_INPUTS = "an image batch [B, C, H, W] (any size) or packed patches (timm's NaFlex dict, or patches with patch_coord)"
 
 
-def _refuse_packed(patch_coord: Tensor | None, patch_valid: Tensor | None) -> None:
-    if patch_coord is not None or patch_valid is not None:
-        raise ValueError(_PACKED)
+def packed_input(
+    x: Tensor | dict[str, Tensor], patch_coord: Tensor | None, patch_valid: Tensor | None, attn_mask: Tensor | None
+) -> dict[str, Tensor | None] | None:
+    """timm's NaFlex mode as one dict (``patches``, ``patch_coord``, ``patch_valid``; entries of a
+    dict input take priority, as in timm), or None for an image batch."""
+    if isinstance(x, dict):
+        patch_coord, patch_valid = x.get("patch_coord", patch_coord), x.get("patch_valid", patch_valid)
+        attn_mask, x = x.get("attn_mask", attn_mask), x["patches"]
+    elif patch_coord is None:
+        if patch_valid is not None:
+            raise ValueError("patch_valid marks the padding of packed patches: pass patch_coord with them too")
+        return None
+    if patch_coord is None:
+        raise ValueError("packed patches need their patch_coord [B, N, 2] (timm's NaFlex collator makes them)")
+    if attn_mask is not None:
+        raise ValueError(
+            "attn_mask replaces the padding mask timm builds from patch_valid, and cannot follow merged tokens: "
+            "leave it None (a patched NaFlexVit masks the padding itself), or call tokenprune.unpatch(model)"
+        )
+    return {"patches": x, "patch_coord": patch_coord, "patch_valid": patch_valid}
 
 
 class ReducingNaFlexVit(ReducingViT, NaFlexVit):
-    """timm ``NaFlexVit`` with token reduction, on image batches; RoPE (when configured) follows
-    the merged tokens as in Eva."""
+    """timm ``NaFlexVit`` with token reduction, on image batches and packed sequences; RoPE
+    (when configured) follows the merged tokens as in Eva."""
 
     @property
     def _position_per_block(self) -> bool:  # type: ignore[override]
@@ -44,9 +67,11 @@ class ReducingNaFlexVit(ReducingViT, NaFlexVit):
         return self.rope is not None
 
     def _check_input(self, x: Any) -> None:
-        if not isinstance(x, Tensor) or x.ndim != 4:
-            got = "a dict" if isinstance(x, dict) else f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"expected an image batch [B, C, H, W] (any size), got {got}. {_PACKED}")
+        if isinstance(x, dict):
+            self._check_packed(x)
+        elif not isinstance(x, Tensor) or x.ndim != 4:
+            got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"expected {_INPUTS}, got {got}")
         if self.training and self.patch_drop is not None:
             # Patch dropout removes tokens at random under the patch grid that plans and keep
             # counts use (and, unreduced, would need the RoPE to follow it): refused, not skipped.
@@ -54,6 +79,32 @@ class ReducingNaFlexVit(ReducingViT, NaFlexVit):
                 "patch dropout (patch_drop_rate > 0) is not supported while training a patched NaFlexVit; "
                 "create the model with patch_drop_rate=0"
             )
+
+    def _check_packed(self, packed: dict[str, Tensor | None]) -> None:
+        config = self.tokenprune_config
+        if not getattr(config, "supports_padding", False):
+            raise ValueError(
+                f"{type(config).__name__} cannot tell NaFlex's padding from patches: packed inputs run with "
+                "method='tome'; pass image batches [B, C, H, W] for this method"
+            )
+        if self.rope is not None:
+            raise ValueError(
+                "packed inputs of a NaFlexVit with RoPE are not supported while patched (no pretrained NaFlexVit "
+                "uses RoPE): pass image batches [B, C, H, W], or call tokenprune.unpatch(model)"
+            )
+        patches, coord, valid = packed["patches"], packed["patch_coord"], packed["patch_valid"]
+        if patches.ndim < 3 or coord.shape != (*patches.shape[:2], 2):
+            raise ValueError(
+                f"packed patches [B, N, ...] need patch_coord [B, N, 2], got {tuple(patches.shape)} and {tuple(coord.shape)}"
+            )
+        if valid is not None and valid.shape != patches.shape[:2]:
+            raise ValueError(f"patch_valid must be [B, N] = {tuple(patches.shape[:2])}, got {tuple(valid.shape)}")
+
+    def _valid_tokens(self, x: Any) -> Tensor | None:
+        if not isinstance(x, dict) or x["patch_valid"] is None:
+            return None
+        valid = x["patch_valid"].bool()
+        return torch.cat([valid.new_ones(valid.shape[0], self.num_prefix_tokens), valid], dim=1)
 
     @staticmethod
     def image_grid(model: nn.Module, height: int, width: int) -> tuple[int, int]:
@@ -65,46 +116,91 @@ class ReducingNaFlexVit(ReducingViT, NaFlexVit):
     def patch_embedding(model: nn.Module) -> nn.Module:
         return model.embeds
 
-    def _token_grid(self, x: Tensor) -> tuple[int, ...]:
+    def _token_grid(self, x: Any) -> tuple[int, ...]:
+        if isinstance(x, dict):
+            return (x["patches"].shape[1],)  # a sequence of patches from grids of their own
         return self.image_grid(self, *x.shape[-2:])
 
-    def _embed(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        x, grid = self.embeds(x)
+    def _embed(self, x: Any) -> tuple[Tensor, Tensor | None]:
+        if isinstance(x, dict):
+            tokens, _ = self.embeds(x["patches"], patch_coord=x["patch_coord"], patch_valid=x["patch_valid"])
+            return self.norm_pre(tokens), None
+        tokens, grid = self.embeds(x)
         rope = self.rope.get_embed(shape=grid) if self.rope is not None else None
-        return self.norm_pre(x), rope
+        return self.norm_pre(tokens), rope
 
-    # timm's NaFlexVit signatures, so that calls written for it keep working; packed inputs refused.
+    def forward_tokens(  # type: ignore[override]
+        self,
+        x: Tensor | dict[str, Tensor],
+        attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+        trace_source: bool | None = None,
+    ) -> Any:
+        """:meth:`ReducingViT.forward_tokens` on an image batch or on packed patches (timm's
+        NaFlex dict)."""
+        if isinstance(x, dict):
+            x, attn_mask = packed_input(x, None, None, attn_mask), None
+        return super().forward_tokens(x, attn_mask, is_causal, trace_source)
+
+    # timm's NaFlexVit signatures, so that calls written for it keep working.
 
     def forward(  # type: ignore[override]
         self,
-        x: Tensor,
+        x: Tensor | dict[str, Tensor],
         patch_coord: Tensor | None = None,
         patch_valid: Tensor | None = None,
         attn_mask: Tensor | None = None,
     ) -> Tensor:
-        """NaFlexVit's forward on an image batch; like timm's, it ignores ``attn_mask`` there."""
-        _refuse_packed(patch_coord, patch_valid)
-        return super().forward(x)
+        """NaFlexVit's forward on an image batch (where, like timm's, it ignores ``attn_mask``) or
+        on packed patches (see the module docstring)."""
+        packed = packed_input(x, patch_coord, patch_valid, attn_mask)
+        return super().forward(x if packed is None else packed)
 
     def forward_features(  # type: ignore[override]
         self,
-        patches: Tensor,
+        patches: Tensor | dict[str, Tensor],
         patch_coord: Tensor | None = None,
         patch_valid: Tensor | None = None,
         attn_mask: Tensor | None = None,
         unmerge: bool = False,
-    ) -> Tensor:
-        """The reduced tokens of an image batch (``patches``: [B, C, H, W], timm's name), or
-        with ``unmerge=True`` the full token grid (see :meth:`ReducingViT.forward_features`)."""
-        _refuse_packed(patch_coord, patch_valid)
-        return super().forward_features(patches, attn_mask, unmerge=unmerge)
+    ) -> Tensor | dict[str, Tensor | None]:
+        """The reduced tokens of an image batch (``patches``: [B, C, H, W], timm's name), or with
+        ``unmerge=True`` the full token grid (see :meth:`ReducingViT.forward_features`).
+
+        Packed patches give timm's dict: ``patches``, the reduced tokens, ``patch_valid``, which of
+        them are patches rather than padding (prefix tokens left out, as in timm), and ``size``,
+        the patches each stands for, which :meth:`forward_head` needs; ``forward_head(**features)``
+        works as in timm. With ``unmerge=True``: one token per input position and timm's
+        ``patch_valid``."""
+        packed = packed_input(patches, patch_coord, patch_valid, attn_mask)
+        if packed is None:
+            return super().forward_features(patches, attn_mask, unmerge=unmerge)
+        state = self.forward_tokens(packed, trace_source=True if unmerge else None)
+        if unmerge:
+            return {"patches": unmerge_tokens(state.x, state.source_index), "patch_valid": packed["patch_valid"]}
+        real = None if state.size is None else state.size[:, self.num_prefix_tokens :, 0] > 0
+        return {"patches": state.x, "patch_valid": real, "size": state.size}
 
     def forward_head(  # type: ignore[override]
-        self, patches: Tensor, pre_logits: bool = False, patch_valid: Tensor | None = None, size: Tensor | None = _NOT_GIVEN
+        self,
+        patches: Tensor,
+        pre_logits: bool = False,
+        patch_valid: Tensor | None = None,
+        size: Tensor | None = _NOT_GIVEN,
     ) -> Tensor:
-        """timm's head on the tokens ``patches``, weighted by ``size`` (see :meth:`ReducingViT.forward_head`)."""
-        _refuse_packed(None, patch_valid)
-        return super().forward_head(patches, pre_logits=pre_logits, size=size)
+        """timm's head on the tokens ``patches``, weighted by ``size`` (see
+        :meth:`ReducingViT.forward_head`). With ``patch_valid`` (packed inputs), padding counts
+        0; without ``size`` the tokens must be the unmerged ones, one per position."""
+        if patch_valid is None:
+            return super().forward_head(patches, pre_logits=pre_logits, size=size)
+        if size is _NOT_GIVEN or size is None:
+            if patches.shape[1] != self.num_prefix_tokens + patch_valid.shape[1]:
+                raise ValueError(
+                    f"{patches.shape[1]} tokens for {patch_valid.shape[1]} positions: merged tokens pool by "
+                    "their sizes; pass forward_head(**model.forward_features(packed)), which holds them"
+                )
+            size = self._valid_tokens({"patch_valid": patch_valid}).unsqueeze(-1).float()
+        return self._forward_head_sized(patches, size, pre_logits, padded=True)
 
     def forward_intermediates(  # type: ignore[override]
         self,
@@ -120,9 +216,15 @@ class ReducingNaFlexVit(ReducingViT, NaFlexVit):
         patch_valid: Tensor | None = None,
         attn_mask: Tensor | None = None,
     ) -> Any:
-        """timm's intermediates on the full token grid. With mixed RoPE, ``stop_early`` stops
-        early here (timm's NaFlexVit runs every block there, so its final features differ)."""
-        _refuse_packed(patch_coord, patch_valid)
+        """timm's intermediates of an image batch on the full token grid. With mixed RoPE,
+        ``stop_early`` stops early here (timm's NaFlexVit runs every block there, so its final
+        features differ). Packed inputs are refused: ``forward_features(packed, unmerge=True)``
+        gives their last tokens one per position."""
+        if packed_input(x, patch_coord, patch_valid, None) is not None:
+            raise ValueError(
+                "forward_intermediates of packed patches is not supported by a patched NaFlexVit: pass image "
+                "batches, or use forward_features(packed, unmerge=True) for per-position features"
+            )
         return super().forward_intermediates(
             x, indices, return_prefix_tokens, norm, stop_early, output_fmt, intermediates_only, output_dict,
             attn_mask=attn_mask,

@@ -299,6 +299,25 @@ def keep_bias(keep: Tensor, dtype: torch.dtype) -> Tensor:
     return key_bias.masked_fill(eye, 0.0).to(dtype)
 
 
+# The key bias of a padding token (size 0) instead of log 0 = -inf: exp(-1000) is 0 in float32,
+# but a finite value keeps the attention kernel's online softmax finite over a tile of padding
+# keys, and fits float16 after the folded path's division by the logit scale.
+PADDING_KEY_BIAS = -1000.0
+
+
+def size_bias(state: TokenState, prop_attn: bool) -> Tensor | None:
+    """The [B, T] key bias that the tokens' sizes call for: log s with proportional attention
+    (ToMe Eq. 1), and for padding (size 0, ``state.padded``) :data:`PADDING_KEY_BIAS` with or
+    without it; None when there is none (nothing merged, or no proportional attention)."""
+    if state.size is None or not (prop_attn or state.padded):
+        return None
+    size = state.size.squeeze(-1)
+    if not state.padded:
+        return size.log()
+    log_size = size.log() if prop_attn else torch.zeros_like(size)
+    return log_size.masked_fill(size == 0, PADDING_KEY_BIAS)
+
+
 class ReducingBlockMixin:
     """A transformer block that runs ``self.reducer`` between attention and MLP (ToMe Fig. 1),
     before attention (pruning predictors) or around both (merge_unmerge, which merges inside the
@@ -378,12 +397,11 @@ class ReducingBlockMixin:
     def _biases(self, state: TokenState) -> tuple[Tensor | None, Tensor | None]:
         """The attention biases the tokens call for: a training keep mask as an additive
         [B, 1, T, T] mask (float32 for a float16 stream: its gradient does not fit float16), and
-        proportional attention's log sizes, [B, T] (None where absent)."""
+        proportional attention's log sizes, [B, T] (None where absent; see :func:`size_bias`)."""
         bias = None
         if state.keep is not None:
             bias = keep_bias(state.keep, torch.float32 if state.x.dtype == torch.float16 else state.x.dtype)
-        merged = state.size is not None
-        return bias, state.size.log().squeeze(-1) if merged and self.prop_attn else None
+        return bias, size_bias(state, self.prop_attn)
 
     def _rope(self, state: TokenState, position: Tensor | None) -> Tensor | None:
         """The rotary embedding of the current tokens (None: the block has no RoPE)."""
@@ -508,10 +526,11 @@ class ReducingViT:
                 "call tokenprune.unpatch(model) for masked attention"
             )
         grid = self._token_grid(x)
+        valid = self._valid_tokens(x)
         x, position = self._embed(x)
         # Blocks give positions (RoPE, relative bias) to merged tokens from their sources: trace them.
         trace_source = trace_source or self._positions_follow_sources
-        state = start_state(x, trace_source, grid, self.tokenprune_config.track_positions)
+        state = start_state(x, trace_source, grid, self.tokenprune_config.track_positions, valid)
         for i, block in enumerate(self.blocks):
             if num_blocks is not None and i == num_blocks:
                 break
@@ -603,6 +622,11 @@ class ReducingViT:
         x = self.patch_drop(x)
         return self.norm_pre(x), None
 
+    def _valid_tokens(self, x: Any) -> Tensor | None:
+        """[B, T] bool, False for the padding among the tokens entering the first block (NaFlexVit's
+        packed sequences); None: no padding."""
+        return None
+
     # The method ``tokenprune.patch(model, **options)`` applies when none is named.
     default_method = "tome"
     # Whether the prefix tokens run through the blocks (CaiT adds its class token after them).
@@ -644,7 +668,9 @@ class ReducingViT:
             size = None
         return self._forward_head_sized(x, size, pre_logits)
 
-    def _forward_head_sized(self, x: Tensor, size: Tensor | None, pre_logits: bool) -> Tensor:
+    def _forward_head_sized(self, x: Tensor, size: Tensor | None, pre_logits: bool, padded: bool = False) -> Tensor:
+        """The head, pooling by ``size`` (None: every token once); ``padded``: tokens of size 0 are
+        padding, which attention pooling masks out exactly (as every other pooling weighs it 0)."""
         if size is None or not _pool_by_weight(self):
             return super().forward_head(x, pre_logits=pre_logits)  # type: ignore[misc]
         if not pool_includes_prefix(self):
@@ -653,8 +679,10 @@ class ReducingViT:
             # Always weighted, like the average below (ToMe pools by size even without
             # proportional attention in the blocks). log(ε + w) is log(size) for merged tokens
             # and, for a training keep mask, masks dropped tokens with a finite gradient (KEEP_EPS).
-            bias = torch.log(KEEP_EPS + size.float()).to(x.dtype).squeeze(-1)[:, None, None, :]
-            x = self.attn_pool(x, attn_mask=bias)
+            bias = torch.log(KEEP_EPS + size.float())
+            if padded:
+                bias = bias.masked_fill(size == 0, PADDING_KEY_BIAS)
+            x = self.attn_pool(x, attn_mask=bias.to(x.dtype).squeeze(-1)[:, None, None, :])
         else:
             weights = size.float()
             mean = peak = None
@@ -671,7 +699,7 @@ class ReducingViT:
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         state = self.forward_tokens(x, attn_mask, is_causal)
-        return self._forward_head_sized(state.x, state.pool_weights, pre_logits=False)
+        return self._forward_head_sized(state.x, state.pool_weights, pre_logits=False, padded=state.padded)
 
     def forward_intermediates(
         self,
