@@ -47,10 +47,11 @@ def images(batch: int = 2, size: tuple[int, int] = SIZE) -> torch.Tensor:
     return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(1))
 
 
-def _protected_match(metric: torch.Tensor, r: int, protected: int):
+def _protected_match(metric: torch.Tensor, r: int, protected: int, first: torch.Tensor | None = None):
     """ToMe's matching with ``protected`` leading tokens: A/B alternate over all positions,
     protected rows and columns score −inf; the merged sequence is the protected tokens, the
-    unmerged A tokens, then the B tokens, each group in its original order."""
+    unmerged A tokens, then the B tokens, each group in its original order. ``first`` ([B, T]
+    bool): A tokens that merge before any other, whatever their partner."""
     batch, num_tokens, _ = metric.shape
     metric = metric / metric.norm(dim=-1, keepdim=True)
     scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
@@ -58,6 +59,8 @@ def _protected_match(metric: torch.Tensor, r: int, protected: int):
     scores[:, position[::2] < protected, :] = -math.inf
     scores[:, :, position[1::2] < protected] = -math.inf
     best, partner = scores.max(dim=-1)
+    if first is not None:
+        best = best.masked_fill(first[:, ::2], math.inf)
     order = best.argsort(dim=-1, descending=True, stable=True)
     merged_a, kept_a = order[:, :r], order[:, r:].sort(dim=-1).values
 
@@ -206,13 +209,29 @@ def mixed_images() -> list[torch.Tensor]:
     return [torch.randn(3, *SIZE, generator=gen), torch.randn(3, 96, 128, generator=gen)]
 
 
+def padding_first_order(padding: list[bool], prefix: int) -> list[int]:
+    """The rule of padding-first matching, one sequence at a time: padding takes the last
+    A positions (absolute even ones), then the last B positions; real tokens fill the others
+    in their order. Returns, for each new position, the token placed there."""
+    body = padding[prefix:]
+    slots = range(len(body))
+    a_slots = [k for k in slots if (prefix + k) % 2 == 0]
+    b_slots = [k for k in slots if (prefix + k) % 2 == 1]
+    count = sum(body)
+    in_a = min(count, len(a_slots))
+    padding_slots = set(a_slots[len(a_slots) - in_a :] + b_slots[len(b_slots) - (count - in_a) :])
+    reals = iter(k for k in slots if not body[k])
+    pads = iter(k for k in slots if body[k])
+    return list(range(prefix)) + [prefix + next(pads if k in padding_slots else reals) for k in slots]
+
+
 @torch.no_grad()
 def packed_grid_reference(model, packed: dict, r_per_block: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and sizes of the unpatched NaFlexVit on packed patches with ToMe taken literally:
     timm's attention on the unmerged sequence with timm's padding mask, each merged token
     repeated once per position it covers; its pooling head with ``patch_valid``; ToMe's matching
-    with padding as the one rule says (cosine 1 to padding, 0 to patches); merged tokens the
-    mean of their patches, padding left out."""
+    with padding spent first (:func:`padding_first_order`, padding rows ranked first); merged
+    tokens the mean of their patches, padding left out."""
     x, _ = model.embeds(packed["patches"], patch_coord=packed["patch_coord"], patch_valid=packed["patch_valid"])
     x = model.norm_pre(x)
     batch, num_tokens, _ = x.shape
@@ -228,14 +247,19 @@ def packed_grid_reference(model, packed: dict, r_per_block: list[int]) -> tuple[
     def per_token(full: torch.Tensor) -> torch.Tensor:
         return (member @ full) / member.sum(-1, keepdim=True)
 
+    def reorder(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        return t.gather(1, order[..., None].expand(-1, -1, t.shape[-1]))
+
     for block, r in zip(model.blocks, r_per_block):
         h = block.norm1(x)
         x = x + block.ls1(per_token(block.attn(on_grid(h), attn_mask=key_mask)))
         if r:
-            size = member @ patches
             keys = block.attn.qkv(h).reshape(batch, x.shape[1], 3, block.attn.num_heads, -1)[:, :, 1].mean(2)
-            padding = (size == 0).float()
-            merge = _protected_match(torch.cat([keys * (1 - padding), padding], dim=-1), r, prefix)
+            padding = (member @ patches)[..., 0] == 0
+            order = torch.tensor([padding_first_order(row.tolist(), prefix) for row in padding])
+            x, member, keys = reorder(x, order), reorder(member, order), reorder(keys, order)
+            merge = _protected_match(keys, r, prefix, first=padding.gather(1, order))
+            size = member @ patches
             total, member = merge(x * size), merge(member)
             size = member @ patches
             x = torch.where(size > 0, total / size, 0.0)
@@ -273,8 +297,41 @@ def test_packed_matches_the_grid_reference(family: str, r) -> None:
     torch.testing.assert_close(out, logits, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "lengths",
+    [
+        (140, 139),  # one padding token, at an odd or even position depending on the prefix
+        (141, 139, 20),  # odd pack length; padding outnumbers set A in the short sequence
+        (140, 140),  # no padding anywhere
+        (130, 1),  # a sequence of one patch
+    ],
+)
+@pytest.mark.parametrize("family", ["radio_token", "siglip_map"])  # prefix 8 (even), 0
+def test_each_block_spends_its_merges_on_padding_first(family: str, lengths: tuple[int, ...]) -> None:
+    """Per sequence and block, min(r, padding left) of the r merges remove padding and the
+    rest merge patches: after the last block, a sequence with m₀ padding keeps
+    m_L = max(0, m₀ − Σ r) padding tokens and T_L − m_L tokens that hold patches, every patch
+    counted once."""
+    model = naflex(family)
+    prefix = model.num_prefix_tokens
+    gen = torch.Generator().manual_seed(5)
+    length = max(lengths)
+    packed = pack([torch.randn(3, 16, 16 * n, generator=gen) for n in lengths], length)  # 1 × n patch grids
+    r = (12, -1)
+    tokenprune.patch(model, r=r)
+    with torch.no_grad():
+        state = model.forward_tokens(packed)
+    removed = sum(tokenprune.plan(model, (16, 16 * length)).removed)
+    assert state.num_tokens == prefix + length - removed
+    for size, n in zip(state.size[..., 0], lengths):
+        left = max(0, (length - n) - removed)
+        assert int((size == 0).sum()) == left and size.sum() == prefix + n
+        assert int((size > 0).sum()) == state.num_tokens - left
+
+
+@pytest.mark.parametrize("prop_attn", [True, False])
 @pytest.mark.parametrize("family", ["gap_registers", "siglip_map", "radio_token"])
-def test_padding_merges_first_and_changes_no_patch(family: str) -> None:
+def test_padding_merges_first_and_changes_no_patch(family: str, prop_attn: bool) -> None:
     """The short image of a pack has padding enough for every merge (92 positions, r=8 for 3
     blocks), so no two of its patches merge and its logits are timm's on it alone; the long
     one, with no padding, gives up patches as it would alone in an image batch."""
@@ -283,7 +340,7 @@ def test_padding_merges_first_and_changes_no_patch(family: str) -> None:
     packed = pack([long, short], 140)
     with torch.no_grad():
         short_alone = model(short[None])
-        tokenprune.patch(model, r=8, trace_source=True)
+        tokenprune.patch(model, r=8, trace_source=True, prop_attn=prop_attn)
         long_alone = model(long[None])
         state = model.forward_tokens(packed)
         out = model(packed)
@@ -310,10 +367,43 @@ def test_packed_features_and_head_as_in_timm() -> None:
         full = model.forward_features(packed, unmerge=True)
         torch.testing.assert_close(model.forward_head(**features), out)
         torch.testing.assert_close(model.forward_head(**full), out, atol=1e-5, rtol=1e-5)
-    assert torch.equal(features["patch_valid"], features["size"][:, :, 0] > 0)
+        # one token per position, as the unmerged features are: size=None counts each once
+        torch.testing.assert_close(model.forward_head(full["patches"], patch_valid=full["patch_valid"], size=None), out,
+                                   atol=1e-5, rtol=1e-5)  # fmt: skip
+    assert torch.equal(features["patch_valid"], features["size"][:, model.num_prefix_tokens :, 0] > 0)
     assert full["patches"].shape == (2, 150, 192) and full["patch_valid"] is packed["patch_valid"]
+    # timm's call shape without the sizes: refused as on image batches, never pooled unweighted
+    with pytest.raises(ValueError, match=r"pools by map and reduces tokens: the pooling needs the token sizes"):
+        model.forward_head(features["patches"], patch_valid=features["patch_valid"])
     with pytest.raises(ValueError, match=r"merged tokens pool by their sizes"):
-        model.forward_head(features["patches"], patch_valid=packed["patch_valid"])
+        model.forward_head(features["patches"], patch_valid=packed["patch_valid"], size=None)
+
+
+def test_a_sequence_of_padding_alone_pools_to_what_timm_gives() -> None:
+    """A pack entry with no valid patch (average pooling over nothing: 0, as timm's masked mean
+    clamps its count) stays finite, and the other sequences are untouched by it."""
+    model = naflex("gap_registers")
+    packed = pack(mixed_images(), 150)
+    packed["patch_valid"][1] = False
+    with torch.no_grad():
+        expected = model(packed)
+        tokenprune.patch(model, r=8)
+        out = model(packed)
+        first_alone = model({k: v[:1] for k, v in packed.items()})
+    assert out.isfinite().all()
+    torch.testing.assert_close(out[1], expected[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[0], first_alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_packed_bfloat16_autocast() -> None:
+    model = tokenprune.patch(naflex("siglip_map"), r=(16, -1))
+    packed = pack(mixed_images(), 150)
+    with torch.no_grad():
+        expected = model(packed)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model(packed).float()
+    assert got.isfinite().all()
+    assert torch.nn.functional.cosine_similarity(got, expected, dim=-1).min() > 0.99
 
 
 def test_packed_triton_backend_matches_torch_backend() -> None:

@@ -27,7 +27,8 @@ class TokenState(NamedTuple):
     x: [B, T, C] tokens; the first ``num_prefix_tokens`` are class/distillation/register tokens
         (in CaiT's blocks there are none: it adds its class token after them).
     size: [B, T, 1] float32, how many input tokens each token stands for; ``None`` until the
-        first merge (all ones), so an unreduced model runs the exact ops of the unpatched one.
+        first merge (all ones), so an unreduced model runs the exact ops of the unpatched one
+        (set from the start where there is padding, which has size 0: ``padded``).
     source_index: [B, T_in] int64, for every input token the index of the current token that
         holds it; ``None`` unless source tracing is on.
         Dropped input tokens (pruning methods) have -1.
@@ -41,8 +42,8 @@ class TokenState(NamedTuple):
     decisions: the keep masks of every pruning stage so far ([B, T, 1] each), for the losses.
     padded: whether some tokens are padding, of size 0 (NaFlex's packed sequences: patches of
         images of different sizes padded to one length). Attention masks them out (with or
-        without proportional attention) and matching merges them first (:func:`padding_metric`);
-        merging a size-0 token changes no real token.
+        without proportional attention) and matching spends merges on them first
+        (:func:`padding_first_matching`); merging a size-0 token changes no real token.
     """
 
     x: Tensor
@@ -308,14 +309,43 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int, backend:
     return bipartite_dest(best_score, best_b, r, metric.shape[1], num_protected, backend)
 
 
-def padding_metric(metric: Tensor, padding: Tensor) -> Tensor:
-    """``metric`` [B, T, D] with one more channel that makes padding tokens (``padding``,
-    [B, T, 1], True/1 for padding) alike, cosine 1, and orthogonal to every real token, cosine 0:
-    bipartite matching then merges padding with padding before any pair of real tokens less
-    similar than identical (a padding token with no padding partner joins a real token, whose
-    average its size 0 leaves unchanged). Real tokens keep their mutual cosines."""
-    padding = padding.to(metric.dtype)
-    return torch.cat([metric * (1 - padding), padding], dim=-1)
+def padding_first_matching(metric: Tensor, padding: Tensor, r: int, num_protected: int, backend: str = "auto") -> Tensor:
+    """:func:`bipartite_soft_matching` for sequences with padding (``padding``, [B, T] bool: the
+    size-0 tokens of NaFlex's packed sequences): each sequence spends its r merges on padding
+    first, then on ToMe's best pairs of real tokens.
+
+    A padding token can leave only from set A (B tokens receive merges), so each sequence's
+    padding is moved to the last A positions (to the last B positions too where it outnumbers
+    A), and its real tokens fill the other positions in their order; padding rows then rank
+    first whatever their partner, since merging a size-0 token changes no token. Where
+    padding outnumbers A, all r ≤ |A| merges remove padding. A sequence without padding is
+    matched exactly as by :func:`bipartite_soft_matching`.
+    """
+    p = num_protected
+    batch, num_tokens = padding.shape
+    body = padding[:, p:]
+    n = num_tokens - p
+    a_part, _ = bipartite_split(p)
+    position = torch.arange(n, device=padding.device)
+    in_a = torch.zeros(n, dtype=torch.bool, device=padding.device)
+    in_a[a_part] = True
+    num_a = int(in_a.sum())
+    count = body.sum(dim=1, keepdim=True)
+    pad_in_a = count.clamp(max=num_a)
+    # Position k of a set holds padding when it is among the set's last pad_in_a (A) or
+    # count - pad_in_a (B) positions; the k-th position of either set is body position 2k(+1).
+    rank = position // 2
+    slot_is_pad = torch.where(in_a, rank >= num_a - pad_in_a, rank >= (n - num_a) - (count - pad_in_a))
+    # Real tokens then padding, each in order, go to the real slots then the padding slots.
+    token_order = body.to(torch.uint8).sort(dim=1, stable=True).indices
+    slot_order = slot_is_pad.to(torch.uint8).sort(dim=1, stable=True).indices
+    perm = torch.empty_like(token_order).scatter_(1, slot_order, token_order)  # slot → token
+    moved = metric[:, p:].gather(1, perm.unsqueeze(-1).expand(-1, -1, metric.shape[-1]))
+    best_score, best_b = bipartite_best_match(torch.cat([metric[:, :p], moved], dim=1), p, backend=backend)
+    best_score = best_score.masked_fill(slot_is_pad[:, a_part], math.inf)
+    dest_moved = bipartite_dest(best_score, best_b, r, num_tokens, p, backend)
+    slot_of = torch.empty_like(perm).scatter_(1, perm, position.expand(batch, -1))  # token → slot
+    return torch.cat([dest_moved[:, :p], dest_moved[:, p:].gather(1, slot_of)], dim=1)
 
 
 class BlockMerge:
@@ -336,7 +366,7 @@ class BlockMerge:
     def __init__(
         self, tokens: Tensor, merged: int, num_protected: int = 0, padding: Tensor | None = None, backend: str = "auto"
     ) -> None:
-        metric = tokens if padding is None else padding_metric(tokens, padding)
+        metric = tokens if padding is None else torch.cat([tokens, padding.to(tokens.dtype)], dim=-1)
         self.num_out = tokens.shape[1] - merged
         self.dest = bipartite_soft_matching(metric, merged, num_protected, backend)
         self.backend = backend

@@ -12,7 +12,7 @@ from ..merge import (
     bipartite_soft_matching,
     max_bipartite_r,
     merge_state,
-    padding_metric,
+    padding_first_matching,
 )
 from ..schedule import RSchedule, resolve_r
 from ..patch.vit import block_prefix_tokens, head_dim
@@ -43,9 +43,10 @@ class BipartiteMerge:
         r = self.num_removed(state.num_tokens)
         if r == 0:
             return state
-        if state.padded:  # padding merges first, with padding (or into any token: its size is 0)
-            metric = padding_metric(metric, state.size == 0)
-        dest = bipartite_soft_matching(metric, r, self.num_protected, self.backend)
+        if state.padded:
+            dest = padding_first_matching(metric, state.size[..., 0] == 0, r, self.num_protected, self.backend)
+        else:
+            dest = bipartite_soft_matching(metric, r, self.num_protected, self.backend)
         return merge_state(state, dest, state.num_tokens - r, self.backend)
 
 

@@ -8,11 +8,12 @@ for FLOPs), and timm's NaFlexVit signatures over ReducingViT's, on both kinds of
   [B, N, P·P·C], ``patch_coord`` [B, N, 2] and ``patch_valid`` [B, N], the patches of images of
   different sizes padded to one length N). The padding enters the blocks as tokens of size 0
   (:attr:`tokenprune.merge.TokenState.padded`): attention masks it out, with or without
-  proportional attention, as timm's mask from ``patch_valid`` does; ToMe's matching merges it
-  first, with padding, and merging a size-0 token changes no real one; pooling weighs it 0. So
-  every sequence of the pack loses r tokens per block, padding before patches: the longest
-  image gives up patches, a short one mostly padding. ToMe only (the method's
-  ``supports_padding``), and not with RoPE (which no pretrained NaFlexVit uses).
+  proportional attention, as timm's mask from ``patch_valid`` does; ToMe's matching spends
+  each sequence's r merges on its padding first (:func:`tokenprune.merge.padding_first_matching`),
+  and merging a size-0 token changes no real one; pooling weighs it 0. So every sequence of the
+  pack loses r tokens per block, padding before patches, and keeps more of its patches the
+  more padding it has. ToMe only (the method's ``supports_padding``), and not with RoPE (which
+  no pretrained NaFlexVit uses).
 
 Importing this module registers the class in :mod:`tokenprune.patch.vit`'s registries.
 """
@@ -177,7 +178,8 @@ class ReducingNaFlexVit(ReducingViT, NaFlexVit):
             return super().forward_features(patches, attn_mask, unmerge=unmerge)
         state = self.forward_tokens(packed, trace_source=True if unmerge else None)
         if unmerge:
-            return {"patches": unmerge_tokens(state.x, state.source_index), "patch_valid": packed["patch_valid"]}
+            full = unmerge_tokens(state.x, state.source_index)
+            return {"patches": full, "patch_valid": packed["patch_valid"], "size": self._position_weights(packed["patch_valid"], full)}
         real = None if state.size is None else state.size[:, self.num_prefix_tokens :, 0] > 0
         return {"patches": state.x, "patch_valid": real, "size": state.size}
 
@@ -189,18 +191,26 @@ class ReducingNaFlexVit(ReducingViT, NaFlexVit):
         size: Tensor | None = _NOT_GIVEN,
     ) -> Tensor:
         """timm's head on the tokens ``patches``, weighted by ``size`` (see
-        :meth:`ReducingViT.forward_head`). With ``patch_valid`` (packed inputs), padding counts
-        0; without ``size`` the tokens must be the unmerged ones, one per position."""
+        :meth:`ReducingViT.forward_head`). With ``patch_valid`` (packed inputs) padding counts 0;
+        ``forward_head(**model.forward_features(packed))`` passes both. ``size=None``: the tokens
+        are one per input position."""
         if patch_valid is None:
             return super().forward_head(patches, pre_logits=pre_logits, size=size)
-        if size is _NOT_GIVEN or size is None:
-            if patches.shape[1] != self.num_prefix_tokens + patch_valid.shape[1]:
-                raise ValueError(
-                    f"{patches.shape[1]} tokens for {patch_valid.shape[1]} positions: merged tokens pool by "
-                    "their sizes; pass forward_head(**model.forward_features(packed)), which holds them"
-                )
-            size = self._valid_tokens({"patch_valid": patch_valid}).unsqueeze(-1).float()
+        if size is _NOT_GIVEN:  # tokens that may be merged need their sizes, as on image batches
+            self._refuse_unsized_pooling()
+            size = None
+        if size is None:  # one token per position (an unreduced model's): padding counts 0
+            size = self._position_weights(patch_valid, patches)
         return self._forward_head_sized(patches, size, pre_logits, padded=True)
+
+    def _position_weights(self, patch_valid: Tensor, tokens: Tensor) -> Tensor:
+        """[B, T, 1] pooling weights of tokens at their input positions: 1, and 0 for padding."""
+        if tokens.shape[1] != self.num_prefix_tokens + patch_valid.shape[1]:
+            raise ValueError(
+                f"{tokens.shape[1]} tokens for {patch_valid.shape[1]} positions (+ {self.num_prefix_tokens} prefix): "
+                "merged tokens pool by their sizes; use forward_head(**model.forward_features(packed))"
+            )
+        return self._valid_tokens({"patch_valid": patch_valid}).unsqueeze(-1).float()
 
     def forward_intermediates(  # type: ignore[override]
         self,

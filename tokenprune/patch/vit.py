@@ -68,7 +68,7 @@ SUPPORTED_FAMILIES = (
     "(ParallelScalingBlock, DiffParallelScalingBlock); timm Eva with EvaBlock / EvaBlockPostNorm and "
     "EvaAttention / AttentionRope: EVA, EVA-02, DINOv3, Perception Encoder, RoPE-ViT (RoPE, GQA); "
     "timm Beit: BEiT, BEiT v2 (relative position bias); timm VisionTransformerRelPos (vit_relpos_*); "
-    "timm Cait (CaiT: talking heads, class attention); timm NaFlexVit (SigLIP 2 NaFlex, RADIO) on image batches; "
+    "timm Cait (CaiT: talking heads, class attention); timm NaFlexVit (SigLIP 2 NaFlex, RADIO) on image batches and packed sequences; "
     "timm Qwen3VitEncoder / Qwen3VitClassifier (Qwen3-VL vision encoders); "
     "timm VisionTransformerSAM (Segment Anything's encoder, with method='merge_unmerge'); "
     "tokenprune.models.VideoVisionTransformer (VideoMAE video ViT)"
@@ -658,15 +658,19 @@ class ReducingViT:
         token by the patches it covers. ``size=None`` says every token counts once (what
         ``pool_weights`` is after pruning without merging)."""
         if size is _NOT_GIVEN:
-            if _pool_by_size(self) and any(b.reducer is not None for b in self.blocks):
-                pooling = "map" if getattr(self, "attn_pool", None) is not None else repr(self.global_pool)
-                raise ValueError(
-                    f"this model pools by {pooling} and reduces "
-                    "tokens: the pooling needs the token sizes. Use model(x), or "
-                    "state = model.forward_tokens(x); model.forward_head(state.x, size=state.pool_weights)"
-                )
+            self._refuse_unsized_pooling()
             size = None
         return self._forward_head_sized(x, size, pre_logits)
+
+    def _refuse_unsized_pooling(self) -> None:
+        """Raise when the head pools over tokens the blocks may have merged but is given no sizes."""
+        if _pool_by_size(self) and any(b.reducer is not None for b in self.blocks):
+            pooling = "map" if getattr(self, "attn_pool", None) is not None else repr(self.global_pool)
+            raise ValueError(
+                f"this model pools by {pooling} and reduces "
+                "tokens: the pooling needs the token sizes. Use model(x), or "
+                "state = model.forward_tokens(x); model.forward_head(state.x, size=state.pool_weights)"
+            )
 
     def _forward_head_sized(self, x: Tensor, size: Tensor | None, pre_logits: bool, padded: bool = False) -> Tensor:
         """The head, pooling by ``size`` (None: every token once); ``padded``: tokens of size 0 are
@@ -688,7 +692,9 @@ class ReducingViT:
             mean = peak = None
             if self.global_pool != "max":  # avg, avgmax
                 # In float32 like timm's mean: bf16 weights would round each to ~3 digits.
-                mean = (x.float() * (weights / weights.sum(dim=1, keepdim=True))).sum(dim=1).to(x.dtype)
+                # (A sequence of padding alone, total 0, pools to 0 as in timm's NaFlexVit.)
+                total = weights.sum(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+                mean = (x.float() * (weights / total)).sum(dim=1).to(x.dtype)
             if self.global_pool != "avg":  # max, avgmax
                 # Over the tokens present: weight 0 is a token a training keep mask dropped.
                 peak = x.masked_fill(weights == 0, float("-inf")).amax(dim=1)
