@@ -11,6 +11,7 @@ from tokenprune.merge import (
     bipartite_soft_matching,
     max_bipartite_r,
     merge_state,
+    padding_first_matching,
     source_matrix,
     start_state,
     unmerge,
@@ -51,6 +52,32 @@ def test_matching_equals_brute_force(t: int, p: int) -> None:
     metric = torch.randn(3, t, 6)
     for r in range(max_bipartite_r(t, p) + 1):
         assert torch.equal(bipartite_soft_matching(metric, r, p), brute_force_dest(metric, r, p)), r
+
+
+@pytest.mark.parametrize("t,p", [(5, 0), (12, 1), (13, 4), (33, 1), (34, 8)])
+def test_padding_first_matching_spends_merges_on_padding(t: int, p: int) -> None:
+    """Read from ``dest`` alone, for padding counts around |A| and every r: prefix tokens stay,
+    every output is used, each sequence's m padding tokens leave first (m - min(r, m) outputs
+    hold padding alone, no patch merges into padding), patches merge for the rest of r; a
+    sequence without padding is matched as by plain ToMe; the Triton backend agrees."""
+    gen = torch.Generator().manual_seed(t * 10 + p)
+    n = t - p
+    num_a = len(range(p % 2, n, 2))
+    counts = sorted({0, 1, num_a - 1, num_a, num_a + 1, n - 1} & set(range(n)))
+    padding = torch.zeros(len(counts), t, dtype=torch.bool)
+    for row, m in enumerate(counts):
+        padding[row, p + torch.randperm(n, generator=gen)[:m]] = True
+    metric = torch.randn(len(counts), t, 6, generator=gen)
+    for r in range(1, max_bipartite_r(t, p) + 1):
+        dest = padding_first_matching(metric, padding, r, p, backend="torch")
+        assert torch.equal(dest, padding_first_matching(metric, padding, r, p, backend="triton")), r
+        assert torch.equal(dest[:, :p], torch.arange(p).expand(len(counts), -1))
+        for row, m in enumerate(counts):
+            assert sorted(set(dest[row].tolist())) == list(range(t - r)), (r, m)
+            holding_patches = set(dest[row][~padding[row]].tolist())
+            assert len(holding_patches) == (t - m) - (r - min(r, m)), (r, m)
+            if m == 0:
+                assert torch.equal(dest[row], brute_force_dest(metric[row : row + 1], r, p)[0]), r
 
 
 def test_ties_break_to_lowest_index() -> None:

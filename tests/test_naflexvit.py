@@ -26,6 +26,8 @@ FAMILIES = {
     "rope_axial": ("naflexvit_base_patch16_gap", {"rope_type": "axial", "pos_embed": "none"}),
     "rope_mixed": ("naflexvit_base_patch16_gap", {"rope_type": "mixed", "pos_embed": "none"}),
     "pre_norm": ("naflexvit_base_patch16_gap", {"pre_norm": True}),
+    # one prefix token: ToMe's A/B parity starts at the first patch
+    "class_token_only": ("naflexvit_base_patch16_gap", {"class_token": True, "reg_tokens": 0, "global_pool": "token"}),
 }
 WITHOUT_ROPE = [family for family in FAMILIES if not family.startswith("rope")]
 # timm's convolutional patch embedding takes image batches only
@@ -203,10 +205,13 @@ def pack(images_: list[torch.Tensor], length: int) -> dict[str, torch.Tensor]:
     return {"patches": torch.stack(patches), "patch_coord": torch.stack(coords), "patch_valid": torch.stack(valid)}
 
 
-def mixed_images() -> list[torch.Tensor]:
-    """A 224×160 image (140 patches: no padding in a pack of 140) and a 96×128 one (48 patches)."""
+def mixed_images(middle: bool = False) -> list[torch.Tensor]:
+    """A 224×160 image (140 patches: no padding in a pack of 140) and a 96×128 one (48
+    patches); ``middle``: between them a 208×160 one (130 patches: its padding runs out in the
+    middle of a block at r=8)."""
     gen = torch.Generator().manual_seed(2)
-    return [torch.randn(3, *SIZE, generator=gen), torch.randn(3, 96, 128, generator=gen)]
+    long, short = torch.randn(3, *SIZE, generator=gen), torch.randn(3, 96, 128, generator=gen)
+    return [long, torch.randn(3, 208, 160, generator=gen), short] if middle else [long, short]
 
 
 def padding_first_order(padding: list[bool], prefix: int) -> list[int]:
@@ -286,7 +291,7 @@ def test_packed_r0_matches_timm(family: str) -> None:
 @pytest.mark.parametrize("r", [8, (16, -1)])
 def test_packed_matches_the_grid_reference(family: str, r) -> None:
     model = naflex(family)
-    packed = pack(mixed_images(), 140)
+    packed = pack(mixed_images(middle=True), 140)
     logits, size = packed_grid_reference(model, packed, list(resolve_r(r, len(model.blocks))))
     tokenprune.patch(model, r=r, backend="torch")
     with torch.no_grad():
@@ -300,13 +305,13 @@ def test_packed_matches_the_grid_reference(family: str, r) -> None:
 @pytest.mark.parametrize(
     "lengths",
     [
-        (140, 139),  # one padding token, at an odd or even position depending on the prefix
+        (140, 139),  # one padding token
         (141, 139, 20),  # odd pack length; padding outnumbers set A in the short sequence
         (140, 140),  # no padding anywhere
         (130, 1),  # a sequence of one patch
     ],
 )
-@pytest.mark.parametrize("family", ["radio_token", "siglip_map"])  # prefix 8 (even), 0
+@pytest.mark.parametrize("family", ["radio_token", "class_token_only"])  # prefix 8, 1
 def test_each_block_spends_its_merges_on_padding_first(family: str, lengths: tuple[int, ...]) -> None:
     """Per sequence and block, min(r, padding left) of the r merges remove padding and the
     rest merge patches: after the last block, a sequence with m₀ padding keeps

@@ -317,7 +317,7 @@ def padding_first_matching(metric: Tensor, padding: Tensor, r: int, num_protecte
     A padding token can leave only from set A (B tokens receive merges), so each sequence's
     padding is moved to the last A positions (to the last B positions too where it outnumbers
     A), and its real tokens fill the other positions in their order; padding rows then rank
-    first whatever their partner, since merging a size-0 token changes no token. Where
+    first, into the first B token, since merging a size-0 token changes no token. Where
     padding outnumbers A, all r ≤ |A| merges remove padding. A sequence without padding is
     matched exactly as by :func:`bipartite_soft_matching`.
     """
@@ -327,9 +327,8 @@ def padding_first_matching(metric: Tensor, padding: Tensor, r: int, num_protecte
     n = num_tokens - p
     a_part, _ = bipartite_split(p)
     position = torch.arange(n, device=padding.device)
-    in_a = torch.zeros(n, dtype=torch.bool, device=padding.device)
-    in_a[a_part] = True
-    num_a = int(in_a.sum())
+    in_a = position % 2 == a_part.start
+    num_a = len(range(n)[a_part])
     count = body.sum(dim=1, keepdim=True)
     pad_in_a = count.clamp(max=num_a)
     # Position k of a set holds padding when it is among the set's last pad_in_a (A) or
@@ -342,7 +341,10 @@ def padding_first_matching(metric: Tensor, padding: Tensor, r: int, num_protecte
     perm = torch.empty_like(token_order).scatter_(1, slot_order, token_order)  # slot → token
     moved = metric[:, p:].gather(1, perm.unsqueeze(-1).expand(-1, -1, metric.shape[-1]))
     best_score, best_b = bipartite_best_match(torch.cat([metric[:, :p], moved], dim=1), p, backend=backend)
-    best_score = best_score.masked_fill(slot_is_pad[:, a_part], math.inf)
+    # Padding rows first, each into the first B token: any partner would do, and a fixed one
+    # keeps the backends from choosing differently among near-equal scores.
+    pad_rows = slot_is_pad[:, a_part]
+    best_score, best_b = best_score.masked_fill(pad_rows, math.inf), best_b.masked_fill(pad_rows, 0)
     dest_moved = bipartite_dest(best_score, best_b, r, num_tokens, p, backend)
     slot_of = torch.empty_like(perm).scatter_(1, perm, position.expand(batch, -1))  # token → slot
     return torch.cat([dest_moved[:, :p], dest_moved[:, p:].gather(1, slot_of)], dim=1)
