@@ -19,9 +19,10 @@ depend on them). Per row (one configuration):
   "GFLOPs" ViT papers quote), its **fraction** of the unreduced model's, the **output
   tokens** from :func:`tokenprune.plan`, and on CUDA the **peak memory** of one pass.
 * **agreement** — mean cosine of the logits and top-1 agreement (%) with the unpatched
-  model on the benchmark batch, from one extra untimed forward (which also compiles). With
-  random weights this measures how far the reduction moves the outputs, not accuracy: for
-  accuracy, run ``evals.imagenet`` and join the two with ``evals.pareto``.
+  model on the benchmark batch, from one extra untimed forward (which also compiles); for a
+  model without a classifier (SAM, bare encoders) the cosine of each sample's whole output and
+  no top-1 ("-"). With random weights this measures how far the reduction moves the outputs,
+  not accuracy: for accuracy, run ``evals.imagenet`` and join the two with ``evals.pareto``.
 
 **Packed inputs.** ``--packed`` times a NaFlexVit on NaFlex's packed sequences (timm's
 collator's dict: one image of the input size, the others of random shapes, each padded to
@@ -140,7 +141,7 @@ class Row:
     tokens_per_block: list[int]
     peak_memory_mib: float | None  # CUDA only
     logits_cosine: float
-    top1_agreement_pct: float
+    top1_agreement_pct: float | None  # None for a model without a classifier (SAM, bare encoders)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,7 +385,7 @@ COLUMNS: list[tuple[str, Callable[[Row], str], str]] = [
     ("out tokens", lambda row: str(row.output_tokens), ">"),
     ("peak MiB", lambda row: "-" if row.peak_memory_mib is None else f"{row.peak_memory_mib:.0f}", ">"),
     ("logit cos", lambda row: f"{row.logits_cosine:.4f}", ">"),
-    ("top-1 agr %", lambda row: f"{row.top1_agreement_pct:.1f}", ">"),
+    ("top-1 agr %", lambda row: "-" if row.top1_agreement_pct is None else f"{row.top1_agreement_pct:.1f}", ">"),
 ]
 # Always shown, even when constant: the figures the table is for.
 MEASURES = {"samples/s", "speedup", "GFLOPs", "FLOPs ratio", "out tokens", "logit cos", "top-1 agr %", "method", "setting"}

@@ -208,6 +208,17 @@ def test_video_model(tmp_path: Path) -> None:
     assert any("row skipped: temporal cannot reach 30% GFLOPs" in w for w in document["warnings"])
 
 
+def test_agreement_without_a_classifier() -> None:
+    """Feature maps (SAM's [B, C, H, W]) have no top-1; their cosine is per sample over the
+    whole map, not along its last axis."""
+    reference = torch.randn(2, 4, 3, 5, generator=torch.Generator().manual_seed(0))
+    moved = reference.clone()
+    moved[1] = -moved[1]
+    cosine, top1 = harness.agreement(moved, reference)
+    assert top1 is None and cosine == pytest.approx(0.0, abs=1e-12)
+    assert harness.agreement(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[2.0, 1.0], [2.0, 1.0]]))[1] == 50.0
+
+
 def test_packed_naflex_sequences(tmp_path: Path) -> None:
     """--packed: NaFlex's packed sequences, one image of the input size and the others smaller,
     padded to its patch count; the rows say so and count FLOPs per position."""
