@@ -20,8 +20,8 @@ depend on them). Per row (one configuration):
   tokens** from :func:`tokenprune.plan`, and on CUDA the **peak memory** of one pass.
 * **agreement** — mean cosine of the logits and top-1 agreement (%) with the unpatched
   model on the benchmark batch, from one extra untimed forward (which also compiles); for a
-  model without a classifier (SAM, bare encoders) the cosine of each sample's whole output and
-  no top-1 ("-"). With random weights this measures how far the reduction moves the outputs,
+  model without a classifier (``num_classes=0``: SAM, SigLIP 2 NaFlex, bare encoders) the
+  cosine of its features and no top-1 ("-"). With random weights this measures how far the reduction moves the outputs,
   not accuracy: for accuracy, run ``evals.imagenet`` and join the two with ``evals.pareto``.
 
 **Packed inputs.** ``--packed`` times a NaFlexVit on NaFlex's packed sequences (timm's
@@ -302,7 +302,7 @@ def _group_rows(
         except ValueError as error:  # a setting the data cannot satisfy, e.g. temporal r too large
             raise SystemExit(f"{name} {setting.method} {label}: {error}") from None
         reference = logits if reference is None else reference
-        cosine, top1 = agreement(logits, reference)
+        cosine, top1 = agreement(logits, reference, classifier=getattr(baseline, "num_classes", 0) > 0)
         flops = tokenprune.flops(model, size).total
         runners.append(runner)
         prepared.append(

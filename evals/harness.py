@@ -162,14 +162,15 @@ def set_fused_attn(model: nn.Module, fused: bool) -> nn.Module:
     return model
 
 
-def agreement(logits: Tensor, reference: Tensor) -> tuple[float, float | None]:
+def agreement(logits: Tensor, reference: Tensor, classifier: bool = True) -> tuple[float, float | None]:
     """(mean cosine similarity, top-1 agreement in %) of ``logits`` against ``reference``, per
-    sample. A model without a classifier (SAM's feature maps, a bare encoder's features) has no
-    top-1: None, and the cosine is over each sample's whole output."""
+    sample. Outputs that are not class logits (``classifier=False``: SAM's or a bare encoder's
+    pooled features, timm's ``num_classes=0``; or any output with more than one axis per
+    sample) have no top-1: None, and the cosine is over each sample's whole output."""
     # float64 so that identical logits give a cosine of 1 up to rounding of the last bit.
     a, b = logits.double().flatten(1), reference.double().flatten(1)
     cosine = F.cosine_similarity(a, b, dim=-1).mean().item()
-    if logits.ndim != 2:
+    if not classifier or logits.ndim != 2:
         return cosine, None
     top1 = (a.argmax(dim=-1) == b.argmax(dim=-1)).double().mean().item() * 100.0
     return cosine, top1

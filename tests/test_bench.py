@@ -216,7 +216,9 @@ def test_agreement_without_a_classifier() -> None:
     moved[1] = -moved[1]
     cosine, top1 = harness.agreement(moved, reference)
     assert top1 is None and cosine == pytest.approx(0.0, abs=1e-12)
-    assert harness.agreement(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[2.0, 1.0], [2.0, 1.0]]))[1] == 50.0
+    logits, reference = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[2.0, 1.0], [2.0, 1.0]])
+    assert harness.agreement(logits, reference)[1] == 50.0
+    assert harness.agreement(logits, reference, classifier=False)[1] is None  # pooled features
 
 
 def test_packed_naflex_sequences(tmp_path: Path) -> None:
@@ -239,6 +241,7 @@ def test_packed_naflex_sequences(tmp_path: Path) -> None:
     assert base["packed_length"] == tome["packed_length"] == (IMG_SIZE // 16) ** 2 and document["config"]["packed"]
     assert tome["output_tokens"] < base["output_tokens"] and tome["gflops"] < base["gflops"]
     assert base["logits_cosine"] == pytest.approx(1.0) and tome["logits_cosine"] < 1.0
+    assert base["top1_agreement_pct"] is None  # num_classes=0: pooled features, no classes
     assert "packed 16" in out.with_suffix(".md").read_text()
 
 

@@ -382,6 +382,13 @@ def test_packed_features_and_head_as_in_timm() -> None:
         model.forward_head(features["patches"], patch_valid=features["patch_valid"])
     with pytest.raises(ValueError, match=r"merged tokens pool by their sizes"):
         model.forward_head(features["patches"], patch_valid=packed["patch_valid"], size=None)
+    # without patch_valid (no padding): every position counts once, merged or not
+    full_pack = {**packed, "patch_valid": None}
+    with torch.no_grad():
+        expected = model(full_pack)
+        torch.testing.assert_close(model.forward_head(**model.forward_features(full_pack)), expected)
+        torch.testing.assert_close(model.forward_head(**model.forward_features(full_pack, unmerge=True)), expected,
+                                   atol=1e-5, rtol=1e-5)  # fmt: skip
 
 
 def test_a_sequence_of_padding_alone_pools_to_what_timm_gives() -> None:

@@ -104,7 +104,11 @@ class ReducingNaFlexVit(ReducingViT, NaFlexVit):
     def _valid_tokens(self, x: Any) -> Tensor | None:
         if not isinstance(x, dict) or x["patch_valid"] is None:
             return None
-        valid = x["patch_valid"].bool()
+        return self._with_prefix(x["patch_valid"])
+
+    def _with_prefix(self, patch_valid: Tensor) -> Tensor:
+        """[B, prefix + N] bool: ``patch_valid`` behind the prefix tokens, which are always valid."""
+        valid = patch_valid.bool()
         return torch.cat([valid.new_ones(valid.shape[0], self.num_prefix_tokens), valid], dim=1)
 
     @staticmethod
@@ -178,8 +182,9 @@ class ReducingNaFlexVit(ReducingViT, NaFlexVit):
             return super().forward_features(patches, attn_mask, unmerge=unmerge)
         state = self.forward_tokens(packed, trace_source=True if unmerge else None)
         if unmerge:
-            full = unmerge_tokens(state.x, state.source_index)
-            return {"patches": full, "patch_valid": packed["patch_valid"], "size": self._position_weights(packed["patch_valid"], full)}
+            full, valid = unmerge_tokens(state.x, state.source_index), packed["patch_valid"]
+            size = None if valid is None else self._position_weights(valid, full)
+            return {"patches": full, "patch_valid": valid, "size": size}
         real = None if state.size is None else state.size[:, self.num_prefix_tokens :, 0] > 0
         return {"patches": state.x, "patch_valid": real, "size": state.size}
 
@@ -210,7 +215,7 @@ class ReducingNaFlexVit(ReducingViT, NaFlexVit):
                 f"{tokens.shape[1]} tokens for {patch_valid.shape[1]} positions (+ {self.num_prefix_tokens} prefix): "
                 "merged tokens pool by their sizes; use forward_head(**model.forward_features(packed))"
             )
-        return self._valid_tokens({"patch_valid": patch_valid}).unsqueeze(-1).float()
+        return self._with_prefix(patch_valid).unsqueeze(-1).float()
 
     def forward_intermediates(  # type: ignore[override]
         self,
