@@ -317,7 +317,9 @@ def _group_rows(
                 "options": _jsonable({k: v for k, v in options.items() if k != "backend"}),
                 "attention": attention,
                 "backend": backend,
-                "backend_used": None if backend is None else ("triton" if use_triton(backend, leading_tensor(inputs)) else "torch"),
+                "backend_used": None if backend is None else (
+                    "triton" if use_triton(backend, leading_tensor(inputs)) else "torch"
+                ),
                 "gflops": flops / 1e9,
                 "gflops_fraction": flops / unreduced_flops,
                 "output_tokens": reduction.output_tokens,
