@@ -62,7 +62,7 @@ STEPS: tuple[Step, ...] = (
         "evals.bench",
         ("--model", "vit_base_patch16_224", "--r", "8", "--r", "13", "--r", "16", "--r", "16,-1",
          "--batch-size", "256", "--batch-size", "1", "--no-manual", "--out", f"{RESULTS}/bench_vitb_cuda.json"),
-        60, 130,  # (37 s at batch 256 alone on the H200)
+        60, 110,  # (37 s at batch 256 alone on the H200)
     ),  # fmt: skip
     Step(
         "profile of ToMe r=(16,-1) on ViT-B: GPU kernel time against wall time, torch and Triton",
@@ -137,6 +137,14 @@ STEPS: tuple[Step, ...] = (
          "--ratio", "0.25", "--ratio", "0.4", "--ratio", "0.5", "--no-manual",
          "--out", f"{RESULTS}/bench_sam_cuda.json"),
         20, 60,
+    ),  # fmt: skip
+    Step(
+        "SigLIP 2 NaFlex B/16 on packed sequences (576 positions, images of mixed shapes padded), batch 64: "
+        "unpatched (timm's T×T padding mask) vs ToMe (padding as size-0 tokens) at 75 % and 50 % of the GFLOPs",
+        "evals.bench",
+        ("--model", "naflexvit_base_patch16_siglip", "--packed", "--batch-size", "64", "--budget", "0.75",
+         "--budget", "0.5", "--no-manual", "--out", f"{RESULTS}/bench_naflex_packed_cuda.json"),
+        15, 45,
     ),  # fmt: skip
 )
 

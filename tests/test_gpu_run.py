@@ -19,7 +19,7 @@ from evals.harness import RESULTS_DIR
 
 def test_every_bench_step_parses_and_resolves() -> None:
     bench_steps = [step for step in gpu_run.STEPS if step.module == "evals.bench"]
-    assert len(bench_steps) == 7
+    assert len(bench_steps) == 8
     for step in bench_steps:
         for triton_ok in (True, False):
             adapted = gpu_run.adapted(step, triton_ok=triton_ok, have_matplotlib=False)
