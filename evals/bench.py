@@ -21,8 +21,9 @@ depend on them). Per row (one configuration):
 * **agreement** — mean cosine of the logits and top-1 agreement (%) with the unpatched
   model on the benchmark batch, from one extra untimed forward (which also compiles); for a
   model without a classifier (``num_classes=0``: SAM, SigLIP 2 NaFlex, bare encoders) the
-  cosine of its features and no top-1 ("-"). With random weights this measures how far the reduction moves the outputs,
-  not accuracy: for accuracy, run ``evals.imagenet`` and join the two with ``evals.pareto``.
+  cosine of its features and no top-1 ("-"). With random weights this measures how far the
+  reduction moves the outputs, not accuracy: for accuracy, run ``evals.imagenet`` and join
+  the two with ``evals.pareto``.
 
 **Packed inputs.** ``--packed`` times a NaFlexVit on NaFlex's packed sequences (timm's
 collator's dict: one image of the input size, the others of random shapes, each padded to
@@ -246,7 +247,10 @@ def _group_rows(
     device: torch.device = cfg["device"]
     dtype = DTYPES[cfg["dtype"]]
     size = input_size(baseline)
-    inputs = example_input(baseline, batch_size, device, cfg["seed"], packed=cfg["packed"])
+    try:
+        inputs = example_input(baseline, batch_size, device, cfg["seed"], packed=cfg["packed"])
+    except ValueError as error:  # --packed for a model that takes image batches only
+        raise SystemExit(f"{name}: {error}") from None
     packed_length = leading_tensor(inputs).shape[1] if cfg["packed"] else None
     unreduced_flops = tokenprune.flops(baseline, size).total
 

@@ -234,6 +234,8 @@ def test_packed_naflex_sequences(tmp_path: Path) -> None:
         assert rows * cols == count and (sequence[count:] == 0).all()
     with pytest.raises(ValueError, match="packed inputs are NaFlexVit's"):
         harness.example_input(timm.create_model(MODEL), 2, torch.device("cpu"), seed=0, packed=True)
+    with pytest.raises(SystemExit, match=f"{MODEL}: packed inputs are NaFlexVit's"):
+        _main(["--model", MODEL, "--packed", "--no-plot", "--out", str(tmp_path / "x.json"), *COMMON])
     out = tmp_path / "p.json"
     document = _main(["--model", "naflexvit_base_patch16_siglip", "--packed", "--batch-size", "3", "--r", "4", "--no-manual",
                       "--out", str(out), "--no-plot", *COMMON])  # fmt: skip
