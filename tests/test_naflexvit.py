@@ -361,6 +361,22 @@ def test_padding_merges_first_and_changes_no_patch(family: str, prop_attn: bool)
     torch.testing.assert_close(real_tokens, sizes)
 
 
+@pytest.mark.parametrize("family", ["siglip_map", "radio_token"])
+def test_plan_and_flops_of_packed_patches(family: str) -> None:
+    """plan and flops take the pack itself: the token counts the forward uses, and FLOPs equal
+    to FlopCounterMode's count of the forward (every position, padding too)."""
+    model = tokenprune.patch(naflex(family), r=(16, -1))
+    packed = pack(mixed_images(), 150)
+    with torch.no_grad():
+        state = model.forward_tokens(packed)
+    reduction = tokenprune.plan(model, packed)
+    assert reduction.tokens[0] == model.num_prefix_tokens + 150 and reduction.output_tokens == state.num_tokens
+    assert reduction == tokenprune.plan(model, (16, 16 * 150))  # as an image of 150 patches
+    assert tokenprune.flops(model, packed, batch_size=2).total == counted_flops(model, packed)
+    with pytest.raises(ValueError, match="VisionTransformer takes image or clip sizes, not packed patches"):
+        tokenprune.plan(timm.create_model("vit_tiny_patch16_224"), packed)
+
+
 def test_packed_features_and_head_as_in_timm() -> None:
     """forward_head(**forward_features(packed)) is the forward, merged or unmerged, as in timm;
     the merged features say which tokens are patches."""

@@ -13,6 +13,9 @@ from .merge import source_matrix
 from .methods import METHODS, MethodConfig
 from .patch import beit, cait, diff_attention, eva, naflexvit, parallel, qwen3_vit, sam, video, vit, vit_relpos  # noqa: F401 (importing a family's module registers it)
 
+# An image or clip size ((H, W), (C, H, W), (T, H, W), an int), or NaFlex's packed patches (a dict).
+InputSize = int | tuple[int, ...] | dict[str, Tensor]
+
 
 def patch(model: nn.Module, method: str | MethodConfig | None = None, **options: Any) -> nn.Module:
     """Make ``model`` reduce tokens, in place, and return it.
@@ -112,11 +115,17 @@ class ReductionPlan:
         return self.tokens[block] - self.removed[block]
 
 
-def patch_grid(model: nn.Module, input_size: int | tuple[int, ...]) -> tuple[int, ...]:
+def patch_grid(model: nn.Module, input_size: InputSize) -> tuple[int, ...]:
     """The token grid for an input of ``input_size``: (rows, cols) for an image ((H, W),
     (C, H, W) or an int); (frames, rows, cols) for a video model, whose ``input_size`` is
-    (T, H, W), (C, T, H, W), (H, W) or an int (then T is the model's ``num_frames``)."""
+    (T, H, W), (C, T, H, W), (H, W) or an int (then T is the model's ``num_frames``); (N,) for
+    NaFlex's packed patches (the dict itself: sequences of N positions)."""
     model = vit.reducing_model(model)
+    if isinstance(input_size, dict):
+        packed_grid = getattr(vit.family(model), "packed_grid", None)
+        if packed_grid is None:
+            raise ValueError(f"{type(model).__name__} takes image or clip sizes, not packed patches (NaFlexVit's input)")
+        return packed_grid(model, input_size)
     if video.is_video_model(model):
         return _video_grid(model, input_size)
     if isinstance(input_size, int):
@@ -144,14 +153,15 @@ def _video_grid(model: nn.Module, input_size: int | tuple[int, ...]) -> tuple[in
     return (int(t), int(h), int(w))
 
 
-def input_tokens(model: nn.Module, input_size: int | tuple[int, ...]) -> int:
+def input_tokens(model: nn.Module, input_size: InputSize) -> int:
     """Tokens entering the first block for an input of ``input_size`` (prefix + patches, or
     prefix + T'·H'·W' tubelets for video; CaiT's blocks see the patches alone)."""
     return vit.block_prefix_tokens(vit.reducing_model(model)) + math.prod(patch_grid(model, input_size))
 
 
-def plan(model: nn.Module, input_size: int | tuple[int, ...]) -> ReductionPlan:
-    """The per-block token counts the model will use for ``input_size`` (effective schedule)."""
+def plan(model: nn.Module, input_size: InputSize) -> ReductionPlan:
+    """The per-block token counts the model will use for ``input_size`` (effective schedule;
+    NaFlexVit: or packed patches, see :func:`patch_grid`)."""
     model = vit.reducing_model(model)
     grid = patch_grid(model, input_size)
     count = input_tokens(model, input_size)

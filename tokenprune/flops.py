@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .api import input_tokens, patch_grid, plan
+from .api import InputSize, input_tokens, patch_grid, plan
 from .patch.vit import (
     ATTENTION_FORWARDS,
     BLOCK_FLOPS,
@@ -114,12 +114,14 @@ def _head_flops(model: nn.Module, tokens: int, grid: tuple[int, ...]) -> int:
     return flops
 
 
-def flops(model: nn.Module, input_size: int | tuple[int, ...], batch_size: int = 1) -> FlopReport:
-    """FLOPs of ``model`` (patched or not) on ``batch_size`` images (or clips) of ``input_size``."""
+def flops(model: nn.Module, input_size: InputSize, batch_size: int = 1) -> FlopReport:
+    """FLOPs of ``model`` (patched or not) on ``batch_size`` images (or clips) of ``input_size``
+    (NaFlexVit: or ``batch_size`` sequences of packed patches, ``input_size`` the dict, every
+    position counted, padding too, as the model computes it)."""
     return _flops(model, input_size, batch_size, with_head=True)
 
 
-def _flops(model: nn.Module, input_size: int | tuple[int, ...], batch_size: int, with_head: bool) -> FlopReport:
+def _flops(model: nn.Module, input_size: InputSize, batch_size: int, with_head: bool) -> FlopReport:
     wrapper = WRAPPERS.get(type(model))
     if wrapper is not None:  # the inner model's FLOPs (its head if the wrapper runs it) and the wrapper's head
         inner = getattr(model, wrapper.attribute)
@@ -145,7 +147,7 @@ def _flops(model: nn.Module, input_size: int | tuple[int, ...], batch_size: int,
     return FlopReport(per_block, fixed)
 
 
-def _embed_flops(model: nn.Module, input_size: int | tuple[int, ...], patches: int) -> int:
+def _embed_flops(model: nn.Module, input_size: InputSize, patches: int) -> int:
     embed = family(model).patch_embedding(model)
     if isinstance(embed.proj, nn.Linear):  # NaFlexVit's linear embedding of flattened patches
         return linear_flops(patches, embed.proj)

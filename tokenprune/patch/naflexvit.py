@@ -121,6 +121,11 @@ class ReducingNaFlexVit(ReducingViT, NaFlexVit):
     def patch_embedding(model: nn.Module) -> nn.Module:
         return model.embeds
 
+    @staticmethod
+    def packed_grid(model: nn.Module, packed: dict[str, Tensor]) -> tuple[int]:
+        """(N,): packed patches are sequences of N positions (a family hook; only NaFlexVit's)."""
+        return (int(packed["patches"].shape[1]),)
+
     def _token_grid(self, x: Any) -> tuple[int, ...]:
         if isinstance(x, dict):
             return (x["patches"].shape[1],)  # a sequence of patches from grids of their own
