@@ -142,7 +142,7 @@ class Row:
     tokens_per_block: list[int]
     peak_memory_mib: float | None  # CUDA only
     logits_cosine: float
-    top1_agreement_pct: float | None  # None for a model without a classifier (SAM, bare encoders)
+    top1_agreement_pct: float | None  # None without a classifier (num_classes=0: SAM, SigLIP 2 NaFlex, encoders)
 
 
 # ---------------------------------------------------------------------------------------------

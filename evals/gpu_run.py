@@ -9,7 +9,8 @@ ToMe's table (the kernels' targets), and at batch 1 (latency); a profile of r=(1
 the merge step alone; attention with the size bias alone (as a mask, folded into q and k, in
 the Triton kernel); the kernel tests on CUDA; the DINOv2 ViT-S/14 budget sweep; the video
 ViT-B sweep; torch.compile with CUDA graphs; RoPE and relative-position models (DINOv3,
-EVA-02, BEiT v2); CaiT, SigLIP 2 NaFlex and the Qwen3-VL vision encoder.
+EVA-02, BEiT v2); CaiT, SigLIP 2 NaFlex and the Qwen3-VL vision encoder; the SAM encoder with
+merge_unmerge; SigLIP 2 NaFlex on packed sequences.
 
 **Time.** ``--budget-s`` is what the steps may use together; give the device call's limit
 minus ~40 s (start-up and copying back). Each step may use what is left after reserving the
@@ -143,7 +144,7 @@ STEPS: tuple[Step, ...] = (
         "unpatched (timm's T×T padding mask) vs ToMe (padding as size-0 tokens) at 75 % and 50 % of the GFLOPs",
         "evals.bench",
         ("--model", "naflexvit_base_patch16_siglip", "--packed", "--batch-size", "64", "--budget", "0.75",
-         "--budget", "0.5", "--no-manual", "--out", f"{RESULTS}/bench_naflex_packed_cuda.json"),
+         "--budget", "0.5", "--no-manual", "--out", f"{RESULTS}/bench_naflexvit_packed_cuda.json"),
         15, 45,
     ),  # fmt: skip
 )

@@ -113,13 +113,13 @@ def example_input(model: nn.Module, batch_size: int, device: torch.device, seed:
 
     ``packed`` (a NaFlexVit): the batch as NaFlex's packed sequences instead, each padded to the
     patch count N of the model's input size, as timm's NaFlex collator lays them out: the first
-    image of that size (no padding), the others of random shapes covering 25-100 % of N
+    image of that size (no padding), the others of random shapes covering about 25-100 % of N
     patches at aspect ratios from 1:2 to 2:1."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     if not packed:
         return torch.randn(batch_size, 3, *input_size(model), generator=generator).to(device)
     if not hasattr(model, "embeds"):
-        raise ValueError(f"packed inputs are NaFlexVit's; {type(model).__name__} takes image batches")
+        raise ValueError(f"packed inputs are NaFlexVit's; {type(model).__name__} takes image batches: drop --packed")
     patch = tuple(int(p) for p in model.embeds.patch_size)
     grid = [side // step for side, step in zip(input_size(model), patch)]
     length = grid[0] * grid[1]
@@ -180,7 +180,7 @@ def agreement(logits: Tensor, reference: Tensor, classifier: bool = True) -> tup
 # Timing and memory
 
 
-def counted_flops(model: nn.Module, x: Tensor) -> int:
+def counted_flops(model: nn.Module, x: Inputs) -> int:
     """FLOPs of ``model(x)`` as torch's FlopCounterMode counts them: the independent count that
     :func:`tokenprune.flops` is checked against. Every attention with a ``fused_attn`` flag
     (blocks and attention pooling) runs its manual path, whose matmuls every torch version

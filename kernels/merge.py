@@ -240,7 +240,8 @@ class _MergeWAvg(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             channels = grad_merged.shape[-1]
-            coef = size / new_size.gather(1, dest.unsqueeze(-1)).clamp(min=_TINY)  # [B, T, 1] float32, tiny
+            # [B, T, 1] float32; a group of total size 0 (padding alone) gives 0, not 0/0
+            coef = size / new_size.gather(1, dest.unsqueeze(-1)).clamp(min=_TINY)
             rows = grad_merged.gather(1, dest.unsqueeze(-1).expand(-1, -1, channels))
             grad_x = (rows.float() * coef).to(grad_merged.dtype)
         return grad_x, None, None, None

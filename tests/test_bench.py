@@ -209,8 +209,9 @@ def test_video_model(tmp_path: Path) -> None:
 
 
 def test_agreement_without_a_classifier() -> None:
-    """Feature maps (SAM's [B, C, H, W]) have no top-1; their cosine is per sample over the
-    whole map, not along its last axis."""
+    """Outputs with more than one axis per sample (feature maps) have no top-1, and their
+    cosine is per sample over the whole output; pooled features (num_classes=0, SAM's
+    [B, 256]) have no top-1 either."""
     reference = torch.randn(2, 4, 3, 5, generator=torch.Generator().manual_seed(0))
     moved = reference.clone()
     moved[1] = -moved[1]

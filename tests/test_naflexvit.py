@@ -1,5 +1,6 @@
-"""timm NaFlexVit (SigLIP 2 NaFlex, RADIO) on image batches of any size: merging against the
-unpatched model's own modules run on the unmerged token grid."""
+"""timm NaFlexVit (SigLIP 2 NaFlex, RADIO) on image batches of any size and on packed sequences
+(padding as size-0 tokens): merging against the unpatched model's own modules run on the
+unmerged token grid, and against timm on the unreduced model."""
 
 from __future__ import annotations
 
@@ -372,9 +373,12 @@ def test_plan_and_flops_of_packed_patches(family: str) -> None:
     reduction = tokenprune.plan(model, packed)
     assert reduction.tokens[0] == model.num_prefix_tokens + 150 and reduction.output_tokens == state.num_tokens
     assert reduction == tokenprune.plan(model, (16, 16 * 150))  # as an image of 150 patches
-    assert tokenprune.flops(model, packed, batch_size=2).total == counted_flops(model, packed)
+    assert tokenprune.flops(model, packed).total == counted_flops(model, packed)  # the pack's 2 sequences
+    assert tokenprune.flops(model, packed, batch_size=1).total * 2 == counted_flops(model, packed)
     with pytest.raises(ValueError, match="VisionTransformer takes image or clip sizes, not packed patches"):
         tokenprune.plan(timm.create_model("vit_tiny_patch16_224"), packed)
+    with pytest.raises(ValueError, match="convolutional patch embedding takes image batches only"):
+        tokenprune.plan(naflex("conv_embed"), packed)
 
 
 def test_packed_features_and_head_as_in_timm() -> None:
@@ -458,8 +462,10 @@ def test_packed_training_has_finite_gradients(prop_attn: bool) -> None:
 def test_packed_inputs_are_refused_where_they_cannot_run() -> None:
     packed = pack(mixed_images(), 150)
     model = tokenprune.patch(naflex("siglip_map"), "pitome", r=8)
-    with pytest.raises(ValueError, match="PiToMeConfig cannot tell NaFlex's padding.*method='tome'"):
+    with pytest.raises(ValueError, match="PiToMeConfig cannot tell NaFlex's padding.*method 'tome'"):
         model(packed)
+    with pytest.raises(ValueError, match="convolutional patch embedding takes image batches only"):
+        tokenprune.patch(naflex("conv_embed"), r=8)(packed)
     model = tokenprune.patch(naflex("rope_axial"), r=8)
     with pytest.raises(ValueError, match="packed inputs of a NaFlexVit with RoPE"):
         model(packed)
@@ -472,6 +478,8 @@ def test_packed_inputs_are_refused_where_they_cannot_run() -> None:
         model(images(), patch_valid=packed["patch_valid"])
     with pytest.raises(ValueError, match="patch_valid must be"):
         model({**packed, "patch_valid": packed["patch_valid"][:, :10]})
+    with pytest.raises(ValueError, match=r"timm's NaFlex dict with 'patches'.*got keys \['patch_coord'\]"):
+        model({"patch_coord": packed["patch_coord"]})
     with pytest.raises(ValueError, match=r"expected an image batch \[B, C, H, W\].*got shape \(2, 3, 224\)"):
         model(images()[:, :, :, 0])
 

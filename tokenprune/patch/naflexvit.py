@@ -1,7 +1,8 @@
 """Patch for timm's ``NaFlexVit`` (SigLIP 2 NaFlex, RADIO, the ``naflexvit_*`` models): its
 blocks are timm's ``Block`` (or ``EvaBlock`` with RoPE), already patched. What this module adds:
-the model forward around the blocks, the family's hooks (any image size; the embedding module
-for FLOPs), and timm's NaFlexVit signatures over ReducingViT's, on both kinds of input:
+the model forward around the blocks, the family's hooks (any image size; packed sequences of N
+positions; the embedding module for FLOPs), and timm's NaFlexVit signatures over ReducingViT's,
+on both kinds of input:
 
 - image batches [B, C, H, W] of any size (the embedding resizes the position embedding);
 - packed sequences, NaFlex's own input (timm's NaFlex collator: a dict of ``patches``
@@ -12,8 +13,9 @@ for FLOPs), and timm's NaFlexVit signatures over ReducingViT's, on both kinds of
   each sequence's r merges on its padding first (:func:`tokenprune.merge.padding_first_matching`),
   and merging a size-0 token changes no real one; pooling weighs it 0. So every sequence of the
   pack loses r tokens per block, padding before patches, and keeps more of its patches the
-  more padding it has. ToMe only (the method's ``supports_padding``), and not with RoPE (which
-  no pretrained NaFlexVit uses).
+  more padding it has. Methods whose config has ``supports_padding`` (ToMe); not with RoPE (no
+  ``naflexvit_*`` model has it, but Eva weights loaded with timm's ``use_naflex=True`` do) nor
+  with timm's convolutional patch embedding (which takes image batches only, patched or not).
 
 Importing this module registers the class in :mod:`tokenprune.patch.vit`'s registries.
 """
@@ -27,6 +29,7 @@ from timm.models.naflexvit import NaFlexVit
 from torch import Tensor, nn
 
 from ..merge import unmerge as unmerge_tokens
+from ..methods import METHODS
 from . import vit
 from .vit import _NOT_GIVEN, ReducingViT
 
@@ -39,6 +42,10 @@ def packed_input(
     """timm's NaFlex mode as one dict (``patches``, ``patch_coord``, ``patch_valid``; entries of a
     dict input take priority, as in timm), or None for an image batch."""
     if isinstance(x, dict):
+        if "patches" not in x:
+            raise ValueError(
+                f"a packed input is timm's NaFlex dict with 'patches', 'patch_coord' and 'patch_valid'; got keys {sorted(x)}"
+            )
         patch_coord, patch_valid = x.get("patch_coord", patch_coord), x.get("patch_valid", patch_valid)
         attn_mask, x = x.get("attn_mask", attn_mask), x["patches"]
     elif patch_coord is None:
@@ -84,15 +91,18 @@ class ReducingNaFlexVit(ReducingViT, NaFlexVit):
     def _check_packed(self, packed: dict[str, Tensor | None]) -> None:
         config = self.tokenprune_config
         if not getattr(config, "supports_padding", False):
+            methods = [name for name, cls in METHODS.items() if getattr(cls, "supports_padding", False)]
             raise ValueError(
                 f"{type(config).__name__} cannot tell NaFlex's padding from patches: packed inputs run with "
-                "method='tome'; pass image batches [B, C, H, W] for this method"
+                f"method {' or '.join(map(repr, methods))}; pass image batches [B, C, H, W] for this method"
             )
         if self.rope is not None:
             raise ValueError(
-                "packed inputs of a NaFlexVit with RoPE are not supported while patched (no pretrained NaFlexVit "
-                "uses RoPE): pass image batches [B, C, H, W], or call tokenprune.unpatch(model)"
+                "packed inputs of a NaFlexVit with RoPE are not supported while patched yet (the rotary "
+                "embedding of merged tokens would average padding positions in): pass image batches "
+                "[B, C, H, W], or call tokenprune.unpatch(model)"
             )
+        self._refuse_convolutional_embedding(self)
         patches, coord, valid = packed["patches"], packed["patch_coord"], packed["patch_valid"]
         if patches.ndim < 3 or coord.shape != (*patches.shape[:2], 2):
             raise ValueError(
@@ -124,11 +134,20 @@ class ReducingNaFlexVit(ReducingViT, NaFlexVit):
     @staticmethod
     def packed_grid(model: nn.Module, packed: dict[str, Tensor]) -> tuple[int]:
         """(N,): packed patches are sequences of N positions (a family hook; only NaFlexVit's)."""
+        ReducingNaFlexVit._refuse_convolutional_embedding(model)
         return (int(packed["patches"].shape[1]),)
+
+    @staticmethod
+    def _refuse_convolutional_embedding(model: nn.Module) -> None:
+        if not model.embeds.is_linear:
+            raise ValueError(
+                "timm's convolutional patch embedding takes image batches only (unpatched too): pass [B, C, H, W], "
+                "or create the model with embed_proj_type='linear' for packed patches"
+            )
 
     def _token_grid(self, x: Any) -> tuple[int, ...]:
         if isinstance(x, dict):
-            return (x["patches"].shape[1],)  # a sequence of patches from grids of their own
+            return self.packed_grid(self, x)
         return self.image_grid(self, *x.shape[-2:])
 
     def _embed(self, x: Any) -> tuple[Tensor, Tensor | None]:
@@ -243,7 +262,8 @@ class ReducingNaFlexVit(ReducingViT, NaFlexVit):
         if packed_input(x, patch_coord, patch_valid, None) is not None:
             raise ValueError(
                 "forward_intermediates of packed patches is not supported by a patched NaFlexVit: pass image "
-                "batches, or use forward_features(packed, unmerge=True) for per-position features"
+                "batches, use forward_features(packed, unmerge=True) for per-position features, or call "
+                "tokenprune.unpatch(model)"
             )
         return super().forward_intermediates(
             x, indices, return_prefix_tokens, norm, stop_early, output_fmt, intermediates_only, output_dict,

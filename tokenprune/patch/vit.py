@@ -398,7 +398,7 @@ class ReducingBlockMixin:
     def _biases(self, state: TokenState) -> tuple[Tensor | None, Tensor | None]:
         """The attention biases the tokens call for: a training keep mask as an additive
         [B, 1, T, T] mask (float32 for a float16 stream: its gradient does not fit float16), and
-        proportional attention's log sizes, [B, T] (None where absent; see :func:`size_bias`)."""
+        the key bias of :func:`size_bias` (log sizes, padding masked), [B, T] (None where absent)."""
         bias = None
         if state.keep is not None:
             bias = keep_bias(state.keep, torch.float32 if state.x.dtype == torch.float16 else state.x.dtype)
@@ -551,12 +551,14 @@ class ReducingViT:
 
     def _check_input(self, x: Tensor) -> None:
         """Raise a clear error for an input the blocks' token grid cannot come from (families
-        override it: video clips, NaFlexVit's any size)."""
+        override it: video clips, NaFlexVit's any size and packed patches)."""
         if x.ndim == 4:
             self.image_grid(self, *x.shape[-2:])
 
     # Family hooks that hold for the unpatched model too (plans and FLOPs are asked of either):
-    # called on the family's class, ``family(model).image_grid(model, ...)``.
+    # called on the family's class, ``family(model).image_grid(model, ...)``. Two are optional,
+    # looked up where used: ``packed_grid`` (NaFlexVit's packed patches) and ``blocks_flops``
+    # (SAM's blocks, which run on the patch grid).
 
     @staticmethod
     def image_grid(model: nn.Module, height: int, width: int) -> tuple[int, int]:
