@@ -40,10 +40,12 @@ class TokenState(NamedTuple):
     keep: [B, T, 1] 0/1 mask of the tokens still in play while *training* a pruning method
         (DynamicViT keeps every token in place and masks attention); ``None`` otherwise.
     decisions: the keep masks of every pruning stage so far ([B, T, 1] each), for the losses.
-    padded: whether some tokens are padding, of size 0 (NaFlex's packed sequences: patches of
-        images of different sizes padded to one length). Attention masks them out (with or
-        without proportional attention) and matching spends merges on them first
-        (:func:`padding_first_matching`); merging a size-0 token changes no real token.
+    input_valid: [B, T_in] bool, which input tokens are patches rather than padding (NaFlex's
+        packed sequences: patches of images of different sizes padded to one length); None
+        when there is no padding. Padding has size 0: attention masks it out (with or without
+        proportional attention), matching spends merges on it first
+        (:func:`padding_first_matching`), merging it changes no real token, and per-input values
+        averaged over a token's sources (RoPE) leave it out.
     """
 
     x: Tensor
@@ -53,11 +55,16 @@ class TokenState(NamedTuple):
     grid: tuple[int, ...] | None = None
     keep: Tensor | None = None
     decisions: tuple[Tensor, ...] = ()
-    padded: bool = False
+    input_valid: Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
         return self.x.shape[1]
+
+    @property
+    def padded(self) -> bool:
+        """Whether some tokens may be padding (size 0): see ``input_valid``."""
+        return self.input_valid is not None
 
     @property
     def pool_weights(self) -> Tensor | None:
@@ -97,7 +104,7 @@ def start_state(
         if grid is None:
             raise ValueError("positions need the patch grid")
         pos = grid_positions(grid, num_tokens - math.prod(grid), x.device).expand(batch, -1, -1)
-    return TokenState(x, size, source_index, pos, grid, padded=valid is not None)
+    return TokenState(x, size, source_index, pos, grid, input_valid=valid)
 
 
 def merge_state(state: TokenState, dest: Tensor, num_out: int, backend: str = "auto") -> TokenState:
@@ -139,8 +146,11 @@ def mean_over_sources(values: Tensor, state: TokenState, num_prefix: int, backen
         raise ValueError("averaging over sources needs source tracing (start_state(trace_source=True))")
     batch, num_out = state.x.shape[0], state.num_tokens - num_prefix
     sources = state.source_index[:, num_prefix:] - num_prefix  # patch → current token - P; < 0: dropped
-    # A dropped patch joins any token with weight 0: it counts nowhere (every token keeps ≥ 1 patch).
+    # A dropped patch joins any token with weight 0: it counts nowhere (every token keeps ≥ 1
+    # patch). So does padding, whose values are not a patch's (a token of padding alone gets 0).
     weights = (sources >= 0).float().unsqueeze(-1)
+    if state.input_valid is not None:
+        weights = weights * state.input_valid[:, num_prefix:].unsqueeze(-1)
     heads, dim = (values.shape[-3] if values.ndim > 2 else 1), values.shape[-1]
     if values.ndim == 4:
         rows = values.movedim(-2, 1).reshape(batch, num_patches, heads * dim)

@@ -13,9 +13,9 @@ on both kinds of input:
   each sequence's r merges on its padding first (:func:`tokenprune.merge.padding_first_matching`),
   and merging a size-0 token changes no real one; pooling weighs it 0. So every sequence of the
   pack loses r tokens per block, padding before patches, and keeps more of its patches the
-  more padding it has. Methods whose config has ``supports_padding`` (ToMe); not with RoPE (no
-  ``naflexvit_*`` model has it, but Eva weights loaded with timm's ``use_naflex=True`` do) nor
-  with timm's convolutional patch embedding (which takes image batches only, patched or not).
+  more padding it has. RoPE (Eva weights loaded with timm's ``use_naflex=True``) follows merged
+  tokens over their patches, padding left out. Methods whose config has ``supports_padding``
+  (ToMe); not with timm's convolutional patch embedding (image batches only, patched or not).
 
 Importing this module registers the class in :mod:`tokenprune.patch.vit`'s registries.
 """
@@ -96,12 +96,6 @@ class ReducingNaFlexVit(ReducingViT, NaFlexVit):
                 f"{type(config).__name__} cannot tell NaFlex's padding from patches: packed inputs run with "
                 f"method {' or '.join(map(repr, methods))}; pass image batches [B, C, H, W] for this method"
             )
-        if self.rope is not None:
-            raise ValueError(
-                "packed inputs of a NaFlexVit with RoPE are not supported while patched yet (the rotary "
-                "embedding of merged tokens would average padding positions in): pass image batches "
-                "[B, C, H, W], or call tokenprune.unpatch(model)"
-            )
         self._refuse_convolutional_embedding(self)
         patches, coord, valid = packed["patches"], packed["patch_coord"], packed["patch_valid"]
         if patches.ndim < 3 or coord.shape != (*patches.shape[:2], 2):
@@ -153,7 +147,11 @@ class ReducingNaFlexVit(ReducingViT, NaFlexVit):
     def _embed(self, x: Any) -> tuple[Tensor, Tensor | None]:
         if isinstance(x, dict):
             tokens, _ = self.embeds(x["patches"], patch_coord=x["patch_coord"], patch_valid=x["patch_valid"])
-            return self.norm_pre(tokens), None
+            rope = None
+            if self.rope is not None:  # each sequence's own grid; mixed RoPE: one per block
+                rope = self._generate_rope_naflex(tokens, x["patch_coord"])
+                rope = list(rope) if self.rope_is_mixed else rope
+            return self.norm_pre(tokens), rope
         tokens, grid = self.embeds(x)
         rope = self.rope.get_embed(shape=grid) if self.rope is not None else None
         return self.norm_pre(tokens), rope
