@@ -51,6 +51,7 @@ __all__ = [
     "leading_tensor",
     "measure_interleaved",
     "measure_throughput",
+    "pack_images",
     "peak_memory_mib",
     "pyplot",
     "set_fused_attn",
@@ -123,7 +124,7 @@ def example_input(model: nn.Module, batch_size: int, device: torch.device, seed:
     patch = tuple(int(p) for p in model.embeds.patch_size)
     grid = [side // step for side, step in zip(input_size(model), patch)]
     length = grid[0] * grid[1]
-    sequences = []
+    images = []
     for index in range(batch_size):
         rows, cols = grid
         if index:
@@ -131,14 +132,21 @@ def example_input(model: nn.Module, batch_size: int, device: torch.device, seed:
             aspect = 2.0 ** (2.0 * torch.rand((), generator=generator).item() - 1.0)
             rows = max(1, min(length, round((area * aspect) ** 0.5)))
             cols = max(1, min(length // rows, round(area / rows)))
-        image = torch.randn(3, rows * patch[0], cols * patch[1], generator=generator)
-        sequences.append(patchify_image(image, patch))
+        images.append(torch.randn(3, rows * patch[0], cols * patch[1], generator=generator))
+    return {name: t.to(device) for name, t in pack_images(images, patch, length).items()}
+
+
+def pack_images(images: Sequence[Tensor], patch: tuple[int, int], length: int) -> dict[str, Tensor]:
+    """Images [3, H, W] of different sizes as NaFlex packs them (timm's ``patchify_image``, the
+    NaFlex collator's layout): ``patches``, ``patch_coord`` and ``patch_valid``, each sequence
+    padded with zeros to ``length`` positions."""
+    sequences = [patchify_image(image, patch) for image in images]
 
     def padded(t: Tensor) -> Tensor:
         return torch.cat([t, t.new_zeros(length - t.shape[0], *t.shape[1:])])
 
     return {
-        name: torch.stack([padded(sequence[i]) for sequence in sequences]).to(device)
+        name: torch.stack([padded(sequence[i]) for sequence in sequences])
         for i, name in enumerate(("patches", "patch_coord", "patch_valid"))
     }
 

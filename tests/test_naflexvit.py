@@ -10,9 +10,8 @@ import pytest
 import timm
 import torch
 
-from timm.data.naflex_transforms import patchify_image
-
 import tokenprune
+from evals.harness import pack_images
 from tests.test_patch import counted_flops
 from tokenprune.schedule import resolve_r
 
@@ -196,16 +195,8 @@ def test_intermediates_follow_the_image_shape() -> None:
 
 
 def pack(images_: list[torch.Tensor], length: int) -> dict[str, torch.Tensor]:
-    """Images of different sizes as NaFlex packs them (timm's patchify and its collator's
-    layout): patches, their (row, col) and validity, padded with zeros to ``length``."""
-    patches, coords, valid = [], [], []
-    for image in images_:
-        p, c, v = patchify_image(image, (16, 16))
-        pad = length - p.shape[0]
-        patches.append(torch.cat([p, p.new_zeros(pad, p.shape[1])]))
-        coords.append(torch.cat([c, c.new_zeros(pad, 2)]))
-        valid.append(torch.cat([v, v.new_zeros(pad)]))
-    return {"patches": torch.stack(patches), "patch_coord": torch.stack(coords), "patch_valid": torch.stack(valid)}
+    """Images of different sizes as NaFlex packs them, 16-px patches padded to ``length``."""
+    return pack_images(images_, (16, 16), length)
 
 
 def mixed_images(middle: bool = False) -> list[torch.Tensor]:

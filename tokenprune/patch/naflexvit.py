@@ -96,7 +96,6 @@ class ReducingNaFlexVit(ReducingViT, NaFlexVit):
                 f"{type(config).__name__} cannot tell NaFlex's padding from patches: packed inputs run with "
                 f"method {' or '.join(map(repr, methods))}; pass image batches [B, C, H, W] for this method"
             )
-        self._refuse_convolutional_embedding(self)
         patches, coord, valid = packed["patches"], packed["patch_coord"], packed["patch_valid"]
         if patches.ndim < 3 or coord.shape != (*patches.shape[:2], 2):
             raise ValueError(
