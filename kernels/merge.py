@@ -145,8 +145,11 @@ if HAS_TRITON:
         merged = acc / tl.where(valid_t & (total > 0.0), total, 1.0)[:, None]
         out_offsets = batch * stride_out_batch + out_tokens[:, None] * stride_out_token + cols[None, :]
         tl.store(out_ptr + out_offsets, merged.to(out_ptr.dtype.element_ty), mask=valid_t[:, None] & valid_c[None, :])
-        # Every channel block computes the same totals; only the first one writes them.
-        tl.store(new_size_ptr + batch * stride_new_size_batch + out_tokens, total, mask=valid_t & (channel_block == 0))
+        # Every channel block computes the same totals; only the first one writes them. A branch,
+        # not `mask=valid_t & (channel_block == 0)`: Triton 3.9's interpreter makes a block mask
+        # and a scalar condition int32, and refuses it as a mask.
+        if channel_block == 0:
+            tl.store(new_size_ptr + batch * stride_new_size_batch + out_tokens, total, mask=valid_t)
 
 
 def _check_inputs(x: Tensor, size: Tensor, dest: Tensor, num_out: int) -> None:
