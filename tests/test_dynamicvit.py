@@ -206,6 +206,26 @@ def test_predictor_checkpoint_round_trip(tmp_path) -> None:
     assert "blocks.3.reducer.in_conv.1.weight" not in other.state_dict()
 
 
+def test_a_predictor_file_that_fails_to_load_leaves_the_model_as_it_was(tmp_path) -> None:
+    pytest.importorskip("safetensors")
+    from safetensors.torch import save_file
+
+    model = tokenprune.patch(make("vit_cls"), "dynamicvit", keep_ratio=0.7)
+    before_state = {k: v.clone() for k, v in model.state_dict().items()}
+    before_plan = tokenprune.plan(model, 224).tokens
+    narrow = tokenprune.patch(make("vit_cls", embed_dim=48), "dynamicvit")
+    save_predictors(narrow, tmp_path / "narrow.safetensors")  # same names, other shapes
+    state = {k: v.contiguous() for k, v in predictors(model).state_dict().items()}
+    save_file({k: v for k, v in state.items() if not k.startswith("3.")}, str(tmp_path / "partial.safetensors"))
+    for bad, error in [("missing.safetensors", FileNotFoundError), ("narrow.safetensors", ValueError), ("partial.safetensors", ValueError)]:
+        with pytest.raises(error):
+            tokenprune.patch(model, keep_ratio=0.3, predictor=str(tmp_path / bad))
+        assert model.tokenprune_config.keep_ratio == 0.7
+        assert tokenprune.plan(model, 224).tokens == before_plan
+        after = model.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in before_state.items())
+
+
 @pytest.mark.parametrize("fuse", [True, False])
 def test_attention_drop_keeps_most_attended_and_fuses(fuse: bool) -> None:
     model = tokenprune.patch(make("vit_cls"), "evit", keep_ratio=0.7, fuse=fuse, trace_source=True)

@@ -133,14 +133,14 @@ class DynamicViTConfig:
         reducers: list[TokenPredictor | None] = [None] * depth
         reference = next(model.parameters())
         created = False
-        for stage, block in enumerate(self.stage_blocks(depth), 1):
+        stages = self.stage_blocks(depth)
+        for block in stages:
             existing = getattr(model.blocks[block], "reducer", None)
             predictor = existing if isinstance(existing, TokenPredictor) else None
             if predictor is None:
                 predictor = TokenPredictor(model.embed_dim, 0.0, block_prefix_tokens(model))
                 predictor.to(device=reference.device, dtype=reference.dtype).train(model.training)
                 created = True
-            predictor.keep_fraction = self.keep_ratio**stage
             reducers[block] = predictor
         # The file is read when it is new to the model (or predictors are): re-patching with
         # another keep_ratio carries `predictor` over and must not undo training since.
@@ -148,6 +148,9 @@ class DynamicViTConfig:
         loaded = isinstance(current, DynamicViTConfig) and current.predictor == self.predictor
         if self.predictor is not None and (created or not loaded):
             load_predictors_into(reducers, self.predictor)
+        # Last, so that a file that fails to load leaves the model's predictors as they were.
+        for stage, block in enumerate(stages, 1):
+            reducers[block].keep_fraction = self.keep_ratio**stage
         return reducers
 
 
@@ -168,16 +171,23 @@ def save_predictors(model: nn.Module, path: str | Path) -> None:
 
 
 def load_predictors_into(reducers: list[TokenPredictor | None], path: str | Path) -> None:
+    """Load a :func:`save_predictors` file into ``reducers``' predictors, all or nothing: a file
+    whose tensors do not fit them (names or shapes) raises before any weight is written."""
     from safetensors.torch import load_file
 
     modules = nn.ModuleDict({str(i): r for i, r in enumerate(reducers) if r is not None})
     state = load_file(str(path))
-    missing, unexpected = modules.load_state_dict(state, strict=False)
+    expected = modules.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(
             f"predictor weights in {path} do not fit the model's stages {list(modules.keys())}: "
             f"missing {missing}, unexpected {unexpected}"
         )
+    if misshapen := [f"{k}: {tuple(state[k].shape)} for {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]:
+        raise ValueError(f"predictor weights in {path} do not fit the model's width: {misshapen}")
+    modules.load_state_dict(state)
 
 
 class DynamicViTOutput(NamedTuple):
