@@ -457,6 +457,11 @@ def test_packed_inputs_are_refused_where_they_cannot_run() -> None:
     model = tokenprune.patch(naflex("siglip_map"), "pitome", r=8)
     with pytest.raises(ValueError, match="PiToMeConfig cannot tell NaFlex's padding.*method 'tome'"):
         model(packed)
+    for method, options in [("pitome", {"r": 8}), ("local_global", {"local_block": 0}), ("evit", {"score": "random"}), ("dynamicvit", {})]:
+        model = tokenprune.patch(naflex("siglip_map"), method, **options)
+        for count in (tokenprune.plan, tokenprune.flops):  # as the forward refuses, not an IndexError
+            with pytest.raises(ValueError, match="cannot tell NaFlex's padding"):
+                count(model, packed)
     with pytest.raises(ValueError, match="convolutional patch embedding takes image batches only"):
         tokenprune.patch(naflex("conv_embed"), r=8)(packed)
     model = tokenprune.patch(naflex("siglip_map"), r=8)

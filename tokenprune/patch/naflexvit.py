@@ -89,13 +89,7 @@ class ReducingNaFlexVit(ReducingViT, NaFlexVit):
             )
 
     def _check_packed(self, packed: dict[str, Tensor | None]) -> None:
-        config = self.tokenprune_config
-        if not getattr(config, "supports_padding", False):
-            methods = [name for name, cls in METHODS.items() if getattr(cls, "supports_padding", False)]
-            raise ValueError(
-                f"{type(config).__name__} cannot tell NaFlex's padding from patches: packed inputs run with "
-                f"method {' or '.join(map(repr, methods))}; pass image batches [B, C, H, W] for this method"
-            )
+        self._refuse_method_without_padding(self)
         patches, coord, valid = packed["patches"], packed["patch_coord"], packed["patch_valid"]
         if patches.ndim < 3 or coord.shape != (*patches.shape[:2], 2):
             raise ValueError(
@@ -128,7 +122,18 @@ class ReducingNaFlexVit(ReducingViT, NaFlexVit):
     def packed_grid(model: nn.Module, packed: dict[str, Tensor]) -> tuple[int]:
         """(N,): packed patches are sequences of N positions (a family hook; only NaFlexVit's)."""
         ReducingNaFlexVit._refuse_convolutional_embedding(model)
+        ReducingNaFlexVit._refuse_method_without_padding(model)
         return (int(packed["patches"].shape[1]),)
+
+    @staticmethod
+    def _refuse_method_without_padding(model: nn.Module) -> None:
+        config = getattr(model, "tokenprune_config", None)
+        if config is not None and not getattr(config, "supports_padding", False):
+            methods = [name for name, cls in METHODS.items() if getattr(cls, "supports_padding", False)]
+            raise ValueError(
+                f"{type(config).__name__} cannot tell NaFlex's padding from patches: packed inputs run with "
+                f"method {' or '.join(map(repr, methods))}; pass image batches [B, C, H, W] for this method"
+            )
 
     @staticmethod
     def _refuse_convolutional_embedding(model: nn.Module) -> None:
