@@ -208,6 +208,8 @@ def test_merge_map_paints_groups_and_outlines() -> None:
     assert pixels[3, 1].tolist() == [0, 0, 255]  # outline against the right neighbour group
     assert pixels[1, 3].tolist() == [0, 0, 255]  # between the two right-hand groups
     assert pixels[0, 2].tolist() == [0, 0, 0]  # inside a single black patch
+    for dtype in (torch.float16, torch.bfloat16):  # an image straight from a half-precision pipeline
+        assert np.array_equal(np.array(merge_map(image.to(dtype), source_index, (2, 2), boundary=(0, 0, 255))), np.array(picture))
     with pytest.raises(ValueError, match="whole number"):
         merge_map(torch.zeros(3, 5, 4), source_index, (2, 2))
     # Pruning methods mark dropped patches -1: painted flat, outlined like a group.

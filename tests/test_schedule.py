@@ -44,10 +44,11 @@ def test_bad_schedules(r, error, match) -> None:
 
 
 def test_command_line_schedules_round_trip() -> None:
-    for text, value in [("16", 16), ("16,-1", (16, -1)), ("16, 0.5", (16, 0.5)), ("8,8,4", [8, 8, 4])]:
+    for text, value in [("16", 16), ("16,-1", (16, -1)), ("16, 0.5", (16, 0.5)), ("8,8,4", [8, 8, 4]), ("[8, 8]", [8, 8]), ("[4]", [4])]:
         assert parse_schedule(text) == value
-        assert parse_schedule(format_schedule(value).strip("()[]")) == value
-    for bad in ("", "a", "1.5", "16,x"):
+        assert parse_schedule(format_schedule(value)) == value  # a results table's label is a valid --r
+        assert parse_schedule(format_schedule(value).strip("()[]")) == value or isinstance(value, list)
+    for bad in ("", "a", "1.5", "16,x", "(16)", "(8,8,4)", "[]", "[8,x]"):
         with pytest.raises(ValueError, match="r must be"):
             parse_schedule(bad)
 

@@ -71,21 +71,27 @@ def keep_ratio_r(keep_ratio: float, num_tokens: int, depth: int) -> list[int]:
 
 def parse_schedule(text: str) -> RSchedule:
     """Parse a command-line schedule: ``"16"`` → 16, ``"16,-1"`` → (16, -1), ``"8,8,4,4"`` →
-    [8, 8, 4, 4] (three or more entries: per block)."""
-    parts = [part.strip() for part in text.split(",")]
+    [8, 8, 4, 4] (three or more entries: per block). The labels of :func:`format_schedule`
+    parse back too: ``"(16,-1)"``, and ``"[8,8]"`` (brackets: per block, at any length)."""
+    spec = text.strip()
+    per_block = spec.startswith("[") and spec.endswith("]")
+    ramp = spec.startswith("(") and spec.endswith(")")
+    parts = [part.strip() for part in (spec[1:-1] if per_block or ramp else spec).split(",")]
     try:
-        if len(parts) == 1:
-            return int(parts[0])
+        if per_block or (len(parts) > 2 and not ramp):
+            return [int(part) for part in parts]
         if len(parts) == 2:
             inflection = float(parts[1])
             return (int(parts[0]), int(inflection) if inflection.is_integer() else inflection)
-        return [int(part) for part in parts]
+        if not ramp:
+            return int(parts[0])
     except ValueError:
-        raise ValueError(f"r must be an int (16), r,inflection (16,-1) or a per-block list (8,8,4), got {text!r}") from None
+        pass
+    raise ValueError(f"r must be an int (16), r,inflection (16,-1) or a per-block list (8,8,4), got {text!r}")
 
 
 def format_schedule(r: RSchedule) -> str:
-    """The inverse of :func:`parse_schedule`, for labels: 16, (16,-1), [8,8,4]."""
+    """A label for ``r`` that :func:`parse_schedule` reads back: 16, (16,-1), [8,8,4]."""
     if isinstance(r, tuple):
         return "(" + ",".join(f"{v:g}" for v in r) + ")"
     if isinstance(r, list):

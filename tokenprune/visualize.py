@@ -28,7 +28,8 @@ def merge_map(
     """Paint each merged group of patches with its mean colour and outline it.
 
     Args:
-        image: [3, H, W] float RGB in [0, 1] (un-normalised), H and W multiples of the grid.
+        image: [3, H, W] float RGB in [0, 1] (un-normalised), H and W multiples of the grid;
+            any float dtype and device (painted in float32 on the CPU).
         source_index: [T_in] int64 for this image (``TokenState.source_index[i]``, or from
             ``model._tokenprune_source`` after a traced forward); -1 marks a dropped patch.
         grid: (rows, cols) of patches.
@@ -36,6 +37,7 @@ def merge_map(
         dropped: RGB colour of the patches a pruning method dropped.
     """
     rows, cols = grid
+    image = image.detach().float().cpu()
     channels, height, width = image.shape
     if height % rows or width % cols:
         raise ValueError(f"image {height}x{width} is not a whole number of {rows}x{cols} patches")
