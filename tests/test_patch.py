@@ -160,16 +160,27 @@ def test_pooling_with_a_keep_mask_ignores_dropped_tokens(family: str) -> None:
     torch.testing.assert_close(pooled, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("method", "options"), [("evit", {"keep_ratio": 0.7, "fuse": False}), ("tome", {"r": 8})])
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [("evit", {"keep_ratio": 0.7, "fuse": False}), ("dynamicvit", {"keep_ratio": 0.7}), ("tome", {"r": 8})],
+)
 def test_forward_head_takes_the_pool_weights_of_any_method(method: str, options: dict) -> None:
-    """The documented two-step call equals model(x), also for pruning, whose weights are None."""
+    """The documented two-step call equals model(x), also for pruning, whose weights are None;
+    without sizes, the head refuses merged tokens and takes pruned ones (all of size 1)."""
     model = make("avgmax_with_prefix")
     tokenprune.patch(model, method, **options)
     with torch.no_grad():
         state = model.forward_tokens(image())
         torch.testing.assert_close(model.forward_head(state.x, size=state.pool_weights), model(image()))
+        if method == "tome":
+            with pytest.raises(ValueError, match="size=state.pool_weights"):
+                model.forward_head(state.x)
+        else:
+            torch.testing.assert_close(model.forward_head(state.x), model(image()))
+    if method == "dynamicvit":  # training keeps dropped tokens in place: the head needs their mask
+        model.train()
         with pytest.raises(ValueError, match="size=state.pool_weights"):
-            model.forward_head(state.x)
+            model.forward_head(model.forward_tokens(image()).x)
 
 
 def test_a_forward_without_tracing_leaves_no_stale_source_map() -> None:
@@ -179,7 +190,7 @@ def test_a_forward_without_tracing_leaves_no_stale_source_map() -> None:
         model(image())
         assert tokenprune.source(model).shape[:2] == (2, 197 - 8 * 12)
         model.forward_tokens(image(), trace_source=False)
-    with pytest.raises(RuntimeError, match="no source map"):
+    with pytest.raises(RuntimeError, match="no source map: .*told trace_source=False"):
         tokenprune.source(model)
 
 
@@ -510,5 +521,5 @@ def test_source_map_belongs_to_the_last_forward_and_settings() -> None:
         model.forward_intermediates(image(3), indices=[1])  # a forward too: its map replaces the last
         assert tokenprune.source(model).shape == (3, 197 - 8, 197)
     tokenprune.patch(model, r=4, trace_source=False)  # the old map would describe other settings
-    with pytest.raises(RuntimeError, match="no source map"):
+    with pytest.raises(RuntimeError, match="patch the model with trace_source=True"):
         tokenprune.source(model)

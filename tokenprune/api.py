@@ -84,6 +84,11 @@ def source(model: nn.Module) -> Tensor:
         )
     traced = getattr(inner, "_tokenprune_source", None)
     if traced is None:
+        if getattr(config, "trace_source", False):
+            raise RuntimeError(
+                "no source map: no forward has run since patching, or the last one was told trace_source=False; "
+                "run model(x) or model.forward_tokens(x) first"
+            )
         raise RuntimeError("no source map: patch the model with trace_source=True and run a forward first")
     source_index, num_tokens = traced
     return source_matrix(source_index, num_tokens)

@@ -667,7 +667,10 @@ class ReducingViT:
 
     def _refuse_unsized_pooling(self) -> None:
         """Raise when the head pools over tokens the blocks may have merged but is given no sizes."""
-        if _pool_by_size(self) and any(b.reducer is not None for b in self.blocks):
+        # Dropping without merging leaves tokens of size 1 at inference (pool_weights is None);
+        # while DynamicViT trains, the dropped tokens stay, and the head needs their keep mask.
+        dropped_only = getattr(self.tokenprune_config, "drops_tokens", False) and not self.training
+        if _pool_by_size(self) and any(b.reducer is not None for b in self.blocks) and not dropped_only:
             pooling = "map" if getattr(self, "attn_pool", None) is not None else repr(self.global_pool)
             raise ValueError(
                 f"this model pools by {pooling} and reduces "
