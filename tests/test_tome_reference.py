@@ -7,8 +7,14 @@ import timm
 import torch
 
 import tokenprune
-from tokenprune.schedule import resolve_r
-from tests.tome_reference import tome_reference_forward
+from tests.tome_reference import tome_reference_forward, tome_schedule
+
+
+def test_reference_schedule_is_tomes() -> None:
+    # ToMe's decreasing schedule for 12 blocks, worked out by hand from its formula:
+    # 32 − 32·i/11 truncated (so the last block's 0.0 stays 0).
+    assert tome_schedule((16, -1), 12) == [32, 29, 26, 23, 20, 17, 14, 11, 8, 5, 2, 0]
+    assert tome_schedule((16, 0.5), 3) == [8, 16, 24] and tome_schedule(13, 2) == [13, 13]
 
 
 @pytest.mark.parametrize("name", ["vit_small_patch16_224", "vit_base_patch16_224", "deit_small_patch16_224"])
@@ -17,7 +23,7 @@ def test_matches_published_tome(name: str, r, prop_attn: bool) -> None:
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=1000).eval()
     x = torch.randn(2, 3, 224, 224)
-    expected = tome_reference_forward(model, x, list(resolve_r(r, len(model.blocks))), prop_attn)
+    expected = tome_reference_forward(model, x, tome_schedule(r, len(model.blocks)), prop_attn)
     tokenprune.patch(model, r=r, prop_attn=prop_attn)
     with torch.no_grad():
         logits = model(x)

@@ -57,6 +57,17 @@ def _attention(attn, x: Tensor, size: Tensor | None) -> tuple[Tensor, Tensor]:
     return attn.proj(out), k.mean(1)
 
 
+def tome_schedule(r, depth: int) -> list[int]:
+    """Published ToMe's per-block r: a constant, or for (r, inflection) the ramp from
+    int(r·(1 − inflection)) to 2r minus that, each block's value truncated toward zero."""
+    if isinstance(r, int):
+        return [r] * depth
+    base, inflection = r
+    start = int(base * (1.0 - inflection))
+    end = 2 * base - start
+    return [int(start + (end - start) / (depth - 1) * block) for block in range(depth)]
+
+
 @torch.no_grad()
 def tome_reference_forward(
     model, x: Tensor, r_per_block: list[int], prop_attn: bool = True, match=None, tokens: bool = False
