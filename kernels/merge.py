@@ -182,9 +182,9 @@ def _merge_wavg_forward(
 
     # Inverse map, once per call, with a deterministic torch op: a *stable* sort groups the
     # inputs by destination and keeps them in input order inside each group; the kernel finds
-    # each group's [first, last) by binary search on the sorted destinations. Values of dest
-    # outside [0, num_out) fall outside every group and are ignored (the reference would fail
-    # on them).
+    # each group's [first, last) by binary search on the sorted destinations. dest must lie in
+    # [0, num_out) (the contract; not checked, as that would synchronise): values outside it
+    # fall outside every group here, but the backward's gather and the reference index them.
     sorted_dest, order = torch.sort(dest, dim=1, stable=True)
 
     def grid(meta: dict) -> tuple[int, int, int]:

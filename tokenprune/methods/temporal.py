@@ -23,7 +23,7 @@ from kernels.temporal_match import OUTSIDE_PENALTY, temporal_best_match
 
 from ..merge import TokenState, max_bipartite_r, merge_state, unit_vectors
 from ..schedule import RSchedule, check_count, resolve_r
-from ..patch.vit import head_dim
+from ..patch.vit import block_prefix_tokens, head_dim
 from ._options import check_common_options
 from .tome import BipartiteMerge
 
@@ -269,7 +269,7 @@ class TemporalMergeConfig:
         if len(grid) != 3:
             raise TypeError("method 'temporal' needs a video model with a (frames, rows, cols) token grid")
         counts = resolve_r(self.r, len(model.blocks))
-        p = model.num_prefix_tokens
+        p = block_prefix_tokens(model)
         frames, rows, cols = grid
         left = (frames + 1) // 2 * rows * cols  # even-frame tokens: all that temporal steps can merge
         reducers: list[TemporalMerge | BipartiteMerge | None] = []
@@ -356,7 +356,7 @@ class BackgroundMergeConfig:
         early_blocks = self.early_blocks if self.early_blocks is not None else default_early_blocks(depth)
         if early_blocks > depth:
             raise ValueError(f"early_blocks={early_blocks} exceeds the model's {depth} blocks")
-        p = model.num_prefix_tokens
+        p = block_prefix_tokens(model)
         metric = IMPORTANCE_METRICS[self.importance]
         early = [BackgroundMerge(self.early_r, p, self.backend, self.pool, metric) if self.early_r > 0 else None] * early_blocks
         later_counts = resolve_r(self.r, depth - early_blocks, f"after early_blocks={early_blocks} come")
