@@ -74,6 +74,7 @@ from evals.harness import (
     Inputs,
     agreement,
     autocast,
+    command_line,
     create_model,
     environment,
     example_input,
@@ -532,7 +533,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             {"method": s.method, "options": _jsonable(s.options), "budget": None if s.budget is None else str(s.budget)}
             for s in cfg["settings"]
         ],
-        "command": " ".join(["python -m evals.bench", *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line("evals.bench", argv),
         "inputs": "torch.randn with --seed; weights random (pretrained=False)",
         "timing": "median of runs after warmup; inference_mode; CUDA events on GPU, else host clock "
         "between device synchronisations; rows of a group timed round-robin",

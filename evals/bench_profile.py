@@ -31,6 +31,7 @@ from evals.harness import (
     DTYPES,
     RESULTS_DIR,
     autocast,
+    command_line,
     create_model,
     environment,
     example_input,
@@ -145,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     env = environment(device)
     document = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python -m evals.bench_profile", *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line("evals.bench_profile", argv),
         "model": args.model,
         "method": args.method,
         "setting": setting,

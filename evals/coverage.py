@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -31,7 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 import tokenprune
-from evals.harness import RESULTS_DIR, counted_flops, environment
+from evals.harness import RESULTS_DIR, command_line, counted_flops, environment
 from tokenprune._io import write_atomic
 from tokenprune.patch.vit import check_supported, family, reducing_model
 
@@ -199,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.depth < 1 or args.r < 1:
         raise SystemExit("--depth and --r must be at least 1")
-    command = "python -m evals.coverage " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line("evals.coverage", argv)
     rows = run(args.module or list(MODULES), args.depth, args.r, progress=not args.quiet)
     env = environment(torch.device("cpu"))
     write_atomic(args.out, json.dumps({"environment": env, "command": command, "rows": rows}, indent=1))

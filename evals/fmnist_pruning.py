@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from torch.utils.data import DataLoader
 
 import tokenprune
 from evals.fashion_mnist import FashionMNIST
-from evals.harness import figure_png, pyplot, write_atomic
+from evals.harness import environment, figure_png, pyplot, write_atomic
 from evals.stats import format_difference, paired_difference, verdict
 from evals.train_dynamicvit import create_model, load_weights
 from tokenprune.schedule import format_schedule
@@ -148,8 +146,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
               "image, 95 % t interval over the images; win/loss when it excludes 0, else tie (random dropping: "
               "each image's hits averaged over the draws, so its interval leaves out the draw-to-draw spread)")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    record = {"setup": header, "versions": {"torch": torch.__version__, "timm": timm.__version__,
-                                           "python": platform.python_version()}, "rows": rows}
+    record = {"setup": header, "environment": environment(torch.device("cpu")), "rows": rows}
     write_atomic(args.out_dir / "fmnist_pruning.json", json.dumps(record, indent=2) + "\n")
     write_atomic(args.out_dir / "fmnist_pruning.md", header + "\n\n" + "\n".join(lines) + "\n")
     plot(rows, args.out_dir / "fmnist_pruning.png")

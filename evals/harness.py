@@ -16,6 +16,7 @@ import importlib.metadata
 import io
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -352,6 +353,24 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _git_dirty() -> bool | None:
+    """Whether the checkout has uncommitted changes to tracked files (None: not a checkout), so
+    that a figure measured on edited code does not pass for the commit's."""
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
+def command_line(module: str, argv: Sequence[str] | None = None) -> str:
+    """How to run this again: ``python -m MODULE`` and the arguments, shell-quoted (``--r "16, -1"``
+    stays one argument)."""
+    return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
+
+
 def _git_commit() -> str | None:
     """HEAD's hash, or ``TOKENPRUNE_GIT_COMMIT`` where the code runs outside its checkout (a copy
     of the working tree on a lent GPU machine has no ``.git``)."""
@@ -377,6 +396,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "pillow": _package_version("pillow"),
         "tokenprune": tokenprune.__version__,
         "git_commit": _git_commit(),
+        "git_dirty": _git_dirty(),
         "platform": platform.platform(),
         "device": str(device),
         "cpu": _cpu_name(),

