@@ -211,6 +211,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     speed: list[Point] = []
     quality: list[Point] = []
+    quality_from: dict[tuple[str, tuple[int, ...], str, str], Path] = {}
     devices = []
     for path in args.results:
         try:
@@ -235,9 +236,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                            f"{', compiled' if args.compiled else ''}")  # fmt: skip
         else:
             try:
-                quality += quality_points(document)
+                found = quality_points(document)
             except (KeyError, ValueError) as error:
                 raise SystemExit(f"{path}: {error}") from None
+            for point in found:  # one point per key: the table and the front are keyed by it
+                if point.key in quality_from:
+                    raise SystemExit(
+                        f"{path} measures {point.model} {point.method} {point.setting or '(unreduced)'} again, as "
+                        f"{quality_from[point.key]} does: give one quality result per model and setting (e.g. one dtype)"
+                    )
+                quality_from[point.key] = path
+            quality += found
     if not quality:
         raise SystemExit("no quality results: give at least one evals.imagenet or evals.fidelity JSON")
     metrics = sorted({point.metric for point in quality})

@@ -491,12 +491,13 @@ def test_pareto_joins_bench_and_fidelity(run: tuple[dict[str, Any], Path], tmp_p
     """The bench run above plus a fidelity-format file: points join on (model, size, setting),
     speed is the batch-3 row, and a setting the bench never ran is reported, not dropped."""
     rows = [r for r in _rows(run) if r["model"] == MODEL and r["batch_size"] == 3 and r["attention"] == "fused"]
+    settings = list({(r["method"], r["setting"]): r for r in rows}.values())  # one per setting (the bench has two backends)
     quality = {
         "model_name": MODEL,
         "input_size": [IMG_SIZE, IMG_SIZE],
         "rows": [
             {"method": r["method"], "setting": r["setting"], "gflops": r["gflops"], "cosine_mean": 1.0 - 0.01 * i}
-            for i, r in enumerate(rows)
+            for i, r in enumerate(settings)
         ]
         + [{"method": "tome", "setting": "r=5", "gflops": 0.1, "cosine_mean": 0.5},
            {"method": "evit", "budget": "1% GFLOPs", "unreachable": "evit cannot reach 1% GFLOPs"}],
@@ -520,6 +521,9 @@ def test_pareto_joins_bench_and_fidelity(run: tuple[dict[str, Any], Path], tmp_p
         pareto.main([str(run[1]), str(quality_path), "--batch-size", "7", "--out", str(tmp_path / "q.png")])
     with pytest.raises(SystemExit, match="repeats settings of an earlier benchmark file"):
         pareto.main([str(run[1]), str(run[1]), str(quality_path), "--out", str(tmp_path / "q.png")])
+    # two measurements of one setting (say float32 and bfloat16 evals) would both be "on the front"
+    with pytest.raises(SystemExit, match="fidelity.json measures .* again, as .*fidelity.json does"):
+        pareto.main([str(run[1]), str(quality_path), str(quality_path), "--out", str(tmp_path / "q.png")])
     # top-1 % and a cosine on one axis would let 81 "beat" 1.0
     imagenet_like = {"model": {"name": "vit_tiny_patch16_224", "method": "none", "setting": "",
                                "data_config": {"input_size": [3, 32, 32]}},
