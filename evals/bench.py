@@ -77,6 +77,7 @@ from evals.harness import (
     command_line,
     create_model,
     environment,
+    jsonable,
     example_input,
     figure_png,
     input_size,
@@ -319,7 +320,7 @@ def _group_rows(
                 "dtype": cfg["dtype"],
                 "compile": compiled,
                 **settings.identity(setting, options),
-                "options": _jsonable({k: v for k, v in options.items() if k != "backend"}),
+                "options": jsonable({k: v for k, v in options.items() if k != "backend"}),
                 "attention": attention,
                 "backend": backend,
                 "backend_used": None if backend is None else (
@@ -358,14 +359,6 @@ def _group_rows(
                 f"for {target.label} but measured {row.speedup:.2f}x in the timed run: the budget is not met"
             )
     return rows
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
-    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "device": str(device),
         "compile": args.compile,
         "settings": [
-            {"method": s.method, "options": _jsonable(s.options), "budget": None if s.budget is None else str(s.budget)}
+            {"method": s.method, "options": jsonable(s.options), "budget": None if s.budget is None else str(s.budget)}
             for s in cfg["settings"]
         ],
         "command": command_line("evals.bench", argv),

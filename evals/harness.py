@@ -353,6 +353,16 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def jsonable(value: Any) -> Any:
+    """``value`` (a script's ``vars(args)``, a method's options) as JSON values: paths and other
+    objects as their text (a Budget as "50% GFLOPs"), tuples as lists, keys as strings."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [jsonable(v) for v in value]
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
+
 def _git_dirty() -> bool | None:
     """Whether the checkout has uncommitted changes to tracked files (None: not a checkout), so
     that a figure measured on edited code does not pass for the commit's."""

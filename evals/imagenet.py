@@ -74,7 +74,9 @@ from evals.harness import (
     DTYPES,
     RESULTS_DIR,
     autocast,
+    command_line,
     environment,
+    jsonable,
     measure_throughput,
     write_atomic,
 )
@@ -98,6 +100,7 @@ __all__ = [
     "holds_predictors",
     "load_checkpoint",
     "main",
+    "non_image_files",
     "read_checkpoint",
     "samples_from_csv",
     "samples_from_filenames",
@@ -128,7 +131,10 @@ def samples_from_folder(root: Path, split: str, class_map: str = "") -> tuple[Sa
     archive = root.is_file() and root.suffix == ".tar"
     if not root.is_dir() and not archive:
         raise SystemExit(f"--data {root} is neither a folder nor a .tar archive")
-    dataset = timm.data.create_dataset("", root=str(root), split=split, class_map=class_map)
+    try:
+        dataset = timm.data.create_dataset("", root=str(root), split=split, class_map=class_map)
+    except (RuntimeError, AssertionError) as error:  # timm's "Found 0 images in ...", "Cannot locate ... class map"
+        raise SystemExit(f"--data {root}: {error}") from None
     reader = dataset.reader
     extensions = get_img_extensions()
     if archive:
@@ -153,6 +159,19 @@ def samples_from_folder(root: Path, split: str, class_map: str = "") -> tuple[Sa
                 f"({', '.join(names[:10])}{' …' if len(names) > 10 else ''}): add them to the map or move them out of {reader.root}"
             )
     return samples, class_to_idx, root if archive else Path(reader.root)
+
+
+def non_image_files(root: Path) -> list[str]:
+    """Files under a class-folder tree or in a ``.tar`` archive that timm's readers leave out
+    because their extension is not one of timm's image extensions (``.webp``, ``.bmp``, ``.tif``
+    among them, which Pillow would read): listed, so none is left out unsaid."""
+    extensions = get_img_extensions(as_set=True)
+    if root.is_file():
+        with tarfile.open(root) as tar:
+            names = [m.name for m in tar.getmembers() if m.isfile() and Path(m.name).parent != Path(".")]
+    else:  # in class folders: what lies beside them (a README, a labels CSV) is no class's
+        names = [str(path) for path in root.rglob("*") if path.is_file() and path.parent != root]
+    return sorted(name for name in names if Path(name).suffix.lower() not in extensions and not name.endswith(".tar"))
 
 
 def samples_from_csv(csv_path: Path, root: Path | None = None) -> Samples:
@@ -504,20 +523,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return repr(value)
-
-
 def _load_real_labels(spec: str) -> dict[str, list[int]]:
     if spec == "timm":
         path = Path(timm.data.__file__).parent / "_info" / "imagenet_real_labels.json"
@@ -537,12 +542,28 @@ def _pct(correct: float, total: int) -> float | None:
     return 100.0 * correct / total if total else None
 
 
+def _format_pct(pct: float | None) -> str:
+    return "n/a: no image evaluated" if pct is None else f"{pct:.2f} %"
+
+
+def check_files(args: argparse.Namespace) -> None:
+    """Up front, before a model is built or an image read: the files the command names exist
+    (the class map is timm's to find: it looks in the data folder too)."""
+    named = [("--labels-file", args.labels_file), ("--checkpoint", args.checkpoint)]
+    if args.real_labels not in (None, "timm"):
+        named.append(("--real-labels", Path(args.real_labels)))
+    for flag, path in named:
+        if path is not None and not path.is_file():
+            raise SystemExit(f"{flag} {path}: no such file")
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the evaluation; returns the JSON document (on every rank; rank 0 writes it)."""
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
-    if args.batch_size < 1 or args.workers < 0 or (args.limit is not None and args.limit < 0):
-        raise SystemExit("--batch-size must be at least 1, --workers and --limit at least 0")
+    if args.batch_size < 1 or args.workers < 0 or (args.limit is not None and args.limit < 1):
+        raise SystemExit("--batch-size and --limit must be at least 1, --workers at least 0")
+    check_files(args)
     options = method_options(args.method, args.option, r=args.r, keep_ratio=args.keep_ratio, predictor=args.predictor)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -562,7 +583,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         model_kwargs = dict(args.model_arg)
         if args.num_classes is not None:
             model_kwargs["num_classes"] = args.num_classes
-        model = timm.create_model(args.model, pretrained=args.pretrained, **model_kwargs)
+        try:
+            model = timm.create_model(args.model, pretrained=args.pretrained, **model_kwargs)
+        except RuntimeError as error:  # timm's "Unknown model (...)"
+            raise SystemExit(f"{error}: timm.list_models('*part_of_the_name*') lists timm's models") from None
         checkpoint = read_checkpoint(args.checkpoint) if args.checkpoint is not None else None
         with_predictors = checkpoint is not None and holds_predictors(checkpoint)
         if with_predictors and args.method != "dynamicvit":
@@ -591,8 +615,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         overrides = {k: v for k, v in overrides.items() if v is not None}
         patch_embed = getattr(model, "patch_embed", None)
         built_size = getattr(patch_embed, "img_size", None)
-        if (args.img_size is None and isinstance(built_size, tuple) and len(built_size) == 2
-                and not getattr(patch_embed, "dynamic_img_size", False)):
+        fixed_size = (isinstance(built_size, tuple) and len(built_size) == 2
+                      and not getattr(patch_embed, "dynamic_img_size", False))  # fmt: skip
+        if fixed_size and args.img_size is not None and (args.img_size, args.img_size) != tuple(built_size):
+            raise SystemExit(
+                f"{args.model} is built for {built_size[0]}x{built_size[1]} images, not --img-size {args.img_size}: build it "
+                f"at that size with --model-arg img_size={args.img_size} (timm resizes the position embedding), "
+                "or --model-arg dynamic_img_size=True"
+            )
+        if args.img_size is None and fixed_size:
             # A ViT built at another size (--model-arg img_size=384) takes only that size, which its
             # pretrained config (the data config's default) may not name.
             channels = timm.data.resolve_data_config({}, model=model)["input_size"][0]
@@ -611,7 +642,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             except BudgetUnreachable as error:
                 raise SystemExit(str(error)) from None
         if args.method != "none":
-            tokenprune.patch(model, args.method, **options)
+            try:
+                tokenprune.patch(model, args.method, **options)
+            except (TypeError, ValueError) as error:  # an option the method does not have, or a bad value
+                raise SystemExit(f"--method {args.method}: {error}") from None
         if with_predictors:  # into the patched model, whose predictors it names
             load_checkpoint(model, checkpoint, args.checkpoint)
         gflops, tokens, gflops_note = _gflops(model, input_size)
@@ -619,6 +653,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
         # Data.
         class_to_idx: dict[str, int] | None = None
+        not_images: list[str] = []
         if args.labels_file is not None:
             samples, source, root = (
                 samples_from_csv(args.labels_file, args.data),
@@ -644,6 +679,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 raise SystemExit(
                     f"{root} holds images directly, not in one folder per class (the raw ILSVRC2012 val "
                     "layout?): give --labels-file with path,label rows, or sort the images into wnid folders"
+                )
+            not_images = non_image_files(root)
+            if not_images:
+                warn(
+                    f"{len(not_images)} file(s) under {root} are not evaluated: timm reads only "
+                    f"{', '.join(sorted(get_img_extensions(as_set=True)))} ({', '.join(not_images[:5])}"
+                    f"{' …' if len(not_images) > 5 else ''}; all in the JSON's data.not_images): convert them to evaluate them"
                 )
             if not args.class_map and len(class_to_idx) != num_classes:
                 warn(
@@ -751,20 +793,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         env = environment(device)
         document: dict[str, Any] = {
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "config": _jsonable(vars(args)),
+            "command": command_line("evals.imagenet", argv),
+            "config": jsonable(vars(args)),
             "model": {
                 "name": args.model,
                 "weights": "pretrained" if args.pretrained else str(args.checkpoint) if args.checkpoint else "random",
                 "num_classes": num_classes,
                 "method": args.method,
-                "options": _jsonable(options),
+                "options": jsonable(options),
                 "setting": describe_setting(args.method, options),
-                "data_config": _jsonable(data_config),
+                "data_config": jsonable(data_config),
             },
             "data": {
                 "source": source,
                 "root": str(root),
                 "num_class_folders": len(class_to_idx) if class_to_idx is not None else None,
+                "not_images": not_images,  # files timm's reader leaves out by extension
             },
             "environment": env,
             "world_size": ddp.world_size,
@@ -802,10 +846,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             top5 = document["top5"]
             summary = [
                 f"{args.model} {args.method}{' ' + json.dumps(document['model']['options']) if options else ''}: "
-                f"top-1 {_count(correct[1])}/{evaluated} ({_pct(correct[1], evaluated) or 0:.2f} %)",
+                f"top-1 {_count(correct[1])}/{evaluated} ({_format_pct(_pct(correct[1], evaluated))})",
             ]
             if top5 is not None:
-                summary.append(f"top-5 {_count(top5['correct'])}/{evaluated} ({top5['pct'] or 0:.2f} %)")
+                summary.append(f"top-5 {_count(top5['correct'])}/{evaluated} ({_format_pct(top5['pct'])})")
             if document["real"] is not None:
                 summary.append(f"ReaL top-1 {_count(real_hits[1])}/{real_counted}")
             summary.append(f"unreadable {unreadable}")

@@ -534,6 +534,50 @@ def test_input_size_of_models_without_a_vit_patch_embedding(tmp_path: Path) -> N
     assert doc["counts"]["evaluated"] == 1 and doc["model"]["data_config"]["input_size"] == [3, 224, 224]
 
 
+def test_files_timm_does_not_read_are_listed_not_dropped(tmp_path: Path) -> None:
+    """timm's folder reader reads its image extensions only: a .webp or .bmp in a class folder
+    is left out by it, and said so here (warned and listed), never silently."""
+    from PIL import Image
+
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        Image.new("RGB", (40, 30), (120, 30, 200)).save(tmp_path / label / "x.png")
+    Image.new("RGB", (40, 30)).save(tmp_path / "a" / "extra.webp")
+    Image.new("RGB", (40, 30)).save(tmp_path / "b" / "extra.bmp")
+    (tmp_path / "README.txt").write_text("beside the class folders: no class's file")
+    doc = run("--data", str(tmp_path), "--model", "vit_tiny_patch16_224", "--num-classes", "2",
+              "--no-bench", "--workers", "0", "--out", str(tmp_path / "out.json"))  # fmt: skip
+    assert doc["counts"]["images"] == 2
+    assert [Path(p).name for p in doc["data"]["not_images"]] == ["extra.webp", "extra.bmp"]
+    assert any("2 file(s) under" in w and "are not evaluated" in w for w in doc["warnings"])
+
+
+def test_bad_command_lines_stop_with_the_problem_and_the_fix(tmp_path: Path) -> None:
+    from PIL import Image
+
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    Image.new("RGB", (40, 30)).save(tmp_path / "data" / "a" / "x.png")
+    data = ["--data", str(tmp_path / "data"), "--no-bench", "--workers", "0", "--out", str(tmp_path / "out.json")]
+    tiny = ["--model", "vit_tiny_patch16_224", "--num-classes", "2"]
+    cases = [
+        (["--labels-file", str(tmp_path / "missing.csv"), *tiny], r"--labels-file .*missing.csv: no such file"),
+        (["--checkpoint", str(tmp_path / "missing.pth"), *tiny], r"--checkpoint .*missing.pth: no such file"),
+        (["--real-labels", str(tmp_path / "real.json"), *tiny], r"--real-labels .*real.json: no such file"),
+        (["--class-map", "missing.txt", *tiny], r"--data .*: .*class map"),
+        (["--model", "vit_no_such_model"], r"Unknown model .*timm.list_models"),
+        ([*tiny, "--method", "tome", "--option", "foo=1"], r"--method tome: .*has no option foo"),
+        ([*tiny, "--method", "evit", "--r", "2"], r"--method evit: .*has no option r"),
+        ([*tiny, "--img-size", "64"], r"built for 224x224 images, not --img-size 64: .*--model-arg img_size=64"),
+        ([*tiny, "--limit", "0"], r"--limit must be at least 1"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            run(*data, *extra)
+    with pytest.raises(SystemExit, match=r"--data .*empty: Found 0 images"):
+        run(*data, *tiny, "--data", str(tmp_path / "empty"))
+
+
 def test_test_size_is_timm_validate_default(tmp_path: Path) -> None:
     """timm's validate.py evaluates at the pretrained config's test size; so does this script,
     unless --use-train-size."""
