@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 import tokenprune
 from evals.distributed import Dist, ShardSampler, setup
-from evals.harness import RESULTS_DIR, environment, measure_throughput, write_atomic
+from evals.harness import RESULTS_DIR, command_line, environment, jsonable, measure_throughput, write_atomic
 from evals.metrics import topk_correct
 from evals.settings import describe_setting, method_options, parse_option
 from tokenprune.schedule import parse_schedule
@@ -74,11 +74,27 @@ SHORTFALL = 0.95
 # ------------------------------------------------------------------------------------- data
 
 
+def _is_video(path: Path) -> bool:
+    return path.suffix.lower() in VIDEO_EXTENSIONS
+
+
+def _first(names: Sequence[str], count: int = 10) -> str:
+    """The first ``count`` names, and an ellipsis when there are more."""
+    return ", ".join(names[:count]) + (" …" if len(names) > count else "")
+
+
 def samples_from_folder(root: Path, classes: Sequence[str] = ()) -> tuple[Samples, list[str]]:
     """One sub-folder per class, videos found recursively. The label of a folder is its name's
-    index in ``classes``; without ``classes``, in the sorted folder names (returned)."""
+    index in ``classes``; without ``classes``, in the sorted folder names (returned). Videos
+    lying in ``root`` itself, or no video at all, stop the run: neither has a label to give."""
     if not root.is_dir():
-        raise SystemExit(f"--data {root} is not a folder")
+        raise SystemExit(f"--data {root} is not a folder: give the folder holding one sub-folder per class")
+    loose = sorted(path.name for path in root.iterdir() if path.is_file() and _is_video(path))
+    if loose:  # the raw layout of some Kinetics downloads: their labels are in a CSV
+        raise SystemExit(
+            f"{root} holds {len(loose)} video(s) directly, not in one folder per class ({_first(loose)}): "
+            "give --labels-file with path,label rows, or sort the videos into class folders"
+        )
     folders = sorted(d.name for d in root.iterdir() if d.is_dir())
     if classes:
         index = {name: i for i, name in enumerate(classes)}
@@ -91,23 +107,33 @@ def samples_from_folder(root: Path, classes: Sequence[str] = ()) -> tuple[Sample
         (str(path), index[name])
         for name in folders
         for path in sorted((root / name).rglob("*"))
-        if path.suffix.lower() in VIDEO_EXTENSIONS
+        if _is_video(path)
     ]
+    if not samples:
+        raise SystemExit(
+            f"no videos under {root} ({len(folders)} class folders): expected one sub-folder per class holding "
+            f"{'/'.join(VIDEO_EXTENSIONS)} files; check that --data points at them"
+        )
     return samples, list(classes)
 
 
 def samples_from_csv(csv_path: Path, root: Path | None = None, classes: Sequence[str] = ()) -> Samples:
     """``path,label`` rows; a first row that names no video file (e.g. ``path,label``) and whose
-    label is neither an int nor a known class is a header. Any other bad label stops the run:
-    a typo in the first row must not drop that video silently."""
+    label is neither an int nor a known class is a header. Any other bad label, and any row
+    that is not two cells (a third column, a label without a path), stops the run: a typo must
+    not drop a video or a column silently. Blank rows are skipped; a CSV listing no video is an
+    error.
+
+    Rows are read as ``evals.imagenet.samples_from_csv`` reads them, with the same messages, but
+    not by it: labels here may be class names, and the header rule differs accordingly."""
     index = {name: i for i, name in enumerate(classes)}
     base = root if root is not None else csv_path.parent
     samples: Samples = []
     with open(csv_path, newline="") as handle:
         for row_number, row in enumerate(csv.reader(handle)):
-            if not row or not row[0].strip():
+            if not row or all(not cell.strip() for cell in row):
                 continue
-            if len(row) < 2:
+            if len(row) != 2 or not row[0].strip():
                 raise SystemExit(f"{csv_path}:{row_number + 1}: expected 'path,label', got {row!r}")
             path, label = row[0].strip(), row[1].strip()
             if label in index:
@@ -116,11 +142,13 @@ def samples_from_csv(csv_path: Path, root: Path | None = None, classes: Sequence
                 try:
                     value = int(label)
                 except ValueError:
-                    if row_number == 0 and Path(path).suffix.lower() not in VIDEO_EXTENSIONS:
+                    if row_number == 0 and not _is_video(Path(path)):
                         continue  # header
                     raise SystemExit(f"{csv_path}:{row_number + 1}: label {label!r} is not an int or a known class")
             full = Path(path) if Path(path).is_absolute() else base / path
             samples.append((str(full), value))
+    if not samples:
+        raise SystemExit(f"{csv_path} lists no videos: add path,label rows (a header alone is not enough)")
     return samples
 
 
@@ -287,12 +315,34 @@ def collate(items: Sequence[Item]) -> list[Item]:
 # ------------------------------------------------------------------------------------- model
 
 
+def model_factory(name: str) -> Any:
+    """The ``tokenprune.models`` factory called ``name``; only video ViTs take clips."""
+    from tokenprune import models
+
+    factory = getattr(models, name, None)
+    if factory is None or not name.startswith("video_vit_"):
+        raise SystemExit(f"unknown --model {name!r}; choose one of the video_vit_* factories in tokenprune.models")
+    return factory
+
+
+def check_clip_size(args: argparse.Namespace) -> None:
+    """Stop unless ``--num-frames`` and ``--img-size`` are multiples of the model's tubelet and
+    patch size. The model checks too, but only once built, after the devices are set up, with
+    a message that names neither the option nor a value that works. The sizes are read from a
+    default-sized copy on the meta device: no memory, no weights, a fraction of a second."""
+    with torch.device("meta"):
+        embed = model_factory(args.model)().patch_embed
+    for option, value, step, what in (("--num-frames", args.num_frames, embed.tubelet_size, "tubelet"),
+                                      ("--img-size", args.img_size, embed.patch_size[0], "patch")):
+        if value % step:
+            raise SystemExit(f"{option} {value} is not a multiple of {args.model}'s {what} size {step}: "
+                             f"give e.g. {option} {max(step, round(value / step) * step)}")
+
+
 def build_model(args: argparse.Namespace, options: dict[str, Any]) -> torch.nn.Module:
     from tokenprune import models
 
-    factory = getattr(models, args.model, None)
-    if factory is None or not args.model.startswith("video_vit_"):
-        raise SystemExit(f"unknown --model {args.model!r}; choose one of the video_vit_* factories in tokenprune.models")
+    factory = model_factory(args.model)
     model = factory(num_frames=args.num_frames, img_size=args.img_size, num_classes=args.num_classes)
     if args.checkpoint:
         models.load_videomae(model, args.checkpoint)
@@ -394,6 +444,19 @@ def read_classes(path: Path | None) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
+def check_paths(args: argparse.Namespace) -> None:
+    """Stop on a missing input file or folder, naming the option: before the model is built,
+    and with one line rather than the FileNotFoundError of the first read."""
+    if args.classes is not None and not args.classes.is_file():
+        raise SystemExit(f"--classes {args.classes} does not exist: give a file of class names, one per line "
+                         "(line order = index), or leave --classes out")
+    if args.labels_file is not None and not args.labels_file.is_file():
+        raise SystemExit(f"--labels-file {args.labels_file} does not exist: give a CSV of path,label rows")
+    if args.data is not None and not args.data.is_dir():
+        raise SystemExit(f"--data {args.data} is not a folder: give the folder holding one sub-folder per class "
+                         "(or, with --labels-file, the folder its relative paths start from)")
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.single_view:
@@ -404,6 +467,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
              for name in ("num_frames", "stride", "clips", "crops", "img_size", "views_per_batch") if getattr(args, name) < 1]
     if small:
         raise SystemExit(f"{', '.join(small)}: must be at least 1")
+    check_paths(args)
+    check_clip_size(args)
     options = method_options(args.method, args.option, r=args.r)
     classes = read_classes(args.classes)
     warnings: list[str] = []
@@ -426,14 +491,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"labels {bad_labels[:10]} are outside the model's {args.num_classes} classes")
     ks = tuple(k for k in (1, 5) if k <= args.num_classes)
 
+    command = command_line("evals.kinetics", argv)
     device, ddp = setup(args.device)
     try:
-        return _run(args, options, samples, ks, warnings, device, ddp)
+        return _run(args, command, options, samples, ks, warnings, device, ddp)
     finally:
         ddp.close()
 
 
-def _run(args: argparse.Namespace, options: dict[str, Any], samples: Samples, ks: tuple[int, ...],
+def _run(args: argparse.Namespace, command: str, options: dict[str, Any], samples: Samples, ks: tuple[int, ...],
          warnings: list[str], device: torch.device, ddp: Dist) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     model = build_model(args, options).to(device)
@@ -461,6 +527,8 @@ def _run(args: argparse.Namespace, options: dict[str, Any], samples: Samples, ks
 
     result: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "args": jsonable(vars(args)),  # which data (--data, --labels-file, --classes), --limit, --seed...
         "model": args.model,
         "checkpoint": args.checkpoint,
         "method": args.method,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -267,3 +268,93 @@ def test_two_processes_match_one(tmp_path):
     assert double["world_size"] == 2 and single["world_size"] == 1
     for key in ("videos", "evaluated", "top1", "top5", "num_failed", "failed", "num_too_short"):
         assert double[key] == single[key], key
+
+
+def _class_folders(root: Path) -> Path:
+    """Two class folders holding one real clip each."""
+    for name, clip in (("biking", BIKES), ("phoning", CARPHONE)):
+        (root / name).mkdir(parents=True)
+        shutil.copy(clip, root / name / clip.name)
+    return root
+
+
+def test_empty_dataset_is_refused(tmp_path):
+    (tmp_path / "data" / "biking").mkdir(parents=True)  # a class folder without videos
+    (tmp_path / "data" / "biking" / "notes.txt").write_text("not a video\n")
+    with pytest.raises(SystemExit, match="no videos under .*data \\(1 class folders\\): expected one sub-folder per class"):
+        kinetics.samples_from_folder(tmp_path / "data")
+    header_only = tmp_path / "val.csv"
+    header_only.write_text("path,label\n")
+    with pytest.raises(SystemExit, match="val.csv lists no videos: add path,label rows"):
+        kinetics.samples_from_csv(header_only)
+    # through main: stopped before any result is written
+    output = tmp_path / "r.json"
+    with pytest.raises(SystemExit, match="lists no videos"):
+        kinetics.main(["--labels-file", str(header_only), "--output", str(output), "--no-progress"])
+    assert not output.exists()
+
+
+def test_videos_in_the_data_root_are_refused(tmp_path):
+    root = _class_folders(tmp_path / "data")
+    shutil.copy(BIKES, root / "loose.mp4")  # not in a class folder: which class would it be?
+    with pytest.raises(SystemExit, match="holds 1 video\\(s\\) directly, not in one folder per class \\(loose.mp4\\)"
+                                         ": give --labels-file"):
+        kinetics.samples_from_folder(root)
+
+
+def test_csv_rows_must_have_two_columns(tmp_path):
+    csv = tmp_path / "three.csv"
+    csv.write_text(f"{BIKES},1,extra\n")
+    with pytest.raises(SystemExit, match="three.csv:1: expected 'path,label'"):
+        kinetics.samples_from_csv(csv)
+    csv.write_text(f"{BIKES},1\n,2\n")  # a label without a path is not a blank line to skip
+    with pytest.raises(SystemExit, match="three.csv:2: expected 'path,label'"):
+        kinetics.samples_from_csv(csv)
+
+
+def test_bad_paths_and_sizes_are_refused_up_front(tmp_path, monkeypatch):
+    """Missing files and a clip size the model cannot take stop the run with one line that
+    names the value, before the devices are set up or a model built."""
+
+    def unreachable(*args, **kwargs):
+        raise AssertionError("the run went past the argument checks")
+
+    monkeypatch.setattr(kinetics, "setup", unreachable)
+    monkeypatch.setattr(kinetics, "build_model", unreachable)
+    csv = tmp_path / "val.csv"
+    csv.write_text(f"{CARPHONE},1\n")
+    base = ["--labels-file", str(csv), "--model", "video_vit_small_patch16_224", "--num-classes", "10", "--no-progress"]
+    with pytest.raises(SystemExit, match="--classes .*missing.txt does not exist: give a file of class names"):
+        kinetics.main([*base, "--classes", str(tmp_path / "missing.txt")])
+    with pytest.raises(SystemExit, match="--labels-file .*missing.csv does not exist: give a CSV of path,label rows"):
+        kinetics.main([*base[2:], "--labels-file", str(tmp_path / "missing.csv")])
+    with pytest.raises(SystemExit, match="--data .*nowhere is not a folder"):
+        kinetics.main([*base, "--data", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit, match="--num-frames 3 is not a multiple of video_vit_small_patch16_224's "
+                                         "tubelet size 2: give e.g. --num-frames 4"):
+        kinetics.main([*base, "--num-frames", "3"])
+    with pytest.raises(SystemExit, match="--img-size 30 is not a multiple of video_vit_small_patch16_224's "
+                                         "patch size 16: give e.g. --img-size 32"):
+        kinetics.main([*base, "--num-frames", "4", "--img-size", "30"])
+    with pytest.raises(SystemExit, match="unknown --model 'vit_nope'"):
+        kinetics.main([*base, "--model", "vit_nope"])
+
+
+def test_result_records_the_command_and_arguments(tmp_path):
+    root = _class_folders(tmp_path / "data")
+    classes = tmp_path / "classes.txt"
+    classes.write_text("abseiling\nbiking\nphoning\n")
+    output = tmp_path / "result.json"
+    argv = [
+        "--data", str(root), "--classes", str(classes), "--model", "video_vit_small_patch16_224",
+        "--num-classes", "3", "--num-frames", "2", "--stride", "8", "--img-size", "32", "--single-view",
+        "--workers", "0", "--r", "2,-1", "--method", "tome", "--throughput-batch", "0", "--seed", "3",
+        "--limit", "1", "--output", str(output), "--no-progress",
+    ]  # fmt: skip
+    kinetics.main(argv)
+    saved = json.loads(output.read_text())
+    assert shlex.split(saved["command"]) == ["python", "-m", "evals.kinetics", *argv]
+    args = saved["args"]
+    assert args["data"] == str(root) and args["classes"] == str(classes) and args["labels_file"] is None
+    assert args["num_classes"] == 3 and args["seed"] == 3 and args["limit"] == 1 and args["r"] == [2, -1]
+    assert saved["videos"] == 1 and saved["top1"] is not None  # the existing keys stay
