@@ -363,8 +363,20 @@ def load_checkpoint(model: nn.Module, state: Mapping[str, Tensor], path: Path) -
         f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape
     ]
     if mismatched:
-        raise SystemExit(f"{path}: shape mismatch (checkpoint vs model): {_name_keys(mismatched)}")
+        raise SystemExit(f"{path}: shape mismatch (checkpoint vs model): {_name_keys(mismatched)}{_classifier_hint(model, state)}")
     model.load_state_dict(state, strict=True)
+
+
+def _classifier_hint(model: nn.Module, state: Mapping[str, Tensor]) -> str:
+    """The usual reason a checkpoint does not fit, with its fix: a classifier of another size."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(head, nn.Linear):
+        return ""
+    key = next(f"{name}.weight" for name, module in model.named_modules() if module is head)
+    saved = state.get(key)
+    if saved is None or saved.ndim != 2 or saved.shape[0] == head.out_features:
+        return ""
+    return f"; the checkpoint classifies {saved.shape[0]} classes, the model {head.out_features}: pass --num-classes {saved.shape[0]}"
 
 
 def _floats(text: str) -> tuple[float, ...]:

@@ -48,6 +48,7 @@ from tqdm import tqdm
 import tokenprune
 from evals.distributed import Dist, ShardSampler, setup
 from evals.harness import DTYPES, autocast, write_atomic
+from evals.imagenet import load_checkpoint, read_checkpoint
 from evals.metrics import topk_correct
 from tokenprune.methods.dynamicvit import (
     DynamicViTLoss,
@@ -70,6 +71,11 @@ MODELS: dict[str, dict[str, Any]] = {
         "num_classes": 10,
     },
 }
+
+# The sub-folder names timm's ImageFolder accepts for each split (``_search_split``), in its order.
+TRAIN_SPLITS = ("train", "training")
+VAL_SPLITS = ("validation", "val", "valid", "eval", "evaluation")
+FASHION_MNIST_CLASSES = 10
 
 # What a resumed run must share with the run it continues: anything else trains another model.
 # (Schedule and optimizer settings may change: a larger --epochs extends the cosine.)
@@ -94,33 +100,105 @@ def create_model(
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Strictly load a safetensors or ``torch.save`` state dict (plain, or under 'model'/'state_dict')."""
+    """Strictly load a safetensors or ``torch.save`` state dict (plain, under 'model'/'state_dict',
+    or a DDP save's ``module.``-prefixed keys), as ``evals.imagenet`` loads its ``--checkpoint``:
+    missing, unexpected and mis-shaped keys stop the run, named."""
     path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    load_checkpoint(model, read_checkpoint(path), path)
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("model", state.get("state_dict", state))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path} does not fit the model: missing {missing}, unexpected {unexpected}")
+
+def find_splits(root: Path) -> tuple[Path, Path]:
+    """``root``'s training and validation folders. Without them timm would read ``root`` itself for
+    both splits, and the run would validate on its training images: stop and say what is missing."""
+    found = {
+        kind: next((root / name for name in names if (root / name).is_dir()), None)
+        for kind, names in (("training", TRAIN_SPLITS), ("validation", VAL_SPLITS))
+    }
+    missing = [
+        f"{kind} folder ({' or '.join(name + '/' for name in names)})"
+        for (kind, path), names in zip(found.items(), (TRAIN_SPLITS, VAL_SPLITS))
+        if path is None
+    ]
+    if missing:
+        raise SystemExit(
+            f"--data {root} has no {' and no '.join(missing)}: lay it out as {root}/train/<class>/<image> "
+            f"and {root}/validation/<class>/<image> (or {root}/val/...); for the Fashion-MNIST idx files pass "
+            "--dataset fashion_mnist"
+        )
+    return found["training"], found["validation"]
+
+
+def check_same_classes(train: Path, val: Path, train_classes: list[str], val_classes: list[str]) -> None:
+    """Labels are indices into each split's sorted class folders: with other folders in each split,
+    the same index would name another class in training than in validation."""
+    if train_classes == val_classes:
+        return
+    only = [
+        f"only in {folder}: {sorted(set(mine) - set(other))}"
+        for folder, mine, other in ((train, train_classes, val_classes), (val, val_classes, train_classes))
+        if set(mine) - set(other)
+    ]
+    raise SystemExit(
+        f"the class folders differ between {train} and {val} ({'; '.join(only)}): labels are indices of the "
+        "sorted folder names, so they would name other classes in each split. Give both splits the same class folders"
+    )
+
+
+def check_num_classes(model: nn.Module, data_classes: int, data: str, model_name: str) -> None:
+    """Stop unless the model classifies exactly the data's classes.
+
+    Unlike ``evals.imagenet`` (which only warns: evaluating on a subset of ImageNet's class
+    folders is legitimate there, and it has ``--class-map``), a mismatch is an error here either
+    way: with fewer model classes some labels are out of range; with more, the labels are indices
+    of the sorted folder names and name the model's classes only if every class is present — a
+    subset (say 100 ImageNet wnids) would train the pretrained classifier, or distil from the
+    teacher, under wrong labels, silently. ``--num-classes`` builds a classifier of the data's size.
+    """
+    num_classes = int(getattr(model, "num_classes", 0) or 0)
+    if num_classes == data_classes:
+        return
+    if model_name in MODELS:
+        raise SystemExit(
+            f"{data} has {data_classes} classes but {model_name} has {num_classes} classes, fixed: train a timm "
+            f"--model with --num-classes {data_classes} (e.g. vit_tiny_patch16_224), or use data with {num_classes} classes"
+        )
+    raise SystemExit(
+        f"{data} has {data_classes} class folders but the model has {num_classes} classes: labels are indices of "
+        f"the sorted folder names, so the classifier needs one output per folder: pass --num-classes {data_classes}"
+    )
 
 
 def build_datasets(args: argparse.Namespace, model: nn.Module) -> tuple[Dataset, Dataset]:
+    """The training and validation sets, refused (see the checks above) unless they are two
+    separate splits of the same classes, as many as the model's."""
     if args.dataset == "fashion_mnist":
         from evals.fashion_mnist import FashionMNIST
 
+        check_num_classes(model, FASHION_MNIST_CLASSES, f"--dataset fashion_mnist ({args.data})", args.model)
         return FashionMNIST(args.data, "train", augment=True), FashionMNIST(args.data, "test")
+    train_root, val_root = find_splits(Path(args.data))
+    # The folders found, not --data: timm's own search would fall back to --data itself.
+    train = timm.data.create_dataset("", root=str(train_root), search_split=False, is_training=True)
+    val = timm.data.create_dataset("", root=str(val_root), search_split=False)
+    train_classes, val_classes = list(train.reader.class_to_idx), list(val.reader.class_to_idx)
+    check_same_classes(train_root, val_root, train_classes, val_classes)
+    check_num_classes(model, len(train_classes), str(train_root), args.model)
     # The model's own input size: its pretrained config may name another (e.g. --img-size).
     size = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
     config = timm.data.resolve_data_config({"input_size": size}, model=model)
-    train = timm.data.create_dataset("", root=args.data, split="train", is_training=True)
-    val = timm.data.create_dataset("", root=args.data, split="validation")
     train.transform = timm.data.create_transform(**config, is_training=True)
     val.transform = timm.data.create_transform(**config)
     return train, val
+
+
+def steps_per_epoch(loader: DataLoader, max_steps: int | None, batch_size: int, world_size: int) -> int:
+    """The training steps an epoch makes, refused if none: the loader drops the last, incomplete
+    batch, so a training set smaller than one batch would train nothing, yet write a model."""
+    if len(loader) == 0:
+        images = len(loader.sampler)  # this process's share under DDP
+        share = f" per process ({len(loader.dataset)} over {world_size} processes)" if world_size > 1 else ""
+        raise SystemExit(f"{images} training images{share} < batch size {batch_size}: lower --batch-size")
+    return len(loader) if max_steps is None else min(len(loader), max_steps)
 
 
 def parameter_groups(model: nn.Module, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -297,13 +375,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--dtype", choices=sorted(DTYPES), default="float32", help="autocast dtype (AMP; float16 with loss scaling)")
     add("--device", help="torch device (default: cuda if available — cuda:LOCAL_RANK under torchrun — else cpu)")
     add("--workers", type=int, default=2)
-    add("--max-steps", type=int, help="stop each epoch after this many steps (smoke tests)")
+    add("--max-steps", type=int, help="stop each epoch after this many steps, ≥ 1 (smoke tests)")
     add("--seed", type=int, default=0)
     add("--out", type=Path, required=True)
     add("--resume", action="store_true", help="continue from OUT/train_state.pt (same model, method and stages)")
     args = parser.parse_args(argv)
     if not args.backbone_lr_scale >= 0:
         parser.error(f"--backbone-lr-scale must be ≥ 0, got {args.backbone_lr_scale}")
+    if args.max_steps is not None and args.max_steps < 1:  # 0 would train nothing yet write a model
+        parser.error(f"--max-steps must be ≥ 1, got {args.max_steps} (leave it out for whole epochs)")
     if args.stages is not None:
         args.stages = tuple(args.stages)
     if args.resume and not (args.out / "train_state.pt").is_file():
@@ -319,6 +399,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = create_model(args.model, args.pretrained, args.num_classes, args.img_size).to(device)
+    # The data first: its checks (splits, class count) stop a run before a checkpoint is read.
+    train_set, val_set = build_datasets(args, model)
     if args.checkpoint:
         load_weights(model, args.checkpoint)
     teacher = None
@@ -335,7 +417,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if world.world_size > 1:
         step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
 
-    train_set, val_set = build_datasets(args, model)
     train_sampler = DistributedSampler(train_set, world.world_size, world.rank, seed=args.seed) if world.world_size > 1 else None
     # Workers start afresh each epoch (not persistent): their seeds then come from the epoch's.
     train_loader = DataLoader(
@@ -343,15 +424,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         num_workers=args.workers, drop_last=True,
     )  # fmt: skip
     val_loader = DataLoader(val_set, 256, sampler=ShardSampler(len(val_set), world.rank, world.world_size), num_workers=args.workers)
-    steps_per_epoch = min(len(train_loader), args.max_steps or len(train_loader))
-    total_steps = args.epochs * steps_per_epoch
+    epoch_steps = steps_per_epoch(train_loader, args.max_steps, args.batch_size, world.world_size)
+    total_steps = args.epochs * epoch_steps
 
     optimizer = torch.optim.AdamW(parameter_groups(model, args), lr=args.lr, weight_decay=args.weight_decay)
     # float16 gradients underflow without loss scaling; bfloat16 and float32 need none.
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     args.out.mkdir(parents=True, exist_ok=True)
     start_epoch = resume(saved, model, args, optimizer, scaler) if saved else 0
-    step = start_epoch * steps_per_epoch  # the schedule's position, even if the batch size or world changed
+    step = start_epoch * epoch_steps  # the schedule's position, even if the batch size or world changed
 
     summary: dict[str, Any] = {}
     for epoch in range(start_epoch, args.epochs):
@@ -363,9 +444,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             model.eval()  # frozen backbone: no dropout/drop-path; the predictors train
             predictors(model).train()
         started, totals = time.perf_counter(), {}
-        bar = tqdm(train_loader, total=steps_per_epoch, desc=f"epoch {epoch}", disable=not world.lead)
+        bar = tqdm(train_loader, total=epoch_steps, desc=f"epoch {epoch}", disable=not world.lead)
         for i, (images, labels) in enumerate(bar):
-            if i == steps_per_epoch:
+            if i == epoch_steps:
                 break
             images, labels = images.to(device), labels.to(device)
             for group in optimizer.param_groups:
@@ -384,7 +465,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         summary = {
             "epoch": epoch,
             "steps": step,
-            **{f"train_{k}": v / steps_per_epoch for k, v in totals.items()},  # rank 0's batches
+            **{f"train_{k}": v / epoch_steps for k, v in totals.items()},  # rank 0's batches
             "val_top1": 100.0 * correct / seen,
             "val_images": seen,
             "epoch_s": time.perf_counter() - started,

@@ -172,7 +172,7 @@ def test_bad_checkpoint_names_the_keys(tmp_path: Path) -> None:
 
     save_file({"unexpected.weight": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
     model = train_dynamicvit.create_model("vit_tiny_patch16_224", num_classes=2, img_size=32)
-    with pytest.raises(ValueError, match="unexpected.weight"):
+    with pytest.raises(SystemExit, match="unexpected.weight"):
         train_dynamicvit.load_weights(model, tmp_path / "bad.safetensors")
 
 
@@ -194,3 +194,81 @@ def test_fixed_configurations_refuse_arguments_they_would_ignore() -> None:
     with pytest.raises(ValueError, match="drop num_classes, img_size"):
         train_dynamicvit.create_model("fmnist_vit", num_classes=3, img_size=32)
     assert train_dynamicvit.create_model("fmnist_vit").num_classes == 10
+
+
+def _run(data: Path, out: Path, *extra: str) -> dict:
+    """A one-step run of the plain model (the data checks run before anything trains)."""
+    return train_dynamicvit.main(["--data", str(data), *COMMON, "--method", "none", "--epochs", "1", "--max-steps", "1",
+                                  "--out", str(out), *extra])  # fmt: skip
+
+
+def test_data_without_split_folders_is_refused(image_folder: Path, tmp_path: Path) -> None:
+    """timm falls back to the root folder for a split it cannot find: training images would be
+    validated on, silently. The script looks for the splits itself and names what is missing."""
+    import shutil
+
+    flat = tmp_path / "flat"  # the class folders directly under --data
+    shutil.copytree(image_folder / "train", flat)
+    with pytest.raises(SystemExit, match=r"no training folder \(train/ or training/\) and no validation folder.*"
+                                         r"/train/<class>/.*/validation/<class>/"):  # fmt: skip
+        _run(flat, tmp_path / "run")
+    only_train = tmp_path / "only_train"
+    shutil.copytree(image_folder / "train", only_train / "train")
+    with pytest.raises(SystemExit, match=r"no validation folder \(validation/ or val/ or .*\)") as error:
+        _run(only_train, tmp_path / "run")
+    assert "training folder" not in str(error.value)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+    synonyms = tmp_path / "synonyms"  # timm's other names for the splits are found too
+    shutil.copytree(image_folder / "train", synonyms / "training")
+    shutil.copytree(image_folder / "validation", synonyms / "val")
+    (synonyms / "val" / "light" / "0.png").unlink()  # tell the splits apart: 7 validation images
+    assert _run(synonyms, tmp_path / "run")["val_images"] == 7
+
+
+def test_splits_with_other_classes_are_refused(image_folder: Path, tmp_path: Path) -> None:
+    """Labels are indices into each split's sorted class folders: with another set of folders the
+    validation labels would name other classes than the training labels."""
+    import shutil
+
+    shutil.copytree(image_folder, tmp_path / "data")
+    shutil.copytree(image_folder / "validation" / "dark", tmp_path / "data" / "validation" / "dim")
+    with pytest.raises(SystemExit, match=r"class folders differ.*only in .*validation: \['dim'\]"):
+        _run(tmp_path / "data", tmp_path / "run")
+
+
+def test_a_training_set_smaller_than_the_batch_is_refused(image_folder: Path, tmp_path: Path, capsys) -> None:
+    """The loader drops the last, incomplete batch: 8 images in batches of 16 make no step at all,
+    and the run would write an untrained model.safetensors as if it had trained."""
+    with pytest.raises(SystemExit, match=r"8 training images < batch size 16: lower --batch-size"):
+        _run(image_folder, tmp_path / "run", "--batch-size", "16")
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+    # --max-steps 0 used to mean "no limit"
+    with pytest.raises(SystemExit):
+        _run(image_folder, tmp_path / "run", "--max-steps", "0")
+    assert "--max-steps must be ≥ 1, got 0" in capsys.readouterr().err
+
+
+def test_the_model_must_have_the_data_s_class_count(image_folder: Path, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match=r"has 2 class folders but the model has 3 classes.*pass --num-classes 2"):
+        _run(image_folder, tmp_path / "run", "--num-classes", "3")  # the last --num-classes wins
+    # a project configuration has its own class count: it cannot take --num-classes
+    with pytest.raises(SystemExit, match=r"fmnist_vit has 10 classes.*timm --model with --num-classes 2"):
+        train_dynamicvit.check_num_classes(train_dynamicvit.create_model("fmnist_vit"), 2, "DATA", "fmnist_vit")
+    train_dynamicvit.check_num_classes(train_dynamicvit.create_model("fmnist_vit"), 10, "DATA", "fmnist_vit")
+
+
+def test_a_checkpoint_with_another_class_count_names_the_shapes(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    three = train_dynamicvit.create_model("vit_tiny_patch16_224", num_classes=3, img_size=32)
+    save_file(three.state_dict(), str(tmp_path / "three.safetensors"))
+    model = train_dynamicvit.create_model("vit_tiny_patch16_224", num_classes=2, img_size=32)
+    with pytest.raises(SystemExit, match=r"head\.weight \(3, 192\) vs \(2, 192\).*--num-classes 3"):
+        train_dynamicvit.load_weights(model, tmp_path / "three.safetensors")
+
+    # a DistributedDataParallel save, nested under 'model' with every key prefixed 'module.'
+    two = train_dynamicvit.create_model("vit_tiny_patch16_224", num_classes=2, img_size=32)
+    torch.save({"model": {f"module.{k}": v for k, v in two.state_dict().items()}}, tmp_path / "ddp.pth")
+    train_dynamicvit.load_weights(model, tmp_path / "ddp.pth")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in two.state_dict().items())
