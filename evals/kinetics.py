@@ -433,8 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=2, help="untimed throughput passes (default 2)")
     parser.add_argument("--runs", type=int, default=10, help="timed throughput passes")
     parser.add_argument("--seed", type=int, default=0, help="seed before creating the model (random weights are the same on every rank)")
-    parser.add_argument("--output", type=Path, help="JSON path (default evals/results/kinetics_<model>_<method>.json)")
-    parser.add_argument("--no-progress", action="store_true")
+    # --out and --quiet as in the other scripts; --output and --no-progress, their first names, still work
+    parser.add_argument("--out", "--output", type=Path, help="JSON path (default evals/results/kinetics_<model>_<method>.json)")
+    parser.add_argument("--quiet", "--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -507,7 +508,7 @@ def _run(args: argparse.Namespace, command: str, options: dict[str, Any], sample
     loader = DataLoader(dataset, batch_size=1, sampler=ShardSampler(len(dataset), ddp.rank, ddp.world_size),
                         num_workers=args.workers, collate_fn=collate)
     tally = evaluate(model, loader, device, args.views_per_batch, frames_needed(args.num_frames, args.stride),
-                     args.average, ks, progress=ddp.lead and not args.no_progress)
+                     args.average, ks, progress=ddp.lead and not args.quiet)
     totals = ddp.all_sum([tally.evaluated, *tally.correct.values()], device)
     evaluated, correct = totals[0], dict(zip(ks, totals[1:]))
     failed = sorted((f for part in ddp.gather(tally.failed) for f in part), key=lambda f: f["path"])
@@ -560,7 +561,7 @@ def _run(args: argparse.Namespace, command: str, options: dict[str, Any], sample
                                 "what": "model only (rank 0): random clips on the device, median of timed passes",
                                 "clips_per_s_per_rank": ddp.gather(timing["images_per_s"])}
     result["environment"] = environment(device)
-    output = args.output or RESULTS_DIR / f"kinetics_{args.model}_{args.method}.json"
+    output = args.out or RESULTS_DIR / f"kinetics_{args.model}_{args.method}.json"
     if ddp.lead:
         for message in warnings:
             print(f"WARNING: {message}", file=sys.stderr)

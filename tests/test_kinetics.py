@@ -186,7 +186,7 @@ def test_end_to_end_with_corrupt_file(tmp_path):
         "--labels-file", str(csv), "--model", "video_vit_small_patch16_224", "--num-classes", "10",
         "--num-frames", "4", "--stride", "8", "--img-size", "32", "--clips", "2", "--crops", "2",
         "--workers", "0", "--method", "tome", "--r", "2", "--throughput-batch", "1", "--runs", "1",
-        "--output", str(output), "--no-progress",
+        "--out", str(output), "--quiet",
     ]
     result = kinetics.main(args)
     saved = json.loads(output.read_text())
@@ -197,7 +197,7 @@ def test_end_to_end_with_corrupt_file(tmp_path):
     assert saved["gflops_per_view"] > 0 and saved["throughput"]["clips_per_s"] > 0
     assert result["top1_all"] == pytest.approx(saved["top1"] * 2 / 3)
     # 64-frame span vs the 120-frame clip: not too short; a 200-frame span is
-    short = kinetics.main([*args[:-3], "--stride", "50", "--single-view", "--output", str(output), "--no-progress"])
+    short = kinetics.main([*args[:-3], "--stride", "50", "--single-view", "--out", str(output), "--quiet"])
     assert short["num_too_short"] == 1 and short["protocol"]["clips"] == 1
 
 
@@ -233,7 +233,7 @@ def test_views_are_averaged_as_probabilities_by_default():
 def test_bad_requests_are_explained(tmp_path):
     csv = tmp_path / "val.csv"
     csv.write_text(f"{CARPHONE},12\n")
-    base = ["--labels-file", str(csv), "--num-classes", "10", "--no-progress", "--output", str(tmp_path / "r.json")]
+    base = ["--labels-file", str(csv), "--num-classes", "10", "--quiet", "--out", str(tmp_path / "r.json")]
     with pytest.raises(SystemExit, match="outside the model's 10 classes"):
         kinetics.main(base)
     with pytest.raises(SystemExit, match="--method none takes no options"):
@@ -255,11 +255,11 @@ def test_two_processes_match_one(tmp_path):
     args = [
         "--labels-file", str(csv), "--model", "video_vit_small_patch16_224", "--num-classes", "10",
         "--num-frames", "4", "--stride", "8", "--img-size", "32", "--clips", "2", "--crops", "1",
-        "--workers", "0", "--method", "tome", "--option", "r=2", "--throughput-batch", "0", "--no-progress",
+        "--workers", "0", "--method", "tome", "--option", "r=2", "--throughput-batch", "0", "--quiet",
     ]  # fmt: skip
-    single = kinetics.main([*args, "--output", str(tmp_path / "one.json")])
+    single = kinetics.main([*args, "--out", str(tmp_path / "one.json")])
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "evals.kinetics", *args, "--output", str(tmp_path / "two.json")]  # fmt: skip
+               "-m", "evals.kinetics", *args, "--out", str(tmp_path / "two.json")]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -290,7 +290,7 @@ def test_empty_dataset_is_refused(tmp_path):
     # through main: stopped before any result is written
     output = tmp_path / "r.json"
     with pytest.raises(SystemExit, match="lists no videos"):
-        kinetics.main(["--labels-file", str(header_only), "--output", str(output), "--no-progress"])
+        kinetics.main(["--labels-file", str(header_only), "--out", str(output), "--quiet"])
     assert not output.exists()
 
 
@@ -323,7 +323,7 @@ def test_bad_paths_and_sizes_are_refused_up_front(tmp_path, monkeypatch):
     monkeypatch.setattr(kinetics, "build_model", unreachable)
     csv = tmp_path / "val.csv"
     csv.write_text(f"{CARPHONE},1\n")
-    base = ["--labels-file", str(csv), "--model", "video_vit_small_patch16_224", "--num-classes", "10", "--no-progress"]
+    base = ["--labels-file", str(csv), "--model", "video_vit_small_patch16_224", "--num-classes", "10", "--quiet"]
     with pytest.raises(SystemExit, match="--classes .*missing.txt does not exist: give a file of class names"):
         kinetics.main([*base, "--classes", str(tmp_path / "missing.txt")])
     with pytest.raises(SystemExit, match="--labels-file .*missing.csv does not exist: give a CSV of path,label rows"):
@@ -351,7 +351,7 @@ def test_result_records_the_command_and_arguments(tmp_path):
         "--workers", "0", "--r", "2,-1", "--method", "tome", "--throughput-batch", "0", "--seed", "3",
         "--limit", "1", "--output", str(output), "--no-progress",
     ]  # fmt: skip
-    kinetics.main(argv)
+    kinetics.main(argv)  # --output and --no-progress: --out's and --quiet's first names
     saved = json.loads(output.read_text())
     assert shlex.split(saved["command"]) == ["python", "-m", "evals.kinetics", *argv]
     args = saved["args"]
