@@ -365,11 +365,12 @@ def jsonable(value: Any) -> Any:
 
 def _git_dirty() -> bool | None:
     """Whether the checkout has uncommitted changes to tracked files (None: not a checkout), so
-    that a figure measured on edited code does not pass for the commit's."""
+    that a figure measured on edited code does not pass for the commit's. Results are not code:
+    new ones under evals/results, not yet committed, do not count."""
+    root = RESULTS_DIR.parent.parent
+    command = ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", f":!{RESULTS_DIR.relative_to(root)}"]
     try:
-        out = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        )
+        out = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
     return bool(out.stdout.strip()) if out.returncode == 0 else None
