@@ -82,12 +82,11 @@ from evals.harness import (
 )
 from evals.metrics import real_correct, topk_correct
 from evals.settings import (
-    Budget,
     BudgetUnreachable,
     Setting,
     describe_setting,
     method_options,
-    parse_budget,
+    parse_gflops_budget,
     parse_option,
     resolve,
 )
@@ -389,13 +388,6 @@ def _floats(text: str) -> tuple[float, ...]:
     return values
 
 
-def _gflops_budget(text: str) -> Budget:
-    budget = parse_budget(text)
-    if budget.kind != "gflops":
-        raise argparse.ArgumentTypeError("an eval takes a GFLOPs fraction (0.5 or 50%); speedups are for evals.bench")
-    return budget
-
-
 def _gflops(model: nn.Module, input_size: tuple[int, ...]) -> tuple[float | None, list[int] | None, str | None]:
     """(GFLOPs per image, tokens entering each block, why not) from tokenprune's counter."""
     from tokenprune.patch.vit import check_supported
@@ -498,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--keep-ratio", type=float, help="the pruning methods' ρ (dynamicvit, evit)")
     group.add_argument(
         "--budget",
-        type=_gflops_budget,
+        type=parse_gflops_budget,
         help="set the method's r or keep ratio to the weakest with at most this fraction of the GFLOPs "
         "(0.5 or 50%%; as evals.bench --budget, so the two join in evals.pareto)",
     )

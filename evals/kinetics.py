@@ -24,7 +24,13 @@ as VideoMAE's test script does (``--average logits`` averages logits instead).
 ``--single-view``: one centre clip, one centre crop. A video of fewer than (frames − 1) ×
 stride + 1 frames (61) repeats its last sampled frame (as VideoMAE) and is listed as
 ``too_short`` (and still evaluated).
-Undecodable videos are listed as ``failed``, counted, and scored as wrong in ``top1_all``.
+Undecodable videos are listed as ``failed``, counted, and scored as wrong in ``top1_all`` and
+``top5_all``.
+
+**Reduction.** ``--method`` with ``--r`` or ``--option key=value``, or ``--budget 0.5``: the
+method's weakest setting within that fraction of the unreduced GFLOPs per view (the search
+of ``evals.bench`` and ``evals.imagenet``, so each picks the same setting for a budget).
+``--dtype bfloat16`` runs every forward, the timed ones too, under autocast.
 
 **Several GPUs** (``torchrun --nproc_per_node N -m evals.kinetics ...``): each rank evaluates
 its shard of the videos (each video on exactly one rank), counts are summed and lists
@@ -33,7 +39,7 @@ gathered, rank 0 writes (:mod:`evals.distributed`).
 **Output.** top-1 / top-5 over the decoded videos (:func:`evals.metrics.topk_correct`'s rule
 for ties), JSON in ``evals/results/`` (atomic write) with the environment, GFLOPs per view
 from ``tokenprune.flops``, and model-only throughput on random clips, measured apart from
-decoding (``evals.harness.measure_throughput``).
+decoding (``evals.harness.measure_throughput``), and the command that reproduces it.
 """
 
 from __future__ import annotations
@@ -56,9 +62,9 @@ from tqdm import tqdm
 
 import tokenprune
 from evals.distributed import Dist, ShardSampler, setup
-from evals.harness import RESULTS_DIR, command_line, environment, jsonable, measure_throughput, write_atomic
+from evals.harness import DTYPES, RESULTS_DIR, autocast, command_line, environment, jsonable, measure_throughput, write_atomic
 from evals.metrics import topk_correct
-from evals.settings import describe_setting, method_options, parse_option
+from evals.settings import BudgetUnreachable, Setting, describe_setting, method_options, parse_gflops_budget, parse_option, resolve
 from tokenprune.schedule import parse_schedule
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg")
@@ -339,19 +345,26 @@ def check_clip_size(args: argparse.Namespace) -> None:
                              f"give e.g. {option} {max(step, round(value / step) * step)}")
 
 
-def build_model(args: argparse.Namespace, options: dict[str, Any]) -> torch.nn.Module:
+def build_model(args: argparse.Namespace, options: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model, patched, and the options it was patched with: ``options``, or with
+    ``--budget`` the method's weakest setting within that fraction of the GFLOPs per view."""
     from tokenprune import models
 
     factory = model_factory(args.model)
     model = factory(num_frames=args.num_frames, img_size=args.img_size, num_classes=args.num_classes)
     if args.checkpoint:
         models.load_videomae(model, args.checkpoint)
+    if args.budget is not None:
+        try:
+            options = resolve(Setting(args.method, options, args.budget), model, (args.num_frames, args.img_size, args.img_size))
+        except BudgetUnreachable as error:
+            raise SystemExit(str(error)) from None
     if args.method != "none":
         try:
             tokenprune.patch(model, args.method, **options)
         except (TypeError, ValueError) as error:
             raise SystemExit(f"{args.method}: {error}") from None
-    return model.eval()
+    return model.eval(), options
 
 
 class Tally(NamedTuple):
@@ -365,9 +378,11 @@ class Tally(NamedTuple):
 
 
 def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device, views_per_batch: int, needed: int,
-             average: str = "probabilities", ks: Sequence[int] = (1, 5), progress: bool = True) -> Tally:
+             average: str = "probabilities", ks: Sequence[int] = (1, 5), progress: bool = True,
+             dtype: torch.dtype | None = None) -> Tally:
     """Top-k counts over the decodable videos of ``loader`` (the views' softmax probabilities,
-    or logits, averaged per video); failed, too-short and damaged videos listed."""
+    or logits, averaged per video, in float32); failed, too-short and damaged videos listed.
+    ``dtype`` other than float32 runs the model under autocast."""
     correct = dict.fromkeys(ks, 0.0)
     evaluated = 0
     failed: list[dict[str, Any]] = []
@@ -388,7 +403,8 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device, v
                     damaged.append({"path": path, "damaged_packets": item.damaged_packets, "frames": item.num_frames,
                                     "announced_frames": item.announced_frames})
                 chunks = item.views.split(views_per_batch)
-                logits = torch.cat([model(normalize(chunk.to(device, non_blocking=True))) for chunk in chunks]).float()
+                with autocast(device, dtype):
+                    logits = torch.cat([model(normalize(chunk.to(device, non_blocking=True))) for chunk in chunks]).float()
                 scores = logits.softmax(dim=-1) if average == "probabilities" else logits
                 hits = topk_correct(scores.mean(dim=0, keepdim=True), torch.tensor([item.label], device=device), ks)
                 for k, count in hits.items():
@@ -425,6 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     video_methods = sorted(name for name, config in METHODS.items() if getattr(config, "supports_video", False))
     parser.add_argument("--method", default="none", choices=["none", *video_methods])
     parser.add_argument("--r", type=parse_schedule, help="the method's r")
+    parser.add_argument("--budget", type=parse_gflops_budget,
+                        help="set the method's r to the weakest with at most this fraction of the GFLOPs per view (0.5 or 50%%)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="autocast dtype of the forward passes, also the timed ones (default float32)")
     parser.add_argument("--option", type=parse_option, action="append", default=[],
                         help="method option key=value (a Python literal: prop_attn=False, r=(16,-1)), repeatable")
     parser.add_argument("--device", help="torch device (default: cuda if available — cuda:LOCAL_RANK under torchrun — else cpu)")
@@ -471,6 +491,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     check_paths(args)
     check_clip_size(args)
     options = method_options(args.method, args.option, r=args.r)
+    if args.budget is not None and args.method == "none":
+        raise SystemExit("--budget sets a method's strength: give a --method too")
     classes = read_classes(args.classes)
     warnings: list[str] = []
     if args.labels_file:
@@ -503,12 +525,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def _run(args: argparse.Namespace, command: str, options: dict[str, Any], samples: Samples, ks: tuple[int, ...],
          warnings: list[str], device: torch.device, ddp: Dist) -> dict[str, Any]:
     torch.manual_seed(args.seed)
-    model = build_model(args, options).to(device)
+    model, options = build_model(args, options)
+    model = model.to(device)
+    dtype = DTYPES[args.dtype]
     dataset = VideoDataset(samples, args.num_frames, args.stride, args.clips, args.crops, args.img_size)
     loader = DataLoader(dataset, batch_size=1, sampler=ShardSampler(len(dataset), ddp.rank, ddp.world_size),
                         num_workers=args.workers, collate_fn=collate)
     tally = evaluate(model, loader, device, args.views_per_batch, frames_needed(args.num_frames, args.stride),
-                     args.average, ks, progress=ddp.lead and not args.quiet)
+                     args.average, ks, progress=ddp.lead and not args.quiet, dtype=dtype)
     totals = ddp.all_sum([tally.evaluated, *tally.correct.values()], device)
     evaluated, correct = totals[0], dict(zip(ks, totals[1:]))
     failed = sorted((f for part in ddp.gather(tally.failed) for f in part), key=lambda f: f["path"])
@@ -535,6 +559,8 @@ def _run(args: argparse.Namespace, command: str, options: dict[str, Any], sample
         "method": args.method,
         "options": options,
         "setting": describe_setting(args.method, options),
+        "budget": None if args.budget is None else args.budget.label,
+        "dtype": args.dtype,
         "protocol": {"frames": args.num_frames, "stride": args.stride, "size": args.img_size, "clips": args.clips,
                      "crops": args.crops, "views_averaged": args.average,
                      "resize": "short side bilinear without antialiasing, rounded to uint8 (VideoMAE's test loader)"},
@@ -545,6 +571,7 @@ def _run(args: argparse.Namespace, command: str, options: dict[str, Any], sample
         "top1": pct(1, evaluated),
         "top5": pct(5, evaluated),
         "top1_all": pct(1, len(samples)),
+        "top5_all": pct(5, len(samples)),
         "num_failed": len(failed),
         "failed": failed,
         "num_too_short": len(too_short),
@@ -555,7 +582,7 @@ def _run(args: argparse.Namespace, command: str, options: dict[str, Any], sample
     }
     if args.throughput_batch > 0:
         clips = torch.randn(args.throughput_batch, 3, args.num_frames, args.img_size, args.img_size, device=device)
-        timing = measure_throughput(model, clips, warmup=args.warmup, runs=args.runs)
+        timing = measure_throughput(model, clips, warmup=args.warmup, runs=args.runs, dtype=dtype)
         result["throughput"] = {"clips_per_s": timing["images_per_s"], "median_s": timing["median_s"],
                                 "batch": args.throughput_batch, "warmup": args.warmup, "runs": args.runs,
                                 "what": "model only (rank 0): random clips on the device, median of timed passes",

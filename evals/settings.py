@@ -62,6 +62,7 @@ __all__ = [
     "identity",
     "method_options",
     "parse_budget",
+    "parse_gflops_budget",
     "resolve",
     "setting_for_budget",
     "settings_from_args",
@@ -212,6 +213,15 @@ def parse_budget(text: str) -> Budget:
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"budget {text!r}: a GFLOPs fraction must be in (0, 1), e.g. 0.5 or 50%")
     return Budget("gflops", value)
+
+
+def parse_gflops_budget(text: str) -> Budget:
+    """:func:`parse_budget` for the eval scripts, whose budgets must be GFLOPs fractions: they
+    time nothing a speedup could be searched against."""
+    budget = parse_budget(text)
+    if budget.kind != "gflops":
+        raise argparse.ArgumentTypeError("an eval takes a GFLOPs fraction (0.5 or 50%); speedups are for evals.bench")
+    return budget
 
 
 def bisect_weakest(meets: Callable[[int], bool], count: int) -> int | None:

