@@ -166,7 +166,8 @@ def input_tokens(model: nn.Module, input_size: InputSize) -> int:
 
 def plan(model: nn.Module, input_size: InputSize) -> ReductionPlan:
     """The per-block token counts the model will use for ``input_size`` (effective schedule;
-    NaFlexVit: or packed patches, see :func:`patch_grid`)."""
+    NaFlexVit: or packed patches, see :func:`patch_grid`). Counts are those of inference:
+    DynamicViT in ``train()`` keeps dropped tokens in place, masked, and computes on all of them."""
     model = vit.reducing_model(model)
     grid = patch_grid(model, input_size)
     count = input_tokens(model, input_size)

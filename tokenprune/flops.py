@@ -118,7 +118,8 @@ def flops(model: nn.Module, input_size: InputSize, batch_size: int | None = None
     """FLOPs of ``model`` (patched or not) on ``batch_size`` images (or clips) of ``input_size``,
     default 1. NaFlexVit: ``input_size`` may be packed patches themselves (the dict), every
     position counted, padding too, as the model computes it; ``batch_size`` then defaults to
-    the pack's sequences."""
+    the pack's sequences. Counted from :func:`tokenprune.plan`, hence for inference (DynamicViT
+    training computes on every token)."""
     if batch_size is None:
         batch_size = int(input_size["patches"].shape[0]) if isinstance(input_size, dict) else 1
     return _flops(model, input_size, batch_size, with_head=True)
