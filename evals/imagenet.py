@@ -94,12 +94,12 @@ from tokenprune.schedule import parse_schedule
 
 __all__ = [
     "EvalDataset",
+    "FolderSamples",
     "build_parser",
     "collate",
     "holds_predictors",
     "load_checkpoint",
     "main",
-    "non_image_files",
     "read_checkpoint",
     "samples_from_csv",
     "samples_from_filenames",
@@ -119,14 +119,22 @@ TAR_MEMBER = "::"  # joins a .tar archive's path and a member's name in a sample
 # Samples: which files, which labels
 
 
-def samples_from_folder(root: Path, split: str, class_map: str = "") -> tuple[Samples, dict[str, int], Path]:
-    """Images and labels of a class-per-folder tree, or of a ``.tar`` archive holding one,
-    found and ordered by timm's own readers (``timm.data.create_dataset``); returns (samples,
-    class_to_idx, the folder or archive used).
+class FolderSamples(NamedTuple):
+    samples: Samples
+    class_to_idx: dict[str, int]
+    root: Path  # the folder or archive read
+    # Files in the class folders that timm's readers leave out because their extension is not one
+    # of timm's image extensions (.webp, .bmp, .tif among them, which Pillow would read).
+    not_images: list[str]
 
-    timm leaves out the images of folders that ``class_map`` does not name; those are not
-    dropped silently here: the run stops and names the folders (a partial map is easily a
-    typo)."""
+
+def samples_from_folder(root: Path, split: str, class_map: str = "") -> FolderSamples:
+    """Images and labels of a class-per-folder tree, or of a ``.tar`` archive holding one,
+    found and ordered by timm's own readers (``timm.data.create_dataset``).
+
+    What timm leaves out is not dropped silently here: files of other extensions are listed
+    (``not_images``), and images in folders that ``class_map`` does not name stop the run, which
+    names the folders (a partial map is easily a typo)."""
     archive = root.is_file() and root.suffix == ".tar"
     if not root.is_dir() and not archive:
         raise SystemExit(f"--data {root} is neither a folder nor a .tar archive")
@@ -135,16 +143,19 @@ def samples_from_folder(root: Path, split: str, class_map: str = "") -> tuple[Sa
     except (RuntimeError, AssertionError) as error:  # timm's "Found 0 images in ...", "Cannot locate ... class map"
         raise SystemExit(f"--data {root}: {error}") from None
     reader = dataset.reader
-    extensions = get_img_extensions()
+    extensions = get_img_extensions(as_set=True)
     if archive:
         if any(child is not None for _, _, child in reader.samples):
             raise SystemExit(f"{root} holds .tar archives inside: give one archive of class folders, or unpack it")
         samples = [(f"{root}{TAR_MEMBER}{info.name}", int(t)) for (info, _, _), t in zip(reader.samples, reader.targets)]
         with tarfile.open(root) as tar:
-            images = [Path(m.name) for m in tar.getmembers() if m.isfile() and Path(m.name).suffix.lower() in extensions]
+            files, top = [Path(m.name) for m in tar.getmembers() if m.isfile()], Path(".")
     else:
         samples = [(str(path), int(target)) for path, target in reader.samples]
-        images = [path for path in Path(reader.root).rglob("*") if path.suffix.lower() in extensions]
+        files, top = [path for path in Path(reader.root).rglob("*") if path.is_file()], Path(reader.root)
+    images = [path for path in files if path.suffix.lower() in extensions]
+    # What lies beside the class folders (a README, a labels CSV) is no class's file.
+    not_images = sorted(str(path) for path in files if path.suffix.lower() not in extensions and path.parent != top)
     class_to_idx = dict(reader.class_name_to_idx if archive else reader.class_to_idx)
     if class_map:
         unmapped: dict[str, int] = {}
@@ -157,20 +168,7 @@ def samples_from_folder(root: Path, split: str, class_map: str = "") -> tuple[Sa
                 f"{sum(unmapped.values())} images are in folders that --class-map does not name "
                 f"({', '.join(names[:10])}{' …' if len(names) > 10 else ''}): add them to the map or move them out of {reader.root}"
             )
-    return samples, class_to_idx, root if archive else Path(reader.root)
-
-
-def non_image_files(root: Path) -> list[str]:
-    """Files under a class-folder tree or in a ``.tar`` archive that timm's readers leave out
-    because their extension is not one of timm's image extensions (``.webp``, ``.bmp``, ``.tif``
-    among them, which Pillow would read): listed, so none is left out unsaid."""
-    extensions = get_img_extensions(as_set=True)
-    if root.is_file():
-        with tarfile.open(root) as tar:
-            names = [m.name for m in tar.getmembers() if m.isfile() and Path(m.name).parent != Path(".")]
-    else:  # in class folders: what lies beside them (a README, a labels CSV) is no class's
-        names = [str(path) for path in root.rglob("*") if path.is_file() and path.parent != root]
-    return sorted(name for name in names if Path(name).suffix.lower() not in extensions and not name.endswith(".tar"))
+    return FolderSamples(samples, class_to_idx, root if archive else Path(reader.root), not_images)
 
 
 def samples_from_csv(csv_path: Path, root: Path | None = None) -> Samples:
@@ -347,9 +345,10 @@ def holds_predictors(state: Mapping[str, Tensor]) -> bool:
     return any(".reducer." in key for key in state)
 
 
-def load_checkpoint(model: nn.Module, state: Mapping[str, Tensor], path: Path) -> None:
+def load_checkpoint(model: nn.Module, state: Mapping[str, Tensor], path: Path, num_classes_option: bool = True) -> None:
     """Load ``state`` (read from ``path``) strictly: missing, unexpected and mis-shaped keys are
-    named in the error."""
+    named in the error, and a classifier of another size as such (with the ``--num-classes``
+    that fits it, where the caller has that option)."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -362,11 +361,11 @@ def load_checkpoint(model: nn.Module, state: Mapping[str, Tensor], path: Path) -
         f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape
     ]
     if mismatched:
-        raise SystemExit(f"{path}: shape mismatch (checkpoint vs model): {_name_keys(mismatched)}{_classifier_hint(model, state)}")
+        raise SystemExit(f"{path}: shape mismatch (checkpoint vs model): {_name_keys(mismatched)}{_classifier_hint(model, state, num_classes_option)}")
     model.load_state_dict(state, strict=True)
 
 
-def _classifier_hint(model: nn.Module, state: Mapping[str, Tensor]) -> str:
+def _classifier_hint(model: nn.Module, state: Mapping[str, Tensor], num_classes_option: bool) -> str:
     """The usual reason a checkpoint does not fit, with its fix: a classifier of another size."""
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
     if not isinstance(head, nn.Linear):
@@ -375,7 +374,8 @@ def _classifier_hint(model: nn.Module, state: Mapping[str, Tensor]) -> str:
     saved = state.get(key)
     if saved is None or saved.ndim != 2 or saved.shape[0] == head.out_features:
         return ""
-    return f"; the checkpoint classifies {saved.shape[0]} classes, the model {head.out_features}: pass --num-classes {saved.shape[0]}"
+    hint = f"; the checkpoint classifies {saved.shape[0]} classes, the model {head.out_features}"
+    return hint + (f": pass --num-classes {saved.shape[0]}" if num_classes_option else "")
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -558,7 +558,7 @@ def check_files(args: argparse.Namespace) -> None:
         named.append(("--real-labels", Path(args.real_labels)))
     for flag, path in named:
         if path is not None and not path.is_file():
-            raise SystemExit(f"{flag} {path}: no such file")
+            raise SystemExit(f"{flag} {path} does not exist: give the path of an existing file")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -589,7 +589,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             model_kwargs["num_classes"] = args.num_classes
         try:
             model = timm.create_model(args.model, pretrained=args.pretrained, **model_kwargs)
-        except RuntimeError as error:  # timm's "Unknown model (...)"
+        except RuntimeError as error:
+            if not str(error).startswith("Unknown model"):
+                raise
             raise SystemExit(f"{error}: timm.list_models('*part_of_the_name*') lists timm's models") from None
         checkpoint = read_checkpoint(args.checkpoint) if args.checkpoint is not None else None
         with_predictors = checkpoint is not None and holds_predictors(checkpoint)
@@ -619,8 +621,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         overrides = {k: v for k, v in overrides.items() if v is not None}
         patch_embed = getattr(model, "patch_embed", None)
         built_size = getattr(patch_embed, "img_size", None)
-        fixed_size = (isinstance(built_size, tuple) and len(built_size) == 2
-                      and not getattr(patch_embed, "dynamic_img_size", False))  # fmt: skip
+        # timm keeps dynamic_img_size on the model and tells the embedding strict_img_size=False.
+        dynamic_size = getattr(model, "dynamic_img_size", False) or not getattr(patch_embed, "strict_img_size", True)
+        fixed_size = isinstance(built_size, tuple) and len(built_size) == 2 and not dynamic_size
         if fixed_size and args.img_size is not None and (args.img_size, args.img_size) != tuple(built_size):
             raise SystemExit(
                 f"{args.model} is built for {built_size[0]}x{built_size[1]} images, not --img-size {args.img_size}: build it "
@@ -675,7 +678,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         else:
             if args.data is None:
                 raise SystemExit("give --data (and --labels-file or --label-from-filename for flat folders)")
-            samples, class_to_idx, root = samples_from_folder(args.data, args.split, args.class_map)
+            samples, class_to_idx, root, not_images = samples_from_folder(args.data, args.split, args.class_map)
             source = "image_folder"
             if not samples:
                 raise SystemExit(f"no images found under {root}")
@@ -684,7 +687,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     f"{root} holds images directly, not in one folder per class (the raw ILSVRC2012 val "
                     "layout?): give --labels-file with path,label rows, or sort the images into wnid folders"
                 )
-            not_images = non_image_files(root)
             if not_images:
                 warn(
                     f"{len(not_images)} file(s) under {root} are not evaluated: timm reads only "

@@ -130,8 +130,8 @@ def samples_from_csv(csv_path: Path, root: Path | None = None, classes: Sequence
     not drop a video or a column silently. Blank rows are skipped; a CSV listing no video is an
     error.
 
-    Rows are read as ``evals.imagenet.samples_from_csv`` reads them, with the same messages, but
-    not by it: labels here may be class names, and the header rule differs accordingly."""
+    A malformed row gets ``evals.imagenet.samples_from_csv``'s message; the two functions are
+    separate because labels here may be class names, and the header rule differs accordingly."""
     index = {name: i for i, name in enumerate(classes)}
     base = root if root is not None else csv_path.parent
     samples: Samples = []
@@ -482,10 +482,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.single_view:
         args.clips = args.crops = 1
-    if args.limit is not None and args.limit < 0 or args.workers < 0:
-        raise SystemExit("--limit and --workers must be at least 0")
+    if args.workers < 0:
+        raise SystemExit("--workers must be at least 0")
     small = [f"--{name.replace('_', '-')} {getattr(args, name)}"
-             for name in ("num_frames", "stride", "clips", "crops", "img_size", "views_per_batch") if getattr(args, name) < 1]
+             for name in ("num_frames", "stride", "clips", "crops", "img_size", "views_per_batch", "limit")
+             if getattr(args, name) is not None and getattr(args, name) < 1]
     if small:
         raise SystemExit(f"{', '.join(small)}: must be at least 1")
     check_paths(args)

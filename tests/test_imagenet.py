@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -561,9 +562,9 @@ def test_bad_command_lines_stop_with_the_problem_and_the_fix(tmp_path: Path) -> 
     data = ["--data", str(tmp_path / "data"), "--no-bench", "--workers", "0", "--out", str(tmp_path / "out.json")]
     tiny = ["--model", "vit_tiny_patch16_224", "--num-classes", "2"]
     cases = [
-        (["--labels-file", str(tmp_path / "missing.csv"), *tiny], r"--labels-file .*missing.csv: no such file"),
-        (["--checkpoint", str(tmp_path / "missing.pth"), *tiny], r"--checkpoint .*missing.pth: no such file"),
-        (["--real-labels", str(tmp_path / "real.json"), *tiny], r"--real-labels .*real.json: no such file"),
+        (["--labels-file", str(tmp_path / "missing.csv"), *tiny], r"--labels-file .*missing.csv does not exist"),
+        (["--checkpoint", str(tmp_path / "missing.pth"), *tiny], r"--checkpoint .*missing.pth does not exist"),
+        (["--real-labels", str(tmp_path / "real.json"), *tiny], r"--real-labels .*real.json does not exist"),
         (["--class-map", "missing.txt", *tiny], r"--data .*: .*class map"),
         (["--model", "vit_no_such_model"], r"Unknown model .*timm.list_models"),
         ([*tiny, "--method", "tome", "--option", "foo=1"], r"--method tome: .*has no option foo"),
@@ -576,6 +577,12 @@ def test_bad_command_lines_stop_with_the_problem_and_the_fix(tmp_path: Path) -> 
             run(*data, *extra)
     with pytest.raises(SystemExit, match=r"--data .*empty: Found 0 images"):
         run(*data, *tiny, "--data", str(tmp_path / "empty"))
+    # what the refusals point to works: a model built for the size, or for any size
+    for model_arg in ("img_size=64", "dynamic_img_size=True"):
+        doc = run(*data, *tiny, "--img-size", "64", "--model-arg", model_arg)
+        assert doc["model"]["data_config"]["input_size"] == [3, 64, 64] and doc["counts"]["evaluated"] == 1
+        assert shlex.split(doc["command"]) == ["python", "-m", "evals.imagenet", *data, *tiny, "--img-size", "64",
+                                               "--model-arg", model_arg, "--quiet"]  # fmt: skip
 
 
 def test_test_size_is_timm_validate_default(tmp_path: Path) -> None:

@@ -338,6 +338,8 @@ def test_bad_paths_and_sizes_are_refused_up_front(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="--img-size 30 is not a multiple of video_vit_small_patch16_224's "
                                          "patch size 16: give e.g. --img-size 32"):
         kinetics.main([*base, "--num-frames", "4", "--img-size", "30"])
+    with pytest.raises(SystemExit, match="--limit 0: must be at least 1"):  # an empty run would dodge the empty-data check
+        kinetics.main([*base, "--limit", "0"])
     with pytest.raises(SystemExit, match="unknown --model 'vit_nope'"):
         kinetics.main([*base, "--model", "vit_nope"])
 
