@@ -211,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     speed: list[Point] = []
     quality: list[Point] = []
-    quality_from: dict[tuple[str, tuple[int, ...], str, str], Path] = {}
+    quality_from: dict[tuple[str, tuple[int, ...], str, str], tuple[Path, Point]] = {}
     devices = []
     for path in args.results:
         try:
@@ -239,14 +239,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 found = quality_points(document)
             except (KeyError, ValueError) as error:
                 raise SystemExit(f"{path}: {error}") from None
-            for point in found:  # one point per key: the table and the front are keyed by it
-                if point.key in quality_from:
+            # One point per key: the table and the front are keyed by it. The same measurement twice
+            # (every fidelity file's unreduced row; an --r and a --budget that picked the same r) is
+            # kept once; two different ones (say a float32 and a bfloat16 eval) cannot share a point.
+            for point in found:
+                if point.key not in quality_from:
+                    quality_from[point.key] = (path, point)
+                    quality.append(point)
+                    continue
+                first_path, first = quality_from[point.key]
+                if (first.quality, first.gflops) != (point.quality, point.gflops):
                     raise SystemExit(
-                        f"{path} measures {point.model} {point.method} {point.setting or '(unreduced)'} again, as "
-                        f"{quality_from[point.key]} does: give one quality result per model and setting (e.g. one dtype)"
+                        f"{first_path} and {path} measure {point.model} {point.method} {point.setting or '(unreduced)'} "
+                        f"differently ({first.quality} and {point.quality}): give one quality result per model and "
+                        "setting (e.g. one dtype)"
                     )
-                quality_from[point.key] = path
-            quality += found
     if not quality:
         raise SystemExit("no quality results: give at least one evals.imagenet or evals.fidelity JSON")
     metrics = sorted({point.metric for point in quality})

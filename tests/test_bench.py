@@ -521,9 +521,14 @@ def test_pareto_joins_bench_and_fidelity(run: tuple[dict[str, Any], Path], tmp_p
         pareto.main([str(run[1]), str(quality_path), "--batch-size", "7", "--out", str(tmp_path / "q.png")])
     with pytest.raises(SystemExit, match="repeats settings of an earlier benchmark file"):
         pareto.main([str(run[1]), str(run[1]), str(quality_path), "--out", str(tmp_path / "q.png")])
-    # two measurements of one setting (say float32 and bfloat16 evals) would both be "on the front"
-    with pytest.raises(SystemExit, match="fidelity.json measures .* again, as .*fidelity.json does"):
-        pareto.main([str(run[1]), str(quality_path), str(quality_path), "--out", str(tmp_path / "q.png")])
+    # the same measurement twice is one point (every fidelity file has the unreduced row)...
+    twice = pareto.main([str(run[1]), str(quality_path), str(quality_path), "--out", str(tmp_path / "q.png")])
+    assert [(p.method, p.setting) for p in twice["points"]] == [(p.method, p.setting) for p in result["points"]]
+    # ...two different ones (say float32 and bfloat16 evals) would both be "on the front"
+    other = {**quality, "rows": [{**row, "cosine_mean": 0.5} if row.get("setting") == "r=2" else row for row in quality["rows"]]}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match=r"fidelity.json and .*other.json measure .* tome r=2 differently \(0.9\d* and 0.5\)"):
+        pareto.main([str(run[1]), str(quality_path), str(tmp_path / "other.json"), "--out", str(tmp_path / "q.png")])
     # top-1 % and a cosine on one axis would let 81 "beat" 1.0
     imagenet_like = {"model": {"name": "vit_tiny_patch16_224", "method": "none", "setting": "",
                                "data_config": {"input_size": [3, 32, 32]}},
@@ -640,3 +645,27 @@ def test_recorded_commands_run_again_as_given() -> None:
     argv = ["--r", "16, -1", "--option", "tome.trace_source=True", "--out", "a b/bench.json"]
     command = command_line("evals.bench", argv)
     assert shlex.split(command) == ["python", "-m", "evals.bench", *argv]
+
+
+def test_git_dirty_counts_edited_code_not_new_results(tmp_path: Path, monkeypatch) -> None:
+    import subprocess
+
+    from evals import harness
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    results = tmp_path / "evals" / "results"
+    results.mkdir(parents=True)
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (results / "bench.json").write_text("{}\n")
+    monkeypatch.setattr(harness, "RESULTS_DIR", results)
+    assert harness._git_dirty() is None  # not a checkout
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "init")
+    assert harness._git_dirty() is False
+    (results / "bench.json").write_text('{"rows": []}\n')  # a new measurement, not yet committed
+    assert harness._git_dirty() is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert harness._git_dirty() is True
