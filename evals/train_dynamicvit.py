@@ -99,12 +99,13 @@ def create_model(
     return timm.create_model(name, pretrained=pretrained, **kwargs)
 
 
-def load_weights(model: nn.Module, path: str | Path) -> None:
+def load_weights(model: nn.Module, path: str | Path, num_classes_option: bool = False) -> None:
     """Strictly load a safetensors or ``torch.save`` state dict (plain, under 'model'/'state_dict',
     or a DDP save's ``module.``-prefixed keys), as ``evals.imagenet`` loads its ``--checkpoint``:
-    missing, unexpected and mis-shaped keys stop the run, named."""
+    missing, unexpected and mis-shaped keys stop the run, named; ``num_classes_option``: the
+    caller takes ``--num-classes``, which the error then names for a classifier of another size."""
     path = Path(path)
-    load_checkpoint(model, read_checkpoint(path), path)
+    load_checkpoint(model, read_checkpoint(path), path, num_classes_option)
 
 
 def find_splits(root: Path) -> tuple[Path, Path]:
@@ -144,7 +145,7 @@ def check_same_classes(train: Path, val: Path, train_classes: list[str], val_cla
     )
 
 
-def check_num_classes(model: nn.Module, data_classes: int, data: str, model_name: str) -> None:
+def check_num_classes(model: nn.Module, data_classes: int, data: str, model_name: str, folders: bool = True) -> None:
     """Stop unless the model classifies exactly the data's classes.
 
     Unlike ``evals.imagenet`` (which only warns: evaluating on a subset of ImageNet's class
@@ -162,9 +163,11 @@ def check_num_classes(model: nn.Module, data_classes: int, data: str, model_name
             f"{data} has {data_classes} classes but {model_name} has {num_classes} classes, fixed: train a timm "
             f"--model with --num-classes {data_classes} (e.g. vit_tiny_patch16_224), or use data with {num_classes} classes"
         )
+    why = "labels are indices of the sorted folder names, so the classifier needs one output per folder" if folders else (
+        "the classifier needs one output per class")
     raise SystemExit(
-        f"{data} has {data_classes} class folders but the model has {num_classes} classes: labels are indices of "
-        f"the sorted folder names, so the classifier needs one output per folder: pass --num-classes {data_classes}"
+        f"{data} has {data_classes} {'class folders' if folders else 'classes'} but the model has {num_classes} "
+        f"classes: {why}: pass --num-classes {data_classes}"
     )
 
 
@@ -174,7 +177,7 @@ def build_datasets(args: argparse.Namespace, model: nn.Module) -> tuple[Dataset,
     if args.dataset == "fashion_mnist":
         from evals.fashion_mnist import FashionMNIST
 
-        check_num_classes(model, FASHION_MNIST_CLASSES, f"--dataset fashion_mnist ({args.data})", args.model)
+        check_num_classes(model, FASHION_MNIST_CLASSES, f"--dataset fashion_mnist ({args.data})", args.model, folders=False)
         return FashionMNIST(args.data, "train", augment=True), FashionMNIST(args.data, "test")
     train_root, val_root = find_splits(Path(args.data))
     # The folders found, not --data: timm's own search would fall back to --data itself.
@@ -402,7 +405,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # The data first: its checks (splits, class count) stop a run before a checkpoint is read.
     train_set, val_set = build_datasets(args, model)
     if args.checkpoint:
-        load_weights(model, args.checkpoint)
+        load_weights(model, args.checkpoint, num_classes_option=args.model not in MODELS)
     teacher = None
     if args.method == "dynamicvit":
         teacher = copy.deepcopy(model).eval().requires_grad_(False)

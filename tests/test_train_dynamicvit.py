@@ -256,6 +256,11 @@ def test_the_model_must_have_the_data_s_class_count(image_folder: Path, tmp_path
     with pytest.raises(SystemExit, match=r"fmnist_vit has 10 classes.*timm --model with --num-classes 2"):
         train_dynamicvit.check_num_classes(train_dynamicvit.create_model("fmnist_vit"), 2, "DATA", "fmnist_vit")
     train_dynamicvit.check_num_classes(train_dynamicvit.create_model("fmnist_vit"), 10, "DATA", "fmnist_vit")
+    # Fashion-MNIST's idx files have classes, not folders
+    tiny = train_dynamicvit.create_model("vit_tiny_patch16_224", img_size=32)
+    with pytest.raises(SystemExit, match=r"FMNIST has 10 classes but the model has 1000 classes: the classifier needs one "
+                                         r"output per class: pass --num-classes 10"):
+        train_dynamicvit.check_num_classes(tiny, 10, "FMNIST", "vit_tiny_patch16_224", folders=False)
 
 
 def test_a_checkpoint_with_another_class_count_names_the_shapes(tmp_path: Path) -> None:
@@ -264,7 +269,10 @@ def test_a_checkpoint_with_another_class_count_names_the_shapes(tmp_path: Path) 
     three = train_dynamicvit.create_model("vit_tiny_patch16_224", num_classes=3, img_size=32)
     save_file(three.state_dict(), str(tmp_path / "three.safetensors"))
     model = train_dynamicvit.create_model("vit_tiny_patch16_224", num_classes=2, img_size=32)
-    with pytest.raises(SystemExit, match=r"head\.weight \(3, 192\) vs \(2, 192\).*--num-classes 3"):
+    with pytest.raises(SystemExit, match=r"head\.weight \(3, 192\) vs \(2, 192\).*classifies 3 classes, the model 2: pass --num-classes 3"):
+        train_dynamicvit.load_weights(model, tmp_path / "three.safetensors", num_classes_option=True)
+    # fmnist_pruning's and the project configurations' callers have no --num-classes to name
+    with pytest.raises(SystemExit, match=r"classifies 3 classes, the model 2$"):
         train_dynamicvit.load_weights(model, tmp_path / "three.safetensors")
 
     # a DistributedDataParallel save, nested under 'model' with every key prefixed 'module.'
