@@ -577,6 +577,14 @@ def test_bad_command_lines_stop_with_the_problem_and_the_fix(tmp_path: Path) -> 
             run(*data, *extra)
     with pytest.raises(SystemExit, match=r"--data .*empty: Found 0 images"):
         run(*data, *tiny, "--data", str(tmp_path / "empty"))
+    # only timm's unknown-model error gets the model-list advice; a weights error stays itself
+    def failing(*args, **kwargs):
+        raise RuntimeError("Error(s) in loading state_dict for VisionTransformer")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(timm, "create_model", failing)
+        with pytest.raises(RuntimeError, match="Error\\(s\\) in loading state_dict"):
+            run(*data, *tiny)
     # what the refusals point to works: a model built for the size, or for any size
     for model_arg in ("img_size=64", "dynamic_img_size=True"):
         doc = run(*data, *tiny, "--img-size", "64", "--model-arg", model_arg)
