@@ -492,6 +492,13 @@ def test_unsupported_models_name_the_module() -> None:
     for ask in (tokenprune.plan, tokenprune.flops):  # plans and FLOPs too: a clear TypeError
         with pytest.raises(TypeError, match="cannot patch .*ConVit"):
             ask(convit, 224)
+    # a supported model inside torch.compile or DataParallel: patch it before wrapping
+    vit = timm.create_model("vit_tiny_patch16_224", depth=1)
+    with pytest.raises(TypeError, match=r"wrapped by torch.compile: patch it first, then compile"):
+        tokenprune.patch(torch.compile(vit), r=4)
+    with pytest.raises(TypeError, match=r"wrapped by DataParallel: patch it first, then wrap it"):
+        tokenprune.plan(torch.nn.DataParallel(vit), 224)
+    assert type(vit) is timm.models.VisionTransformer  # nothing was patched
 
 
 def test_bad_options() -> None:

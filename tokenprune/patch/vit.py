@@ -871,10 +871,28 @@ def family(model: nn.Module) -> type[ReducingViT]:
     and is no ReducingViT; it has the same hooks.)"""
     model_class = original_class(model)
     if model_class not in PATCHED_CLASSES:
+        _refuse_runtime_wrapper(model)
         raise TypeError(
             f"tokenprune cannot patch {model_class.__module__}.{model_class.__name__}; supported: {SUPPORTED_FAMILIES}"
         )
     return PATCHED_CLASSES[model_class]
+
+
+def _refuse_runtime_wrapper(model: nn.Module) -> None:
+    """torch.compile and data-parallel wrappers hold a model that may be supported: say to patch
+    it before wrapping, rather than that the wrapper is not a ViT."""
+    if hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+        raise TypeError(
+            "the model is wrapped by torch.compile: patch it first, then compile, "
+            "model = torch.compile(tokenprune.patch(model, ...)) (a graph compiled before the patch would not run it)"
+        )
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        name = type(model).__name__
+        raise TypeError(
+            f"the model is wrapped by {name}: patch it first, then wrap it, tokenprune.patch(model, ...); "
+            f"model = {name}(model, ...) (the wrapper takes the parameters it synchronises when it is built, "
+            "and DynamicViT adds some)"
+        )
 
 
 def _refuse_image_size(model: nn.Module, size: tuple[int, int]) -> NoReturn:
