@@ -501,6 +501,20 @@ def test_unsupported_models_name_the_module() -> None:
     assert type(vit) is timm.models.VisionTransformer  # nothing was patched
 
 
+def test_tomes_model_r_raises_instead_of_changing_nothing() -> None:
+    """Published ToMe is configured by ``model.r = 16`` after patching; here that attribute would
+    be read by nothing, so setting it raises with the call that works."""
+    model = make("vit_cls", depth=2)
+    model.r = 3  # unpatched: an attribute like any other, kept through patch and unpatch
+    tokenprune.patch(model, r=2)
+    with pytest.raises(AttributeError, match=r"set r with tokenprune.patch\(model, r=16\)"):
+        model.r = 16
+    assert not hasattr(model, "r") and model.tokenprune_config.r == 2
+    assert tokenprune.plan(model, 224).removed == (2, 2)
+    tokenprune.unpatch(model)
+    assert model.r == 3
+
+
 def test_bad_options() -> None:
     model = make("vit_cls")
     with pytest.raises(ValueError, match="unknown method 'tomee'"):

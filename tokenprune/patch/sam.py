@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from . import vit
 from ..merge import BlockMerge, bipartite_matching_flops
-from .vit import QKV_PROJECTIONS, ReducingViT, _timm_qkv, linear_flops
+from .vit import QKV_PROJECTIONS, ReducingViT, SettingsThroughPatch, _timm_qkv, linear_flops
 
 
 # SAM's attention projects q, k, v as timm's ViT attention does (q/k-norm after, in ReducingSamBlock._attend).
@@ -139,7 +139,7 @@ class ReducingSamBlock(SamBlock):
         return attn.proj_drop(attn.proj(out))
 
 
-class ReducingSam(VisionTransformerSAM):
+class ReducingSam(SettingsThroughPatch, VisionTransformerSAM):
     """timm ``VisionTransformerSAM`` whose blocks merge and unmerge inside themselves: its own
     forward, ``forward_intermediates`` and neck run unchanged. Holds the family's hooks."""
 

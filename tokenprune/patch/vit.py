@@ -488,7 +488,23 @@ def _pool_by_weight(model: VisionTransformer) -> bool:
     return _pool_by_size(model) or model.global_pool == "max"
 
 
-class ReducingViT:
+class SettingsThroughPatch:
+    """Mixin of every patched model class: published ToMe's ``model.r = 16`` would set an
+    attribute nothing reads here, a silent no-op; it raises instead, naming the call that works."""
+
+    @property
+    def r(self) -> NoReturn:
+        # (nn.Module.__getattr__ then reports the missing attribute: read model.tokenprune_config.r)
+        raise AttributeError("r")
+
+    @r.setter
+    def r(self, value: Any) -> NoReturn:
+        raise AttributeError(
+            f"set r with tokenprune.patch(model, r={value!r}): published ToMe's model.r = {value!r} would change nothing here"
+        )
+
+
+class ReducingViT(SettingsThroughPatch):
     """Mixin placed in front of the model's own class (``VisionTransformer`` or a subclass).
 
     ``forward_features`` keeps timm's contract and returns the reduced tokens; ``forward`` also
