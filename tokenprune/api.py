@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ def patch(model: nn.Module, method: str | MethodConfig | None = None, **options:
         if type(current) is config_class:
             config = dataclasses.replace(current, **options)
         else:
+            _require_options(model, method, config_class, options)
             try:
                 config = config_class(**options)
             except TypeError as error:
@@ -62,6 +64,24 @@ def patch(model: nn.Module, method: str | MethodConfig | None = None, **options:
         vit.remove(model)
     vit.apply(model, config, reducers)
     return outer
+
+
+def _require_options(model: nn.Module, method: str, config_class: type, options: dict[str, Any]) -> None:
+    """Name an option the method cannot do without, with a value to start from: for ``r``,
+    ToMe's rule of thumb, tokens / blocks at the model's own input size."""
+    fields = dataclasses.fields(config_class)
+    missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in missing if name not in options]
+    if not missing:
+        return
+    hint = ""
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if "r" in missing and size is not None:
+        with contextlib.suppress(TypeError, ValueError):  # a size this family does not plan: no hint
+            tokens = input_tokens(model, tuple(size))
+            hint = (f"; ToMe's rule of thumb, r ≈ tokens / blocks, gives {tokens // len(model.blocks)} here "
+                    f"({tokens} tokens over {len(model.blocks)} blocks at {'x'.join(map(str, size))})")
+    raise TypeError(f"method {method!r} needs {', '.join(missing)}: e.g. tokenprune.patch(model, {missing[0]}=...){hint}")
 
 
 def unpatch(model: nn.Module) -> nn.Module:
