@@ -492,13 +492,28 @@ def test_unsupported_models_name_the_module() -> None:
     for ask in (tokenprune.plan, tokenprune.flops):  # plans and FLOPs too: a clear TypeError
         with pytest.raises(TypeError, match="cannot patch .*ConVit"):
             ask(convit, 224)
-    # a supported model inside torch.compile or DataParallel: patch it before wrapping
-    vit = timm.create_model("vit_tiny_patch16_224", depth=1)
-    with pytest.raises(TypeError, match=r"wrapped by torch.compile: patch it first, then compile"):
-        tokenprune.patch(torch.compile(vit), r=4)
-    with pytest.raises(TypeError, match=r"wrapped by DataParallel: patch it first, then wrap it"):
-        tokenprune.plan(torch.nn.DataParallel(vit), 224)
-    assert type(vit) is timm.models.VisionTransformer  # nothing was patched
+    with pytest.raises(TypeError, match="cannot patch .*ConVit"):  # compiled, it is still named
+        tokenprune.plan(torch.compile(convit), 224)
+
+
+def test_compile_and_data_parallel_wrap_a_patched_model() -> None:
+    """Patch, then wrap: plans, FLOPs and source maps see through torch.compile and DataParallel;
+    patching or unpatching inside them is refused (the compiled graph, the parameters the
+    wrapper synchronises, were fixed when it was built), naming the order that works."""
+    vit = make("vit_cls", depth=2)
+    for wrap in (torch.compile, torch.nn.DataParallel):
+        with pytest.raises(TypeError, match=r"wrapped by .*: patch the model itself, then wrap it again"):
+            tokenprune.patch(wrap(vit), r=4)
+        assert type(vit) is timm.models.VisionTransformer  # nothing was patched
+    tokenprune.patch(vit, r=4, trace_source=True)
+    for wrapped in (torch.compile(vit), torch.nn.DataParallel(vit), torch.nn.DataParallel(torch.compile(vit))):
+        assert tokenprune.plan(wrapped, 224) == tokenprune.plan(vit, 224)
+        assert tokenprune.flops(wrapped, 224) == tokenprune.flops(vit, 224)
+        with pytest.raises(TypeError, match=r"unpatch the model itself"):
+            tokenprune.unpatch(wrapped)
+    with torch.no_grad():
+        torch.nn.DataParallel(vit)(image(1))
+    assert tokenprune.source(torch.nn.DataParallel(vit)).shape == (1, 197 - 4 * 2, 197)
 
 
 def test_tomes_model_r_raises_instead_of_changing_nothing() -> None:

@@ -31,6 +31,7 @@ def patch(model: nn.Module, method: str | MethodConfig | None = None, **options:
     ``features_only=True`` backbone) is patched through it: its own forward runs the patched
     inner model, and ``patch`` returns the wrapper.
     """
+    vit.refuse_runtime_wrapper(model, "patch")
     outer, model = model, vit.reducing_model(model)
     vit.check_supported(model)
     current = getattr(model, "tokenprune_config", None)
@@ -86,6 +87,7 @@ def _require_options(model: nn.Module, method: str, config_class: type, options:
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Restore the model's original classes and behaviour exactly, in place, and return it."""
+    vit.refuse_runtime_wrapper(model, "unpatch")
     inner = vit.reducing_model(model)
     if getattr(inner, "tokenprune_config", None) is None:
         raise ValueError("the model is not patched by tokenprune")

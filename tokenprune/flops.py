@@ -28,6 +28,7 @@ from .patch.vit import (
     original_block_class,
     pool_includes_prefix,
     reducing_model,
+    unwrap_runtime,
 )
 
 
@@ -122,7 +123,7 @@ def flops(model: nn.Module, input_size: InputSize, batch_size: int | None = None
     training computes on every token)."""
     if batch_size is None:
         batch_size = int(input_size["patches"].shape[0]) if isinstance(input_size, dict) else 1
-    return _flops(model, input_size, batch_size, with_head=True)
+    return _flops(unwrap_runtime(model), input_size, batch_size, with_head=True)
 
 
 def _flops(model: nn.Module, input_size: InputSize, batch_size: int, with_head: bool) -> FlopReport:

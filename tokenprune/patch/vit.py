@@ -834,10 +834,43 @@ WRAPPERS: dict[type[nn.Module], Wrapper] = {
 
 
 def reducing_model(model: nn.Module) -> nn.Module:
-    """The model whose blocks reduce tokens: ``model`` itself, or the one its wrappers hold."""
+    """The model whose blocks reduce tokens: ``model`` itself, or the one its wrappers hold
+    (timm's, and torch.compile's or data parallelism's, which plans and FLOPs see through)."""
+    model = unwrap_runtime(model)
     while (wrapper := WRAPPERS.get(type(model))) is not None:
         model = getattr(model, wrapper.attribute)
     return model
+
+
+def unwrap_runtime(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile's and data parallelism's wrappers (``model`` if none)."""
+    while True:
+        if _compiled(model):
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def _compiled(model: nn.Module) -> bool:
+    # torch.compile's OptimizedModule holds the model as its submodule _orig_mod (told apart
+    # without importing torch._dynamo, which takes a second)
+    return "_orig_mod" in model._modules
+
+
+def refuse_runtime_wrapper(model: nn.Module, action: str) -> None:
+    """Patching (``action`` "patch") or unpatching inside torch.compile or a data-parallel wrapper
+    would go unseen by what the wrapper set up when built: name the order that works."""
+    if unwrap_runtime(model) is model:
+        return
+    name = "torch.compile" if _compiled(model) else type(model).__name__
+    why = ("a graph compiled before would keep running the old model" if name == "torch.compile"
+           else "the wrapper takes the parameters it synchronises when it is built, and DynamicViT adds some")
+    raise TypeError(
+        f"the model is wrapped by {name}: {action} the model itself, then wrap it again, e.g. "
+        f"model = torch.compile(tokenprune.{action}(model, ...)) ({why})"
+    )
 
 
 def check_method_for(model: nn.Module, config: Any) -> None:
@@ -887,28 +920,10 @@ def family(model: nn.Module) -> type[ReducingViT]:
     and is no ReducingViT; it has the same hooks.)"""
     model_class = original_class(model)
     if model_class not in PATCHED_CLASSES:
-        _refuse_runtime_wrapper(model)
         raise TypeError(
             f"tokenprune cannot patch {model_class.__module__}.{model_class.__name__}; supported: {SUPPORTED_FAMILIES}"
         )
     return PATCHED_CLASSES[model_class]
-
-
-def _refuse_runtime_wrapper(model: nn.Module) -> None:
-    """torch.compile and data-parallel wrappers hold a model that may be supported: say to patch
-    it before wrapping, rather than that the wrapper is not a ViT."""
-    if hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
-        raise TypeError(
-            "the model is wrapped by torch.compile: patch it first, then compile, "
-            "model = torch.compile(tokenprune.patch(model, ...)) (a graph compiled before the patch would not run it)"
-        )
-    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        name = type(model).__name__
-        raise TypeError(
-            f"the model is wrapped by {name}: patch it first, then wrap it, tokenprune.patch(model, ...); "
-            f"model = {name}(model, ...) (the wrapper takes the parameters it synchronises when it is built, "
-            "and DynamicViT adds some)"
-        )
 
 
 def _refuse_image_size(model: nn.Module, size: tuple[int, int]) -> NoReturn:
