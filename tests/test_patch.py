@@ -496,24 +496,46 @@ def test_unsupported_models_name_the_module() -> None:
         tokenprune.plan(torch.compile(convit), 224)
 
 
-def test_compile_and_data_parallel_wrap_a_patched_model() -> None:
-    """Patch, then wrap: plans, FLOPs and source maps see through torch.compile and DataParallel;
-    patching or unpatching inside them is refused (the compiled graph, the parameters the
-    wrapper synchronises, were fixed when it was built), naming the order that works."""
+def test_patching_through_compile_and_data_parallel(tmp_path) -> None:
+    """A model inside torch.compile or (Distributed)DataParallel is patched, planned and unpatched
+    through them: Dynamo recompiles for the new class, DataParallel copies the model at every
+    forward. DistributedDataParallel synchronises only the parameters it was built with, so a
+    method that adds some (DynamicViT) is refused there; and DataParallel's per-device copies keep
+    their own source maps."""
+    import torch.distributed as dist
+
     vit = make("vit_cls", depth=2)
-    for wrap in (torch.compile, torch.nn.DataParallel):
-        with pytest.raises(TypeError, match=r"wrapped by .*: patch the model itself, then wrap it again"):
-            tokenprune.patch(wrap(vit), r=4)
-        assert type(vit) is timm.models.VisionTransformer  # nothing was patched
-    tokenprune.patch(vit, r=4, trace_source=True)
-    for wrapped in (torch.compile(vit), torch.nn.DataParallel(vit), torch.nn.DataParallel(torch.compile(vit))):
+    x = image(1)
+    compiled = torch.compile(vit, backend="eager")
+    with torch.no_grad():
+        unpatched = compiled(x)
+        assert tokenprune.patch(compiled, r=4, trace_source=True) is compiled
+        assert type(vit) is not timm.models.VisionTransformer and tokenprune.plan(compiled, 224).removed == (4, 4)
+        merged = compiled(x)  # recompiled for the patched class
+        torch.testing.assert_close(merged, vit(x))
+        assert not torch.equal(merged, unpatched)
+    parallel = torch.nn.DataParallel(vit)
+    for wrapped in (compiled, parallel, torch.nn.DataParallel(compiled)):
         assert tokenprune.plan(wrapped, 224) == tokenprune.plan(vit, 224)
         assert tokenprune.flops(wrapped, 224) == tokenprune.flops(vit, 224)
-        with pytest.raises(TypeError, match=r"unpatch the model itself"):
-            tokenprune.unpatch(wrapped)
+    assert tokenprune.source(parallel).shape == (1, 197 - 4 * 2, 197)
+    parallel.device_ids = [0, 1]  # as on two GPUs
+    with pytest.raises(RuntimeError, match="DataParallel runs a copy of the model on each device"):
+        tokenprune.source(parallel)
+    tokenprune.unpatch(compiled)
     with torch.no_grad():
-        torch.nn.DataParallel(vit)(image(1))
-    assert tokenprune.source(torch.nn.DataParallel(vit)).shape == (1, 197 - 4 * 2, 197)
+        torch.testing.assert_close(compiled(x), unpatched)
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(vit)
+        tokenprune.patch(ddp, r=4)  # ToMe adds no parameters
+        assert tokenprune.plan(ddp, 224).removed == (4, 4)
+        with pytest.raises(TypeError, match="adds parameters, which DistributedDataParallel, built before them, would not"):
+            tokenprune.patch(ddp, "dynamicvit")
+        assert vit.tokenprune_config == tokenprune.ToMeConfig(r=4)  # refused before anything changed
+    finally:
+        dist.destroy_process_group()
 
 
 def test_tomes_model_r_raises_instead_of_changing_nothing() -> None:
@@ -528,6 +550,9 @@ def test_tomes_model_r_raises_instead_of_changing_nothing() -> None:
     assert tokenprune.plan(model, 224).removed == (2, 2)
     tokenprune.unpatch(model)
     assert model.r == 3
+    sam = tokenprune.patch(timm.create_model("samvit_base_patch16", depth=1, img_size=64, global_attn_indexes=()), ratio=0.5)
+    with pytest.raises(AttributeError, match=r"set r with tokenprune.patch"):
+        sam.r = 16
 
 
 def test_bad_options() -> None:
@@ -540,6 +565,16 @@ def test_bad_options() -> None:
     with pytest.raises(TypeError, match=r"method 'tome' needs r: .*rule of thumb, r ≈ tokens / blocks, gives 16 here "
                                         r"\(197 tokens over 12 blocks at 224x224\)"):
         tokenprune.patch(model)
+    # a method the model cannot run is refused for that, before its r is asked for
+    sam = timm.create_model("samvit_base_patch16", depth=1, img_size=64, global_attn_indexes=())
+    with pytest.raises(TypeError, match="SAM's blocks need every patch"):
+        tokenprune.patch(sam, "tome")
+    from tokenprune.models import video_vit_small_patch16_224
+
+    with pytest.raises(TypeError, match=r"gives 5 here \(64 tokens over 12 blocks at 8x64x64\)"):  # frames counted
+        tokenprune.patch(video_vit_small_patch16_224(num_frames=8, img_size=64))
+    with pytest.raises(TypeError, match=r"needs r: e.g. tokenprune.patch\(model, r=...\)$"):  # the rule gives 0: no hint
+        tokenprune.patch(video_vit_small_patch16_224(num_frames=2, img_size=32))
     with pytest.raises(ValueError, match="non-negative"):
         tokenprune.patch(model, r=-3)
     with pytest.raises(ValueError, match="13 entries"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -29,9 +28,11 @@ def patch(model: nn.Module, method: str | MethodConfig | None = None, **options:
     and keep the others. All settings live on the model and its blocks: patched models never
     share state. A model that wraps a supported one (timm's Qwen3VitClassifier, a
     ``features_only=True`` backbone) is patched through it: its own forward runs the patched
-    inner model, and ``patch`` returns the wrapper.
+    inner model, and ``patch`` returns the wrapper. So is a model inside ``torch.compile`` or
+    ``DataParallel`` (Dynamo recompiles for the new class; DataParallel copies the model at every
+    forward), and inside ``DistributedDataParallel`` unless the method adds parameters, which it
+    would not synchronise (DynamicViT: patch, then wrap).
     """
-    vit.refuse_runtime_wrapper(model, "patch")
     outer, model = model, vit.reducing_model(model)
     vit.check_supported(model)
     current = getattr(model, "tokenprune_config", None)
@@ -49,7 +50,7 @@ def patch(model: nn.Module, method: str | MethodConfig | None = None, **options:
         if type(current) is config_class:
             config = dataclasses.replace(current, **options)
         else:
-            _require_options(model, method, config_class, options)
+            _require_options(outer, model, method, config_class, options)
             try:
                 config = config_class(**options)
             except TypeError as error:
@@ -58,8 +59,9 @@ def patch(model: nn.Module, method: str | MethodConfig | None = None, **options:
         if options:
             raise TypeError("give options either inside the config object or as keywords with a method name, not both")
         config = method
-    vit.check_method_for(outer, config)
+    vit.check_method_for(vit.unwrap_runtime(outer), config)
     reducers = config.reducers(model)
+    vit.refuse_unsynchronised_parameters(outer, reducers)
     vit.check_reducers(model, config, reducers)
     if current is not None and type(current) is not type(config):
         vit.remove(model)
@@ -67,7 +69,7 @@ def patch(model: nn.Module, method: str | MethodConfig | None = None, **options:
     return outer
 
 
-def _require_options(model: nn.Module, method: str, config_class: type, options: dict[str, Any]) -> None:
+def _require_options(outer: nn.Module, model: nn.Module, method: str, config_class: type, options: dict[str, Any]) -> None:
     """Name an option the method cannot do without, with a value to start from: for ``r``,
     ToMe's rule of thumb, tokens / blocks at the model's own input size."""
     fields = dataclasses.fields(config_class)
@@ -76,18 +78,33 @@ def _require_options(model: nn.Module, method: str, config_class: type, options:
     if not missing:
         return
     hint = ""
-    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if "r" in missing and size is not None:
-        with contextlib.suppress(TypeError, ValueError):  # a size this family does not plan: no hint
-            tokens = input_tokens(model, tuple(size))
-            hint = (f"; ToMe's rule of thumb, r ≈ tokens / blocks, gives {tokens // len(model.blocks)} here "
-                    f"({tokens} tokens over {len(model.blocks)} blocks at {'x'.join(map(str, size))})")
+    if missing == ["r"] and (rule := _rule_of_thumb_r(model)) is not None:
+        r, size, tokens = rule
+        # A method this model cannot run is refused for that, before its r is asked for.
+        vit.check_method_for(vit.unwrap_runtime(outer), config_class(**options, r=r))
+        hint = f"; ToMe's rule of thumb, r ≈ tokens / blocks, gives {r} here ({tokens} tokens over {len(model.blocks)} blocks at {size})"
     raise TypeError(f"method {method!r} needs {', '.join(missing)}: e.g. tokenprune.patch(model, {missing[0]}=...){hint}")
+
+
+def _rule_of_thumb_r(model: nn.Module) -> tuple[int, str, int] | None:
+    """(tokens // blocks, the input size it is for, tokens) at the model's own input size (a
+    clip's frames too); None where the model has none or the rule gives less than 1."""
+    embed = getattr(model, "patch_embed", None)
+    size = getattr(embed, "img_size", None)
+    if size is None:
+        return None
+    frames = getattr(embed, "num_frames", None)
+    full = (frames, *size) if frames else tuple(size)
+    try:
+        tokens = input_tokens(model, full)
+    except (TypeError, ValueError):  # a size this family does not plan
+        return None
+    r = tokens // len(model.blocks)
+    return (r, "x".join(map(str, full)), tokens) if r >= 1 else None
 
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Restore the model's original classes and behaviour exactly, in place, and return it."""
-    vit.refuse_runtime_wrapper(model, "unpatch")
     inner = vit.reducing_model(model)
     if getattr(inner, "tokenprune_config", None) is None:
         raise ValueError("the model is not patched by tokenprune")
@@ -98,6 +115,11 @@ def unpatch(model: nn.Module) -> nn.Module:
 def source(model: nn.Module) -> Tensor:
     """[B, T_out, T_in] 0/1 map from the last forward's output tokens to its input tokens (the
     prefix tokens included), as ToMe's ``source``. Needs ``trace_source=True``."""
+    if any(isinstance(m, nn.DataParallel) and len(m.device_ids) > 1 for m in vit.runtime_chain(model)):
+        raise RuntimeError(
+            "no source map: DataParallel runs a copy of the model on each device, and each copy keeps its own; "
+            "run the traced forward on the model without DataParallel"
+        )
     inner = vit.reducing_model(model)
     config = getattr(inner, "tokenprune_config", None)
     if getattr(config, "unmerges_in_blocks", False):

@@ -17,6 +17,7 @@ tracing, a visualisation aid, stores the last forward's map on the model.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, NoReturn, Protocol
 
@@ -843,34 +844,39 @@ def reducing_model(model: nn.Module) -> nn.Module:
 
 
 def unwrap_runtime(model: nn.Module) -> nn.Module:
-    """The model inside torch.compile's and data parallelism's wrappers (``model`` if none)."""
+    """The model inside torch.compile's and data parallelism's wrappers (``model`` if none).
+    Patching it in place is seen by them: Dynamo guards on the class and recompiles, and
+    DataParallel copies the model onto its devices at every forward."""
+    return runtime_chain(model)[-1]
+
+
+def runtime_chain(model: nn.Module) -> list[nn.Module]:
+    """``model``, the runtime wrappers inside it, and the model they hold, outermost first."""
+    chain = [model]
     while True:
-        if _compiled(model):
-            model = model._orig_mod
-        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
+        if _compiled(chain[-1]):
+            chain.append(chain[-1]._orig_mod)
+        elif isinstance(chain[-1], (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            chain.append(chain[-1].module)
         else:
-            return model
+            return chain
 
 
 def _compiled(model: nn.Module) -> bool:
-    # torch.compile's OptimizedModule holds the model as its submodule _orig_mod (told apart
-    # without importing torch._dynamo, which takes a second)
-    return "_orig_mod" in model._modules
+    # Without importing torch._dynamo (a second): before it is imported, nothing is compiled.
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return eval_frame is not None and isinstance(model, eval_frame.OptimizedModule)
 
 
-def refuse_runtime_wrapper(model: nn.Module, action: str) -> None:
-    """Patching (``action`` "patch") or unpatching inside torch.compile or a data-parallel wrapper
-    would go unseen by what the wrapper set up when built: name the order that works."""
-    if unwrap_runtime(model) is model:
-        return
-    name = "torch.compile" if _compiled(model) else type(model).__name__
-    why = ("a graph compiled before would keep running the old model" if name == "torch.compile"
-           else "the wrapper takes the parameters it synchronises when it is built, and DynamicViT adds some")
-    raise TypeError(
-        f"the model is wrapped by {name}: {action} the model itself, then wrap it again, e.g. "
-        f"model = torch.compile(tokenprune.{action}(model, ...)) ({why})"
-    )
+def refuse_unsynchronised_parameters(outer: nn.Module, reducers: list[Any]) -> None:
+    """DistributedDataParallel takes the parameters it synchronises when it is built: a method
+    that adds some (DynamicViT's predictors) must patch the model before it is wrapped."""
+    ddp = any(isinstance(m, nn.parallel.DistributedDataParallel) for m in runtime_chain(outer))
+    if ddp and any(isinstance(r, nn.Module) and any(True for _ in r.parameters()) for r in reducers):
+        raise TypeError(
+            "this method adds parameters, which DistributedDataParallel, built before them, would not synchronise: "
+            "patch the model first, then wrap it, model = DistributedDataParallel(tokenprune.patch(model, ...), ...)"
+        )
 
 
 def check_method_for(model: nn.Module, config: Any) -> None:
