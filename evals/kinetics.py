@@ -543,7 +543,7 @@ def _run(args: argparse.Namespace, command: str, options: dict[str, Any], sample
         raise RuntimeError(f"count mismatch: {evaluated} evaluated + {len(failed)} failed != {len(samples)} videos")
     if failed:
         warnings.append(f"{len(failed)} of {len(samples)} videos could not be decoded (listed under failed); "
-                        f"top1/top5 are over the {evaluated} decoded, top1_all counts the failed as wrong")
+                        f"top1/top5 are over the {evaluated} decoded, top1_all/top5_all count the failed as wrong")
     if damaged:
         warnings.append(f"{len(damaged)} videos had damaged packets or fewer frames than announced (listed under "
                         "damaged); they were evaluated on the frames that decoded")

@@ -368,18 +368,31 @@ def test_a_budget_sets_r_and_bfloat16_runs(tmp_path):
     """--budget picks the weakest r within the GFLOPs fraction per view (as evals.bench and
     evals.imagenet do, so the results join); --dtype runs the views under autocast."""
     root = _class_folders(tmp_path / "data")
+    (root / "biking" / "broken.mp4").write_bytes(b"not a video")  # failed: counted as wrong in *_all
     output = tmp_path / "result.json"
+    head_dtypes: list[torch.dtype] = []  # every forward's, the timed ones too
+    build_model = kinetics.build_model
+
+    def spied(*args, **kwargs):
+        model, options = build_model(*args, **kwargs)
+        model.head.register_forward_hook(lambda module, inputs, out: head_dtypes.append(out.dtype))
+        return model, options
+
     common = ["--data", str(root), "--model", "video_vit_small_patch16_224", "--num-classes", "6", "--num-frames", "4",
               "--img-size", "32", "--single-view", "--workers", "0", "--throughput-batch", "1", "--runs", "1",
               "--warmup", "0", "--quiet"]  # fmt: skip
-    result = kinetics.main([*common, "--method", "tome", "--budget", "0.6", "--dtype", "bfloat16", "--out", str(output)])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kinetics, "build_model", spied)
+        result = kinetics.main([*common, "--method", "tome", "--budget", "0.6", "--dtype", "bfloat16", "--out", str(output)])
+    assert head_dtypes == [torch.bfloat16] * 3  # two videos, one timed pass (no warm-up)
     unreduced = kinetics.main([*common, "--out", str(tmp_path / "none.json")])
     r = result["options"]["r"]
     assert result["setting"] == f"r={r}" and result["budget"] == "60% GFLOPs" and result["dtype"] == "bfloat16"
     assert result["gflops_per_view"] <= 0.6 * unreduced["gflops_per_view"]
     weaker = tokenprune.patch(kinetics.model_factory("video_vit_small_patch16_224")(num_frames=4, img_size=32, num_classes=6), r=r - 1)
     assert tokenprune.flops(weaker, (4, 32, 32)).gflops > 0.6 * unreduced["gflops_per_view"]
-    assert result["evaluated"] == 2 and result["top5_all"] == result["top5"] is not None  # none failed
+    assert result["evaluated"] == 2 and result["num_failed"] == 1 and result["top5"] > 0
+    assert result["top5_all"] == pytest.approx(result["top5"] * 2 / 3) and result["top1_all"] == pytest.approx(result["top1"] * 2 / 3)
     with pytest.raises(SystemExit, match="--budget sets a method's strength: give a --method"):
         kinetics.main([*common, "--budget", "0.6"])
     with pytest.raises(SystemExit, match="give either a budget or r"):
