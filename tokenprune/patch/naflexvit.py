@@ -89,7 +89,7 @@ class ReducingNaFlexVit(ReducingViT, NaFlexVit):
             )
 
     def _check_packed(self, packed: dict[str, Tensor | None]) -> None:
-        self._refuse_method_without_padding(self)
+        # (the method and the embedding are refused by packed_grid, which every packed forward asks)
         patches, coord, valid = packed["patches"], packed["patch_coord"], packed["patch_valid"]
         if patches.ndim < 3 or coord.shape != (*patches.shape[:2], 2):
             raise ValueError(
