@@ -37,6 +37,7 @@ from tokenprune import models as video_models
 from tokenprune._io import write_atomic
 from tokenprune.patch.video import is_video_model
 from tokenprune.patch.vit import QKV_PROJECTIONS
+from tokenprune.schedule import format_schedule
 
 __all__ = [
     "DTYPES",
@@ -355,9 +356,12 @@ def _cpu_name() -> str:
 
 def jsonable(value: Any) -> Any:
     """``value`` (a script's ``vars(args)``, a method's options) as JSON values: paths and other
-    objects as their text (a Budget as "50% GFLOPs"), tuples as lists, keys as strings."""
+    objects as their text (a Budget as "50% GFLOPs"), tuples as lists, keys as strings. An ``r``
+    ramp is written as its label, ``"(16,-1)"``: as a JSON list it would read as a per-block
+    schedule ``[16, -1]``, which is another setting."""
     if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
+        return {str(k): format_schedule(v) if k == "r" and isinstance(v, tuple) else jsonable(v)
+                for k, v in value.items()}  # fmt: skip
     if isinstance(value, (tuple, list)):
         return [jsonable(v) for v in value]
     return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)

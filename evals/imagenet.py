@@ -519,8 +519,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", help="torch device (default: cuda if available — cuda:LOCAL_RANK under torchrun — else cpu)")
     add("--threads", type=int, help="torch CPU threads (default: PyTorch's)")
     add("--dtype", choices=sorted(DTYPES), default="float32", help="float32 (default) or autocast to bfloat16/float16")
-    add("--bench-warmup", type=int, help="untimed passes before the model-only timing (default 2 on CPU, 10 on CUDA)")
-    add("--bench-runs", type=int, help="timed passes; the median is reported (default 5 on CPU, 30 on CUDA)")
+    # --warmup and --runs as in the other scripts; --bench-warmup and --bench-runs, their first names, still work
+    add("--warmup", "--bench-warmup", dest="warmup", type=int,
+        help="untimed passes before the model-only timing (default 2 on CPU, 10 on CUDA)")
+    add("--runs", "--bench-runs", dest="runs", type=int,
+        help="timed passes of the model-only timing; the median is reported (default 5 on CPU, 30 on CUDA)")
     add("--no-bench", action="store_true", help="skip the model-only throughput measurement")
     add("--out", type=Path, help="JSON path (default: evals/results/imagenet_<model>_<method>.json)")
     add("--quiet", action="store_true", help="no progress bar")
@@ -778,8 +781,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         throughput: dict[str, Any] | None = None
         if not args.no_bench and bench_input is not None:
             default_warmup, default_runs = BENCH_DEFAULTS.get(device.type, BENCH_DEFAULTS["cuda"])
-            warmup = default_warmup if args.bench_warmup is None else args.bench_warmup
-            runs = default_runs if args.bench_runs is None else args.bench_runs
+            warmup = default_warmup if args.warmup is None else args.warmup
+            runs = default_runs if args.runs is None else args.runs
             timing = measure_throughput(model, bench_input, warmup=warmup, runs=runs, dtype=dtype)
             per_rank = ddp.gather(timing["images_per_s"])
             throughput = {

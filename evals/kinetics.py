@@ -552,13 +552,13 @@ def _run(args: argparse.Namespace, command: str, options: dict[str, Any], sample
         return 100 * correct[k] / total if k in correct and total else None
 
     result: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
         "args": jsonable(vars(args)),  # which data (--data, --labels-file, --classes), --limit, --seed...
         "model": args.model,
         "checkpoint": args.checkpoint,
         "method": args.method,
-        "options": options,
+        "options": jsonable(options),
         "setting": describe_setting(args.method, options),
         "budget": None if args.budget is None else args.budget.label,
         "dtype": args.dtype,

@@ -647,6 +647,17 @@ def test_recorded_commands_run_again_as_given() -> None:
     assert shlex.split(command) == ["python", "-m", "evals.bench", *argv]
 
 
+def test_recorded_ramp_is_its_label_not_a_per_block_list() -> None:
+    """A results file writes r=(16,-1) as "(16,-1)", which parse_schedule reads back; as the JSON
+    list [16, -1] it would be a two-block per-block schedule. Other tuples stay lists."""
+    from evals.harness import jsonable
+    from tokenprune.schedule import parse_schedule
+
+    recorded = json.loads(json.dumps(jsonable({"tome": {"r": (16, -1.0)}, "r": [8, 8], "stages": (3, 6, 9)})))
+    assert recorded == {"tome": {"r": "(16,-1)"}, "r": [8, 8], "stages": [3, 6, 9]}
+    assert parse_schedule(recorded["tome"]["r"]) == (16, -1) and parse_schedule("[8,8]") == recorded["r"]
+
+
 def test_git_dirty_counts_edited_code_not_new_results(tmp_path: Path, monkeypatch) -> None:
     import subprocess
 

@@ -167,6 +167,10 @@ def test_parse_option_and_method_options() -> None:
     )
     assert method_options(args.method, args.option, r=args.r, keep_ratio=args.keep_ratio, predictor=args.predictor) == {
         "keep_ratio": 0.5, "predictor": "p.safetensors", "stages": (2, 4)}
+    # --warmup/--runs as in bench and kinetics; the first names still work.
+    for names in (["--warmup", "--runs"], ["--bench-warmup", "--bench-runs"]):
+        args = imagenet.build_parser().parse_args(["--model", "m", names[0], "0", names[1], "3"])
+        assert (args.warmup, args.runs) == (0, 3)
 
 
 def test_load_checkpoint_strict(tmp_path: Path) -> None:
@@ -332,7 +336,7 @@ def test_vit_tome_run(photos, tmp_path: Path) -> None:
     folder, _ = photos
     common = [
         "--data", str(folder), "--label-from-filename", PHOTO_REGEX, "--model", "vit_tiny_patch16_224",
-        "--batch-size", "10", "--workers", "0", "--bench-warmup", "0", "--bench-runs", "1",
+        "--batch-size", "10", "--workers", "0", "--warmup", "0", "--runs", "1",
     ]  # fmt: skip
     docs = {}
     runs = {"none": ["--method", "none"], "tome": ["--method", "tome", "--r", "8"], "budget": ["--method", "tome", "--budget", "0.5"]}
@@ -345,6 +349,7 @@ def test_vit_tome_run(photos, tmp_path: Path) -> None:
         assert doc["counts"] == {"images": 20, "evaluated": 20, "unreadable": 0}
         assert 0 <= doc["top1"]["correct"] <= doc["top5"]["correct"] <= 20
         assert doc["throughput"]["images_per_s"] > 0 and doc["throughput"]["batch_size"] == 10
+        assert (doc["throughput"]["warmup"], doc["throughput"]["runs"], len(doc["throughput"]["times_s"])) == (0, 1, 1)
         assert doc["eval_wall_time_s"] > 0 and doc["environment"]["torch"] == torch.__version__
         assert any("random" in w for w in doc["warnings"])
     assert tome["model"]["options"] == {"r": 8} and tome["config"]["method"] == "tome"
