@@ -360,7 +360,7 @@ def test_result_records_the_command_and_arguments(tmp_path):
     assert shlex.split(saved["command"]) == ["python", "-m", "evals.kinetics", *argv]
     args = saved["args"]
     assert args["data"] == str(root) and args["classes"] == str(classes) and args["labels_file"] is None
-    assert args["num_classes"] == 3 and args["seed"] == 3 and args["limit"] == 1 and args["r"] == [2, -1]
+    assert args["num_classes"] == 3 and args["seed"] == 3 and args["limit"] == 1 and args["r"] == "(2,-1)"
     assert saved["videos"] == 1 and saved["top1"] is not None  # the existing keys stay
 
 
