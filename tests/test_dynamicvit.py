@@ -182,6 +182,8 @@ def test_loss_terms_against_hand_computation() -> None:
 
 def test_predictor_checkpoint_round_trip(tmp_path) -> None:
     pytest.importorskip("safetensors")
+    from safetensors.torch import load_file, save_file
+
     model = tokenprune.patch(make("vit_cls"), "dynamicvit")
     for p in predictors(model).parameters():
         p.data.normal_()
@@ -202,6 +204,15 @@ def test_predictor_checkpoint_round_trip(tmp_path) -> None:
     assert torch.equal(predictors(other)["3"].out_conv[4].weight, predictors(model)["3"].out_conv[4].weight)
     with pytest.raises(ValueError, match="do not fit"):
         tokenprune.patch(make("vit_cls"), "dynamicvit", stages=(2, 4), predictor=str(tmp_path / "predictors.safetensors"))
+    # A whole patched model's weights (train_dynamicvit --train-backbone's model.safetensors) are
+    # not predictors: the error names the order that loads them, and that order works.
+    whole = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(whole))
+    with pytest.raises(ValueError, match="whole patched model's weights.*load_state_dict"):
+        tokenprune.patch(make("vit_cls"), "dynamicvit", predictor=str(whole))
+    fresh = tokenprune.patch(make("vit_cls"), "dynamicvit")
+    fresh.load_state_dict(load_file(str(whole)))
+    assert torch.equal(predictors(fresh)["3"].out_conv[4].weight, predictors(model)["3"].out_conv[4].weight)
     tokenprune.unpatch(other)
     assert "blocks.3.reducer.in_conv.1.weight" not in other.state_dict()
 
@@ -224,6 +235,11 @@ def test_a_predictor_file_that_fails_to_load_leaves_the_model_as_it_was(tmp_path
         assert tokenprune.plan(model, 224).tokens == before_plan
         after = model.state_dict()
         assert all(torch.equal(after[k], v) for k, v in before_state.items())
+    # The message names a few of the missing keys and counts the rest instead of listing them all.
+    missing = sorted(k for k in state if k.startswith("3."))
+    assert len(missing) > 6
+    with pytest.raises(ValueError, match=rf"missing \[.*'{missing[5]}'\] and {len(missing) - 6} more, unexpected \[\]"):
+        tokenprune.patch(model, predictor=str(tmp_path / "partial.safetensors"))
 
 
 @pytest.mark.parametrize("fuse", [True, False])

@@ -177,17 +177,29 @@ def load_predictors_into(reducers: list[TokenPredictor | None], path: str | Path
 
     modules = nn.ModuleDict({str(i): r for i, r in enumerate(reducers) if r is not None})
     state = load_file(str(path))
+    if any(".reducer." in key for key in state):
+        raise ValueError(
+            f"{path} holds a whole patched model's weights (as train_dynamicvit's model.safetensors), not "
+            "predictors alone: patch with method 'dynamicvit' and the same stages first, then "
+            "model.load_state_dict(safetensors.torch.load_file(path))"
+        )
     expected = modules.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(
             f"predictor weights in {path} do not fit the model's stages {list(modules.keys())}: "
-            f"missing {missing}, unexpected {unexpected}"
+            f"missing {_some(missing)}, unexpected {_some(unexpected)}"
         )
     if misshapen := [f"{k}: {tuple(state[k].shape)} for {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]:
         raise ValueError(f"predictor weights in {path} do not fit the model's width: {misshapen}")
     modules.load_state_dict(state)
+
+
+def _some(keys: list[str], shown: int = 6) -> str:
+    """At most ``shown`` names of a key list, and how many more (a mismatched file can have hundreds)."""
+    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+    return f"{keys[:shown]}{more}"
 
 
 class DynamicViTOutput(NamedTuple):
