@@ -368,9 +368,12 @@ def jsonable(value: Any) -> Any:
 
 
 def _git_dirty() -> bool | None:
-    """Whether the checkout has uncommitted changes to tracked files (None: not a checkout), so
+    """Whether the checkout has uncommitted changes to tracked files (None: not a checkout, or the
+    commit was given by ``TOKENPRUNE_GIT_COMMIT``), so
     that a figure measured on edited code does not pass for the commit's. Results are not code:
     new ones under evals/results, not yet committed, do not count."""
+    if os.environ.get("TOKENPRUNE_GIT_COMMIT"):
+        return None  # the commit was given, not read: a copy's .git, if any, says nothing of it
     root = RESULTS_DIR.parent.parent
     command = ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", f":!{RESULTS_DIR.relative_to(root)}"]
     try:
@@ -387,17 +390,18 @@ def command_line(module: str, argv: Sequence[str] | None = None) -> str:
 
 
 def _git_commit() -> str | None:
-    """HEAD's hash, or ``TOKENPRUNE_GIT_COMMIT`` where the code runs outside its checkout (a copy
-    of the working tree on a lent GPU machine has no ``.git``)."""
+    """``TOKENPRUNE_GIT_COMMIT`` when set, else HEAD's hash. The variable comes first: in the copy
+    of the working tree on a lent GPU machine, git named another commit than the one that ran
+    (2026-11-29: de8c55e, an ancestor of eb97c93), or there is no ``.git`` at all."""
+    if commit := os.environ.get("TOKENPRUNE_GIT_COMMIT"):
+        return commit
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
         )
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("TOKENPRUNE_GIT_COMMIT")
-    if out.returncode != 0:
-        return os.environ.get("TOKENPRUNE_GIT_COMMIT")
-    return out.stdout.strip() or None
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
 def environment(device: torch.device) -> dict[str, Any]:
