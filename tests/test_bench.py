@@ -11,6 +11,7 @@ import argparse
 import csv
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -656,6 +657,22 @@ def test_recorded_ramp_is_its_label_not_a_per_block_list() -> None:
     recorded = json.loads(json.dumps(jsonable({"tome": {"r": (16, -1.0)}, "r": [8, 8], "stages": (3, 6, 9)})))
     assert recorded == {"tome": {"r": "(16,-1)"}, "r": [8, 8], "stages": [3, 6, 9]}
     assert parse_schedule(recorded["tome"]["r"]) == (16, -1) and parse_schedule("[8,8]") == recorded["r"]
+
+
+def test_help_names_each_scripts_own_defaults(capsys) -> None:
+    """Scripts that set their own defaults after parsing say those in --help, not the shared ones."""
+    from evals import fidelity, video_fidelity
+
+    def help_text(main: Callable[[list[str]], Any]) -> str:
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        return " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+
+    assert f"(default: {' '.join(fidelity.DEFAULT_R)} with no --method" in help_text(fidelity.main)
+    video = help_text(video_fidelity.main)
+    assert f"(default: {' '.join(video_fidelity.DEFAULT_METHODS)})" in video
+    assert f"(default: {' '.join(video_fidelity.DEFAULT_BUDGETS)} with no --r" in video
+    assert "(default: tome)" in help_text(bench.main) and "(default: 8 13 16 16,-1)" in help_text(bench.main)
 
 
 def test_git_dirty_counts_edited_code_not_new_results(tmp_path: Path, monkeypatch) -> None:
