@@ -42,6 +42,21 @@ def test_dinov2_fidelity_per_r(model_and_photos) -> None:
     assert cosines[0] > cosines[8] > cosines[16]
 
 
+def test_published_tome_block_without_layerscale_breaks_dinov2(model_and_photos) -> None:
+    """The README's first claim: a block written as published ToMe's (x + attn, x + mlp, no
+    LayerScale; tests/tome_reference.py) leaves real DINOv2 ViT-S/14 nothing like itself even at
+    r=0, where tokenprune's output is bit-identical (test above): embedding cosine 0.041."""
+    from tests.tome_reference import tome_reference_forward
+
+    model, photos = model_and_photos
+    with torch.no_grad():
+        expected = model(photos)
+        published = tome_reference_forward(model, photos, [0] * len(model.blocks))
+    cosine = torch.nn.functional.cosine_similarity(published, expected).mean().item()
+    print("published ToMe's block on DINOv2 ViT-S/14 at r=0, embedding cosine:", cosine)
+    assert cosine == pytest.approx(0.041, abs=0.0005)
+
+
 def test_inflated_video_dinov2() -> None:
     """The video ViT inflated from DINOv2: every tubelet of a static clip embeds as its frame's
     patch does (filter / tubelet, repeated), each temporal slice carries the image's spatial
