@@ -335,3 +335,20 @@ def test_keeping_every_token_is_bit_identical_and_costs_nothing(family: str) -> 
         tokenprune.patch(model, "dynamicvit", keep_ratio=1.0)
         assert torch.equal(model(image()), expected)
     assert tokenprune.flops(model, 224, batch_size=2).total == counted_flops(model, image()) == unpatched_flops
+
+
+def test_pruned_patches_unmerge_to_zeros_and_have_no_source() -> None:
+    """Dropped patches (EViT without fusion) unmerge to zeros, not to another token's features,
+    and are in no output token's source; kept patches unmerge to their token."""
+    model = tokenprune.patch(make("vit_cls"), "evit", keep_ratio=0.7, fuse=False, trace_source=True)
+    with torch.no_grad():
+        state = model.forward_tokens(image())
+        full = model.forward_features(image(), unmerge=True)
+    dropped = state.source_index < 0
+    assert dropped.any()
+    assert (full[dropped] == 0).all()
+    kept_features = state.x.gather(1, state.source_index.clamp(min=0)[..., None].expand(-1, -1, full.shape[-1]))
+    torch.testing.assert_close(full[~dropped], kept_features[~dropped])
+    source = tokenprune.source(model)
+    assert torch.equal(source.sum(1).bool(), ~dropped)  # dropped patches: an all-zero column
+    assert (source.sum(-1) == 1).all()  # no fusion: every output token is one input token

@@ -1001,3 +1001,19 @@ def test_tome_step_on_the_triton_path_is_three_launches_and_a_sort(monkeypatch: 
         merge_state(state, dest, 197 - 16, "triton")
     assert launches == {"match": 1, "assignment": 1, "merge": 1}
     assert set(counter.ops) == {"empty", "sort"} and counter.ops["sort"] == 1, dict(counter.ops)
+
+
+def test_temporal_match_centroids_exactly_window_apart() -> None:
+    """Merged centroids 7/3 and 13/3 rows (float32: 2 + 1 ulp apart) are inside window 2 for
+    the kernel as for the reference (both with CENTROID_TOLERANCE)."""
+    from kernels import merge_wavg_reference
+
+    coords = torch.tensor([[[0.0, 2, 0], [0, 2, 0], [0, 3, 0], [1, 4, 0], [1, 4, 0], [1, 5, 0]]])
+    pos, _ = merge_wavg_reference(coords, torch.ones(1, 6, 1), torch.tensor([[0, 0, 0, 1, 1, 1]]), 2)
+    assert pos[0, 1, 1] - pos[0, 0, 1] > 2.0  # the rounding the tolerance is for
+    metric = torch.tensor([[[1.0, 0.0], [1.0, 0.1]]])
+    score, index = kernels.temporal_best_match_triton(metric.to(DEVICE), pos.to(DEVICE), 2)
+    ref_score, ref_index = kernels.temporal_best_match_reference(metric, pos, 2)
+    assert ref_score[0, 0] > -1.0  # inside
+    torch.testing.assert_close(score.cpu(), ref_score, atol=SCORE_ATOL, rtol=0)
+    assert torch.equal(index.cpu(), ref_index)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tokenprune
-from tokenprune.merge import start_state, unmerge
+from tokenprune.merge import merge_state, start_state, unmerge
 from tokenprune.methods.local_global import PositionalBipartiteMerge, WindowMerge, window_dest, window_scores
 from tests.test_patch import counted_flops, image, make
 
@@ -281,3 +281,104 @@ def test_dense_fidelity_per_image_measures_follow_each_images_counts() -> None:
         removed = [a - b for a, b in zip((197, *tokens), tokens)]
         fixed = tokenprune.LocalGlobalConfig(local_block=0, r=removed[1:])
         assert g == pytest.approx(tokenprune.flops(tokenprune.patch(evaluator.model, fixed), 224).gflops)
+
+
+def brute_positional_dest(metric: torch.Tensor, pos: torch.Tensor, grid: tuple[int, int], lam: float, r: int, p: int) -> torch.Tensor:
+    """ToMe's matching by loops (tests/test_merge.py's brute force) with every A×B score
+    penalised by λ·(Euclidean centroid distance)/(grid diagonal)."""
+    diagonal = (grid[0] ** 2 + grid[1] ** 2) ** 0.5
+    dest = torch.empty(metric.shape[:2], dtype=torch.long)
+    for n, tokens in enumerate(metric):
+        t = tokens.shape[0]
+        a = [i for i in range(p, t) if i % 2 == 0]
+        b = [i for i in range(p, t) if i % 2 == 1]
+        unit = tokens / tokens.norm(dim=-1, keepdim=True)
+        best = {}
+        for i in a:
+            s = [float(unit[i] @ unit[j]) - lam * float((pos[n, i] - pos[n, j]).pow(2).sum().sqrt()) / diagonal for j in b]
+            k = max(range(len(b)), key=lambda j: (s[j], -j))
+            best[i] = (s[k], k)
+        ranked = sorted(a, key=lambda i: (-best[i][0], i))
+        merged = set(ranked[:r])
+        unmerged = [i for i in a if i not in merged]
+        for i in range(p):
+            dest[n, i] = i
+        for rank, i in enumerate(unmerged):
+            dest[n, i] = p + rank
+        for k, j in enumerate(b):
+            dest[n, j] = p + len(unmerged) + k
+        for i in merged:
+            dest[n, i] = p + len(unmerged) + best[i][1]
+    return dest
+
+
+def test_positional_stage_equals_brute_force_penalised_matching() -> None:
+    """Stage 2 scores cos − λ·‖c_a − c_b‖₂ / diagonal on fractional centroids (after a window
+    stage) of a non-square grid: the same merges as a loop over every A×B pair."""
+    torch.manual_seed(0)
+    grid, lam, r = (5, 9), 2.0, 6
+    x = torch.randn(3, 1 + 45, 4)
+    state = start_state(x, trace_source=True, grid=grid, track_positions=True)
+    state = WindowMerge(2, 0.5, None, 1)(state, x)
+    got = PositionalBipartiteMerge(r, lam, False, 1, backend="torch")(state, state.x)
+    expected = merge_state(state, brute_positional_dest(state.x, state.pos, grid, lam, r, 1), state.num_tokens - r)
+    assert torch.equal(got.source_index, expected.source_index)
+    torch.testing.assert_close(got.x, expected.x)
+    torch.testing.assert_close(got.pos, expected.pos)
+
+
+def test_adaptive_count_is_the_batch_minimum_above_mean_plus_std() -> None:
+    """ALGM's adaptive stage 2: per image, the A tokens whose best score exceeds mean + std;
+    the batch merges the minimum of those counts (rectangular), at most r."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 1 + 48, 6)
+    x[1, 1:17:2] = x[1, 2:18:2] + 0.05 * torch.randn(8, 6)  # image 1: 8 near-duplicate pairs
+    unit = torch.nn.functional.normalize(x[:, 1:], dim=-1)
+    best = (unit[:, 1::2] @ unit[:, 0::2].transpose(1, 2)).amax(-1)  # A: even absolute positions
+    counts = [int((s > s.mean() + s.std()).sum()) for s in best]
+    assert counts[0] != counts[1] and min(counts) > 0
+    state = start_state(x, trace_source=False, grid=(6, 8))
+    step = PositionalBipartiteMerge(r=20, pos_weight=0.0, adaptive=True, num_protected=1, backend="torch")
+    assert step(state, x).num_tokens == 49 - min(counts)
+    capped = PositionalBipartiteMerge(r=2, pos_weight=0.0, adaptive=True, num_protected=1, backend="torch")
+    assert capped(state, x).num_tokens == 49 - 2
+
+
+@pytest.mark.parametrize(("grid", "ratio"), [((5, 7), 0.5), ((14, 14), 0.3)])
+def test_window_count_rounds_ratio_of_whole_windows(grid, ratio) -> None:
+    """round(ratio · windows) windows merge, windows = (rows // 2)·(cols // 2) (the border of an
+    odd grid is in none); 0.3 · 49 = 14.7 → 15, the count plan gives."""
+    rows, cols = grid
+    torch.manual_seed(1)
+    x = torch.randn(2, 1 + rows * cols, 8)
+    state = WindowMerge(2, ratio, None, 1)(start_state(x, False, grid), x)
+    assert state.num_tokens == 1 + rows * cols - round(ratio * (rows // 2) * (cols // 2)) * 3
+    model = tokenprune.patch(make("vit_cls"), "local_global", local_block=1, local_ratio=0.3, r=4)
+    with torch.no_grad():
+        assert model.forward_tokens(image()).num_tokens == tokenprune.plan(model, 224).output_tokens
+
+
+def test_window_threshold_is_inclusive() -> None:
+    """'at least the threshold': orthogonal one-hot windows score exactly 0, constant ones exactly 1."""
+    eye = torch.eye(4)
+    x = torch.zeros(1, 16, 4)
+    g = x[0].view(4, 4, 4)
+    g[0:2, 0:2] = eye.view(2, 2, 4)
+    g[0:2, 2:4] = eye[0]
+    g[2:4, 0:2] = -eye.view(2, 2, 4)
+    g[2:4, 2:4] = torch.tensor([1.0, -1, 0, 0]).view(1, 1, 4) * torch.tensor([1.0, -1]).view(2, 1, 1)
+    assert window_scores(x, (4, 4), 2).tolist() == [[0.0, 1.0, 0.0, pytest.approx(-1 / 3)]]
+    for threshold, windows in ((0.0, 3), (1.0, 1)):
+        state = WindowMerge(2, None, threshold, 0)(start_state(x, False, (4, 4)), x)
+        assert state.num_tokens == 16 - 3 * windows
+
+
+def test_local_threshold_replaces_local_ratio() -> None:
+    """With local_threshold set (fresh config: local_ratio left at its 1/16 default), the count
+    follows the data: at −1 every 2×2 window merges (mean cosine ≥ −1/3)."""
+    model = tokenprune.patch(make("vit_cls"), "local_global", local_block=0, local_threshold=-1.0, r=0)
+    assert model.blocks[0].reducer.ratio is None
+    with torch.no_grad():
+        assert model.forward_tokens(image()).num_tokens == 1 + 196 - 49 * 3
+    with pytest.raises(ValueError, match="data-dependent"):
+        tokenprune.plan(model, 224)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tokenprune
-from tokenprune.merge import grid_positions, source_matrix
+from tokenprune.merge import TokenState, grid_positions, source_matrix
 from tokenprune.models import VideoVisionTransformer, video_vit_small_patch16_224
 from tokenprune.patch.vit import attend
 from tests.test_patch import counted_flops
@@ -463,3 +463,42 @@ def test_token_pooling_without_a_class_token_is_refused():
     for method, options in (("tome", {"r": 4}), ("temporal", {"r": 4}), ("background", {"early_r": 4})):
         with pytest.raises(TypeError, match="global_pool='avg'"):
             tokenprune.patch(model, method, **options)
+
+
+def test_background_odd_token_count_merges_every_even_position() -> None:
+    """Background merging may merge every even-position token, (n + 1) // 2 of an odd n, each
+    into an odd-position partner, and plan counts the same cap."""
+    model = make_model(depth=1, dynamic_img_size=True)
+    tokenprune.patch(model, "background", early_blocks=1, early_r=50, r=0, trace_source=True)
+    clip = torch.randn(1, 3, 6, 48, 48, generator=torch.Generator().manual_seed(0))  # 3×3×3 = 27 tokens
+    assert tokenprune.plan(model, (6, 48, 48)).removed == (14,)  # 14 even positions, 13 odd partners
+    assert model.forward_tokens(clip).num_tokens == 13
+    source = tokenprune.source(model)[0]
+    assert (source.sum(-1)[source.argmax(0)[0::2]] >= 2).all()  # every even-position token merged
+
+
+def test_background_received_importance_is_per_patch() -> None:
+    """Attention received by a merged token is divided by its size: token 0 (size 4, 0.40 in
+    all, 0.10 per patch) is the least important per patch, and the one merged away."""
+    from tokenprune.methods.temporal import BackgroundMerge
+
+    x = torch.arange(12.0).view(1, 6, 2)
+    size = torch.tensor([4.0, 1, 1, 1, 1, 1]).view(1, 6, 1)
+    received = torch.tensor([[0.40, 0.10, 0.20, 0.10, 0.30, 0.10]])  # per patch: 0.10, ·, 0.20, ·, 0.30, ·
+    keys = torch.randn(1, 6, 8, generator=torch.Generator().manual_seed(0))
+    step = BackgroundMerge(r=1, num_protected=0, backend="torch", pool=1.0, metric="attention_received")
+    out = step(TokenState(x, size=size), (keys, received))
+    assert sorted(out.size[0, :, 0].tolist()) == [1.0, 1.0, 1.0, 1.0, 5.0]  # token 0 (size 4) merged into a partner
+
+
+def test_temporal_inside_merge_of_dissimilar_tokens_does_not_warn() -> None:
+    """The 'merged outside the window' warning is for partners outside it (score below −2), not
+    for dissimilar partners inside it (cosine −0.98)."""
+    from tokenprune.methods.temporal import TemporalMerge
+
+    pos = torch.tensor([[[0.0, 0, 0], [1, 0, 1]]])
+    metric = torch.tensor([[[1.0, 0], [-1.0, 0.2]]])  # inside the window, cosine −0.98
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = TemporalMerge(r=1, window=1, num_protected=0, backend="torch")(TokenState(torch.randn(1, 2, 3), pos=pos), metric)
+    assert out.num_tokens == 1
