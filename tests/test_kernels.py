@@ -430,7 +430,7 @@ def tome_inputs(
 def assert_merge(x: torch.Tensor, size: torch.Tensor, dest: torch.Tensor, num_out: int) -> None:
     """Forward vs reference, then the gradient w.r.t. x vs autograd through the reference."""
     tol = MERGE_TOL[x.dtype]
-    x_kernel = x.detach().clone().requires_grad_(True)
+    x_kernel = x.detach().requires_grad_(True)  # detach, not clone: a strided view stays strided
     x_ref = x.detach().clone().requires_grad_(True)
     merged, new_size = merge_wavg_triton(x_kernel, size, dest, num_out)
     ref_merged, ref_size = merge_wavg_reference(x_ref, size, dest, num_out)
@@ -1017,3 +1017,115 @@ def test_temporal_match_centroids_exactly_window_apart() -> None:
     assert ref_score[0, 0] > -1.0  # inside
     torch.testing.assert_close(score.cpu(), ref_score, atol=SCORE_ATOL, rtol=0)
     assert torch.equal(index.cpu(), ref_index)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_merge_reads_tokens_through_their_channel_stride(dtype: torch.dtype) -> None:
+    """x a non-dense view (channel stride 2) handed to the kernel as it is. (assert_merge passes
+    ``x.detach().clone()``, and clone() of a non-dense view is contiguous: the existing
+    test_merge_arbitrary_groups_strided never gives the kernel a strided x.)"""
+    gen = torch.Generator().manual_seed(3)
+    batch, tokens, channels, num_out = 2, 40, 24, 7
+    base = torch.randn(batch, tokens, 2 * channels, generator=gen).to(DEVICE, dtype)
+    x = base[..., ::2]
+    assert x.stride(-1) == 2
+    size = torch.randint(1, 4, (batch, tokens, 1), generator=gen).float().to(DEVICE)
+    dest = torch.cat([torch.arange(num_out), torch.randint(0, num_out, (tokens - num_out,), generator=gen)])
+    dest = torch.stack([dest[torch.randperm(tokens, generator=gen)] for _ in range(batch)]).to(DEVICE)
+    merged, new_size = merge_wavg_triton(x, size, dest, num_out)
+    # independent reference: the weighted mean of each group, member by member
+    expected = torch.zeros(batch, num_out, channels, dtype=torch.float64)
+    for b in range(batch):
+        for o in range(num_out):
+            members = (dest[b] == o).nonzero().squeeze(-1)
+            w = size[b, members].double().cpu()
+            expected[b, o] = (x[b, members].double().cpu() * w).sum(0) / w.sum()
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-5, rtol=2**-7)
+    torch.testing.assert_close(merged.cpu().double(), expected.to(torch.float64), **tol)
+    # and under autograd, with the leaf keeping its strides (detach, not clone)
+    leaf = x.detach().requires_grad_(True)
+    assert leaf.stride() == x.stride()
+    out, _ = merge_wavg_triton(leaf, size, dest, num_out)
+    torch.testing.assert_close(out, merged)
+
+
+@pytest.mark.skipif(not kernels.INTERPRET, reason="bitwise: the CUDA reference sums with atomics, the GPU may fuse mul-adds")
+def test_merge_sums_each_group_in_input_order_bitwise() -> None:
+    """The kernel's contract: each output sums its members in input order (a stable sort), in
+    float32. On CPU the reference's index_add_ adds in input order too, so the two agree bit
+    for bit on groups large enough (≥ 100 tokens) for an unstable sort to reorder them, with
+    terms of very different magnitudes so that the order shows in the last bits."""
+    gen = torch.Generator().manual_seed(0)
+    batch, tokens, channels, num_out = 2, 300, 8, 5
+    x = torch.randn(batch, tokens, channels, generator=gen) * torch.logspace(-3, 3, tokens)[None, :, None]
+    size = torch.randint(1, 6, (batch, tokens, 1), generator=gen).float()
+    dest = torch.randint(0, num_out, (batch, tokens), generator=gen)
+    merged, new_size = merge_wavg_triton(x, size, dest, num_out)
+    ref_merged, ref_size = merge_wavg_reference(x, size, dest, num_out)
+    assert torch.equal(new_size, ref_size)
+    assert torch.equal(merged, ref_merged), (merged - ref_merged).abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale", [0.125, 48**-0.5])
+def test_attention_folded_keeps_the_low_part_of_the_bias(dtype: torch.dtype, scale: float) -> None:
+    """hi + lo carries ~twice the bits of the bias that the reference's half-precision mask
+    keeps: the folded error must be well below the mask's, not merely below it (with a
+    power-of-two scale, hi alone rounds exactly like the mask and lands within noise of it)."""
+    q, k, v = qkv_views(2, 2, 64, 64, dtype, seed=4)
+    generator = torch.Generator().manual_seed(5)
+    key_bias = torch.randint(1, 1569, (2, 64), generator=generator).float().log().to(DEVICE)
+    exact = kernels.attention_reference(q.double(), k.double(), v.double(), key_bias.double(), scale)
+
+    def error(out: torch.Tensor) -> float:
+        return ((out.double() - exact).norm() / exact.norm()).item()
+
+    folded = error(kernels.attention_folded(q, k, v, key_bias, scale))
+    masked = error(kernels.attention_reference(q, k, v, key_bias, scale))
+    assert folded < 0.5 * masked, (folded, masked)
+
+
+@pytest.mark.parametrize("needs_grad", ["q", "k", "v"])
+def test_attention_takes_the_differentiable_path_when_any_input_needs_gradients(needs_grad: str) -> None:
+    """The kernel has no backward: with backend="triton", a k or v that requires grad (a frozen
+    q projection, LoRA on v only, ...) must still get SDPA's gradient, not a detached output."""
+    q, k, v = (t.float() for t in qkv_views(1, 2, 9, 16, torch.float32, seed=0))
+    tensors = {"q": q, "k": k, "v": v}
+    tensors[needs_grad] = tensors[needs_grad].detach().clone().requires_grad_(True)
+    key_bias = torch.randint(1, 9, (1, 9), generator=torch.Generator().manual_seed(1)).float().log().to(DEVICE)
+    out = kernels.attention(tensors["q"], tensors["k"], tensors["v"], key_bias, 0.25, "triton")
+    assert out.requires_grad
+    (grad,) = torch.autograd.grad(out.square().sum(), tensors[needs_grad])
+    leaf = tensors[needs_grad].detach().requires_grad_(True)
+    ref_inputs = {**tensors, needs_grad: leaf}
+    ref = kernels.attention_reference(ref_inputs["q"], ref_inputs["k"], ref_inputs["v"], key_bias, 0.25)
+    (expected,) = torch.autograd.grad(ref.square().sum(), leaf)
+    torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_kernel_takes_a_strided_key_bias() -> None:
+    """A key bias that is a non-contiguous view (every other column of a wider tensor)."""
+    q, k, v = qkv_views(2, 2, 21, 32, torch.float32, seed=2)
+    wide = torch.randint(1, 9, (2, 42), generator=torch.Generator().manual_seed(3)).float().log().to(DEVICE)
+    key_bias = wide[:, ::2]
+    assert key_bias.stride(1) == 2
+    out = kernels.attention_triton(q, k, v, key_bias, 32**-0.5)
+    ref = kernels.attention_reference(q.double(), k.double(), v.double(), key_bias.double().contiguous(), 32**-0.5)
+    assert (out.double() - ref).norm() / ref.norm() < 1e-5
+
+
+@pytest.mark.parametrize("tokens", [9, 101])
+def test_attention_kernel_takes_q_k_v_of_different_layouts(tokens: int) -> None:
+    """q, k, v with three different strides, as attend gives them under RoPE (k rotated into a
+    new contiguous tensor, v still a view of the fused qkv projection) or GQA: each operand must
+    be read through its own strides."""
+    batch, heads, dim = 2, 3, 32
+    generator = torch.Generator().manual_seed(4)
+    q = torch.randn(batch, tokens, 3, heads, dim, generator=generator).to(DEVICE).permute(2, 0, 3, 1, 4)[0]
+    k = torch.randn(batch, heads, tokens, dim, generator=generator).to(DEVICE)  # contiguous
+    v = torch.randn(batch, tokens, heads, dim, generator=generator).to(DEVICE).transpose(1, 2)
+    assert len({q.stride(), k.stride(), v.stride()}) == 3
+    key_bias = torch.randint(1, 9, (batch, tokens), generator=generator).float().log().to(DEVICE)
+    out = kernels.attention_triton(q, k, v, key_bias, dim**-0.5)
+    ref = kernels.attention_reference(q.double(), k.double(), v.double(), key_bias.double(), dim**-0.5)
+    assert (out.double() - ref).norm() / ref.norm() < 1e-5

@@ -12,6 +12,7 @@ from torch import nn
 import tokenprune
 from evals.harness import counted_flops  # noqa: F401 (the other test modules import it from here)
 from tokenprune.merge import unmerge
+from tokenprune.patch.vit import attend
 
 # One small model per supported family (random init, seeded): what differs is the token layout
 # (prefix tokens), the pooling and the block internals (LayerScale, qk-norm).
@@ -596,3 +597,69 @@ def test_source_map_belongs_to_the_last_forward_and_settings() -> None:
     tokenprune.patch(model, r=4, trace_source=False)  # the old map would describe other settings
     with pytest.raises(RuntimeError, match="patch the model with trace_source=True"):
         tokenprune.source(model)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_cls_attention_metric_counts_merged_keys_by_size(fused: bool) -> None:
+    """EViT's metric over merged tokens (its fused token has a size): the class token's
+    attention with log(size) on every key, as the attention itself takes it; by hand."""
+    model = make("vit_cls", depth=1)
+    attn = model.blocks[0].attn
+    attn.fused_attn = fused
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 11, model.embed_dim, generator=gen)
+    size = torch.randint(1, 6, (2, 11), generator=gen).float()
+    with torch.no_grad():
+        _, metric = attend(attn, x, None, metric="cls_attention", key_bias=size.log(), backend="auto")
+        q, k, _ = attn.qkv(x).reshape(2, 11, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1) + size.log()[:, None, None, :]
+        expected = logits.softmax(dim=-1).mean(dim=1)[:, 0]
+    torch.testing.assert_close(metric, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_evit_with_proportional_attention_same_on_fused_and_manual_attention() -> None:
+    """EViT with fuse and prop_attn: its fused token has a size, so later stages read the class
+    attention over keys with log(size) on the attention kernel's path as on the manual one."""
+    model = make("vit_cls")
+    tokenprune.patch(model, "evit", keep_ratio=0.7, fuse=True, prop_attn=True)
+    manual = copy.deepcopy(model)
+    for module in manual.modules():
+        if isinstance(module, timm.layers.Attention):
+            module.fused_attn = False
+    with torch.no_grad():
+        torch.testing.assert_close(model(image()), manual(image()), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("stop_early", [False, True])
+def test_forward_intermediates_prefix_tokens_and_stop_early_as_in_timm(stop_early: bool) -> None:
+    """Register and class tokens returned with the maps are timm's (r=0: bit for bit; r>0:
+    after block 0, whose merge follows its attention, the never-merged prefix is unchanged),
+    and stop_early still runs the last requested block."""
+    model = make("registers")
+    x = image()
+    options = dict(indices=[0, 2], return_prefix_tokens=True, norm=True, stop_early=stop_early, intermediates_only=True)
+    with torch.no_grad():
+        expected = model.forward_intermediates(x, **options)
+        tokenprune.patch(model, r=0)
+        unreduced = model.forward_intermediates(x, **options)
+        tokenprune.patch(model, r=16)
+        reduced = model.forward_intermediates(x, **options)
+    assert len(unreduced) == len(reduced) == len(expected) == 2
+    for (maps, prefix), (expected_maps, expected_prefix) in zip(unreduced, expected):
+        assert torch.equal(maps, expected_maps) and torch.equal(prefix, expected_prefix)
+    torch.testing.assert_close(reduced[0][1], expected[0][1], atol=1e-5, rtol=1e-5)
+
+
+def test_avgmax_pooling_weighs_tokens_by_size_without_fc_norm() -> None:
+    """Without fc_norm (a LayerNorm, blind to a factor on the pooled vector) the avgmax pooling
+    must be timm's 0.5 · (max + mean) exactly: merged tokens pooled by size = timm's pooling of
+    the unmerged grid."""
+    model = make("avgmax_with_prefix", fc_norm=False)
+    assert isinstance(model.fc_norm, torch.nn.Identity)
+    tokenprune.patch(model, r=8, trace_source=True)
+    with torch.no_grad():
+        state = model.forward_tokens(image())
+        pooled = model.forward_head(state.x, size=state.size)
+        full = unmerge(state.x, model._tokenprune_source[0])
+        plain = timm.models.VisionTransformer.forward_head(model, full)
+    torch.testing.assert_close(pooled, plain, atol=1e-5, rtol=1e-5)
