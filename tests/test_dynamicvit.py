@@ -352,3 +352,11 @@ def test_pruned_patches_unmerge_to_zeros_and_have_no_source() -> None:
     source = tokenprune.source(model)
     assert torch.equal(source.sum(1).bool(), ~dropped)  # dropped patches: an all-zero column
     assert (source.sum(-1) == 1).all()  # no fusion: every output token is one input token
+
+
+@pytest.mark.parametrize("family", ["beit_relpos", "relpos_mlp_cls"])
+def test_flops_of_a_relative_bias_between_pruned_tokens(family: str) -> None:
+    """Pruning before attention (DynamicViT) shrinks the relative-bias gather to the kept tokens:
+    the bias term is counted on the attended tokens, not on those entering the block."""
+    model = tokenprune.patch(make(family).requires_grad_(False), "dynamicvit")
+    assert tokenprune.flops(model, 224, batch_size=2).total == counted_flops(model, image())

@@ -13,7 +13,7 @@ import timm
 import torch
 
 import tokenprune
-from tests.test_patch import counted_flops
+from tests.test_patch import counted_flops, image, make
 from tests.tome_reference import _match
 
 MODELS = {
@@ -133,3 +133,11 @@ def test_differential_attention_runs_its_own_forward() -> None:
     with torch.no_grad():
         assert not torch.equal(model(x), expected)
     assert tokenprune.flops(model, 64).total == counted_flops(model, images(64, batch=1))
+
+
+def test_source_names_why_merge_unmerge_has_no_map() -> None:
+    model = tokenprune.patch(make("vit_cls", depth=2), "merge_unmerge", ratio=0.5)
+    with torch.no_grad():
+        model(image(1))
+    with pytest.raises(RuntimeError, match="unmerges inside every block"):
+        tokenprune.source(model)

@@ -663,3 +663,41 @@ def test_avgmax_pooling_weighs_tokens_by_size_without_fc_norm() -> None:
         full = unmerge(state.x, model._tokenprune_source[0])
         plain = timm.models.VisionTransformer.forward_head(model, full)
     torch.testing.assert_close(pooled, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_rule_of_thumb_hint_at_one_token_per_block() -> None:
+    """tokens // blocks == 1 is still a usable r (the hint is dropped only below 1)."""
+    from tokenprune.models import video_vit_small_patch16_224
+
+    with pytest.raises(TypeError, match=r"gives 1 here \(16 tokens over 12 blocks at 2x64x64\)"):
+        tokenprune.patch(video_vit_small_patch16_224(num_frames=2, img_size=64))
+
+
+def test_a_config_object_with_keywords_is_refused() -> None:
+    model = make("vit_cls", depth=2)
+    with pytest.raises(TypeError, match="not both"):
+        tokenprune.patch(model, tokenprune.ToMeConfig(r=4), r=8)
+    assert not hasattr(model, "tokenprune_config")
+
+
+def test_flops_of_map_pooling_that_skips_the_prefix_tokens() -> None:
+    """Attention pooling without pool_include_prefix reads the patches alone; with registers the
+    prefix is 5 tokens, which the kv projection and the pooling attention must not count."""
+    model = make("registers", global_pool="map").requires_grad_(False)
+    assert model.num_prefix_tokens == 5 and not model.pool_include_prefix
+    tokenprune.patch(model, r=8)
+    assert tokenprune.flops(model, 224, batch_size=2).total == counted_flops(model, image())
+
+
+@pytest.mark.parametrize("family", ["vit_cls", "vit_avg_no_cls"])
+def test_blocks_left_with_one_mergeable_token_pass_it_through(family: str) -> None:
+    """At 32x32 (4 patches), r=2 leaves one mergeable token from block 2 on: the cap is 0 there
+    and those blocks must run unreduced (no matching on an empty B set), as plan and FLOPs say."""
+    model = make(family, img_size=32, depth=4).requires_grad_(False)
+    tokenprune.patch(model, r=2, trace_source=True)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    reduction = tokenprune.plan(model, 32)
+    assert reduction.removed == (2, 1, 0, 0)
+    with torch.no_grad():
+        assert model.forward_tokens(x).num_tokens == reduction.output_tokens
+    assert tokenprune.flops(model, 32, batch_size=2).total == counted_flops(model, x)

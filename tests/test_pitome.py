@@ -194,3 +194,62 @@ def test_dense_fidelity_names_pitome_settings() -> None:
     assert describe(tokenprune.PiToMeConfig(r=8, margin=0.5, alpha=0.5)) == "r=8, margin=0.5, α=0.5"
     assert all(isinstance(config, tokenprune.PiToMeConfig) for config in COMPARED["pitome"].settings)
     assert [25, 23, 20, 18, 17, 15, 13, 12, 11, 10, 9, 8] in [config.r for config in COMPARED["pitome"].settings]
+
+
+def test_flops_count_no_energy_where_a_block_cannot_merge() -> None:
+    """At 32x32 (4 patches) r=2 leaves one mergeable token from block 2 on: those blocks merge
+    nothing and skip the energy matmul, as the count must."""
+    model = make("vit_cls", img_size=32, depth=4).requires_grad_(False)
+    tokenprune.patch(model, "pitome", r=2)
+    assert tokenprune.plan(model, 32).removed == (2, 1, 0, 0)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    assert tokenprune.flops(model, 32, batch_size=2).total == counted_flops(model, x)
+
+
+def test_margin_bounds_and_list_length() -> None:
+    for margin in (-1.0, 1.0, [-1.0, 1.0]):  # the closed interval [-1, 1]
+        assert tokenprune.PiToMeConfig(r=4, margin=margin)
+    with pytest.raises(ValueError, match="one per block"):  # too short, as too long, is refused
+        tokenprune.patch(make("vit_cls", depth=2), "pitome", r=4, margin=[0.8])
+    with pytest.raises(ValueError, match=r"r must be in \[1, 2\]"):  # r = 0 too
+        energy_matching(torch.randn(1, 6, 4), 0, num_protected=1, margin=0.5)
+
+
+def _brute_force_dest(metric: torch.Tensor, r: int, p: int, margin: float, alpha: float) -> torch.Tensor:
+    """energy_matching's documented rules written as loops: energy order highest first, ties by
+    the lower index; A = 1st, 3rd, ... candidates, B = 2nd, 4th, ...; each A token's partner is
+    its most similar B token, ties to the higher-energy (earlier) B token."""
+    from tokenprune.merge import unit_vectors
+    from tokenprune.methods.pitome import energy_scores
+
+    rows = []
+    for b in range(metric.shape[0]):
+        energy, sim = energy_scores(unit_vectors(metric[b : b + 1, p:]), margin, alpha)
+        energy, sim = energy[0].tolist(), sim[0].tolist()
+        n = len(energy)
+        order = sorted(range(n), key=lambda i: (-energy[i], i))
+        a_side, b_side = order[0 : 2 * r : 2], order[1 : 2 * r : 2]
+        partner = {}
+        for a in a_side:
+            best = b_side[0]
+            for cand in b_side[1:]:
+                if sim[a][cand] > sim[a][best]:
+                    best = cand
+            partner[a] = best
+        survivors = [i for i in range(n) if i not in partner]
+        slot = {i: k for k, i in enumerate(survivors)}
+        rows.append(list(range(p)) + [p + slot[partner.get(i, i)] for i in range(n)])
+    return torch.tensor(rows)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("prefix,r", [(0, 3), (1, 5), (2, 6)])
+def test_energy_matching_breaks_exact_ties_as_documented(seed: int, prefix: int, r: int) -> None:
+    """Duplicate tokens (a flat background) tie exactly in energy and in similarity: the order
+    and the partner are then the documented ones, not whatever the sort or argmax returns."""
+    generator = torch.Generator().manual_seed(seed)
+    distinct = torch.randn(3, 8, generator=generator)
+    picks = torch.randint(0, 3, (2, prefix + 14), generator=generator)
+    metric = distinct[picks]
+    dest = energy_matching(metric, r, prefix, margin=0.3, alpha=1.0)
+    assert torch.equal(dest, _brute_force_dest(metric, r, prefix, 0.3, 1.0))

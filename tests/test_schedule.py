@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.tome_reference import tome_schedule
 from tokenprune.schedule import format_schedule, parse_schedule, resolve_r
 
 
@@ -67,3 +68,18 @@ def test_keep_ratio_r_keeps_the_ratio_at_every_block() -> None:
     for bad in (0.4, 1.1):
         with pytest.raises(ValueError, match="keep_ratio must be in"):
             keep_ratio_r(bad, 196, 12)
+
+
+def test_ramp_matches_tomes_parse_r_at_fractional_inflections() -> None:
+    """ToMe's parse_r ends the ramp at 2r − int(r·(1 − inflection)), not at int(r·(1 + inflection)):
+    the two differ whenever r·inflection is fractional, which ±1 and 0 never are."""
+    assert resolve_r((3, 0.5), 4) == (1, 2, 3, 5)  # by hand: first ⌊1.5⌋ = 1, last 6 − 1 = 5, step 4/3
+    for base in (3, 5, 13, 16):
+        for inflection in (-1, -0.7, -0.5, -0.3, 0.25, 0.5, 0.7, 1):
+            for depth in (2, 4, 12):
+                assert resolve_r((base, inflection), depth) == tuple(tome_schedule((base, inflection), depth))
+
+
+def test_a_bool_inflection_is_refused() -> None:
+    with pytest.raises(TypeError, match="inflection"):
+        resolve_r((16, True), 3)
