@@ -403,3 +403,86 @@ def test_a_budget_sets_r_and_bfloat16_runs(tmp_path):
 
     with pytest.raises(ArgumentTypeError, match="an eval takes a GFLOPs fraction"):  # nothing here times a speedup
         parse_gflops_budget("2x")
+
+
+def test_views_match_videomae_with_an_odd_crop_room():
+    """carphone's 176 × 144 resizes to 78 × 64 (room 14, even, and 78.2 truncates to the same
+    as it rounds to): a 179-wide crop of bikes resizes to int(79.56) = 79 (round would give 80),
+    room 15, so the three crops start at 0, int(7.5) = 7, 15 and the single crop at 15 // 2 = 7."""
+    assert kinetics.crop_offsets(79, 64, 3) == [0, 7, 15] and kinetics.crop_offsets(79, 64, 1) == [7]
+    every = _every_frame(BIKES)[:80, :144, :179].copy()
+    for frames in (every, every.transpose(0, 2, 1, 3).copy()):  # landscape and portrait
+        for segments, crops in ((5, 3), (1, 1)):
+            clips = [frames[i] for i in kinetics.clip_indices(len(frames), 8, 4, segments)]
+            ours = kinetics.make_views(clips, crops, 64)
+            reference = _videomae_test_views(frames, 8, 4, segments, crops, 64)
+            assert ours.shape == reference.shape
+            assert (ours.int() - reference.int()).abs().max() <= 1
+
+
+def test_resized_pixels_are_rounded_to_uint8():
+    """A 2 × 2 frame [0, 255] per row, resized to 4 × 4 (bilinear, align_corners=False, as
+    OpenCV): the columns sample x = -0.25, 0.25, 0.75, 1.25, i.e. 0, 63.75, 191.25, 255, which
+    round to 0, 64, 191, 255 (OpenCV's uint8 result; truncation would give 63)."""
+    frame = np.zeros((2, 2, 3), dtype=np.uint8)
+    frame[:, 1] = 255
+    views = kinetics.make_views([np.stack([frame, frame])], 1, 4)
+    assert views.shape == (1, 3, 2, 4, 4)
+    assert (views == torch.tensor([0, 64, 191, 255], dtype=torch.uint8)).all()
+    cv2 = importlib.util.find_spec("cv2")
+    if cv2 is not None:
+        import cv2
+
+        assert cv2.resize(frame, (4, 4), interpolation=cv2.INTER_LINEAR)[0, :, 0].tolist() == [0, 64, 191, 255]
+
+
+def test_normalize_uses_imagenet_rgb_statistics():
+    """VideoMAE normalises RGB clips with ImageNet's mean (0.485, 0.456, 0.406) and std
+    (0.229, 0.224, 0.225), red first: a black and a white view, by hand."""
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    for value in (0, 255):
+        views = torch.full((1, 3, 2, 4, 4), value, dtype=torch.uint8)
+        out = kinetics.normalize(views)
+        for c in range(3):
+            assert torch.allclose(out[0, c], torch.tensor((value / 255 - mean[c]) / std[c]), atol=1e-6)
+
+
+class _Items(torch.utils.data.Dataset):
+    """Decoded videos with given frame counts: (frames, damaged packets, announced frames)."""
+
+    def __init__(self, counts: list[tuple[int, int, int]]) -> None:
+        self.samples = [(f"v{i}.mp4", 0) for i in range(len(counts))]
+        self.counts = counts
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        from evals import kinetics
+
+        frames, damaged, announced = self.counts[index]
+        return kinetics.Item(torch.zeros(1, 3, 1, 1, 2), 0, index, frames, damaged, announced, None)
+
+
+def _evaluate(kinetics, counts, needed):
+    loader = torch.utils.data.DataLoader(_Items(counts), batch_size=1, collate_fn=kinetics.collate)
+    model = lambda views: torch.zeros(len(views), 2)  # noqa: E731
+    return kinetics.evaluate(model, loader, torch.device("cpu"), 15, needed, ks=(1,), progress=False)
+
+
+def test_too_short_is_exactly_the_videos_whose_last_frame_repeats():
+    """16 frames every 4th: 61 frames give 16 distinct samples (0..60), 60 frames repeat the
+    last one. Only videos that repeat a frame are listed as too short."""
+    assert len(set(kinetics.clip_indices(61, 16, 4, 1)[0])) == 16
+    assert len(set(kinetics.clip_indices(60, 16, 4, 1)[0])) == 15
+    assert kinetics.frames_needed(16, 4) == 61
+    tally = _evaluate(kinetics, [(61, 0, 61), (60, 0, 60), (62, 0, 62)], kinetics.frames_needed(16, 4))
+    assert [entry["path"] for entry in tally.too_short] == ["v1.mp4"] and tally.evaluated == 3
+
+
+def test_damaged_lists_rejected_packets_and_a_shortfall_below_95_percent():
+    counts = [(250, 0, 250), (240, 0, 250), (237, 0, 250), (250, 2, 250), (100, 0, 0)]
+    tally = _evaluate(kinetics, counts, 1)
+    # 240 >= 0.95 · 250 = 237.5 is fine, 237 is not; rejected packets always; 0 = unknown count
+    assert [entry["path"] for entry in tally.damaged] == ["v2.mp4", "v3.mp4"]
+    assert tally.damaged[1]["damaged_packets"] == 2 and tally.damaged[0]["announced_frames"] == 250

@@ -153,19 +153,22 @@ def test_sincos_matches_videomae_formula():
 # ----------------------------------------------------------------------------- conversion
 
 
-def hf_model(use_mean_pooling: bool = True):
+def hf_model(use_mean_pooling: bool = True, **overrides):
     transformers = pytest.importorskip("transformers")
     config = transformers.VideoMAEConfig(
-        image_size=64,
-        patch_size=16,
-        num_frames=8,
-        tubelet_size=2,
-        hidden_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=384,
-        num_labels=7,
-        use_mean_pooling=use_mean_pooling,
+        **{
+            "image_size": 64,
+            "patch_size": 16,
+            "num_frames": 8,
+            "tubelet_size": 2,
+            "hidden_size": 96,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "intermediate_size": 384,
+            "num_labels": 7,
+            "use_mean_pooling": use_mean_pooling,
+            **overrides,
+        }
     )
     torch.manual_seed(0)
     model = transformers.VideoMAEForVideoClassification(config).eval()
@@ -455,3 +458,99 @@ def test_an_image_batch_is_refused_as_not_a_clip() -> None:
     for size in (64, 32):  # the clip's size or not: the error says a clip is expected
         with pytest.raises(ValueError, match=r"expected a clip \[B, C, T, H, W\]"):
             model(torch.randn(1, 3, size, size))
+
+
+def test_dynamic_sincos_equals_the_model_built_for_that_clip_size():
+    """With dynamic_img_size, a sin-cos model fed another clip size must use VideoMAE's table
+    for that token count (what VideoMAE builds for that size), i.e. give exactly the output of
+    the model created at that size: not an interpolated copy of its own table."""
+    dynamic = small(dynamic_img_size=True)
+    fixed = small(num_frames=4, img_size=96)
+    fixed.load_state_dict(dynamic.state_dict())  # the weights do not depend on the clip size
+    modeling = pytest.importorskip("transformers.models.videomae.modeling_videomae")
+    if hasattr(modeling, "get_sinusoid_encoding_table"):  # the reference table, 2·6·6 positions
+        torch.testing.assert_close(fixed.pos_embed, modeling.get_sinusoid_encoding_table(72, 384), rtol=0, atol=1e-6)
+    x = clip(frames=4, size=96)
+    with torch.no_grad():
+        torch.testing.assert_close(dynamic(x), fixed(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("new_grid", [(2, 4, 6), (2, 6, 4), (3, 4, 6)])
+def test_pos_embed_resize_when_only_one_spatial_side_changes(new_grid):
+    from timm.layers import resample_abs_pos_embed
+
+    a, b = torch.randn(2, 8), torch.randn(4 * 4, 8)  # separable: a[t] + b[h, w]
+    pos = (a[:, None, :] + b[None, :, :]).reshape(1, 2 * 4 * 4, 8)
+    t, h, w = new_grid
+    out = resize_pos_embed(pos, new_grid, (2, 4, 4))
+    assert out.shape == (1, t * h * w, 8)
+    a_new = torch.nn.functional.interpolate(a.T[None], size=t, mode="linear", align_corners=False)[0].T
+    b_new = resample_abs_pos_embed(b[None], new_size=[h, w], old_size=[4, 4], num_prefix_tokens=0)[0]
+    torch.testing.assert_close(out.reshape(t, h * w, 8), a_new[:, None, :] + b_new[None, :, :], atol=1e-5, rtol=1e-5)
+
+
+def test_norm_eps_match_transformers():
+    """Hugging Face's blocks use layer_norm_eps, its fc_norm nn.LayerNorm's 1e-5: the tolerance of
+    the logits comparison cannot see 1e-12 vs 1e-5, so compare the eps with transformers' modules."""
+    for pooling in (True, False):
+        hf = hf_model(use_mean_pooling=pooling, layer_norm_eps=1e-9)
+        ours = VideoVisionTransformer(**videomae_config_from_transformers(hf.config))
+        layer = hf.videomae.encoder.layer[0]
+        assert ours.blocks[0].norm1.eps == layer.layernorm_before.eps == 1e-9
+        assert ours.blocks[0].norm2.eps == layer.layernorm_after.eps
+        if pooling:
+            assert ours.fc_norm.eps == hf.fc_norm.eps
+        else:
+            assert ours.norm.eps == hf.videomae.layernorm.eps
+
+
+def test_transformers_config_with_an_inexact_mlp_ratio_loads_and_matches():
+    hf = hf_model(hidden_size=28, intermediate_size=61)  # int(28 * (61 / 28)) == 60 in floating point
+    model = VideoVisionTransformer(**videomae_config_from_transformers(hf.config)).eval()
+    assert model.blocks[0].mlp.fc1.out_features == 61
+    load_videomae(model, hf.state_dict())
+    x = clip()
+    with torch.no_grad():
+        assert (model(x) - hf_logits(hf, x)).abs().max() < 1e-4
+
+
+def test_transformers_config_without_qv_biases_loads_and_matches():
+    transformers = pytest.importorskip("transformers")
+    hf = hf_model(qv_bias=False) if "qv_bias" in transformers.VideoMAEConfig().to_dict() else hf_model(qkv_bias=False)
+    model = VideoVisionTransformer(**videomae_config_from_transformers(hf.config)).eval()
+    assert model.blocks[0].attn.qkv.bias is None
+    result = load_videomae(model, hf.state_dict())  # strict: nothing missing
+    assert not result.missing_keys and not result.unexpected_keys
+    x = clip()
+    with torch.no_grad():
+        assert (model(x) - hf_logits(hf, x)).abs().max() < 1e-4
+
+
+def test_a_stored_key_bias_is_kept():
+    """The loader fills k's bias with zeros only when the checkpoint has none: a stored one
+    (original names attn.k_bias) must land in the middle third, as the keys feed ToMe's metric."""
+    source = small(num_classes=3)
+    dim = source.embed_dim
+    state = {}
+    for key, value in source.state_dict().items():
+        if key.endswith("attn.qkv.bias"):
+            q, _, v = value.chunk(3)
+            stem = key.removesuffix("qkv.bias")
+            state[stem + "q_bias"], state[stem + "v_bias"] = q + 1.0, v - 1.0
+            state[stem + "k_bias"] = torch.arange(dim, dtype=value.dtype)
+        else:
+            state[key] = value
+    target = small(num_classes=3)
+    load_videomae(target, state)
+    bias = target.blocks[1].attn.qkv.bias
+    torch.testing.assert_close(bias[dim : 2 * dim], torch.arange(dim, dtype=bias.dtype), rtol=0, atol=0)
+    torch.testing.assert_close(bias[:dim], state["blocks.1.attn.q_bias"], rtol=0, atol=0)
+    torch.testing.assert_close(bias[2 * dim :], state["blocks.1.attn.v_bias"], rtol=0, atol=0)
+
+
+def test_drop_path_rates_are_videomae_linspace():
+    model = small(depth=4, drop_path_rate=0.3)
+    expected = torch.linspace(0, 0.3, 4).tolist()  # VideoMAE: [x.item() for x in torch.linspace(0, rate, depth)]
+    rates = [getattr(b.drop_path1, "drop_prob", 0.0) for b in model.blocks]
+    assert rates == pytest.approx(expected)
+    assert [getattr(b.drop_path2, "drop_prob", 0.0) for b in model.blocks] == pytest.approx(expected)
