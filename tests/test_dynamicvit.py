@@ -360,3 +360,38 @@ def test_flops_of_a_relative_bias_between_pruned_tokens(family: str) -> None:
     the bias term is counted on the attended tokens, not on those entering the block."""
     model = tokenprune.patch(make(family).requires_grad_(False), "dynamicvit")
     assert tokenprune.flops(model, 224, batch_size=2).total == counted_flops(model, image())
+
+
+def test_predictor_global_feature_is_the_mean_over_the_kept_tokens_only() -> None:
+    """Eq. 4: z_global averages the tokens still kept (D ⊙ z). A predictor over a partial mask
+    scores each kept token exactly as a predictor that never saw the dropped tokens."""
+    predictor = tokenprune.patch(make("vit_cls"), "dynamicvit").blocks[3].reducer
+    generator = torch.Generator().manual_seed(5)
+    x = 3.0 * torch.randn(2, 9, predictor.in_conv[1].in_features, generator=generator)
+    keep = torch.ones(2, 9, 1)
+    keep[0, [1, 4, 5, 8]] = 0.0
+    keep[1, [0, 2]] = 0.0
+    with torch.no_grad():
+        got = predictor.log_probs(x, keep)
+        for n in range(2):
+            kept = keep[n, :, 0].bool()
+            alone = predictor.log_probs(x[n : n + 1, kept], torch.ones(1, int(kept.sum()), 1))
+            torch.testing.assert_close(got[n, kept], alone[0], atol=1e-6, rtol=1e-5)
+
+
+def test_loss_terms_over_several_stages_against_hand_computation() -> None:
+    """Two stages: the ratio term averages (mean D_s − ρ^s)² over the stages, and the token
+    term distils the tokens the *last* stage keeps."""
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    d1 = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])[..., None]
+    d2 = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0]])[..., None]
+    tokens = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]])[..., None]
+    teacher_tokens = torch.zeros_like(tokens)
+    terms = DynamicViTLoss(keep_ratio=0.5)(DynamicViTOutput(logits, tokens, (d1, d2)), torch.tensor([0, 1]), logits, teacher_tokens)
+    stage1 = ((0.75 - 0.5) ** 2 + (0.5 - 0.5) ** 2) / 2  # target ρ¹ = 0.5
+    stage2 = ((0.5 - 0.25) ** 2 + (0.25 - 0.25) ** 2) / 2  # target ρ² = 0.25
+    ratio = (stage1 + stage2) / 2
+    token = (1.0**2 + 3.0**2 + 6.0**2) / 3  # kept by d2: (0,0), (0,2), (1,1)
+    torch.testing.assert_close(terms["ratio"], torch.tensor(ratio))
+    torch.testing.assert_close(terms["token"], torch.tensor(token))
+    torch.testing.assert_close(terms["loss"], terms["cls"] + 2.0 * ratio + 0.5 * token)

@@ -528,3 +528,48 @@ def test_class_token_attention_needs_the_class_token() -> None:
     assert state.num_tokens == tokenprune.plan(model, SIZE).output_tokens == 8 + 70 + 1  # kept + fused
     with pytest.raises(ValueError, match="needs a class token"):
         tokenprune.patch(naflex("gap_registers"), "evit")
+
+
+def test_map_head_masks_padding_exactly_whatever_its_features() -> None:
+    """Attention pooling over packed tokens: padding is masked as timm masks it (-inf from
+    patch_valid), not merely down-weighted by log(1e-9), which padding keys with large logits
+    (padding content is arbitrary) would leak through."""
+    model = naflex("siglip_map")  # no prefix tokens, MAP head
+    generator = torch.Generator().manual_seed(7)
+    tokens = torch.randn(2, 30, 192, generator=generator)
+    valid = torch.ones(2, 30, dtype=torch.bool)
+    valid[0, 20:] = False
+    valid[1, 25:] = False
+    tokens[~valid] *= 3000.0  # logits of padding keys far above the patches' (still < 1000 above them)
+    with torch.no_grad():
+        expected = model.forward_head(tokens, patch_valid=valid)  # timm's own masked pooling
+        tokenprune.patch(model, r=8)
+        got = model.forward_head(tokens, patch_valid=valid, size=None)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_unmerged_packed_features_carry_position_weights() -> None:
+    """forward_features(packed, unmerge=True)['size']: one per position, 0 for padding, 1 for
+    prefix tokens and patches (the weights timm's masked pooling uses)."""
+    model = tokenprune.patch(naflex("gap_registers"), r=8)
+    packed = pack(mixed_images(), 150)
+    with torch.no_grad():
+        full = model.forward_features(packed, unmerge=True)
+    prefix = model.num_prefix_tokens
+    expected = torch.cat([torch.ones(2, prefix), packed["patch_valid"].float()], dim=1)[..., None]
+    assert full["size"] is not None
+    torch.testing.assert_close(full["size"], expected)
+
+
+# --- for tests/test_qwen3_vit.py --------------------------------------------------------------
+@pytest.mark.parametrize("family", ["classifier", "classifier_projector"])
+def test_flops_of_a_classifier_without_pooling(family: str) -> None:
+    """global_pool='' puts the head on every output token (the patches, or the projector's LLM
+    tokens, a quarter of them); the FLOPs must count it as FlopCounterMode does."""
+    from tests.test_patch import counted_flops
+    from tests.test_qwen3_vit import SIZE, images, qwen
+
+    model = qwen(family, global_pool="").requires_grad_(False)
+    assert tokenprune.flops(model, SIZE, batch_size=2).total == counted_flops(model, images())
+    tokenprune.patch(model, r=(8, -1))
+    assert tokenprune.flops(model, SIZE, batch_size=2).total == counted_flops(model, images())

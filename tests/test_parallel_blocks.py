@@ -4,6 +4,8 @@ unmerged grid; exactness at r=0 on both of timm's paths; FLOPs; the other method
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import timm
 import torch
@@ -158,3 +160,39 @@ def test_fullgraph_capture() -> None:
         expected = model(x)
         torch._dynamo.reset()
         torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="eager")(x), expected)
+
+
+@pytest.mark.parametrize("kind", ["parallel", "differential"])
+def test_matches_the_grid_reference_with_a_trained_mlp_bias(kind: str) -> None:
+    """timm's parallel blocks without qkv_bias keep a separate mlp_bias (zeros at init, trained
+    in real weights): the patched block must add it, as timm's does."""
+    model = parallel(kind, qkv_bias=False)  # (timm's vit_pwee/dpwee configs set qkv_bias=True: no mlp_bias)
+    generator = torch.Generator().manual_seed(9)
+    for block in model.blocks:
+        assert block.mlp_bias is not None
+        block.mlp_bias.data = torch.randn(block.mlp_bias.shape, generator=generator)
+    x = images()
+    logits, _ = grid_reference(model, x, list(resolve_r(6, len(model.blocks))))
+    tokenprune.patch(model, r=6, backend="torch")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), logits, atol=1e-4, rtol=1e-4)
+
+
+def differs_between_seeds(run: Callable[[], torch.Tensor]) -> bool:
+    """Whether two runs of ``run`` under different seeds differ (dropout is live)."""
+    torch.manual_seed(0)
+    a = run()
+    torch.manual_seed(1)
+    return not torch.allclose(a, run())
+
+
+@pytest.mark.parametrize("kind", ["parallel", "differential"])
+def test_attention_dropout_runs_only_while_training_parallel(kind: str) -> None:
+    model = parallel(kind, attn_drop_rate=0.5)
+    x = images()
+    logits, _ = grid_reference(model, x, list(resolve_r(6, len(model.blocks))))  # timm's blocks in eval
+    tokenprune.patch(model, r=6, backend="torch")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), logits, atol=1e-4, rtol=1e-4)
+        model.train()
+        assert differs_between_seeds(lambda: model(x))

@@ -188,3 +188,12 @@ def test_fullgraph_capture() -> None:
         torch._dynamo.reset()
         compiled = torch.compile(model, fullgraph=True, backend="eager")
         torch.testing.assert_close(compiled(x), expected)
+
+
+def test_projector_refuses_a_grid_whose_columns_do_not_tile() -> None:
+    """Rows tile into 2x2 blocks but columns do not (12 x 11): refused as for 13 x 11."""
+    projector = tokenprune.patch(qwen("encoder_projector"), r=8)
+    with torch.no_grad(), pytest.raises(ValueError, match="got a 12x11 patch grid"):
+        projector(images(1, (192, 176)))
+    with pytest.raises(ValueError, match="got a 12x11 patch grid"):
+        tokenprune.flops(projector, (192, 176))

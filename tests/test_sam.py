@@ -17,6 +17,7 @@ from einops import rearrange
 from timm.models.vision_transformer_sam import get_decomposed_rel_pos_bias
 
 import tokenprune
+from tests.test_parallel_blocks import differs_between_seeds
 from tests.test_patch import counted_flops
 from tests.tome_reference import _match
 from tokenprune.merge import BlockMerge
@@ -334,3 +335,15 @@ def test_clear_errors() -> None:
     with pytest.raises(TypeError, match="rotary"):
         rope = timm.create_model("samvit_base_patch16", img_size=64, use_rel_pos=False, use_rope=True, **SMALL)
         tokenprune.patch(rope, "merge_unmerge", ratio=0.5)
+
+
+def test_attention_dropout_runs_only_while_training_sam() -> None:
+    model = sam(attn_drop_rate=0.5)
+    x = block_input(model, images())
+    expected = sam_block_reference(model.blocks[0], x, 0.5)  # eval: no dropout
+    tokenprune.patch(model, "merge_unmerge", ratio=0.5)
+    block = model.blocks[0]
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), expected, rtol=1e-4, atol=1e-4)
+        block.train()
+        assert differs_between_seeds(lambda: block(x))
