@@ -65,7 +65,8 @@ def measure(setting_list: Sequence[settings.Setting], img_size: int = 224) -> li
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(prog="python -m evals.fidelity", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    settings.add_arguments(parser, defaults={"r": " ".join(DEFAULT_R) + " with no --method or --budget, else 8 13 16 16,-1"})
+    shared = settings.default_settings_text("r")
+    settings.add_arguments(parser, defaults={"r": f"{' '.join(DEFAULT_R)} with no --method or --budget, else {shared}"})
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "fidelity_dinov2.json")
     args = parser.parse_args(argv)

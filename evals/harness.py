@@ -369,9 +369,9 @@ def jsonable(value: Any) -> Any:
 
 def _git_dirty() -> bool | None:
     """Whether the checkout has uncommitted changes to tracked files (None: not a checkout, or the
-    commit was given by ``TOKENPRUNE_GIT_COMMIT``), so
-    that a figure measured on edited code does not pass for the commit's. Results are not code:
-    new ones under evals/results, not yet committed, do not count."""
+    commit was given by ``TOKENPRUNE_GIT_COMMIT``), so that a figure measured on edited code does
+    not pass for the commit's. Results are not code: new ones under evals/results, not yet
+    committed, do not count."""
     if os.environ.get("TOKENPRUNE_GIT_COMMIT"):
         return None  # the commit was given, not read: a copy's .git, if any, says nothing of it
     root = RESULTS_DIR.parent.parent

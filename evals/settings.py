@@ -58,6 +58,7 @@ __all__ = [
     "add_arguments",
     "apply",
     "bisect_weakest",
+    "default_settings_text",
     "describe_setting",
     "identity",
     "method_options",
@@ -400,6 +401,11 @@ def _schedule(text: str) -> RSchedule:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def default_settings_text(knob: str) -> str:
+    """:data:`DEFAULT_SETTINGS` of a knob as the command line takes them: "8 13 16 16,-1"."""
+    return " ".join(format_schedule(v).strip("()") if knob == "r" else str(v) for v in DEFAULT_SETTINGS[knob])
+
+
 def add_arguments(
     parser: argparse.ArgumentParser,
     default_method: str = "tome",
@@ -410,12 +416,7 @@ def add_arguments(
     ``--inflection``. ``timed``: the script times models, so a budget may be a speedup. ``defaults``:
     what the help says of a script's own defaults, by option (``{"r": "4 8 16,-1"}``), where
     the script sets them after parsing instead of :data:`DEFAULT_SETTINGS`."""
-    said = {
-        "method": default_method,
-        **{knob: " ".join(format_schedule(v).strip("()") if knob == "r" else str(v) for v in values)
-           for knob, values in DEFAULT_SETTINGS.items()},
-        **(defaults or {}),
-    }  # fmt: skip
+    said = {"method": default_method, **{knob: default_settings_text(knob) for knob in DEFAULT_SETTINGS}, **(defaults or {})}
 
     def default(name: str) -> str:
         return f" (default: {said[name]})" if name in said else ""
