@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch
 import tokenprune
 from tokenprune.merge import merge_state, start_state, unmerge
 from tokenprune.methods.local_global import PositionalBipartiteMerge, WindowMerge, window_dest, window_scores
+from tests.test_merge import brute_force_dest
 from tests.test_patch import counted_flops, image, make
 
 
@@ -283,35 +286,6 @@ def test_dense_fidelity_per_image_measures_follow_each_images_counts() -> None:
         assert g == pytest.approx(tokenprune.flops(tokenprune.patch(evaluator.model, fixed), 224).gflops)
 
 
-def brute_positional_dest(metric: torch.Tensor, pos: torch.Tensor, grid: tuple[int, int], lam: float, r: int, p: int) -> torch.Tensor:
-    """ToMe's matching by loops (tests/test_merge.py's brute force) with every A×B score
-    penalised by λ·(Euclidean centroid distance)/(grid diagonal)."""
-    diagonal = (grid[0] ** 2 + grid[1] ** 2) ** 0.5
-    dest = torch.empty(metric.shape[:2], dtype=torch.long)
-    for n, tokens in enumerate(metric):
-        t = tokens.shape[0]
-        a = [i for i in range(p, t) if i % 2 == 0]
-        b = [i for i in range(p, t) if i % 2 == 1]
-        unit = tokens / tokens.norm(dim=-1, keepdim=True)
-        best = {}
-        for i in a:
-            s = [float(unit[i] @ unit[j]) - lam * float((pos[n, i] - pos[n, j]).pow(2).sum().sqrt()) / diagonal for j in b]
-            k = max(range(len(b)), key=lambda j: (s[j], -j))
-            best[i] = (s[k], k)
-        ranked = sorted(a, key=lambda i: (-best[i][0], i))
-        merged = set(ranked[:r])
-        unmerged = [i for i in a if i not in merged]
-        for i in range(p):
-            dest[n, i] = i
-        for rank, i in enumerate(unmerged):
-            dest[n, i] = p + rank
-        for k, j in enumerate(b):
-            dest[n, j] = p + len(unmerged) + k
-        for i in merged:
-            dest[n, i] = p + len(unmerged) + best[i][1]
-    return dest
-
-
 def test_positional_stage_equals_brute_force_penalised_matching() -> None:
     """Stage 2 scores cos − λ·‖c_a − c_b‖₂ / diagonal on fractional centroids (after a window
     stage) of a non-square grid: the same merges as a loop over every A×B pair."""
@@ -321,7 +295,12 @@ def test_positional_stage_equals_brute_force_penalised_matching() -> None:
     state = start_state(x, trace_source=True, grid=grid, track_positions=True)
     state = WindowMerge(2, 0.5, None, 1)(state, x)
     got = PositionalBipartiteMerge(r, lam, False, 1, backend="torch")(state, state.x)
-    expected = merge_state(state, brute_positional_dest(state.x, state.pos, grid, lam, r, 1), state.num_tokens - r)
+    diagonal = math.hypot(*grid)
+
+    def penalty(n: int, i: int, j: int) -> float:  # λ·(Euclidean centroid distance) / grid diagonal
+        return lam * float((state.pos[n, i] - state.pos[n, j]).norm()) / diagonal
+
+    expected = merge_state(state, brute_force_dest(state.x, r, 1, penalty), state.num_tokens - r)
     assert torch.equal(got.source_index, expected.source_index)
     torch.testing.assert_close(got.x, expected.x)
     torch.testing.assert_close(got.pos, expected.pos)

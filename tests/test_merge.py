@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -18,9 +20,12 @@ from tokenprune.merge import (
 )
 
 
-def brute_force_dest(metric: torch.Tensor, r: int, p: int) -> torch.Tensor:
+def brute_force_dest(
+    metric: torch.Tensor, r: int, p: int, penalty: Callable[[int, int, int], float] | None = None
+) -> torch.Tensor:
     """ToMe's matching by loops: A = even positions, B = odd, prefix excluded; the r A tokens
-    with the best cosine to any B token merge into it; order prefix, unmerged A, B."""
+    with the best cosine to any B token merge into it; order prefix, unmerged A, B.
+    ``penalty(n, i, j)``: subtracted from the cosine of tokens i and j of sample n."""
     dest = torch.empty(metric.shape[:2], dtype=torch.long)
     for n, tokens in enumerate(metric):
         t = tokens.shape[0]
@@ -29,7 +34,7 @@ def brute_force_dest(metric: torch.Tensor, r: int, p: int) -> torch.Tensor:
         unit = tokens / tokens.norm(dim=-1, keepdim=True)
         best = {}
         for i in a:
-            sims = [float(unit[i] @ unit[j]) for j in b]
+            sims = [float(unit[i] @ unit[j]) - (penalty(n, i, j) if penalty else 0.0) for j in b]
             k = max(range(len(b)), key=lambda j: (sims[j], -j))  # first maximum
             best[i] = (sims[k], k)
         ranked = sorted(a, key=lambda i: (-best[i][0], i))

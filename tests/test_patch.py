@@ -286,9 +286,18 @@ def test_dtypes_and_batch_sizes(dtype: torch.dtype, batch: int) -> None:
     torch.testing.assert_close(single, with_others, atol=1e-5, rtol=1e-5)
 
 
-def test_fused_and_manual_attention_agree() -> None:
-    model = make("deit3_layerscale")
-    tokenprune.patch(model, r=12)
+@pytest.mark.parametrize(
+    ("family", "method", "options"),
+    [
+        ("deit3_layerscale", "tome", {"r": 12}),
+        # EViT's fused token has a size: later stages read the class attention over keys with
+        # log(size) on the attention kernel's path as on the manual one.
+        ("vit_cls", "evit", {"keep_ratio": 0.7, "fuse": True, "prop_attn": True}),
+    ],
+)
+def test_fused_and_manual_attention_agree(family: str, method: str, options: dict) -> None:
+    model = make(family)
+    tokenprune.patch(model, method, **options)
     manual = copy.deepcopy(model)
     for module in manual.modules():
         if isinstance(module, timm.layers.Attention):
@@ -615,19 +624,6 @@ def test_cls_attention_metric_counts_merged_keys_by_size(fused: bool) -> None:
         logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1) + size.log()[:, None, None, :]
         expected = logits.softmax(dim=-1).mean(dim=1)[:, 0]
     torch.testing.assert_close(metric, expected, atol=1e-6, rtol=1e-5)
-
-
-def test_evit_with_proportional_attention_same_on_fused_and_manual_attention() -> None:
-    """EViT with fuse and prop_attn: its fused token has a size, so later stages read the class
-    attention over keys with log(size) on the attention kernel's path as on the manual one."""
-    model = make("vit_cls")
-    tokenprune.patch(model, "evit", keep_ratio=0.7, fuse=True, prop_attn=True)
-    manual = copy.deepcopy(model)
-    for module in manual.modules():
-        if isinstance(module, timm.layers.Attention):
-            module.fused_attn = False
-    with torch.no_grad():
-        torch.testing.assert_close(model(image()), manual(image()), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("stop_early", [False, True])
