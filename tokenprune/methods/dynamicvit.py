@@ -9,6 +9,7 @@ the input patch tokens; prefix tokens are always kept.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -177,7 +178,7 @@ def load_predictors_into(reducers: list[TokenPredictor | None], path: str | Path
 
     modules = nn.ModuleDict({str(i): r for i, r in enumerate(reducers) if r is not None})
     state = load_file(str(path))
-    if any(".reducer." in key for key in state):
+    if holds_predictors(state):
         raise ValueError(
             f"{path} holds a whole patched model's weights (as train_dynamicvit's model.safetensors), not "
             "predictors alone: patch with method 'dynamicvit' and the same stages first, then "
@@ -194,6 +195,12 @@ def load_predictors_into(reducers: list[TokenPredictor | None], path: str | Path
     if misshapen := [f"{k}: {tuple(state[k].shape)} for {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]:
         raise ValueError(f"predictor weights in {path} do not fit the model's width: {misshapen}")
     modules.load_state_dict(state)
+
+
+def holds_predictors(state: Mapping[str, Tensor]) -> bool:
+    """Whether a state dict was saved from a whole model patched with DynamicViT (``train_dynamicvit
+    --train-backbone`` writes the backbone and its predictors together), not from predictors alone."""
+    return any(".reducer." in key for key in state)
 
 
 def _some(keys: list[str], shown: int = 6) -> str:
@@ -266,6 +273,7 @@ __all__ = [
     "DynamicViTOutput",
     "TokenPredictor",
     "forward_train",
+    "holds_predictors",
     "predictors",
     "save_predictors",
 ]

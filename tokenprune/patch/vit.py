@@ -872,7 +872,7 @@ def refuse_unsynchronised_parameters(outer: nn.Module, reducers: list[Any]) -> N
     """DistributedDataParallel takes the parameters it synchronises when it is built: a method
     that adds some (DynamicViT's predictors) must patch the model before it is wrapped."""
     ddp = any(isinstance(m, nn.parallel.DistributedDataParallel) for m in runtime_chain(outer))
-    if ddp and any(isinstance(r, nn.Module) and any(True for _ in r.parameters()) for r in reducers):
+    if ddp and any(isinstance(r, nn.Module) and next(r.parameters(), None) is not None for r in reducers):
         raise TypeError(
             "this method adds parameters, which DistributedDataParallel, built before them, would not synchronise: "
             "patch the model first, then wrap it, model = DistributedDataParallel(tokenprune.patch(model, ...), ...)"
