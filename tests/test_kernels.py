@@ -10,6 +10,7 @@ cap, the 1569-token video case) with few programs.
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import pytest
 import torch
@@ -1129,3 +1130,86 @@ def test_attention_kernel_takes_q_k_v_of_different_layouts(tokens: int) -> None:
     out = kernels.attention_triton(q, k, v, key_bias, dim**-0.5)
     ref = kernels.attention_reference(q.double(), k.double(), v.double(), key_bias.double(), dim**-0.5)
     assert (out.double() - ref).norm() / ref.norm() < 1e-5
+
+
+# ------------------------------------------------------------------ stores stay inside outputs
+
+
+class GuardedOutputs:
+    """Stands in for ``torch`` inside a kernel module: its ``empty`` (how every launcher makes
+    its outputs) returns a view into a buffer with a pad of sentinel values on both sides. A
+    store past either end of an output (a mask missing on the last tile) changes a pad instead
+    of crashing the interpreter or, on a GPU, silently writing over a neighbour's memory (the
+    interpreter copies an argument's whole storage, so it sees the pads as memory too)."""
+
+    SENTINEL = -777
+
+    def __init__(self) -> None:
+        self.buffers: list[tuple[torch.Tensor, torch.Tensor, int, int]] = []
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+    def empty(self, *shape, device=None, dtype=None) -> torch.Tensor:
+        shape = tuple(shape[0]) if len(shape) == 1 and not isinstance(shape[0], int) else shape
+        numel = math.prod(shape)
+        pad = numel + 4096  # past any tile's overrun
+        buffer = torch.full((pad + numel + pad,), self.SENTINEL, device=device, dtype=dtype)
+        self.buffers.append((buffer, buffer.clone(), pad, numel))
+        return buffer[pad : pad + numel].view(shape)
+
+    def assert_pads_intact(self) -> None:
+        assert self.buffers, "the launcher made no outputs through torch.empty"
+        for buffer, initial, pad, numel in self.buffers:
+            for side in (slice(0, pad), slice(pad + numel, None)):
+                changed = int((buffer[side] != initial[side]).sum())
+                assert changed == 0, f"{changed} values written outside a {numel}-element output"
+
+
+@pytest.fixture
+def guarded(monkeypatch: pytest.MonkeyPatch):
+    """Route the kernel modules' output allocations through one GuardedOutputs."""
+    guard = GuardedOutputs()
+    for name in ("attention", "bipartite", "match", "merge", "temporal_match"):
+        # (by module path: kernels.attention is also the name of a function in kernels)
+        monkeypatch.setattr(importlib.import_module(f"kernels.{name}"), "torch", guard)
+    return guard
+
+
+def test_match_kernels_store_inside_their_outputs(guarded: GuardedOutputs) -> None:
+    """Ragged last tiles in every dimension: 37 A rows over 16-row tiles, 29 B rows, D = 40."""
+    generator = torch.Generator().manual_seed(37)
+    metric = torch.randn(2, 67, 40, generator=generator).to(DEVICE)
+    a, b = split_ab(metric, 1)
+    score, index = best_match_triton(a, b)
+    ref_score, ref_index = best_match_reference(a, b)
+    torch.testing.assert_close(score, ref_score, atol=SCORE_ATOL, rtol=0)
+
+    dest = kernels.bipartite_dest_triton(score, index, 20, 67, 1)
+    assert torch.equal(dest, kernels.bipartite_dest_reference(score, index, 20, 67, 1))
+
+    grid = (3, 3, 5)
+    video = torch.randn(2, 45, 40, generator=generator).to(DEVICE)
+    pos = video_positions(2, grid, merged=True)
+    kernels.temporal_best_match_triton(video, pos, 1)
+    guarded.assert_pads_intact()
+
+
+@pytest.mark.parametrize("tile", GPU_TILES, ids=lambda t: f"{t[0]}x{t[1]}")
+def test_merge_kernel_stores_inside_its_outputs(guarded: GuardedOutputs, tile: tuple[int, int, int]) -> None:
+    """Every GPU tile on 13 outputs of 1100 channels: ragged in rows and in channels."""
+    from kernels.merge import _merge_wavg_forward
+
+    x, size, dest, num_out = tome_inputs(2, 25, 1100, 1, torch.float32, seed=13)
+    merged, new_size = _merge_wavg_forward(x, size, dest, num_out, tile=tile)
+    ref_merged, ref_size = merge_wavg_reference(x, size, dest, num_out)
+    torch.testing.assert_close(merged, ref_merged, **MERGE_TOL[torch.float32])
+    assert torch.equal(new_size, ref_size)
+    guarded.assert_pads_intact()
+
+
+def test_attention_kernel_stores_inside_its_output(guarded: GuardedOutputs) -> None:
+    """21 tokens over 32-token tiles, D = 40 over a 64-wide block."""
+    q, k, v = qkv_views(2, 3, 21, 40, torch.float32, seed=5)
+    assert_attention(q, k, v, log_sizes(2, 21), 40**-0.5)
+    guarded.assert_pads_intact()
