@@ -329,9 +329,14 @@ def peak_memory_mib(
         runner(inputs)
     synchronize(device)
     working = torch.cuda.max_memory_allocated(device) - before
-    tensors = [*model.parameters(), *model.buffers(), inputs]
-    held = sum(t.numel() * t.element_size() for t in tensors if t.device == device)
-    return (working + held) / 2**20
+    return (working + resident_bytes(model, inputs, device)) / 2**20
+
+
+def resident_bytes(model: nn.Module, inputs: Inputs, device: torch.device) -> int:
+    """Bytes that ``model``'s weights and buffers and the inputs (every tensor of a pack) hold
+    on ``device``."""
+    tensors = [*model.parameters(), *model.buffers(), *(inputs.values() if isinstance(inputs, dict) else [inputs])]
+    return sum(t.numel() * t.element_size() for t in tensors if t.device == device)
 
 
 # ---------------------------------------------------------------------------------------------

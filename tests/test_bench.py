@@ -8,6 +8,7 @@ the budget search against an exhaustive scan of the same FLOP counts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -96,6 +97,34 @@ def test_outputs_are_valid_and_complete(run: tuple[dict[str, Any], Path]) -> Non
     assert {r["backend"] for r in rows if r["method"] != "tome"} == {None}  # evit has no backend option
     # what "auto" ran: the PyTorch path for CPU tensors
     assert {r["backend_used"] for r in rows if r["method"] == "tome"} == {"torch"}
+
+
+def test_peak_memory_counts_every_tensor_of_a_pack(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NaFlex's packed inputs are a dict of tensors: the weights and every tensor of the pack are
+    resident, and the CUDA measurement takes the pack as it takes an image batch (the allocator
+    is stubbed here: no GPU)."""
+    model = torch.nn.Linear(4, 3)  # 15 float32 parameters
+    pack = {
+        "patches": torch.zeros(2, 5, 4),
+        "patch_coord": torch.zeros(2, 5, 2, dtype=torch.long),
+        "patch_valid": torch.ones(2, 5, dtype=torch.bool),
+    }
+    cpu = torch.device("cpu")
+    assert harness.resident_bytes(model, pack, cpu) == 15 * 4 + 40 * 4 + 20 * 8 + 10
+    assert harness.resident_bytes(model, pack["patches"], cpu) == 15 * 4 + 40 * 4
+    assert harness.resident_bytes(model, pack, torch.device("meta")) == 0
+
+    class OnCuda:
+        device = torch.device("cuda")
+
+    monkeypatch.setattr(harness, "leading_tensor", lambda inputs: OnCuda())
+    monkeypatch.setattr(harness, "synchronize", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 3 << 20)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 5 << 20)
+    ran = []
+    assert harness.peak_memory_mib(model, ran.append, pack) == 2.0  # nothing of it resident on "cuda"
+    assert ran == [pack]
 
 
 def test_csv_matches_json(run: tuple[dict[str, Any], Path]) -> None:
@@ -701,3 +730,54 @@ def test_git_dirty_counts_edited_code_not_new_results(tmp_path: Path, monkeypatc
     assert harness._git_dirty() is False
     (tmp_path / "code.py").write_text("x = 2\n")
     assert harness._git_dirty() is True
+
+
+def test_interleaved_timing_warms_up_rotates_and_synchronises(monkeypatch) -> None:
+    """Every model's warm-up passes first, untimed; then each round times every model once, in
+    an order rotated round by round (a, b, c; b, c, a; c, a, b); each timed pass lies between
+    two device synchronisations."""
+    events: list[str] = []
+    monkeypatch.setattr(harness, "synchronize", lambda device: events.append("sync"))
+    models = [lambda x, name=name: events.append(name) for name in "abc"]
+    results = harness.measure_interleaved(models, torch.zeros(2, 1), warmup=2, runs=3)
+    assert events == [*"aabbcc", *(e for name in "abcbcacab" for e in ("sync", name, "sync"))]
+    assert [len(result["times"]) for result in results] == [3, 3, 3]
+
+
+def test_cuda_timing_is_in_seconds(monkeypatch) -> None:
+    """On CUDA a pass is timed by events, whose elapsed_time is in milliseconds: the pass's
+    time is reported in seconds. (CUDA stubbed: the events say 250 ms.)"""
+    class Event:
+        def __init__(self, enable_timing: bool = False) -> None:
+            assert enable_timing
+
+        def record(self) -> None:
+            pass
+
+        def synchronize(self) -> None:
+            pass
+
+        def elapsed_time(self, end: Event) -> float:
+            return 250.0
+
+    class OnCuda:
+        device = torch.device("cuda", 0)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(harness, "synchronize", lambda device: None)
+    monkeypatch.setattr(harness, "leading_tensor", lambda inputs: OnCuda())
+    assert harness._timed_pass(lambda inputs: None, object()) == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize(("method", "img_size"), [("tome", 96), ("evit", 224)])
+def test_a_budget_only_the_strongest_setting_meets_is_found(method: str, img_size: int) -> None:
+    """The search reaches the knob's strongest setting (ToMe: r of half the patch tokens, its
+    cap; the pruning methods: ρ = 0.01), and a budget equal to a setting's GFLOPs fraction is
+    met by it ("at most that fraction"), not called unreachable."""
+    size = (img_size, img_size)
+    model = timm.create_model(MODEL, pretrained=False, img_size=img_size)
+    strongest = {"r": (img_size // 16) ** 2 // 2} if method == "tome" else {"keep_ratio": 0.01}
+    patched = tokenprune.patch(timm.create_model(MODEL, pretrained=False, img_size=img_size), method, **strongest)
+    fraction = tokenprune.flops(patched, size).total / tokenprune.flops(model, size).total
+    assert settings.setting_for_budget(model, method, {}, settings.Budget("gflops", fraction), size) == strongest

@@ -27,11 +27,13 @@ import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
 from torch import nn
 
 import tokenprune
 from evals import imagenet
 from evals.distributed import ShardSampler
+from evals.harness import counted_flops
 from evals.metrics import real_correct, topk_correct
 from evals.settings import method_options
 from tokenprune.methods.dynamicvit import holds_predictors
@@ -299,8 +301,6 @@ def test_efficientnet_lite0_on_real_photos(photos, lite0_checkpoint: Path, tmp_p
     assert doc["unreadable_files"] == [] and doc["warnings"] == []
     # The counts, recomputed without the script: PIL resize (shorter side to size / crop_pct,
     # bicubic), centre crop, (x − 0.5) / 0.5, timm's model with the same weights, top-k.
-    from PIL import Image
-
     config = doc["model"]["data_config"]
     assert config["interpolation"] == "bicubic" and config["crop_mode"] == "center"
     size, scale = config["input_size"][1], int(math.floor(config["input_size"][1] / config["crop_pct"]))
@@ -437,6 +437,7 @@ def test_two_processes_match_one(corrupt_set: Path, lite0_checkpoint: Path, corr
     assert doc["world_size"] == 2 and doc["environment"]["device"] == "cpu"
     for key in ("counts", "top1", "top5", "unreadable_files"):
         assert doc[key] == single[key], key
+    assert all(type(count) is int for count in doc["counts"].values())  # summed over ranks: 23 in the JSON, not 23.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -494,7 +495,6 @@ def test_whole_dynamicvit_checkpoint_loads_its_predictors(photos, tmp_path: Path
     """``train_dynamicvit --train-backbone`` saves backbone and predictors in one file: the eval
     patches first, then loads it. Labels are that model's own predictions, so only a run with
     these very predictors scores 20/20 (fresh predictors keep other tokens of a random ViT)."""
-    from PIL import Image
     from safetensors.torch import save_file
 
     _, copied = photos
@@ -532,8 +532,6 @@ def test_flat_folder_is_refused(photos) -> None:
 
 def test_input_size_of_models_without_a_vit_patch_embedding(tmp_path: Path) -> None:
     # PiT's ConvEmbedding has no proj: the data config decides the size (no AttributeError).
-    from PIL import Image
-
     (tmp_path / "a").mkdir()
     Image.new("RGB", (40, 30), (120, 30, 200)).save(tmp_path / "a" / "x.png")
     doc = run("--data", str(tmp_path), "--model", "pit_ti_224", "--num-classes", "3",
@@ -544,8 +542,6 @@ def test_input_size_of_models_without_a_vit_patch_embedding(tmp_path: Path) -> N
 def test_files_timm_does_not_read_are_listed_not_dropped(tmp_path: Path) -> None:
     """timm's folder reader reads its image extensions only: a .webp or .bmp in a class folder
     is left out by it, and said so here (warned and listed), never silently."""
-    from PIL import Image
-
     for label in ("a", "b"):
         (tmp_path / label).mkdir()
         Image.new("RGB", (40, 30), (120, 30, 200)).save(tmp_path / label / "x.png")
@@ -560,8 +556,6 @@ def test_files_timm_does_not_read_are_listed_not_dropped(tmp_path: Path) -> None
 
 
 def test_bad_command_lines_stop_with_the_problem_and_the_fix(tmp_path: Path) -> None:
-    from PIL import Image
-
     (tmp_path / "empty" / "a").mkdir(parents=True)
     (tmp_path / "data" / "a").mkdir(parents=True)
     Image.new("RGB", (40, 30)).save(tmp_path / "data" / "a" / "x.png")
@@ -605,8 +599,6 @@ def test_test_size_is_timm_validate_default(tmp_path: Path) -> None:
     config = timm.create_model("resnet50", pretrained=False).pretrained_cfg
     assert config["test_input_size"] != config["input_size"]  # else this test checks nothing
     (tmp_path / "a").mkdir()
-    from PIL import Image
-
     Image.new("RGB", (40, 30), (120, 30, 200)).save(tmp_path / "a" / "x.png")
     common = ["--data", str(tmp_path), "--model", "resnet50", "--num-classes", "3", "--no-bench",
               "--workers", "0"]
@@ -648,3 +640,116 @@ def test_tar_archive_of_class_folders(photos, lite0_checkpoint: Path, tmp_path: 
     assert doc["counts"] == {"images": 21, "evaluated": 20, "unreadable": 1}
     assert doc["unreadable_files"][0]["path"].endswith("val.tar::n01440764/ILSVRC2012_val_00000999.JPEG")
     assert doc["top1"]["correct"] == LITE0_TOP1 and doc["top5"]["correct"] == LITE0_TOP5
+
+
+# ---------------------------------------------------------------------------------------------
+# Sample lists, counts and options, each on its own
+
+
+def test_samples_from_csv_root_header_and_columns(tmp_path: Path) -> None:
+    """Relative paths resolve against the root given (--data), not the CSV's folder; only the
+    first row may be a header; a row of three cells is an error, not a path and a label."""
+    (tmp_path / "labels.csv").write_text("path,label\na.jpg,3\n")
+    images = tmp_path / "images"
+    assert imagenet.samples_from_csv(tmp_path / "labels.csv", images) == [(str(images / "a.jpg"), 3)]
+    (tmp_path / "late.csv").write_text("path,label\nn01440764/x.JPEG,n01440764\nb.jpg,3\n")
+    with pytest.raises(SystemExit, match=r"late.csv:2: label 'n01440764' is not an integer"):
+        imagenet.samples_from_csv(tmp_path / "late.csv")
+    (tmp_path / "wide.csv").write_text("a.jpg,3,extra\n")
+    with pytest.raises(SystemExit, match=r"wide.csv:1: expected 'path,label'"):
+        imagenet.samples_from_csv(tmp_path / "wide.csv")
+
+
+def test_samples_from_filenames_named_group_natural_order_and_unmatched(tmp_path: Path) -> None:
+    """The group named ``label`` is the label even when it is not group 1; files come in natural
+    order (shot2 before shot10, as --limit takes them); a file that does not match stops the run."""
+    for name in ("shot10_class_3.png", "shot2_class_5.png", "shot1_class_7.png"):
+        (tmp_path / name).write_bytes(b"")  # only the names are read here
+    pattern = r"shot(\d+)_class_(?P<label>\d+)"
+    assert imagenet.samples_from_filenames(tmp_path, pattern) == [
+        (str(tmp_path / "shot1_class_7.png"), 7),
+        (str(tmp_path / "shot2_class_5.png"), 5),
+        (str(tmp_path / "shot10_class_3.png"), 3),
+    ]
+    (tmp_path / "notes.png").write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"1 image\(s\) under .* do not match"):
+        imagenet.samples_from_filenames(tmp_path, pattern)
+
+
+def test_accuracy_is_over_the_images_read_and_limit_takes_the_first_rows(tmp_path: Path) -> None:
+    """A labels CSV of 8 rows, --limit 7, batches of 3: [g0 g1 g2] [m0 m1 m2] [g3] (g4 left out).
+    A batch with no readable image is still counted; % is over the 4 images read, not the 7
+    rows; the timing batch is the first full one, not the last; GFLOPs are the model's FLOPs.
+    The labels are the seeded random ViT's own predictions (g3's made wrong), so the expected
+    counts come from a reference forward pass with timm's preprocessing, not from the script."""
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(tmp_path / f"g{i}.png")
+    torch.manual_seed(0)  # the script's --seed default
+    model = timm.create_model("vit_tiny_patch16_224").eval()
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model), is_training=False)
+    images = torch.stack([transform(Image.open(tmp_path / f"g{i}.png").convert("RGB")) for i in range(5)])
+    with torch.no_grad():
+        logits = model(images)
+    labels = logits.argmax(dim=1).tolist()
+    labels[3] = int(logits[3].argmin())  # wrong at top-1 and top-5
+    rows = [(f"g{i}.png", labels[i]) for i in range(3)] + [(f"missing{i}.png", 0) for i in range(3)]
+    rows += [("g3.png", labels[3]), ("g4.png", labels[4])]
+    with open(tmp_path / "labels.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    doc = run("--labels-file", str(tmp_path / "labels.csv"), "--model", "vit_tiny_patch16_224", "--batch-size", "3",
+              "--limit", "7", "--workers", "0", "--warmup", "0", "--runs", "1", "--out", str(tmp_path / "out.json"))  # fmt: skip
+    assert doc["counts"] == {"images": 7, "evaluated": 4, "unreadable": 3}
+    assert [Path(f["path"]).name for f in doc["unreadable_files"]] == ["missing0.png", "missing1.png", "missing2.png"]
+    read = range(4)  # g0..g3
+    top1 = sum(int(logits[i].argmax()) == labels[i] for i in read)
+    top5 = sum(labels[i] in logits[i].topk(5).indices.tolist() for i in read)
+    assert doc["top1"] == {"correct": top1, "pct": pytest.approx(100 * top1 / 4)}
+    assert doc["top5"] == {"correct": top5, "pct": pytest.approx(100 * top5 / 4)}
+    assert doc["throughput"]["batch_size"] == 3
+    assert doc["gflops_per_image"] == pytest.approx(counted_flops(model, images[:1]) / 1e9)
+
+
+def test_dtype_and_preprocessing_overrides_reach_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--dtype bfloat16 runs every pass under autocast, the eval's and the timed ones (warm-up
+    included): the classifier's output is bfloat16 each time; top-5 is reported for a model of
+    exactly 5 classes; --crop-pct, --interpolation and --crop-mode are the data config's."""
+    (tmp_path / "a").mkdir()
+    Image.new("RGB", (40, 30), (120, 30, 200)).save(tmp_path / "a" / "x.png")
+    seen: list[torch.dtype] = []
+    create = timm.create_model
+
+    def recording(*args: Any, **kwargs: Any) -> nn.Module:
+        model = create(*args, **kwargs)
+        model.get_classifier().register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+        return model
+
+    monkeypatch.setattr(timm, "create_model", recording)
+    doc = run("--data", str(tmp_path), "--model", "vit_tiny_patch16_224", "--model-arg", "img_size=32",
+              "--num-classes", "5", "--dtype", "bfloat16", "--warmup", "1", "--runs", "2", "--workers", "0",
+              "--crop-pct", "0.5", "--interpolation", "bilinear", "--crop-mode", "squash",
+              "--out", str(tmp_path / "out.json"))  # fmt: skip
+    assert doc["dtype"] == "bfloat16" and seen == [torch.bfloat16] * (1 + 1 + 2)  # eval batch, warm-up, 2 timed
+    assert doc["top5"] == {"correct": 1, "pct": 100.0}  # 5 classes: every label is in the top 5
+    config = doc["model"]["data_config"]
+    assert (config["crop_pct"], config["interpolation"], config["crop_mode"]) == (0.5, "bilinear", "squash")
+
+
+def test_a_label_outside_the_models_classes_stops_the_run(tmp_path: Path) -> None:
+    Image.new("RGB", (40, 30)).save(tmp_path / "x.png")
+    (tmp_path / "labels.csv").write_text("x.png,1\nx.png,2\n")
+    with pytest.raises(SystemExit, match=r"labels \[2\] are outside the model's 2 classes"):
+        run("--labels-file", str(tmp_path / "labels.csv"), "--model", "vit_tiny_patch16_224", "--model-arg", "img_size=32",
+            "--num-classes", "2", "--no-bench", "--workers", "0", "--out", str(tmp_path / "out.json"))  # fmt: skip
+
+
+def test_read_checkpoint_strips_module_only_from_a_ddp_save(tmp_path: Path) -> None:
+    """``module.`` is DDP's prefix only when every key has it: a model's own submodule named
+    ``module`` keeps its keys."""
+    torch.save({"module.weight": torch.zeros(2), "head.weight": torch.ones(2)}, tmp_path / "own.pth")
+    assert sorted(imagenet.read_checkpoint(tmp_path / "own.pth")) == ["head.weight", "module.weight"]
+
+
+def test_an_option_given_twice_is_refused() -> None:
+    with pytest.raises(SystemExit, match="--option r given twice"):
+        method_options("tome", [("r", 4), ("r", 8)])

@@ -1,5 +1,7 @@
 """evals.stats: paired differences with a Student-t interval over groups, on hand-built inputs."""
 
+import math
+
 import pytest
 import torch
 
@@ -52,3 +54,13 @@ def test_format_difference_shows_the_interval_and_verdict() -> None:
     assert format_difference({"mean": 0.0012, "low": -0.0003, "high": 0.00271}) == "+0.0012 [-0.0003, +0.0027] tie"
     assert format_difference({"mean": -2.66, "low": -3.25, "high": -2.1}, digits=2) == "-2.66 [-3.25, -2.10] loss"
     assert format_difference(None) == format_difference({}) == "-"
+
+
+def test_one_group_is_unbounded_and_no_difference_is_a_tie() -> None:
+    """One group: the interval is ±∞ (not NaN). Identical inputs: a zero-width interval at 0,
+    which is a tie, neither a win nor a loss."""
+    one_group = paired_difference(torch.ones(4), torch.zeros(4), group_size=4)
+    assert one_group == {"mean": 1.0, "low": -math.inf, "high": math.inf}
+    same = torch.linspace(0.0, 1.0, 6)
+    nothing = paired_difference(same, same, group_size=2)
+    assert nothing == {"mean": 0.0, "low": 0.0, "high": 0.0} and verdict(nothing) == "tie"
