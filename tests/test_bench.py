@@ -12,6 +12,8 @@ import contextlib
 import csv
 import io
 import json
+import re
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -517,6 +519,14 @@ def test_pareto_front_hand_made() -> None:
     assert front == {("none", ""), ("a", "r=1"), ("b", "x"), ("b", "y")}
 
 
+def test_pareto_front_keeps_equal_points() -> None:
+    """Two settings measured alike (say the unreduced model and ToMe r=0: the same GFLOPs, cosine 1)
+    do not dominate each other: both stay on the front."""
+    points = [_point("none", "", 10, 100, 1.0), _point("tome", "r=0", 10, 100, 1.0), _point("tome", "r=2", 8, 150, 0.9)]
+    for x in ("gflops", "speed"):
+        assert [(p.method, p.setting) for p in pareto.pareto_front(points, x)] == [("none", ""), ("tome", "r=0"), ("tome", "r=2")]
+
+
 def test_pareto_joins_bench_and_fidelity(run: tuple[dict[str, Any], Path], tmp_path: Path) -> None:
     """The bench run above plus a fidelity-format file: points join on (model, size, setting),
     speed is the batch-3 row, and a setting the bench never ran is reported, not dropped."""
@@ -568,6 +578,44 @@ def test_pareto_joins_bench_and_fidelity(run: tuple[dict[str, Any], Path], tmp_p
         pareto.main([str(run[1]), str(quality_path), str(tmp_path / "imagenet.json"), "--out", str(tmp_path / "q.png")])
 
 
+def _bench_row(method: str, setting: str, attention: str, batch: int, speed: float, speedup: float, gflops: float) -> dict[str, Any]:
+    return {"model": "m", "input_size": [64, 64], "method": method, "setting": setting, "attention": attention,
+            "compile": False, "batch_size": batch, "samples_per_s": speed, "speedup": speedup, "gflops": gflops}  # fmt: skip
+
+
+def test_pareto_speed_is_the_fastest_fused_row_at_the_largest_batch() -> None:
+    """Of a setting's rows, the speed point is the fastest fused-attention row at the largest
+    batch size (a faster manual row or smaller batch is not it), and it brings its speedup."""
+    rows = [
+        _bench_row("none", "", "fused", 4, 100.0, 1.0, 2.0),
+        _bench_row("tome", "r=2", "fused", 4, 150.0, 1.5, 1.0),  # e.g. the torch backend
+        _bench_row("tome", "r=2", "fused", 4, 180.0, 1.8, 1.0),  # e.g. the triton backend: the fastest
+        _bench_row("tome", "r=2", "manual", 4, 500.0, 5.0, 1.0),
+        _bench_row("tome", "r=2", "fused", 1, 900.0, 9.0, 1.0),
+    ]
+    speed = pareto.speed_points({"rows": rows})
+    assert sorted((p.setting, p.speed, p.speedup) for p in speed) == [("", 100.0, 1.0), ("r=2", 180.0, 1.8)]
+    quality = [pareto.Point("m", (64, 64), "tome", "r=2", 1.0, quality=0.9, metric="q")]
+    (joined,), missing = pareto.join(speed, quality)
+    assert (joined.speed, joined.speedup, joined.quality, missing) == (180.0, 1.8, 0.9, [])
+
+
+def test_pareto_table_marks_the_front_and_refuses_two_gflops_for_one_point(tmp_path: Path) -> None:
+    fidelity = {"model_name": "m", "input_size": [64, 64], "rows": [
+        {"method": "none", "setting": "", "gflops": 2.0, "cosine_mean": 1.0},
+        {"method": "tome", "setting": "r=2", "gflops": 1.0, "cosine_mean": 0.9},
+        {"method": "tome", "setting": "r=4", "gflops": 1.5, "cosine_mean": 0.8},  # dearer and worse than r=2
+    ]}  # fmt: skip
+    (tmp_path / "f.json").write_text(json.dumps(fidelity))
+    pareto.main([str(tmp_path / "f.json"), "--x", "gflops", "--out", str(tmp_path / "p.png")])
+    lines = [line.split("|") for line in (tmp_path / "p.md").read_text().splitlines()[2:] if line.startswith("| m |")]
+    assert {cells[3].strip(): cells[-2].strip() for cells in lines} == {"-": "yes", "r=2": "yes", "r=4": ""}
+    # the same setting at other GFLOPs in another file is another measurement, not the same point twice
+    (tmp_path / "g.json").write_text(json.dumps({**fidelity, "rows": [{**fidelity["rows"][1], "gflops": 1.2}]}))
+    with pytest.raises(SystemExit, match="measure m tome r=2 differently"):
+        pareto.main([str(tmp_path / "f.json"), str(tmp_path / "g.json"), "--x", "gflops", "--out", str(tmp_path / "q.png")])
+
+
 # ---------------------------------------------------------------------------------------------
 # The step and attention benchmarks
 
@@ -613,6 +661,45 @@ def test_merge_step_bench_feeds_the_dtypes_the_model_does(monkeypatch: pytest.Mo
     x, metric = bench_merge.step_inputs(1, 17, 192, 64, torch.bfloat16, torch.device("cpu"))
     assert set(seen) == {("x", x.dtype), ("metric", metric.dtype)}
     assert (x.dtype, metric.dtype) == (torch.float32, torch.bfloat16)
+
+
+def test_merge_step_bench_figures(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """With stand-in timings (the model 10 ms, each timed step 3 ms for --repeat 3 steps): the
+    merge time per forward is the blocks' steps summed and divided by the repeats, its share is a
+    percentage of the model's time, only the blocks that merge get a step (each protecting the
+    class token), and the model is timed under the --dtype autocast."""
+    from evals import bench_merge
+
+    calls: list[tuple[int, Any]] = []
+    matched: list[tuple[int, int]] = []
+    real_match = bench_merge.bipartite_soft_matching
+
+    def match(metric, r, protected, backend):
+        matched.append((r, protected))
+        return real_match(metric, r, protected, backend)
+
+    def fake(models, inputs, *, warmup, runs, dtype=None, progress=False):
+        calls.append((len(models), dtype))
+        if len(calls) == 1:
+            for step in models[1:]:
+                step(None)
+        return [{"median_s": 0.010 if isinstance(m, torch.nn.Module) else 0.003, "images_per_s": 0.0, "times": []} for m in models]
+
+    monkeypatch.setattr(bench_merge, "bipartite_soft_matching", match)
+    monkeypatch.setattr(bench_merge, "measure_interleaved", fake)
+    schedule = "[" + ",".join(["4", "4"] + ["0"] * 10) + "]"  # two of the twelve blocks merge
+    document = bench_merge.main(
+        ["--model", "vit_tiny_patch16_224", "--r", schedule, "--batch-size", "2", "--video-batch-size", "1",
+         "--dtype", "bfloat16", "--repeat", "3", "--backend", "torch", "--out", str(tmp_path / "m.json")]
+    )  # fmt: skip
+    model_row, video_row, temporal_row = document["rows"]
+    assert calls == [(1 + 2, torch.bfloat16), (2, None)]
+    assert matched == [(4, 1)] * 2 * 3
+    assert model_row["blocks_merging"] == 2 and document["config"]["repeat"] == 3
+    assert model_row["model_ms_per_forward"] == pytest.approx(10.0)
+    assert model_row["merge_ms_per_forward"] == pytest.approx(2 * 3.0 / 3)
+    assert model_row["merge_share_pct"] == pytest.approx(100 * 2.0 / 10.0)
+    assert video_row["merge_ms_per_forward"] == pytest.approx(1.0) and temporal_row["merge_ms_per_forward"] == pytest.approx(1.0)
 
 
 def test_bench_attention_needs_a_gpu() -> None:
@@ -704,6 +791,21 @@ def test_help_names_each_scripts_own_defaults(capsys) -> None:
     assert "(default: tome)" in help_text(bench.main) and "(default: 8 13 16 16,-1)" in help_text(bench.main)
 
 
+def test_fidelity_default_r_only_without_method_r_or_budget(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """evals.fidelity's r = 4 ... (16,-1) are the default of a bare run; a --budget alone measures
+    the budget, not the default r list besides it."""
+    from evals import fidelity
+    from tokenprune.schedule import parse_schedule
+
+    seen: list[list[settings.Setting]] = []
+    monkeypatch.setattr(fidelity, "measure", lambda setting_list, img_size=224: seen.append(list(setting_list)) or [])
+    fidelity.main(["--budget", "0.5", "--out", str(tmp_path / "a.json")])
+    fidelity.main(["--out", str(tmp_path / "b.json")])
+    budget_only, bare = seen
+    assert [(s.method, s.options, s.budget) for s in budget_only] == [("tome", {}, settings.Budget("gflops", 0.5))]
+    assert [(s.method, s.options, s.budget) for s in bare] == [("tome", {"r": parse_schedule(t)}, None) for t in fidelity.DEFAULT_R]
+
+
 def test_git_dirty_counts_edited_code_not_new_results(tmp_path: Path, monkeypatch) -> None:
     import subprocess
 
@@ -781,3 +883,115 @@ def test_a_budget_only_the_strongest_setting_meets_is_found(method: str, img_siz
     patched = tokenprune.patch(timm.create_model(MODEL, pretrained=False, img_size=img_size), method, **strongest)
     fraction = tokenprune.flops(patched, size).total / tokenprune.flops(model, size).total
     assert settings.setting_for_budget(model, method, {}, settings.Budget("gflops", fraction), size) == strongest
+
+
+# ---------------------------------------------------------------------------------------------
+# What each row times, and the figures derived from the timings
+
+
+def test_each_row_times_the_model_it_describes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Every timed runner is the row's model: its backend, its attention kind; --warmup 0 is no
+    warm-up (not the default); median_s is the median of times_s; the manual rows are the
+    unpatched model and the first method's middle setting (the lower one of an even count) on
+    the first backend; the markdown header and FLOPs-ratio column say what was measured."""
+    calls: list[tuple[list[Any], int, int]] = []
+    real = bench.measure_interleaved
+
+    def recording(models, inputs, *, warmup, runs, **kwargs):
+        calls.append((list(models), warmup, runs))
+        return real(models, inputs, warmup=warmup, runs=runs, **kwargs)
+
+    monkeypatch.setattr(bench, "measure_interleaved", recording)
+    out = tmp_path / "b.json"
+    r_values = [arg for r in range(1, 5) for arg in ("--r", str(r))]
+    document = _main(["--model", MODEL, "--img-size", str(IMG_SIZE), "--batch-size", "2", *r_values,
+                      "--backend", "torch", "--backend", "auto", "--warmup", "0", "--runs", "3", "--device", "cpu",
+                      "--quiet", "--no-plot", "--out", str(out)])  # fmt: skip
+    rows = document["rows"]
+    (runners, warmup, runs), = calls
+    assert warmup == 0 == document["config"]["warmup"] and runs == 3 == document["config"]["runs"]
+    assert len(runners) == len(rows) == 1 + 4 * 2 + 2
+    for row, runner in zip(rows, runners):
+        assert {block.attn.fused_attn for block in runner.blocks} == {row["attention"] == "fused"}
+        config = getattr(runner, "tokenprune_config", None)
+        assert (config is None) == (row["method"] == "none")
+        if config is not None:
+            assert (config.r, config.backend) == (row["options"]["r"], row["backend"])
+        assert row["median_s"] == statistics.median(row["times_s"])
+    assert [(r["method"], r["setting"], r["attention"], r["backend"]) for r in rows[-2:]] == [
+        ("none", "", "manual", None), ("tome", "r=2", "manual", "torch")
+    ]
+    markdown = out.with_suffix(".md").read_text()
+    assert "median of 3 runs after 0 warm-up" in markdown
+    table = [line.strip("|").split("|") for line in markdown.splitlines() if line.startswith("|")]
+    column = [cell.strip() for cell in table[0]].index("FLOPs ratio")
+    assert [line[column].strip() for line in table[2:]] == [f"{1 / row['gflops_fraction']:.2f}x" for row in rows]
+
+
+def _fake_timings(models, inputs, *, warmup, runs, **kwargs):
+    """Deterministic timings: a pass takes 1 / (1 + r) s, four times as long with manual attention."""
+    results = []
+    for model in models:
+        config = getattr(model, "tokenprune_config", None)
+        r = 0 if config is None else config.r
+        seconds = (1.0 if model.blocks[0].attn.fused_attn else 4.0) / (1 + r)
+        results.append({"median_s": seconds, "images_per_s": 2 / seconds, "times": [seconds] * runs})
+    return results
+
+
+def test_speed_budget_with_deterministic_timings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """With timings where r=k runs 1+k times faster, a 3x budget is r=2 (the search's timer is
+    candidate over baseline, not the inverse); the fused row meets it, and its manual-attention
+    twin, slower by design, is not reported as missing it."""
+    monkeypatch.setattr(bench, "measure_interleaved", _fake_timings)
+    document = _main(["--model", MODEL, "--batch-size", "2", "--budget", "3x", "--out", str(tmp_path / "b.json"),
+                      "--no-plot", *COMMON])  # fmt: skip
+    rows = [(r["method"], r["setting"], r["attention"]) for r in document["rows"]]
+    assert rows == [("none", "", "fused"), ("tome", "r=2", "fused"), ("none", "", "manual"), ("tome", "r=2", "manual")]
+    assert [r["speedup"] for r in document["rows"]] == pytest.approx([1.0, 3.0, 0.25, 0.75])
+    assert not any("budget is not met" in w or "row skipped" in w for w in document["warnings"])
+
+
+def test_speed_budget_is_searched_in_the_rows_dtype(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The budget search times candidates under the --dtype autocast the rows are timed in."""
+    dtypes: list[Any] = []
+
+    def recording(models, inputs, **kwargs):
+        dtypes.append(kwargs.get("dtype"))
+        return _fake_timings(models, inputs, **kwargs)
+
+    monkeypatch.setattr(bench, "measure_interleaved", recording)
+    document = _main(["--model", MODEL, "--batch-size", "2", "--budget", "3x", "--dtype", "bfloat16", "--no-manual",
+                      "--out", str(tmp_path / "b.json"), "--no-plot", *COMMON])  # fmt: skip
+    assert [r["setting"] for r in document["rows"]] == ["", "r=2"]
+    assert len(dtypes) > 1 and set(dtypes) == {torch.bfloat16}  # the search's timings, then the rows'
+
+
+def test_repeated_sweep_values_run_once() -> None:
+    parser = bench.build_parser()
+    config = bench._resolve_config(parser.parse_args(
+        ["--device", "cpu", "--batch-size", "2", "--batch-size", "2", "--batch-size", "4", "--backend", "torch", "--backend", "torch"]
+    ))  # fmt: skip
+    assert (config["batch_sizes"], config["backends"]) == ([2, 4], ["torch"])
+
+
+def test_busy_machine_warning_reads_the_load_after_the_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The load average at the end (the minute of timing) decides the busy-machine warning."""
+    monkeypatch.setattr(bench, "measure_interleaved", _fake_timings)
+    argv = ["--model", MODEL, "--batch-size", "2", "--r", "1", "--no-manual", "--no-plot", "--out", str(tmp_path / "b.json"), *COMMON]
+    for start, end, busy in ((50.0, 0.1, False), (0.1, 50.0, True)):
+        loads = iter([(start, start, start), (end, end, end)])
+        monkeypatch.setattr(bench.os, "getloadavg", lambda: next(loads))
+        document = _main(argv)
+        assert any("the machine was busy" in w for w in document["warnings"]) == busy
+        assert document["environment"]["loadavg_1_5_15min"] == {"start": [start] * 3, "end": [end] * 3}
+
+
+def test_cpu_defaults_are_the_documented_ones() -> None:
+    """--help states the CPU defaults (warm-up, runs, batch size); the sweep uses those."""
+    parser = bench.build_parser()
+    config = bench._resolve_config(parser.parse_args(["--device", "cpu"]))
+    helps = {action.dest: action.help for action in parser._actions}
+    for dest, key in (("warmup", "warmup"), ("runs", "runs"), ("batch_size", "batch_sizes")):
+        documented = int(re.search(r"default: (\d+) on CPU", helps[dest]).group(1))
+        assert config[key] in (documented, [documented]), dest

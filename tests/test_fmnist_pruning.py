@@ -60,12 +60,15 @@ def test_pruning_table_end_to_end(idx_folder: Path, tmp_path: Path) -> None:
     rows = fmnist_pruning.main([
         "--data", str(idx_folder), "--backbone", str(tmp_path / "backbone.safetensors"),
         "--dynamicvit", str(tmp_path / "dynamicvit.safetensors"), "--random-draws", "3", "--out-dir", str(tmp_path),
+        "--keep-ratio", "0.5",  # not any method's default keep ratio (0.7)
     ])
     methods = [r["method"] for r in rows]
     assert methods[0] == "unreduced" and any(m.startswith("learned dropping (DynamicViT, fine-tuned)") for m in methods)
     random_row = next(r for r in rows if r["method"].startswith("random dropping"))
     assert len(random_row["top1_draws"]) == 3
     assert random_row["top1"] == pytest.approx(sum(random_row["top1_draws"]) / 3)
+    for row in rows:
+        assert row["delta_vs_unreduced"] == pytest.approx(row["top1"] - rows[0]["top1"])
     assert all(0 <= r["top1"] <= 100 and r["gflops"] <= rows[0]["gflops"] + 1e-12 for r in rows)
     # the unreduced row is the plain backbone's accuracy on the 20 images
     with torch.no_grad():
@@ -75,10 +78,21 @@ def test_pruning_table_end_to_end(idx_folder: Path, tmp_path: Path) -> None:
     # The EViT and ToMe rows: a directly patched backbone's accuracy; ToMe's r is the one whose
     # GFLOPs come closest to the learned row's (no r from 0 to 29 closer).
     learned_row = next(r for r in rows if r["method"].startswith("learned dropping"))
+    learned_model = tokenprune.patch(train_dynamicvit.create_model("fmnist_vit"), "dynamicvit", keep_ratio=0.5)
+    assert learned_row["gflops"] == pytest.approx(tokenprune.flops(learned_model, 28).gflops)
+    # random dropping: draw k is the accuracy with the global generator seeded k
+    from torch.utils.data import DataLoader
+
+    dropping = tokenprune.patch(copy.deepcopy(backbone), "evit", keep_ratio=0.5, fuse=False, score="random")
+    loader = DataLoader(FashionMNIST(idx_folder, "test"), batch_size=500)
+    draws = [100.0 * fmnist_pruning.correct(dropping, loader, seed=seed).mean().item() for seed in range(3)]
+    assert random_row["top1_draws"] == pytest.approx(draws)
     checked = 0
     for row in rows:
         if row["method"].startswith("attention dropping (EViT"):
-            model = tokenprune.patch(copy.deepcopy(backbone), "evit", keep_ratio=0.7, fuse=True)
+            model = tokenprune.patch(copy.deepcopy(backbone), "evit", keep_ratio=0.5, fuse=True)
+        elif row["method"].startswith("attention dropping (no fusion)"):
+            model = tokenprune.patch(copy.deepcopy(backbone), "evit", keep_ratio=0.5, fuse=False)
         elif row["method"].startswith("ToMe"):
             r = int(row["method"].split("r=")[1].split()[0])
             gaps = [abs(tokenprune.flops(tokenprune.patch(copy.deepcopy(backbone), r=k), 28).gflops - learned_row["gflops"])
@@ -90,8 +104,10 @@ def test_pruning_table_end_to_end(idx_folder: Path, tmp_path: Path) -> None:
         with torch.no_grad():
             accuracy = 100.0 * (model.eval()(images).argmax(-1) == torch.arange(20) % 10).float().mean().item()
         assert row["top1"] == pytest.approx(accuracy), row["method"]
+        # fused or not, the rows differ in their token counts (the fused token) if not in accuracy
+        assert (row["gflops"], row["output_tokens"]) == (tokenprune.flops(model, 28).gflops, tokenprune.plan(model, 28).output_tokens)
         checked += 1
-    assert checked == 2
+    assert checked == 3
     saved = json.loads((tmp_path / "fmnist_pruning.json").read_text())
     assert [r["method"] for r in saved["rows"]] == methods
     assert (tmp_path / "fmnist_pruning.md").read_text().count("\n| ") == len(rows) + 2  # header, rule, rows
@@ -106,3 +122,13 @@ def test_pruning_table_end_to_end(idx_folder: Path, tmp_path: Path) -> None:
         assert d["mean"] == pytest.approx(row["top1"] - tome_row["top1"])
         assert d["low"] <= d["mean"] <= d["high"]
         assert d["verdict"] == ("win" if d["low"] > 0 else "loss" if d["high"] < 0 else "tie")
+
+
+def test_matched_tome_r_is_the_nearest_in_gflops_from_r_0() -> None:
+    """nearest_tome_r searches r = 0 ... 29: the unreduced GFLOPs are matched by r=0, and any
+    target by the r whose GFLOPs are nearest."""
+    model = train_dynamicvit.create_model("fmnist_vit")
+    gflops = [tokenprune.flops(tokenprune.patch(copy.deepcopy(model), r=r), 28).gflops for r in range(30)]
+    assert fmnist_pruning.nearest_tome_r(model, 28, gflops[0]) == 0
+    target = (gflops[3] + 2 * gflops[4]) / 3  # nearer r=4 than r=3
+    assert fmnist_pruning.nearest_tome_r(model, 28, target) == min(range(30), key=lambda r: abs(gflops[r] - target)) == 4

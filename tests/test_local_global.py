@@ -237,6 +237,22 @@ def test_dense_fidelity_measures() -> None:
     assert per_image.tolist() == pytest.approx([0.975, 0.65])
 
 
+def test_dense_fidelity_summary_curve_ends_and_partial_overlap() -> None:
+    """A measure's summary is its mean over the images (one value per measure); a curve read at
+    one of its own points (its ends too) gives that point; the top-region IoU of partly
+    overlapping maps is shared / union of their top pixels."""
+    from evals.dense_fidelity import MEASURES, interpolate, summary, top_region_iou
+
+    per_image = torch.tensor([[1.0, 0.5, 0.2], [0.8, 0.3, 0.4], [0.6, 0.1, 0.9]])  # [images, MEASURES]
+    columns = list(zip(*per_image.tolist()))
+    assert summary(per_image) == pytest.approx({m: sum(c) / len(c) for m, c in zip(MEASURES, columns)})
+    curve = [(8.0, 0.9), (10.0, 1.0), (12.0, 1.1)]
+    assert [interpolate(curve, g) for g in (8.0, 10.0, 12.0)] == pytest.approx([0.9, 1.0, 1.1])
+    # top half of 4 pixels: {2, 3} and {1, 3}, one pixel shared of three
+    a, b = torch.tensor([[1.0, 2.0, 3.0, 4.0]]), torch.tensor([[1.0, 3.0, 2.0, 4.0]])
+    assert top_region_iou(a, b, 0.5).item() == pytest.approx(1 / 3)
+
+
 def test_dense_fidelity_compares_with_the_better_tome_schedule() -> None:
     from evals.dense_fidelity import best_tome, describe
 

