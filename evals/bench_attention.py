@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from evals.harness import DTYPES, RESULTS_DIR, environment, write_atomic
 from kernels import attention_folded, attention_reference, attention_triton
@@ -40,6 +41,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit("bench_attention needs a CUDA GPU (the Triton kernel is compiled for it)")
     from triton.testing import do_bench
 
+    def time_us(fn: Callable[[], Any]) -> float:
+        return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+
     dtype, scale = DTYPES[args.dtype], args.head_dim**-0.5
     generator = torch.Generator(device="cuda").manual_seed(0)
     rows = []
@@ -50,31 +54,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         log_size = torch.randint(1, 9, (args.batch_size, tokens), device="cuda", generator=generator).float().log()
 
-        def time_us(fn) -> float:
-            return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
-
-        trained = [t.detach().requires_grad_(True) for t in (q, k, v)]
-        upstream = torch.randn_like(q)
-
-        def forward_backward(fn):
-            def step() -> None:
-                fn(*trained, log_size, scale).backward(upstream)
-
-            return step
-
-        reference = attention_reference(q.float(), k.float(), v.float(), log_size, scale)
-        error = (attention_triton(q, k, v, log_size, scale).float() - reference).norm() / reference.norm()
-        row = {
-            "tokens": tokens,
-            "sdpa_no_bias_us": time_us(lambda: attention_reference(q, k, v, None, scale)),
-            "sdpa_bias_us": time_us(lambda: attention_reference(q, k, v, log_size, scale)),
-            "triton_bias_us": time_us(lambda: attention_triton(q, k, v, log_size, scale)),
-            "triton_no_bias_us": time_us(lambda: attention_triton(q, k, v, None, scale)),
-            "sdpa_folded_us": time_us(lambda: attention_folded(q, k, v, log_size, scale)),
-            "sdpa_bias_fwd_bwd_us": time_us(forward_backward(attention_reference)),
-            "sdpa_folded_fwd_bwd_us": time_us(forward_backward(attention_folded)),
-            "triton_rel_error_vs_fp32": error.item(),
-        }
+        row = measure(q, k, v, log_size, scale, time_us)
         rows.append(row)
         print(row, flush=True)
 
@@ -83,6 +63,44 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"attention, batch {args.batch_size}, {args.heads} heads × {args.head_dim}, {args.dtype}, "
         f"{env['device_name']}; median of do_bench"
     )
+    table = markdown_table(rows)
+    document = {"config": {k: str(v) for k, v in vars(args).items()}, "environment": env, "rows": rows}
+    write_atomic(args.out, json.dumps(document, indent=2) + "\n")
+    write_atomic(args.out.with_suffix(".md"), f"{header}\n\n{table}\n")
+    print(header)
+    print(table)
+    return document
+
+
+def measure(q: Tensor, k: Tensor, v: Tensor, log_size: Tensor, scale: float, time_us: Callable[[Callable[[], Any]], float]) -> dict[str, Any]:
+    """One row: every variant timed by ``time_us`` (µs of one call), forward and forward +
+    backward, and the kernel's error relative to the fp32 reference."""
+    trained = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    upstream = torch.randn_like(q)
+
+    def forward_backward(fn: Callable[..., Tensor]) -> Callable[[], None]:
+        def step() -> None:
+            fn(*trained, log_size, scale).backward(upstream)
+
+        return step
+
+    reference = attention_reference(q.float(), k.float(), v.float(), log_size, scale)
+    error = (attention_triton(q, k, v, log_size, scale).float() - reference).norm() / reference.norm()
+    return {
+        "tokens": q.shape[2],
+        "sdpa_no_bias_us": time_us(lambda: attention_reference(q, k, v, None, scale)),
+        "sdpa_bias_us": time_us(lambda: attention_reference(q, k, v, log_size, scale)),
+        "triton_bias_us": time_us(lambda: attention_triton(q, k, v, log_size, scale)),
+        "triton_no_bias_us": time_us(lambda: attention_triton(q, k, v, None, scale)),
+        "sdpa_folded_us": time_us(lambda: attention_folded(q, k, v, log_size, scale)),
+        "sdpa_bias_fwd_bwd_us": time_us(forward_backward(attention_reference)),
+        "sdpa_folded_fwd_bwd_us": time_us(forward_backward(attention_folded)),
+        "triton_rel_error_vs_fp32": error.item(),
+    }
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The rows as a markdown table; "bias speedup" is SDPA's time with the bias over the kernel's."""
     lines = [
         "| tokens | SDPA, no bias (µs) | SDPA + log-size bias (µs) | SDPA, bias folded (µs) | Triton + bias (µs) "
         "| Triton, no bias (µs) | bias speedup | training: SDPA + bias / folded (µs) |",
@@ -95,13 +113,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"| {row['sdpa_bias_us'] / row['triton_bias_us']:.2f}× "
             f"| {row['sdpa_bias_fwd_bwd_us']:.0f} / {row['sdpa_folded_fwd_bwd_us']:.0f} |"
         )
-    table = "\n".join(lines)
-    document = {"config": {k: str(v) for k, v in vars(args).items()}, "environment": env, "rows": rows}
-    write_atomic(args.out, json.dumps(document, indent=2) + "\n")
-    write_atomic(args.out.with_suffix(".md"), f"{header}\n\n{table}\n")
-    print(header)
-    print(table)
-    return document
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -711,6 +711,35 @@ def test_bench_attention_needs_a_gpu() -> None:
         bench_attention.main(["--tokens", "21"])
 
 
+
+def test_bench_attention_row_and_table() -> None:
+    """A row on CPU (the kernel in the interpreter, q/k/v strided views of one projection):
+    each of the seven variants timed once through the given timer, the kernel's error relative
+    to the fp32 reference (a scale-free figure); the table's bias speedup is SDPA's time with
+    the bias over the kernel's."""
+    from evals import bench_attention
+    from kernels import attention_reference, attention_triton
+
+    generator = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 21, 3, 2, 16, generator=generator).to(torch.bfloat16)  # (bf16: a nonzero error)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    log_size = torch.randint(1, 9, (2, 21), generator=generator).float().log()
+    timed: list[Any] = []
+
+    def time_us(fn) -> float:
+        fn()
+        timed.append(fn)
+        return 10.0 * len(timed)
+
+    row = bench_attention.measure(q, k, v, log_size, 0.25, time_us)
+    assert len(timed) == 7 and row["tokens"] == 21
+    assert [row[key] for key in ("sdpa_no_bias_us", "sdpa_bias_us", "triton_bias_us")] == [10.0, 20.0, 30.0]
+    reference = attention_reference(q.float(), k.float(), v.float(), log_size, 0.25)
+    error = (attention_triton(q, k, v, log_size, 0.25).float() - reference).norm() / reference.norm()
+    assert row["triton_rel_error_vs_fp32"] == pytest.approx(error.item()) and 0 < error < 1.5e-2
+    table = bench_attention.markdown_table([row]).splitlines()
+    assert len(table) == 3 and table[2].split("|")[7].strip() == f"{20.0 / 30.0:.2f}×"
+
 def test_console_scripts_exit_cleanly(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every tokenprune-* script in pyproject.toml returns None: console scripts end with
     sys.exit(value), and a returned results dict would exit with status 1."""
