@@ -4,6 +4,8 @@ for the BEiT families of tests/test_patch.py.)"""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -153,3 +155,67 @@ def test_fusing_a_single_token_changes_nothing() -> None:
         state = model.forward_tokens(image())
     assert state.size is None and torch.equal(state.x, expected)
     assert tokenprune.flops(model, 224, batch_size=2).total == counted_flops(model, image())
+
+
+def test_block_and_shared_biases_both_follow_merged_tokens() -> None:
+    """A block's own table and the model's shared bias together: between merged tokens, the
+    sum of both, each averaged over the pairs of input tokens (unreduced, the two are
+    test_both_biases_unreduced_is_bit_identical's)."""
+    model = make("beit_relpos", use_shared_rel_pos_bias=True)
+    model.rel_pos_bias.relative_position_bias_table.data.normal_(0.0, 1.0)
+    x = image()
+    tokens, size = beit_tome_reference(model, x, [8] * len(model.blocks))
+    tokenprune.patch(model, r=8, backend="torch")
+    with torch.no_grad():
+        state = model.forward_tokens(x)
+    torch.testing.assert_close(state.x, tokens, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(state.size, size)
+
+
+@pytest.mark.parametrize("method", ["evit", "dynamicvit"])
+def test_pruned_tokens_keep_their_own_relative_position_bias(method: str) -> None:
+    """Pruning without merging (no sizes): the bias between two kept tokens is the table's entry
+    for their input tokens. Reference: timm's blocks, the kept tokens (read from the source map)
+    selected after block 1's attention (EViT) or before it (DynamicViT), and each later block's
+    table indexed by them."""
+    model = make("beit_relpos")
+    x = image(1)
+    options = {"fuse": False} if method == "evit" else {}
+    tokenprune.patch(model, method, keep_ratio=0.5, stages=(1,), trace_source=True, **options)
+    with torch.no_grad():
+        state = model.forward_tokens(x)
+    kept = tokenprune.source(model)[0].float().argmax(-1)  # input token of each output token
+    assert state.num_tokens == len(kept) == 1 + 98
+    reference = copy.deepcopy(tokenprune.unpatch(model))
+    with torch.no_grad():
+        h = torch.cat((reference.cls_token.expand(1, -1, -1), reference.patch_embed(x)), dim=1)
+        for index, block in enumerate(reference.blocks):
+            if index == 1 and method == "dynamicvit":
+                h = h[:, kept]
+            if index > 1 or (index == 1 and method == "dynamicvit"):
+                own = type(block.attn)._get_rel_pos_bias(block.attn)
+                block.attn._get_rel_pos_bias = lambda own=own: own[..., kept, :][..., kept]
+            h = h + block.gamma_1 * block.attn(block.norm1(h))
+            if index == 1 and method == "evit":
+                h = h[:, kept]
+            h = h + block.gamma_2 * block.mlp(block.norm2(h))
+    torch.testing.assert_close(state.x, reference.norm(h), atol=1e-4, rtol=1e-4)
+
+
+def test_absolute_position_embedding_is_added() -> None:
+    """BEiT created with ``use_abs_pos_emb=True`` (timm's class default): its embedding is added
+    to the tokens, unreduced bit for bit and merged as the reference runs it."""
+    model = make("beit_relpos", use_abs_pos_emb=True)
+    model.pos_embed.data.normal_(0.0, 1.0)
+    x = image()
+    with torch.no_grad():
+        expected = model(x)
+    tokens, size = beit_tome_reference(model, x, [8] * len(model.blocks))
+    tokenprune.patch(model, r=0)
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+    tokenprune.patch(model, r=8, backend="torch")
+    with torch.no_grad():
+        state = model.forward_tokens(x)
+    torch.testing.assert_close(state.x, tokens, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(state.size, size)

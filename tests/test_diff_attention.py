@@ -159,3 +159,46 @@ def test_fullgraph_capture() -> None:
         expected = model(x)
         torch._dynamo.reset()
         torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="eager")(x), expected)
+
+
+def test_q_and_k_take_their_own_norms() -> None:
+    """qk_norm with trained-looking (unequal) q_norm and k_norm weights: unreduced bit for bit,
+    merged as the grid reference runs timm's module."""
+    model = dwee(qk_norm=True)
+    gen = torch.Generator().manual_seed(4)
+    for block in model.blocks:
+        for norm in (block.attn.q_norm, block.attn.k_norm):
+            norm.weight.data = torch.rand(norm.weight.shape, generator=gen) + 0.5
+            norm.bias.data = torch.randn(norm.bias.shape, generator=gen)
+    x = images()
+    with torch.no_grad():
+        expected = model(x)
+    logits, _ = grid_reference(model, x, [6] * len(model.blocks))
+    tokenprune.patch(model, r=0)
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+    tokenprune.patch(model, r=6, backend="torch")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_unreduced_gradients_are_timms(fused: bool) -> None:
+    """Training through the patched attention: every parameter's gradient (λ's included) is
+    timm's own at r=0."""
+    model = dwee(fused).train()
+    x = images()
+    model(x).square().mean().backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    assert all(expected[name].abs().sum() > 0 for name in expected if ".lambda_" in name)
+    model.zero_grad(set_to_none=True)
+    tokenprune.patch(model, r=0)
+    model(x).square().mean().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], atol=0, rtol=0, msg=name)
+
+
+def test_float16_training_keep_masks_are_refused() -> None:
+    model = tokenprune.patch(dwee().half(), "dynamicvit", keep_ratio=0.7, stages=(1, 2)).train()
+    with pytest.raises(ValueError, match="in float16 would round its keep mask's gradient to zero"):
+        model(images().half())

@@ -395,3 +395,29 @@ def test_loss_terms_over_several_stages_against_hand_computation() -> None:
     torch.testing.assert_close(terms["ratio"], torch.tensor(ratio))
     torch.testing.assert_close(terms["token"], torch.tensor(token))
     torch.testing.assert_close(terms["loss"], terms["cls"] + 2.0 * ratio + 0.5 * token)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_attention_drop_keeping_every_token_changes_nothing(fuse: bool) -> None:
+    """keep_ratio=1 keeps every patch at every stage: the plan removes none (none is fused
+    either), and the model is the unpatched one."""
+    model = make("vit_cls", depth=4).requires_grad_(False)
+    with torch.no_grad():
+        expected = model(image())
+    tokenprune.patch(model, "evit", keep_ratio=1.0, fuse=fuse)
+    assert tokenprune.plan(model, 224).tokens == (197,) * len(model.blocks)
+    with torch.no_grad():
+        assert torch.equal(model(image()), expected)
+
+
+def test_attention_drop_leaves_proportional_attention_off_by_default() -> None:
+    """EViT's fused token is attended as one token unless asked (prop_attn=False by default, as
+    in EViT): the default model is the one with prop_attn=False, and differs from True."""
+    x = image()
+    outputs = {}
+    for options in ({}, {"prop_attn": False}, {"prop_attn": True}):
+        model = tokenprune.patch(make("vit_cls", depth=4), "evit", keep_ratio=0.5, stages=(1,), **options)
+        with torch.no_grad():
+            outputs[options.get("prop_attn")] = model(x)
+    assert torch.equal(outputs[None], outputs[False])
+    assert not torch.allclose(outputs[None], outputs[True])

@@ -187,3 +187,23 @@ def test_intermediates_take_evas_positional_order() -> None:
         tokenprune.patch(model, r=0)
         final, maps = model.forward_intermediates(x, [1], False, True, False, "NLC", False, None)
     assert torch.equal(final, expected_final) and torch.equal(maps[0], expected[0])
+
+
+def test_separate_qkv_projections() -> None:
+    """EvaAttention with three linears (``qkv_fused=False``, as several timm Eva models are
+    built): q, k and v from their own projections, unreduced bit for bit and merged as the
+    reference runs timm's attention."""
+    model = make("eva02_rope", qkv_fused=False, depth=2)
+    assert model.blocks[0].attn.qkv is None
+    x = image()
+    with torch.no_grad():
+        expected = model(x)
+        tokens, size = eva_tome_reference(model, x, [8] * len(model.blocks))
+    tokenprune.patch(model, r=0)
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+    tokenprune.patch(model, r=8, backend="torch")
+    with torch.no_grad():
+        state = model.forward_tokens(x)
+    torch.testing.assert_close(state.x, tokens, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(state.size, size)

@@ -222,6 +222,22 @@ def test_merge_map_paints_groups_and_outlines() -> None:
     assert pixels[2, 0].tolist() == [0, 255, 0]  # the kept green patch, its own group
 
 
+def test_merge_groups_skip_any_number_of_prefix_tokens() -> None:
+    """The prefix tokens (none, a class token, a class token and registers) come first in the
+    source index: the grid is its last rows × cols entries, and the picture does not depend on
+    how many there are."""
+    from tokenprune.visualize import merge_groups, merge_map
+
+    image = torch.rand(3, 4, 6, generator=torch.Generator().manual_seed(0))
+    patches = torch.tensor([0, 0, 1, 2, 1, 3])  # a 2×3 grid of 2×2-pixel patches, four groups
+    pictures = []
+    for prefix in (0, 1, 5):
+        source_index = torch.cat([torch.arange(prefix), patches + prefix])
+        assert torch.equal(merge_groups(source_index, (2, 3)), (patches + prefix).reshape(2, 3))
+        pictures.append(np.array(merge_map(image, source_index, (2, 3))))
+    assert all(np.array_equal(picture, pictures[0]) for picture in pictures)
+
+
 def test_dense_fidelity_measures() -> None:
     from evals.dense_fidelity import interpolate, pearson, top_region_iou
 

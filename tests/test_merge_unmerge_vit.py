@@ -141,3 +141,41 @@ def test_source_names_why_merge_unmerge_has_no_map() -> None:
         model(image(1))
     with pytest.raises(RuntimeError, match="unmerges inside every block"):
         tokenprune.source(model)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_ratio_counts_only_the_mergeable_tokens(name: str) -> None:
+    """At ratio 0.3, r = ⌊0.3 · patches⌋, the prefix tokens aside (⌊0.3 · all tokens⌋ would be
+    one more here); at 0.5 the bipartite cap hides the difference."""
+    model, size = vit(name)
+    x = images(size)
+    expected = reference_logits(model, x, 0.3, True, True)
+    tokenprune.patch(model, "merge_unmerge", ratio=0.3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_merged_count_is_the_exact_floor_of_the_ratio() -> None:
+    """r = ⌊ratio · mergeable⌋ in exact arithmetic (0.29 · 100 is 28.999… in floating point),
+    at most half of the mergeable tokens."""
+    from fractions import Fraction
+
+    from tokenprune.methods.merge_unmerge import MergeUnmergeStep
+
+    for percent in range(1, 51):
+        for prefix in (0, 1, 5):
+            step = MergeUnmergeStep(percent / 100, True, prefix)
+            for mergeable in (7, 49, 100, 180, 196, 200, 300, 1024):
+                expected = min(math.floor(Fraction(percent, 100) * mergeable), mergeable // 2)
+                assert step.merged_count(prefix + mergeable) == expected, (percent, prefix, mergeable)
+
+
+def test_defaults_merge_the_mlp_with_proportional_attention() -> None:
+    """The documented defaults: ToMe for SD's merge with proportional attention and the MLP
+    run on the merged tokens too."""
+    model, size = vit("dinov2")
+    x = images(size)
+    expected = reference_logits(model, x, 0.5, prop_attn=True, mlp=True)
+    tokenprune.patch(model, "merge_unmerge", ratio=0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
