@@ -72,7 +72,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return document
 
 
-def measure(q: Tensor, k: Tensor, v: Tensor, log_size: Tensor, scale: float, time_us: Callable[[Callable[[], Any]], float]) -> dict[str, Any]:
+def measure(
+    q: Tensor, k: Tensor, v: Tensor, log_size: Tensor, scale: float, time_us: Callable[[Callable[[], Any]], float]
+) -> dict[str, Any]:
     """One row: every variant timed by ``time_us`` (µs of one call), forward and forward +
     backward, and the kernel's error relative to the fp32 reference."""
     trained = [t.detach().requires_grad_(True) for t in (q, k, v)]

@@ -6,9 +6,9 @@ most (averaged over heads) and optionally fuse the others into one token, their
 attention-weighted average (EViT's inattentive-token fusion, normalised: EViT fine-tunes with
 an attention-weighted sum, whose scale an unchanged model has not learned). Where positions
 follow tokens (RoPE, relative position bias), the fused token's is the plain average over its
-patches, as for any merged token: only its features are weighted by attention. Same schedule as DynamicViT:
-stage s keeps ρ^s of the input patch tokens. ``score="random"`` keeps random tokens instead,
-the baseline that learned and attention-based dropping must beat.
+patches, as for any merged token: only its features are weighted by attention. Same schedule
+as DynamicViT: stage s keeps ρ^s of the input patch tokens. ``score="random"`` keeps random
+tokens instead, the baseline that learned and attention-based dropping must beat.
 """
 
 from __future__ import annotations
