@@ -372,3 +372,20 @@ def test_resume_takes_the_command_line_s_weight_decay_and_lr_scale(image_folder:
     train_dynamicvit.main([*args, "--epochs", "2", "--resume", "--weight-decay", "0.2", "--backbone-lr-scale", "0.5"])
     groups = torch.load(tmp_path / "train_state.pt", weights_only=True)["optimizer"]["param_groups"]
     assert [(g["weight_decay"], g["lr_scale"]) for g in groups] == [(0.2, 1.0), (0.2, 0.5)]
+
+
+@pytest.mark.parametrize("train_backbone", [False, True])
+def test_a_frozen_backbone_trains_in_eval_mode(image_folder: Path, tmp_path: Path, monkeypatch, train_backbone: bool) -> None:
+    """Predictors alone: the frozen backbone runs as the fixed function it is (its dropout and
+    drop-path off), the predictors in training mode (Gumbel masks); --train-backbone trains both."""
+    seen: list[tuple[bool, bool, bool]] = []
+    real_forward = train_dynamicvit.TrainStep.forward
+
+    def forward(self, images, labels):
+        seen.append((self.model.blocks[0].training, all(p.training for p in predictors(self.model).values()), self.teacher.training))
+        return real_forward(self, images, labels)
+
+    monkeypatch.setattr(train_dynamicvit.TrainStep, "forward", forward)
+    extra = ["--train-backbone"] if train_backbone else []
+    train_dynamicvit.main(["--data", str(image_folder), *COMMON, *extra, "--max-steps", "1", "--epochs", "1", "--out", str(tmp_path)])
+    assert seen == [(train_backbone, True, False)]
