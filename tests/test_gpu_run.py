@@ -3,11 +3,16 @@ device call, and the runner logs, limits, adapts and copies back what the steps 
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
+import io
+import os
 import signal
 import subprocess
 import sys
 import tarfile
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -138,3 +143,119 @@ sys.exit(gpu_run.main(["--out", sys.argv[1]]))
     finally:
         process.kill()
         marker.unlink(missing_ok=True)
+
+
+def test_a_step_that_does_not_fit_leaves_room_for_later_smaller_ones() -> None:
+    steps = (gpu_run.Step("a", "m", (), 10, 100), gpu_run.Step("big", "m", (), 100, 200),
+             gpu_run.Step("c", "m", (), 5, 50))
+    # 30 s: a (10) fits, big (10 + 100) does not, c (10 + 5) still does: a leaves c's 5 s reserved
+    # (each limit is the step's own with all 30 s left: the runner asks again before each step)
+    assert gpu_run.limits(steps, 30) == [25, 0, 30]
+
+
+def _simulated_machine(monkeypatch: pytest.MonkeyPatch, steps: tuple, seconds: list[float],
+                       codes: list[int] | None = None) -> list[dict]:
+    """gpu_run.main on a fake clock: each step "takes" its seconds (or is stopped at its timeout)."""
+    clock, calls = [0.0], []
+
+    def run(cmd, *, timeout, env, **kwargs):
+        i = len(calls)
+        calls.append({"module": cmd[2], "timeout": timeout, "env": env})
+        if seconds[i] > timeout:
+            clock[0] += timeout
+            raise subprocess.TimeoutExpired(cmd, timeout)
+        clock[0] += seconds[i]
+        return subprocess.CompletedProcess(cmd, codes[i] if codes else 0)
+
+    monkeypatch.setattr(gpu_run, "STEPS", steps)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_run, "precheck", lambda log, env: (True, True))
+    monkeypatch.setattr(gpu_run.subprocess, "run", run)
+    monkeypatch.setattr(gpu_run, "time", types.SimpleNamespace(monotonic=lambda: clock[0], time=time.time))
+    return calls
+
+
+def test_each_step_gets_what_is_left_of_the_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    steps = (gpu_run.Step("a", "mod_a", (), 10, 100), gpu_run.Step("b", "mod_b", (), 20, 30),
+             gpu_run.Step("c", "mod_c", (), 5, 50))
+    calls = _simulated_machine(monkeypatch, steps, [25, 23, 40])
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # as under the test suite
+
+    def handler(signum: int, frame: object) -> None:
+        pass
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        assert gpu_run.main(["--out", str(tmp_path), "--budget-s", "60"]) == 1  # c was stopped
+        assert signal.getsignal(signal.SIGTERM) is handler  # the caller's handler is back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    # a: 60 s left, 20 + 5 reserved for b and c -> 35; after its 25 s, b: min(30, 35 - 5) = 30;
+    # after b's 23 s, c: the 12 s left (more than its own minimum, though under a's)
+    assert [call["timeout"] for call in calls] == [35, 30, 12]
+    assert "== stopped at its 12 s limit" in (tmp_path / "gpu_run.log").read_text()
+    # compiled kernels and unbuffered output in every step, whatever the caller's environment
+    assert all(call["env"]["TRITON_INTERPRET"] == "0" and call["env"]["PYTHONUNBUFFERED"] == "1" for call in calls)
+    assert all(call["env"]["PATH"] == os.environ["PATH"] for call in calls)
+
+
+@pytest.mark.parametrize("case", ["all succeed", "fails", "killed", "missing module", "over the budget"])
+def test_exit_status_counts_every_step_that_did_not_run_cleanly(
+    case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    steps = [gpu_run.Step("ok", "mod_ok", (), 1, 10)]
+    codes = [0, 0]
+    if case in ("fails", "killed"):
+        steps.append(gpu_run.Step("fails", "mod_fails", (), 1, 10))
+        codes[1] = 3 if case == "fails" else -signal.SIGKILL  # a step killed by a signal
+    elif case == "missing module":
+        steps.append(gpu_run.Step("needs", "mod_needs", (), 1, 10, needs="no_such_module_here"))
+    elif case == "over the budget":
+        steps.append(gpu_run.Step("big", "mod_big", (), 10_000, 20_000))
+    calls = _simulated_machine(monkeypatch, tuple(steps), [1, 1], codes)
+    assert gpu_run.main(["--out", str(tmp_path), "--budget-s", "60"]) == (0 if case == "all succeed" else 1)
+    ran = ["mod_ok", "mod_fails"] if case in ("fails", "killed") else ["mod_ok"]  # skipped steps never start
+    assert [call["module"] for call in calls] == ran
+
+
+def test_sync_results_packs_only_new_visible_files(tmp_path: Path) -> None:
+    since = time.time() - 1
+    marker, hidden = RESULTS_DIR / "gpu_run_sync_marker.txt", RESULTS_DIR / ".gpu_run_sync_marker.tmp"
+    try:
+        marker.write_text("x")
+        hidden.write_text("half-written")
+        assert gpu_run.sync_results(tmp_path, since) == [marker.name]
+        assert _packed(tmp_path) == [f"evals/results/{marker.name}"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["results.tar.gz"]
+    finally:
+        marker.unlink(missing_ok=True)
+        hidden.unlink(missing_ok=True)
+
+
+def test_precheck_logs_the_machine_and_the_commit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "Simulated GPU")
+    find_spec = importlib.util.find_spec
+    # a machine without matplotlib (pytest, which this test runs under, stays present)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))
+    have_triton = find_spec("triton") is not None
+    for smoke_code in (0, 1):
+        smokes = []
+
+        def run(cmd, smokes=smokes, smoke_code=smoke_code, **kwargs):
+            smokes.append(kwargs["env"])
+            return subprocess.CompletedProcess(cmd, smoke_code, stdout="smoke out\n", stderr="")
+
+        monkeypatch.setattr(gpu_run.subprocess, "run", run)
+        log = io.StringIO()
+        env = {"TOKENPRUNE_GIT_COMMIT": "0123abcd", "TRITON_INTERPRET": "0"}
+        triton_ok, matplotlib_ok = gpu_run.precheck(log, env)
+        assert triton_ok == (have_triton and smoke_code == 0)
+        assert matplotlib_ok is False
+        text = log.getvalue()
+        assert "device: Simulated GPU" in text and "git commit: 0123abcd\n" in text
+        assert f"'torch': '{importlib.metadata.version('torch')}'" in text
+        assert ("== Triton kernels run\n" in text) == triton_ok
+        assert smokes == ([env] if have_triton else [])
+    log = io.StringIO()
+    gpu_run.precheck(log, {})
+    assert "git commit: unknown" in log.getvalue()
