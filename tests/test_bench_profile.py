@@ -13,15 +13,20 @@ from torch.profiler import ProfilerActivity
 from evals import bench_profile
 
 
-def test_profile_writes_consistent_results(tmp_path: Path) -> None:
+
+def _profile_tiny_vit(tmp_path: Path, *options: str) -> dict:
+    """bench_profile.main on ViT-Tiny at 64 px, batch 2, torch backend, on one CPU thread;
+    writes tmp_path/p.json and p.md."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        document = bench_profile.main(["--model", "vit_tiny_patch16_224", "--img-size", "64", "--r", "2",
-                                       "--backend", "torch", "--batch-size", "2", "--device", "cpu", "--warmup", "1",
-                                       "--runs", "2", "--top", "5", "--out", str(tmp_path / "p.json")])
+        return bench_profile.main(["--model", "vit_tiny_patch16_224", "--img-size", "64", "--backend", "torch",
+                                   "--batch-size", "2", "--device", "cpu", *options, "--out", str(tmp_path / "p.json")])
     finally:
         torch.set_num_threads(threads)
+
+def test_profile_writes_consistent_results(tmp_path: Path) -> None:
+    document = _profile_tiny_vit(tmp_path, "--r", "2", "--warmup", "1", "--runs", "2", "--top", "5")
     assert json.loads((tmp_path / "p.json").read_text()) == document
     (row,) = document["backends"]
     assert row["backend"] == "torch" and row["wall_ms_per_forward"] > 0 and len(row["top_ops"]) == 5
@@ -85,14 +90,7 @@ def test_profile_arithmetic_on_a_simulated_gpu(monkeypatch) -> None:
 
 
 def test_unreduced_row_profiles_the_unpatched_model(tmp_path: Path) -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        document = bench_profile.main(["--model", "vit_tiny_patch16_224", "--img-size", "64", "--backend", "torch",
-                                       "--batch-size", "2", "--device", "cpu", "--warmup", "0", "--runs", "3",
-                                       "--top", "1000", "--out", str(tmp_path / "p.json")])
-    finally:
-        torch.set_num_threads(threads)
+    document = _profile_tiny_vit(tmp_path, "--warmup", "0", "--runs", "3", "--top", "1000")
     assert document["setting"] == "r=16"  # ToMe's default r
     assert document["runs"] == 3 and document["warmup"] == 0
     unreduced = {op["op"]: op["calls_per_forward"] for op in document["unreduced"]["top_ops"]}
