@@ -304,7 +304,7 @@ def test_temporal_match_exact_ties_and_the_outside_fallback() -> None:
     torch.testing.assert_close(score, ref_score, atol=SCORE_ATOL, rtol=0)
     assert torch.equal(index, ref_index)
     assert index[0, 4] == 10 and index[0, 19] == 10  # frame 2's copy also sees frame 1's first
-    assert score[0, 4] == pytest.approx(1.0, abs=1e-6)
+    assert score[0, 4].item() == pytest.approx(1.0, abs=1e-6)
 
     far = pos.clone()
     far[:, 9:18, 1:] += 10.0  # frame 1 moved out of every window
