@@ -6,8 +6,8 @@ For each backend: the wall time of a forward (host clock between device synchron
 on CUDA, the time the GPU spent in kernels during it (``torch.profiler``). A forward whose
 kernel time is well under its wall time leaves the GPU waiting for Python to launch the next
 kernel: launch-bound, where fewer launches (CUDA graphs, fusion) help and faster kernels do
-not. Then the operators with the most self time (device time on CUDA, CPU time elsewhere), per
-forward. Random weights and inputs; batch 256 in bfloat16 on CUDA, 8 in float32 on CPU.
+not. Then, per forward, the operators with the most host (self CPU) time, and on CUDA the
+kernels with the most device time. Random weights and inputs; batch 256 in bfloat16 on CUDA, 8 in float32 on CPU.
 JSON and markdown in ``evals/results/profile_<device>.{json,md}`` unless ``--out``.
 """
 
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 import tokenprune
@@ -47,9 +48,16 @@ def _device_time_us(event: Any) -> float:
     return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)))
 
 
+def _ran_on_device(event: Any) -> bool:
+    """A kernel, memcpy or memset. An operator's own device time is the sum of the kernels it
+    launched, so summing operators and kernels together would count the GPU's work twice."""
+    return getattr(event, "device_type", DeviceType.CPU) != DeviceType.CPU
+
+
 def profile_forward(model: torch.nn.Module, inputs: torch.Tensor, dtype: torch.dtype, warmup: int, runs: int,
                     top: int) -> dict[str, Any]:
-    """Wall and kernel time per forward (medians / means over ``runs``) and the ``top`` operators."""
+    """Wall and kernel time per forward (medians / means over ``runs``), the ``top`` operators
+    by host time and, on CUDA, the ``top`` kernels by device time."""
     device = inputs.device
     on_cuda = device.type == "cuda"
 
@@ -73,25 +81,29 @@ def profile_forward(model: torch.nn.Module, inputs: torch.Tensor, dtype: torch.d
             forward()
         synchronize(device)
     events = prof.key_averages()
-    kernel_ms = sum(_device_time_us(e) for e in events) / runs / 1e3 if on_cuda else None
-    key = _device_time_us if on_cuda else (lambda e: float(e.self_cpu_time_total))
-    ops = [
-        {
-            "op": e.key,
-            "calls_per_forward": e.count / runs,
-            "self_cpu_ms_per_forward": e.self_cpu_time_total / runs / 1e3,
-            "self_device_ms_per_forward": _device_time_us(e) / runs / 1e3 if on_cuda else None,
-        }
-        for e in sorted(events, key=key, reverse=True)[:top]
-    ]
+    kernels = [e for e in events if _ran_on_device(e)]
+    operators = [e for e in events if not _ran_on_device(e)]
+    kernel_ms = sum(_device_time_us(e) for e in kernels) / runs / 1e3 if on_cuda else None
     wall_ms = statistics.median(wall) * 1e3
     return {
         "wall_ms_per_forward": wall_ms,
         "kernel_ms_per_forward": kernel_ms,
         "gpu_busy_pct": None if kernel_ms is None else 100.0 * kernel_ms / wall_ms,
-        # Kernels: the events with device time of their own (operators only dispatch them).
-        "kernels_per_forward": sum(e.count for e in events if _device_time_us(e) > 0) / runs if on_cuda else None,
-        "top_ops": ops,
+        "kernels_per_forward": sum(e.count for e in kernels) / runs if on_cuda else None,
+        # Host time per operator: where a launch-bound forward spends its time.
+        "top_ops": [
+            {
+                "op": e.key,
+                "calls_per_forward": e.count / runs,
+                "self_cpu_ms_per_forward": e.self_cpu_time_total / runs / 1e3,
+                "self_device_ms_per_forward": _device_time_us(e) / runs / 1e3 if on_cuda else None,
+            }
+            for e in sorted(operators, key=lambda e: float(e.self_cpu_time_total), reverse=True)[:top]
+        ],
+        "top_kernels": [
+            {"kernel": e.key, "calls_per_forward": e.count / runs, "device_ms_per_forward": _device_time_us(e) / runs / 1e3}
+            for e in sorted(kernels, key=_device_time_us, reverse=True)[:top]
+        ],
     }
 
 
@@ -165,6 +177,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return document
 
 
+def _short(name: str, width: int = 100) -> str:
+    """A kernel's name cut for a table: CUDA's templated names run to hundreds of characters."""
+    return name if len(name) <= width else name[: width - 1] + "…"
+
+
 def format_markdown(document: dict[str, Any]) -> str:
     def ms(value: float | None) -> str:
         return "-" if value is None else f"{value:.3f}"
@@ -185,10 +202,15 @@ def format_markdown(document: dict[str, Any]) -> str:
         lines.append(f"| {label} | {ms(row['wall_ms_per_forward'])} | {ms(row['kernel_ms_per_forward'])} | {busy} "
                      f"| {kernels} |")
     for label, row in rows[1:]:
-        lines += ["", f"Top operators, {label} (self time per forward):", "",
+        lines += ["", f"Top operators by host time, {label} (self time per forward):", "",
                   "| operator | calls | self CPU ms | self GPU ms |", "| :--- | ---: | ---: | ---: |"]
         lines += [f"| `{op['op']}` | {op['calls_per_forward']:.0f} | {ms(op['self_cpu_ms_per_forward'])} "
                   f"| {ms(op['self_device_ms_per_forward'])} |" for op in row["top_ops"]]
+        if row["top_kernels"]:
+            lines += ["", f"Top kernels by device time, {label} (per forward):", "",
+                      "| kernel | calls | GPU ms |", "| :--- | ---: | ---: |"]
+            lines += [f"| `{_short(k['kernel'])}` | {k['calls_per_forward']:.0f} | {ms(k['device_ms_per_forward'])} |"
+                      for k in row["top_kernels"]]
     return "\n".join(lines) + "\n"
 
 

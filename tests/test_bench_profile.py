@@ -8,10 +8,10 @@ import types
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity
 
 from evals import bench_profile
-
 
 
 def _profile_tiny_vit(tmp_path: Path, *options: str) -> dict:
@@ -25,6 +25,7 @@ def _profile_tiny_vit(tmp_path: Path, *options: str) -> dict:
     finally:
         torch.set_num_threads(threads)
 
+
 def test_profile_writes_consistent_results(tmp_path: Path) -> None:
     document = _profile_tiny_vit(tmp_path, "--r", "2", "--warmup", "1", "--runs", "2", "--top", "5")
     assert json.loads((tmp_path / "p.json").read_text()) == document
@@ -35,7 +36,8 @@ def test_profile_writes_consistent_results(tmp_path: Path) -> None:
     assert cpu_ms == sorted(cpu_ms, reverse=True)  # ranked by self time
     assert document["setting"] == "r=2" and document["unreduced"]["wall_ms_per_forward"] > 0
     markdown = (tmp_path / "p.md").read_text()
-    assert "| backend torch |" in markdown and "Top operators, backend torch" in markdown
+    assert "| backend torch |" in markdown and "Top operators by host time, backend torch" in markdown
+    assert row["top_kernels"] == [] and "Top kernels" not in markdown  # CPU: no kernels
 
 
 def test_profile_arithmetic_on_a_simulated_gpu(monkeypatch) -> None:
@@ -54,11 +56,15 @@ def test_profile_arithmetic_on_a_simulated_gpu(monkeypatch) -> None:
         clock[0] += queued[0]
         queued[0] = 0.0
 
-    def event(key: str, count: int, cpu_us: float, device_us: float) -> types.SimpleNamespace:
-        return types.SimpleNamespace(key=key, count=count, self_cpu_time_total=cpu_us, self_device_time_total=device_us)
+    def event(key: str, count: int, cpu_us: float, device_us: float, device_type=DeviceType.CPU):
+        return types.SimpleNamespace(key=key, count=count, self_cpu_time_total=cpu_us, self_device_time_total=device_us,
+                                     device_type=device_type)
 
-    events = [event("aten::linear", 2 * runs, 900.0, 0.0), event("gemm", 2 * runs, 60.0, 4500.0),
-              event("softmax", runs, 0.0, 1500.0), event("aten::add", runs, 300.0, 0.0)]
+    # As torch's profiler reports them: each operator carries the device time of the kernels it
+    # launched, and each kernel is an event of its own.
+    events = [event("aten::linear", 2 * runs, 900.0, 4500.0), event("gemm", 2 * runs, 0.0, 4500.0, DeviceType.CUDA),
+              event("aten::softmax", runs, 200.0, 1500.0), event("softmax", runs, 0.0, 1500.0, DeviceType.CUDA),
+              event("aten::add", runs, 300.0, 0.0)]
 
     class Profile:
         def __init__(self, activities) -> None:
@@ -80,13 +86,31 @@ def test_profile_arithmetic_on_a_simulated_gpu(monkeypatch) -> None:
     got = bench_profile.profile_forward(model, inputs, torch.float32, warmup, runs, top=2)
     assert len(calls) == warmup + 2 * runs
     assert abs(got["wall_ms_per_forward"] - 3.0) < 1e-9  # median of 2, 3 and 10 ms; warm-up untimed
-    assert abs(got["kernel_ms_per_forward"] - (4500 + 1500) / runs / 1e3) < 1e-9
+    assert abs(got["kernel_ms_per_forward"] - (4500 + 1500) / runs / 1e3) < 1e-9  # kernels only, counted once
     assert abs(got["gpu_busy_pct"] - 100 * 2.0 / 3.0) < 1e-9
-    assert got["kernels_per_forward"] == (2 * runs + runs) / runs  # the events with device time
-    assert [op["op"] for op in got["top_ops"]] == ["gemm", "softmax"]  # ranked by device time
-    gemm = got["top_ops"][0]
-    assert gemm["calls_per_forward"] == 2 and abs(gemm["self_cpu_ms_per_forward"] - 60 / runs / 1e3) < 1e-12
-    assert abs(gemm["self_device_ms_per_forward"] - 1.5) < 1e-9
+    assert got["kernels_per_forward"] == (2 * runs + runs) / runs  # kernel launches, not operators
+    assert [op["op"] for op in got["top_ops"]] == ["aten::linear", "aten::add"]  # operators, ranked by host time
+    linear = got["top_ops"][0]
+    assert linear["calls_per_forward"] == 2 and abs(linear["self_cpu_ms_per_forward"] - 900 / runs / 1e3) < 1e-12
+    assert abs(linear["self_device_ms_per_forward"] - 1.5) < 1e-9
+    assert [k["kernel"] for k in got["top_kernels"]] == ["gemm", "softmax"]  # kernels, ranked by device time
+    assert got["top_kernels"][1] == {"kernel": "softmax", "calls_per_forward": 1, "device_ms_per_forward": 0.5}
+
+
+def test_markdown_lists_operators_and_kernels_and_cuts_long_kernel_names() -> None:
+    kernel = "void at::native::" + "x" * 300
+    row = {"wall_ms_per_forward": 2.0, "kernel_ms_per_forward": 1.0, "gpu_busy_pct": 50.0, "kernels_per_forward": 4.0,
+           "top_ops": [{"op": "aten::cat", "calls_per_forward": 2.0, "self_cpu_ms_per_forward": 0.25,
+                        "self_device_ms_per_forward": 0.125}],
+           "top_kernels": [{"kernel": kernel, "calls_per_forward": 2.0, "device_ms_per_forward": 0.125}]}
+    document = {"model": "m", "method": "tome", "setting": "r=16", "batch_size": 8, "dtype": "bfloat16", "runs": 3,
+                "warmup": 1, "command": "c", "environment": {"device_name": "gpu", "torch": "2"},
+                "unreduced": {**row, "top_ops": [], "top_kernels": []}, "backends": [{"backend": "triton", **row}]}
+    markdown = bench_profile.format_markdown(document)
+    assert "| backend triton | 2.000 | 1.000 | 50 % | 4 |" in markdown
+    assert "| `aten::cat` | 2 | 0.250 | 0.125 |" in markdown
+    cut = next(line for line in markdown.splitlines() if "at::native" in line)
+    assert cut == f"| `{kernel[:99]}…` | 2 | 0.125 |"
 
 
 def test_unreduced_row_profiles_the_unpatched_model(tmp_path: Path) -> None:
@@ -100,4 +124,4 @@ def test_unreduced_row_profiles_the_unpatched_model(tmp_path: Path) -> None:
     # per forward, not per run: each of the 12 blocks' qkv, proj, fc1, fc2 and the head
     assert unreduced["aten::linear"] == 12 * 4 + 1 == patched["aten::linear"]
     markdown = (tmp_path / "p.md").read_text()  # operators listed for the backends only
-    assert "Top operators, backend torch" in markdown and "Top operators, unreduced" not in markdown
+    assert "Top operators by host time, backend torch" in markdown and "Top operators by host time, unreduced" not in markdown
