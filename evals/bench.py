@@ -475,7 +475,11 @@ def plot_png(rows: Sequence[Row], title: str) -> bytes:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run the sweep, print the table, write JSON, CSV, markdown and PNG; returns the JSON document."""
+    """Run the sweep, print the table, write JSON, CSV, markdown and PNG; returns the JSON document.
+
+    The JSON, CSV and markdown are rewritten after every group of rows (model × batch size ×
+    compile), marked incomplete until the last: a run stopped part-way (a GPU lent for minutes)
+    keeps the groups it finished."""
     args = build_parser().parse_args(argv)
     cfg = _resolve_config(args)
     cfg["progress"] = not args.quiet
@@ -491,21 +495,45 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     rows: list[Row] = []
     warnings: list[str] = []
+    groups = [(name, batch_size, compiled) for name in cfg["models"] for batch_size in cfg["batch_sizes"]
+              for compiled in cfg["compile"]]
     # Patched models share their forward's code object, so each row's static guards (r, the
     # attention kind) add a dynamo cache entry: past torch's default limit of 8 a row would run
     # eagerly under a "compile on" label. Raise the limit for the sweep, and fail past it.
     compile_limits = {"recompile_limit": 1024, "fail_on_recompile_limit_hit": True}
     with torch._dynamo.config.patch({k: v for k, v in compile_limits.items() if hasattr(torch._dynamo.config, k)}):
-        for name in cfg["models"]:
-            baseline = create_model(name, cfg["img_size"], device, cfg["seed"])
-            for batch_size in cfg["batch_sizes"]:
-                for compiled in cfg["compile"]:
-                    progress(f"== {name}, batch {batch_size}, compile {'on' if compiled else 'off'}")
-                    rows += _group_rows(cfg, name, baseline, batch_size, compiled, progress, warnings)
-                    if compiled:
-                        torch._dynamo.reset()  # free the compiled graphs before the next group
-            del baseline
+        baseline, baseline_name = None, None
+        for done, (name, batch_size, compiled) in enumerate(groups, 1):
+            if name != baseline_name:
+                baseline = baseline_name = None  # free the previous model first
+                baseline, baseline_name = create_model(name, cfg["img_size"], device, cfg["seed"]), name
+            progress(f"== {name}, batch {batch_size}, compile {'on' if compiled else 'off'}")
+            rows += _group_rows(cfg, name, baseline, batch_size, compiled, progress, warnings)
+            if compiled:
+                torch._dynamo.reset()  # free the compiled graphs before the next group
+            if done < len(groups):
+                _write_results(args, argv, cfg, rows, warnings, started, load_at_start, groups_done=done,
+                               groups_total=len(groups))
+        del baseline
+    document = _write_results(args, argv, cfg, rows, warnings, started, load_at_start, groups_done=len(groups),
+                              groups_total=len(groups))
+    print(document["header"])
+    print(format_table(rows))
+    print(f"wall time {document['wall_time_s']:.1f} s; wrote {', '.join(document['written'])}")
+    for warning in document["warnings"]:
+        print(f"WARNING: {warning}")
+    del document["header"], document["written"]
+    return document
 
+
+def _write_results(args: argparse.Namespace, argv: Sequence[str] | None, cfg: dict[str, Any], rows: list[Row],
+                   warnings: list[str], started: float, load_at_start: list[float] | None, groups_done: int,
+                   groups_total: int) -> dict[str, Any]:
+    """Write the rows so far (JSON, CSV, markdown; the PNG once complete) and return the JSON
+    document, with the printed header and the paths written added."""
+    device: torch.device = cfg["device"]
+    complete = groups_done == groups_total
+    warnings = list(warnings)
     env = environment(device)
     if load_at_start is not None:
         load_at_end = list(os.getloadavg())
@@ -518,6 +546,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "threads of ours): other processes competed for the cores, so these CPU timings are "
                 "unreliable; rerun on an idle machine"
             )
+    if not complete:
+        warnings.append(f"incomplete: written after {groups_done} of {groups_total} groups (model × batch size × "
+                        "compile); the run did not finish")
     config = {
         **{k: v for k, v in cfg.items() if k not in ("device", "paths", "settings", "progress", "compile")},
         "device": str(device),
@@ -536,6 +567,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "config": config,
         "environment": env,
         "wall_time_s": time.perf_counter() - started,
+        "complete": complete,
         "warnings": warnings,
         "rows": [asdict(row) for row in rows],
     }
@@ -552,15 +584,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         notes += f"\ntorch.compile mode: {cfg['compile_mode']}. {COMPILED_ATTENTION_NOTE}\n"
     write_atomic(paths["md"], f"{header}\n\n{format_markdown(rows)}{notes}")
     written = [paths["json"], paths["csv"], paths["md"]]
-    if not args.no_plot:
+    if complete and not args.no_plot:
         write_atomic(paths["png"], plot_png(rows, f"{env['device_name']}, {cfg['dtype']}"))
         written.append(paths["png"])
-    print(header)
-    print(format_table(rows))
-    print(f"wall time {document['wall_time_s']:.1f} s; wrote {', '.join(map(str, written))}")
-    for warning in warnings:
-        print(f"WARNING: {warning}")
-    return document
+    return {**document, "header": header, "written": [str(path) for path in written]}
 
 
 def cli() -> None:

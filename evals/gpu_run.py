@@ -1,38 +1,44 @@
-"""Every GPU figure the project owes, in one command that fits the device tool's 10-minute call.
+"""Every GPU figure the project owes, fixed in advance, for the device tool's 10-minute calls.
 
-    TOKENPRUNE_GIT_COMMIT=<sha> PYTHONPATH=. python -m evals.gpu_run --out "$OUT" --budget-s 540
-    python -m evals.gpu_run --dry-run                  # the steps and their time limits, anywhere
+    TOKENPRUNE_GIT_COMMIT=<sha> PYTHONPATH=. python -m evals.gpu_run --out "$OUT" --budget-s 535
+    ... python -m evals.gpu_run --out "$OUT" --budget-s 240 --only 13-14   # the rest, machine still warm
+    python -m evals.gpu_run --dry-run                  # the numbered steps and their time limits, anywhere
 
 GPUs are lent rarely and briefly, so the steps are fixed here rather than retyped each time, the
 headline figures first: ViT-B/16 at batch 256, torch against Triton merging, the r values of
-ToMe's table (the kernels' targets), and at batch 1 (latency); a profile of r=(16,-1) (is the GPU waiting on the host?);
-the merge step alone; attention with the size bias alone (as a mask, folded into q and k, in
-the Triton kernel); the kernel tests on CUDA; the DINOv2 ViT-S/14 budget sweep; the video
-ViT-B sweep; torch.compile with CUDA graphs; RoPE and relative-position models (DINOv3,
-EVA-02, BEiT v2); CaiT, SigLIP 2 NaFlex and the Qwen3-VL vision encoder; the SAM encoder with
-merge_unmerge; SigLIP 2 NaFlex on packed sequences.
+ToMe's table (the kernels' targets), and at batch 1 (latency); profiles of r=(16,-1) at batch
+256 and of r=16 at batch 1 (is the GPU waiting on the host?); the merge step alone; attention
+with the size bias alone (as a mask, folded into q and k, in the Triton kernel); the kernel
+tests on CUDA; the DINOv2 ViT-S/14 budget sweep; the video ViT-B sweep; the SAM encoder with
+merge_unmerge, and its profile; SigLIP 2 NaFlex on packed sequences; RoPE and
+relative-position models (DINOv3, EVA-02, BEiT v2); CaiT, SigLIP 2 NaFlex and the Qwen3-VL
+vision encoder; torch.compile with CUDA graphs.
 
-**Time.** ``--budget-s`` is what the steps may use together; give the device call's limit
-minus ~40 s (start-up and copying back). Each step may use what is left after reserving the
-minimum of every later one (``min_s``), up to its own ``max_s``; a step that would get less
-than its minimum is skipped and logged. **Nothing is lost to a cut:** after every step (and on
-SIGTERM) what the steps wrote to ``evals/results/`` is packed into ``$OUT/results.tar.gz`` (one
-file: the device tool returns only a few per call), and
-``$OUT/gpu_run.log`` holds each step's command, output, exit status and seconds, after a
-pre-check of the machine (versions, optional packages, a C compiler, one Triton launch).
-Without a working Triton the benches measure the PyTorch backend alone; without matplotlib
-they skip their PNGs; without pytest the kernel tests are skipped.
+**Time.** All the steps take more than one call (their minimums sum to more than 540 s), and a
+session has 15 minutes of device time in all. ``--budget-s`` is what the steps may use
+together; give the device call's limit minus ~60 s (start-up, copying back). Each step may use
+what is left after reserving the minimum of every later one (``min_s``), up to its own
+``max_s``; a step that would get less than its minimum is skipped and logged. The log names
+what was skipped or stopped: run those at once with ``--only``, while the machine is warm (it
+stays so for 30 s). **Nothing is lost to a cut:** the benches rewrite their results after
+every model, and after every step (and on SIGTERM) what the steps wrote to
+``evals/results/`` is packed into ``$OUT/results.tar.gz`` (one file: the device tool returns
+only a few per call), and ``$OUT/gpu_run.log`` holds each step's command, output, exit status
+and seconds, after a pre-check of the machine (versions, optional packages, a C compiler, one
+Triton launch). Without a working Triton the benches measure the PyTorch backend alone;
+without matplotlib they skip their PNGs; without pytest the kernel tests are skipped (with
+pytest-xdist they run on 8 workers).
 
 **Afterwards** (on any machine, no GPU needed): ``tar xzf results.tar.gz`` in the repository
 root, and run the Pareto plot that :data:`AFTERWARDS` names.
 """
-
 from __future__ import annotations
 
 import argparse
 import importlib.metadata
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -57,34 +63,46 @@ class Step:
     needs: str | None = None  # a module it cannot run without
 
 
+# In order of what the project most needs measured; min_s and max_s from the H200 run of
+# 2026-11-30 (its log: evals/results/gpu_run_h200.log). They add up to more than one 10-minute
+# call: the first call runs them in order until its budget is spent, and its log names the
+# steps it skipped or stopped, for a second call with --only on the still-warm machine.
 STEPS: tuple[Step, ...] = (
     Step(
         "ViT-B/16, batch 256 and batch 1 (latency), bfloat16: unpatched vs ToMe with torch and Triton merging",
         "evals.bench",
         ("--model", "vit_base_patch16_224", "--r", "8", "--r", "13", "--r", "16", "--r", "16,-1",
          "--batch-size", "256", "--batch-size", "1", "--no-manual", "--out", f"{RESULTS}/bench_vitb_cuda.json"),
-        60, 110,  # (37 s at batch 256 alone on the H200)
+        45, 110,  # 41 s
     ),  # fmt: skip
     Step(
         "profile of ToMe r=(16,-1) on ViT-B: GPU kernel time against wall time, torch and Triton",
         "evals.bench_profile",
         ("--model", "vit_base_patch16_224", "--r", "16,-1", "--backend", "torch", "--backend", "triton",
          "--out", f"{RESULTS}/profile_vitb_r16dec_cuda.json"),
-        25, 60,
+        25, 60,  # 24 s
     ),  # fmt: skip
-    Step("merge step alone, torch vs Triton", "evals.bench_merge", (), 25, 60),
+    Step(
+        "profile of ToMe r=16 on ViT-B at batch 1: where the host time goes (ToMe ran at 0.27-0.45x the unpatched "
+        "model's speed there)",
+        "evals.bench_profile",
+        ("--model", "vit_base_patch16_224", "--r", "16", "--batch-size", "1", "--backend", "torch", "--backend",
+         "triton", "--out", f"{RESULTS}/profile_vitb_r16_batch1_cuda.json"),
+        20, 45,
+    ),  # fmt: skip
+    Step("merge step alone, torch vs Triton", "evals.bench_merge", (), 30, 60),  # 31 s
     Step(
         "attention with the size bias alone: SDPA with a mask, SDPA with the bias folded into q/k, Triton; "
         "forward, and forward + backward",
         "evals.bench_attention",
         (),
-        20, 60, needs="triton",
+        25, 60, needs="triton",  # 25 s
     ),  # fmt: skip
     Step(
         "kernel tests on CUDA",
         "pytest",
         ("-q", "-p", "no:cacheprovider", "tests/test_kernels.py", "--junitxml", f"{RESULTS}/test_kernels_cuda.xml"),
-        60, 150, needs="pytest",
+        50, 150, needs="pytest",  # 44 s with 8 xdist workers; over 111 s without
     ),  # fmt: skip
     Step(
         "DINOv2 ViT-S/14 at the fidelity budgets (for the Pareto plot)",
@@ -92,25 +110,45 @@ STEPS: tuple[Step, ...] = (
         ("--model", "vit_small_patch14_dinov2", "--img-size", "224", "--method", "tome", "--method", "local_global",
          "--method", "evit", "--budget", "0.9", "--budget", "0.8", "--budget", "0.7", "--budget", "0.6",
          "--budget", "0.5", "--backend", "auto", "--no-manual", "--out", f"{RESULTS}/bench_dinov2_cuda.json"),
-        50, 150,
+        35, 150,  # 33 s
     ),  # fmt: skip
     Step(
         "video ViT-B, 16 frames at 224: joint ToMe, temporal and background merging",
         "evals.bench",
         # batch 32: at 16 the merged models were likely bound by the host on the H200 (ToMe: 1.07× at
-        # 75 % and at 50 % of the GFLOPs alike)
+        # 75 % and at 50 % of the GFLOPs alike). Budgets down to 35 %: at 45 % background merging
+        # ran at 1.85×, under the 2× of issue 6.
         ("--model", "video_vit_base_patch16_224", "--batch-size", "32", "--method", "tome", "--method", "temporal",
-         "--method", "background", "--budget", "0.75", "--budget", "0.5", "--budget", "0.45", "--backend", "auto",
-         "--no-manual",
+         "--method", "background", "--budget", "0.75", "--budget", "0.5", "--budget", "0.45", "--budget", "0.4",
+         "--budget", "0.35", "--backend", "auto", "--no-manual",
          "--warmup", "5", "--runs", "15", "--out", f"{RESULTS}/bench_video_cuda.json"),
-        50, 150,
+        50, 150,  # 31 s with three budgets
     ),  # fmt: skip
     Step(
-        "torch.compile with CUDA graphs: ViT-B/16 unpatched and ToMe r=16 and r=(16,-1), all compiled",
+        "SAM ViT-B image encoder at 1024² (64×64 patches), batch 8: unpatched vs merge_unmerge at ratio 0.25, "
+        "0.4 and 0.5",
         "evals.bench",
-        ("--model", "vit_base_patch16_224", "--r", "16", "--r", "16,-1", "--backend", "triton", "--compile", "on",
-         "--compile-mode", "reduce-overhead", "--no-manual", "--out", f"{RESULTS}/bench_compile_cuda.json"),
-        90, 200,
+        ("--model", "samvit_base_patch16", "--img-size", "1024", "--batch-size", "8", "--method", "merge_unmerge",
+         "--ratio", "0.25", "--ratio", "0.4", "--ratio", "0.5", "--no-manual",
+         "--out", f"{RESULTS}/bench_sam_cuda.json"),
+        55, 90,  # 52 s
+    ),  # fmt: skip
+    Step(
+        "profile of merge_unmerge ratio 0.5 on the SAM ViT-B encoder, batch 8: why Triton merging ran slower than "
+        "torch there (74.7 against 87.7 images/s)",
+        "evals.bench_profile",
+        ("--model", "samvit_base_patch16", "--img-size", "1024", "--batch-size", "8", "--method", "merge_unmerge",
+         "--option", "ratio=0.5", "--backend", "torch", "--backend", "triton", "--runs", "5",
+         "--out", f"{RESULTS}/profile_sam_merge_unmerge_cuda.json"),
+        30, 60,
+    ),  # fmt: skip
+    Step(
+        "SigLIP 2 NaFlex B/16 on packed sequences (576 positions, images of mixed shapes padded), batch 64: "
+        "unpatched (timm's T×T padding mask) vs ToMe (padding as size-0 tokens) at 75 % and 50 % of the GFLOPs",
+        "evals.bench",
+        ("--model", "naflexvit_base_patch16_siglip", "--packed", "--batch-size", "64", "--budget", "0.75",
+         "--budget", "0.5", "--no-manual", "--out", f"{RESULTS}/bench_naflexvit_packed_cuda.json"),
+        15, 45,  # 14 s
     ),  # fmt: skip
     Step(
         "RoPE and relative-position models: DINOv3 ViT-B/16, EVA-02 B/14 and BEiT v2 B/16, unpatched vs ToMe "
@@ -118,7 +156,7 @@ STEPS: tuple[Step, ...] = (
         "evals.bench",
         ("--model", "vit_base_patch16_dinov3", "--model", "eva02_base_patch14_224", "--model", "beitv2_base_patch16_224",
          "--r", "8", "--r", "16", "--r", "16,-1", "--no-manual", "--out", f"{RESULTS}/bench_eva_beit_cuda.json"),
-        40, 120,
+        90, 150,  # stopped at 55 s, in its second model
     ),  # fmt: skip
     Step(
         "CaiT-S24 (talking heads, 24 blocks), SigLIP 2 NaFlex B/16 at 384² (576 patches) and the Qwen3-VL 88M "
@@ -128,24 +166,14 @@ STEPS: tuple[Step, ...] = (
         ("--model", "cait_s24_224", "--model", "naflexvit_base_patch16_siglip", "--model", "qwen3_vit_88m_enc",
          "--batch-size", "64", "--budget", "0.75", "--budget", "0.5", "--no-manual",
          "--out", f"{RESULTS}/bench_cait_naflex_qwen3_cuda.json"),
-        30, 120,
+        70, 150,  # stopped at 35 s, in its third model
     ),  # fmt: skip
     Step(
-        "SAM ViT-B image encoder at 1024² (64×64 patches), batch 8: unpatched vs merge_unmerge at ratio 0.25, "
-        "0.4 and 0.5",
+        "torch.compile with CUDA graphs: ViT-B/16 unpatched and ToMe r=16 and r=(16,-1), all compiled",
         "evals.bench",
-        ("--model", "samvit_base_patch16", "--img-size", "1024", "--batch-size", "8", "--method", "merge_unmerge",
-         "--ratio", "0.25", "--ratio", "0.4", "--ratio", "0.5", "--no-manual",
-         "--out", f"{RESULTS}/bench_sam_cuda.json"),
-        20, 60,
-    ),  # fmt: skip
-    Step(
-        "SigLIP 2 NaFlex B/16 on packed sequences (576 positions, images of mixed shapes padded), batch 64: "
-        "unpatched (timm's T×T padding mask) vs ToMe (padding as size-0 tokens) at 75 % and 50 % of the GFLOPs",
-        "evals.bench",
-        ("--model", "naflexvit_base_patch16_siglip", "--packed", "--batch-size", "64", "--budget", "0.75",
-         "--budget", "0.5", "--no-manual", "--out", f"{RESULTS}/bench_naflexvit_packed_cuda.json"),
-        15, 45,
+        ("--model", "vit_base_patch16_224", "--r", "16", "--r", "16,-1", "--backend", "triton", "--compile", "on",
+         "--compile-mode", "reduce-overhead", "--no-manual", "--out", f"{RESULTS}/bench_compile_cuda.json"),
+        150, 300,  # stopped at 126 s, timing
     ),  # fmt: skip
 )
 
@@ -171,6 +199,20 @@ print("triton ok")
 """
 
 
+def step_numbers(text: str) -> tuple[int, ...]:
+    """'12-14' or '3,9' (or both, '1,12-14') → the step numbers, 1-based as --dry-run lists them."""
+    numbers: list[int] = []
+    for part in text.split(","):
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part.strip())
+        if match is None:
+            raise argparse.ArgumentTypeError(f"steps are numbers or ranges like '12-14' or '3,9', got {text!r}")
+        span = range(int(match[1]), int(match[2] or match[1]) + 1)
+        if not span or span[0] < 1 or span[-1] > len(STEPS):
+            raise argparse.ArgumentTypeError(f"no step {part.strip()!r}: the steps are 1-{len(STEPS)} (see --dry-run)")
+        numbers += [n for n in span if n not in numbers]
+    return tuple(numbers)
+
+
 def command(step: Step) -> list[str]:
     return [sys.executable, "-m", step.module, *step.args]
 
@@ -190,9 +232,11 @@ def limits(steps: tuple[Step, ...], left: float) -> list[float]:
     return out
 
 
-def adapted(step: Step, triton_ok: bool, have_matplotlib: bool) -> Step:
+def adapted(step: Step, triton_ok: bool, have_matplotlib: bool, have_xdist: bool = False) -> Step:
     """The step as this machine can run it: PyTorch merging alone without a working Triton, no
-    PNG without matplotlib."""
+    PNG without matplotlib, the tests on 8 workers with pytest-xdist."""
+    if step.module == "pytest":
+        return replace(step, args=(*step.args, "-n", "8")) if have_xdist else step
     if step.module not in ("evals.bench", "evals.bench_merge", "evals.bench_profile"):
         return step
     args = list(step.args)
@@ -265,11 +309,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="folder for gpu_run.log and the results (the device tool's $OUT)")
     parser.add_argument("--budget-s", type=float, default=540,
                         help="seconds for all steps together: the device call's limit minus ~40 (default 540)")
+    parser.add_argument("--only", type=step_numbers,
+                        help="run these steps alone, by number as --dry-run lists them: '12-14', '3,9' "
+                             "(a second call for what the first skipped or stopped)")
     parser.add_argument("--dry-run", action="store_true", help="print the steps and their limits, run nothing")
     args = parser.parse_args(argv)
+    chosen = tuple(step for number, step in enumerate(STEPS, 1) if not args.only or number in args.only)
     if args.dry_run:
-        for step, limit in zip(STEPS, limits(STEPS, args.budget_s)):
-            print(f"[up to {limit:3.0f} s, at least {step.min_s:3d}] {step.name}\n         python -m {step.module} {' '.join(step.args)}")
+        for step, limit in zip(chosen, limits(chosen, args.budget_s)):
+            print(f"{STEPS.index(step) + 1:2d}. [up to {limit:3.0f} s, at least {step.min_s:3d}] {step.name}\n"
+                  f"         python -m {step.module} {' '.join(step.args)}")
         print(f"afterwards, anywhere: python -m {AFTERWARDS[0]} {' '.join(AFTERWARDS[1])}")
         return 0
     if args.out is None:
@@ -289,12 +338,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         triton_ok, have_matplotlib = precheck(log, env)
         steps = []
-        for step in STEPS:  # skipped first, so that no time is kept for them
+        have_xdist = importlib.util.find_spec("xdist") is not None
+        for step in chosen:  # skipped first, so that no time is kept for them
             if step.needs and importlib.util.find_spec(step.needs) is None:
                 log.write(f"== {step.name}\n== skipped: {step.needs} is not installed\n\n")
                 failures += 1
             else:
-                steps.append(adapted(step, triton_ok, have_matplotlib))
+                steps.append(adapted(step, triton_ok, have_matplotlib, have_xdist))
         for i, step in enumerate(steps):
             left = args.budget_s - (time.monotonic() - started)
             limit = limits(tuple(steps[i:]), left)[0]

@@ -101,6 +101,34 @@ def test_outputs_are_valid_and_complete(run: tuple[dict[str, Any], Path]) -> Non
     assert {r["backend_used"] for r in rows if r["method"] == "tome"} == {"torch"}
 
 
+def test_a_run_stopped_part_way_keeps_the_groups_it_finished(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, run: tuple[dict[str, Any], Path]
+) -> None:
+    """A GPU call that ends mid-sweep kills the bench: what it wrote after each finished group
+    (model × batch size) stays, marked incomplete; the finished run says complete."""
+    assert run[0]["complete"] is True and not any("incomplete" in w for w in run[0]["warnings"])
+    real_group_rows, groups = bench._group_rows, []
+
+    def group_rows(cfg, name, *args, **kwargs):
+        groups.append(name)
+        if len(groups) == 3:
+            raise KeyboardInterrupt  # as if killed in the second model
+        return real_group_rows(cfg, name, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "_group_rows", group_rows)
+    out = tmp_path / "stopped.json"
+    with pytest.raises(KeyboardInterrupt):
+        _main(["--model", MODEL, "--model", "deit_tiny_patch16_224", "--batch-size", "2", "--batch-size", "3",
+               "--r", "1", "--no-manual", "--out", str(out), *COMMON])
+    document = json.loads(out.read_text())
+    assert document["complete"] is False
+    assert "incomplete: written after 2 of 4 groups" in document["warnings"][-1]
+    assert [(row["model"], row["batch_size"]) for row in document["rows"]] == [(MODEL, 2)] * 2 + [(MODEL, 3)] * 2
+    assert "incomplete: written after 2 of 4 groups" in (tmp_path / "stopped.md").read_text()
+    assert len(list(csv.DictReader(io.StringIO((tmp_path / "stopped.csv").read_text())))) == 4
+    assert not (tmp_path / "stopped.png").exists()  # the plot waits for the whole run
+
+
 def test_peak_memory_counts_every_tensor_of_a_pack(monkeypatch: pytest.MonkeyPatch) -> None:
     """NaFlex's packed inputs are a dict of tensors: the weights and every tensor of the pack are
     resident, and the CUDA measurement takes the pack as it takes an image batch (the allocator

@@ -35,10 +35,19 @@ def test_every_bench_step_parses_and_resolves() -> None:
     assert gpu_run.adapted(merge, triton_ok=False, have_matplotlib=False).args[-2:] == ("--backend", "torch")
     from evals import bench_profile
 
-    (profiled,) = [step for step in gpu_run.STEPS if step.module == "evals.bench_profile"]
-    assert bench_profile.build_parser().parse_args(profiled.args).backend == ["torch", "triton"]
-    without_triton = gpu_run.adapted(profiled, triton_ok=False, have_matplotlib=False)
-    assert bench_profile.build_parser().parse_args(without_triton.args).backend == ["torch"]
+    from evals.settings import method_options
+
+    profiled = [step for step in gpu_run.STEPS if step.module == "evals.bench_profile"]
+    assert len(profiled) == 3
+    for step in profiled:
+        parsed = bench_profile.build_parser().parse_args(step.args)
+        assert parsed.backend == ["torch", "triton"]
+        method_options(parsed.method, parsed.option, r=parsed.r)  # the options are the method's
+        without_triton = gpu_run.adapted(step, triton_ok=False, have_matplotlib=False)
+        assert bench_profile.build_parser().parse_args(without_triton.args).backend == ["torch"]
+    (tests,) = [step for step in gpu_run.STEPS if step.module == "pytest"]
+    assert gpu_run.adapted(tests, True, True, have_xdist=True).args == (*tests.args, "-n", "8")
+    assert gpu_run.adapted(tests, True, True, have_xdist=False) == tests
     outs = [step.args[step.args.index("--out") + 1] for step in bench_steps]
     assert len(set(outs)) == len(outs) and all(out.endswith("_cuda.json") for out in outs)
     assert not any(Path(out).name == "bench_cuda.json" for out in outs)  # the committed H100 run stays
@@ -54,9 +63,15 @@ def test_the_pareto_afterwards_reads_what_the_run_writes_and_the_committed_fidel
     assert (gpu_run.REPO / "tests/test_kernels.py").is_file()
 
 
-def test_the_minimums_fit_one_device_call_and_limits_reserve_them() -> None:
-    assert sum(step.min_s for step in gpu_run.STEPS) <= 540 < 600  # the device tool's per-call limit
-    assert gpu_run.limits(gpu_run.STEPS, 540)[0] == gpu_run.STEPS[0].max_s  # plenty: its own maximum
+def test_the_steps_fit_the_two_calls_the_docstring_gives_and_limits_reserve_them() -> None:
+    # The docstring's recipe: --budget-s 535, then --only 13-14 with 240 s on the warm machine,
+    # 775 s of the 900 s a session's device time holds.
+    first = gpu_run.limits(gpu_run.STEPS, 535)
+    assert [number for number, limit in enumerate(first, 1) if limit == 0] == [13, 14]  # the first call's leftovers
+    rest = gpu_run.step_numbers("13-14")
+    assert rest == (13, 14) and all(gpu_run.limits(tuple(gpu_run.STEPS[n - 1] for n in rest), 240))
+    assert "--only 13-14" in gpu_run.__doc__ and "--budget-s 535" in gpu_run.__doc__
+    assert gpu_run.limits(gpu_run.STEPS, 535)[0] == gpu_run.STEPS[0].max_s  # plenty: its own maximum
     tight = gpu_run.limits(gpu_run.STEPS, sum(step.min_s for step in gpu_run.STEPS))
     assert tight[0] == gpu_run.STEPS[0].min_s  # tight: only its minimum, the rest stays reserved
     steps = (gpu_run.Step("a", "m", (), 10, 100), gpu_run.Step("b", "m", (), 20, 30))
@@ -259,3 +274,16 @@ def test_precheck_logs_the_machine_and_the_commit(monkeypatch: pytest.MonkeyPatc
     log = io.StringIO()
     gpu_run.precheck(log, {})
     assert "git commit: unknown" in log.getvalue()
+
+
+def test_only_runs_the_numbered_steps_in_their_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    steps = (gpu_run.Step("a", "mod_a", (), 10, 100), gpu_run.Step("b", "mod_b", (), 20, 30),
+             gpu_run.Step("c", "mod_c", (), 5, 50))
+    calls = _simulated_machine(monkeypatch, steps, [1, 1, 1])
+    assert gpu_run.main(["--out", str(tmp_path), "--budget-s", "60", "--only", "3,1"]) == 0
+    assert [call["module"] for call in calls] == ["mod_a", "mod_c"]
+    assert [call["timeout"] for call in calls] == [55, 50]  # b's minimum is not reserved: it does not run
+    assert gpu_run.step_numbers("1, 2-3,2") == (1, 2, 3)
+    for wrong in ("0", "4", "3-2", "x", "1-"):
+        with pytest.raises(SystemExit):
+            gpu_run.main(["--dry-run", "--only", wrong])
