@@ -3,8 +3,8 @@
 At every token count that ToMe r=16 leaves in ViT-B/16 (and a few more), times one attention
 call with proportional attention (a log-size bias per key) on both, and SDPA without a bias as
 the floor that an unmerged model pays. SDPA takes the bias two ways: as a mask, and folded into
-two extra q/k channels (``kernels.attention_folded``, what training and compiled models run on
-a GPU); both are also timed forward + backward, as in training. Needs a CUDA GPU.
+two extra q/k channels (``kernels.attention_folded``, which lets flash attention run it); both
+are also timed forward + backward, as in training. Needs a CUDA GPU.
 
     python -m evals.bench_attention [--batch-size 256] [--heads 12] [--head-dim 64]
 

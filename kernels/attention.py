@@ -15,9 +15,10 @@ short merged sequences cost what they compute. It writes the output directly in 
 ``transpose(1, 2).reshape`` after attention is free.
 
 The kernel is for inference: it has no backward. When gradients are needed, and under
-``torch.compile``, :func:`attention` takes PyTorch SDPA. On a GPU in half precision it folds the
-bias into two extra channels of q and k (:func:`attention_folded`), so that SDPA can pick flash
-attention there too, forward and backward.
+``torch.compile``, :func:`attention` takes PyTorch SDPA with the bias as a mask.
+:func:`attention_folded` is the other way to give SDPA the bias, folded into two extra channels
+of q and k so that flash attention runs it; on the H200 it was slower than the mask at every
+length, forward and backward, so nothing dispatches to it (``bench_attention_cuda.md``).
 """
 
 from __future__ import annotations
@@ -80,7 +81,9 @@ def attention_folded(
     rounded up to a multiple of 8 (flash attention's alignment; v is padded with zeros to match,
     and the padding sliced off the output): 64 → 72, 12.5 % more attention FLOPs, or up to 1.5×
     the work where the flash kernel rounds head sizes up to 96; a broadcast mask costs SDPA's
-    kernels ~3× their unbiased time on a GPU (``bench_attention_cuda.md``). Not yet timed on one.
+    kernels ~3× their unbiased time on a GPU (``bench_attention_cuda.md``). Measured there (H200,
+    bf16, batch 256, 12 heads × 64), folding lost to the mask at every length from 21 to 197
+    tokens: 985 against 505 µs forward at 197 tokens, 2314 against 1751 µs forward + backward.
     """
     if key_bias is None:
         return attention_reference(q, k, v, None, scale, dropout)
@@ -280,10 +283,10 @@ def attention(
     a bias, where the library kernels are faster). Under ``torch.compile``, and with attention
     dropout (training), it is always SDPA.
 
-    SDPA (the path of ``backend="torch"`` too) takes the bias folded into q and k
-    (:func:`attention_folded`) where that lets a GPU run flash attention: half precision on CUDA. Elsewhere the bias goes in as a mask: CUDA has no
-    flash kernel for float32, and on the CPU the mask costs less than the wider heads (2-core
-    Xeon, ViT-S shapes at batch 8, float32: 3.2 ms with the mask, 8.0 ms folded)."""
+    SDPA (the path of ``backend="torch"`` too) takes the bias as a mask: cheaper than folding
+    it into q and k (:func:`attention_folded`) on the H200 at every length, forward and
+    backward, and on the CPU (2-core Xeon, ViT-S shapes at batch 8, float32: 3.2 ms with the
+    mask, 8.0 ms folded)."""
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     # torch.compile (2.11) fails to trace the kernel's launch (the match and merge kernels trace
     # fine); compiled models take SDPA, which Inductor handles itself.
@@ -293,6 +296,4 @@ def attention(
         tensors = (q, k, v) if key_bias is None else (q, k, v, key_bias)
         if not (backend == "auto" and long_unbiased) and q.dtype in dtypes and use_triton(backend, *tensors):
             return attention_triton(q, k, v, key_bias, scale)
-    if key_bias is not None and q.is_cuda and q.dtype in _HALF_DTYPES:
-        return attention_folded(q, k, v, key_bias, scale, dropout)
     return attention_reference(q, k, v, key_bias, scale, dropout)

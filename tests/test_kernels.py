@@ -776,22 +776,22 @@ def test_attention_folded_masks_keys_with_minus_infinity() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or kernels.INTERPRET, reason="flash attention needs a CUDA GPU")
-def test_attention_with_bias_runs_flash_attention_for_training_and_compile() -> None:
-    """On a GPU in half precision, where the kernel does not run (gradients, torch.compile),
-    attention with the size bias still runs SDPA's flash kernel, which refuses any mask: the
-    calls below fail with "No available kernel" if the bias reached SDPA as a mask."""
+def test_attention_folded_runs_flash_attention_and_biased_attention_trains_and_compiles() -> None:
+    """On a GPU in half precision: the folded bias runs SDPA's flash kernel, which refuses any
+    mask ("No available kernel" if the bias reached it as one); and where the Triton kernel does
+    not run (gradients, torch.compile), attention with the size bias matches the exact result."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     q, k, v = (t.detach().requires_grad_(True) for t in qkv_views(4, 3, 101, 64, torch.bfloat16))
     key_bias = log_sizes(4, 101)
     exact = kernels.attention_reference(q.double(), k.double(), v.double(), key_bias.double(), 0.125)
-    compiled = torch.compile(kernels.attention, fullgraph=True)
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        out = kernels.attention(q, k, v, key_bias, 0.125)
-        out.float().square().sum().backward()
-        with torch.no_grad():
-            out_compiled = compiled(q, k, v, key_bias, 0.125)
-    for result in (out, out_compiled):
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.no_grad():
+        folded = kernels.attention_folded(q, k, v, key_bias, 0.125)
+    out = kernels.attention(q, k, v, key_bias, 0.125)
+    out.float().square().sum().backward()
+    with torch.no_grad():
+        out_compiled = torch.compile(kernels.attention, fullgraph=True)(q, k, v, key_bias, 0.125)
+    for result in (folded, out, out_compiled):
         error = (result.double() - exact).norm() / exact.norm()
         assert error < ATTENTION_TOL[torch.bfloat16], f"relative error {error:.2e}"
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
@@ -833,10 +833,11 @@ def test_attention_auto_takes_the_kernel_where_it_is_faster(monkeypatch: pytest.
     assert calls == []
 
 
-def test_attention_folds_the_bias_where_a_gpu_would_run_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sdpa_takes_the_bias_as_a_mask_wherever_the_kernel_does_not_run(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where the kernel does not run (gradients, dropout, torch.compile), SDPA takes the bias
-    folded into q and k on CUDA in half precision, and as a mask elsewhere (CPU, float32).
-    Checked on CPU with tensors that report CUDA: which function receives the call."""
+    as a mask, on CUDA in half precision too: folding it into q and k lost to the mask on the
+    H200 at every length. Checked on CPU with tensors that report CUDA: which function
+    receives the call."""
     import importlib
 
     module = importlib.import_module("kernels.attention")
@@ -861,9 +862,9 @@ def test_attention_folds_the_bias_where_a_gpu_would_run_sdpa(monkeypatch: pytest
         return calls[0]
 
     assert path(torch.bfloat16, cuda=True) == "kernel"  # inference: the kernel, as before
-    assert path(torch.bfloat16, cuda=True, grad=True) == "folded"
-    assert path(torch.float16, cuda=True, dropout=0.1) == "folded"
-    assert path(torch.bfloat16, cuda=True, compiling=True) == "folded"
+    assert path(torch.bfloat16, cuda=True, grad=True) == "mask"
+    assert path(torch.float16, cuda=True, dropout=0.1) == "mask"
+    assert path(torch.bfloat16, cuda=True, compiling=True) == "mask"
     assert path(torch.float32, cuda=True, grad=True) == "mask"
     assert path(torch.bfloat16, cuda=False, grad=True) == "mask"
 

@@ -303,7 +303,7 @@ def keep_bias(keep: Tensor, dtype: torch.dtype) -> Tensor:
 
 # The key bias of a padding token (size 0) instead of log 0 = -inf: exp(-1000) is 0 in float32,
 # but a finite value keeps the attention kernel's online softmax finite over a tile of padding
-# keys, and fits float16 after the folded path's division by the logit scale.
+# keys.
 PADDING_KEY_BIAS = -1000.0
 
 
