@@ -505,32 +505,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         baseline, baseline_name = None, None
         for done, (name, batch_size, compiled) in enumerate(groups, 1):
             if name != baseline_name:
-                baseline = baseline_name = None  # free the previous model first
+                baseline = None  # free the previous model before building the next
                 baseline, baseline_name = create_model(name, cfg["img_size"], device, cfg["seed"]), name
             progress(f"== {name}, batch {batch_size}, compile {'on' if compiled else 'off'}")
             rows += _group_rows(cfg, name, baseline, batch_size, compiled, progress, warnings)
             if compiled:
                 torch._dynamo.reset()  # free the compiled graphs before the next group
             if done < len(groups):
-                _write_results(args, argv, cfg, rows, warnings, started, load_at_start, groups_done=done,
-                               groups_total=len(groups))
+                _write_results(args, argv, cfg, rows, warnings, started, load_at_start, done, len(groups))
         del baseline
-    document = _write_results(args, argv, cfg, rows, warnings, started, load_at_start, groups_done=len(groups),
-                              groups_total=len(groups))
-    print(document["header"])
+    document, header, written = _write_results(args, argv, cfg, rows, warnings, started, load_at_start,
+                                               len(groups), len(groups))
+    print(header)
     print(format_table(rows))
-    print(f"wall time {document['wall_time_s']:.1f} s; wrote {', '.join(document['written'])}")
+    print(f"wall time {document['wall_time_s']:.1f} s; wrote {', '.join(map(str, written))}")
     for warning in document["warnings"]:
         print(f"WARNING: {warning}")
-    del document["header"], document["written"]
     return document
 
 
 def _write_results(args: argparse.Namespace, argv: Sequence[str] | None, cfg: dict[str, Any], rows: list[Row],
                    warnings: list[str], started: float, load_at_start: list[float] | None, groups_done: int,
-                   groups_total: int) -> dict[str, Any]:
-    """Write the rows so far (JSON, CSV, markdown; the PNG once complete) and return the JSON
-    document, with the printed header and the paths written added."""
+                   groups_total: int) -> tuple[dict[str, Any], str, list[Path]]:
+    """Write the rows so far (JSON, CSV, markdown; the PNG once complete); return the JSON
+    document, the tables' header line and the paths written."""
     device: torch.device = cfg["device"]
     complete = groups_done == groups_total
     warnings = list(warnings)
@@ -587,7 +585,7 @@ def _write_results(args: argparse.Namespace, argv: Sequence[str] | None, cfg: di
     if complete and not args.no_plot:
         write_atomic(paths["png"], plot_png(rows, f"{env['device_name']}, {cfg['dtype']}"))
         written.append(paths["png"])
-    return {**document, "header": header, "written": [str(path) for path in written]}
+    return document, header, written
 
 
 def cli() -> None:
