@@ -6,8 +6,10 @@ For each backend: the wall time of a forward (host clock between device synchron
 on CUDA, the time the GPU spent in kernels during it (``torch.profiler``). A forward whose
 kernel time is well under its wall time leaves the GPU waiting for Python to launch the next
 kernel: launch-bound, where fewer launches (CUDA graphs, fusion) help and faster kernels do
-not. Then, per forward, the operators with the most host (self CPU) time, and on CUDA the
-kernels with the most device time. Random weights and inputs; batch 256 in bfloat16 on CUDA, 8 in float32 on CPU.
+not. On the Triton path, the device time of the merge step's own kernels (and the sort before
+the merge), and its share of all kernel time: issue 3's "merge step ≤ 5 %" on the GPU's clock,
+where launching overlaps other work. Then, per forward, the operators with the most host (self
+CPU) time, and on CUDA the kernels with the most device time. Random weights and inputs; batch 256 in bfloat16 on CUDA, 8 in float32 on CPU.
 JSON and markdown in ``evals/results/profile_<device>.{json,md}`` unless ``--out``.
 """
 
@@ -48,6 +50,20 @@ def _device_time_us(event: Any) -> float:
     return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)))
 
 
+# The merge step's own kernels (kernels/*.py), and the stable sort the merge kernel's launcher
+# runs: on the Triton path, the device time that issue 3 caps at 5 % of the model's.
+MERGE_STEP_KERNELS = ("_best_match_kernel", "_bipartite_dest_kernel", "_merge_wavg_kernel", "_temporal_match_kernel")
+
+
+def _merge_step_ms(kernels: list[Any], runs: int) -> float | None:
+    """Device ms per forward in the merge step's Triton kernels and in sorts (the unpatched
+    model sorts nothing); None where none of those kernels ran (the torch path, whose merge
+    step is generic aten kernels that no name tells apart)."""
+    if not any(e.key in MERGE_STEP_KERNELS for e in kernels):
+        return None
+    return sum(_device_time_us(e) for e in kernels if e.key in MERGE_STEP_KERNELS or "sort" in e.key.lower()) / runs / 1e3
+
+
 def _ran_on_device(event: Any) -> bool:
     """A kernel, memcpy or memset. An operator's own device time is the sum of the kernels it
     launched, so summing operators and kernels together would count the GPU's work twice."""
@@ -84,11 +100,14 @@ def profile_forward(model: torch.nn.Module, inputs: torch.Tensor, dtype: torch.d
     kernels = [e for e in events if _ran_on_device(e)]
     operators = [e for e in events if not _ran_on_device(e)]
     kernel_ms = sum(_device_time_us(e) for e in kernels) / runs / 1e3 if on_cuda else None
+    merge_ms = _merge_step_ms(kernels, runs)
     wall_ms = statistics.median(wall) * 1e3
     return {
         "wall_ms_per_forward": wall_ms,
         "kernel_ms_per_forward": kernel_ms,
         "gpu_busy_pct": None if kernel_ms is None else 100.0 * kernel_ms / wall_ms,
+        "merge_step_kernel_ms_per_forward": merge_ms,
+        "merge_step_kernel_pct": None if merge_ms is None or not kernel_ms else 100.0 * merge_ms / kernel_ms,
         "kernels_per_forward": sum(e.count for e in kernels) / runs if on_cuda else None,
         # Host time per operator: where a launch-bound forward spends its time.
         "top_ops": [
@@ -192,15 +211,19 @@ def format_markdown(document: dict[str, Any]) -> str:
         f"{document['dtype']}, {env['device_name']}, torch {env['torch']}; wall: median of {document['runs']} "
         f"forwards after {document['warmup']} warm-up; `{document['command']}`",
         "",
-        "| model | wall ms / forward | GPU kernel ms / forward | GPU busy | kernels / forward |",
-        "| :--- | ---: | ---: | ---: | ---: |",
+        "| model | wall ms / forward | GPU kernel ms / forward | GPU busy | kernels / forward "
+        "| merge step kernels ms (% of GPU kernel time) |",
+        "| :--- | ---: | ---: | ---: | ---: | ---: |",
     ]
     rows = [("unreduced", document["unreduced"])] + [(f"backend {r['backend']}", r) for r in document["backends"]]
     for label, row in rows:
         busy = "-" if row["gpu_busy_pct"] is None else f"{row['gpu_busy_pct']:.0f} %"
         kernels = "-" if row["kernels_per_forward"] is None else f"{row['kernels_per_forward']:.0f}"
+        merge = "-"
+        if row["merge_step_kernel_ms_per_forward"] is not None:
+            merge = f"{row['merge_step_kernel_ms_per_forward']:.3f} ({row['merge_step_kernel_pct']:.1f} %)"
         lines.append(f"| {label} | {ms(row['wall_ms_per_forward'])} | {ms(row['kernel_ms_per_forward'])} | {busy} "
-                     f"| {kernels} |")
+                     f"| {kernels} | {merge} |")
     for label, row in rows[1:]:
         lines += ["", f"Top operators by host time, {label} (self time per forward):", "",
                   "| operator | calls | self CPU ms | self GPU ms |", "| :--- | ---: | ---: | ---: |"]

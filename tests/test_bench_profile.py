@@ -4,6 +4,7 @@ each backend, operators ranked by self time, JSON and markdown that agree."""
 from __future__ import annotations
 
 import json
+import re
 import types
 from pathlib import Path
 
@@ -65,6 +66,9 @@ def test_profile_arithmetic_on_a_simulated_gpu(monkeypatch) -> None:
     events = [event("aten::linear", 2 * runs, 900.0, 4500.0), event("gemm", 2 * runs, 0.0, 4500.0, DeviceType.CUDA),
               event("aten::softmax", runs, 200.0, 1500.0), event("softmax", runs, 0.0, 1500.0, DeviceType.CUDA),
               event("aten::add", runs, 300.0, 0.0)]
+    merge_events = [event("_merge_wavg_kernel", runs, 0.0, 300.0, DeviceType.CUDA),
+                    event("void at::native::bitonicSortKVInPlace<long>", runs, 0.0, 60.0, DeviceType.CUDA),
+                    event("_best_match_kernel", runs, 0.0, 240.0, DeviceType.CUDA)]
 
     class Profile:
         def __init__(self, activities) -> None:
@@ -95,19 +99,36 @@ def test_profile_arithmetic_on_a_simulated_gpu(monkeypatch) -> None:
     assert abs(linear["self_device_ms_per_forward"] - 1.5) < 1e-9
     assert [k["kernel"] for k in got["top_kernels"]] == ["gemm", "softmax"]  # kernels, ranked by device time
     assert got["top_kernels"][1] == {"kernel": "softmax", "calls_per_forward": 1, "device_ms_per_forward": 0.5}
+    assert got["merge_step_kernel_ms_per_forward"] is None and got["merge_step_kernel_pct"] is None  # no Triton step
+
+    events += merge_events  # the Triton path: the merge step's kernels and the sort before the merge
+    seconds = iter([0.002] * (warmup + 2 * runs))
+    got = bench_profile.profile_forward(model, inputs, torch.float32, warmup, runs, top=2)
+    assert abs(got["kernel_ms_per_forward"] - 6600 / runs / 1e3) < 1e-9
+    assert abs(got["merge_step_kernel_ms_per_forward"] - 600 / runs / 1e3) < 1e-9
+    assert abs(got["merge_step_kernel_pct"] - 100 * 600 / 6600) < 1e-9
+
+
+def test_the_merge_step_kernels_are_the_ones_kernels_defines() -> None:
+    defined = set(re.findall(r"def (_\w+_kernel)\(", "".join(p.read_text() for p in Path("kernels").glob("*.py"))))
+    assert set(bench_profile.MERGE_STEP_KERNELS) == defined - {"_attention_kernel"}
 
 
 def test_markdown_lists_operators_and_kernels_and_cuts_long_kernel_names() -> None:
     kernel = "void at::native::" + "x" * 300
     row = {"wall_ms_per_forward": 2.0, "kernel_ms_per_forward": 1.0, "gpu_busy_pct": 50.0, "kernels_per_forward": 4.0,
+           "merge_step_kernel_ms_per_forward": 0.05, "merge_step_kernel_pct": 5.0,
            "top_ops": [{"op": "aten::cat", "calls_per_forward": 2.0, "self_cpu_ms_per_forward": 0.25,
                         "self_device_ms_per_forward": 0.125}],
            "top_kernels": [{"kernel": kernel, "calls_per_forward": 2.0, "device_ms_per_forward": 0.125}]}
     document = {"model": "m", "method": "tome", "setting": "r=16", "batch_size": 8, "dtype": "bfloat16", "runs": 3,
                 "warmup": 1, "command": "c", "environment": {"device_name": "gpu", "torch": "2"},
-                "unreduced": {**row, "top_ops": [], "top_kernels": []}, "backends": [{"backend": "triton", **row}]}
+                "unreduced": {**row, "top_ops": [], "top_kernels": [], "merge_step_kernel_ms_per_forward": None,
+                              "merge_step_kernel_pct": None},
+                "backends": [{"backend": "triton", **row}]}
     markdown = bench_profile.format_markdown(document)
-    assert "| backend triton | 2.000 | 1.000 | 50 % | 4 |" in markdown
+    assert "| backend triton | 2.000 | 1.000 | 50 % | 4 | 0.050 (5.0 %) |" in markdown
+    assert "| unreduced | 2.000 | 1.000 | 50 % | 4 | - |" in markdown
     assert "| `aten::cat` | 2 | 0.250 | 0.125 |" in markdown
     cut = next(line for line in markdown.splitlines() if "at::native" in line)
     assert cut == f"| `{kernel[:99]}…` | 2 | 0.125 |"
