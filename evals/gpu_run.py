@@ -32,9 +32,11 @@ pytest-xdist they run on 8 workers).
 **Afterwards** (on any machine, no GPU needed): ``tar xzf results.tar.gz`` in the repository
 root, and run the Pareto plot that :data:`AFTERWARDS` names.
 """
+
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.metadata
 import importlib.util
 import os
@@ -282,6 +284,14 @@ def precheck(log: TextIO, env: dict[str, str]) -> tuple[bool, bool]:
         f"git commit: {env.get('TOKENPRUNE_GIT_COMMIT', 'unknown (set TOKENPRUNE_GIT_COMMIT)')}\n"
     )
     log.flush()
+    # Every step imports tokenprune: fail here, in seconds, rather than in each step in turn (the
+    # H200's image had timm 1.0.29, which has no qwen3_vit).
+    try:
+        importlib.import_module("tokenprune")
+    except ImportError as error:
+        log.write(f"import tokenprune: {error}\n")
+        raise SystemExit(f"import tokenprune fails on this machine ({error}): install the versions pyproject.toml "
+                         "asks for (on the device machine, carry their wheels: see its README)") from error
     triton_ok = False
     if present["triton"]:
         try:
@@ -307,8 +317,8 @@ def _stop(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m evals.gpu_run", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="folder for gpu_run.log and the results (the device tool's $OUT)")
-    parser.add_argument("--budget-s", type=float, default=540,
-                        help="seconds for all steps together: the device call's limit minus ~40 (default 540)")
+    parser.add_argument("--budget-s", type=float, default=535,
+                        help="seconds for all steps together: the device call's limit minus ~60 (default 535)")
     parser.add_argument("--only", type=step_numbers,
                         help="run these steps alone, by number as --dry-run lists them: '12-14', '3,9' "
                              "(a second call for what the first skipped or stopped)")

@@ -275,6 +275,16 @@ def test_precheck_logs_the_machine_and_the_commit(monkeypatch: pytest.MonkeyPatc
     gpu_run.precheck(log, {})
     assert "git commit: unknown" in log.getvalue()
 
+    def import_module(name: str):
+        raise ImportError("No module named 'timm.models.qwen3_vit'", name="timm.models.qwen3_vit")
+
+    monkeypatch.setattr(gpu_run, "importlib", types.SimpleNamespace(
+        import_module=import_module, util=importlib.util, metadata=importlib.metadata))
+    log = io.StringIO()
+    with pytest.raises(SystemExit, match="import tokenprune fails on this machine .*qwen3_vit"):
+        gpu_run.precheck(log, {})
+    assert "import tokenprune: No module named 'timm.models.qwen3_vit'" in log.getvalue()
+
 
 def test_only_runs_the_numbered_steps_in_their_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     steps = (gpu_run.Step("a", "mod_a", (), 10, 100), gpu_run.Step("b", "mod_b", (), 20, 30),
