@@ -134,7 +134,10 @@ def run(modules: list[str], depth: int, r: int, progress: bool = True) -> list[d
         row: dict[str, Any] = {"module": module, "architecture": name}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model, built = build(name, depth)
+            try:
+                model, built = build(name, depth)
+            except Exception as error:  # one architecture timm cannot build must not cost the survey
+                model, built = None, f"not built: {type(error).__name__}: {error}"
         row["built"] = built
         if model is None:
             row.update(status="not checked", detail=built)

@@ -32,10 +32,17 @@ def find_root(path: str | Path) -> Path:
 
 
 def read_idx(path: Path) -> np.ndarray:
+    """An IDX file of unsigned bytes (MNIST's format: 0, 0, type 0x08, the number of dimensions,
+    then each dimension as a big-endian int32, then the data), gzipped."""
     with gzip.open(path, "rb") as handle:
         data = handle.read()
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08":
+        raise ValueError(f"{path}: not an IDX file of unsigned bytes (header {data[:4].hex()}, expected 000008xx)")
     dims = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
+    expected = 4 + 4 * dims + int(np.prod(shape))
+    if len(data) != expected:
+        raise ValueError(f"{path}: {len(data)} bytes where its header {shape} says {expected}: truncated or corrupt")
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
@@ -50,6 +57,8 @@ class FashionMNIST(Dataset):
         prefix = "train" if split == "train" else "t10k"
         self.images = torch.from_numpy(read_idx(root / f"{prefix}-images-idx3-ubyte.gz").copy())
         self.labels = torch.from_numpy(read_idx(root / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64))
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"{root}: {len(self.images)} {split} images but {len(self.labels)} labels")
         self.augment = augment
 
     def __len__(self) -> int:

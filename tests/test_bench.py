@@ -527,8 +527,9 @@ def test_write_atomic_text_and_bytes(tmp_path: Path) -> None:
 
 def test_write_atomic_permissions_umask_and_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The file gets the mode a plain open() would give it, the process umask is left as it was,
-    the temp file lies beside the target (os.replace within one file system), and a write that
-    fails or is interrupted before the rename leaves the old file and no temp file."""
+    the temp file lies beside the target (os.replace within one file system) and reaches the disk
+    before the rename, and a write that fails or is interrupted before the rename leaves the old
+    file and no temp file."""
     import os
     import stat
 
@@ -542,11 +543,14 @@ def test_write_atomic_permissions_umask_and_failure(tmp_path: Path, monkeypatch:
     finally:
         os.umask(previous)
     assert stat.S_IMODE(target.stat().st_mode) == 0o640  # 0o666 less the umask, not mkstemp's 0o600
-    renamed = []
-    real_replace = os.replace
-    monkeypatch.setattr(_io.os, "replace", lambda src, dst: (renamed.append(Path(src).parent), real_replace(src, dst)))
+    renamed, events = [], []
+    real_replace, real_fsync = os.replace, os.fsync
+    monkeypatch.setattr(_io.os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd)))
+    monkeypatch.setattr(_io.os, "replace", lambda src, dst: (renamed.append(Path(src).parent), events.append("replace"),
+                                                             real_replace(src, dst)))
     harness.write_atomic(target, "y")
     assert renamed == [tmp_path] and target.read_text() == "y"
+    assert events == ["fsync", "replace"]  # on disk before it replaces the old file
     for error in (OSError("disk full"), KeyboardInterrupt()):
 
         def failing(src, dst, error=error):

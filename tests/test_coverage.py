@@ -44,6 +44,23 @@ def test_an_architecture_that_raises_is_a_failed_row(two_architectures, tmp_path
     assert row["status"] == "failed" and row["detail"] == "RuntimeError: shape mismatch in block 0"
 
 
+def test_an_architecture_timm_cannot_build_is_named_and_the_survey_goes_on(
+    two_architectures, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    build = coverage.build
+
+    def build_or_break(name, depth):
+        if name == "convit_tiny":
+            raise RuntimeError("weights file broken")
+        return build(name, depth)
+
+    monkeypatch.setattr(coverage, "build", build_or_break)
+    rows = {row["architecture"]: row for row in coverage.run(["vision_transformer"], 1, 4, progress=False)}
+    assert rows["convit_tiny"]["status"] == "not checked"
+    assert rows["convit_tiny"]["detail"] == "not built: RuntimeError: weights file broken"
+    assert rows["vit_tiny_patch16_224"]["status"] == "ok"  # the survey went on
+
+
 def test_a_failed_check_fails_the_run(two_architectures, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(coverage, "check", lambda model, r: ["r=0 is not bit-identical to the unpatched model"])
     out = tmp_path / "coverage.json"

@@ -35,6 +35,32 @@ def idx_folder(tmp_path_factory) -> Path:
     return root
 
 
+def test_reader_refuses_files_that_are_not_what_their_header_says(idx_folder: Path, tmp_path: Path) -> None:
+    from evals.fashion_mnist import read_idx
+
+    good = idx_folder / "t10k-labels-idx1-ubyte.gz"
+    assert read_idx(good).tolist() == [i % 10 for i in range(20)]
+    with gzip.open(good) as handle:
+        raw = handle.read()
+    for name, data, message in (
+        ("float", raw[:2] + b"\x0d" + raw[3:], "not an IDX file of unsigned bytes"),
+        ("truncated", raw[:-1], "truncated or corrupt"),
+        ("long", raw + b"\x00", "truncated or corrupt"),
+    ):
+        with gzip.open(tmp_path / name, "wb") as handle:
+            handle.write(data)
+        with pytest.raises(ValueError, match=message):
+            read_idx(tmp_path / name)
+    # images and labels that disagree in number
+    mismatched = tmp_path / "mismatched"
+    mismatched.mkdir()
+    for path in idx_folder.iterdir():
+        (mismatched / path.name).write_bytes(path.read_bytes())
+    write_idx(mismatched / "t10k-labels-idx1-ubyte.gz", np.arange(19) % 10)
+    with pytest.raises(ValueError, match="20 test images but 19 labels"):
+        FashionMNIST(mismatched, "test")
+
+
 def test_reader_matches_the_idx_bytes(idx_folder: Path) -> None:
     data = FashionMNIST(idx_folder, "test")
     assert len(data) == 20

@@ -19,6 +19,8 @@ def write_atomic(path: str | Path, text: str | bytes) -> None:
         data = text if isinstance(text, bytes) else text.encode("utf-8")  # results hold Δ, ×, ²
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())  # on disk before the rename, so a power loss leaves the old file or the new
         # mkstemp creates the file 0600; give it the permissions a plain open() would.
         umask = os.umask(0)
         os.umask(umask)
