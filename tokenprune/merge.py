@@ -285,7 +285,10 @@ def unmerge(x: Tensor, source_index: Tensor) -> Tensor:
 def source_matrix(source_index: Tensor, num_tokens: int) -> Tensor:
     """Dense [B, T, T_in] 0/1 map from current tokens to the input tokens they cover (ToMe's
     ``source``); dropped input tokens have an all-zero column."""
-    return torch.nn.functional.one_hot(source_index + 1, num_tokens + 1)[..., 1:].transpose(1, 2)
+    # By comparison, not F.one_hot, which checks its indices' range on the host: a device
+    # synchronisation per call, and BEiT's merged position bias calls this in every block.
+    tokens = torch.arange(num_tokens, device=source_index.device).view(1, num_tokens, 1)
+    return (source_index.unsqueeze(1) == tokens).long()
 
 
 def bipartite_matching_flops(num_tokens: int, num_protected: int, dim: int) -> int:

@@ -67,8 +67,12 @@ def merged_rel_pos_bias(attn: SamAttention, q: Tensor, merging: BlockMerge, rows
     # Each key token: the mean of its positions' terms, the row's plus the column's, i.e. the query
     # token's terms against the share of the key token's positions in each row and column: one
     # matmul of inner size rows + cols, written once (timm writes its [T, T] bias once too).
+    # One-hot rows and columns by comparison, not F.one_hot, which on CUDA checks its indices'
+    # range on the host: two device synchronisations per block (24 per SAM-B forward).
     position = torch.arange(num_positions, device=q.device)
-    grid_onehot = torch.cat([F.one_hot(position // cols, rows), F.one_hot(position % cols, cols)], dim=-1)
+    row_onehot = (position // cols).unsqueeze(1) == torch.arange(rows, device=q.device)
+    col_onehot = (position % cols).unsqueeze(1) == torch.arange(cols, device=q.device)
+    grid_onehot = torch.cat([row_onehot, col_onehot], dim=-1)
     key_share = merging.average(grid_onehot.to(q.dtype).expand(groups, -1, -1))  # [G, T', rows + cols]
     return torch.cat([rel_h, rel_w], dim=-1).transpose(1, 2) @ key_share.transpose(1, 2).unsqueeze(1)
 
