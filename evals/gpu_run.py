@@ -1,13 +1,14 @@
 """Every GPU figure the project owes, fixed in advance, for the device tool's 10-minute calls.
 
     TOKENPRUNE_GIT_COMMIT=<sha> PYTHONPATH=. python -m evals.gpu_run --out "$OUT" --budget-s 535
-    ... python -m evals.gpu_run --out "$OUT" --budget-s 250 --only 13-14   # the rest, machine still warm
+    ... python -m evals.gpu_run --out "$OUT" --budget-s 250 --only 14-15   # the rest, machine still warm
     python -m evals.gpu_run --dry-run                  # the numbered steps and their time limits, anywhere
 
 GPUs are lent rarely and briefly, so the steps are fixed here rather than retyped each time, the
 headline figures first: ViT-B/16 at batch 256, torch against Triton merging, the r values of
-ToMe's table (the kernels' targets), and at batch 1 (latency); profiles of r=(16,-1) at batch
-256 and of r=16 at batch 1 (is the GPU waiting on the host?); the merge step alone; attention
+ToMe's table (the kernels' targets), and at batch 1 (latency); profiles of r=16 at batch 256
+and at batch 1 (is the GPU waiting on the host?); the merge step alone; each kernel alone
+against its reference (the shapes that set the "auto" dispatch); attention
 with the size bias alone (as a mask, folded into q and k, in the Triton kernel); the kernel
 tests on CUDA; the DINOv2 ViT-S/14 budget sweep; the video ViT-B sweep; the SAM encoder with
 merge_unmerge, and its profile; SigLIP 2 NaFlex on packed sequences; RoPE and
@@ -93,6 +94,13 @@ STEPS: tuple[Step, ...] = (
         20, 45,
     ),  # fmt: skip
     Step("merge step alone, torch vs Triton", "evals.bench_merge", (), 30, 60),  # 31 s
+    Step(
+        "each kernel alone against its PyTorch reference, at ViT-B's, the video ViT's and SAM-B's shapes and across "
+        "the widths and token counts that set the dispatch of backend='auto'",
+        "evals.bench_kernels",
+        ("--out", f"{RESULTS}/bench_kernels_cuda.json"),
+        20, 60, needs="triton",
+    ),  # fmt: skip
     Step(
         "attention with the size bias alone: SDPA with a mask, SDPA with the bias folded into q/k, Triton; "
         "forward, and forward + backward",

@@ -26,6 +26,10 @@ __all__ = ["bipartite_dest", "bipartite_dest_reference", "bipartite_dest_triton"
 # One program holds a batch item's A scores in registers; beyond this many A tokens (a
 # 16,385-token sequence) the reference sorts instead.
 MAX_A_TOKENS = 8192
+# The most A tokens "auto" gives the kernel. Its one program per batch item counts the
+# tokens ahead of each in O(Na²) steps; the reference's sort scales better. On an H200 the
+# kernel took ~0.5 ms per SAM-B global block (8 × 2,048 A tokens; profile_sam_merge_unmerge_cuda.md).
+AUTO_MAX_A_TOKENS = 1024
 
 
 def max_bipartite_r(num_tokens: int, num_protected: int) -> int:
@@ -207,11 +211,12 @@ def bipartite_dest(
 ) -> Tensor:
     """ToMe's merge assignment (see :func:`bipartite_dest_reference`) on the backend chosen by
     ``use_triton`` ("auto": Triton for CUDA tensors when triton imports). Float32 scores and
-    up to :data:`MAX_A_TOKENS` A tokens take the kernel; anything else, the reference."""
+    up to :data:`AUTO_MAX_A_TOKENS` A tokens (:data:`MAX_A_TOKENS` with "triton") take the
+    kernel; anything else, the reference."""
     _check_inputs(best_score, best_b, r, num_tokens, num_protected)
     if (
         best_score.dtype == torch.float32
-        and best_score.shape[1] <= MAX_A_TOKENS
+        and best_score.shape[1] <= (MAX_A_TOKENS if backend == "triton" else AUTO_MAX_A_TOKENS)
         and use_triton(backend, best_score, best_b)  # ("triton": raises unless the device can run it)
     ):
         return _launch(best_score, best_b, r, num_tokens, num_protected)

@@ -15,6 +15,13 @@ in float32, ties resolved to the lowest B index. The kernel divides the dot prod
 norms instead of normalising first, which rounds differently in the last bits: near-ties
 (gaps of ~1e-7) may resolve differently than in the reference, exact ties (duplicate tokens)
 do not.
+
+The dot's precision follows the inputs. bf16 and fp16 rows go to the tensor cores as they
+are: the product of two such values is exact in float32, and the products are summed in
+float32, so this is the reference's arithmetic up to summation order. float32 rows are
+multiplied in IEEE float32 (TF32 would round them to 10 mantissa bits), on the CUDA cores,
+which is slow once D is wide: there ``best_match`` (backend "auto") takes the reference,
+whose cuBLAS matmul is faster (:data:`FP32_KERNEL_MAX_DIM`).
 """
 
 from __future__ import annotations
@@ -23,11 +30,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels._triton import HAS_TRITON, block_size, check_device, tl, triton, use_triton
+from kernels._triton import HAS_TRITON, INTERPRET, block_size, check_device, tl, triton, use_triton
 
 __all__ = ["best_match", "best_match_reference", "best_match_triton"]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Widest float32 rows that "auto" gives the kernel. Its IEEE float32 dot runs on the CUDA
+# cores; cuBLAS's float32 matmul in the reference is faster once the dot dominates. On an H200,
+# SAM-B's merge_unmerge (float32 LayerNorm outputs, D = 769) spent 23.7 ms per forward in this
+# kernel against 3.4 ms in the reference's matmuls (evals/results/profile_sam_merge_unmerge_cuda.md).
+FP32_KERNEL_MAX_DIM = 128
 
 
 def best_match_reference(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -69,10 +82,11 @@ if HAS_TRITON:
     def cosine_tile(
         a_base, rows_a, valid_a, stride_a_row, stride_a_dim, inv_norm_a,
         b_base, rows_b, valid_b, stride_b_row, stride_b_dim, dim,
-        BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, NATIVE_DOT: tl.constexpr,
     ):  # fmt: skip
         """[BLOCK_A, BLOCK_B] fp32 cosines of a tile of A rows (their inverse norms given) with
-        a tile of B rows, whose norms are accumulated beside the dot."""
+        a tile of B rows, whose norms are accumulated beside the dot. ``NATIVE_DOT``: the
+        inputs are bf16 or fp16 (one dtype) and go to the dot as they are."""
         offs_d = tl.arange(0, BLOCK_D)
         scores = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
         sum_sq_b = tl.zeros([BLOCK_B], tl.float32)
@@ -92,12 +106,17 @@ if HAS_TRITON:
                 mask=valid_d[:, None] & valid_b[None, :],
                 other=0.0,
             )
-            # Upcast before the dot: products of fp16/bf16 values are exact in fp32, so this
-            # matches the float32 reference up to summation order. "ieee" forbids TF32,
-            # whose 10-bit mantissa would reorder near-equal similarities on GPU. (It also
-            # sidesteps the interpreter, whose dot would misread bf16 storage as uint16.)
-            b_tile = b_tile.to(tl.float32)
-            scores = tl.dot(a_tile.to(tl.float32), b_tile, scores, input_precision="ieee")
+            if NATIVE_DOT:
+                # bf16/fp16 products are exact in fp32 and the tensor cores sum in fp32: the
+                # float32 reference's arithmetic, up to summation order.
+                scores = tl.dot(a_tile, b_tile, scores)
+                b_tile = b_tile.to(tl.float32)
+            else:
+                # float32 (or mixed) rows: "ieee" forbids TF32, whose 10-bit mantissa would
+                # reorder near-equal similarities. (Upcasting also sidesteps the interpreter,
+                # whose dot would misread bf16 storage as uint16.)
+                b_tile = b_tile.to(tl.float32)
+                scores = tl.dot(a_tile.to(tl.float32), b_tile, scores, input_precision="ieee")
             sum_sq_b += tl.sum(b_tile * b_tile, axis=0)
         inv_norm_b = 1.0 / tl.maximum(tl.sqrt(sum_sq_b), 1e-12)
         return scores * inv_norm_a[:, None] * inv_norm_b[None, :]
@@ -131,6 +150,7 @@ if HAS_TRITON:
         BLOCK_A: tl.constexpr,
         BLOCK_B: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        NATIVE_DOT: tl.constexpr,
     ):
         # Grid: (batch, A tiles). Each program owns BLOCK_A rows of A and scans all of B.
         batch = tl.program_id(0).to(tl.int64)  # int64: batch * stride may exceed 2**31
@@ -148,7 +168,7 @@ if HAS_TRITON:
             scores = cosine_tile(
                 a_base, rows_a, valid_a, stride_a_row, stride_a_dim, inv_norm_a,
                 b_base, rows_b, valid_b, stride_b_row, stride_b_dim, dim,
-                BLOCK_A, BLOCK_B, BLOCK_D,
+                BLOCK_A, BLOCK_B, BLOCK_D, NATIVE_DOT,
             )  # fmt: skip
             scores = tl.where(valid_b[None, :], scores, float("-inf"))  # padding never wins
             best_score, best_index = keep_best(scores, rows_b, num_b, best_score, best_index)
@@ -212,15 +232,24 @@ def best_match_triton(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
         BLOCK_A=block_a,
         BLOCK_B=block_b,
         BLOCK_D=block_d,
+        NATIVE_DOT=native_dot(a, b),
         num_warps=4,
     )
     return best_score, best_index
 
 
+def native_dot(a: Tensor, b: Tensor) -> bool:
+    """Whether the kernel's dot takes the rows as they are: bf16 or fp16 (one dtype), compiled
+    for a GPU (the interpreter's dot misreads bf16; it upcasts, which computes the same)."""
+    return a.dtype == b.dtype and a.dtype in (torch.float16, torch.bfloat16) and not INTERPRET
+
+
 def best_match(a: Tensor, b: Tensor, backend: str = "auto") -> tuple[Tensor, Tensor]:
     """Most similar row of ``b`` (cosine) for every row of ``a`` (see
     :func:`best_match_reference`), on the backend chosen by ``use_triton`` ("auto": Triton for
-    CUDA tensors when triton imports). Dtypes outside fp32/fp16/bf16 take the reference."""
+    CUDA tensors when triton imports). Dtypes outside fp32/fp16/bf16 take the reference, and so
+    does "auto" for float32 rows wider than :data:`FP32_KERNEL_MAX_DIM`."""
     if a.dtype in _SUPPORTED_DTYPES and b.dtype in _SUPPORTED_DTYPES and use_triton(backend, a, b):
-        return best_match_triton(a, b)
+        if backend == "triton" or native_dot(a, b) or a.shape[-1] <= FP32_KERNEL_MAX_DIM:
+            return best_match_triton(a, b)
     return best_match_reference(a, b)

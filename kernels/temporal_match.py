@@ -14,7 +14,8 @@ order (about half of each).
 
 Semantics are exactly those of :func:`temporal_best_match_reference` up to the last bits of
 the cosines (the kernel divides the dot product by the norms instead of normalising first, as
-in :mod:`kernels.match`): near-ties may resolve differently, exact ties do not.
+in :mod:`kernels.match`, whose dot precision it shares): near-ties may resolve differently,
+exact ties do not.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from kernels._triton import HAS_TRITON, block_size, check_device, tl, triton, us
 
 if HAS_TRITON:
     from kernels.match import cosine_tile, inverse_row_norms, keep_best
+from kernels.match import native_dot
 
 __all__ = [
     "CENTROID_TOLERANCE",
@@ -127,6 +129,7 @@ if HAS_TRITON:
         BLOCK_A: tl.constexpr,
         BLOCK_B: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        NATIVE_DOT: tl.constexpr,
         PENALTY: tl.constexpr,
     ):
         # Grid: (batch, row tiles). Each program owns BLOCK_A tokens as rows and scans all
@@ -160,7 +163,7 @@ if HAS_TRITON:
                     scores = cosine_tile(
                         x_base, rows, valid_rows, stride_x_row, stride_x_dim, inv_norm_a,
                         x_base, cols, valid_cols, stride_x_row, stride_x_dim, dim,
-                        BLOCK_A, BLOCK_B, BLOCK_D,
+                        BLOCK_A, BLOCK_B, BLOCK_D, NATIVE_DOT,
                     )  # fmt: skip
                     far = (tl.abs(frame_a[:, None] - frame_b[None, :]) > limit_frame) | (
                         (tl.abs(row_a[:, None] - row_b[None, :]) > limit_space)
@@ -227,6 +230,7 @@ def temporal_best_match_triton(
         BLOCK_A=block_a,
         BLOCK_B=block_a,
         BLOCK_D=block_d,
+        NATIVE_DOT=native_dot(metric, metric),
         PENALTY=OUTSIDE_PENALTY,
         num_warps=4,
     )

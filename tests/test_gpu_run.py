@@ -64,14 +64,15 @@ def test_the_pareto_afterwards_reads_what_the_run_writes_and_the_committed_fidel
 
 
 def test_the_steps_fit_the_two_calls_the_docstring_gives_and_limits_reserve_them() -> None:
-    # The docstring's recipe: --budget-s 535, then --only 13-14 with 250 s on the warm machine,
+    # The docstring's recipe: --budget-s 535, then --only 14-15 with 250 s on the warm machine,
     # 785 s of the 900 s a session's device time holds.
     first = gpu_run.limits(gpu_run.STEPS, 535)
-    assert [number for number, limit in enumerate(first, 1) if limit == 0] == [13, 14]  # the first call's leftovers
-    rest = gpu_run.step_numbers("13-14")
-    assert rest == (13, 14) and all(gpu_run.limits(tuple(gpu_run.STEPS[n - 1] for n in rest), 250))
-    assert "--only 13-14" in gpu_run.__doc__ and "--budget-s 535" in gpu_run.__doc__
-    assert gpu_run.limits(gpu_run.STEPS, 535)[0] == gpu_run.STEPS[0].max_s  # plenty: its own maximum
+    assert [number for number, limit in enumerate(first, 1) if limit == 0] == [14, 15]  # the first call's leftovers
+    rest = gpu_run.step_numbers("14-15")
+    assert rest == (14, 15) and all(gpu_run.limits(tuple(gpu_run.STEPS[n - 1] for n in rest), 250))
+    assert "--only 14-15" in gpu_run.__doc__ and "--budget-s 535" in gpu_run.__doc__
+    plenty = sum(step.max_s for step in gpu_run.STEPS)
+    assert gpu_run.limits(gpu_run.STEPS, plenty)[0] == gpu_run.STEPS[0].max_s  # plenty: its own maximum
     tight = gpu_run.limits(gpu_run.STEPS, sum(step.min_s for step in gpu_run.STEPS))
     assert tight[0] == gpu_run.STEPS[0].min_s  # tight: only its minimum, the rest stays reserved
     steps = (gpu_run.Step("a", "m", (), 10, 100), gpu_run.Step("b", "m", (), 20, 30))

@@ -413,6 +413,47 @@ def test_bipartite_dest_strided_scores_and_dispatch() -> None:
     assert empty.shape == (0, 49)
 
 
+def test_auto_leaves_the_kernels_where_the_references_are_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+    """"auto" where the kernels could run (a GPU: faked here, with the kernels replaced by
+    recorders): float32 rows wider than FP32_KERNEL_MAX_DIM and assignments of more than
+    AUTO_MAX_A_TOKENS A tokens take the references (cuBLAS's float32 matmul; a sort), as the
+    H200 profile of SAM showed they should; bf16 rows of any width and float32 rows up to the
+    limit take the kernel; "triton" takes the kernels everywhere."""
+    import kernels.bipartite
+    import kernels.match
+
+    ran: list[str] = []
+    for module, name in ((kernels.match, "best_match"), (kernels.bipartite, "bipartite_dest")):
+        monkeypatch.setattr(module, "use_triton", lambda backend, *tensors: backend != "torch")
+        reference = getattr(module, f"{name}_reference")
+        monkeypatch.setattr(module, f"{name}_reference", lambda *a, _r=reference: ran.append("reference") or _r(*a))
+    monkeypatch.setattr(kernels.match, "best_match_triton", lambda a, b: ran.append("kernel"))
+    monkeypatch.setattr(kernels.bipartite, "_launch", lambda *args: ran.append("kernel"))
+    monkeypatch.setattr(kernels.match, "INTERPRET", False)  # a compiled kernel: bf16 goes to the tensor cores
+
+    def match(dim: int, dtype: torch.dtype, backend: str = "auto") -> str:
+        ran.clear()
+        kernels.best_match(torch.randn(2, 5, dim, dtype=dtype), torch.randn(2, 6, dim, dtype=dtype), backend)
+        return ran[0]
+
+    limit = kernels.match.FP32_KERNEL_MAX_DIM
+    assert match(limit, torch.float32) == "kernel"
+    assert match(limit + 1, torch.float32) == "reference"
+    assert match(limit + 1, torch.float32, "triton") == "kernel"
+    assert match(769, torch.bfloat16) == match(769, torch.float16) == "kernel"
+
+    def assign(num_a: int, backend: str = "auto") -> str:
+        ran.clear()
+        score, best_b = torch.randn(2, num_a), torch.randint(0, num_a, (2, num_a))
+        kernels.bipartite_dest(score, best_b, 3, 2 * num_a + 1, 1, backend)
+        return ran[0]
+
+    most = kernels.bipartite.AUTO_MAX_A_TOKENS
+    assert assign(most) == "kernel"
+    assert assign(most + 1) == "reference"
+    assert assign(most + 1, "triton") == "kernel"
+
+
 # ---------------------------------------------------------------------------------- merge_wavg
 
 
