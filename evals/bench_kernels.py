@@ -4,7 +4,7 @@
 
 The rows are the shapes that decide the kernels' dispatch (``backend="auto"``): the match at
 ViT-B's, the video ViT's and SAM-B's shapes, and float32 rows of growing width (the kernel's
-IEEE float32 dot against cuBLAS's matmul: :data:`kernels.match.FP32_KERNEL_MAX_DIM`), the
+IEEE float32 dot against cuBLAS's matmul: :data:`kernels.match.FP32_KERNEL_MAX_FLOPS`), the
 assignment at growing A-token counts (:data:`kernels.bipartite.AUTO_MAX_A_TOKENS`), and the
 merge. Each call is repeated back to back between two device synchronisations, so the GPU's
 queue stays full and the clock reads device time wherever the device is the bottleneck (a

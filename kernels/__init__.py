@@ -35,7 +35,7 @@ from kernels.attention import attention, attention_folded, attention_reference, 
 from kernels._triton import BACKENDS, HAS_TRITON, INTERPRET, triton_usable, use_triton
 from kernels.bipartite import bipartite_dest, bipartite_dest_reference, bipartite_dest_triton
 from kernels.match import best_match, best_match_reference, best_match_triton
-from kernels.merge import merge_wavg, merge_wavg_reference, merge_wavg_triton
+from kernels.merge import MemberLists, merge_wavg, merge_wavg_reference, merge_wavg_triton
 from kernels.temporal_match import temporal_best_match, temporal_best_match_reference, temporal_best_match_triton
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "bipartite_dest",
     "bipartite_dest_reference",
     "bipartite_dest_triton",
+    "MemberLists",
     "merge_wavg",
     "merge_wavg_reference",
     "merge_wavg_triton",

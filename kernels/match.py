@@ -20,8 +20,8 @@ The dot's precision follows the inputs. bf16 and fp16 rows go to the tensor core
 are: the product of two such values is exact in float32, and the products are summed in
 float32, so this is the reference's arithmetic up to summation order. float32 rows are
 multiplied in IEEE float32 (TF32 would round them to 10 mantissa bits), on the CUDA cores,
-which is slow once D is wide: there ``best_match`` (backend "auto") takes the reference,
-whose cuBLAS matmul is faster (:data:`FP32_KERNEL_MAX_DIM`).
+which is slow once the dot is large: there ``best_match`` (backend "auto") takes the
+reference, whose cuBLAS matmul is faster (:data:`FP32_KERNEL_MAX_FLOPS`).
 """
 
 from __future__ import annotations
@@ -36,11 +36,15 @@ __all__ = ["best_match", "best_match_reference", "best_match_triton"]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# Widest float32 rows that "auto" gives the kernel. Its IEEE float32 dot runs on the CUDA
-# cores; cuBLAS's float32 matmul in the reference is faster once the dot dominates. On an H200,
-# SAM-B's merge_unmerge (float32 LayerNorm outputs, D = 769) spent 23.7 ms per forward in this
-# kernel against 3.4 ms in the reference's matmuls (evals/results/profile_sam_merge_unmerge_cuda.md).
-FP32_KERNEL_MAX_DIM = 128
+# The largest float32 match (2·B·Na·Nb·D FLOPs) that "auto" gives the kernel. Its IEEE float32
+# dot runs on the CUDA cores; the reference's cuBLAS matmul wins once the dot outweighs its
+# few extra launches. On an H200 (evals/results/bench_kernels_cuda.md) the kernel won at
+# 0.31 and 0.63 GFLOPs (1.95× and 1.20×: ViT-B's 98 × 98 rows of width 64 and 128, batch
+# 256) and lost at 1.26 GFLOPs and above (0.19–0.74×: width 256 and up; 2048 × 2048 rows of
+# any width; SAM-B's windows and global blocks, whose float32 LayerNorm outputs of width 769
+# took 23.7 ms per forward in this kernel: profile_sam_merge_unmerge_cuda.md). bf16 and fp16
+# rows, on the tensor cores, won or tied at every measured shape and always take the kernel.
+FP32_KERNEL_MAX_FLOPS = 10**9
 
 
 def best_match_reference(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -248,8 +252,9 @@ def best_match(a: Tensor, b: Tensor, backend: str = "auto") -> tuple[Tensor, Ten
     """Most similar row of ``b`` (cosine) for every row of ``a`` (see
     :func:`best_match_reference`), on the backend chosen by ``use_triton`` ("auto": Triton for
     CUDA tensors when triton imports). Dtypes outside fp32/fp16/bf16 take the reference, and so
-    does "auto" for float32 rows wider than :data:`FP32_KERNEL_MAX_DIM`."""
+    does "auto" for a float32 match of more than :data:`FP32_KERNEL_MAX_FLOPS`."""
     if a.dtype in _SUPPORTED_DTYPES and b.dtype in _SUPPORTED_DTYPES and use_triton(backend, a, b):
-        if backend == "triton" or native_dot(a, b) or a.shape[-1] <= FP32_KERNEL_MAX_DIM:
+        (batch, num_a, dim), num_b = a.shape, b.shape[1]
+        if backend == "triton" or native_dot(a, b) or 2 * batch * num_a * num_b * dim <= FP32_KERNEL_MAX_FLOPS:
             return best_match_triton(a, b)
     return best_match_reference(a, b)

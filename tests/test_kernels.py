@@ -415,10 +415,10 @@ def test_bipartite_dest_strided_scores_and_dispatch() -> None:
 
 def test_auto_leaves_the_kernels_where_the_references_are_faster(monkeypatch: pytest.MonkeyPatch) -> None:
     """"auto" where the kernels could run (a GPU: faked here, with the kernels replaced by
-    recorders): float32 rows wider than FP32_KERNEL_MAX_DIM and assignments of more than
-    AUTO_MAX_A_TOKENS A tokens take the references (cuBLAS's float32 matmul; a sort), as the
-    H200 profile of SAM showed they should; bf16 rows of any width and float32 rows up to the
-    limit take the kernel; "triton" takes the kernels everywhere."""
+    recorders): a float32 match of more than FP32_KERNEL_MAX_FLOPS and an assignment of more
+    than AUTO_MAX_A_TOKENS A tokens take the references (cuBLAS's float32 matmul; a sort), as
+    bench_kernels measured on an H200; bf16 and fp16 rows of any size and float32 matches up
+    to the limit take the kernel; "triton" takes the kernels everywhere."""
     import kernels.bipartite
     import kernels.match
 
@@ -436,10 +436,11 @@ def test_auto_leaves_the_kernels_where_the_references_are_faster(monkeypatch: py
         kernels.best_match(torch.randn(2, 5, dim, dtype=dtype), torch.randn(2, 6, dim, dtype=dtype), backend)
         return ran[0]
 
-    limit = kernels.match.FP32_KERNEL_MAX_DIM
-    assert match(limit, torch.float32) == "kernel"
-    assert match(limit + 1, torch.float32) == "reference"
-    assert match(limit + 1, torch.float32, "triton") == "kernel"
+    # 2 · B · Na · Nb · D = 120 · D FLOPs here
+    monkeypatch.setattr(kernels.match, "FP32_KERNEL_MAX_FLOPS", 120 * 64)
+    assert match(64, torch.float32) == "kernel"
+    assert match(65, torch.float32) == "reference"
+    assert match(65, torch.float32, "triton") == "kernel"
     assert match(769, torch.bfloat16) == match(769, torch.float16) == "kernel"
 
     def assign(num_a: int, backend: str = "auto") -> str:
@@ -638,6 +639,34 @@ def test_merge_dispatch_and_validation() -> None:
         merge_wavg_triton(x, size.half(), dest, num_out)
     with pytest.raises(ValueError):
         merge_wavg_triton(x, size, dest[:, :-1], num_out)
+    with pytest.raises(ValueError, match="MemberLists"):
+        merge_wavg_triton(x, size, dest, num_out, kernels.MemberLists(dest.clone()))
+
+
+def test_merges_of_one_matching_share_one_sort(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tensors one matching merges share the kernel's sort of ``dest``: ToMe's tokens and
+    their positions (video, two-stage merging), and a merge-unmerge block's sizes, attention
+    input and MLP input (SAM). Each merge gives what it gives alone; the sort runs once."""
+    from tokenprune.merge import BlockMerge, TokenState, merge_state
+
+    sorts = []
+    real_sort = torch.sort
+    monkeypatch.setattr(torch, "sort", lambda *a, **k: sorts.append(1) or real_sort(*a, **k))
+    x, size, dest, num_out = tome_inputs(2, 21, 16, 1, torch.float32, seed=4)
+    pos = torch.randn(2, 21, 3, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    merged = merge_state(TokenState(x, size, pos=pos), dest, num_out, "triton")
+    assert len(sorts) == 1
+    for got, tensor in ((merged.x, x), (merged.pos, pos)):
+        assert torch.equal(got, merge_wavg_triton(tensor, size, dest, num_out)[0])
+
+    tokens = torch.randn(3, 16, 8, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    sorts.clear()
+    merging = BlockMerge(tokens, 5, backend="triton")
+    merged_tokens, mlp_input = merging.merge(tokens), merging.merge(tokens * 2)
+    assert len(sorts) == 1
+    ones = torch.ones(3, 16, 1, device=DEVICE)
+    assert torch.equal(merged_tokens, merge_wavg_triton(tokens, ones, merging.dest, merging.num_out)[0])
+    assert torch.equal(mlp_input, merge_wavg_triton(tokens * 2, ones, merging.dest, merging.num_out)[0])
 
 
 # ------------------------------------------------------------------------------ whole model

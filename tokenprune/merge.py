@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels import best_match, bipartite_dest, merge_wavg
+from kernels import MemberLists, best_match, bipartite_dest, merge_wavg
 from kernels.bipartite import bipartite_split, max_bipartite_r  # noqa: F401 (max_bipartite_r: part of this module's API)
 
 
@@ -112,13 +112,14 @@ def merge_state(state: TokenState, dest: Tensor, num_out: int, backend: str = "a
     averages (ToMe: x ← Σ s·x / Σ s, :func:`kernels.merge_wavg`), sizes add up, sources follow,
     positions become size-weighted centroids."""
     sizes = state.sizes()
-    x, size = merge_wavg(state.x, sizes, dest, num_out, backend)
+    members = MemberLists(dest)  # the tokens and their positions: one sort of dest between them
+    x, size = merge_wavg(state.x, sizes, dest, num_out, backend, members)
     source_index = state.source_index
     if source_index is not None:  # input tokens dropped earlier (-1) stay dropped
         source_index = torch.where(source_index >= 0, dest.gather(1, source_index.clamp(min=0)), -1)
     pos = state.pos
     if pos is not None:
-        pos, _ = merge_wavg(pos, sizes, dest, num_out, backend)
+        pos, _ = merge_wavg(pos, sizes, dest, num_out, backend, members)
     return state._replace(x=x, size=size, source_index=source_index, pos=pos)
 
 
@@ -385,16 +386,17 @@ class BlockMerge:
         self.num_out = tokens.shape[1] - merged
         self.dest = bipartite_soft_matching(metric, merged, num_protected, backend)
         self.backend = backend
+        self.members = MemberLists(self.dest)  # every merge of the block's tensors sorts dest once
         real = tokens.new_ones(*tokens.shape[:2], 1, dtype=torch.float32)
         if padding is not None:
             real = real - padding.float()
-        share, self.size = merge_wavg(real, torch.ones_like(real), self.dest, self.num_out, backend)
+        share, self.size = merge_wavg(real, torch.ones_like(real), self.dest, self.num_out, backend, self.members)
         self.real_share = share if padding is not None else None
 
     def average(self, values: Tensor) -> Tensor:
         """Each merged token's mean of ``values`` [B, T, C] over its tokens (padding included)."""
         ones = values.new_ones(values.shape[0], values.shape[1], 1, dtype=torch.float32)
-        return merge_wavg(values, ones, self.dest, self.num_out, self.backend)[0]
+        return merge_wavg(values, ones, self.dest, self.num_out, self.backend, self.members)[0]
 
     def merge(self, tokens: Tensor) -> Tensor:
         """Each merged token's features: the mean of its real tokens' ``tokens`` (padding, zeros,
