@@ -90,6 +90,7 @@ from evals.harness import (
 )
 from evals.settings import Budget, Setting, describe_setting
 from kernels import BACKENDS, use_triton
+from tokenprune.patch.vit import reducing_model
 
 __all__ = ["DEFAULTS", "Row", "build_parser", "main"]
 
@@ -216,6 +217,13 @@ def _resolve_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
+def _backend_ran(model: nn.Module, inputs: Inputs) -> str:
+    """What a patched model's merging ran on: "auto" as its family resolves it (SAM's blocks: the
+    PyTorch path), then each op's rule (Triton for CUDA tensors)."""
+    resolved = reducing_model(model).blocks[0].backend
+    return "triton" if use_triton(resolved, leading_tensor(inputs)) else "torch"
+
+
 # One group: a model at one batch size and compile mode
 
 
@@ -323,9 +331,7 @@ def _group_rows(
                 "options": jsonable({k: v for k, v in options.items() if k != "backend"}),
                 "attention": attention,
                 "backend": backend,
-                "backend_used": None if backend is None else (
-                    "triton" if use_triton(backend, leading_tensor(inputs)) else "torch"
-                ),
+                "backend_used": None if backend is None else _backend_ran(model, inputs),
                 "gflops": flops / 1e9,
                 "gflops_fraction": flops / unreduced_flops,
                 "output_tokens": reduction.output_tokens,

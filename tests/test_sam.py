@@ -347,3 +347,22 @@ def test_attention_dropout_runs_only_while_training_sam() -> None:
         torch.testing.assert_close(block(x), expected, rtol=1e-4, atol=1e-4)
         block.train()
         assert differs_between_seeds(lambda: block(x))
+
+
+def test_auto_runs_sam_blocks_on_the_pytorch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """backend="auto" keeps SAM on the PyTorch path, where an H200 measured it faster than the
+    Triton path (bench_sam_cuda.md); "triton" still forces the kernels, and other families keep
+    "auto" for each op to resolve. The option itself stays as given."""
+    from evals import bench
+
+    model = tokenprune.patch(sam(), "merge_unmerge", ratio=0.5)
+    assert model.tokenprune_config.backend == "auto"
+    assert {block.backend for block in model.blocks} == {"torch"}
+    monkeypatch.setattr(bench, "use_triton", lambda backend, *tensors: backend != "torch")  # as on a GPU
+    assert bench._backend_ran(model, images()) == "torch"
+    tokenprune.patch(model, backend="triton")
+    assert {block.backend for block in model.blocks} == {"triton"}
+    assert bench._backend_ran(model, images()) == "triton"
+    vit = tokenprune.patch(timm.create_model("vit_tiny_patch16_224", depth=2), "merge_unmerge", ratio=0.5)
+    assert {block.backend for block in vit.blocks} == {"auto"}
+    assert bench._backend_ran(vit, images()) == "triton"

@@ -649,6 +649,10 @@ class ReducingViT(SettingsThroughPatch):
 
     # The method ``tokenprune.patch(model, **options)`` applies when none is named.
     default_method = "tome"
+    # What backend="auto" runs in this family's blocks: "auto" lets each op choose (Triton on a
+    # GPU, within the limits in kernels/), "torch" keeps a family whose measured Triton path is
+    # slower on the PyTorch path.
+    auto_backend = "auto"
     # Whether the prefix tokens run through the blocks (CaiT adds its class token after them).
     _prefix_in_blocks = True
     # Whether ``position`` holds one entry per block (timm's "mixed" RoPE: [depth, ...]).
@@ -984,11 +988,14 @@ def apply(model: nn.Module, config: Any, reducers: list[TokenReducer | None]) ->
     model.__class__ = PATCHED_CLASSES[original_class(model)]
     model.tokenprune_config = config
     _drop_attributes(model, ("_tokenprune_source",))  # a map from the old settings would mislead
+    backend = getattr(config, "backend", "auto")
+    if backend == "auto":
+        backend = model.__class__.auto_backend
     for block, reducer in zip(model.blocks, reducers):
         block.__class__ = PATCHED_BLOCKS[original_block_class(block)]
         block.reducer = reducer
         block.prop_attn = config.prop_attn
-        block.backend = getattr(config, "backend", "auto")
+        block.backend = backend
 
 
 def remove(model: nn.Module) -> None:
