@@ -76,14 +76,14 @@ STEPS: tuple[Step, ...] = (
         "evals.bench",
         ("--model", "vit_base_patch16_224", "--r", "8", "--r", "13", "--r", "16", "--r", "16,-1",
          "--batch-size", "256", "--batch-size", "1", "--no-manual", "--out", f"{RESULTS}/bench_vitb_cuda.json"),
-        45, 110,  # 41 s
+        45, 110,  # 41 s (2026-11-30), 50 s (2026-12-01)
     ),  # fmt: skip
     Step(
         "profile of ToMe r=16 on ViT-B (issue 3's setting): GPU kernel time against wall time, torch and Triton",
         "evals.bench_profile",
         ("--model", "vit_base_patch16_224", "--r", "16", "--backend", "torch", "--backend", "triton",
          "--out", f"{RESULTS}/profile_vitb_r16_cuda.json"),
-        25, 60,  # 24 s for r=(16,-1)
+        25, 60,  # 33 s and 29 s
     ),  # fmt: skip
     Step(
         "profile of ToMe r=16 on ViT-B at batch 1: where the host time goes (ToMe ran at 0.27-0.45x the unpatched "
@@ -99,7 +99,7 @@ STEPS: tuple[Step, ...] = (
         "the widths and token counts that set the dispatch of backend='auto'",
         "evals.bench_kernels",
         ("--out", f"{RESULTS}/bench_kernels_cuda.json"),
-        20, 60, needs="triton",
+        20, 60, needs="triton",  # 30 s
     ),  # fmt: skip
     Step(
         "attention with the size bias alone: SDPA with a mask, SDPA with the bias folded into q/k, Triton; "
@@ -112,7 +112,7 @@ STEPS: tuple[Step, ...] = (
         "kernel tests on CUDA",
         "pytest",
         ("-q", "-p", "no:cacheprovider", "tests/test_kernels.py", "--junitxml", f"{RESULTS}/test_kernels_cuda.xml"),
-        50, 150, needs="pytest",  # 44 s with 8 xdist workers; over 111 s without
+        50, 150, needs="pytest",  # 44 s and 63 s with 8 xdist workers; over 111 s without
     ),  # fmt: skip
     Step(
         "DINOv2 ViT-S/14 at the fidelity budgets (for the Pareto plot)",
@@ -132,7 +132,7 @@ STEPS: tuple[Step, ...] = (
          "--method", "background", "--budget", "0.75", "--budget", "0.5", "--budget", "0.45", "--budget", "0.4",
          "--budget", "0.35", "--backend", "auto", "--no-manual",
          "--warmup", "5", "--runs", "15", "--out", f"{RESULTS}/bench_video_cuda.json"),
-        50, 150,  # 31 s with three budgets
+        50, 150,  # 43-51 s with five budgets
     ),  # fmt: skip
     Step(
         "SAM ViT-B image encoder at 1024² (64×64 patches), batch 8: unpatched vs merge_unmerge at ratio 0.25, "
@@ -141,11 +141,11 @@ STEPS: tuple[Step, ...] = (
         ("--model", "samvit_base_patch16", "--img-size", "1024", "--batch-size", "8", "--method", "merge_unmerge",
          "--ratio", "0.25", "--ratio", "0.4", "--ratio", "0.5", "--no-manual",
          "--out", f"{RESULTS}/bench_sam_cuda.json"),
-        55, 90,  # 52 s
+        55, 90,  # 52 s, 66 s
     ),  # fmt: skip
     Step(
         "profile of merge_unmerge ratio 0.5 on the SAM ViT-B encoder, batch 8: why Triton merging ran slower than "
-        "torch there (74.7 against 87.7 images/s)",
+        "torch there (88.2 against 109.2 images/s at 342d313, likely host-bound; since then one sort per block)",
         "evals.bench_profile",
         ("--model", "samvit_base_patch16", "--img-size", "1024", "--batch-size", "8", "--method", "merge_unmerge",
          "--option", "ratio=0.5", "--backend", "torch", "--backend", "triton", "--runs", "5",
@@ -166,7 +166,7 @@ STEPS: tuple[Step, ...] = (
         "evals.bench",
         ("--model", "vit_base_patch16_dinov3", "--model", "eva02_base_patch14_224", "--model", "beitv2_base_patch16_224",
          "--r", "8", "--r", "16", "--r", "16,-1", "--no-manual", "--out", f"{RESULTS}/bench_eva_beit_cuda.json"),
-        90, 150,  # stopped at 55 s, in its second model
+        90, 150,  # 82 s
     ),  # fmt: skip
     Step(
         "CaiT-S24 (talking heads, 24 blocks), SigLIP 2 NaFlex B/16 at 384² (576 patches) and the Qwen3-VL 88M "
@@ -185,7 +185,7 @@ STEPS: tuple[Step, ...] = (
         ("--model", "vit_base_patch16_224", "--r", "16", "--batch-size", "256", "--batch-size", "1", "--backend",
          "triton", "--compile", "on", "--compile-mode", "reduce-overhead", "--no-manual",
          "--out", f"{RESULTS}/bench_compile_cuda.json"),
-        170, 300,  # three models compiled at batch 256 took under 126 s, then timing was stopped
+        170, 300,  # 174 s
     ),  # fmt: skip
 )
 
