@@ -27,8 +27,9 @@ __all__ = ["bipartite_dest", "bipartite_dest_reference", "bipartite_dest_triton"
 # 16,385-token sequence) the reference sorts instead.
 MAX_A_TOKENS = 8192
 # The most A tokens "auto" gives the kernel. Its one program per batch item counts the
-# tokens ahead of each in O(Na²) steps; the reference's sort scales better. On an H200 the
-# kernel took ~0.5 ms per SAM-B global block (8 × 2,048 A tokens; profile_sam_merge_unmerge_cuda.md).
+# tokens ahead of each in O(Na²) steps; the reference's sort scales better. On an H200
+# (evals/results/bench_kernels_cuda.md) the kernel won up to 1,024 A tokens (1.58× there)
+# and lost at SAM-B's 2,048 (0.59 against 0.28 ms, batch 8).
 AUTO_MAX_A_TOKENS = 1024
 
 

@@ -42,8 +42,9 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # 0.31 and 0.63 GFLOPs (1.95× and 1.20×: ViT-B's 98 × 98 rows of width 64 and 128, batch
 # 256) and lost at 1.26 GFLOPs and above (0.19–0.74×: width 256 and up; 2048 × 2048 rows of
 # any width; SAM-B's windows and global blocks, whose float32 LayerNorm outputs of width 769
-# took 23.7 ms per forward in this kernel: profile_sam_merge_unmerge_cuda.md). bf16 and fp16
-# rows, on the tensor cores, won or tied at every measured shape and always take the kernel.
+# took 23.7 ms per forward in this kernel: profile_sam_merge_unmerge_cuda.md). bf16 rows, on
+# the tensor cores, won or tied at every measured shape (fp16 takes the same path, unmeasured)
+# and always take the kernel.
 FP32_KERNEL_MAX_FLOPS = 10**9
 
 

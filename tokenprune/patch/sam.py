@@ -150,10 +150,10 @@ class ReducingSam(SettingsThroughPatch, VisionTransformerSAM):
     default_method = "merge_unmerge"
     takes_unmerging = True
     # On an H200 (SAM-B at 1024², batch 8, ratio 0.25-0.5; evals/results/bench_sam_cuda.md) the
-    # Triton path ran 15-20 % slower than the PyTorch path, in two runs, though its kernels
-    # took less GPU time: with six merges per block over 200 windows, the host launching them
-    # is the bottleneck. So "auto" runs SAM's blocks on the PyTorch path (issue 3: Triton never
-    # slower, else dispatch to torch); backend="triton" still runs the kernels.
+    # Triton path ran 15-19 % slower than the PyTorch path, in two runs, and stayed so when its
+    # match moved to cuBLAS: with six merges per block over 200 windows, the host launching
+    # them is the likely bottleneck. So "auto" runs SAM's blocks on the PyTorch path (issue 3:
+    # Triton never slower, else dispatch to torch); backend="triton" still runs the kernels.
     auto_backend = "torch"
 
     @staticmethod
