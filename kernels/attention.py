@@ -14,8 +14,11 @@ short merged sequences cost what they compute. It writes the output directly in 
 [B, T, H, D] layout that the attention's output projection reads, so the usual
 ``transpose(1, 2).reshape`` after attention is free.
 
-The kernel is for inference: it has no backward. When gradients are needed, and under
-``torch.compile``, :func:`attention` takes PyTorch SDPA with the bias as a mask.
+The kernel is for inference: it has no backward. When gradients are needed, :func:`attention`
+takes PyTorch SDPA with the bias as a mask. Under ``torch.compile``, whose Dynamo cannot trace
+the kernel's launch, it runs as one opaque op of the graph (``torch.ops.tokenprune.attention``,
+which CUDA graphs capture) when ``backend="triton"`` asks for it; "auto" keeps SDPA there, the
+path measured compiled on the H200 (``bench_compile_cuda.md``), until the op is measured too.
 :func:`attention_folded` is the other way to give SDPA the bias, folded into two extra channels
 of q and k so that flash attention runs it; on the H200 it was slower than the mask at every
 length, forward and backward, so nothing dispatches to it (``bench_attention_cuda.md``).
@@ -268,6 +271,18 @@ def attention_triton(q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor | None, s
     return out.transpose(1, 2)
 
 
+@torch.library.custom_op("tokenprune::attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor | None, scale: float) -> Tensor:
+    """:func:`attention_triton` as a PyTorch op: what ``torch.compile`` puts in its graph."""
+    return attention_triton(q, k, v, key_bias, scale)
+
+
+@_attention_op.register_fake
+def _attention_layout(q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor | None, scale: float) -> Tensor:
+    batch, heads, tokens, dim = q.shape
+    return q.new_empty(batch, tokens, heads, dim).transpose(1, 2)  # the kernel's layout (attention_triton)
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -279,9 +294,9 @@ def attention(
 ) -> Tensor:
     """softmax(q kᵀ · scale + key_bias) v (see :func:`attention_reference`) on the backend
     chosen by ``use_triton``. "auto" takes the kernel for fp16/bf16 CUDA tensors that need no
-    gradient, and SDPA otherwise (fp32, CPU, training, and sequences over 64 tokens without
-    a bias, where the library kernels are faster). Under ``torch.compile``, and with attention
-    dropout (training), it is always SDPA.
+    gradient, and SDPA otherwise (fp32, CPU, training, under ``torch.compile``, and sequences
+    over 64 tokens without a bias, where the library kernels are faster). With attention
+    dropout (training) it is always SDPA. Compiled, "triton" runs the kernel as one op.
 
     SDPA (the path of ``backend="torch"`` too) takes the bias as a mask: cheaper than folding
     it into q and k (:func:`attention_folded`) on the H200 at every length, forward and
@@ -289,11 +304,12 @@ def attention(
     mask, 8.0 ms folded)."""
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     # torch.compile (2.11) fails to trace the kernel's launch (the match and merge kernels trace
-    # fine); compiled models take SDPA, which Inductor handles itself.
-    if not (needs_grad or dropout or torch.compiler.is_compiling()):
+    # fine), so compiled it runs as a custom op; "auto" leaves it to SDPA, which Inductor handles.
+    compiling = torch.compiler.is_compiling()
+    if not (needs_grad or dropout or (compiling and backend == "auto")):
         long_unbiased = key_bias is None and q.shape[2] > _AUTO_MAX_TOKENS_WITHOUT_BIAS
         dtypes = _AUTO_DTYPES if backend == "auto" else _SUPPORTED_DTYPES
         tensors = (q, k, v) if key_bias is None else (q, k, v, key_bias)
         if not (backend == "auto" and long_unbiased) and q.dtype in dtypes and use_triton(backend, *tensors):
-            return attention_triton(q, k, v, key_bias, scale)
+            return (_attention_op if compiling else attention_triton)(q, k, v, key_bias, scale)
     return attention_reference(q, k, v, key_bias, scale, dropout)

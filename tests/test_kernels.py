@@ -960,6 +960,37 @@ def test_attention_output_layout_and_dispatch() -> None:
         kernels.attention_triton(q, k, v, torch.zeros(2, 9, device=DEVICE, dtype=torch.bfloat16), 0.25)
 
 
+def test_compiled_attention_runs_the_kernel_as_one_op_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dynamo cannot trace the attention kernel's launch, so under torch.compile "triton" puts
+    it in the graph as one op (torch.ops.tokenprune.attention, in the kernel's own layout), and
+    "auto", which eagerly takes the kernel for bf16 on a GPU (faked here), keeps SDPA: the path
+    measured compiled on the H200."""
+    import sys
+
+    # (the module, which kernels.attention, the function, hides)
+    monkeypatch.setattr(sys.modules["kernels.attention"], "use_triton", lambda backend, *tensors: backend != "torch")
+    q, k, v = qkv_views(2, 3, 21, 16, torch.bfloat16)
+    bias = torch.randn(2, 21, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    assert kernels.attention(q, k, v, bias, 0.25).transpose(1, 2).is_contiguous()  # eager "auto": the kernel
+    for backend, op_in_graph in (("triton", True), ("auto", False)):
+        graphs = []
+
+        def capture(graph_module, example_inputs, graphs=graphs):
+            graphs.append(graph_module)
+            return graph_module.forward
+
+        torch._dynamo.reset()
+        with torch.no_grad():
+            out = torch.compile(kernels.attention, fullgraph=True, backend=capture)(q, k, v, bias, 0.25, backend)
+        called = {node.target for node in graphs[0].graph.nodes if node.op == "call_function"}
+        assert (torch.ops.tokenprune.attention.default in called) == op_in_graph, called
+        reference = kernels.attention_reference(q.double(), k.double(), v.double(), bias.double(), 0.25)
+        error = ((out.double() - reference).abs().max() / reference.abs().max()).item()
+        assert error < ATTENTION_TOL[torch.bfloat16], f"relative error {error:.2e}"
+        if op_in_graph:
+            assert out.transpose(1, 2).is_contiguous()  # the kernel's [B, T, H, D] layout, as eager
+
+
 def test_zero_metric_vectors_match_the_same_on_every_backend() -> None:
     """A zero key vector has no direction: it scores 0 against every token (F.normalize), not
     NaN, so torch.max and the kernel (which ranks NaN differently) pick the same partners."""
