@@ -565,6 +565,31 @@ def test_tomes_model_r_raises_instead_of_changing_nothing() -> None:
         sam.r = 16
 
 
+def test_wrapper_r_raises_too_and_unpatch_restores_its_class(tmp_path) -> None:
+    """timm's wrappers patched through (a features_only backbone, the Qwen3 ViT classifier)
+    refuse ``wrapper.r = 16`` as the model does; they pickle, and unpatching gives them back
+    their own class."""
+    from tests.test_qwen3_vit import qwen
+    from timm.models._features import FeatureGetterNet
+    from timm.models.qwen3_vit import Qwen3VitClassifier
+
+    backbone = timm.create_model("vit_tiny_patch16_224", depth=2, features_only=True, out_indices=(1,)).eval()
+    for wrapper, own_class in ((backbone, FeatureGetterNet), (qwen("classifier"), Qwen3VitClassifier)):
+        assert type(wrapper) is own_class
+        tokenprune.patch(wrapper, r=2)
+        with pytest.raises(AttributeError, match=r"set r with tokenprune.patch\(model, r=16\)"):
+            wrapper.r = 16
+        assert isinstance(wrapper, own_class) and not hasattr(wrapper, "r")
+        torch.save(wrapper, tmp_path / "wrapper.pt")
+        restored = torch.load(tmp_path / "wrapper.pt", weights_only=False)
+        assert type(restored) is type(wrapper) and restored.state_dict().keys() == wrapper.state_dict().keys()
+        tokenprune.patch(wrapper, r=1)  # patching again keeps the guard
+        assert type(wrapper) is type(restored)
+        tokenprune.unpatch(wrapper)
+        assert type(wrapper) is own_class
+        wrapper.r = 16  # unpatched: an attribute like any other
+
+
 def test_bad_options() -> None:
     model = make("vit_cls")
     with pytest.raises(ValueError, match="unknown method 'tomee'"):

@@ -66,6 +66,7 @@ def patch(model: nn.Module, method: str | MethodConfig | None = None, **options:
     if current is not None and type(current) is not type(config):
         vit.remove(model)
     vit.apply(model, config, reducers)
+    vit.guard_wrappers(outer, True)
     return outer
 
 
@@ -109,6 +110,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     if getattr(inner, "tokenprune_config", None) is None:
         raise ValueError("the model is not patched by tokenprune")
     vit.remove(inner)
+    vit.guard_wrappers(model, False)
     return model
 
 

@@ -20,7 +20,6 @@ from .api import InputSize, input_tokens, patch_grid, plan
 from .patch.vit import (
     ATTENTION_FORWARDS,
     BLOCK_FLOPS,
-    WRAPPERS,
     block_prefix_tokens,
     family,
     head_dim,
@@ -29,6 +28,7 @@ from .patch.vit import (
     pool_includes_prefix,
     reducing_model,
     unwrap_runtime,
+    wrapper_of,
 )
 
 
@@ -127,7 +127,7 @@ def flops(model: nn.Module, input_size: InputSize, batch_size: int | None = None
 
 
 def _flops(model: nn.Module, input_size: InputSize, batch_size: int, with_head: bool) -> FlopReport:
-    wrapper = WRAPPERS.get(type(model))
+    wrapper = wrapper_of(model)
     if wrapper is not None:  # the inner model's FLOPs (its head if the wrapper runs it) and the wrapper's head
         inner = getattr(model, wrapper.attribute)
         report = _flops(inner, input_size, batch_size, with_head=with_head and wrapper.runs_inner_head)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..merge import TokenState
 from ..merge import unmerge as unmerge_tokens
 from . import vit
-from .vit import ReducingViT, Wrapper, linear_flops, refuse_dropping
+from .vit import ReducingViT, SettingsThroughPatch, Wrapper, linear_flops, refuse_dropping
 
 
 class ReducingQwen3VitEncoder(ReducingViT, Qwen3VitEncoder):
@@ -139,4 +139,9 @@ def _classifier_head_flops(model: nn.Module, patches: int) -> int:
 
 vit.PATCHED_CLASSES[Qwen3VitEncoder] = ReducingQwen3VitEncoder
 vit._ORIGINAL_CLASSES[ReducingQwen3VitEncoder] = Qwen3VitEncoder
-vit.WRAPPERS[Qwen3VitClassifier] = Wrapper("encoder", _classifier_head_flops)
+class GuardedQwen3VitClassifier(SettingsThroughPatch, Qwen3VitClassifier):
+    """timm's Qwen3 ViT classifier while tokenprune has patched its encoder."""
+
+
+vit.WRAPPERS[Qwen3VitClassifier] = Wrapper("encoder", _classifier_head_flops, GuardedQwen3VitClassifier)
+vit._ORIGINAL_CLASSES[GuardedQwen3VitClassifier] = Qwen3VitClassifier

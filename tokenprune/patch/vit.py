@@ -826,25 +826,50 @@ class Wrapper:
 
     attribute: str  # where the inner model is
     head_flops: Callable[[nn.Module, int], int]  # FLOPs per image of the wrapper's own head, given the patches
+    # The wrapper's class while its model is patched: the class with SettingsThroughPatch, so
+    # that published ToMe's wrapper.r = 16 raises rather than changing nothing.
+    guarded: type[nn.Module]
     runs_inner_head: bool = True  # False: its forward stops at the inner model's blocks (features_only)
     reads_every_patch: bool = False  # its outputs read every patch position: token dropping is refused
+
+
+class GuardedFeatureGetterNet(SettingsThroughPatch, FeatureGetterNet):
+    """timm's ``features_only=True`` backbone while tokenprune has patched its ViT."""
 
 
 # Wrapper class → where its reducing model is; families register theirs (patch/qwen3_vit.py).
 # timm's ``features_only=True`` backbone of a ViT is a FeatureGetterNet: its forward is the
 # inner model's forward_intermediates (on the unmerged grid here, so dense heads take it as is).
 WRAPPERS: dict[type[nn.Module], Wrapper] = {
-    FeatureGetterNet: Wrapper("model", lambda model, patches: 0, runs_inner_head=False, reads_every_patch=True),
+    FeatureGetterNet: Wrapper(
+        "model", lambda model, patches: 0, GuardedFeatureGetterNet, runs_inner_head=False, reads_every_patch=True
+    ),
 }
+_ORIGINAL_CLASSES[GuardedFeatureGetterNet] = FeatureGetterNet
+
+
+def wrapper_of(model: nn.Module) -> Wrapper | None:
+    """The model's entry in :data:`WRAPPERS` (guarded or not), or None if it wraps nothing."""
+    return WRAPPERS.get(original_class(model))
 
 
 def reducing_model(model: nn.Module) -> nn.Module:
     """The model whose blocks reduce tokens: ``model`` itself, or the one its wrappers hold
     (timm's, and torch.compile's or data parallelism's, which plans and FLOPs see through)."""
     model = unwrap_runtime(model)
-    while (wrapper := WRAPPERS.get(type(model))) is not None:
+    while (wrapper := wrapper_of(model)) is not None:
         model = getattr(model, wrapper.attribute)
     return model
+
+
+def guard_wrappers(model: nn.Module, guarded: bool) -> None:
+    """Give the timm wrappers around the patched model their guarded class (``guarded``), or
+    their own back. (torch.compile's wrapper hands ``r`` to the model already; DataParallel's
+    are not swapped.)"""
+    model = unwrap_runtime(model)
+    while (wrapper := wrapper_of(model)) is not None:
+        model.__class__ = wrapper.guarded if guarded else original_class(model)
+        model = getattr(model, wrapper.attribute)
 
 
 def unwrap_runtime(model: nn.Module) -> nn.Module:
@@ -886,9 +911,9 @@ def refuse_unsynchronised_parameters(outer: nn.Module, reducers: list[Any]) -> N
 def check_method_for(model: nn.Module, config: Any) -> None:
     """Raise a TypeError for a method that the model (its wrappers, its family) cannot run
     exactly, before anything is patched."""
-    while (wrapper := WRAPPERS.get(type(model))) is not None:
+    while (wrapper := wrapper_of(model)) is not None:
         if wrapper.reads_every_patch:
-            refuse_dropping(config, f"{type(model).__name__}'s outputs")
+            refuse_dropping(config, f"{original_class(model).__name__}'s outputs")
         model = getattr(model, wrapper.attribute)
     known = family(model)
     # Methods that merge and unmerge inside every block (merge_unmerge) run where a family has a
