@@ -526,10 +526,10 @@ def test_write_atomic_text_and_bytes(tmp_path: Path) -> None:
 
 
 def test_write_atomic_permissions_umask_and_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The file gets the mode a plain open() would give it, the process umask is left as it was,
-    the temp file lies beside the target (os.replace within one file system) and reaches the disk
-    before the rename, and a write that fails or is interrupted before the rename leaves the old
-    file and no temp file."""
+    """The file gets the mode a plain open() would give it without the umask being touched (setting
+    it, even to read it, races with other threads), the temp file lies beside the target
+    (os.replace within one file system) and reaches the disk before the rename, and a write that
+    fails or is interrupted before the rename leaves the old file and no temp file."""
     import os
     import stat
 
@@ -538,8 +538,10 @@ def test_write_atomic_permissions_umask_and_failure(tmp_path: Path, monkeypatch:
     target = tmp_path / "out.txt"
     previous = os.umask(0o027)
     try:
-        harness.write_atomic(target, "x")
-        assert os.umask(0o027) == 0o027  # the umask is restored
+        with monkeypatch.context() as patched:
+            patched.setattr(_io.os, "umask", lambda mask: pytest.fail("write_atomic set the umask"))
+            harness.write_atomic(target, "x")
+        assert os.umask(0o027) == 0o027  # the umask is as it was
     finally:
         os.umask(previous)
     assert stat.S_IMODE(target.stat().st_mode) == 0o640  # 0o666 less the umask, not mkstemp's 0o600
