@@ -137,11 +137,11 @@ def _classifier_head_flops(model: nn.Module, patches: int) -> int:
     return linear_flops(1 if model.global_pool else outputs, model.head)
 
 
-vit.PATCHED_CLASSES[Qwen3VitEncoder] = ReducingQwen3VitEncoder
-vit._ORIGINAL_CLASSES[ReducingQwen3VitEncoder] = Qwen3VitEncoder
 class GuardedQwen3VitClassifier(SettingsThroughPatch, Qwen3VitClassifier):
     """timm's Qwen3 ViT classifier while tokenprune has patched its encoder."""
 
 
+vit.PATCHED_CLASSES[Qwen3VitEncoder] = ReducingQwen3VitEncoder
+vit._ORIGINAL_CLASSES[ReducingQwen3VitEncoder] = Qwen3VitEncoder
 vit.WRAPPERS[Qwen3VitClassifier] = Wrapper("encoder", _classifier_head_flops, GuardedQwen3VitClassifier)
 vit._ORIGINAL_CLASSES[GuardedQwen3VitClassifier] = Qwen3VitClassifier
