@@ -217,18 +217,18 @@ def _resolve_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-def _backend_ran(model: nn.Module, inputs: Inputs) -> str:
-    """What a patched model's merging ran on: "auto" as its family resolves it (SAM's blocks: the
-    PyTorch path), then each op's rule (Triton for CUDA tensors)."""
-    resolved = reducing_model(model).blocks[0].backend
-    return "triton" if use_triton(resolved, leading_tensor(inputs)) else "torch"
-
-
 # One group: a model at one batch size and compile mode
 
 
 def _has_backend(method: str) -> bool:
     return any(f.name == "backend" for f in dataclasses.fields(tokenprune.METHODS[method]))
+
+
+def _backend_ran(model: nn.Module, inputs: Inputs) -> str:
+    """What a patched model's merging ran on: "auto" as its family resolves it (SAM's blocks: the
+    PyTorch path), then each op's rule (Triton for CUDA tensors)."""
+    resolved = reducing_model(model).blocks[0].backend
+    return "triton" if use_triton(resolved, leading_tensor(inputs)) else "torch"
 
 
 def _speedup_timer(

@@ -66,8 +66,8 @@ class Step:
     needs: str | None = None  # a module it cannot run without
 
 
-# In order of what the project most needs measured; min_s and max_s from the H200 run of
-# 2026-11-30 (its log: evals/results/gpu_run_h200.log). They add up to more than one 10-minute
+# In order of what the project most needs measured; min_s and max_s from the H200 runs of
+# 2026-11-30 and 2026-12-01 (the latest log: evals/results/gpu_run_h200.log). They add up to more than one 10-minute
 # call: the first call runs them in order until its budget is spent, and its log names the
 # steps it skipped or stopped, for a second call with --only on the still-warm machine.
 STEPS: tuple[Step, ...] = (

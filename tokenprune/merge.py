@@ -183,7 +183,7 @@ def mean_over_source_pairs(bias: Tensor, state: TokenState) -> Tensor:
     # W [B, 1, T, N]: row t spreads token t's weight evenly over the input tokens it covers.
     # W · bias · Wᵀ as two matmuls (BLAS / tensor cores, deterministic) rather than two scatter
     # merges over the [H, N, N] table: on a 2-core CPU ~20 % faster at ViT-B size.
-    member = source_matrix(state.source_index, state.num_tokens).to(bias.dtype)
+    member = source_matrix(state.source_index, state.num_tokens, bias.dtype)
     w = (member / member.sum(-1, keepdim=True)).unsqueeze(1)
     return w @ bias @ w.transpose(-1, -2)
 
@@ -283,13 +283,13 @@ def unmerge(x: Tensor, source_index: Tensor) -> Tensor:
     return full.masked_fill(source_index.unsqueeze(-1) < 0, 0.0)
 
 
-def source_matrix(source_index: Tensor, num_tokens: int) -> Tensor:
+def source_matrix(source_index: Tensor, num_tokens: int, dtype: torch.dtype = torch.int64) -> Tensor:
     """Dense [B, T, T_in] 0/1 map from current tokens to the input tokens they cover (ToMe's
-    ``source``); dropped input tokens have an all-zero column."""
+    ``source``), in ``dtype``; dropped input tokens have an all-zero column."""
     # By comparison, not F.one_hot, which checks its indices' range on the host: a device
     # synchronisation per call, and BEiT's merged position bias calls this in every block.
     tokens = torch.arange(num_tokens, device=source_index.device).view(1, num_tokens, 1)
-    return (source_index.unsqueeze(1) == tokens).long()
+    return (source_index.unsqueeze(1) == tokens).to(dtype)
 
 
 def bipartite_matching_flops(num_tokens: int, num_protected: int, dim: int) -> int:

@@ -853,23 +853,27 @@ def wrapper_of(model: nn.Module) -> Wrapper | None:
     return WRAPPERS.get(original_class(model))
 
 
+def wrapper_chain(model: nn.Module) -> list[nn.Module]:
+    """``model``, the timm wrappers inside it (:data:`WRAPPERS`), and the model they hold,
+    outermost first (as :func:`runtime_chain` for the runtime wrappers)."""
+    chain = [model]
+    while (wrapper := wrapper_of(chain[-1])) is not None:
+        chain.append(getattr(chain[-1], wrapper.attribute))
+    return chain
+
+
 def reducing_model(model: nn.Module) -> nn.Module:
     """The model whose blocks reduce tokens: ``model`` itself, or the one its wrappers hold
     (timm's, and torch.compile's or data parallelism's, which plans and FLOPs see through)."""
-    model = unwrap_runtime(model)
-    while (wrapper := wrapper_of(model)) is not None:
-        model = getattr(model, wrapper.attribute)
-    return model
+    return wrapper_chain(unwrap_runtime(model))[-1]
 
 
 def guard_wrappers(model: nn.Module, guarded: bool) -> None:
     """Give the timm wrappers around the patched model their guarded class (``guarded``), or
     their own back. (torch.compile's wrapper hands ``r`` to the model already; DataParallel's
     are not swapped.)"""
-    model = unwrap_runtime(model)
-    while (wrapper := wrapper_of(model)) is not None:
-        model.__class__ = wrapper.guarded if guarded else original_class(model)
-        model = getattr(model, wrapper.attribute)
+    for wrapper in wrapper_chain(unwrap_runtime(model))[:-1]:
+        wrapper.__class__ = wrapper_of(wrapper).guarded if guarded else original_class(wrapper)
 
 
 def unwrap_runtime(model: nn.Module) -> nn.Module:
@@ -911,10 +915,10 @@ def refuse_unsynchronised_parameters(outer: nn.Module, reducers: list[Any]) -> N
 def check_method_for(model: nn.Module, config: Any) -> None:
     """Raise a TypeError for a method that the model (its wrappers, its family) cannot run
     exactly, before anything is patched."""
-    while (wrapper := wrapper_of(model)) is not None:
-        if wrapper.reads_every_patch:
-            refuse_dropping(config, f"{original_class(model).__name__}'s outputs")
-        model = getattr(model, wrapper.attribute)
+    *wrappers, model = wrapper_chain(model)
+    for wrapper in wrappers:
+        if wrapper_of(wrapper).reads_every_patch:
+            refuse_dropping(config, f"{original_class(wrapper).__name__}'s outputs")
     known = family(model)
     # Methods that merge and unmerge inside every block (merge_unmerge) run where a family has a
     # block for them (takes_unmerging: SAM, plain ViTs).
