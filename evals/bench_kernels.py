@@ -5,8 +5,9 @@
 The rows are the shapes that decide the kernels' dispatch (``backend="auto"``): the match at
 ViT-B's, the video ViT's and SAM-B's shapes, and float32 rows of growing width (the kernel's
 IEEE float32 dot against cuBLAS's matmul: :data:`kernels.match.FP32_KERNEL_MAX_FLOPS`), the
-assignment at growing A-token counts (:data:`kernels.bipartite.AUTO_MAX_A_TOKENS`), and the
-merge. Each call is repeated back to back between two device synchronisations, so the GPU's
+assignment with its member lists at growing A-token counts (the kernel lays them out; the
+reference path sorts ``dest`` for the merge kernel: :data:`kernels.bipartite.AUTO_MAX_A_TOKENS`),
+and the merge on those member lists. Each call is repeated back to back between two device synchronisations, so the GPU's
 queue stays full and the clock reads device time wherever the device is the bottleneck (a
 small shape's time is the host's launch time, which in a model overlaps the GPU's work).
 Timing as in ``evals.harness``: warm-up, median of runs, both backends round-robin. For a GPU
@@ -25,10 +26,11 @@ import torch
 
 from evals.harness import RESULTS_DIR, command_line, environment, measure_interleaved, write_atomic
 from kernels import (
+    MemberLists,
     best_match_reference,
     best_match_triton,
     bipartite_dest_reference,
-    bipartite_dest_triton,
+    bipartite_members,
     merge_wavg_reference,
     merge_wavg_triton,
 )
@@ -105,13 +107,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         score = randn(batch, num_a)
         best_b = torch.randint(0, num_a, (batch, num_a), generator=generator, device=device)
         num_tokens, r = 2 * num_a, num_a // 2
-        rows.append(_time_pair(label, "assignment", lambda: bipartite_dest_triton(score, best_b, r, num_tokens, 0),
-                               lambda: bipartite_dest_reference(score, best_b, r, num_tokens, 0), args, device))  # fmt: skip
+        # What the merges after the matching read: the kernel's member lists, or the
+        # reference's dest sorted (as MemberLists does when the merge kernel asks).
+        rows.append(_time_pair(label, "assignment + member lists",
+                               lambda: bipartite_members(score, best_b, r, num_tokens, 0, "triton"),
+                               lambda: MemberLists(bipartite_dest_reference(score, best_b, r, num_tokens, 0)).sorted(),
+                               args, device))  # fmt: skip
     for label, batch, tokens, channels, r in MERGE_SHAPES:
         x, size = randn(batch, tokens, channels), torch.ones(batch, tokens, 1, device=device)
         dest = bipartite_soft_matching(randn(batch, tokens, 64, dtype=torch.bfloat16), r, 0, "torch")
+        members = MemberLists(dest)
+        members.sorted()  # the kernel alone: the member lists come with the matching
         num_out = tokens - r
-        rows.append(_time_pair(label, "merge", lambda: merge_wavg_triton(x, size, dest, num_out),
+        rows.append(_time_pair(label, "merge", lambda: merge_wavg_triton(x, size, dest, num_out, members),
                                lambda: merge_wavg_reference(x, size, dest, num_out), args, device))  # fmt: skip
 
     env = environment(device)

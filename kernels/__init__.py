@@ -9,7 +9,8 @@
   attention runs it where the kernel cannot (gradients, ``torch.compile``).
 * :mod:`kernels.bipartite` — ``bipartite_dest(best_score, best_b, r, ...)``: ToMe's merge
   assignment (the r best-scoring A tokens go to their partners, the rest keep their order) in
-  one launch, where PyTorch needs a stable argsort and about fifteen small kernels.
+  one launch, where PyTorch needs a stable argsort and about fifteen small kernels;
+  ``bipartite_members`` also lays out the merge kernel's member lists (dest's stable sort).
 * :mod:`kernels.merge` — ``merge_wavg_triton(x, size, dest, num_out)``: the size-weighted merge
   of ``tokenprune.merge.merge_wavg``, deterministic (no atomics), with a gather backward.
 * :mod:`kernels.temporal_match` — ``temporal_best_match(metric, pos, window)``: video temporal
@@ -33,7 +34,7 @@ from __future__ import annotations
 
 from kernels.attention import attention, attention_folded, attention_reference, attention_triton
 from kernels._triton import BACKENDS, HAS_TRITON, INTERPRET, triton_usable, use_triton
-from kernels.bipartite import bipartite_dest, bipartite_dest_reference, bipartite_dest_triton
+from kernels.bipartite import bipartite_dest, bipartite_dest_reference, bipartite_dest_triton, bipartite_members
 from kernels.match import best_match, best_match_reference, best_match_triton
 from kernels.merge import MemberLists, merge_wavg, merge_wavg_reference, merge_wavg_triton
 from kernels.temporal_match import temporal_best_match, temporal_best_match_reference, temporal_best_match_triton
@@ -52,6 +53,7 @@ __all__ = [
     "bipartite_dest",
     "bipartite_dest_reference",
     "bipartite_dest_triton",
+    "bipartite_members",
     "MemberLists",
     "merge_wavg",
     "merge_wavg_reference",

@@ -6,7 +6,8 @@ run. In the kernel
 each output token is produced by exactly one program that sums its members itself, in input
 order, in float32 (a program owns a tile of output tokens and walks their member lists
 side by side); the inverse of ``dest`` (which inputs go to which output) is a stable sort,
-made once per matching however many tensors it merges (:class:`MemberLists`). Same input →
+made once per matching however many tensors it merges (:class:`MemberLists`), or laid out by
+ToMe's assignment kernel beside ``dest`` (:func:`kernels.bipartite_members`). Same input →
 same bits, on every run.
 """
 
@@ -29,11 +30,15 @@ class MemberLists:
     needs it and shared by every merge with the same ``dest``. A matching whose ``dest`` merges
     several tensors (the tokens and their positions; SAM's tokens, position-bias terms and MLP
     input) then sorts once, not once per tensor: the H200 profile of SAM-B ran 72 sorts per
-    forward for 12 matchings."""
+    forward for 12 matchings.
 
-    def __init__(self, dest: Tensor) -> None:
+    ``sort``: the stable sort (sorted_dest, order), when whoever made ``dest`` laid it out too
+    (ToMe's assignment kernel, :func:`kernels.bipartite_members`): then nothing is sorted.
+    """
+
+    def __init__(self, dest: Tensor, sort: tuple[Tensor, Tensor] | None = None) -> None:
         self.dest = dest
-        self._sorted: tuple[Tensor, Tensor] | None = None
+        self._sorted = sort
 
     def sorted(self) -> tuple[Tensor, Tensor]:
         """(sorted_dest, order), each [B, T]: output o's members are order[first:last], the run

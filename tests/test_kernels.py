@@ -366,20 +366,30 @@ def a_tokens(tokens: int, p: int) -> int:
         (3, 18, 1),  # even T, class token
         (2, 17, 0),  # odd T, no prefix: A starts at 0
         (2, 22, 5),  # odd prefix (registers): A starts one later
+        (2, 34, 1),  # Nb = Na + 1 = 17: the B tokens take two 16-token chunks
         (2, 197, 1),  # ViT-B/16 at 224²
-        (2, 1569, 1),  # video: Na = 784 needs several rank chunks
+        (1, 1569, 1),  # video: Na = 784 needs several rank chunks
     ],
 )
 def test_bipartite_dest_matches_reference(batch: int, tokens: int, p: int) -> None:
+    """The kernel's dest, and the member lists it lays out beside it, are the reference's dest
+    and that dest's stable sort (what the merge kernel would otherwise sort)."""
     num_a = a_tokens(tokens, p)
     num_b = tokens - p - num_a
     for levels in (None, 3):  # distinct scores, then mostly ties (lowest A index first)
         score, best_b = assignment_inputs(batch, num_a, num_b, seed=tokens + p, levels=levels)
         cap = kernels.bipartite.max_bipartite_r(tokens, p)
         for r in sorted({0, 1, cap // 2, cap}):
-            got = kernels.bipartite_dest_triton(score, best_b, r, tokens, p)
             want = kernels.bipartite_dest_reference(score, best_b, r, tokens, p)
-            assert torch.equal(got, want), (levels, r)
+            assert torch.equal(kernels.bipartite_dest_triton(score, best_b, r, tokens, p), want), (levels, r)
+            assert_members_are_stable_sort(kernels.bipartite_members(score, best_b, r, tokens, p, "triton"), want)
+
+
+def assert_members_are_stable_sort(members: kernels.MemberLists, dest: torch.Tensor) -> None:
+    assert members._sorted is not None, "the kernel laid out no member lists"
+    assert torch.equal(members.dest, dest)
+    sorted_dest, order = torch.sort(dest, dim=1, stable=True)
+    assert torch.equal(members._sorted[0], sorted_dest) and torch.equal(members._sorted[1], order)
 
 
 def test_bipartite_dest_nan_and_infinite_scores_rank_like_a_stable_sort() -> None:
@@ -389,8 +399,9 @@ def test_bipartite_dest_nan_and_infinite_scores_rank_like_a_stable_sort() -> Non
     best_b = torch.arange(8).flip(0).unsqueeze(0)
     score, best_b = score.to(DEVICE), best_b.to(DEVICE)
     for r in range(9):
-        got = kernels.bipartite_dest_triton(score, best_b, r, 17, 1)
-        assert torch.equal(got, kernels.bipartite_dest_reference(score, best_b, r, 17, 1)), r
+        want = kernels.bipartite_dest_reference(score, best_b, r, 17, 1)
+        assert torch.equal(kernels.bipartite_dest_triton(score, best_b, r, 17, 1), want), r
+        assert_members_are_stable_sort(kernels.bipartite_members(score, best_b, r, 17, 1, "triton"), want)
 
 
 def test_bipartite_dest_strided_scores_and_dispatch() -> None:
@@ -411,6 +422,10 @@ def test_bipartite_dest_strided_scores_and_dispatch() -> None:
         kernels.bipartite_dest_triton(score.half(), best_b, 1, 49, 1)
     empty = kernels.bipartite_dest_triton(score[:0], best_b[:0], 1, 49, 1)
     assert empty.shape == (0, 49)
+    # The reference path's member lists: the same dest, sorted when a merge kernel asks.
+    members = kernels.bipartite_members(score, best_b, 10, 49, 1, backend="torch")
+    assert members._sorted is None and torch.equal(members.dest, want)
+    assert torch.equal(members.sorted()[1], torch.sort(want, dim=1, stable=True)[1])
 
 
 def test_auto_leaves_the_kernels_where_the_references_are_faster(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -428,7 +443,7 @@ def test_auto_leaves_the_kernels_where_the_references_are_faster(monkeypatch: py
         reference = getattr(module, f"{name}_reference")
         monkeypatch.setattr(module, f"{name}_reference", lambda *a, _r=reference: ran.append("reference") or _r(*a))
     monkeypatch.setattr(kernels.match, "best_match_triton", lambda a, b: ran.append("kernel"))
-    monkeypatch.setattr(kernels.bipartite, "_launch", lambda *args: ran.append("kernel"))
+    monkeypatch.setattr(kernels.bipartite, "_launch", lambda *args, **kwargs: ran.append("kernel") or kernels.MemberLists(None))
     monkeypatch.setattr(kernels.match, "INTERPRET", False)  # a compiled kernel: bf16 goes to the tensor cores
 
     def match(dim: int, dtype: torch.dtype, backend: str = "auto") -> str:
@@ -646,7 +661,8 @@ def test_merge_dispatch_and_validation() -> None:
 def test_merges_of_one_matching_share_one_sort(monkeypatch: pytest.MonkeyPatch) -> None:
     """The tensors one matching merges share the kernel's sort of ``dest``: ToMe's tokens and
     their positions (video, two-stage merging), and a merge-unmerge block's sizes, attention
-    input and MLP input (SAM). Each merge gives what it gives alone; the sort runs once."""
+    input and MLP input (SAM). Each merge gives what it gives alone; the sort runs once, or
+    never where ToMe's assignment kernel laid out the member lists (the block's matching)."""
     from tokenprune.merge import BlockMerge, TokenState, merge_state
 
     sorts = []
@@ -663,7 +679,7 @@ def test_merges_of_one_matching_share_one_sort(monkeypatch: pytest.MonkeyPatch) 
     sorts.clear()
     merging = BlockMerge(tokens, 5, backend="triton")
     merged_tokens, mlp_input = merging.merge(tokens), merging.merge(tokens * 2)
-    assert len(sorts) == 1
+    assert len(sorts) == 0
     ones = torch.ones(3, 16, 1, device=DEVICE)
     assert torch.equal(merged_tokens, merge_wavg_triton(tokens, ones, merging.dest, merging.num_out)[0])
     assert torch.equal(mlp_input, merge_wavg_triton(tokens * 2, ones, merging.dest, merging.num_out)[0])
@@ -1059,9 +1075,10 @@ def test_pitome_merges_on_the_merge_kernel(monkeypatch: pytest.MonkeyPatch) -> N
     assert len(launches) == 2
 
 
-def test_tome_step_on_the_triton_path_is_three_launches_and_a_sort(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tome_step_on_the_triton_path_is_three_launches(monkeypatch: pytest.MonkeyPatch) -> None:
     """What the Triton path exists for: a block's ToMe step (match, assignment, merge) launches
-    its three kernels and one stable sort; every other PyTorch op it dispatches only allocates.
+    its three kernels, and every other PyTorch op it dispatches only allocates: no sort, as the
+    assignment kernel lays out the merge kernel's member lists.
     The kernels are replaced by recorders (the interpreter would add its own copies), and the
     PyTorch ops are counted below the dispatcher, where views and allocations are told apart."""
     import collections
@@ -1071,7 +1088,8 @@ def test_tome_step_on_the_triton_path_is_three_launches_and_a_sort(monkeypatch: 
     import kernels.merge
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from tokenprune.merge import TokenState, merge_state
+    from tokenprune.merge import TokenState
+    from tokenprune.methods.tome import BipartiteMerge
 
     launches: collections.Counter[str] = collections.Counter()
 
@@ -1100,10 +1118,9 @@ def test_tome_step_on_the_triton_path_is_three_launches_and_a_sort(monkeypatch: 
     metric = torch.randn(2, 197, 64, device=DEVICE).bfloat16()
     state = TokenState(torch.randn(2, 197, 96, device=DEVICE), torch.ones(2, 197, 1, device=DEVICE))
     with CountOps() as counter:
-        dest = bipartite_soft_matching(metric, 16, 1, "triton")
-        merge_state(state, dest, 197 - 16, "triton")
+        BipartiteMerge(r=16, num_protected=1, backend="triton")(state, metric)
     assert launches == {"match": 1, "assignment": 1, "merge": 1}
-    assert set(counter.ops) == {"empty", "sort"} and counter.ops["sort"] == 1, dict(counter.ops)
+    assert set(counter.ops) <= {"empty", "empty_like"}, dict(counter.ops)
 
 
 def test_temporal_match_centroids_exactly_window_apart() -> None:

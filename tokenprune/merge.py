@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels import MemberLists, best_match, bipartite_dest, merge_wavg
+from kernels import MemberLists, best_match, bipartite_dest, bipartite_members, merge_wavg
 from kernels.bipartite import bipartite_split, max_bipartite_r  # noqa: F401 (max_bipartite_r: part of this module's API)
 
 
@@ -107,12 +107,15 @@ def start_state(
     return TokenState(x, size, source_index, pos, grid, input_valid=valid)
 
 
-def merge_state(state: TokenState, dest: Tensor, num_out: int, backend: str = "auto") -> TokenState:
+def merge_state(
+    state: TokenState, dest: Tensor, num_out: int, backend: str = "auto", members: MemberLists | None = None
+) -> TokenState:
     """Apply one matching (``dest``) to every field of the state: tokens become size-weighted
     averages (ToMe: x ← Σ s·x / Σ s, :func:`kernels.merge_wavg`), sizes add up, sources follow,
-    positions become size-weighted centroids."""
+    positions become size-weighted centroids. ``members``: ``dest``'s member lists, where the
+    matching made them (:func:`bipartite_soft_matching_members`)."""
     sizes = state.sizes()
-    members = MemberLists(dest)  # the tokens and their positions: one sort of dest between them
+    members = members or MemberLists(dest)  # the tokens and their positions: one sort of dest between them
     x, size = merge_wavg(state.x, sizes, dest, num_out, backend, members)
     source_index = state.source_index
     if source_index is not None:  # input tokens dropped earlier (-1) stay dropped
@@ -319,8 +322,16 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int, backend:
     Returns:
         dest: [B, T] int64, the index of each token in the merged sequence of T - r tokens.
     """
+    return bipartite_soft_matching_members(metric, r, num_protected, backend).dest
+
+
+def bipartite_soft_matching_members(metric: Tensor, r: int, num_protected: int, backend: str = "auto") -> MemberLists:
+    """:func:`bipartite_soft_matching`'s ``dest`` with its member lists (``.dest``, and the
+    stable sort that the merge kernel reads): on the Triton path the assignment kernel lays
+    them out as it goes (:func:`kernels.bipartite_members`), so the merges by ``dest`` sort
+    nothing."""
     best_score, best_b = bipartite_best_match(metric, num_protected, backend=backend)
-    return bipartite_dest(best_score, best_b, r, metric.shape[1], num_protected, backend)
+    return bipartite_members(best_score, best_b, r, metric.shape[1], num_protected, backend)
 
 
 def padding_first_matching(metric: Tensor, padding: Tensor, r: int, num_protected: int, backend: str = "auto") -> Tensor:
@@ -384,9 +395,9 @@ class BlockMerge:
     ) -> None:
         metric = tokens if padding is None else torch.cat([tokens, padding.to(tokens.dtype)], dim=-1)
         self.num_out = tokens.shape[1] - merged
-        self.dest = bipartite_soft_matching(metric, merged, num_protected, backend)
+        self.members = bipartite_soft_matching_members(metric, merged, num_protected, backend)
+        self.dest = self.members.dest
         self.backend = backend
-        self.members = MemberLists(self.dest)  # every merge of the block's tensors sorts dest once
         real = tokens.new_ones(*tokens.shape[:2], 1, dtype=torch.float32)
         if padding is not None:
             real = real - padding.float()

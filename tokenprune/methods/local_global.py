@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..merge import (
     TokenState,
     bipartite_best_match,
-    bipartite_dest,
+    bipartite_members,
     bipartite_matching_flops,
     max_bipartite_r,
     merge_state,
@@ -155,8 +155,8 @@ class PositionalBipartiteMerge:
             r = min(cap, int((best_score > threshold).sum(dim=1).min()))
             if r == 0:
                 return state
-        dest = bipartite_dest(best_score, best_b, r, state.num_tokens, self.num_protected, self.backend)
-        return merge_state(state, dest, state.num_tokens - r, self.backend)
+        members = bipartite_members(best_score, best_b, r, state.num_tokens, self.num_protected, self.backend)
+        return merge_state(state, members.dest, state.num_tokens - r, self.backend, members)
 
 
 @dataclass(frozen=True)

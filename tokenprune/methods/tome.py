@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from ..merge import (
     TokenState,
     bipartite_matching_flops,
-    bipartite_soft_matching,
+    bipartite_soft_matching_members,
     max_bipartite_r,
     merge_state,
     padding_first_matching,
@@ -45,9 +45,9 @@ class BipartiteMerge:
             return state
         if state.padded:
             dest = padding_first_matching(metric, state.size[..., 0] == 0, r, self.num_protected, self.backend)
-        else:
-            dest = bipartite_soft_matching(metric, r, self.num_protected, self.backend)
-        return merge_state(state, dest, state.num_tokens - r, self.backend)
+            return merge_state(state, dest, state.num_tokens - r, self.backend)
+        members = bipartite_soft_matching_members(metric, r, self.num_protected, self.backend)
+        return merge_state(state, members.dest, state.num_tokens - r, self.backend, members)
 
 
 @dataclass(frozen=True)
