@@ -101,6 +101,15 @@ def test_mean_over_source_pairs_against_the_membership_matrix(shape: tuple[int, 
     got = mean_over_source_pairs(bias, state)
     assert got.shape == (batch, 3, 6, 6)
     torch.testing.assert_close(got, expected)
+    # The definition, pair by pair: the mean of bias(i, j) over the inputs i of t and j of u.
+    per_sample = bias.expand(batch, *bias.shape[-3:])
+    for b in range(batch):
+        for t in range(6):
+            for u in range(6):
+                inputs_t = (state.source_index[b] == t).nonzero()[:, 0]
+                inputs_u = (state.source_index[b] == u).nonzero()[:, 0]
+                pairs = per_sample[b][:, inputs_t][:, :, inputs_u]
+                torch.testing.assert_close(got[b, :, t, u], pairs.mean(dim=(1, 2)))
 
 
 @pytest.mark.parametrize("method,options", [("local_global", {"local_block": 1}), ("evit", {"keep_ratio": 0.7})])
