@@ -1,19 +1,20 @@
 """Every GPU figure the project owes, fixed in advance, for the device tool's 10-minute calls.
 
     TOKENPRUNE_GIT_COMMIT=<sha> PYTHONPATH=. python -m evals.gpu_run --out "$OUT" --budget-s 535
-    ... python -m evals.gpu_run --out "$OUT" --budget-s 250 --only 14-15   # the rest, machine still warm
+    ... python -m evals.gpu_run --out "$OUT" --budget-s 250 --only 15-16   # the rest, machine still warm
     python -m evals.gpu_run --dry-run                  # the numbered steps and their time limits, anywhere
 
-GPUs are lent rarely and briefly, so the steps are fixed here rather than retyped each time, the
-headline figures first: ViT-B/16 at batch 256, torch against Triton merging, the r values of
-ToMe's table (the kernels' targets), and at batch 1 (latency); profiles of r=16 at batch 256
-and at batch 1 (is the GPU waiting on the host?); the merge step alone; each kernel alone
-against its reference (the shapes that set the "auto" dispatch); attention
-with the size bias alone (as a mask, folded into q and k, in the Triton kernel); the kernel
-tests on CUDA; the DINOv2 ViT-S/14 budget sweep; the video ViT-B sweep; the SAM encoder with
-merge_unmerge, and its profile; SigLIP 2 NaFlex on packed sequences; RoPE and
-relative-position models (DINOv3, EVA-02, BEiT v2); CaiT, SigLIP 2 NaFlex and the Qwen3-VL
-vision encoder; torch.compile with CUDA graphs, at batch 256 and 1.
+GPUs are lent rarely and briefly, so the steps are fixed here rather than retyped each time, in
+the order the project needs them: the kernel tests on CUDA (is what the figures time correct?);
+the profile of ToMe r=16 on ViT-B/16 at batch 256 (the merge step's share); ViT-B/16 at batch
+256, torch against Triton merging, the r values of ToMe's table (the kernels' targets), and at
+batch 1 (latency); each kernel alone against its reference (the shapes that set the "auto"
+dispatch); RoPE and relative-position models (DINOv3, EVA-02, BEiT v2), and BEiT's profile;
+the SAM encoder with merge_unmerge, and its profile; the video ViT-B sweep; the DINOv2
+ViT-S/14 budget sweep; the merge step alone; attention with the size bias alone (as a mask,
+folded into q and k, in the Triton kernel); the profile at batch 1 (is the GPU waiting on the
+host?); SigLIP 2 NaFlex on packed sequences; CaiT, SigLIP 2 NaFlex and the Qwen3-VL vision
+encoder; torch.compile with CUDA graphs, at batch 256 and 1.
 
 **Time.** All the steps take more than one call (their minimums sum to more than 540 s), and a
 session has 15 minutes of device time in all. ``--budget-s`` is what the steps may use
@@ -72,11 +73,10 @@ class Step:
 # steps it skipped or stopped, for a second call with --only on the still-warm machine.
 STEPS: tuple[Step, ...] = (
     Step(
-        "ViT-B/16, batch 256 and batch 1 (latency), bfloat16: unpatched vs ToMe with torch and Triton merging",
-        "evals.bench",
-        ("--model", "vit_base_patch16_224", "--r", "8", "--r", "13", "--r", "16", "--r", "16,-1",
-         "--batch-size", "256", "--batch-size", "1", "--no-manual", "--out", f"{RESULTS}/bench_vitb_cuda.json"),
-        45, 110,  # 41 s (2026-11-30), 50 s (2026-12-01)
+        "kernel tests on CUDA",
+        "pytest",
+        ("-q", "-p", "no:cacheprovider", "tests/test_kernels.py", "--junitxml", f"{RESULTS}/test_kernels_cuda.xml"),
+        50, 150, needs="pytest",  # 44 s and 63 s with 8 xdist workers; over 111 s without
     ),  # fmt: skip
     Step(
         "profile of ToMe r=16 on ViT-B (issue 3's setting): GPU kernel time against wall time, torch and Triton",
@@ -86,14 +86,12 @@ STEPS: tuple[Step, ...] = (
         25, 60,  # 33 s and 29 s
     ),  # fmt: skip
     Step(
-        "profile of ToMe r=16 on ViT-B at batch 1: where the host time goes (ToMe ran at 0.27-0.45x the unpatched "
-        "model's speed there)",
-        "evals.bench_profile",
-        ("--model", "vit_base_patch16_224", "--r", "16", "--batch-size", "1", "--backend", "torch", "--backend",
-         "triton", "--out", f"{RESULTS}/profile_vitb_r16_batch1_cuda.json"),
-        20, 45,
+        "ViT-B/16, batch 256 and batch 1 (latency), bfloat16: unpatched vs ToMe with torch and Triton merging",
+        "evals.bench",
+        ("--model", "vit_base_patch16_224", "--r", "8", "--r", "13", "--r", "16", "--r", "16,-1",
+         "--batch-size", "256", "--batch-size", "1", "--no-manual", "--out", f"{RESULTS}/bench_vitb_cuda.json"),
+        45, 110,  # 41 s (2026-11-30), 50 s (2026-12-01)
     ),  # fmt: skip
-    Step("merge step alone, torch vs Triton", "evals.bench_merge", (), 30, 60),  # 31 s
     Step(
         "each kernel alone against its PyTorch reference, at ViT-B's, the video ViT's and SAM-B's shapes and across "
         "the widths and token counts that set the dispatch of backend='auto'",
@@ -102,25 +100,38 @@ STEPS: tuple[Step, ...] = (
         20, 60, needs="triton",  # 30 s
     ),  # fmt: skip
     Step(
-        "attention with the size bias alone: SDPA with a mask, SDPA with the bias folded into q/k, Triton; "
-        "forward, and forward + backward",
-        "evals.bench_attention",
-        (),
-        25, 60, needs="triton",  # 25 s
-    ),  # fmt: skip
-    Step(
-        "kernel tests on CUDA",
-        "pytest",
-        ("-q", "-p", "no:cacheprovider", "tests/test_kernels.py", "--junitxml", f"{RESULTS}/test_kernels_cuda.xml"),
-        50, 150, needs="pytest",  # 44 s and 63 s with 8 xdist workers; over 111 s without
-    ),  # fmt: skip
-    Step(
-        "DINOv2 ViT-S/14 at the fidelity budgets (for the Pareto plot)",
+        "RoPE and relative-position models: DINOv3 ViT-B/16, EVA-02 B/14 and BEiT v2 B/16, unpatched vs ToMe "
+        "with torch and Triton merging",
         "evals.bench",
-        ("--model", "vit_small_patch14_dinov2", "--img-size", "224", "--method", "tome", "--method", "local_global",
-         "--method", "evit", "--budget", "0.9", "--budget", "0.8", "--budget", "0.7", "--budget", "0.6",
-         "--budget", "0.5", "--backend", "auto", "--no-manual", "--out", f"{RESULTS}/bench_dinov2_cuda.json"),
-        35, 150,  # 33 s
+        ("--model", "vit_base_patch16_dinov3", "--model", "eva02_base_patch14_224", "--model", "beitv2_base_patch16_224",
+         "--r", "8", "--r", "16", "--r", "16,-1", "--no-manual", "--out", f"{RESULTS}/bench_eva_beit_cuda.json"),
+        90, 150,  # 82 s
+    ),  # fmt: skip
+    Step(
+        "profile of ToMe r=8 on BEiT v2 B/16, batch 256: where its merged relative position bias goes (ToMe ran "
+        "at 0.55-0.60x the unpatched model at 342d313; since then the bias is built without broadcast copies)",
+        "evals.bench_profile",
+        ("--model", "beitv2_base_patch16_224", "--r", "8", "--backend", "torch", "--backend", "triton",
+         "--out", f"{RESULTS}/profile_beit_r8_cuda.json"),
+        25, 60,
+    ),  # fmt: skip
+    Step(
+        "SAM ViT-B image encoder at 1024² (64×64 patches), batch 8: unpatched vs merge_unmerge at ratio 0.25, "
+        "0.4 and 0.5",
+        "evals.bench",
+        ("--model", "samvit_base_patch16", "--img-size", "1024", "--batch-size", "8", "--method", "merge_unmerge",
+         "--ratio", "0.25", "--ratio", "0.4", "--ratio", "0.5", "--no-manual",
+         "--out", f"{RESULTS}/bench_sam_cuda.json"),
+        55, 90,  # 52 s, 66 s
+    ),  # fmt: skip
+    Step(
+        "profile of merge_unmerge ratio 0.5 on the SAM ViT-B encoder, batch 8: why Triton merging ran slower than "
+        "torch there (88.2 against 109.2 images/s at 342d313, likely host-bound; since then no sort on the Triton path)",
+        "evals.bench_profile",
+        ("--model", "samvit_base_patch16", "--img-size", "1024", "--batch-size", "8", "--method", "merge_unmerge",
+         "--option", "ratio=0.5", "--backend", "torch", "--backend", "triton", "--runs", "5",
+         "--out", f"{RESULTS}/profile_sam_merge_unmerge_cuda.json"),
+        30, 60,
     ),  # fmt: skip
     Step(
         "video ViT-B, 16 frames at 224: joint ToMe, temporal and background merging",
@@ -135,22 +146,28 @@ STEPS: tuple[Step, ...] = (
         50, 150,  # 43-51 s with five budgets
     ),  # fmt: skip
     Step(
-        "SAM ViT-B image encoder at 1024² (64×64 patches), batch 8: unpatched vs merge_unmerge at ratio 0.25, "
-        "0.4 and 0.5",
+        "DINOv2 ViT-S/14 at the fidelity budgets (for the Pareto plot)",
         "evals.bench",
-        ("--model", "samvit_base_patch16", "--img-size", "1024", "--batch-size", "8", "--method", "merge_unmerge",
-         "--ratio", "0.25", "--ratio", "0.4", "--ratio", "0.5", "--no-manual",
-         "--out", f"{RESULTS}/bench_sam_cuda.json"),
-        55, 90,  # 52 s, 66 s
+        ("--model", "vit_small_patch14_dinov2", "--img-size", "224", "--method", "tome", "--method", "local_global",
+         "--method", "evit", "--budget", "0.9", "--budget", "0.8", "--budget", "0.7", "--budget", "0.6",
+         "--budget", "0.5", "--backend", "auto", "--no-manual", "--out", f"{RESULTS}/bench_dinov2_cuda.json"),
+        35, 150,  # 33 s
+    ),  # fmt: skip
+    Step("merge step alone, torch vs Triton", "evals.bench_merge", (), 30, 60),  # 31 s
+    Step(
+        "attention with the size bias alone: SDPA with a mask, SDPA with the bias folded into q/k, Triton; "
+        "forward, and forward + backward",
+        "evals.bench_attention",
+        (),
+        25, 60, needs="triton",  # 25 s
     ),  # fmt: skip
     Step(
-        "profile of merge_unmerge ratio 0.5 on the SAM ViT-B encoder, batch 8: why Triton merging ran slower than "
-        "torch there (88.2 against 109.2 images/s at 342d313, likely host-bound; since then one sort per block)",
+        "profile of ToMe r=16 on ViT-B at batch 1: where the host time goes (ToMe ran at 0.27-0.45x the unpatched "
+        "model's speed there)",
         "evals.bench_profile",
-        ("--model", "samvit_base_patch16", "--img-size", "1024", "--batch-size", "8", "--method", "merge_unmerge",
-         "--option", "ratio=0.5", "--backend", "torch", "--backend", "triton", "--runs", "5",
-         "--out", f"{RESULTS}/profile_sam_merge_unmerge_cuda.json"),
-        30, 60,
+        ("--model", "vit_base_patch16_224", "--r", "16", "--batch-size", "1", "--backend", "torch", "--backend",
+         "triton", "--out", f"{RESULTS}/profile_vitb_r16_batch1_cuda.json"),
+        20, 45,
     ),  # fmt: skip
     Step(
         "SigLIP 2 NaFlex B/16 on packed sequences (576 positions, images of mixed shapes padded), batch 64: "
@@ -159,14 +176,6 @@ STEPS: tuple[Step, ...] = (
         ("--model", "naflexvit_base_patch16_siglip", "--packed", "--batch-size", "64", "--budget", "0.75",
          "--budget", "0.5", "--no-manual", "--out", f"{RESULTS}/bench_naflexvit_packed_cuda.json"),
         15, 45,  # 14 s
-    ),  # fmt: skip
-    Step(
-        "RoPE and relative-position models: DINOv3 ViT-B/16, EVA-02 B/14 and BEiT v2 B/16, unpatched vs ToMe "
-        "with torch and Triton merging",
-        "evals.bench",
-        ("--model", "vit_base_patch16_dinov3", "--model", "eva02_base_patch14_224", "--model", "beitv2_base_patch16_224",
-         "--r", "8", "--r", "16", "--r", "16,-1", "--no-manual", "--out", f"{RESULTS}/bench_eva_beit_cuda.json"),
-        90, 150,  # 82 s
     ),  # fmt: skip
     Step(
         "CaiT-S24 (talking heads, 24 blocks), SigLIP 2 NaFlex B/16 at 384² (576 patches) and the Qwen3-VL 88M "

@@ -38,7 +38,7 @@ def test_every_bench_step_parses_and_resolves() -> None:
     from evals.settings import method_options
 
     profiled = [step for step in gpu_run.STEPS if step.module == "evals.bench_profile"]
-    assert len(profiled) == 3
+    assert len(profiled) == 4
     for step in profiled:
         parsed = bench_profile.build_parser().parse_args(step.args)
         assert parsed.backend == ["torch", "triton"]
@@ -64,13 +64,13 @@ def test_the_pareto_afterwards_reads_what_the_run_writes_and_the_committed_fidel
 
 
 def test_the_steps_fit_the_two_calls_the_docstring_gives_and_limits_reserve_them() -> None:
-    # The docstring's recipe: --budget-s 535, then --only 14-15 with 250 s on the warm machine,
+    # The docstring's recipe: --budget-s 535, then --only 15-16 with 250 s on the warm machine,
     # 785 s of the 900 s a session's device time holds.
     first = gpu_run.limits(gpu_run.STEPS, 535)
-    assert [number for number, limit in enumerate(first, 1) if limit == 0] == [14, 15]  # the first call's leftovers
-    rest = gpu_run.step_numbers("14-15")
-    assert rest == (14, 15) and all(gpu_run.limits(tuple(gpu_run.STEPS[n - 1] for n in rest), 250))
-    assert "--only 14-15" in gpu_run.__doc__ and "--budget-s 535" in gpu_run.__doc__
+    assert [number for number, limit in enumerate(first, 1) if limit == 0] == [15, 16]  # the first call's leftovers
+    rest = gpu_run.step_numbers("15-16")
+    assert rest == (15, 16) and all(gpu_run.limits(tuple(gpu_run.STEPS[n - 1] for n in rest), 250))
+    assert "--only 15-16" in gpu_run.__doc__ and "--budget-s 535" in gpu_run.__doc__
     plenty = sum(step.max_s for step in gpu_run.STEPS)
     assert gpu_run.limits(gpu_run.STEPS, plenty)[0] == gpu_run.STEPS[0].max_s  # plenty: its own maximum
     tight = gpu_run.limits(gpu_run.STEPS, sum(step.min_s for step in gpu_run.STEPS))
