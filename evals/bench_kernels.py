@@ -5,9 +5,11 @@
 The rows are the shapes that decide the kernels' dispatch (``backend="auto"``): the match at
 ViT-B's, the video ViT's and SAM-B's shapes, and float32 rows of growing width (the kernel's
 IEEE float32 dot against cuBLAS's matmul: :data:`kernels.match.FP32_KERNEL_MAX_FLOPS`), the
-assignment with its member lists at growing A-token counts (the kernel lays them out; the
-reference path sorts ``dest`` for the merge kernel: :data:`kernels.bipartite.AUTO_MAX_A_TOKENS`),
-and the merge on those member lists. Each call is repeated back to back between two device synchronisations, so the GPU's
+assignment at growing A-token counts (:data:`kernels.bipartite.AUTO_MAX_A_TOKENS`), the
+assignment kernel laying out the merge's member lists against the same kernel writing ``dest``
+alone followed by torch's stable sort of it (:data:`kernels.bipartite.AUTO_MEMBERS_MAX_A_TOKENS`;
+the "reference" column of those rows is that pair), and the merge on given member lists.
+Each call is repeated back to back between two device synchronisations, so the GPU's
 queue stays full and the clock reads device time wherever the device is the bottleneck (a
 small shape's time is the host's launch time, which in a model overlaps the GPU's work).
 Timing as in ``evals.harness``: warm-up, median of runs, both backends round-robin. For a GPU
@@ -30,6 +32,7 @@ from kernels import (
     best_match_reference,
     best_match_triton,
     bipartite_dest_reference,
+    bipartite_dest_triton,
     bipartite_members,
     merge_wavg_reference,
     merge_wavg_triton,
@@ -53,6 +56,13 @@ ASSIGNMENT_SHAPES = (
     ("video ViT-B first block, batch 32", 32, 784),
     ("1,024 A tokens, batch 8", 8, 1024),
     ("SAM-B global block, batch 8", 8, 2048),
+)
+# (label, batch, A tokens): r = half of them
+MEMBER_LIST_SHAPES = (
+    ("ViT-B/16 first block, batch 256", 256, 98),
+    ("ViT-B/16 at 384², first block, batch 64", 64, 288),
+    ("video ViT-B first block, batch 32", 32, 784),
+    ("1,024 A tokens, batch 8", 8, 1024),
 )
 # (label, batch, tokens, channels, r)
 MERGE_SHAPES = (
@@ -107,11 +117,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         score = randn(batch, num_a)
         best_b = torch.randint(0, num_a, (batch, num_a), generator=generator, device=device)
         num_tokens, r = 2 * num_a, num_a // 2
-        # What the merges after the matching read: the kernel's member lists, or the
-        # reference's dest sorted (as MemberLists does when the merge kernel asks).
-        rows.append(_time_pair(label, "assignment + member lists",
+        rows.append(_time_pair(label, "assignment", lambda: bipartite_dest_triton(score, best_b, r, num_tokens, 0),
+                               lambda: bipartite_dest_reference(score, best_b, r, num_tokens, 0), args, device))  # fmt: skip
+    for label, batch, num_a in MEMBER_LIST_SHAPES:
+        score = randn(batch, num_a)
+        best_b = torch.randint(0, num_a, (batch, num_a), generator=generator, device=device)
+        num_tokens, r = 2 * num_a, num_a // 2
+        # What the merges after the matching read: the lists the kernel lays out beside dest,
+        # or the kernel's dest sorted (as MemberLists does when the merge kernel asks).
+        rows.append(_time_pair(label, "member lists",
                                lambda: bipartite_members(score, best_b, r, num_tokens, 0, "triton"),
-                               lambda: MemberLists(bipartite_dest_reference(score, best_b, r, num_tokens, 0)).sorted(),
+                               lambda: MemberLists(bipartite_dest_triton(score, best_b, r, num_tokens, 0)).sorted(),
                                args, device))  # fmt: skip
     for label, batch, tokens, channels, r in MERGE_SHAPES:
         x, size = randn(batch, tokens, channels), torch.ones(batch, tokens, 1, device=device)
@@ -125,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     env = environment(device)
     header = (f"{env.get('device_name', env['cpu'])}, torch {env['torch']}, triton {env['triton']}; each op {args.repeat}× back to "
               f"back per run, median of {args.runs} runs after {args.warmup} warm-up; `{command_line('evals.bench_kernels', argv)}`")  # fmt: skip
-    lines = ["| op | shape | Triton ms | PyTorch ms | Triton speedup |", "| :--- | :--- | ---: | ---: | ---: |"]
+    lines = ["| op | shape | Triton ms | reference ms | Triton speedup |", "| :--- | :--- | ---: | ---: | ---: |"]
     lines += [f"| {r['op']} | {r['shape']} | {r['kernel_ms']:.4f} | {r['reference_ms']:.4f} | {r['kernel_speedup']:.2f}× |"
               for r in rows]  # fmt: skip
     document = {"environment": env, "config": vars(args) | {"out": str(args.out)}, "rows": rows}

@@ -47,6 +47,13 @@ MAX_A_TOKENS = 8192
 # member lists the kernel counts about three times as much, and the reference sorts twice
 # (the assignment's argsort, then dest for the merge kernel). bench_kernels times that pair.
 AUTO_MAX_A_TOKENS = 1024
+# The most A tokens for which "auto" has the kernel lay out the member lists too; beyond it the
+# kernel writes dest alone and the merge sorts it (the path measured above). The lists take
+# two more O(Na²) counts in the same single program per batch item, which at ViT-B's 98 A
+# tokens are a few steps but at the video ViT's 784 may cost more than the sort they replace.
+# 256 covers the image models at 224² (98-128 A tokens) and SAM's windows; not yet timed on a
+# GPU: bench_kernels' "member lists" rows compare the two paths at 98 to 1,024 A tokens.
+AUTO_MEMBERS_MAX_A_TOKENS = 256
 
 
 def max_bipartite_r(num_tokens: int, num_protected: int) -> int:
@@ -349,9 +356,11 @@ def bipartite_members(
     best_score: Tensor, best_b: Tensor, r: int, num_tokens: int, num_protected: int, backend: str = "auto"
 ) -> MemberLists:
     """:func:`bipartite_dest` with the member lists that the merges by ``dest`` read
-    (:class:`kernels.MemberLists`). Where the kernel runs, it lays them out as it writes
-    ``dest``, so no merge sorts; on the reference path they are sorted when first needed."""
+    (:class:`kernels.MemberLists`). Where the kernel runs with up to
+    :data:`AUTO_MEMBERS_MAX_A_TOKENS` A tokens (any count with "triton"), it lays them out as it
+    writes ``dest``, so no merge sorts; elsewhere they are sorted when a merge first needs them."""
     _check_inputs(best_score, best_b, r, num_tokens, num_protected)
     if _takes_kernel(best_score, best_b, backend):
-        return _launch(best_score, best_b, r, num_tokens, num_protected, emit_members=True)
+        emit = backend == "triton" or best_score.shape[1] <= AUTO_MEMBERS_MAX_A_TOKENS
+        return _launch(best_score, best_b, r, num_tokens, num_protected, emit_members=emit)
     return MemberLists(bipartite_dest_reference(best_score, best_b, r, num_tokens, num_protected))

@@ -18,19 +18,20 @@ pytestmark = pytest.mark.skipif(not kernels.INTERPRET, reason="runs the kernels 
 def test_bench_kernels_times_every_shape_on_both_backends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bench_kernels, "MATCH_SHAPES", (("match", 2, 5, 6, 20, torch.bfloat16),))
     monkeypatch.setattr(bench_kernels, "ASSIGNMENT_SHAPES", (("assignment", 2, 7),))
+    monkeypatch.setattr(bench_kernels, "MEMBER_LIST_SHAPES", (("lists", 2, 7),))
     monkeypatch.setattr(bench_kernels, "MERGE_SHAPES", (("merge", 2, 9, 12, 4),))
     out = tmp_path / "k.json"
     document = bench_kernels.main(["--device", "cpu", "--warmup", "0", "--runs", "1", "--repeat", "1", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(document, default=str))
     assert [(row["op"], row["shape"]) for row in document["rows"]] == [
-        ("match", "match"), ("assignment + member lists", "assignment"), ("merge", "merge")
+        ("match", "match"), ("assignment", "assignment"), ("member lists", "lists"), ("merge", "merge")
     ]  # fmt: skip
     for row in document["rows"]:
         assert row["kernel_ms"] > 0 and row["reference_ms"] > 0
         assert row["kernel_speedup"] == pytest.approx(row["reference_ms"] / row["kernel_ms"])
     table = out.with_suffix(".md").read_text().splitlines()
-    assert table[2:4] == ["| op | shape | Triton ms | PyTorch ms | Triton speedup |", "| :--- | :--- | ---: | ---: | ---: |"]
-    assert len(table) == 7 and table[4].startswith("| match | match | ")
+    assert table[2:4] == ["| op | shape | Triton ms | reference ms | Triton speedup |", "| :--- | :--- | ---: | ---: | ---: |"]
+    assert len(table) == 8 and table[4].startswith("| match | match | ")
 
 
 def test_bench_kernels_needs_a_gpu_for_cuda(monkeypatch: pytest.MonkeyPatch) -> None:

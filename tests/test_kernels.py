@@ -470,6 +470,29 @@ def test_auto_leaves_the_kernels_where_the_references_are_faster(monkeypatch: py
     assert assign(most + 1, "triton") == "kernel"
 
 
+def test_auto_lays_out_member_lists_up_to_its_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the assignment kernel runs, "auto" has it lay out the member lists up to
+    AUTO_MEMBERS_MAX_A_TOKENS A tokens and write dest alone beyond (the merge sorts it then);
+    "triton" lays them out at any count, and bipartite_dest never does."""
+    import kernels.bipartite
+
+    emitted: list[bool] = []
+    monkeypatch.setattr(kernels.bipartite, "use_triton", lambda backend, *tensors: backend != "torch")
+    monkeypatch.setattr(
+        kernels.bipartite, "_launch", lambda *args, emit_members: emitted.append(emit_members) or kernels.MemberLists(None)
+    )
+
+    def lists(num_a: int, backend: str = "auto", function=kernels.bipartite_members) -> bool:
+        emitted.clear()
+        score, best_b = torch.randn(2, num_a), torch.randint(0, num_a, (2, num_a))
+        function(score, best_b, 3, 2 * num_a + 1, 1, backend)
+        return emitted[0]
+
+    most = kernels.bipartite.AUTO_MEMBERS_MAX_A_TOKENS
+    assert lists(most) and not lists(most + 1) and lists(most + 1, "triton")
+    assert not lists(most, "triton", kernels.bipartite_dest)
+
+
 # ---------------------------------------------------------------------------------- merge_wavg
 
 
