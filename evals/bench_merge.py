@@ -34,7 +34,8 @@ from evals.harness import (
     write_atomic,
 )
 from kernels import HAS_TRITON
-from tokenprune.merge import TokenState, bipartite_soft_matching, grid_positions, merge_state
+from tokenprune.merge import TokenState, grid_positions
+from tokenprune.methods.tome import BipartiteMerge
 from tokenprune.methods.temporal import TemporalMerge
 from tokenprune.schedule import format_schedule, parse_schedule
 
@@ -42,22 +43,22 @@ from tokenprune.schedule import format_schedule, parse_schedule
 def merge_step(
     x: torch.Tensor, metric: torch.Tensor, r: int, protected: int, backend: str, repeat: int
 ) -> Callable[[Any], Any]:
-    """One block's ToMe step on fixed inputs, run ``repeat`` times back to back, as a callable
-    for the timer (divide its time by ``repeat``).
+    """One block's ToMe step (the model's own, :class:`BipartiteMerge`) on fixed inputs, run
+    ``repeat`` times back to back, as a callable for the timer (divide its time by ``repeat``).
 
-    The step is ~30 small kernels on the torch path (3 kernels and a sort on the Triton
-    path), each of tens of µs at most. Timed alone between two device synchronisations, the
+    The step is ~30 small kernels on the torch path (3 kernels on the Triton path, and a sort
+    beyond 256 A tokens), each of tens of µs at most. Timed alone between two device synchronisations, the
     host's launch latency is all the clock sees; repeats amortise the
     synchronisation. On a fast GPU the step is still bound by the host launching its kernels
     (seen on an H100: more time per step than the profiler's device time), whereas inside a
     model those launches are queued while the large matmuls run. So on a GPU this figure is
     an upper bound; the device-time share comes from a profile of the model."""
     state = TokenState(x, torch.ones(*x.shape[:2], 1, device=x.device))
+    merge = BipartiteMerge(r, protected, backend)
 
     def step(_: Any) -> TokenState:
         for _ in range(repeat):
-            dest = bipartite_soft_matching(metric, r, protected, backend)
-            merged = merge_state(state, dest, x.shape[1] - r, backend)
+            merged = merge(state, metric)
         return merged
 
     return step

@@ -329,7 +329,7 @@ def _launch(
     return MemberLists(dest, sort)
 
 
-def _takes_kernel(best_score: Tensor, best_b: Tensor, backend: str) -> bool:
+def _kernel_runs(best_score: Tensor, best_b: Tensor, backend: str) -> bool:
     """Float32 scores and up to :data:`AUTO_MAX_A_TOKENS` A tokens (:data:`MAX_A_TOKENS` with
     "triton") on a backend that runs Triton (see ``use_triton``)."""
     return (
@@ -347,7 +347,7 @@ def bipartite_dest(
     up to :data:`AUTO_MAX_A_TOKENS` A tokens (:data:`MAX_A_TOKENS` with "triton") take the
     kernel; anything else, the reference."""
     _check_inputs(best_score, best_b, r, num_tokens, num_protected)
-    if _takes_kernel(best_score, best_b, backend):
+    if _kernel_runs(best_score, best_b, backend):
         return _launch(best_score, best_b, r, num_tokens, num_protected, emit_members=False).dest
     return bipartite_dest_reference(best_score, best_b, r, num_tokens, num_protected)
 
@@ -360,7 +360,7 @@ def bipartite_members(
     :data:`AUTO_MEMBERS_MAX_A_TOKENS` A tokens (any count with "triton"), it lays them out as it
     writes ``dest``, so no merge sorts; elsewhere they are sorted when a merge first needs them."""
     _check_inputs(best_score, best_b, r, num_tokens, num_protected)
-    if _takes_kernel(best_score, best_b, backend):
+    if _kernel_runs(best_score, best_b, backend):
         emit = backend == "triton" or best_score.shape[1] <= AUTO_MEMBERS_MAX_A_TOKENS
         return _launch(best_score, best_b, r, num_tokens, num_protected, emit_members=emit)
     return MemberLists(bipartite_dest_reference(best_score, best_b, r, num_tokens, num_protected))

@@ -710,7 +710,7 @@ def test_merge_step_bench_feeds_the_dtypes_the_model_does(monkeypatch: pytest.Mo
     from tokenprune.methods import tome
 
     seen = []
-    real_match, real_merge = tome.bipartite_soft_matching, tome.merge_state
+    real_match, real_merge = tome.bipartite_soft_matching_members, tome.merge_state
 
     def match(metric, *args):
         seen.append(("metric", metric.dtype))
@@ -720,7 +720,7 @@ def test_merge_step_bench_feeds_the_dtypes_the_model_does(monkeypatch: pytest.Mo
         seen.append(("x", state.x.dtype))
         return real_merge(state, *args)
 
-    monkeypatch.setattr(tome, "bipartite_soft_matching", match)
+    monkeypatch.setattr(tome, "bipartite_soft_matching_members", match)
     monkeypatch.setattr(tome, "merge_state", merge)
     model = tokenprune.patch(timm.create_model("vit_tiny_patch16_224", img_size=64).eval(), r=2)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -736,10 +736,11 @@ def test_merge_step_bench_figures(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     percentage of the model's time, only the blocks that merge get a step (each protecting the
     class token), and the model is timed under the --dtype autocast."""
     from evals import bench_merge
+    from tokenprune.methods import tome
 
     calls: list[tuple[int, Any]] = []
     matched: list[tuple[int, int]] = []
-    real_match = bench_merge.bipartite_soft_matching
+    real_match = tome.bipartite_soft_matching_members
 
     def match(metric, r, protected, backend):
         matched.append((r, protected))
@@ -752,7 +753,7 @@ def test_merge_step_bench_figures(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
                 step(None)
         return [{"median_s": 0.010 if isinstance(m, torch.nn.Module) else 0.003, "images_per_s": 0.0, "times": []} for m in models]
 
-    monkeypatch.setattr(bench_merge, "bipartite_soft_matching", match)
+    monkeypatch.setattr(tome, "bipartite_soft_matching_members", match)
     monkeypatch.setattr(bench_merge, "measure_interleaved", fake)
     schedule = "[" + ",".join(["4", "4"] + ["0"] * 10) + "]"  # two of the twelve blocks merge
     document = bench_merge.main(

@@ -366,6 +366,7 @@ def a_tokens(tokens: int, p: int) -> int:
         (3, 18, 1),  # even T, class token
         (2, 17, 0),  # odd T, no prefix: A starts at 0
         (2, 22, 5),  # odd prefix (registers): A starts one later
+        (2, 40, 2),  # even prefix (class and distillation tokens)
         (2, 34, 1),  # Nb = Na + 1 = 17: the B tokens take two 16-token chunks
         (2, 197, 1),  # ViT-B/16 at 224²
         (1, 1569, 1),  # video: Na = 784 needs several rank chunks

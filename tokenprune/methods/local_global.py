@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from ..merge import (
     TokenState,
     bipartite_best_match,
-    bipartite_members,
     bipartite_matching_flops,
+    bipartite_members,
     max_bipartite_r,
     merge_state,
     unit_vectors,
