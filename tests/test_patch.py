@@ -541,6 +541,9 @@ def test_patching_through_compile_and_data_parallel(tmp_path) -> None:
         ddp = torch.nn.parallel.DistributedDataParallel(vit)
         tokenprune.patch(ddp, r=4)  # ToMe adds no parameters
         assert tokenprune.plan(ddp, 224).removed == (4, 4)
+        with pytest.raises(AttributeError, match=r"set r with tokenprune.patch\(model, r=16\)"):
+            ddp.r = 16
+        assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
         with pytest.raises(TypeError, match="adds parameters, which DistributedDataParallel, built before them, would not"):
             tokenprune.patch(ddp, "dynamicvit")
         assert vit.tokenprune_config == tokenprune.ToMeConfig(r=4)  # refused before anything changed
@@ -588,6 +591,23 @@ def test_wrapper_r_raises_too_and_unpatch_restores_its_class(tmp_path) -> None:
         tokenprune.unpatch(wrapper)
         assert type(wrapper) is own_class
         wrapper.r = 16  # unpatched: an attribute like any other
+
+
+def test_data_parallel_r_raises_while_patched_through_it() -> None:
+    """``DataParallel(model).r = 16`` after patching through the wrapper raises as the model's
+    own does; the wrapper still runs, and unpatching gives it back its class."""
+    vit = make("vit_cls", depth=2)
+    parallel = torch.nn.DataParallel(vit)
+    tokenprune.patch(parallel, r=2)
+    with pytest.raises(AttributeError, match=r"set r with tokenprune.patch\(model, r=16\)"):
+        parallel.r = 16
+    assert isinstance(parallel, torch.nn.DataParallel) and not hasattr(parallel, "r")
+    x = image(1)
+    with torch.no_grad():
+        torch.testing.assert_close(parallel(x), vit(x))
+    tokenprune.unpatch(parallel)
+    assert type(parallel) is torch.nn.DataParallel
+    parallel.r = 16  # unpatched: an attribute like any other
 
 
 def test_bad_options() -> None:

@@ -868,12 +868,32 @@ def reducing_model(model: nn.Module) -> nn.Module:
     return wrapper_chain(unwrap_runtime(model))[-1]
 
 
+class GuardedDataParallel(SettingsThroughPatch, nn.DataParallel):
+    """``nn.DataParallel`` around a model that tokenprune has patched through it."""
+
+
+class GuardedDistributedDataParallel(SettingsThroughPatch, nn.parallel.DistributedDataParallel):
+    """``DistributedDataParallel`` around a model that tokenprune has patched through it."""
+
+
+# Data parallelism's wrappers (these exact classes) → their class while the model inside is
+# patched. (torch.compile's wrapper hands ``r`` to the model already.)
+RUNTIME_GUARDS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.DataParallel: GuardedDataParallel,
+    nn.parallel.DistributedDataParallel: GuardedDistributedDataParallel,
+}
+_ORIGINAL_CLASSES.update({guarded: original for original, guarded in RUNTIME_GUARDS.items()})
+
+
 def guard_wrappers(model: nn.Module, guarded: bool) -> None:
-    """Give the timm wrappers around the patched model their guarded class (``guarded``), or
-    their own back. (torch.compile's wrapper hands ``r`` to the model already; DataParallel's
-    are not swapped.)"""
-    for wrapper in wrapper_chain(unwrap_runtime(model))[:-1]:
-        wrapper.__class__ = wrapper_of(wrapper).guarded if guarded else original_class(wrapper)
+    """Give the wrappers that ``model`` holds the patched model in, data parallelism's and
+    timm's, their guarded class (``guarded``), or their own back. (Wrapping a model after
+    patching it is out of reach: ``DataParallel(patched).r = 16`` still sets an attribute.)"""
+    runtime = [m for m in runtime_chain(model)[:-1] if original_class(m) in RUNTIME_GUARDS]
+    for wrapper in runtime + wrapper_chain(unwrap_runtime(model))[:-1]:
+        original = original_class(wrapper)
+        guard = RUNTIME_GUARDS[original] if original in RUNTIME_GUARDS else wrapper_of(wrapper).guarded
+        wrapper.__class__ = guard if guarded else original
 
 
 def unwrap_runtime(model: nn.Module) -> nn.Module:
