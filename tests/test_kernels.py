@@ -386,11 +386,35 @@ def test_bipartite_dest_matches_reference(batch: int, tokens: int, p: int) -> No
             assert_members_are_stable_sort(kernels.bipartite_members(score, best_b, r, tokens, p, "triton"), want)
 
 
-def assert_members_are_stable_sort(members: kernels.MemberLists, dest: torch.Tensor) -> None:
+def assert_members_are_stable_sort(members: kernels.MemberLists, dest: torch.Tensor, case: object = None) -> None:
     assert members._sorted is not None, "the kernel laid out no member lists"
-    assert torch.equal(members.dest, dest)
+    assert torch.equal(members.dest, dest), case
     sorted_dest, order = torch.sort(dest, dim=1, stable=True)
-    assert torch.equal(members._sorted[0], sorted_dest) and torch.equal(members._sorted[1], order)
+    assert torch.equal(members._sorted[0], sorted_dest) and torch.equal(members._sorted[1], order), case
+
+
+def test_bipartite_members_on_random_small_cases() -> None:
+    """Many small random cases (token counts, prefixes, r, scores with ties, NaN and ±inf, B
+    partners piling onto a few B tokens): dest and its member lists against the reference's
+    dest and its stable sort."""
+    generator = torch.Generator().manual_seed(11)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0])
+    for case in range(40):
+        tokens = int(torch.randint(3, 42, (), generator=generator))
+        p = int(torch.randint(0, min(6, tokens - 1), (), generator=generator))
+        num_a = a_tokens(tokens, p)
+        num_b = tokens - p - num_a
+        if num_a == 0 or num_b == 0:
+            continue
+        score = torch.randint(0, 4, (3, num_a), generator=generator).float() / 4
+        pick = torch.rand(3, num_a, generator=generator) < 0.2
+        score[pick] = special[torch.randint(0, len(special), (int(pick.sum()),), generator=generator)]
+        best_b = torch.randint(0, min(num_b, 3), (3, num_a), generator=generator)  # crowded B tokens
+        r = int(torch.randint(0, max_bipartite_r(tokens, p) + 1, (), generator=generator))
+        score, best_b = score.to(DEVICE), best_b.to(DEVICE)
+        want = kernels.bipartite_dest_reference(score, best_b, r, tokens, p)
+        members = kernels.bipartite_members(score, best_b, r, tokens, p, "triton")
+        assert_members_are_stable_sort(members, want, dict(case=case, tokens=tokens, p=p, r=r))
 
 
 def test_bipartite_dest_nan_and_infinite_scores_rank_like_a_stable_sort() -> None:
