@@ -43,9 +43,7 @@ MAX_A_TOKENS = 8192
 # The most A tokens "auto" gives the kernel. Its one program per batch item counts the
 # tokens ahead of each in O(Na²) steps; the reference's sort scales better. On an H200
 # (evals/results/bench_kernels_cuda.md) the kernel won up to 1,024 A tokens (1.58× there)
-# and lost at SAM-B's 2,048 (0.59 against 0.28 ms, batch 8). That was dest alone; with the
-# member lists the kernel counts about three times as much, and the reference sorts twice
-# (the assignment's argsort, then dest for the merge kernel). bench_kernels times that pair.
+# and lost at SAM-B's 2,048 (0.59 against 0.28 ms, batch 8).
 AUTO_MAX_A_TOKENS = 1024
 # The most A tokens for which "auto" has the kernel lay out the member lists too; beyond it the
 # kernel writes dest alone and the merge sorts it (the path measured above). The lists take
