@@ -737,10 +737,16 @@ def test_merges_of_one_matching_share_one_sort(monkeypatch: pytest.MonkeyPatch) 
 
 
 @pytest.mark.parametrize(
-    "family,method",
-    [("registers", "tome"), ("deit_distilled", "tome"), ("dinov3_rope_registers", "tome"), ("registers", "pitome")],
+    "family,method,options",
+    [
+        ("registers", "tome", {}),
+        ("deit_distilled", "tome", {}),
+        ("dinov3_rope_registers", "tome", {}),
+        ("registers", "pitome", {}),
+        ("registers", "local_global", dict(local_block=0, pos_weight=0.5)),  # stage 2: the member lists
+    ],
 )
-def test_patched_model_same_on_both_backends(family: str, method: str) -> None:
+def test_patched_model_same_on_both_backends(family: str, method: str, options: dict) -> None:
     from tests.test_patch import image, make
 
     import tokenprune
@@ -748,7 +754,7 @@ def test_patched_model_same_on_both_backends(family: str, method: str) -> None:
     model = make(family, depth=2).to(DEVICE)
     x = image().to(DEVICE)
     with torch.no_grad():
-        tokenprune.patch(model, method, r=16, backend="torch", trace_source=True)
+        tokenprune.patch(model, method, r=16, backend="torch", trace_source=True, **options)
         expected, expected_source = model(x), tokenprune.source(model)
         tokenprune.patch(model, backend="triton")
         torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
