@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels._triton import HAS_TRITON, INTERPRET, block_size, check_device, next_power_of_2, tl, triton, use_triton
+from kernels._triton import HAS_TRITON, INTERPRET, block_size, cdiv, check_device, next_power_of_2, tl, triton, use_triton
 
 __all__ = ["attention", "attention_folded", "attention_reference", "attention_triton"]
 
@@ -242,7 +242,7 @@ def attention_triton(q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor | None, s
     block = block_size(tokens, 16, 64)  # queries and keys alike
     block_d = max(16, next_power_of_2(dim))
     exact = q.dtype == torch.float32 or INTERPRET  # the interpreter mis-reads half dots (bf16: badly)
-    grid = (batch * heads, triton.cdiv(tokens, block))
+    grid = (batch * heads, cdiv(tokens, block))
     _attention_kernel[grid](
         q,
         k,

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels._triton import HAS_TRITON, INTERPRET, block_size, check_device, tl, triton, use_triton
+from kernels._triton import HAS_TRITON, INTERPRET, block_size, cdiv, check_device, tl, triton, use_triton
 
 __all__ = ["best_match", "best_match_reference", "best_match_triton"]
 
@@ -222,7 +222,7 @@ def best_match_triton(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     block_a = block_size(num_a, 16, 64)
     block_b = block_size(num_b, 16, 64)
     block_d = block_size(dim, 16, 64)
-    grid = (batch, triton.cdiv(num_a, block_a))
+    grid = (batch, cdiv(num_a, block_a))
     _best_match_kernel[grid](
         a,
         b,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels._triton import HAS_TRITON, INTERPRET, check_device, tl, triton, use_triton
+from kernels._triton import HAS_TRITON, INTERPRET, cdiv, check_device, next_power_of_2, tl, triton, use_triton
 
 __all__ = ["MemberLists", "merge_wavg", "merge_wavg_reference", "merge_wavg_triton"]
 
@@ -220,7 +220,7 @@ def _launch(
     # [0, num_out) (the contract; not checked, as that would synchronise): values outside it
     # fall outside every group here, but the backward's gather and the reference index them.
     def grid(meta: dict) -> tuple[int, int, int]:
-        return (batch, triton.cdiv(num_out, meta["BLOCK_T"]), triton.cdiv(channels, meta["BLOCK_C"]))
+        return (batch, cdiv(num_out, meta["BLOCK_T"]), cdiv(channels, meta["BLOCK_C"]))
 
     kernel, meta = _merge_wavg_kernel, {}
     if tile is not None:
@@ -235,7 +235,7 @@ def _launch(
         new_size,
         tokens,
         num_out,
-        triton.next_power_of_2(num_out),
+        next_power_of_2(num_out),
         tokens.bit_length(),  # = ceil(log2(tokens + 1))
         channels,
         *x.stride(),

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels._triton import HAS_TRITON, block_size, check_device, tl, triton, use_triton
+from kernels._triton import HAS_TRITON, block_size, cdiv, check_device, tl, triton, use_triton
 
 if HAS_TRITON:
     from kernels.match import cosine_tile, inverse_row_norms, keep_best
@@ -214,7 +214,7 @@ def temporal_best_match_triton(
     # The same tiles as kernels.match: 64×64 fp32 scores with 64-wide D chunks.
     block_a = block_size(num_tokens, 16, 64)
     block_d = block_size(dim, 16, 64)
-    grid = (batch, triton.cdiv(num_tokens, block_a))
+    grid = (batch, cdiv(num_tokens, block_a))
     _temporal_match_kernel[grid](
         metric,
         pos,

@@ -453,6 +453,18 @@ def test_bipartite_dest_strided_scores_and_dispatch() -> None:
     assert torch.equal(members.sorted()[1], torch.sort(want, dim=1, stable=True)[1])
 
 
+def test_launch_arithmetic() -> None:
+    """The launchers' own grid arithmetic (plain Python, not Triton's host-side helpers):
+    ceil-division, and powers of two against their definition."""
+    from kernels._triton import cdiv, next_power_of_2
+
+    for n in range(0, 70):
+        for d in (1, 2, 16, 64):
+            assert cdiv(n, d) == math.ceil(n / d)
+        power = next_power_of_2(n)
+        assert power >= max(n, 1) and power & (power - 1) == 0 and (power == 1 or power // 2 < n)
+
+
 def test_auto_leaves_the_kernels_where_the_references_are_faster(monkeypatch: pytest.MonkeyPatch) -> None:
     """"auto" where the kernels could run (a GPU: faked here, with the kernels replaced by
     recorders): a float32 match of more than FP32_KERNEL_MAX_FLOPS and an assignment of more
