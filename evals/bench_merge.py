@@ -35,8 +35,8 @@ from evals.harness import (
 )
 from kernels import HAS_TRITON
 from tokenprune.merge import TokenState, grid_positions
-from tokenprune.methods.tome import BipartiteMerge
 from tokenprune.methods.temporal import TemporalMerge
+from tokenprune.methods.tome import BipartiteMerge
 from tokenprune.schedule import format_schedule, parse_schedule
 
 
@@ -47,8 +47,8 @@ def merge_step(
     ``repeat`` times back to back, as a callable for the timer (divide its time by ``repeat``).
 
     The step is ~30 small kernels on the torch path (3 kernels on the Triton path, and a sort
-    beyond 256 A tokens), each of tens of µs at most. Timed alone between two device synchronisations, the
-    host's launch latency is all the clock sees; repeats amortise the
+    beyond 256 A tokens), each of tens of µs at most. Timed alone between two device
+    synchronisations, the host's launch latency is all the clock sees; repeats amortise the
     synchronisation. On a fast GPU the step is still bound by the host launching its kernels
     (seen on an H100: more time per step than the profiler's device time), whereas inside a
     model those launches are queued while the large matmuls run. So on a GPU this figure is
