@@ -113,16 +113,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         a, b = randn(batch, num_a, dim, dtype=dtype), randn(batch, num_b, dim, dtype=dtype)
         rows.append(_time_pair(label, "match", lambda: best_match_triton(a, b), lambda: best_match_reference(a, b),
                                args, device))  # fmt: skip
-    for label, batch, num_a in ASSIGNMENT_SHAPES:
-        score = randn(batch, num_a)
+    def assignment_inputs(batch: int, num_a: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """Scores, B partners, r (half the A tokens: the cap) and the token count (no prefix)."""
         best_b = torch.randint(0, num_a, (batch, num_a), generator=generator, device=device)
-        num_tokens, r = 2 * num_a, num_a // 2
+        return randn(batch, num_a), best_b, num_a // 2, 2 * num_a
+
+    for label, batch, num_a in ASSIGNMENT_SHAPES:
+        score, best_b, r, num_tokens = assignment_inputs(batch, num_a)
         rows.append(_time_pair(label, "assignment", lambda: bipartite_dest_triton(score, best_b, r, num_tokens, 0),
                                lambda: bipartite_dest_reference(score, best_b, r, num_tokens, 0), args, device))  # fmt: skip
     for label, batch, num_a in MEMBER_LIST_SHAPES:
-        score = randn(batch, num_a)
-        best_b = torch.randint(0, num_a, (batch, num_a), generator=generator, device=device)
-        num_tokens, r = 2 * num_a, num_a // 2
+        score, best_b, r, num_tokens = assignment_inputs(batch, num_a)
         # What the merges after the matching read: the lists the kernel lays out beside dest,
         # or the kernel's dest sorted (as MemberLists does when the merge kernel asks).
         rows.append(_time_pair(label, "member lists",

@@ -315,7 +315,8 @@ def merge_wavg(
     """Size-weighted merge (see :func:`merge_wavg_reference`) on the backend chosen by
     ``use_triton`` ("auto": Triton for CUDA tensors when triton imports). Dtypes outside
     fp32/fp16/bf16 take the reference. ``members``: ``MemberLists(dest)``, shared by the merges
-    of one matching so that the kernel sorts ``dest`` once (the reference needs no sort)."""
+    of one matching so that the kernel sorts ``dest`` once, or never where the matching laid the
+    lists out (the reference needs no sort)."""
     if x.dtype in _SUPPORTED_DTYPES and size.dtype == torch.float32 and use_triton(backend, x, size, dest):
         return merge_wavg_triton(x, size, dest, num_out, members)
     return merge_wavg_reference(x, size, dest, num_out)

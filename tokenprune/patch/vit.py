@@ -892,7 +892,7 @@ def guard_wrappers(model: nn.Module, guarded: bool) -> None:
     runtime = [m for m in runtime_chain(model)[:-1] if original_class(m) in RUNTIME_GUARDS]
     for wrapper in runtime + wrapper_chain(unwrap_runtime(model))[:-1]:
         original = original_class(wrapper)
-        guard = RUNTIME_GUARDS[original] if original in RUNTIME_GUARDS else wrapper_of(wrapper).guarded
+        guard = RUNTIME_GUARDS.get(original) or wrapper_of(wrapper).guarded
         wrapper.__class__ = guard if guarded else original
 
 
