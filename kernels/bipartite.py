@@ -243,9 +243,9 @@ if HAS_TRITON:
                     score_base, best_b_base, stride_score_token, stride_best_b_token, num_a, a_start,
                     cut_score, cut_index, cols, b_pos, BLOCK_A, BLOCK_OTHER,
                 )  # fmt: skip
-                slot = b_base + cols + ahead
-                tl.store(sorted_base + slot, (b_base + cols).to(tl.int64), mask=cols < num_b)
-                tl.store(order_base + slot, (num_protected + b_pos).to(tl.int64), mask=cols < num_b)
+                b_slot = b_base + cols + ahead  # int32: not `slot` (int64), whose type Triton fixes in a loop
+                tl.store(sorted_base + b_slot, (b_base + cols).to(tl.int64), mask=cols < num_b)
+                tl.store(order_base + b_slot, (num_protected + b_pos).to(tl.int64), mask=cols < num_b)
 
 
 def _check_inputs(best_score: Tensor, best_b: Tensor, r: int, num_tokens: int, num_protected: int) -> None:

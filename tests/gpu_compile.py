@@ -1,0 +1,120 @@
+"""Compile every Triton kernel for a real GPU, on a machine without one.
+
+The interpreter (``TRITON_INTERPRET=1``, how CI runs the kernels) executes a kernel's Python
+with numpy: it never type-checks the kernel as Triton's compiler does. A kernel can pass every
+interpreter test and still fail to compile on the GPU: the member-list kernel did
+(``kernels/bipartite.py``: a name re-bound in a loop to a value of another integer type).
+
+This script runs each launcher (``kernels.*_triton``) on CPU tensors, with Triton's driver
+replaced by one that names a GPU target and with every launch turned into Triton's own
+``warmup`` (compile, do not run): so the launchers choose their tiles, dtypes and constexpr
+flags exactly as on the GPU, and Triton compiles each of those kernels through PTX to a cubin
+with its bundled ``ptxas``. Autotuned kernels compile every config they could pick.
+
+Run with ``TRITON_INTERPRET`` unset (the kernels must be compiled functions, not interpreted):
+``python tests/gpu_compile.py 90`` (sm_90: H100/H200; 80: A100). It prints one line per
+compiled kernel and exits non-zero on the first compilation error. ``tests/test_gpu_compile.py``
+runs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
+
+
+class CompileOnlyDriver:
+    """What a launch asks of Triton's driver when it only compiles: a device, a stream and the
+    target. Anything else (loading the binary, benchmarking) fails loudly."""
+
+    def __init__(self, target: GPUTarget) -> None:
+        self.target = target
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def get_current_target(self) -> GPUTarget:
+        return self.target
+
+    def __getattr__(self, name: str):
+        raise AttributeError(f"compiling without a GPU: the driver has no {name!r}")
+
+
+def compile_instead_of_launching(compiled: dict[str, None]) -> None:
+    """Make every launch compile its kernel (Triton's ``warmup``) and record it in ``compiled``
+    (once per specialisation); autotuned kernels compile each of their configs."""
+    run = JITFunction.run
+
+    def warmup(self, *args, grid, warmup, **kwargs):
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        constexprs = {k: v for k, v in kwargs.items() if k.isupper()}
+        compiled[f"{self.fn.__name__} {constexprs} warps={kernel.metadata.num_warps}"] = None
+        return kernel
+
+    def every_config(self, *args, **kwargs):
+        for config in self.configs:
+            self.fn.run(*args, **kwargs, **config.all_kwargs())
+
+    JITFunction.run = warmup
+    Autotuner.run = every_config
+
+
+def launch_every_kernel() -> None:
+    """Each launcher at the shapes and dtypes that reach each of its constexpr branches and
+    tile sizes (the models' shapes: ViT-B's 197 tokens, video's 1,568, SAM's windows)."""
+    # By module path: ``kernels.attention`` is also the name of the function it exports.
+    attention, bipartite, match, merge, temporal_match = (
+        importlib.import_module(f"kernels.{name}") for name in ("attention", "bipartite", "match", "merge", "temporal_match")
+    )
+    for module in (attention, bipartite, match, merge, temporal_match):
+        module.check_device = lambda *tensors: None  # CPU tensors stand in: only dtypes and strides matter
+    half = (torch.bfloat16, torch.float16)
+
+    for dtype in (torch.float32, *half):  # float32 upcasts in the dot; half goes to the tensor cores
+        for tokens, dim in ((197, 64), (9, 8), (1568, 64)):
+            body = torch.randn(2, tokens, dim).to(dtype)
+            match.best_match_triton(body[:, ::2], body[:, 1::2])
+
+    for dtype in (torch.float32, torch.bfloat16):
+        metric = torch.randn(1, 1568, 64).to(dtype)
+        temporal_match.temporal_best_match_triton(metric, torch.rand(1, 1568, 3) * 8, window=2.0)
+
+    for dtype in (torch.float32, *half):
+        for tokens in (21, 197):  # 32- and 64-token tiles
+            q, k, v = torch.randn(3, 2, 12, tokens, 64).to(dtype)
+            attention.attention_triton(q, k, v, torch.rand(2, tokens), 0.125)
+            attention.attention_triton(q, k, v, None, 0.125)
+
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2, 197, 768).to(dtype)
+        dest = torch.randint(0, 181, (2, 197))
+        merge.merge_wavg_triton(x, torch.ones(2, 197, 1), dest, 181)
+
+    for num_a, emit_members in ((98, True), (98, False), (784, True), (1024, False)):  # 4 and 8 warps
+        num_tokens = 2 * num_a + 1
+        best_b = torch.randint(0, num_a, (2, num_a))
+        bipartite._launch(torch.rand(2, num_a), best_b, num_a // 2, num_tokens, 1, emit_members)
+
+
+def main(arch: int) -> None:
+    driver.set_active(CompileOnlyDriver(GPUTarget("cuda", arch, 32)))
+    compiled: dict[str, None] = {}
+    compile_instead_of_launching(compiled)
+    launch_every_kernel()
+    for line in compiled:
+        print(line)
+    print(f"compiled {len(compiled)} kernels for sm_{arch} with triton {triton.__version__}")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))
