@@ -50,6 +50,7 @@ import csv
 import datetime
 import json
 import os
+import pickle
 import re
 import sys
 import tarfile
@@ -172,9 +173,9 @@ def samples_from_folder(root: Path, split: str, class_map: str = "") -> FolderSa
 
 
 def samples_from_csv(csv_path: Path, root: Path | None = None) -> Samples:
-    """Rows ``path,label`` (an optional header row is skipped). Relative paths resolve against
-    ``root``, else the CSV's folder. Files that do not exist are kept: the eval counts them as
-    unreadable."""
+    """Rows ``path,label``; a first row whose label is not an integer and whose path has no
+    file extension is a header, and skipped. Relative paths resolve against ``root``, else the
+    CSV's folder. Files that do not exist are kept: the eval counts them as unreadable."""
     base = root if root is not None else csv_path.parent
     samples: Samples = []
     with open(csv_path, newline="") as handle:
@@ -187,8 +188,8 @@ def samples_from_csv(csv_path: Path, root: Path | None = None) -> Samples:
             try:
                 value = int(label)
             except ValueError:
-                if line_number == 1 and not samples:
-                    continue  # header
+                if line_number == 1 and not Path(path).suffix:
+                    continue  # a header ("path,label"): a file with a bad label stops below
                 raise SystemExit(f"{csv_path}:{line_number}: label {label!r} is not an integer") from None
             full = Path(path) if Path(path).is_absolute() else base / path
             samples.append((str(full), value))
@@ -314,14 +315,25 @@ def _name_keys(keys: Sequence[str]) -> str:
 
 def read_checkpoint(path: Path) -> dict[str, Tensor]:
     """Weights read offline: ``.safetensors``, or a ``torch.save`` file read with
-    ``weights_only=True`` holding a state dict or ``{'state_dict' | 'model': state dict}``.
+    ``weights_only=True`` holding a state dict or ``{'state_dict' | 'model': state dict}``
+    (a timm training checkpoint, arguments included).
     A ``module.`` prefix on every key (a DDP-wrapped save) is removed."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         state: Any = load_file(str(path), device="cpu")
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # timm's training checkpoints keep the run's argparse arguments beside the weights
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as error:
+                found = re.search(r"GLOBAL (\S+)", str(error))
+                raise SystemExit(
+                    f"{path} holds Python objects besides tensors ({found[1] if found else 'unknown'}), which "
+                    "weights_only=True does not load: if you trust the file, save its state dict alone, e.g. "
+                    "torch.save(torch.load(path, weights_only=False)['state_dict'], 'weights.pth')"
+                ) from None
     if isinstance(state, Mapping) and not all(isinstance(v, Tensor) for v in state.values()):
         for key in ("state_dict", "model"):
             if isinstance(state.get(key), Mapping):
@@ -556,14 +568,24 @@ def check_files(args: argparse.Namespace) -> None:
     for flag, path in named:
         if path is not None and not path.is_file():
             raise SystemExit(f"{flag} {path} does not exist: give the path of an existing file")
+    flat = args.labels_file is not None or args.label_from_filename is not None
+    archive = not flat and args.data is not None and args.data.is_file() and args.data.suffix == ".tar"
+    if args.data is not None and not (args.data.is_dir() or archive):
+        what = "a folder" if flat else "a folder or a .tar archive of class folders"
+        raise SystemExit(f"--data {args.data} is not {what}: give the path that holds the images")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the evaluation; returns the JSON document (on every rank; rank 0 writes it)."""
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
-    if args.batch_size < 1 or args.workers < 0 or (args.limit is not None and args.limit < 1):
-        raise SystemExit("--batch-size and --limit must be at least 1, --workers at least 0")
+    # All before the model runs: the timing comes after the evaluation, whose results a bad
+    # --runs would throw away unwritten.
+    least = {"batch_size": 1, "limit": 1, "runs": 1, "threads": 1, "workers": 0, "warmup": 0}
+    bad = [f"--{name.replace('_', '-')} {getattr(args, name)} (at least {low})"
+           for name, low in least.items() if getattr(args, name) is not None and getattr(args, name) < low]
+    if bad:
+        raise SystemExit(f"out of range: {', '.join(bad)}")
     check_files(args)
     options = method_options(args.method, args.option, r=args.r, keep_ratio=args.keep_ratio, predictor=args.predictor)
     if args.threads is not None:

@@ -9,8 +9,9 @@
 folder). ``--classes FILE`` (one name per line, line order = index; e.g. OpenCV's
 ``action_recongnition_kinetics.txt`` for Kinetics-400) names the classes: folder names and CSV
 labels are looked up in it, and a name it lacks is an error. Without it, folders are indexed
-in sorted order (a warning says so when their count is not the model's class count) and CSV
-labels must be ints. Labels outside the model's classes are an error. Videos are decoded with
+in natural order, as timm's ImageNet reader does (``2`` before ``10``; a warning says so when
+their count is not the model's class count), and CSV labels must be ints. Files in the class
+folders that are not videos by their extension are counted and listed in the JSON. Labels outside the model's classes are an error. Videos are decoded with
 PyAV (RGB; only the sampled frames are kept). A video whose packets the decoder rejects, or
 that decodes to under 95 % of the frames its container announces, is listed under ``damaged``
 and evaluated on the frames that decoded.
@@ -56,6 +57,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.utils.misc import natural_key
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -67,7 +69,7 @@ from evals.metrics import topk_correct
 from evals.settings import BudgetUnreachable, Setting, describe_setting, method_options, parse_gflops_budget, parse_option, resolve
 from tokenprune.schedule import parse_schedule
 
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg")
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".3gp", ".wmv", ".ogv", ".ts")
 MEAN = (0.485, 0.456, 0.406)  # VideoMAE normalises with the ImageNet statistics
 STD = (0.229, 0.224, 0.225)
 
@@ -89,10 +91,18 @@ def _first(names: Sequence[str], count: int = 10) -> str:
     return ", ".join(names[:count]) + (" …" if len(names) > count else "")
 
 
-def samples_from_folder(root: Path, classes: Sequence[str] = ()) -> tuple[Samples, list[str]]:
+class FolderSamples(NamedTuple):
+    samples: Samples
+    classes: list[str]  # label → folder name
+    not_videos: list[str]  # files in the class folders left out by their extension
+
+
+def samples_from_folder(root: Path, classes: Sequence[str] = ()) -> FolderSamples:
     """One sub-folder per class, videos found recursively. The label of a folder is its name's
-    index in ``classes``; without ``classes``, in the sorted folder names (returned). Videos
-    lying in ``root`` itself, or no video at all, stop the run: neither has a label to give."""
+    index in ``classes``; without ``classes``, in the folder names in natural order (``2``
+    before ``10``, as timm orders ImageNet's class folders). Videos lying in ``root`` itself,
+    or no video at all, stop the run: neither has a label to give. Files whose extension is no
+    video's are returned, for the eval to report."""
     if not root.is_dir():
         raise SystemExit(f"--data {root} is not a folder: give the folder holding one sub-folder per class")
     loose = sorted(path.name for path in root.iterdir() if path.is_file() and _is_video(path))
@@ -101,7 +111,7 @@ def samples_from_folder(root: Path, classes: Sequence[str] = ()) -> tuple[Sample
             f"{root} holds {len(loose)} video(s) directly, not in one folder per class ({_first(loose)}): "
             "give --labels-file with path,label rows, or sort the videos into class folders"
         )
-    folders = sorted(d.name for d in root.iterdir() if d.is_dir())
+    folders = sorted((d.name for d in root.iterdir() if d.is_dir()), key=natural_key)
     if classes:
         index = {name: i for i, name in enumerate(classes)}
         unknown = [name for name in folders if name not in index]
@@ -109,18 +119,15 @@ def samples_from_folder(root: Path, classes: Sequence[str] = ()) -> tuple[Sample
             raise SystemExit(f"class folders not in --classes: {unknown[:10]}{' …' if len(unknown) > 10 else ''}")
     else:
         classes, index = folders, {name: i for i, name in enumerate(folders)}
-    samples = [
-        (str(path), index[name])
-        for name in folders
-        for path in sorted((root / name).rglob("*"))
-        if _is_video(path)
-    ]
+    files = [(path, index[name]) for name in folders for path in sorted((root / name).rglob("*")) if path.is_file()]
+    samples = [(str(path), label) for path, label in files if _is_video(path)]
+    not_videos = [str(path) for path, _ in files if not _is_video(path)]
     if not samples:
         raise SystemExit(
             f"no videos under {root} ({len(folders)} class folders): expected one sub-folder per class holding "
             f"{'/'.join(VIDEO_EXTENSIONS)} files; check that --data points at them"
         )
-    return samples, list(classes)
+    return FolderSamples(samples, list(classes), not_videos)
 
 
 def samples_from_csv(csv_path: Path, root: Path | None = None, classes: Sequence[str] = ()) -> Samples:
@@ -473,6 +480,9 @@ def check_paths(args: argparse.Namespace) -> None:
                          "(line order = index), or leave --classes out")
     if args.labels_file is not None and not args.labels_file.is_file():
         raise SystemExit(f"--labels-file {args.labels_file} does not exist: give a CSV of path,label rows")
+    if args.checkpoint is not None and not Path(args.checkpoint).exists():
+        raise SystemExit(f"--checkpoint {args.checkpoint} does not exist: give a VideoMAE checkpoint file or "
+                         "save_pretrained folder, or leave --checkpoint out for random weights")
     if args.data is not None and not args.data.is_dir():
         raise SystemExit(f"--data {args.data} is not a folder: give the folder holding one sub-folder per class "
                          "(or, with --labels-file, the folder its relative paths start from)")
@@ -482,10 +492,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.single_view:
         args.clips = args.crops = 1
-    if args.workers < 0:
-        raise SystemExit("--workers must be at least 0")
+    negative = [f"--{name.replace('_', '-')} {getattr(args, name)}"
+                for name in ("workers", "warmup", "throughput_batch") if getattr(args, name) < 0]
+    if negative:
+        raise SystemExit(f"{', '.join(negative)}: must be at least 0")
+    # (--runs too, before the evaluation: the timing comes after it, and would lose its results)
     small = [f"--{name.replace('_', '-')} {getattr(args, name)}"
-             for name in ("num_frames", "stride", "clips", "crops", "img_size", "views_per_batch", "limit")
+             for name in ("num_frames", "stride", "clips", "crops", "img_size", "views_per_batch", "limit", "runs")
              if getattr(args, name) is not None and getattr(args, name) < 1]
     if small:
         raise SystemExit(f"{', '.join(small)}: must be at least 1")
@@ -496,15 +509,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit("--budget sets a method's strength: give a --method too")
     classes = read_classes(args.classes)
     warnings: list[str] = []
+    not_videos: list[str] = []
     if args.labels_file:
         samples = samples_from_csv(args.labels_file, args.data, classes)
     elif args.data:
-        samples, folder_classes = samples_from_folder(args.data, classes)
+        samples, folder_classes, not_videos = samples_from_folder(args.data, classes)
         if not classes and len(folder_classes) != args.num_classes:
             warnings.append(
                 f"{args.data} has {len(folder_classes)} class folders but the model has {args.num_classes} classes: "
-                "labels are indices of the sorted folder names and match the model's classes only if every class "
+                "labels are indices of the folder names in natural order and match the model's classes only if every class "
                 "is present (give --classes otherwise)"
+            )
+        if not_videos:
+            warnings.append(
+                f"{len(not_videos)} file(s) in the class folders are not evaluated: their extension is none of "
+                f"{', '.join(VIDEO_EXTENSIONS)} ({_first(not_videos, 5)}; all in the JSON's not_videos): "
+                "convert or rename them to evaluate them"
             )
     else:
         raise SystemExit("give --data (a folder per class) or --labels-file")
@@ -518,13 +538,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     command = command_line("evals.kinetics", argv)
     device, ddp = setup(args.device)
     try:
-        return _run(args, command, options, samples, ks, warnings, device, ddp)
+        return _run(args, command, options, samples, not_videos, ks, warnings, device, ddp)
     finally:
         ddp.close()
 
 
-def _run(args: argparse.Namespace, command: str, options: dict[str, Any], samples: Samples, ks: tuple[int, ...],
-         warnings: list[str], device: torch.device, ddp: Dist) -> dict[str, Any]:
+def _run(args: argparse.Namespace, command: str, options: dict[str, Any], samples: Samples, not_videos: list[str],
+         ks: tuple[int, ...], warnings: list[str], device: torch.device, ddp: Dist) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     model, options = build_model(args, options)
     model = model.to(device)
@@ -579,6 +599,7 @@ def _run(args: argparse.Namespace, command: str, options: dict[str, Any], sample
         "too_short": too_short,
         "num_damaged": len(damaged),
         "damaged": damaged,
+        "not_videos": not_videos,  # files in the class folders left out by their extension
         "warnings": warnings,
     }
     if args.throughput_batch > 0:

@@ -289,9 +289,10 @@ def setting_for_budget(
         reached = f"{gflops_fraction(len(steps) - 1):.1%} of the GFLOPs" if steps else "nothing"
         if budget.kind == "speedup" and steps:
             reached = f"{speedup_of(patched(len(steps) - 1)):.2f}x"  # type: ignore[misc]
+        easier = "a larger GFLOPs share" if budget.kind == "gflops" else "a smaller speed-up"
         raise BudgetUnreachable(
             f"{method} cannot reach {budget}: its strongest setting ({strongest}) reaches {reached}; "
-            "give a smaller budget or options that let it reduce more"
+            f"give {easier} or options that let it reduce more"
         )
     return {**options, **steps[index]}
 

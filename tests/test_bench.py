@@ -313,6 +313,7 @@ def test_bad_requests_are_explained(tmp_path: Path) -> None:
     document = _main(["--budget", "0.01", "--method", "evit", "--option", "stages=(11,)", "--no-manual", *out])
     assert [row["method"] for row in document["rows"]] == ["none"]  # skipped, and said so:
     assert any("evit cannot reach 1% GFLOPs: its strongest setting (keep_ratio=0.01)" in w for w in document["warnings"])
+    assert any("give a larger GFLOPs share or options" in w for w in document["warnings"])  # the easier budget
     with pytest.raises(SystemExit, match="no option 'window'"):
         _main(["--option", "window=3", *out])
     with pytest.raises(SystemExit, match="give tome's r with --r"):

@@ -9,6 +9,7 @@ The pipeline is deterministic, so the exact top-1 count pins label order and pre
 
 from __future__ import annotations
 
+import argparse
 import csv
 import importlib.util
 import itertools
@@ -570,8 +571,15 @@ def test_bad_command_lines_stop_with_the_problem_and_the_fix(tmp_path: Path) -> 
         ([*tiny, "--method", "tome", "--option", "foo=1"], r"--method tome: .*has no option foo"),
         ([*tiny, "--method", "evit", "--r", "2"], r"--method evit: .*has no option r"),
         ([*tiny, "--img-size", "64"], r"built for 224x224 images, not --img-size 64: .*--model-arg img_size=64"),
-        ([*tiny, "--limit", "0"], r"--limit must be at least 1"),
+        ([*tiny, "--limit", "0"], r"out of range: --limit 0 \(at least 1\)"),
+        # caught before the run: the timing comes after the evaluation, whose results it would lose
+        ([*tiny, "--runs", "0", "--warmup", "-1"], r"out of range: --runs 0 \(at least 1\), --warmup -1 \(at least 0\)"),
+        ([*tiny, "--threads", "0"], r"out of range: --threads 0 \(at least 1\)"),
+        # a mistyped root for a CSV's relative paths, not every image "unreadable"
+        (["--labels-file", str(tmp_path / "labels.csv"), "--data", str(tmp_path / "dta"), *tiny],
+         r"--data .*dta is not a folder: give the path that holds the images"),
     ]
+    (tmp_path / "labels.csv").write_text("a/x.png,0\n")
     for extra, message in cases:
         with pytest.raises(SystemExit, match=message):
             run(*data, *extra)
@@ -655,6 +663,10 @@ def test_samples_from_csv_root_header_and_columns(tmp_path: Path) -> None:
     (tmp_path / "late.csv").write_text("path,label\nn01440764/x.JPEG,n01440764\nb.jpg,3\n")
     with pytest.raises(SystemExit, match=r"late.csv:2: label 'n01440764' is not an integer"):
         imagenet.samples_from_csv(tmp_path / "late.csv")
+    # a first row naming an image is data, not a header: its bad label stops the run
+    (tmp_path / "first.csv").write_text("n01440764/x.JPEG,n01440764\nb.jpg,3\n")
+    with pytest.raises(SystemExit, match=r"first.csv:1: label 'n01440764' is not an integer"):
+        imagenet.samples_from_csv(tmp_path / "first.csv")
     (tmp_path / "wide.csv").write_text("a.jpg,3,extra\n")
     with pytest.raises(SystemExit, match=r"wide.csv:1: expected 'path,label'"):
         imagenet.samples_from_csv(tmp_path / "wide.csv")
@@ -748,6 +760,19 @@ def test_read_checkpoint_strips_module_only_from_a_ddp_save(tmp_path: Path) -> N
     ``module`` keeps its keys."""
     torch.save({"module.weight": torch.zeros(2), "head.weight": torch.ones(2)}, tmp_path / "own.pth")
     assert sorted(imagenet.read_checkpoint(tmp_path / "own.pth")) == ["head.weight", "module.weight"]
+
+
+def test_read_checkpoint_of_timm_training(tmp_path: Path) -> None:
+    """timm's CheckpointSaver keeps the run's argparse arguments beside the weights: they load
+    with weights_only=True; any other object is refused with the way out."""
+    state = {"weight": torch.ones(2)}
+    args = argparse.Namespace(model="vit_tiny_patch16_224", lr=1e-3, aa=None, mean=(0.5, 0.5, 0.5))
+    torch.save({"epoch": 3, "arch": "vit", "state_dict": state, "args": args, "state_dict_ema": {}}, tmp_path / "timm.pth")
+    loaded = imagenet.read_checkpoint(tmp_path / "timm.pth")
+    assert list(loaded) == ["weight"] and torch.equal(loaded["weight"], state["weight"])
+    torch.save({"state_dict": state, "note": Path("notes.txt")}, tmp_path / "objects.pth")
+    with pytest.raises(SystemExit, match=r"objects.pth holds Python objects besides tensors \(pathlib.*Path\).*weights_only=False"):
+        imagenet.read_checkpoint(tmp_path / "objects.pth")
 
 
 def test_an_option_given_twice_is_refused() -> None:

@@ -160,11 +160,11 @@ def test_csv_and_folder_samples(tmp_path):
     for name, clip in (("biking", BIKES), ("phoning", CARPHONE)):
         (tmp_path / "data" / name).mkdir(parents=True)
         shutil.copy(clip, tmp_path / "data" / name / clip.name)
-    samples, classes = kinetics.samples_from_folder(tmp_path / "data")
-    assert classes == ["biking", "phoning"] and [label for _, label in samples] == [0, 1]
+    samples, classes, not_videos = kinetics.samples_from_folder(tmp_path / "data")
+    assert classes == ["biking", "phoning"] and [label for _, label in samples] == [0, 1] and not_videos == []
     # With a class list, folders are looked up in it (Kinetics: a class without a folder must
     # not shift the labels of the others); a folder it lacks is an error.
-    named, _ = kinetics.samples_from_folder(tmp_path / "data", ["abseiling", "biking", "juggling", "phoning"])
+    named = kinetics.samples_from_folder(tmp_path / "data", ["abseiling", "biking", "juggling", "phoning"]).samples
     assert [label for _, label in named] == [1, 3]
     with pytest.raises(SystemExit, match="not in --classes: \\['phoning'\\]"):
         kinetics.samples_from_folder(tmp_path / "data", ["biking"])
@@ -296,6 +296,29 @@ def test_empty_dataset_is_refused(tmp_path):
     assert not output.exists()
 
 
+def test_numbered_class_folders_in_natural_order_and_other_files_listed(tmp_path):
+    """Folders 0, 1, 2, 10 are labels 0, 1, 2, 3 (as timm orders ImageNet's class folders), not
+    0, 1, 3, 2; a file that is no video by its extension is listed, not silently left out, and
+    the run says so."""
+    for name in ("10", "2", "0", "1"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        shutil.copy(CARPHONE, tmp_path / "data" / name / f"clip{name}.mp4")
+    (tmp_path / "data" / "2" / "clip.wmf").write_bytes(b"not a video")
+    samples, classes, not_videos = kinetics.samples_from_folder(tmp_path / "data")
+    assert classes == ["0", "1", "2", "10"]
+    assert [(Path(path).name, label) for path, label in samples] == [
+        ("clip0.mp4", 0), ("clip1.mp4", 1), ("clip2.mp4", 2), ("clip10.mp4", 3)
+    ]
+    assert not_videos == [str(tmp_path / "data" / "2" / "clip.wmf")]
+    output = tmp_path / "r.json"
+    kinetics.main(["--data", str(tmp_path / "data"), "--model", "video_vit_small_patch16_224", "--num-classes", "4",
+                   "--num-frames", "2", "--img-size", "32", "--single-view", "--workers", "0", "--limit", "1",
+                   "--throughput-batch", "0", "--out", str(output), "--quiet"])  # fmt: skip
+    saved = json.loads(output.read_text())
+    assert saved["not_videos"] == not_videos
+    assert any("1 file(s) in the class folders are not evaluated" in warning for warning in saved["warnings"])
+
+
 def test_videos_in_the_data_root_are_refused(tmp_path):
     root = _class_folders(tmp_path / "data")
     shutil.copy(BIKES, root / "loose.mp4")  # not in a class folder: which class would it be?
@@ -340,6 +363,13 @@ def test_bad_paths_and_sizes_are_refused_up_front(tmp_path, monkeypatch):
         kinetics.main([*base, "--num-frames", "4", "--img-size", "30"])
     with pytest.raises(SystemExit, match="--limit 0: must be at least 1"):  # an empty run would dodge the empty-data check
         kinetics.main([*base, "--limit", "0"])
+    # the timing runs after the evaluation: a bad count would lose its results, so it stops here
+    with pytest.raises(SystemExit, match="--runs 0: must be at least 1"):
+        kinetics.main([*base, "--runs", "0"])
+    with pytest.raises(SystemExit, match="--warmup -1, --throughput-batch -1: must be at least 0"):
+        kinetics.main([*base, "--warmup", "-1", "--throughput-batch", "-1"])
+    with pytest.raises(SystemExit, match="--checkpoint .*missing.bin does not exist: give a VideoMAE checkpoint"):
+        kinetics.main([*base, "--checkpoint", str(tmp_path / "missing.bin")])
     with pytest.raises(SystemExit, match="unknown --model 'vit_nope'"):
         kinetics.main([*base, "--model", "vit_nope"])
 
