@@ -318,6 +318,9 @@ def test_bad_options() -> None:
         tokenprune.patch(make("vit_cls"), "dynamicvit", keep_ratio=0.0)
     with pytest.raises(ValueError, match="stages"):
         tokenprune.patch(make("vit_cls"), "dynamicvit", stages=(6, 3))
+    for method in ("dynamicvit", "evit"):  # block indices are whole numbers
+        with pytest.raises(TypeError, match=r"a stage \(block index\) must be a non-negative int, got 1.5"):
+            tokenprune.patch(make("vit_cls"), method, stages=(1.5,))
     with pytest.raises(ValueError, match="needs a class token"):
         tokenprune.patch(make("vit_avg_no_cls"), "evit")
     with pytest.raises(ValueError, match="score"):

@@ -170,8 +170,16 @@ def test_bad_options() -> None:
         tokenprune.patch(model, "local_global", local_ratio=1.5)
     with pytest.raises(ValueError, match="window"):
         tokenprune.patch(model, "local_global", window=1)
+    for options, error in ((dict(window=2.0), TypeError), (dict(local_block=1.5), TypeError),
+                           (dict(pos_weight=float("nan")), ValueError), (dict(pos_weight=float("inf")), ValueError)):
+        with pytest.raises(error, match="window|local_block|pos_weight must be ≥ 0 and finite"):
+            tokenprune.LocalGlobalConfig(**options)
     dropping = tokenprune.patch(make("vit_cls", patch_drop_rate=0.25), "local_global").train()
     with pytest.raises(ValueError, match="patch dropout"):
+        dropping(image())
+    # with positions too (pos_weight): refused before they are placed on a grid the tokens no longer fill
+    tokenprune.patch(dropping, "local_global", pos_weight=0.5)
+    with pytest.raises(ValueError, match=r"LocalGlobalConfig places tokens by .* 147 of the 196 patches .* patch dropout"):
         dropping(image())
 
 

@@ -319,6 +319,13 @@ def test_dynamic_image_size() -> None:
         tokenprune.plan(fixed, 256)
     with pytest.raises(ValueError, match="takes 224x224 images, got 256x256"):
         fixed(image(1, 256))
+    # sizes that would plan a negative or an empty grid, and things that are no size
+    for size in ((-14, 28), 0, "224", (224,), image(1), True):
+        with pytest.raises(ValueError, match="input_size must be a positive int or a tuple of them"):
+            tokenprune.plan(model, size)
+    for batch_size in (0, 2.5):
+        with pytest.raises(ValueError, match="batch_size must be a positive int"):
+            tokenprune.flops(model, 224, batch_size=batch_size)
 
 
 @pytest.mark.parametrize("family", ["vit_cls", "registers", "eva02_rope", "beit_relpos"])
@@ -441,6 +448,13 @@ def test_flops_agree_with_flop_counter(family: str, r) -> None:
     assert tokenprune.flops(model, 224, batch_size=2).total == counted_flops(model, image())
 
 
+def test_flops_of_a_convolutional_stem_on_one_channel_images() -> None:
+    """A hybrid ViT built for grey images (in_chans=1): its stem is counted on one channel."""
+    model = make("hybrid_cnn_stem", in_chans=1).requires_grad_(False)
+    tokenprune.patch(model, r=8)
+    assert tokenprune.flops(model, 224, batch_size=2).total == counted_flops(model, image()[:, :1])
+
+
 def test_flops_of_a_head_on_every_token() -> None:
     """global_pool="": no pooling, the classifier runs on each output token."""
     model = make("vit_cls", global_pool="", depth=4).requires_grad_(False)
@@ -547,6 +561,17 @@ def test_patching_through_compile_and_data_parallel(tmp_path) -> None:
         with pytest.raises(TypeError, match="adds parameters, which DistributedDataParallel, built before them, would not"):
             tokenprune.patch(ddp, "dynamicvit")
         assert vit.tokenprune_config == tokenprune.ToMeConfig(r=4)  # refused before anything changed
+        # Patched, then wrapped: the predictors are DDP's, so a new keep ratio is no new parameter;
+        # a new stage would be one, and is refused with the model as it was.
+        pruned = make("vit_cls", depth=4)
+        tokenprune.patch(pruned, "dynamicvit", keep_ratio=0.7, stages=(2,))
+        ddp = torch.nn.parallel.DistributedDataParallel(pruned)
+        tokenprune.patch(ddp, keep_ratio=0.5)
+        assert tokenprune.plan(ddp, 224).removed == (0, 0, 98, 0)
+        with pytest.raises(TypeError, match="adds parameters, which DistributedDataParallel"):
+            tokenprune.patch(ddp, keep_ratio=0.6, stages=(1, 2))
+        assert pruned.tokenprune_config.keep_ratio == 0.5 and pruned.blocks[2].reducer.keep_fraction == 0.5
+        assert tokenprune.plan(ddp, 224).removed == (0, 0, 98, 0)
     finally:
         dist.destroy_process_group()
 
@@ -719,6 +744,22 @@ def test_a_config_object_with_keywords_is_refused() -> None:
     with pytest.raises(TypeError, match="not both"):
         tokenprune.patch(model, tokenprune.ToMeConfig(r=4), r=8)
     assert not hasattr(model, "tokenprune_config")
+
+
+def test_a_method_that_is_neither_a_name_nor_a_config_is_refused() -> None:
+    """``patch(model, 16)`` (ToMe's r in the method's place), the config class, a dict: one
+    error naming what ``method`` takes, not an AttributeError from inside."""
+    model = make("vit_cls", depth=2)
+    with pytest.raises(TypeError, match=r"got 16; for ToMe's r, tokenprune.patch\(model, r=16\)"):
+        tokenprune.patch(model, 16)
+    for method in (tokenprune.ToMeConfig, {"r": 2}):
+        with pytest.raises(TypeError, match="method must be a name in tokenprune.METHODS or a config object"):
+            tokenprune.patch(model, method)
+    assert not hasattr(model, "tokenprune_config")
+    # with no method named, an unknown option names the method it was taken for: the current one
+    tokenprune.patch(model, "evit", keep_ratio=0.7)
+    with pytest.raises(TypeError, match=r"method 'evit' \(the model's current method, as none is named\) has no option r"):
+        tokenprune.patch(model, r=4)
 
 
 def test_flops_of_map_pooling_that_skips_the_prefix_tokens() -> None:

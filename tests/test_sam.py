@@ -325,7 +325,7 @@ def test_clear_errors() -> None:
         tokenprune.patch(sam(), "tome", r=8)
     with pytest.raises(TypeError, match="use method='merge_unmerge'"):
         tokenprune.patch(sam(), "dynamicvit", keep_ratio=0.7)
-    with pytest.raises(TypeError, match="method 'merge_unmerge' \\(VisionTransformerSAM's when none is named\\) has no option r"):
+    with pytest.raises(TypeError, match="method 'merge_unmerge' \\(VisionTransformerSAM's default, as none is named\\) has no option r"):
         tokenprune.patch(sam(), r=8)
     for ratio in (0.6, -0.1, True):
         with pytest.raises(ValueError, match="0 ≤ ratio ≤ 0.5"):

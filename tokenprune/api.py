@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Any
 
 from torch import Tensor, nn
@@ -45,7 +46,8 @@ def patch(model: nn.Module, method: str | MethodConfig | None = None, **options:
         config_class = METHODS[method]
         names = {f.name for f in dataclasses.fields(config_class)}
         if unknown := sorted(set(options) - names):
-            named = f"method {method!r}" + (f" ({vit.original_class(model).__name__}'s when none is named)" if implied else "")
+            source = "the model's current method" if current is not None else f"{vit.original_class(model).__name__}'s default"
+            named = f"method {method!r}" + (f" ({source}, as none is named)" if implied else "")
             raise TypeError(f"{named} has no option {', '.join(unknown)}; its options: {sorted(names)}")
         if type(current) is config_class:
             config = dataclasses.replace(current, **options)
@@ -55,13 +57,19 @@ def patch(model: nn.Module, method: str | MethodConfig | None = None, **options:
                 config = config_class(**options)
             except TypeError as error:
                 raise TypeError(f"method {method!r}: {error}") from None
+    elif isinstance(method, type) or not callable(getattr(method, "reducers", None)):
+        hint = "" if not isinstance(method, (int, tuple, list)) else f"; for ToMe's r, tokenprune.patch(model, r={method!r})"
+        raise TypeError(
+            f"method must be a name in tokenprune.METHODS or a config object such as ToMeConfig(r=16), got "
+            f"{method!r}{hint}"
+        )
     else:
         if options:
             raise TypeError("give options either inside the config object or as keywords with a method name, not both")
         config = method
     vit.check_method_for(vit.unwrap_runtime(outer), config)
+    vit.refuse_unsynchronised_parameters(outer, model, config)
     reducers = config.reducers(model)
-    vit.refuse_unsynchronised_parameters(outer, reducers)
     vit.check_reducers(model, config, reducers)
     if current is not None and type(current) is not type(config):
         vit.remove(model)
@@ -172,6 +180,7 @@ def patch_grid(model: nn.Module, input_size: InputSize) -> tuple[int, ...]:
     (T, H, W), (C, T, H, W), (H, W) or an int (then T is the model's ``num_frames``); (N,) for
     NaFlex's packed patches (the dict itself: sequences of N positions)."""
     model = vit.reducing_model(model)
+    _check_input_size(input_size)
     if isinstance(input_size, dict):
         packed_grid = getattr(vit.family(model), "packed_grid", None)
         if packed_grid is None:
@@ -184,6 +193,25 @@ def patch_grid(model: nn.Module, input_size: InputSize) -> tuple[int, ...]:
     else:
         height, width = input_size[-2:]
     return vit.family(model).image_grid(model, height, width)
+
+
+def _check_input_size(input_size: InputSize) -> None:
+    """A positive int, or 2 to 4 of them (or NaFlex's dict): not a tensor, a string, or a size
+    that would plan a negative grid."""
+    if isinstance(input_size, dict):
+        return
+    sizes: tuple = ()
+    if isinstance(input_size, Integral):
+        sizes = (input_size,)
+    elif isinstance(input_size, (tuple, list)) and 2 <= len(input_size) <= 4:
+        sizes = tuple(input_size)
+    if sizes and all(isinstance(n, Integral) and not isinstance(n, bool) and n > 0 for n in sizes):
+        return
+    given = f"a tensor of shape {tuple(input_size.shape)}" if isinstance(input_size, Tensor) else repr(input_size)
+    raise ValueError(
+        "input_size must be a positive int or a tuple of them: (H, W) or (C, H, W) for images, (T, H, W) or "
+        f"(C, T, H, W) for video; got {given}"
+    )
 
 
 def _video_grid(model: nn.Module, input_size: int | tuple[int, ...]) -> tuple[int, int, int]:

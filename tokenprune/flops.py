@@ -123,6 +123,8 @@ def flops(model: nn.Module, input_size: InputSize, batch_size: int | None = None
     training computes on every token)."""
     if batch_size is None:
         batch_size = int(input_size["patches"].shape[0]) if isinstance(input_size, dict) else 1
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     return _flops(unwrap_runtime(model), input_size, batch_size, with_head=True)
 
 
@@ -167,7 +169,8 @@ def _embed_flops(model: nn.Module, input_size: InputSize, patches: int) -> int:
 
     size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size[-2:])
     weight = next(embed.parameters())
-    image = torch.zeros(1, 3, *size, device=weight.device, dtype=weight.dtype)
+    channels = next(m.in_channels for m in embed.modules() if isinstance(m, nn.Conv2d))  # in_chans=1 stems too
+    image = torch.zeros(1, channels, *size, device=weight.device, dtype=weight.dtype)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         embed(image)
     return counter.get_total_flops()

@@ -30,6 +30,9 @@ class MethodConfig(Protocol):
         """One reducer per block (``None`` where the block keeps all its tokens)."""
         ...
 
+    # Optional: ``adds_parameters(model) -> bool``, whether ``reducers`` would create modules
+    # with parameters the model does not hold yet (DynamicViT's predictors); absent: never.
+
 
 METHODS: dict[str, type] = {
     "tome": ToMeConfig,

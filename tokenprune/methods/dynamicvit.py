@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .._io import write_atomic
 from ..merge import TokenState, keep_top_tokens
 from ..patch.vit import block_prefix_tokens
+from ..schedule import check_count
 from ._options import check_common_options
 
 
@@ -121,13 +122,17 @@ class DynamicViTConfig:
         if not 0.0 < self.keep_ratio <= 1.0:
             raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
         if self.stages is not None:
-            object.__setattr__(self, "stages", tuple(self.stages))
+            object.__setattr__(self, "stages", tuple(check_count(block, "a stage (block index)") for block in self.stages))
 
     def stage_blocks(self, depth: int) -> tuple[int, ...]:
         stages = self.stages if self.stages is not None else default_stages(depth)
         if not stages or any(not 0 < s < depth for s in stages) or list(stages) != sorted(set(stages)):
             raise ValueError(f"stages must be increasing block indices in [1, {depth - 1}], got {stages}")
         return stages
+
+    def adds_parameters(self, model: nn.Module) -> bool:
+        """Whether :meth:`reducers` would create predictors: at a stage without one already."""
+        return any(_predictor_of(model.blocks[block]) is None for block in self.stage_blocks(len(model.blocks)))
 
     def reducers(self, model: nn.Module) -> list[TokenPredictor | None]:
         depth = len(model.blocks)
@@ -136,8 +141,7 @@ class DynamicViTConfig:
         created = False
         stages = self.stage_blocks(depth)
         for block in stages:
-            existing = getattr(model.blocks[block], "reducer", None)
-            predictor = existing if isinstance(existing, TokenPredictor) else None
+            predictor = _predictor_of(model.blocks[block])
             if predictor is None:
                 predictor = TokenPredictor(model.embed_dim, 0.0, block_prefix_tokens(model))
                 predictor.to(device=reference.device, dtype=reference.dtype).train(model.training)
@@ -155,10 +159,15 @@ class DynamicViTConfig:
         return reducers
 
 
+def _predictor_of(block: nn.Module) -> TokenPredictor | None:
+    reducer = getattr(block, "reducer", None)
+    return reducer if isinstance(reducer, TokenPredictor) else None
+
+
 def predictors(model: nn.Module) -> nn.ModuleDict:
     """The model's prediction modules by block index (a view: training these trains the model's)."""
     return nn.ModuleDict(
-        {str(i): block.reducer for i, block in enumerate(model.blocks) if isinstance(getattr(block, "reducer", None), TokenPredictor)}
+        {str(i): predictor for i, block in enumerate(model.blocks) if (predictor := _predictor_of(block)) is not None}
     )
 
 

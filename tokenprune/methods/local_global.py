@@ -10,6 +10,7 @@ information decide together what merges.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,7 @@ from ..merge import (
     merge_state,
     unit_vectors,
 )
-from ..schedule import RSchedule, resolve_r
+from ..schedule import RSchedule, check_count, resolve_r
 from ..patch.vit import block_prefix_tokens, head_dim
 from ._options import check_common_options
 
@@ -218,14 +219,15 @@ class LocalGlobalConfig:
 
     def __post_init__(self) -> None:
         check_common_options(self)
-        if self.window < 2:
+        check_count(self.local_block, "local_block")
+        if check_count(self.window, "window") < 2:
             raise ValueError(f"window must be at least 2, got {self.window}")
         if self.local_threshold is not None and not -1.0 <= self.local_threshold <= 1.0:
             raise ValueError(f"local_threshold is a cosine in [-1, 1], got {self.local_threshold}")
         if self.local_threshold is None and (self.local_ratio is None or not 0.0 <= self.local_ratio <= 1.0):
             raise ValueError(f"local_ratio must be in [0, 1], got {self.local_ratio}")
-        if self.pos_weight < 0:
-            raise ValueError(f"pos_weight must be ≥ 0, got {self.pos_weight}")
+        if not 0 <= self.pos_weight < math.inf:  # (NaN too)
+            raise ValueError(f"pos_weight must be ≥ 0 and finite, got {self.pos_weight}")
 
     @property
     def track_positions(self) -> bool:

@@ -17,6 +17,7 @@ tracing, a visualisation aid, stores the last forward's map on the model.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, NoReturn, Protocol
@@ -548,7 +549,14 @@ class ReducingViT(SettingsThroughPatch):
         x, position = self._embed(x)
         # Blocks give positions (RoPE, relative bias) to merged tokens from their sources: trace them.
         trace_source = trace_source or self._positions_follow_sources
-        state = start_state(x, trace_source, grid, self.tokenprune_config.track_positions, valid)
+        track_positions = self.tokenprune_config.track_positions
+        if track_positions and (patches := x.shape[1] - block_prefix_tokens(self)) != math.prod(grid):
+            raise ValueError(
+                f"{type(self.tokenprune_config).__name__} places tokens by their patches' positions, and "
+                f"{patches} of the {math.prod(grid)} patches entered the blocks: timm's patch dropout "
+                "(patch_drop_rate > 0, in train()) is not supported with it; create the model with patch_drop_rate=0"
+            )
+        state = start_state(x, trace_source, grid, track_positions, valid)
         for i, block in enumerate(self.blocks):
             if num_blocks is not None and i == num_blocks:
                 break
@@ -921,11 +929,13 @@ def _compiled(model: nn.Module) -> bool:
     return eval_frame is not None and isinstance(model, eval_frame.OptimizedModule)
 
 
-def refuse_unsynchronised_parameters(outer: nn.Module, reducers: list[Any]) -> None:
+def refuse_unsynchronised_parameters(outer: nn.Module, model: nn.Module, config: Any) -> None:
     """DistributedDataParallel takes the parameters it synchronises when it is built: a method
-    that adds some (DynamicViT's predictors) must patch the model before it is wrapped."""
+    that would add some (DynamicViT's predictors, where the model has none yet at a stage) must
+    patch the model before it is wrapped. Asked of the config before its reducers are built,
+    which may update the model's existing ones: a refused call changes nothing."""
     ddp = any(isinstance(m, nn.parallel.DistributedDataParallel) for m in runtime_chain(outer))
-    if ddp and any(isinstance(r, nn.Module) and next(r.parameters(), None) is not None for r in reducers):
+    if ddp and getattr(config, "adds_parameters", lambda model: False)(model):
         raise TypeError(
             "this method adds parameters, which DistributedDataParallel, built before them, would not synchronise: "
             "patch the model first, then wrap it, model = DistributedDataParallel(tokenprune.patch(model, ...), ...)"
