@@ -9,11 +9,12 @@ This script runs each launcher (``kernels.*_triton``) on CPU tensors, with Trito
 replaced by one that names a GPU target and with every launch turned into Triton's own
 ``warmup`` (compile, do not run): so the launchers choose their tiles, dtypes and constexpr
 flags exactly as on the GPU, and Triton compiles each of those kernels through PTX to a cubin
-with its bundled ``ptxas``. Autotuned kernels compile every config they could pick.
+with its bundled ``ptxas``. Autotuned kernels compile every config they could pick. A kernel
+that needs more shared memory than the GPU has compiles but would not load: that is checked too.
 
 Run with ``TRITON_INTERPRET`` unset (the kernels must be compiled functions, not interpreted):
 ``python tests/gpu_compile.py 90`` (sm_90: H100/H200; 80: A100). It prints one line per
-compiled kernel and exits non-zero on the first compilation error. ``tests/test_gpu_compile.py``
+compiled kernel and exits non-zero on the first kernel that fails. ``tests/test_gpu_compile.py``
 runs it.
 """
 
@@ -50,7 +51,12 @@ class CompileOnlyDriver:
         raise AttributeError(f"compiling without a GPU: the driver has no {name!r}")
 
 
-def compile_instead_of_launching(compiled: dict[str, None]) -> None:
+# Shared memory a block may opt into (bytes): A100 (sm_80) 163 KiB, H100/H200 (sm_90) 227 KiB.
+# A kernel over it compiles but fails to load ("out of resource"), so the check is done here.
+SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+
+def compile_instead_of_launching(compiled: dict[str, None], arch: int) -> None:
     """Make every launch compile its kernel (Triton's ``warmup``) and record it in ``compiled``
     (once per specialisation); autotuned kernels compile each of their configs."""
     run = JITFunction.run
@@ -58,7 +64,11 @@ def compile_instead_of_launching(compiled: dict[str, None]) -> None:
     def warmup(self, *args, grid, warmup, **kwargs):
         kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
         constexprs = {k: v for k, v in kwargs.items() if k.isupper()}
-        compiled[f"{self.fn.__name__} {constexprs} warps={kernel.metadata.num_warps}"] = None
+        name = f"{self.fn.__name__} {constexprs} warps={kernel.metadata.num_warps}"
+        if kernel.metadata.shared > SHARED_MEMORY_LIMIT[arch]:
+            limit = SHARED_MEMORY_LIMIT[arch]
+            raise RuntimeError(f"{name} needs {kernel.metadata.shared} bytes of shared memory; sm_{arch} has {limit}")
+        compiled[f"{name} shared={kernel.metadata.shared}"] = None
         return kernel
 
     def every_config(self, *args, **kwargs):
@@ -81,7 +91,7 @@ def launch_every_kernel() -> None:
     half = (torch.bfloat16, torch.float16)
 
     for dtype in (torch.float32, *half):  # float32 upcasts in the dot; half goes to the tensor cores
-        for tokens, dim in ((197, 64), (9, 8), (1568, 64)):
+        for tokens, dim in ((197, 64), (9, 8), (1568, 64), (256, 769)):  # (SAM's windows: rows + a padding channel)
             body = torch.randn(2, tokens, dim).to(dtype)
             match.best_match_triton(body[:, ::2], body[:, 1::2])
 
@@ -89,18 +99,21 @@ def launch_every_kernel() -> None:
         metric = torch.randn(1, 1568, 64).to(dtype)
         temporal_match.temporal_best_match_triton(metric, torch.rand(1, 1568, 3) * 8, window=2.0)
 
-    for dtype in (torch.float32, *half):
-        for tokens in (21, 197):  # 32- and 64-token tiles
-            q, k, v = torch.randn(3, 2, 12, tokens, 64).to(dtype)
-            attention.attention_triton(q, k, v, torch.rand(2, tokens), 0.125)
-            attention.attention_triton(q, k, v, None, 0.125)
+    # 32- and 64-token tiles, and SigLIP's 72-wide heads (a 128-wide tile, masked); fp16 as bf16
+    sizes = ((21, 64), (197, 64), (197, 72))
+    shapes = [(dtype, tokens, head_dim) for dtype in (torch.float32, torch.bfloat16) for tokens, head_dim in sizes]
+    for dtype, tokens, head_dim in [*shapes, (torch.float16, 197, 64)]:
+        q, k, v = torch.randn(3, 2, 4, tokens, head_dim).to(dtype)
+        attention.attention_triton(q, k, v, torch.rand(2, tokens), 0.125)
+        attention.attention_triton(q, k, v, None, 0.125)
 
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(2, 197, 768).to(dtype)
         dest = torch.randint(0, 181, (2, 197))
         merge.merge_wavg_triton(x, torch.ones(2, 197, 1), dest, 181)
 
-    for num_a, emit_members in ((98, True), (98, False), (784, True), (1024, False)):  # 4 and 8 warps
+    # 4 and 8 warps, up to the kernel's limit (MAX_A_TOKENS, where backend="triton" takes it)
+    for num_a, emit_members in ((98, True), (98, False), (784, True), (1024, False), (bipartite.MAX_A_TOKENS, True)):
         num_tokens = 2 * num_a + 1
         best_b = torch.randint(0, num_a, (2, num_a))
         bipartite._launch(torch.rand(2, num_a), best_b, num_a // 2, num_tokens, 1, emit_members)
@@ -109,7 +122,7 @@ def launch_every_kernel() -> None:
 def main(arch: int) -> None:
     driver.set_active(CompileOnlyDriver(GPUTarget("cuda", arch, 32)))
     compiled: dict[str, None] = {}
-    compile_instead_of_launching(compiled)
+    compile_instead_of_launching(compiled, arch)
     launch_every_kernel()
     for line in compiled:
         print(line)
