@@ -300,6 +300,13 @@ def test_temporal_joint_after_merges_jointly_once_even_frames_are_used(clip):
     assert [type(block.reducer) for block in model.blocks] == [TemporalMerge, TemporalMerge, BipartiteMerge, BipartiteMerge]
     assert tokenprune.plan(model, SIZE).removed == (20, 8, 10, 4)
     assert model.forward_tokens(clip).num_tokens == NUM_TOKENS - 42
+    # What a block removes counts, not its r: with 3 tubelet frames (32 of 48 tokens on even
+    # frames) block 0's 32 is capped at half the tokens, 24, so 8 even-frame tokens are left
+    # for blocks 1 and 2 to merge temporally.
+    odd = video_vit_small_patch16_224(num_frames=6, img_size=SIZE, depth=4).eval()
+    tokenprune.patch(odd, "temporal", r=[32, 4, 4, 0])
+    assert [type(block.reducer) for block in odd.blocks] == [TemporalMerge, TemporalMerge, TemporalMerge, type(None)]
+    assert tokenprune.plan(odd, (6, SIZE, SIZE)).removed == (24, 4, 4, 0)
 
 
 @pytest.mark.parametrize(("depth", "early_blocks"), [(1, 1), (3, 1), (12, 6), (14, 6)])

@@ -272,6 +272,7 @@ class TemporalMergeConfig:
         p = block_prefix_tokens(model)
         frames, rows, cols = grid
         left = (frames + 1) // 2 * rows * cols  # even-frame tokens: all that temporal steps can merge
+        tokens = p + frames * rows * cols
         reducers: list[TemporalMerge | BipartiteMerge | None] = []
         joint = False  # once joint, stay joint: a temporal step after a joint one finds its pairs gone
         for n in counts:
@@ -282,7 +283,9 @@ class TemporalMergeConfig:
                 reducers.append(BipartiteMerge(n, p, self.backend))
             else:
                 reducers.append(TemporalMerge(n, self.window, p, self.backend))
-                left -= n
+                removed = min(n, max_bipartite_r(tokens, p))  # what the block removes: at most half its tokens
+                left -= removed
+                tokens -= removed
         return reducers
 
 
