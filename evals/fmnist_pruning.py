@@ -164,7 +164,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         x = [r["gflops"] * 1e3 for r in points]
         y = [r["top1"] for r in points]
         if family == "random dropping":
-            spread = [[r["top1"] - min(r["top1_draws"]) for r in points], [max(r["top1_draws"]) - r["top1"] for r in points]]
+            # (clamped: top1, the mean over draws, can differ from every draw in the last bit)
+            spread = [[max(r["top1"] - min(r["top1_draws"]), 0.0) for r in points],
+                      [max(max(r["top1_draws"]) - r["top1"], 0.0) for r in points]]
             ax.errorbar(x, y, yerr=spread, marker=marker, capsize=3, label=family + " (range of draws)")
         else:
             ax.plot(x, y, marker=marker, markersize=9 if marker == "*" else 6, label=family)

@@ -16,10 +16,11 @@ is the same backbone unpatched (frozen); the loss is :class:`DynamicViTLoss`. Wi
 ``--train-backbone`` the backbone trains too, at ``--backbone-lr-scale`` (0.01) of the predictors'
 learning rate, as in DynamicViT's training recipe.
 
-Each epoch writes, each file atomically and ``train_state.pt`` last (so it only ever names an
-epoch whose weights are on disk): ``predictors.safetensors``, ``model.safetensors`` (the whole
-model, with ``--method none`` or ``--train-backbone``), ``train_state.pt`` (optimizer, loss
-scaler, epoch, and the run's configuration) and a line of ``train_log.jsonl``. Every epoch
+Each epoch writes, each file atomically and ``train_state.pt`` last: ``predictors.safetensors``,
+``model.safetensors`` (the whole model, with ``--method none`` or ``--train-backbone``),
+``train_state.pt`` (optimizer, loss scaler, epoch, the run's configuration, and a copy of the
+trained weights, so that it alone marks an epoch complete and ``--resume`` reads everything from
+it) and a line of ``train_log.jsonl``. A new run refuses an ``--out`` that holds one. Every epoch
 draws its randomness (data order, augmentation, Gumbel noise) from seeds fixed by
 ``--seed``, the epoch and the rank, so ``--resume`` continues exactly as an uninterrupted run
 would; it refuses a configuration that would train something else (another backbone, method,
@@ -293,8 +294,15 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
     random.seed(epoch_seed)
 
 
+def trained_weights(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """What the run trains: the whole model (with its predictors, if any), or the predictors alone."""
+    return model if args.method == "none" or args.train_backbone else predictors(model)
+
+
 def save_checkpoint(out: Path, model: nn.Module, args: argparse.Namespace, state: dict[str, Any]) -> None:
-    """The epoch's weights, then ``train_state.pt`` (which marks the epoch complete), each atomically."""
+    """The epoch's weights, then ``train_state.pt``, each atomically. ``train_state.pt`` holds a
+    copy of the trained weights too, so that it alone marks the epoch complete: a run stopped
+    between the two writes resumes from the previous epoch's state *and* weights."""
     if args.method == "none" or args.train_backbone:
         # the whole model (with its predictors, if any): load into a patched model
         from safetensors.torch import save
@@ -303,7 +311,7 @@ def save_checkpoint(out: Path, model: nn.Module, args: argparse.Namespace, state
     if args.method == "dynamicvit":
         save_predictors(model, out / "predictors.safetensors")
     buffer = io.BytesIO()
-    torch.save(state, buffer)
+    torch.save({**state, "weights": trained_weights(model, args).state_dict()}, buffer)
     write_atomic(out / "train_state.pt", buffer.getvalue())
 
 
@@ -319,7 +327,7 @@ def load_train_state(args: argparse.Namespace) -> dict[str, Any]:
     configuration than the command line's or has nothing left to train."""
     path = args.out / "train_state.pt"
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    if not {"identity", "optimizer", "scaler", "epoch"} <= saved.keys():
+    if not {"identity", "optimizer", "scaler", "epoch", "weights"} <= saved.keys():
         raise SystemExit(f"--resume: {path} was written by an older version of this script; start afresh in another --out")
     given = run_identity(args)
     changed = {key: (saved["identity"].get(key, "<not saved>"), given[key]) for key in RUN_IDENTITY if saved["identity"].get(key, "<not saved>") != given[key]}
@@ -339,11 +347,9 @@ def resume(
 ) -> int:  # fmt: skip
     """Reload the saved epoch into ``model``, ``optimizer`` and ``scaler``; the next epoch. The
     command line's learning rates and weight decay win over the saved ones: the schedule is
-    computed from them at every step."""
-    if args.method == "none" or args.train_backbone:
-        load_weights(model, args.out / "model.safetensors")
-    else:  # the frozen backbone comes from --checkpoint / --pretrained, the same as saved
-        tokenprune.patch(model, predictor=str(args.out / "predictors.safetensors"))
+    computed from them at every step. The weights come from the state itself (see
+    :func:`save_checkpoint`); a frozen backbone from --checkpoint / --pretrained, as saved."""
+    trained_weights(model, args).load_state_dict(saved["weights"])
     fresh = [(group["lr_scale"], group["weight_decay"]) for group in optimizer.param_groups]
     optimizer.load_state_dict(saved["optimizer"])
     for group, (lr_scale, weight_decay) in zip(optimizer.param_groups, fresh):
@@ -389,8 +395,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--max-steps must be ≥ 1, got {args.max_steps} (leave it out for whole epochs)")
     if args.stages is not None:
         args.stages = tuple(args.stages)
+    if args.epochs < 1:
+        parser.error(f"--epochs must be ≥ 1, got {args.epochs}")
     if args.resume and not (args.out / "train_state.pt").is_file():
         parser.error(f"--resume: no {args.out / 'train_state.pt'} (drop --resume to start a new run there)")
+    if not args.resume and (args.out / "train_state.pt").is_file():  # its checkpoint and log would mix with this run's
+        parser.error(f"--out {args.out} holds a run already (train_state.pt): add --resume to continue it, or give another --out")
     return args
 
 

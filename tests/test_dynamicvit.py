@@ -198,6 +198,12 @@ def test_predictor_checkpoint_round_trip(tmp_path) -> None:
     tuned = predictors(other)["3"].out_conv[4].weight.clone()
     tokenprune.patch(other, keep_ratio=0.5)
     assert torch.equal(predictors(other)["3"].out_conv[4].weight, tuned)
+    # ... and with stages dropped then added back: the file is read into the re-created stage
+    # alone, the others keep what they learnt
+    tokenprune.patch(other, stages=(3, 6))
+    tokenprune.patch(other, stages=None)
+    assert torch.equal(predictors(other)["3"].out_conv[4].weight, tuned)
+    assert torch.equal(predictors(other)["9"].out_conv[4].weight, predictors(model)["9"].out_conv[4].weight)
     # naming the file again with another method in between reads it again
     tokenprune.patch(other, "tome", r=2)
     tokenprune.patch(other, "dynamicvit", predictor=str(tmp_path / "predictors.safetensors"))
@@ -215,6 +221,22 @@ def test_predictor_checkpoint_round_trip(tmp_path) -> None:
     assert torch.equal(predictors(fresh)["3"].out_conv[4].weight, predictors(model)["3"].out_conv[4].weight)
     tokenprune.unpatch(other)
     assert "blocks.3.reducer.in_conv.1.weight" not in other.state_dict()
+
+
+def test_misuse_of_the_training_helpers_is_named(tmp_path) -> None:
+    """Saving predictors of a model that has none, a training forward in eval mode (no keep
+    decisions for the loss), a bool keep ratio: each stops with what to do."""
+    with pytest.raises(ValueError, match="no DynamicViT predictors to save: patch it with method 'dynamicvit' first"):
+        save_predictors(tokenprune.patch(make("vit_cls"), r=2), tmp_path / "p.safetensors")
+    assert not (tmp_path / "p.safetensors").exists()
+    model = tokenprune.patch(make("vit_cls"), "dynamicvit").eval()
+    with pytest.raises(ValueError, match=r"call model.train\(\)"):
+        forward_train(model, image())
+    predictors(model).train()  # a frozen backbone: the predictors alone train
+    assert len(forward_train(model, image()).decisions) == 3
+    for config in (tokenprune.DynamicViTConfig, tokenprune.AttentionDropConfig):
+        with pytest.raises(ValueError, match="keep_ratio must be in"):
+            config(keep_ratio=True)
 
 
 def test_a_predictor_file_that_fails_to_load_leaves_the_model_as_it_was(tmp_path) -> None:

@@ -191,3 +191,15 @@ def test_augmentation_shifts_by_up_to_2_pixels_over_black_and_flips_horizontally
         seen.add(match)
     assert {(down, right) for down, right, _ in seen} == {(i, j) for i in range(-2, 3) for j in range(-2, 3)}
     assert {flip for _, _, flip in seen} == {False, True}
+
+
+def test_plot_takes_draws_that_all_equal_their_mean(tmp_path: Path) -> None:
+    """One random draw (or identical draws): top1, their mean, can exceed every draw in the last
+    bit; the error bar is 0, not a negative length matplotlib refuses."""
+    rows = [
+        {"family": "predictors", "gflops": 0.002, "top1": 80.0},
+        {"family": "random dropping", "gflops": 0.002, "top1": 11.600000000000001, "top1_draws": [11.6]},
+        {"family": "random dropping", "gflops": 0.003, "top1": 11.6, "top1_draws": [11.600000000000001]},
+    ]
+    fmnist_pruning.plot(rows, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import os
 import random
 import subprocess
@@ -85,7 +86,10 @@ def test_resume_continues_bit_identically(image_folder: Path, tmp_path: Path, tr
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     train_dynamicvit.main([*args, "--epochs", "2", "--out", str(straight)])
     train_dynamicvit.main([*args, "--epochs", "1", "--out", str(stopped)])
-    after_one = load_file(str(stopped / weights))
+    after_one = {key: value.clone() for key, value in load_file(str(stopped / weights)).items()}  # (not the file's map)
+    # As if the second epoch's weights were written and the run stopped before its state: the
+    # state alone says which epoch is complete, and holds that epoch's weights.
+    shutil.copy(straight / weights, stopped / weights)
     train_dynamicvit.main([*args, "--epochs", "2", "--out", str(stopped), "--resume"])
 
     assert [entry["epoch"] for entry in _log(stopped)] == [0, 1]
@@ -96,11 +100,18 @@ def test_resume_continues_bit_identically(image_folder: Path, tmp_path: Path, tr
     assert not all(torch.equal(resumed[k], after_one[k]) for k in expected)  # the second epoch trained
 
 
-def test_resume_refuses_what_it_cannot_continue(image_folder: Path, tmp_path: Path) -> None:
+def test_resume_refuses_what_it_cannot_continue(image_folder: Path, tmp_path: Path, capsys) -> None:
     args = ["--data", str(image_folder), *COMMON, "--max-steps", "1", "--out", str(tmp_path)]
     with pytest.raises(SystemExit):  # nothing to resume yet: argparse's error, not a fresh start
         train_dynamicvit.main([*args, "--resume"])
+    with pytest.raises(SystemExit):
+        train_dynamicvit.main([*args, "--epochs", "0"])  # would train and write nothing
+    assert "--epochs must be ≥ 1, got 0" in capsys.readouterr().err
     train_dynamicvit.main([*args, "--epochs", "1"])
+    # a new run there would overwrite its checkpoint and mix its log lines with this run's
+    with pytest.raises(SystemExit):
+        train_dynamicvit.main([*args, "--epochs", "1", "--keep-ratio", "0.5"])
+    assert "holds a run already (train_state.pt): add --resume to continue it" in capsys.readouterr().err
     with pytest.raises(SystemExit, match=r"keep_ratio.*\(0\.7, 0\.5\)"):
         train_dynamicvit.main([*args, "--epochs", "2", "--resume", "--keep-ratio", "0.5"])
     # the frozen backbone is not in the run's files: resuming without its --checkpoint would

@@ -9,7 +9,7 @@ the input patch tokens; prefix tokens are always kept.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -119,7 +119,7 @@ class DynamicViTConfig:
 
     def __post_init__(self) -> None:
         check_common_options(self)
-        if not 0.0 < self.keep_ratio <= 1.0:
+        if isinstance(self.keep_ratio, bool) or not 0.0 < self.keep_ratio <= 1.0:
             raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
         if self.stages is not None:
             object.__setattr__(self, "stages", tuple(check_count(block, "a stage (block index)") for block in self.stages))
@@ -138,21 +138,22 @@ class DynamicViTConfig:
         depth = len(model.blocks)
         reducers: list[TokenPredictor | None] = [None] * depth
         reference = next(model.parameters())
-        created = False
+        created: list[int] = []
         stages = self.stage_blocks(depth)
         for block in stages:
             predictor = _predictor_of(model.blocks[block])
             if predictor is None:
                 predictor = TokenPredictor(model.embed_dim, 0.0, block_prefix_tokens(model))
                 predictor.to(device=reference.device, dtype=reference.dtype).train(model.training)
-                created = True
+                created.append(block)
             reducers[block] = predictor
-        # The file is read when it is new to the model (or predictors are): re-patching with
-        # another keep_ratio carries `predictor` over and must not undo training since.
+        # The file is read into every predictor when it is new to the model, else into the
+        # predictors just created alone: re-patching with another keep_ratio or stages carries
+        # `predictor` over and must not undo training since.
         current = getattr(model, "tokenprune_config", None)
         loaded = isinstance(current, DynamicViTConfig) and current.predictor == self.predictor
         if self.predictor is not None and (created or not loaded):
-            load_predictors_into(reducers, self.predictor)
+            load_predictors_into(reducers, self.predictor, blocks=created if loaded else None)
         # Last, so that a file that fails to load leaves the model's predictors as they were.
         for stage, block in enumerate(stages, 1):
             reducers[block].keep_fraction = self.keep_ratio**stage
@@ -176,16 +177,21 @@ def save_predictors(model: nn.Module, path: str | Path) -> None:
     mid-write leaves the previous file, never half of one."""
     from safetensors.torch import save
 
+    if not predictors(model):
+        raise ValueError("the model has no DynamicViT predictors to save: patch it with method 'dynamicvit' first")
     state = {k: v.detach().cpu().contiguous() for k, v in predictors(model).state_dict().items()}
     write_atomic(path, save(state, metadata={"format": "tokenprune.dynamicvit", "blocks": ",".join(predictors(model).keys())}))
 
 
-def load_predictors_into(reducers: list[TokenPredictor | None], path: str | Path) -> None:
+def load_predictors_into(
+    reducers: list[TokenPredictor | None], path: str | Path, blocks: Collection[int] | None = None
+) -> None:
     """Load a :func:`save_predictors` file into ``reducers``' predictors, all or nothing: a file
-    whose tensors do not fit them (names or shapes) raises before any weight is written."""
+    whose tensors do not fit them (names or shapes) raises before any weight is written.
+    ``blocks``: into those stages' predictors alone (the file may hold others too)."""
     from safetensors.torch import load_file
 
-    modules = nn.ModuleDict({str(i): r for i, r in enumerate(reducers) if r is not None})
+    modules = nn.ModuleDict({str(i): r for i, r in enumerate(reducers) if r is not None and (blocks is None or i in blocks)})
     state = load_file(str(path))
     if holds_predictors(state):
         raise ValueError(
@@ -195,7 +201,7 @@ def load_predictors_into(reducers: list[TokenPredictor | None], path: str | Path
         )
     expected = modules.state_dict()
     missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    unexpected = sorted(set(state) - set(expected)) if blocks is None else []
     if missing or unexpected:
         raise ValueError(
             f"predictor weights in {path} do not fit the model's stages {list(modules.keys())}: "
@@ -203,7 +209,7 @@ def load_predictors_into(reducers: list[TokenPredictor | None], path: str | Path
         )
     if misshapen := [f"{k}: {tuple(state[k].shape)} for {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]:
         raise ValueError(f"predictor weights in {path} do not fit the model's width: {misshapen}")
-    modules.load_state_dict(state)
+    modules.load_state_dict({key: state[key] for key in expected})
 
 
 def holds_predictors(state: Mapping[str, Tensor]) -> bool:
@@ -229,6 +235,11 @@ class DynamicViTOutput(NamedTuple):
 
 def forward_train(model: nn.Module, x: Tensor) -> DynamicViTOutput:
     """A training forward of a DynamicViT-patched model (call ``model.train()`` first)."""
+    if not any(predictor.training for predictor in predictors(model).values()):
+        raise ValueError(
+            "forward_train needs the predictors in training mode, which keep every token and return their keep "
+            "decisions: call model.train() (or predictors(model).train() for a frozen backbone) first"
+        )
     state = model.forward_tokens(x)
     logits = model._forward_head_sized(state.x, state.pool_weights, pre_logits=False)
     return DynamicViTOutput(logits, state.x[:, model.num_prefix_tokens :], state.decisions)

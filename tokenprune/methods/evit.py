@@ -98,7 +98,7 @@ class AttentionDropConfig:
 
     def __post_init__(self) -> None:
         check_common_options(self)
-        if not 0.0 < self.keep_ratio <= 1.0:
+        if isinstance(self.keep_ratio, bool) or not 0.0 < self.keep_ratio <= 1.0:
             raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
