@@ -89,8 +89,8 @@ from evals.harness import (
     write_atomic,
 )
 from evals.settings import Budget, Setting, describe_setting
-from kernels import BACKENDS, use_triton
-from tokenprune.patch.vit import reducing_model
+from kernels import BACKENDS, triton_usable, use_triton
+from tokenprune.patch.vit import check_supported, reducing_model
 
 __all__ = ["DEFAULTS", "Row", "build_parser", "main"]
 
@@ -211,9 +211,34 @@ def _resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     }
     if min(config["batch_sizes"]) < 1 or config["runs"] < 1 or config["warmup"] < 0:
         raise SystemExit("--batch-size and --runs must be at least 1, --warmup at least 0")
+    # Up front, not after the groups before the one that would fail:
+    if args.img_size is not None and args.img_size < 1:
+        raise SystemExit(f"--img-size must be at least 1, got {args.img_size}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: no CUDA device is visible here; leave --device out to run on the CPU")
+    if "triton" in config["backends"] and not triton_usable(torch.empty(0, device=device)):
+        raise SystemExit(f"--backend triton: the Triton kernels do not run on {device} here (they need a CUDA GPU)")
+    for name in config["models"]:
+        _check_model(name, args.img_size)
     out = args.out or RESULTS_DIR / f"bench_{device.type}.json"
     config["paths"] = {suffix: out.with_suffix(f".{suffix}") for suffix in ("json", "csv", "md", "png")}
     return config
+
+
+def _check_model(name: str, img_size: int | None) -> None:
+    """Stop on a model tokenprune cannot patch, built without weights (on the meta device) so
+    that checking every model costs nothing."""
+    try:
+        with torch.device("meta"):
+            model = create_model(name, img_size, torch.device("meta"), seed=0)
+    except TypeError as error:  # e.g. img_size for a model without that argument
+        raise SystemExit(f"--model {name} cannot be built{' with --img-size' if img_size else ''}: {error}") from None
+    except (RuntimeError, NotImplementedError, ValueError):  # a model meta tensors cannot build: checked when built
+        return
+    try:
+        check_supported(reducing_model(model))
+    except TypeError as error:
+        raise SystemExit(f"--model {name}: {error}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -543,12 +568,16 @@ def _write_results(args: argparse.Namespace, argv: Sequence[str] | None, cfg: di
         load_at_end = list(os.getloadavg())
         env["loadavg_1_5_15min"] = {"start": load_at_start, "end": load_at_end}
         # Heuristic: alone, this run keeps about torch_num_threads cores busy, so a 1-minute
-        # load well above that means other processes shared the cores during the timing.
-        if device.type == "cpu" and load_at_end[0] > env["torch_num_threads"] + 1:
+        # load well above that at the end means other processes shared the cores during the
+        # timing; so does a load above it both before the run and after (others ran before and
+        # went on: a run shorter than a minute barely moves the average).
+        threads = env["torch_num_threads"]
+        before_and_after = load_at_start[0] > threads and load_at_end[0] > threads
+        if device.type == "cpu" and (load_at_end[0] > threads + 1 or before_and_after):
             warnings.append(
-                f"the machine was busy (1-min load {load_at_end[0]:.1f} with {env['torch_num_threads']} "
-                "threads of ours): other processes competed for the cores, so these CPU timings are "
-                "unreliable; rerun on an idle machine"
+                f"the machine was busy (1-min load {load_at_start[0]:.1f} at the start, {load_at_end[0]:.1f} at the "
+                f"end, with {threads} threads of ours): other processes competed for the cores, so these CPU "
+                "timings are unreliable; rerun on an idle machine"
             )
     if not complete:
         warnings.append(f"incomplete: written after {groups_done} of {groups_total} groups (model × batch size × "
@@ -591,6 +620,8 @@ def _write_results(args: argparse.Namespace, argv: Sequence[str] | None, cfg: di
     if complete and not args.no_plot:
         write_atomic(paths["png"], plot_png(rows, f"{env['device_name']}, {cfg['dtype']}"))
         written.append(paths["png"])
+    else:
+        paths["png"].unlink(missing_ok=True)  # an earlier run's figure, beside rows it does not show
     return document, header, written
 
 

@@ -28,6 +28,7 @@ import torch
 
 from evals.harness import RESULTS_DIR, command_line, environment, measure_interleaved, write_atomic
 from kernels import (
+    INTERPRET,
     MemberLists,
     best_match_reference,
     best_match_triton,
@@ -97,12 +98,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--repeat", type=int, default=10, help="back-to-back calls per timed run")
-    parser.add_argument("--device", default="cuda", help="cuda; cpu runs the kernels in the Triton interpreter (tests)")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "bench_kernels_cuda.json")
+    parser.add_argument("--device", default="cuda",
+                        help="cuda; cpu runs the kernels in the Triton interpreter (tests; needs TRITON_INTERPRET=1)")
+    parser.add_argument("--out", type=Path, help="JSON path (default: evals/results/bench_kernels_<device>.json); .md beside it")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_kernels times the Triton kernels, which need a CUDA GPU")
+    if device.type == "cpu" and not INTERPRET:
+        raise SystemExit("--device cpu runs the kernels in Triton's interpreter: start with TRITON_INTERPRET=1 set")
+    args.out = args.out or RESULTS_DIR / f"bench_kernels_{device.type}.json"
     generator = torch.Generator(device=device).manual_seed(0)
 
     def randn(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -175,7 +175,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         lines.append(f"| {row['setting']} | {row['backend']} | {row['merge_ms_per_forward']:.3f} | {model_ms} | {share} |")
     table = "\n".join(lines)
     out = args.out or RESULTS_DIR / f"bench_merge_{device.type}.json"
-    config = {"model": args.model, "r": args.r, "batch_size": batch, "video_batch_size": video_batch,
+    # a ramp as its label, "(16,-1)": a JSON list [16, -1] would read as a per-block schedule
+    r = format_schedule(args.r) if isinstance(args.r, tuple) else args.r
+    config = {"model": args.model, "r": r, "batch_size": batch, "video_batch_size": video_batch,
               "dtype": args.dtype or str(dtype).removeprefix("torch."), "warmup": args.warmup, "runs": args.runs,
               "repeat": repeat}
     document = {"config": config, "environment": env, "rows": rows}

@@ -318,6 +318,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     label = compared.label
     suffix = "" if args.method == "local_global" else f"_{args.method}"
 
+    num_photos = len(imagenet_photos())
+    if not 0 <= args.photo < num_photos:  # checked before the run: the map is drawn after it
+        raise SystemExit(f"--photo {args.photo}: there are {num_photos} photos, give an index in [0, {num_photos - 1}]")
     evaluator = Evaluator()
     tome_runs = {schedule: [(r, *evaluator.measure(tokenprune.ToMeConfig(r=r))) for r in values]
                  for schedule, values in TOME_SCHEDULES.items()}

@@ -432,7 +432,7 @@ def add_arguments(
         help="early merges per block for background merging, repeatable" + default("early_r"))  # fmt: skip
     add("--ratio", action="append", type=float, metavar="X",
         help="fraction of each attention group merged by merge_unmerge (SAM), repeatable" + default("ratio"))  # fmt: skip
-    add("--budget", action="append", type=parse_budget,
+    add("--budget", action="append", type=parse_budget if timed else parse_gflops_budget,
         help="a cost every method is set to meet, repeatable: a GFLOPs fraction (0.5 or 50%%)"
              + (" or a speedup (2x)" if timed else "") + default("budget"))  # fmt: skip
     add("--inflection", type=float, metavar="X",

@@ -328,6 +328,34 @@ def test_bad_requests_are_explained(tmp_path: Path) -> None:
         _main(["--method", "background", "--keep-ratio", "0.5", *out])
 
 
+def test_requests_that_would_fail_in_a_later_group_stop_before_the_first(tmp_path: Path, monkeypatch) -> None:
+    """An unsupported model, a size of 0, a device or backend that is not there: refused before
+    any model is timed (not after the groups before the one that fails), and nothing written."""
+    out = ["--out", str(tmp_path / "x.json"), "--no-plot", *COMMON]
+    monkeypatch.setattr(bench, "measure_interleaved", lambda *args, **kwargs: pytest.fail("timed before the checks"))
+    with pytest.raises(SystemExit, match="--model resnet18 cannot be built with --img-size: .*unexpected keyword argument 'img_size'"):
+        _main([*out, "--model", MODEL, "--model", "resnet18"])
+    with pytest.raises(SystemExit, match="--model resnet18: tokenprune cannot patch timm.models.resnet.ResNet"):
+        _main(["--out", str(tmp_path / "x.json"), *COMMON[2:], "--model", MODEL, "--model", "resnet18"])  # (no --img-size)
+    with pytest.raises(SystemExit, match="--img-size must be at least 1, got 0"):
+        _main([*out, "--model", MODEL, "--img-size", "0"])
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="--device cuda: no CUDA device is visible here"):
+        _main([*out, "--model", MODEL, "--device", "cuda"])
+    monkeypatch.setattr(bench, "triton_usable", lambda *tensors: False)  # (the tests' interpreter runs them on CPU)
+    with pytest.raises(SystemExit, match="--backend triton: the Triton kernels do not run on cpu here"):
+        _main([*out, "--model", MODEL, "--backend", "triton"])
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_a_run_without_its_figure_removes_an_earlier_one(tmp_path: Path) -> None:
+    """--no-plot (or an incomplete run) writes new tables beside the path of the PNG: an earlier
+    run's figure there would show other rows."""
+    (tmp_path / "x.png").write_bytes(b"an earlier run's figure")
+    _main(["--out", str(tmp_path / "x.json"), "--no-plot", *COMMON, "--model", MODEL, "--r", "2", "--no-manual"])
+    assert (tmp_path / "x.json").exists() and not (tmp_path / "x.png").exists()
+
+
 def test_budget_rows_are_searched_on_their_own_backend(tmp_path: Path) -> None:
     """Each backend's row searches its budget with that backend; both carry one setting name."""
     out = ["--out", str(tmp_path / "x.json"), "--no-plot", *COMMON, "--model", MODEL]
@@ -434,6 +462,18 @@ def test_inflection_on_the_command_line() -> None:
         settings.settings_from_args(parser.parse_args(["--r", "8", "--inflection", "-1"]))
     with pytest.raises(SystemExit, match="must be in \\[-1, 1\\]"):
         settings.settings_from_args(parser.parse_args(["--budget", "0.5", "--inflection", "2"]))
+
+
+def test_only_timed_scripts_take_a_speedup_budget(capsys) -> None:
+    """The fidelity scripts time nothing: 2x is refused when parsed, not after the rows before it."""
+    untimed, timed = argparse.ArgumentParser(), argparse.ArgumentParser()
+    settings.add_arguments(untimed)
+    settings.add_arguments(timed, timed=True)
+    with pytest.raises(SystemExit):
+        untimed.parse_args(["--budget", "2x"])
+    assert "an eval takes a GFLOPs fraction (0.5 or 50%); speedups are for evals.bench" in capsys.readouterr().err
+    assert timed.parse_args(["--budget", "2x"]).budget == [settings.Budget("speedup", 2.0)]
+    assert untimed.parse_args(["--budget", "50%"]).budget == [settings.Budget("gflops", 0.5)]
 
 
 def test_speedup_budget_uses_the_timer() -> None:
@@ -702,6 +742,10 @@ def test_merge_step_bench(tmp_path: Path) -> None:
     assert video_row["merge_ms_per_forward"] > 0 and temporal_row["merge_ms_per_forward"] > 0
     assert temporal_row["setting"].startswith("one temporal video step: 1568 tokens")
     assert out.with_suffix(".md").read_text().count("| torch |") == 3
+    # a ramp is written as its label: the list [8, -1] would be a per-block schedule
+    ramp = bench_merge.main(["--model", "vit_tiny_patch16_224", "--r", "8,-1", "--batch-size", "1", "--video-batch-size", "1",
+                             "--warmup", "0", "--runs", "1", "--out", str(out)])  # fmt: skip
+    assert ramp["config"]["r"] == json.loads(out.read_text())["config"]["r"] == "(8,-1)"
 
 
 def test_merge_step_bench_feeds_the_dtypes_the_model_does(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1074,10 +1118,11 @@ def test_repeated_sweep_values_run_once() -> None:
 
 
 def test_busy_machine_warning_reads_the_load_after_the_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """The load average at the end (the minute of timing) decides the busy-machine warning."""
+    """The load average at the end (the minute of timing) decides the busy-machine warning, or
+    a load above our one thread both before and after (others ran throughout a short run)."""
     monkeypatch.setattr(bench, "measure_interleaved", _fake_timings)
     argv = ["--model", MODEL, "--batch-size", "2", "--r", "1", "--no-manual", "--no-plot", "--out", str(tmp_path / "b.json"), *COMMON]
-    for start, end, busy in ((50.0, 0.1, False), (0.1, 50.0, True)):
+    for start, end, busy in ((50.0, 0.1, False), (0.1, 50.0, True), (1.5, 1.5, True), (0.5, 1.5, False)):
         loads = iter([(start, start, start), (end, end, end)])
         monkeypatch.setattr(bench.os, "getloadavg", lambda: next(loads))
         document = _main(argv)

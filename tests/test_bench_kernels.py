@@ -38,3 +38,18 @@ def test_bench_kernels_needs_a_gpu_for_cuda(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="need a CUDA GPU"):
         bench_kernels.main([])
+
+
+def test_bench_kernels_on_cpu_needs_the_interpreter_and_writes_a_cpu_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without TRITON_INTERPRET=1 the CPU run says how to start it; its default output is its own
+    (bench_kernels_cpu.json), never the committed GPU figures."""
+    monkeypatch.setattr(bench_kernels, "INTERPRET", False)
+    with pytest.raises(SystemExit, match="start with TRITON_INTERPRET=1 set"):
+        bench_kernels.main(["--device", "cpu"])
+    written = []
+    monkeypatch.setattr(bench_kernels, "INTERPRET", True)
+    monkeypatch.setattr(bench_kernels, "write_atomic", lambda path, data: written.append(path))
+    for shapes in ("MATCH_SHAPES", "ASSIGNMENT_SHAPES", "MEMBER_LIST_SHAPES", "MERGE_SHAPES"):
+        monkeypatch.setattr(bench_kernels, shapes, ())
+    bench_kernels.main(["--device", "cpu", "--warmup", "0", "--runs", "1", "--repeat", "1"])
+    assert [path.name for path in written] == ["bench_kernels_cpu.json", "bench_kernels_cpu.md"]

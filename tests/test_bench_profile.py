@@ -41,6 +41,12 @@ def test_profile_writes_consistent_results(tmp_path: Path) -> None:
     assert row["top_kernels"] == [] and "Top kernels" not in markdown  # CPU: no kernels
 
 
+def test_methods_without_a_backend_option_profile(tmp_path: Path) -> None:
+    """EViT and DynamicViT drop tokens with gathers, not the merge kernels: they take no backend."""
+    document = _profile_tiny_vit(tmp_path, "--method", "evit", "--option", "keep_ratio=0.7", "--warmup", "1", "--runs", "1")
+    assert document["setting"] == "keep_ratio=0.7" and document["backends"][0]["wall_ms_per_forward"] > 0
+
+
 def test_profile_arithmetic_on_a_simulated_gpu(monkeypatch) -> None:
     """CUDA path without a GPU: a fake clock that only moves at synchronisations (the queued work
     of each forward), a fake profiler with known kernel events."""

@@ -277,6 +277,14 @@ def test_dense_fidelity_summary_curve_ends_and_partial_overlap() -> None:
     assert top_region_iou(a, b, 0.5).item() == pytest.approx(1 / 3)
 
 
+def test_dense_fidelity_checks_the_photo_to_draw_before_the_run(monkeypatch) -> None:
+    from evals import dense_fidelity
+
+    monkeypatch.setattr(dense_fidelity, "Evaluator", lambda: pytest.fail("the run started"))
+    with pytest.raises(SystemExit, match=r"--photo 20: there are 20 photos, give an index in \[0, 19\]"):
+        dense_fidelity.main(["--photo", "20"])
+
+
 def test_dense_fidelity_compares_with_the_better_tome_schedule() -> None:
     from evals.dense_fidelity import best_tome, describe
 
