@@ -11,10 +11,11 @@ folder). ``--classes FILE`` (one name per line, line order = index; e.g. OpenCV'
 labels are looked up in it, and a name it lacks is an error. Without it, folders are indexed
 in natural order, as timm's ImageNet reader does (``2`` before ``10``; a warning says so when
 their count is not the model's class count), and CSV labels must be ints. Files in the class
-folders that are not videos by their extension are counted and listed in the JSON. Labels outside the model's classes are an error. Videos are decoded with
-PyAV (RGB; only the sampled frames are kept). A video whose packets the decoder rejects, or
-that decodes to under 95 % of the frames its container announces, is listed under ``damaged``
-and evaluated on the frames that decoded.
+folders that are not videos by their extension are counted and listed in the JSON. Labels
+outside the model's classes are an error. Videos are decoded with PyAV (RGB; only the sampled
+frames are kept). A video whose packets the decoder rejects, or that decodes to under 95 % of
+the frames its container announces, is listed under ``damaged`` and evaluated on the frames
+that decoded.
 
 **Protocol.** VideoMAE's Kinetics test protocol by default, index for index and pixel for
 pixel as its test loader (:func:`clip_indices`, :func:`make_views`): 16 frames with a stride of

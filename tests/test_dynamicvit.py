@@ -229,6 +229,8 @@ def test_misuse_of_the_training_helpers_is_named(tmp_path) -> None:
     with pytest.raises(ValueError, match="no DynamicViT predictors to save: patch it with method 'dynamicvit' first"):
         save_predictors(tokenprune.patch(make("vit_cls"), r=2), tmp_path / "p.safetensors")
     assert not (tmp_path / "p.safetensors").exists()
+    with pytest.raises(ValueError, match="needs a model patched with method 'dynamicvit'"):
+        forward_train(tokenprune.patch(make("vit_cls"), r=2), image())
     model = tokenprune.patch(make("vit_cls"), "dynamicvit").eval()
     with pytest.raises(ValueError, match=r"call model.train\(\)"):
         forward_train(model, image())

@@ -235,7 +235,10 @@ class DynamicViTOutput(NamedTuple):
 
 def forward_train(model: nn.Module, x: Tensor) -> DynamicViTOutput:
     """A training forward of a DynamicViT-patched model (call ``model.train()`` first)."""
-    if not any(predictor.training for predictor in predictors(model).values()):
+    stages = predictors(model).values()
+    if not stages:
+        raise ValueError("forward_train needs a model patched with method 'dynamicvit'")
+    if not any(predictor.training for predictor in stages):
         raise ValueError(
             "forward_train needs the predictors in training mode, which keep every token and return their keep "
             "decisions: call model.train() (or predictors(model).train() for a frozen backbone) first"
