@@ -27,3 +27,17 @@ def test_inductor_matches_eager() -> None:
         expected = model(image())
         compiled = torch.compile(model, fullgraph=True)
         torch.testing.assert_close(compiled(image()), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [("tome", dict(r=(8, -1))), ("pitome", dict(r=8)), ("local_global", dict(local_block=0, r=4)), ("evit", dict(keep_ratio=0.7))],
+)
+def test_torch_export_with_a_dynamic_batch(method: str, options: dict) -> None:
+    """torch.export (the graph torch's deployment paths start from) captures a patched model
+    whole; exported at batch 2 with a dynamic batch dimension, it gives the eager model's outputs
+    exactly at batch 3."""
+    model = tokenprune.patch(make("registers", depth=4), method, **options)
+    exported = torch.export.export(model, (image(2),), dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}})
+    with torch.no_grad():
+        assert torch.equal(exported.module()(image(3)), model(image(3)))
