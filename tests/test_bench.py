@@ -742,6 +742,10 @@ def test_merge_step_bench(tmp_path: Path) -> None:
     assert video_row["merge_ms_per_forward"] > 0 and temporal_row["merge_ms_per_forward"] > 0
     assert temporal_row["setting"].startswith("one temporal video step: 1568 tokens")
     assert out.with_suffix(".md").read_text().count("| torch |") == 3
+    with pytest.MonkeyPatch.context() as patch:  # (the tests' interpreter runs the kernels on CPU)
+        patch.setattr(bench_merge, "triton_usable", lambda *tensors: False)
+        with pytest.raises(SystemExit, match="--backend triton: the Triton kernels do not run on cpu here"):
+            bench_merge.main(["--model", "vit_tiny_patch16_224", "--backend", "torch", "--backend", "triton", "--out", str(out)])
     # a ramp is written as its label: the list [8, -1] would be a per-block schedule
     ramp = bench_merge.main(["--model", "vit_tiny_patch16_224", "--r", "8,-1", "--batch-size", "1", "--video-batch-size", "1",
                              "--warmup", "0", "--runs", "1", "--out", str(out)])  # fmt: skip
