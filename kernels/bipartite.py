@@ -260,7 +260,9 @@ def _check_inputs(best_score: Tensor, best_b: Tensor, r: int, num_tokens: int, n
     num_a = best_score.shape[1]
     a_part, _ = bipartite_split(num_protected)
     expected_a = len(range(num_tokens)[num_protected:][a_part]) if num_tokens > num_protected else 0
-    if num_protected < 0 or num_a != expected_a:
+    if not 0 <= num_protected <= num_tokens:
+        raise ValueError(f"num_protected={num_protected} must be in [0, num_tokens={num_tokens}]")
+    if num_a != expected_a:
         raise ValueError(
             f"{num_a} A tokens do not fit {num_tokens} tokens with {num_protected} protected "
             f"(expected {expected_a}: every other token after the prefix)"

@@ -255,6 +255,7 @@ def best_match(a: Tensor, b: Tensor, backend: str = "auto") -> tuple[Tensor, Ten
     CUDA tensors when triton imports). Dtypes outside fp32/fp16/bf16 take the reference, and so
     does "auto" for a float32 match of more than :data:`FP32_KERNEL_MAX_FLOPS`."""
     if a.dtype in _SUPPORTED_DTYPES and b.dtype in _SUPPORTED_DTYPES and use_triton(backend, a, b):
+        _check_inputs(a, b)  # (its [B, N, D] message, before the shapes are unpacked)
         (batch, num_a, dim), num_b = a.shape, b.shape[1]
         if backend == "triton" or native_dot(a, b) or 2 * batch * num_a * num_b * dim <= FP32_KERNEL_MAX_FLOPS:
             return best_match_triton(a, b)

@@ -213,6 +213,9 @@ def _launch(
     new_size = torch.empty(batch, num_out, 1, device=x.device, dtype=torch.float32)
     if batch == 0 or num_out == 0:
         return merged, new_size
+    # The kernel walks each row of the lists with unit stride. A sort of a transposed dest keeps
+    # its strides (1, B); the assignment kernel's lists are contiguous already (no copy).
+    sorted_dest, order = sorted_dest.contiguous(), order.contiguous()
 
     # The inverse map is a stable sort of dest (MemberLists): it groups the inputs by
     # destination and keeps them in input order inside each group; the kernel finds each

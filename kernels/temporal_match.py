@@ -92,6 +92,9 @@ def temporal_best_match_reference(
         minus :data:`OUTSIDE_PENALTY` with the other B tokens; it gets the best of these and
         its index (the lowest on a tie). A B token is only a destination: score −inf, index 0.
     """
+    batch, num_tokens, _ = metric.shape
+    if num_tokens == 0:  # (max over no B token would fail; the kernel returns empty rows too)
+        return metric.new_empty(batch, 0, dtype=torch.float32), metric.new_empty(batch, 0, dtype=torch.int64)
     unit = F.normalize(metric.float(), dim=-1)
     scores = unit @ unit.transpose(-1, -2)  # fresh: the rule is applied in place
     pos = pos.float()

@@ -212,6 +212,8 @@ def test_best_match_dispatch_and_validation() -> None:
     auto = best_match_triton(a, b) if a.is_cuda else best_match_reference(a, b)
     for got, want in zip(best_match(a, b), auto):
         assert torch.equal(got, want)
+    with pytest.raises(ValueError, match=r"expected \[B, N, D\] inputs"):
+        best_match(a[0], b[0], backend="triton")
     with pytest.raises(ValueError, match="backend must be one of"):
         best_match(a, b, backend="cuda")
     # float64 is outside the kernel's dtypes: best_match falls back to the reference.
@@ -333,6 +335,10 @@ def test_temporal_match_dispatch_and_validation() -> None:
         assert torch.equal(got, want)
     with pytest.raises(ValueError, match="different tokens"):
         kernels.temporal_best_match_triton(metric, pos[:, 1:], 1)
+    # no tokens: empty rows on both backends
+    for backend in ("triton", "torch"):
+        score, index = kernels.temporal_best_match(metric[:, :0], pos[:, :0], 1, backend=backend)
+        assert score.shape == index.shape == (2, 0) and (score.dtype, index.dtype) == (torch.float32, torch.int64)
     with pytest.raises(ValueError, match="pos \\[B, N, 3\\]"):
         kernels.temporal_best_match_triton(metric, pos[..., :2], 1)
     with pytest.raises(TypeError, match="floating point"):
@@ -441,6 +447,13 @@ def test_bipartite_dest_strided_scores_and_dispatch() -> None:
         kernels.bipartite_dest(score, best_b, 25, 49, 1)
     with pytest.raises(ValueError, match="24 A tokens do not fit 52 tokens"):
         kernels.bipartite_dest(score, best_b, 1, 52, 1)
+    # a prefix longer than the sequence: refused, never written past the row
+    empty_score, empty_b = score[:, :0], best_b[:, :0]
+    for backend in ("triton", "torch"):
+        with pytest.raises(ValueError, match=r"num_protected=5 must be in \[0, num_tokens=3\]"):
+            kernels.bipartite_dest(empty_score, empty_b, 0, 3, 5, backend=backend)
+        with pytest.raises(ValueError, match=r"num_protected=5 must be in \[0, num_tokens=3\]"):
+            kernels.bipartite_members(empty_score, empty_b, 0, 3, 5, backend=backend)
     with pytest.raises(TypeError, match="int64"):
         kernels.bipartite_dest(score, best_b.int(), 1, 49, 1)
     with pytest.raises(TypeError, match="float32"):
@@ -611,6 +624,10 @@ def test_merge_arbitrary_groups_strided(dtype: torch.dtype) -> None:
     dest = torch.cat([torch.arange(num_out), torch.zeros(20, dtype=torch.long), extra])
     dest = torch.stack([dest[torch.randperm(tokens, generator=gen)] for _ in range(batch)]).to(DEVICE)
     assert_merge(x, size, dest, num_out)
+    # dest itself transposed (strides (1, B)): its sort keeps those strides, the kernel reads rows
+    transposed = dest.t().contiguous().t()
+    assert not transposed.is_contiguous() and torch.equal(transposed, dest)
+    assert_merge(x, size, transposed, num_out)
 
 
 def test_merge_weight_zero_members_count_nowhere() -> None:
