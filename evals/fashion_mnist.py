@@ -55,6 +55,9 @@ class FashionMNIST(Dataset):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         root = find_root(root)
         prefix = "train" if split == "train" else "t10k"
+        missing = [name for name in (f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz") if not (root / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{root} has no {' or '.join(missing)} for the {split} split; see evals/fashion_mnist.py for how to get them")
         self.images = torch.from_numpy(read_idx(root / f"{prefix}-images-idx3-ubyte.gz").copy())
         self.labels = torch.from_numpy(read_idx(root / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64))
         if len(self.images) != len(self.labels):

@@ -294,6 +294,8 @@ def measure_interleaved(
         raise ValueError(f"runs must be at least 1, got {runs}")
     if warmup < 0:
         raise ValueError(f"warmup must be at least 0, got {warmup}")
+    if not models:
+        raise ValueError("measure_interleaved needs at least one model to time")
     times: list[list[float]] = [[] for _ in models]
     rounds = tqdm(range(runs), desc="timing", unit="round", disable=not progress, file=sys.stderr)
     with torch.inference_mode(), autocast(leading_tensor(inputs).device, dtype):

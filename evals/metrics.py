@@ -35,7 +35,9 @@ def _prepare(logits: Tensor, ks: Iterable[int]) -> tuple[Tensor, tuple[int, ...]
         if k > num_classes:
             raise ValueError(f"top-{k} is undefined for {num_classes} classes (k > number of classes)")
     # float32 so comparisons behave the same for half-precision logits on every device.
-    return torch.nan_to_num(logits.detach().float(), nan=float("-inf")), ks
+    # (infinities stay infinite: nan_to_num's defaults would make them the largest finite floats)
+    logits = logits.detach().float()
+    return torch.nan_to_num(logits, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf")), ks
 
 
 def _hit_probability(above: Tensor, tied: Tensor, k: int) -> Tensor:

@@ -545,6 +545,8 @@ def test_measure_interleaved() -> None:
     layers = [torch.nn.Linear(4, 4), torch.nn.Linear(4, 8)]
     results = harness.measure_interleaved(layers, torch.randn(2, 4), warmup=0, runs=3)
     assert [len(result["times"]) for result in results] == [3, 3]
+    with pytest.raises(ValueError, match="needs at least one model"):
+        harness.measure_interleaved([], torch.randn(2, 4), warmup=0, runs=3)
 
 
 def test_measure_throughput() -> None:
@@ -564,6 +566,14 @@ def test_write_atomic_text_and_bytes(tmp_path: Path) -> None:
     harness.write_atomic(tmp_path / "a" / "u.md", "Δ 2×")  # UTF-8 whatever the locale
     assert (tmp_path / "a" / "u.md").read_bytes() == "Δ 2×".encode()
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["b.bin", "t.txt", "u.md"]  # no temp files left
+    # text that cannot be encoded fails before a temp file (and its descriptor) exists
+    import os
+
+    open_fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    with pytest.raises(UnicodeEncodeError):
+        harness.write_atomic(tmp_path / "a" / "bad.md", "\ud800")
+    assert open_fds is None or len(os.listdir("/proc/self/fd")) == open_fds
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["b.bin", "t.txt", "u.md"]
 
 
 def test_write_atomic_permissions_umask_and_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

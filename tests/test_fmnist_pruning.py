@@ -59,6 +59,13 @@ def test_reader_refuses_files_that_are_not_what_their_header_says(idx_folder: Pa
     write_idx(mismatched / "t10k-labels-idx1-ubyte.gz", np.arange(19) % 10)
     with pytest.raises(ValueError, match="20 test images but 19 labels"):
         FashionMNIST(mismatched, "test")
+    # the test split alone: the training split's files are named, with where to get them
+    test_only = tmp_path / "test_only"
+    test_only.mkdir()
+    for path in idx_folder.glob("t10k-*"):
+        (test_only / path.name).write_bytes(path.read_bytes())
+    with pytest.raises(FileNotFoundError, match=r"no train-images-idx3-ubyte.gz or train-labels-idx1-ubyte.gz .*fashion_mnist.py"):
+        FashionMNIST(test_only, "train")
 
 
 def test_reader_matches_the_idx_bytes(idx_folder: Path) -> None:

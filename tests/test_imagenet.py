@@ -104,6 +104,9 @@ def test_topk_degenerate_and_nan() -> None:
     nan_row = torch.tensor([[float("nan"), 0.0, -1.0, -2.0, -3.0, -4.0]])
     assert topk_correct(nan_row, torch.tensor([0])) == {1: 0.0, 5: 0.0}  # NaN label logit: wrong
     assert topk_correct(nan_row, torch.tensor([1])) == {1: 1.0, 5: 1.0}  # a NaN elsewhere does not outrank
+    # infinities stay infinite: NaN ties with -inf, +inf beats the largest float
+    assert topk_correct(torch.tensor([[float("nan"), float("-inf")]]), torch.tensor([1]), (1,)) == {1: 0.5}
+    assert topk_correct(torch.tensor([[float("inf"), torch.finfo(torch.float32).max]]), torch.tensor([0]), (1,)) == {1: 1.0}
 
 
 def test_topk_errors() -> None:
