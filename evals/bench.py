@@ -85,11 +85,12 @@ from evals.harness import (
     measure_interleaved,
     peak_memory_mib,
     pyplot,
+    refuse_unusable_triton,
     set_fused_attn,
     write_atomic,
 )
 from evals.settings import Budget, Setting, describe_setting
-from kernels import BACKENDS, triton_usable, use_triton
+from kernels import BACKENDS, use_triton
 from tokenprune.patch.vit import check_supported, reducing_model
 
 __all__ = ["DEFAULTS", "Row", "build_parser", "main"]
@@ -216,8 +217,7 @@ def _resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"--img-size must be at least 1, got {args.img_size}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {device}: no CUDA device is visible here; leave --device out to run on the CPU")
-    if "triton" in config["backends"] and not triton_usable(torch.empty(0, device=device)):
-        raise SystemExit(f"--backend triton: the Triton kernels do not run on {device} here (they need a CUDA GPU)")
+    refuse_unusable_triton(config["backends"], device)
     for name in config["models"]:
         _check_model(name, args.img_size)
     out = args.out or RESULTS_DIR / f"bench_{device.type}.json"
@@ -243,10 +243,6 @@ def _check_model(name: str, img_size: int | None) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # One group: a model at one batch size and compile mode
-
-
-def _has_backend(method: str) -> bool:
-    return any(f.name == "backend" for f in dataclasses.fields(tokenprune.METHODS[method]))
 
 
 def _backend_ran(model: nn.Module, inputs: Inputs) -> str:
@@ -290,7 +286,7 @@ def _group_rows(
     unreduced_flops = tokenprune.flops(baseline, size).total
 
     def backends(method: str) -> list[str | None]:
-        return cfg["backends"] if _has_backend(method) else [None]
+        return cfg["backends"] if settings.method_takes(method, "backend") else [None]
 
     # (setting, attention, backend) per row: the fused baseline first (the reference).
     rows_planned: list[tuple[Setting, str, str | None]] = [(Setting("none", {}), "fused", None)]

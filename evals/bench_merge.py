@@ -31,9 +31,10 @@ from evals.harness import (
     RESULTS_DIR,
     environment,
     measure_interleaved,
+    refuse_unusable_triton,
     write_atomic,
 )
-from kernels import HAS_TRITON, triton_usable
+from kernels import HAS_TRITON
 from tokenprune.merge import TokenState, grid_positions
 from tokenprune.methods.temporal import TemporalMerge
 from tokenprune.methods.tome import BipartiteMerge
@@ -115,8 +116,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     video_batch = args.video_batch_size or (32 if on_gpu else 2)
     dtype = DTYPES[args.dtype or ("bfloat16" if on_gpu else "float32")]
     backends = args.backend or (["torch", "triton"] if on_gpu and HAS_TRITON else ["torch"])
-    if "triton" in backends and not triton_usable(torch.empty(0, device=device)):  # before the torch rows run
-        raise SystemExit(f"--backend triton: the Triton kernels do not run on {device} here (they need a CUDA GPU)")
+    refuse_unusable_triton(backends, device)  # before the torch rows run
     repeat = args.repeat or (20 if on_gpu else 1)
 
     torch.manual_seed(0)

@@ -16,7 +16,6 @@ JSON and markdown in ``evals/results/profile_<device>.{json,md}`` unless ``--out
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import statistics
@@ -42,7 +41,7 @@ from evals.harness import (
     synchronize,
     write_atomic,
 )
-from evals.settings import describe_setting, method_options, parse_option
+from evals.settings import describe_setting, method_options, method_takes, parse_option
 from tokenprune.schedule import parse_schedule
 
 
@@ -170,9 +169,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         model = baseline
         if args.method != "none":
             # (the dropping methods have no backend: their gathers are not the kernels')
-            takes_backend = "backend" in {f.name for f in dataclasses.fields(tokenprune.METHODS[args.method])}
             model = tokenprune.patch(create_model(args.model, args.img_size, device, args.seed), args.method,
-                                     **options, **({"backend": backend} if takes_backend else {}))
+                                     **options, **({"backend": backend} if method_takes(args.method, "backend") else {}))
         print(f"profiling {args.model} {args.method} {setting}, backend {backend}", file=sys.stderr, flush=True)
         results.append({"backend": backend, **profile_forward(model, inputs, dtype, args.warmup, args.runs, args.top)})
     unreduced = profile_forward(baseline, inputs, dtype, args.warmup, args.runs, args.top)

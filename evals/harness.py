@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 import tokenprune
+from kernels import triton_usable
 from tokenprune import models as video_models
 from tokenprune._io import write_atomic
 from tokenprune.patch.video import is_video_model
@@ -56,6 +57,7 @@ __all__ = [
     "pack_images",
     "peak_memory_mib",
     "pyplot",
+    "refuse_unusable_triton",
     "set_fused_attn",
     "synchronize",
     "write_atomic",
@@ -151,6 +153,12 @@ def pack_images(images: Sequence[Tensor], patch: tuple[int, int], length: int) -
         name: torch.stack([padded(sequence[i]) for sequence in sequences])
         for i, name in enumerate(("patches", "patch_coord", "patch_valid"))
     }
+
+
+def refuse_unusable_triton(backends: Sequence[str], device: torch.device) -> None:
+    """Stop on ``--backend triton`` where the kernels do not run, before any row is timed."""
+    if "triton" in backends and not triton_usable(torch.empty(0, device=device)):
+        raise SystemExit(f"--backend triton: the Triton kernels do not run on {device} here (they need a CUDA GPU)")
 
 
 def leading_tensor(inputs: Inputs) -> Tensor:

@@ -62,6 +62,7 @@ __all__ = [
     "describe_setting",
     "identity",
     "method_options",
+    "method_takes",
     "parse_budget",
     "parse_gflops_budget",
     "resolve",
@@ -69,6 +70,11 @@ __all__ = [
     "settings_from_args",
     "unreachable_row",
 ]
+
+
+def method_takes(method: str, option: str) -> bool:
+    """Whether the method's config has ``option`` (e.g. the dropping methods have no backend)."""
+    return option in {f.name for f in dataclasses.fields(tokenprune.METHODS[method])}
 
 
 class BudgetUnreachable(ValueError):
@@ -452,7 +458,7 @@ def settings_from_args(args: argparse.Namespace) -> list[Setting]:
         if target and target not in methods:
             raise SystemExit(f"--option {target}.{key}: {target} is not among the methods {methods}")
         targets = [target] if target else methods
-        takers = [m for m in targets if key in {f.name for f in dataclasses.fields(tokenprune.METHODS[m])}]
+        takers = [m for m in targets if method_takes(m, key)]
         if not takers:
             raise SystemExit(f"--option {key}: no option {key!r} in method(s) {targets}")
         for method in takers:

@@ -342,7 +342,7 @@ def test_requests_that_would_fail_in_a_later_group_stop_before_the_first(tmp_pat
     monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="--device cuda: no CUDA device is visible here"):
         _main([*out, "--model", MODEL, "--device", "cuda"])
-    monkeypatch.setattr(bench, "triton_usable", lambda *tensors: False)  # (the tests' interpreter runs them on CPU)
+    monkeypatch.setattr(harness, "triton_usable", lambda *tensors: False)  # (the tests' interpreter runs them on CPU)
     with pytest.raises(SystemExit, match="--backend triton: the Triton kernels do not run on cpu here"):
         _main([*out, "--model", MODEL, "--backend", "triton"])
     assert not (tmp_path / "x.json").exists()
@@ -753,7 +753,7 @@ def test_merge_step_bench(tmp_path: Path) -> None:
     assert temporal_row["setting"].startswith("one temporal video step: 1568 tokens")
     assert out.with_suffix(".md").read_text().count("| torch |") == 3
     with pytest.MonkeyPatch.context() as patch:  # (the tests' interpreter runs the kernels on CPU)
-        patch.setattr(bench_merge, "triton_usable", lambda *tensors: False)
+        patch.setattr(harness, "triton_usable", lambda *tensors: False)
         with pytest.raises(SystemExit, match="--backend triton: the Triton kernels do not run on cpu here"):
             bench_merge.main(["--model", "vit_tiny_patch16_224", "--backend", "torch", "--backend", "triton", "--out", str(out)])
     # a ramp is written as its label: the list [8, -1] would be a per-block schedule
