@@ -104,8 +104,9 @@ def test_patched_forward_reads_nothing_back(case: str) -> None:
 
 
 def test_temporal_merging_checks_its_window_on_the_cpu_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Temporal merging reads one flag back (did a merge leave the window?), only where that is
-    free: on the CPU. Made to believe it runs on a GPU, it reads nothing."""
+    """Temporal merging reads one value back (the lowest score merged: did a merge leave the
+    window or have no partner?), only where that is free: on the CPU. Made to believe it runs
+    on a GPU, it reads nothing."""
     model = tokenprune.patch(_video(), "temporal", r=6, window=1)
     assert host_reads(model, CLIP) == {"_local_scalar_dense": 3}  # one per merging block
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the other condition of the check

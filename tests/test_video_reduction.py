@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 
+import kernels
 import tokenprune
 from tokenprune.merge import TokenState, grid_positions, source_matrix
 from tokenprune.models import VideoVisionTransformer, video_vit_small_patch16_224
@@ -212,6 +213,49 @@ def test_temporal_step_outside_the_window_takes_the_best_outside_and_warns(monke
     torch.testing.assert_close(merged.x, torch.stack([(x[0, 0] + x[0, 2]) / 2, (x[0, 1] + x[0, 3]) / 2])[None])
     torch.testing.assert_close(merged.size, torch.full((1, 2, 1), 2.0))
     torch.testing.assert_close(eager.x, merged.x)
+
+
+BACKENDS = ["torch"] + (["triton"] if kernels.HAS_TRITON and kernels.INTERPRET else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_temporal_step_without_partners_stays_in_its_clip(backend):
+    """Clips with fewer than r tokens that have an odd-frame partner (their B tokens drifted to
+    even frames) still remove r tokens, inside the clip: tokens without a partner (even
+    positions first) merge into the next token kept, and an A token whose partner was so
+    removed follows it. Each clip gives what it gives alone, every size is kept, and the eager
+    CPU forward warns."""
+    from tokenprune.methods.temporal import TemporalMerge
+
+    def clip(frames, metric):
+        return torch.tensor([[0.0, 0, 0]] + [[f, 0, i] for i, f in enumerate(frames)]), torch.tensor([[0.0] * 4] + metric)
+
+    e = torch.eye(4).tolist()
+    near = lambda i: [v + 0.1 * (j == (i + 1) % 4) for j, v in enumerate(e[i])]  # noqa: E731
+    clips = [
+        clip([0, 0, 1, 1, 2, 2], [e[0], e[1], e[0], e[1], e[2], e[3]]),  # A 0 1 4 5, B 2 3: all merges temporal
+        clip([0, 0, 2, 2, 2, 2], [e[0], e[1], e[2], e[3], e[0], e[1]]),  # no B token left
+        clip([0, 1, 1, 1, 1, 2], [e[0], e[2], near(0), e[3], near(1), e[1]]),  # two A tokens for r = 3
+    ]
+    pos, metric = (torch.stack(t) for t in zip(*clips))
+    x = torch.randn(3, 7, 5, generator=torch.Generator().manual_seed(0))
+    step = TemporalMerge(r=3, window=9, num_protected=1, backend=backend)
+    with pytest.warns(RuntimeWarning, match="fewer than r tokens with an odd-frame partner"):
+        out = step(TokenState(x, pos=pos), metric)
+    # written out by hand (body index + 1 = token index; the class token stays first)
+    groups = [
+        [[0], [1, 3, 5], [2, 4], [6]],  # 1 and 5 (a tie: the lowest B) into 3, 2 into 4
+        [[0], [1, 2], [3, 4], [5, 6]],  # 1, 3, 5 (even body positions) into the next token
+        [[0], [2], [1, 3, 4], [5, 6]],  # 3 (B, no partner) into 4 and 1 follows its partner 3; 6 into 5
+    ]
+    for b, clip_groups in enumerate(groups):
+        expected = torch.stack([x[b, g].mean(0) for g in clip_groups])
+        torch.testing.assert_close(out.x[b], expected)
+        assert out.size[b, :, 0].tolist() == [float(len(g)) for g in clip_groups]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            alone = step(TokenState(x[b : b + 1], pos=pos[b : b + 1]), metric[b : b + 1])
+        torch.testing.assert_close(alone.x[0], out.x[b], rtol=0, atol=0)
 
 
 def test_temporal_drift_does_not_stop_a_planned_schedule():

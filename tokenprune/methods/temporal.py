@@ -34,16 +34,31 @@ def default_early_blocks(depth: int) -> int:
     return max(1, min(6, depth // 2))
 
 
-def ordered_dest(is_src: Tensor, partner: Tensor, num_protected: int) -> Tensor:
+def ordered_dest(is_src: Tensor, partner: Tensor, num_protected: int, has_partner: Tensor | None = None) -> Tensor:
     """``dest`` that removes the tokens flagged in ``is_src`` ([B, N] bool over the tokens after
-    the prefix) into their ``partner`` ([B, N] int64 body index, read where ``is_src``; a partner
-    must not itself be a source) and keeps every other token in its order."""
+    the prefix) into their ``partner`` ([B, N] int64 body index, read where ``is_src``) and keeps
+    every other token in its order.
+
+    Without ``has_partner`` a partner must not itself be a source. With it ([B, N] bool), a
+    source without a partner merges into the next kept token in order (the last kept token when
+    none follows), and a partner may be such a source: its sources follow it there. Every
+    ``dest`` is then a kept token of the same row, whatever the flags."""
     p = num_protected
-    batch, device = is_src.shape[0], is_src.device
-    slot = (~is_src).cumsum(dim=1) - 1 + p
-    body = torch.where(is_src, slot.gather(1, partner), slot)
-    prefix = torch.arange(p, device=device).expand(batch, -1)
+    batch, num_body = is_src.shape
+    slot = (~is_src).cumsum(dim=1) - 1 + p  # a kept token's place; a source's: the kept token before it
+    if has_partner is None:
+        body = torch.where(is_src, slot.gather(1, partner), slot)
+    else:
+        last = p + num_body - 1 - is_src.sum(dim=1, keepdim=True)  # the last kept token's place
+        resting = torch.where(is_src, torch.minimum(slot + 1, last), slot)
+        body = torch.where(is_src & has_partner, resting.gather(1, partner), resting)
+    prefix = torch.arange(p, device=is_src.device).expand(batch, -1)
     return torch.cat([prefix, body], dim=1)
+
+
+# Where a token without a partner ranks among the merge candidates: below every pair outside the
+# window (cosine − OUTSIDE_PENALTY ≥ −5).
+_NO_PARTNER = -2.0 * OUTSIDE_PENALTY
 
 
 @dataclass(frozen=True)
@@ -51,18 +66,21 @@ class TemporalMerge:
     """One block's temporal step: every token whose centroid frame is even (set A) may merge into
     its most similar token of a neighbouring odd frame (set B) within ``window`` patches; the
     ``r`` best pairs merge (several A tokens may join one B token, as in ToMe). B tokens are only
-    destinations, so every token has at most one merge partner and ``dest`` is valid.
+    destinations, so every token has at most one merge partner.
 
     The count is static (compile-friendly, rectangular batches), and the plan's cap on it is an
     estimate (see :meth:`num_removed`): when a merged B token's centroid drifts to an even frame
     it turns A, and an A token whose only partners drifted has none left inside the window
     (with ``window=0`` or an odd number of tubelet frames this happens within a few blocks). A
     clip with fewer than ``r`` A tokens with a partner inside the frame gap and window merges
-    the missing ones into their most similar B token outside it, eager and compiled alike, and
-    an eager forward on the CPU warns (``RuntimeWarning``, once per process; on a GPU the check
-    would synchronise the host with every block, so run a few clips on the CPU to see it): lower
-    ``r`` or widen ``window`` to keep every merge inside. A clip without any B token (a single
-    tubelet frame) is refused.
+    the missing ones into their most similar B token outside it. A clip with fewer than ``r``
+    A tokens with any partner (all its B tokens drifted: odd tubelet-frame counts, small grids)
+    merges tokens without one into the next token it keeps in (frame, row, col) order, so
+    every merge stays inside its clip and every size is kept. Both happen eager and compiled
+    alike, and an eager forward on the CPU warns (``RuntimeWarning``, once per process and case;
+    on a GPU the check would synchronise the host with every block, so run a few clips on the
+    CPU to see it): lower ``r`` or widen ``window`` to keep every merge inside. A clip of a
+    single tubelet frame (no B token at all) is refused.
     """
 
     r: int
@@ -107,22 +125,43 @@ class TemporalMerge:
             raise ValueError("temporal merging needs token positions (track_positions)")
         p = self.num_protected
         best_score, best_b = temporal_best_match(metric[:, p:], state.pos[:, p:], self.window, backend=self.backend)
-        order = best_score.argsort(dim=-1, descending=True, stable=True)[:, :r]
+        # A B token, and every token of a clip whose B tokens all drifted to even frames, has no
+        # partner (score −inf). The count is static, so a clip with fewer than r A tokens with a
+        # partner still removes r tokens: then tokens without a partner, even positions first,
+        # merge into the next token kept (see ordered_dest): neighbours in (frame, row, col) order.
+        has_partner = best_score > float("-inf")
+        even = torch.arange(best_score.shape[1], device=best_score.device) % 2 == 0
+        rank = torch.where(has_partner, best_score, torch.where(even, _NO_PARTNER, _NO_PARTNER - 1.0))
+        order = rank.argsort(dim=-1, descending=True, stable=True)[:, :r]
         # Checked where it is free: on a GPU, reading the answer would stall the host every block.
-        check = best_score.device.type == "cpu" and not torch.compiler.is_compiling()
+        if best_score.device.type == "cpu" and not torch.compiler.is_compiling():
+            self._warn_about_drift(rank.gather(1, order))
+        is_src = torch.zeros_like(best_score, dtype=torch.bool).scatter_(1, order, True)
+        dest = ordered_dest(is_src, best_b, p, has_partner)
+        return merge_state(state, dest, state.num_tokens - r, self.backend)
+
+    def _warn_about_drift(self, chosen: Tensor) -> None:
+        """Warn when some chosen merges ([B, r] ranks) had no partner at all or took one outside
+        the window, by the lowest rank: one value read back per block. One text per case, so
+        Python shows each once, not per block and forward."""
+        lowest = float(chosen.min())
+        if lowest <= _NO_PARTNER:
+            warnings.warn(
+                "temporal merging: some clips had fewer than r tokens with an odd-frame partner (merged tokens' "
+                "centroids drifted to even frames) and merged tokens into their next token in (frame, row, col) "
+                "order instead; lower r to keep every merge temporal",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         # A pair inside scores its cosine (≥ −1), one outside its cosine − OUTSIDE_PENALTY (≤ −3).
-        if check and bool((best_score.gather(1, order) < -1.0 - (OUTSIDE_PENALTY - 2.0) / 2).any()):
-            # One text for every block and clip, so Python shows it once, not per forward.
+        elif lowest < -1.0 - (OUTSIDE_PENALTY - 2.0) / 2:
             warnings.warn(
                 f"temporal merging: some merges had no partner in a neighbouring frame within {self.window} "
                 "patches and took their most similar odd-frame token outside the window (merged tokens' "
                 "centroids drifted); lower r or widen the window to keep every merge inside",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-        is_src = torch.zeros_like(best_score, dtype=torch.bool).scatter_(1, order, True)
-        dest = ordered_dest(is_src, best_b, p)
-        return merge_state(state, dest, state.num_tokens - r, self.backend)
 
 
 # Where BackgroundMerge reads a token's importance: attention_received per patch (the attention
