@@ -178,7 +178,7 @@ def samples_from_csv(csv_path: Path, root: Path | None = None) -> Samples:
     CSV's folder. Files that do not exist are kept: the eval counts them as unreadable."""
     base = root if root is not None else csv_path.parent
     samples: Samples = []
-    with open(csv_path, newline="") as handle:
+    with open(csv_path, newline="", encoding="utf-8-sig") as handle:  # -sig: a spreadsheet's byte-order mark
         for line_number, row in enumerate(csv.reader(handle), 1):
             if not row or all(not cell.strip() for cell in row):
                 continue

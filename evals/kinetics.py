@@ -143,7 +143,7 @@ def samples_from_csv(csv_path: Path, root: Path | None = None, classes: Sequence
     index = {name: i for i, name in enumerate(classes)}
     base = root if root is not None else csv_path.parent
     samples: Samples = []
-    with open(csv_path, newline="") as handle:
+    with open(csv_path, newline="", encoding="utf-8-sig") as handle:  # -sig: a spreadsheet's byte-order mark
         for row_number, row in enumerate(csv.reader(handle)):
             if not row or all(not cell.strip() for cell in row):
                 continue
@@ -173,18 +173,27 @@ class DecodedClips(NamedTuple):
     announced_frames: int  # the container's count, or duration × frame rate (0: unknown)
 
 
+def _video_stream(container: Any) -> Any:
+    """The container's first video stream; a file without one (audio only) is refused by name."""
+    if not container.streams.video:
+        raise ValueError("no video stream in the file" + (" (audio only)" if container.streams.audio else ""))
+    return container.streams.video[0]
+
+
 def _frame_count_estimate(path: str) -> int:
-    """The container's frame count, else duration × frame rate (WebM and Matroska headers have
-    no count); 0 when neither is known. A wrong estimate only costs a second decoding pass."""
+    """The smaller of the container's frame count and duration × frame rate, where known (WebM
+    and Matroska headers have no count; an MP4 trimmed without re-encoding counts the frames
+    its edit list cuts, which the duration leaves out); 0 when neither is known. A wrong
+    estimate only costs a second decoding pass, or lists a healthy video as damaged: a
+    variable-frame-rate stream without a count can announce more frames than it has."""
     import av
 
     with av.open(path) as container:
-        stream = container.streams.video[0]
-        if stream.frames > 0:
-            return stream.frames
+        stream = _video_stream(container)
         duration = (stream.duration * stream.time_base) if stream.duration else (container.duration or 0) / 1e6
         rate = stream.average_rate or stream.guessed_rate or 0
-        return int(round(float(duration) * float(rate)))
+        estimates = [n for n in (stream.frames, int(round(float(duration) * float(rate)))) if n > 0]
+        return min(estimates, default=0)
 
 
 def decode_clips(path: str, num_frames: int, stride: int, num_clips: int,
@@ -205,7 +214,7 @@ def decode_clips(path: str, num_frames: int, stride: int, num_clips: int,
     def decode(wanted: set[int]) -> tuple[dict[int, np.ndarray], int, int]:
         kept, count, damaged = {}, 0, 0
         with av.open(path) as container:
-            stream = container.streams.video[0]
+            stream = _video_stream(container)
             # Slice threading: frame threading reports a late packet's error at the flush, where
             # the frames still in its threads are lost, or with many threads not at all.
             stream.thread_type = "SLICE"

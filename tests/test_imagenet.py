@@ -205,6 +205,9 @@ def test_samples_from_csv(tmp_path: Path) -> None:
         (str(tmp_path / "a.jpg"), 3),
         ("/abs/b.png", 7),
     ]
+    # a spreadsheet's byte-order mark is not part of the first path
+    (tmp_path / "bom.csv").write_text("a.jpg,3\n", encoding="utf-8-sig")
+    assert imagenet.samples_from_csv(tmp_path / "bom.csv") == [(str(tmp_path / "a.jpg"), 3)]
     (tmp_path / "bad.csv").write_text("a.jpg,3\nb.jpg,x\n")
     with pytest.raises(SystemExit, match="not an integer"):
         imagenet.samples_from_csv(tmp_path / "bad.csv")

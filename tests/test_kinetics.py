@@ -148,6 +148,38 @@ def test_damaged_packets_are_skipped_and_counted(tmp_path):
     assert short.announced_frames == 250 and short.num_video_frames < kinetics.SHORTFALL * 250
 
 
+def test_trimmed_mp4_and_audio_only_files(tmp_path):
+    """An MP4 cut without re-encoding keeps the frames before its cut, and an edit list that
+    hides them: its header's frame count includes them, so the count alone would list a healthy
+    video as damaged. A file without a video stream is refused by name."""
+    import av
+
+    trimmed = tmp_path / "trimmed.mp4"
+    with av.open(str(BIKES)) as source, av.open(str(trimmed), "w") as out:
+        stream = out.add_stream_from_template(source.streams.video[0])
+        step = round(1 / (source.streams.video[0].average_rate * source.streams.video[0].time_base))
+        for packet in source.demux(source.streams.video[0]):
+            if packet.dts is not None:
+                packet.pts, packet.dts, packet.stream = packet.pts - 40 * step, packet.dts - 40 * step, stream
+                out.mux(packet)
+    with av.open(str(trimmed)) as container:
+        header_count = container.streams.video[0].frames
+        frames = sum(1 for _ in container.decode(video=0))  # PyAV's own decoding, the reference
+    assert header_count == 250 and frames < kinetics.SHORTFALL * header_count  # the case: 40 frames cut
+    decoded = kinetics.decode_clips(str(trimmed), 16, 4, 5)
+    assert decoded.num_video_frames == frames and decoded.announced_frames <= frames / kinetics.SHORTFALL
+
+    audio = tmp_path / "audio.mp4"
+    with av.open(str(audio), "w") as out:
+        stream = out.add_stream("aac", rate=16000, layout="mono")
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            out.mux(packet)
+    with pytest.raises(ValueError, match="no video stream in the file \\(audio only\\)"):
+        kinetics.decode_clips(str(audio), 16, 4, 1)
+
+
 def _packet_spans(path: Path) -> list[tuple[int, int]]:
     """(byte offset, size) of every video packet in the file."""
     import av
@@ -172,6 +204,9 @@ def test_csv_and_folder_samples(tmp_path):
     csv.write_text("path,label\nbiking/bikes.mp4,phoning\nphoning/carphone_pristine.mp4,0\n")
     rows = kinetics.samples_from_csv(csv, tmp_path / "data", classes=["biking", "phoning"])
     assert rows == [(str(tmp_path / "data/biking/bikes.mp4"), 1), (str(tmp_path / "data/phoning/carphone_pristine.mp4"), 0)]
+    # a spreadsheet's byte-order mark is not part of the first path
+    csv.write_text("biking/bikes.mp4,1\n", encoding="utf-8-sig")
+    assert kinetics.samples_from_csv(csv, tmp_path / "data") == [(str(tmp_path / "data/biking/bikes.mp4"), 1)]
     # a typo in the first row's label is an error, not a header that swallows the video
     csv.write_text("biking/bikes.mp4,bikng\nphoning/carphone_pristine.mp4,0\n")
     with pytest.raises(SystemExit, match="val.csv:1: label 'bikng' is not an int or a known class"):
