@@ -56,11 +56,12 @@ def merge_wavg_reference(x: Tensor, size: Tensor, dest: Tensor, num_out: int) ->
     Returns:
         ([B, num_out, C] merged tokens in x's dtype, [B, num_out, 1] float32 summed sizes).
 
-    Accumulates in float32 so that bf16/fp16 models lose no precision in the average. An
+    Accumulates in float32 so that bf16/fp16 models lose no precision in the average (float64
+    in float64: a float64 model, e.g. under ``gradcheck``, keeps its precision). An
     output of total size 0 (only size-0 members: NaFlex padding; or no members) is 0, not 0/0.
     """
     batch, _, channels = x.shape
-    weighted = x.float() * size
+    weighted = x.to(torch.promote_types(x.dtype, torch.float32)) * size
     # One index_add_ over the flattened batch: the same sums in the same order as a
     # scatter_add_ along dim 1 (bit-identical), about 3x faster on CPU.
     flat = (dest + num_out * torch.arange(batch, device=dest.device).unsqueeze(1)).reshape(-1)

@@ -58,6 +58,27 @@ def test_predictor_of_an_image_with_every_token_dropped_stays_finite() -> None:
     torch.testing.assert_close(log_probs[0], predictor.log_probs(x[:1], keep[:1])[0])
 
 
+@pytest.mark.parametrize("pool", ["max", "avgmax", "avg"])
+def test_an_image_with_every_patch_dropped_pools_finite(pool: str) -> None:
+    """While training, a few-patch image can lose every patch: max pooling over no tokens is 0,
+    as the average is, not -inf, whose NaN logits and gradients would reach every weight through
+    the batch's loss; the other images pool as they would alone."""
+    model = tokenprune.patch(make("vit_cls", global_pool=pool, depth=4, img_size=32), "dynamicvit").train()
+    x = torch.randn(2, 4, model.embed_dim, generator=torch.Generator().manual_seed(4))
+    keep = torch.ones(2, 4, 1)
+    keep[1] = 0.0  # image 1: every patch dropped
+    x.requires_grad_(True)
+    logits = model.forward_head(x, size=keep)
+    assert torch.isfinite(logits).all()
+    with torch.no_grad():
+        expected = model.forward_head(x[:1], size=keep[:1])
+        pooled_zero = model.forward_head(torch.zeros(1, 4, model.embed_dim), size=torch.ones(1, 4, 1))
+    torch.testing.assert_close(logits[:1], expected)
+    torch.testing.assert_close(logits[1:], pooled_zero)
+    logits.square().sum().backward()
+    assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_training_masks_are_cumulative_and_counted() -> None:
     torch.manual_seed(0)
     model = tokenprune.patch(make("vit_cls"), "dynamicvit").train()

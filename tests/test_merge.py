@@ -126,6 +126,24 @@ def test_merge_wavg_equals_loop(dtype: torch.dtype) -> None:
             assert new_size[n, o, 0] == s.sum()
 
 
+def test_float64_merges_in_float64_and_passes_gradcheck() -> None:
+    """A float64 model (the precision gradcheck needs) keeps float64 through the merge: the
+    average equals the loop's to float64 rounding, and its gradient the finite differences'
+    (accumulating in float32, as for bf16/fp16, rounds x to 24 bits: gradcheck fails)."""
+    torch.manual_seed(1)
+    x = (torch.randn(2, 11, 5, dtype=torch.float64) * 100 + 1 / 3).requires_grad_(True)
+    size = torch.randint(1, 4, (2, 11, 1)).float()
+    dest = bipartite_soft_matching(torch.randn(2, 11, 3), 4, 1)
+    merged, _ = merge_wavg(x, size, dest, 7)
+    for n in range(2):
+        for o in range(7):
+            members = (dest[n] == o).nonzero().flatten()
+            s = size[n, members].double()
+            expected = (x[n, members] * s).sum(0) / s.sum()
+            torch.testing.assert_close(merged[n, o], expected, atol=1e-12, rtol=1e-13)
+    assert torch.autograd.gradcheck(lambda t: merge_state(start_state(t, False), dest, 7).x, (x,))
+
+
 def test_state_bookkeeping_through_several_merges() -> None:
     torch.manual_seed(2)
     state = start_state(torch.randn(2, 30, 8), trace_source=True)

@@ -729,10 +729,16 @@ class ReducingViT(SettingsThroughPatch):
                 # In float32 like timm's mean: bf16 weights would round each to ~3 digits.
                 # (A sequence of padding alone, total 0, pools to 0 as in timm's NaFlexVit.)
                 total = weights.sum(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
-                mean = (x.float() * (weights / total)).sum(dim=1).to(x.dtype)
+                mean = (x.to(torch.promote_types(x.dtype, torch.float32)) * (weights / total)).sum(dim=1).to(x.dtype)
             if self.global_pool != "avg":  # max, avgmax
-                # Over the tokens present: weight 0 is a token a training keep mask dropped.
-                peak = x.masked_fill(weights == 0, float("-inf")).amax(dim=1)
+                # Over the tokens present: weight 0 is a token a training keep mask dropped. An
+                # image with none present (a training draw that dropped every patch) pools to 0,
+                # as the average does, not to -inf (NaN logits, NaN gradients for the whole batch).
+                # (Padding alone keeps timm's NaFlexVit result, NaN after fc_norm.)
+                absent = weights == 0
+                peak = x.masked_fill(absent, float("-inf")).amax(dim=1)
+                if not padded:
+                    peak = peak.masked_fill(absent.all(dim=1), 0.0)
             x = mean if peak is None else peak if mean is None else 0.5 * (peak + mean)
         fc_norm = getattr(self, "fc_norm", None)  # (CaiT has none)
         x = self.head_drop(fc_norm(x) if fc_norm is not None else x)
