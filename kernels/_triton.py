@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 from torch import Tensor
 
 try:
@@ -56,10 +57,22 @@ def use_triton(backend: str, *tensors: Tensor) -> bool:
         return False
     if backend == "triton":
         check_device(*tensors)
+        if _under_torch_func():
+            raise RuntimeError(
+                "the Triton kernels cannot run under torch.func transforms (grad, vmap, jacrev, ...): their "
+                "launches read raw storage, which functorch's wrapped tensors do not have; use backend='auto' "
+                "(the PyTorch reference there) or 'torch'"
+            )
         return True
     if backend == "auto":
-        return HAS_TRITON and all(t.is_cuda for t in tensors)
+        return HAS_TRITON and all(t.is_cuda for t in tensors) and not _under_torch_func()
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _under_torch_func() -> bool:
+    """Whether a torch.func transform (grad, vmap, ...) is running. (Not asked while Dynamo
+    traces: it would not know the function, and a compiled graph's kernels take real tensors.)"""
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
 
 def next_power_of_2(n: int) -> int:

@@ -478,6 +478,29 @@ def test_launch_arithmetic() -> None:
         assert power >= max(n, 1) and power & (power - 1) == 0 and (power == 1 or power // 2 < n)
 
 
+def test_torch_func_transforms_take_the_reference() -> None:
+    """The launches read raw storage, which torch.func's wrapped tensors lack: under grad/vmap
+    "auto" takes the references (on a GPU too), with the gradients of the same steps run by the
+    reference outside the transform, and "triton" says why it cannot run."""
+    from tokenprune.merge import merge_state, start_state
+
+    x = torch.randn(2, 9, 8, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
+
+    def merged_sum(t: torch.Tensor, backend: str) -> torch.Tensor:
+        members = bipartite_soft_matching(t, 3, 1, backend)
+        return merge_state(start_state(t, False), members, 6, backend).x.square().sum()
+
+    expected = torch.func.grad(merged_sum)(x, "torch")
+    reference = x.clone().requires_grad_(True)
+    merged_sum(reference, "torch").backward()
+    torch.testing.assert_close(expected, reference.grad)
+    torch.testing.assert_close(torch.func.grad(merged_sum)(x, "auto"), expected, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="cannot run under torch.func transforms"):
+        torch.func.grad(merged_sum)(x, "triton")
+    with pytest.raises(RuntimeError, match="cannot run under torch.func transforms"):
+        torch.func.vmap(lambda t: kernels.best_match(t[None, 0::2], t[None, 1::2], "triton")[0])(x)
+
+
 def test_auto_leaves_the_kernels_where_the_references_are_faster(monkeypatch: pytest.MonkeyPatch) -> None:
     """"auto" where the kernels could run (a GPU: faked here, with the kernels replaced by
     recorders): a float32 match of more than FP32_KERNEL_MAX_FLOPS and an assignment of more
