@@ -783,3 +783,71 @@ def test_blocks_left_with_one_mergeable_token_pass_it_through(family: str) -> No
     with torch.no_grad():
         assert model.forward_tokens(x).num_tokens == reduction.output_tokens
     assert tokenprune.flops(model, 32, batch_size=2).total == counted_flops(model, x)
+
+
+@pytest.mark.parametrize("class_token", [True, False])
+def test_prr_pooling_weighs_tokens_by_size_and_counts_its_flops(class_token: bool) -> None:
+    """timm's global_pool="prr" (parameter-free self-attention over every token, then the class
+    token or the mean): r=0 is timm's, bit for bit; merged tokens pool as timm's own pooling of
+    the unmerged grid (each patch carrying its token's feature); FLOPs as FlopCounterMode counts."""
+    model = make("vit_cls", global_pool="prr", class_token=class_token, depth=2)
+    with torch.no_grad():
+        expected = model(image())
+        tokenprune.patch(model, r=0)
+        assert torch.equal(model(image()), expected)
+        tokenprune.patch(model, r=16, trace_source=True)
+        state = model.forward_tokens(image())
+        full = unmerge(state.x, model._tokenprune_source[0])
+        reference = timm.models.vision_transformer.VisionTransformer.forward_head(model, full)
+        torch.testing.assert_close(model(image()), reference, atol=1e-5, rtol=1e-5)
+    assert tokenprune.flops(model, 224, batch_size=2).total == counted_flops(model, image())
+
+
+def test_hooks_on_attention_are_refused_rather_than_silently_skipped() -> None:
+    """The patched block computes attention itself, not through attn.forward, so a forward hook
+    on blocks[i].attn (attention maps, feature capture) would stop firing, even at r=0: patch
+    refuses it, naming the block, and leaves the model as it was."""
+    model = make("vit_cls", depth=2)
+    calls = []
+    handle = model.blocks[1].attn.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    with pytest.raises(TypeError, match=r"blocks\[1\]\.attn has forward hooks"):
+        tokenprune.patch(model, r=0)
+    assert type(model) is timm.models.vision_transformer.VisionTransformer
+    with torch.no_grad():
+        model(image())
+    assert calls == [(2, 197, 192)]
+    handle.remove()
+    tokenprune.patch(model, r=0)  # without the hook it patches
+
+
+class _Doubled(nn.Module):
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return 2 * weight
+
+
+def test_parametrized_after_patching_unpatches_only_once_the_parametrizations_are_gone() -> None:
+    """torch.nn.utils.parametrize replaces a module's class by a subclass of it: on a patched
+    model, of tokenprune's class. unpatch refuses that, changing nothing (it used to restore the
+    blocks, drop the settings and keep the patched model class: a model whose forward raised);
+    once the parametrization is removed it restores timm's model exactly."""
+    from torch.nn.utils import parametrize
+
+    model = make("vit_cls", depth=2)
+    with torch.no_grad():
+        expected = model(image())
+        tokenprune.patch(model, r=0)
+        parametrize.register_parametrization(model, "pos_embed", _Doubled())
+        parametrized = model(image())
+        with pytest.raises(TypeError, match="parametriz"):
+            tokenprune.unpatch(model)
+        with pytest.raises(TypeError, match="parametriz"):
+            tokenprune.patch(model, r=8)
+        assert torch.equal(model(image()), parametrized)  # still patched, working
+        parametrize.remove_parametrizations(model, "pos_embed", leave_parametrized=False)
+        tokenprune.unpatch(model)
+        assert type(model) is timm.models.vision_transformer.VisionTransformer
+        assert torch.equal(model(image()), expected)
+    fresh = make("vit_cls", depth=2)
+    parametrize.register_parametrization(fresh, "pos_embed", _Doubled())
+    with pytest.raises(TypeError, match="patch the model first, then parametrize"):
+        tokenprune.patch(fresh, r=8)

@@ -35,6 +35,7 @@ def patch(model: nn.Module, method: str | MethodConfig | None = None, **options:
     would not synchronise (DynamicViT: patch, then wrap).
     """
     outer, model = model, vit.reducing_model(model)
+    vit.check_own_classes(model)
     vit.check_supported(model)
     current = getattr(model, "tokenprune_config", None)
     implied = method is None
@@ -117,6 +118,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     inner = vit.reducing_model(model)
     if getattr(inner, "tokenprune_config", None) is None:
         raise ValueError("the model is not patched by tokenprune")
+    vit.check_own_classes(inner)
     vit.remove(inner)
     vit.guard_wrappers(model, False)
     return model

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from timm.layers import AttentionPoolPrr
 from torch import nn
 
 from .api import InputSize, input_tokens, patch_grid, plan
@@ -100,7 +101,9 @@ def _bias_mlp_flops(rel_pos: nn.Module | None) -> int:
 def _head_flops(model: nn.Module, tokens: int, grid: tuple[int, ...]) -> int:
     flops = family(model).after_blocks_flops(model, tokens, grid)
     pool = getattr(model, "attn_pool", None)  # (BEiT has none)
-    if pool is not None:
+    if isinstance(pool, AttentionPoolPrr):  # parameter-free self-attention over the tokens: q·kᵀ and attn·v
+        flops += 4 * tokens * tokens * pool.num_heads * pool.head_dim
+    elif pool is not None:
         pooled = tokens if pool_includes_prefix(model) else tokens - model.num_prefix_tokens
         latent, dim = pool.latent_len, pool.q.in_features
         flops += linear_flops(latent, pool.q) + linear_flops(pooled, pool.kv) + linear_flops(latent, pool.proj)

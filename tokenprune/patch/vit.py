@@ -24,11 +24,12 @@ from typing import Any, Callable, NoReturn, Protocol
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention, HybridEmbed, apply_rot_embed_cat
+from timm.layers import Attention, AttentionPoolPrr, HybridEmbed, apply_rot_embed_cat
 from timm.models._features import FeatureGetterNet
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.utils.checkpoint import checkpoint
 
 from kernels import attention
@@ -490,6 +491,35 @@ def _pool_by_weight(model: VisionTransformer) -> bool:
     return _pool_by_size(model) or model.global_pool == "max"
 
 
+def _weighted_mean(x: Tensor, weights: Tensor) -> Tensor:
+    """Mean of ``x`` [B, T, C] over its tokens, each counted ``weights`` [B, T, 1] times; in
+    float32 like timm's mean (float64 for float64): bf16 weights would round each to ~3 digits.
+    (A sequence of padding alone, total 0, pools to 0 as in timm's NaFlexVit.)"""
+    weights = weights.float()
+    total = weights.sum(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    return (x.to(torch.promote_types(x.dtype, torch.float32)) * (weights / total)).sum(dim=1).to(x.dtype)
+
+
+def _prr_pool(pool: AttentionPoolPrr, x: Tensor, size: Tensor, padded: bool) -> Tensor:
+    """timm's ``AttentionPoolPrr`` (``global_pool="prr"``: parameter-free self-attention over
+    every token, then the class token or the mean) counting each token by its weight ``size``
+    [B, T, 1], as MAP pooling does: log w added to its key's logits (proportional attention;
+    a training keep mask's dropped tokens masked out, padding too) and a weighted mean."""
+    batch, num_tokens, dim = x.shape
+    x = pool.pre_norm(x)
+    qkv = x.reshape(batch, num_tokens, pool.num_heads, pool.head_dim).transpose(1, 2)
+    bias = torch.log(KEEP_EPS + size.float().squeeze(-1))
+    if padded:
+        bias = bias.masked_fill(size.squeeze(-1) == 0, PADDING_KEY_BIAS)
+    mask = bias.to(x.dtype)[:, None, None, :]
+    if pool.fused_attn:
+        x = F.scaled_dot_product_attention(qkv, qkv, qkv, attn_mask=mask)
+    else:
+        x = (((qkv * pool.scale) @ qkv.transpose(-2, -1)) + mask).softmax(dim=-1) @ qkv
+    x = pool.post_norm(x.transpose(1, 2).reshape(batch, num_tokens, dim))
+    return x[:, 0] if pool.pool == "token" else _weighted_mean(x, size)
+
+
 class SettingsThroughPatch:
     """Mixin of every patched model class: published ToMe's ``model.r = 16`` would set an
     attribute nothing reads here, a silent no-op; it raises instead, naming the call that works."""
@@ -700,7 +730,8 @@ class ReducingViT(SettingsThroughPatch):
         # while DynamicViT trains, the dropped tokens stay, and the head needs their keep mask.
         dropped_only = getattr(self.tokenprune_config, "drops_tokens", False) and not self.training
         if _pool_by_size(self) and any(b.reducer is not None for b in self.blocks) and not dropped_only:
-            pooling = "map" if getattr(self, "attn_pool", None) is not None else repr(self.global_pool)
+            pool = getattr(self, "attn_pool", None)
+            pooling = "prr" if isinstance(pool, AttentionPoolPrr) else "map" if pool is not None else repr(self.global_pool)
             raise ValueError(
                 f"this model pools by {pooling} and reduces "
                 "tokens: the pooling needs the token sizes. Use model(x), or "
@@ -714,7 +745,9 @@ class ReducingViT(SettingsThroughPatch):
             return super().forward_head(x, pre_logits=pre_logits)  # type: ignore[misc]
         if not pool_includes_prefix(self):
             x, size = x[:, self.num_prefix_tokens :], size[:, self.num_prefix_tokens :]
-        if getattr(self, "attn_pool", None) is not None:
+        if isinstance(getattr(self, "attn_pool", None), AttentionPoolPrr):
+            x = _prr_pool(self.attn_pool, x, size, padded)
+        elif getattr(self, "attn_pool", None) is not None:
             # Always weighted, like the average below (ToMe pools by size even without
             # proportional attention in the blocks). log(ε + w) is log(size) for merged tokens
             # and, for a training keep mask, masks dropped tokens with a finite gradient (KEEP_EPS).
@@ -726,10 +759,7 @@ class ReducingViT(SettingsThroughPatch):
             weights = size.float()
             mean = peak = None
             if self.global_pool != "max":  # avg, avgmax
-                # In float32 like timm's mean: bf16 weights would round each to ~3 digits.
-                # (A sequence of padding alone, total 0, pools to 0 as in timm's NaFlexVit.)
-                total = weights.sum(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
-                mean = (x.to(torch.promote_types(x.dtype, torch.float32)) * (weights / total)).sum(dim=1).to(x.dtype)
+                mean = _weighted_mean(x, weights)
             if self.global_pool != "avg":  # max, avgmax
                 # Over the tokens present: weight 0 is a token a training keep mask dropped. An
                 # image with none present (a training draw that dropped every patch) pools to 0,
@@ -994,6 +1024,14 @@ def family(model: nn.Module) -> type[ReducingViT]:
     maps image sizes to grids and what it runs besides the blocks. (SAM's keeps timm's forward
     and is no ReducingViT; it has the same hooks.)"""
     model_class = original_class(model)
+    if model_class not in PATCHED_CLASSES and model_class.__bases__[:1] and model_class.__bases__[0] in PATCHED_CLASSES and (
+        parametrize.is_parametrized(model)
+    ):
+        raise TypeError(
+            f"tokenprune cannot swap the class of a parametrized {model_class.__bases__[0].__name__} "
+            f"({model_class.__name__}, made by torch.nn.utils.parametrize): patch the model first, then "
+            "parametrize it"
+        )
     if model_class not in PATCHED_CLASSES:
         raise TypeError(
             f"tokenprune cannot patch {model_class.__module__}.{model_class.__name__}; supported: {SUPPORTED_FAMILIES}"
@@ -1043,9 +1081,35 @@ def check_supported(model: nn.Module) -> None:
                 f"(attentions it can: {_class_names([*QKV_PROJECTIONS, *ATTENTION_FORWARDS])}); "
                 f"supported: {SUPPORTED_FAMILIES}"
             )
+        # The patched block runs the attention's parts itself (its projections, norms and
+        # dropouts still run as modules), never attn.forward: hooks on attn would stop firing.
+        if attn is not None and (attn._forward_hooks or attn._forward_pre_hooks):
+            raise TypeError(
+                f"blocks[{i}].attn has forward hooks, which would stop firing: the patched block computes "
+                "attention itself, not through attn.forward. Hook its submodules (attn.qkv, attn.proj, "
+                "attn.k_norm still run) or the block, or remove the hooks before tokenprune.patch"
+            )
     if len(model.blocks) == 0:
         raise ValueError("the model has no transformer blocks: there is nothing to patch")
     known.check_modules(model)
+
+
+def check_own_classes(model: nn.Module) -> None:
+    """Raise a TypeError, before anything changes, where a class that :func:`apply` set has
+    since been replaced by a subclass of it (``torch.nn.utils.parametrize`` makes one for each
+    module it parametrizes): swapping classes would keep that subclass, and with it the patched
+    forward without its settings."""
+    patched = (*PATCHED_CLASSES.values(), *PATCHED_BLOCKS.values())
+    for name, module in [("the model", model), *((f"blocks[{i}]", b) for i, b in enumerate(getattr(model, "blocks", ())))]:
+        cls = type(module)
+        base = next((p for p in patched if cls is not p and issubclass(cls, p)), None)
+        if base is not None:
+            raise TypeError(
+                f"{name} is a {cls.__name__}, a subclass made of tokenprune's {base.__name__} after patching "
+                "(torch.nn.utils.parametrize makes one): tokenprune cannot swap its class. Remove the "
+                "parametrizations first (torch.nn.utils.parametrize.remove_parametrizations), then patch or "
+                "unpatch, and parametrize again after"
+            )
 
 
 def apply(model: nn.Module, config: Any, reducers: list[TokenReducer | None]) -> None:
