@@ -173,22 +173,24 @@ def samples_from_folder(root: Path, split: str, class_map: str = "") -> FolderSa
 
 
 def samples_from_csv(csv_path: Path, root: Path | None = None) -> Samples:
-    """Rows ``path,label``; a first row whose label is not an integer and whose path has no
-    file extension is a header, and skipped. Relative paths resolve against ``root``, else the
+    """Rows ``path,label``; a first row (blank rows aside) whose label is not an integer and
+    whose path has no file extension is a header, and skipped. Relative paths resolve against ``root``, else the
     CSV's folder. Files that do not exist are kept: the eval counts them as unreadable."""
     base = root if root is not None else csv_path.parent
     samples: Samples = []
+    first = True  # the first row that is not blank: the one that may be a header
     with open(csv_path, newline="", encoding="utf-8-sig") as handle:  # -sig: a spreadsheet's byte-order mark
         for line_number, row in enumerate(csv.reader(handle), 1):
             if not row or all(not cell.strip() for cell in row):
                 continue
+            first, may_be_header = False, first
             if len(row) != 2:
                 raise SystemExit(f"{csv_path}:{line_number}: expected 'path,label', got {row!r}")
             path, label = row[0].strip(), row[1].strip()
             try:
                 value = int(label)
             except ValueError:
-                if line_number == 1 and not Path(path).suffix:
+                if may_be_header and not Path(path).suffix:
                     continue  # a header ("path,label"): a file with a bad label stops below
                 raise SystemExit(f"{csv_path}:{line_number}: label {label!r} is not an integer") from None
             full = Path(path) if Path(path).is_absolute() else base / path

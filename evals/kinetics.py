@@ -132,8 +132,8 @@ def samples_from_folder(root: Path, classes: Sequence[str] = ()) -> FolderSample
 
 
 def samples_from_csv(csv_path: Path, root: Path | None = None, classes: Sequence[str] = ()) -> Samples:
-    """``path,label`` rows; a first row that names no video file (e.g. ``path,label``) and whose
-    label is neither an int nor a known class is a header. Any other bad label, and any row
+    """``path,label`` rows; a first row (blank rows aside) that names no video file (e.g.
+    ``path,label``) and whose label is neither an int nor a known class is a header. Any other bad label, and any row
     that is not two cells (a third column, a label without a path), stops the run: a typo must
     not drop a video or a column silently. Blank rows are skipped; a CSV listing no video is an
     error.
@@ -143,10 +143,12 @@ def samples_from_csv(csv_path: Path, root: Path | None = None, classes: Sequence
     index = {name: i for i, name in enumerate(classes)}
     base = root if root is not None else csv_path.parent
     samples: Samples = []
+    first = True  # the first row that is not blank: the one that may be a header
     with open(csv_path, newline="", encoding="utf-8-sig") as handle:  # -sig: a spreadsheet's byte-order mark
         for row_number, row in enumerate(csv.reader(handle)):
             if not row or all(not cell.strip() for cell in row):
                 continue
+            first, may_be_header = False, first
             if len(row) != 2 or not row[0].strip():
                 raise SystemExit(f"{csv_path}:{row_number + 1}: expected 'path,label', got {row!r}")
             path, label = row[0].strip(), row[1].strip()
@@ -156,7 +158,7 @@ def samples_from_csv(csv_path: Path, root: Path | None = None, classes: Sequence
                 try:
                     value = int(label)
                 except ValueError:
-                    if row_number == 0 and not _is_video(Path(path)):
+                    if may_be_header and not _is_video(Path(path)):
                         continue  # header
                     raise SystemExit(f"{csv_path}:{row_number + 1}: label {label!r} is not an int or a known class")
             full = Path(path) if Path(path).is_absolute() else base / path

@@ -208,6 +208,9 @@ def test_samples_from_csv(tmp_path: Path) -> None:
     # a spreadsheet's byte-order mark is not part of the first path
     (tmp_path / "bom.csv").write_text("a.jpg,3\n", encoding="utf-8-sig")
     assert imagenet.samples_from_csv(tmp_path / "bom.csv") == [(str(tmp_path / "a.jpg"), 3)]
+    # nor do blank lines before the header make it a row
+    (tmp_path / "blank.csv").write_text("\n\npath,label\na.jpg,3\n")
+    assert imagenet.samples_from_csv(tmp_path / "blank.csv") == [(str(tmp_path / "a.jpg"), 3)]
     (tmp_path / "bad.csv").write_text("a.jpg,3\nb.jpg,x\n")
     with pytest.raises(SystemExit, match="not an integer"):
         imagenet.samples_from_csv(tmp_path / "bad.csv")

@@ -207,6 +207,9 @@ def test_csv_and_folder_samples(tmp_path):
     # a spreadsheet's byte-order mark is not part of the first path
     csv.write_text("biking/bikes.mp4,1\n", encoding="utf-8-sig")
     assert kinetics.samples_from_csv(csv, tmp_path / "data") == [(str(tmp_path / "data/biking/bikes.mp4"), 1)]
+    # nor do blank lines before the header make it a row
+    csv.write_text("\n\npath,label\nbiking/bikes.mp4,1\n")
+    assert kinetics.samples_from_csv(csv, tmp_path / "data") == [(str(tmp_path / "data/biking/bikes.mp4"), 1)]
     # a typo in the first row's label is an error, not a header that swallows the video
     csv.write_text("biking/bikes.mp4,bikng\nphoning/carphone_pristine.mp4,0\n")
     with pytest.raises(SystemExit, match="val.csv:1: label 'bikng' is not an int or a known class"):
