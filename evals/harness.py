@@ -77,6 +77,14 @@ VIDEO_MODELS: dict[str, Callable[..., nn.Module]] = {
 # Models and inputs
 
 
+def files_under(root: Path) -> list[Path]:
+    """Every file under ``root``, walked as timm's folder reader walks it: following symbolic
+    links to folders (class folders linked in from elsewhere, as dataset subsets often are),
+    which ``Path.rglob`` does not."""
+    return [Path(folder, name) for folder, _, names in os.walk(root, followlinks=True) for name in names
+            if Path(folder, name).is_file()]  # fmt: skip
+
+
 def create_model(name: str, img_size: int | None, device: torch.device, seed: int) -> nn.Module:
     """A randomly initialised timm model (or tokenprune video ViT) in eval mode on ``device``.
 

@@ -77,6 +77,7 @@ from evals.harness import (
     autocast,
     command_line,
     environment,
+    files_under,
     jsonable,
     measure_throughput,
     write_atomic,
@@ -153,7 +154,7 @@ def samples_from_folder(root: Path, split: str, class_map: str = "") -> FolderSa
             files, top = [Path(m.name) for m in tar.getmembers() if m.isfile()], Path(".")
     else:
         samples = [(str(path), int(target)) for path, target in reader.samples]
-        files, top = [path for path in Path(reader.root).rglob("*") if path.is_file()], Path(reader.root)
+        files, top = files_under(Path(reader.root)), Path(reader.root)
     images = [path for path in files if path.suffix.lower() in extensions]
     # What lies beside the class folders (a README, a labels CSV) is no class's file.
     not_images = sorted(str(path) for path in files if path.suffix.lower() not in extensions and path.parent != top)
@@ -212,7 +213,7 @@ def samples_from_filenames(root: Path, pattern: str) -> Samples:
     group: int | str = "label" if "label" in regex.groupindex else 1
     extensions = get_img_extensions(as_set=True)
     files = sorted(
-        (p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in extensions),
+        (p for p in files_under(root) if p.suffix.lower() in extensions),
         key=lambda p: natural_key(str(p.relative_to(root))),
     )
     samples: Samples = []
@@ -396,6 +397,25 @@ def _floats(text: str) -> tuple[float, ...]:
     return values
 
 
+def _interpolation(text: str) -> str:
+    """An interpolation timm's eval transform knows (``str_to_interp_mode``); else its names, not
+    timm's bare KeyError from inside ``create_transform``."""
+    from timm.data.transforms import str_to_interp_mode
+
+    try:
+        str_to_interp_mode(text)
+    except KeyError:
+        known = []
+        for name in ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos"):
+            try:
+                str_to_interp_mode(name)
+                known.append(name)
+            except KeyError:
+                pass
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of timm's interpolations: {', '.join(known)}") from None
+    return text
+
+
 def _gflops(model: nn.Module, input_size: tuple[int, ...]) -> tuple[float | None, list[int] | None, str | None]:
     """(GFLOPs per image, tokens entering each block, why not) from tokenprune's counter."""
     from tokenprune.patch.vit import check_supported
@@ -519,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the pretrained config's train input size and crop, not its test ones (timm's default)")
     group.add_argument("--crop-pct", type=float, help="center crop fraction (e.g. 0.875)")
     group.add_argument("--crop-mode", choices=["center", "squash", "border"], help="timm crop mode")
-    group.add_argument("--interpolation", help="resize interpolation (bilinear, bicubic, ...)")
+    group.add_argument("--interpolation", type=_interpolation, help="resize interpolation (bilinear, bicubic, ...)")
     group.add_argument("--mean", type=_floats, help="normalisation mean: one value or three (e.g. 0.5)")
     group.add_argument("--std", type=_floats, help="normalisation std: one value or three")
 
@@ -583,9 +603,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     # All before the model runs: the timing comes after the evaluation, whose results a bad
     # --runs would throw away unwritten.
-    least = {"batch_size": 1, "limit": 1, "runs": 1, "threads": 1, "workers": 0, "warmup": 0}
+    least = {"batch_size": 1, "limit": 1, "runs": 1, "threads": 1, "workers": 0, "warmup": 0, "img_size": 1}
     bad = [f"--{name.replace('_', '-')} {getattr(args, name)} (at least {low})"
            for name, low in least.items() if getattr(args, name) is not None and getattr(args, name) < low]
+    # timm's resolve_data_config takes a --crop-pct of 0 for "not given" (the pretrained crop
+    # instead, silently); a std of 0 stopped the run at the first image, inside torchvision's
+    # Normalize, and a negative one flips the inputs' sign.
+    if args.crop_pct is not None and not args.crop_pct > 0:
+        bad.append(f"--crop-pct {args.crop_pct} (more than 0)")
+    if args.std is not None and not all(value > 0 for value in args.std):
+        bad.append(f"--std {','.join(f'{value:g}' for value in args.std)} (each more than 0)")
     if bad:
         raise SystemExit(f"out of range: {', '.join(bad)}")
     check_files(args)

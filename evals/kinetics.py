@@ -65,7 +65,17 @@ from tqdm import tqdm
 
 import tokenprune
 from evals.distributed import Dist, ShardSampler, setup
-from evals.harness import DTYPES, RESULTS_DIR, autocast, command_line, environment, jsonable, measure_throughput, write_atomic
+from evals.harness import (
+    DTYPES,
+    RESULTS_DIR,
+    autocast,
+    command_line,
+    environment,
+    files_under,
+    jsonable,
+    measure_throughput,
+    write_atomic,
+)
 from evals.metrics import topk_correct
 from evals.settings import BudgetUnreachable, Setting, describe_setting, method_options, parse_gflops_budget, parse_option, resolve
 from tokenprune.schedule import parse_schedule
@@ -120,7 +130,7 @@ def samples_from_folder(root: Path, classes: Sequence[str] = ()) -> FolderSample
             raise SystemExit(f"class folders not in --classes: {unknown[:10]}{' …' if len(unknown) > 10 else ''}")
     else:
         classes, index = folders, {name: i for i, name in enumerate(folders)}
-    files = [(path, index[name]) for name in folders for path in sorted((root / name).rglob("*")) if path.is_file()]
+    files = [(path, index[name]) for name in folders for path in sorted(files_under(root / name))]
     samples = [(str(path), label) for path, label in files if _is_video(path)]
     not_videos = [str(path) for path, _ in files if not _is_video(path)]
     if not samples:

@@ -787,3 +787,52 @@ def test_read_checkpoint_of_timm_training(tmp_path: Path) -> None:
 def test_an_option_given_twice_is_refused() -> None:
     with pytest.raises(SystemExit, match="--option r given twice"):
         method_options("tome", [("r", 4), ("r", 8)])
+
+
+def test_class_folders_linked_in_are_walked_as_timm_walks_them(tmp_path: Path) -> None:
+    """timm's folder reader follows symbolic links to class folders (an ImageNet subset is often
+    a folder of links): what it leaves out there (a .webp) is listed too, a linked folder that
+    --class-map does not name stops the run, and --label-from-filename finds its images."""
+    store, data = tmp_path / "store" / "n02", tmp_path / "val"
+    store.mkdir(parents=True)
+    (data / "n01").mkdir(parents=True)
+    Image.new("RGB", (40, 30)).save(data / "n01" / "x_0.png")
+    Image.new("RGB", (40, 30)).save(store / "y_1.png")
+    Image.new("RGB", (40, 30)).save(store / "z.webp")
+    (data / "n02").symlink_to(store, target_is_directory=True)
+    reference = timm.data.create_dataset("", root=str(data)).reader.samples  # timm reads the linked image
+    assert [Path(p).name for p, _ in reference] == ["x_0.png", "y_1.png"]
+    found = imagenet.samples_from_folder(data, "validation")
+    assert [(Path(p).name, t) for p, t in found.samples] == [("x_0.png", 0), ("y_1.png", 1)]
+    assert found.not_images == [str(data / "n02" / "z.webp")]
+    (tmp_path / "map.txt").write_text("n01\n")
+    with pytest.raises(SystemExit, match=r"1 images are in folders that --class-map does not name \(n02\)"):
+        imagenet.samples_from_folder(data, "validation", str(tmp_path / "map.txt"))
+    assert [(Path(p).name, t) for p, t in imagenet.samples_from_filenames(data, r"_(\d)\.png")] == [
+        ("x_0.png", 0), ("y_1.png", 1)]  # fmt: skip
+
+
+def test_preprocessing_overrides_out_of_range_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """timm's resolve_data_config reads --crop-pct 0 as "not given" and would crop at the
+    pretrained config's fraction instead; a negative one fails deep in the transform, and so does
+    a std of 0 (torchvision's Normalize); --img-size 0 is no size; a mistyped --interpolation was
+    a bare KeyError from inside timm's transform. Each stops up front, named."""
+    (tmp_path / "a").mkdir()
+    Image.new("RGB", (40, 30)).save(tmp_path / "a" / "x.png")
+    common = ["--data", str(tmp_path), "--model", "vit_tiny_patch16_224", "--model-arg", "img_size=32",
+              "--num-classes", "2", "--no-bench", "--workers", "0", "--out", str(tmp_path / "out.json")]  # fmt: skip
+    cases = [
+        (["--crop-pct", "0"], r"out of range: --crop-pct 0.0 \(more than 0\)"),
+        (["--crop-pct", "-0.5"], r"out of range: --crop-pct -0.5 \(more than 0\)"),
+        (["--std", "0.5,0,0.5"], r"out of range: --std 0.5,0,0.5 \(each more than 0\)"),
+        (["--img-size", "0"], r"out of range: --img-size 0 \(at least 1\)"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            run(*common, *extra)
+    assert run(*common, "--crop-pct", "1.0")["model"]["data_config"]["crop_pct"] == 1.0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run(*common, "--interpolation", "bicubicc")
+    assert "--interpolation: 'bicubicc' is not one of timm's interpolations: nearest, bilinear, bicubic" in capsys.readouterr().err
+    assert run(*common, "--interpolation", "lanczos")["model"]["data_config"]["interpolation"] == "lanczos"

@@ -196,6 +196,13 @@ def test_csv_and_folder_samples(tmp_path):
     assert classes == ["biking", "phoning"] and [label for _, label in samples] == [0, 1] and not_videos == []
     # With a class list, folders are looked up in it (Kinetics: a class without a folder must
     # not shift the labels of the others); a folder it lacks is an error.
+    # a class folder's sub-folder linked in from elsewhere is walked, as timm walks image folders
+    (tmp_path / "more").mkdir()
+    shutil.copy(CARPHONE, tmp_path / "more" / "linked.mp4")
+    (tmp_path / "data" / "phoning" / "more").symlink_to(tmp_path / "more", target_is_directory=True)
+    linked = kinetics.samples_from_folder(tmp_path / "data").samples
+    assert [Path(path).name for path, _ in linked] == ["bikes.mp4", "carphone_pristine.mp4", "linked.mp4"]
+    (tmp_path / "data" / "phoning" / "more").unlink()
     named = kinetics.samples_from_folder(tmp_path / "data", ["abseiling", "biking", "juggling", "phoning"]).samples
     assert [label for _, label in named] == [1, 3]
     with pytest.raises(SystemExit, match="not in --classes: \\['phoning'\\]"):
