@@ -466,6 +466,21 @@ def test_bipartite_dest_strided_scores_and_dispatch() -> None:
     assert torch.equal(members.sorted()[1], torch.sort(want, dim=1, stable=True)[1])
 
 
+def test_bipartite_members_read_scores_and_partners_through_their_strides() -> None:
+    """The member-list counts read every A token's score and partner again, through their own
+    strides: a transposed score buffer and a partner row of token stride 2 give the reference's
+    dest and its stable sort, as contiguous inputs do."""
+    for tokens, p, r in ((49, 1, 10), (40, 2, 19)):
+        num_a = a_tokens(tokens, p)
+        score, best_b = assignment_inputs(3, num_a, tokens - p - num_a, seed=tokens, levels=3)
+        strided_score = score.t().contiguous().t()
+        strided_b = torch.stack([torch.zeros_like(best_b), best_b], dim=-1)[..., 1]
+        assert strided_score.stride(1) != 1 and strided_b.stride(1) == 2 and torch.equal(strided_b, best_b)
+        want = kernels.bipartite_dest_reference(score, best_b, r, tokens, p)
+        members = kernels.bipartite_members(strided_score, strided_b, r, tokens, p, "triton")
+        assert_members_are_stable_sort(members, want, dict(tokens=tokens, p=p, r=r))
+
+
 def test_launch_arithmetic() -> None:
     """The launchers' own grid arithmetic (plain Python, not Triton's host-side helpers):
     ceil-division, and powers of two against their definition."""
@@ -563,6 +578,8 @@ def test_auto_lays_out_member_lists_up_to_its_limit(monkeypatch: pytest.MonkeyPa
 
     most = kernels.bipartite.AUTO_MEMBERS_MAX_A_TOKENS
     assert lists(most) and not lists(most + 1) and lists(most + 1, "triton")
+    # the image models at 224² the limit is meant to cover: ViT-B/16 (197 tokens), and 256 patches with a class token
+    assert lists(a_tokens(197, 1)) and lists(a_tokens(257, 1))
     assert not lists(most, "triton", kernels.bipartite_dest)
 
 

@@ -553,3 +553,78 @@ def test_temporal_inside_merge_of_dissimilar_tokens_does_not_warn() -> None:
         warnings.simplefilter("error")
         out = TemporalMerge(r=1, window=1, num_protected=0, backend="torch")(TokenState(torch.randn(1, 2, 3), pos=pos), metric)
     assert out.num_tokens == 1
+
+
+def _ordered_dest_by_hand(is_src: list[bool], partner: list[int], p: int, has_partner: list[bool] | None) -> list[int]:
+    """ordered_dest read token by token: a kept token's place among the kept ones; a source
+    without a partner rests on the next kept token (the last when none follows); a source with
+    one goes where its partner goes."""
+    kept = [i for i, source in enumerate(is_src) if not source]
+
+    def place(i: int) -> int:
+        if not is_src[i]:
+            return p + kept.index(i)
+        following = [k for k in kept if k > i]
+        return p + kept.index(following[0] if following else kept[-1])
+
+    with_partner = has_partner if has_partner is not None else [True] * len(is_src)
+    body = [place(partner[i]) if is_src[i] and with_partner[i] else place(i) for i in range(len(is_src))]
+    return list(range(p)) + body
+
+
+def test_ordered_dest_against_a_token_by_token_reading() -> None:
+    """Random flags, partners and prefixes: ordered_dest equals the rule read token by token,
+    sources at the very end (no kept token after them) included, with and without has_partner."""
+    from tokenprune.methods.temporal import ordered_dest
+
+    gen = torch.Generator().manual_seed(0)
+    ends_on_a_source = 0
+    for case in range(150):
+        n = int(torch.randint(2, 14, (), generator=gen))
+        p = int(torch.randint(0, 3, (), generator=gen))
+        r = int(torch.randint(1, n // 2 + 1, (), generator=gen))
+        is_src = torch.zeros(n, dtype=torch.bool)
+        is_src[torch.randperm(n, generator=gen)[:r]] = True
+        has_partner = (torch.rand(n, generator=gen) < 0.5) & is_src
+        if case % 2:  # without has_partner: every source has a kept partner
+            has_partner = None
+        # a partner is never a source that has a partner itself (kept, or a source without one)
+        allowed = (~is_src | ~(has_partner if has_partner is not None else is_src)).nonzero()[:, 0]
+        partner = allowed[torch.randint(0, len(allowed), (n,), generator=gen)]
+        ends_on_a_source += bool(is_src[-1])
+        got = ordered_dest(is_src[None], partner[None], p, None if has_partner is None else has_partner[None])
+        flags = None if has_partner is None else has_partner.tolist()
+        want = _ordered_dest_by_hand(is_src.tolist(), partner.tolist(), p, flags)
+        assert got[0].tolist() == want, dict(case=case, is_src=is_src.tolist(), partner=partner.tolist(), p=p)
+    assert ends_on_a_source > 10
+
+
+def test_temporal_tokens_without_partners_merge_from_the_first_even_position() -> None:
+    """A clip of one even frame (no token has a partner) longer than a small sort: ties among
+    the tokens without a partner go to the lowest even positions, each into the next token, in
+    whatever order the sort visits the ties."""
+    from tokenprune.methods.temporal import TemporalMerge
+
+    n, r = 24, 5
+    pos = torch.tensor([[0.0, 0, float(i)] for i in range(n)])[None]
+    metric = torch.randn(1, n, 4, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, n, 3, generator=torch.Generator().manual_seed(1))
+    with pytest.warns(RuntimeWarning, match="fewer than r tokens with an odd-frame partner"):
+        out = TemporalMerge(r=r, window=1, num_protected=0, backend="torch")(TokenState(x, pos=pos), metric)
+    groups = [[2 * k, 2 * k + 1] for k in range(r)] + [[i] for i in range(2 * r, n)]
+    torch.testing.assert_close(out.x[0], torch.stack([x[0, g].mean(0) for g in groups]))
+    assert out.size[0, :, 0].tolist() == [float(len(g)) for g in groups]
+
+
+def test_temporal_cap_leaves_the_prefix_out_of_the_even_frame_tokens() -> None:
+    """With prefix tokens, the blocks' counts still add up to the even-frame tokens exactly
+    (num_removed after each earlier block's removals), as without a prefix."""
+    from tokenprune.methods.temporal import TemporalMerge
+
+    grid = (4, 2, 2)  # 8 even-frame tokens of 16
+    for p in (0, 1, 2):
+        step = TemporalMerge(r=100, window=1, num_protected=p)
+        tokens, total = p + 16, 0
+        while removed := step.num_removed(tokens, grid):
+            total, tokens = total + removed, tokens - removed
+        assert total == (grid[0] + 1) // 2 * grid[1] * grid[2], p
