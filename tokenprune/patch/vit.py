@@ -1103,7 +1103,7 @@ def check_own_classes(model: nn.Module) -> None:
     for name, module in [("the model", model), *((f"blocks[{i}]", b) for i, b in enumerate(getattr(model, "blocks", ())))]:
         cls = type(module)
         base = next((p for p in patched if cls is not p and issubclass(cls, p)), None)
-        if base is not None:
+        if base is not None and parametrize.is_parametrized(module):
             raise TypeError(
                 f"{name} is a {cls.__name__}, a subclass made of tokenprune's {base.__name__} after patching "
                 "(torch.nn.utils.parametrize makes one): tokenprune cannot swap its class. Remove the "
