@@ -851,3 +851,25 @@ def test_parametrized_after_patching_unpatches_only_once_the_parametrizations_ar
     parametrize.register_parametrization(fresh, "pos_embed", _Doubled())
     with pytest.raises(TypeError, match="patch the model first, then parametrize"):
         tokenprune.patch(fresh, r=8)
+
+
+@pytest.mark.parametrize(
+    ("method", "neutral"),
+    [("tome", {"r": 0}), ("evit", {"keep_ratio": 1.0}), ("local_global", {"local_block": 1, "local_ratio": 0.0, "r": 0})],
+)
+def test_a_neutral_setting_keeps_timms_two_step_head(method: str, neutral: dict) -> None:
+    """At a setting that removes no token (r=0, keep ratio 1, local ratio 0) the patched model
+    is the unpatched one, timm's forward_head(forward_features(x)) included: an average-pooling
+    head is not refused for lack of sizes that no merge made."""
+    model = make("avgmax_with_prefix")
+    x = image()
+    with torch.no_grad():
+        expected = model.forward_head(model.forward_features(x))
+        tokenprune.patch(model, method, **neutral)
+        assert torch.equal(model.forward_head(model.forward_features(x)), expected)
+
+
+@pytest.mark.parametrize("family", ["vit_avg_no_cls", "vit_map"])
+def test_evit_refusal_names_the_method_and_the_model(family: str) -> None:
+    with pytest.raises(ValueError, match="method 'evit' with score='attention' needs a class token .*VisionTransformer"):
+        tokenprune.patch(make(family), "evit", keep_ratio=0.7)

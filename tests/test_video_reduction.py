@@ -329,7 +329,7 @@ def test_temporal_joint_after_merges_jointly_once_even_frames_are_used(clip):
 
     model = make_model(depth=4)
     tokenprune.patch(model, "temporal", r=16, window=3, joint_after=True, trace_source=True)
-    kinds = [type(block.reducer) for block in model.blocks]
+    kinds = [type(block.reducer.step_for(GRID)) for block in model.blocks]  # the steps on this clip's grid
     assert kinds == [TemporalMerge, TemporalMerge, BipartiteMerge, BipartiteMerge]
     reduction = tokenprune.plan(model, SIZE)
     assert reduction.removed == (16, 16, 16, 8)  # ToMe's own cap (half the tokens) in the last block
@@ -341,7 +341,7 @@ def test_temporal_joint_after_merges_jointly_once_even_frames_are_used(clip):
     # Once joint, later blocks stay joint even when their count would fit the even-frame
     # tokens left: those were merged by the joint step, so a temporal step would find none.
     tokenprune.patch(model, "temporal", r=[20, 8, 10, 4], window=3, joint_after=True)
-    assert [type(block.reducer) for block in model.blocks] == [TemporalMerge, TemporalMerge, BipartiteMerge, BipartiteMerge]
+    assert [type(block.reducer.step_for(GRID)) for block in model.blocks] == [TemporalMerge, TemporalMerge, BipartiteMerge, BipartiteMerge]
     assert tokenprune.plan(model, SIZE).removed == (20, 8, 10, 4)
     assert model.forward_tokens(clip).num_tokens == NUM_TOKENS - 42
     # What a block removes counts, not its r: with 3 tubelet frames (32 of 48 tokens on even
@@ -502,6 +502,16 @@ def test_temporal_needs_video_model():
         tokenprune.patch(model, "temporal", r=2)
 
 
+def test_temporal_refuses_a_naflex_model_by_name():
+    """NaFlexVit has no ``patch_embed``: the refusal names the method and the model instead of
+    an AttributeError from inside the method."""
+    import timm
+
+    model = timm.create_model("naflexvit_base_patch16_gap", depth=1, embed_dim=64, num_heads=2, num_classes=0)
+    with pytest.raises(TypeError, match="method 'temporal' needs a video model .* NaFlexVit"):
+        tokenprune.patch(model, "temporal", r=2)
+
+
 def test_image_grid_positions_unchanged():
     pos = grid_positions((2, 3), 1, torch.device("cpu"))
     expected = torch.tensor([[0, 0], [0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]], dtype=torch.float32)
@@ -628,3 +638,32 @@ def test_temporal_cap_leaves_the_prefix_out_of_the_even_frame_tokens() -> None:
         while removed := step.num_removed(tokens, grid):
             total, tokens = total + removed, tokens - removed
         assert total == (grid[0] + 1) // 2 * grid[1] * grid[2], p
+
+
+def test_temporal_joint_after_follows_the_clip_size_of_a_dynamic_model():
+    """Whether a block merges temporally or jointly is decided on the clip's own grid: a
+    dynamic_img_size model built for a short clip runs a longer one as the model built for that
+    clip does (temporal steps while even-frame tokens are left), not as joint ToMe throughout
+    because its default clip's few even-frame tokens ran out; plan and FLOPs follow."""
+    torch.manual_seed(0)
+    fixed = video_vit_small_patch16_224(num_frames=FRAMES, img_size=SIZE, depth=4, num_classes=10).eval()
+    dynamic = video_vit_small_patch16_224(num_frames=4, img_size=32, depth=4, num_classes=10, dynamic_img_size=True).eval()
+    dynamic.load_state_dict(fixed.state_dict())  # the weights do not depend on the clip size
+    clip = make_clip()
+    for model in (fixed, dynamic):
+        tokenprune.patch(model, "temporal", r=16, window=3)
+    assert tokenprune.plan(dynamic, (FRAMES, SIZE, SIZE)) == tokenprune.plan(fixed, (FRAMES, SIZE, SIZE))
+    with torch.no_grad():
+        torch.testing.assert_close(dynamic(clip), fixed(clip), rtol=1e-5, atol=1e-5)
+    assert tokenprune.flops(dynamic, (FRAMES, SIZE, SIZE), batch_size=2).total == counted_flops(dynamic, clip)
+    # and a shorter clip than the default one goes joint once its own even-frame tokens are used
+    short = video_vit_small_patch16_224(num_frames=4, img_size=32, depth=4, num_classes=10).eval()
+    short.load_state_dict(fixed.state_dict())
+    big = video_vit_small_patch16_224(num_frames=FRAMES, img_size=SIZE, depth=4, num_classes=10, dynamic_img_size=True).eval()
+    big.load_state_dict(fixed.state_dict())
+    for model in (short, big):
+        tokenprune.patch(model, "temporal", r=2, window=3)
+    small_clip = make_clip()[:, :, :4, :32, :32]
+    assert tokenprune.plan(big, (4, 32, 32)) == tokenprune.plan(short, (4, 32, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(big(small_clip), short(small_clip), rtol=1e-5, atol=1e-5)

@@ -52,12 +52,17 @@ class FlopReport:
         return self.total / 1e9
 
 
-def _block_flops(block: nn.Module, tokens: int, removed: int, num_inputs: int, shared_bias: bool) -> int:
+def _block_flops(
+    block: nn.Module, tokens: int, removed: int, num_inputs: int, shared_bias: bool, grid: tuple[int, ...] | None = None
+) -> int:
     block_flops = BLOCK_FLOPS.get(original_block_class(block))  # (parallel blocks: attention and MLP in one)
     if block_flops is not None:
         return block_flops(block, tokens, removed)
     attn = block.attn
     reducer = getattr(block, "reducer", None)
+    step_for = getattr(reducer, "step_for", None)  # a reducer whose step depends on the input grid (temporal)
+    if step_for is not None:
+        reducer = step_for(grid)
     kept = tokens - removed
     # Merging runs between attention and MLP; pruning predictors run before attention.
     attended = kept if reducer is not None and reducer.before_attention else tokens
@@ -142,11 +147,12 @@ def _flops(model: nn.Module, input_size: InputSize, batch_size: int, with_head: 
     protected = block_prefix_tokens(model)
     shared_bias = getattr(model, "_shared_position_bias", False)  # a relative bias all blocks share
     on_grid = getattr(family(model), "blocks_flops", None)  # blocks that run on the patch grid (SAM)
+    grid = patch_grid(model, input_size)
     if on_grid is not None:
-        per_block = tuple(batch_size * flops for flops in on_grid(model, patch_grid(model, input_size)))
+        per_block = tuple(batch_size * flops for flops in on_grid(model, grid))
     else:
         per_block = tuple(
-            batch_size * _block_flops(block, tokens, removed, reduction.tokens[0], shared_bias)
+            batch_size * _block_flops(block, tokens, removed, reduction.tokens[0], shared_bias, grid)
             + _bias_mlp_flops(getattr(getattr(block, "attn", None), "rel_pos", None))
             for block, tokens, removed in zip(model.blocks, reduction.tokens, reduction.removed)
         )

@@ -112,13 +112,16 @@ class AttentionDropConfig:
         class_token = getattr(model, "has_class_token", getattr(model, "cls_token", None) is not None)
         if self.score == "attention" and (not class_token or protected == 0):
             raise ValueError(
-                "score='attention' needs a class token in the blocks (CaiT adds its own after them); "
+                f"method 'evit' with score='attention' needs a class token in the blocks, and "
+                f"{type(model).__name__} has none there (CaiT adds its own after them); "
                 "use score='random' or another method"
             )
         stages = self.stages if self.stages is not None else default_stages(depth)
         if not stages or any(not 0 <= s < depth for s in stages) or list(stages) != sorted(set(stages)):
             raise ValueError(f"stages must be increasing block indices in [0, {depth - 1}], got {stages}")
         reducers: list[AttentionDrop | None] = [None] * depth
+        if self.keep_ratio == 1.0:  # keeps every token: no reducer, as ToMe at r=0 (timm's head takes the tokens)
+            return reducers
         for stage, block in enumerate(stages, 1):
             reducers[block] = AttentionDrop(self.keep_ratio**stage, self.fuse, self.score, protected)
         return reducers

@@ -242,7 +242,8 @@ class LocalGlobalConfig:
         protected = block_prefix_tokens(model)
         reducers: list[WindowMerge | PositionalBipartiteMerge | None] = [None] * depth
         ratio = None if self.local_threshold is not None else self.local_ratio
-        reducers[self.local_block] = WindowMerge(self.window, ratio, self.local_threshold, protected, self.backend)
+        if ratio != 0.0:  # (a ratio of 0 merges no window: no reducer, as ToMe at r=0)
+            reducers[self.local_block] = WindowMerge(self.window, ratio, self.local_threshold, protected, self.backend)
         for i in range(self.local_block + 1, depth):
             if counts[i] > 0:
                 reducers[i] = PositionalBipartiteMerge(counts[i], self.pos_weight, self.adaptive, protected, self.backend)

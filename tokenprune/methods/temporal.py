@@ -56,6 +56,24 @@ def ordered_dest(is_src: Tensor, partner: Tensor, num_protected: int, has_partne
     return torch.cat([prefix, body], dim=1)
 
 
+def joint_blocks(counts: tuple[int, ...], grid: tuple[int, int, int], num_protected: int) -> tuple[bool, ...]:
+    """For each block of a ``joint_after`` schedule, whether it merges jointly on a clip of
+    token grid ``grid``: from the first block whose count exceeds the even-frame tokens its
+    temporal predecessors left (each removing what it can, at most half its tokens) on."""
+    frames, rows, cols = grid
+    left = (frames + 1) // 2 * rows * cols  # even-frame tokens: all that temporal steps can merge
+    tokens = num_protected + frames * rows * cols
+    joint, kinds = False, []
+    for n in counts:
+        joint = joint or n > left  # once joint, stay joint: a temporal step after a joint one finds its pairs gone
+        kinds.append(joint)
+        if n > 0 and not joint:
+            removed = min(n, max_bipartite_r(tokens, num_protected))
+            left -= removed
+            tokens -= removed
+    return tuple(kinds)
+
+
 # Where a token without a partner ranks among the merge candidates: below every pair outside the
 # window (cosine − OUTSIDE_PENALTY ≥ −5).
 _NO_PARTNER = -2.0 * OUTSIDE_PENALTY
@@ -87,10 +105,27 @@ class TemporalMerge:
     window: int
     num_protected: int
     backend: str = "auto"
+    # With joint_after: every block's count and this block's index, so that whether this block
+    # merges temporally or jointly (ToMe) is decided for the clip's own token grid, not once
+    # for the model's default clip size (a dynamic_img_size model takes others).
+    schedule: tuple[int, ...] | None = None
+    index: int = 0
     before_attention = False
     metric = "keys"
 
+    def step_for(self, grid: tuple[int, ...] | None) -> TemporalMerge | BipartiteMerge:
+        """The step this block runs on a clip of token grid ``grid``: itself, or ToMe's joint
+        step once the even-frame tokens of that grid are used up (``joint_after``)."""
+        if self.schedule is None or grid is None or len(grid) != 3:
+            return self
+        if joint_blocks(self.schedule, tuple(int(n) for n in grid), self.num_protected)[self.index]:
+            return BipartiteMerge(self.r, self.num_protected, self.backend)
+        return self
+
     def num_removed(self, num_tokens: int, grid: tuple[int, ...] | None = None) -> int:
+        step = self.step_for(grid)
+        if step is not self:
+            return step.num_removed(num_tokens, grid)
         cap = max_bipartite_r(num_tokens, self.num_protected)
         if grid is not None:
             if len(grid) != 3:
@@ -118,6 +153,9 @@ class TemporalMerge:
         return 2 * n * n * head_dim(attn) if removed else 0
 
     def __call__(self, state: TokenState, metric: Tensor) -> TokenState:
+        step = self.step_for(state.grid)
+        if step is not self:
+            return step(state, metric)
         r = self.num_removed(state.num_tokens, state.grid)
         if r == 0:
             return state
@@ -284,8 +322,8 @@ class TemporalMergeConfig:
         joint_after: once a block's count exceeds the even-frame tokens left to merge, merge
             jointly over all tokens like ToMe from that block on (default), instead of stopping
             at the cap: static content collapses across time first, and the budget is not
-            limited to half the tokens. Decided once, on the model's own clip size: a shorter
-            clip through a ``dynamic_img_size`` model stops at its smaller cap instead.
+            limited to half the tokens. Decided for each clip's own size (a
+            ``dynamic_img_size`` model takes clips other than its default).
         prop_attn, trace_source, backend: as in :class:`~tokenprune.ToMeConfig`.
     """
 
@@ -304,28 +342,20 @@ class TemporalMergeConfig:
         check_count(self.window, "window (patches)")
 
     def reducers(self, model: nn.Module) -> list[TemporalMerge | BipartiteMerge | None]:
-        grid = getattr(model.patch_embed, "grid_size", ())
+        # (NaFlexVit has no patch_embed: refuse it here too, by name, not with an AttributeError)
+        grid = getattr(getattr(model, "patch_embed", None), "grid_size", ())
         if len(grid) != 3:
-            raise TypeError("method 'temporal' needs a video model with a (frames, rows, cols) token grid")
+            raise TypeError(
+                f"method 'temporal' needs a video model with a (frames, rows, cols) token grid, and "
+                f"{type(model).__name__} has none: use tome"
+            )
         counts = resolve_r(self.r, len(model.blocks))
         p = block_prefix_tokens(model)
-        frames, rows, cols = grid
-        left = (frames + 1) // 2 * rows * cols  # even-frame tokens: all that temporal steps can merge
-        tokens = p + frames * rows * cols
-        reducers: list[TemporalMerge | BipartiteMerge | None] = []
-        joint = False  # once joint, stay joint: a temporal step after a joint one finds its pairs gone
-        for n in counts:
-            joint = joint or (self.joint_after and n > left)
-            if n == 0:
-                reducers.append(None)
-            elif joint:
-                reducers.append(BipartiteMerge(n, p, self.backend))
-            else:
-                reducers.append(TemporalMerge(n, self.window, p, self.backend))
-                removed = min(n, max_bipartite_r(tokens, p))  # what the block removes: at most half its tokens
-                left -= removed
-                tokens -= removed
-        return reducers
+        # Temporal or joint is decided per clip (TemporalMerge.step_for), on the clip's own grid.
+        schedule = tuple(counts) if self.joint_after else None
+        return [
+            TemporalMerge(n, self.window, p, self.backend, schedule, i) if n > 0 else None for i, n in enumerate(counts)
+        ]
 
 
 @dataclass(frozen=True)
