@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -573,3 +574,25 @@ def test_flops_of_a_classifier_without_pooling(family: str) -> None:
     assert tokenprune.flops(model, SIZE, batch_size=2).total == counted_flops(model, images())
     tokenprune.patch(model, r=(8, -1))
     assert tokenprune.flops(model, SIZE, batch_size=2).total == counted_flops(model, images())
+
+
+def test_merge_map_of_a_packed_image_reads_its_patches_not_the_padding() -> None:
+    """In a pack, an image's patches follow the prefix tokens and its padding follows them: the
+    merge map of a padded image reads the rows·cols entries after ``num_prefix`` (not the last
+    ones, which hold padding) and paints what an unpadded source index of the same groups paints."""
+    from tokenprune.visualize import merge_groups, merge_map
+
+    model = tokenprune.patch(naflex("gap_registers"), r=8)
+    with torch.no_grad():  # the middle image: 208×160, a 13×10 grid, 130 patches and 10 padding positions
+        state = model.forward_tokens(pack(mixed_images(middle=True), 140), trace_source=True)
+    prefix, grid = model.num_prefix_tokens, (13, 10)
+    source_index = state.source_index[1]
+    patches = source_index[prefix : prefix + 130]
+    assert patches.unique().numel() < 130  # patches merged too, not only padding
+    assert torch.equal(merge_groups(source_index, grid, num_prefix=prefix), patches.reshape(grid))
+    image = torch.rand(3, 208, 160, generator=torch.Generator().manual_seed(0))
+    without_padding = torch.cat([source_index[:prefix], patches])  # the layout of an image batch
+    picture = np.array(merge_map(image, source_index, grid, num_prefix=prefix))
+    assert np.array_equal(picture, np.array(merge_map(image, without_padding, grid)))
+    with pytest.raises(ValueError, match="needs more than"):
+        merge_groups(source_index, (13, 11), num_prefix=prefix)

@@ -11,11 +11,22 @@ from torch import Tensor
 __all__ = ["merge_groups", "merge_map"]
 
 
-def merge_groups(source_index: Tensor, grid: tuple[int, int]) -> Tensor:
+def merge_groups(source_index: Tensor, grid: tuple[int, int], num_prefix: int | None = None) -> Tensor:
     """[rows, cols] id of the output token holding each patch, from one image's [T_in] source
-    index (the prefix tokens, which come first, are dropped)."""
+    index (the prefix tokens, which come first, are dropped).
+
+    ``num_prefix``: how many prefix tokens come first (``model.num_prefix_tokens``); the
+    image's patches are the rows·cols entries after them. Needed where padding follows the
+    patches (NaFlex's packed sequences, T_in = prefix + N); by default the patches are the last
+    rows·cols entries, which holds only without padding."""
     rows, cols = grid
-    return source_index[source_index.numel() - rows * cols :].reshape(rows, cols)
+    patches = rows * cols
+    total = source_index.numel()
+    start = total - patches if num_prefix is None else num_prefix
+    if start < 0 or start + patches > total:
+        prefix = "" if num_prefix is None else f" after {num_prefix} prefix tokens"
+        raise ValueError(f"a {rows}x{cols} grid of patches{prefix} needs more than the {total} entries of source_index")
+    return source_index[start : start + patches].reshape(rows, cols)
 
 
 def merge_map(
@@ -24,6 +35,7 @@ def merge_map(
     grid: tuple[int, int],
     boundary: tuple[int, int, int] = (0, 0, 0),
     dropped: tuple[int, int, int] = (255, 255, 255),
+    num_prefix: int | None = None,
 ) -> Image.Image:
     """Paint each merged group of patches with its mean colour and outline it.
 
@@ -35,13 +47,16 @@ def merge_map(
         grid: (rows, cols) of patches.
         boundary: RGB colour of the group outlines.
         dropped: RGB colour of the patches a pruning method dropped.
+        num_prefix: the model's prefix tokens (``model.num_prefix_tokens``), which come first in
+            ``source_index``; required for NaFlex's packed sequences, whose padding follows the
+            patches (see :func:`merge_groups`).
     """
     rows, cols = grid
     image = image.detach().float().cpu()
     channels, height, width = image.shape
     if height % rows or width % cols:
         raise ValueError(f"image {height}x{width} is not a whole number of {rows}x{cols} patches")
-    groups = merge_groups(source_index.cpu(), grid) + 1  # 0: dropped
+    groups = merge_groups(source_index.cpu(), grid, num_prefix) + 1  # 0: dropped
     patch_colour = image.reshape(channels, rows, height // rows, cols, width // cols).mean(dim=(2, 4))
     patch_colour = patch_colour.flatten(1).T  # [patches, 3]
     ids = groups.flatten()
