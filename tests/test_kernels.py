@@ -1455,3 +1455,104 @@ def test_attention_kernel_stores_inside_its_output(guarded: GuardedOutputs) -> N
     q, k, v = qkv_views(2, 3, 21, 40, torch.float32, seed=5)
     assert_attention(q, k, v, log_sizes(2, 21), 40**-0.5)
     guarded.assert_pads_intact()
+
+
+# ---------------------------------------------- edge shapes of the match, attention and temporal kernels
+
+
+def test_best_match_padding_columns_never_win_against_negative_cosines() -> None:
+    """Every real cosine negative (A rows opposite to all B rows): the padding columns of the
+    16-wide B tile score exactly 0 before their mask, so without it they would win with an
+    index past Nb."""
+    gen = torch.Generator().manual_seed(21)
+    b = torch.randn(2, 3, 24, generator=gen).abs() + 0.1  # Nb = 3, padded to a 16-row tile
+    a = -(torch.randn(2, 5, 24, generator=gen).abs() + 0.1)  # every cosine with B is < 0
+    a, b = a.to(DEVICE), b.to(DEVICE)
+    score, index = best_match_triton(a, b)
+    ref_score, ref_index = best_match_reference(a, b)
+    assert (ref_score < 0).all()
+    torch.testing.assert_close(score, ref_score, atol=SCORE_ATOL, rtol=0)
+    assert torch.equal(index, ref_index) and (index < 3).all()
+
+
+@pytest.mark.parametrize("num_a,num_b", [(10, 100), (100, 10)])
+def test_best_match_unequal_set_sizes(num_a: int, num_b: int) -> None:
+    """Na and Nb in different tile sizes (16 vs 64): A's tile arithmetic must not borrow B's."""
+    gen = torch.Generator().manual_seed(num_a)
+    a = torch.randn(2, num_a, 40, generator=gen).to(DEVICE)
+    b = torch.randn(2, num_b, 40, generator=gen).to(DEVICE)
+    assert_best_match(a, b)
+
+
+@pytest.mark.parametrize("dim", [1, 65])
+def test_best_match_one_column_last_d_chunk(dim: int) -> None:
+    """D = 64·k + 1 (and D = 1): the last D chunk holds a single column, which every loop over
+    D must still visit (norms and dots alike)."""
+    gen = torch.Generator().manual_seed(dim)
+    metric = torch.randn(2, 41, dim, generator=gen)
+    metric[..., -1] *= 50  # the last column dominates every norm and cosine
+    assert_best_match(*split_ab(metric.to(DEVICE), 1))
+
+
+def test_best_match_edge_shapes_and_validation() -> None:
+    """D = 0: every cosine is 0 and the first B row wins, as in the reference; batch sizes that
+    differ are refused."""
+    a, b = torch.randn(2, 5, 0, device=DEVICE), torch.randn(2, 7, 0, device=DEVICE)
+    for got, want in zip(best_match_triton(a, b), best_match_reference(a, b)):
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="batch/feature sizes differ"):
+        best_match_triton(torch.randn(2, 5, 8, device=DEVICE), torch.randn(3, 7, 8, device=DEVICE))
+
+
+def test_native_dot_only_for_one_half_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiled (INTERPRET faked off): the tensor-core dot takes bf16 or fp16 rows of one dtype
+    only; mixed or float32 rows are upcast (tl.dot refuses mixed operand dtypes)."""
+    import kernels.match
+
+    monkeypatch.setattr(kernels.match, "INTERPRET", False)
+    rows = {dtype: torch.zeros(1, 2, 16, dtype=dtype) for dtype in DTYPES}
+    assert kernels.match.native_dot(rows[torch.bfloat16], rows[torch.bfloat16])
+    assert kernels.match.native_dot(rows[torch.float16], rows[torch.float16])
+    assert not kernels.match.native_dot(rows[torch.float16], rows[torch.bfloat16])
+    assert not kernels.match.native_dot(rows[torch.bfloat16], rows[torch.float32])
+    assert not kernels.match.native_dot(rows[torch.float32], rows[torch.float32])
+
+
+@pytest.mark.parametrize("dim", [17, 33])
+def test_attention_head_dim_one_past_a_power_of_two(dim: int) -> None:
+    """Head sizes 2^k + 1: the kernel's D block must cover the last channel."""
+    q, k, v = qkv_views(2, 2, 19, dim, torch.float32, seed=dim)
+    assert_attention(q, k, v, log_sizes(2, 19), dim**-0.5)
+
+
+def test_temporal_match_centroids_beyond_the_tolerance_are_outside() -> None:
+    """CENTROID_TOLERANCE absorbs float32 rounding (1e-4), nothing more: a B token 2.001 rows
+    from its A token is outside window 2 (penalised), for the kernel as for the reference."""
+    pos = torch.tensor([[[0.0, 0, 0], [1, 2.001, 0], [1, 2.0, 3.0]]])
+    metric = torch.tensor([[[1.0, 0.0], [1.0, 0.1], [0.0, 1.0]]])
+    score, index = kernels.temporal_best_match_triton(metric.to(DEVICE), pos.to(DEVICE), 2)
+    ref_score, ref_index = kernels.temporal_best_match_reference(metric, pos, 2)
+    assert ref_score[0, 0] < -2.0  # both B tokens outside: the similar one, penalised
+    assert ref_index[0, 0] == 1
+    torch.testing.assert_close(score.cpu(), ref_score, atol=SCORE_ATOL, rtol=0)
+    assert torch.equal(index.cpu(), ref_index)
+
+
+@pytest.mark.parametrize("dim", [6, 33, 64])
+def test_attention_folded_pads_the_head_to_a_multiple_of_eight(monkeypatch: pytest.MonkeyPatch, dim: int) -> None:
+    """Flash attention's alignment (checked on the GPU only by the flash test): the folded q, k
+    and v reach SDPA with D + 2 rounded up to a multiple of 8 channels, and no mask."""
+    import sys
+
+    module = sys.modules["kernels.attention"]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    seen: list[tuple[int, bool]] = []
+
+    def recording(q, k, v, attn_mask=None, **kwargs):
+        seen.append((q.shape[-1], attn_mask is None))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(module.F, "scaled_dot_product_attention", recording)
+    q, k, v = qkv_views(1, 2, 9, dim, torch.float32)
+    kernels.attention_folded(q, k, v, log_sizes(1, 9), dim**-0.5)
+    assert seen == [(-(-(dim + 2) // 8) * 8, True)]
