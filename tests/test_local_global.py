@@ -409,3 +409,40 @@ def test_local_threshold_replaces_local_ratio() -> None:
         assert model.forward_tokens(image()).num_tokens == 1 + 196 - 49 * 3
     with pytest.raises(ValueError, match="data-dependent"):
         tokenprune.plan(model, 224)
+
+
+def test_adaptive_threshold_uses_the_sample_std_and_a_strict_exceed() -> None:
+    """mean + std is torch's default (sample, n − 1) std, and a score must exceed it: six A
+    tokens whose best scores put one above mean + sample std but two above mean + population
+    std merge one; identical tokens (every best score equal, std 0) exceed nothing and merge none."""
+    torch.manual_seed(5)
+    x = torch.randn(1, 1 + 12, 6)
+    unit = torch.nn.functional.normalize(x[:, 1:], dim=-1)
+    best = (unit[:, 1::2] @ unit[:, 0::2].transpose(1, 2)).amax(-1)[0]  # A: even absolute positions
+    n = len(best)
+    mean = sum(best.tolist()) / n
+    sample_std = math.sqrt(sum((s - mean) ** 2 for s in best.tolist()) / (n - 1))
+    population_std = math.sqrt(sum((s - mean) ** 2 for s in best.tolist()) / n)
+    assert sum(s > mean + sample_std for s in best.tolist()) == 1
+    assert sum(s > mean + population_std for s in best.tolist()) == 2  # the case tells the two apart
+    step = PositionalBipartiteMerge(r=20, pos_weight=0.0, adaptive=True, num_protected=1, backend="torch")
+    assert step(start_state(x, False, (3, 4)), x).num_tokens == 13 - 1
+    flat = torch.zeros(1, 1 + 12, 6)
+    flat[..., 0] = 1.0  # one direction: every cosine exactly 1
+    assert step(start_state(flat, False, (3, 4)), flat).num_tokens == 13
+
+
+def test_plan_caps_stage_two_like_the_forward() -> None:
+    """A fixed r above what a block can merge (half its mergeable tokens): plan counts the
+    capped number, as the forward merges it (64 px: 16 patches, then 8, 4, 2 mergeable)."""
+    model = tokenprune.patch(make("vit_cls", img_size=64, depth=4), "local_global", local_block=0, local_ratio=0.0, r=16)
+    reduction = tokenprune.plan(model, 64)
+    assert reduction.removed == (0, 8, 4, 2)
+    with torch.no_grad():
+        assert model.forward_tokens(torch.randn(2, 3, 64, 64)).num_tokens == reduction.output_tokens == 1 + 16 - 14
+
+
+def test_local_ratio_one_is_allowed_and_merges_every_window() -> None:
+    """local_ratio is in the closed interval [0, 1]: 1 merges all 49 windows of a 14×14 grid."""
+    model = tokenprune.patch(make("vit_cls"), "local_global", local_block=0, local_ratio=1.0, r=0)
+    assert tokenprune.plan(model, 224).output_tokens == 1 + 196 - 49 * 3

@@ -253,3 +253,10 @@ def test_energy_matching_breaks_exact_ties_as_documented(seed: int, prefix: int,
     metric = distinct[picks]
     dest = energy_matching(metric, r, prefix, margin=0.3, alpha=1.0)
     assert torch.equal(dest, _brute_force_dest(metric, r, prefix, 0.3, 1.0))
+
+
+def test_non_finite_alpha_is_refused() -> None:
+    """α = ∞ would make every dissimilar pair subtract ∞ (energies −∞/NaN): refused like α ≤ 0."""
+    for alpha in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="alpha must be a positive number"):
+            tokenprune.PiToMeConfig(r=4, alpha=alpha)

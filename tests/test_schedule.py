@@ -36,6 +36,7 @@ def test_per_block_list_is_padded() -> None:
         ((16, -2), ValueError, r"\[-1, 1\]"),
         ((16, "x"), TypeError, "inflection"),
         ((1, 2, 3), TypeError, "give a per-block schedule as a list"),
+        ((16,), TypeError, "give a per-block schedule as a list"),
         ("16", TypeError, "non-negative int"),
     ],
 )
@@ -83,3 +84,11 @@ def test_ramp_matches_tomes_parse_r_at_fractional_inflections() -> None:
 def test_a_bool_inflection_is_refused() -> None:
     with pytest.raises(TypeError, match="inflection"):
         resolve_r((16, True), 3)
+
+
+def test_command_line_inflections_are_ints_when_whole_and_labels_drop_trailing_zeros() -> None:
+    """"16,-1" gives the int -1 (a results file records (16, -1), not (16, -1.0)), and a float
+    inflection that is whole is labelled as ToMe writes it: (16,-1), not (16,-1.0)."""
+    assert type(parse_schedule("16,-1")[1]) is int and type(parse_schedule("16,-1.0")[1]) is int
+    assert type(parse_schedule("16,0.5")[1]) is float
+    assert format_schedule((16, -1.0)) == "(16,-1)" and format_schedule((8, 0.1 + 0.2)) == "(8,0.3)"
