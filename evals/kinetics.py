@@ -143,10 +143,10 @@ def samples_from_folder(root: Path, classes: Sequence[str] = ()) -> FolderSample
 
 def samples_from_csv(csv_path: Path, root: Path | None = None, classes: Sequence[str] = ()) -> Samples:
     """``path,label`` rows; a first row (blank rows aside) that names no video file (e.g.
-    ``path,label``) and whose label is neither an int nor a known class is a header. Any other bad label, and any row
-    that is not two cells (a third column, a label without a path), stops the run: a typo must
-    not drop a video or a column silently. Blank rows are skipped; a CSV listing no video is an
-    error.
+    ``path,label``) and whose label is neither an int nor a known class is a header. Any other
+    bad label, and any row that is not two cells (a third column, a label without a path),
+    stops the run: a typo must not drop a video or a column silently. Blank rows are skipped; a
+    CSV listing no video is an error.
 
     A malformed row gets ``evals.imagenet.samples_from_csv``'s message; the two functions are
     separate because labels here may be class names, and the header rule differs accordingly."""
