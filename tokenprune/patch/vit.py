@@ -1024,9 +1024,7 @@ def family(model: nn.Module) -> type[ReducingViT]:
     maps image sizes to grids and what it runs besides the blocks. (SAM's keeps timm's forward
     and is no ReducingViT; it has the same hooks.)"""
     model_class = original_class(model)
-    if model_class not in PATCHED_CLASSES and model_class.__bases__[:1] and model_class.__bases__[0] in PATCHED_CLASSES and (
-        parametrize.is_parametrized(model)
-    ):
+    if parametrize.is_parametrized(model) and model_class.__bases__[0] in PATCHED_CLASSES:
         raise TypeError(
             f"tokenprune cannot swap the class of a parametrized {model_class.__bases__[0].__name__} "
             f"({model_class.__name__}, made by torch.nn.utils.parametrize): patch the model first, then "
