@@ -820,6 +820,20 @@ def test_hooks_on_attention_are_refused_rather_than_silently_skipped() -> None:
     tokenprune.patch(model, r=0)  # without the hook it patches
 
 
+@pytest.mark.parametrize("family", ["vit_cls", "eva02_rope", "beit_relpos"])
+def test_hooks_put_on_attention_after_patching_raise_in_forward(family: str) -> None:
+    """A hook put on blocks[i].attn after patching cannot be refused by patch: the forward
+    refuses it, naming the fix, rather than run without it; removed, the model runs again."""
+    model = tokenprune.patch(make(family, depth=2), r=4)
+    calls = []
+    handle = model.blocks[1].attn.register_forward_pre_hook(lambda module, args: calls.append(1))
+    with pytest.raises(RuntimeError, match="attn has forward hooks, which would stop firing"), torch.no_grad():
+        model(image())
+    handle.remove()
+    with torch.no_grad():
+        model(image())
+
+
 class _Doubled(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return 2 * weight

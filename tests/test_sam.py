@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+from contextlib import nullcontext
 
 import pytest
 import timm
@@ -366,3 +367,16 @@ def test_auto_runs_sam_blocks_on_the_pytorch_path(monkeypatch: pytest.MonkeyPatc
     vit = tokenprune.patch(timm.create_model("vit_tiny_patch16_224", depth=2), "merge_unmerge", ratio=0.5)
     assert {block.backend for block in vit.blocks} == {"auto"}
     assert bench._backend_ran(vit, images()) == "triton"
+
+
+def test_hooks_put_on_attention_after_patching_raise_where_the_block_merges() -> None:
+    """A merging SAM block attends without attn.forward, so a hook put on its attn after
+    patching would not fire: its forward raises. Where nothing merges, timm's forward runs the
+    hook."""
+    calls = []
+    for ratio in (0.5, 0.0):
+        model = tokenprune.patch(sam(), "merge_unmerge", ratio=ratio)
+        model.blocks[0].attn.register_forward_hook(lambda module, args, out: calls.append(ratio))
+        with pytest.raises(RuntimeError, match="attn has forward hooks") if ratio else nullcontext(), torch.no_grad():
+            model(images())
+    assert calls == [0.0]

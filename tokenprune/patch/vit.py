@@ -345,6 +345,7 @@ class ReducingBlockMixin:
         vit_relpos: a shared relative position bias; None for absolute position embeddings, which travel
         inside the tokens); the block gives it to the current tokens after any pre-attention
         reduction (:meth:`_rope`, :meth:`_position_bias`)."""
+        refuse_attention_hooks(self.attn)
         reducer = self.reducer
         if getattr(reducer, "unmerges_in_blocks", False):  # merge_unmerge: the tokens leave the block unmerged
             if reducer.merged_count(state.num_tokens):
@@ -1063,6 +1064,26 @@ def original_block_class(block: nn.Module) -> type:
     return next((original for original, patched in PATCHED_BLOCKS.items() if type(block) is patched), type(block))
 
 
+# The patched block runs the attention's parts itself (its projections, norms and dropouts still
+# run as modules), never attn.forward: hooks on attn would stop firing.
+_ATTENTION_HOOKS = (
+    "has forward hooks, which would stop firing: the patched block computes attention itself, not "
+    "through attn.forward. Hook its submodules (attn.qkv, attn.proj, attn.k_norm still run) or the block"
+)
+
+
+def has_forward_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def refuse_attention_hooks(attn: nn.Module) -> None:
+    """Raise where a forward hook was put on a patched block's attention after patching
+    (:func:`check_supported` refuses those put on before): skipping it would lose, silently,
+    what it captures."""
+    if has_forward_hooks(attn):
+        raise RuntimeError(f"this patched block's attn {_ATTENTION_HOOKS}, or remove the hooks (or tokenprune.unpatch)")
+
+
 def check_supported(model: nn.Module) -> None:
     """Raise a TypeError naming the first module tokenprune cannot patch exactly."""
     known = family(model)  # a family tokenprune knows, or a TypeError naming them
@@ -1079,14 +1100,8 @@ def check_supported(model: nn.Module) -> None:
                 f"(attentions it can: {_class_names([*QKV_PROJECTIONS, *ATTENTION_FORWARDS])}); "
                 f"supported: {SUPPORTED_FAMILIES}"
             )
-        # The patched block runs the attention's parts itself (its projections, norms and
-        # dropouts still run as modules), never attn.forward: hooks on attn would stop firing.
-        if attn is not None and (attn._forward_hooks or attn._forward_pre_hooks):
-            raise TypeError(
-                f"blocks[{i}].attn has forward hooks, which would stop firing: the patched block computes "
-                "attention itself, not through attn.forward. Hook its submodules (attn.qkv, attn.proj, "
-                "attn.k_norm still run) or the block, or remove the hooks before tokenprune.patch"
-            )
+        if attn is not None and has_forward_hooks(attn):
+            raise TypeError(f"blocks[{i}].attn {_ATTENTION_HOOKS}, or remove the hooks before tokenprune.patch")
     if len(model.blocks) == 0:
         raise ValueError("the model has no transformer blocks: there is nothing to patch")
     known.check_modules(model)
