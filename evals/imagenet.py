@@ -734,7 +734,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     f"{', '.join(sorted(get_img_extensions(as_set=True)))} ({', '.join(not_images[:5])}"
                     f"{' …' if len(not_images) > 5 else ''}; all in the JSON's data.not_images): convert them to evaluate them"
                 )
-            if not args.class_map and len(class_to_idx) != num_classes:
+            if args.class_map and len(class_to_idx) != num_classes:
+                warn(
+                    f"--class-map names {len(class_to_idx)} classes but the model has {num_classes}: labels are "
+                    "the map's line numbers and match the model's classes only if its lines are the model's "
+                    f"first {len(class_to_idx)} classes, in order (give the model's full class list otherwise)"
+                )
+            elif not args.class_map and len(class_to_idx) != num_classes:
                 warn(
                     f"{root} has {len(class_to_idx)} class folders but the model has {num_classes} classes: labels "
                     "are indices of the sorted folder names and match the model's classes only if every class "

@@ -812,6 +812,24 @@ def test_class_folders_linked_in_are_walked_as_timm_walks_them(tmp_path: Path) -
         ("x_0.png", 0), ("y_1.png", 1)]  # fmt: skip
 
 
+def test_a_class_map_shorter_than_the_model_is_warned_about(tmp_path: Path) -> None:
+    """A --class-map gives each class its line number: a map of fewer classes than the model has
+    (a subset of ImageNet's synsets) scores against the model's first classes, right only if the
+    map lists exactly those. The run warns; a map of the model's size does not."""
+    data = tmp_path / "val"
+    for wnid in ("n03", "n01"):
+        (data / wnid).mkdir(parents=True)
+        Image.new("RGB", (40, 30)).save(data / wnid / "x.png")
+    common = ["--data", str(data), "--model", "vit_tiny_patch16_224", "--model-arg", "img_size=32",
+              "--no-bench", "--workers", "0", "--out", str(tmp_path / "out.json")]  # fmt: skip
+    (tmp_path / "map.txt").write_text("n03\nn01\n")
+    doc = run(*common, "--num-classes", "3", "--class-map", str(tmp_path / "map.txt"))
+    assert any("--class-map names 2 classes but the model has 3" in w for w in doc["warnings"])
+    assert doc["counts"]["evaluated"] == 2
+    doc = run(*common, "--num-classes", "2", "--class-map", str(tmp_path / "map.txt"))
+    assert not any("class" in w for w in doc["warnings"])
+
+
 def test_preprocessing_overrides_out_of_range_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """timm's resolve_data_config reads --crop-pct 0 as "not given" and would crop at the
     pretrained config's fraction instead; a negative one fails deep in the transform, and so does
