@@ -381,8 +381,8 @@ def build_model(args: argparse.Namespace, options: dict[str, Any]) -> tuple[torc
 
     factory = model_factory(args.model)
     model = factory(num_frames=args.num_frames, img_size=args.img_size, num_classes=args.num_classes)
-    if args.checkpoint:
-        models.load_videomae(model, args.checkpoint)
+    if args.checkpoint and models.load_videomae(model, args.checkpoint).format == "transformers":
+        models.use_transformers_norm_eps(model, args.checkpoint)  # (the factory's are the original VideoMAE's)
     if args.budget is not None:
         try:
             options = resolve(Setting(args.method, options, args.budget), model, (args.num_frames, args.img_size, args.img_size))
@@ -457,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, help="only the first N videos")
     parser.add_argument("--workers", type=int, default=4, help="DataLoader decoding workers (default 4)")
     parser.add_argument("--model", default="video_vit_base_patch16_224")
-    parser.add_argument("--checkpoint", help="VideoMAE checkpoint (file or save_pretrained folder)")
+    parser.add_argument("--checkpoint", help="VideoMAE checkpoint: the original repo's .pth, or a Hugging Face file or save_pretrained folder (run with its config's LayerNorm eps)")
     parser.add_argument("--num-classes", type=int, default=400)
     parser.add_argument("--num-frames", type=int, default=16)
     parser.add_argument("--stride", type=int, default=4, help="frame sampling stride (default 4)")

@@ -18,6 +18,7 @@ from tokenprune.models import (
     load_videomae,
     resize_pos_embed,
     sincos_pos_embed,
+    use_transformers_norm_eps,
     video_vit_base_patch16_224,
     video_vit_large_patch16_224,
     video_vit_small_patch16_224,
@@ -258,6 +259,34 @@ def test_transformers_files_and_old_bias_names(tmp_path):
         load_videomae(model, source)
         with torch.no_grad():
             assert (model(x) - reference).abs().max() < 1e-4
+
+
+def test_a_factory_model_runs_hugging_face_weights_with_their_norm_eps(tmp_path):
+    """transformers' VideoMAE normalises with its config's layer_norm_eps (default 1e-12) in the
+    blocks and 1e-5 in fc_norm; a factory builds the original VideoMAE's 1e-6. The Kinetics eval,
+    loading a save_pretrained folder into a factory's model, gives every LayerNorm the eps of its
+    transformers counterpart; a weights file with no config beside it gets transformers' default."""
+    from evals import kinetics
+
+    sizes = {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "intermediate_size": 1536}
+    hf = hf_model(layer_norm_eps=1e-7, **sizes)
+    hf.save_pretrained(tmp_path / "hf")
+    expected = [m.eps for m in hf.modules() if isinstance(m, nn.LayerNorm)]
+    assert set(expected) == {1e-7, 1e-5}
+    args = argparse.Namespace(
+        model="video_vit_small_patch16_224", num_frames=8, img_size=64, num_classes=7,
+        checkpoint=str(tmp_path / "hf"), budget=None, method="none",
+    )  # fmt: skip
+    model, _ = kinetics.build_model(args, {})
+    assert [m.eps for m in model.modules() if isinstance(m, nn.LayerNorm)] == expected
+    x = clip()
+    with torch.no_grad():
+        assert (model(x) - hf_logits(hf, x)).abs().max() < 1e-4
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "hf" / "model.safetensors").rename(tmp_path / "bare" / "model.safetensors")
+    use_transformers_norm_eps(model, tmp_path / "bare" / "model.safetensors")
+    assert {m.eps for m in model.modules() if isinstance(m, nn.LayerNorm)} == {1e-12, 1e-5}
+    assert model.fc_norm.eps == 1e-5
 
 
 def test_original_pth_round_trip(tmp_path):

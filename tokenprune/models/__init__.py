@@ -10,7 +10,7 @@ from .video_vit import (
     video_vit_large_patch16_224,
     video_vit_small_patch16_224,
 )
-from .videomae import LoadResult, load_videomae, videomae_config_from_transformers
+from .videomae import LoadResult, load_videomae, use_transformers_norm_eps, videomae_config_from_transformers
 
 __all__ = [
     "LoadResult",
@@ -19,6 +19,7 @@ __all__ = [
     "load_videomae",
     "resize_pos_embed",
     "sincos_pos_embed",
+    "use_transformers_norm_eps",
     "video_vit_base_patch16_224",
     "video_vit_large_patch16_224",
     "video_vit_small_patch16_224",

@@ -38,7 +38,12 @@ from torch import Tensor
 
 from .video_vit import VideoVisionTransformer, resize_pos_embed, sincos_pos_embed
 
-__all__ = ["LoadResult", "load_videomae", "videomae_config_from_transformers"]
+__all__ = ["LoadResult", "load_videomae", "use_transformers_norm_eps", "videomae_config_from_transformers"]
+
+# transformers' VideoMAE: its blocks' (and final) LayerNorms take the config's layer_norm_eps,
+# default 1e-12; its fc_norm is a plain nn.LayerNorm, eps 1e-5.
+_HF_LAYER_NORM_EPS = 1e-12
+_HF_FC_NORM_EPS = 1e-5
 
 _WRAPPER_KEYS = ("module", "model", "state_dict", "model_state")
 _HF_LAYER = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
@@ -322,6 +327,24 @@ def load_videomae(
     return LoadResult(fmt, missing, unexpected)
 
 
+def use_transformers_norm_eps(model: VideoVisionTransformer, checkpoint: str | os.PathLike) -> None:
+    """Give ``model``'s LayerNorms, in place, the eps that transformers' VideoMAE uses with the
+    weights of ``checkpoint`` (a Hugging Face file or ``save_pretrained`` folder): the
+    ``layer_norm_eps`` of the ``config.json`` beside it (transformers' default 1e-12 where there
+    is none) in the blocks and the final ``norm``, 1e-5 in ``fc_norm``. For a model built by a
+    factory, whose eps (1e-6) is the original VideoMAE's, before it runs Hugging Face weights."""
+    path = os.fspath(checkpoint)
+    config_path = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
+    config: dict[str, Any] = {}
+    if os.path.isfile(config_path):
+        with open(config_path) as handle:
+            config = json.load(handle)
+    eps = float(config.get("layer_norm_eps", _HF_LAYER_NORM_EPS))
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.eps = _HF_FC_NORM_EPS if name == "fc_norm" else eps
+
+
 def _get(config: Any, name: str, default: Any = None) -> Any:
     if isinstance(config, Mapping):
         return config.get(name, default)
@@ -366,6 +389,6 @@ def videomae_config_from_transformers(config: Any) -> dict[str, Any]:
         mlp_ratio=mlp_ratio,
         qkv_bias=bool(qkv_bias),
         pos_embed="sincos",
-        layer_norm_eps=float(_get(config, "layer_norm_eps", 1e-12)),
-        fc_norm_eps=1e-5,
+        layer_norm_eps=float(_get(config, "layer_norm_eps", _HF_LAYER_NORM_EPS)),
+        fc_norm_eps=_HF_FC_NORM_EPS,
     )
