@@ -557,8 +557,16 @@ class ReducingViT(SettingsThroughPatch):
             trace_source = self.tokenprune_config.trace_source
         state = self._run_blocks(x, attn_mask, is_causal, trace_source)
         if self.tokenprune_config.trace_source:  # the last forward's map, or none if it did not trace
-            self._tokenprune_source = (state.source_index, state.num_tokens) if trace_source else None
+            self._tokenprune_source = self._traced_source(x, state) if trace_source else None
         return state
+
+    def _traced_source(self, x: Any, state: TokenState) -> tuple[Tensor, int]:
+        """What :func:`tokenprune.source` reads: the source index with padding (NaFlex's packed
+        sequences) marked -1, as dropped tokens are, so that its map counts what ``state.size``
+        counts: padding merged into a patch is no part of it."""
+        valid = self._valid_tokens(x)
+        index = state.source_index if valid is None else state.source_index.masked_fill(~valid, -1)
+        return index, state.num_tokens
 
     def _run_blocks(
         self,
@@ -811,7 +819,7 @@ class ReducingViT(SettingsThroughPatch):
             x, attn_mask, is_causal, trace_source=True, on_block=keep, num_blocks=max_index + 1 if stop_early else None
         )
         if self.tokenprune_config.trace_source:  # like forward_tokens: the map of the last forward
-            self._tokenprune_source = (state.source_index, state.num_tokens)
+            self._tokenprune_source = self._traced_source(x, state)
         p = block_prefix_tokens(self)
         prefix_tokens = [y[:, :p] for y in intermediates] if p else None
         intermediates = [y[:, p:] for y in intermediates]
