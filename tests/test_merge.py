@@ -11,6 +11,7 @@ from kernels import merge_wavg_reference as merge_wavg
 from tokenprune.merge import (
     TokenState,
     bipartite_soft_matching,
+    keep_top_tokens,
     max_bipartite_r,
     merge_state,
     padding_first_matching,
@@ -142,6 +143,21 @@ def test_float64_merges_in_float64_and_passes_gradcheck() -> None:
             expected = (x[n, members] * s).sum(0) / s.sum()
             torch.testing.assert_close(merged[n, o], expected, atol=1e-12, rtol=1e-13)
     assert torch.autograd.gradcheck(lambda t: merge_state(start_state(t, False), dest, 7).x, (x,))
+
+
+def test_a_fused_token_of_a_float64_model_is_averaged_in_float64() -> None:
+    """EViT's fused token (keep_top_tokens with fuse_weights) of a float64 model: the weighted
+    average of the dropped tokens to float64 rounding, and gradcheck passes through it."""
+    torch.manual_seed(3)
+    x = (torch.randn(2, 9, 4, dtype=torch.float64) * 100 + 1 / 3).requires_grad_(True)
+    scores, weights = torch.randn(2, 8, dtype=torch.float64), torch.rand(2, 8, dtype=torch.float64) + 0.1
+    state = keep_top_tokens(start_state(x, False), scores, 5, 1, fuse_weights=weights)
+    dropped = scores.argsort(dim=1, descending=True)[:, 5:]
+    for n in range(2):
+        w = weights[n, dropped[n]].unsqueeze(-1)
+        expected = (x[n, 1 + dropped[n]] * w).sum(0) / w.sum()
+        torch.testing.assert_close(state.x[n, -1], expected, atol=1e-12, rtol=1e-13)
+    assert torch.autograd.gradcheck(lambda t: keep_top_tokens(start_state(t, False), scores, 5, 1, weights).x, (x,))
 
 
 def test_state_bookkeeping_through_several_merges() -> None:

@@ -259,11 +259,12 @@ def keep_top_tokens(
     # is replaced below); "torch": this gather/scatter is not the hot path the kernel is for.
     merged = merge_state(state, dest, num_out, backend="torch")
     dropped = (dest[:, p:] == num_out - 1).unsqueeze(-1)
-    weights = fuse_weights.unsqueeze(-1).float() * dropped
+    accumulate = torch.promote_types(state.x.dtype, torch.float32)  # (float64 stays float64)
+    weights = fuse_weights.unsqueeze(-1).to(accumulate) * dropped
     total = weights.sum(1)
-    fused = (state.x[:, p:].float() * weights).sum(1) / total.clamp(min=1e-12)
+    fused = (state.x[:, p:].to(accumulate) * weights).sum(1) / total.clamp(min=1e-12)
     # Weights that all underflowed to 0 (e.g. a half-precision softmax): the size-weighted average.
-    fused = torch.where(total > 0, fused, merged.x[:, -1].float())
+    fused = torch.where(total > 0, fused, merged.x[:, -1].to(accumulate))
     return merged._replace(x=torch.cat([merged.x[:, :-1], fused.unsqueeze(1).to(state.x.dtype)], dim=1))
 
 
