@@ -102,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="cuda; cpu runs the kernels in the Triton interpreter (tests; needs TRITON_INTERPRET=1)")
     parser.add_argument("--out", type=Path, help="JSON path (default: evals/results/bench_kernels_<device>.json); .md beside it")
     args = parser.parse_args(argv)
+    if args.runs < 1 or args.repeat < 1 or args.warmup < 0:
+        raise SystemExit("--runs and --repeat must be at least 1, --warmup at least 0")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_kernels times the Triton kernels, which need a CUDA GPU")

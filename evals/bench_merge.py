@@ -112,12 +112,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
-    batch = args.batch_size or (256 if on_gpu else 16)
-    video_batch = args.video_batch_size or (32 if on_gpu else 2)
+    # "is None", not "or": an explicit 0 is a mistake to refuse, not a request for the default.
+    batch = (256 if on_gpu else 16) if args.batch_size is None else args.batch_size
+    video_batch = (32 if on_gpu else 2) if args.video_batch_size is None else args.video_batch_size
     dtype = DTYPES[args.dtype or ("bfloat16" if on_gpu else "float32")]
     backends = args.backend or (["torch", "triton"] if on_gpu and HAS_TRITON else ["torch"])
     refuse_unusable_triton(backends, device)  # before the torch rows run
-    repeat = args.repeat or (20 if on_gpu else 1)
+    repeat = (20 if on_gpu else 1) if args.repeat is None else args.repeat
+    if min(batch, video_batch, args.runs, repeat) < 1 or args.warmup < 0:
+        raise SystemExit("--batch-size, --video-batch-size, --runs and --repeat must be at least 1, --warmup at least 0")
 
     torch.manual_seed(0)
     model = timm.create_model(args.model, pretrained=False).eval().to(device)

@@ -152,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_cuda = device.type == "cuda"
-    batch = args.batch_size or (256 if on_cuda else 8)
+    batch = (256 if on_cuda else 8) if args.batch_size is None else args.batch_size  # an explicit 0 is refused below
     dtype = DTYPES[args.dtype or ("bfloat16" if on_cuda else "float32")]
     if batch < 1 or args.runs < 1 or args.warmup < 0 or args.top < 1:
         raise SystemExit("--batch-size, --runs and --top must be at least 1, --warmup at least 0")

@@ -35,6 +35,7 @@ import argparse
 import ast
 import copy
 import dataclasses
+import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -102,7 +103,7 @@ class Knob:
         if inflection is not None:
             if self.option != "r":
                 raise ValueError(f"an inflection shapes an r schedule, and this method's budget knob is {self.option}")
-            return [{"r": (value, inflection)} for value in self.settings(model, size)]
+            return [{"r": (value, inflection)} for value in _ramp_r_settings(model, size, inflection)]
         steps = self.ladder(model, size, options) if self.ladder is not None else None
         if steps is None:
             steps = [{self.option: value} for value in self.settings(model, size)]
@@ -113,6 +114,21 @@ def _r_settings(model: nn.Module, size: tuple[int, ...]) -> Sequence[int]:
     # r beyond half the patch tokens merges nothing more (ToMe caps r at half the tokens).
     patches = input_tokens(model, size) - block_prefix_tokens(reducing_model(model))
     return range(0, patches // 2 + 1)
+
+
+def _ramp_r_settings(model: nn.Module, size: tuple[int, ...], inflection: float) -> Sequence[int]:
+    """r of the ramp ``(r, inflection)``, from 0 until every block the ramp reaches at all asks
+    for half the patch tokens (more merges nothing more). A ramp asks ``r·c`` of a block, c running
+    linearly from 1 − inflection (first block) to 1 + inflection (last), so a ramp whose early,
+    token-rich blocks ask little (inflection > 0) keeps reducing past r = half the tokens:
+    stopping there, as a constant r may, would call budgets unreachable that a larger r meets."""
+    half = max(_r_settings(model, size))
+    depth = len(reducing_model(model).blocks)
+    steps = [i / (depth - 1) for i in range(depth)] if depth > 1 else [0.5]
+    smallest = min(c for c in ((1.0 - inflection) + 2.0 * inflection * t for t in steps) if c > 0)
+    # + 2: the ramp truncates twice. Capped at half · depth (a ramp's nonzero ends ask at least
+    # r/depth for inflections ±1), so an inflection a hair off ±1 cannot ask for a vast ladder.
+    return range(max(half, min(math.ceil((half + 2) / smallest), half * depth)) + 1)
 
 
 def _keep_ratio_settings(model: nn.Module, size: tuple[int, ...]) -> Sequence[float]:
@@ -209,7 +225,7 @@ def parse_budget(text: str) -> Budget:
     try:
         if spec.endswith("x"):
             value = float(spec[:-1])
-            if value <= 1.0:
+            if not (math.isfinite(value) and value > 1.0):  # "nanx" is not above 1, nor below; "infx" never met
                 raise ValueError
             return Budget("speedup", value)
         value = float(spec[:-1]) / 100 if spec.endswith("%") else float(spec)
@@ -485,9 +501,12 @@ def settings_from_args(args: argparse.Namespace) -> list[Setting]:
         values = values_of[knob]
         if values is None and not args.budget:
             values = DEFAULT_SETTINGS[knob]
-        settings += [Setting(method, {knob: value, **options[method]}) for value in values or []]
+        # A value or budget given twice (``--r 8 --r 8``, ``--budget 0.5 --budget 50%``) runs once:
+        # two rows of one name would be timed twice, and evals.pareto would keep the faster draw.
+        values = list({_format(knob, value): value for value in values or []}.values())
+        settings += [Setting(method, {knob: value, **options[method]}) for value in values]
         shape = inflection if knob == "r" else None
-        settings += [Setting(method, dict(options[method]), budget, shape) for budget in args.budget or []]
+        settings += [Setting(method, dict(options[method]), budget, shape) for budget in dict.fromkeys(args.budget or [])]
     return settings
 
 

@@ -208,6 +208,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--batch-size", type=int, default=4, help="clips per forward (default 4)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "video_fidelity.json")
     args = parser.parse_args(argv)
+    # Up front, not after decoding every video (0 clips died in torch.stack, stride 0 in range()).
+    if min(args.clips_per_video, args.stride, args.batch_size) < 1:
+        parser.error("--clips-per-video, --stride and --batch-size must be at least 1")
+    if args.img_size < 14 or args.img_size % 14:
+        parser.error(f"--img-size must be a positive multiple of 14 (DINOv2's patch), got {args.img_size}")
     if args.method is None:
         args.method = DEFAULT_METHODS
     if args.r is None and args.keep_ratio is None and args.early_r is None and args.budget is None:

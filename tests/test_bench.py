@@ -452,6 +452,27 @@ def test_budget_with_an_inflection_searches_the_schedule(method: str, inflection
         settings.setting_for_budget(model, "evit", {}, settings.Budget("gflops", 0.6), size, inflection=-1.0)
 
 
+@pytest.mark.parametrize("inflection", [1.0, 0.5])
+def test_budget_with_an_increasing_ramp_searches_past_half_the_tokens(inflection: float) -> None:
+    """An increasing ramp (r, inflection > 0) asks little of the early blocks, so it keeps
+    reducing past r = half the patch tokens, where a constant r stops: a budget only such an r
+    meets is found, not called unreachable (it was, at the ramp of r = 8 for these 16 patches)."""
+    model = timm.create_model(MODEL, pretrained=False, img_size=IMG_SIZE, depth=6)
+    size = (IMG_SIZE, IMG_SIZE)
+    unreduced = tokenprune.flops(model, size).total
+
+    def fraction(r: int) -> float:
+        patched = tokenprune.patch(timm.create_model(MODEL, img_size=IMG_SIZE, depth=6), "tome", r=(r, inflection))
+        return tokenprune.flops(patched, size).total / unreduced
+
+    half = (IMG_SIZE // 16) ** 2 // 2
+    budget = fraction(4 * half) + 1e-3  # a budget r = half misses
+    assert fraction(half) > budget
+    chosen = settings.setting_for_budget(model, "tome", {}, settings.Budget("gflops", budget), size, inflection=inflection)
+    r, shape = chosen["r"]
+    assert shape == inflection and r > half and fraction(r) <= budget < fraction(r - 1)
+
+
 def test_inflection_on_the_command_line() -> None:
     """--inflection shapes the budget searches of the r-knob methods only, and needs a budget."""
     parser = argparse.ArgumentParser()
@@ -529,6 +550,32 @@ def test_parse_budget_and_describe_setting() -> None:
     assert settings.describe_setting("tome", {"prop_attn": False, "r": (16, -1)}) == "r=(16,-1), prop_attn=False"
     assert settings.describe_setting("evit", {"score": "random", "keep_ratio": 0.5}) == "keep_ratio=0.5, score='random'"
     assert settings.describe_setting("tome", {"r": 8, "backend": "torch"}) == "r=8"  # where it ran is not what it is
+
+
+def test_parse_budget_refuses_a_speedup_that_is_not_a_number() -> None:
+    """"nanx" and "infx" were taken as speed budgets that no setting can meet: a sweep timed
+    each method's strongest setting only to skip its rows as unreachable."""
+    for bad in ("nanx", "infx", "-infx"):
+        with pytest.raises(argparse.ArgumentTypeError, match="a speedup above 1"):
+            settings.parse_budget(bad)
+
+
+@pytest.mark.parametrize(
+    "flags", [["--clips-per-video", "0"], ["--stride", "0"], ["--batch-size", "0"], ["--img-size", "20"], ["--img-size", "0"]]
+)  # fmt: skip
+def test_video_fidelity_refuses_bad_sizes_before_decoding(flags: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--clips-per-video 0`` died in torch.stack ("expects a non-empty TensorList") and
+    ``--stride 0`` in range(), each after decoding the videos; both now stop first, named."""
+    from evals import video_fidelity
+
+    def decode(*args: Any) -> None:
+        raise AssertionError("decoded videos for arguments it should refuse")
+
+    monkeypatch.setattr(video_fidelity, "video_clips", decode)
+    monkeypatch.setattr(video_fidelity, "scikit_videos", list)
+    with pytest.raises(SystemExit) as stopped:
+        video_fidelity.main([*flags, "--out", "/nonexistent/v.json"])
+    assert stopped.value.code == 2  # argparse's usage error, with its message on stderr
 
 
 def test_every_method_has_a_knob() -> None:
@@ -1131,6 +1178,18 @@ def test_repeated_sweep_values_run_once() -> None:
     assert (config["batch_sizes"], config["backends"]) == ([2, 4], ["torch"])
 
 
+def test_repeated_settings_and_budgets_run_once() -> None:
+    """``--r 8 --r 8`` or ``--budget 0.5 --budget 50%`` once gave two rows of one setting, timed
+    twice (and evals.pareto kept the faster of the two draws)."""
+    args = bench.build_parser().parse_args(
+        ["--method", "tome", "--r", "8", "--r", "8", "--r", "8,-1", "--r", "8,-1", "--r", "[2,2]", "--r", "[2,2]",
+         "--budget", "0.5", "--budget", "50%", "--budget", "2x", "--budget", "2.0x"]
+    )  # fmt: skip
+    found = [(s.options, s.budget) for s in settings.settings_from_args(args)]
+    half, twice = settings.Budget("gflops", 0.5), settings.Budget("speedup", 2.0)
+    assert found == [({"r": 8}, None), ({"r": (8, -1)}, None), ({"r": [2, 2]}, None), ({}, half), ({}, twice)]
+
+
 def test_busy_machine_warning_reads_the_load_after_the_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The load average at the end (the minute of timing) decides the busy-machine warning, or
     a load above our one thread both before and after (others ran throughout a short run)."""
@@ -1152,3 +1211,17 @@ def test_cpu_defaults_are_the_documented_ones() -> None:
     for dest, key in (("warmup", "warmup"), ("runs", "runs"), ("batch_size", "batch_sizes")):
         documented = int(re.search(r"default: (\d+) on CPU", helps[dest]).group(1))
         assert config[key] in (documented, [documented]), dest
+
+
+@pytest.mark.parametrize(
+    "flags", [["--batch-size", "0"], ["--video-batch-size", "0"], ["--repeat", "0"], ["--repeat", "-1"], ["--runs", "0"],
+              ["--warmup", "-1"]]
+)  # fmt: skip
+def test_merge_step_bench_refuses_counts_below_one(flags: list[str], tmp_path: Path) -> None:
+    """An explicit 0 is not the default: ``--batch-size 0`` once ran at batch 16, ``--repeat -1``
+    died in the step with an UnboundLocalError; both are refused before any model is built."""
+    from evals import bench_merge
+
+    with pytest.raises(SystemExit, match="must be at least 1"):
+        bench_merge.main(["--model", MODEL, "--device", "cpu", "--out", str(tmp_path / "m.json"), *flags])
+    assert not (tmp_path / "m.json").exists()

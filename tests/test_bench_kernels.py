@@ -53,3 +53,11 @@ def test_bench_kernels_on_cpu_needs_the_interpreter_and_writes_a_cpu_file(monkey
         monkeypatch.setattr(bench_kernels, shapes, ())
     bench_kernels.main(["--device", "cpu", "--warmup", "0", "--runs", "1", "--repeat", "1"])
     assert [path.name for path in written] == ["bench_kernels_cpu.json", "bench_kernels_cpu.md"]
+
+
+@pytest.mark.parametrize("flags", [["--repeat", "0"], ["--repeat", "-2"], ["--runs", "0"], ["--warmup", "-1"]])
+def test_bench_kernels_refuses_counts_below_one(flags: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--repeat 0`` once ran no call at all and failed on its unset result (or divided by zero)."""
+    monkeypatch.setattr(bench_kernels, "MATCH_SHAPES", (("match", 2, 5, 6, 20, torch.bfloat16),))
+    with pytest.raises(SystemExit, match="must be at least 1"):
+        bench_kernels.main(["--device", "cpu", *flags])

@@ -8,6 +8,7 @@ import re
 import types
 from pathlib import Path
 
+import pytest
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity
@@ -152,3 +153,11 @@ def test_unreduced_row_profiles_the_unpatched_model(tmp_path: Path) -> None:
     assert unreduced["aten::linear"] == 12 * 4 + 1 == patched["aten::linear"]
     markdown = (tmp_path / "p.md").read_text()  # operators listed for the backends only
     assert "Top operators by host time, backend torch" in markdown and "Top operators by host time, unreduced" not in markdown
+
+
+def test_profile_refuses_a_zero_batch(tmp_path: Path) -> None:
+    """``--batch-size 0`` once profiled the default batch of 8 and recorded that, silently."""
+    with pytest.raises(SystemExit, match="must be at least 1"):
+        bench_profile.main(["--model", "vit_tiny_patch16_224", "--device", "cpu", "--batch-size", "0",
+                            "--out", str(tmp_path / "p.json")])  # fmt: skip
+    assert not (tmp_path / "p.json").exists()
