@@ -16,7 +16,7 @@ from tokenprune.methods.dynamicvit import (
     predictors,
     save_predictors,
 )
-from tokenprune.patch.vit import attend, keep_bias
+from tokenprune.patch.vit import _weighted_mean, attend, keep_bias
 from tests.test_patch import counted_flops, image, make
 
 
@@ -77,6 +77,21 @@ def test_an_image_with_every_patch_dropped_pools_finite(pool: str) -> None:
     torch.testing.assert_close(logits[1:], pooled_zero)
     logits.square().sum().backward()
     assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_weighted_mean_over_no_weight_has_finite_gradients() -> None:
+    """An image whose training decisions dropped every patch pools to 0 with bounded gradients for
+    the (differentiable) decisions: dividing by a clamped total of ~1e-38 would scale them by
+    ~1e38, inf (then NaN) in the backward of any non-trivial loss."""
+    x = 10 * torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(0))
+    weights = torch.ones(2, 4, 1)
+    weights[1] = 0.0
+    weights.requires_grad_(True)
+    mean = _weighted_mean(x, weights)
+    torch.testing.assert_close(mean[0], x[0].mean(dim=0))
+    torch.testing.assert_close(mean[1], torch.zeros(8))
+    (100 * mean).sum().backward()
+    assert torch.isfinite(weights.grad).all() and weights.grad.abs().max() < 1e6
 
 
 def test_training_masks_are_cumulative_and_counted() -> None:

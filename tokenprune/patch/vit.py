@@ -495,9 +495,12 @@ def _pool_by_weight(model: VisionTransformer) -> bool:
 def _weighted_mean(x: Tensor, weights: Tensor) -> Tensor:
     """Mean of ``x`` [B, T, C] over its tokens, each counted ``weights`` [B, T, 1] times; in
     float32 like timm's mean (float64 for float64): bf16 weights would round each to ~3 digits.
-    (A sequence of padding alone, total 0, pools to 0 as in timm's NaFlexVit.)"""
+    A total of 0 (padding alone, as in timm's NaFlexVit, or a training draw that dropped every
+    patch) pools to 0; it is divided by 1, not clamped to a tiny value, whose inverse (~1e38)
+    would scale the decisions' gradients to inf."""
     weights = weights.float()
-    total = weights.sum(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    total = weights.sum(dim=1, keepdim=True)
+    total = torch.where(total > 0, total, torch.ones_like(total))
     return (x.to(torch.promote_types(x.dtype, torch.float32)) * (weights / total)).sum(dim=1).to(x.dtype)
 
 
