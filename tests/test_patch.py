@@ -490,6 +490,25 @@ def test_forward_intermediates_on_full_grid() -> None:
     assert torch.isfinite(final).all()
 
 
+def test_normed_intermediates_of_dropped_patches_stay_zero() -> None:
+    """norm=True normalises each token, then unmerges: a patch DynamicViT dropped has no feature,
+    0 as with norm=False and in forward_features(unmerge=True), not the norm's bias; the patches
+    kept carry their token's normed feature."""
+    model = tokenprune.patch(make("vit_cls"), "dynamicvit", keep_ratio=0.5).eval()
+    with torch.no_grad():
+        model.norm.bias.normal_(generator=torch.Generator().manual_seed(0))  # (initialised to 0)
+    last = len(model.blocks) - 1
+    with torch.no_grad():
+        raw = model.forward_intermediates(image(), indices=[last], output_fmt="NLC", intermediates_only=True)[0]
+        normed = model.forward_intermediates(image(), indices=[last], norm=True, output_fmt="NLC", intermediates_only=True)[0]
+        features = model.forward_features(image(), unmerge=True)[:, model.num_prefix_tokens :]
+    dropped = (raw == 0).all(dim=-1)
+    assert dropped.any() and not dropped.all()
+    assert (normed[dropped] == 0).all()
+    torch.testing.assert_close(normed[~dropped], model.norm(raw[~dropped]))
+    torch.testing.assert_close(normed, features)
+
+
 def test_attention_mask_with_merging_is_refused() -> None:
     model = tokenprune.patch(make("vit_cls"), r=4)
     with pytest.raises(ValueError, match="attn_mask"):

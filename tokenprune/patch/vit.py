@@ -815,8 +815,9 @@ class ReducingViT(SettingsThroughPatch):
 
         def keep(i: int, state: TokenState) -> None:
             if i in take_indices:
-                y = unmerge_tokens(state.x, state.source_index)
-                intermediates.append(self.norm(y) if norm else y)
+                # Normed, then unmerged: a dropped patch stays 0 (no feature), not the norm's bias.
+                y = self.norm(state.x) if norm else state.x
+                intermediates.append(unmerge_tokens(y, state.source_index))
 
         state = self._run_blocks(
             x, attn_mask, is_causal, trace_source=True, on_block=keep, num_blocks=max_index + 1 if stop_early else None
