@@ -153,6 +153,12 @@ def test_float16_training_keep_masks_are_refused() -> None:
         model(images().half())
 
 
+def test_a_patched_parallel_block_called_on_a_tensor_names_the_fix() -> None:
+    model = tokenprune.patch(parallel("parallel"), r=4)
+    with pytest.raises(TypeError, match=r"TokenState.*got a Tensor"):
+        model.blocks[0](torch.randn(2, 65, model.embed_dim))
+
+
 def test_fullgraph_capture() -> None:
     model = tokenprune.patch(parallel("differential"), r=(8, -1))
     x = images()

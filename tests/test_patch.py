@@ -509,6 +509,15 @@ def test_normed_intermediates_of_dropped_patches_stay_zero() -> None:
     torch.testing.assert_close(normed, features)
 
 
+@pytest.mark.parametrize("family", ["vit_cls", "eva02_rope", "beit_relpos"])
+def test_a_patched_block_called_on_a_tensor_names_the_fix(family: str) -> None:
+    """A loop of the user's own over model.blocks hands a patched block a tensor, not the state
+    the model threads through them: a TypeError saying what to run instead."""
+    model = tokenprune.patch(make(family), r=4)
+    with pytest.raises(TypeError, match=r"TokenState.*got a Tensor.*tokenprune.unpatch"):
+        model.blocks[0](torch.randn(2, 5, model.embed_dim))
+
+
 def test_attention_mask_with_merging_is_refused() -> None:
     model = tokenprune.patch(make("vit_cls"), r=4)
     with pytest.raises(ValueError, match="attn_mask"):

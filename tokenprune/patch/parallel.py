@@ -45,6 +45,7 @@ class _ReducingParallel(ReducingBlockMixin):
     def forward(  # type: ignore[override]
         self, state: TokenState, attn_mask: Tensor | None = None, is_causal: bool = False, position: Tensor | None = None
     ) -> TokenState:
+        vit.check_block_input(state)
         reducer = self.reducer
         if reducer is not None and reducer.before_attention:
             state = reducer(state, None)

@@ -345,6 +345,7 @@ class ReducingBlockMixin:
         vit_relpos: a shared relative position bias; None for absolute position embeddings, which travel
         inside the tokens); the block gives it to the current tokens after any pre-attention
         reduction (:meth:`_rope`, :meth:`_position_bias`)."""
+        check_block_input(state)
         refuse_attention_hooks(self.attn)
         reducer = self.reducer
         if getattr(reducer, "unmerges_in_blocks", False):  # merge_unmerge: the tokens leave the block unmerged
@@ -1086,6 +1087,17 @@ _ATTENTION_HOOKS = (
 
 def has_forward_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def check_block_input(state: object) -> None:
+    """Raise a TypeError where a patched block is called on something else than the reducing state
+    its model hands it (e.g. a loop of the caller's own over ``model.blocks`` with a tensor)."""
+    if not isinstance(state, TokenState):
+        raise TypeError(
+            f"a patched block takes the TokenState its model passes from block to block, got a "
+            f"{type(state).__name__}: run the model (model(x), model.forward_tokens(x) or model.forward_features(x)), "
+            "or tokenprune.unpatch(model) to call its blocks on tensors"
+        )
 
 
 def refuse_attention_hooks(attn: nn.Module) -> None:
