@@ -230,6 +230,27 @@ def test_merge_map_paints_groups_and_outlines() -> None:
     assert pixels[2, 0].tolist() == [0, 255, 0]  # the kept green patch, its own group
 
 
+def test_merge_map_refuses_what_it_would_paint_wrongly() -> None:
+    """A batch's source index would be read as its last image's; a normalised, 0-255 or uint8
+    picture would be clamped to near-black and white; a channels-last one misread."""
+    from tokenprune.visualize import merge_map
+
+    image = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(0))
+    source_index = torch.tensor([0, 1, 2, 1, 3])
+    with pytest.raises(ValueError, match=r"one image's \[T_in\].*source_index\[i\]"):
+        merge_map(image, source_index.expand(2, -1), (2, 2))
+    mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    with pytest.raises(ValueError, match="un-normalise"):
+        merge_map((image - mean) / std, source_index, (2, 2))
+    with pytest.raises(ValueError, match="255"):
+        merge_map(image * 255, source_index, (2, 2))
+    with pytest.raises(ValueError, match=r"float\(\) / 255"):
+        merge_map((image * 255).to(torch.uint8), source_index, (2, 2))
+    with pytest.raises(ValueError, match=r"\[3, H, W\]"):
+        merge_map(image.permute(1, 2, 0), source_index, (2, 2))
+    merge_map(image * 1.01 - 0.005, source_index, (2, 2))  # a resize's small overshoot is painted
+
+
 def test_merge_groups_skip_any_number_of_prefix_tokens() -> None:
     """The prefix tokens (none, a class token, a class token and registers) come first in the
     source index: the grid is its last rows × cols entries, and the picture does not depend on

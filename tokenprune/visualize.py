@@ -19,6 +19,11 @@ def merge_groups(source_index: Tensor, grid: tuple[int, int], num_prefix: int | 
     image's patches are the rows·cols entries after them. Needed where padding follows the
     patches (NaFlex's packed sequences, T_in = prefix + N); by default the patches are the last
     rows·cols entries, which holds only without padding."""
+    if source_index.dim() != 1:
+        raise ValueError(
+            f"source_index must be one image's [T_in] map, got shape {list(source_index.shape)}: "
+            "pass state.source_index[i] for image i of the batch"
+        )
     rows, cols = grid
     patches = rows * cols
     total = source_index.numel()
@@ -52,6 +57,7 @@ def merge_map(
             patches (see :func:`merge_groups`).
     """
     rows, cols = grid
+    _check_rgb(image)
     image = image.detach().float().cpu()
     channels, height, width = image.shape
     if height % rows or width % cols:
@@ -72,3 +78,21 @@ def merge_map(
     painted[:, edge] = torch.tensor(boundary, dtype=painted.dtype)[:, None] / 255
     array = (painted.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     return Image.fromarray(array)
+
+
+# Resampling (bicubic, antialiased) can overshoot [0, 1] a little; a normalised image is far out.
+_RANGE_SLACK = 0.05
+
+
+def _check_rgb(image: Tensor) -> None:
+    """Raise for a picture :func:`merge_map` would paint wrongly (clamped white or black)."""
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"image must be one [3, H, W] RGB image, got shape {list(image.shape)}")
+    if not image.is_floating_point():
+        raise ValueError(f"image must be float RGB in [0, 1], got {image.dtype}: pass image.float() / 255")
+    low, high = image.min().item(), image.max().item()
+    if low < -_RANGE_SLACK or high > 1 + _RANGE_SLACK:
+        raise ValueError(
+            f"image values span [{low:.3g}, {high:.3g}], not RGB in [0, 1]: un-normalise a model input "
+            "first (x * std + mean, per channel), or divide 0-255 values by 255"
+        )
