@@ -518,6 +518,15 @@ def test_a_patched_block_called_on_a_tensor_names_the_fix(family: str) -> None:
         model.blocks[0](torch.randn(2, 5, model.embed_dim))
 
 
+@pytest.mark.parametrize("family", ["vit_cls", "eva02_rope", "beit_relpos"])
+def test_inputs_that_are_not_a_batch_of_images_are_named(family: str) -> None:
+    model = tokenprune.patch(make(family), r=4)
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\], got shape \(3, 224, 224\).*unsqueeze\(0\)"):
+        model(image()[0])
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\], got shape \(2, 3, 4, 224, 224\)"):
+        model(torch.randn(2, 3, 4, 224, 224))  # a video clip
+
+
 def test_attention_mask_with_merging_is_refused() -> None:
     model = tokenprune.patch(make("vit_cls"), r=4)
     with pytest.raises(ValueError, match="attn_mask"):

@@ -620,8 +620,11 @@ class ReducingViT(SettingsThroughPatch):
     def _check_input(self, x: Tensor) -> None:
         """Raise a clear error for an input the blocks' token grid cannot come from (families
         override it: video clips, NaFlexVit's any size and packed patches)."""
-        if x.ndim == 4:
-            self.image_grid(self, *x.shape[-2:])
+        if not isinstance(x, Tensor) or x.ndim != 4:
+            got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+            one_image = " (one image: add the batch dimension, x.unsqueeze(0))" if isinstance(x, Tensor) and x.ndim == 3 else ""
+            raise ValueError(f"expected a batch of images [B, C, H, W], got {got}{one_image}")
+        self.image_grid(self, *x.shape[-2:])
 
     # Family hooks that hold for the unpatched model too (plans and FLOPs are asked of either):
     # called on the family's class, ``family(model).image_grid(model, ...)``. Two are optional,
