@@ -95,6 +95,14 @@ def test_wrong_clip_size_raises():
         tokenprune.plan(dynamic, (3, 64, 64))  # as the forward says, not a floored one-frame grid
     with pytest.raises(ValueError, match=r"\[B, C, T, H, W\]"):
         model(torch.randn(1, 3, 64, 64))
+    with pytest.raises(ValueError, match=r"C=3.*\(1, 8, 3, 64, 64\).*frames first\? x.permute\(0, 2, 1, 3, 4\)"):
+        model(clip(batch=1).transpose(1, 2))  # as many video loaders give it
+    for patched in (False, True):
+        with pytest.raises(ValueError, match=r"C=3.*\(1, 1, 8, 64, 64\)"):
+            (tokenprune.patch(small(), r=4) if patched else model)(clip(batch=1)[:, :1])
+    for name, value in (("num_frames", 0), ("tubelet_size", 0), ("img_size", 0), ("patch_size", 0)):
+        with pytest.raises(ValueError, match=f"{name} must be positive, got 0"):
+            small(**{name: value})
 
 
 @pytest.mark.parametrize("pos_embed", ["sincos", "learned"])

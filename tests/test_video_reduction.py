@@ -207,6 +207,11 @@ def test_temporal_step_outside_the_window_takes_the_best_outside_and_warns(monke
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # r=1: the one merge inside the window, no warning
         assert TemporalMerge(r=1, window=1, num_protected=0, backend="torch")(state, metric).num_tokens == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # while training (the metric has a gradient): only the warning above
+        with pytest.warns(RuntimeWarning, match="some merges had no partner"):
+            step(state, metric.requires_grad_(True))
+    metric = metric.detach()
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     merged = step(state, metric)
     # 0 joins 2 (inside the window), 1 joins 3 (outside, its best match): B tokens stay in order

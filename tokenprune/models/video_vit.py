@@ -131,6 +131,11 @@ class VideoPatchEmbed(nn.Module):
         self.patch_size = _pair(patch_size)
         self.num_frames = int(num_frames)
         self.tubelet_size = int(tubelet_size)
+        sizes = {"num_frames": self.num_frames, "tubelet_size": self.tubelet_size, "img_size": min(self.img_size),
+                 "patch_size": min(self.patch_size)}
+        for name, size in sizes.items():
+            if size < 1:
+                raise ValueError(f"{name} must be positive, got {size}")
         self.check_clip_size(self.num_frames, *self.img_size, what="")
         self.grid_size = (
             self.num_frames // self.tubelet_size,
@@ -178,6 +183,11 @@ class VideoPatchEmbed(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim != 5:
             raise ValueError(f"expected a clip [B, C, T, H, W], got shape {tuple(x.shape)}")
+        channels = self.proj.in_channels
+        if x.shape[1] != channels:
+            # Many video loaders give frames first; read as C, the frame count would be misreported.
+            frames_first = " (frames first? x.permute(0, 2, 1, 3, 4))" if x.shape[2] == channels else ""
+            raise ValueError(f"expected a clip [B, C={channels}, T, H, W], got shape {tuple(x.shape)}{frames_first}")
         _, _, frames, height, width = x.shape
         if self.strict_img_size and (frames, height, width) != (self.num_frames, *self.img_size):
             raise ValueError(
