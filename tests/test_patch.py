@@ -525,6 +525,8 @@ def test_inputs_that_are_not_a_batch_of_images_are_named(family: str) -> None:
         model(image()[0])
     with pytest.raises(ValueError, match=r"\[B, C, H, W\], got shape \(2, 3, 4, 224, 224\)"):
         model(torch.randn(2, 3, 4, 224, 224))  # a video clip
+    with pytest.raises(TypeError, match="torch.fx symbolic tracing.*torch.export"):
+        torch.fx.symbolic_trace(model)
 
 
 def test_attention_mask_with_merging_is_refused() -> None:

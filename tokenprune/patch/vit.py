@@ -581,6 +581,7 @@ class ReducingViT(SettingsThroughPatch):
         on_block: Callable[[int, TokenState], None] | None = None,
         num_blocks: int | None = None,
     ) -> TokenState:
+        _refuse_fx_tracing(x)
         self._check_input(x)
         if (attn_mask is not None or is_causal) and any(b.reducer is not None for b in self.blocks):
             raise ValueError(
@@ -1090,6 +1091,17 @@ _ATTENTION_HOOKS = (
 
 def has_forward_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _refuse_fx_tracing(x: object) -> None:
+    """torch.fx's symbolic tracing (timm's FX feature extraction) cannot follow a patched model,
+    whose reductions branch in Python on token counts: say so, and what captures it instead."""
+    if isinstance(x, torch.fx.Proxy):
+        raise TypeError(
+            "torch.fx symbolic tracing cannot follow a patched model (its reductions branch in Python on "
+            "token counts); capture it with torch.export or torch.compile, or take features with "
+            "forward_intermediates"
+        )
 
 
 def check_block_input(state: object) -> None:
