@@ -213,6 +213,12 @@ def test_loss_terms_against_hand_computation() -> None:
     torch.testing.assert_close(terms["ratio"], torch.tensor(ratio))
     torch.testing.assert_close(terms["distill"], kl)
     torch.testing.assert_close(terms["token"], torch.tensor(token))
+    output = DynamicViTOutput(logits, tokens, decisions)
+    with pytest.raises(ValueError, match=r"teacher's patch tokens.*\(2, 4, 1\); got \(2, 5, 1\).*num_prefix_tokens"):
+        DynamicViTLoss(keep_ratio=0.5)(output, torch.tensor([0, 1]), teacher, torch.zeros(2, 5, 1))  # with a class token
+    for keep_ratio in (0.0, 1.5, True):
+        with pytest.raises(ValueError, match="keep_ratio must be in"):
+            DynamicViTLoss(keep_ratio=keep_ratio)
     torch.testing.assert_close(terms["loss"], ce + 2.0 * ratio + 0.5 * kl + 0.5 * token)
 
 

@@ -269,6 +269,8 @@ class DynamicViTLoss(nn.Module):
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
+        if isinstance(keep_ratio, bool) or not 0.0 < keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio must be in (0, 1] (the model's DynamicViTConfig.keep_ratio), got {keep_ratio}")
         self.keep_ratio = keep_ratio
         self.label_smoothing = label_smoothing
         self.cls_weight, self.ratio_weight = cls_weight, ratio_weight
@@ -277,6 +279,12 @@ class DynamicViTLoss(nn.Module):
     def forward(
         self, output: DynamicViTOutput, labels: Tensor, teacher_logits: Tensor, teacher_tokens: Tensor
     ) -> dict[str, Tensor]:
+        if teacher_tokens.shape != output.tokens.shape:
+            raise ValueError(
+                f"teacher_tokens must be the teacher's patch tokens, shaped as the student's {tuple(output.tokens.shape)}; "
+                f"got {tuple(teacher_tokens.shape)} (leave out the prefix tokens: "
+                "teacher.forward_features(x)[:, teacher.num_prefix_tokens:])"
+            )
         cls = F.cross_entropy(output.logits, labels, label_smoothing=self.label_smoothing)
         ratio = sum(
             ((d.squeeze(-1).mean(dim=1) - self.keep_ratio ** (s + 1)) ** 2).mean() for s, d in enumerate(output.decisions)
