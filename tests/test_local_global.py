@@ -170,6 +170,9 @@ def test_bad_options() -> None:
         tokenprune.patch(model, "local_global", local_ratio=1.5)
     with pytest.raises(ValueError, match="window"):
         tokenprune.patch(model, "local_global", window=1)
+    with pytest.raises(ValueError, match="window=15 does not fit the model's 14x14 patch grid"):
+        tokenprune.patch(model, "local_global", window=15)  # (a 14×14 window is the whole grid: allowed)
+    assert tokenprune.plan(tokenprune.patch(make("vit_cls"), "local_global", window=14, local_ratio=1.0), 224).removed[3] == 195
     for options, error in ((dict(window=2.0), TypeError), (dict(local_block=1.5), TypeError),
                            (dict(pos_weight=float("nan")), ValueError), (dict(pos_weight=float("inf")), ValueError)):
         with pytest.raises(error, match="window|local_block|pos_weight must be ≥ 0 and finite"):

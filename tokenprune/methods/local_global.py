@@ -237,6 +237,12 @@ class LocalGlobalConfig:
         depth = len(model.blocks)
         if not 0 <= self.local_block < depth:
             raise ValueError(f"local_block must be in [0, {depth - 1}] for a {depth}-block model, got {self.local_block}")
+        grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)  # (NaFlexVit: none, sizes vary)
+        if grid is not None and self.window > min(grid):
+            raise ValueError(
+                f"window={self.window} does not fit the model's {grid[0]}x{grid[1]} patch grid: no window would "
+                f"merge; give a window of at most {min(grid)} patches"
+            )
         later = resolve_r(self.r, depth - self.local_block - 1, f"after local_block={self.local_block} come")
         counts = (0,) * (self.local_block + 1) + later
         protected = block_prefix_tokens(model)
