@@ -32,7 +32,7 @@ from torch import Tensor
 
 from kernels._triton import HAS_TRITON, INTERPRET, block_size, cdiv, check_device, tl, triton, use_triton
 
-__all__ = ["best_match", "best_match_reference", "best_match_triton"]
+__all__ = ["best_match", "best_match_reference", "best_match_triton", "float32_matmul"]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -48,6 +48,25 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FP32_KERNEL_MAX_FLOPS = 10**9
 
 
+def float32_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` in float32 (float64 stays float64) even inside ``torch.autocast``: for the
+    similarity scores that choose which tokens merge.
+
+    Autocast runs matmuls in its lower precision (bf16/fp16) whatever the inputs' dtype, so
+    the PyTorch paths would score in bf16, round distinct similarities into ties and pick
+    other pairs than the Triton kernels, which score in float32 (and than the same inputs
+    without autocast). Outside autocast, float32 inputs give exactly ``a @ b``.
+    """
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    device = a.device.type
+    # Only where autocast is on: entering the context costs a few µs per call, and devices
+    # without autocast (meta, for shape inference) refuse it.
+    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+        return a.to(dtype) @ b.to(dtype)
+    with torch.autocast(device_type=device, enabled=False):
+        return a.to(dtype) @ b.to(dtype)
+
+
 def best_match_reference(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """Pure-PyTorch best match: the definition the kernel is tested against.
 
@@ -58,10 +77,11 @@ def best_match_reference(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
         similarity of ``a[i]`` and ``b[j]`` and its argmax, ties → the lowest j (``torch.max``
         semantics). A zero row has cosine 0 to every row (``F.normalize``'s convention).
 
-    Scores are computed in float32 whatever the input dtype: a bf16 score matrix would round
-    distinct similarities to equal values and turn them into artificial ties.
+    Scores are computed in float32 whatever the input dtype, and under autocast too
+    (:func:`float32_matmul`): a bf16 score matrix would round distinct similarities to equal
+    values and turn them into artificial ties.
     """
-    scores = F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).transpose(-1, -2)
+    scores = float32_matmul(F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1).transpose(-1, -2))
     best_score, best_index = scores.max(dim=-1)
     return best_score, best_index
 

@@ -28,7 +28,7 @@ from kernels._triton import HAS_TRITON, block_size, cdiv, check_device, tl, trit
 
 if HAS_TRITON:
     from kernels.match import cosine_tile, inverse_row_norms, keep_best
-from kernels.match import native_dot
+from kernels.match import float32_matmul, native_dot
 
 __all__ = [
     "CENTROID_TOLERANCE",
@@ -96,7 +96,8 @@ def temporal_best_match_reference(
     if num_tokens == 0:  # (max over no B token would fail; the kernel returns empty rows too)
         return metric.new_empty(batch, 0, dtype=torch.float32), metric.new_empty(batch, 0, dtype=torch.int64)
     unit = F.normalize(metric.float(), dim=-1)
-    scores = unit @ unit.transpose(-1, -2)  # fresh: the rule is applied in place
+    # float32 under autocast too (the kernel's scores); fresh: the rule is applied in place
+    scores = float32_matmul(unit, unit.transpose(-1, -2))
     pos = pos.float()
     is_a = _is_a(pos[..., 0])
     scores.add_(far_pairs(pos, window, max_frame_gap), alpha=-OUTSIDE_PENALTY)  # inside pairs add 0: exact

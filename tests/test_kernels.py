@@ -1148,6 +1148,52 @@ def test_zero_metric_vectors_match_the_same_on_every_backend() -> None:
     assert scores[0, 0].item() == 0.0 and scores[0].max() > 0
 
 
+def near_copies(batch: int, tokens: int, dim: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Tokens 5 % off one direction per sample: their cosines, all within ~0.01 of 1, are
+    distinct in float32 but round to a few values in bf16 (spacing 2**-8 below 1)."""
+    generator = torch.Generator().manual_seed(seed)
+    direction = torch.randn(batch, 1, dim, generator=generator)
+    return (direction + 0.05 * torch.randn(batch, tokens, dim, generator=generator)).to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_references_score_in_float32_under_autocast(dtype: torch.dtype) -> None:
+    """Under bf16 autocast the references' matmuls still score in float32: bit for bit the
+    scores and partners of the same inputs without autocast, and the kernels' partners. (A
+    bf16 score matrix would tie these near copies and pick the lowest index.)"""
+    metric = near_copies(2, 97, 40, seed=3, dtype=dtype)
+    a, b = split_ab(metric, 1)
+    pos = video_positions(2, (4, 4, 6), merged=True)
+    expected = best_match_reference(a, b), kernels.temporal_best_match_reference(metric[:, 1:], pos, 1)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        matched = best_match_reference(a, b), kernels.temporal_best_match_reference(metric[:, 1:], pos, 1)
+        on_kernels = best_match_triton(a, b), kernels.temporal_best_match_triton(metric[:, 1:], pos, 1)
+    for (score, index), (expected_score, expected_index), (_, kernel_index) in zip(matched, expected, on_kernels):
+        assert torch.equal(index, kernel_index) and torch.equal(index, expected_index)
+        assert score.dtype == torch.float32 and torch.equal(score, expected_score)
+
+
+def test_patched_model_same_on_both_backends_under_autocast() -> None:
+    """Under bf16 autocast (keys in bf16), ToMe's torch path merges the tokens the match kernel
+    merges: an image of one repeated patch makes the keys near copies, whose bf16 cosines tie."""
+    from tests.test_patch import make
+
+    import tokenprune
+
+    model = make("registers", depth=2).to(DEVICE)
+    generator = torch.Generator().manual_seed(1)
+    tile = torch.randn(2, 3, 16, 16, generator=generator)
+    x = (tile.repeat(1, 1, 14, 14) + 0.1 * torch.randn(2, 3, 224, 224, generator=generator)).to(DEVICE)
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        tokenprune.patch(model, r=16, backend="torch", trace_source=True)
+        expected, expected_source = model(x), tokenprune.source(model)
+        tokenprune.patch(model, backend="triton")
+        out = model(x)
+        assert torch.equal(tokenprune.source(model), expected_source)
+    # the same merges; the outputs differ only by the bf16 rounding of the merge and attention
+    torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
 def test_cait_same_on_both_backends() -> None:
     """CaiT (talking heads, class attention over merged tokens) on the Triton merge."""
     from tests.test_cait import cait

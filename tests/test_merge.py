@@ -10,6 +10,7 @@ import torch
 from kernels import merge_wavg_reference as merge_wavg
 from tokenprune.merge import (
     TokenState,
+    bipartite_best_match,
     bipartite_soft_matching,
     keep_top_tokens,
     max_bipartite_r,
@@ -103,6 +104,33 @@ def test_matching_is_a_valid_assignment() -> None:
     for row in dest:  # every output slot receives at least one token
         assert torch.equal(row.unique(), torch.arange(157))
     assert (dest[:, 0] == 0).all()
+
+
+def near_copies(batch: int, tokens: int, dim: int, seed: int) -> torch.Tensor:
+    """bf16 tokens 5 % off one direction per sample (keys as autocast makes them): cosines
+    distinct in float32 that bf16 (spacing 2**-8 below 1) rounds to a few values."""
+    generator = torch.Generator().manual_seed(seed)
+    direction = torch.randn(batch, 1, dim, generator=generator)
+    return (direction + 0.05 * torch.randn(batch, tokens, dim, generator=generator)).bfloat16()
+
+
+@pytest.mark.parametrize("pos_weight", [0.0, 0.02])
+def test_matching_scores_in_float32_under_autocast(pos_weight: float) -> None:
+    """Under bf16 autocast the torch path scores in float32, as the match kernel does: the
+    scores, partners and merges of the same keys without autocast, bit for bit (bf16 scores
+    would tie these near copies), with the positional penalty too."""
+    metric = near_copies(2, 65, 24, seed=7)
+    pos = torch.rand(2, 65, 2, generator=torch.Generator().manual_seed(8))
+
+    def match() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        score, partner = bipartite_best_match(metric, 1, pos, pos_weight, backend="torch")
+        return score, partner, bipartite_soft_matching(metric, 16, 1, backend="torch")
+
+    expected = match()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        matched = match()
+    assert torch.equal(matched[2], expected[2]) and torch.equal(matched[1], expected[1])  # merges, partners
+    assert matched[0].dtype == torch.float32 and torch.equal(matched[0], expected[0])
 
 
 def test_r_above_cap_is_rejected() -> None:

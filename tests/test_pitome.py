@@ -94,6 +94,21 @@ def test_energy_by_its_definition() -> None:
             assert energy[b, i].item() == pytest.approx(sum(terms) / 7)
 
 
+def test_energy_scores_in_float32_under_autocast() -> None:
+    """Under bf16 autocast the energies, similarities and merges are those of float32, bit for
+    bit: bf16 similarities of these near copies (keys 5 % off one direction) would round into
+    ties and reorder the energies."""
+    generator = torch.Generator().manual_seed(4)
+    metric = (torch.randn(2, 1, 24, generator=generator) + 0.05 * torch.randn(2, 41, 24, generator=generator)).bfloat16()
+    unit = torch.nn.functional.normalize(metric.float(), dim=-1)
+    expected = energy_scores(unit, 0.9, 1.0), energy_matching(metric, 12, 1, 0.9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (energy, similarity), dest = energy_scores(unit, 0.9, 1.0), energy_matching(metric, 12, 1, 0.9)
+    assert torch.equal(dest, expected[1])
+    assert similarity.dtype == torch.float32
+    assert torch.equal(energy, expected[0][0]) and torch.equal(similarity, expected[0][1])
+
+
 def test_isolated_tokens_are_protected() -> None:
     """Sixteen near-copies of one direction (background) and four distinct directions, on
     ToMe's A side: every PiToMe merge happens inside the background and the four keep their

@@ -557,6 +557,25 @@ def test_background_received_importance_is_per_patch() -> None:
     assert sorted(out.size[0, :, 0].tolist()) == [1.0, 1.0, 1.0, 1.0, 5.0]  # token 0 (size 4) merged into a partner
 
 
+@pytest.mark.parametrize("metric", ["attention_received", "keys"])
+def test_background_scores_in_float32_under_autocast(metric: str) -> None:
+    """Under bf16 autocast background merging pairs tokens as without it: its scores stay
+    float32 (bf16 would tie these near-copy keys, 5 % off one direction, and take the first)."""
+    from tokenprune.methods.temporal import BackgroundMerge
+
+    generator = torch.Generator().manual_seed(2)
+    keys = (torch.randn(2, 1, 24, generator=generator) + 0.05 * torch.randn(2, 49, 24, generator=generator)).bfloat16()
+    received = torch.rand(2, 49, generator=generator)
+    x = torch.randn(2, 49, 8, generator=generator)
+    step = BackgroundMerge(r=8, num_protected=1, backend="torch", pool=2.0, metric=metric)
+    state = TokenState(x, source_index=torch.arange(49).expand(2, -1))
+    inputs = (keys, received) if metric != "keys" else keys
+    expected = step(state, inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = step(state, inputs)
+    assert torch.equal(out.source_index, expected.source_index) and torch.equal(out.x, expected.x)
+
+
 def test_temporal_inside_merge_of_dissimilar_tokens_does_not_warn() -> None:
     """The 'merged outside the window' warning is for partners outside it (score below −2), not
     for dissimilar partners inside it (cosine −0.98)."""

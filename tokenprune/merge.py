@@ -19,6 +19,7 @@ from torch import Tensor
 
 from kernels import MemberLists, best_match, bipartite_dest, bipartite_members, merge_wavg
 from kernels.bipartite import bipartite_split, max_bipartite_r  # noqa: F401 (max_bipartite_r: part of this module's API)
+from kernels.match import float32_matmul
 
 
 class TokenState(NamedTuple):
@@ -467,4 +468,5 @@ def bipartite_best_match(
     body_pos = pos[:, p:]
     # Exact elementwise distances: torch.cdist would take a matmul shortcut that loses precision.
     distance = (body_pos[:, a_part, None] - body_pos[:, None, b_part]).norm(dim=-1)
-    return (a @ b.transpose(-1, -2) - pos_weight * distance).max(dim=-1)
+    # float32 under autocast too, like best_match: bf16 scores would pick other pairs than the kernel's
+    return (float32_matmul(a, b.transpose(-1, -2)) - pos_weight * distance).max(dim=-1)

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels.match import float32_matmul
+
 from ..merge import TokenState, max_bipartite_r, merge_state, unit_vectors
 from ..patch.vit import block_prefix_tokens, head_dim
 from ..schedule import RSchedule, resolve_r
@@ -43,7 +45,9 @@ def energy_scores(unit: Tensor, margin: float, alpha: float) -> tuple[Tensor, Te
     Returns:
         (energy [B, N], similarity [B, N, N]), float32 like ``unit``.
     """
-    similarity = unit @ unit.transpose(-1, -2)
+    # float32 under autocast too: bf16 would round energies and similarities into ties and
+    # change which tokens merge (and, through the energy ranking, which are protected)
+    similarity = float32_matmul(unit, unit.transpose(-1, -2))
     return F.elu(similarity - margin, alpha=alpha).mean(dim=-1), similarity
 
 

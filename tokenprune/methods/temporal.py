@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from kernels import best_match
+from kernels.match import float32_matmul
 from kernels.temporal_match import OUTSIDE_PENALTY, temporal_best_match
 
 from ..merge import TokenState, max_bipartite_r, merge_state, unit_vectors
@@ -277,7 +278,8 @@ class BackgroundMerge:
             in_pool = torch.zeros(batch, n, dtype=torch.bool, device=keys.device).scatter_(1, candidates, True)
             unit = unit_vectors(keys[:, p:])
             a = unit.gather(1, candidates.unsqueeze(-1).expand(-1, -1, unit.shape[-1]))
-            scores = (a @ unit.transpose(-1, -2)).masked_fill(in_pool[:, None, :], float("-inf"))
+            # float32 under autocast too, as best_match scores: bf16 would round them into ties
+            scores = float32_matmul(a, unit.transpose(-1, -2)).masked_fill(in_pool[:, None, :], float("-inf"))
             best, best_partner = scores.max(dim=-1)
         chosen = best.argsort(dim=-1, descending=True, stable=True)[:, :r]  # the r best-matched candidates
         src = candidates.gather(1, chosen)
