@@ -387,6 +387,10 @@ def test_bad_options() -> None:
     for method in ("dynamicvit", "evit"):  # block indices are whole numbers
         with pytest.raises(TypeError, match=r"a stage \(block index\) must be a non-negative int, got 1.5"):
             tokenprune.patch(make("vit_cls"), method, stages=(1.5,))
+        # one number or a string: named as such, not Python's "'int' object is not iterable"
+        for stages in (6, "3,6"):
+            with pytest.raises(TypeError, match=r"stages must be a tuple of block indices, e\.g\. stages=\(3, 6, 9\)"):
+                tokenprune.patch(make("vit_cls"), method, stages=stages)
     with pytest.raises(ValueError, match="needs a class token"):
         tokenprune.patch(make("vit_avg_no_cls"), "evit")
     with pytest.raises(ValueError, match="score"):

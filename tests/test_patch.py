@@ -163,11 +163,18 @@ def test_pooling_with_a_keep_mask_ignores_dropped_tokens(family: str) -> None:
 
 @pytest.mark.parametrize(
     ("method", "options"),
-    [("evit", {"keep_ratio": 0.7, "fuse": False}), ("dynamicvit", {"keep_ratio": 0.7}), ("tome", {"r": 8})],
+    [
+        ("evit", {"keep_ratio": 0.7, "fuse": False}),
+        ("dynamicvit", {"keep_ratio": 0.7}),
+        ("tome", {"r": 8}),
+        ("merge_unmerge", {"ratio": 0.5}),
+    ],
 )
 def test_forward_head_takes_the_pool_weights_of_any_method(method: str, options: dict) -> None:
     """The documented two-step call equals model(x), also for pruning, whose weights are None;
-    without sizes, the head refuses merged tokens and takes pruned ones (all of size 1)."""
+    without sizes, the head refuses merged tokens and takes pruned ones and merge_unmerge's,
+    unmerged in every block (all of size 1), in training too (timm's
+    forward_head(forward_features(x)))."""
     model = make("avgmax_with_prefix")
     tokenprune.patch(model, method, **options)
     with torch.no_grad():
@@ -178,10 +185,13 @@ def test_forward_head_takes_the_pool_weights_of_any_method(method: str, options:
                 model.forward_head(state.x)
         else:
             torch.testing.assert_close(model.forward_head(state.x), model(image()))
+    model.train()
     if method == "dynamicvit":  # training keeps dropped tokens in place: the head needs their mask
-        model.train()
         with pytest.raises(ValueError, match="size=state.pool_weights"):
             model.forward_head(model.forward_tokens(image()).x)
+    elif method != "tome":  # EViT drops in training as at inference; merge_unmerge unmerges
+        with torch.no_grad():
+            torch.testing.assert_close(model.forward_head(model.forward_features(image())), model(image()))
 
 
 def test_a_forward_without_tracing_leaves_no_stale_source_map() -> None:

@@ -32,6 +32,8 @@ class MethodConfig(Protocol):
 
     # Optional: ``adds_parameters(model) -> bool``, whether ``reducers`` would create modules
     # with parameters the model does not hold yet (DynamicViT's predictors); absent: never.
+    # ``masks_in_training``: whether in train() dropped tokens stay in place, masked, so that the
+    # head must be given their keep mask (DynamicViT); absent: False.
 
 
 METHODS: dict[str, type] = {

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import fields
 from typing import Any
 
 from kernels import BACKENDS
+
+from ..schedule import check_count
 
 
 def check_common_options(config: Any) -> None:
@@ -17,3 +20,17 @@ def check_common_options(config: Any) -> None:
     for name in ("prop_attn", "trace_source", "adaptive", "fuse"):
         if name in names and not isinstance(getattr(config, name), bool):
             raise TypeError(f"{name} must be True or False, got {getattr(config, name)!r}")
+
+
+def check_stages(stages: object) -> tuple[int, ...] | None:
+    """``stages`` (pruning methods: the blocks that prune) as a tuple of block indices, None for
+    the default; a TypeError naming the form for a single number or a string, which Python would
+    otherwise fail to iterate or iterate by character."""
+    if stages is None:
+        return None
+    if isinstance(stages, (str, bytes)) or not isinstance(stages, Iterable):
+        raise TypeError(
+            f"stages must be a tuple of block indices, e.g. stages=(3, 6, 9), or stages=(3,) for one stage; "
+            f"got {stages!r} ({type(stages).__name__})"
+        )
+    return tuple(check_count(block, "a stage (block index)") for block in stages)

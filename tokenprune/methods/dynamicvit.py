@@ -21,8 +21,7 @@ from torch import Tensor, nn
 from .._io import write_atomic
 from ..merge import TokenState, keep_top_tokens
 from ..patch.vit import block_prefix_tokens
-from ..schedule import check_count
-from ._options import check_common_options
+from ._options import check_common_options, check_stages
 
 
 def default_stages(depth: int) -> tuple[int, ...]:
@@ -116,13 +115,13 @@ class DynamicViTConfig:
     prop_attn = False  # tokens are dropped, never merged: sizes stay 1
     track_positions = False
     drops_tokens = True
+    masks_in_training = True  # in train() dropped tokens stay, masked (TokenState.keep): the head needs the mask
 
     def __post_init__(self) -> None:
         check_common_options(self)
         if isinstance(self.keep_ratio, bool) or not 0.0 < self.keep_ratio <= 1.0:
             raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
-        if self.stages is not None:
-            object.__setattr__(self, "stages", tuple(check_count(block, "a stage (block index)") for block in self.stages))
+        object.__setattr__(self, "stages", check_stages(self.stages))
 
     def stage_blocks(self, depth: int) -> tuple[int, ...]:
         stages = self.stages if self.stages is not None else default_stages(depth)

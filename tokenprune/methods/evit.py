@@ -20,8 +20,7 @@ from torch import Tensor, nn
 
 from ..merge import TokenState, keep_top_tokens
 from ..patch.vit import block_prefix_tokens, head_dim
-from ..schedule import check_count
-from ._options import check_common_options
+from ._options import check_common_options, check_stages
 from .dynamicvit import default_stages, kept_count
 
 SCORES = ("attention", "random")
@@ -102,8 +101,7 @@ class AttentionDropConfig:
             raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
-        if self.stages is not None:
-            object.__setattr__(self, "stages", tuple(check_count(block, "a stage (block index)") for block in self.stages))
+        object.__setattr__(self, "stages", check_stages(self.stages))
 
     def reducers(self, model: nn.Module) -> list[AttentionDrop | None]:
         depth = len(model.blocks)

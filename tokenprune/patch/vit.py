@@ -743,10 +743,14 @@ class ReducingViT(SettingsThroughPatch):
 
     def _refuse_unsized_pooling(self) -> None:
         """Raise when the head pools over tokens the blocks may have merged but is given no sizes."""
-        # Dropping without merging leaves tokens of size 1 at inference (pool_weights is None);
-        # while DynamicViT trains, the dropped tokens stay, and the head needs their keep mask.
-        dropped_only = getattr(self.tokenprune_config, "drops_tokens", False) and not self.training
-        if _pool_by_size(self) and any(b.reducer is not None for b in self.blocks) and not dropped_only:
+        config = self.tokenprune_config
+        # Every token has size 1 (pool_weights is None), so pooling each once is exact, where
+        # tokens leave every block unmerged (merge_unmerge) or are dropped without merging (EViT
+        # without fusion, in training too), except while DynamicViT trains: its dropped tokens
+        # stay, and the head needs their keep mask.
+        masked = self.training and getattr(config, "masks_in_training", False)
+        unit_sizes = getattr(config, "unmerges_in_blocks", False) or (getattr(config, "drops_tokens", False) and not masked)
+        if _pool_by_size(self) and any(b.reducer is not None for b in self.blocks) and not unit_sizes:
             pool = getattr(self, "attn_pool", None)
             pooling = "prr" if isinstance(pool, AttentionPoolPrr) else "map" if pool is not None else repr(self.global_pool)
             raise ValueError(
