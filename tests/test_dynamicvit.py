@@ -279,8 +279,9 @@ def test_misuse_of_the_training_helpers_is_named(tmp_path) -> None:
     predictors(model).train()  # a frozen backbone: the predictors alone train
     assert len(forward_train(model, image()).decisions) == 3
     for config in (tokenprune.DynamicViTConfig, tokenprune.AttentionDropConfig):
-        with pytest.raises(ValueError, match="keep_ratio must be in"):
-            config(keep_ratio=True)
+        for keep_ratio in (True, "0.5", float("nan")):
+            with pytest.raises(ValueError, match="keep_ratio must be in"):
+                config(keep_ratio=keep_ratio)
 
 
 def test_a_predictor_file_that_fails_to_load_leaves_the_model_as_it_was(tmp_path) -> None:

@@ -194,6 +194,17 @@ def test_forward_head_takes_the_pool_weights_of_any_method(method: str, options:
             torch.testing.assert_close(model.forward_head(model.forward_features(image())), model(image()))
 
 
+def test_max_pooling_while_dynamicvit_trains_needs_the_keep_mask() -> None:
+    """Max pooling needs no sizes, but while DynamicViT trains its dropped tokens stay in place and
+    could win the max: the two-step call without the mask is refused there, and taken at inference."""
+    model = tokenprune.patch(make("max_pool"), "dynamicvit", keep_ratio=0.5).train()
+    with pytest.raises(ValueError, match="pools by 'max'.*keep mask.*size=state.pool_weights"):
+        model.forward_head(model.forward_features(image()))
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_head(model.forward_features(image())), model(image()))
+
+
 def test_a_forward_without_tracing_leaves_no_stale_source_map() -> None:
     model = make("vit_cls")
     tokenprune.patch(model, r=8, trace_source=True)

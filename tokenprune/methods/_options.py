@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable
 from dataclasses import fields
 from typing import Any
@@ -34,3 +35,11 @@ def check_stages(stages: object) -> tuple[int, ...] | None:
             f"got {stages!r} ({type(stages).__name__})"
         )
     return tuple(check_count(block, "a stage (block index)") for block in stages)
+
+
+def check_keep_ratio(value: object, source: str = "") -> float:
+    """A pruning keep ratio ρ in (0, 1] (a bool, a string or NaN refused by name); ``source``
+    says where the value should come from, for the error."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < value <= 1.0:
+        raise ValueError(f"keep_ratio must be in (0, 1]{source}, got {value!r} ({type(value).__name__})")
+    return float(value)

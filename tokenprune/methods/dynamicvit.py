@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .._io import write_atomic
 from ..merge import TokenState, keep_top_tokens
 from ..patch.vit import block_prefix_tokens
-from ._options import check_common_options, check_stages
+from ._options import check_common_options, check_keep_ratio, check_stages
 
 
 def default_stages(depth: int) -> tuple[int, ...]:
@@ -119,8 +119,7 @@ class DynamicViTConfig:
 
     def __post_init__(self) -> None:
         check_common_options(self)
-        if isinstance(self.keep_ratio, bool) or not 0.0 < self.keep_ratio <= 1.0:
-            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
+        check_keep_ratio(self.keep_ratio)
         object.__setattr__(self, "stages", check_stages(self.stages))
 
     def stage_blocks(self, depth: int) -> tuple[int, ...]:
@@ -268,8 +267,7 @@ class DynamicViTLoss(nn.Module):
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
-        if isinstance(keep_ratio, bool) or not 0.0 < keep_ratio <= 1.0:
-            raise ValueError(f"keep_ratio must be in (0, 1] (the model's DynamicViTConfig.keep_ratio), got {keep_ratio}")
+        check_keep_ratio(keep_ratio, " (the model's DynamicViTConfig.keep_ratio)")
         self.keep_ratio = keep_ratio
         self.label_smoothing = label_smoothing
         self.cls_weight, self.ratio_weight = cls_weight, ratio_weight

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..merge import TokenState, keep_top_tokens
 from ..patch.vit import block_prefix_tokens, head_dim
-from ._options import check_common_options, check_stages
+from ._options import check_common_options, check_keep_ratio, check_stages
 from .dynamicvit import default_stages, kept_count
 
 SCORES = ("attention", "random")
@@ -97,8 +97,7 @@ class AttentionDropConfig:
 
     def __post_init__(self) -> None:
         check_common_options(self)
-        if isinstance(self.keep_ratio, bool) or not 0.0 < self.keep_ratio <= 1.0:
-            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
+        check_keep_ratio(self.keep_ratio)
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
         object.__setattr__(self, "stages", check_stages(self.stages))

@@ -748,14 +748,17 @@ class ReducingViT(SettingsThroughPatch):
         # tokens leave every block unmerged (merge_unmerge) or are dropped without merging (EViT
         # without fusion, in training too), except while DynamicViT trains: its dropped tokens
         # stay, and the head needs their keep mask.
+        # A max pooling needs no sizes, but does need the mask: a masked token could win it.
         masked = self.training and getattr(config, "masks_in_training", False)
         unit_sizes = getattr(config, "unmerges_in_blocks", False) or (getattr(config, "drops_tokens", False) and not masked)
-        if _pool_by_size(self) and any(b.reducer is not None for b in self.blocks) and not unit_sizes:
+        needs_weights = _pool_by_weight(self) if masked else _pool_by_size(self)
+        if needs_weights and any(b.reducer is not None for b in self.blocks) and not unit_sizes:
             pool = getattr(self, "attn_pool", None)
             pooling = "prr" if isinstance(pool, AttentionPoolPrr) else "map" if pool is not None else repr(self.global_pool)
+            needed = "keep mask of the tokens training dropped" if masked else "sizes"
             raise ValueError(
                 f"this model pools by {pooling} and reduces "
-                "tokens: the pooling needs the token sizes. Use model(x), or "
+                f"tokens: the pooling needs the token {needed}. Use model(x), or "
                 "state = model.forward_tokens(x); model.forward_head(state.x, size=state.pool_weights)"
             )
 
