@@ -64,9 +64,16 @@ def use_triton(backend: str, *tensors: Tensor) -> bool:
                 "(the PyTorch reference there) or 'torch'"
             )
         return True
-    if backend == "auto":
-        return HAS_TRITON and all(t.is_cuda for t in tensors) and not _under_torch_func()
-    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
+    return HAS_TRITON and all(t.is_cuda for t in tensors) and not _under_torch_func()
+
+
+def check_backend(backend: str) -> None:
+    """Raise unless ``backend`` is one of :data:`BACKENDS`. The ops call it before any other
+    dispatch test (dtype, gradients) can route them to the reference without ``use_triton``,
+    so that a misspelt backend fails on every input, not only on the kernels' dtypes."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 def _under_torch_func() -> bool:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels._triton import HAS_TRITON, INTERPRET, block_size, cdiv, check_device, next_power_of_2, tl, triton, use_triton
+from kernels._triton import HAS_TRITON, INTERPRET, block_size, cdiv, check_backend, check_device, next_power_of_2, tl, triton, use_triton
 
 __all__ = ["attention", "attention_folded", "attention_reference", "attention_triton"]
 
@@ -185,8 +185,12 @@ if HAS_TRITON:
             logits = tl.where(valid_n[None, :], logits, float("-inf"))
 
             new_max = tl.maximum(row_max, tl.max(logits, axis=1))
-            weights = tl.math.exp2(logits - new_max[:, None])
-            rescale = tl.math.exp2(row_max - new_max)  # 0 on the first tile (row_max = -inf)
+            # A key bias of -inf masks its key (as in the reference). While every key seen so far
+            # is masked the max is -inf, and -inf - (-inf) would make the weights NaN: subtract 0
+            # instead, which gives those keys weight exp2(-inf) = 0.
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+            weights = tl.math.exp2(logits - shift[:, None])
+            rescale = tl.math.exp2(row_max - shift)  # 0 while row_max = -inf (first tile)
             row_sum = row_sum * rescale + tl.sum(weights, axis=1)
             v = tl.load(
                 v_base + keys[:, None] * stride_v_token + dims[None, :] * stride_v_dim,
@@ -200,7 +204,8 @@ if HAS_TRITON:
                 acc = tl.dot(weights.to(v.dtype), v, acc)
             row_max = new_max
 
-        out = acc / row_sum[:, None]
+        # A query whose every key is masked (-inf) gets 0, as SDPA gives it, not 0/0.
+        out = acc / tl.where(row_sum > 0.0, row_sum, 1.0)[:, None]
         out_base = out_ptr + batch * stride_out_batch + head * stride_out_head
         tl.store(
             out_base + rows[:, None] * stride_out_token + dims[None, :],
@@ -295,21 +300,25 @@ def attention(
     """softmax(q kᵀ · scale + key_bias) v (see :func:`attention_reference`) on the backend
     chosen by ``use_triton``. "auto" takes the kernel for fp16/bf16 CUDA tensors that need no
     gradient, and SDPA otherwise (fp32, CPU, training, under ``torch.compile``, and sequences
-    over 64 tokens without a bias, where the library kernels are faster). With attention
-    dropout (training) it is always SDPA. Compiled, "triton" runs the kernel as one op.
+    over 64 tokens without a bias, where the library kernels are faster). Whenever q, k, v or
+    key_bias needs a gradient, or with attention dropout (training), it is always SDPA.
+    Compiled, "triton" runs the kernel as one op. A key_bias of -inf masks its key.
 
     SDPA (the path of ``backend="torch"`` too) takes the bias as a mask: cheaper than folding
     it into q and k (:func:`attention_folded`) on the H200 at every length, forward and
     backward, and on the CPU (2-core Xeon, ViT-S shapes at batch 8, float32: 3.2 ms with the
     mask, 8.0 ms folded)."""
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    check_backend(backend)  # (before gradients or dtypes can skip use_triton, which checks it too)
+    # The bias counts too: the kernel has no backward, so a key_bias that needs a gradient (sizes
+    # or a mask being trained) would otherwise get none, silently.
+    inputs = (q, k, v) if key_bias is None else (q, k, v, key_bias)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
     # torch.compile (2.11) fails to trace the kernel's launch (the match and merge kernels trace
     # fine), so compiled it runs as a custom op; "auto" leaves it to SDPA, which Inductor handles.
     compiling = torch.compiler.is_compiling()
     if not (needs_grad or dropout or (compiling and backend == "auto")):
         long_unbiased = key_bias is None and q.shape[2] > _AUTO_MAX_TOKENS_WITHOUT_BIAS
         dtypes = _AUTO_DTYPES if backend == "auto" else _SUPPORTED_DTYPES
-        tensors = (q, k, v) if key_bias is None else (q, k, v, key_bias)
-        if not (backend == "auto" and long_unbiased) and q.dtype in dtypes and use_triton(backend, *tensors):
+        if not (backend == "auto" and long_unbiased) and q.dtype in dtypes and use_triton(backend, *inputs):
             return (_attention_op if compiling else attention_triton)(q, k, v, key_bias, scale)
     return attention_reference(q, k, v, key_bias, scale, dropout)

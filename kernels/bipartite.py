@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels._triton import HAS_TRITON, check_device, next_power_of_2, tl, triton, use_triton
+from kernels._triton import HAS_TRITON, check_backend, check_device, next_power_of_2, tl, triton, use_triton
 from kernels.merge import MemberLists
 
 __all__ = [
@@ -332,6 +332,7 @@ def _launch(
 def _kernel_runs(best_score: Tensor, best_b: Tensor, backend: str) -> bool:
     """Float32 scores and up to :data:`AUTO_MAX_A_TOKENS` A tokens (:data:`MAX_A_TOKENS` with
     "triton") on a backend that runs Triton (see ``use_triton``)."""
+    check_backend(backend)  # (before the dtype test can skip use_triton, which checks it too)
     return (
         best_score.dtype == torch.float32
         and best_score.shape[1] <= (MAX_A_TOKENS if backend == "triton" else AUTO_MAX_A_TOKENS)

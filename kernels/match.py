@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels._triton import HAS_TRITON, INTERPRET, block_size, cdiv, check_device, tl, triton, use_triton
+from kernels._triton import HAS_TRITON, INTERPRET, block_size, cdiv, check_backend, check_device, tl, triton, use_triton
 
 __all__ = ["best_match", "best_match_reference", "best_match_triton", "float32_matmul"]
 
@@ -204,14 +204,20 @@ if HAS_TRITON:
 
 
 def _check_inputs(a: Tensor, b: Tensor) -> None:
+    _check_arguments(a, b)
+    if a.dtype not in _SUPPORTED_DTYPES or b.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"unsupported dtypes {a.dtype}, {b.dtype}; expected float32/float16/bfloat16")
+
+
+def _check_arguments(a: Tensor, b: Tensor) -> None:
+    """Everything but the kernel's dtypes: checked on both backends (the reference alone would
+    broadcast a batch of 1 against B, or take [N, D] rows, where the kernel refuses them)."""
     if a.ndim != 3 or b.ndim != 3:
         raise ValueError(f"expected [B, N, D] inputs, got a{tuple(a.shape)} and b{tuple(b.shape)}")
     if a.shape[0] != b.shape[0] or a.shape[2] != b.shape[2]:
         raise ValueError(f"batch/feature sizes differ: a{tuple(a.shape)} vs b{tuple(b.shape)}")
     if b.shape[1] == 0:
         raise ValueError("b has no rows: there is no best match (torch.max fails likewise)")
-    if a.dtype not in _SUPPORTED_DTYPES or b.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"unsupported dtypes {a.dtype}, {b.dtype}; expected float32/float16/bfloat16")
     if a.device != b.device:
         raise ValueError(f"a is on {a.device} but b is on {b.device}")
 
@@ -274,8 +280,9 @@ def best_match(a: Tensor, b: Tensor, backend: str = "auto") -> tuple[Tensor, Ten
     :func:`best_match_reference`), on the backend chosen by ``use_triton`` ("auto": Triton for
     CUDA tensors when triton imports). Dtypes outside fp32/fp16/bf16 take the reference, and so
     does "auto" for a float32 match of more than :data:`FP32_KERNEL_MAX_FLOPS`."""
+    check_backend(backend)
+    _check_arguments(a, b)  # on every backend, not only before the kernel
     if a.dtype in _SUPPORTED_DTYPES and b.dtype in _SUPPORTED_DTYPES and use_triton(backend, a, b):
-        _check_inputs(a, b)  # (its [B, N, D] message, before the shapes are unpacked)
         (batch, num_a, dim), num_b = a.shape, b.shape[1]
         if backend == "triton" or native_dot(a, b) or 2 * batch * num_a * num_b * dim <= FP32_KERNEL_MAX_FLOPS:
             return best_match_triton(a, b)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels._triton import HAS_TRITON, INTERPRET, cdiv, check_device, next_power_of_2, tl, triton, use_triton
+from kernels._triton import HAS_TRITON, INTERPRET, cdiv, check_backend, check_device, next_power_of_2, tl, triton, use_triton
 
 __all__ = ["MemberLists", "merge_wavg", "merge_wavg_reference", "merge_wavg_triton"]
 
@@ -60,12 +60,13 @@ def merge_wavg_reference(x: Tensor, size: Tensor, dest: Tensor, num_out: int) ->
     in float64: a float64 model, e.g. under ``gradcheck``, keeps its precision). An
     output of total size 0 (only size-0 members: NaFlex padding; or no members) is 0, not 0/0.
     """
-    batch, _, channels = x.shape
+    batch, tokens, channels = x.shape
     weighted = x.to(torch.promote_types(x.dtype, torch.float32)) * size
     # One index_add_ over the flattened batch: the same sums in the same order as a
     # scatter_add_ along dim 1 (bit-identical), about 3x faster on CPU.
     flat = (dest + num_out * torch.arange(batch, device=dest.device).unsqueeze(1)).reshape(-1)
-    merged = weighted.new_zeros(batch * num_out, channels).index_add_(0, flat, weighted.reshape(-1, channels))
+    rows = weighted.reshape(batch * tokens, channels)  # (not -1, which a C of 0 leaves ambiguous)
+    merged = weighted.new_zeros(batch * num_out, channels).index_add_(0, flat, rows)
     new_size = size.new_zeros(batch * num_out, 1).index_add_(0, flat, size.reshape(-1, 1))
     average = merged / new_size.clamp(min=_TINY)  # sizes are counts: the clamp only turns 0/0 into 0
     return average.to(x.dtype).view(batch, num_out, channels), new_size.view(batch, num_out, 1)
@@ -224,7 +225,8 @@ def _launch(
     # [0, num_out) (the contract; not checked, as that would synchronise): values outside it
     # fall outside every group here, but the backward's gather and the reference index them.
     def grid(meta: dict) -> tuple[int, int, int]:
-        return (batch, cdiv(num_out, meta["BLOCK_T"]), cdiv(channels, meta["BLOCK_C"]))
+        # At least one channel block: its programs write new_size, also for tokens of no channels.
+        return (batch, cdiv(num_out, meta["BLOCK_T"]), max(1, cdiv(channels, meta["BLOCK_C"])))
 
     kernel, meta = _merge_wavg_kernel, {}
     if tile is not None:
@@ -321,6 +323,7 @@ def merge_wavg(
     fp32/fp16/bf16 take the reference. ``members``: ``MemberLists(dest)``, shared by the merges
     of one matching so that the kernel sorts ``dest`` once, or never where the matching laid the
     lists out (the reference needs no sort)."""
+    check_backend(backend)  # (before the dtype test can skip use_triton, which checks it too)
     if x.dtype in _SUPPORTED_DTYPES and size.dtype == torch.float32 and use_triton(backend, x, size, dest):
         return merge_wavg_triton(x, size, dest, num_out, members)
     return merge_wavg_reference(x, size, dest, num_out)

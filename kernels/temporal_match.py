@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels._triton import HAS_TRITON, block_size, cdiv, check_device, tl, triton, use_triton
+from kernels._triton import HAS_TRITON, block_size, cdiv, check_backend, check_device, tl, triton, use_triton
 
 if HAS_TRITON:
     from kernels.match import cosine_tile, inverse_row_norms, keep_best
@@ -185,12 +185,18 @@ if HAS_TRITON:
 
 
 def _check_inputs(metric: Tensor, pos: Tensor, window: float, max_frame_gap: float) -> None:
+    _check_arguments(metric, pos, window, max_frame_gap)
+    if metric.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"unsupported metric dtype {metric.dtype}; expected float32/float16/bfloat16")
+
+
+def _check_arguments(metric: Tensor, pos: Tensor, window: float, max_frame_gap: float) -> None:
+    """Everything but the kernel's dtypes: checked on both backends (the reference alone would
+    broadcast a ``pos`` of batch 1, or take a negative window, where the kernel refuses them)."""
     if metric.ndim != 3 or pos.ndim != 3 or pos.shape[-1] != 3:
         raise ValueError(f"expected metric [B, N, D] and pos [B, N, 3], got {tuple(metric.shape)} and {tuple(pos.shape)}")
     if metric.shape[:2] != pos.shape[:2]:
         raise ValueError(f"metric and pos describe different tokens: {tuple(metric.shape)} vs {tuple(pos.shape)}")
-    if metric.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"unsupported metric dtype {metric.dtype}; expected float32/float16/bfloat16")
     if not pos.is_floating_point():
         raise TypeError(f"pos must be floating point centroids, got {pos.dtype}")
     if metric.device != pos.device:
@@ -247,6 +253,8 @@ def temporal_best_match(
     """Each token's best partner under the temporal rule (see
     :func:`temporal_best_match_reference`), on the backend chosen by ``use_triton`` ("auto":
     Triton for CUDA tensors when triton imports)."""
+    check_backend(backend)
+    _check_arguments(metric, pos, window, max_frame_gap)  # on every backend, not only before the kernel
     if metric.dtype in _SUPPORTED_DTYPES and use_triton(backend, metric, pos):
         return temporal_best_match_triton(metric, pos, window, max_frame_gap)
     return temporal_best_match_reference(metric, pos, window, max_frame_gap)

@@ -226,6 +226,39 @@ def test_best_match_dispatch_and_validation() -> None:
     assert empty_score.shape == empty_index.shape == (1, 0)
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+def test_match_ops_check_their_inputs_on_every_backend(backend: str) -> None:
+    """best_match and temporal_best_match refuse what their contract excludes whichever backend
+    runs: the references alone would broadcast a batch of 1 against B (a result for inputs the
+    kernel refuses), take [N, D] rows or a negative window. A misspelt backend fails for every
+    dtype, also where the dtype alone routes the call to the reference."""
+    a, b = torch.randn(2, 5, 8, device=DEVICE), torch.randn(2, 4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="batch/feature sizes differ"):
+        best_match(a[:1], b, backend=backend)
+    with pytest.raises(ValueError, match=r"expected \[B, N, D\] inputs"):
+        best_match(a[0], b[0], backend=backend)
+    with pytest.raises(ValueError, match="b has no rows"):
+        best_match(a, b[:, :0], backend=backend)
+    metric, pos = torch.randn(2, 45, 8, device=DEVICE), video_positions(2, (5, 3, 3), merged=False)
+    with pytest.raises(ValueError, match="different tokens"):
+        kernels.temporal_best_match(metric, pos[:1], 1, backend=backend)
+    with pytest.raises(ValueError, match="non-negative"):
+        kernels.temporal_best_match(metric, pos, -1, backend=backend)
+    x, size, dest = torch.randn(2, 5, 8, dtype=torch.float64), torch.ones(2, 5, 1), torch.zeros(2, 5, dtype=torch.long)
+    misspelt = backend.upper()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        best_match(a.double(), b.double(), backend=misspelt)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        kernels.temporal_best_match(metric.double(), pos, 1, backend=misspelt)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        merge_wavg(x, size, dest, 1, misspelt)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        kernels.bipartite_dest(torch.zeros(1, 2, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.long), 1, 4, 0, misspelt)
+    q = torch.randn(1, 1, 3, 8, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        kernels.attention(q, q, q, None, 0.5, misspelt)
+
+
 # -------------------------------------------------------------------------- temporal_best_match
 
 
@@ -751,6 +784,17 @@ def test_merge_sizes_get_no_gradient() -> None:
     assert merged.requires_grad and not new_size.requires_grad
     grad_x, grad_size = torch.autograd.grad(merged.sum(), (x, size), allow_unused=True)
     assert grad_x is not None and grad_size is None
+
+
+@pytest.mark.parametrize("merge", [merge_wavg_triton, merge_wavg_reference], ids=["triton", "reference"])
+def test_merge_of_tokens_without_channels_still_sums_their_sizes(merge) -> None:
+    """C = 0: no channel block to run, but the summed sizes are still written (not left as
+    uninitialised memory), and the reference does not fail to flatten its rows."""
+    size = torch.tensor([[[1.0], [2.0], [3.0], [4.0]]], device=DEVICE)
+    dest = torch.tensor([[0, 1, 0, 1]], device=DEVICE)
+    merged, new_size = merge(torch.randn(1, 4, 0, device=DEVICE), size, dest, 2)
+    assert merged.shape == (1, 2, 0)
+    assert new_size.flatten().tolist() == [4.0, 6.0]
 
 
 def test_merge_dispatch_and_validation() -> None:
@@ -1401,6 +1445,35 @@ def test_attention_kernel_takes_a_strided_key_bias() -> None:
     out = kernels.attention_triton(q, k, v, key_bias, 32**-0.5)
     ref = kernels.attention_reference(q.double(), k.double(), v.double(), key_bias.double().contiguous(), 32**-0.5)
     assert (out.double() - ref).norm() / ref.norm() < 1e-5
+
+
+def test_attention_kernel_masks_whole_key_tiles_with_minus_infinity() -> None:
+    """A key bias of -inf masks its key, in the kernel as in the reference, also where a query's
+    first key tile (64 keys) is masked entirely, whose running max is then -inf: no -inf - (-inf)
+    = NaN. A query with every key masked gets 0, as from SDPA."""
+    q, k, v = qkv_views(3, 1, 80, 16, torch.float32, seed=8)
+    key_bias = log_sizes(3, 80)
+    key_bias[0, :64] = float("-inf")  # the first tile masked, the second not
+    key_bias[1, 64:] = float("-inf")  # the last tile masked
+    key_bias[2] = float("-inf")  # every key masked
+    out = kernels.attention_triton(q, k, v, key_bias, 0.25)
+    ref = kernels.attention_reference(q.double(), k.double(), v.double(), key_bias.double(), 0.25)
+    assert torch.isfinite(out).all()
+    assert (out[2] == 0).all() and (ref[2] == 0).all()
+    assert (out[:2].double() - ref[:2]).norm() / ref[:2].norm() < 1e-5
+
+
+def test_attention_takes_the_differentiable_path_when_the_key_bias_needs_gradients() -> None:
+    """The kernel has no backward: a key bias that needs a gradient (q, k, v frozen) must take
+    SDPA on every backend, not leave the bias without its gradient."""
+    q, k, v = qkv_views(1, 2, 9, 16, torch.float32, seed=9)
+    key_bias = log_sizes(1, 9).requires_grad_(True)
+    out = kernels.attention(q, k, v, key_bias, 0.25, backend="triton")
+    assert out.requires_grad
+    (grad,) = torch.autograd.grad(out.square().sum(), key_bias)
+    exact = key_bias.detach().requires_grad_(True)
+    (expected,) = torch.autograd.grad(kernels.attention_reference(q, k, v, exact, 0.25).square().sum(), exact)
+    torch.testing.assert_close(grad, expected)
 
 
 @pytest.mark.parametrize("tokens", [9, 101])
