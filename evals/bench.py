@@ -196,7 +196,7 @@ def _resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("give the backend with --backend (repeatable: one row per backend), not --option backend=…")
     config = {
         "device": device,
-        "models": pick("model"),
+        "models": list(dict.fromkeys(pick("model"))),
         "img_size": args.img_size,
         "packed": args.packed,
         "batch_sizes": list(dict.fromkeys(pick("batch_size"))),

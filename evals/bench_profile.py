@@ -70,27 +70,41 @@ def _ran_on_device(event: Any) -> bool:
     return getattr(event, "device_type", DeviceType.CPU) != DeviceType.CPU
 
 
-def profile_forward(model: torch.nn.Module, inputs: torch.Tensor, dtype: torch.dtype, warmup: int, runs: int,
-                    top: int) -> dict[str, Any]:
-    """Wall and kernel time per forward (medians / means over ``runs``), the ``top`` operators
-    by host time and, on CUDA, the ``top`` kernels by device time."""
+def _forward(model: torch.nn.Module, inputs: torch.Tensor, dtype: torch.dtype) -> None:
+    with torch.inference_mode(), autocast(inputs.device, dtype):
+        model(inputs)
+
+
+def wall_times(model: torch.nn.Module, inputs: torch.Tensor, dtype: torch.dtype, warmup: int, runs: int) -> list[float]:
+    """Seconds per forward of ``runs`` forwards after ``warmup`` untimed ones, host clock between
+    device synchronisations."""
     device = inputs.device
-    on_cuda = device.type == "cuda"
-
-    def forward() -> None:
-        with torch.inference_mode(), autocast(device, dtype):
-            model(inputs)
-
     for _ in range(warmup):
-        forward()
+        _forward(model, inputs, dtype)
     synchronize(device)
     wall = []
     for _ in range(runs):
         synchronize(device)
         started = time.perf_counter()
-        forward()
+        _forward(model, inputs, dtype)
         synchronize(device)
         wall.append(time.perf_counter() - started)
+    return wall
+
+
+def profile_forward(model: torch.nn.Module, inputs: torch.Tensor, dtype: torch.dtype, warmup: int, runs: int,
+                    top: int, wall: list[float] | None = None) -> dict[str, Any]:
+    """Wall and kernel time per forward (medians / means over ``runs``), the ``top`` operators
+    by host time and, on CUDA, the ``top`` kernels by device time. ``wall``: the forwards'
+    :func:`wall_times`, taken beforehand (else here, before the profiler starts)."""
+    device = inputs.device
+    on_cuda = device.type == "cuda"
+
+    def forward() -> None:
+        _forward(model, inputs, dtype)
+
+    if wall is None:
+        wall = wall_times(model, inputs, dtype, warmup, runs)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     with profile(activities=activities) as prof:
         for _ in range(runs):
@@ -164,16 +178,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     baseline = create_model(args.model, args.img_size, device, args.seed)
     inputs = example_input(baseline, batch, device, args.seed)
     setting = describe_setting(args.method, options) or "unpatched"
-    results = []
+    models = []
     for backend in args.backend or ["auto"]:
         model = baseline
         if args.method != "none":
             # (the dropping methods have no backend: their gathers are not the kernels')
             model = tokenprune.patch(create_model(args.model, args.img_size, device, args.seed), args.method,
                                      **options, **({"backend": backend} if method_takes(args.method, "backend") else {}))
+        models.append((backend, model))
+    # Every wall time before the first profiler session: without TEARDOWN_CUPTI=1 the profiler
+    # leaves CUPTI attached when it ends (pytorch/pytorch#144455), which slows every later kernel
+    # launch, so a forward timed after a profile reads slower and its GPU less busy.
+    walls = [wall_times(model, inputs, dtype, args.warmup, args.runs) for model in [baseline, *(m for _, m in models)]]
+    results = []
+    for (backend, model), wall in zip(models, walls[1:]):
         print(f"profiling {args.model} {args.method} {setting}, backend {backend}", file=sys.stderr, flush=True)
-        results.append({"backend": backend, **profile_forward(model, inputs, dtype, args.warmup, args.runs, args.top)})
-    unreduced = profile_forward(baseline, inputs, dtype, args.warmup, args.runs, args.top)
+        results.append({"backend": backend, **profile_forward(model, inputs, dtype, args.warmup, args.runs, args.top, wall)})
+    unreduced = profile_forward(baseline, inputs, dtype, args.warmup, args.runs, args.top, walls[0])
 
     env = environment(device)
     document = {

@@ -231,7 +231,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 raise SystemExit(f"{path}: repeats settings of an earlier benchmark file ({sorted(clash)[0]}): "
                                  "give one benchmark per model and setting (e.g. one device)")
             speed += found
-            batch = args.batch_size or max(row["batch_size"] for row in document["rows"])
+            # the batch speed_points took its rows from: the largest among the fused rows of this compile mode
+            batch = args.batch_size or max(row["batch_size"] for row in document["rows"]
+                                           if row["attention"] == "fused" and row["compile"] == args.compiled)
             devices.append(f"{document['environment']['device_name']}, batch {batch}, {document['config']['dtype']}"
                            f"{', compiled' if args.compiled else ''}")  # fmt: skip
         else:

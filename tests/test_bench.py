@@ -765,6 +765,28 @@ def test_pareto_speed_is_the_fastest_fused_row_at_the_largest_batch() -> None:
     assert (joined.speed, joined.speedup, joined.quality, missing) == (180.0, 1.8, 0.9, [])
 
 
+def test_pareto_title_names_the_batch_its_speed_points_come_from(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A bench stopped part-way (eager rows at batch 1 and 4, compiled ones at batch 1 only):
+    --compiled takes the batch-1 rows, and the figure's title says batch 1, not the eager rows' 4."""
+    rows = [_bench_row("none", "", "fused", 1, 10.0, 1.0, 2.0), _bench_row("tome", "r=2", "fused", 1, 12.0, 1.2, 1.0),
+            _bench_row("none", "", "fused", 4, 40.0, 1.0, 2.0), _bench_row("tome", "r=2", "fused", 4, 60.0, 1.5, 1.0)]
+    rows += [{**row, "compile": True, "samples_per_s": 2 * row["samples_per_s"]} for row in rows[:2]]
+    bench_doc = {"rows": rows, "environment": {"device_name": "dev"}, "config": {"dtype": "float32"}}
+    fidelity = {"model_name": "m", "input_size": [64, 64], "rows": [
+        {"method": "none", "setting": "", "gflops": 2.0, "cosine_mean": 1.0},
+        {"method": "tome", "setting": "r=2", "gflops": 1.0, "cosine_mean": 0.9},
+    ]}  # fmt: skip
+    (tmp_path / "b.json").write_text(json.dumps(bench_doc))
+    (tmp_path / "f.json").write_text(json.dumps(fidelity))
+    titles: list[str] = []
+    monkeypatch.setattr(pareto, "plot_png", lambda points, front, x, title: titles.append(title) or b"")
+    result = pareto.main([str(tmp_path / "b.json"), str(tmp_path / "f.json"), "--compiled", "--out", str(tmp_path / "p.png")])
+    assert sorted(p.speed for p in result["points"]) == [20.0, 24.0]  # the compiled batch-1 rows
+    assert titles == ["dev, batch 1, float32, compiled"]
+    pareto.main([str(tmp_path / "b.json"), str(tmp_path / "f.json"), "--out", str(tmp_path / "p.png")])
+    assert titles[-1] == "dev, batch 4, float32"
+
+
 def test_pareto_table_marks_the_front_and_refuses_two_gflops_for_one_point(tmp_path: Path) -> None:
     fidelity = {"model_name": "m", "input_size": [64, 64], "rows": [
         {"method": "none", "setting": "", "gflops": 2.0, "cosine_mean": 1.0},
@@ -1171,11 +1193,15 @@ def test_speed_budget_is_searched_in_the_rows_dtype(monkeypatch: pytest.MonkeyPa
 
 
 def test_repeated_sweep_values_run_once() -> None:
+    """A model, batch size or backend given twice runs once: a model twice gave two groups of the
+    same rows, timed twice (and evals.pareto kept the faster of the two draws)."""
     parser = bench.build_parser()
     config = bench._resolve_config(parser.parse_args(
-        ["--device", "cpu", "--batch-size", "2", "--batch-size", "2", "--batch-size", "4", "--backend", "torch", "--backend", "torch"]
+        ["--device", "cpu", "--batch-size", "2", "--batch-size", "2", "--batch-size", "4", "--backend", "torch", "--backend", "torch",
+         "--model", MODEL, "--model", "deit_tiny_patch16_224", "--model", MODEL]
     ))  # fmt: skip
     assert (config["batch_sizes"], config["backends"]) == ([2, 4], ["torch"])
+    assert config["models"] == [MODEL, "deit_tiny_patch16_224"]
 
 
 def test_repeated_settings_and_budgets_run_once() -> None:

@@ -155,6 +155,29 @@ def test_unreduced_row_profiles_the_unpatched_model(tmp_path: Path) -> None:
     assert "Top operators by host time, backend torch" in markdown and "Top operators by host time, unreduced" not in markdown
 
 
+def test_every_wall_time_is_taken_before_the_first_profile(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A profiler session leaves CUPTI attached after it ends (kernel launches slow down): each
+    model's wall clock readings, the unreduced model's included, come before any profile."""
+    events: list[str] = []
+    real_profile, real_clock = bench_profile.profile, bench_profile.time.perf_counter
+
+    def recording_profile(*args, **kwargs):
+        events.append("profile")
+        return real_profile(*args, **kwargs)
+
+    def clock() -> float:
+        events.append("clock")
+        return real_clock()
+
+    monkeypatch.setattr(bench_profile, "profile", recording_profile)
+    monkeypatch.setattr(bench_profile, "time", types.SimpleNamespace(perf_counter=clock))
+    document = _profile_tiny_vit(tmp_path, "--r", "2", "--backend", "auto", "--warmup", "0", "--runs", "2", "--top", "1")
+    assert events.count("profile") == 3 and events.count("clock") == 3 * 2 * 2  # 3 models, 2 forwards, 2 readings
+    assert events.index("profile") > max(i for i, event in enumerate(events) if event == "clock")
+    assert [row["backend"] for row in document["backends"]] == ["torch", "auto"]
+    assert all(row["wall_ms_per_forward"] > 0 for row in [document["unreduced"], *document["backends"]])
+
+
 def test_profile_refuses_a_zero_batch(tmp_path: Path) -> None:
     """``--batch-size 0`` once profiled the default batch of 8 and recorded that, silently."""
     with pytest.raises(SystemExit, match="must be at least 1"):
