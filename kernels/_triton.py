@@ -57,7 +57,7 @@ def use_triton(backend: str, *tensors: Tensor) -> bool:
         return False
     if backend == "triton":
         check_device(*tensors)
-        if _under_torch_func():
+        if under_torch_func():
             raise RuntimeError(
                 "the Triton kernels cannot run under torch.func transforms (grad, vmap, jacrev, ...): their "
                 "launches read raw storage, which functorch's wrapped tensors do not have; use backend='auto' "
@@ -65,7 +65,7 @@ def use_triton(backend: str, *tensors: Tensor) -> bool:
             )
         return True
     check_backend(backend)
-    return HAS_TRITON and all(t.is_cuda for t in tensors) and not _under_torch_func()
+    return HAS_TRITON and all(t.is_cuda for t in tensors) and not under_torch_func()
 
 
 def check_backend(backend: str) -> None:
@@ -76,7 +76,7 @@ def check_backend(backend: str) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def _under_torch_func() -> bool:
+def under_torch_func() -> bool:
     """Whether a torch.func transform (grad, vmap, ...) is running. (Not asked while Dynamo
     traces: it would not know the function, and a compiled graph's kernels take real tensors.)"""
     return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()

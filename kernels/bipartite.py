@@ -80,24 +80,27 @@ def bipartite_dest_reference(best_score: Tensor, best_b: Tensor, r: int, num_tok
     """
     p, device = num_protected, best_score.device
     batch, num_a = best_score.shape
-    a_part, b_part = bipartite_split(p)
+    _, b_part = bipartite_split(p)
     num_b = num_tokens - p - num_a
 
+    # Out of place throughout: torch.func.vmap (per-sample gradients) cannot write a batched
+    # value into a tensor made here, which it does not batch ("auto" takes this path under it).
     order = best_score.argsort(dim=-1, descending=True, stable=True)
-    is_src = torch.zeros(batch, num_a, dtype=torch.bool, device=device)
-    is_src.scatter_(1, order[:, :r], True)
+    is_src = torch.zeros(batch, num_a, dtype=torch.bool, device=device).scatter(1, order[:, :r], True)
 
     b_base = p + num_a - r
     unmerged_rank = (~is_src).cumsum(dim=1) - 1
     dest_a = torch.where(is_src, b_base + best_b, p + unmerged_rank)
     dest_b = (b_base + torch.arange(num_b, device=device)).expand(batch, -1)
 
-    dest = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
-    dest[:, :p] = torch.arange(p, device=device)
-    body = dest[:, p:]
-    body[:, a_part] = dest_a
-    body[:, b_part] = dest_b
-    return dest
+    # Body position j holds the (j // 2)-th token of its set: of [dest_a, dest_b] side by side,
+    # entry j // 2 for A positions and num_a + j // 2 for B positions.
+    position = torch.arange(num_tokens - p, device=device)
+    in_b = torch.zeros_like(position, dtype=torch.bool)
+    in_b[b_part] = True
+    body = torch.cat([dest_a, dest_b], dim=1).gather(1, (position // 2 + num_a * in_b).expand(batch, -1))
+    prefix = torch.arange(p, device=device).expand(batch, -1)
+    return torch.cat([prefix, body], dim=1)
 
 
 if HAS_TRITON:

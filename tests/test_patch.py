@@ -636,6 +636,32 @@ def test_patching_through_compile_and_data_parallel(tmp_path) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize(
+    "method, options",
+    [("tome", {"r": 8, "trace_source": True}), ("merge_unmerge", {"ratio": 0.5}), ("evit", {}), ("local_global", {"local_block": 0})],
+)
+def test_per_sample_gradients_with_torch_func(method: str, options: dict) -> None:
+    """Per-sample gradients, torch.func's vmap over grad (DP-SGD, influence functions), go through
+    a reducing model ("auto" takes the PyTorch references under the transform) and equal each
+    image's own backward: the references build their assignments out of place, since vmap cannot
+    write a batched index or value into a tensor they make."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", depth=3, num_classes=10, img_size=64).eval()
+    tokenprune.patch(model, method, **options)
+    x = image(2, 64)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def loss(weights: dict, one: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(model, weights, (one[None],)).square().sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(x.shape[0]):
+        model.zero_grad()
+        loss(dict(model.named_parameters()), x[i]).backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(per_sample[name][i], p.grad, rtol=1e-4, atol=1e-5)
+
+
 def test_tomes_model_r_raises_instead_of_changing_nothing() -> None:
     """Published ToMe is configured by ``model.r = 16`` after patching; here that attribute would
     be read by nothing, so setting it raises with the call that works."""

@@ -221,7 +221,8 @@ def drop_tokens(state: TokenState, keep_index: Tensor) -> TokenState:
     source_index = state.source_index
     if source_index is not None:
         dest = torch.full(state.x.shape[:2], -1, dtype=torch.long, device=keep_index.device)
-        dest.scatter_(1, keep_index, torch.arange(keep_index.shape[1], device=keep_index.device).expand_as(keep_index))
+        # (out of place: torch.func.vmap cannot scatter a batched index into it in place)
+        dest = dest.scatter(1, keep_index, torch.arange(keep_index.shape[1], device=keep_index.device).expand_as(keep_index))
         source_index = torch.where(source_index >= 0, dest.gather(1, source_index.clamp(min=0)), -1)
     return state._replace(
         x=take(state.x),
@@ -255,7 +256,9 @@ def keep_top_tokens(
     # Kept tokens go to their slots, every dropped token to one extra slot at the end.
     num_out = p + num_keep + 1
     dest = torch.full((batch, num_tokens), num_out - 1, dtype=torch.long, device=top.device)
-    dest.scatter_(1, keep_index, torch.arange(p + num_keep, device=top.device).expand(batch, -1))
+    # Out of place: torch.func.vmap (per-sample gradients) cannot scatter a batched index into a
+    # tensor made here in place.
+    dest = dest.scatter(1, keep_index, torch.arange(p + num_keep, device=top.device).expand(batch, -1))
     # merge_state carries sizes, sources and positions (its size-weighted x for the fused slot
     # is replaced below); "torch": this gather/scatter is not the hot path the kernel is for.
     merged = merge_state(state, dest, num_out, backend="torch")

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from kernels import best_match
+from kernels._triton import under_torch_func
 from kernels.match import float32_matmul
 from kernels.temporal_match import OUTSIDE_PENALTY, temporal_best_match
 
@@ -173,7 +174,9 @@ class TemporalMerge:
         rank = torch.where(has_partner, best_score, torch.where(even, _NO_PARTNER, _NO_PARTNER - 1.0))
         order = rank.argsort(dim=-1, descending=True, stable=True)[:, :r]
         # Checked where it is free: on a GPU, reading the answer would stall the host every block.
-        if best_score.device.type == "cpu" and not torch.compiler.is_compiling():
+        # Not under torch.func transforms (per-sample gradients), whose wrapped values cannot be read.
+        readable = not torch.compiler.is_compiling() and not under_torch_func()
+        if best_score.device.type == "cpu" and readable:
             self._warn_about_drift(rank.gather(1, order))
         is_src = torch.zeros_like(best_score, dtype=torch.bool).scatter_(1, order, True)
         dest = ordered_dest(is_src, best_b, p, has_partner)
@@ -275,7 +278,7 @@ class BackgroundMerge:
             odd = torch.arange(n, device=keys.device) % 2 == 1
             candidates = importance.masked_fill(odd, float("inf")).argsort(dim=-1, stable=True)
             candidates = candidates[:, : self.pool_size(state.num_tokens)]
-            in_pool = torch.zeros(batch, n, dtype=torch.bool, device=keys.device).scatter_(1, candidates, True)
+            in_pool = torch.zeros(batch, n, dtype=torch.bool, device=keys.device).scatter(1, candidates, True)
             unit = unit_vectors(keys[:, p:])
             a = unit.gather(1, candidates.unsqueeze(-1).expand(-1, -1, unit.shape[-1]))
             # float32 under autocast too, as best_match scores: bf16 would round them into ties
@@ -283,8 +286,10 @@ class BackgroundMerge:
             best, best_partner = scores.max(dim=-1)
         chosen = best.argsort(dim=-1, descending=True, stable=True)[:, :r]  # the r best-matched candidates
         src = candidates.gather(1, chosen)
-        is_src = torch.zeros(batch, n, dtype=torch.bool, device=src.device).scatter_(1, src, True)
-        partner = src.new_zeros(batch, n).scatter_(1, src, best_partner.gather(1, chosen))
+        # Scatters out of place (in_pool too): torch.func.vmap (per-sample gradients) cannot scatter
+        # a batched index into a tensor made here in place.
+        is_src = torch.zeros(batch, n, dtype=torch.bool, device=src.device).scatter(1, src, True)
+        partner = src.new_zeros(batch, n).scatter(1, src, best_partner.gather(1, chosen))
         dest = ordered_dest(is_src, partner, p)
         return merge_state(state, dest, state.num_tokens - r, self.backend)
 
