@@ -636,6 +636,7 @@ def test_patching_through_compile_and_data_parallel(tmp_path) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # torch: no batching rule for SDPA
 @pytest.mark.parametrize(
     "method, options",
     [("tome", {"r": 8, "trace_source": True}), ("merge_unmerge", {"ratio": 0.5}), ("evit", {}), ("local_global", {"local_block": 0})],

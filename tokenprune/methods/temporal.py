@@ -178,7 +178,7 @@ class TemporalMerge:
         readable = not torch.compiler.is_compiling() and not under_torch_func()
         if best_score.device.type == "cpu" and readable:
             self._warn_about_drift(rank.gather(1, order))
-        is_src = torch.zeros_like(best_score, dtype=torch.bool).scatter_(1, order, True)
+        is_src = torch.zeros_like(best_score, dtype=torch.bool).scatter(1, order, True)  # (vmap batches it)
         dest = ordered_dest(is_src, best_b, p, has_partner)
         return merge_state(state, dest, state.num_tokens - r, self.backend)
 
