@@ -649,16 +649,20 @@ def test_per_sample_gradients_with_torch_func(method: str, options: dict) -> Non
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", depth=3, num_classes=10, img_size=64).eval()
     tokenprune.patch(model, method, **options)
-    x = image(2, 64)
+    assert_per_sample_gradients(model, image(2, 64))
+
+
+def assert_per_sample_gradients(model: nn.Module, inputs: torch.Tensor) -> None:
+    """torch.func's vmap over grad gives each input the gradients of its own backward."""
     params = {name: p.detach() for name, p in model.named_parameters()}
 
     def loss(weights: dict, one: torch.Tensor) -> torch.Tensor:
         return torch.func.functional_call(model, weights, (one[None],)).square().sum()
 
-    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
-    for i in range(x.shape[0]):
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, inputs)
+    for i in range(inputs.shape[0]):
         model.zero_grad()
-        loss(dict(model.named_parameters()), x[i]).backward()
+        loss(dict(model.named_parameters()), inputs[i]).backward()
         for name, p in model.named_parameters():
             torch.testing.assert_close(per_sample[name][i], p.grad, rtol=1e-4, atol=1e-5)
 

@@ -12,7 +12,7 @@ import tokenprune
 from tokenprune.merge import TokenState, grid_positions, source_matrix
 from tokenprune.models import VideoVisionTransformer, video_vit_small_patch16_224
 from tokenprune.patch.vit import attend
-from tests.test_patch import counted_flops
+from tests.test_patch import assert_per_sample_gradients, counted_flops
 
 FRAMES, SIZE = 8, 64
 GRID = (FRAMES // 2, SIZE // 16, SIZE // 16)  # (T', H', W') = (4, 4, 4)
@@ -495,17 +495,7 @@ def test_per_sample_gradients_with_torch_func(variant, clip):
     reads a value back, is skipped under the transform."""
     model = make_model(depth=2).requires_grad_(True)
     patch_variant(model, variant)
-    params = {name: p.detach() for name, p in model.named_parameters()}
-
-    def loss(weights, one):
-        return torch.func.functional_call(model, weights, (one[None],)).square().sum()
-
-    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, clip)
-    for i in range(clip.shape[0]):
-        model.zero_grad()
-        loss(dict(model.named_parameters()), clip[i]).backward()
-        for name, p in model.named_parameters():
-            torch.testing.assert_close(per_sample[name][i], p.grad, rtol=1e-4, atol=1e-5)
+    assert_per_sample_gradients(model, clip)
 
 
 def test_unsupported_methods_and_intermediates_raise_clearly(clip):
