@@ -37,6 +37,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "bench_attention_cuda.json")
     args = parser.parse_args(argv)
+    if min(args.batch_size, args.heads, args.head_dim, *args.tokens) < 1:
+        raise SystemExit("--batch-size, --heads, --head-dim and every --tokens must be at least 1")
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention needs a CUDA GPU (the Triton kernel is compiled for it)")
     from triton.testing import do_bench

@@ -116,7 +116,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     batch = (256 if on_gpu else 16) if args.batch_size is None else args.batch_size
     video_batch = (32 if on_gpu else 2) if args.video_batch_size is None else args.video_batch_size
     dtype = DTYPES[args.dtype or ("bfloat16" if on_gpu else "float32")]
-    backends = args.backend or (["torch", "triton"] if on_gpu and HAS_TRITON else ["torch"])
+    # dict.fromkeys: a backend given twice is one row, not two timings of the same path.
+    backends = list(dict.fromkeys(args.backend or (["torch", "triton"] if on_gpu and HAS_TRITON else ["torch"])))
     refuse_unusable_triton(backends, device)  # before the torch rows run
     repeat = (20 if on_gpu else 1) if args.repeat is None else args.repeat
     if min(batch, video_batch, args.runs, repeat) < 1 or args.warmup < 0:

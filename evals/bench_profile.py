@@ -179,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     inputs = example_input(baseline, batch, device, args.seed)
     setting = describe_setting(args.method, options) or "unpatched"
     models = []
-    for backend in args.backend or ["auto"]:
+    for backend in dict.fromkeys(args.backend or ["auto"]):  # a backend given twice is profiled once
         model = baseline
         if args.method != "none":
             # (the dropping methods have no backend: their gathers are not the kernels')

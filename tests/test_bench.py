@@ -908,6 +908,15 @@ def test_bench_attention_needs_a_gpu() -> None:
 
 
 
+@pytest.mark.parametrize("flags", [["--tokens", "0"], ["--tokens", "21", "-5"], ["--batch-size", "0"], ["--heads", "0"], ["--head-dim", "0"]])
+def test_bench_attention_refuses_empty_sizes(flags: list[str]) -> None:
+    """Checked before the GPU is needed: a size of 0 made an empty tensor to time."""
+    from evals import bench_attention
+
+    with pytest.raises(SystemExit, match="must be at least 1"):
+        bench_attention.main(flags)
+
+
 def test_bench_attention_row_and_table() -> None:
     """A row on CPU (the kernel in the interpreter, q/k/v strided views of one projection):
     each of the seven variants timed once through the given timer, the kernel's error relative
@@ -1202,6 +1211,20 @@ def test_repeated_sweep_values_run_once() -> None:
     ))  # fmt: skip
     assert (config["batch_sizes"], config["backends"]) == ([2, 4], ["torch"])
     assert config["models"] == [MODEL, "deit_tiny_patch16_224"]
+
+
+def test_merge_step_bench_repeated_backend_runs_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``bench_merge --backend torch --backend torch`` gives one backend's rows, not the same
+    path's rows twice."""
+    from evals import bench_merge
+
+    def fake(models, inputs, *, warmup, runs, dtype=None, progress=False):
+        return [{"median_s": 0.01, "images_per_s": 0.0, "times": []} for _ in models]
+
+    monkeypatch.setattr(bench_merge, "measure_interleaved", fake)
+    document = bench_merge.main(["--model", MODEL, "--device", "cpu", "--batch-size", "1", "--video-batch-size", "1",
+                                 "--backend", "torch", "--backend", "torch", "--out", str(tmp_path / "m.json")])  # fmt: skip
+    assert [row["backend"] for row in document["rows"]] == ["torch"] * 3  # the model, video merge, temporal merge
 
 
 def test_repeated_settings_and_budgets_run_once() -> None:

@@ -42,6 +42,11 @@ def test_profile_writes_consistent_results(tmp_path: Path) -> None:
     assert row["top_kernels"] == [] and "Top kernels" not in markdown  # CPU: no kernels
 
 
+def test_repeated_backend_profiles_once(tmp_path: Path) -> None:
+    document = _profile_tiny_vit(tmp_path, "--backend", "torch", "--r", "2", "--warmup", "0", "--runs", "1", "--top", "1")
+    assert [row["backend"] for row in document["backends"]] == ["torch"]
+
+
 def test_methods_without_a_backend_option_profile(tmp_path: Path) -> None:
     """EViT and DynamicViT drop tokens with gathers, not the merge kernels: they take no backend."""
     document = _profile_tiny_vit(tmp_path, "--method", "evit", "--option", "keep_ratio=0.7", "--warmup", "1", "--runs", "1")
