@@ -343,6 +343,16 @@ def test_attention_scores_pick_the_attended_tokens() -> None:
     kept = [i for i in range(1, 6) if any(torch.equal(x[0, i], t) for t in randomly.x[0, 1:-1])]
     dropped = [i for i in range(1, 6) if i not in kept]
     torch.testing.assert_close(randomly.x[0, -1], x[0, dropped].mean(0))
+    # A later stage that drops the earlier fused token (size 3) again: the new fused token is the
+    # mean over every patch it covers, the earlier token counting three times, not once.
+    again = AttentionDrop(keep_fraction=0.2, fuse=True, score="random", num_protected=1)(randomly, None)
+    patches = {i: x[0, i] for i in kept} | {"fused": randomly.x[0, -1]}
+    left = [key for key, token in patches.items() if not any(torch.equal(token, t) for t in again.x[0, 1:-1])]
+    assert "fused" in left  # (this seed's draw; kept, it would not test the weighting)
+    counts = {"fused": 3.0}
+    expected = sum(counts.get(k, 1.0) * patches[k] for k in left) / sum(counts.get(k, 1.0) for k in left)
+    torch.testing.assert_close(again.x[0, -1], expected)
+    assert again.size[0, -1, 0] == sum(counts.get(k, 1.0) for k in left)
     # Attention that underflowed to 0 on every dropped token: the size-weighted average, not 0.
     silent = AttentionDrop(keep_fraction=0.4, fuse=True, score="attention", num_protected=1)(
         TokenState(x, grid=(1, 5)), torch.tensor([[0.5, 0.1, 0.3, 0.0, 0.0, 0.0]])

@@ -8,7 +8,8 @@ an attention-weighted sum, whose scale an unchanged model has not learned). Wher
 follow tokens (RoPE, relative position bias), the fused token's is the plain average over its
 patches, as for any merged token: only its features are weighted by attention. Same schedule
 as DynamicViT: stage s keeps ρ^s of the input patch tokens. ``score="random"`` keeps random
-tokens instead, the baseline that learned and attention-based dropping must beat.
+tokens instead (fusing the others into the mean of their patches), the baseline that learned
+and attention-based dropping must beat.
 """
 
 from __future__ import annotations
@@ -24,6 +25,13 @@ from ._options import check_common_options, check_keep_ratio, check_stages
 from .dynamicvit import default_stages, kept_count
 
 SCORES = ("attention", "random")
+
+
+def patch_counts(state: TokenState) -> Tensor:
+    """[B, T]: how many input patches each token covers (1 each before any reduction)."""
+    if state.size is None:
+        return state.x.new_ones(state.x.shape[:2], dtype=torch.float32)
+    return state.size[..., 0]
 
 
 @dataclass(frozen=True)
@@ -62,8 +70,11 @@ class AttentionDrop:
             scores = cls_attention[:, p:]
         else:
             scores = torch.rand(state.x.shape[:2], device=state.x.device)[:, p:]
-        # Random scores rank the tokens but say nothing about them: fuse those uniformly.
-        weights = None if not self.fuse else scores if self.score == "attention" else torch.ones_like(scores)
+        # Random scores rank the tokens but say nothing about them: the fused token is the mean
+        # of the patches it covers, so an earlier stage's fused token weighs as its patches.
+        weights = None
+        if self.fuse:
+            weights = scores if self.score == "attention" else patch_counts(state)[:, p:]
         return keep_top_tokens(state, scores, kept, p, fuse_weights=weights)
 
 
