@@ -477,10 +477,35 @@ def test_flops_of_a_convolutional_stem_on_one_channel_images() -> None:
 
 
 def test_flops_of_a_head_on_every_token() -> None:
-    """global_pool="": no pooling, the classifier runs on each output token."""
+    """global_pool="": no pooling, the classifier runs on each token of the full grid."""
     model = make("vit_cls", global_pool="", depth=4).requires_grad_(False)
     tokenprune.patch(model, r=8)
     assert tokenprune.flops(model, 224, batch_size=2).total == counted_flops(model, image())
+
+
+@pytest.mark.parametrize("family", ["vit_cls", "registers", "eva02_rope", "beit_relpos"])
+def test_head_on_every_token_gives_logits_per_input_token(family: str) -> None:
+    """global_pool="": timm returns logits for every input token; so does the patched model, each
+    patch taking the logits of the token that absorbed it (read here from the dense source map).
+    Before, it returned the reduced tokens' logits, which nothing told apart."""
+    model = make(family, global_pool="").requires_grad_(False)
+    x = image()
+    unpatched = model(x)
+    tokenprune.patch(model, r=8, trace_source=True)
+    got = model(x)
+    source = tokenprune.source(model)  # [B, T_out, T_in]
+    reduced = model.forward_head(model.forward_tokens(x).x, size=None)  # [B, T_out, classes]
+    assert got.shape == unpatched.shape and reduced.shape[1] < got.shape[1]
+    torch.testing.assert_close(got, torch.einsum("boi,boc->bic", source.float(), reduced))
+    tokenprune.patch(model, r=0)
+    assert torch.equal(model(x), unpatched)
+
+
+def test_head_on_every_token_refuses_dynamicvit_training() -> None:
+    """Training keeps DynamicViT's dropped tokens, masked: per-token logits would count them."""
+    model = tokenprune.patch(make("vit_cls", global_pool="", depth=4), "dynamicvit", stages=(1, 2)).train()
+    with pytest.raises(ValueError, match="classifies every token"):
+        model(image())
 
 
 def test_max_pooling_ignores_tokens_a_training_mask_dropped() -> None:

@@ -22,6 +22,7 @@ from .patch.vit import (
     ATTENTION_FORWARDS,
     BLOCK_FLOPS,
     block_prefix_tokens,
+    classifies_every_token,
     family,
     head_dim,
     linear_flops,
@@ -103,7 +104,7 @@ def _bias_mlp_flops(rel_pos: nn.Module | None) -> int:
     return sum(linear_flops(rows, layer) for layer in mlp.modules() if isinstance(layer, nn.Linear))
 
 
-def _head_flops(model: nn.Module, tokens: int, grid: tuple[int, ...]) -> int:
+def _head_flops(model: nn.Module, tokens: int, full_tokens: int, grid: tuple[int, ...]) -> int:
     flops = family(model).after_blocks_flops(model, tokens, grid)
     pool = getattr(model, "attn_pool", None)  # (BEiT has none)
     if isinstance(pool, AttentionPoolPrr):  # parameter-free self-attention over the tokens: q·kᵀ and attn·v
@@ -115,8 +116,9 @@ def _head_flops(model: nn.Module, tokens: int, grid: tuple[int, ...]) -> int:
         flops += 4 * latent * pooled * dim
         if pool.mlp is not None:
             flops += linear_flops(latent, pool.mlp.fc1) + linear_flops(latent, pool.mlp.fc2)
-    # Without pooling (global_pool="") the classifier runs on every output token.
-    classified = tokens if not model.global_pool and pool is None else 1
+    # Without pooling (global_pool="") the classifier runs on every token of the full grid (a
+    # patched model unmerges its tokens first, as timm's output has one row per input token).
+    classified = full_tokens if classifies_every_token(model) else 1
     for head in (getattr(model, "head", None), getattr(model, "head_dist", None)):  # (Qwen3's encoder has none)
         if isinstance(head, nn.Linear):
             flops += linear_flops(classified, head)
@@ -157,7 +159,8 @@ def _flops(model: nn.Module, input_size: InputSize, batch_size: int, with_head: 
             for block, tokens, removed in zip(model.blocks, reduction.tokens, reduction.removed)
         )
     patches = input_tokens(model, input_size) - protected
-    head = _head_flops(model, reduction.head_tokens, patch_grid(model, input_size)) if with_head else 0
+    full_tokens = patches + model.num_prefix_tokens  # (CaiT's class token joins after the blocks)
+    head = _head_flops(model, reduction.head_tokens, full_tokens, patch_grid(model, input_size)) if with_head else 0
     fixed = batch_size * (_embed_flops(model, input_size, patches) + head)
     fixed += _bias_mlp_flops(getattr(model, "shared_rel_pos", None))
     return FlopReport(per_block, fixed)

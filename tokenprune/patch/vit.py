@@ -478,6 +478,11 @@ def _pool_by_size(model: VisionTransformer) -> bool:
     return getattr(model, "attn_pool", None) is not None or model.global_pool in ("avg", "avgmax")
 
 
+def classifies_every_token(model: nn.Module) -> bool:
+    """Whether the head maps every token to logits instead of pooling (timm's ``global_pool=""``)."""
+    return getattr(model, "attn_pool", None) is None and getattr(model, "global_pool", None) == ""
+
+
 def pool_includes_prefix(model: nn.Module) -> bool:
     """Whether the head's pooling reads the prefix tokens too: timm ``VisionTransformer``'s
     ``pool_include_prefix``; Eva (no such option) pools attention over every token and averages
@@ -799,6 +804,17 @@ class ReducingViT(SettingsThroughPatch):
         return x if pre_logits else self.head(x)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        if classifies_every_token(self):
+            # timm's global_pool="": logits for every input token, as unpatched, each patch taking
+            # those of the token that absorbed it (reduced tokens alone could not be told apart).
+            if self.training and getattr(self.tokenprune_config, "masks_in_training", False):
+                raise ValueError(
+                    "this model's head classifies every token (global_pool=''), and DynamicViT training "
+                    "keeps the tokens it drops, masked: their logits would count. Pool the head "
+                    "(reset_classifier(num_classes, global_pool='token' or 'avg')) to train the predictors"
+                )
+            state = self.forward_tokens(x, attn_mask, is_causal, trace_source=True)
+            return self._forward_head_sized(unmerge_tokens(state.x, state.source_index), None, pre_logits=False)
         state = self.forward_tokens(x, attn_mask, is_causal)
         return self._forward_head_sized(state.x, state.pool_weights, pre_logits=False, padded=state.padded)
 
@@ -877,7 +893,6 @@ class ReducingVisionTransformerDistilled(ReducingViT, VisionTransformerDistilled
 
     takes_unmerging = True
     check_method = ReducingVisionTransformer.check_method
-
 
 # Original class → its reducing subclass. Static classes, so patched models pickle by reference.
 PATCHED_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
