@@ -1274,3 +1274,13 @@ def test_merge_step_bench_refuses_counts_below_one(flags: list[str], tmp_path: P
     with pytest.raises(SystemExit, match="must be at least 1"):
         bench_merge.main(["--model", MODEL, "--device", "cpu", "--out", str(tmp_path / "m.json"), *flags])
     assert not (tmp_path / "m.json").exists()
+
+
+def test_an_unreachable_speed_budget_names_the_speedup_the_search_measured() -> None:
+    """The error names the strongest setting's speedup as the search timed it: a second timing,
+    on a noisy machine, could exceed the budget the search found missed (seen on a busy CPU:
+    "cannot reach 2x speed: its strongest setting ... reaches 3.11x")."""
+    timings = iter([1.5, 3.0])  # the search's timing of the strongest setting, then any later one
+    model = timm.create_model(MODEL, pretrained=False, img_size=96)
+    with pytest.raises(settings.BudgetUnreachable, match=r"reaches 1\.50x"):
+        settings.setting_for_budget(model, "evit", {}, settings.Budget("speedup", 2.0), (96, 96), lambda _: next(timings))
