@@ -52,7 +52,8 @@ def merge_wavg_reference(x: Tensor, size: Tensor, dest: Tensor, num_out: int) ->
     """Size-weighted average of the tokens sharing a destination (ToMe: x ← Σ s·x / Σ s).
 
     Args:
-        x: [B, T, C] tokens. size: [B, T, 1] float32 sizes. dest: [B, T] int64 in [0, num_out).
+        x: [B, T, C] tokens. size: [B, T, 1] float32 sizes (bf16/fp16 ones are summed in float32,
+            float64 ones in float64). dest: [B, T] int64 in [0, num_out).
     Returns:
         ([B, num_out, C] merged tokens in x's dtype, [B, num_out, 1] float32 summed sizes).
 
@@ -61,6 +62,10 @@ def merge_wavg_reference(x: Tensor, size: Tensor, dest: Tensor, num_out: int) ->
     output of total size 0 (only size-0 members: NaFlex padding; or no members) is 0, not 0/0.
     """
     batch, tokens, channels = x.shape
+    # Sizes summed in float32 at least, like the tokens: bf16 holds integers exactly only up to
+    # 256 (fp16 to 2048), so a half-precision size would give a sum of 301 ones as 300 and
+    # the average of 301 equal tokens as 301/300 of them. (A no-op for float32 sizes.)
+    size = size.to(torch.promote_types(size.dtype, torch.float32))
     weighted = x.to(torch.promote_types(x.dtype, torch.float32)) * size
     # One index_add_ over the flattened batch: the same sums in the same order as a
     # scatter_add_ along dim 1 (bit-identical), about 3x faster on CPU.

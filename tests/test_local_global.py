@@ -39,6 +39,29 @@ def test_window_scores_are_mean_pairwise_cosine() -> None:
             torch.testing.assert_close(scores[n, w], expected)
 
 
+def test_window_scores_give_zero_vectors_cosine_zero() -> None:
+    """A zero key has cosine 0 to every token (unit_vectors' convention, as in every match): a
+    window of zero keys scores 0, not −1/3, and three equal keys beside a zero one score
+    (3·2·1 + 6·0) / 12 = 1/2; a float64 Gram matrix over F.normalize rows is the reference."""
+    torch.manual_seed(3)
+    metric = torch.randn(2, 4 * 4, 6)
+    grid = metric.view(2, 4, 4, 6)
+    grid[0, 0:2, 0:2] = 0.0  # window 0: all zero
+    grid[0, 0:2, 2:4] = torch.randn(6)  # window 1: three equal keys and a zero one
+    grid[0, 1, 3] = 0.0
+    grid[1, 2, 2] = 0.0  # one zero key among random ones
+    scores = window_scores(metric, (4, 4), 2)
+    unit = torch.nn.functional.normalize(metric.double(), dim=-1).view(2, 4, 4, 6)
+    for n in range(2):
+        for w in range(4):
+            wr, wc = divmod(w, 2)
+            members = unit[n, 2 * wr : 2 * wr + 2, 2 * wc : 2 * wc + 2].reshape(4, 6)
+            gram = members @ members.T
+            expected = (gram.sum() - gram.diagonal().sum()) / 12
+            torch.testing.assert_close(scores[n, w].double(), expected, atol=1e-6, rtol=0)
+    assert scores[0, :2].tolist() == [0.0, pytest.approx(0.5)]
+
+
 def test_identical_windows_merge_and_distinct_ones_do_not() -> None:
     torch.manual_seed(1)
     grid = (4, 6)

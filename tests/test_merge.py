@@ -155,6 +155,26 @@ def test_merge_wavg_equals_loop(dtype: torch.dtype) -> None:
             assert new_size[n, o, 0] == s.sum()
 
 
+@pytest.mark.parametrize("size_dtype,count", [(torch.bfloat16, 301), (torch.float16, 4097)])
+def test_half_precision_sizes_are_summed_in_float32(size_dtype: torch.dtype, count: int) -> None:
+    """Sizes given in bf16 (integers exact up to 256) or fp16 (up to 2048), which
+    ``kernels.merge_wavg`` routes here, are summed in float32 like the tokens: ``count`` size-1
+    tokens merged into one sum to exactly ``count``, and the average of equal tokens is that
+    token (a sum kept in the size's dtype rounded 301 to 300: an average 301/300 too large)."""
+    torch.manual_seed(2)
+    value = torch.randn(1, 1, 6)
+    x = torch.cat([value.expand(1, count, 6), torch.randn(1, 2, 6)], dim=1)
+    size = torch.ones(1, count + 2, 1, dtype=size_dtype)
+    size[0, -1] = 3.0
+    dest = torch.cat([torch.zeros(count, dtype=torch.long), torch.tensor([1, 1])]).unsqueeze(0)
+    merged, new_size = merge_wavg(x, size, dest, 2)
+    # (float32 sums of thousands of terms round to ~1e-5; the rounded sizes were off by 3e-3)
+    torch.testing.assert_close(merged[0, 0], value[0, 0], atol=1e-4, rtol=1e-4)
+    expected = (x[0, -2].double() + 3 * x[0, -1].double()) / 4
+    torch.testing.assert_close(merged[0, 1].double(), expected, atol=1e-6, rtol=1e-6)
+    assert new_size.flatten().tolist() == [count, 4.0] and new_size.dtype == torch.float32
+
+
 def test_float64_merges_in_float64_and_passes_gradcheck() -> None:
     """A float64 model (the precision gradcheck needs) keeps float64 through the merge: the
     average equals the loop's to float64 rounding, and its gradient the finite differences'

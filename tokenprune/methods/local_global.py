@@ -35,15 +35,21 @@ def window_scores(metric: Tensor, grid: tuple[int, int], window: int) -> Tensor:
 
     metric: [B, rows·cols, D] patch tokens in raster order (no prefix). Windows cover the
     top-left (rows // window)·window × (cols // window)·window part of the grid. With unit
-    vectors u_i, Σ_{i≠j} u_i·u_j = ‖Σ u_i‖² − n, so the mean over the n(n−1) ordered pairs
-    needs no n×n Gram matrix. Returns [B, windows] float32 in raster order of windows.
+    vectors u_i, Σ_{i≠j} u_i·u_j = ‖Σ u_i‖² − Σ ‖u_i‖², where ‖u_i‖² is 1, or 0 for a zero
+    vector (cosine 0 to every token, :func:`~tokenprune.merge.unit_vectors`), so the mean over
+    the n(n−1) ordered pairs needs no n×n Gram matrix. Returns [B, windows] float32 in raster
+    order of windows.
     """
     rows, cols = grid
     n = window * window
     unit = unit_vectors(metric)
     unit = unit.reshape(unit.shape[0], rows, cols, -1)[:, : rows // window * window, : cols // window * window]
-    sums = unit.reshape(unit.shape[0], rows // window, window, cols // window, window, -1).sum(dim=(2, 4))
-    return ((sums.square().sum(-1) - n) / (n * (n - 1))).flatten(1)
+    members = unit.reshape(unit.shape[0], rows // window, window, cols // window, window, -1)
+    sums = members.sum(dim=(2, 4))
+    # Σ ‖u_i‖² by counting the non-zero vectors: exactly n where none is zero (subtracting n
+    # would count a zero vector as 1 and score a window of zero keys −1/(n−1) instead of 0)
+    nonzero = (members != 0).any(dim=-1).sum(dim=(2, 4))
+    return ((sums.square().sum(-1) - nonzero) / (n * (n - 1))).flatten(1)
 
 
 def window_dest(merged: Tensor, count: int, grid: tuple[int, int], window: int, num_protected: int) -> tuple[Tensor, int]:
