@@ -10,9 +10,11 @@
 does). Classes are the leaf folder names sorted with timm's natural sort (the same as
 a plain sort for ImageNet's wnids ``n01440764``..., and numeric order for folders named
 ``0``..``999`` as in ImageNet-V2); ``--class-map FILE`` fixes the mapping explicitly (timm's
-class-map format, e.g. ``timm/data/_info/imagenet_synsets.txt``). Flat folders of labelled
-images: ``--labels-file CSV`` (rows ``path,label``, optional header; relative paths resolve
-against ``--data``, else the CSV's folder) or ``--label-from-filename REGEX`` (searched in each
+class-map format, e.g. ``timm/data/_info/imagenet_synsets.txt``). timm numbers only the folders
+holding one of its images, so without a class map a class folder that holds none (empty, or
+only ``.webp`` files) before the last class stops the run, naming it. Flat folders of labelled
+images: ``--labels-file CSV`` (rows ``path,label``, optional header, each image once; relative
+paths resolve against ``--data``, else the CSV's folder) or ``--label-from-filename REGEX`` (searched in each
 file name under ``--data``; the label is the group named ``label``, else group 1).
 
 **Preprocessing** is the model's own: ``timm.data.resolve_data_config`` + ``create_transform``
@@ -159,6 +161,27 @@ def samples_from_folder(root: Path, split: str, class_map: str = "") -> FolderSa
     # What lies beside the class folders (a README, a labels CSV) is no class's file.
     not_images = sorted(str(path) for path in files if path.suffix.lower() not in extensions and path.parent != top)
     class_to_idx = dict(reader.class_name_to_idx if archive else reader.class_to_idx)
+    if not class_map and class_to_idx:
+        # timm numbers only the folders holding one of its images: a class folder left empty (or
+        # holding only .webp files) would give every folder after it the next class's label.
+        parents = {path.parent for path in files if path.parent != top}
+        if not archive:
+            parents |= {Path(folder) for folder, subfolders, names in os.walk(top, followlinks=True)
+                        if not subfolders and not names and Path(folder) != top}
+        # beside the class folders only: one holding them (an archive's top folder), or a sub-folder of a class, is no class
+        beside = {path.parent.parent for path in images}
+        folders = {folder.name for folder in parents if folder.parent in beside}
+        last = max(class_to_idx, key=natural_key)
+        empty = sorted((name for name in folders - set(class_to_idx)
+                        if not name.startswith(".") and natural_key(name) < natural_key(last)), key=natural_key)
+        if empty:
+            shifted = sum(natural_key(name) > natural_key(empty[0]) for name in class_to_idx)
+            raise SystemExit(
+                f"class folder(s) {', '.join(empty[:10])}{' …' if len(empty) > 10 else ''} under {root} hold no image "
+                f"timm reads ({', '.join(sorted(extensions))}): timm numbers only the folders with images, so the "
+                f"{shifted} folder(s) after them would get wrong labels. Add their images (convert other formats), "
+                "remove the folders, or give --class-map"
+            )
     if class_map:
         unmapped: dict[str, int] = {}
         for path in images:
@@ -179,6 +202,7 @@ def samples_from_csv(csv_path: Path, root: Path | None = None) -> Samples:
     CSV's folder. Files that do not exist are kept: the eval counts them as unreadable."""
     base = root if root is not None else csv_path.parent
     samples: Samples = []
+    listed: dict[str, int] = {}  # path → the line that listed it first
     first = True  # the first row that is not blank: the one that may be a header
     with open(csv_path, newline="", encoding="utf-8-sig") as handle:  # -sig: a spreadsheet's byte-order mark
         for line_number, row in enumerate(csv.reader(handle), 1):
@@ -195,6 +219,9 @@ def samples_from_csv(csv_path: Path, root: Path | None = None) -> Samples:
                     continue  # a header ("path,label"): a file with a bad label stops below
                 raise SystemExit(f"{csv_path}:{line_number}: label {label!r} is not an integer") from None
             full = Path(path) if Path(path).is_absolute() else base / path
+            again = listed.setdefault(os.path.normpath(full), line_number)
+            if again != line_number:  # it would be evaluated, and counted, twice
+                raise SystemExit(f"{csv_path}:{line_number}: {path} is listed again (first on line {again}): list each image once")
             samples.append((str(full), value))
     if not samples:
         raise SystemExit(f"{csv_path} lists no images")
@@ -561,6 +588,10 @@ def _load_real_labels(spec: str) -> dict[str, list[int]]:
     return {f"ILSVRC2012_val_{i + 1:08d}.JPEG": labels for i, labels in enumerate(lists)}
 
 
+def _first_names(names: Sequence[str], count: int = 10) -> str:
+    return ", ".join(names[:count]) + (" …" if len(names) > count else "")
+
+
 def _count(value: float) -> str:
     """An expected count: whole when it is (ties make halves, thirds...)."""
     return str(int(value)) if float(value).is_integer() else f"{value:.2f}"
@@ -708,6 +739,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "labels_file",
                 args.data or args.labels_file.parent,
             )
+            if not any(os.path.exists(path) for path, _ in samples):  # not every image "unreadable"
+                raise SystemExit(
+                    f"none of the {len(samples)} images {args.labels_file} lists exists (e.g. {samples[0][0]}): "
+                    f"relative paths start from --data, else the CSV's folder; give --data the folder they start from"
+                )
         elif args.label_from_filename is not None:
             if args.data is None:
                 raise SystemExit("--label-from-filename needs --data")
@@ -750,7 +786,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             samples = samples[: args.limit]
         bad_labels = sorted({label for _, label in samples if not 0 <= label < num_classes})
         if bad_labels:
-            raise SystemExit(f"labels {bad_labels[:10]} are outside the model's {num_classes} classes")
+            needed = max(bad_labels) + 1
+            if class_to_idx is not None:
+                names = [name for name, index in class_to_idx.items() if index >= num_classes]
+                fix = (f"{len(class_to_idx)} class folders ({_first_names(names)} beyond the model's): give --class-map "
+                       f"naming the model's classes, or a model of {needed} classes (--num-classes {needed})")
+            else:
+                fix = f"correct the labels, or give a model of {needed} classes (--num-classes {needed})"
+            raise SystemExit(f"labels {bad_labels[:10]} are outside the model's {num_classes} classes: {fix}")
         real_map = _load_real_labels(args.real_labels) if args.real_labels else None
 
         dataset = EvalDataset(samples, transform)

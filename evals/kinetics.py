@@ -50,6 +50,7 @@ import argparse
 import csv
 import datetime
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -153,6 +154,7 @@ def samples_from_csv(csv_path: Path, root: Path | None = None, classes: Sequence
     index = {name: i for i, name in enumerate(classes)}
     base = root if root is not None else csv_path.parent
     samples: Samples = []
+    listed: dict[str, int] = {}  # path → the line that listed it first
     first = True  # the first row that is not blank: the one that may be a header
     with open(csv_path, newline="", encoding="utf-8-sig") as handle:  # -sig: a spreadsheet's byte-order mark
         for row_number, row in enumerate(csv.reader(handle)):
@@ -172,6 +174,9 @@ def samples_from_csv(csv_path: Path, root: Path | None = None, classes: Sequence
                         continue  # header
                     raise SystemExit(f"{csv_path}:{row_number + 1}: label {label!r} is not an int or a known class")
             full = Path(path) if Path(path).is_absolute() else base / path
+            again = listed.setdefault(os.path.normpath(full), row_number + 1)
+            if again != row_number + 1:  # it would be evaluated, and counted, twice
+                raise SystemExit(f"{csv_path}:{row_number + 1}: {path} is listed again (first on line {again}): list each video once")
             samples.append((str(full), value))
     if not samples:
         raise SystemExit(f"{csv_path} lists no videos: add path,label rows (a header alone is not enough)")
@@ -271,7 +276,10 @@ def clip_indices(num_video_frames: int, num_frames: int, stride: int, num_clips:
     sampled = list(range(0, num_video_frames, stride))
     sampled += sampled[-1:] * max(num_frames - len(sampled), 0)
     room = len(sampled) - num_frames
-    starts = [room // 2] if num_clips == 1 else [int(k * room / (num_clips - 1)) for k in range(num_clips)]
+    # int(k · step) with the step divided out first, as VideoMAE: int(k · room / (clips − 1)) differs
+    # where k · step rounds to just below an integer (room 115, 8 clips: 7 · (115 / 7) = 114.99…).
+    step = room / (num_clips - 1) if num_clips > 1 else 0.0
+    starts = [room // 2] if num_clips == 1 else [int(k * step) for k in range(num_clips)]
     return [sampled[start : start + num_frames] for start in starts]
 
 
@@ -281,7 +289,8 @@ def crop_offsets(length: int, crop: int, num_crops: int) -> list[int]:
     room = max(length - crop, 0)
     if num_crops == 1:
         return [room // 2]
-    return [int(k * room / (num_crops - 1)) for k in range(num_crops)]
+    step = room / (num_crops - 1)  # divided out first, as VideoMAE (see clip_indices)
+    return [int(k * step) for k in range(num_crops)]
 
 
 def make_views(clips: Sequence[np.ndarray], num_crops: int, size: int) -> Tensor:
@@ -534,6 +543,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     not_videos: list[str] = []
     if args.labels_file:
         samples = samples_from_csv(args.labels_file, args.data, classes)
+        if not any(os.path.exists(path) for path, _ in samples):  # not every video "failed"
+            raise SystemExit(f"none of the {len(samples)} videos {args.labels_file} lists exists (e.g. {samples[0][0]}): "
+                             "relative paths start from --data, else the CSV's folder; give --data the folder they start from")
     elif args.data:
         samples, folder_classes, not_videos = samples_from_folder(args.data, classes)
         if not classes and len(folder_classes) != args.num_classes:
@@ -554,7 +566,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         samples = samples[: args.limit]
     bad_labels = sorted({label for _, label in samples if not 0 <= label < args.num_classes})
     if bad_labels:
-        raise SystemExit(f"labels {bad_labels[:10]} are outside the model's {args.num_classes} classes")
+        raise SystemExit(f"labels {bad_labels[:10]} are outside the model's {args.num_classes} classes: correct them "
+                         f"(or --classes), or give --num-classes {max(bad_labels) + 1}")
     ks = tuple(k for k in (1, 5) if k <= args.num_classes)
 
     command = command_line("evals.kinetics", argv)

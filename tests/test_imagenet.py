@@ -758,8 +758,10 @@ def test_dtype_and_preprocessing_overrides_reach_the_run(tmp_path: Path, monkeyp
 
 def test_a_label_outside_the_models_classes_stops_the_run(tmp_path: Path) -> None:
     Image.new("RGB", (40, 30)).save(tmp_path / "x.png")
-    (tmp_path / "labels.csv").write_text("x.png,1\nx.png,2\n")
-    with pytest.raises(SystemExit, match=r"labels \[2\] are outside the model's 2 classes"):
+    Image.new("RGB", (40, 30)).save(tmp_path / "y.png")
+    (tmp_path / "labels.csv").write_text("x.png,1\ny.png,2\n")
+    with pytest.raises(SystemExit, match=r"labels \[2\] are outside the model's 2 classes: correct the labels, "
+                                         r"or give a model of 3 classes \(--num-classes 3\)"):
         run("--labels-file", str(tmp_path / "labels.csv"), "--model", "vit_tiny_patch16_224", "--model-arg", "img_size=32",
             "--num-classes", "2", "--no-bench", "--workers", "0", "--out", str(tmp_path / "out.json"))  # fmt: skip
 
@@ -854,3 +856,57 @@ def test_preprocessing_overrides_out_of_range_are_refused(tmp_path: Path, capsys
         run(*common, "--interpolation", "bicubicc")
     assert "--interpolation: 'bicubicc' is not one of timm's interpolations: nearest, bilinear, bicubic" in capsys.readouterr().err
     assert run(*common, "--interpolation", "lanczos")["model"]["data_config"]["interpolation"] == "lanczos"
+
+
+def test_a_class_folder_without_images_stops_rather_than_shifting_the_labels(tmp_path: Path) -> None:
+    """timm numbers only the folders that hold one of its images: with c1 holding only a .webp,
+    c2 would be labelled 1 and c3 2. That stops the run, naming the folder; a folder sorting
+    after every class (nothing shifts) or a hidden one does not, and the labels are then the
+    folder indices a plain sort of the class folders gives."""
+    for name in ("c0", "c1", "c2", "c3"):
+        (tmp_path / name).mkdir()
+    for name in ("c0", "c2", "c3"):
+        Image.new("RGB", (40, 30)).save(tmp_path / name / "x.png")
+    Image.new("RGB", (40, 30)).save(tmp_path / "c1" / "x.webp")
+    with pytest.raises(SystemExit, match=r"class folder\(s\) c1 under .* hold no image timm reads .*the 2 folder\(s\) "
+                                         r"after them would get wrong labels.*--class-map"):
+        imagenet.samples_from_folder(tmp_path, "validation")
+    (tmp_path / "c1" / "x.webp").unlink()  # an empty folder: the same
+    with pytest.raises(SystemExit, match=r"class folder\(s\) c1 under"):
+        imagenet.samples_from_folder(tmp_path, "validation")
+    (tmp_path / "c1").rmdir()
+    (tmp_path / "c9").mkdir()
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    found = imagenet.samples_from_folder(tmp_path, "validation")
+    expected = {name: index for index, name in enumerate(["c0", "c2", "c3"])}
+    assert [(Path(path).parent.name, label) for path, label in found.samples] == list(expected.items())
+
+
+def test_csv_rows_listing_an_image_twice_or_no_existing_file_are_refused(tmp_path: Path) -> None:
+    """An image listed twice would be evaluated and counted twice ("a/./x.png" is "a/x.png");
+    a --data that exists but is not where the CSV's relative paths start made every image
+    "unreadable" (0 evaluated) instead of naming the root."""
+    (tmp_path / "a").mkdir()
+    Image.new("RGB", (40, 30)).save(tmp_path / "a" / "x.png")
+    Image.new("RGB", (40, 30)).save(tmp_path / "a" / "y.png")
+    (tmp_path / "labels.csv").write_text("path,label\na/x.png,0\na/y.png,1\na/./x.png,0\n")
+    with pytest.raises(SystemExit, match=r"labels.csv:4: a/./x.png is listed again \(first on line 2\): list each image once"):
+        imagenet.samples_from_csv(tmp_path / "labels.csv")
+    (tmp_path / "labels.csv").write_text("path,label\na/x.png,0\na/y.png,1\n")
+    args = ["--labels-file", str(tmp_path / "labels.csv"), "--model", "vit_tiny_patch16_224", "--model-arg", "img_size=32",
+            "--num-classes", "2", "--no-bench", "--workers", "0", "--out", str(tmp_path / "out.json")]  # fmt: skip
+    with pytest.raises(SystemExit, match=r"none of the 2 images .*labels.csv lists exists \(e.g. .*/a/a/x.png\): "
+                                         r"relative paths start from --data"):
+        run(*args, "--data", str(tmp_path / "a"))
+    doc = run(*args, "--data", str(tmp_path))
+    assert doc["counts"] == {"images": 2, "evaluated": 2, "unreadable": 0}
+
+
+def test_folders_beyond_the_models_classes_are_named_with_the_fix(tmp_path: Path) -> None:
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (40, 30)).save(tmp_path / name / "x.png")
+    with pytest.raises(SystemExit, match=r"labels \[2\] are outside the model's 2 classes: 3 class folders \(c beyond "
+                                         r"the model's\): give --class-map .*--num-classes 3"):
+        run("--data", str(tmp_path), "--model", "vit_tiny_patch16_224", "--model-arg", "img_size=32",
+            "--num-classes", "2", "--no-bench", "--workers", "0", "--out", str(tmp_path / "out.json"))  # fmt: skip

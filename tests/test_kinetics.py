@@ -92,6 +92,32 @@ def test_clip_indices_videomae_protocol():
     assert short[0] == short[1] == list(range(0, 40, 4)) + [36] * 6
 
 
+def test_clip_and_crop_starts_round_as_videomae_for_any_count():
+    """VideoMAE divides the step out first, then truncates k · step: with 8 clips of a 119-sample
+    list (237 frames, stride 2, 4 frames: room 115) the last clip starts at int(7 · (115 / 7)) =
+    int(114.99…) = 114, i.e. frame 228; int(7 · 115 / 7) would give 115. Likewise 8 crops of 64
+    along 125 pixels: int(7 · (61 / 7)) = 60. Every count, not only the exact 5 clips × 3 crops."""
+    assert kinetics.clip_indices(237, 4, 2, 8)[-1] == [228, 230, 232, 234]
+    assert kinetics.crop_offsets(125, 64, 8)[-1] == 60
+    for frames in range(1, 300, 7):
+        for num_frames, stride in ((4, 2), (16, 4), (8, 3)):
+            for clips in range(1, 12):
+                sampled = list(range(0, frames, stride))
+                while len(sampled) < num_frames:
+                    sampled.append(sampled[-1])
+                if clips == 1:
+                    starts = [(len(sampled) - num_frames) // 2]
+                else:
+                    step = max(1.0 * (len(sampled) - num_frames) / (clips - 1), 0)
+                    starts = [int(chunk * step) for chunk in range(clips)]
+                expected = [sampled[start : start + num_frames] for start in starts]
+                assert kinetics.clip_indices(frames, num_frames, stride, clips) == expected, (frames, clips)
+    for length in range(64, 400, 3):
+        for crops in range(2, 12):
+            step = 1.0 * (length - 64) / (crops - 1)
+            assert kinetics.crop_offsets(length, 64, crops) == [int(split * step) for split in range(crops)]
+
+
 def test_views_match_videomae_test_loader():
     """Frame for frame and pixel for pixel (±1 grey level: OpenCV's fixed-point bilinear),
     landscape and portrait, 5 × 3 views and a single one."""
@@ -281,7 +307,7 @@ def test_bad_requests_are_explained(tmp_path):
     csv = tmp_path / "val.csv"
     csv.write_text(f"{CARPHONE},12\n")
     base = ["--labels-file", str(csv), "--num-classes", "10", "--quiet", "--out", str(tmp_path / "r.json")]
-    with pytest.raises(SystemExit, match="outside the model's 10 classes"):
+    with pytest.raises(SystemExit, match=r"outside the model's 10 classes: .*--num-classes 13"):
         kinetics.main(base)
     with pytest.raises(SystemExit, match="--method none takes no options"):
         kinetics.main([*base, "--r", "4"])
@@ -380,6 +406,21 @@ def test_csv_rows_must_have_two_columns(tmp_path):
     csv.write_text(f"{BIKES},1\n,2\n")  # a label without a path is not a blank line to skip
     with pytest.raises(SystemExit, match="three.csv:2: expected 'path,label'"):
         kinetics.samples_from_csv(csv)
+
+
+def test_csv_listing_a_video_twice_or_no_existing_file_is_refused(tmp_path):
+    """A video listed twice would be evaluated and counted twice; a --data where none of the
+    CSV's relative paths exists made every video "failed" instead of naming the root."""
+    (tmp_path / "clips").mkdir()
+    shutil.copy(CARPHONE, tmp_path / "clips" / CARPHONE.name)
+    csv = tmp_path / "val.csv"
+    csv.write_text(f"clips/{CARPHONE.name},1\nclips/./{CARPHONE.name},1\n")
+    with pytest.raises(SystemExit, match=r"val.csv:2: clips/./carphone_pristine.mp4 is listed again \(first on line 1\)"):
+        kinetics.samples_from_csv(csv)
+    csv.write_text(f"clips/{CARPHONE.name},1\n")
+    with pytest.raises(SystemExit, match=r"none of the 1 videos .*val.csv lists exists \(e.g. .*clips/clips/carphone"):
+        kinetics.main(["--labels-file", str(csv), "--data", str(tmp_path / "clips"), "--num-classes", "10", "--quiet",
+                       "--out", str(tmp_path / "r.json")])
 
 
 def test_bad_paths_and_sizes_are_refused_up_front(tmp_path, monkeypatch):
