@@ -498,6 +498,22 @@ def test_per_sample_gradients_with_torch_func(variant, clip):
     assert_per_sample_gradients(model, clip)
 
 
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_an_empty_batch_gives_no_logits_like_the_unpatched_model(variant):
+    """A batch of no clips runs as it does in the unpatched model (and timm): the patched
+    attention reshaped its output with a -1 that 0 elements leave ambiguous, and temporal
+    merging's drift check took the minimum of no ranks."""
+    model = make_model()
+    empty = make_clip(batch=0)
+    reference = model(empty)
+    patch_variant(model, variant, trace_source=True)
+    assert model(empty).shape == reference.shape == (0, 10)
+    output_tokens = tokenprune.plan(model, (FRAMES, SIZE, SIZE)).output_tokens
+    assert model.forward_tokens(empty).x.shape == (0, output_tokens, 384)
+    assert tokenprune.source(model).shape == (0, output_tokens, NUM_TOKENS)
+    assert model.forward_features(empty, unmerge=True).shape == (0, NUM_TOKENS, 384)
+
+
 def test_unsupported_methods_and_intermediates_raise_clearly(clip):
     model = make_model(depth=1)
     with pytest.raises(TypeError, match="video"):

@@ -186,6 +186,8 @@ class TemporalMerge:
         """Warn when some chosen merges ([B, r] ranks) had no partner at all or took one outside
         the window, by the lowest rank: one value read back per block. One text per case, so
         Python shows each once, not per block and forward."""
+        if chosen.numel() == 0:  # a batch of no clips
+            return
         lowest = float(chosen.detach().min())  # (a value read, no gradient: no warning while training)
         if lowest <= _NO_PARTNER:
             warnings.warn(

@@ -256,7 +256,7 @@ def attend(
         if talking_heads:
             mixed = _mix_heads(attn.proj_w, mixed, key_weight)
         out = attn.attn_drop(mixed) @ v
-    out = out.transpose(1, 2).reshape(batch, num_tokens, -1)
+    out = out.transpose(1, 2).reshape(batch, num_tokens, out.shape[1] * out.shape[-1])  # (not -1: a batch of 0 leaves it ambiguous)
     if hasattr(attn, "norm"):
         out = attn.norm(out)
     if gate is not None:
