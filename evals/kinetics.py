@@ -123,7 +123,8 @@ def samples_from_folder(root: Path, classes: Sequence[str] = ()) -> FolderSample
             f"{root} holds {len(loose)} video(s) directly, not in one folder per class ({_first(loose)}): "
             "give --labels-file with path,label rows, or sort the videos into class folders"
         )
-    folders = sorted((d.name for d in root.iterdir() if d.is_dir()), key=natural_key)
+    # Hidden folders (.ipynb_checkpoints, .git) are no class: counted, one would shift every label.
+    folders = sorted((d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")), key=natural_key)
     if classes:
         index = {name: i for i, name in enumerate(classes)}
         unknown = [name for name in folders if name not in index]

@@ -390,6 +390,18 @@ def test_numbered_class_folders_in_natural_order_and_other_files_listed(tmp_path
     assert any("1 file(s) in the class folders are not evaluated" in warning for warning in saved["warnings"])
 
 
+def test_hidden_folders_are_no_class(tmp_path):
+    """A notebook's .ipynb_checkpoints beside the class folders sorted first and took label 0,
+    shifting every class by one."""
+    for name in ("a", "b", ".ipynb_checkpoints"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+    for name in ("a", "b"):
+        shutil.copy(CARPHONE, tmp_path / "data" / name / "clip.mp4")
+    samples, classes, _ = kinetics.samples_from_folder(tmp_path / "data")
+    assert classes == ["a", "b"]
+    assert [(Path(path).parent.name, label) for path, label in samples] == [("a", 0), ("b", 1)]
+
+
 def test_videos_in_the_data_root_are_refused(tmp_path):
     root = _class_folders(tmp_path / "data")
     shutil.copy(BIKES, root / "loose.mp4")  # not in a class folder: which class would it be?

@@ -373,8 +373,9 @@ class BackgroundMergeConfig:
     like ToMe.
 
     In each of the first ``early_blocks`` blocks, ``early_r`` tokens from the even positions
-    (see :class:`BackgroundMerge`) merge into their most similar remaining token, keeping the
-    token order; every later block runs ToMe's bipartite merging with ``r``. Which even tokens
+    (see :class:`BackgroundMerge`) merge into their most similar token among those that may not
+    merge in that block (the odd positions; with ``importance``, the more important even ones
+    too), keeping the token order; every later block runs ToMe's bipartite merging with ``r``. Which even tokens
     may merge is decided by ``importance``: by default ("none") similarity alone chooses among
     all of them, so what merges is what repeats (static background, across space and time).
 
