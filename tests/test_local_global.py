@@ -24,19 +24,25 @@ def tiled(grid: tuple[int, int], window: int, values: torch.Tensor) -> torch.Ten
     return values[(r * (cols // window) + c).clamp(max=len(values) - 1)][None]
 
 
+def gram_window_scores(unit: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """The mean cosine over the ordered pairs of each 2×2 window, from each window's Gram matrix
+    of the unit vectors ``unit`` [B, rows·cols, D]: [B, windows] in raster order."""
+    rows, cols = grid
+    patches = unit.reshape(unit.shape[0], rows, cols, -1)
+    scores = []
+    for wr in range(rows // 2):
+        for wc in range(cols // 2):
+            members = patches[:, 2 * wr : 2 * wr + 2, 2 * wc : 2 * wc + 2].flatten(1, 2)
+            gram = members @ members.transpose(1, 2)
+            scores.append((gram.sum((1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(1)) / 12)
+    return torch.stack(scores, dim=1)
+
+
 def test_window_scores_are_mean_pairwise_cosine() -> None:
     torch.manual_seed(0)
     metric = torch.randn(2, 6 * 4, 5)
     scores = window_scores(metric, (6, 4), 2)
-    unit = metric / metric.norm(dim=-1, keepdim=True)
-    grid = unit.reshape(2, 6, 4, 5)
-    for n in range(2):
-        for w in range(6):
-            wr, wc = divmod(w, 2)
-            members = grid[n, 2 * wr : 2 * wr + 2, 2 * wc : 2 * wc + 2].reshape(4, 5)
-            gram = members @ members.T
-            expected = (gram.sum() - gram.diagonal().sum()) / 12
-            torch.testing.assert_close(scores[n, w], expected)
+    torch.testing.assert_close(scores, gram_window_scores(metric / metric.norm(dim=-1, keepdim=True), (6, 4)))
 
 
 def test_window_scores_give_zero_vectors_cosine_zero() -> None:
@@ -51,14 +57,8 @@ def test_window_scores_give_zero_vectors_cosine_zero() -> None:
     grid[0, 1, 3] = 0.0
     grid[1, 2, 2] = 0.0  # one zero key among random ones
     scores = window_scores(metric, (4, 4), 2)
-    unit = torch.nn.functional.normalize(metric.double(), dim=-1).view(2, 4, 4, 6)
-    for n in range(2):
-        for w in range(4):
-            wr, wc = divmod(w, 2)
-            members = unit[n, 2 * wr : 2 * wr + 2, 2 * wc : 2 * wc + 2].reshape(4, 6)
-            gram = members @ members.T
-            expected = (gram.sum() - gram.diagonal().sum()) / 12
-            torch.testing.assert_close(scores[n, w].double(), expected, atol=1e-6, rtol=0)
+    expected = gram_window_scores(torch.nn.functional.normalize(metric.double(), dim=-1), (4, 4))
+    torch.testing.assert_close(scores.double(), expected, atol=1e-6, rtol=0)
     assert scores[0, :2].tolist() == [0.0, pytest.approx(0.5)]
 
 
