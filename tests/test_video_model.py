@@ -38,6 +38,32 @@ def clip(batch: int = 2, frames: int = 8, size: int = 64) -> torch.Tensor:
 # ----------------------------------------------------------------------------- model
 
 
+def test_forward_intermediates_are_the_blocks_outputs_on_the_token_grid():
+    """timm's forward_intermediates for clips, against a loop over the blocks: [B, C, T', H', W']
+    maps ("NCTHW") or tokens ("NLC"), normed on request, the final tokens as forward_features."""
+    model = small(depth=3)
+    x = clip()
+    with torch.no_grad():
+        tokens = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+        outputs = []
+        for block in model.blocks:
+            tokens = block(tokens)
+            outputs.append(tokens)
+        final, maps = model.forward_intermediates(x, indices=[0, -1])
+        assert torch.equal(final, model.forward_features(x))
+        grid = model.grid_size
+        for got, want in zip(maps, [outputs[0], outputs[2]]):
+            assert got.shape == (2, 384, *grid)
+            assert torch.equal(got, want.reshape(2, *grid, 384).permute(0, 4, 1, 2, 3))
+        normed = model.forward_intermediates(x, indices=1, norm=True, output_fmt="NLC", intermediates_only=True)
+        assert len(normed) == 1 and torch.equal(normed[0], model.norm(outputs[2]))
+        early = model.forward_intermediates(x, indices=[0], stop_early=True, output_dict=True)
+        assert torch.equal(early["image_intermediates"][0], maps[0])
+        assert torch.equal(early["image_features"], model.norm(outputs[0]))  # stopped after block 0
+    with pytest.raises(ValueError, match="NCTHW"):
+        model.forward_intermediates(x, output_fmt="NCHW")
+
+
 @pytest.mark.parametrize("size", [64, 112])
 def test_shapes(size):
     model = small(img_size=size)

@@ -514,16 +514,30 @@ def test_an_empty_batch_gives_no_logits_like_the_unpatched_model(variant):
     assert model.forward_features(empty, unmerge=True).shape == (0, NUM_TOKENS, 384)
 
 
-def test_unsupported_methods_and_intermediates_raise_clearly(clip):
+def test_unsupported_methods_raise_clearly():
     model = make_model(depth=1)
     with pytest.raises(TypeError, match="video"):
         tokenprune.patch(model, "local_global")
     assert type(model) is VideoVisionTransformer
-    tokenprune.patch(model, r=2)
-    with pytest.raises(NotImplementedError, match="video"):
-        model.forward_intermediates(clip)
-    full = model.forward_features(clip, unmerge=True)
-    assert full.shape == (clip.shape[0], NUM_TOKENS, 384)
+
+
+@pytest.mark.parametrize("variant", sorted(IDENTITY))
+def test_forward_intermediates_on_the_full_token_grid(variant, clip):
+    """The unpatched video ViT's maps at r=0, bit for bit; when merging, each tubelet's feature
+    is that of the token that absorbed it (read from the dense source map of the same forward)."""
+    model = make_model()
+    final, maps = model.forward_intermediates(clip, indices=[0, 2])
+    tokenprune.patch(model, variant, **IDENTITY[variant])
+    got_final, got_maps = model.forward_intermediates(clip, indices=[0, 2])
+    assert torch.equal(got_final, final) and all(torch.equal(a, b) for a, b in zip(got_maps, maps))
+
+    patch_variant(model, variant, trace_source=True)
+    final, (normed,) = model.forward_intermediates(clip, indices=[2], norm=True)
+    source = tokenprune.source(model)  # [B, T_out, T_in] after the last block
+    assert source.shape[1] < NUM_TOKENS
+    expected = torch.einsum("boi,boc->bic", source.float(), model.forward_tokens(clip).x)
+    torch.testing.assert_close(final, expected)
+    torch.testing.assert_close(normed, expected.reshape(2, *GRID, 384).permute(0, 4, 1, 2, 3))
 
 
 def test_temporal_needs_video_model():

@@ -392,6 +392,49 @@ class VideoVisionTransformer(nn.Module):
                 x = block(x, attn_mask=attn_mask, is_causal=is_causal)
         return self.norm(x)
 
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCTHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+        attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+    ) -> Tensor | tuple[Tensor, list[Tensor]] | list[Tensor] | dict[str, object]:
+        """timm's ``forward_intermediates`` for clips: the tokens after the blocks ``indices``
+        (an int n: the last n blocks; a list: those blocks, negative from the end), as
+        [B, C, T', H', W'] maps (``output_fmt="NCTHW"``) or [B, N, C] tokens (``"NLC"``); with
+        ``norm`` through the final norm. Returns (final tokens, intermediates), the intermediates
+        alone with ``intermediates_only``, or timm's dict with ``output_dict``. The model has no
+        prefix tokens, so ``return_prefix_tokens`` changes nothing."""
+        from timm.models._features import feature_take_indices
+
+        if output_fmt not in ("NCTHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCTHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        grid = self.patch_embed.dynamic_feat_size(tuple(x.shape[-3:]))
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        intermediates = []
+        for i, block in enumerate(self.blocks[: max_index + 1] if stop_early else self.blocks):
+            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                x = checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)
+            else:
+                x = block(x, attn_mask=attn_mask, is_causal=is_causal)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+        if output_fmt == "NCTHW":
+            intermediates = [y.reshape(y.shape[0], *grid, y.shape[-1]).movedim(-1, 1).contiguous() for y in intermediates]
+        if output_dict:
+            result: dict[str, object] = {"image_intermediates": intermediates}
+            if not intermediates_only:
+                result["image_features"] = self.norm(x)
+            return result
+        return intermediates if intermediates_only else (self.norm(x), intermediates)
+
     def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
         pool_type = self.global_pool if pool_type is None else pool_type
         if not pool_type:

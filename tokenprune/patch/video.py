@@ -45,11 +45,8 @@ class ReducingVideoVisionTransformer(ReducingViT, VideoVisionTransformer):
                 "protect: merging would move that token. Use global_pool='avg' (VideoMAE's mean pooling)"
             )
 
-    def forward_intermediates(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError(
-            "forward_intermediates is not implemented for the video ViT; use "
-            "model.forward_features(clip, unmerge=True) for the full [B, T'·H'·W', C] token grid"
-        )
+    # forward_intermediates' maps: [B, C, T', H', W'], as the unpatched video ViT gives them.
+    map_format = "NCTHW"
 
 
 def is_video_model(model: object) -> bool:

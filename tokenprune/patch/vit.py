@@ -720,6 +720,9 @@ class ReducingViT(SettingsThroughPatch):
     # Whether the blocks read positions from the tokens' sources (RoPE, relative bias).
     _positions_follow_sources = False
 
+    # forward_intermediates' channels-first maps on the token grid ("NCTHW" for clips).
+    map_format = "NCHW"
+
     def _token_grid(self, x: Tensor) -> tuple[int, ...]:
         """The static patch grid of the input: (rows, cols) for images."""
         return self.image_grid(self, *x.shape[-2:])
@@ -825,7 +828,7 @@ class ReducingViT(SettingsThroughPatch):
         return_prefix_tokens: bool = False,
         norm: bool = False,
         stop_early: bool = False,
-        output_fmt: str = "NCHW",
+        output_fmt: str | None = None,
         intermediates_only: bool = False,
         output_dict: bool = False,
         attn_mask: Tensor | None = None,
@@ -833,11 +836,13 @@ class ReducingViT(SettingsThroughPatch):
     ) -> Any:
         """timm's ``forward_intermediates`` on the full token grid: merged tokens are unmerged
         (each patch gets the feature of the token that absorbed it), so NCHW maps and dense heads
-        work unchanged on a reduced model."""
+        work unchanged on a reduced model. ``output_fmt``: the family's ``map_format`` (the
+        default: NCHW for images, NCTHW for clips) or NLC."""
         from timm.models._features import feature_take_indices
 
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        output_fmt = self.map_format if output_fmt is None else output_fmt
+        if output_fmt not in (self.map_format, "NLC"):
+            raise ValueError(f"output_fmt must be {self.map_format!r} or 'NLC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         intermediates: list[Tensor] = []
 
@@ -855,10 +860,9 @@ class ReducingViT(SettingsThroughPatch):
         p = block_prefix_tokens(self)
         prefix_tokens = [y[:, :p] for y in intermediates] if p else None
         intermediates = [y[:, p:] for y in intermediates]
-        if output_fmt == "NCHW":
-            grid_h, grid_w = self._token_grid(x)
-            batch = state.x.shape[0]
-            intermediates = [y.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if output_fmt == self.map_format:
+            grid = self._token_grid(x)
+            intermediates = [y.reshape(y.shape[0], *grid, y.shape[-1]).movedim(-1, 1).contiguous() for y in intermediates]
         final = unmerge_tokens(state.x, state.source_index)
         if output_dict:
             result: dict[str, Any] = {"image_intermediates": intermediates}
