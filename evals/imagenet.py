@@ -349,9 +349,13 @@ def read_checkpoint(path: Path) -> dict[str, Tensor]:
     (a timm training checkpoint, arguments included).
     A ``module.`` prefix on every key (a DDP-wrapped save) is removed."""
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state: Any = load_file(str(path), device="cpu")
+        try:
+            state: Any = load_file(str(path), device="cpu")
+        except SafetensorError as error:  # its words name no file
+            raise SystemExit(f"{path} is no readable safetensors file ({error})") from None
     else:
         # timm's training checkpoints keep the run's argparse arguments beside the weights
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -364,6 +368,8 @@ def read_checkpoint(path: Path) -> dict[str, Tensor]:
                     "weights_only=True does not load: if you trust the file, save its state dict alone, e.g. "
                     "torch.save(torch.load(path, weights_only=False)['state_dict'], 'weights.pth')"
                 ) from None
+            except (RuntimeError, EOFError) as error:  # a damaged file: torch's words name no file
+                raise SystemExit(f"{path} cannot be read: it is damaged, or no torch.save file ({type(error).__name__})") from None
     if isinstance(state, Mapping) and not all(isinstance(v, Tensor) for v in state.values()):
         for key in ("state_dict", "model"):
             if isinstance(state.get(key), Mapping):

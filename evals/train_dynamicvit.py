@@ -26,6 +26,11 @@ draws its randomness (data order, augmentation, Gumbel noise) from seeds fixed b
 would; it refuses a configuration that would train something else (another backbone, method,
 stages, data set, ...). Load trained predictors with
 ``tokenprune.patch(model, "dynamicvit", predictor=PATH)``.
+
+Under ``torchrun`` the gradients are averaged over the ranks, each of which takes the loss over its
+own batch: that equals one process's loss over the whole batch, except for the token distillation,
+the mean over each rank's kept tokens (as in DynamicViT's own multi-GPU training); the data order and
+the Gumbel noise are drawn per rank, so a run does not repeat a one-process run's draws either.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import copy
 import io
 import json
 import math
+import pickle
 import random
 import time
 from pathlib import Path
@@ -210,16 +216,30 @@ def parameter_groups(model: nn.Module, args: argparse.Namespace) -> list[dict[st
 
     DynamicViT's recipe trains the prediction modules at the base learning rate and the
     backbone at 0.01× of it: the backbone only adapts to the sparser tokens, it must not
-    forget what the teacher knows.
+    forget what the teacher knows. Weight decay, as in DynamicViT's and DeiT's recipes (timm's
+    ``param_groups_weight_decay``), applies to weight matrices alone: not to biases, norms and
+    the model's ``no_weight_decay()`` tokens and embeddings (class token, position embedding).
     """
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+
+    def split(named: list[tuple[str, nn.Parameter]], lr_scale: float) -> list[dict[str, Any]]:
+        no_decay = [p.ndim <= 1 or name in skip for name, p in named]
+        return [
+            {"params": params, "lr_scale": lr_scale, "weight_decay": weight_decay}
+            for params, weight_decay in (
+                ([p for (_, p), exempt in zip(named, no_decay) if not exempt], args.weight_decay),
+                ([p for (_, p), exempt in zip(named, no_decay) if exempt], 0.0),
+            )
+            if params
+        ]
+
+    named = list(model.named_parameters())
     if args.method == "none":
-        return [{"params": list(model.parameters()), "lr_scale": 1.0}]
-    predictor_params = list(predictors(model).parameters())
-    groups = [{"params": predictor_params, "lr_scale": 1.0}]
+        return split(named, 1.0)
+    own = {id(p) for p in predictors(model).parameters()}
+    groups = split([(name, p) for name, p in named if id(p) in own], 1.0)
     if args.train_backbone:
-        own = {id(p) for p in predictor_params}
-        backbone = [p for p in model.parameters() if id(p) not in own]
-        groups.append({"params": backbone, "lr_scale": args.backbone_lr_scale})
+        groups += split([(name, p) for name, p in named if id(p) not in own], args.backbone_lr_scale)
     return groups
 
 
@@ -326,8 +346,14 @@ def load_train_state(args: argparse.Namespace) -> dict[str, Any]:
     """``--out``'s last complete epoch, refused (before anything is built) if it trained another
     configuration than the command line's or has nothing left to train."""
     path = args.out / "train_state.pt"
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    if not {"identity", "optimizer", "scaler", "epoch", "weights"} <= saved.keys():
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:  # torch's words name no file (or advise weights_only=False)
+        raise SystemExit(
+            f"--resume: {path} cannot be read: it is damaged, or no torch.save file ({type(error).__name__}); "
+            "start afresh in another --out, or put back an intact copy"
+        ) from None
+    if not isinstance(saved, dict) or not {"identity", "optimizer", "scaler", "epoch", "weights"} <= saved.keys():
         raise SystemExit(f"--resume: {path} was written by an older version of this script; start afresh in another --out")
     given = run_identity(args)
     changed = {key: (saved["identity"].get(key, "<not saved>"), given[key]) for key in RUN_IDENTITY if saved["identity"].get(key, "<not saved>") != given[key]}
@@ -350,6 +376,12 @@ def resume(
     computed from them at every step. The weights come from the state itself (see
     :func:`save_checkpoint`); a frozen backbone from --checkpoint / --pretrained, as saved."""
     trained_weights(model, args).load_state_dict(saved["weights"])
+    if len(saved["optimizer"]["param_groups"]) != len(optimizer.param_groups):  # before weight decay had its groups
+        raise SystemExit(
+            f"--resume: {args.out / 'train_state.pt'} was written by an older version of this script (its optimizer has "
+            f"{len(saved['optimizer']['param_groups'])} parameter groups, this one {len(optimizer.param_groups)}); "
+            "start afresh in another --out"
+        )
     fresh = [(group["lr_scale"], group["weight_decay"]) for group in optimizer.param_groups]
     optimizer.load_state_dict(saved["optimizer"])
     for group, (lr_scale, weight_decay) in zip(optimizer.param_groups, fresh):
@@ -378,7 +410,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--epochs", type=int, default=30)
     add("--batch-size", type=int, default=128, help="per process")
     add("--lr", type=float, default=1e-3)
-    add("--weight-decay", type=float, default=0.05)
+    add("--weight-decay", type=float, default=0.05, help="AdamW's, on weight matrices (not biases, norms, class token, position embedding)")
     add("--warmup-steps", type=int, default=200)
     add("--label-smoothing", type=float, default=0.1, help="on the cross-entropy term (both methods)")
     add("--dtype", choices=sorted(DTYPES), default="float32", help="autocast dtype (AMP; float16 with loss scaling)")

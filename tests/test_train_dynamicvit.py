@@ -8,6 +8,7 @@ import math
 import shutil
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -123,6 +124,13 @@ def test_resume_refuses_what_it_cannot_continue(image_folder: Path, tmp_path: Pa
     # switching to bfloat16 on resume keeps going (the saved run had no loss scale, nor needs one)
     train_dynamicvit.main([*args, "--epochs", "2", "--resume", "--dtype", "bfloat16"])
     assert [entry["epoch"] for entry in _log(tmp_path)] == [0, 1]
+    # a state from before weight decay had its own parameter groups: one group, decayed throughout
+    state = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    groups = state["optimizer"]["param_groups"]
+    state["optimizer"]["param_groups"] = [{**groups[0], "params": [i for g in groups for i in g["params"]]}]
+    torch.save(state, tmp_path / "train_state.pt")
+    with pytest.raises(SystemExit, match=r"older version of this script \(its optimizer has 1 parameter groups, this one 2\)"):
+        train_dynamicvit.main([*args, "--epochs", "3", "--resume"])
     # a state from before the run's configuration was saved
     torch.save({"optimizer": {}, "epoch": 0, "step": 1}, tmp_path / "train_state.pt")
     with pytest.raises(SystemExit, match="older version"):
@@ -191,15 +199,32 @@ def test_bad_checkpoint_names_the_keys(tmp_path: Path) -> None:
 def test_backbone_trains_at_a_fraction_of_the_predictor_rate() -> None:
     """DynamicViT's recipe: predictors at the base rate, the backbone at 0.01× (each parameter once)."""
     model = tokenprune.patch(train_dynamicvit.create_model("fmnist_vit"), "dynamicvit")
-    args = argparse.Namespace(method="dynamicvit", train_backbone=True, backbone_lr_scale=0.01)
+    args = argparse.Namespace(method="dynamicvit", train_backbone=True, backbone_lr_scale=0.01, weight_decay=0.05)
     groups = train_dynamicvit.parameter_groups(model, args)
-    assert [g["lr_scale"] for g in groups] == [1.0, 0.01]
-    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in predictors(model).parameters()}
+    assert [g["lr_scale"] for g in groups] == [1.0, 1.0, 0.01, 0.01]
+    assert {id(p) for g in groups[:2] for p in g["params"]} == {id(p) for p in predictors(model).parameters()}
     everything = [id(p) for g in groups for p in g["params"]]
     assert sorted(everything) == sorted(id(p) for p in model.parameters())
 
     args.train_backbone = False  # frozen backbone: only the predictors reach the optimizer
-    assert [len(g["params"]) for g in train_dynamicvit.parameter_groups(model, args)] == [len(groups[0]["params"])]
+    assert [len(g["params"]) for g in train_dynamicvit.parameter_groups(model, args)] == [len(g["params"]) for g in groups[:2]]
+
+
+@pytest.mark.parametrize("method", ["dynamicvit", "none"])
+def test_weight_decay_spares_biases_norms_and_embeddings(method: str) -> None:
+    """DynamicViT's (and DeiT's) recipe decays weight matrices only: no decay on biases, LayerNorm
+    weights, the class token or the position embedding, which AdamW's decoupled decay would pull
+    towards zero at every step (the backbone's and the predictors' alike)."""
+    model = train_dynamicvit.create_model("fmnist_vit")
+    if method == "dynamicvit":
+        tokenprune.patch(model, "dynamicvit")
+    args = argparse.Namespace(method=method, train_backbone=True, backbone_lr_scale=0.01, weight_decay=0.05)
+    optimizer = torch.optim.AdamW(train_dynamicvit.parameter_groups(model, args), lr=1e-3, weight_decay=args.weight_decay)  # as main's
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():  # the rule by name, independently of the shapes
+        exempt = name.endswith(".bias") or ".norm" in name or name.startswith("norm.") or "in_conv.0." in name or name in ("cls_token", "pos_embed")
+        assert decay[id(p)] == (0.0 if exempt else 0.05), name
+    assert sum(d == 0.05 for d in decay.values()) > 0 and sum(d == 0.0 for d in decay.values()) > 0
 
 
 def test_fixed_configurations_refuse_arguments_they_would_ignore() -> None:
@@ -382,7 +407,7 @@ def test_resume_takes_the_command_line_s_weight_decay_and_lr_scale(image_folder:
     train_dynamicvit.main([*args, "--epochs", "1"])
     train_dynamicvit.main([*args, "--epochs", "2", "--resume", "--weight-decay", "0.2", "--backbone-lr-scale", "0.5"])
     groups = torch.load(tmp_path / "train_state.pt", weights_only=True)["optimizer"]["param_groups"]
-    assert [(g["weight_decay"], g["lr_scale"]) for g in groups] == [(0.2, 1.0), (0.2, 0.5)]
+    assert [(g["weight_decay"], g["lr_scale"]) for g in groups] == [(0.2, 1.0), (0.0, 1.0), (0.2, 0.5), (0.0, 0.5)]
 
 
 @pytest.mark.parametrize("train_backbone", [False, True])
@@ -400,3 +425,31 @@ def test_a_frozen_backbone_trains_in_eval_mode(image_folder: Path, tmp_path: Pat
     extra = ["--train-backbone"] if train_backbone else []
     train_dynamicvit.main(["--data", str(image_folder), *COMMON, *extra, "--max-steps", "1", "--epochs", "1", "--out", str(tmp_path)])
     assert seen == [(train_backbone, True, False)]
+
+
+def test_a_damaged_file_stops_with_its_name(image_folder: Path, tmp_path: Path) -> None:
+    """A damaged train_state.pt, predictor file or --checkpoint stops the run naming the file, not with
+    torch's or safetensors' words alone (an empty EOFError; advice to load with weights_only=False)."""
+    run = tmp_path / "run"
+    args = ["--data", str(image_folder), *COMMON, "--max-steps", "1", "--out", str(run)]
+    train_dynamicvit.main([*args, "--epochs", "1"])
+    state = run / "train_state.pt"
+    intact = state.read_bytes()
+    for damaged in (b"", intact[: len(intact) // 2], b"no checkpoint"):
+        state.write_bytes(damaged)
+        with pytest.raises(SystemExit, match=rf"--resume: {re.escape(str(state))} cannot be read: it is damaged"):
+            train_dynamicvit.main([*args, "--epochs", "2", "--resume"])
+
+    model = train_dynamicvit.create_model("vit_tiny_patch16_224", num_classes=2, img_size=32)
+    half = tmp_path / "half.safetensors"
+    half.write_bytes((run / "predictors.safetensors").read_bytes()[:100])
+    with pytest.raises(ValueError, match=rf"{re.escape(str(half))} is no readable safetensors file of predictor weights"):
+        tokenprune.patch(model, "dynamicvit", predictor=str(half))
+    model = train_dynamicvit.create_model("vit_tiny_patch16_224", num_classes=2, img_size=32)  # (a failed patch leaves none)
+    with pytest.raises(SystemExit, match=rf"{re.escape(str(half))} is no readable safetensors file"):
+        train_dynamicvit.load_weights(model, half)
+    torch.save(model.state_dict(), tmp_path / "weights.pth")
+    for name, damaged in (("empty.pth", b""), ("half.pth", (tmp_path / "weights.pth").read_bytes()[:1000])):
+        (tmp_path / name).write_bytes(damaged)
+        with pytest.raises(SystemExit, match=rf"{re.escape(str(tmp_path / name))} cannot be read: it is damaged"):
+            train_dynamicvit.load_weights(model, tmp_path / name)

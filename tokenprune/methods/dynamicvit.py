@@ -187,10 +187,14 @@ def load_predictors_into(
     """Load a :func:`save_predictors` file into ``reducers``' predictors, all or nothing: a file
     whose tensors do not fit them (names or shapes) raises before any weight is written.
     ``blocks``: into those stages' predictors alone (the file may hold others too)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     modules = nn.ModuleDict({str(i): r for i, r in enumerate(reducers) if r is not None and (blocks is None or i in blocks)})
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except SafetensorError as error:  # its words name no file
+        raise ValueError(f"{path} is no readable safetensors file of predictor weights ({error})") from None
     if holds_predictors(state):
         raise ValueError(
             f"{path} holds a whole patched model's weights (as train_dynamicvit's model.safetensors), not "
