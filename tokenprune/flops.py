@@ -159,7 +159,8 @@ def _flops(model: nn.Module, input_size: InputSize, batch_size: int, with_head: 
             for block, tokens, removed in zip(model.blocks, reduction.tokens, reduction.removed)
         )
     patches = input_tokens(model, input_size) - protected
-    full_tokens = patches + model.num_prefix_tokens  # (CaiT's class token joins after the blocks)
+    # the grid a head without pooling classifies (CaiT's class token joins after the blocks; SAM has none)
+    full_tokens = patches + getattr(model, "num_prefix_tokens", 0)
     head = _head_flops(model, reduction.head_tokens, full_tokens, patch_grid(model, input_size)) if with_head else 0
     fixed = batch_size * (_embed_flops(model, input_size, patches) + head)
     fixed += _bias_mlp_flops(getattr(model, "shared_rel_pos", None))
