@@ -97,6 +97,28 @@ def test_timm_attributes():
     assert isinstance(token.fc_norm, nn.Identity) and isinstance(token.norm, nn.LayerNorm)
 
 
+@pytest.mark.parametrize("patched", [False, True])
+def test_reset_classifier_keeps_the_models_dtype(patched):
+    """reset_classifier after model.double() (or .half(), .cuda()) gives a head in the model's
+    dtype, as timm's models do: the new logits are the pooled features through that head,
+    computed here by hand in float64."""
+    model = small().double()
+    if patched:
+        tokenprune.patch(model, r=8)
+    model.reset_classifier(5)
+    assert model.head.weight.dtype == torch.float64 and model.num_classes == 5
+    x = clip().double()
+    with torch.no_grad():
+        logits = model(x)
+        if patched:
+            state = model.forward_tokens(x)
+            pooled = model.forward_head(state.x, pre_logits=True, size=state.pool_weights)
+        else:
+            pooled = model.forward_head(model.forward_features(x), pre_logits=True)
+    assert logits.dtype == torch.float64
+    torch.testing.assert_close(logits, pooled @ model.head.weight.T + model.head.bias)
+
+
 def test_named_configs():
     for factory, (dim, depth, heads) in (
         (video_vit_small_patch16_224, (384, 12, 6)),

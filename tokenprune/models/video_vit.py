@@ -352,7 +352,13 @@ class VideoVisionTransformer(nn.Module):
         if global_pool is not None and global_pool != self.global_pool:
             raise ValueError("changing the pooling would change fc_norm/norm; build a new model instead")
         self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        # On the model's device and in its dtype, as timm's heads: after model.half() or .cuda() too.
+        reference = self.patch_embed.proj.weight
+        self.head = (
+            nn.Linear(self.embed_dim, num_classes, device=reference.device, dtype=reference.dtype)
+            if num_classes > 0
+            else nn.Identity()
+        )
 
     @property
     def grid_size(self) -> tuple[int, int, int]:
