@@ -11,8 +11,8 @@
   assignment (the r best-scoring A tokens go to their partners, the rest keep their order) in
   one launch, where PyTorch needs a stable argsort and about fifteen small kernels;
   ``bipartite_members`` also lays out the merge kernel's member lists (dest's stable sort).
-* :mod:`kernels.merge` — ``merge_wavg_triton(x, size, dest, num_out)``: the size-weighted merge
-  of ``tokenprune.merge.merge_wavg``, deterministic (no atomics), with a gather backward.
+* :mod:`kernels.merge` — ``merge_wavg(x, size, dest, num_out)``: ToMe's size-weighted merge
+  (x ← Σ s·x / Σ s), deterministic (no atomics), with a gather backward.
 * :mod:`kernels.temporal_match` — ``temporal_best_match(metric, pos, window)``: video temporal
   merging's match (even-frame tokens to odd-frame tokens within a frame gap and a spatial
   window), the rule evaluated from the centroids inside a ``best_match``-style kernel instead of

@@ -173,6 +173,7 @@ class ReductionPlan:
         return self.output_tokens + self.added_after_blocks
 
     def tokens_after(self, block: int) -> int:
+        """Tokens leaving block ``block``."""
         return self.tokens[block] - self.removed[block]
 
 

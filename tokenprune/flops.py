@@ -161,7 +161,7 @@ def _flops(model: nn.Module, input_size: InputSize, batch_size: int, with_head: 
     patches = input_tokens(model, input_size) - protected
     # the grid a head without pooling classifies (CaiT's class token joins after the blocks; SAM has none)
     full_tokens = patches + getattr(model, "num_prefix_tokens", 0)
-    head = _head_flops(model, reduction.head_tokens, full_tokens, patch_grid(model, input_size)) if with_head else 0
+    head = _head_flops(model, reduction.head_tokens, full_tokens, grid) if with_head else 0
     fixed = batch_size * (_embed_flops(model, input_size, patches) + head)
     fixed += _bias_mlp_flops(getattr(model, "shared_rel_pos", None))
     return FlopReport(per_block, fixed)

@@ -108,6 +108,12 @@ def start_state(
     return TokenState(x, size, source_index, pos, grid, input_valid=valid)
 
 
+def _follow(source_index: Tensor, dest: Tensor) -> Tensor:
+    """Each input token's current token once ``dest`` has moved the tokens: input tokens dropped
+    earlier (-1) stay dropped."""
+    return torch.where(source_index >= 0, dest.gather(1, source_index.clamp(min=0)), -1)
+
+
 def merge_state(
     state: TokenState, dest: Tensor, num_out: int, backend: str = "auto", members: MemberLists | None = None
 ) -> TokenState:
@@ -119,8 +125,8 @@ def merge_state(
     members = members or MemberLists(dest)  # the tokens and their positions: one sort of dest between them
     x, size = merge_wavg(state.x, sizes, dest, num_out, backend, members)
     source_index = state.source_index
-    if source_index is not None:  # input tokens dropped earlier (-1) stay dropped
-        source_index = torch.where(source_index >= 0, dest.gather(1, source_index.clamp(min=0)), -1)
+    if source_index is not None:
+        source_index = _follow(source_index, dest)
     pos = state.pos
     if pos is not None:
         pos, _ = merge_wavg(pos, sizes, dest, num_out, backend, members)
@@ -223,7 +229,7 @@ def drop_tokens(state: TokenState, keep_index: Tensor) -> TokenState:
         dest = torch.full(state.x.shape[:2], -1, dtype=torch.long, device=keep_index.device)
         # (out of place: torch.func.vmap cannot scatter a batched index into it in place)
         dest = dest.scatter(1, keep_index, torch.arange(keep_index.shape[1], device=keep_index.device).expand_as(keep_index))
-        source_index = torch.where(source_index >= 0, dest.gather(1, source_index.clamp(min=0)), -1)
+        source_index = _follow(source_index, dest)
     return state._replace(
         x=take(state.x),
         size=None if state.size is None else take(state.size),

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .._io import write_atomic
 from ..merge import TokenState, keep_top_tokens
-from ..patch.vit import block_prefix_tokens
+from ..patch.vit import block_prefix_tokens, linear_flops
 from ._options import check_common_options, check_keep_ratio, check_stages
 
 
@@ -73,7 +73,7 @@ class TokenPredictor(nn.Module):
             return 0  # the inference forward skips a stage that keeps every token
         patches = num_tokens - self.num_protected
         linears = [self.in_conv[1], self.out_conv[0], self.out_conv[2], self.out_conv[4]]
-        return sum(2 * patches * layer.in_features * layer.out_features for layer in linears)
+        return sum(linear_flops(patches, layer) for layer in linears)
 
     def forward(self, state: TokenState, metric: Tensor | None = None) -> TokenState:
         p = self.num_protected

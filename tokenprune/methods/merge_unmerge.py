@@ -103,9 +103,6 @@ class MergeUnmergeConfig:
 
     def __post_init__(self) -> None:
         check_common_options(self)
-        for name in ("merge_windows", "merge_mlp"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.ratio, numbers.Real) or isinstance(self.ratio, bool) or not 0 <= self.ratio <= 0.5:
             raise ValueError(
                 f"ratio is the fraction of each attention group's tokens merged away, 0 ≤ ratio ≤ 0.5 "

@@ -33,7 +33,7 @@ class BipartiteMerge:
     before_attention = False
     metric = "keys"
 
-    def num_removed(self, num_tokens: int, grid: tuple[int, int] | None = None) -> int:
+    def num_removed(self, num_tokens: int, grid: tuple[int, ...] | None = None) -> int:
         return min(self.r, max_bipartite_r(num_tokens, self.num_protected))
 
     def matching_flops(self, num_tokens: int, removed: int, attn: nn.Module) -> int:

@@ -67,5 +67,4 @@ class ReducingBeit(ReducingViT, Beit):
 
 vit.QKV_PROJECTIONS[BeitAttention] = _eva_qkv  # the same fused qkv with a q/v bias as EVA's
 vit.PATCHED_BLOCKS[BeitBlock] = ReducingBeitBlock
-vit.PATCHED_CLASSES[Beit] = ReducingBeit
-vit._ORIGINAL_CLASSES[ReducingBeit] = Beit
+vit.register_model_class(Beit, ReducingBeit)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..merge import TokenState, prepend_tokens
 from . import vit
-from .vit import KEEP_EPS, ReducingBlockMixin, ReducingViT, head_dim
+from .vit import ReducingBlockMixin, ReducingViT, head_dim, linear_flops, pooling_key_bias
 
 
 class CaitSteps:
@@ -67,9 +67,8 @@ def class_attention(block: LayerScaleBlockClassAttn, x: Tensor, cls: Tensor, wei
         return t.reshape(batch, -1, attn.num_heads, channels // attn.num_heads).transpose(1, 2)
 
     q, k, v = heads(attn.q(u[:, :1])), heads(attn.k(u)), heads(attn.v(u))
-    # log(ε + w): log s for merged tokens; a dropped token (w = 0) masked with a finite gradient
-    counted = torch.cat([torch.ones_like(weights[:, :1]), weights], dim=1).float()
-    bias = torch.log(KEEP_EPS + counted).squeeze(-1)[:, None, None, :]
+    counted = torch.cat([torch.ones_like(weights[:, :1]), weights], dim=1)
+    bias = pooling_key_bias(counted, padded=False)[:, None, None, :]
     dropout = attn.attn_drop.p if attn.training else 0.0
     # A dropped key keeps ~1e-9 of its weight, below float16's range, where its gradient would
     # round to zero: float16 takes the softmax in float32, as the blocks' masked attention does.
@@ -92,9 +91,9 @@ def class_attention_flops(model: Cait, tokens: int) -> int:
     for block in model.blocks_token_only or ():
         attn = block.attn
         linear_rows = {attn.q: 1, attn.k: tokens, attn.v: tokens, attn.proj: 1}
-        total += sum(2 * rows * layer.in_features * layer.out_features for layer, rows in linear_rows.items())
+        total += sum(linear_flops(rows, layer) for layer, rows in linear_rows.items())
         total += 4 * tokens * attn.q.out_features  # the one query's q·kᵀ and attn·v
-        total += sum(2 * layer.in_features * layer.out_features for layer in block.mlp.modules() if isinstance(layer, nn.Linear))
+        total += sum(linear_flops(1, layer) for layer in block.mlp.modules() if isinstance(layer, nn.Linear))
     return total
 
 
@@ -149,5 +148,4 @@ class ReducingCait(ReducingViT, Cait):
 
 vit.QKV_PROJECTIONS[TalkingHeadAttn] = _talking_heads_qkv
 vit.PATCHED_BLOCKS[LayerScaleBlock] = ReducingLayerScaleBlock
-vit.PATCHED_CLASSES[Cait] = ReducingCait
-vit._ORIGINAL_CLASSES[ReducingCait] = Cait
+vit.register_model_class(Cait, ReducingCait)

@@ -136,5 +136,4 @@ vit.QKV_PROJECTIONS[EvaAttention] = _eva_qkv
 vit.QKV_PROJECTIONS[AttentionRope] = _rope_attention_qkv
 vit.PATCHED_BLOCKS[EvaBlock] = ReducingEvaBlock
 vit.PATCHED_BLOCKS[EvaBlockPostNorm] = ReducingEvaBlockPostNorm
-vit.PATCHED_CLASSES[Eva] = ReducingEva
-vit._ORIGINAL_CLASSES[ReducingEva] = Eva
+vit.register_model_class(Eva, ReducingEva)

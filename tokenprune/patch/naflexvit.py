@@ -273,5 +273,4 @@ class ReducingNaFlexVit(ReducingViT, NaFlexVit):
         )  # fmt: skip
 
 
-vit.PATCHED_CLASSES[NaFlexVit] = ReducingNaFlexVit
-vit._ORIGINAL_CLASSES[ReducingNaFlexVit] = NaFlexVit
+vit.register_model_class(NaFlexVit, ReducingNaFlexVit)

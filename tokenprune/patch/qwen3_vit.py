@@ -141,7 +141,5 @@ class GuardedQwen3VitClassifier(SettingsThroughPatch, Qwen3VitClassifier):
     """timm's Qwen3 ViT classifier while tokenprune has patched its encoder."""
 
 
-vit.PATCHED_CLASSES[Qwen3VitEncoder] = ReducingQwen3VitEncoder
-vit._ORIGINAL_CLASSES[ReducingQwen3VitEncoder] = Qwen3VitEncoder
-vit.WRAPPERS[Qwen3VitClassifier] = Wrapper("encoder", _classifier_head_flops, GuardedQwen3VitClassifier)
-vit._ORIGINAL_CLASSES[GuardedQwen3VitClassifier] = Qwen3VitClassifier
+vit.register_model_class(Qwen3VitEncoder, ReducingQwen3VitEncoder)
+vit.register_wrapper(Qwen3VitClassifier, Wrapper("encoder", _classifier_head_flops, GuardedQwen3VitClassifier))

@@ -249,5 +249,4 @@ def block_flops(block: nn.Module, grid: tuple[int, int]) -> int:
 
 
 vit.PATCHED_BLOCKS[SamBlock] = ReducingSamBlock
-vit.PATCHED_CLASSES[VisionTransformerSAM] = ReducingSam
-vit._ORIGINAL_CLASSES[ReducingSam] = VisionTransformerSAM
+vit.register_model_class(VisionTransformerSAM, ReducingSam)

@@ -54,5 +54,4 @@ def is_video_model(model: object) -> bool:
     return isinstance(model, VideoVisionTransformer)
 
 
-vit.PATCHED_CLASSES[VideoVisionTransformer] = ReducingVideoVisionTransformer
-vit._ORIGINAL_CLASSES[ReducingVideoVisionTransformer] = VideoVisionTransformer
+vit.register_model_class(VideoVisionTransformer, ReducingVideoVisionTransformer)

@@ -2,10 +2,11 @@
 and MLP for merging, before attention for learned pruning), and a model class whose forward
 threads a :class:`TokenState` through the blocks. The attention step, the block and the model
 forward are shared with the other families, which register their classes here
-(:data:`QKV_PROJECTIONS`, :data:`PATCHED_BLOCKS`, :data:`PATCHED_CLASSES`, :data:`WRAPPERS`, and
-the hooks of the family's model class; ``patch/eva.py``, ``patch/beit.py``, ``patch/vit_relpos.py``,
-``patch/cait.py``, ``patch/naflexvit.py``, ``patch/qwen3_vit.py``, ``patch/video.py``; attentions
-and blocks of their own in :data:`ATTENTION_FORWARDS` and :data:`BLOCK_FLOPS`: ``patch/diff_attention.py``,
+(:data:`QKV_PROJECTIONS`, :data:`PATCHED_BLOCKS`, :func:`register_model_class`,
+:func:`register_wrapper`, and the hooks of the family's model class; ``patch/eva.py``,
+``patch/beit.py``, ``patch/vit_relpos.py``, ``patch/cait.py``, ``patch/naflexvit.py``,
+``patch/qwen3_vit.py``, ``patch/video.py``; attentions and blocks of their own in
+:data:`ATTENTION_FORWARDS` and :data:`BLOCK_FLOPS`: ``patch/diff_attention.py``,
 ``patch/parallel.py``).
 
 Nothing here keeps per-forward state on modules: every block owns a fixed ``reducer`` (its r is
@@ -110,6 +111,13 @@ ATTENTION_FORWARDS: dict[type[nn.Module], AttentionForward] = {}
 # Original block class → its FLOPs(block, tokens, removed), for a block whose work does not split
 # into the ``attn`` and ``mlp`` that tokenprune.flops counts (patch/parallel.py).
 BLOCK_FLOPS: dict[type[nn.Module], Callable[[nn.Module, int, int], int]] = {}
+
+
+def attention_forward(attn: nn.Module) -> Callable[..., tuple[Tensor, Any]]:
+    """What a patched block runs for ``attn``: its class's own forward (:data:`ATTENTION_FORWARDS`),
+    else :func:`attend`."""
+    own = ATTENTION_FORWARDS.get(type(attn))
+    return attend if own is None else own.forward
 
 
 def takes_attention_kernel(fused: bool, backend: str | None, bias: Tensor | None, attn_mask: Tensor | None, is_causal: bool) -> bool:
@@ -309,6 +317,16 @@ def keep_bias(keep: Tensor, dtype: torch.dtype) -> Tensor:
 PADDING_KEY_BIAS = -1000.0
 
 
+def pooling_key_bias(weights: Tensor, padded: bool) -> Tensor:
+    """The [B, T] float32 key bias of attention pooling that counts each token ``weights``
+    ([B, T, 1]) times: log(ε + w) is log(size) for merged tokens and masks a training keep
+    mask's dropped tokens with a finite gradient (:data:`KEEP_EPS`); with ``padded``, tokens of
+    weight 0 are padding, masked by :data:`PADDING_KEY_BIAS`."""
+    weights = weights.squeeze(-1)
+    bias = torch.log(KEEP_EPS + weights.float())
+    return bias.masked_fill(weights == 0, PADDING_KEY_BIAS) if padded else bias
+
+
 def size_bias(state: TokenState, prop_attn: bool) -> Tensor | None:
     """The [B, T] key bias that the tokens' sizes call for: log s with proportional attention
     (ToMe Eq. 1), and for padding (size 0, ``state.padded``) :data:`PADDING_KEY_BIAS` with or
@@ -363,8 +381,7 @@ class ReducingBlockMixin:
         counted = state.keep
         if counted is None and key_bias is not None:
             counted = state.size
-        own = ATTENTION_FORWARDS.get(type(self.attn))
-        attn_out, metric = (attend if own is None else own.forward)(
+        attn_out, metric = attention_forward(self.attn)(
             self.attn,
             self._attention_input(x),
             bias,
@@ -390,9 +407,8 @@ class ReducingBlockMixin:
         cover."""
         h = self._attention_input(x)
         merging = BlockMerge(h, step.merged_count(x.shape[1]), step.num_protected, backend=self.backend)
-        own = ATTENTION_FORWARDS.get(type(self.attn))
         key_bias = merging.size.log().squeeze(-1) if self.prop_attn else None
-        attn_out, _ = (attend if own is None else own.forward)(
+        attn_out, _ = attention_forward(self.attn)(
             self.attn, merging.merge(h), None, key_bias=key_bias, backend=self.backend
         )
         x = self._add_attention(x, merging.unmerge(attn_out))
@@ -518,10 +534,7 @@ def _prr_pool(pool: AttentionPoolPrr, x: Tensor, size: Tensor, padded: bool) -> 
     batch, num_tokens, dim = x.shape
     x = pool.pre_norm(x)
     qkv = x.reshape(batch, num_tokens, pool.num_heads, pool.head_dim).transpose(1, 2)
-    bias = torch.log(KEEP_EPS + size.float().squeeze(-1))
-    if padded:
-        bias = bias.masked_fill(size.squeeze(-1) == 0, PADDING_KEY_BIAS)
-    mask = bias.to(x.dtype)[:, None, None, :]
+    mask = pooling_key_bias(size, padded).to(x.dtype)[:, None, None, :]
     if pool.fused_attn:
         x = F.scaled_dot_product_attention(qkv, qkv, qkv, attn_mask=mask)
     else:
@@ -781,12 +794,8 @@ class ReducingViT(SettingsThroughPatch):
             x = _prr_pool(self.attn_pool, x, size, padded)
         elif getattr(self, "attn_pool", None) is not None:
             # Always weighted, like the average below (ToMe pools by size even without
-            # proportional attention in the blocks). log(ε + w) is log(size) for merged tokens
-            # and, for a training keep mask, masks dropped tokens with a finite gradient (KEEP_EPS).
-            bias = torch.log(KEEP_EPS + size.float())
-            if padded:
-                bias = bias.masked_fill(size == 0, PADDING_KEY_BIAS)
-            x = self.attn_pool(x, attn_mask=bias.to(x.dtype).squeeze(-1)[:, None, None, :])
+            # proportional attention in the blocks).
+            x = self.attn_pool(x, attn_mask=pooling_key_bias(size, padded).to(x.dtype)[:, None, None, :])
         else:
             weights = size.float()
             mean = peak = None
@@ -906,6 +915,13 @@ PATCHED_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
 _ORIGINAL_CLASSES = {patched: original for original, patched in PATCHED_CLASSES.items()}
 
 
+def register_model_class(original: type[nn.Module], patched: type[nn.Module]) -> None:
+    """Patch models of class ``original`` into ``patched``, and unpatch them back (a family's
+    module calls this when imported)."""
+    PATCHED_CLASSES[original] = patched
+    _ORIGINAL_CLASSES[patched] = original
+
+
 @dataclass(frozen=True)
 class Wrapper:
     """A model class that holds a supported model (or another wrapper) and runs its own forward
@@ -926,14 +942,22 @@ class GuardedFeatureGetterNet(SettingsThroughPatch, FeatureGetterNet):
 
 
 # Wrapper class → where its reducing model is; families register theirs (patch/qwen3_vit.py).
+WRAPPERS: dict[type[nn.Module], Wrapper] = {}
+
+
+def register_wrapper(original: type[nn.Module], wrapper: Wrapper) -> None:
+    """Patch through models of class ``original`` as ``wrapper`` says, guarding them with
+    ``wrapper.guarded`` while the model inside is patched."""
+    WRAPPERS[original] = wrapper
+    _ORIGINAL_CLASSES[wrapper.guarded] = original
+
+
 # timm's ``features_only=True`` backbone of a ViT is a FeatureGetterNet: its forward is the
 # inner model's forward_intermediates (on the unmerged grid here, so dense heads take it as is).
-WRAPPERS: dict[type[nn.Module], Wrapper] = {
-    FeatureGetterNet: Wrapper(
-        "model", lambda model, patches: 0, GuardedFeatureGetterNet, runs_inner_head=False, reads_every_patch=True
-    ),
-}
-_ORIGINAL_CLASSES[GuardedFeatureGetterNet] = FeatureGetterNet
+register_wrapper(
+    FeatureGetterNet,
+    Wrapper("model", lambda model, patches: 0, GuardedFeatureGetterNet, runs_inner_head=False, reads_every_patch=True),
+)
 
 
 def wrapper_of(model: nn.Module) -> Wrapper | None:

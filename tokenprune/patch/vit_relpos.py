@@ -67,5 +67,4 @@ class ReducingVisionTransformerRelPos(ReducingViT, VisionTransformerRelPos):
 vit.QKV_PROJECTIONS[RelPosAttention] = _timm_qkv  # timm Attention's fused qkv
 vit.PATCHED_BLOCKS[RelPosBlock] = ReducingRelPosBlock
 vit.PATCHED_BLOCKS[ResPostRelPosBlock] = ReducingResPostRelPosBlock
-vit.PATCHED_CLASSES[VisionTransformerRelPos] = ReducingVisionTransformerRelPos
-vit._ORIGINAL_CLASSES[ReducingVisionTransformerRelPos] = VisionTransformerRelPos
+vit.register_model_class(VisionTransformerRelPos, ReducingVisionTransformerRelPos)
