@@ -732,3 +732,11 @@ def test_temporal_joint_after_follows_the_clip_size_of_a_dynamic_model():
     assert tokenprune.plan(big, (4, 32, 32)) == tokenprune.plan(short, (4, 32, 32))
     with torch.no_grad():
         torch.testing.assert_close(big(small_clip), short(small_clip), rtol=1e-5, atol=1e-5)
+
+
+def test_joint_after_takes_a_bool():
+    """Like every other flag: joint_after=0 read as False only by accident of truthiness."""
+    from tokenprune.methods.temporal import TemporalMergeConfig
+
+    with pytest.raises(TypeError, match="joint_after must be True or False"):
+        TemporalMergeConfig(joint_after=0)

@@ -18,7 +18,7 @@ def check_common_options(config: Any) -> None:
     names = {f.name for f in fields(config)}
     if "backend" in names and config.backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {config.backend!r}")
-    for name in ("prop_attn", "trace_source", "adaptive", "fuse", "merge_windows", "merge_mlp"):
+    for name in ("prop_attn", "trace_source", "adaptive", "fuse", "merge_windows", "merge_mlp", "joint_after"):
         if name in names and not isinstance(getattr(config, name), bool):
             raise TypeError(f"{name} must be True or False, got {getattr(config, name)!r}")
 
