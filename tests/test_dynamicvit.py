@@ -395,6 +395,12 @@ def test_bad_options() -> None:
         tokenprune.patch(make("vit_cls"), "dynamicvit", keep_ratio=0.0)
     with pytest.raises(ValueError, match="stages"):
         tokenprune.patch(make("vit_cls"), "dynamicvit", stages=(6, 3))
+    # DynamicViT prunes before its stage's block, EViT after the attention of its own
+    with pytest.raises(ValueError, match=r"stages must be increasing block indices in \[1, 11\], got \(0, 3\)"):
+        tokenprune.patch(make("vit_cls"), "dynamicvit", stages=(0, 3))
+    with pytest.raises(ValueError, match=r"in \[0, 11\], got \(3, 12\)"):
+        tokenprune.patch(make("vit_cls"), "evit", stages=(3, 12))
+    assert tokenprune.plan(tokenprune.patch(make("vit_cls"), "evit", stages=(0,)), 224).removed[0] > 0
     for method in ("dynamicvit", "evit"):  # block indices are whole numbers
         with pytest.raises(TypeError, match=r"a stage \(block index\) must be a non-negative int, got 1.5"):
             tokenprune.patch(make("vit_cls"), method, stages=(1.5,))

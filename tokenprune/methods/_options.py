@@ -37,6 +37,15 @@ def check_stages(stages: object) -> tuple[int, ...] | None:
     return tuple(check_count(block, "a stage (block index)") for block in stages)
 
 
+def check_stage_blocks(stages: tuple[int, ...], depth: int, first: int) -> tuple[int, ...]:
+    """``stages`` if they are increasing block indices of a ``depth``-block model from ``first``
+    (DynamicViT prunes before its stage's block, so from block 1; EViT after its attention, from
+    block 0), else a ValueError naming the range."""
+    if not stages or any(not first <= s < depth for s in stages) or list(stages) != sorted(set(stages)):
+        raise ValueError(f"stages must be increasing block indices in [{first}, {depth - 1}], got {stages}")
+    return stages
+
+
 def check_keep_ratio(value: object, source: str = "") -> float:
     """A pruning keep ratio ρ in (0, 1] (a bool, a string or NaN refused by name); ``source``
     says where the value should come from, for the error."""

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .._io import write_atomic
 from ..merge import TokenState, keep_top_tokens
 from ..patch.vit import block_prefix_tokens, linear_flops
-from ._options import check_common_options, check_keep_ratio, check_stages
+from ._options import check_common_options, check_keep_ratio, check_stage_blocks, check_stages
 
 
 def default_stages(depth: int) -> tuple[int, ...]:
@@ -123,10 +123,7 @@ class DynamicViTConfig:
         object.__setattr__(self, "stages", check_stages(self.stages))
 
     def stage_blocks(self, depth: int) -> tuple[int, ...]:
-        stages = self.stages if self.stages is not None else default_stages(depth)
-        if not stages or any(not 0 < s < depth for s in stages) or list(stages) != sorted(set(stages)):
-            raise ValueError(f"stages must be increasing block indices in [1, {depth - 1}], got {stages}")
-        return stages
+        return check_stage_blocks(self.stages if self.stages is not None else default_stages(depth), depth, first=1)
 
     def adds_parameters(self, model: nn.Module) -> bool:
         """Whether :meth:`reducers` would create predictors: at a stage without one already."""

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..merge import TokenState, keep_top_tokens
 from ..patch.vit import block_prefix_tokens, head_dim
-from ._options import check_common_options, check_keep_ratio, check_stages
+from ._options import check_common_options, check_keep_ratio, check_stage_blocks, check_stages
 from .dynamicvit import default_stages, kept_count
 
 SCORES = ("attention", "random")
@@ -124,9 +124,7 @@ class AttentionDropConfig:
                 f"{type(model).__name__} has none there (CaiT adds its own after them); "
                 "use score='random' or another method"
             )
-        stages = self.stages if self.stages is not None else default_stages(depth)
-        if not stages or any(not 0 <= s < depth for s in stages) or list(stages) != sorted(set(stages)):
-            raise ValueError(f"stages must be increasing block indices in [0, {depth - 1}], got {stages}")
+        stages = check_stage_blocks(self.stages if self.stages is not None else default_stages(depth), depth, first=0)
         reducers: list[AttentionDrop | None] = [None] * depth
         if self.keep_ratio == 1.0:  # keeps every token: no reducer, as ToMe at r=0 (timm's head takes the tokens)
             return reducers
