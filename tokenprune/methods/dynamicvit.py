@@ -103,7 +103,7 @@ class DynamicViTConfig:
             depth).
         predictor: a safetensors file of trained predictor weights (from
             ``evals/train_dynamicvit.py`` or :func:`save_predictors`) to load into the model.
-        trace_source: as in :class:`ToMeConfig` (dropped patches map to no token).
+        trace_source: as in :class:`~tokenprune.ToMeConfig` (dropped patches map to no token).
 
     Re-patching with another ``keep_ratio`` keeps the predictors' weights.
     """

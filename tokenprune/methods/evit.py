@@ -90,7 +90,7 @@ class AttentionDropConfig:
         score: "attention" (class-token attention) or "random" (a baseline).
         prop_attn: proportional attention for the fused token (off, as in EViT: a fused token
             of many patches would otherwise draw attention the model never learned to give).
-        trace_source: as in :class:`ToMeConfig`.
+        trace_source: as in :class:`~tokenprune.ToMeConfig`.
     """
 
     keep_ratio: float = 0.7

@@ -209,7 +209,7 @@ class LocalGlobalConfig:
             smallest count of the batch); like ``local_threshold``, batch-dependent and not
             ``fullgraph``-compilable.
         pos_weight: λ, the positional penalty per grid diagonal of centroid distance (0 = ToMe).
-        prop_attn, trace_source, backend: as in :class:`ToMeConfig`.
+        prop_attn, trace_source, backend: as in :class:`~tokenprune.ToMeConfig`.
     """
 
     local_block: int = 3

@@ -134,13 +134,13 @@ class PiToMeConfig:
     (PiToMe's energy score) and protecting the isolated, informative ones.
 
     Args:
-        r: tokens removed per block, as for :class:`ToMeConfig` (an int, ``(r, inflection)``
+        r: tokens removed per block, as for :class:`~tokenprune.ToMeConfig` (an int, ``(r, inflection)``
             or a per-block list; each block removes at most half of its mergeable tokens).
         margin: the similarity m above which a pair counts towards a token's energy: one
             number for every block, a list with one per block, or ``None`` for PiToMe's
             schedule 0.9 − 0.8·l/L over the L blocks.
         alpha: the ELU's α, the most a dissimilar pair can subtract from a token's energy.
-        prop_attn, trace_source, backend: as for :class:`ToMeConfig` (the backend covers the
+        prop_attn, trace_source, backend: as for :class:`~tokenprune.ToMeConfig` (the backend covers the
             merge and the attention; the energy's all-pairs similarity is one matmul).
     """
 
