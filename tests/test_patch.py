@@ -252,6 +252,16 @@ def test_switching_methods_and_unpatching_restore_exactly(method: str, options: 
     assert model.state_dict().keys() == make("vit_cls").state_dict().keys()
 
 
+def test_unpatch_of_a_part_names_the_patched_model() -> None:
+    """model.blocks or one block of a patched model: not "the model is not patched"."""
+    model = tokenprune.patch(make("vit_cls", depth=2), r=2)
+    for part in (model.blocks, model.blocks[0]):
+        with pytest.raises(ValueError, match="is or holds a block of a model patched by tokenprune: unpatch that model"):
+            tokenprune.unpatch(part)
+    with pytest.raises(ValueError, match="^the model is not patched by tokenprune$"):
+        tokenprune.unpatch(make("vit_cls", depth=2))
+
+
 def test_unpatch_leaves_no_trace() -> None:
     model = make("deit_distilled")
     before_model, before_blocks = dict(vars(model)), [dict(vars(blk)) for blk in model.blocks]

@@ -117,6 +117,11 @@ def unpatch(model: nn.Module) -> nn.Module:
     """Restore the model's original classes and behaviour exactly, in place, and return it."""
     inner = vit.reducing_model(model)
     if getattr(inner, "tokenprune_config", None) is None:
+        if any(isinstance(module, vit.ReducingBlockMixin) for module in model.modules()):
+            raise ValueError(
+                f"this {type(model).__name__} is or holds a block of a model patched by tokenprune: unpatch that "
+                "model (the one given to tokenprune.patch), which restores its blocks too"
+            )
         raise ValueError("the model is not patched by tokenprune")
     vit.check_own_classes(inner)
     vit.remove(inner)
