@@ -9,12 +9,14 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import nullcontext
+from functools import partial
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from timm.layers import Format, PatchEmbed
 from timm.models.vision_transformer_sam import get_decomposed_rel_pos_bias
 
 import tokenprune
@@ -380,3 +382,19 @@ def test_hooks_put_on_attention_after_patching_raise_where_the_block_merges() ->
         with pytest.raises(RuntimeError, match="attn has forward hooks") if ratio else nullcontext(), torch.no_grad():
             model(images())
     assert calls == [0.0]
+
+
+def test_padding_patch_embedding_takes_any_size_in_model_plan_and_flops() -> None:
+    """A SAM whose patch embedding pads the image to whole patches (timm's dynamic_img_pad) runs
+    any size, so plan and flops take it too: the grid timm makes (sides rounded up to whole
+    patches) and the FLOPs FlopCounterMode counts, unpatched and patched."""
+    embed = partial(PatchEmbed, output_fmt=Format.NHWC, strict_img_size=False, dynamic_img_pad=True)
+    model = sam(img_size=64, window_size=3, embed_layer=embed)
+    x = images(batch=1, size=70)
+    with torch.no_grad():
+        assert model.forward_intermediates(x, indices=1, intermediates_only=True)[0].shape == (1, 96, 5, 5)
+    patched = tokenprune.patch(copy.deepcopy(model), "merge_unmerge", ratio=0.5, backend="torch")
+    for m in (model, patched):
+        assert tokenprune.plan(m, 70).tokens == (25,) * 4
+        assert tokenprune.flops(m, 70).total == counted_flops(m, x)
+    assert tokenprune.flops(patched, 70).total < tokenprune.flops(model, 70).total

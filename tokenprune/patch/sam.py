@@ -160,8 +160,11 @@ class ReducingSam(SettingsThroughPatch, VisionTransformerSAM):
     @staticmethod
     def image_grid(model: nn.Module, height: int, width: int) -> tuple[int, int]:
         """timm's SAM takes any image of whole patches (its absolute position embedding is
-        resampled to the grid; windows pad it)."""
+        resampled to the grid; windows pad it), and any size where its patch embedding pads the
+        image to whole patches (``dynamic_img_pad=True``)."""
         patch = model.patch_embed.patch_size
+        if getattr(model.patch_embed, "dynamic_img_pad", False):
+            return (-(-height // patch[0]), -(-width // patch[1]))
         if height % patch[0] or width % patch[1]:
             raise ValueError(
                 f"the model takes image sides that are multiples of {patch[0]}x{patch[1]} (its patch size), "
