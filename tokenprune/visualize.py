@@ -47,8 +47,8 @@ def merge_map(
     Args:
         image: [3, H, W] float RGB in [0, 1] (un-normalised), H and W multiples of the grid;
             any float dtype and device (painted in float32 on the CPU).
-        source_index: [T_in] int64 for this image (``TokenState.source_index[i]``, or from
-            ``model._tokenprune_source`` after a traced forward); -1 marks a dropped patch.
+        source_index: [T_in] int64 for this image (``state.source_index[i]`` of
+            ``state = model.forward_tokens(x, trace_source=True)``); -1 marks a dropped patch.
         grid: (rows, cols) of patches.
         boundary: RGB colour of the group outlines.
         dropped: RGB colour of the patches a pruning method dropped.
