@@ -47,7 +47,7 @@ import tokenprune
 from tokenprune.api import input_tokens
 from tokenprune.methods.temporal import BackgroundMergeConfig, default_early_blocks
 from tokenprune.patch.vit import block_prefix_tokens, reducing_model
-from tokenprune.schedule import RSchedule, format_schedule, parse_schedule
+from tokenprune.schedule import RSchedule, format_schedule, parse_schedule, resolve_r
 
 __all__ = [
     "DEFAULT_SETTINGS",
@@ -96,14 +96,15 @@ class Knob:
 
     def steps(
         self, model: nn.Module, size: tuple[int, ...], options: dict[str, Any], inflection: float | None = None
-    ) -> list[dict[str, Any]]:
+    ) -> Sequence[dict[str, Any]]:
         """The options each setting of a budget search sets, weakest first; with an
         ``inflection`` (knob ``r`` only) each step is the schedule ``(r, inflection)``, and a
         ladder, which places its own schedule, is not used."""
         if inflection is not None:
             if self.option != "r":
                 raise ValueError(f"an inflection shapes an r schedule, and this method's budget knob is {self.option}")
-            return [{"r": (value, inflection)} for value in _ramp_r_settings(model, size, inflection)]
+            resolve_r((0, inflection), 1)  # a NaN, bool or out-of-range inflection, named as patch names it
+            return _RampSteps(_ramp_r_settings(model, size, inflection), inflection)
         steps = self.ladder(model, size, options) if self.ladder is not None else None
         if steps is None:
             steps = [{self.option: value} for value in self.settings(model, size)]
@@ -126,9 +127,26 @@ def _ramp_r_settings(model: nn.Module, size: tuple[int, ...], inflection: float)
     depth = len(reducing_model(model).blocks)
     steps = [i / (depth - 1) for i in range(depth)] if depth > 1 else [0.5]
     smallest = min(c for c in ((1.0 - inflection) + 2.0 * inflection * t for t in steps) if c > 0)
-    # + 2: the ramp truncates twice. Capped at half · depth (a ramp's nonzero ends ask at least
-    # r/depth for inflections ±1), so an inflection a hair off ±1 cannot ask for a vast ladder.
-    return range(max(half, min(math.ceil((half + 2) / smallest), half * depth)) + 1)
+    # + 2: the ramp truncates twice. An inflection a hair off ±1 asks for a vast ladder (0.99:
+    # 100 · half), which the bisection reads in log2 steps (_RampSteps makes only those); the
+    # ladder ends where a range's len() does.
+    return range(min(max(half, math.ceil((half + 2) / smallest)), sys.maxsize - 1) + 1)
+
+
+@dataclass(frozen=True)
+class _RampSteps(Sequence):
+    """The steps ``{"r": (r, inflection)}`` for the r of ``values``, made as they are read."""
+
+    values: range
+    inflection: float
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(len(self))[index]]
+        return {"r": (self.values[index], self.inflection)}
 
 
 def _keep_ratio_settings(model: nn.Module, size: tuple[int, ...]) -> Sequence[float]:
