@@ -108,6 +108,20 @@ def test_r0_is_bit_identical_and_unpatch_restores() -> None:
         assert type(model) is timm.models.cait.Cait
 
 
+@pytest.mark.parametrize("global_pool", ["token", "avg"])
+def test_an_empty_batch_runs_as_in_timm(global_pool: str) -> None:
+    """timm's Cait takes a batch of 0 images (an uneven shard's last batch): so does the patched
+    one, whose class attention over merged tokens reshapes by the token count, not -1."""
+    model = cait(global_pool=global_pool)
+    x = image(batch=0)
+    with torch.no_grad():
+        expected, features = model(x), model.forward_features(x)
+        tokenprune.patch(model, r=8)
+        out = model(x)
+        assert out.shape == expected.shape == (0, 10) and torch.equal(out, expected)
+        assert model.forward_features(x).shape == (0, 1 + GRID - 4 * 8, features.shape[-1])
+
+
 def test_source_map_puts_the_class_token_first() -> None:
     model = tokenprune.patch(cait(), r=(12, -1), trace_source=True)
     with torch.no_grad():
@@ -211,7 +225,7 @@ def test_average_pooling_needs_the_sizes() -> None:
 
 
 def test_class_token_methods_refuse_clearly() -> None:
-    with pytest.raises(ValueError, match="class token in the blocks"):
+    with pytest.raises(ValueError, match=r"class token in the blocks, and Cait has none there \(it adds its class token after them\)"):
         tokenprune.patch(cait(), "evit")
 
 

@@ -187,6 +187,30 @@ def test_padded_sizes_plan_the_padded_grid() -> None:
     assert reduction.tokens[0] == 4 + 13 * 10 and state.num_tokens == reduction.output_tokens
 
 
+
+def test_partial_patches_are_refused_where_timm_cannot_embed_them() -> None:
+    """timm's linear embedding without padding reshapes the image into whole patches and fails
+    on a partial one (a bare RuntimeError, unpatched too): the patched model and its plan refuse
+    that size naming the remedy, rather than crash or plan a grid nothing runs; the
+    convolutional embedding, which drops a partial patch, runs and plans it as timm does."""
+    unpatched = naflex("gap_registers")
+    with pytest.raises(RuntimeError), torch.no_grad():
+        unpatched(images(size=(200, 150)))
+    model = tokenprune.patch(naflex("gap_registers"), r=8)
+    for ask in (lambda: model(images(size=(200, 150))), lambda: tokenprune.plan(model, (200, 150)),
+                lambda: tokenprune.flops(model, (200, 150))):  # fmt: skip
+        with pytest.raises(ValueError, match=r"multiples of its 16x16 patches, got 200x150; .*dynamic_img_pad=True"):
+            ask()
+    conv = naflex("conv_embed")
+    with torch.no_grad():
+        expected = conv(images(size=(200, 150)))
+        tokenprune.patch(conv, r=0)
+        assert torch.equal(conv(images(size=(200, 150))), expected)
+        tokenprune.patch(conv, r=8)
+        state = conv.forward_tokens(images(size=(200, 150)))
+    reduction = tokenprune.plan(conv, (200, 150))
+    assert reduction.tokens[0] == 4 + 12 * 9 and state.num_tokens == reduction.output_tokens
+
 def test_intermediates_follow_the_image_shape() -> None:
     model = tokenprune.patch(naflex("radio_token"), r=8)
     with torch.no_grad():
@@ -530,8 +554,9 @@ def test_class_token_attention_needs_the_class_token() -> None:
     with torch.no_grad():
         state = model.forward_tokens(images())
     assert state.num_tokens == tokenprune.plan(model, SIZE).output_tokens == 8 + 70 + 1  # kept + fused
-    with pytest.raises(ValueError, match="needs a class token"):
+    with pytest.raises(ValueError, match="needs a class token") as refusal:
         tokenprune.patch(naflex("gap_registers"), "evit")
+    assert "NaFlexVit has none there; use score='random'" in str(refusal.value)  # (not CaiT's reason)
 
 
 def test_map_head_masks_padding_exactly_whatever_its_features() -> None:

@@ -197,3 +197,16 @@ def test_projector_refuses_a_grid_whose_columns_do_not_tile() -> None:
         projector(images(1, (192, 176)))
     with pytest.raises(ValueError, match="got a 12x11 patch grid"):
         tokenprune.flops(projector, (192, 176))
+
+
+def test_the_classifier_names_where_a_grid_the_projector_cannot_tile_runs() -> None:
+    """The classifier's forward_features is the encoder's forward, projector included, so it
+    refuses the grid too: the error names the encoder's forward_features, which takes it."""
+    classifier = tokenprune.patch(qwen("classifier_projector"), r=8)
+    odd = images(1, (208, 176))
+    with torch.no_grad():
+        for ask in (classifier, classifier.forward_features):
+            with pytest.raises(ValueError, match=r"13x11 patch grid \(the encoder's forward_features and forward_tokens take it\)"):
+                ask(odd)
+        assert classifier.encoder.forward_features(odd).shape == (1, 13, 11, 192)
+        assert classifier.encoder.forward_tokens(odd).num_tokens == 13 * 11 - 3 * 8

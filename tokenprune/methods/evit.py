@@ -119,10 +119,10 @@ class AttentionDropConfig:
         # (NaFlexVit keeps its class token in its embedding and says so in has_class_token)
         class_token = getattr(model, "has_class_token", getattr(model, "cls_token", None) is not None)
         if self.score == "attention" and (not class_token or protected == 0):
+            after = " (it adds its class token after them)" if class_token else ""  # CaiT
             raise ValueError(
                 f"method 'evit' with score='attention' needs a class token in the blocks, and "
-                f"{type(model).__name__} has none there (CaiT adds its own after them); "
-                "use score='random' or another method"
+                f"{type(model).__name__} has none there{after}; use score='random' or another method"
             )
         stages = check_stage_blocks(self.stages if self.stages is not None else default_stages(depth), depth, first=0)
         reducers: list[AttentionDrop | None] = [None] * depth

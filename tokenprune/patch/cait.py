@@ -63,8 +63,8 @@ def class_attention(block: LayerScaleBlockClassAttn, x: Tensor, cls: Tensor, wei
     attn: ClassAttn = block.attn
     batch, num_tokens, channels = u.shape
 
-    def heads(t: Tensor) -> Tensor:
-        return t.reshape(batch, -1, attn.num_heads, channels // attn.num_heads).transpose(1, 2)
+    def heads(t: Tensor) -> Tensor:  # (t.shape[1], not -1: a batch of 0 leaves it ambiguous)
+        return t.reshape(batch, t.shape[1], attn.num_heads, channels // attn.num_heads).transpose(1, 2)
 
     q, k, v = heads(attn.q(u[:, :1])), heads(attn.k(u)), heads(attn.v(u))
     counted = torch.cat([torch.ones_like(weights[:, :1]), weights], dim=1)

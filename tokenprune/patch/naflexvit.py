@@ -110,8 +110,17 @@ class ReducingNaFlexVit(ReducingViT, NaFlexVit):
 
     @staticmethod
     def image_grid(model: nn.Module, height: int, width: int) -> tuple[int, int]:
-        # any size: the position embedding is resized to the grid
-        grid = model.embeds.dynamic_feat_size((height, width))
+        # any size: the position embedding is resized to the grid. timm's linear embedding
+        # patchifies whole patches only (a reshape that fails otherwise) unless it pads; the
+        # convolutional one drops a partial patch, as dynamic_feat_size counts.
+        embeds = model.embeds
+        patch_h, patch_w = embeds.patch_size
+        if embeds.is_linear and not embeds.dynamic_img_pad and (height % patch_h or width % patch_w):
+            raise ValueError(
+                f"this NaFlexVit takes images whose sides are multiples of its {patch_h}x{patch_w} patches, got "
+                f"{height}x{width}; create it with dynamic_img_pad=True for any size"
+            )
+        grid = embeds.dynamic_feat_size((height, width))
         return (int(grid[0]), int(grid[1]))
 
     @staticmethod

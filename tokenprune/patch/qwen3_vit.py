@@ -125,7 +125,7 @@ def _check_projector_grid(encoder: nn.Module, grid: tuple[int, ...]) -> None:
         raise ValueError(
             f"the Qwen3 ViT's VLM projector joins {k}x{k} blocks of patches, so its images' sides must be "
             f"multiples of {k * patch_h}x{k * patch_w}; got a {grid[0]}x{grid[1]} patch grid "
-            "(forward_features and forward_tokens take it)"
+            "(the encoder's forward_features and forward_tokens take it)"
         )
 
 
