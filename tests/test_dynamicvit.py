@@ -511,3 +511,15 @@ def test_attention_drop_leaves_proportional_attention_off_by_default() -> None:
             outputs[options.get("prop_attn")] = model(x)
     assert torch.equal(outputs[None], outputs[False])
     assert not torch.allclose(outputs[None], outputs[True])
+
+
+def test_predictor_and_stages_of_another_type_refused_when_configured(tmp_path) -> None:
+    """A predictor that is no path is named at the config (it was read as a file name at patch
+    time: "No such file or directory: 2"); a 0-d tensor of stages gets the form of stages."""
+    for value in (2, ["a.safetensors"]):
+        with pytest.raises(TypeError, match=r"predictor must be the path \(a str or Path\) of a safetensors file"):
+            tokenprune.DynamicViTConfig(predictor=value)
+    tokenprune.DynamicViTConfig(predictor=tmp_path / "predictors.safetensors")  # a Path is a path
+    for config in (tokenprune.DynamicViTConfig, tokenprune.AttentionDropConfig):
+        with pytest.raises(TypeError, match=r"stages must be a tuple of block indices"):
+            config(stages=torch.tensor(3))

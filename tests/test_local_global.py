@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -493,3 +494,12 @@ def test_local_ratio_one_is_allowed_and_merges_every_window() -> None:
     """local_ratio is in the closed interval [0, 1]: 1 merges all 49 windows of a 14×14 grid."""
     model = tokenprune.patch(make("vit_cls"), "local_global", local_block=0, local_ratio=1.0, r=0)
     assert tokenprune.plan(model, 224).output_tokens == 1 + 196 - 49 * 3
+
+
+@pytest.mark.parametrize("option", ["local_ratio", "local_threshold", "pos_weight"])
+@pytest.mark.parametrize("value", ["0.5", True, [0.5], torch.tensor(0.5)], ids=["str", "bool", "list", "tensor"])
+def test_numeric_options_of_another_type_are_refused_by_name(option, value) -> None:
+    """Not compared with Python's words ("'<=' not supported"), nor taken as 1 (a bool) or a
+    tensor that reaches the forward."""
+    with pytest.raises(TypeError, match=f"{option} must be a number .*got {re.escape(repr(value))}"):
+        tokenprune.LocalGlobalConfig(**{option: value})

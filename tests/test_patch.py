@@ -761,6 +761,30 @@ def test_data_parallel_r_raises_while_patched_through_it() -> None:
     parallel.r = 16  # unpatched: an attribute like any other
 
 
+def test_bad_options_name_the_fix() -> None:
+    """A misspelt method or option names the close match, another method's option names the
+    methods that have it, a config class asks for an object; plan takes numpy sizes and
+    refuses a clip's size for an image model."""
+    import numpy as np
+
+    model = make("vit_cls")
+    with pytest.raises(ValueError, match="unknown method 'ToMe'.*did you mean 'tome'"):
+        tokenprune.patch(model, "ToMe", r=4)
+    with pytest.raises(TypeError, match="has no option prop_atn.*did you mean prop_attn"):
+        tokenprune.patch(model, "tome", r=4, prop_atn=False)
+    with pytest.raises(TypeError, match=r"keep_ratio is an option of 'dynamicvit', 'evit': name the method, e\.g\. "
+                                        r"tokenprune\.patch\(model, 'dynamicvit', keep_ratio=\.\.\.\)"):
+        tokenprune.patch(model, "tome", keep_ratio=0.5)
+    with pytest.raises(TypeError, match=r"a class: give an object, tokenprune\.patch\(model, ToMeConfig\(r=4\)\), or the name 'tome'"):
+        tokenprune.patch(model, tokenprune.ToMeConfig, r=4)
+    assert getattr(model, "tokenprune_config", None) is None  # nothing was patched on the way
+    tokenprune.patch(model, r=4)
+    assert tokenprune.plan(model, np.int64(224)) == tokenprune.plan(model, 224)
+    assert tokenprune.flops(model, np.int64(224)) == tokenprune.flops(model, 224)
+    with pytest.raises(ValueError, match=r"is an image model: input_size is \(H, W\) or \(C, H, W\); got \(3, 8, 224, 224\), four sizes as a clip.s \(C, T, H, W\) \(for a batch.s x\.shape, give x\.shape\[-2:\]\)"):
+        tokenprune.plan(model, (3, 8, 224, 224))
+
+
 def test_bad_options() -> None:
     model = make("vit_cls")
     with pytest.raises(ValueError, match="unknown method 'tomee'"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -740,3 +741,15 @@ def test_joint_after_takes_a_bool():
 
     with pytest.raises(TypeError, match="joint_after must be True or False"):
         TemporalMergeConfig(joint_after=0)
+
+
+def test_background_pool_and_importance_refused_by_name() -> None:
+    """pool: a finite number (an infinite one overflowed in the forward's round), not a bool, a
+    string or a tensor; importance: a name, not a list (unhashable for the lookup)."""
+    with pytest.raises(ValueError, match="pool is a multiple of early_r, at least 1 and finite, got inf"):
+        tokenprune.BackgroundMergeConfig(pool=float("inf"), importance="received")
+    for value in (True, "4", None, torch.tensor(4.0)):
+        with pytest.raises(TypeError, match=f"pool must be a number .*got {re.escape(repr(value))}"):
+            tokenprune.BackgroundMergeConfig(pool=value)
+    with pytest.raises(ValueError, match=r"importance must be one of \['none', 'received', 'sharpness'\], got \['received'\]"):
+        tokenprune.BackgroundMergeConfig(importance=["received"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass
 from numbers import Integral
@@ -43,13 +44,18 @@ def patch(model: nn.Module, method: str | MethodConfig | None = None, **options:
         method = next((name for name, cls in METHODS.items() if type(current) is cls), vit.family(model).default_method)
     if isinstance(method, str):
         if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; registered methods: {sorted(METHODS)}")
+            close = difflib.get_close_matches(method.lower(), METHODS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown method {method!r}; registered methods: {sorted(METHODS)}{hint}")
         config_class = METHODS[method]
         names = {f.name for f in dataclasses.fields(config_class)}
         if unknown := sorted(set(options) - names):
             source = "the model's current method" if current is not None else f"{vit.original_class(model).__name__}'s default"
             named = f"method {method!r}" + (f" ({source}, as none is named)" if implied else "")
-            raise TypeError(f"{named} has no option {', '.join(unknown)}; its options: {sorted(names)}")
+            raise TypeError(
+                f"{named} has no option {', '.join(unknown)}; its options: {sorted(names)}"
+                + "".join(_option_hint(option, names) for option in unknown)
+            )
         if type(current) is config_class:
             config = dataclasses.replace(current, **options)
         else:
@@ -60,6 +66,9 @@ def patch(model: nn.Module, method: str | MethodConfig | None = None, **options:
                 raise TypeError(f"method {method!r}: {error}") from None
     elif isinstance(method, type) or not callable(getattr(method, "reducers", None)):
         hint = "" if not isinstance(method, (int, tuple, list)) else f"; for ToMe's r, tokenprune.patch(model, r={method!r})"
+        if name := next((name for name, cls in METHODS.items() if method is cls), None):
+            given = ", ".join(f"{key}={value!r}" for key, value in options.items()) or "..."
+            hint = f", a class: give an object, tokenprune.patch(model, {method.__name__}({given})), or the name {name!r}"
         raise TypeError(
             f"method must be a name in tokenprune.METHODS or a config object such as ToMeConfig(r=16), got "
             f"{method!r}{hint}"
@@ -77,6 +86,18 @@ def patch(model: nn.Module, method: str | MethodConfig | None = None, **options:
     vit.apply(model, config, reducers)
     vit.guard_wrappers(outer, True)
     return outer
+
+
+def _option_hint(option: str, names: set[str]) -> str:
+    """What an option a method lacks may have been meant as: a close name among ``names`` (a
+    typo), or the methods that have it."""
+    if close := difflib.get_close_matches(option, names, n=1):
+        return f"; did you mean {close[0]} for {option}?"
+    owners = [name for name, cls in METHODS.items() if option in {f.name for f in dataclasses.fields(cls)}]
+    if owners:
+        methods = ", ".join(map(repr, owners))
+        return f"; {option} is an option of {methods}: name the method, e.g. tokenprune.patch(model, {owners[0]!r}, {option}=...)"
+    return ""
 
 
 def _require_options(outer: nn.Module, model: nn.Module, method: str, config_class: type, options: dict[str, Any]) -> None:
@@ -196,7 +217,12 @@ def patch_grid(model: nn.Module, input_size: InputSize) -> tuple[int, ...]:
         return packed_grid(model, input_size)
     if video.is_video_model(model):
         return _video_grid(model, input_size)
-    if isinstance(input_size, int):
+    if not isinstance(input_size, Integral) and len(input_size) == 4:
+        raise ValueError(
+            f"{vit.original_class(model).__name__} is an image model: input_size is (H, W) or (C, H, W); got "
+            f"{tuple(input_size)}, four sizes as a clip's (C, T, H, W) (for a batch's x.shape, give x.shape[-2:])"
+        )
+    if isinstance(input_size, Integral):
         height = width = input_size
     else:
         height, width = input_size[-2:]
@@ -224,7 +250,7 @@ def _check_input_size(input_size: InputSize) -> None:
 
 def _video_grid(model: nn.Module, input_size: int | tuple[int, ...]) -> tuple[int, int, int]:
     embed = model.patch_embed
-    if isinstance(input_size, int):
+    if isinstance(input_size, Integral):
         frames, height, width = embed.num_frames, input_size, input_size
     elif len(input_size) == 2:
         frames, (height, width) = embed.num_frames, input_size

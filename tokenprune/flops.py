@@ -11,6 +11,7 @@ these figures (ViT-B/16 at 224²: 35.1 GFLOPs here, "17.6 GFLOPs" in the DeiT/To
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -180,7 +181,7 @@ def _embed_flops(model: nn.Module, input_size: InputSize, patches: int) -> int:
     # FlopCounterMode counts it, on one image of the input size.
     from torch.utils.flop_counter import FlopCounterMode
 
-    size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size[-2:])
+    size = (input_size, input_size) if isinstance(input_size, numbers.Integral) else tuple(input_size[-2:])
     weight = next(embed.parameters())
     channels = next(m.in_channels for m in embed.modules() if isinstance(m, nn.Conv2d))  # in_chans=1 stems too
     image = torch.zeros(1, channels, *size, device=weight.device, dtype=weight.dtype)

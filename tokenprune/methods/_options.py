@@ -29,12 +29,17 @@ def check_stages(stages: object) -> tuple[int, ...] | None:
     otherwise fail to iterate or iterate by character."""
     if stages is None:
         return None
+    form = (
+        f"stages must be a tuple of block indices, e.g. stages=(3, 6, 9), or stages=(3,) for one stage; "
+        f"got {stages!r} ({type(stages).__name__})"
+    )
     if isinstance(stages, (str, bytes)) or not isinstance(stages, Iterable):
-        raise TypeError(
-            f"stages must be a tuple of block indices, e.g. stages=(3, 6, 9), or stages=(3,) for one stage; "
-            f"got {stages!r} ({type(stages).__name__})"
-        )
-    return tuple(check_count(block, "a stage (block index)") for block in stages)
+        raise TypeError(form)
+    try:
+        blocks = tuple(stages)
+    except TypeError:  # an Iterable that cannot iterate: a 0-d tensor
+        raise TypeError(form) from None
+    return tuple(check_count(block, "a stage (block index)") for block in blocks)
 
 
 def check_stage_blocks(stages: tuple[int, ...], depth: int, first: int) -> tuple[int, ...]:
@@ -51,4 +56,13 @@ def check_keep_ratio(value: object, source: str = "") -> float:
     says where the value should come from, for the error."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < value <= 1.0:
         raise ValueError(f"keep_ratio must be in (0, 1]{source}, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
+def check_real(value: object, what: str, valid: str) -> float:
+    """``value`` as a float if it is a real number, else a TypeError naming ``what`` and
+    ``valid`` (its range, for the error): a bool, a string, None or a tensor would otherwise
+    pass a range check as 0/1, fail it with Python's words, or reach the forward."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{what} must be a number {valid}, got {value!r} ({type(value).__name__})")
     return float(value)

@@ -9,6 +9,7 @@ the input patch tokens; prefix tokens are always kept.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,7 +111,7 @@ class DynamicViTConfig:
 
     keep_ratio: float = 0.7
     stages: tuple[int, ...] | None = None
-    predictor: str | None = None
+    predictor: str | Path | None = None
     trace_source: bool = False
     prop_attn = False  # tokens are dropped, never merged: sizes stay 1
     track_positions = False
@@ -121,6 +122,11 @@ class DynamicViTConfig:
         check_common_options(self)
         check_keep_ratio(self.keep_ratio)
         object.__setattr__(self, "stages", check_stages(self.stages))
+        if self.predictor is not None and not isinstance(self.predictor, (str, os.PathLike)):
+            raise TypeError(
+                f"predictor must be the path (a str or Path) of a safetensors file of predictor weights, or None "
+                f"for new predictors; got {self.predictor!r} ({type(self.predictor).__name__})"
+            )
 
     def stage_blocks(self, depth: int) -> tuple[int, ...]:
         return check_stage_blocks(self.stages if self.stages is not None else default_stages(depth), depth, first=1)

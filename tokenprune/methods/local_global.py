@@ -27,7 +27,7 @@ from ..merge import (
 )
 from ..schedule import RSchedule, check_count, resolve_r
 from ..patch.vit import block_prefix_tokens, head_dim
-from ._options import check_common_options
+from ._options import check_common_options, check_real
 
 
 def window_scores(metric: Tensor, grid: tuple[int, int], window: int) -> Tensor:
@@ -228,11 +228,12 @@ class LocalGlobalConfig:
         check_count(self.local_block, "local_block")
         if check_count(self.window, "window") < 2:
             raise ValueError(f"window must be at least 2, got {self.window}")
-        if self.local_threshold is not None and not -1.0 <= self.local_threshold <= 1.0:
-            raise ValueError(f"local_threshold is a cosine in [-1, 1], got {self.local_threshold}")
-        if self.local_threshold is None and (self.local_ratio is None or not 0.0 <= self.local_ratio <= 1.0):
+        if self.local_threshold is not None:
+            if not -1.0 <= check_real(self.local_threshold, "local_threshold", "(a cosine) in [-1, 1]") <= 1.0:
+                raise ValueError(f"local_threshold is a cosine in [-1, 1], got {self.local_threshold}")
+        elif self.local_ratio is None or not 0.0 <= check_real(self.local_ratio, "local_ratio", "in [0, 1]") <= 1.0:
             raise ValueError(f"local_ratio must be in [0, 1], got {self.local_ratio}")
-        if not 0 <= self.pos_weight < math.inf:  # (NaN too)
+        if not 0 <= check_real(self.pos_weight, "pos_weight", "≥ 0") < math.inf:  # (NaN too)
             raise ValueError(f"pos_weight must be ≥ 0 and finite, got {self.pos_weight}")
 
     @property

@@ -12,6 +12,7 @@ Joint space-time ToMe over all tokens (the ToMe paper's video setting) needs no 
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -26,7 +27,7 @@ from kernels.temporal_match import OUTSIDE_PENALTY, temporal_best_match
 from ..merge import TokenState, max_bipartite_r, merge_state, unit_vectors
 from ..schedule import RSchedule, check_count, resolve_r
 from ..patch.vit import block_prefix_tokens, head_dim
-from ._options import check_common_options
+from ._options import check_common_options, check_real
 from .tome import BipartiteMerge
 
 
@@ -428,9 +429,9 @@ class BackgroundMergeConfig:
         if self.early_blocks is not None:
             check_count(self.early_blocks, "early_blocks")
         check_count(self.early_r, "early_r")
-        if not self.pool >= 1.0:
-            raise ValueError(f"pool is a multiple of early_r, at least 1, got {self.pool}")
-        if self.importance not in IMPORTANCE_METRICS:
+        if not 1.0 <= check_real(self.pool, "pool", "(a multiple of early_r) ≥ 1") < math.inf:  # (NaN too)
+            raise ValueError(f"pool is a multiple of early_r, at least 1 and finite, got {self.pool}")
+        if not isinstance(self.importance, str) or self.importance not in IMPORTANCE_METRICS:
             raise ValueError(f"importance must be one of {sorted(IMPORTANCE_METRICS)}, got {self.importance!r}")
 
     def reducers(self, model: nn.Module) -> list[BackgroundMerge | BipartiteMerge | None]:
