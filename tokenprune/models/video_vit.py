@@ -385,17 +385,20 @@ class VideoVisionTransformer(nn.Module):
         x = x + pos_embed.to(x.dtype)
         return self.pos_drop(x)
 
+    def _embed_tokens(self, x: Tensor) -> Tensor:
+        """[B, C, T, H, W] clip → [B, N, C] tokens entering the first block."""
+        return self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+
+    def _block_forward(self, block: nn.Module, x: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)
+        return block(x, attn_mask=attn_mask, is_causal=is_causal)
+
     def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         """[B, C, T, H, W] clip → [B, N, C] tokens (t, h, w order) after the blocks and ``norm``."""
-        x = self.patch_embed(x)
-        x = self._pos_embed(x)
-        x = self.patch_drop(x)
-        x = self.norm_pre(x)
+        x = self._embed_tokens(x)
         for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-                x = checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)
-            else:
-                x = block(x, attn_mask=attn_mask, is_causal=is_causal)
+            x = self._block_forward(block, x, attn_mask, is_causal)
         return self.norm(x)
 
     def forward_intermediates(
@@ -423,13 +426,10 @@ class VideoVisionTransformer(nn.Module):
             raise ValueError(f"output_fmt must be 'NCTHW' or 'NLC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         grid = self.patch_embed.dynamic_feat_size(tuple(x.shape[-3:]))
-        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        x = self._embed_tokens(x)
         intermediates = []
         for i, block in enumerate(self.blocks[: max_index + 1] if stop_early else self.blocks):
-            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-                x = checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)
-            else:
-                x = block(x, attn_mask=attn_mask, is_causal=is_causal)
+            x = self._block_forward(block, x, attn_mask, is_causal)
             if i in take_indices:
                 intermediates.append(self.norm(x) if norm else x)
         if output_fmt == "NCTHW":
