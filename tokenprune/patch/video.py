@@ -2,7 +2,7 @@
 joint space-time model): the same reducing blocks and token state as the image ViT, with a 3-D
 token grid (frames, rows, cols) so that positions, plans and FLOPs follow the tubelets.
 
-Importing this module registers the class in :data:`tokenprune.patch.vit.PATCHED_CLASSES`
+Importing this module registers the class (:func:`tokenprune.patch.vit.register_model_class`)
 (``tokenprune.api`` imports it, so ``tokenprune.patch(video_model, ...)`` just works).
 """
 
