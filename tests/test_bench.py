@@ -452,11 +452,12 @@ def test_budget_with_an_inflection_searches_the_schedule(method: str, inflection
         settings.setting_for_budget(model, "evit", {}, settings.Budget("gflops", 0.6), size, inflection=-1.0)
 
 
-@pytest.mark.parametrize("inflection", [1.0, 0.5])
-def test_budget_with_an_increasing_ramp_searches_past_half_the_tokens(inflection: float) -> None:
-    """An increasing ramp (r, inflection > 0) asks little of the early blocks, so it keeps
-    reducing past r = half the patch tokens, where a constant r stops: a budget only such an r
-    meets is found, not called unreachable (it was, at the ramp of r = 8 for these 16 patches)."""
+@pytest.mark.parametrize(("inflection", "far", "stop"), [(1.0, 4, 1), (0.5, 4, 1), (0.95, 600, 6), (0.99, 600, 6)])
+def test_budget_with_an_increasing_ramp_searches_until_it_reduces_no_more(inflection: float, far: int, stop: int) -> None:
+    """An increasing ramp (r, inflection > 0) asks only r·(1 − inflection) of its first block, so
+    it keeps reducing past r = half the patch tokens, where a constant r stops (and, a hair off 1,
+    past half · depth): a budget only such an r meets (the ramp at ``far`` · half) is found, not
+    called unreachable (it was, at r = ``stop`` · half, where the search's ladder used to end)."""
     model = timm.create_model(MODEL, pretrained=False, img_size=IMG_SIZE, depth=6)
     size = (IMG_SIZE, IMG_SIZE)
     unreduced = tokenprune.flops(model, size).total
@@ -466,36 +467,18 @@ def test_budget_with_an_increasing_ramp_searches_past_half_the_tokens(inflection
         return tokenprune.flops(patched, size).total / unreduced
 
     half = (IMG_SIZE // 16) ** 2 // 2
-    budget = fraction(4 * half) + 1e-3  # a budget r = half misses
-    assert fraction(half) > budget
+    budget = fraction(far * half) + 1e-3
+    assert fraction(stop * half) > budget
     chosen = settings.setting_for_budget(model, "tome", {}, settings.Budget("gflops", budget), size, inflection=inflection)
     r, shape = chosen["r"]
-    assert shape == inflection and r > half and fraction(r) <= budget < fraction(r - 1)
+    assert shape == inflection and r > stop * half and fraction(r) <= budget < fraction(r - 1)
 
 
-@pytest.mark.parametrize("inflection", [0.95, 0.99])
-def test_budget_with_a_ramp_near_one_searches_until_it_reduces_no_more(inflection: float) -> None:
-    """An increasing ramp whose inflection is a hair off 1 asks only r·(1 − inflection) of its
-    first block, so it keeps reducing until r is that much larger than half the patch tokens: a
-    budget only such an r meets is found (the search stopped at r = half · depth, which missed
-    it, and called the budget unreachable), and a NaN inflection is named as such (it was "min()
-    arg is an empty sequence")."""
+def test_budget_with_a_nan_inflection_is_named() -> None:
+    """It was "min() arg is an empty sequence"."""
     model = timm.create_model(MODEL, pretrained=False, img_size=IMG_SIZE, depth=6)
-    size = (IMG_SIZE, IMG_SIZE)
-    unreduced = tokenprune.flops(model, size).total
-
-    def fraction(r: int) -> float:
-        patched = tokenprune.patch(timm.create_model(MODEL, img_size=IMG_SIZE, depth=6), "tome", r=(r, inflection))
-        return tokenprune.flops(patched, size).total / unreduced
-
-    half = (IMG_SIZE // 16) ** 2 // 2
-    budget = fraction(100 * half * 6) + 1e-3  # what the ramp reduces at a vast r
-    assert fraction(half * 6) > budget
-    chosen = settings.setting_for_budget(model, "tome", {}, settings.Budget("gflops", budget), size, inflection=inflection)
-    r, shape = chosen["r"]
-    assert shape == inflection and r > half * 6 and fraction(r) <= budget < fraction(r - 1)
     with pytest.raises(ValueError, match="inflection of .* must be in \\[-1, 1\\], got nan"):
-        settings.setting_for_budget(model, "tome", {}, settings.Budget("gflops", 0.5), size, inflection=float("nan"))
+        settings.setting_for_budget(model, "tome", {}, settings.Budget("gflops", 0.5), (IMG_SIZE, IMG_SIZE), inflection=float("nan"))
 
 
 def test_inflection_on_the_command_line() -> None:
