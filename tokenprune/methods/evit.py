@@ -27,13 +27,6 @@ from .dynamicvit import default_stages, kept_count
 SCORES = ("attention", "random")
 
 
-def patch_counts(state: TokenState) -> Tensor:
-    """[B, T]: how many input patches each token covers (1 each before any reduction)."""
-    if state.size is None:
-        return state.x.new_ones(state.x.shape[:2], dtype=torch.float32)
-    return state.size[..., 0]
-
-
 @dataclass(frozen=True)
 class AttentionDrop:
     """One block's step: keep the ``keep_fraction`` (of input patches) most attended tokens."""
@@ -74,7 +67,7 @@ class AttentionDrop:
         # of the patches it covers, so an earlier stage's fused token weighs as its patches.
         weights = None
         if self.fuse:
-            weights = scores if self.score == "attention" else patch_counts(state)[:, p:]
+            weights = scores if self.score == "attention" else state.sizes()[:, p:, 0]
         return keep_top_tokens(state, scores, kept, p, fuse_weights=weights)
 
 
