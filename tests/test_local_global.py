@@ -503,3 +503,25 @@ def test_numeric_options_of_another_type_are_refused_by_name(option, value) -> N
     tensor that reaches the forward."""
     with pytest.raises(TypeError, match=f"{option} must be a number .*got {re.escape(repr(value))}"):
         tokenprune.LocalGlobalConfig(**{option: value})
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(local_ratio=0.5), dict(local_threshold=0.2), dict(local_ratio=0.0, adaptive=True, pos_weight=1.0)],
+    ids=["ratio", "threshold", "adaptive"],
+)
+def test_an_empty_batch_runs_as_in_the_unpatched_model(options: dict) -> None:
+    """A batch of 0 images (an uneven shard's last batch) runs as in timm: window scores
+    reshaped with a -1 that 0 elements leave ambiguous, and the threshold and adaptive counts
+    took the minimum over no images. A fixed count leaves the planned tokens."""
+    model = make("vit_cls", img_size=64, depth=3)
+    empty = torch.randn(0, 3, 64, 64)
+    with torch.no_grad():
+        reference = model(empty)
+        tokenprune.patch(model, "local_global", local_block=0, r=2, trace_source=True, **options)
+        assert model(empty).shape == reference.shape == (0, 10)
+        tokens = model.forward_tokens(empty)
+        assert model.forward_features(empty, unmerge=True).shape == (0, 1 + 16, 192)
+    assert tokenprune.source(model).shape == (0, tokens.num_tokens, 1 + 16)
+    if "local_ratio" in options and not options.get("adaptive"):  # 2 of 4 windows, then r=2 twice
+        assert tokens.num_tokens == tokenprune.plan(model, 64).output_tokens == 1 + 16 - 2 * 3 - 2 * 2

@@ -43,8 +43,11 @@ def window_scores(metric: Tensor, grid: tuple[int, int], window: int) -> Tensor:
     rows, cols = grid
     n = window * window
     unit = unit_vectors(metric)
-    unit = unit.reshape(unit.shape[0], rows, cols, -1)[:, : rows // window * window, : cols // window * window]
-    members = unit.reshape(unit.shape[0], rows // window, window, cols // window, window, -1)
+    # Every size spelled out, none as -1: a batch of 0 images (an uneven shard's last batch)
+    # has 0 elements, which leave a -1 ambiguous.
+    batch, dim = unit.shape[0], unit.shape[-1]
+    unit = unit.reshape(batch, rows, cols, dim)[:, : rows // window * window, : cols // window * window]
+    members = unit.reshape(batch, rows // window, window, cols // window, window, dim)
     sums = members.sum(dim=(2, 4))
     # Σ ‖u_i‖² by counting the non-zero vectors: exactly n where none is zero (subtracting n
     # would count a zero vector as 1 and score a window of zero keys −1/(n−1) instead of 0)
@@ -116,7 +119,8 @@ class WindowMerge:
         if self.ratio is not None:
             count = round(self.ratio * total)
         else:
-            count = int((scores >= self.threshold).sum(dim=1).min())
+            counts = (scores >= self.threshold).sum(dim=1)
+            count = int(counts.min()) if counts.numel() else 0  # (a batch of no images: no minimum to take)
         if count == 0:
             return state
         order = scores.argsort(dim=1, descending=True, stable=True)
@@ -158,6 +162,8 @@ class PositionalBipartiteMerge:
         best_score, best_b = bipartite_best_match(metric, self.num_protected, pos, self.pos_weight, self.backend)
         r = cap
         if self.adaptive:
+            if best_score.shape[0] == 0:  # a batch of no images: no counts (and std() warns on none)
+                return state
             threshold = best_score.mean(dim=1, keepdim=True) + best_score.std(dim=1, keepdim=True)
             r = min(cap, int((best_score > threshold).sum(dim=1).min()))
             if r == 0:
