@@ -45,6 +45,19 @@ def test_bad_schedules(r, error, match) -> None:
         resolve_r(r, 3)
 
 
+@pytest.mark.parametrize("inflection", [-1, -0.5, 0.5])
+def test_a_two_entry_list_with_an_inflection_names_the_tuple_form(inflection: float) -> None:
+    """A JSON or YAML config has no tuples, so ToMe's (16, -1) arrives as [16, -1]: a per-block
+    list whose second entry no block can remove. The error names the tuple it was meant as, and
+    that tuple is ToMe's ramp."""
+    with pytest.raises((TypeError, ValueError), match=rf"r\[1\].*give a tuple, r=\(16, {inflection}\)"):
+        resolve_r([16, inflection], 12)
+    assert list(resolve_r((16, inflection), 12)) == tome_schedule((16, inflection), 12)
+    with pytest.raises(ValueError) as error:  # not an inflection: no tuple suggested
+        resolve_r([1, -2], 3)
+    assert "tuple" not in str(error.value)
+
+
 def test_command_line_schedules_round_trip() -> None:
     for text, value in [("16", 16), ("16,-1", (16, -1)), ("16, 0.5", (16, 0.5)), ("8,8,4", [8, 8, 4]), ("[8, 8]", [8, 8]), ("[4]", [4])]:
         assert parse_schedule(text) == value

@@ -45,7 +45,16 @@ def resolve_r(r: RSchedule, depth: int, blocks: str = "the model has") -> tuple[
         step = (last - first) / (depth - 1)
         return tuple(int(first + step * i) for i in range(depth))
     if isinstance(r, Sequence) and not isinstance(r, str):
-        counts = [check_count(v, f"r[{i}]") for i, v in enumerate(r)]
+        try:
+            counts = [check_count(v, f"r[{i}]") for i, v in enumerate(r)]
+        except (TypeError, ValueError) as error:
+            if len(r) == 2 and _is_inflection(r[1]):
+                # A JSON or YAML config has no tuples: ToMe's (16, -1) arrives as [16, -1].
+                raise type(error)(
+                    f"{error}: a list gives one r per block; for ToMe's (r, inflection) schedule give a tuple, "
+                    f"r=({r[0]!r}, {r[1]!r})"
+                ) from None
+            raise
         if len(counts) > depth:
             raise ValueError(
                 f"the r schedule has {len(counts)} entries but {blocks} {depth} blocks; "
@@ -53,6 +62,14 @@ def resolve_r(r: RSchedule, depth: int, blocks: str = "the model has") -> tuple[
             )
         return tuple(counts) + (0,) * (depth - len(counts))
     return (check_count(r, "r"),) * depth
+
+
+def _is_inflection(value: object) -> bool:
+    """Whether ``value`` can only be meant as the inflection of ``(r, inflection)``: a number in
+    [-1, 1] that no block could remove (negative, or not whole)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not -1.0 <= value <= 1.0:
+        return False
+    return value < 0 or not float(value).is_integer()
 
 
 def keep_ratio_r(keep_ratio: float, num_tokens: int, depth: int) -> list[int]:
