@@ -86,7 +86,8 @@ def bipartite_dest_reference(best_score: Tensor, best_b: Tensor, r: int, num_tok
     # Out of place throughout: torch.func.vmap (per-sample gradients) cannot write a batched
     # value into a tensor made here, which it does not batch ("auto" takes this path under it).
     order = best_score.argsort(dim=-1, descending=True, stable=True)
-    is_src = torch.zeros(batch, num_a, dtype=torch.bool, device=device).scatter(1, order[:, :r], True)
+    # (Scattered with 1, not True: torch.jit.trace cannot type a bool scalar.)
+    is_src = torch.zeros(batch, num_a, dtype=torch.bool, device=device).scatter(1, order[:, :r], 1)
 
     b_base = p + num_a - r
     unmerged_rank = (~is_src).cumsum(dim=1) - 1

@@ -41,3 +41,24 @@ def test_torch_export_with_a_dynamic_batch(method: str, options: dict) -> None:
     exported = torch.export.export(model, (image(2),), dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}})
     with torch.no_grad():
         assert torch.equal(exported.module()(image(3)), model(image(3)))
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("tome", dict(r=(8, -1))),
+        ("pitome", dict(r=8)),
+        ("local_global", dict(local_block=0, r=4)),
+        ("merge_unmerge", dict(ratio=0.5)),
+    ],
+)
+def test_torch_jit_trace(method: str, options: dict) -> None:
+    """torch.jit.trace (TorchScript's tracer, which older deployment paths still run) records a
+    patched model that gives the eager model's outputs exactly, at the traced batch and another.
+    The matchings' bool masks were scattered with the Python scalar True, which the tracer's alias
+    analysis cannot type: it stopped with an INTERNAL ASSERT asking to report a PyTorch bug."""
+    model = tokenprune.patch(make("registers", depth=4), method, **options)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, image(2), check_trace=False)
+        assert torch.equal(traced(image(2)), model(image(2)))
+        assert torch.equal(traced(image(3)), model(image(3)))

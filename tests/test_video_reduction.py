@@ -753,3 +753,15 @@ def test_background_pool_and_importance_refused_by_name() -> None:
             tokenprune.BackgroundMergeConfig(pool=value)
     with pytest.raises(ValueError, match=r"importance must be one of \['none', 'received', 'sharpness'\], got \['received'\]"):
         tokenprune.BackgroundMergeConfig(importance=["received"])
+
+
+@pytest.mark.parametrize("variant", ["temporal", "background", "background_received"])
+def test_torch_jit_trace(variant: str) -> None:
+    """torch.jit.trace records the video methods too, with the eager model's outputs exactly at
+    the traced batch and another (their bool masks were scattered with the Python scalar True,
+    on which the tracer stopped with an INTERNAL ASSERT)."""
+    model = patch_variant(make_model(), variant)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, make_clip(1), check_trace=False)
+        assert torch.equal(traced(make_clip(1)), model(make_clip(1)))
+        assert torch.equal(traced(make_clip(2, seed=3)), model(make_clip(2, seed=3)))

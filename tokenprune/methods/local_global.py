@@ -124,7 +124,8 @@ class WindowMerge:
         if count == 0:
             return state
         order = scores.argsort(dim=1, descending=True, stable=True)
-        merged = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order[:, :count], True)
+        # (Scattered with 1, not True: torch.jit.trace cannot type a bool scalar.)
+        merged = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order[:, :count], 1)
         dest, num_out = window_dest(merged, count, grid, self.window, p)
         return merge_state(state, dest, num_out, self.backend)
 

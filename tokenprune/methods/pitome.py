@@ -80,7 +80,7 @@ def energy_matching(metric: Tensor, r: int, num_protected: int, margin: float, a
     a_rows = similarity.gather(1, a_index.unsqueeze(-1).expand(-1, -1, similarity.shape[-1]))
     a_to_b = a_rows.gather(2, b_index.unsqueeze(1).expand(-1, r, -1))  # [B, r, r]
     partner = b_index.gather(1, a_to_b.argmax(dim=-1))  # argmax: the first (highest-energy) of ties
-    merged = torch.zeros_like(energy, dtype=torch.bool).scatter_(1, a_index, True)
+    merged = torch.zeros_like(energy, dtype=torch.bool).scatter_(1, a_index, 1)  # (1: torch.jit.trace cannot type True)
     slot = (~merged).cumsum(dim=1) - 1  # survivors keep their order
     slot = slot.scatter(1, a_index, slot.gather(1, partner))
     prefix = torch.arange(p, device=device).expand(batch, -1)

@@ -179,7 +179,7 @@ class TemporalMerge:
         readable = not torch.compiler.is_compiling() and not under_torch_func()
         if best_score.device.type == "cpu" and readable:
             self._warn_about_drift(rank.gather(1, order))
-        is_src = torch.zeros_like(best_score, dtype=torch.bool).scatter(1, order, True)  # (vmap batches it)
+        is_src = torch.zeros_like(best_score, dtype=torch.bool).scatter(1, order, 1)  # (vmap batches it)
         dest = ordered_dest(is_src, best_b, p, has_partner)
         return merge_state(state, dest, state.num_tokens - r, self.backend)
 
@@ -281,7 +281,7 @@ class BackgroundMerge:
             odd = torch.arange(n, device=keys.device) % 2 == 1
             candidates = importance.masked_fill(odd, float("inf")).argsort(dim=-1, stable=True)
             candidates = candidates[:, : self.pool_size(state.num_tokens)]
-            in_pool = torch.zeros(batch, n, dtype=torch.bool, device=keys.device).scatter(1, candidates, True)
+            in_pool = torch.zeros(batch, n, dtype=torch.bool, device=keys.device).scatter(1, candidates, 1)
             unit = unit_vectors(keys[:, p:])
             a = unit.gather(1, candidates.unsqueeze(-1).expand(-1, -1, unit.shape[-1]))
             # float32 under autocast too, as best_match scores: bf16 would round them into ties
@@ -290,8 +290,9 @@ class BackgroundMerge:
         chosen = best.argsort(dim=-1, descending=True, stable=True)[:, :r]  # the r best-matched candidates
         src = candidates.gather(1, chosen)
         # Scatters out of place (in_pool too): torch.func.vmap (per-sample gradients) cannot scatter
-        # a batched index into a tensor made here in place.
-        is_src = torch.zeros(batch, n, dtype=torch.bool, device=src.device).scatter(1, src, True)
+        # a batched index into a tensor made here in place. Masks are scattered
+        # with 1, not True, which torch.jit.trace cannot type.
+        is_src = torch.zeros(batch, n, dtype=torch.bool, device=src.device).scatter(1, src, 1)
         partner = src.new_zeros(batch, n).scatter(1, src, best_partner.gather(1, chosen))
         dest = ordered_dest(is_src, partner, p)
         return merge_state(state, dest, state.num_tokens - r, self.backend)
