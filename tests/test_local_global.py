@@ -210,6 +210,24 @@ def test_bad_options() -> None:
         dropping(image())
 
 
+def test_a_grid_too_small_for_windows_names_a_fix_that_works() -> None:
+    # The error's advice must be an option that patches: on a grid one patch high (16×48 image:
+    # 1×3 patches) no window of 2×2 or more fits, and "a window of at most 1" is itself refused.
+    for size, grid in (((16, 48), "1x3"), ((48, 16), "3x1"), ((16, 16), "1x1")):
+        model = make("vit_cls", img_size=size, depth=2)
+        with pytest.raises(ValueError, match=f"window=2 does not fit the model's {grid} patch grid") as error:
+            tokenprune.patch(model, "local_global", local_block=0, r=1)
+        assert "at most 1 patches" not in str(error.value) and "use method 'tome'" in str(error.value)
+        with pytest.raises(ValueError):
+            tokenprune.LocalGlobalConfig(window=1)  # what "at most 1" would have sent the user to
+        tokenprune.patch(model, "tome", r=1)(torch.randn(1, 3, *size))  # the named fix runs
+    # Where a smaller window does fit, the advice names the largest, and that window patches.
+    model = make("vit_cls", img_size=(32, 64), depth=2)
+    with pytest.raises(ValueError, match="give a window of at most 2 patches"):
+        tokenprune.patch(model, "local_global", local_block=0, window=3)
+    tokenprune.patch(model, "local_global", local_block=0, window=2)(torch.randn(1, 3, 32, 64))
+
+
 def test_compiles_fullgraph() -> None:
     torch._dynamo.reset()
     model = tokenprune.patch(make("registers"), "local_global", local_ratio=0.25, r=6, pos_weight=0.5)

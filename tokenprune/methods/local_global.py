@@ -253,9 +253,15 @@ class LocalGlobalConfig:
             raise ValueError(f"local_block must be in [0, {depth - 1}] for a {depth}-block model, got {self.local_block}")
         grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)  # (NaFlexVit: none, sizes vary)
         if grid is not None and self.window > min(grid):
+            # Windows are at least 2×2 (window ≥ 2), so a grid one patch high or wide has room
+            # for none: naming a window of "at most 1" there would name an invalid option.
+            fix = (
+                f"give a window of at most {min(grid)} patches"
+                if min(grid) >= 2
+                else "no window of 2x2 or more fits a grid one patch across; use method 'tome' (global merging alone)"
+            )
             raise ValueError(
-                f"window={self.window} does not fit the model's {grid[0]}x{grid[1]} patch grid: no window would "
-                f"merge; give a window of at most {min(grid)} patches"
+                f"window={self.window} does not fit the model's {grid[0]}x{grid[1]} patch grid: no window would merge; {fix}"
             )
         later = resolve_r(self.r, depth - self.local_block - 1, f"after local_block={self.local_block} come")
         counts = (0,) * (self.local_block + 1) + later
