@@ -82,6 +82,19 @@ def under_torch_func() -> bool:
     return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
 
+def vmapped(t: torch.Tensor) -> bool:
+    """Whether ``t`` is batched by a running ``torch.func.vmap``, at any level of nested
+    transforms (``vmap(grad(...))`` wraps it for ``grad`` inside ``vmap``'s batching)."""
+    if not under_torch_func():
+        return False
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
+
+
 def next_power_of_2(n: int) -> int:
     """Smallest power of two ≥ n (≥ 1); Triton block shapes must be powers of two. (Not
     ``triton.next_power_of_2``, nor ``triton.cdiv`` below: Triton 3.8 makes both constexpr

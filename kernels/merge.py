@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels._triton import HAS_TRITON, INTERPRET, cdiv, check_backend, check_device, next_power_of_2, tl, triton, use_triton
+from kernels._triton import HAS_TRITON, INTERPRET, cdiv, check_backend, check_device, next_power_of_2, tl, triton, under_torch_func, use_triton
 
 __all__ = ["MemberLists", "merge_wavg", "merge_wavg_reference", "merge_wavg_triton"]
 
@@ -71,8 +71,12 @@ def merge_wavg_reference(x: Tensor, size: Tensor, dest: Tensor, num_out: int) ->
     # scatter_add_ along dim 1 (bit-identical), about 3x faster on CPU.
     flat = (dest + num_out * torch.arange(batch, device=dest.device).unsqueeze(1)).reshape(-1)
     rows = weighted.reshape(batch * tokens, channels)  # (not -1, which a C of 0 leaves ambiguous)
-    merged = weighted.new_zeros(batch * num_out, channels).index_add_(0, flat, rows)
-    new_size = size.new_zeros(batch * num_out, 1).index_add_(0, flat, size.reshape(-1, 1))
+    # Under torch.func.vmap, x and size may be the same for every sample while dest is not (SAM's
+    # one-hot position rows): vmap cannot add a batched index's rows into a tensor made here in
+    # place. Out of place there only: on the CPU, index_add is several times slower than index_add_.
+    add = torch.Tensor.index_add if under_torch_func() else torch.Tensor.index_add_
+    merged = add(weighted.new_zeros(batch * num_out, channels), 0, flat, rows)
+    new_size = add(size.new_zeros(batch * num_out, 1), 0, flat, size.reshape(-1, 1))
     average = merged / new_size.clamp(min=_TINY)  # sizes are counts: the clamp only turns 0/0 into 0
     return average.to(x.dtype).view(batch, num_out, channels), new_size.view(batch, num_out, 1)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import timm
@@ -11,7 +12,7 @@ from torch import nn
 
 import tokenprune
 from evals.harness import counted_flops  # noqa: F401 (the other test modules import it from here)
-from tokenprune.merge import unmerge
+from tokenprune.merge import source_matrix, unmerge
 from tokenprune.patch.vit import attend
 
 # One small model per supported family (random init, seeded): what differs is the token layout
@@ -685,6 +686,50 @@ def test_per_sample_gradients_with_torch_func(method: str, options: dict) -> Non
     model = timm.create_model("vit_tiny_patch16_224", depth=3, num_classes=10, img_size=64).eval()
     tokenprune.patch(model, method, **options)
     assert_per_sample_gradients(model, image(2, 64))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+@pytest.mark.parametrize(("options", "named"), [({"local_threshold": 0.5}, "local_threshold"), ({"adaptive": True}, "adaptive=True")])
+def test_data_dependent_counts_under_vmap_are_refused_by_name(options: dict, named: str) -> None:
+    """local_global's counts read from the data (local_threshold, adaptive) cannot run under
+    torch.func.vmap: the error names the option and the fixed count that works, instead of
+    functorch's ".item()" error (fixed counts run there: test_per_sample_gradients_with_torch_func)."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", depth=3, num_classes=10, img_size=64).eval()
+    tokenprune.patch(model, "local_global", local_block=0, **options)
+    with torch.no_grad():
+        model(image(2, 64))  # runs outside vmap
+    with pytest.raises(RuntimeError, match=rf"local_global's {re.escape(named)} reads its merge count from the data.*vmap"):
+        torch.func.vmap(lambda one: model(one[None])[0])(image(2, 64))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+def test_source_after_torch_func_vmap_says_where_the_map_is() -> None:
+    """A traced forward under torch.func.vmap (per-sample gradients) leaves no map behind that
+    tokenprune.source would fail on with functorch's "escaped tensor" error: it says where the map
+    is, and that way (the source index returned from the vmapped function) gives each image the
+    map of a plain batched forward. Under torch.func.grad alone the map is the image's own."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", depth=3, num_classes=10, img_size=64).eval()
+    tokenprune.patch(model, r=8, trace_source=True)
+    x = image(2, 64)
+    with torch.no_grad():
+        model(x)
+    expected = tokenprune.source(model)  # the independent reference: a plain batched forward
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def loss(weights: dict, one: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(model, weights, (one[None],)).square().sum()
+
+    torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    with pytest.raises(RuntimeError, match=r"the last forward ran under torch.func.vmap.*forward_tokens"):
+        tokenprune.source(model)
+    index = torch.func.vmap(lambda one: model.forward_tokens(one[None], trace_source=True).source_index[0])(x)
+    assert torch.equal(source_matrix(index, expected.shape[1]), expected)
+    torch.func.grad(loss, argnums=1)(params, x[1])
+    assert torch.equal(tokenprune.source(model), expected[1:])
+    model(x[:1])  # a plain forward leaves its map again
+    assert torch.equal(tokenprune.source(model), expected[:1])
 
 
 def assert_per_sample_gradients(model: nn.Module, inputs: torch.Tensor) -> None:

@@ -21,7 +21,7 @@ from timm.models.vision_transformer_sam import get_decomposed_rel_pos_bias
 
 import tokenprune
 from tests.test_parallel_blocks import differs_between_seeds
-from tests.test_patch import counted_flops
+from tests.test_patch import assert_per_sample_gradients, counted_flops
 from tests.tome_reference import _match
 from tokenprune.merge import BlockMerge
 from tokenprune.patch.sam import merged_rel_pos_bias
@@ -286,6 +286,16 @@ def test_training_gradients_are_finite_with_padding() -> None:
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert model.blocks[0].attn.rel_pos_h.grad.abs().sum() > 0  # the merged bias reaches its tables
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # torch: no batching rule for SDPA
+def test_per_sample_gradients_with_torch_func() -> None:
+    """torch.func's vmap over grad (per-sample gradients) runs SAM's merging blocks and gives each
+    image the gradients of its own backward, the merged relative position bias included: its
+    one-hot position rows are the same for every image while the matching is not, which the
+    reference merge adds out of place under the transform."""
+    model = tokenprune.patch(sam(img_size=64, window_size=2), "merge_unmerge", ratio=0.4)
+    assert_per_sample_gradients(model, images(2, 64))
 
 
 def test_bfloat16_autocast_runs() -> None:

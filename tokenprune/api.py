@@ -173,6 +173,12 @@ def source(model: nn.Module) -> Tensor:
             )
         raise RuntimeError("no source map: patch the model with trace_source=True and run a forward first")
     source_index, num_tokens = traced
+    if source_index is None:
+        raise RuntimeError(
+            "no source map: the last forward ran under torch.func.vmap, whose per-sample maps cannot leave the "
+            "transform; return model.forward_tokens(x, trace_source=True).source_index from the vmapped function "
+            "(tokenprune.merge.source_matrix makes the map of it), or run the model outside vmap"
+        )
     return source_matrix(source_index, num_tokens)
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from kernels._triton import vmapped
+
 from ..merge import (
     TokenState,
     bipartite_best_match,
@@ -119,6 +121,7 @@ class WindowMerge:
         if self.ratio is not None:
             count = round(self.ratio * total)
         else:
+            refuse_data_counts_under_vmap(scores, "local_threshold", "local_ratio")
             counts = (scores >= self.threshold).sum(dim=1)
             count = int(counts.min()) if counts.numel() else 0  # (a batch of no images: no minimum to take)
         if count == 0:
@@ -128,6 +131,17 @@ class WindowMerge:
         merged = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order[:, :count], 1)
         dest, num_out = window_dest(merged, count, grid, self.window, p)
         return merge_state(state, dest, num_out, self.backend)
+
+
+def refuse_data_counts_under_vmap(scores: Tensor, option: str, fixed: str) -> None:
+    """Raise where a count read from the data (on the host) would run under torch.func.vmap,
+    which cannot read a batched value (functorch's own error names no option): under vmap each
+    image would need its own count, hence its own token count, which vmap cannot batch."""
+    if vmapped(scores):
+        raise RuntimeError(
+            f"local_global's {option} reads its merge count from the data, which torch.func.vmap (e.g. "
+            f"per-sample gradients) cannot do: each image would get its own token count. Use {fixed} under vmap"
+        )
 
 
 @dataclass(frozen=True)
@@ -163,6 +177,7 @@ class PositionalBipartiteMerge:
         best_score, best_b = bipartite_best_match(metric, self.num_protected, pos, self.pos_weight, self.backend)
         r = cap
         if self.adaptive:
+            refuse_data_counts_under_vmap(best_score, "adaptive=True", "a fixed r")
             if best_score.shape[0] == 0:  # a batch of no images: no counts (and std() warns on none)
                 return state
             threshold = best_score.mean(dim=1, keepdim=True) + best_score.std(dim=1, keepdim=True)

@@ -34,6 +34,7 @@ from torch.nn.utils import parametrize
 from torch.utils.checkpoint import checkpoint
 
 from kernels import attention
+from kernels._triton import vmapped
 
 from ..merge import BlockMerge, TokenState, start_state
 from ..merge import unmerge as unmerge_tokens
@@ -582,12 +583,17 @@ class ReducingViT(SettingsThroughPatch):
             self._tokenprune_source = self._traced_source(x, state) if trace_source else None
         return state
 
-    def _traced_source(self, x: Any, state: TokenState) -> tuple[Tensor, int]:
+    def _traced_source(self, x: Any, state: TokenState) -> tuple[Tensor | None, int]:
         """What :func:`tokenprune.source` reads: the source index with padding (NaFlex's packed
         sequences) marked -1, as dropped tokens are, so that its map counts what ``state.size``
         counts: padding merged into a patch is no part of it."""
         valid = self._valid_tokens(x)
         index = state.source_index if valid is None else state.source_index.masked_fill(~valid, -1)
+        if vmapped(index):
+            # A tensor batched by torch.func.vmap cannot outlive the transform: kept here, it
+            # would make tokenprune.source fail after it with functorch's "escaped" error. None
+            # says so (what the transformed function returns is the way out).
+            return None, state.num_tokens
         return index, state.num_tokens
 
     def _run_blocks(
