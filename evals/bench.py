@@ -85,6 +85,7 @@ from evals.harness import (
     measure_interleaved,
     peak_memory_mib,
     pyplot,
+    refuse_unavailable_device,
     refuse_unusable_triton,
     set_fused_attn,
     write_atomic,
@@ -192,6 +193,8 @@ def _resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, name)
         return defaults[name] if value is None else value
 
+    if args.compile_mode != "default" and args.compile == "off":  # else every row runs eagerly, the mode unused
+        raise SystemExit(f"--compile-mode {args.compile_mode} applies to compiled rows: add --compile on (or both)")
     if any(key == "backend" for _, key, _ in args.option):
         raise SystemExit("give the backend with --backend (repeatable: one row per backend), not --option backend=…")
     config = {
@@ -215,8 +218,7 @@ def _resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     # Up front, not after the groups before the one that would fail:
     if args.img_size is not None and args.img_size < 1:
         raise SystemExit(f"--img-size must be at least 1, got {args.img_size}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {device}: no CUDA device is visible here; leave --device out to run on the CPU")
+    refuse_unavailable_device(device)
     refuse_unusable_triton(config["backends"], device)
     for name in config["models"]:
         _check_model(name, args.img_size)

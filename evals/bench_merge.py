@@ -31,6 +31,7 @@ from evals.harness import (
     RESULTS_DIR,
     environment,
     measure_interleaved,
+    refuse_unavailable_device,
     refuse_unusable_triton,
     write_atomic,
 )
@@ -111,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    refuse_unavailable_device(device)
     on_gpu = device.type == "cuda"
     # "is None", not "or": an explicit 0 is a mistake to refuse, not a request for the default.
     batch = (256 if on_gpu else 16) if args.batch_size is None else args.batch_size
@@ -124,10 +126,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit("--batch-size, --video-batch-size, --runs and --repeat must be at least 1, --warmup at least 0")
 
     torch.manual_seed(0)
-    model = timm.create_model(args.model, pretrained=False).eval().to(device)
-    img_size = tuple(model.patch_embed.img_size)
-    channels, head_dim = model.embed_dim, model.blocks[0].attn.head_dim
-    protected = model.num_prefix_tokens
+    try:
+        model = timm.create_model(args.model, pretrained=False).eval().to(device)
+    except RuntimeError as error:  # timm's "Unknown model"
+        raise SystemExit(f"--model {args.model}: {error}") from None
+    try:  # the step's shapes, read off a ViT's patch embedding and first block
+        img_size = tuple(model.patch_embed.img_size)
+        channels, head_dim = model.embed_dim, model.blocks[0].attn.head_dim
+        protected = model.num_prefix_tokens
+    except AttributeError:
+        raise SystemExit(f"--model {args.model}: {type(model).__name__} is not a ViT whose merge step this times "
+                         "(patch_embed, blocks[i].attn.head_dim): give a timm VisionTransformer, e.g. "
+                         "vit_base_patch16_224") from None
     images = torch.randn(batch, 3, *img_size, generator=torch.Generator().manual_seed(0)).to(device)
 
     rows: list[dict[str, Any]] = []

@@ -38,6 +38,8 @@ from evals.harness import (
     create_model,
     environment,
     example_input,
+    refuse_unavailable_device,
+    refuse_unusable_triton,
     synchronize,
     write_atomic,
 )
@@ -175,16 +177,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit("give the backend with --backend (repeatable), not --option backend=…")
     if args.method == "tome":
         options.setdefault("r", 16)
+    backends = list(dict.fromkeys(args.backend or ["auto"]))  # a backend given twice is profiled once
+    # Up front, as evals.bench does: not a traceback from torch or the kernels once models are built.
+    refuse_unavailable_device(device)
+    refuse_unusable_triton(backends if args.method != "none" and method_takes(args.method, "backend") else [], device)
     baseline = create_model(args.model, args.img_size, device, args.seed)
     inputs = example_input(baseline, batch, device, args.seed)
     setting = describe_setting(args.method, options) or "unpatched"
     models = []
-    for backend in dict.fromkeys(args.backend or ["auto"]):  # a backend given twice is profiled once
+    for backend in backends:
         model = baseline
         if args.method != "none":
             # (the dropping methods have no backend: their gathers are not the kernels')
-            model = tokenprune.patch(create_model(args.model, args.img_size, device, args.seed), args.method,
-                                     **options, **({"backend": backend} if method_takes(args.method, "backend") else {}))
+            try:
+                model = tokenprune.patch(create_model(args.model, args.img_size, device, args.seed), args.method,
+                                         **options, **({"backend": backend} if method_takes(args.method, "backend") else {}))
+            except (TypeError, ValueError) as error:  # e.g. pitome without --r, evit with --r
+                given = f" with {describe_setting(args.method, options)}" if options else ""
+                raise SystemExit(f"--method {args.method}{given}: {error} (options: --r, --option KEY=VALUE)") from None
         models.append((backend, model))
     # Every wall time before the first profiler session: without TEARDOWN_CUPTI=1 the profiler
     # leaves CUPTI attached when it ends (pytorch/pytorch#144455), which slows every later kernel

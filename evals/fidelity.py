@@ -70,6 +70,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "fidelity_dinov2.json")
     args = parser.parse_args(argv)
+    if args.img_size < 14 or args.img_size % 14:  # before the model and photos load
+        parser.error(f"--img-size must be a positive multiple of 14 (DINOv2's patch), got {args.img_size}")
     if args.method is None and args.r is None and args.budget is None:
         args.r = [parse_schedule(text) for text in DEFAULT_R]
     rows = measure(settings.settings_from_args(args), args.img_size)

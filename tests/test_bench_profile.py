@@ -189,3 +189,28 @@ def test_profile_refuses_a_zero_batch(tmp_path: Path) -> None:
         bench_profile.main(["--model", "vit_tiny_patch16_224", "--device", "cpu", "--batch-size", "0",
                             "--out", str(tmp_path / "p.json")])  # fmt: skip
     assert not (tmp_path / "p.json").exists()
+
+
+def test_profile_refuses_what_cannot_run_here_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A missing GPU, Triton without one, and options the method does not take each raised a
+    traceback (torch's "Found no NVIDIA driver", the kernels' RuntimeError, patch's TypeError);
+    each is refused by name, as evals.bench refuses them, and nothing is written."""
+    out = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--batch-size", "1", "--runs", "1", "--warmup", "0",
+           "--out", str(tmp_path / "p.json")]  # fmt: skip
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: False)
+        patch.setattr(bench_profile, "create_model", lambda *args: pytest.fail("built a model"))
+        with pytest.raises(SystemExit, match="--device cuda: no CUDA device is visible here"):
+            bench_profile.main([*out, "--device", "cuda"])
+    with monkeypatch.context() as patch:
+        from evals import harness
+
+        patch.setattr(harness, "triton_usable", lambda *tensors: False)  # (the tests' interpreter runs them on CPU)
+        patch.setattr(bench_profile, "create_model", lambda *args: pytest.fail("built a model"))
+        with pytest.raises(SystemExit, match="--backend triton: the Triton kernels do not run on cpu here"):
+            bench_profile.main([*out, "--device", "cpu", "--backend", "torch", "--backend", "triton"])
+    with pytest.raises(SystemExit, match="--method pitome: method 'pitome' needs r.*--r"):
+        bench_profile.main([*out, "--device", "cpu", "--method", "pitome"])
+    with pytest.raises(SystemExit, match="--method evit with r=8: method 'evit' has no option r"):
+        bench_profile.main([*out, "--device", "cpu", "--method", "evit", "--r", "8"])
+    assert not (tmp_path / "p.json").exists()

@@ -157,6 +157,18 @@ def test_pruning_table_end_to_end(idx_folder: Path, tmp_path: Path) -> None:
         assert d["verdict"] == ("win" if d["low"] > 0 else "loss" if d["high"] < 0 else "tie")
 
 
+@pytest.mark.parametrize("rho", ["1.5", "0", "-0.3", "nan"])
+def test_a_keep_ratio_out_of_range_is_refused_before_the_data_is_read(rho: str, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--keep-ratio 1.5`` ran the unreduced row over the whole test split, then died in patch
+    with a ValueError traceback; it is now a usage error before any image is read."""
+    monkeypatch.setattr(fmnist_pruning, "FashionMNIST", lambda *args, **kwargs: pytest.fail("read the data first"))
+    with pytest.raises(SystemExit) as stopped:
+        fmnist_pruning.main(["--data", str(tmp_path), "--keep-ratio", "0.7", rho, "--out-dir", str(tmp_path)])
+    assert stopped.value.code == 2  # argparse's usage error, with its message on stderr
+    assert not (tmp_path / "fmnist_pruning.json").exists()
+
+
 def test_matched_tome_r_is_the_nearest_in_gflops_from_r_0() -> None:
     """nearest_tome_r searches r = 0 ... 29: the unreduced GFLOPs are matched by r=0, and any
     target by the r whose GFLOPs are nearest."""
