@@ -62,3 +62,20 @@ def test_torch_jit_trace(method: str, options: dict) -> None:
         traced = torch.jit.trace(model, image(2), check_trace=False)
         assert torch.equal(traced(image(2)), model(image(2)))
         assert torch.equal(traced(image(3)), model(image(3)))
+
+
+def test_torch_export_leaves_no_fake_source_map() -> None:
+    """Export traces the forward on fake tensors: a patched model with trace_source=True keeps
+    no map from it (tokenprune.source would hand back a FakeTensor of symbolic values), so
+    ``source`` still asks for a forward, and after one, reads that forward's real map."""
+    model = tokenprune.patch(make("vit_cls", depth=2), r=8, trace_source=True)
+    exported = torch.export.export(model, (image(2),), dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}})
+    with pytest.raises(RuntimeError, match="no forward has run since patching"):
+        tokenprune.source(model)
+    with torch.no_grad():
+        assert torch.equal(exported.module()(image(3)), model(image(3)))
+    source = tokenprune.source(model)
+    assert type(source) is torch.Tensor and source.shape == (3, 197 - 2 * 8, 197)
+    assert torch.equal(source.sum(-1), model.forward_tokens(image(3)).size[..., 0].to(source.dtype))
+    torch.export.export(model, (image(2),))  # a later export leaves the eager map as it was
+    assert torch.equal(tokenprune.source(model), source)

@@ -579,9 +579,16 @@ class ReducingViT(SettingsThroughPatch):
         if trace_source is None:
             trace_source = self.tokenprune_config.trace_source
         state = self._run_blocks(x, attn_mask, is_causal, trace_source)
-        if self.tokenprune_config.trace_source:  # the last forward's map, or none if it did not trace
+        if self._stores_source():  # the last forward's map, or none if it did not trace
             self._tokenprune_source = self._traced_source(x, state) if trace_source else None
         return state
+
+    def _stores_source(self) -> bool:
+        """Whether this forward keeps its source map for :func:`tokenprune.source`: with
+        ``trace_source``, except while ``torch.export`` traces it. Export runs the forward on fake
+        tensors and leaves a newly set attribute on the model, so ``source`` would hand back a
+        FakeTensor of symbolic values; the exported program keeps no map either."""
+        return self.tokenprune_config.trace_source and not torch.compiler.is_exporting()
 
     def _traced_source(self, x: Any, state: TokenState) -> tuple[Tensor | None, int]:
         """What :func:`tokenprune.source` reads: the source index with padding (NaFlex's packed
@@ -870,7 +877,7 @@ class ReducingViT(SettingsThroughPatch):
         state = self._run_blocks(
             x, attn_mask, is_causal, trace_source=True, on_block=keep, num_blocks=max_index + 1 if stop_early else None
         )
-        if self.tokenprune_config.trace_source:  # like forward_tokens: the map of the last forward
+        if self._stores_source():  # like forward_tokens: the map of the last forward
             self._tokenprune_source = self._traced_source(x, state)
         p = block_prefix_tokens(self)
         prefix_tokens = [y[:, :p] for y in intermediates] if p else None
