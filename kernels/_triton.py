@@ -6,6 +6,7 @@ imports it through here and keeps a pure-PyTorch reference that works without it
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -112,6 +113,33 @@ def block_size(n: int, lo: int, hi: int) -> int:
     """A power-of-two block covering ``n`` if possible, clamped to [lo, hi]. ``lo`` is 16 for
     ``tl.dot`` operands, whose every dimension must be at least 16."""
     return max(lo, min(hi, next_power_of_2(n)))
+
+
+INT32_MAX = 2**31 - 1
+
+
+def int32_offsets(t: Tensor, batch_dims: int = 1) -> Tensor:
+    """``t``, or a contiguous copy of it where the kernels' int32 offsets would overflow.
+
+    The kernels compute an element's offset inside one batch item (row × row stride + column ×
+    column stride) in int32; only the offset of the batch item (the first ``batch_dims`` dims)
+    is int64. A view whose rows are far apart in a large storage (a [B, N, D] transpose of a
+    sequence-first [N, B, D] tensor of more than 2**31 elements) would wrap around and read
+    other memory, silently. Such views are copied (a rare layout); an item that overflows even
+    when contiguous is refused. (From sizes and strides alone, not the storage's size, which
+    Dynamo cannot trace: torch.compile traces the match and merge launchers.)"""
+    shape, span = t.shape, 0
+    for size, stride in zip(shape[batch_dims:], t.stride()[batch_dims:]):
+        span += (size - 1) * stride  # the farthest element from the item's first
+    if span <= INT32_MAX:
+        return t
+    t = t.contiguous()
+    if math.prod(shape[batch_dims:]) - 1 > INT32_MAX:
+        raise ValueError(
+            f"one batch item of {tuple(shape)} spans more than 2**31 elements, beyond the kernels' "
+            "int32 offsets; use backend='torch'"
+        )
+    return t
 
 
 def require_triton() -> None:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels._triton import HAS_TRITON, INTERPRET, block_size, cdiv, check_backend, check_device, next_power_of_2, tl, triton, use_triton
+from kernels._triton import HAS_TRITON, INTERPRET, block_size, cdiv, check_backend, check_device, int32_offsets, next_power_of_2, tl, triton, use_triton
 
 __all__ = ["attention", "attention_folded", "attention_reference", "attention_triton"]
 
@@ -242,6 +242,8 @@ def attention_triton(q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor | None, s
         return out.transpose(1, 2)
     if key_bias is not None and key_bias.stride(1) != 1:
         key_bias = key_bias.contiguous()
+    # Token and channel offsets are int32 in the kernel (batch and head ones int64).
+    q, k, v = (int32_offsets(t, batch_dims=2) for t in (q, k, v))
 
     # Tiles sized to the sequence: a 21-token block runs 32×32 tiles, not 128×128.
     block = block_size(tokens, 16, 64)  # queries and keys alike

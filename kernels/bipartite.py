@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels._triton import HAS_TRITON, check_backend, check_device, next_power_of_2, tl, triton, use_triton
+from kernels._triton import HAS_TRITON, check_backend, check_device, int32_offsets, next_power_of_2, tl, triton, use_triton
 from kernels.merge import MemberLists
 
 __all__ = [
@@ -303,6 +303,7 @@ def _launch(
         sort = (torch.empty_like(dest), torch.empty_like(dest))  # (sorted_dest, order)
     if batch == 0 or num_tokens == 0:
         return MemberLists(dest, sort)
+    best_score, best_b = int32_offsets(best_score), int32_offsets(best_b)  # (token offsets are int32 in the kernel)
     block_a = max(16, next_power_of_2(num_a))
     # The rank count compares BLOCK_A × BLOCK_OTHER pairs at a time: ~4k, what 4-8 warps hold.
     block_other = max(1, min(block_a, 4096 // block_a))

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels._triton import HAS_TRITON, INTERPRET, block_size, cdiv, check_backend, check_device, tl, triton, use_triton
+from kernels._triton import HAS_TRITON, INTERPRET, block_size, cdiv, check_backend, check_device, int32_offsets, tl, triton, use_triton
 
 __all__ = ["best_match", "best_match_reference", "best_match_triton", "float32_matmul"]
 
@@ -242,6 +242,7 @@ def best_match_triton(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
         return best_score, best_index
     if dim == 0:  # an empty dot product: every score is 0, the first B row wins
         return best_score.zero_(), best_index.zero_()
+    a, b = int32_offsets(a), int32_offsets(b)  # (row offsets are int32 in the kernel)
 
     # 64×64 score tiles with 64-wide D chunks: 16 KiB of fp32 accumulator per program, which
     # fits in registers with 4 warps; smaller problems shrink the tiles (≥ 16 for tl.dot).

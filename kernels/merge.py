@@ -16,7 +16,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels._triton import HAS_TRITON, INTERPRET, cdiv, check_backend, check_device, next_power_of_2, tl, triton, under_torch_func, use_triton
+from kernels._triton import (
+    HAS_TRITON,
+    INTERPRET,
+    cdiv,
+    check_backend,
+    check_device,
+    int32_offsets,
+    next_power_of_2,
+    tl,
+    triton,
+    under_torch_func,
+    use_triton,
+)
 
 __all__ = ["MemberLists", "merge_wavg", "merge_wavg_reference", "merge_wavg_triton"]
 
@@ -129,13 +141,17 @@ if HAS_TRITON:
         BLOCK_T: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
-        # Grid: (batch, output-token tiles, channel blocks). One program owns a BLOCK_T × BLOCK_C
+        # Grid: (batch × output-token tiles, channel blocks). One program owns a BLOCK_T × BLOCK_C
         # tile of the output, so no two programs ever write the same address (no atomics), and
-        # every load is a [BLOCK_T, BLOCK_C] tile rather than one row.
-        batch = tl.program_id(0).to(tl.int64)  # int64: batch * stride may exceed 2**31
-        out_tokens = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+        # every load is a [BLOCK_T, BLOCK_C] tile rather than one row. Batch and tiles share
+        # axis 0, the only axis not capped at 65,535 programs: with one output row per program
+        # (a GPU tile), 65,536 merged tokens on axis 1 would fail to launch on CUDA.
+        num_tiles = (num_out + BLOCK_T - 1) // BLOCK_T
+        batch_tile = tl.program_id(0)
+        batch = (batch_tile // num_tiles).to(tl.int64)  # int64: batch * stride may exceed 2**31
+        out_tokens = (batch_tile % num_tiles) * BLOCK_T + tl.arange(0, BLOCK_T)
         valid_t = out_tokens < num_out
-        channel_block = tl.program_id(2)
+        channel_block = tl.program_id(1)
         cols = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)
         valid_c = cols < channels
 
@@ -227,15 +243,16 @@ def _launch(
     # The kernel walks each row of the lists with unit stride. A sort of a transposed dest keeps
     # its strides (1, B); the assignment kernel's lists are contiguous already (no copy).
     sorted_dest, order = sorted_dest.contiguous(), order.contiguous()
+    x = int32_offsets(x)  # (channel offsets are int32 in the kernel)
 
     # The inverse map is a stable sort of dest (MemberLists): it groups the inputs by
     # destination and keeps them in input order inside each group; the kernel finds each
     # group's [first, last) by binary search on the sorted destinations. dest must lie in
     # [0, num_out) (the contract; not checked, as that would synchronise): values outside it
     # fall outside every group here, but the backward's gather and the reference index them.
-    def grid(meta: dict) -> tuple[int, int, int]:
+    def grid(meta: dict) -> tuple[int, int]:
         # At least one channel block: its programs write new_size, also for tokens of no channels.
-        return (batch, cdiv(num_out, meta["BLOCK_T"]), max(1, cdiv(channels, meta["BLOCK_C"])))
+        return (batch * cdiv(num_out, meta["BLOCK_T"]), max(1, cdiv(channels, meta["BLOCK_C"])))
 
     kernel, meta = _merge_wavg_kernel, {}
     if tile is not None:

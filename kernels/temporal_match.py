@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels._triton import HAS_TRITON, block_size, cdiv, check_backend, check_device, tl, triton, use_triton
+from kernels._triton import HAS_TRITON, block_size, cdiv, check_backend, check_device, int32_offsets, tl, triton, use_triton
 
 if HAS_TRITON:
     from kernels.match import cosine_tile, inverse_row_norms, keep_best
@@ -221,6 +221,7 @@ def temporal_best_match_triton(
     best_index = torch.empty(batch, num_tokens, device=metric.device, dtype=torch.int64)
     if batch == 0 or num_tokens == 0:
         return best_score, best_index
+    metric, pos = int32_offsets(metric), int32_offsets(pos)  # (row offsets are int32 in the kernel)
     # The same tiles as kernels.match: 64×64 fp32 scores with 64-wide D chunks.
     block_a = block_size(num_tokens, 16, 64)
     block_d = block_size(dim, 16, 64)

@@ -1569,11 +1569,113 @@ def test_merge_kernel_stores_inside_its_outputs(guarded: GuardedOutputs, tile: t
     guarded.assert_pads_intact()
 
 
+@pytest.mark.parametrize("tile", GPU_TILES, ids=lambda t: f"{t[0]}x{t[1]}")
+def test_merge_grid_fits_cuda_launch_limits_for_long_sequences(monkeypatch: pytest.MonkeyPatch, tile) -> None:
+    """CUDA launches at most 65,535 programs on grid axes 1 and 2 (2**31 - 1 on axis 0); a
+    larger grid fails with "invalid argument", which the interpreter never checks. The merge
+    of 70,000 output tokens (a 256 × 274 patch grid, or a long clip) with one output row per
+    program must still fit, on every GPU tile the autotuner may pick. The kernel is replaced
+    by a recorder of its grids: interpreting 70,000 programs would take minutes."""
+    import kernels.merge
+    from kernels.merge import _merge_wavg_forward
+
+    grids: list[tuple[int, ...]] = []
+
+    class Recorder:
+        fn = None  # set below: the launcher reaches under the autotuner for fixed tiles
+
+        def __getitem__(self, grid):
+            def launch(*args, BLOCK_T: int, BLOCK_C: int, **kwargs) -> None:
+                grids.append(tuple(grid({"BLOCK_T": BLOCK_T, "BLOCK_C": BLOCK_C})))
+
+            return launch
+
+    recorder = Recorder()
+    recorder.fn = recorder
+    monkeypatch.setattr(kernels.merge, "_merge_wavg_kernel", recorder)
+    batch, tokens, channels = 2, 70_000, 8
+    x = torch.zeros(batch, tokens, channels, device=DEVICE)
+    size = torch.ones(batch, tokens, 1, device=DEVICE)
+    dest = torch.arange(tokens, device=DEVICE).expand(batch, -1)
+    _merge_wavg_forward(x, size, dest, tokens, tile=tile)
+    (grid,) = grids
+    programs = batch * -(-tokens // tile[0]) * -(-channels // tile[1])
+    assert math.prod(grid) == programs  # every output tile of every batch item, once
+    assert grid[0] <= 2**31 - 1 and all(n <= 65_535 for n in grid[1:]), f"grid {grid} exceeds CUDA's limits"
+
+
 def test_attention_kernel_stores_inside_its_output(guarded: GuardedOutputs) -> None:
     """21 tokens over 32-token tiles, D = 40 over a 64-wide block."""
     q, k, v = qkv_views(2, 3, 21, 40, torch.float32, seed=5)
     assert_attention(q, k, v, log_sizes(2, 21), 40**-0.5)
     guarded.assert_pads_intact()
+
+
+def far_apart(tmp_path, shape: tuple[int, ...], dim: int, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """A [1, ...] view of random values whose ``dim`` steps 2**26 elements at a time, as in a
+    transposed sequence-first tensor of more than 2**31 elements: its last rows lie beyond
+    2**31 elements from its first. The storage is a sparse memory-mapped file (a few pages are
+    ever written) and the view starts 2**32 elements into it, so an offset wrapped around in
+    int32 still reads inside the file (zeros) rather than crashing the interpreter."""
+    step, start = 2**26, 2**32
+    strides = [1] * len(shape)
+    for axis in reversed(range(len(shape) - 1)):
+        strides[axis] = strides[axis + 1] * shape[axis + 1]
+    strides[dim] = step
+    strides[0] = step * shape[dim]
+    numel = start + sum((n - 1) * st for n, st in zip(shape, strides)) + 1
+    path = tmp_path / "sparse.bin"
+    with open(path, "wb") as file:
+        file.truncate(numel * dtype.itemsize)
+    storage = torch.from_file(str(path), shared=True, size=numel, dtype=dtype)
+    view = storage.as_strided(shape, strides, start)
+    view.copy_(torch.randn(shape, generator=torch.Generator().manual_seed(9)).to(dtype))
+    assert (shape[dim] - 1) * step > 2**31
+    return view
+
+
+needs_cpu_storage = pytest.mark.skipif(DEVICE != "cpu", reason="a sparse memory map stands in for a > 2**31-element tensor")
+
+
+@needs_cpu_storage
+@pytest.mark.parametrize("kernel", ["match", "temporal", "attention", "merge"])
+def test_kernels_read_rows_beyond_2_31_elements_apart(tmp_path, kernel: str) -> None:
+    """A kernel's offsets inside one batch item are int32 (the batch offset alone is int64). A
+    view whose rows are more than 2**31 elements apart (a [B, N, D] transpose of a sequence-first
+    [N, B, D] tensor of over 2**31 elements) must still be read where it lies, not where a
+    wrapped-around offset points: each kernel against its reference on such a view."""
+    generator = torch.Generator().manual_seed(3)
+    a = far_apart(tmp_path, (1, 40, 16), dim=1)
+    if kernel == "match":
+        b = torch.randn(1, 8, 16, generator=generator).half()
+        score, _ = best_match_triton(a, b)
+        torch.testing.assert_close(score, best_match_reference(a, b)[0], atol=SCORE_ATOL, rtol=0)
+    elif kernel == "temporal":
+        pos = video_positions(1, (2, 4, 5), merged=False)
+        score, _ = kernels.temporal_best_match_triton(a, pos, 1)
+        ref_score, _ = kernels.temporal_best_match_reference(a, pos, 1)
+        torch.testing.assert_close(score, ref_score, atol=SCORE_ATOL, rtol=0)
+    elif kernel == "attention":
+        q = a.unsqueeze(1)  # [1, 1, 40, 16]: tokens 2**26 apart
+        k, v = (torch.randn(1, 1, 40, 16, generator=generator).half() for _ in range(2))
+        out = kernels.attention_triton(q, k, v, log_sizes(1, 40), 0.25)
+        ref = kernels.attention_reference(q.double(), k.double(), v.double(), log_sizes(1, 40).double(), 0.25)
+        assert (out.double() - ref).norm() / ref.norm() < 1e-3
+    else:
+        x = a.transpose(1, 2)  # [1, 16, 40]: channels 2**26 apart
+        size = torch.ones(1, 16, 1)
+        dest = torch.arange(16).remainder(5).unsqueeze(0)
+        merged, _ = merge_wavg_triton(x, size, dest, 5)
+        torch.testing.assert_close(merged, merge_wavg_reference(x, size, dest, 5)[0], **MERGE_TOL[torch.float16])
+
+
+@needs_cpu_storage
+def test_assignment_reads_scores_beyond_2_31_elements_apart(tmp_path) -> None:
+    """The assignment kernel's token offsets are int32 too: scores 2**26 elements apart."""
+    score = far_apart(tmp_path, (1, 40), dim=1, dtype=torch.float32)
+    best_b = torch.randint(0, 40, (1, 40), generator=torch.Generator().manual_seed(2))
+    want = kernels.bipartite_dest_reference(score, best_b, 20, 81, 1)
+    assert torch.equal(kernels.bipartite_dest_triton(score, best_b, 20, 81, 1), want)
 
 
 # ---------------------------------------------- edge shapes of the match, attention and temporal kernels
