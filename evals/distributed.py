@@ -89,6 +89,12 @@ def setup(device: str | None) -> tuple[torch.device, Dist]:
     else:
         chosen = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if chosen.type == "cuda":
+        visible = torch.cuda.device_count()
+        if chosen.index is not None and chosen.index >= visible:
+            # torch's own words ("invalid device ordinal") name neither the rank nor the fix.
+            fix = f"start at most {visible} processes per node (torchrun --nproc_per_node {visible}), or " if visible else ""
+            raise SystemExit(f"rank {local_rank} on this node needs cuda:{chosen.index}, but {visible} GPU(s) are "
+                             f"visible: {fix}give --device cpu")
         torch.cuda.set_device(chosen)
     owned = False
     if not dist.is_initialized():

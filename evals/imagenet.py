@@ -42,7 +42,9 @@ null.
 **Multi-process** (``torchrun``, ``WORLD_SIZE > 1``): NCCL on CUDA (one GPU per local rank),
 Gloo on CPU. Rank ``r`` evaluates images ``r, r + W, r + 2W, ...``: no padding and no
 dropping, so counts are exact for any dataset size; counts are all-reduced and the unreadable
-files all-gathered. Only rank 0 writes the JSON (atomically) and prints.
+files all-gathered. Only rank 0 writes the JSON (atomically) and prints. Give ``r`` as
+``--merge-r`` (or ``--option r=...``) there: torchrun's own parser stops on ``--r`` as an ambiguous
+abbreviation of its ``--rdzv-*``/``--role`` options (pytorch/pytorch#120601).
 """
 
 from __future__ import annotations
@@ -538,8 +540,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     group = parser.add_argument_group("token reduction")
     group.add_argument("--method", default="none", choices=methods, help="tokenprune method, or none (default)")
+    # --merge-r: torchrun reads a bare --r as an ambiguous abbreviation of its own --rdzv-*/--role/
+    # --run-path options and stops before this script runs (pytorch/pytorch#120601).
     group.add_argument(
-        "--r", type=parse_schedule, help="the method's r: 16, r,inflection (16,-1) or a per-block list (8,8,4)"
+        "--r", "--merge-r", type=parse_schedule,
+        help="the method's r: 16, r,inflection (16,-1) or a per-block list (8,8,4); under torchrun write --merge-r",
     )
     group.add_argument("--keep-ratio", type=float, help="the pruning methods' ρ (dynamicvit, evit)")
     group.add_argument(

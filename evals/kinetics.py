@@ -36,7 +36,8 @@ of ``evals.bench`` and ``evals.imagenet``, so each picks the same setting for a 
 
 **Several GPUs** (``torchrun --nproc_per_node N -m evals.kinetics ...``): each rank evaluates
 its shard of the videos (each video on exactly one rank), counts are summed and lists
-gathered, rank 0 writes (:mod:`evals.distributed`).
+gathered, rank 0 writes (:mod:`evals.distributed`). ``--merge-r`` there, not ``--r``: torchrun's
+own parser stops on ``--r`` as an abbreviation of its ``--rdzv-*``/``--role`` (pytorch/pytorch#120601).
 
 **Output.** top-1 / top-5 over the decoded videos (:func:`evals.metrics.topk_correct`'s rule
 for ties), JSON in ``evals/results/`` (atomic write) with the environment, GFLOPs per view
@@ -479,7 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="what is averaged over a video's views (default: softmax probabilities, as VideoMAE)")
     video_methods = sorted(name for name, config in METHODS.items() if getattr(config, "supports_video", False))
     parser.add_argument("--method", default="none", choices=["none", *video_methods])
-    parser.add_argument("--r", type=parse_schedule, help="the method's r")
+    # --merge-r: torchrun reads a bare --r as an ambiguous abbreviation of its own --rdzv-*/--role/
+    # --run-path options and stops before this script runs (pytorch/pytorch#120601).
+    parser.add_argument("--r", "--merge-r", type=parse_schedule, help="the method's r (under torchrun write --merge-r)")
     parser.add_argument("--budget", type=parse_gflops_budget,
                         help="set the method's r to the weakest with at most this fraction of the GFLOPs per view (0.5 or 50%%)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",

@@ -635,6 +635,45 @@ def test_device_index_under_torchrun_refused(monkeypatch) -> None:
         setup("cuda:0")
 
 
+
+def test_every_option_reaches_the_script_under_torchrun() -> None:
+    """torchrun parses the whole command line with its own parser first: an option of ours that
+    is a prefix of several of its options (a bare --r: --rdzv-*, --role, --run-path) stops the run
+    there (pytorch/pytorch#120601). Each option has a spelling that gets through, r's --merge-r."""
+    from torch.distributed.run import get_args_parser
+
+    torchrun = get_args_parser()
+    theirs = [o for action in torchrun._actions for o in action.option_strings if o.startswith("--")]
+    for action in imagenet.build_parser()._actions:
+        if action.dest == "help":
+            continue
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        assert any(o not in theirs and not any(t.startswith(o) for t in theirs) for o in longs), longs
+    command = ["--standalone", "--nproc_per_node", "2", "-m", "evals.imagenet", "--model", "vit_tiny_patch16_224",
+               "--method", "tome", "--merge-r", "16,-1"]  # fmt: skip
+    passed = torchrun.parse_args(command).training_script_args
+    args = imagenet.build_parser().parse_args(passed)
+    assert args.r == (16, -1) and args.method == "tome"
+    assert method_options(args.method, args.option, r=args.r) == {"r": (16, -1)}
+
+
+def test_more_ranks_than_gpus_refused(monkeypatch) -> None:
+    """torchrun --nproc_per_node 2 on a one-GPU node: rank 1 would take cuda:1, which does not
+    exist; the error names the rank, the GPU count and the fix rather than CUDA's bare
+    "invalid device ordinal" (or a CUDA initialisation error)."""
+    from evals.distributed import setup
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for device in (None, "cuda"):
+        with pytest.raises(SystemExit, match=r"rank 1 .* needs cuda:1, but 1 GPU\(s\) are visible: .*--nproc_per_node 1"):
+            setup(device)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # --device cuda where CUDA sees no GPU
+    with pytest.raises(SystemExit, match=r"needs cuda:1, but 0 GPU\(s\) are visible: give --device cpu"):
+        setup("cuda")
+
 @needs_lite0
 def test_tar_archive_of_class_folders(photos, lite0_checkpoint: Path, tmp_path: Path) -> None:
     """ImageNet val packed as one .tar of wnid folders is read in place, by loader workers too,

@@ -343,6 +343,18 @@ def test_two_processes_match_one(tmp_path):
         assert double[key] == single[key], key
 
 
+def test_r_reaches_the_script_under_torchrun():
+    """torchrun's parser (pytorch/pytorch#120601) stops on a bare --r, an ambiguous abbreviation of its
+    --rdzv-*/--role options: --merge-r gets through to the script as its r."""
+    from torch.distributed.run import get_args_parser
+
+    command = ["--standalone", "--nproc_per_node", "2", "-m", "evals.kinetics", "--method", "tome",
+               "--merge-r", "64"]  # fmt: skip
+    passed = get_args_parser().parse_args(command).training_script_args
+    args = kinetics.build_parser().parse_args(passed)
+    assert args.r == 64 and args.method == "tome"
+
+
 def _class_folders(root: Path) -> Path:
     """Two class folders holding one real clip each."""
     for name, clip in (("biking", BIKES), ("phoning", CARPHONE)):
