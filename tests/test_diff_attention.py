@@ -202,3 +202,15 @@ def test_float16_training_keep_masks_are_refused() -> None:
     model = tokenprune.patch(dwee().half(), "dynamicvit", keep_ratio=0.7, stages=(1, 2)).train()
     with pytest.raises(ValueError, match="in float16 would round its keep mask's gradient to zero"):
         model(images().half())
+
+
+def test_attention_map_methods_are_refused_naming_the_differential_attention() -> None:
+    """A plain ViT ``Block`` built with ``attn_layer="diff"`` gives its reducer only keys through
+    its DiffAttention: the refusal names that attention (before it named only "Block", which
+    takes EViT with timm's own Attention, as the same model without attn_layer shows)."""
+    torch.manual_seed(0)
+    plain = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2, num_classes=5)
+    tokenprune.patch(plain, "evit", stages=(1,))  # the same Block with timm's Attention: accepted
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2, num_classes=5, attn_layer="diff")
+    with pytest.raises(TypeError, match=r"blocks\[1\] \(Block with DiffAttention\) give their reducer only the keys"):
+        tokenprune.patch(model, "evit", stages=(1,))

@@ -547,6 +547,27 @@ def test_forward_intermediates_on_full_grid() -> None:
     assert torch.isfinite(final).all()
 
 
+@pytest.mark.parametrize("r", [0, 4])
+def test_intermediate_maps_under_patch_dropout_are_refused_by_name(r: int) -> None:
+    """timm's patch dropout (patch_drop_rate > 0, in train()) removes patches before the blocks,
+    so the tokens fill no patch grid: NCHW maps are refused naming the cause and the remedies
+    (before: a bare reshape error); the tokens themselves (NLC) are timm's, at r=0 bit for bit."""
+    model = make("vit_cls", img_size=64, depth=2, patch_drop_rate=0.25).train()
+    x = image(size=64)
+    torch.manual_seed(3)
+    expected = model.forward_intermediates(x, indices=[1], output_fmt="NLC", intermediates_only=True)[0]
+    tokenprune.patch(model, r=r)
+    with pytest.raises(ValueError, match=r"patch_drop_rate > 0.*left 12 of the 16 patches.*model\.eval\(\)"):
+        model.forward_intermediates(x, indices=[1])
+    torch.manual_seed(3)
+    got = model.forward_intermediates(x, indices=[1], output_fmt="NLC", intermediates_only=True)[0]
+    assert got.shape == expected.shape == (2, 12, 192)
+    if r == 0:
+        assert torch.equal(got, expected)
+    model.eval()
+    assert model.forward_intermediates(x, indices=[1], intermediates_only=True)[0].shape == (2, 192, 4, 4)
+
+
 def test_normed_intermediates_of_dropped_patches_stay_zero() -> None:
     """norm=True normalises each token, then unmerges: a patch DynamicViT dropped has no feature,
     0 as with norm=False and in forward_features(unmerge=True), not the norm's bias; the patches
@@ -1082,3 +1103,25 @@ def test_a_neutral_setting_keeps_timms_two_step_head(method: str, neutral: dict)
 def test_evit_refusal_names_the_method_and_the_model(family: str) -> None:
     with pytest.raises(ValueError, match="method 'evit' with score='attention' needs a class token .*VisionTransformer"):
         tokenprune.patch(make(family), "evit", keep_ratio=0.7)
+
+
+def test_a_token_mixing_gated_mlp_is_refused_when_patching() -> None:
+    """mlp_layer=GatedMlp with timm's SpatialGatingUnit (gMLP) mixes a fixed seq_len of tokens:
+    refused when patching, naming the module, the model left as it was (before: a bare shape
+    mismatch in the first forward after any reduction). GatedMlp without the gate works per
+    token and stays exact at r=0."""
+    from functools import partial
+
+    from timm.layers import GatedMlp
+    from timm.models.mlp_mixer import SpatialGatingUnit
+
+    x = image(size=64)
+    gated = partial(GatedMlp, gate_layer=partial(SpatialGatingUnit, seq_len=17))
+    model = make("vit_cls", img_size=64, depth=2, mlp_layer=gated)
+    with pytest.raises(TypeError, match=r"blocks\[0\]\.mlp\.gate: timm's SpatialGatingUnit mixes a fixed number"):
+        tokenprune.patch(model, r=2)
+    assert not hasattr(model, "tokenprune_config") and type(model) is timm.models.VisionTransformer
+    per_token = make("vit_cls", img_size=64, depth=2, mlp_layer=GatedMlp)
+    with torch.no_grad():
+        expected = per_token(x)
+        assert torch.equal(tokenprune.patch(per_token, r=0)(x), expected)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from timm.layers import Attention, AttentionPoolPrr, HybridEmbed, apply_rot_embed_cat
 from timm.models._features import FeatureGetterNet
 from timm.models.deit import VisionTransformerDistilled
+from timm.models.mlp_mixer import SpatialGatingUnit
 from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -884,6 +885,15 @@ class ReducingViT(SettingsThroughPatch):
         intermediates = [y[:, p:] for y in intermediates]
         if output_fmt == self.map_format:
             grid = self._token_grid(x)
+            if intermediates and (present := intermediates[0].shape[1]) != math.prod(grid):
+                # timm's patch dropout (training) removed patches before the blocks: the tokens no
+                # longer fill the grid (timm's own forward_intermediates reshapes them into maps of
+                # the wrong width; here reshape failed naming neither cause nor remedy).
+                raise ValueError(
+                    f"timm's patch dropout (patch_drop_rate > 0, in train()) left {present} of the "
+                    f"{math.prod(grid)} patches, which fill no {'x'.join(map(str, grid))} map: call model.eval() "
+                    "for maps, or pass output_fmt='NLC' for the tokens that entered the blocks"
+                )
             intermediates = [y.reshape(y.shape[0], *grid, y.shape[-1]).movedim(-1, 1).contiguous() for y in intermediates]
         final = unmerge_tokens(state.x, state.source_index)
         if output_dict:
@@ -1088,9 +1098,15 @@ def check_reducers(model: nn.Module, config: Any, reducers: list[TokenReducer | 
             PATCHED_BLOCKS[original_block_class(block)], "gives_only_keys", False
         )
         if metric not in (None, "keys") and gives_only_keys:
+            # Name the attention where it is the cause: a plain Block built with attn_layer="diff"
+            # gives only keys through its DiffAttention, which "(Block)" alone would not say.
+            attn_class = type(getattr(block, "attn", None))
+            holder = original_block_class(block).__name__
+            if attn_class in ATTENTION_FORWARDS:
+                holder += f" with {attn_class.__name__}"
             raise TypeError(
                 f"{type(config).__name__} reads the attention map ({metric!r}), but blocks[{i}] "
-                f"({original_block_class(block).__name__}) give their reducer only the keys: use a method that "
+                f"({holder}) give their reducer only the keys: use a method that "
                 "matches on keys (tome, pitome, local_global)"
             )
 
@@ -1204,6 +1220,16 @@ def check_supported(model: nn.Module) -> None:
             )
         if attn is not None and has_forward_hooks(attn):
             raise TypeError(f"blocks[{i}].attn {_ATTENTION_HOOKS}, or remove the hooks before tokenprune.patch")
+        # A gMLP gate (mlp_layer=GatedMlp with timm's SpatialGatingUnit) mixes a fixed number of
+        # tokens with a seq_len x seq_len linear: after any reduction it failed mid-forward on a
+        # bare shape mismatch.
+        gate = next((name for name, m in block.named_modules() if isinstance(m, SpatialGatingUnit)), None)
+        if gate is not None:
+            raise TypeError(
+                f"tokenprune cannot patch blocks[{i}].{gate}: timm's SpatialGatingUnit mixes a fixed number of "
+                "tokens (seq_len), which reducing tokens changes; build the model with an MLP that works on each "
+                "token alone (mlp_layer=Mlp, GluMlp, SwiGLU, or GatedMlp without gate_layer)"
+            )
     if len(model.blocks) == 0:
         raise ValueError("the model has no transformer blocks: there is nothing to patch")
     known.check_modules(model)
