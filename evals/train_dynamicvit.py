@@ -63,6 +63,7 @@ from tokenprune.methods.dynamicvit import (
     predictors,
     save_predictors,
 )
+from tokenprune.patch.vit import check_supported, reducing_model
 
 # The small ViT the project trains on Fashion-MNIST: 28² grey images, 4×4 patches (49 tokens +
 # class token), 6 blocks of width 96 — 0.7 M parameters, a 2.7 MB checkpoint.
@@ -427,6 +428,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--max-steps must be ≥ 1, got {args.max_steps} (leave it out for whole epochs)")
     if args.stages is not None:
         args.stages = tuple(args.stages)
+    if args.method == "dynamicvit":  # up front: patching refuses these too, but only after the data is scanned
+        try:
+            tokenprune.DynamicViTConfig(keep_ratio=args.keep_ratio, stages=args.stages)
+        except (TypeError, ValueError) as error:
+            parser.error(f"--keep-ratio/--stages: {error}")
     if args.epochs < 1:
         parser.error(f"--epochs must be ≥ 1, got {args.epochs}")
     if args.resume and not (args.out / "train_state.pt").is_file():
@@ -444,6 +450,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = create_model(args.model, args.pretrained, args.num_classes, args.img_size).to(device)
+    if args.method == "dynamicvit":  # what patching would refuse (the stages' range needs the depth), before the data
+        inner = reducing_model(model)
+        check_supported(inner)
+        depth = len(inner.blocks)
+        try:
+            tokenprune.DynamicViTConfig(keep_ratio=args.keep_ratio, stages=args.stages).stage_blocks(depth)
+        except ValueError as error:
+            raise SystemExit(f"--stages: {error} ({args.model} has {depth} blocks)") from None
     # The data first: its checks (splits, class count) stop a run before a checkpoint is read.
     train_set, val_set = build_datasets(args, model)
     if args.checkpoint:

@@ -523,3 +523,44 @@ def test_predictor_and_stages_of_another_type_refused_when_configured(tmp_path) 
     for config in (tokenprune.DynamicViTConfig, tokenprune.AttentionDropConfig):
         with pytest.raises(TypeError, match=r"stages must be a tuple of block indices"):
             config(stages=torch.tensor(3))
+
+
+def test_predictors_of_a_model_inside_data_parallelism(tmp_path) -> None:
+    """DynamicViT is patched, then wrapped (DDP would not synchronise predictors added after):
+    the wrapped model's predictors are the inner model's, and they save and load like them, as
+    plans and FLOPs see through the wrapper. forward_train, which would run past the wrapper's
+    forward (no scatter, no gradient synchronisation), says where to call it instead."""
+    pytest.importorskip("safetensors")
+    model = tokenprune.patch(make("vit_cls"), "dynamicvit")
+    for p in predictors(model).parameters():
+        p.data.normal_(0.0, 0.1)
+    through = tokenprune.patch(torch.nn.DataParallel(make("vit_cls")), "dynamicvit")  # patched through it too
+    for wrapped in (torch.nn.DataParallel(model), through):
+        inner = wrapped.module
+        assert list(predictors(wrapped).keys()) == ["3", "6", "9"]
+        assert all(a is b for a, b in zip(predictors(wrapped).values(), predictors(inner).values()))
+    save_predictors(torch.nn.DataParallel(model), tmp_path / "predictors.safetensors")
+    loaded = tokenprune.patch(make("vit_cls"), "dynamicvit", predictor=str(tmp_path / "predictors.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(image()), model(image()))
+    with pytest.raises(ValueError, match=r"past data parallelism's.*forward_train\(model\.module, x\)"):
+        forward_train(torch.nn.DataParallel(model).train(), image())
+
+
+def test_a_predictor_file_of_other_stages_names_the_stages_to_patch_with(tmp_path) -> None:
+    """Patching does not read the stages from the file: a file trained at other stages says which
+    ones it holds, and patching with those loads it; one whose stages this model lacks says it
+    was trained for another model."""
+    pytest.importorskip("safetensors")
+    path = tmp_path / "predictors.safetensors"
+    trained = tokenprune.patch(make("vit_cls"), "dynamicvit")  # 12 blocks: stages (3, 6, 9)
+    for p in predictors(trained).parameters():
+        p.data.normal_(0.0, 0.1)
+    save_predictors(trained, path)
+    with pytest.raises(ValueError, match=r"holds predictors for stages \(3, 6, 9\), so patch with stages=\(3, 6, 9\)"):
+        tokenprune.patch(make("vit_cls"), "dynamicvit", stages=(2, 5, 8), predictor=str(path))
+    advised = tokenprune.patch(make("vit_cls"), "dynamicvit", stages=(3, 6, 9), predictor=str(path))
+    with torch.no_grad():
+        torch.testing.assert_close(advised(image()), trained(image()))
+    with pytest.raises(ValueError, match=r"stages \(3, 6, 9\), so they were trained for another model than this 4-block one"):
+        tokenprune.patch(make("vit_cls", depth=4), "dynamicvit", predictor=str(path))

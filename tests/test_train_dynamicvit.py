@@ -453,3 +453,25 @@ def test_a_damaged_file_stops_with_its_name(image_folder: Path, tmp_path: Path) 
         (tmp_path / name).write_bytes(damaged)
         with pytest.raises(SystemExit, match=rf"{re.escape(str(tmp_path / name))} cannot be read: it is damaged"):
             train_dynamicvit.load_weights(model, tmp_path / name)
+
+
+def test_a_bad_keep_ratio_or_stages_stops_before_the_data_is_read(image_folder: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """An out-of-range --keep-ratio or --stages stops the run before the data set is scanned (an
+    ImageNet folder takes minutes), named as patching would name it; valid ones still train."""
+    scanned: list[bool] = []
+    real_build = train_dynamicvit.build_datasets
+
+    def build(args, model):
+        scanned.append(True)
+        return real_build(args, model)
+
+    monkeypatch.setattr(train_dynamicvit, "build_datasets", build)
+    base = ["--data", str(image_folder), *COMMON, "--epochs", "1", "--max-steps", "1"]
+    with pytest.raises(SystemExit):
+        train_dynamicvit.main([*base, "--keep-ratio", "1.5", "--out", str(tmp_path / "a")])
+    assert re.search(r"keep_ratio must be in \(0, 1\], got 1\.5", capsys.readouterr().err)
+    with pytest.raises(SystemExit, match=r"stages must be increasing block indices in \[1, 11\], got \(3, 12\).*12 blocks"):
+        train_dynamicvit.main([*base, "--stages", "3", "12", "--out", str(tmp_path / "b")])
+    assert scanned == [] and not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    train_dynamicvit.main([*base, "--stages", "3", "11", "--keep-ratio", "0.5", "--out", str(tmp_path / "c")])
+    assert scanned == [True] and (tmp_path / "c" / "predictors.safetensors").is_file()

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .._io import write_atomic
 from ..merge import TokenState, keep_top_tokens
-from ..patch.vit import block_prefix_tokens, linear_flops
+from ..patch.vit import block_prefix_tokens, linear_flops, reducing_model, runtime_chain
 from ._options import check_common_options, check_keep_ratio, check_stage_blocks, check_stages
 
 
@@ -167,10 +167,12 @@ def _predictor_of(block: nn.Module) -> TokenPredictor | None:
 
 
 def predictors(model: nn.Module) -> nn.ModuleDict:
-    """The model's prediction modules by block index (a view: training these trains the model's)."""
-    return nn.ModuleDict(
-        {str(i): predictor for i, block in enumerate(model.blocks) if (predictor := _predictor_of(block)) is not None}
-    )
+    """The model's prediction modules by block index (a view: training these trains the model's).
+    ``model`` may be inside the wrappers :func:`tokenprune.patch` sees through (torch.compile,
+    DataParallel, DistributedDataParallel, which DynamicViT is patched before), as plans and
+    FLOPs are: the predictors are those of the model they hold."""
+    blocks = reducing_model(model).blocks
+    return nn.ModuleDict({str(i): predictor for i, block in enumerate(blocks) if (predictor := _predictor_of(block)) is not None})
 
 
 def save_predictors(model: nn.Module, path: str | Path) -> None:
@@ -208,9 +210,17 @@ def load_predictors_into(
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected)) if blocks is None else []
     if missing or unexpected:
+        # Keys are "<block>.<layer>...": name the stages the file was trained for, which the
+        # patch must be given (patching does not take them from the file).
+        saved = tuple(sorted({int(key.split(".", 1)[0]) for key in state if key.split(".", 1)[0].isdigit()}))
+        fix = (
+            f"patch with stages={saved} (and the keep_ratio they were trained with)"
+            if saved and 1 <= saved[0] and saved[-1] < len(reducers)
+            else f"they were trained for another model than this {len(reducers)}-block one"
+        )
         raise ValueError(
-            f"predictor weights in {path} do not fit the model's stages {list(modules.keys())}: "
-            f"missing {_some(missing)}, unexpected {_some(unexpected)}"
+            f"predictor weights in {path} do not fit the model's stages {list(modules.keys())}: the file holds "
+            f"predictors for stages {saved}, so {fix}; missing {_some(missing)}, unexpected {_some(unexpected)}"
         )
     if misshapen := [f"{k}: {tuple(state[k].shape)} for {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]:
         raise ValueError(f"predictor weights in {path} do not fit the model's width: {misshapen}")
@@ -243,6 +253,14 @@ def forward_train(model: nn.Module, x: Tensor) -> DynamicViTOutput:
     stages = predictors(model).values()
     if not stages:
         raise ValueError("forward_train needs a model patched with method 'dynamicvit'")
+    if any(isinstance(m, (nn.DataParallel, nn.parallel.DistributedDataParallel)) for m in runtime_chain(model)):
+        # It calls the model's own forward_tokens and head, past the wrapper's forward: no
+        # scatter over devices, and no gradient synchronisation under DDP.
+        raise ValueError(
+            "forward_train runs the model's own forward, past data parallelism's: wrap a module whose forward "
+            "calls forward_train(model.module, x) instead (as evals.train_dynamicvit's TrainStep does), or call it "
+            "on model.module outside data parallelism"
+        )
     if not any(predictor.training for predictor in stages):
         raise ValueError(
             "forward_train needs the predictors in training mode, which keep every token and return their keep "
