@@ -79,3 +79,23 @@ def test_torch_export_leaves_no_fake_source_map() -> None:
     assert torch.equal(source.sum(-1), model.forward_tokens(image(3)).size[..., 0].to(source.dtype))
     torch.export.export(model, (image(2),))  # a later export leaves the eager map as it was
     assert torch.equal(tokenprune.source(model), source)
+
+
+def test_source_of_a_recorded_graph_names_the_patched_model() -> None:
+    """A torch.jit.trace'd or exported module replays a graph and keeps no map. ``source`` on it
+    said "patch the model with trace_source=True and run a forward first", which its user had
+    done, to the model it came from; it now names that model, whose map is the reference."""
+    model = tokenprune.patch(make("vit_cls", depth=2), r=8, trace_source=True)
+    with torch.no_grad():
+        recorded = [
+            torch.jit.trace(model, image(2), check_trace=False),
+            torch.export.export(model, (image(2),)).module(),
+        ]
+        for graph in recorded:
+            graph(image(2))
+            with pytest.raises(RuntimeError, match="replays a graph recorded from the model.*on the patched model itself"):
+                tokenprune.source(graph)
+        model(image(2))
+    source = tokenprune.source(model)
+    assert source.shape == (2, 197 - 2 * 8, 197)
+    assert torch.equal(source.sum(-1), model.forward_tokens(image(2)).size[..., 0].to(source.dtype))

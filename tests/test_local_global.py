@@ -312,6 +312,28 @@ def test_merge_groups_skip_any_number_of_prefix_tokens() -> None:
     assert all(np.array_equal(picture, pictures[0]) for picture in pictures)
 
 
+@pytest.mark.parametrize("method", [dict(method="local_global", local_block=0, r=8), dict(method="tome", r=8)])
+def test_merge_map_refuses_a_grid_other_than_the_models(method: dict) -> None:
+    """DINOv2 ViT-S/14 at 224 has a 16x16 grid. Given 14x14 (ViT-B/16's, which the photo also
+    divides into), merge_map read the last 196 of 257 entries as the patches, 60 patches as if
+    prefix tokens, and painted their groups without a word; the model's own grid (state.grid)
+    paints exactly the patches' entries. A clip's (frames, rows, cols) grid is named too."""
+    from tokenprune.visualize import merge_groups, merge_map
+
+    model = tokenprune.patch(make("dinov2_layerscale", depth=1), trace_source=True, **method)
+    photo = torch.rand(3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        state = model.forward_tokens(photo[None])
+    source_index, prefix = state.source_index[0], model.num_prefix_tokens
+    assert state.grid == (16, 16) and source_index[prefix:].unique().numel() < 256  # patches merged
+    with pytest.raises(ValueError, match=r"does not fit a 14x14 grid .*state\.grid"):
+        merge_map(photo, source_index, (14, 14))
+    assert torch.equal(merge_groups(source_index, state.grid), source_index[prefix:].reshape(16, 16))
+    merge_map(photo, source_index, state.grid)
+    with pytest.raises(ValueError, match="one frame at a time"):
+        merge_map(photo, source_index[prefix:], (1, 16, 16))
+
+
 def test_dense_fidelity_measures() -> None:
     from evals.dense_fidelity import interpolate, pearson, top_region_iou
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from numbers import Integral
 from typing import Any
 
+import torch
+import torch.fx
 from torch import Tensor, nn
 
 from .merge import source_matrix
@@ -166,6 +168,14 @@ def source(model: nn.Module) -> Tensor:
         )
     traced = getattr(inner, "_tokenprune_source", None)
     if traced is None:
+        if config is None and isinstance(inner, (torch.jit.ScriptModule, torch.fx.GraphModule)):
+            # A recorded graph is no patched model: "patch ... and run a forward" would name what
+            # its user already did to the model it came from.
+            raise RuntimeError(
+                f"no source map: {type(inner).__name__} replays a graph recorded from the model "
+                "(torch.jit.trace, torch.export), which keeps no map; call tokenprune.source on the patched "
+                "model itself after running it"
+            )
         if getattr(config, "trace_source", False):
             raise RuntimeError(
                 "no source map: no forward has run since patching, or the last one was told trace_source=False; "

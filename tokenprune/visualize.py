@@ -18,20 +18,34 @@ def merge_groups(source_index: Tensor, grid: tuple[int, int], num_prefix: int | 
     ``num_prefix``: how many prefix tokens come first (``model.num_prefix_tokens``); the
     image's patches are the rows·cols entries after them. Needed where padding follows the
     patches (NaFlex's packed sequences, T_in = prefix + N); by default the patches are the last
-    rows·cols entries, which holds only without padding."""
+    rows·cols entries, which holds only without padding. An index that cannot be that layout (a
+    grid other than the model's, ``state.grid``) is refused: its prefix entries would hold
+    patches."""
     if source_index.dim() != 1:
         raise ValueError(
             f"source_index must be one image's [T_in] map, got shape {list(source_index.shape)}: "
             "pass state.source_index[i] for image i of the batch"
         )
-    rows, cols = grid
+    rows, cols = _image_grid(grid)
     patches = rows * cols
     total = source_index.numel()
     start = total - patches if num_prefix is None else num_prefix
     if start < 0 or start + patches > total:
         prefix = "" if num_prefix is None else f" after {num_prefix} prefix tokens"
         raise ValueError(f"a {rows}x{cols} grid of patches{prefix} needs more than the {total} entries of source_index")
-    return source_index[start : start + patches].reshape(rows, cols)
+    # Prefix tokens never merge and stay first: each holds itself alone. A grid smaller than the
+    # model's (e.g. 14x14 for a 16x16 one) would otherwise read patches as prefix tokens and paint
+    # the wrong entries without a word.
+    own = torch.arange(start, device=source_index.device)
+    groups = source_index[start : start + patches]
+    if bool((source_index[:start] != own).any() or ((groups >= 0) & (groups < start)).any()):
+        raise ValueError(
+            f"source_index does not fit a {rows}x{cols} grid of patches after {start} prefix tokens: a prefix token "
+            "never merges (entry i holds token i, and no patch merges into it), and these entries would be patches. "
+            "Pass the model's own grid (state.grid, or model.patch_embed.grid_size)"
+            + ("" if num_prefix is not None else ", and num_prefix=model.num_prefix_tokens where padding follows the patches")
+        )
+    return groups.reshape(rows, cols)
 
 
 def merge_map(
@@ -56,7 +70,7 @@ def merge_map(
             ``source_index``; required for NaFlex's packed sequences, whose padding follows the
             patches (see :func:`merge_groups`).
     """
-    rows, cols = grid
+    rows, cols = _image_grid(grid)
     _check_rgb(image)
     image = image.detach().float().cpu()
     channels, height, width = image.shape
@@ -78,6 +92,18 @@ def merge_map(
     painted[:, edge] = torch.tensor(boundary, dtype=painted.dtype)[:, None] / 255
     array = (painted.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     return Image.fromarray(array)
+
+
+def _image_grid(grid: tuple[int, ...]) -> tuple[int, int]:
+    """``grid`` as (rows, cols), or a ValueError naming the way for a clip's (frames, rows, cols)
+    (a video model's ``state.grid``), which would fail to unpack with Python's words."""
+    if len(grid) != 2:
+        raise ValueError(
+            f"grid must be one image's (rows, cols) of patches, got {tuple(grid)}: paint a clip's (frames, rows, cols) "
+            "map one frame at a time, source_index[prefix + t*rows*cols : prefix + (t + 1)*rows*cols] for frame t"
+        )
+    rows, cols = grid
+    return rows, cols
 
 
 # Resampling (bicubic, antialiased) can overshoot [0, 1] a little; a normalised image is far out.
