@@ -12,7 +12,9 @@ a plain sort for ImageNet's wnids ``n01440764``..., and numeric order for folder
 ``0``..``999`` as in ImageNet-V2); ``--class-map FILE`` fixes the mapping explicitly (timm's
 class-map format, e.g. ``timm/data/_info/imagenet_synsets.txt``). timm numbers only the folders
 holding one of its images, so without a class map a class folder that holds none (empty, or
-only ``.webp`` files) before the last class stops the run, naming it. Flat folders of labelled
+only ``.webp`` files) before the last class stops the run, naming it, and so do images at different
+depths (a class folder holding its images in a sub-folder, which timm would label by the
+sub-folder's name). Flat folders of labelled
 images: ``--labels-file CSV`` (rows ``path,label``, optional header, each image once; relative
 paths resolve against ``--data``, else the CSV's folder) or ``--label-from-filename REGEX`` (searched in each
 file name under ``--data``; the label is the group named ``label``, else group 1).
@@ -21,7 +23,9 @@ file name under ``--data``; the label is the group named ``label``, else group 1
 (resize, center crop, normalisation from its pretrained config; its test size and crop where it
 names them, as timm's ``validate.py``, unless ``--use-train-size``), with ``--img-size``,
 ``--crop-pct``, ``--crop-mode``, ``--interpolation``, ``--mean`` and ``--std`` overrides for
-weights trained with other settings (``--checkpoint``).
+weights trained with other settings (``--checkpoint``). Images are read as timm reads them
+(Pillow, converted to RGB), except 16-bit grayscale PNGs, which Pillow's conversion clips white:
+those become their high bytes, as Pillow reads 16-bit colour PNGs.
 
 **Unreadable images** (missing, truncated, not an image) are never skipped silently: each is
 counted and listed with its error in the JSON and a warning is printed. Accuracy percentages
@@ -63,6 +67,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
+import numpy as np
 import timm
 import timm.data
 import torch
@@ -164,6 +169,23 @@ def samples_from_folder(root: Path, split: str, class_map: str = "") -> FolderSa
     not_images = sorted(str(path) for path in files if path.suffix.lower() not in extensions and path.parent != top)
     class_to_idx = dict(reader.class_name_to_idx if archive else reader.class_to_idx)
     if not class_map and class_to_idx:
+        # timm labels an image by the name of the folder it lies in, at any depth: a class folder
+        # holding its images in a sub-folder (c2/extra/*.JPEG beside c1/*.JPEG) is class "extra",
+        # and the classes sorted after it shift by one, without a word. One depth for every
+        # image folder is a layout whose leaf folders are the classes (images in the root itself
+        # are the caller's to refuse, with their own message).
+        depths: dict[int, list[Path]] = {}
+        for folder in sorted({path.parent if archive else path.parent.relative_to(top) for path in images}):
+            if folder.parts:
+                depths.setdefault(len(folder.parts), []).append(folder)
+        if len(depths) > 1:
+            examples = [f"{folders[0].as_posix()}/ (depth {depth})" for depth, folders in sorted(depths.items())]
+            raise SystemExit(
+                f"images under {root} lie in folders at different depths ({', '.join(examples)}): timm labels an "
+                "image by the name of the folder it lies in, so a class folder holding its images in a sub-folder "
+                "would be labelled by the sub-folder's name and the classes after it would get wrong labels. Put "
+                "each class's images directly in its class folder, or give --class-map naming the folders that hold images"
+            )
         # timm numbers only the folders holding one of its images: a class folder left empty (or
         # holding only .webp files) would give every folder after it the next class's label.
         parents = {path.parent for path in files if path.parent != top}
@@ -285,6 +307,12 @@ class Batch(NamedTuple):
 
 def _open_rgb(source: str | IO[bytes]) -> Image.Image:
     with Image.open(source) as image:
+        if image.mode.startswith("I;16"):
+            # A 16-bit grayscale PNG: Pillow's convert clips its values at 255, turning all but
+            # the darkest pixels white, while it reads 16-bit colour PNGs as 8-bit RGB (the high
+            # bytes). Take the high bytes here too.
+            high = np.asarray(image).astype(np.uint16) >> 8
+            return Image.fromarray(high.astype(np.uint8)).convert("RGB")  # 2-D uint8: mode L
         return image.convert("RGB")  # decodes every pixel, so truncated files fail here
 
 
@@ -743,6 +771,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
         # Data.
         class_to_idx: dict[str, int] | None = None
+        num_class_folders: int | None = None
         not_images: list[str] = []
         if args.labels_file is not None:
             samples, source, root = (
@@ -767,6 +796,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if args.data is None:
                 raise SystemExit("give --data (and --labels-file or --label-from-filename for flat folders)")
             samples, class_to_idx, root, not_images = samples_from_folder(args.data, args.split, args.class_map)
+            # The folders holding images: with --class-map, class_to_idx is every class the map names.
+            num_class_folders = len({label for _, label in samples})
             source = "image_folder"
             if not samples:
                 raise SystemExit(f"no images found under {root}")
@@ -914,7 +945,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "data": {
                 "source": source,
                 "root": str(root),
-                "num_class_folders": len(class_to_idx) if class_to_idx is not None else None,
+                "num_class_folders": num_class_folders,
                 "not_images": not_images,  # files timm's reader leaves out by extension
             },
             "environment": env,

@@ -158,6 +158,25 @@ def test_collate_separates_failures() -> None:
     assert empty.images is None and empty.labels.numel() == 0 and empty.failures == [(1, "OSError: broken")]
 
 
+def test_a_16_bit_grayscale_png_is_the_8_bit_image_of_its_high_bytes(tmp_path: Path) -> None:
+    """Pillow's convert("RGB") clips a 16-bit grayscale PNG's values at 255: all but the darkest
+    pixels came out white, silently. Its 16-bit colour PNGs Pillow reads as their high bytes; the
+    grayscale one must give the same input as the 8-bit grayscale PNG of its high bytes, through
+    the model's transform too."""
+    high = np.random.default_rng(0).integers(0, 256, (40, 30), dtype=np.uint8)
+    low = np.random.default_rng(1).integers(0, 256, (40, 30), dtype=np.uint8)
+    Image.fromarray(high.astype(np.uint16) * 256 + low).save(tmp_path / "deep.png")
+    Image.fromarray(high).save(tmp_path / "plain.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    config = timm.data.resolve_data_config({"input_size": (3, 32, 32)}, model=timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1))
+    transform = timm.data.create_transform(**config, is_training=False)
+    dataset = imagenet.EvalDataset([(str(tmp_path / "deep.png"), 0), (str(tmp_path / "plain.png"), 0)], transform)
+    deep, plain = dataset[0], dataset[1]
+    assert deep.error is None and torch.equal(deep.image, plain.image)
+    reference = np.asarray(Image.open(tmp_path / "plain.png").convert("RGB"))
+    assert np.array_equal(np.asarray(imagenet._open_rgb(str(tmp_path / "deep.png"))), reference)
+
+
 def test_parse_option_and_method_options() -> None:
     assert imagenet.parse_option("r=(16, -1)") == ("r", (16, -1))
     assert imagenet.parse_option("pos_weight=0.5") == ("pos_weight", 0.5)
@@ -871,6 +890,21 @@ def test_a_class_map_shorter_than_the_model_is_warned_about(tmp_path: Path) -> N
     assert not any("class" in w for w in doc["warnings"])
 
 
+def test_num_class_folders_counts_the_folders_not_the_class_map(tmp_path: Path) -> None:
+    """data.num_class_folders is the number of class folders evaluated: with a --class-map of
+    more classes (ImageNet's 1000 synsets for a subset) it was the map's length instead."""
+    data = tmp_path / "val"
+    for wnid in ("n03", "n01"):
+        (data / wnid).mkdir(parents=True)
+        Image.new("RGB", (40, 30)).save(data / wnid / "x.png")
+    (tmp_path / "map.txt").write_text("n01\nn02\nn03\nn04\n")
+    common = ["--data", str(data), "--model", "vit_tiny_patch16_224", "--model-arg", "img_size=32", "--num-classes", "4",
+              "--no-bench", "--workers", "0", "--out", str(tmp_path / "out.json")]  # fmt: skip
+    folders = len([d for d in data.iterdir() if d.is_dir()])
+    assert run(*common, "--class-map", str(tmp_path / "map.txt"))["data"]["num_class_folders"] == folders == 2
+    assert run(*common)["data"]["num_class_folders"] == folders
+
+
 def test_preprocessing_overrides_out_of_range_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """timm's resolve_data_config reads --crop-pct 0 as "not given" and would crop at the
     pretrained config's fraction instead; a negative one fails deep in the transform, and so does
@@ -919,6 +953,31 @@ def test_a_class_folder_without_images_stops_rather_than_shifting_the_labels(tmp
     found = imagenet.samples_from_folder(tmp_path, "validation")
     expected = {name: index for index, name in enumerate(["c0", "c2", "c3"])}
     assert [(Path(path).parent.name, label) for path, label in found.samples] == list(expected.items())
+
+
+def test_a_class_folder_with_its_images_in_a_sub_folder_stops_rather_than_shifting_the_labels(tmp_path: Path) -> None:
+    """timm labels an image by the folder it lies in: with c1's images in c1/extra, timm's
+    classes were c0, c2, extra (c2 labelled 1, c1's images 2, where the sorted class folders say
+    c1 = 1, c2 = 2), with no warning. That stops the run, in a folder and in a .tar, naming the
+    folders; every image folder at one depth (a split folder, or a group above the classes) runs,
+    with each image labelled by its leaf folder's index among them."""
+    import tarfile
+
+    for folder in ("c0", "c1/extra", "c2"):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+        Image.new("RGB", (40, 30)).save(tmp_path / "data" / folder / "x.png")
+    with pytest.raises(SystemExit, match=r"lie in folders at different depths \(c0/ \(depth 1\), c1/extra/ \(depth 2\)\).*"
+                                         r"wrong labels.*--class-map"):
+        imagenet.samples_from_folder(tmp_path / "data", "validation")
+    with tarfile.open(tmp_path / "data.tar", "w") as tar:
+        tar.add(tmp_path / "data", arcname="val")
+    with pytest.raises(SystemExit, match=r"different depths \(val/c0/ \(depth 2\), val/c1/extra/ \(depth 3\)\)"):
+        imagenet.samples_from_folder(tmp_path / "data.tar", "validation")
+    for folder in ("g/c0", "g/c1", "h/c2"):  # every image folder one level deeper: those are the classes
+        (tmp_path / "grouped" / folder).mkdir(parents=True)
+        Image.new("RGB", (40, 30)).save(tmp_path / "grouped" / folder / "x.png")
+    found = imagenet.samples_from_folder(tmp_path / "grouped", "validation")
+    assert [(Path(path).parent.name, label) for path, label in found.samples] == [("c0", 0), ("c1", 1), ("c2", 2)]
 
 
 def test_csv_rows_listing_an_image_twice_or_no_existing_file_are_refused(tmp_path: Path) -> None:
