@@ -480,6 +480,19 @@ def test_flops_agree_with_flop_counter(family: str, r) -> None:
     assert tokenprune.flops(model, 224, batch_size=2).total == counted_flops(model, image())
 
 
+def test_flops_take_a_numpy_batch_size() -> None:
+    """batch_size takes any whole number, as input_size does: a NumPy integer (a sweep over
+    np.array batch sizes, a config read with NumPy) counts that many images, in Python ints.
+    Before, np.int64(2) was refused as "batch_size must be a positive int, got np.int64(2)"."""
+    import numpy as np
+
+    model = make("vit_cls", depth=2).requires_grad_(False)
+    tokenprune.patch(model, r=8)
+    report = tokenprune.flops(model, 224, batch_size=np.int64(2))
+    assert report.total == counted_flops(model, image())  # two images, as FlopCounterMode counts them
+    assert all(type(flops) is int for flops in (*report.per_block, report.embed_and_head))
+
+
 def test_flops_of_a_convolutional_stem_on_one_channel_images() -> None:
     """A hybrid ViT built for grey images (in_chans=1): its stem is counted on one channel."""
     model = make("hybrid_cnn_stem", in_chans=1).requires_grad_(False)

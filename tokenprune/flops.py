@@ -134,9 +134,10 @@ def flops(model: nn.Module, input_size: InputSize, batch_size: int | None = None
     training computes on every token)."""
     if batch_size is None:
         batch_size = int(input_size["patches"].shape[0]) if isinstance(input_size, dict) else 1
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+    # Any whole number, as input_size takes one (a NumPy integer from a sweep or a config too).
+    if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    return _flops(unwrap_runtime(model), input_size, batch_size, with_head=True)
+    return _flops(unwrap_runtime(model), input_size, int(batch_size), with_head=True)
 
 
 def _flops(model: nn.Module, input_size: InputSize, batch_size: int, with_head: bool) -> FlopReport:
