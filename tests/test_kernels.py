@@ -727,7 +727,9 @@ def test_merge_group_bounds_at_the_ends(tokens: int, num_out: int, target: int) 
     assert_merge(x, size, dest, num_out)
 
 
-
+def test_merge_outputs_without_members_are_zero_like_reference() -> None:
+    """Outputs past the last destination have no members: 0 tokens and 0 sizes (not 0/0), as
+    in the reference."""
     x, size, dest, num_out = tome_inputs(2, 11, 16, 1, torch.float32, seed=4)
     merged, new_size = merge_wavg_triton(x, size, dest, num_out + 2)
     ref_merged, ref_size = merge_wavg_reference(x, size, dest, num_out + 2)

@@ -473,6 +473,25 @@ def test_window_count_rounds_ratio_of_whole_windows(grid, ratio) -> None:
         assert model.forward_tokens(image()).num_tokens == tokenprune.plan(model, 224).output_tokens
 
 
+def test_ratio_merges_each_images_most_self_similar_windows() -> None:
+    """local_ratio (the default count) merges, in every image, the round(ratio · windows)
+    windows of highest mean pairwise cosine by the Gram-matrix reference, not any windows of
+    the right count: three images, each with its own most self-similar windows."""
+    torch.manual_seed(6)
+    grid, ratio = (6, 8), 0.25  # 3 × 4 = 12 windows, 3 merge
+    x = torch.randn(3, 1 + 48, 8)
+    patches = x[:, 1:].view(3, 6, 8, 8)
+    for n, (row, col) in enumerate(((0, 0), (2, 6), (4, 2))):  # a near-constant window per image
+        patches[n, row : row + 2, col : col + 2] = torch.randn(8) + 0.3 * torch.randn(2, 2, 8)
+    state = WindowMerge(2, ratio, None, 1)(start_state(x, trace_source=True, grid=grid), x)
+    expected = gram_window_scores(torch.nn.functional.normalize(x[:, 1:], dim=-1), grid).topk(3, dim=1).indices
+    assert len({tuple(sorted(row)) for row in expected.tolist()}) == 3  # the images differ
+    owners = state.source_index[:, 1:].reshape(3, 3, 2, 4, 2).permute(0, 1, 3, 2, 4).flatten(3)  # [B, window, 4 members]
+    merged = (owners == owners[..., :1]).all(-1).flatten(1)  # the windows whose patches share one token
+    for n in range(3):
+        assert merged[n].nonzero()[:, 0].tolist() == sorted(expected[n].tolist()), n
+
+
 def test_window_threshold_is_inclusive() -> None:
     """'at least the threshold': orthogonal one-hot windows score exactly 0, constant ones exactly 1."""
     eye = torch.eye(4)
