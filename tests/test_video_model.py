@@ -503,6 +503,46 @@ def test_pos_embed_grid_is_asked_for_when_two_readings_fit():
         _infer_grid(30, (8, 14, 14))
 
 
+def test_a_learned_16_by_9_model_reloads_its_own_weights():
+    """A 144×256 clip has a 9×16 patch grid, and 9·16 = 12²: a table of the model's own token
+    count could also be read as 12×12 frames. It is the model's own table, loaded unchanged
+    (VideoMAE's script resizes only when the sizes differ), not refused or resampled."""
+    torch.manual_seed(0)
+    source = VideoVisionTransformer(img_size=(144, 256), num_frames=4, embed_dim=32, depth=1, num_heads=2,
+                                    num_classes=3, pos_embed="learned").eval()
+    assert source.grid_size == (2, 9, 16)
+    state = source.state_dict()
+    target = VideoVisionTransformer(img_size=(144, 256), num_frames=4, embed_dim=32, depth=1, num_heads=2,
+                                    num_classes=3, pos_embed="learned").eval()
+    result = load_videomae(target, state)
+    assert not result.missing_keys and not result.unexpected_keys
+    torch.testing.assert_close(target.pos_embed.data, state["pos_embed"], rtol=0, atol=0)
+    x = torch.randn(1, 3, 4, 144, 256, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+
+
+def test_a_non_square_table_is_not_read_as_square_frames():
+    """A 9×16 table (144 per frame, a 144×256 clip) loaded into a 16:9 model at 288×512 (18×32)
+    is also 12×12 frames: the loader must ask, not resample it as 12×12 (a silent scramble). A
+    table of the model's aspect ratio that is no square (7×10 → 14×20) is read as such."""
+    from tokenprune.models.videomae import _infer_grid
+
+    def learned(height: int, width: int) -> VideoVisionTransformer:
+        return VideoVisionTransformer(img_size=(height, width), num_frames=4, embed_dim=16, depth=1, num_heads=2,
+                                      num_classes=3, pos_embed="learned").eval()
+
+    torch.manual_seed(0)
+    state = learned(144, 256).state_dict()
+    target = learned(288, 512)
+    with pytest.raises(ValueError, match=r"could be \(2, 12, 12\) or \(2, 9, 16\).*pos_embed_grid"):
+        load_videomae(target, state)
+    load_videomae(target, state, pos_embed_grid=(2, 9, 16))
+    torch.testing.assert_close(target.pos_embed.data, resize_pos_embed(state["pos_embed"], (2, 18, 32), (2, 9, 16)))
+    assert _infer_grid(2 * 7 * 10, (2, 14, 20)) == (2, 7, 10)
+    assert _infer_grid(2 * 7 * 7, (2, 14, 14)) == (2, 7, 7)  # square models: the square reading, as before
+
+
 def test_pos_embed_resize_is_linear_in_time_and_timms_resize_in_space():
     """A separable table a[t] + b[h, w] resizes to interp(a)[t'] + timm_resize(b)[h', w']: the
     time step is 1-D linear interpolation, the space step timm's image resize, frame by frame."""
@@ -536,6 +576,21 @@ def test_sincos_model_ignores_stored_table_but_not_learned_one():
     state["pos_embed"] = torch.randn(1, 64, 384)  # a learned one cannot go into a sin-cos model
     with pytest.raises(ValueError, match="unexpected keys \\(1\\): pos_embed"):
         load_videomae(model, state)
+
+
+def test_a_position_embedding_of_the_other_kind_is_named_with_the_fix():
+    """A checkpoint trained with use_learnable_pos_emb into a sin-cos model, or a sin-cos one
+    (no pos_embed stored) into a learned model: the error says which and how to build the model."""
+    state = dict(small(num_classes=3).state_dict())
+    state["pos_embed"] = torch.randn(1, 64, 384)
+    with pytest.raises(ValueError, match=r"unexpected keys \(1\): pos_embed\n.*learned.*pos_embed='learned'"):
+        load_videomae(small(num_classes=3), state)
+    learned = small(num_classes=3, pos_embed="learned")
+    load_videomae(learned, state)  # the right kind loads
+    torch.testing.assert_close(learned.pos_embed.data, state["pos_embed"], rtol=0, atol=0)
+    del state["pos_embed"]
+    with pytest.raises(ValueError, match=r"missing keys \(1\): pos_embed\n.*sin-cos.*pos_embed='sincos'"):
+        load_videomae(small(num_classes=3, pos_embed="learned"), state)
 
 
 def test_an_image_batch_is_refused_as_not_a_clip() -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pickle
 import re
@@ -231,14 +232,27 @@ def _map_original(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 def _infer_grid(num_positions: int, model_grid: tuple[int, int, int]) -> tuple[int, int, int]:
     """The (T, H, W) grid of a stored position embedding: the model's frame count with a square
-    frame (VideoMAE fine-tunes other resolutions at the same clip length), or the model's frame
-    size with another frame count. When both readings fit and differ, the caller must say."""
+    frame (VideoMAE fine-tunes other resolutions at the same clip length) or, for a model with
+    non-square frames, with frames of the model's aspect ratio, or the model's frame size with
+    another frame count. When readings fit and differ, the caller must say: a 9×16 table is
+    also 12×12, and resampling it as such would scramble it silently.
+
+    A table with the model's own token count is the model's grid and loads as it is (as in
+    VideoMAE's fine-tuning script): on a non-square grid whose H'·W' is a square (every 16:9
+    grid: 9×16 = 12²) the square reading would otherwise make a model refuse its own weights."""
     frames, height, width = model_grid
+    if num_positions == frames * height * width:
+        return frames, height, width
     readings = []
     if num_positions % frames == 0:
         side = round((num_positions // frames) ** 0.5)
         if side * side * frames == num_positions:
             readings.append((frames, side, side))
+        # the model's aspect ratio h:w = a:b in lowest terms, scaled by k: k²·a·b per frame
+        a, b = height // math.gcd(height, width), width // math.gcd(height, width)
+        scale = round((num_positions // frames / (a * b)) ** 0.5)
+        if frames * a * b * scale * scale == num_positions:
+            readings.append((frames, scale * a, scale * b))
     if num_positions % (height * width) == 0:
         readings.append((num_positions // (height * width), height, width))
     readings = list(dict.fromkeys(readings))
@@ -293,7 +307,8 @@ def load_videomae(
         strict: raise a ValueError naming every missing and unexpected key (after mapping to
             this model's names). Shape mismatches always raise.
         pos_embed_grid: (T', H', W') of a learned position embedding in the checkpoint, when it
-            cannot be inferred (inference assumes the model's spatial grid, then its frames).
+            cannot be inferred (inference keeps the model's frame count with square frames or
+            frames of the model's aspect ratio, or its frame size; a tie asks for this).
     Returns:
         :class:`LoadResult` with the format and the missing / unexpected keys.
     """
@@ -315,6 +330,13 @@ def load_videomae(
             lines.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
         if unexpected:
             lines.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+        # A bare key name does not say that the two position embeddings differ in kind, nor the fix.
+        if "pos_embed" in unexpected:
+            lines.append("the checkpoint's position embedding is learned (not VideoMAE's sin-cos table): build the "
+                         "model with pos_embed='learned'")
+        elif "pos_embed" in missing:
+            lines.append("the checkpoint has no position embedding (VideoMAE's fixed sin-cos table): build the "
+                         "model with pos_embed='sincos'")
         raise ValueError("\n".join(lines))
     mismatched = [
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
