@@ -392,8 +392,16 @@ def build_model(args: argparse.Namespace, options: dict[str, Any]) -> tuple[torc
 
     factory = model_factory(args.model)
     model = factory(num_frames=args.num_frames, img_size=args.img_size, num_classes=args.num_classes)
-    if args.checkpoint and models.load_videomae(model, args.checkpoint).format == "transformers":
-        models.use_transformers_norm_eps(model, args.checkpoint)  # (the factory's are the original VideoMAE's)
+    if args.checkpoint:
+        try:
+            loaded = models.load_videomae(model, args.checkpoint)
+        except ValueError as error:  # keys or shapes: the model built from the options is not the checkpoint's
+            raise SystemExit(
+                f"--checkpoint {args.checkpoint} does not fit the model built from --model {args.model}, "
+                f"--num-classes {args.num_classes}: give the ones it was trained with.\n{error}"
+            ) from None
+        if loaded.format == "transformers":
+            models.use_transformers_norm_eps(model, args.checkpoint)  # (the factory's are the original VideoMAE's)
     if args.budget is not None:
         try:
             options = resolve(Setting(args.method, options, args.budget), model, (args.num_frames, args.img_size, args.img_size))

@@ -484,6 +484,23 @@ def test_bad_paths_and_sizes_are_refused_up_front(tmp_path, monkeypatch):
         kinetics.main([*base, "--model", "vit_nope"])
 
 
+def test_a_checkpoint_of_another_model_names_the_options(tmp_path):
+    """A checkpoint of other classes or another width stopped on load_videomae's traceback; the
+    eval names the options the model was built from, above the mismatched keys."""
+    from tokenprune import models
+
+    path = tmp_path / "k5.pth"
+    torch.save(models.video_vit_small_patch16_224(num_frames=2, img_size=32, num_classes=5).state_dict(), path)
+    args = kinetics.build_parser().parse_args(["--labels-file", "x.csv", "--model", "video_vit_small_patch16_224", "--num-classes", "7",
+                                "--num-frames", "2", "--img-size", "32", "--checkpoint", str(path)])
+    with pytest.raises(SystemExit, match=r"(?s)--checkpoint .*k5.pth does not fit the model built from --model "
+                                         r"video_vit_small_patch16_224, --num-classes 7: .*head.weight: checkpoint \(5, 384\)"):
+        kinetics.build_model(args, {})
+    args.num_classes = 5
+    model, _ = kinetics.build_model(args, {})  # the checkpoint's classes: it loads
+    torch.testing.assert_close(model.head.weight, torch.load(path)["head.weight"], rtol=0, atol=0)
+
+
 def test_result_records_the_command_and_arguments(tmp_path):
     root = _class_folders(tmp_path / "data")
     classes = tmp_path / "classes.txt"
