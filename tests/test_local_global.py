@@ -518,6 +518,27 @@ def test_local_threshold_replaces_local_ratio() -> None:
         tokenprune.plan(model, 224)
 
 
+def test_a_ratio_that_the_threshold_would_ignore_is_refused() -> None:
+    """local_threshold replaces local_ratio, so a ratio given with a threshold, or by re-patching
+    a model patched with one (``patch`` keeps the other options), would change nothing: the
+    forward kept merging every window (threshold −1) where a quarter was asked for. Refused,
+    naming both; with the threshold cleared, the ratio merges as on a fresh model."""
+    with pytest.raises(ValueError, match=r"local_threshold=0.5 replaces local_ratio, so local_ratio=0.25 would change nothing"):
+        tokenprune.patch(make("vit_cls"), "local_global", local_ratio=0.25, local_threshold=0.5)
+    model = tokenprune.patch(make("vit_cls"), "local_global", local_block=0, local_threshold=-1.0, r=0)
+    with pytest.raises(ValueError, match=r"local_threshold=-1.0 replaces local_ratio.*\(local_threshold=None for local_ratio\)"):
+        tokenprune.patch(model, local_ratio=0.25)
+    assert model.tokenprune_config.local_threshold == -1.0  # left as it was
+    tokenprune.patch(model, local_ratio=0.25, local_threshold=None)
+    fresh = tokenprune.patch(make("vit_cls"), "local_global", local_block=0, local_ratio=0.25, r=0)
+    with torch.no_grad():
+        tokens = model.forward_tokens(image()).num_tokens
+        assert tokens == fresh.forward_tokens(image()).num_tokens == 1 + 196 - round(0.25 * 49) * 3
+    tokenprune.patch(model, local_threshold=-1.0)  # a threshold over a ratio: the threshold's count
+    with torch.no_grad():
+        assert model.forward_tokens(image()).num_tokens == 1 + 196 - 49 * 3
+
+
 def test_adaptive_threshold_uses_the_sample_std_and_a_strict_exceed() -> None:
     """mean + std is torch's default (sample, n − 1) std, and a score must exceed it: six A
     tokens whose best scores put one above mean + sample std but two above mean + population

@@ -798,6 +798,27 @@ def test_tomes_model_r_raises_instead_of_changing_nothing() -> None:
         sam.r = 16
 
 
+@pytest.mark.parametrize(("method", "option", "value"), [("merge_unmerge", "ratio", 0.25), ("evit", "keep_ratio", 0.5)])
+def test_model_r_on_a_method_without_r_names_the_call_that_works(method: str, option: str, value: float) -> None:
+    """On a model whose method has no r (SAM's merge_unmerge, token dropping), ``model.r = 16``
+    names the method's own option, not ``tokenprune.patch(model, r=16)``, which refuses r there;
+    the call it names patches."""
+    if method == "merge_unmerge":
+        model = timm.create_model("samvit_base_patch16", depth=1, img_size=64, global_attn_indexes=())
+    else:
+        model = make("vit_cls", depth=2)
+    tokenprune.patch(model, method, **{option: 0.4})
+    with pytest.raises(TypeError, match="has no option r"):  # what the old message's call did
+        tokenprune.patch(model, r=16)
+    with pytest.raises(AttributeError) as error:
+        model.r = 16
+    assert "patch(model, r=16)" not in str(error.value)
+    named = re.search(r"set its options with tokenprune\.patch\(model, (\w+)=\.\.\.\)", str(error.value)).group(1)
+    assert named == option
+    tokenprune.patch(model, **{named: value})
+    assert getattr(model.tokenprune_config, option) == value
+
+
 def test_wrapper_r_raises_too_and_unpatch_restores_its_class(tmp_path) -> None:
     """timm's wrappers patched through (a features_only backbone, the Qwen3 ViT classifier)
     refuse ``wrapper.r = 16`` as the model does; they pickle, and unpatching gives them back
@@ -862,6 +883,86 @@ def test_bad_options_name_the_fix() -> None:
     assert tokenprune.flops(model, np.int64(224)) == tokenprune.flops(model, 224)
     with pytest.raises(ValueError, match=r"is an image model: input_size is \(H, W\) or \(C, H, W\); got \(3, 8, 224, 224\), four sizes as a clip.s \(C, T, H, W\) \(for a batch.s x\.shape, give x\.shape\[-2:\]\)"):
         tokenprune.plan(model, (3, 8, 224, 224))
+
+
+def test_another_methods_option_names_only_methods_the_model_runs() -> None:
+    """An option of other methods names, of those, the ones this model runs, so that the call
+    the hint gives patches (SAM's r named 'tome', which SAM refuses; a video ViT's window named
+    'local_global', which video refuses; a features_only backbone's keep_ratio named
+    'dynamicvit', whose dropped patches its maps would read); where the model runs none of
+    them, the hint says so."""
+    from tokenprune.models import video_vit_small_patch16_224
+    from tokenprune.patch.vit import reducing_model
+
+    def sam() -> nn.Module:
+        return timm.create_model("samvit_base_patch16", img_size=64, depth=1, embed_dim=64, num_heads=2, global_attn_indexes=())
+
+    def video() -> nn.Module:
+        return video_vit_small_patch16_224(num_frames=4, img_size=64, depth=2, embed_dim=64, num_heads=2)
+
+    def backbone() -> nn.Module:
+        return timm.create_model("vit_tiny_patch16_224", img_size=64, depth=4, features_only=True, out_indices=(1, 3))
+
+    for build, option, value, refused in [(video, "window", 2, "local_global"), (backbone, "keep_ratio", 0.7, "dynamicvit")]:
+        with pytest.raises(TypeError, match=rf"'{refused}' too, refused on this model") as error:
+            tokenprune.patch(build(), **{option: value})
+        suggested = re.search(r"tokenprune\.patch\(model, '(\w+)', " + option, str(error.value)).group(1)
+        assert suggested != refused
+        model = tokenprune.patch(build(), suggested, **{option: value})  # the hint's call patches
+        assert type(reducing_model(model).tokenprune_config) is tokenprune.METHODS[suggested]
+    for build, option, value in [(sam, "r", 8), (lambda: make("vit_cls"), "joint_after", False)]:
+        model = build()
+        with pytest.raises(TypeError, match=rf"{option} is an option of .*, which \w+ refuses$"):
+            tokenprune.patch(model, **{option: value})
+        assert getattr(model, "tokenprune_config", None) is None
+    with pytest.raises(TypeError, match="which VisionTransformerSAM refuses"):  # on a patched SAM too
+        tokenprune.patch(tokenprune.patch(sam(), ratio=0.25), r=8)
+
+
+def test_a_missing_option_names_the_call_that_patches_the_method() -> None:
+    """The call an error shows for a missing r or ratio patches the method asked for: with
+    'pitome' named, not ToMe's default (the call without the name patched ToMe); and a method
+    the model cannot run is refused for that before its ratio is asked for, as before its r."""
+    for method, value in [("pitome", 4), ("merge_unmerge", 0.25), ("tome", 4)]:
+        model = make("vit_cls", depth=2)
+        with pytest.raises(TypeError, match=rf"method '{method}' needs") as error:
+            tokenprune.patch(model, method)
+        named, option = re.search(r"e\.g\. tokenprune\.patch\(model, (?:'(\w+)', )?(\w+)=\.\.\.\)", str(error.value)).groups()
+        tokenprune.patch(model, *[named] if named else [], **{option: value})  # the call as shown, with a value
+        assert type(model.tokenprune_config) is tokenprune.METHODS[method]
+    with pytest.raises(TypeError, match=r"needs r: e\.g\. tokenprune\.patch\(model, r=\.\.\.\)"):  # implied: no name
+        tokenprune.patch(make("vit_cls", depth=2))
+    eva = make("eva02_rope", depth=2)
+    with pytest.raises(TypeError, match="MergeUnmergeConfig merges and unmerges inside every block"):
+        tokenprune.patch(eva, "merge_unmerge")
+    assert getattr(eva, "tokenprune_config", None) is None
+
+
+def test_a_model_that_holds_a_supported_one_names_where() -> None:
+    """A model of one's own around a timm ViT (nn.Sequential with a head, a module holding it as
+    an attribute) is refused naming where the ViT is, and patching that one, as the error says,
+    makes the outer model's forward run it patched: the logits of the same ViT patched alone."""
+    torch.manual_seed(0)
+    head = nn.Linear(10, 3)
+    wrapped = nn.Sequential(make("vit_cls", depth=2), head)
+    with pytest.raises(TypeError, match=r"cannot patch torch\.nn\.modules\.container\.Sequential; it holds a "
+                                        r"VisionTransformer at '0': give that one, e\.g\. tokenprune\.patch\(model\.get_submodule\('0'\), \.\.\.\)"):
+        tokenprune.patch(wrapped, r=4)
+    inner = re.search(r"model\.get_submodule\('(\w+)'\)", str(pytest.raises(TypeError, tokenprune.plan, wrapped, 224).value)).group(1)
+    tokenprune.patch(wrapped.get_submodule(inner), r=4)
+    alone = tokenprune.patch(make("vit_cls", depth=2), r=4)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(image()), head(alone(image())), rtol=0, atol=0)
+
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = make("vit_cls", depth=2)
+
+    with pytest.raises(TypeError, match=r"it holds a VisionTransformer at 'backbone'"):
+        tokenprune.patch(Holder(), r=4)
+    with pytest.raises(TypeError, match=r"cannot patch torch\.nn\.modules\.linear\.Linear; supported"):  # nothing held
+        tokenprune.patch(head, r=4)
 
 
 def test_bad_options() -> None:

@@ -105,3 +105,40 @@ def test_command_line_inflections_are_ints_when_whole_and_labels_drop_trailing_z
     assert type(parse_schedule("16,-1")[1]) is int and type(parse_schedule("16,-1.0")[1]) is int
     assert type(parse_schedule("16,0.5")[1]) is float
     assert format_schedule((16, -1.0)) == "(16,-1)" and format_schedule((8, 0.1 + 0.2)) == "(8,0.3)"
+
+
+@pytest.mark.parametrize(
+    "given,meant",
+    [((8, 4), [8, 4]), ((8, 2.0), [8, 2]), ("numpy", [8, 8, 4]), ("torch", [8, 8, 4]), ("numpy0d", 5), ("8,8,4", [8, 8, 4])],
+)
+def test_an_r_in_another_form_names_the_form_that_works(given, meant) -> None:
+    """A pair meant as one r per block (ToMe reads every tuple as (r, inflection)), a numpy array
+    or a tensor of counts, and a command line's text are refused, naming the r that gives what was
+    meant; that r resolves to the per-block counts of ``meant``."""
+    import ast
+    import re
+
+    import numpy as np
+    import torch
+
+    given = {"numpy": np.array([8, 8, 4]), "torch": torch.tensor([8, 8, 4]), "numpy0d": np.array(5)}.get(given, given)
+    with pytest.raises((TypeError, ValueError)) as error:
+        resolve_r(given, 3)
+    message = str(error.value)
+    if isinstance(given, str):
+        hinted = parse_schedule(re.search(r"parse_schedule\('([^']*)'\) reads it$", message).group(1))
+    else:
+        hinted = ast.literal_eval(re.search(r"r=(\[[^\]]*\]|\d+)$", message).group(1))
+    assert hinted == meant and resolve_r(hinted, 3) == resolve_r(meant, 3)
+
+
+@pytest.mark.parametrize("r", [(6, -1 / 3), (3, 2 / 3), (1234567, -1)])
+def test_a_label_reads_back_as_the_same_per_block_counts(r) -> None:
+    """A results table's label is a valid --r that runs the schedule it names: with six
+    significant digits (6, −1/3) read back as (6, −0.333333), whose first block removes
+    int(6 · 1.333333) = 7 tokens where the schedule removes 8; and an r of seven digits was
+    labelled 1.23457e+06, which parse_schedule refused."""
+    back = parse_schedule(format_schedule(r))
+    for depth in (2, 12, 24, 40):
+        assert resolve_r(back, depth) == tuple(tome_schedule(r, depth))  # ToMe's parse_r of the schedule itself
+    assert resolve_r(back, 1) == resolve_r(r, 1)

@@ -56,16 +56,17 @@ def patch(model: nn.Module, method: str | MethodConfig | None = None, **options:
             named = f"method {method!r}" + (f" ({source}, as none is named)" if implied else "")
             raise TypeError(
                 f"{named} has no option {', '.join(unknown)}; its options: {sorted(names)}"
-                + "".join(_option_hint(option, names) for option in unknown)
+                + "".join(_option_hint(option, names, outer, model) for option in unknown)
             )
         if type(current) is config_class:
             config = dataclasses.replace(current, **options)
         else:
-            _require_options(outer, model, method, config_class, options)
+            _require_options(outer, model, method, config_class, options, implied)
             try:
                 config = config_class(**options)
             except TypeError as error:
                 raise TypeError(f"method {method!r}: {error}") from None
+        _refuse_replaced_options(method, config, options)
     elif isinstance(method, type) or not callable(getattr(method, "reducers", None)):
         hint = "" if not isinstance(method, (int, tuple, list)) else f"; for ToMe's r, tokenprune.patch(model, r={method!r})"
         if name := next((name for name, cls in METHODS.items() if method is cls), None):
@@ -90,33 +91,85 @@ def patch(model: nn.Module, method: str | MethodConfig | None = None, **options:
     return outer
 
 
-def _option_hint(option: str, names: set[str]) -> str:
+def _refuse_replaced_options(method: str, config: Any, options: dict[str, Any]) -> None:
+    """Raise for an option given that the settings leave unread (``config.replaced_options()``,
+    where a config has it): given with the option that replaces it, or to a model patched with
+    that one, whose other options ``patch`` keeps, it would change nothing without a word."""
+    replaced = getattr(config, "replaced_options", dict)()
+    for option, by in replaced.items():
+        if option in options:
+            raise ValueError(
+                f"method {method!r}: {by}={getattr(config, by)!r} replaces {option}, so {option}={options[option]!r} "
+                f"would change nothing; give one of them ({by}=None for {option})"
+            )
+
+
+def _option_hint(option: str, names: set[str], outer: nn.Module, model: nn.Module) -> str:
     """What an option a method lacks may have been meant as: a close name among ``names`` (a
-    typo), or the methods that have it."""
+    typo), or the methods that have it, of those the model can run (naming one it refuses, such
+    as 'tome' for SAM's r, would send the user from this error to that refusal)."""
     if close := difflib.get_close_matches(option, names, n=1):
         return f"; did you mean {close[0]} for {option}?"
     owners = [name for name, cls in METHODS.items() if option in {f.name for f in dataclasses.fields(cls)}]
-    if owners:
-        methods = ", ".join(map(repr, owners))
-        return f"; {option} is an option of {methods}: name the method, e.g. tokenprune.patch(model, {owners[0]!r}, {option}=...)"
-    return ""
+    if not owners:
+        return ""
+    methods = ", ".join(map(repr, owners))
+    runnable = [name for name in owners if _runs_on(outer, model, METHODS[name])]
+    if not runnable:
+        return f"; {option} is an option of {methods}, which {vit.original_class(model).__name__} refuses"
+    if runnable != owners:
+        methods = ", ".join(map(repr, runnable))
+        methods += f" here ({', '.join(repr(name) for name in owners if name not in runnable)} too, refused on this model)"
+    return f"; {option} is an option of {methods}: name the method, e.g. tokenprune.patch(model, {runnable[0]!r}, {option}=...)"
 
 
-def _require_options(outer: nn.Module, model: nn.Module, method: str, config_class: type, options: dict[str, Any]) -> None:
+# Values for the options a method cannot do without, to ask whether a model runs the method at all.
+_PROBE_OPTIONS = {"r": 1, "ratio": 0.5}
+
+
+def _runs_on(outer: nn.Module, model: nn.Module, config_class: type) -> bool:
+    """Whether patching would refuse ``config_class`` for this model whatever its options: the
+    checks ``patch`` runs, on the method's defaults. A TypeError there refuses the model's family
+    or blocks (SAM, video, Qwen3, parallel blocks); anything else depends on the option values,
+    which the user has yet to give, so it counts as runnable."""
+    fields = dataclasses.fields(config_class)
+    required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    try:
+        config = config_class(**{name: _PROBE_OPTIONS[name] for name in required})
+        vit.check_method_for(vit.unwrap_runtime(outer), config)
+        # (reducers that would create parameters, DynamicViT's predictors, are not built for a hint)
+        if not getattr(config, "adds_parameters", lambda _: False)(model):
+            vit.check_reducers(model, config, config.reducers(model))
+    except TypeError:
+        return False
+    except Exception:  # noqa: BLE001 (an option's value, or a required option with no probe value: cannot tell)
+        return True
+    return True
+
+
+def _require_options(
+    outer: nn.Module, model: nn.Module, method: str, config_class: type, options: dict[str, Any], implied: bool
+) -> None:
     """Name an option the method cannot do without, with a value to start from: for ``r``,
-    ToMe's rule of thumb, tokens / blocks at the model's own input size."""
+    ToMe's rule of thumb, tokens / blocks at the model's own input size. The call it shows names
+    the method unless patch chose it (``implied``): without the name, ``patch`` would run the
+    model's default method (ToMe, where 'pitome' was asked for), or refuse the option."""
     fields = dataclasses.fields(config_class)
     missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     missing = [name for name in missing if name not in options]
     if not missing:
         return
     hint = ""
+    probe = {name: _PROBE_OPTIONS[name] for name in missing if name in _PROBE_OPTIONS}
     if missing == ["r"] and (rule := _rule_of_thumb_r(model)) is not None:
         r, size, tokens = rule
-        # A method this model cannot run is refused for that, before its r is asked for.
-        vit.check_method_for(vit.unwrap_runtime(outer), config_class(**options, r=r))
+        probe["r"] = r
         hint = f"; ToMe's rule of thumb, r ≈ tokens / blocks, gives {r} here ({tokens} tokens over {len(model.blocks)} blocks at {size})"
-    raise TypeError(f"method {method!r} needs {', '.join(missing)}: e.g. tokenprune.patch(model, {missing[0]}=...){hint}")
+    if len(probe) == len(missing):
+        # A method this model cannot run is refused for that, before its options are asked for.
+        vit.check_method_for(vit.unwrap_runtime(outer), config_class(**options, **probe))
+    named = "" if implied else f"{method!r}, "
+    raise TypeError(f"method {method!r} needs {', '.join(missing)}: e.g. tokenprune.patch(model, {named}{missing[0]}=...){hint}")
 
 
 def _rule_of_thumb_r(model: nn.Module) -> tuple[int, str, int] | None:

@@ -35,7 +35,9 @@ def resolve_r(r: RSchedule, depth: int, blocks: str = "the model has") -> tuple[
         if isinstance(inflection, bool) or not isinstance(inflection, numbers.Real):
             raise TypeError(f"the inflection of (r, inflection) must be a number in [-1, 1], got {inflection!r}")
         if not -1.0 <= inflection <= 1.0:
-            raise ValueError(f"the inflection of (r, inflection) must be in [-1, 1], got {inflection}")
+            # ToMe reads every pair as (r, inflection), so a tuple meant as one r per block lands here.
+            meant = f"; for one r per block give a list, r=[{base}, {int(inflection)}]" if _is_count(inflection) else ""
+            raise ValueError(f"the inflection of (r, inflection) must be in [-1, 1], got {inflection}{meant}")
         # Linear ramp from r·(1 - inflection) to r·(1 + inflection); truncation as in ToMe so the
         # same schedule gives the same per-layer counts.
         if depth == 1:  # a ramp over one block is its middle (ToMe's formula divides by zero)
@@ -61,7 +63,30 @@ def resolve_r(r: RSchedule, depth: int, blocks: str = "the model has") -> tuple[
                 f"give at most one entry per block"
             )
         return tuple(counts) + (0,) * (depth - len(counts))
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral):
+        raise TypeError(
+            f"r must be a non-negative int, a tuple (r, inflection) or a per-block list, got {r!r} ({type(r).__name__})"
+            + _form_hint(r)
+        )
     return (check_count(r, "r"),) * depth
+
+
+def _is_count(value: object) -> bool:
+    """Whether ``value`` is a whole number ≥ 0, which a per-block list could hold."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and value >= 0 and float(value).is_integer()
+
+
+def _form_hint(r: object) -> str:
+    """How to give an ``r`` of the wrong type in a form :func:`resolve_r` takes: a command line's
+    text through :func:`parse_schedule`, an array or tensor as Python ints."""
+    if isinstance(r, str):
+        return f"; for a command line's text, tokenprune.schedule.parse_schedule({r!r}) reads it"
+    values = getattr(r, "tolist", lambda: None)()  # (numpy arrays and torch tensors)
+    if isinstance(values, list) and all(_is_count(v) for v in values):
+        return f"; for one r per block give a list of ints, r={[int(v) for v in values]}"
+    if _is_count(values):
+        return f"; give it as an int, r={int(values)}"
+    return ""
 
 
 def _is_inflection(value: object) -> bool:
@@ -110,7 +135,25 @@ def parse_schedule(text: str) -> RSchedule:
 def format_schedule(r: RSchedule) -> str:
     """A label for ``r`` that :func:`parse_schedule` reads back: 16, (16,-1), [8,8,4]."""
     if isinstance(r, tuple):
+        if len(r) == 2 and isinstance(r[0], numbers.Integral) and not isinstance(r[0], bool):
+            return f"({int(r[0])},{_inflection_label(int(r[0]), r[1])})"
         return "(" + ",".join(f"{v:g}" for v in r) + ")"
     if isinstance(r, list):
         return "[" + ",".join(str(v) for v in r) + "]"
     return str(r)
+
+
+def _inflection_label(base: int, inflection: object) -> str:
+    """The shortest decimal for ``inflection`` whose ramp ``(base, ·)`` has this one's per-block
+    counts at every depth up to 256 (0.1 + 0.2 gives 0.3), else its exact repr. Six significant
+    digits (``:g``) are not enough: the ramp truncates to ints, so (6, −1/3) labelled (6,-0.333333)
+    read back as a schedule whose first block removes 7 tokens, not 8."""
+    try:
+        exact = {depth: resolve_r((base, inflection), depth) for depth in range(2, 257)}  # type: ignore[arg-type]
+    except (TypeError, ValueError):  # not a schedule patch would take: label it as given
+        return f"{inflection:g}" if isinstance(inflection, numbers.Real) else str(inflection)
+    for digits in range(1, 18):
+        text = f"{inflection:.{digits}g}"
+        if all(resolve_r((base, float(text)), depth) == counts for depth, counts in exact.items()):
+            return text
+    return repr(float(inflection))  # (unreachable: 17 digits give the float itself)

@@ -34,6 +34,9 @@ class MethodConfig(Protocol):
     # with parameters the model does not hold yet (DynamicViT's predictors); absent: never.
     # ``masks_in_training``: whether in train() dropped tokens stay in place, masked, so that the
     # head must be given their keep mask (DynamicViT); absent: False.
+    # ``replaced_options() -> dict[str, str]``: options these settings leave unread, each with the
+    # option that replaces it, which patch refuses when given (local_global's local_ratio while
+    # local_threshold is set); absent: none.
 
 
 METHODS: dict[str, type] = {

@@ -262,6 +262,11 @@ class LocalGlobalConfig:
     def track_positions(self) -> bool:
         return self.pos_weight > 0
 
+    def replaced_options(self) -> dict[str, str]:
+        """The options that change nothing under these settings, each with the one that replaces
+        it: ``local_ratio`` while ``local_threshold`` is set."""
+        return {"local_ratio": "local_threshold"} if self.local_threshold is not None else {}
+
     def reducers(self, model: nn.Module) -> list[WindowMerge | PositionalBipartiteMerge | None]:
         depth = len(model.blocks)
         if not 0 <= self.local_block < depth:

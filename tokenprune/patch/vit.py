@@ -18,6 +18,7 @@ tracing, a visualisation aid, stores the last forward's map on the model.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from dataclasses import dataclass
@@ -556,6 +557,14 @@ class SettingsThroughPatch:
 
     @r.setter
     def r(self, value: Any) -> NoReturn:
+        config = getattr(reducing_model(self), "tokenprune_config", None)
+        options = [f.name for f in dataclasses.fields(config)] if dataclasses.is_dataclass(config) else ["r"]
+        if options and "r" not in options:  # (SAM's merge_unmerge, the dropping methods): patch(model, r=...) would refuse r
+            raise AttributeError(
+                f"published ToMe's model.r = {value!r} would change nothing here, and you cannot set r with "
+                f"tokenprune.patch either: the model's method, {type(config).__name__}, has no r; set its options "
+                f"with tokenprune.patch(model, {options[0]}=...) (its options: {sorted(options)})"
+            )
         raise AttributeError(
             f"set r with tokenprune.patch(model, r={value!r}): published ToMe's model.r = {value!r} would change nothing here"
         )
@@ -1128,8 +1137,17 @@ def family(model: nn.Module) -> type[ReducingViT]:
             "parametrize it"
         )
     if model_class not in PATCHED_CLASSES:
+        # A model of the user's own that holds a supported one (a LightningModule, nn.Sequential
+        # with a head): name where, since patching that one in place is what works.
+        inner = next((name for name, m in model.named_modules() if name and original_class(m) in PATCHED_CLASSES), None)
+        held = (
+            f"; it holds a {original_class(model.get_submodule(inner)).__name__} at {inner!r}: give that one, e.g. "
+            f"tokenprune.patch(model.get_submodule({inner!r}), ...), which patches it in place for this model's forward"
+            if inner is not None
+            else ""
+        )
         raise TypeError(
-            f"tokenprune cannot patch {model_class.__module__}.{model_class.__name__}; supported: {SUPPORTED_FAMILIES}"
+            f"tokenprune cannot patch {model_class.__module__}.{model_class.__name__}{held}; supported: {SUPPORTED_FAMILIES}"
         )
     return PATCHED_CLASSES[model_class]
 
