@@ -125,6 +125,20 @@ def test_pooling_weighs_tokens_by_size(family: str) -> None:
         model.forward_head(state.x)
 
 
+def test_float64_size_weighted_pooling_keeps_float64() -> None:
+    """A float64 model pools merged tokens in float64: avg+max pooling of the merged tokens by
+    size equals plain pooling of the unmerged grid to float64 rounding (its weights / total were
+    float32: 2e-9 off). A 3x3 grid, so that the totals are no power of two."""
+    model = make("avgmax_with_prefix", img_size=48).double()
+    tokenprune.patch(model, r=2, trace_source=True)
+    with torch.no_grad():
+        state = model.forward_tokens(image(2, 48).double())
+        pooled = model.forward_head(state.x, size=state.size)
+        plain = timm.models.VisionTransformer.forward_head(model, unmerge(state.x, model._tokenprune_source[0]))
+    assert pooled.dtype == torch.float64
+    torch.testing.assert_close(pooled, plain, atol=1e-12, rtol=0)
+
+
 def test_map_pooling_uses_proportional_attention() -> None:
     model = make("vit_map")
     tokenprune.patch(model, r=8, trace_source=True)

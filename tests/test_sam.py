@@ -280,6 +280,35 @@ def test_other_image_sizes_and_bad_ones() -> None:
         tokenprune.flops(model, 200)
 
 
+@pytest.mark.parametrize("index", [0, 1], ids=["windowed_padded", "global"])
+def test_float64_keeps_float64_and_passes_gradcheck(index: int) -> None:
+    """A float64 SAM stays float64 through merge_unmerge: equal to the float64 dense reference to
+    float64 rounding, and gradcheck passes. The mean over a padded window's real tokens was
+    divided in float32, which rounded the tokens to float32 (1.5e-8 off: finite differences then
+    miss the gradient); log s was a float32 log cast up (9e-10 off)."""
+    model = sam(init_values=0.5).double()
+    block = model.blocks[index]
+    x = block_input(model, images().double())
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # the reference's membership and padding flags
+    try:
+        expected = sam_block_reference(block, x, 0.5)
+    finally:
+        torch.set_default_dtype(default)
+    tokenprune.patch(model, "merge_unmerge", ratio=0.5)
+    with torch.no_grad():
+        got = model.blocks[index](x)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+    # gradcheck along three directions of the input (the whole grid would take thousands of runs)
+    directions = torch.randn(3, *x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+
+    def run(v: torch.Tensor) -> torch.Tensor:
+        return model.blocks[index](x + (v.view(3, 1, 1, 1, 1) * directions).sum(0)).square().mean(dim=(0, 1, 2))[:8]
+
+    assert torch.autograd.gradcheck(run, (torch.zeros(3, dtype=torch.float64, requires_grad=True),))
+
+
 def test_training_gradients_are_finite_with_padding() -> None:
     model = tokenprune.patch(sam(drop_path_rate=0.2, attn_drop_rate=0.1, proj_drop_rate=0.1), "merge_unmerge", ratio=0.5).train()
     model(images()).square().sum().backward()

@@ -42,3 +42,18 @@ def test_distilled_deit_keeps_its_distillation_token() -> None:
     source = tokenprune.source(model)
     assert torch.equal(source[:, :2, :2], torch.eye(2, dtype=source.dtype).expand(2, 2, 2))
     assert torch.equal(source[:, :2].sum(-1), torch.ones(2, 2, dtype=source.dtype))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_float64_model_matches_published_tome_to_float64_rounding(backend: str) -> None:
+    """A float64 model keeps float64 through proportional attention: log s in float64, not a
+    float32 log cast up (which left the logits ~4e-9 from the float64 reference)."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=4, num_classes=10).eval().double()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    expected = tome_reference_forward(model, x, [4] * 4, True)
+    tokenprune.patch(model, r=4, backend=backend)
+    with torch.no_grad():
+        logits = model(x)
+    assert logits.dtype == torch.float64
+    torch.testing.assert_close(logits, expected, atol=1e-12, rtol=0)

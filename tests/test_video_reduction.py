@@ -811,3 +811,27 @@ def test_torch_jit_trace(variant: str) -> None:
         traced = torch.jit.trace(model, make_clip(1), check_trace=False)
         assert torch.equal(traced(make_clip(1)), model(make_clip(1)))
         assert torch.equal(traced(make_clip(2, seed=3)), model(make_clip(2, seed=3)))
+
+
+@pytest.mark.parametrize("metric", ["attention_received", "attention_sharpness"])
+def test_float64_attention_that_reads_the_map_stays_float64(metric: str) -> None:
+    """Background merging by importance reads the whole attention map, which takes its softmax
+    in float32 for half precision; a float64 model keeps float64 there: the block's attention
+    output equals timm's own attention to float64 rounding (it was rounded to float32, 1e-8
+    off), and gradcheck passes through the patched model."""
+    model = make_model(depth=2).double()
+    block = model.blocks[0]
+    tokens = block.norm1(model._pos_embed(model.patch_embed(make_clip(1).double())))
+    out, _ = attend(block.attn, tokens, None, metric=metric)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, block.attn(tokens), atol=1e-13, rtol=0)
+
+    importance = metric.removeprefix("attention_")
+    tokenprune.patch(model, "background", early_blocks=1, early_r=16, r=4, importance=importance)
+    clip = make_clip(1).double()
+    directions = torch.randn(2, *clip.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+
+    def run(v: torch.Tensor) -> torch.Tensor:
+        return model(clip + (v.view(2, 1, 1, 1, 1, 1) * directions).sum(0))[0, :6]
+
+    assert torch.autograd.gradcheck(run, (torch.zeros(2, dtype=torch.float64, requires_grad=True),))

@@ -420,10 +420,13 @@ class BlockMerge:
         self.members = bipartite_soft_matching_members(metric, merged, num_protected, backend)
         self.dest = self.members.dest
         self.backend = backend
-        real = tokens.new_ones(*tokens.shape[:2], 1, dtype=torch.float32)
+        # The real share in float32, or float64 for float64 tokens, like merge_wavg's sums (a
+        # float64 model keeps its precision: merge below divides by it).
+        real = tokens.new_ones(*tokens.shape[:2], 1, dtype=torch.promote_types(tokens.dtype, torch.float32))
         if padding is not None:
-            real = real - padding.float()
-        share, self.size = merge_wavg(real, torch.ones_like(real), self.dest, self.num_out, backend, self.members)
+            real = real - padding.to(real.dtype)
+        ones = torch.ones_like(real, dtype=torch.float32)
+        share, self.size = merge_wavg(real, ones, self.dest, self.num_out, backend, self.members)
         self.real_share = share if padding is not None else None
 
     def average(self, values: Tensor) -> Tensor:
@@ -439,7 +442,10 @@ class BlockMerge:
             return mean
         # Padding is zeros, so the mean over all tokens is real_share × the mean over real ones.
         # All-padding tokens (share 0, mean 0) stay 0: the clamp only avoids 0/0.
-        return (mean.float() / self.real_share.clamp(min=1e-6)).to(tokens.dtype)
+        # In float32, float64 for float64 tokens: a float32 division would round a float64 model's
+        # features to float32 (1e-8 off, enough to fail gradcheck), silently.
+        accumulate = torch.promote_types(tokens.dtype, torch.float32)
+        return (mean.to(accumulate) / self.real_share.to(accumulate).clamp(min=1e-6)).to(tokens.dtype)
 
     def unmerge(self, merged: Tensor) -> Tensor:
         """Every token gets its merged token's row of ``merged`` [B, T', C]."""

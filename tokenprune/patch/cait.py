@@ -68,7 +68,7 @@ def class_attention(block: LayerScaleBlockClassAttn, x: Tensor, cls: Tensor, wei
 
     q, k, v = heads(attn.q(u[:, :1])), heads(attn.k(u)), heads(attn.v(u))
     counted = torch.cat([torch.ones_like(weights[:, :1]), weights], dim=1)
-    bias = pooling_key_bias(counted, padded=False)[:, None, None, :]
+    bias = pooling_key_bias(counted, padded=False, dtype=u.dtype)[:, None, None, :]
     dropout = attn.attn_drop.p if attn.training else 0.0
     # A dropped key keeps ~1e-9 of its weight, below float16's range, where its gradient would
     # round to zero: float16 takes the softmax in float32, as the blocks' masked attention does.

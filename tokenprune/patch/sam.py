@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from . import vit
 from ..merge import BlockMerge, bipartite_matching_flops
-from .vit import QKV_PROJECTIONS, ReducingViT, SettingsThroughPatch, _timm_qkv, linear_flops
+from .vit import QKV_PROJECTIONS, ReducingViT, SettingsThroughPatch, _timm_qkv, linear_flops, log_size
 
 
 # SAM's attention projects q, k, v as timm's ViT attention does (q/k-norm after, in ReducingSamBlock._attend).
@@ -132,7 +132,7 @@ class ReducingSamBlock(SamBlock):
         q, k = attn.q_norm(q), attn.k_norm(k)
         bias = merged_rel_pos_bias(attn, q, merging, rows, cols) if attn.use_rel_pos else None
         if self.prop_attn:
-            key_bias = merging.size.log().to(q.dtype).view(num_groups, 1, 1, num_tokens)
+            key_bias = log_size(merging.size, q.dtype).to(q.dtype).view(num_groups, 1, 1, num_tokens)
             bias = key_bias if bias is None else bias + key_bias
         if attn.fused_attn:
             dropout = attn.attn_drop.p if self.training else 0.0

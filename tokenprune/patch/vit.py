@@ -262,7 +262,9 @@ def attend(
                 weights = weights + term
         elif attn_mask is not None:
             weights = weights.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else weights + attn_mask
-        probs = weights.float().softmax(dim=-1) if float32_softmax else weights.softmax(dim=-1)
+        # (float64 stays float64: a float32 softmax would round a float64 model's attention output)
+        softmax_dtype = torch.promote_types(weights.dtype, torch.float32)
+        probs = weights.to(softmax_dtype).softmax(dim=-1) if float32_softmax else weights.softmax(dim=-1)
         mixed = probs.to(v.dtype)
         if talking_heads:
             mixed = _mix_heads(attn.proj_w, mixed, key_weight)
@@ -320,27 +322,37 @@ def keep_bias(keep: Tensor, dtype: torch.dtype) -> Tensor:
 PADDING_KEY_BIAS = -1000.0
 
 
-def pooling_key_bias(weights: Tensor, padded: bool) -> Tensor:
-    """The [B, T] float32 key bias of attention pooling that counts each token ``weights``
-    ([B, T, 1]) times: log(ε + w) is log(size) for merged tokens and masks a training keep
-    mask's dropped tokens with a finite gradient (:data:`KEEP_EPS`); with ``padded``, tokens of
-    weight 0 are padding, masked by :data:`PADDING_KEY_BIAS`."""
+def log_size(size: Tensor, dtype: torch.dtype) -> Tensor:
+    """log ``size`` for tokens of ``dtype``: in float32 (half-precision tokens too, whose
+    attention kernel adds the bias in float32), in float64 for a float64 model, whose logits a
+    float32 log would round by ~1e-8."""
+    return size.to(torch.promote_types(size.dtype, torch.promote_types(dtype, torch.float32))).log()
+
+
+def pooling_key_bias(weights: Tensor, padded: bool, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The [B, T] float32 (float64 for tokens of ``dtype`` float64, see :func:`log_size`) key bias of
+    attention pooling that counts each token ``weights`` ([B, T, 1]) times: log(ε + w) is
+    log(size) for merged tokens and masks a training keep mask's dropped tokens with a finite
+    gradient (:data:`KEEP_EPS`); with ``padded``, tokens of weight 0 are padding, masked by
+    :data:`PADDING_KEY_BIAS`."""
     weights = weights.squeeze(-1)
-    bias = torch.log(KEEP_EPS + weights.float())
+    accumulate = torch.promote_types(weights.dtype, torch.promote_types(dtype, torch.float32))
+    bias = torch.log(KEEP_EPS + weights.to(accumulate))
     return bias.masked_fill(weights == 0, PADDING_KEY_BIAS) if padded else bias
 
 
 def size_bias(state: TokenState, prop_attn: bool) -> Tensor | None:
     """The [B, T] key bias that the tokens' sizes call for: log s with proportional attention
     (ToMe Eq. 1), and for padding (size 0, ``state.padded``) :data:`PADDING_KEY_BIAS` with or
-    without it; None when there is none (nothing merged, or no proportional attention)."""
+    without it; None when there is none (nothing merged, or no proportional attention). Float32,
+    float64 for a float64 model (:func:`log_size`)."""
     if state.size is None or not (prop_attn or state.padded):
         return None
     size = state.size.squeeze(-1)
     if not state.padded:
-        return size.log()
-    log_size = size.log() if prop_attn else torch.zeros_like(size)
-    return log_size.masked_fill(size == 0, PADDING_KEY_BIAS)
+        return log_size(size, state.x.dtype)
+    logs = log_size(size, state.x.dtype) if prop_attn else torch.zeros_like(size)
+    return logs.masked_fill(size == 0, PADDING_KEY_BIAS)
 
 
 class ReducingBlockMixin:
@@ -410,7 +422,7 @@ class ReducingBlockMixin:
         cover."""
         h = self._attention_input(x)
         merging = BlockMerge(h, step.merged_count(x.shape[1]), step.num_protected, backend=self.backend)
-        key_bias = merging.size.log().squeeze(-1) if self.prop_attn else None
+        key_bias = log_size(merging.size, h.dtype).squeeze(-1) if self.prop_attn else None
         attn_out, _ = attention_forward(self.attn)(
             self.attn, merging.merge(h), None, key_bias=key_bias, backend=self.backend
         )
@@ -523,7 +535,7 @@ def _weighted_mean(x: Tensor, weights: Tensor) -> Tensor:
     A total of 0 (padding alone, as in timm's NaFlexVit, or a training draw that dropped every
     patch) pools to 0; it is divided by 1, not clamped to a tiny value, whose inverse (~1e38)
     would scale the decisions' gradients to inf."""
-    weights = weights.float()
+    weights = weights.to(torch.promote_types(x.dtype, torch.float32))  # (float32 weights / total: 1e-8 off in float64)
     total = weights.sum(dim=1, keepdim=True)
     total = torch.where(total > 0, total, torch.ones_like(total))
     return (x.to(torch.promote_types(x.dtype, torch.float32)) * (weights / total)).sum(dim=1).to(x.dtype)
@@ -537,7 +549,7 @@ def _prr_pool(pool: AttentionPoolPrr, x: Tensor, size: Tensor, padded: bool) -> 
     batch, num_tokens, dim = x.shape
     x = pool.pre_norm(x)
     qkv = x.reshape(batch, num_tokens, pool.num_heads, pool.head_dim).transpose(1, 2)
-    mask = pooling_key_bias(size, padded).to(x.dtype)[:, None, None, :]
+    mask = pooling_key_bias(size, padded, x.dtype).to(x.dtype)[:, None, None, :]
     if pool.fused_attn:
         x = F.scaled_dot_product_attention(qkv, qkv, qkv, attn_mask=mask)
     else:
@@ -818,7 +830,7 @@ class ReducingViT(SettingsThroughPatch):
         elif getattr(self, "attn_pool", None) is not None:
             # Always weighted, like the average below (ToMe pools by size even without
             # proportional attention in the blocks).
-            x = self.attn_pool(x, attn_mask=pooling_key_bias(size, padded).to(x.dtype)[:, None, None, :])
+            x = self.attn_pool(x, attn_mask=pooling_key_bias(size, padded, x.dtype).to(x.dtype)[:, None, None, :])
         else:
             weights = size.float()
             mean = peak = None
