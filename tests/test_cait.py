@@ -108,6 +108,56 @@ def test_r0_is_bit_identical_and_unpatch_restores() -> None:
         assert type(model) is timm.models.cait.Cait
 
 
+@pytest.mark.parametrize("part", ["block", "attn"])
+def test_hooks_on_class_attention_are_refused_rather_than_silently_skipped(part: str) -> None:
+    """Over merged tokens the patch runs CaiT's class attention itself (to count each token by
+    its size), never the block's or its attn's forward: a hook there (CaiT's class-attention
+    maps) fired unpatched and at r=0, then stopped firing, silently, once tokens merged. patch
+    refuses it and one put on after patching raises in a merging forward; the submodules the
+    error names still run, and see what the unpatched model's do at r=0."""
+    model = cait(depth=2, img_size=64)
+    x = image(size=64)
+    module = model.blocks_token_only[1] if part == "block" else model.blocks_token_only[1].attn
+    handle = module.register_forward_hook(lambda module, args, out: None)
+    name = "blocks_token_only\\[1\\]" + ("" if part == "block" else "\\.attn")
+    with pytest.raises(TypeError, match=name + " has forward hooks, which would stop firing"):
+        tokenprune.patch(model, r=4)
+    assert type(model) is timm.models.cait.Cait
+    handle.remove()
+
+    captured = []
+    model.blocks_token_only[1].attn.proj.register_forward_hook(lambda module, args, out: captured.append(out))
+    with torch.no_grad():
+        expected = model(x)
+        tokenprune.patch(model, r=4)
+        handle = module.register_forward_pre_hook(lambda module, args: None)
+        with pytest.raises(RuntimeError, match=name + " has forward hooks, which would stop firing"):
+            model(x)
+        handle.remove()
+        merged = model(x)
+        tokenprune.patch(model, r=0)
+        assert torch.equal(model(x), expected)
+    assert len(captured) == 3 and torch.equal(captured[2], captured[0])
+    assert captured[1].shape == captured[0].shape and not torch.equal(captured[1], captured[0])
+    assert not torch.allclose(merged, expected)
+
+
+def test_hooks_on_talking_heads_weight_mixing_are_refused_rather_than_silently_skipped() -> None:
+    """Over merged tokens talking heads mix the attention weights without calling attn.proj_w
+    (its bias counts once per patch a key covers): a hook there fired unpatched, then stopped
+    firing, silently. patch refuses it, and one put on after patching raises in a merging forward."""
+    model = cait(depth=2, img_size=64)
+    handle = model.blocks[1].attn.proj_w.register_forward_hook(lambda module, args, out: None)
+    with pytest.raises(TypeError, match=r"blocks\[1\]\.attn\.proj_w \(talking heads' mixing"):
+        tokenprune.patch(model, r=4)
+    assert type(model) is timm.models.cait.Cait
+    handle.remove()
+    tokenprune.patch(model, r=4)
+    model.blocks[1].attn.proj_w.register_forward_pre_hook(lambda module, args: None)
+    with pytest.raises(RuntimeError, match="attn.proj_w .* has forward hooks, which would stop firing"), torch.no_grad():
+        model(image(size=64))
+
+
 @pytest.mark.parametrize("global_pool", ["token", "avg"])
 def test_an_empty_batch_runs_as_in_timm(global_pool: str) -> None:
     """timm's Cait takes a batch of 0 images (an uneven shard's last batch): so does the patched

@@ -1178,6 +1178,105 @@ def test_hooks_put_on_attention_after_patching_raise_in_forward(family: str) -> 
         model(image())
 
 
+def test_backward_hooks_on_attention_are_refused_rather_than_silently_skipped() -> None:
+    """A full backward hook on blocks[i].attn (gradients of attention outputs: Grad-CAM, gradient
+    rollout) fires only where attn.forward runs, which the patched block never calls: it stopped
+    firing, silently, where forward hooks are refused. patch refuses it too, one put on after
+    patching raises in the forward, and attn.proj's backward hook, which the error names, sees the
+    gradient the unpatched attn's saw."""
+    model = make("vit_cls", depth=2)
+    x = image()
+    grads = []
+    handle = model.blocks[1].attn.register_full_backward_hook(lambda module, grad_in, grad_out: grads.append(grad_out[0]))
+    model(x).sum().backward()
+    assert len(grads) == 1
+    with pytest.raises(TypeError, match=r"blocks\[1\]\.attn has backward hooks, which would stop firing"):
+        tokenprune.patch(model, r=0)
+    assert type(model) is timm.models.vision_transformer.VisionTransformer
+    handle.remove()
+
+    tokenprune.patch(model, r=4)
+    handle = model.blocks[1].attn.register_full_backward_pre_hook(lambda module, grad_out: None)
+    with pytest.raises(RuntimeError, match="attn has backward hooks, which would stop firing"):
+        model(x)
+    handle.remove()
+
+    tokenprune.patch(model, r=0)
+    model.blocks[1].attn.proj.register_full_backward_hook(lambda module, grad_in, grad_out: grads.append(grad_out[0]))
+    model(x).sum().backward()
+    assert len(grads) == 2 and torch.equal(grads[1], grads[0])
+
+
+@pytest.mark.parametrize("family", ["vit_cls", "deit_distilled", "cait"])
+def test_hooks_on_the_blocks_container_are_refused_rather_than_silently_skipped(family: str) -> None:
+    """timm's ViT, DeiT and CaiT run ``self.blocks(x)``, so a hook on ``model.blocks`` (the
+    tokens leaving the last block, a common feature capture) fires unpatched; the patched model
+    runs its blocks one by one and it stopped firing, silently. patch refuses it, leaving the
+    model as it was; one put on after patching raises in the forward; the alternative the error
+    names (hooks on the first and last block) sees exactly what the unpatched hook saw at r=0."""
+    if family == "cait":
+        torch.manual_seed(0)
+        model = timm.create_model("cait_xxs24_224", depth=2, img_size=64, num_classes=10).eval()
+        x = image(size=64)
+    else:
+        model, x = make(family, depth=2), image()
+    seen = []
+    handle = model.blocks.register_forward_hook(lambda module, args, out: seen.append((args[0], out)))
+    with torch.no_grad():
+        expected = model(x)
+    assert len(seen) == 1
+    with pytest.raises(TypeError, match=r"model\.blocks has forward hooks, which would stop firing"):
+        tokenprune.patch(model, r=0)
+    assert not type(model).__name__.startswith("Reducing") and not hasattr(model, "tokenprune_config")
+    handle.remove()
+
+    tokenprune.patch(model, r=4)
+    handle = model.blocks.register_forward_pre_hook(lambda module, args: None)
+    with pytest.raises(RuntimeError, match=r"model\.blocks of this patched model has forward hooks, which would stop firing"), torch.no_grad():
+        model(x)
+    with pytest.raises(RuntimeError, match="model.blocks\\[0\\]"), torch.no_grad():
+        model.forward_features(x)
+    handle.remove()
+
+    tokenprune.patch(model, r=0)
+    entering, leaving = [], []
+    model.blocks[0].register_forward_pre_hook(lambda module, args: entering.append(args[0].x))
+    model.blocks[-1].register_forward_hook(lambda module, args, out: leaving.append(out.x))
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+    assert torch.equal(entering[0], seen[0][0]) and torch.equal(leaving[0], seen[0][1])
+
+
+def test_hooks_on_prr_pooling_are_refused_rather_than_silently_skipped() -> None:
+    """Over merged tokens the patch runs timm's prr pooling itself (AttentionPoolPrr takes no
+    mask to count tokens by size), so a hook on model.attn_pool fired unpatched and at r=0, then
+    stopped firing, silently: patch refuses it, one put on after patching raises in a merging
+    forward, and the hook the error names (a pre-hook on fc_norm) sees the pooled features."""
+    model = make("vit_cls", global_pool="prr", depth=2)
+    handle = model.attn_pool.register_forward_hook(lambda module, args, out: None)
+    with pytest.raises(TypeError, match=r"model\.attn_pool \(timm's parameter-free prr pooling\) has forward hooks"):
+        tokenprune.patch(model, r=8)
+    assert type(model) is timm.models.vision_transformer.VisionTransformer
+    handle.remove()
+    pooled = []
+    handle = model.attn_pool.register_forward_hook(lambda module, args, out: pooled.append(out))
+    with torch.no_grad():
+        model(image())
+    handle.remove()
+    tokenprune.patch(model, r=8)
+    handle = model.attn_pool.register_forward_hook(lambda module, args, out: pooled.append(out))
+    with pytest.raises(RuntimeError, match="attn_pool .* has forward hooks, which would stop firing"), torch.no_grad():
+        model(image())
+    assert len(pooled) == 1
+    handle.remove()
+    seen = []
+    model.fc_norm.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        tokenprune.patch(model, r=0)
+        model(image())
+    torch.testing.assert_close(seen[0], pooled[0], rtol=0, atol=0)
+
+
 class _Doubled(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return 2 * weight

@@ -53,6 +53,20 @@ def _talking_heads_qkv(attn: TalkingHeadAttn, x: Tensor) -> tuple[Tensor, Tensor
     return qkv.unbind(0)
 
 
+def refuse_class_attention_hooks(block: LayerScaleBlockClassAttn, name: str, error: type[Exception], remedy: str) -> None:
+    """Raise ``error`` where a class-attention block or its ``attn`` has hooks: once
+    tokens are merged (or a training keep mask drops some), :func:`class_attention` runs the
+    block's parts itself, never ``block.forward`` or ``attn.forward``, and skipping a hook would
+    lose, silently, what it captures (CaiT's class-attention maps) or changes."""
+    for module, part in ((block, ""), (block.attn, ".attn")):
+        if hooks := vit.hooks_of(module):
+            raise error(
+                f"{name}{part} has {hooks}, which would stop firing: the patched model runs CaiT's class "
+                "attention itself, to count each merged token by its size, not through its forward. Hook its "
+                f"submodules (attn.q, attn.k, attn.v, attn.proj, mlp still run); {remedy}"
+            )
+
+
 def class_attention(block: LayerScaleBlockClassAttn, x: Tensor, cls: Tensor, weights: Tensor | None) -> Tensor:
     """One class-attention block: the class token ``cls`` ([B, 1, C]) attends to itself and to
     the tokens ``x``, each counted ``weights`` times ([B, T, 1]: sizes, or a training keep mask;
@@ -102,6 +116,7 @@ class ReducingCait(ReducingViT, Cait):
     blocks pool the merged tokens by size."""
 
     _prefix_in_blocks = False
+    _blocks_called_whole = True  # (timm's forward_features: self.blocks(x))
 
     @staticmethod
     def check_modules(model: nn.Module) -> None:
@@ -111,6 +126,7 @@ class ReducingCait(ReducingViT, Cait):
                     f"tokenprune cannot patch blocks_token_only[{i}] of type {type(block).__name__} "
                     f"with attention {type(block.attn).__name__}: it runs CaiT's LayerScaleBlockClassAttn with ClassAttn"
                 )
+            refuse_class_attention_hooks(block, f"blocks_token_only[{i}]", TypeError, "or remove the hooks before tokenprune.patch")
 
     @staticmethod
     def after_blocks_flops(model: nn.Module, tokens: int, grid: tuple[int, ...]) -> int:
@@ -140,7 +156,11 @@ class ReducingCait(ReducingViT, Cait):
     def _after_blocks(self, state: TokenState) -> TokenState:
         if self.blocks_token_only is not None:  # (None after timm's prune_intermediate_layers)
             cls = self.cls_token.expand(state.x.shape[0], -1, -1)
-            for block in self.blocks_token_only:
+            for i, block in enumerate(self.blocks_token_only):
+                if state.pool_weights is not None:  # (put on after patching: check_modules refuses them before)
+                    refuse_class_attention_hooks(
+                        block, f"blocks_token_only[{i}]", RuntimeError, "or remove the hooks (or tokenprune.unpatch)"
+                    )
                 cls = class_attention(block, state.x, cls, state.pool_weights)
             state = prepend_tokens(state, cls)
         return state._replace(x=self.norm(state.x))

@@ -296,6 +296,11 @@ def _mix_heads(proj_w: nn.Linear, probs: Tensor, key_weight: Tensor | None) -> T
     itself (DynamicViT Eq. 7): its output is never read by a kept token, so it does not matter."""
     if key_weight is None or proj_w.bias is None:
         return proj_w(probs.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    if hooks := hooks_of(proj_w):  # (put on after patching: check_supported refuses those put on before)
+        raise RuntimeError(
+            f"this patched block's attn.proj_w (talking heads' mixing of attention weights) has {hooks}, {_PROJ_W_HOOKS}; "
+            "or remove the hooks (or tokenprune.unpatch)"
+        )
     bias = proj_w.bias * key_weight.to(probs.dtype)[:, None, :, None]  # [B, 1, T_keys, H]
     return (F.linear(probs.permute(0, 2, 3, 1), proj_w.weight) + bias).permute(0, 3, 1, 2)
 
@@ -600,6 +605,7 @@ class ReducingViT(SettingsThroughPatch):
         the source index when ``trace_source``, default: the config's)."""
         if trace_source is None:
             trace_source = self.tokenprune_config.trace_source
+        refuse_blocks_hooks(self)
         state = self._run_blocks(x, attn_mask, is_causal, trace_source)
         if self._stores_source():  # the last forward's map, or none if it did not trace
             self._tokenprune_source = self._traced_source(x, state) if trace_source else None
@@ -767,6 +773,9 @@ class ReducingViT(SettingsThroughPatch):
     _position_per_block = False
     # Whether the blocks read positions from the tokens' sources (RoPE, relative bias).
     _positions_follow_sources = False
+    # Whether the unpatched forward runs ``model.blocks`` as one module (timm's ``self.blocks(x)``
+    # on its nn.Sequential), so that hooks on it fire there; patched, the blocks run one by one.
+    _blocks_called_whole = False
 
     # forward_intermediates' channels-first maps on the token grid ("NCTHW" for clips).
     map_format = "NCHW"
@@ -826,6 +835,11 @@ class ReducingViT(SettingsThroughPatch):
         if not pool_includes_prefix(self):
             x, size = x[:, self.num_prefix_tokens :], size[:, self.num_prefix_tokens :]
         if isinstance(getattr(self, "attn_pool", None), AttentionPoolPrr):
+            if hooks := hooks_of(self.attn_pool):  # (put on after patching: check_supported refuses those put on before)
+                raise RuntimeError(
+                    f"this patched model's attn_pool (timm's parameter-free prr pooling) has {hooks}, {_PRR_HOOKS}; "
+                    "or remove the hooks (or tokenprune.unpatch)"
+                )
             x = _prr_pool(self.attn_pool, x, size, padded)
         elif getattr(self, "attn_pool", None) is not None:
             # Always weighted, like the average below (ToMe pools by size even without
@@ -933,6 +947,7 @@ class ReducingVisionTransformer(ReducingViT, VisionTransformer):
     """timm ``VisionTransformer`` with token reduction."""
 
     takes_unmerging = True  # merge_unmerge too (positions travel inside the tokens)
+    _blocks_called_whole = True
 
     @staticmethod
     def check_method(model: nn.Module, config: Any) -> None:
@@ -949,6 +964,7 @@ class ReducingVisionTransformerDistilled(ReducingViT, VisionTransformerDistilled
     """timm DeiT ``VisionTransformerDistilled`` with token reduction."""
 
     takes_unmerging = True
+    _blocks_called_whole = True
     check_method = ReducingVisionTransformer.check_method
 
 # Original class → its reducing subclass. Static classes, so patched models pickle by reference.
@@ -1193,13 +1209,43 @@ def original_block_class(block: nn.Module) -> type:
 # The patched block runs the attention's parts itself (its projections, norms and dropouts still
 # run as modules), never attn.forward: hooks on attn would stop firing.
 _ATTENTION_HOOKS = (
-    "has forward hooks, which would stop firing: the patched block computes attention itself, not "
-    "through attn.forward. Hook its submodules (attn.qkv, attn.proj, attn.k_norm still run) or the block"
+    "which would stop firing: the patched block computes attention itself, not through attn.forward. "
+    "Hook its submodules (attn.qkv, attn.proj, attn.k_norm still run) or the block"
 )
 
 
-def has_forward_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
+# The patched model runs its blocks one by one, never model.blocks(x): hooks on the container
+# would stop firing.
+_BLOCKS_HOOKS = (
+    "which would stop firing: the patched model runs its blocks one by one (each takes and returns the "
+    "TokenState it threads through them), never model.blocks(x). Hook the blocks themselves: a forward "
+    "pre-hook on model.blocks[0] (args[0].x: the tokens entering the blocks) and a forward hook on "
+    "model.blocks[-1] (output.x: the reduced tokens leaving them)"
+)
+
+
+# Over merged tokens the patch runs these modules' maths itself, to count each token by its size
+# where their forward takes no such weight: hooks on them would stop firing.
+_PROJ_W_HOOKS = (
+    "which would stop firing: over merged tokens the patch mixes the heads itself, counting the bias "
+    "once per patch a token covers. Hook attn.proj_l or attn.proj (they still run)"
+)
+_PRR_HOOKS = (
+    "which would stop firing: over merged tokens the patch pools itself, counting each token by its size, "
+    "which AttentionPoolPrr's forward cannot. Hook attn_pool.pre_norm or attn_pool.post_norm (they still "
+    "run), or model.fc_norm (a forward pre-hook sees the pooled features)"
+)
+
+
+def hooks_of(module: nn.Module) -> str:
+    """The hooks on ``module`` that fire only when its forward runs: "forward hooks" (and
+    pre-hooks), "backward hooks" (``register_full_backward_hook``'s and pre-hooks, which wrap the
+    forward's inputs and outputs), "forward and backward hooks", or "" for none."""
+    forward = bool(module._forward_hooks or module._forward_pre_hooks)
+    backward = bool(module._backward_hooks or module._backward_pre_hooks)
+    if forward and backward:
+        return "forward and backward hooks"
+    return "forward hooks" if forward else "backward hooks" if backward else ""
 
 
 def _refuse_fx_tracing(x: object) -> None:
@@ -1225,16 +1271,33 @@ def check_block_input(state: object) -> None:
 
 
 def refuse_attention_hooks(attn: nn.Module) -> None:
-    """Raise where a forward hook was put on a patched block's attention after patching
+    """Raise where a hook was put on a patched block's attention after patching
     (:func:`check_supported` refuses those put on before): skipping it would lose, silently,
     what it captures."""
-    if has_forward_hooks(attn):
-        raise RuntimeError(f"this patched block's attn {_ATTENTION_HOOKS}, or remove the hooks (or tokenprune.unpatch)")
+    if hooks := hooks_of(attn):
+        raise RuntimeError(f"this patched block's attn has {hooks}, {_ATTENTION_HOOKS}, or remove the hooks (or tokenprune.unpatch)")
+
+
+def refuse_blocks_hooks(model: nn.Module) -> None:
+    """Raise where a hook was put on ``model.blocks`` after patching, in a family whose
+    unpatched forward calls it as one module (:func:`check_supported` refuses those put on
+    before): skipping it would lose, silently, what it captures or changes."""
+    if getattr(model, "_blocks_called_whole", False) and (hooks := hooks_of(model.blocks)):
+        raise RuntimeError(
+            f"model.blocks of this patched model has {hooks}, {_BLOCKS_HOOKS}; or remove the hooks (or tokenprune.unpatch)"
+        )
 
 
 def check_supported(model: nn.Module) -> None:
     """Raise a TypeError naming the first module tokenprune cannot patch exactly."""
     known = family(model)  # a family tokenprune knows, or a TypeError naming them
+    if getattr(known, "_blocks_called_whole", False) and (hooks := hooks_of(model.blocks)):
+        raise TypeError(f"model.blocks has {hooks}, {_BLOCKS_HOOKS}; or remove the hooks before tokenprune.patch")
+    if isinstance(getattr(model, "attn_pool", None), AttentionPoolPrr) and (hooks := hooks_of(model.attn_pool)):
+        raise TypeError(
+            f"model.attn_pool (timm's parameter-free prr pooling) has {hooks}, {_PRR_HOOKS}; or remove the hooks "
+            "before tokenprune.patch"
+        )
     for i, block in enumerate(model.blocks):
         if original_block_class(block) not in PATCHED_BLOCKS:
             raise TypeError(
@@ -1248,8 +1311,14 @@ def check_supported(model: nn.Module) -> None:
                 f"(attentions it can: {_class_names([*QKV_PROJECTIONS, *ATTENTION_FORWARDS])}); "
                 f"supported: {SUPPORTED_FAMILIES}"
             )
-        if attn is not None and has_forward_hooks(attn):
-            raise TypeError(f"blocks[{i}].attn {_ATTENTION_HOOKS}, or remove the hooks before tokenprune.patch")
+        if attn is not None and (hooks := hooks_of(attn)):
+            raise TypeError(f"blocks[{i}].attn has {hooks}, {_ATTENTION_HOOKS}, or remove the hooks before tokenprune.patch")
+        proj_w = getattr(attn, "proj_w", None)  # (CaiT's talking heads)
+        if isinstance(proj_w, nn.Module) and (hooks := hooks_of(proj_w)):
+            raise TypeError(
+                f"blocks[{i}].attn.proj_w (talking heads' mixing of attention weights) has {hooks}, {_PROJ_W_HOOKS}; "
+                "or remove the hooks before tokenprune.patch"
+            )
         # A gMLP gate (mlp_layer=GatedMlp with timm's SpatialGatingUnit) mixes a fixed number of
         # tokens with a seq_len x seq_len linear: after any reduction it failed mid-forward on a
         # bare shape mismatch.
