@@ -84,7 +84,11 @@ def measure(
 
     def forward_backward(fn: Callable[..., Tensor]) -> Callable[[], None]:
         def step() -> None:
-            fn(*trained, log_size, scale).backward(upstream)
+            # torch.autograd.grad, not .backward(): backward adds every call's gradients into
+            # q/k/v.grad, so each timed call after the first (every call of the second variant,
+            # which starts from the first's) would also time a read-add-write of three
+            # [B, H, T, D] gradients besides attention's own backward.
+            torch.autograd.grad(fn(*trained, log_size, scale), trained, upstream)
 
         return step
 

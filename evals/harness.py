@@ -168,10 +168,17 @@ def pack_images(images: Sequence[Tensor], patch: tuple[int, int], length: int) -
 
 
 def refuse_unavailable_device(device: torch.device) -> None:
-    """Stop on ``--device cuda`` where no CUDA device is visible, before any model is built (else
-    the first tensor moved there raises torch's "Found no NVIDIA driver" from deep inside)."""
-    if device.type == "cuda" and not torch.cuda.is_available():
+    """Stop on ``--device cuda`` where no CUDA device is visible, or on ``--device cuda:N`` past
+    the visible ones, before any model is built (else the first tensor moved there raises torch's
+    "Found no NVIDIA driver" or "CUDA error: invalid device ordinal" from deep inside)."""
+    if device.type != "cuda":
+        return
+    if not torch.cuda.is_available():
         raise SystemExit(f"--device {device}: no CUDA device is visible here; leave --device out to run on the CPU")
+    visible = torch.cuda.device_count()
+    if device.index is not None and device.index >= visible:
+        raise SystemExit(f"--device {device}: {visible} CUDA device(s) are visible here, cuda:0 to cuda:{visible - 1} "
+                         "(CUDA_VISIBLE_DEVICES renumbers them from 0): give one of those")
 
 
 def refuse_unusable_triton(backends: Sequence[str], device: torch.device) -> None:

@@ -6,6 +6,7 @@ imports it through here and keeps a pure-PyTorch reference that works without it
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -140,6 +141,22 @@ def int32_offsets(t: Tensor, batch_dims: int = 1) -> Tensor:
             "int32 offsets; use backend='torch'"
         )
     return t
+
+
+def on_device(t: Tensor) -> contextlib.AbstractContextManager[object]:
+    """The context every launch runs in: ``t``'s GPU made the current device.
+
+    Triton launches a kernel on the *current* CUDA device and that device's current stream
+    (``JITFunction.run`` asks ``driver.active.get_current_device()``, which is
+    ``torch.cuda.current_device()``), never on its tensors' device. A model on ``cuda:1`` while
+    ``cuda:0`` is current (``model.to("cuda:1")``, ``--device cuda:1``) would run its kernels on
+    GPU 0 over GPU 1's memory: an illegal memory access, or, with peer access, reads and writes
+    unordered against the ``cuda:1`` stream that produced the inputs and consumes the outputs.
+    Nothing to do on CPU (the interpreter), nor while Dynamo traces the launch: Inductor's code
+    sets the device around the kernels itself."""
+    if t.is_cuda and not torch.compiler.is_compiling():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def require_triton() -> None:

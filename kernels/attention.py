@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels._triton import HAS_TRITON, INTERPRET, block_size, cdiv, check_backend, check_device, int32_offsets, next_power_of_2, tl, triton, use_triton
+from kernels._triton import HAS_TRITON, INTERPRET, block_size, cdiv, check_backend, check_device, int32_offsets, next_power_of_2, on_device, tl, triton, use_triton
 
 __all__ = ["attention", "attention_folded", "attention_reference", "attention_triton"]
 
@@ -245,36 +245,42 @@ def attention_triton(q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor | None, s
     # Token and channel offsets are int32 in the kernel (batch and head ones int64).
     q, k, v = (int32_offsets(t, batch_dims=2) for t in (q, k, v))
 
-    # Tiles sized to the sequence: a 21-token block runs 32×32 tiles, not 128×128.
-    block = block_size(tokens, 16, 64)  # queries and keys alike
+    # Tiles sized to the sequence: a 21-token block runs 32×32 tiles, not 128×128. And to the
+    # head: the K and V tiles (two pipeline stages) sit in shared memory, so rows wider than a bf16
+    # head of 128 get shorter tiles. At 64-token tiles a float32 head of 72-128 channels (SigLIP's
+    # 72, ViT-H's 80: a 128-wide block) needs 115,200 bytes (sm_86) and cannot launch on GPUs with
+    # 99 KiB per block (sm_86/sm_89: A10, L4, RTX 30 and 40 series) nor on a T4 (64 KiB).
     block_d = max(16, next_power_of_2(dim))
+    row_bytes = block_d * q.element_size()
+    block = block_size(tokens, 16, max(16, min(64, 64 * 256 // row_bytes)))  # queries and keys alike
     exact = q.dtype == torch.float32 or INTERPRET  # the interpreter mis-reads half dots (bf16: badly)
     grid = (batch * heads, cdiv(tokens, block))
-    _attention_kernel[grid](
-        q,
-        k,
-        v,
-        q if key_bias is None else key_bias,  # a placeholder pointer when there is no bias
-        out,
-        heads,
-        tokens,
-        dim,
-        scale * math.log2(math.e),
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        0 if key_bias is None else key_bias.stride(0),
-        out.stride(0),
-        out.stride(2),
-        out.stride(1),
-        HAS_BIAS=key_bias is not None,
-        EXACT_DOTS=exact,
-        BLOCK_M=block,
-        BLOCK_N=block,
-        BLOCK_D=block_d,
-        num_warps=4,
-        num_stages=2,
-    )
+    with on_device(q):
+        _attention_kernel[grid](
+            q,
+            k,
+            v,
+            q if key_bias is None else key_bias,  # a placeholder pointer when there is no bias
+            out,
+            heads,
+            tokens,
+            dim,
+            scale * math.log2(math.e),
+            *q.stride(),
+            *k.stride(),
+            *v.stride(),
+            0 if key_bias is None else key_bias.stride(0),
+            out.stride(0),
+            out.stride(2),
+            out.stride(1),
+            HAS_BIAS=key_bias is not None,
+            EXACT_DOTS=exact,
+            BLOCK_M=block,
+            BLOCK_N=block,
+            BLOCK_D=block_d,
+            num_warps=4,
+            num_stages=2,
+        )
     return out.transpose(1, 2)
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels._triton import HAS_TRITON, check_backend, check_device, int32_offsets, next_power_of_2, tl, triton, use_triton
+from kernels._triton import HAS_TRITON, check_backend, check_device, int32_offsets, next_power_of_2, on_device, tl, triton, use_triton
 from kernels.merge import MemberLists
 
 __all__ = [
@@ -308,29 +308,30 @@ def _launch(
     # The rank count compares BLOCK_A × BLOCK_OTHER pairs at a time: ~4k, what 4-8 warps hold.
     block_other = max(1, min(block_a, 4096 // block_a))
     sorted_dest, order = sort or (dest, dest)  # (not written without EMIT_MEMBERS)
-    _bipartite_dest_kernel[(batch,)](
-        best_score,
-        best_b,
-        dest,
-        sorted_dest,
-        order,
-        num_a,
-        num_tokens - num_protected - num_a,
-        r,
-        num_protected,
-        num_protected % 2,
-        *best_score.stride(),
-        *best_b.stride(),
-        dest.stride(0),
-        sorted_dest.stride(0),
-        order.stride(0),
-        BLOCK_A=block_a,
-        BLOCK_OTHER=block_other,
-        BLOCK_B=min(block_a, 1024),
-        BLOCK_P=16,
-        EMIT_MEMBERS=emit_members,
-        num_warps=4 if block_a <= 512 else 8,
-    )
+    with on_device(best_score):
+        _bipartite_dest_kernel[(batch,)](
+            best_score,
+            best_b,
+            dest,
+            sorted_dest,
+            order,
+            num_a,
+            num_tokens - num_protected - num_a,
+            r,
+            num_protected,
+            num_protected % 2,
+            *best_score.stride(),
+            *best_b.stride(),
+            dest.stride(0),
+            sorted_dest.stride(0),
+            order.stride(0),
+            BLOCK_A=block_a,
+            BLOCK_OTHER=block_other,
+            BLOCK_B=min(block_a, 1024),
+            BLOCK_P=16,
+            EMIT_MEMBERS=emit_members,
+            num_warps=4 if block_a <= 512 else 8,
+        )
     return MemberLists(dest, sort)
 
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels._triton import HAS_TRITON, INTERPRET, block_size, cdiv, check_backend, check_device, int32_offsets, tl, triton, use_triton
+from kernels._triton import HAS_TRITON, INTERPRET, block_size, cdiv, check_backend, check_device, int32_offsets, on_device, tl, triton, use_triton
 
 __all__ = ["best_match", "best_match_reference", "best_match_triton", "float32_matmul"]
 
@@ -250,23 +250,24 @@ def best_match_triton(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     block_b = block_size(num_b, 16, 64)
     block_d = block_size(dim, 16, 64)
     grid = (batch, cdiv(num_a, block_a))
-    _best_match_kernel[grid](
-        a,
-        b,
-        best_score,
-        best_index,
-        num_a,
-        num_b,
-        dim,
-        *a.stride(),
-        *b.stride(),
-        best_score.stride(0),
-        BLOCK_A=block_a,
-        BLOCK_B=block_b,
-        BLOCK_D=block_d,
-        NATIVE_DOT=native_dot(a, b),
-        num_warps=4,
-    )
+    with on_device(a):
+        _best_match_kernel[grid](
+            a,
+            b,
+            best_score,
+            best_index,
+            num_a,
+            num_b,
+            dim,
+            *a.stride(),
+            *b.stride(),
+            best_score.stride(0),
+            BLOCK_A=block_a,
+            BLOCK_B=block_b,
+            BLOCK_D=block_d,
+            NATIVE_DOT=native_dot(a, b),
+            num_warps=4,
+        )
     return best_score, best_index
 
 

@@ -24,6 +24,7 @@ from kernels._triton import (
     check_device,
     int32_offsets,
     next_power_of_2,
+    on_device,
     tl,
     triton,
     under_torch_func,
@@ -258,28 +259,29 @@ def _launch(
     if tile is not None:
         kernel = _merge_wavg_kernel.fn  # the jitted function under the autotuner
         meta = {"BLOCK_T": tile[0], "BLOCK_C": tile[1], "num_warps": tile[2]}
-    kernel[grid](
-        x,
-        size,
-        order,
-        sorted_dest,
-        merged,
-        new_size,
-        tokens,
-        num_out,
-        next_power_of_2(num_out),
-        tokens.bit_length(),  # = ceil(log2(tokens + 1))
-        channels,
-        *x.stride(),
-        size.stride(0),
-        size.stride(1),
-        order.stride(0),
-        sorted_dest.stride(0),
-        merged.stride(0),
-        merged.stride(1),
-        new_size.stride(0),
-        **meta,
-    )
+    with on_device(x):
+        kernel[grid](
+            x,
+            size,
+            order,
+            sorted_dest,
+            merged,
+            new_size,
+            tokens,
+            num_out,
+            next_power_of_2(num_out),
+            tokens.bit_length(),  # = ceil(log2(tokens + 1))
+            channels,
+            *x.stride(),
+            size.stride(0),
+            size.stride(1),
+            order.stride(0),
+            sorted_dest.stride(0),
+            merged.stride(0),
+            merged.stride(1),
+            new_size.stride(0),
+            **meta,
+        )
     return merged, new_size
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels._triton import HAS_TRITON, block_size, cdiv, check_backend, check_device, int32_offsets, tl, triton, use_triton
+from kernels._triton import HAS_TRITON, block_size, cdiv, check_backend, check_device, int32_offsets, on_device, tl, triton, use_triton
 
 if HAS_TRITON:
     from kernels.match import cosine_tile, inverse_row_norms, keep_best
@@ -226,25 +226,26 @@ def temporal_best_match_triton(
     block_a = block_size(num_tokens, 16, 64)
     block_d = block_size(dim, 16, 64)
     grid = (batch, cdiv(num_tokens, block_a))
-    _temporal_match_kernel[grid](
-        metric,
-        pos,
-        best_score,
-        best_index,
-        num_tokens,
-        dim,
-        *metric.stride(),
-        *pos.stride(),
-        best_score.stride(0),
-        max_frame_gap + CENTROID_TOLERANCE,
-        window + CENTROID_TOLERANCE,
-        BLOCK_A=block_a,
-        BLOCK_B=block_a,
-        BLOCK_D=block_d,
-        NATIVE_DOT=native_dot(metric, metric),
-        PENALTY=OUTSIDE_PENALTY,
-        num_warps=4,
-    )
+    with on_device(metric):
+        _temporal_match_kernel[grid](
+            metric,
+            pos,
+            best_score,
+            best_index,
+            num_tokens,
+            dim,
+            *metric.stride(),
+            *pos.stride(),
+            best_score.stride(0),
+            max_frame_gap + CENTROID_TOLERANCE,
+            window + CENTROID_TOLERANCE,
+            BLOCK_A=block_a,
+            BLOCK_B=block_a,
+            BLOCK_D=block_d,
+            NATIVE_DOT=native_dot(metric, metric),
+            PENALTY=OUTSIDE_PENALTY,
+            num_warps=4,
+        )
     return best_score, best_index
 
 

@@ -342,6 +342,12 @@ def test_requests_that_would_fail_in_a_later_group_stop_before_the_first(tmp_pat
     monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="--device cuda: no CUDA device is visible here"):
         _main([*out, "--model", MODEL, "--device", "cuda"])
+    # a GPU index past the visible ones: named here, not torch's "invalid device ordinal" at the first tensor
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench.torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(SystemExit, match=r"--device cuda:2: 2 CUDA device\(s\) are visible here, cuda:0 to cuda:1"):
+        _main([*out, "--model", MODEL, "--device", "cuda:2"])
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(harness, "triton_usable", lambda *tensors: False)  # (the tests' interpreter runs them on CPU)
     with pytest.raises(SystemExit, match="--backend triton: the Triton kernels do not run on cpu here"):
         _main([*out, "--model", MODEL, "--backend", "triton"])
@@ -995,6 +1001,46 @@ def test_bench_attention_row_and_table() -> None:
     assert row["triton_rel_error_vs_fp32"] == pytest.approx(error.item()) and 0 < error < 1.5e-2
     table = bench_attention.markdown_table([row]).splitlines()
     assert len(table) == 3 and table[2].split("|")[7].strip() == f"{20.0 / 30.0:.2f}×"
+
+def test_bench_attention_times_every_backward_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The forward + backward rows time attention's backward alone: repeated calls (do_bench runs
+    each variant hundreds of times, the folded one after the mask one on the same q/k/v) leave no
+    gradient in q/k/v.grad to add the next call's into, so every call does the work of the first."""
+    import collections
+
+    from evals import bench_attention
+    from kernels import attention_folded, attention_reference
+
+    leaves: list[torch.Tensor] = []
+
+    def recording(fn):
+        def call(q, k, v, *args):
+            if q.requires_grad:
+                leaves.extend((q, k, v))
+            return fn(q, k, v, *args)
+
+        return call
+
+    monkeypatch.setattr(bench_attention, "attention_reference", recording(attention_reference))
+    monkeypatch.setattr(bench_attention, "attention_folded", recording(attention_folded))
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 21, 3, 2, 16, generator=generator).permute(2, 0, 3, 1, 4).unbind(0)
+    log_size = torch.randint(1, 9, (2, 21), generator=generator).float().log()
+    work: list[list[collections.Counter]] = []
+
+    def time_us(fn) -> float:
+        calls = []
+        for _ in range(3):
+            with torch.autograd.profiler.profile() as profile:
+                fn()
+            calls.append(collections.Counter(event.name for event in profile.function_events))
+        work.append(calls)
+        return 1.0
+
+    bench_attention.measure(q, k, v, log_size, 0.25, time_us)
+    assert leaves and all(leaf.grad is None for leaf in leaves)
+    assert len(work) == 7 and all(calls[1] == calls[0] == calls[2] for calls in work)
+
 
 def test_console_scripts_exit_cleanly(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every tokenprune-* script in pyproject.toml returns None: console scripts end with

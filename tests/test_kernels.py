@@ -1606,6 +1606,59 @@ def test_merge_grid_fits_cuda_launch_limits_for_long_sequences(monkeypatch: pyte
     assert grid[0] <= 2**31 - 1 and all(n <= 65_535 for n in grid[1:]), f"grid {grid} exceeds CUDA's limits"
 
 
+def test_every_launch_runs_on_the_gpu_its_tensors_are_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton launches a kernel on the *current* CUDA device and its stream, not on its tensors'
+    device (triton/runtime/jit.py, JITFunction.run: driver.active.get_current_device(), which is
+    torch.cuda.current_device()). So each launcher makes its inputs' GPU current around the
+    launch: a model on cuda:1 while cuda:0 is current must not run its kernels on GPU 0 over
+    GPU 1's memory. Faked without a second GPU: fake tensors on cuda:1, torch.cuda.device
+    recording the device it makes current, and every kernel a recorder of that device."""
+    import sys
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    current = [0]  # torch.cuda.current_device(), as torch.cuda.device sets it
+
+    class Device:
+        def __init__(self, device: torch.device) -> None:
+            self.index = torch.device(device).index
+
+        def __enter__(self) -> None:
+            self.previous, current[0] = current[0], self.index
+
+        def __exit__(self, *exc: object) -> None:
+            current[0] = self.previous
+
+    launched: dict[str, int] = {}
+
+    class Recorder:
+        def __init__(self, name: str) -> None:
+            self.name, self.fn = name, self  # (.fn: the merge launcher's fixed tiles reach under the autotuner)
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.setdefault(self.name, current[0])
+
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    for module, name in (("attention", "_attention_kernel"), ("match", "_best_match_kernel"),
+                         ("bipartite", "_bipartite_dest_kernel"), ("merge", "_merge_wavg_kernel"),
+                         ("temporal_match", "_temporal_match_kernel")):  # fmt: skip
+        monkeypatch.setattr(sys.modules[f"kernels.{module}"], name, Recorder(name))
+    gpu = torch.device("cuda", 1)
+    with FakeTensorMode(), torch.no_grad():
+        q, k, v = torch.empty(3, 2, 4, 21, 16, device=gpu)
+        kernels.attention_triton(q, k, v, torch.zeros(2, 21, device=gpu), 0.25)
+        metric = torch.empty(2, 21, 16, device=gpu)
+        best_match_triton(metric[:, 0::2], metric[:, 1::2])
+        kernels.temporal_best_match_triton(metric, torch.zeros(2, 21, 3, device=gpu), 1.0)
+        kernels.bipartite_members(torch.zeros(2, 10, device=gpu), torch.zeros(2, 10, dtype=torch.long, device=gpu), 3, 21, 1, "triton")
+        dest = torch.zeros(2, 21, dtype=torch.long, device=gpu)
+        merge_wavg_triton(metric, torch.ones(2, 21, 1, device=gpu), dest, 5)
+    assert launched == dict.fromkeys(
+        ["_attention_kernel", "_best_match_kernel", "_temporal_match_kernel", "_bipartite_dest_kernel", "_merge_wavg_kernel"], 1
+    )
+    assert current == [0]  # and the caller's device is current again afterwards
+
+
 def test_attention_kernel_stores_inside_its_output(guarded: GuardedOutputs) -> None:
     """21 tokens over 32-token tiles, D = 40 over a 64-wide block."""
     q, k, v = qkv_views(2, 3, 21, 40, torch.float32, seed=5)
