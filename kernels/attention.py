@@ -86,7 +86,8 @@ def attention_folded(
     the work where the flash kernel rounds head sizes up to 96; a broadcast mask costs SDPA's
     kernels ~3× their unbiased time on a GPU (``bench_attention_cuda.md``). Measured there (H200,
     bf16, batch 256, 12 heads × 64), folding lost to the mask at every length from 21 to 197
-    tokens: 985 against 505 µs forward at 197 tokens, 2314 against 1751 µs forward + backward.
+    tokens: 985 against 505 µs forward at 197 tokens, 2314 against 1751 µs forward + backward
+    (both backward timings then included accumulating into ``.grad``).
     """
     if key_bias is None:
         return attention_reference(q, k, v, None, scale, dropout)
