@@ -207,7 +207,10 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 def source(model: nn.Module) -> Tensor:
     """[B, T_out, T_in] 0/1 map from the last forward's output tokens to its input tokens (the
-    prefix tokens included), as ToMe's ``source``. Needs ``trace_source=True``."""
+    prefix tokens included), as ToMe's ``source``. Needs ``trace_source=True``. The model keeps
+    one map, its last forward's: where threads share the model (a server), take each call's own
+    from ``model.forward_tokens(x, trace_source=True).source_index``
+    (:func:`tokenprune.merge.source_matrix` makes the map of it)."""
     if any(isinstance(m, nn.DataParallel) and len(m.device_ids) > 1 for m in vit.runtime_chain(model)):
         raise RuntimeError(
             "no source map: DataParallel runs a copy of the model on each device, and each copy keeps its own; "
