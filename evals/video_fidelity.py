@@ -134,13 +134,17 @@ def measure(
 
 
 def _paired_with(row: dict[str, Any]) -> tuple[str, str]:
-    """What a row is compared with ToMe at: its budget, or (given without one) its setting."""
-    return ("budget", row["budget"]) if row["budget"] else ("setting", row["setting"])
+    """What a row is compared with ToMe at: its budget, or (given without one) its knob's value,
+    e.g. one ``--r`` schedule for both. Not the whole setting: the options after the knob (it
+    comes first in the name, :func:`~evals.settings.describe_setting`, and its text has no ", ")
+    are the method's own, such as temporal's ``window``, which ToMe's row never has, so a
+    method given one was compared with nothing and its comparison silently left out."""
+    return ("budget", row["budget"]) if row["budget"] else ("setting", row["setting"].split(", ", 1)[0])
 
 
 def against_tome(rows: Sequence[dict[str, Any]], clip_names: Sequence[str]) -> list[dict[str, Any]]:
     """Every other method's row minus joint ToMe's row at the same budget (or, for rows given
-    a setting rather than a budget, with the same setting, e.g. one ``--r`` schedule for both),
+    a setting rather than a budget, with the same knob value, e.g. one ``--r`` schedule for both),
     clip by clip: per measure, :func:`~evals.stats.paired_difference` over the video means
     (``clip_names`` come in runs of equally many windows per video) and the mean per video."""
     tome = {_paired_with(r): r for r in rows if r["method"] == "tome" and "unreachable" not in r}
@@ -180,7 +184,7 @@ def format_markdown(rows: Sequence[dict[str, Any]], comparisons: Sequence[dict[s
         videos = " / ".join(comparisons[0]["cosine_by_video"])
         lines += [
             "",
-            "Minus joint ToMe at the same budget (or the same setting), clip by clip: mean [95 % t interval over the per-video "
+            "Minus joint ToMe at the same budget (or the same r), clip by clip: mean [95 % t interval over the per-video "
             "means] and the verdict (win: above zero, loss: below, tie: holds zero); then the mean per video.",
             "",
             f"| budget | method | GFLOPs (ToMe) | Δ embedding cos | Δ token cos | Δ embedding cos by video ({videos}) "

@@ -195,6 +195,32 @@ def test_video_comparison_pairs_each_setting_with_tome_s_same_setting() -> None:
     assert [c["cosine_by_video"]["a.mp4"] for c in comparisons] == pytest.approx([0.05, -0.1])
 
 
+def test_video_comparison_pairs_on_r_when_a_method_has_its_own_options() -> None:
+    """``--method tome --method temporal --r 8 --option temporal.window=3``: temporal's row is
+    "r=8, window=3", ToMe's "r=8". It is compared with ToMe at r=8 (the mean difference and the
+    per-video means taken here directly), not left out of the table; background's knob is
+    early_r, so its "early_r=8" still pairs with nothing."""
+    from evals.video_fidelity import against_tome, format_markdown
+
+    names = ["a.mp4#0", "a.mp4#1", "b.mp4#0", "b.mp4#1", "c.mp4#0", "c.mp4#1"]
+    tome_values = [0.90, 0.92, 0.80, 0.82, 0.85, 0.87]
+    ours_values = [0.93, 0.94, 0.81, 0.85, 0.86, 0.90]
+
+    def row(method: str, setting: str, values: list[float]) -> dict:
+        return {"method": method, "setting": setting, "budget": None, "gflops": 2.0,
+                "per_clip": {"cosine": values, "token_cosine": values}}  # fmt: skip
+
+    rows = [row("tome", "r=8", tome_values), row("temporal", "r=8, window=3", ours_values),
+            row("background", "early_r=8", ours_values)]  # fmt: skip
+    (comparison,) = against_tome(rows, names)
+    assert (comparison["method"], comparison["setting"]) == ("temporal", "r=8, window=3")
+    differences = [a - b for a, b in zip(ours_values, tome_values)]
+    assert comparison["cosine"]["mean"] == pytest.approx(sum(differences) / 6)
+    expected_by_video = {v: (differences[2 * i] + differences[2 * i + 1]) / 2 for i, v in enumerate(("a.mp4", "b.mp4", "c.mp4"))}
+    assert comparison["token_cosine_by_video"] == pytest.approx(expected_by_video)
+    assert "| r=8, window=3 | temporal |" in format_markdown([], [comparison], "header")  # its table row
+
+
 def test_video_fidelity_rows_summarise_their_clips(monkeypatch) -> None:
     """measure() on a tiny random video ViT: each row's per-clip token cosine is that of the
     unmerged final features against the unreduced model's, and every mean and worst figure is
