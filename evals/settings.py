@@ -569,6 +569,25 @@ def apply(setting: Setting, model: nn.Module, size: tuple[int, ...]) -> dict[str
     return options
 
 
+def check_static_plans(setting_list: Sequence[Setting], model: nn.Module, size: tuple[int, ...], hint: str) -> None:
+    """Stop on a setting that ``model`` refuses or whose token counts depend on the data
+    (local_global's ``adaptive`` or ``local_threshold``: no plan, no GFLOPs), naming it and
+    ``hint``; a sweep calls this before its forward passes, since stopping at that setting's
+    turn would lose every row measured before it. Leaves ``model`` unpatched."""
+    for setting in setting_list:
+        options = dict(setting.options)
+        try:
+            options = apply(setting, model, size)
+            tokenprune.plan(model, size)
+        except BudgetUnreachable:
+            continue  # (the sweep gives it its row)
+        except (TypeError, ValueError) as error:
+            raise SystemExit(f"{setting.method} {describe_setting(setting.method, options)}: {error}. {hint}") from None
+        finally:
+            if getattr(reducing_model(model), "tokenprune_config", None) is not None:
+                tokenprune.unpatch(model)
+
+
 def unreachable_row(setting: Setting, error: BudgetUnreachable) -> dict[str, Any]:
     """The row a results file keeps for a budget the method cannot reach, said on stderr too:
     the sweep goes on, and the gap shows in the file (:mod:`evals.pareto` plots no point for it)."""

