@@ -12,10 +12,12 @@ Points join on the setting's name (:func:`evals.settings.describe_setting`), whi
 script writes the same way. With ``--x gflops`` no benchmark is needed: quality is
 plotted against the GFLOPs the eval files record.
 
-A point is on the **Pareto front** when no other point (any method) is at least as fast and
-at least as good, and strictly better in one. Quality points without a matching benchmark
-row are never dropped silently: they are listed and counted. Writes the PNG and a markdown
-table of the joined points beside it.
+A point is on the **Pareto front** when no other point of its model and input size (any
+method) is at least as fast and at least as good, and strictly better in one: each model has
+its own front, since a fidelity cosine is to that model's own unreduced output (another
+model's unreduced point, cosine 1 too, would otherwise push a slower model off the front).
+Quality points without a matching benchmark row are never dropped silently: they are listed
+and counted. Writes the PNG and a markdown table of the joined points beside it.
 """
 
 from __future__ import annotations
@@ -133,8 +135,9 @@ def join(speed: Sequence[Point], quality: Sequence[Point]) -> tuple[list[Point],
 
 
 def pareto_front(points: Sequence[Point], x: str) -> list[Point]:
-    """The points no other point dominates on (``x``, quality), ``x`` being "speed" or
-    "gflops" (for GFLOPs, fewer is better)."""
+    """The points no other point of the same model and input size dominates on (``x``,
+    quality), ``x`` being "speed" or "gflops" (for GFLOPs, fewer is better). Across models a
+    point does not dominate: quality is measured against each model's own unreduced output."""
 
     def cost(point: Point) -> float:
         return point.gflops if x == "gflops" else -point.speed  # type: ignore[operator]
@@ -142,7 +145,10 @@ def pareto_front(points: Sequence[Point], x: str) -> list[Point]:
     def dominates(a: Point, b: Point) -> bool:
         return cost(a) <= cost(b) and a.quality >= b.quality and (cost(a) < cost(b) or a.quality > b.quality)  # type: ignore[operator]
 
-    return [p for p in points if not any(dominates(q, p) for q in points if q is not p)]
+    def rival(a: Point, b: Point) -> bool:
+        return a is not b and (a.model, a.input_size) == (b.model, b.input_size)
+
+    return [p for p in points if not any(dominates(q, p) for q in points if rival(q, p))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,18 +162,27 @@ def plot_png(points: Sequence[Point], front: Sequence[Point], x: str, title: str
         return point.gflops if x == "gflops" else point.speed  # type: ignore[return-value]
 
     figure, axes = plt.subplots(figsize=(7, 5), dpi=120)
-    methods = sorted({p.method for p in points}, key=lambda m: (m != "none", m))
-    for method in methods:
-        members = sorted((p for p in points if p.method == method), key=xval)
+    # One curve per model and method, one front per model: a line joins points of one model only.
+    models = sorted({(p.model, p.input_size) for p in points})
+    several = len(models) > 1
+
+    def named(label: str, model: tuple[str, tuple[int, ...]]) -> str:
+        return f"{label} ({model[0]}, {'x'.join(map(str, model[1]))})" if several else label
+
+    curves = sorted({(p.model, p.input_size, p.method) for p in points}, key=lambda k: (k[:2], k[2] != "none", k[2]))
+    for model_name, size, method in curves:
+        members = sorted((p for p in points if (p.model, p.input_size, p.method) == (model_name, size, method)), key=xval)
         style = {"marker": "*", "markersize": 14, "linestyle": "none"} if method == "none" else {"marker": "o"}
-        axes.plot([xval(p) for p in members], [p.quality for p in members], label=method if method != "none" else "unreduced", **style)
+        label = named(method if method != "none" else "unreduced", (model_name, size))
+        axes.plot([xval(p) for p in members], [p.quality for p in members], label=label, **style)
         for point in members:
             if point.setting:
                 axes.annotate(point.setting, (xval(point), point.quality), fontsize=6, alpha=0.7,
                               xytext=(3, 3), textcoords="offset points")  # fmt: skip
-    ordered = sorted(front, key=xval)
-    axes.step([xval(p) for p in ordered], [p.quality for p in ordered], where="post" if x == "gflops" else "pre",
-              color="black", alpha=0.3, linewidth=4, label="Pareto front")  # fmt: skip
+    for model in models:
+        ordered = sorted((p for p in front if (p.model, p.input_size) == model), key=xval)
+        axes.step([xval(p) for p in ordered], [p.quality for p in ordered], where="post" if x == "gflops" else "pre",
+                  color="black", alpha=0.3, linewidth=4, label=named("Pareto front", model))  # fmt: skip
     axes.set_xlabel("GFLOPs per sample (fewer is cheaper)" if x == "gflops" else "throughput (samples/s)")
     metrics = sorted({p.metric for p in points if p.metric})
     axes.set_ylabel(" / ".join(metrics) or "quality")

@@ -35,6 +35,7 @@ import argparse
 import ast
 import copy
 import dataclasses
+import decimal
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -246,8 +247,10 @@ def parse_budget(text: str) -> Budget:
             if not (math.isfinite(value) and value > 1.0):  # "nanx" is not above 1, nor below; "infx" never met
                 raise ValueError
             return Budget("speedup", value)
-        value = float(spec[:-1]) / 100 if spec.endswith("%") else float(spec)
-    except ValueError:
+        # A percentage shifted in decimal, not divided as a float: 33.3 / 100 is 0.33299999999999996,
+        # a budget apart from "0.333" under one label, which a sweep then ran twice.
+        value = float(decimal.Decimal(spec[:-1]) / 100) if spec.endswith("%") else float(spec)
+    except (ValueError, decimal.InvalidOperation):
         raise argparse.ArgumentTypeError(
             f"budget {text!r}: give a GFLOPs fraction in (0, 1) such as 0.5 or 50%, or a speedup above 1 such as 2x"
         ) from None

@@ -750,6 +750,31 @@ def test_pareto_front_keeps_equal_points() -> None:
         assert [(p.method, p.setting) for p in pareto.pareto_front(points, x)] == [("none", ""), ("tome", "r=0"), ("tome", "r=2")]
 
 
+def test_pareto_front_is_per_model() -> None:
+    """Each model and input size has its own front, checked against a brute-force dominance
+    scan within each model: a cosine is to that model's own unreduced output, so the faster
+    model's unreduced point (cosine 1) took every point of a slower model off the front."""
+    points = [
+        pareto.Point("big", (224, 224), "none", "", 35.0, speed=100.0, quality=1.0, metric="q"),
+        pareto.Point("big", (224, 224), "tome", "r=16", 17.0, speed=180.0, quality=0.99, metric="q"),
+        pareto.Point("big", (224, 224), "tome", "r=20", 16.0, speed=170.0, quality=0.98, metric="q"),  # dominated by r=16
+        pareto.Point("small", (224, 224), "none", "", 9.0, speed=400.0, quality=1.0, metric="q"),
+        pareto.Point("small", (224, 224), "tome", "r=16", 4.5, speed=700.0, quality=0.95, metric="q"),
+        pareto.Point("small", (160, 160), "none", "", 4.6, speed=800.0, quality=1.0, metric="q"),
+    ]
+    for x in ("speed", "gflops"):
+
+        def worse(a: pareto.Point, b: pareto.Point) -> bool:  # b dominates a
+            cost = (lambda p: p.gflops) if x == "gflops" else (lambda p: -p.speed)
+            return cost(b) <= cost(a) and b.quality >= a.quality and (cost(b), b.quality) != (cost(a), a.quality)
+
+        same_model = lambda a, b: (a.model, a.input_size) == (b.model, b.input_size)  # noqa: E731
+        expected = [p for p in points if not any(worse(p, q) for q in points if same_model(p, q))]
+        assert pareto.pareto_front(points, x) == expected
+    assert [(p.model, p.setting) for p in pareto.pareto_front(points, "speed")] == [
+        ("big", ""), ("big", "r=16"), ("small", ""), ("small", "r=16"), ("small", "")]
+
+
 def test_pareto_joins_bench_and_fidelity(run: tuple[dict[str, Any], Path], tmp_path: Path) -> None:
     """The bench run above plus a fidelity-format file: points join on (model, size, setting),
     speed is the batch-3 row, and a setting the bench never ran is reported, not dropped."""
@@ -1387,6 +1412,17 @@ def test_repeated_settings_and_budgets_run_once() -> None:
     found = [(s.options, s.budget) for s in settings.settings_from_args(args)]
     half, twice = settings.Budget("gflops", 0.5), settings.Budget("speedup", 2.0)
     assert found == [({"r": 8}, None), ({"r": (8, -1)}, None), ({"r": [2, 2]}, None), ({}, half), ({}, twice)]
+
+
+def test_a_decimal_percentage_is_the_fraction_it_names() -> None:
+    """``33.3%`` is the budget ``0.333``: it was 33.3 / 100 = 0.33299999999999996, another budget
+    under the same label "33.3% GFLOPs", so ``--budget 0.333 --budget 33.3%`` ran two rows."""
+    for tenths in range(1, 1000):
+        percent = f"{tenths / 10:g}%"  # 0.1% ... 99.9%
+        fraction = f"{tenths / 1000:.4f}"  # 0.0010 ... 0.9990, the same number written as a fraction
+        assert settings.parse_budget(percent) == settings.parse_budget(fraction), percent
+    args = bench.build_parser().parse_args(["--method", "tome", "--budget", "0.333", "--budget", "33.3%"])
+    assert [s.budget for s in settings.settings_from_args(args)] == [settings.Budget("gflops", 0.333)]
 
 
 def test_busy_machine_warning_reads_the_load_after_the_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
