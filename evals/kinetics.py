@@ -410,6 +410,9 @@ def build_model(args: argparse.Namespace, options: dict[str, Any]) -> tuple[torc
     if args.method != "none":
         try:
             tokenprune.patch(model, args.method, **options)
+            # The clip's plan, before any video is decoded: a setting the clip size cannot take
+            # (temporal merging of a single tubelet frame) failed only at the first forward.
+            tokenprune.plan(model, (args.num_frames, args.img_size, args.img_size))
         except (TypeError, ValueError) as error:
             raise SystemExit(f"{args.method}: {error}") from None
     return model.eval(), options

@@ -501,6 +501,25 @@ def test_a_checkpoint_of_another_model_names_the_options(tmp_path):
     torch.testing.assert_close(model.head.weight, torch.load(path)["head.weight"], rtol=0, atol=0)
 
 
+def test_a_setting_the_clip_cannot_take_stops_at_the_model_not_the_first_forward(monkeypatch):
+    """--method temporal with --num-frames 2 (one tubelet frame) patched, then failed at the
+    first forward, after the loader had started decoding; it stops when the model is built,
+    with what the forward says of it."""
+    import tokenprune
+    from tokenprune import models
+
+    args = kinetics.build_parser().parse_args(["--labels-file", "x.csv", "--model", "video_vit_small_patch16_224", "--num-classes", "3",
+                                               "--num-frames", "2", "--img-size", "32", "--method", "temporal", "--r", "2"])  # fmt: skip
+    with pytest.raises(SystemExit, match=r"^temporal: temporal merging needs at least two tubelet frames"):
+        kinetics.build_model(args, {"r": 2})
+    model = tokenprune.patch(models.video_vit_small_patch16_224(num_frames=2, img_size=32, num_classes=3), "temporal", r=2)
+    with pytest.raises(ValueError, match="temporal merging needs at least two tubelet frames"):  # the forward's own refusal
+        model(torch.randn(1, 3, 2, 32, 32))
+    args.num_frames = 4
+    model, _ = kinetics.build_model(args, {"r": 2})  # two tubelet frames: it builds
+    assert tokenprune.plan(model, (4, 32, 32)).removed[0] == 2
+
+
 def test_result_records_the_command_and_arguments(tmp_path):
     root = _class_folders(tmp_path / "data")
     classes = tmp_path / "classes.txt"
