@@ -105,6 +105,7 @@ def assert_best_match(a: torch.Tensor, b: torch.Tensor) -> None:
         (3, 18, 48, 1),  # even T, D not a power of two, batch 3
         (3, 17, 72, 0),  # odd T, no prefix (A starts at 0)
         (2, 161, 200, 1),  # Na = Nb = 80: two ragged 64-row tiles; D = 200: four D chunks
+        (2, 42, 24, 5),  # five protected tokens (class + registers): A starts one later
     ],
 )
 def test_best_match_matches_reference(batch: int, tokens: int, dim: int, p: int, dtype: torch.dtype) -> None:
@@ -317,21 +318,26 @@ def test_temporal_match_matches_reference(batch, grid, dim, window, merged, dtyp
     assert_temporal_match(metric, video_positions(batch, grid, merged), window)
 
 
-def test_temporal_match_video_tokens() -> None:
-    # 8 × 14 × 14 tubelets of a 16-frame clip (25 × 25 tiles, half of them skipped), the keys
-    # a strided view of a wider tensor: it goes to the kernel as is.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_temporal_match_video_tokens(dtype: torch.dtype) -> None:
+    # 8 × 14 × 14 tubelets of a 16-frame clip (25 × 25 tiles, half of them skipped): the 1,568
+    # tokens after the class token, which TemporalMerge strips before matching. The keys are a
+    # strided view of a wider tensor: it goes to the kernel as is.
     torch.manual_seed(1568)
-    metric = torch.randn(1, 1568, 80, device=DEVICE)[..., 8:72]
+    metric = torch.randn(1, 1568, 80, device=DEVICE).to(dtype)[..., 8:72]
     assert not metric.is_contiguous()
     assert_temporal_match(metric, video_positions(1, (8, 14, 14), merged=True), 2)
 
 
-def test_temporal_match_exact_ties_and_the_outside_fallback() -> None:
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_temporal_match_exact_ties_and_the_outside_fallback(dtype: torch.dtype) -> None:
     """Copies of one token in both neighbouring frames tie exactly: the lowest index wins. An A
     token with every partner out of the window takes its most similar B token outside,
-    penalised by 4; with no B token at all, it has no partner (−inf, index 0)."""
+    penalised by 4; with no B token at all, it has no partner (−inf, index 0). Entries k/8
+    (|k| ≤ 4) are exact in every dtype, so half-precision copies tie exactly too."""
+    torch.manual_seed(0)
     grid = (4, 3, 3)  # frames 0 and 2 are A, 1 and 3 are B; 9 tokens per frame
-    metric = (torch.randint(-4, 5, (1, 36, 16)).float() / 8).to(DEVICE)
+    metric = (torch.randint(-4, 5, (1, 36, 16)).float() / 8).to(DEVICE, dtype)
     metric[:, [10, 19, 28]] = metric[:, 4:5].clone()  # token 4 (frame 0) has copies in frames 1, 2, 3
     pos = video_positions(1, grid, merged=False)
     score, index = kernels.temporal_best_match_triton(metric, pos, 1)
@@ -677,9 +683,37 @@ def test_merge_every_gpu_tile_matches_reference(tile: tuple[int, int, int]) -> N
     assert torch.equal(new_size, ref_size)
 
 
-def test_merge_video_tokens() -> None:
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_merge_video_tokens(dtype: torch.dtype) -> None:
     # T = 1569 at r = 784 (the cap): 785 outputs, most of them pairs.
-    assert_merge(*tome_inputs(1, 1569, 64, 1, torch.bfloat16, seed=0))
+    assert_merge(*tome_inputs(1, 1569, 64, 1, dtype, seed=0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_merge_duplicate_tokens_behind_registers(dtype: torch.dtype) -> None:
+    """Flat background behind five protected tokens (class + registers): bitwise-identical
+    tokens tie in the matching, so at r's cap ToMe sends every copy in A to the first copy in
+    B, whose output then has dozens of members; the kernel against the reference, and the
+    merge of copies is the copy itself."""
+    batch, tokens, channels, p = 2, 61, 40, 5
+    gen = torch.Generator().manual_seed(61)
+    x = torch.randn(batch, tokens, channels, generator=gen)
+    x[:, 20:] = x[:, 20:21]  # tokens 20..60 are copies of one token
+    x = x.to(DEVICE, dtype)
+    size = torch.randint(1, 6, (batch, tokens, 1), generator=gen).float().to(DEVICE)
+    r = max_bipartite_r(tokens, p)
+    dest = bipartite_soft_matching(x.float(), r, p)
+    num_out = tokens - r
+    assert torch.equal(dest[:, :p], torch.arange(p, device=DEVICE).expand(batch, -1))  # prefix stays
+    members = torch.zeros(batch, num_out, dtype=torch.long, device=DEVICE).scatter_add_(1, dest, torch.ones_like(dest))
+    assert members.max() >= 20  # the copies pile onto one output
+    assert_merge(x, size, dest, num_out)
+    merged, _ = merge_wavg_triton(x, size, dest, num_out)
+    for item in range(batch):  # outputs of copies only average to the copy
+        is_copy = torch.arange(tokens, device=DEVICE) >= 20
+        pure = [o for o in range(num_out) if (dest[item] == o).sum() > 1 and is_copy[dest[item] == o].all()]
+        assert pure
+        torch.testing.assert_close(merged[item, pure], x[item, 20].expand(len(pure), -1), **MERGE_TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -939,8 +973,9 @@ def test_attention_matches_reference(batch, heads, tokens, dim, dtype, with_bias
     assert_attention(q, k, v, log_sizes(batch, tokens) if with_bias else None, dim**-0.5)
 
 
-def test_attention_video_tokens() -> None:
-    q, k, v = qkv_views(1, 1, 1569, 64, torch.float16)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_video_tokens(dtype: torch.dtype) -> None:
+    q, k, v = qkv_views(1, 1, 1569, 64, dtype)
     assert_attention(q, k, v, log_sizes(1, 1569), 0.125)
 
 
