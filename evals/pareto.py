@@ -1,7 +1,7 @@
 """Quality against speed: join benchmark and eval results, plot the Pareto front.
 
-    python -m evals.pareto evals/results/bench_cpu.json evals/results/fidelity_dinov2.json \\
-        --out evals/results/pareto_cpu.png
+    python -m evals.pareto evals/results/bench_dinov2_cpu.json evals/results/fidelity_dinov2_budgets.json \\
+        --out evals/results/pareto_dinov2_cpu.png
 
 Speed comes from ``evals.bench`` JSON: per (model, input size, method, setting), the fused-
 attention row with the highest throughput among those matching ``--batch-size`` and

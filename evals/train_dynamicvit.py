@@ -9,7 +9,7 @@
         --method none --epochs 15 --out runs/fmnist_vit
     python -m evals.train_dynamicvit --dataset fashion_mnist --data /tmp/fmnist --model fmnist_vit \\
         --checkpoint runs/fmnist_vit/model.safetensors --train-backbone --backbone-lr-scale 0.3 \\
-        --epochs 8 --warmup-steps 100 --out runs/fmnist_dvit   # evals/checkpoints/README.md
+        --epochs 8 --warmup-steps 100 --label-smoothing 0 --out runs/fmnist_dvit   # evals/checkpoints/README.md
 
 DynamicViT (Sec. 3.5): the student is the backbone patched with prediction modules; the teacher
 is the same backbone unpatched (frozen); the loss is :class:`DynamicViTLoss`. With
