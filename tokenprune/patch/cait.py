@@ -53,18 +53,19 @@ def _talking_heads_qkv(attn: TalkingHeadAttn, x: Tensor) -> tuple[Tensor, Tensor
     return qkv.unbind(0)
 
 
-def refuse_class_attention_hooks(block: LayerScaleBlockClassAttn, name: str, error: type[Exception], remedy: str) -> None:
-    """Raise ``error`` where a class-attention block or its ``attn`` has hooks: once
-    tokens are merged (or a training keep mask drops some), :func:`class_attention` runs the
-    block's parts itself, never ``block.forward`` or ``attn.forward``, and skipping a hook would
-    lose, silently, what it captures (CaiT's class-attention maps) or changes."""
+# Once tokens are merged (or a training keep mask drops some), class_attention runs the block's
+# parts itself, never block.forward or attn.forward: hooks on them (CaiT's class-attention maps)
+# would stop firing.
+_CLASS_ATTENTION_HOOKS = (
+    "which would stop firing: the patched model runs CaiT's class attention itself, to count each merged token "
+    "by its size, not through its forward. Hook its submodules (attn.q, attn.k, attn.v, attn.proj, mlp still run)"
+)
+
+
+def refuse_class_attention_hooks(block: LayerScaleBlockClassAttn, name: str, patched: bool) -> None:
+    """:func:`~tokenprune.patch.vit.refuse_hooks` for a class-attention block and its ``attn``."""
     for module, part in ((block, ""), (block.attn, ".attn")):
-        if hooks := vit.hooks_of(module):
-            raise error(
-                f"{name}{part} has {hooks}, which would stop firing: the patched model runs CaiT's class "
-                "attention itself, to count each merged token by its size, not through its forward. Hook its "
-                f"submodules (attn.q, attn.k, attn.v, attn.proj, mlp still run); {remedy}"
-            )
+        vit.refuse_hooks(module, f"{name}{part}", _CLASS_ATTENTION_HOOKS, patched)
 
 
 def class_attention(block: LayerScaleBlockClassAttn, x: Tensor, cls: Tensor, weights: Tensor | None) -> Tensor:
@@ -126,7 +127,7 @@ class ReducingCait(ReducingViT, Cait):
                     f"tokenprune cannot patch blocks_token_only[{i}] of type {type(block).__name__} "
                     f"with attention {type(block.attn).__name__}: it runs CaiT's LayerScaleBlockClassAttn with ClassAttn"
                 )
-            refuse_class_attention_hooks(block, f"blocks_token_only[{i}]", TypeError, "or remove the hooks before tokenprune.patch")
+            refuse_class_attention_hooks(block, f"blocks_token_only[{i}]", patched=False)
 
     @staticmethod
     def after_blocks_flops(model: nn.Module, tokens: int, grid: tuple[int, ...]) -> int:
@@ -158,9 +159,7 @@ class ReducingCait(ReducingViT, Cait):
             cls = self.cls_token.expand(state.x.shape[0], -1, -1)
             for i, block in enumerate(self.blocks_token_only):
                 if state.pool_weights is not None:  # (put on after patching: check_modules refuses them before)
-                    refuse_class_attention_hooks(
-                        block, f"blocks_token_only[{i}]", RuntimeError, "or remove the hooks (or tokenprune.unpatch)"
-                    )
+                    refuse_class_attention_hooks(block, f"blocks_token_only[{i}]", patched=True)
                 cls = class_attention(block, state.x, cls, state.pool_weights)
             state = prepend_tokens(state, cls)
         return state._replace(x=self.norm(state.x))

@@ -94,7 +94,7 @@ class ReducingSamBlock(SamBlock):
         merged = step.merged_count(rows * cols) if step is not None else 0
         if merged == 0:
             return super().forward(x)
-        vit.refuse_attention_hooks(self.attn)
+        vit.refuse_hooks(self.attn, "this patched block's attn", vit.ATTENTION_HOOKS, patched=True)
         padding = None
         if groups_per_image * rows * cols != height * width:  # 1 where timm pads the grid to whole windows
             padding = 1.0 - self._grouped(x.new_ones(batch, height, width, 1))

@@ -296,11 +296,7 @@ def _mix_heads(proj_w: nn.Linear, probs: Tensor, key_weight: Tensor | None) -> T
     itself (DynamicViT Eq. 7): its output is never read by a kept token, so it does not matter."""
     if key_weight is None or proj_w.bias is None:
         return proj_w(probs.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-    if hooks := hooks_of(proj_w):  # (put on after patching: check_supported refuses those put on before)
-        raise RuntimeError(
-            f"this patched block's attn.proj_w (talking heads' mixing of attention weights) has {hooks}, {_PROJ_W_HOOKS}; "
-            "or remove the hooks (or tokenprune.unpatch)"
-        )
+    refuse_hooks(proj_w, "this patched block's attn.proj_w (talking heads' mixing of attention weights)", _PROJ_W_HOOKS, patched=True)
     bias = proj_w.bias * key_weight.to(probs.dtype)[:, None, :, None]  # [B, 1, T_keys, H]
     return (F.linear(probs.permute(0, 2, 3, 1), proj_w.weight) + bias).permute(0, 3, 1, 2)
 
@@ -384,7 +380,7 @@ class ReducingBlockMixin:
         inside the tokens); the block gives it to the current tokens after any pre-attention
         reduction (:meth:`_rope`, :meth:`_position_bias`)."""
         check_block_input(state)
-        refuse_attention_hooks(self.attn)
+        refuse_hooks(self.attn, "this patched block's attn", ATTENTION_HOOKS, patched=True)
         reducer = self.reducer
         if getattr(reducer, "unmerges_in_blocks", False):  # merge_unmerge: the tokens leave the block unmerged
             if reducer.merged_count(state.num_tokens):
@@ -605,7 +601,8 @@ class ReducingViT(SettingsThroughPatch):
         the source index when ``trace_source``, default: the config's)."""
         if trace_source is None:
             trace_source = self.tokenprune_config.trace_source
-        refuse_blocks_hooks(self)
+        if self._blocks_called_whole:
+            refuse_hooks(self.blocks, "model.blocks of this patched model", _BLOCKS_HOOKS, patched=True)
         state = self._run_blocks(x, attn_mask, is_causal, trace_source)
         if self._stores_source():  # the last forward's map, or none if it did not trace
             self._tokenprune_source = self._traced_source(x, state) if trace_source else None
@@ -835,11 +832,7 @@ class ReducingViT(SettingsThroughPatch):
         if not pool_includes_prefix(self):
             x, size = x[:, self.num_prefix_tokens :], size[:, self.num_prefix_tokens :]
         if isinstance(getattr(self, "attn_pool", None), AttentionPoolPrr):
-            if hooks := hooks_of(self.attn_pool):  # (put on after patching: check_supported refuses those put on before)
-                raise RuntimeError(
-                    f"this patched model's attn_pool (timm's parameter-free prr pooling) has {hooks}, {_PRR_HOOKS}; "
-                    "or remove the hooks (or tokenprune.unpatch)"
-                )
+            refuse_hooks(self.attn_pool, "this patched model's attn_pool (timm's parameter-free prr pooling)", _PRR_HOOKS, patched=True)
             x = _prr_pool(self.attn_pool, x, size, padded)
         elif getattr(self, "attn_pool", None) is not None:
             # Always weighted, like the average below (ToMe pools by size even without
@@ -1208,7 +1201,7 @@ def original_block_class(block: nn.Module) -> type:
 
 # The patched block runs the attention's parts itself (its projections, norms and dropouts still
 # run as modules), never attn.forward: hooks on attn would stop firing.
-_ATTENTION_HOOKS = (
+ATTENTION_HOOKS = (
     "which would stop firing: the patched block computes attention itself, not through attn.forward. "
     "Hook its submodules (attn.qkv, attn.proj, attn.k_norm still run) or the block"
 )
@@ -1270,34 +1263,24 @@ def check_block_input(state: object) -> None:
         )
 
 
-def refuse_attention_hooks(attn: nn.Module) -> None:
-    """Raise where a hook was put on a patched block's attention after patching
-    (:func:`check_supported` refuses those put on before): skipping it would lose, silently,
-    what it captures."""
-    if hooks := hooks_of(attn):
-        raise RuntimeError(f"this patched block's attn has {hooks}, {_ATTENTION_HOOKS}, or remove the hooks (or tokenprune.unpatch)")
-
-
-def refuse_blocks_hooks(model: nn.Module) -> None:
-    """Raise where a hook was put on ``model.blocks`` after patching, in a family whose
-    unpatched forward calls it as one module (:func:`check_supported` refuses those put on
-    before): skipping it would lose, silently, what it captures or changes."""
-    if getattr(model, "_blocks_called_whole", False) and (hooks := hooks_of(model.blocks)):
-        raise RuntimeError(
-            f"model.blocks of this patched model has {hooks}, {_BLOCKS_HOOKS}; or remove the hooks (or tokenprune.unpatch)"
-        )
+def refuse_hooks(module: nn.Module, where: str, why: str, patched: bool) -> None:
+    """Raise where ``module`` (named ``where``) has hooks that the patched model would skip
+    (``why``: which would stop firing, and what to hook instead): skipping them would lose,
+    silently, what they capture or change. A TypeError at patching (:func:`check_supported`), a
+    RuntimeError in a patched model's forward (``patched``: hooks put on after patching)."""
+    if hooks := hooks_of(module):
+        if patched:
+            raise RuntimeError(f"{where} has {hooks}, {why}; or remove the hooks (or tokenprune.unpatch)")
+        raise TypeError(f"{where} has {hooks}, {why}; or remove the hooks before tokenprune.patch")
 
 
 def check_supported(model: nn.Module) -> None:
     """Raise a TypeError naming the first module tokenprune cannot patch exactly."""
     known = family(model)  # a family tokenprune knows, or a TypeError naming them
-    if getattr(known, "_blocks_called_whole", False) and (hooks := hooks_of(model.blocks)):
-        raise TypeError(f"model.blocks has {hooks}, {_BLOCKS_HOOKS}; or remove the hooks before tokenprune.patch")
-    if isinstance(getattr(model, "attn_pool", None), AttentionPoolPrr) and (hooks := hooks_of(model.attn_pool)):
-        raise TypeError(
-            f"model.attn_pool (timm's parameter-free prr pooling) has {hooks}, {_PRR_HOOKS}; or remove the hooks "
-            "before tokenprune.patch"
-        )
+    if getattr(known, "_blocks_called_whole", False):
+        refuse_hooks(model.blocks, "model.blocks", _BLOCKS_HOOKS, patched=False)
+    if isinstance(getattr(model, "attn_pool", None), AttentionPoolPrr):
+        refuse_hooks(model.attn_pool, "model.attn_pool (timm's parameter-free prr pooling)", _PRR_HOOKS, patched=False)
     for i, block in enumerate(model.blocks):
         if original_block_class(block) not in PATCHED_BLOCKS:
             raise TypeError(
@@ -1311,14 +1294,12 @@ def check_supported(model: nn.Module) -> None:
                 f"(attentions it can: {_class_names([*QKV_PROJECTIONS, *ATTENTION_FORWARDS])}); "
                 f"supported: {SUPPORTED_FAMILIES}"
             )
-        if attn is not None and (hooks := hooks_of(attn)):
-            raise TypeError(f"blocks[{i}].attn has {hooks}, {_ATTENTION_HOOKS}, or remove the hooks before tokenprune.patch")
+        if attn is not None:
+            refuse_hooks(attn, f"blocks[{i}].attn", ATTENTION_HOOKS, patched=False)
         proj_w = getattr(attn, "proj_w", None)  # (CaiT's talking heads)
-        if isinstance(proj_w, nn.Module) and (hooks := hooks_of(proj_w)):
-            raise TypeError(
-                f"blocks[{i}].attn.proj_w (talking heads' mixing of attention weights) has {hooks}, {_PROJ_W_HOOKS}; "
-                "or remove the hooks before tokenprune.patch"
-            )
+        if isinstance(proj_w, nn.Module):
+            where = f"blocks[{i}].attn.proj_w (talking heads' mixing of attention weights)"
+            refuse_hooks(proj_w, where, _PROJ_W_HOOKS, patched=False)
         # A gMLP gate (mlp_layer=GatedMlp with timm's SpatialGatingUnit) mixes a fixed number of
         # tokens with a seq_len x seq_len linear: after any reduction it failed mid-forward on a
         # bare shape mismatch.
