@@ -148,6 +148,8 @@ def _inflection_label(base: int, inflection: object) -> str:
     counts at every depth up to 256 (0.1 + 0.2 gives 0.3), else its exact repr. Six significant
     digits (``:g``) are not enough: the ramp truncates to ints, so (6, −1/3) labelled (6,-0.333333)
     read back as a schedule whose first block removes 7 tokens, not 8."""
+    if isinstance(inflection, numbers.Real) and float(short := f"{inflection:g}") == inflection:
+        return short  # (-1, -0.5, 0.25: the label is the value itself, nothing to compare)
     try:
         exact = {depth: resolve_r((base, inflection), depth) for depth in range(2, 257)}  # type: ignore[arg-type]
     except (TypeError, ValueError):  # not a schedule patch would take: label it as given
