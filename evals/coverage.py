@@ -11,8 +11,8 @@ with what failed, and the script exits non-zero.
 
     python -m evals.coverage [--module eva --module naflexvit] [--depth 2] [--r 4]
 
-Writes ``evals/results/coverage.{json,md}`` by default. About 8 minutes on a 2-core CPU for
-the default modules.
+Writes ``evals/results/coverage.{json,md}`` by default. The default modules took 22 minutes on a
+shared 2-core CPU VM (the README's run).
 """
 
 from __future__ import annotations
