@@ -1,7 +1,7 @@
 """tokenprune: token merging and pruning for timm Vision Transformers.
 
     model = timm.create_model("vit_base_patch16_224", pretrained=True)
-    tokenprune.patch(model, r=16)          # ToMe merging, 16 tokens fewer per block
+    tokenprune.patch(model, r=16)          # ToMe merging: up to 16 tokens fewer per block
 """
 
 from .api import ReductionPlan, patch, plan, source, unpatch
