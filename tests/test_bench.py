@@ -428,6 +428,31 @@ def test_local_global_budget_places_the_window_stage() -> None:
     assert chosen["local_block"] == 2 and isinstance(chosen["r"], int)
 
 
+def test_local_global_budget_on_a_shallow_model_lands_near_the_budget() -> None:
+    """On 6 blocks the window stage after block 3 (the top band) cannot reach 70 % of the
+    GFLOPs; the budgets it leaves get a step of the next bands near them, as close as the best
+    any band's window stage and r shape reach under the budget (brute force over every r),
+    not the top of the band that starts under 62 %."""
+    model = timm.create_model(MODEL, pretrained=False, img_size=96, depth=6)
+    size = (96, 96)
+    unreduced = tokenprune.flops(model, size).total
+    candidate = timm.create_model(MODEL, img_size=96, depth=6)
+
+    def fraction(**options: Any) -> float:
+        return tokenprune.flops(tokenprune.patch(candidate, "local_global", **options), size).total / unreduced
+
+    reachable = {
+        (block, inflection): [fraction(r=(r, inflection), local_block=block) for r in range(36 // 2 + 1)]
+        for _, block, inflection in settings.LOCAL_GLOBAL_PLACEMENT
+    }
+    assert min(reachable[3, -0.5]) > 0.7  # (the case this test is for)
+    for budget in (0.7, 0.8):
+        chosen = fraction(**settings.setting_for_budget(model, "local_global", {}, settings.Budget("gflops", budget), size))
+        closest = max(f for band in reachable.values() for f in band if f <= budget)
+        # (a band may prefer its own block a little under another's closer step: 0.02 allowed)
+        assert closest - 0.02 <= chosen <= budget, (budget, chosen, closest)
+
+
 def test_temporal_budget_searches_background_merging_schedule_shape() -> None:
     """Temporal merging's budget turns the early r of a front-loaded per-block list (background
     merging's early blocks and later r): the weakest such list that meets the budget, one step
