@@ -56,6 +56,8 @@ from evals.assets import (
 )
 from evals.harness import environment, figure_png, json_text, pyplot, write_atomic
 from evals.stats import format_difference, paired_difference
+from tokenprune.merge import max_bipartite_r
+from tokenprune.methods.local_global import PositionalBipartiteMerge
 from tokenprune.schedule import format_schedule, keep_ratio_r
 from tokenprune.visualize import merge_map
 
@@ -170,8 +172,10 @@ class Evaluator:
         """[images] GFLOPs and [images, MEASURES] measures of a config whose counts follow the
         data (``adaptive``): one image per forward, so each image gets its own counts rather
         than its batch's smallest; its GFLOPs are those of the same config with the counts it
-        used fixed."""
+        used fixed, plus the matching of each stage-2 block that merged none: it scored its
+        pairs to find so, whereas a fixed count of 0 has no block to score them."""
         tokenprune.patch(self.model, config)
+        stage_two = [getattr(block, "reducer", None) for block in self.model.blocks]
         counts: list[int] = []
         hooks = [block.register_forward_hook(lambda _, __, state: counts.append(state.num_tokens)) for block in self.model.blocks]
         try:
@@ -199,7 +203,15 @@ class Evaluator:
         for tokens in set(used):
             removed = [before - after for before, after in zip((entering, *tokens), tokens)]
             fixed = dataclasses.replace(config, r=removed[config.local_block + 1 :], adaptive=False)
-            gflops[tokens] = tokenprune.flops(tokenprune.patch(self.model, fixed), self.img_size).gflops
+            unmerged = 0
+            for block, reducer, before, gone in zip(self.model.blocks, stage_two, (entering, *tokens), removed):
+                if isinstance(reducer, PositionalBipartiteMerge) and gone == 0:
+                    # It scored the pairs as for its cap, the most it could merge (a cap of 0,
+                    # too few tokens to pair, scores none and counts 0).
+                    cap = min(reducer.r, max_bipartite_r(before, reducer.num_protected))
+                    unmerged += reducer.matching_flops(before, cap, block.attn)
+            total = tokenprune.flops(tokenprune.patch(self.model, fixed), self.img_size).total
+            gflops[tokens] = (total + unmerged) / 1e9
         return torch.tensor([gflops[tokens] for tokens in used]), torch.stack(per_image)
 
     def score(self, config: Any) -> dict[str, float]:

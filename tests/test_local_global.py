@@ -422,6 +422,34 @@ def test_dense_fidelity_per_image_measures_follow_each_images_counts() -> None:
         assert g == pytest.approx(tokenprune.flops(tokenprune.patch(evaluator.model, fixed), 224).gflops)
 
 
+def test_dense_fidelity_per_image_gflops_count_the_matching_of_blocks_that_merge_none() -> None:
+    """An adaptive stage-2 block scores its pairs even where none clears the threshold: each
+    image's GFLOPs are FlopCounterMode's count of its forward, those blocks' matching included
+    (a constant image merges none in its last blocks)."""
+    from evals.dense_fidelity import Evaluator
+    from evals.harness import counted_flops
+
+    evaluator = object.__new__(Evaluator)
+    evaluator.model, evaluator.img_size, evaluator.chunk = make("vit_cls", depth=4, img_size=64), 64, 2
+    evaluator.grid = tuple(evaluator.model.patch_embed.grid_size)
+    evaluator.decoder = lambda patches, grid: patches.mean(-1).reshape(-1, *grid)
+    evaluator.photos = torch.cat([image(1, 64), torch.ones(1, 3, 64, 64)])
+    tokenprune.patch(evaluator.model, r=0)
+    evaluator.embedding, evaluator.saliency = evaluator._outputs()
+
+    adaptive = tokenprune.LocalGlobalConfig(local_block=0, r=10, adaptive=True)
+    per_image_gflops, _ = evaluator.measure_per_image(adaptive)
+    tokenprune.patch(evaluator.model, adaptive)
+    merged_none = 0
+    for i, g in enumerate(per_image_gflops.tolist()):
+        tokens: list[int] = []
+        evaluator.model._run_blocks(evaluator.photos[i : i + 1], None, False, False, on_block=lambda _, s: tokens.append(s.num_tokens))
+        merged_none += sum(before == after for before, after in zip(tokens, tokens[1:]))
+        # (rel 1e-6: a float32 tensor of GFLOPs; the matching of one block here is 1e-4 of the total)
+        assert g * 1e9 == pytest.approx(counted_flops(evaluator.model, evaluator.photos[i : i + 1]), rel=1e-6), i
+    assert merged_none > 0  # (the case this test is for)
+
+
 def test_positional_stage_equals_brute_force_penalised_matching() -> None:
     """Stage 2 scores cos − λ·‖c_a − c_b‖₂ / diagonal on fractional centroids (after a window
     stage) of a non-square grid: the same merges as a loop over every A×B pair."""
