@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import pytest
@@ -85,6 +86,56 @@ def test_padding_first_matching_spends_merges_on_padding(t: int, p: int) -> None
             assert len(holding_patches) == (t - m) - (r - min(r, m)), (r, m)
             if m == 0:
                 assert torch.equal(dest[row], brute_force_dest(metric[row : row + 1], r, p)[0]), r
+
+
+def documented_padding_first_dest(metric: torch.Tensor, padding: torch.Tensor, r: int, p: int) -> torch.Tensor:
+    """:func:`padding_first_matching` as its docstring lays the tokens out, by loops: a sequence
+    with m padding tokens puts them in the last min(m, |A|) A positions and the last m − |A| B
+    positions (where m > |A|), its real tokens (and its padding) in order in the other positions;
+    that sequence is matched by ToMe (:func:`brute_force_dest`) with every padding row scoring
+    +inf into the first B token; each token takes the destination of its position."""
+    dest = torch.empty(metric.shape[:2], dtype=torch.long)
+    t = metric.shape[1]
+    a = [i for i in range(p, t) if i % 2 == 0]
+    b = [i for i in range(p, t) if i % 2 == 1]
+    for n in range(metric.shape[0]):
+        pads = [i for i in range(p, t) if padding[n, i]]
+        in_a = min(len(pads), len(a))
+        pad_slots = sorted(a[len(a) - in_a :] + b[len(b) - (len(pads) - in_a) :])
+        real_slots = [i for i in range(p, t) if i not in pad_slots]
+        slot_of = dict(zip([i for i in range(p, t) if not padding[n, i]], real_slots)) | dict(zip(pads, pad_slots))
+        order = list(range(p)) + sorted(range(p, t), key=lambda i: slot_of[i])  # order[slot] = token
+        moved = metric[n : n + 1, order]
+
+        def penalty(_: int, i: int, j: int) -> float:  # (−inf: a score of +inf, for padding into b[0])
+            return -math.inf if i in pad_slots and j == b[0] else 0.0
+
+        moved_dest = brute_force_dest(moved, r, p, penalty)[0]
+        dest[n] = torch.tensor([moved_dest[slot_of.get(i, i)] for i in range(t)])
+    return dest
+
+
+@pytest.mark.parametrize("t,p", [(12, 1), (13, 4), (33, 1), (34, 8)])
+def test_padding_first_matching_lays_out_tokens_as_documented(t: int, p: int) -> None:
+    """The matching equals the documented layout built by loops: every real token's destination
+    exactly (which real tokens pair up, and the output order), padding's as a multiset (the
+    order of padding among the padding positions is not promised: any order merges the same
+    real tokens)."""
+    gen = torch.Generator().manual_seed(t * 100 + p)
+    n = t - p
+    num_a = len(range(p % 2, n, 2))
+    counts = sorted({1, 2, num_a - 1, num_a, num_a + 1} & set(range(1, n)))
+    padding = torch.zeros(len(counts), t, dtype=torch.bool)
+    for row, m in enumerate(counts):
+        padding[row, p + torch.randperm(n, generator=gen)[:m]] = True
+    metric = torch.randn(len(counts), t, 6, generator=gen)
+    for r in range(1, max_bipartite_r(t, p) + 1):
+        got = padding_first_matching(metric, padding, r, p, backend="torch")
+        expected = documented_padding_first_dest(metric, padding, r, p)
+        for row, m in enumerate(counts):
+            real, pad = ~padding[row], padding[row]
+            assert torch.equal(got[row][real], expected[row][real]), (r, m)
+            assert got[row][pad].sort().values.tolist() == expected[row][pad].sort().values.tolist(), (r, m)
 
 
 def test_ties_break_to_lowest_index() -> None:
