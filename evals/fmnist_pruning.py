@@ -21,14 +21,13 @@ from torch.utils.data import DataLoader
 
 import tokenprune
 from evals.fashion_mnist import FashionMNIST
-from evals.harness import environment, figure_png, json_text, pyplot, write_atomic
+from evals.harness import RESULTS_DIR, environment, figure_png, json_text, pyplot, write_atomic
 from evals.stats import format_difference, paired_difference, verdict
 from evals.train_dynamicvit import create_model, load_weights
 from tokenprune.schedule import format_schedule
 
 HERE = Path(__file__).resolve().parent
-CHECKPOINTS = HERE / "checkpoints"
-RESULTS = HERE / "results"
+CHECKPOINTS = HERE / "checkpoints"  # package data: installed from a wheel too
 
 
 @torch.no_grad()
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     )
     parser.add_argument("--keep-ratio", type=float, nargs="+", default=[0.7])
     parser.add_argument("--random-draws", type=int, default=4, help="seeds averaged for random dropping (default 4)")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     if args.random_draws < 1:
         parser.error(f"--random-draws must be at least 1, got {args.random_draws}")

@@ -45,6 +45,7 @@ from tokenprune.schedule import format_schedule
 __all__ = [
     "DTYPES",
     "RESULTS_DIR",
+    "SOURCE_ROOT",
     "agreement",
     "autocast",
     "counted_flops",
@@ -67,7 +68,15 @@ __all__ = [
     "write_atomic",
 ]
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
+"""The folder holding ``evals/``: the repository root in a checkout (or a copy of one), the
+environment's ``site-packages`` when tokenprune was installed from a wheel."""
+# Results go beside the code only in a source tree, where evals/results is committed. Installed,
+# that folder would be inside site-packages (read-only for a system install, left behind by
+# ``pip uninstall``): they go to evals/results under the working directory, as --help says.
+RESULTS_DIR = (
+    SOURCE_ROOT / "evals" / "results" if (SOURCE_ROOT / "pyproject.toml").is_file() else Path("evals", "results")
+)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # tokenprune's video ViTs are not in timm's registry; benchmarks and evals take them by name too.
@@ -425,6 +434,14 @@ def jsonable(value: Any) -> Any:
     return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
 
 
+def _checkout() -> Path | None:
+    """:data:`SOURCE_ROOT` when it is a git repository's root (``.git``: a folder, or a file in a
+    worktree), else None. Git itself would search the parent folders: installed from a wheel,
+    evals/ lies in site-packages, and a virtual environment inside the user's own repository
+    recorded that repository's commit, and its state as clean, as tokenprune's."""
+    return SOURCE_ROOT if (SOURCE_ROOT / ".git").exists() else None
+
+
 def _git_dirty() -> bool | None:
     """Whether the checkout has uncommitted changes to tracked files (None: not a checkout, or the
     commit was given by ``TOKENPRUNE_GIT_COMMIT``), so that a figure measured on edited code does
@@ -432,7 +449,8 @@ def _git_dirty() -> bool | None:
     committed, do not count."""
     if os.environ.get("TOKENPRUNE_GIT_COMMIT"):
         return None  # the commit was given, not read: a copy's .git, if any, says nothing of it
-    root = RESULTS_DIR.parent.parent
+    if (root := _checkout()) is None:
+        return None
     command = ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", f":!{RESULTS_DIR.relative_to(root)}"]
     try:
         out = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=5)
@@ -453,10 +471,10 @@ def _git_commit() -> str | None:
     (2026-11-29: de8c55e, an ancestor of eb97c93), or there is no ``.git`` at all."""
     if commit := os.environ.get("TOKENPRUNE_GIT_COMMIT"):
         return commit
+    if (root := _checkout()) is None:
+        return None
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        )
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
     return (out.stdout.strip() or None) if out.returncode == 0 else None

@@ -1253,6 +1253,7 @@ def test_git_dirty_counts_edited_code_not_new_results(tmp_path: Path, monkeypatc
     (tmp_path / "code.py").write_text("x = 1\n")
     (results / "bench.json").write_text("{}\n")
     monkeypatch.setattr(harness, "RESULTS_DIR", results)
+    monkeypatch.setattr(harness, "SOURCE_ROOT", tmp_path)
     monkeypatch.delenv("TOKENPRUNE_GIT_COMMIT", raising=False)
     assert harness._git_dirty() is None  # not a checkout
     monkeypatch.setenv("TOKENPRUNE_GIT_COMMIT", "feed")

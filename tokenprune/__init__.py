@@ -4,6 +4,7 @@
     tokenprune.patch(model, r=16)          # ToMe merging: up to 16 tokens fewer per block
 """
 
+from . import _kernels  # noqa: F401  (first: refuses a package named kernels that is not ours)
 from .api import ReductionPlan, patch, plan, source, unpatch
 from .flops import FlopReport, flops
 from .merge import TokenState
